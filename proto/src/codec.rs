@@ -1,0 +1,140 @@
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned, de::IgnoredAny};
+
+/// The protocol version this build speaks. A message with another version is
+/// rejected with [`CodecError::UnsupportedVersion`]; within one version, fields
+/// are only ever added, and unknown fields are ignored.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Messages above this size are rejected before decoding (NATS' default `max_payload`).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// A message that travels in an envelope: the kind names it on the wire, so a
+/// message sent to the wrong subject is told apart from a malformed one.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Short stable name of the message kind, e.g. `"step.command"`.
+    const KIND: &'static str;
+}
+
+/// Errors from encoding or decoding wire messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The message is larger than the receiver accepts.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Size of the message that was received.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The message was written by a peer speaking another protocol version.
+    #[error("unsupported protocol version {found} (this build speaks version {supported})")]
+    UnsupportedVersion {
+        /// Version found in the envelope.
+        found: u16,
+        /// Version this build speaks.
+        supported: u16,
+    },
+    /// A well-formed message of another kind arrived.
+    #[error("expected a `{expected}` message, got `{found}`")]
+    WrongKind {
+        /// The kind the receiver expected.
+        expected: &'static str,
+        /// The kind found in the envelope.
+        found: String,
+    },
+    /// The bytes are not a valid message of the expected kind.
+    #[error("malformed `{expected}` message: {source}")]
+    Malformed {
+        /// The kind the receiver expected.
+        expected: &'static str,
+        /// What the MessagePack decoder reported.
+        #[source]
+        source: rmp_serde::decode::Error,
+    },
+    /// A value could not be encoded.
+    #[error("cannot encode {kind}: {source}")]
+    Encode {
+        /// What was being encoded.
+        kind: &'static str,
+        /// What the MessagePack encoder reported.
+        #[source]
+        source: rmp_serde::encode::Error,
+    },
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, M> {
+    v: u16,
+    kind: &'a str,
+    body: &'a M,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a, M> {
+    v: u16,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    body: M,
+}
+
+/// Envelope with the body skipped: enough to tell a version or kind mismatch.
+#[derive(Deserialize)]
+struct Header<'a> {
+    v: u16,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    body: IgnoredAny,
+}
+
+/// Encodes a message in its versioned envelope.
+pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, CodecError> {
+    let env = EnvelopeOut { v: PROTOCOL_VERSION, kind: M::KIND, body: msg };
+    rmp_serde::to_vec_named(&env).map_err(|source| CodecError::Encode { kind: M::KIND, source })
+}
+
+/// Decodes a message, rejecting anything larger than [`DEFAULT_MAX_MESSAGE_BYTES`].
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, CodecError> {
+    decode_with_limit(bytes, DEFAULT_MAX_MESSAGE_BYTES)
+}
+
+/// Decodes a message, rejecting anything larger than `limit` bytes.
+///
+/// Never panics: garbage, truncated input, a future version or another kind of
+/// message each come back as a [`CodecError`].
+pub fn decode_with_limit<M: Message>(bytes: &[u8], limit: usize) -> Result<M, CodecError> {
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge { size: bytes.len(), limit });
+    }
+    match rmp_serde::from_slice::<EnvelopeIn<'_, M>>(bytes) {
+        Ok(env) => check_header(env.v, &env.kind, M::KIND).map(|()| env.body),
+        Err(source) => {
+            // Tell a version or kind mismatch apart from plain garbage.
+            if let Ok(h) = rmp_serde::from_slice::<Header<'_>>(bytes) {
+                check_header(h.v, &h.kind, M::KIND)?;
+            }
+            Err(CodecError::Malformed { expected: M::KIND, source })
+        }
+    }
+}
+
+/// Reads the version and kind of an envelope without decoding its body.
+pub fn peek_kind(bytes: &[u8]) -> Result<(u16, String), CodecError> {
+    rmp_serde::from_slice::<Header<'_>>(bytes)
+        .map(|h| (h.v, h.kind.into_owned()))
+        .map_err(|source| CodecError::Malformed { expected: "envelope", source })
+}
+
+fn check_header(v: u16, kind: &str, expected: &'static str) -> Result<(), CodecError> {
+    if v != PROTOCOL_VERSION {
+        return Err(CodecError::UnsupportedVersion { found: v, supported: PROTOCOL_VERSION });
+    }
+    if kind != expected {
+        return Err(CodecError::WrongKind { expected, found: kind.to_owned() });
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! The Orchestrix wire contract.
+//!
+//! Everything that crosses a process boundary is defined here: the messages a
+//! coordinator and its workers exchange ([`StepCommand`], [`Ack`], [`Heartbeat`],
+//! [`StepOutcome`]), the messages a caller exchanges with a coordinator
+//! ([`RunRequest`], [`RunReply`], [`RunReport`]), the subject names they travel
+//! on ([`Subjects`]), the header names ([`headers`]) and the codec
+//! ([`encode`] / [`decode`]): MessagePack with named fields, wrapped in a small
+//! envelope that carries the [`PROTOCOL_VERSION`].
+//!
+//! The crate is pure data: no I/O and no async runtime, so the worker SDK, the
+//! coordinator and third-party tooling can share it.
+//!
+//! ```
+//! use orchestrix_proto::{decode, encode, Ack};
+//! use uuid::Uuid;
+//!
+//! let ack = Ack { command_id: Uuid::nil(), run_id: Uuid::nil(), attempt: 1, worker: "w-1".into() };
+//! let bytes = encode(&ack).unwrap();
+//! let back: Ack = decode(&bytes).unwrap();
+//! assert_eq!(back, ack);
+//! ```
+
+mod codec;
+mod messages;
+mod payload;
+mod report;
+mod subject;
+pub mod time;
+
+pub use codec::{
+    decode, decode_with_limit, encode, peek_kind, CodecError, Message, DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+};
+pub use messages::{
+    Ack, CommandKind, Heartbeat, OutcomeResult, RunRequest, RunReply, StatusRequest, StepCommand,
+    StepFailure, StepOutcome, StepOutput,
+};
+pub use payload::Payload;
+pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
+pub use subject::{validate_name, NameError, Subjects, MAX_NAME_LEN};
+
+/// Names of the NATS headers Orchestrix sets and reads.
+pub mod headers {
+    /// W3C trace context of the sender's span, so the receiver's span joins the trace.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state that accompanies [`TRACEPARENT`].
+    pub const TRACESTATE: &str = "tracestate";
+    /// The protocol version of the message in the body, for routing without decoding.
+    pub const PROTOCOL_VERSION: &str = "Orchestrix-Version";
+    /// The message kind of the body (see [`crate::Message::KIND`]).
+    pub const MESSAGE_KIND: &str = "Orchestrix-Kind";
+}

@@ -1,0 +1,201 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Message, Payload, RunReport, time};
+
+/// Whether a command runs a step's action or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Run the step's handler.
+    Execute,
+    /// Run the step's compensation.
+    Compensate,
+}
+
+impl CommandKind {
+    /// `"execute"` or `"compensate"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Execute => "execute",
+            CommandKind::Compensate => "compensate",
+        }
+    }
+}
+
+/// The output a completed step produced, passed along to later steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepOutput {
+    /// Name of the step that produced it.
+    pub step: Arc<str>,
+    /// The step's output.
+    pub output: Payload,
+}
+
+/// Coordinator → worker: run one attempt of a step or of its compensation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCommand {
+    /// Unique per attempt; workers de-duplicate on it.
+    pub command_id: Uuid,
+    /// The run this attempt belongs to.
+    pub run_id: Uuid,
+    /// Flow name.
+    pub flow: Arc<str>,
+    /// Step name.
+    pub step: Arc<str>,
+    /// Position of the step in the flow, from 0.
+    pub step_index: u32,
+    /// Execute or compensate.
+    pub kind: CommandKind,
+    /// Attempt number of this kind for this step, from 1.
+    pub attempt: u32,
+    /// The run's input.
+    pub input: Payload,
+    /// Outputs of the steps that completed before this one (for a compensation:
+    /// including the step's own output).
+    pub outputs: Vec<StepOutput>,
+    /// Time budget of this attempt, counted from when the worker receives it.
+    /// Relative rather than absolute, so clock skew between hosts does not matter.
+    #[serde(with = "time::opt_duration_ms", default)]
+    pub timeout: Option<Duration>,
+}
+
+impl Message for StepCommand {
+    const KIND: &'static str = "step.command";
+}
+
+/// Worker → coordinator: a command was received and will be run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The command being acknowledged.
+    pub command_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// Identity of the worker process, for logs.
+    pub worker: String,
+}
+
+impl Message for Ack {
+    const KIND: &'static str = "step.ack";
+}
+
+/// Worker → coordinator: a long-running command is still being worked on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The command in progress.
+    pub command_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// Identity of the worker process.
+    pub worker: String,
+}
+
+impl Message for Heartbeat {
+    const KIND: &'static str = "step.heartbeat";
+}
+
+/// Why a step attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepFailure {
+    /// Human-readable error message.
+    pub message: String,
+    /// False for a permanent error: no further attempts are made.
+    pub retryable: bool,
+}
+
+/// The result of one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeResult {
+    /// The handler returned successfully.
+    Completed {
+        /// The handler's output (`nil` for `()`).
+        output: Payload,
+    },
+    /// The handler failed, timed out or panicked.
+    Failed(StepFailure),
+}
+
+/// Worker → coordinator: how an attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepOutcome {
+    /// The command this answers.
+    pub command_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// Execute or compensate.
+    pub kind: CommandKind,
+    /// What happened.
+    pub result: OutcomeResult,
+}
+
+impl Message for StepOutcome {
+    const KIND: &'static str = "step.outcome";
+}
+
+/// Caller → coordinator: start a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// Name of a flow the coordinator knows.
+    pub flow: String,
+    /// The run's input.
+    pub input: Payload,
+    /// Idempotency key: a second request with the same key gets the first run.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// How long the key is remembered after its run ended.
+    #[serde(with = "time::opt_duration_ms", default)]
+    pub ttl: Option<Duration>,
+    /// Deadline for the whole run, relative to its start.
+    #[serde(with = "time::opt_duration_ms", default)]
+    pub timeout: Option<Duration>,
+    /// Answer with the final report rather than at once with the run id.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+impl Message for RunRequest {
+    const KIND: &'static str = "run.request";
+}
+
+/// Caller → coordinator: the report of a run so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// The run asked about.
+    pub run_id: Uuid,
+}
+
+impl Message for StatusRequest {
+    const KIND: &'static str = "run.status";
+}
+
+/// Coordinator → caller: the answer to a [`RunRequest`] or [`StatusRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunReply {
+    /// The run was started (or found by its key) and is identified by this id.
+    Accepted {
+        /// The run's id.
+        run_id: Uuid,
+    },
+    /// The run's report (final, or so far for a status request).
+    Report(Box<RunReport>),
+    /// The request was refused.
+    Rejected {
+        /// Why, in words.
+        error: String,
+    },
+}
+
+impl Message for RunReply {
+    const KIND: &'static str = "run.reply";
+}

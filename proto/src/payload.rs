@@ -1,0 +1,149 @@
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::DeserializeOwned};
+
+use crate::CodecError;
+
+/// A user value (run input, step output) encoded as MessagePack.
+///
+/// Payloads travel opaque through the coordinator: only the step handlers decode
+/// them into their own types. In binary formats a payload is a byte string; in
+/// human-readable formats (JSON) it is transcoded to the value it holds, so a
+/// report printed as JSON shows outputs as JSON.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Payload(Bytes);
+
+/// MessagePack's `nil`: the encoding of `()` and `None`.
+const NIL: &[u8] = &[0xc0];
+
+impl Payload {
+    /// Encodes `value` as MessagePack with named struct fields.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
+        rmp_serde::to_vec_named(value)
+            .map(|v| Payload(Bytes::from(v)))
+            .map_err(|source| CodecError::Encode { kind: "payload", source })
+    }
+
+    /// Decodes the payload into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        rmp_serde::from_slice(&self.0)
+            .map_err(|source| CodecError::Malformed { expected: "payload", source })
+    }
+
+    /// The payload of `()`: MessagePack `nil`.
+    pub fn nil() -> Self {
+        Payload(Bytes::from_static(NIL))
+    }
+
+    /// True when the payload is `nil` (a step that returned `()`).
+    pub fn is_nil(&self) -> bool {
+        self.0.as_ref() == NIL
+    }
+
+    /// Wraps bytes that are already MessagePack. They are not validated here;
+    /// [`Payload::decode`] reports bad bytes.
+    pub fn from_msgpack(bytes: impl Into<Bytes>) -> Self {
+        Payload(bytes.into())
+    }
+
+    /// The raw MessagePack bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Number of encoded bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are no bytes at all (not even `nil`).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Transcodes a value from any self-describing format (e.g. JSON) into a payload.
+    pub fn transcode_from<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, CodecError> {
+        let mut buf = Vec::new();
+        let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
+        serde_transcode::transcode(deserializer, &mut ser)
+            .map_err(|source| CodecError::Encode { kind: "payload", source })?;
+        Ok(Payload(Bytes::from(buf)))
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::nil()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            let mut de = rmp_serde::Deserializer::from_read_ref(self.0.as_ref());
+            serde_transcode::transcode(&mut de, serializer)
+        } else {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let mut buf = Vec::new();
+            let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
+            serde_transcode::transcode(deserializer, &mut ser).map_err(serde::de::Error::custom)?;
+            Ok(Payload(Bytes::from(buf)))
+        } else {
+            Bytes::deserialize(deserializer).map(Payload)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Order {
+        order_id: String,
+        amount: u64,
+    }
+
+    #[test]
+    fn typed_round_trip() {
+        let order = Order { order_id: "order_1".into(), amount: 50 };
+        let p = Payload::encode(&order).unwrap();
+        assert_eq!(p.decode::<Order>().unwrap(), order);
+    }
+
+    #[test]
+    fn unit_is_nil() {
+        assert!(Payload::encode(&()).unwrap().is_nil());
+        assert!(Payload::nil().is_nil());
+    }
+
+    #[test]
+    fn json_shows_the_value_and_reads_it_back() {
+        let p = Payload::encode(&Order { order_id: "o".into(), amount: 7 }).unwrap();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, r#"{"order_id":"o","amount":7}"#);
+        let back: Payload = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.decode::<Order>().unwrap().amount, 7);
+    }
+
+    #[test]
+    fn decoding_into_the_wrong_type_is_an_error() {
+        let p = Payload::encode(&"text").unwrap();
+        assert!(matches!(p.decode::<Order>(), Err(CodecError::Malformed { .. })));
+        assert!(Payload::from_msgpack(vec![0xc1]).decode::<Order>().is_err());
+    }
+}

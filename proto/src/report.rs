@@ -1,0 +1,206 @@
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Payload, time};
+
+/// Where a run stands. Every run ends in one of the three terminal states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Still executing or compensating.
+    Running,
+    /// Every step completed.
+    Completed,
+    /// A step failed for good; every completed step with a compensation was compensated.
+    Failed,
+    /// A step failed for good and at least one compensation failed too: the
+    /// report names the steps whose side effects were not undone.
+    CompensationFailed,
+}
+
+impl RunStatus {
+    /// True for every status but [`RunStatus::Running`].
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Running)
+    }
+
+    /// The status as written in JSON: `running`, `completed`, `failed`, `compensation_failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a step stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not reached: an earlier step failed, or the run has not got there yet.
+    NotRun,
+    /// An attempt is in flight or a retry is scheduled.
+    Running,
+    /// The step's handler succeeded (and it was not rolled back).
+    Completed,
+    /// The step's handler failed for good: this step started the rollback.
+    Failed,
+    /// The step completed, then its compensation is in flight.
+    Compensating,
+    /// The step completed, then its compensation undid it.
+    Compensated,
+    /// The step completed, and its compensation failed for good.
+    CompensationFailed,
+}
+
+impl StepStatus {
+    /// The status as written in JSON, e.g. `compensation_failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::NotRun => "not_run",
+            StepStatus::Running => "running",
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Compensating => "compensating",
+            StepStatus::Compensated => "compensated",
+            StepStatus::CompensationFailed => "compensation_failed",
+        }
+    }
+}
+
+impl fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a step's compensation went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompensationReport {
+    /// Compensation attempts made.
+    pub attempts: u32,
+    /// The last compensation error, if any attempt failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Time from the first compensation attempt to the last outcome.
+    #[serde(with = "time::opt_duration_ms", default, rename = "durationMs")]
+    pub duration: Option<Duration>,
+}
+
+/// One step of a run, as the report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    /// Step name.
+    pub name: String,
+    /// Where the step stands.
+    pub status: StepStatus,
+    /// Attempts of the step's handler (0 if it never ran).
+    pub attempts: u32,
+    /// The error of the last failed attempt, if any. A step that completed
+    /// after retries keeps the error of its last failure here.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The handler's output, once completed.
+    #[serde(default)]
+    pub output: Option<Payload>,
+    /// When the first attempt started.
+    #[serde(with = "time::opt_unix_ms", default)]
+    pub started_at: Option<SystemTime>,
+    /// From the first attempt's start to the final outcome, retries included.
+    #[serde(with = "time::opt_duration_ms", default, rename = "durationMs")]
+    pub duration: Option<Duration>,
+    /// The compensation, when one ran.
+    #[serde(default)]
+    pub compensation: Option<CompensationReport>,
+}
+
+/// The report of a run: what the caller of `run` gets back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// Unique id of the run.
+    pub run_id: Uuid,
+    /// Flow name.
+    pub flow: String,
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// Wall time from start to the terminal state (so far, while running).
+    #[serde(with = "time::duration_ms", rename = "durationMs")]
+    pub duration: Duration,
+    /// When the run started.
+    #[serde(with = "time::opt_unix_ms", default)]
+    pub started_at: Option<SystemTime>,
+    /// Why the run failed: the failing step's error.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The step whose failure started the rollback.
+    #[serde(default)]
+    pub failed_step: Option<String>,
+    /// Every step of the flow, in flow order.
+    pub steps: Vec<StepReport>,
+}
+
+impl RunReport {
+    /// The step named `name`.
+    pub fn step(&self, name: &str) -> Option<&StepReport> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The step whose failure started the rollback.
+    pub fn failed(&self) -> Option<&StepReport> {
+        self.steps.iter().find(|s| s.status == StepStatus::Failed)
+    }
+
+    /// Steps whose compensation failed for good: side effects left in place.
+    pub fn uncompensated(&self) -> impl Iterator<Item = &StepReport> {
+        self.steps.iter().filter(|s| s.status == StepStatus::CompensationFailed)
+    }
+}
+
+impl fmt::Display for RunReport {
+    /// A multi-line summary: the run, then one line per step.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "run {} of {}: {} in {} ms",
+            self.run_id,
+            self.flow,
+            self.status,
+            self.duration.as_millis()
+        )?;
+        if let (Some(step), Some(err)) = (&self.failed_step, &self.error) {
+            writeln!(f, "  failed at {step}: {err}")?;
+        }
+        for s in &self.steps {
+            write!(f, "  {}: {} ({} attempt{})", s.name, s.status, s.attempts, plural(s.attempts))?;
+            if let Some(err) = &s.error {
+                write!(f, ", last error: {err}")?;
+            }
+            if let Some(c) = &s.compensation {
+                write!(f, ", compensation: {} attempt{}", c.attempts, plural(c.attempts))?;
+                if let Some(err) = &c.error {
+                    write!(f, ", last error: {err}")?;
+                }
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}

@@ -1,0 +1,154 @@
+/// The longest flow or step name accepted.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A flow, step or prefix name that cannot be used in a subject.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The name is empty.
+    #[error("{what} name is empty")]
+    Empty {
+        /// What was being named (flow, step, prefix).
+        what: &'static str,
+    },
+    /// The name is too long.
+    #[error("{what} name `{name}` is longer than {MAX_NAME_LEN} characters")]
+    TooLong {
+        /// What was being named.
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The name holds a character that is not allowed.
+    #[error(
+        "{what} name `{name}` may only hold ASCII letters, digits, `-` and `_` (found {found:?})"
+    )]
+    BadChar {
+        /// What was being named.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// The first offending character.
+        found: char,
+    },
+}
+
+/// Checks that `name` can be one subject token: 1 to 128 ASCII letters, digits,
+/// `-` or `_`. Flow and step names are checked with it when a flow is defined,
+/// so no subject is ever built from an unchecked name.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong { what, name: name.to_owned() });
+    }
+    if let Some(found) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(NameError::BadChar { what, name: name.to_owned(), found });
+    }
+    Ok(())
+}
+
+/// Builds every subject Orchestrix uses, under one prefix so that several
+/// deployments can share a NATS account.
+///
+/// ```
+/// use orchestrix_proto::Subjects;
+/// let s = Subjects::new("shop.prod").unwrap();
+/// assert_eq!(s.step("payment-flow", "charge"), "shop.prod.step.payment-flow.charge");
+/// assert!(Subjects::new("bad prefix").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects { prefix: Self::DEFAULT_PREFIX.to_owned() }
+    }
+}
+
+impl Subjects {
+    /// The prefix used when none is configured.
+    pub const DEFAULT_PREFIX: &'static str = "orchestrix";
+
+    /// Subjects under `prefix`: one or more dot-separated names.
+    pub fn new(prefix: &str) -> Result<Self, NameError> {
+        if prefix.is_empty() {
+            return Err(NameError::Empty { what: "prefix" });
+        }
+        for token in prefix.split('.') {
+            validate_name("prefix", token)?;
+        }
+        Ok(Subjects { prefix: prefix.to_owned() })
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where commands for one step are published.
+    pub fn step(&self, flow: &str, step: &str) -> String {
+        format!("{}.step.{flow}.{step}", self.prefix)
+    }
+
+    /// The queue group in which the replicas of a step's workers share commands.
+    pub fn step_queue_group(&self, flow: &str, step: &str) -> String {
+        format!("{}.{flow}.{step}", self.prefix)
+    }
+
+    /// Where callers send [`crate::RunRequest`]s.
+    pub fn run_requests(&self) -> String {
+        format!("{}.run", self.prefix)
+    }
+
+    /// Where callers send [`crate::StatusRequest`]s.
+    pub fn status_requests(&self) -> String {
+        format!("{}.status", self.prefix)
+    }
+
+    /// Where workers send acks, heartbeats and outcomes for one coordinator instance.
+    pub fn replies(&self, coordinator: &str) -> String {
+        format!("{}.reply.{coordinator}", self.prefix)
+    }
+
+    /// Lifecycle events of one run.
+    pub fn events(&self, run_id: &uuid::Uuid) -> String {
+        format!("{}.events.{run_id}", self.prefix)
+    }
+
+    /// Lifecycle events of every run.
+    pub fn all_events(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("step", "reserve-stock").is_ok());
+        assert!(validate_name("step", "a_B-9").is_ok());
+        assert!(matches!(validate_name("step", ""), Err(NameError::Empty { .. })));
+        assert!(matches!(validate_name("step", "a.b"), Err(NameError::BadChar { found: '.', .. })));
+        assert!(matches!(validate_name("step", "a*"), Err(NameError::BadChar { .. })));
+        assert!(matches!(validate_name("step", "a b"), Err(NameError::BadChar { .. })));
+        assert!(matches!(validate_name("flow", &"x".repeat(129)), Err(NameError::TooLong { .. })));
+        assert!(Subjects::new("a..b").is_err());
+        assert!(Subjects::new("a.>").is_err());
+        assert!(Subjects::new("").is_err());
+    }
+
+    #[test]
+    fn subjects() {
+        let s = Subjects::default();
+        assert_eq!(s.run_requests(), "orchestrix.run");
+        assert_eq!(s.replies("c1"), "orchestrix.reply.c1");
+        assert_eq!(s.all_events(), "orchestrix.events.>");
+    }
+}

@@ -1,0 +1,68 @@
+//! Serde helpers for times on the wire: durations as whole milliseconds, instants
+//! as milliseconds since the Unix epoch. Both are plain integers in MessagePack
+//! and JSON, which any language reads.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serializer};
+
+/// Milliseconds since the Unix epoch of `t` (0 before the epoch).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The instant `ms` milliseconds after the Unix epoch.
+pub fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// `Duration` as whole milliseconds.
+pub mod duration_ms {
+    use super::*;
+
+    /// Serializes the duration as whole milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    /// Reads whole milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// `Option<Duration>` as whole milliseconds or nil.
+pub mod opt_duration_ms {
+    use super::*;
+
+    /// Serializes the duration as whole milliseconds, or none.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&(d.as_millis() as u64)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads whole milliseconds or none.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
+}
+
+/// `Option<SystemTime>` as milliseconds since the Unix epoch or nil.
+pub mod opt_unix_ms {
+    use super::*;
+
+    /// Serializes the instant as Unix milliseconds, or none.
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&unix_ms(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads Unix milliseconds or none.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(from_unix_ms))
+    }
+}

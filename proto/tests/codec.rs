@@ -1,0 +1,188 @@
+//! Round trips and bad input for every wire message.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use orchestrix_proto::*;
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
+    StepCommand {
+        command_id: Uuid::new_v4(),
+        run_id: Uuid::now_v7(),
+        flow: Arc::from("payment-flow"),
+        step: Arc::from("process-payment"),
+        step_index: 1,
+        kind: CommandKind::Execute,
+        attempt,
+        input: Payload::encode(&input).unwrap(),
+        outputs: vec![StepOutput { step: Arc::from("reserve-stock"), output: Payload::nil() }],
+        timeout: Some(Duration::from_millis(1500)),
+    }
+}
+
+fn report() -> RunReport {
+    RunReport {
+        run_id: Uuid::now_v7(),
+        flow: "payment-flow".into(),
+        status: RunStatus::Failed,
+        duration: Duration::from_millis(3004),
+        started_at: Some(time::from_unix_ms(1_700_000_000_000)),
+        error: Some("Payment declined: limit exceeded".into()),
+        failed_step: Some("process-payment".into()),
+        steps: vec![
+            StepReport {
+                name: "reserve-stock".into(),
+                status: StepStatus::Compensated,
+                attempts: 1,
+                error: None,
+                output: Some(Payload::encode(&serde_json::json!({"reservation": 7})).unwrap()),
+                started_at: Some(SystemTime::UNIX_EPOCH),
+                duration: Some(Duration::from_millis(1)),
+                compensation: Some(CompensationReport {
+                    attempts: 1,
+                    error: None,
+                    duration: Some(Duration::ZERO),
+                }),
+            },
+            StepReport {
+                name: "process-payment".into(),
+                status: StepStatus::Failed,
+                attempts: 4,
+                error: Some("Payment declined: limit exceeded".into()),
+                output: None,
+                started_at: None,
+                duration: None,
+                compensation: None,
+            },
+        ],
+    }
+}
+
+fn round_trip<M: Message + PartialEq + std::fmt::Debug>(m: &M) {
+    let bytes = encode(m).unwrap();
+    assert_eq!(&decode::<M>(&bytes).unwrap(), m);
+    assert_eq!(peek_kind(&bytes).unwrap(), (PROTOCOL_VERSION, M::KIND.to_owned()));
+}
+
+#[test]
+fn every_message_round_trips() {
+    let id = Uuid::new_v4();
+    round_trip(&command(3, vec![1, 2, 3]));
+    round_trip(&Ack { command_id: id, run_id: id, attempt: 1, worker: "w".into() });
+    round_trip(&Heartbeat { command_id: id, run_id: id, attempt: 2, worker: "w".into() });
+    round_trip(&StepOutcome {
+        command_id: id,
+        run_id: id,
+        attempt: 1,
+        kind: CommandKind::Compensate,
+        result: OutcomeResult::Completed { output: Payload::encode(&42u32).unwrap() },
+    });
+    round_trip(&StepOutcome {
+        command_id: id,
+        run_id: id,
+        attempt: 4,
+        kind: CommandKind::Execute,
+        result: OutcomeResult::Failed(StepFailure { message: "boom".into(), retryable: false }),
+    });
+    round_trip(&RunRequest {
+        flow: "payment-flow".into(),
+        input: Payload::nil(),
+        key: Some("payment:order_1".into()),
+        ttl: Some(Duration::from_secs(3600)),
+        timeout: None,
+        wait: true,
+    });
+    round_trip(&StatusRequest { run_id: id });
+    round_trip(&RunReply::Accepted { run_id: id });
+    round_trip(&RunReply::Report(Box::new(report())));
+    round_trip(&RunReply::Rejected { error: "unknown flow `x`".into() });
+}
+
+#[test]
+fn report_json_uses_the_quick_start_names() {
+    let original = report();
+    let json = serde_json::to_value(&original).unwrap();
+    assert_eq!(json["status"], "failed");
+    assert_eq!(json["durationMs"], 3004);
+    assert_eq!(json["failedStep"], "process-payment");
+    assert_eq!(json["steps"][0]["name"], "reserve-stock");
+    assert_eq!(json["steps"][0]["status"], "compensated");
+    assert_eq!(json["steps"][0]["output"]["reservation"], 7);
+    assert_eq!(json["steps"][1]["attempts"], 4);
+    assert_eq!(json["steps"][1]["error"], "Payment declined: limit exceeded");
+    let back: RunReport = serde_json::from_value(json).unwrap();
+    assert_eq!(back, original);
+}
+
+#[test]
+fn oversized_messages_are_rejected_before_decoding() {
+    let bytes = encode(&command(1, vec![0; 2048])).unwrap();
+    let err = decode_with_limit::<StepCommand>(&bytes, 1024).unwrap_err();
+    assert!(matches!(err, CodecError::TooLarge { limit: 1024, .. }), "{err}");
+    let huge = vec![0u8; DEFAULT_MAX_MESSAGE_BYTES + 1];
+    assert!(matches!(decode::<Ack>(&huge), Err(CodecError::TooLarge { .. })));
+}
+
+#[test]
+fn another_version_is_named_as_such() {
+    #[derive(serde::Serialize)]
+    struct Future<'a> {
+        v: u16,
+        kind: &'a str,
+        body: (u8, u8),
+    }
+    let bytes = rmp_serde::to_vec_named(&Future { v: 2, kind: "step.ack", body: (1, 2) }).unwrap();
+    let err = decode::<Ack>(&bytes).unwrap_err();
+    assert!(
+        matches!(err, CodecError::UnsupportedVersion { found: 2, supported: PROTOCOL_VERSION }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("unsupported protocol version 2"));
+}
+
+#[test]
+fn a_message_of_another_kind_is_named_as_such() {
+    let id = Uuid::nil();
+    let bytes = encode(&Ack { command_id: id, run_id: id, attempt: 1, worker: "w".into() }).unwrap();
+    let err = decode::<StepOutcome>(&bytes).unwrap_err();
+    assert!(matches!(err, CodecError::WrongKind { expected: "step.outcome", .. }), "{err}");
+}
+
+#[test]
+fn truncated_messages_are_malformed_at_every_cut() {
+    let bytes = encode(&command(2, vec![9; 40])).unwrap();
+    for cut in 0..bytes.len() {
+        let err = decode::<StepCommand>(&bytes[..cut]).unwrap_err();
+        assert!(matches!(err, CodecError::Malformed { .. }), "cut {cut}: {err}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode::<StepCommand>(&bytes);
+        let _ = decode::<StepOutcome>(&bytes);
+        let _ = decode::<RunRequest>(&bytes);
+        let _ = decode::<RunReply>(&bytes);
+        let _ = peek_kind(&bytes);
+    }
+
+    #[test]
+    fn commands_round_trip(attempt in 1u32..1000, input in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let cmd = command(attempt, input);
+        let bytes = encode(&cmd).unwrap();
+        prop_assert_eq!(decode::<StepCommand>(&bytes).unwrap(), cmd);
+    }
+
+    #[test]
+    fn flipped_bytes_never_panic(seed in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let mut bytes = encode(&command(1, vec![1, 2, 3])).unwrap();
+        for (i, b) in seed {
+            let at = i.index(bytes.len());
+            bytes[at] = b;
+        }
+        let _ = decode::<StepCommand>(&bytes);
+    }
+}
