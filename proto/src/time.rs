@@ -49,6 +49,21 @@ pub mod opt_duration_ms {
     }
 }
 
+/// `SystemTime` as milliseconds since the Unix epoch.
+pub mod unix_ms_serde {
+    use super::*;
+
+    /// Serializes the instant as Unix milliseconds.
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(unix_ms(*t))
+    }
+
+    /// Reads Unix milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        u64::deserialize(d).map(from_unix_ms)
+    }
+}
+
 /// `Option<SystemTime>` as milliseconds since the Unix epoch or nil.
 pub mod opt_unix_ms {
     use super::*;

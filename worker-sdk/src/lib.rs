@@ -1,1 +1,30 @@
-//! placeholder
+//! The Orchestrix worker SDK: what a service links to run saga steps.
+//!
+//! A step handler is an async function of a [`StepContext`] that returns an
+//! output or a [`StepError`]. The same handler runs in-process (the embedded
+//! engine in `orchestrix-coordinator`) or in a worker process that serves step
+//! commands over NATS, so code moves between the two unchanged.
+//!
+//! ```
+//! use orchestrix_worker::{handler, StepContext, StepError};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order { amount: u64 }
+//!
+//! let charge = handler(|ctx: StepContext<Order>| async move {
+//!     if ctx.input.amount > 1000 {
+//!         return Err(StepError::permanent("Payment declined: limit exceeded"));
+//!     }
+//!     Ok(format!("charged {}", ctx.input.amount))
+//! });
+//! # let _ = charge;
+//! ```
+
+mod context;
+mod error;
+mod handler;
+
+pub use context::StepContext;
+pub use error::{ResultExt, StepError};
+pub use handler::{handler, run_command, BoxedHandler, HandlerFuture, StepHandlers};
+pub use orchestrix_proto as proto;

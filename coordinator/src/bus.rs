@@ -1,0 +1,128 @@
+//! How step commands reach handlers and how their answers come back.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use actix::{Message, Recipient};
+use orchestrix_proto::{
+    Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome,
+};
+use orchestrix_worker::{StepHandlers, run_command};
+
+/// An answer about a command, delivered to the run that sent it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub enum BusReply {
+    /// A worker took the command.
+    Ack(Ack),
+    /// A worker is still working on the command.
+    Heartbeat(Heartbeat),
+    /// The attempt ended.
+    Outcome(StepOutcome),
+}
+
+/// Where a bus delivers the answers about one command: the run's actor.
+#[derive(Clone)]
+pub struct ReplyTo(pub(crate) Recipient<BusReply>);
+
+impl ReplyTo {
+    /// Hands `reply` to the run. A run that already ended drops it.
+    pub fn deliver(&self, reply: BusReply) {
+        self.0.do_send(reply);
+    }
+}
+
+impl fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplyTo")
+    }
+}
+
+/// A command could not be sent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// The transport is down or refused the command.
+    #[error("cannot send the step command: {0}")]
+    Unavailable(String),
+}
+
+/// How the engine knows a command is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Liveness {
+    /// Handlers run in this process and always answer (their time budget is
+    /// enforced where they run): the engine needs no timers.
+    Local,
+}
+
+/// Carries step commands to handlers, and their answers back.
+///
+/// The saga logic only talks to this trait, so it runs unchanged in-process
+/// ([`MemoryBus`]) and over NATS.
+pub trait Bus: Send + Sync + 'static {
+    /// Sends `cmd`; every answer about it goes to `reply`.
+    fn dispatch(&self, cmd: StepCommand, reply: ReplyTo) -> Result<(), BusError>;
+
+    /// What the engine must watch to notice a lost command.
+    fn liveness(&self) -> Liveness {
+        Liveness::Local
+    }
+}
+
+/// The embedded bus: handlers registered in this process, run as tokio tasks
+/// on the run's own thread.
+#[derive(Default)]
+pub struct MemoryBus {
+    flows: HashMap<Arc<str>, Vec<StepHandlers>>,
+}
+
+impl fmt::Debug for MemoryBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBus").field("flows", &self.flows.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl MemoryBus {
+    /// A bus with no handlers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers the handlers of a flow's steps, in step order.
+    pub fn register(&mut self, flow: &str, handlers: Vec<StepHandlers>) {
+        self.flows.insert(Arc::from(flow), handlers);
+    }
+
+    /// The handlers registered for `flow`.
+    pub fn handlers(&self, flow: &str) -> Option<&[StepHandlers]> {
+        self.flows.get(flow).map(Vec::as_slice)
+    }
+}
+
+impl Bus for MemoryBus {
+    fn dispatch(&self, cmd: StepCommand, reply: ReplyTo) -> Result<(), BusError> {
+        let (command_id, run_id, attempt, kind) = (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        let handler = self
+            .flows
+            .get(&cmd.flow)
+            .and_then(|steps| steps.get(cmd.step_index as usize))
+            .and_then(|h| h.get(kind));
+        let Some(handler) = handler else {
+            let failure = StepFailure {
+                message: format!("no {} handler for step `{}` of flow `{}`", kind.as_str(), cmd.step, cmd.flow),
+                retryable: false,
+            };
+            let result = OutcomeResult::Failed(failure);
+            reply.deliver(BusReply::Outcome(StepOutcome { command_id, run_id, attempt, kind, result }));
+            return Ok(());
+        };
+        let fut = run_command(handler, cmd);
+        tokio::spawn(async move {
+            let result = fut.await;
+            reply.deliver(BusReply::Outcome(StepOutcome { command_id, run_id, attempt, kind, result }));
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use orchestrix_proto::{CodecError, Payload, RunReport};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::actor::RunActor;
+use crate::bus::{Bus, MemoryBus};
+use crate::engine::{Engine, EngineError};
+use crate::flow::{Flow, FlowDef, FlowError};
+use crate::machine::{FlowPlan, Machine};
+use crate::record::RunRecord;
+use crate::store::{Created, MemoryStore, Store, StoreError};
+use crate::Hooks;
+
+/// Options of one run.
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrix_coordinator::RunOptions;
+///
+/// let opts = RunOptions::new().key("payment:order_1").ttl(Duration::from_secs(3600));
+/// let same = RunOptions { key: Some("payment:order_1".into()), ttl: Some(Duration::from_secs(3600)), ..Default::default() };
+/// assert_eq!(opts, same);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Idempotency key: while a run with this key is live, or for `ttl` after it
+    /// ended, another run with the key returns that run's report instead of
+    /// executing anything.
+    pub key: Option<String>,
+    /// How long the key is remembered after its run ended (default: 24 hours).
+    pub ttl: Option<Duration>,
+    /// Deadline of the whole run: when it passes, the step in flight fails for
+    /// good and the rollback starts (compensations are not cut short).
+    pub timeout: Option<Duration>,
+}
+
+impl RunOptions {
+    /// No key, no deadline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the idempotency key.
+    #[must_use]
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets how long the key outlives its run.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Sets the run's deadline.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A run could not be started or followed. A run that *fails* is not an error:
+/// its report says so.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// No flow of that name is registered.
+    #[error("unknown flow `{0}`")]
+    UnknownFlow(String),
+    /// The flow's definition is invalid.
+    #[error("invalid flow: {0}")]
+    InvalidFlow(#[from] FlowError),
+    /// The input could not be encoded.
+    #[error("run input does not encode: {0}")]
+    Input(#[from] CodecError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine could not be started.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The run's actor stopped without a report (the engine was shut down).
+    #[error("run {0} was lost: the engine stopped before it finished")]
+    Lost(Uuid),
+}
+
+/// Runs flows: owns their definitions, a bus, a store and the engine.
+///
+/// [`Flow::run`] uses an embedded coordinator; build one yourself to run
+/// several flows against one store, or over another bus.
+///
+/// ```
+/// use orchestrix_coordinator::{create, Coordinator, RunOptions, RunStatus};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let greet = create::<String>("greet").step("hello", |ctx| async move { Ok(format!("hello {}", ctx.input)) });
+/// let coordinator = Coordinator::builder().flow(&greet).build()?;
+/// let report = coordinator.run("greet", &"ada".to_string(), RunOptions::new()).await?;
+/// assert_eq!(report.status, RunStatus::Completed);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    flows: HashMap<Arc<str>, Arc<FlowPlan>>,
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    engine: Option<Engine>,
+}
+
+impl fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coordinator").field("flows", &self.inner.flows.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// Builds a [`Coordinator`].
+#[must_use]
+#[derive(Default)]
+pub struct CoordinatorBuilder {
+    flows: Vec<FlowPlan>,
+    memory: MemoryBus,
+    bus: Option<Arc<dyn Bus>>,
+    store: Option<Arc<dyn Store>>,
+    engine: Option<Engine>,
+    hooks: Vec<Arc<dyn Hooks>>,
+    error: Option<FlowError>,
+}
+
+impl fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoordinatorBuilder").field("flows", &self.flows.len()).finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorBuilder {
+    /// Registers a flow with its in-process handlers and hooks.
+    pub fn flow<I>(mut self, flow: &Flow<I>) -> Self
+    where
+        I: Serialize + serde::de::DeserializeOwned + Send + 'static,
+    {
+        let (def, handlers, hooks, error) = flow.parts();
+        if let Some(e) = error {
+            self.error.get_or_insert(e.clone());
+        }
+        self.memory.register(&def.name, handlers.to_vec());
+        self.flows.push(FlowPlan { def: def.clone(), hooks: hooks.to_vec() });
+        self
+    }
+
+    /// Registers a flow whose handlers live elsewhere (workers behind the bus).
+    pub fn flow_def(mut self, def: FlowDef) -> Self {
+        if let Err(e) = def.validate() {
+            self.error.get_or_insert(e);
+        }
+        self.flows.push(FlowPlan { def, hooks: Vec::new() });
+        self
+    }
+
+    /// Hooks called for the runs of every flow of this coordinator.
+    pub fn hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks.push(Arc::new(hooks));
+        self
+    }
+
+    /// The bus commands travel on (default: in-process handlers).
+    pub fn bus(mut self, bus: impl Bus) -> Self {
+        self.bus = Some(Arc::new(bus));
+        self
+    }
+
+    /// The store runs are kept in (default: [`MemoryStore`]).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The engine run actors live on (default: [`Engine::shared`], or the
+    /// calling actix arbiter).
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
+    /// Builds the coordinator.
+    pub fn build(self) -> Result<Coordinator, FlowError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let mut flows = HashMap::new();
+        for mut plan in self.flows {
+            plan.hooks.extend(self.hooks.iter().cloned());
+            if self.bus.is_none() {
+                let have = self.memory.handlers(&plan.def.name).map_or(0, <[_]>::len);
+                if have != plan.def.steps.len() {
+                    return Err(FlowError::Handlers {
+                        flow: plan.def.name.to_string(),
+                        reason: "the in-process bus has no handlers for its steps".into(),
+                    });
+                }
+            }
+            flows.insert(plan.def.name.clone(), Arc::new(plan));
+        }
+        let bus = self.bus.unwrap_or_else(|| Arc::new(self.memory));
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::default()));
+        Ok(Coordinator { inner: Arc::new(Inner { flows, bus, store, engine: self.engine }) })
+    }
+
+    /// Builds an in-process coordinator for flows already validated.
+    pub(crate) fn build_embedded(self) -> Coordinator {
+        let flows = self.flows.into_iter().map(|p| (p.def.name.clone(), Arc::new(p))).collect();
+        let inner = Inner {
+            flows,
+            bus: Arc::new(self.memory),
+            store: Arc::new(MemoryStore::default()),
+            engine: self.engine,
+        };
+        Coordinator { inner: Arc::new(inner) }
+    }
+}
+
+/// A started run: its id, and a way to wait for its report.
+pub struct RunHandle {
+    run_id: Uuid,
+    duplicate: bool,
+    report: BoxFuture<'static, Result<RunReport, RunError>>,
+}
+
+impl fmt::Debug for RunHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunHandle").field("run_id", &self.run_id).field("duplicate", &self.duplicate).finish()
+    }
+}
+
+impl RunHandle {
+    /// The run's id.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// True when the idempotency key matched an earlier run: nothing new
+    /// executes, and the report is that run's.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+
+    /// Waits for the run's final report.
+    pub async fn report(self) -> Result<RunReport, RunError> {
+        self.report.await
+    }
+}
+
+impl Coordinator {
+    /// Starts building a coordinator.
+    pub fn builder() -> CoordinatorBuilder {
+        CoordinatorBuilder::default()
+    }
+
+    /// Names of the registered flows.
+    pub fn flows(&self) -> impl Iterator<Item = &str> {
+        self.inner.flows.keys().map(|k| &**k)
+    }
+
+    /// The definition of a registered flow.
+    pub fn flow(&self, name: &str) -> Option<&FlowDef> {
+        self.inner.flows.get(name).map(|p| &p.def)
+    }
+
+    /// Runs `flow` with `input` and waits for its report.
+    pub async fn run<I: Serialize + ?Sized>(
+        &self,
+        flow: &str,
+        input: &I,
+        options: RunOptions,
+    ) -> Result<RunReport, RunError> {
+        self.start(flow, input, options).await?.report().await
+    }
+
+    /// Starts a run and returns at once with its handle.
+    pub async fn start<I: Serialize + ?Sized>(
+        &self,
+        flow: &str,
+        input: &I,
+        options: RunOptions,
+    ) -> Result<RunHandle, RunError> {
+        self.start_payload(flow, Payload::encode(input)?, options).await
+    }
+
+    /// Starts a run whose input is already encoded.
+    pub async fn start_payload(&self, flow: &str, input: Payload, options: RunOptions) -> Result<RunHandle, RunError> {
+        let plan = self.inner.flows.get(flow).ok_or_else(|| RunError::UnknownFlow(flow.to_owned()))?.clone();
+        let run_id = Uuid::now_v7();
+        let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
+        record.key = options.key;
+        record.ttl = options.ttl;
+        record.timeout = options.timeout;
+
+        match self.inner.store.create(&record).resolve().await? {
+            Created::Existing { run_id, report: Some(report) } => {
+                let report = Box::pin(futures::future::ready(Ok(report)));
+                Ok(RunHandle { run_id, duplicate: true, report })
+            }
+            Created::Existing { run_id, report: None } => {
+                let wait = self.inner.store.wait(run_id);
+                let report = Box::pin(async move { Ok(wait.await?) });
+                Ok(RunHandle { run_id, duplicate: true, report })
+            }
+            Created::New => {
+                let (tx, rx) = oneshot::channel();
+                let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
+                let engine = match &self.inner.engine {
+                    Some(e) => e.clone(),
+                    None => Engine::shared()?,
+                };
+                engine.spawn(move |_| {
+                    let machine = Machine::new(plan, record, Instant::now());
+                    RunActor::new(machine, bus, store, tx)
+                });
+                let report = Box::pin(async move { rx.await.map_err(|_| RunError::Lost(run_id)) });
+                Ok(RunHandle { run_id, duplicate: false, report })
+            }
+        }
+    }
+
+    /// The report of a run so far (`status` is `running` while it is live),
+    /// or `None` if the store does not keep it.
+    pub async fn status(&self, run_id: Uuid) -> Result<Option<RunReport>, RunError> {
+        Ok(self.inner.store.report(run_id).resolve().await?)
+    }
+
+    /// Waits for the final report of a run started earlier.
+    pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, RunError> {
+        Ok(self.inner.store.wait(run_id).await?)
+    }
+}

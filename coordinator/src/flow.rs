@@ -1,0 +1,388 @@
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use orchestrix_proto::time::opt_duration_ms;
+use orchestrix_proto::{NameError, RunReport, validate_name};
+use orchestrix_worker::{BoxedHandler, StepContext, StepError, StepHandlers, handler};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunOptions};
+
+/// A step as the coordinator sees it: its name and policies, no code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StepDef {
+    /// Step name, unique within its flow.
+    pub name: Arc<str>,
+    /// Retry policy of the step's action.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Time budget of each attempt.
+    #[serde(with = "opt_duration_ms", default, rename = "timeout_ms")]
+    pub timeout: Option<Duration>,
+    /// Whether the step has a compensation to run on rollback.
+    #[serde(default)]
+    pub compensable: bool,
+    /// Retry policy of the compensation.
+    #[serde(default = "RetryPolicy::compensation_default")]
+    pub compensation_retry: RetryPolicy,
+    /// Time budget of each compensation attempt.
+    #[serde(with = "opt_duration_ms", default, rename = "compensation_timeout_ms")]
+    pub compensation_timeout: Option<Duration>,
+}
+
+impl StepDef {
+    /// A step with default policies and no compensation.
+    pub fn new(name: &str) -> Self {
+        StepDef {
+            name: Arc::from(name),
+            retry: RetryPolicy::default(),
+            timeout: None,
+            compensable: false,
+            compensation_retry: RetryPolicy::compensation_default(),
+            compensation_timeout: None,
+        }
+    }
+}
+
+/// A flow as the coordinator sees it: a name and its steps in order. Pure data:
+/// the distributed coordinator reads it from a flow file, while the handlers
+/// live in worker processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct FlowDef {
+    /// Flow name.
+    pub name: Arc<str>,
+    /// Steps, run in this order.
+    pub steps: Vec<StepDef>,
+}
+
+impl FlowDef {
+    /// A flow with no steps yet.
+    pub fn new(name: &str) -> Self {
+        FlowDef { name: Arc::from(name), steps: Vec::new() }
+    }
+
+    /// Checks the names (usable as NATS subject tokens) and that step names are unique.
+    pub fn validate(&self) -> Result<(), FlowError> {
+        validate_name("flow", &self.name)?;
+        for (i, step) in self.steps.iter().enumerate() {
+            validate_name("step", &step.name)?;
+            if self.steps[..i].iter().any(|s| s.name == step.name) {
+                return Err(FlowError::DuplicateStep {
+                    flow: self.name.to_string(),
+                    step: step.name.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A flow definition that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// A flow or step name is not valid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// Two steps share a name.
+    #[error("flow `{flow}` has two steps named `{step}`")]
+    DuplicateStep {
+        /// The flow.
+        flow: String,
+        /// The repeated step name.
+        step: String,
+    },
+    /// A step's handlers do not match the definition.
+    #[error("flow `{flow}`: {reason}")]
+    Handlers {
+        /// The flow.
+        flow: String,
+        /// What does not match.
+        reason: String,
+    },
+}
+
+/// Options of one step: compensation, retries, timeout.
+///
+/// ```
+/// use std::time::Duration;
+/// use orchestrix_coordinator::StepOptions;
+///
+/// let opts = StepOptions::<()>::new()
+///     .retries(3)
+///     .retry_delay(Duration::from_millis(1000))
+///     .timeout(Duration::from_secs(5));
+/// # let _ = opts;
+/// ```
+#[must_use]
+pub struct StepOptions<I> {
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+    compensate: Option<BoxedHandler>,
+    compensation_retry: RetryPolicy,
+    compensation_timeout: Option<Duration>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> Default for StepOptions<I> {
+    fn default() -> Self {
+        StepOptions {
+            retry: RetryPolicy::default(),
+            timeout: None,
+            compensate: None,
+            compensation_retry: RetryPolicy::compensation_default(),
+            compensation_timeout: None,
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<I> fmt::Debug for StepOptions<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepOptions")
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .field("compensable", &self.compensate.is_some())
+            .field("compensation_retry", &self.compensation_retry)
+            .finish()
+    }
+}
+
+impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
+    /// Default options: one attempt, no timeout, no compensation.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The compensation: run on rollback if this step completed and a later
+    /// step failed for good. Its output is ignored.
+    pub fn compensate<O, F, Fut>(mut self, f: F) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+    {
+        self.compensate = Some(handler(f));
+        self
+    }
+
+    /// Retries after the first attempt (`retries(3)`: at most 4 attempts).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retry.max_retries = n;
+        self
+    }
+
+    /// Delay before the first retry (constant unless [`backoff`](Self::backoff) is set).
+    pub fn retry_delay(mut self, d: Duration) -> Self {
+        self.retry.initial_delay = d;
+        self
+    }
+
+    /// Multiplies the delay by `factor` after each retry.
+    pub fn backoff(mut self, factor: f64) -> Self {
+        self.retry.backoff = factor;
+        self
+    }
+
+    /// Caps the delay between retries.
+    pub fn max_delay(mut self, d: Duration) -> Self {
+        self.retry.max_delay = d;
+        self
+    }
+
+    /// Spreads each delay randomly by ± this fraction.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.retry.jitter = fraction;
+        self
+    }
+
+    /// Replaces the whole retry policy of the step's action.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Time budget of each attempt; an attempt past it is dropped and counts as
+    /// a failed (retryable) attempt.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// Retry policy of the compensation (default: [`RetryPolicy::compensation_default`]).
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// Time budget of each compensation attempt.
+    pub fn compensation_timeout(mut self, d: Duration) -> Self {
+        self.compensation_timeout = Some(d);
+        self
+    }
+}
+
+/// A flow with its step handlers in this process: what [`create`] builds.
+///
+/// Cheap to clone; clones share the embedded engine that runs them.
+#[must_use]
+pub struct Flow<I> {
+    def: FlowDef,
+    handlers: Vec<StepHandlers>,
+    hooks: Vec<Arc<dyn Hooks>>,
+    error: Option<FlowError>,
+    embedded: Arc<OnceLock<Coordinator>>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> Clone for Flow<I> {
+    fn clone(&self) -> Self {
+        Flow {
+            def: self.def.clone(),
+            handlers: self.handlers.clone(),
+            hooks: self.hooks.clone(),
+            error: self.error.clone(),
+            embedded: self.embedded.clone(),
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<I> fmt::Debug for Flow<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Flow").field("def", &self.def).field("hooks", &self.hooks.len()).finish()
+    }
+}
+
+/// Starts a flow named `name` whose runs take an input of type `I`.
+///
+/// ```
+/// use orchestrix_coordinator::{create, RunStatus};
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let flow = create::<u32>("double")
+///     .step("check", |ctx| async move {
+///         if ctx.input == 0 { return Err(orchestrix_worker::StepError::permanent("zero")); }
+///         Ok(())
+///     })
+///     .step_with("double", |ctx| async move { Ok(ctx.input * 2) },
+///         |o| o.compensate(|_ctx| async { Ok(()) }));
+///
+/// let report = flow.run(21).await?;
+/// assert_eq!(report.status, RunStatus::Completed);
+/// assert_eq!(report.step("double").unwrap().output.as_ref().unwrap().decode::<u32>()?, 42);
+/// # Ok(()) }
+/// ```
+pub fn create<I>(name: &str) -> Flow<I> {
+    let def = FlowDef::new(name);
+    let error = validate_name("flow", name).err().map(FlowError::from);
+    Flow {
+        def,
+        handlers: Vec::new(),
+        hooks: Vec::new(),
+        error,
+        embedded: Arc::new(OnceLock::new()),
+        _input: PhantomData,
+    }
+}
+
+impl<I> Flow<I>
+where
+    I: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Appends a step with default options.
+    pub fn step<O, F, Fut>(self, name: &str, f: F) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+    {
+        self.step_with(name, f, |o| o)
+    }
+
+    /// Appends a step with options: compensation, retries, timeout. The options
+    /// are set by a closure over [`StepOptions`], so handler contexts get their
+    /// input type from the flow:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # let flow = orchestrix_coordinator::create::<String>("f");
+    /// let flow = flow.step_with("reserve-stock", |_ctx| async { Ok(()) }, |o| {
+    ///     o.compensate(|ctx| async move { println!("release {}", ctx.input); Ok(()) })
+    ///         .retries(3)
+    ///         .retry_delay(Duration::from_millis(1000))
+    /// });
+    /// ```
+    pub fn step_with<O, F, Fut, C>(mut self, name: &str, f: F, configure: C) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+        C: FnOnce(StepOptions<I>) -> StepOptions<I>,
+    {
+        let options = configure(StepOptions::default());
+        let mut def = StepDef::new(name);
+        def.retry = options.retry;
+        def.timeout = options.timeout;
+        def.compensable = options.compensate.is_some();
+        def.compensation_retry = options.compensation_retry;
+        def.compensation_timeout = options.compensation_timeout;
+        self.def.steps.push(def);
+        self.handlers.push(StepHandlers { execute: handler(f), compensate: options.compensate });
+        if self.error.is_none() {
+            self.error = self.def.validate().err();
+        }
+        self.changed()
+    }
+
+    /// Adds hooks, called as runs of this flow progress.
+    pub fn hooks(mut self, hooks: impl Hooks) -> Self {
+        self.hooks.push(Arc::new(hooks));
+        self.changed()
+    }
+
+    /// The flow's definition.
+    pub fn definition(&self) -> &FlowDef {
+        &self.def
+    }
+
+    /// Runs the flow on the embedded engine and returns its report.
+    ///
+    /// A run that fails is not an `Err`: its report says `failed`. `Err` means
+    /// the run could not be started or followed (an invalid flow, an input that
+    /// does not encode).
+    pub async fn run(&self, input: I) -> Result<RunReport, RunError> {
+        self.run_with(input, RunOptions::default()).await
+    }
+
+    /// Runs the flow with options: an idempotency key and its ttl, a deadline.
+    pub async fn run_with(&self, input: I, options: RunOptions) -> Result<RunReport, RunError> {
+        let coordinator = self.embedded()?;
+        coordinator.run(&self.def.name, &input, options).await
+    }
+
+    /// The in-process coordinator that runs this flow, created at first use.
+    pub fn embedded(&self) -> Result<&Coordinator, RunError> {
+        if let Some(err) = &self.error {
+            return Err(RunError::InvalidFlow(err.clone()));
+        }
+        Ok(self.embedded.get_or_init(|| Coordinator::builder().flow(self).build_embedded()))
+    }
+
+    pub(crate) fn parts(&self) -> (&FlowDef, &[StepHandlers], &[Arc<dyn Hooks>], Option<&FlowError>) {
+        (&self.def, &self.handlers, &self.hooks, self.error.as_ref())
+    }
+
+    fn changed(mut self) -> Self {
+        // A changed flow is another flow: it gets an engine of its own.
+        self.embedded = Arc::new(OnceLock::new());
+        self
+    }
+}

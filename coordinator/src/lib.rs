@@ -1,0 +1,52 @@
+//! The Orchestrix coordinator: runs sagas.
+//!
+//! A flow is a named list of steps. Each run of a flow is driven by its own
+//! actix actor, which sends one command per step attempt over a [`Bus`], keeps
+//! every transition in a [`Store`] before acting on it, retries failed attempts
+//! per the step's [`RetryPolicy`], and when a step fails for good compensates
+//! the completed steps in reverse order. The caller gets a [`RunReport`].
+//!
+//! The embedded home (in-memory bus and store) needs no server:
+//!
+//! ```
+//! use std::time::Duration;
+//! use orchestrix_coordinator::{create, RunStatus};
+//! use orchestrix_worker::StepError;
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Order { id: String, amount: u64 }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let flow = create::<Order>("order")
+//!     .step_with("reserve", |_ctx| async { Ok(()) },
+//!         |o| o.compensate(|ctx| async move { println!("release {}", ctx.input.id); Ok(()) }))
+//!     .step_with("charge", |ctx| async move {
+//!         if ctx.input.amount > 1000 { return Err(StepError::permanent("declined")); }
+//!         Ok(())
+//!     }, |o| o.retries(2).retry_delay(Duration::from_millis(10)));
+//!
+//! let report = flow.run(Order { id: "o-2".into(), amount: 2000 }).await?;
+//! assert_eq!(report.status, RunStatus::Failed);
+//! assert_eq!(report.failed_step.as_deref(), Some("charge"));
+//! # Ok(()) }
+//! ```
+
+mod actor;
+mod bus;
+mod coordinator;
+mod engine;
+mod flow;
+mod hooks;
+mod machine;
+pub mod record;
+mod retry;
+mod store;
+
+pub use bus::{Bus, BusError, BusReply, Liveness, MemoryBus, ReplyTo};
+pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle, RunOptions};
+pub use engine::{Engine, EngineError};
+pub use flow::{create, Flow, FlowDef, FlowError, StepDef, StepOptions};
+pub use hooks::{Hooks, StepEvent};
+pub use orchestrix_proto::{RunReport, RunStatus, StepReport, StepStatus};
+pub use retry::RetryPolicy;
+pub use store::{Created, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};

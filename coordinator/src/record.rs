@@ -1,0 +1,352 @@
+//! The durable state of a run and the transitions that change it.
+//!
+//! A run's state is a [`RunRecord`]; it changes only by applying
+//! [`Transition`]s, in the actor and, identically, in the store. A store that
+//! keeps the transitions (or the record they produce) can rebuild a run exactly.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use orchestrix_proto::time::{opt_duration_ms, unix_ms_serde};
+use orchestrix_proto::{
+    CommandKind, CompensationReport, Payload, RunReport, RunStatus, StepReport, StepStatus,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::FlowDef;
+
+/// Which half of the saga a run is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Running the steps' actions in order.
+    Executing,
+    /// A step failed for good: compensating completed steps in reverse order.
+    Compensating,
+    /// Terminal.
+    Finished,
+}
+
+/// The attempt a run is waiting on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Current {
+    /// Step index.
+    pub step: u32,
+    /// Execute or compensate.
+    pub kind: CommandKind,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Id of the command sent for this attempt.
+    pub command_id: Uuid,
+    /// Set once the attempt failed and a retry is scheduled for this time.
+    #[serde(default)]
+    pub retry_at: Option<RetryAt>,
+}
+
+/// A scheduled retry.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetryAt {
+    /// When the next attempt is due.
+    #[serde(with = "unix_ms_serde")]
+    pub at: SystemTime,
+    /// The delay that was chosen.
+    #[serde(with = "orchestrix_proto::time::duration_ms")]
+    pub delay: Duration,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Step name.
+    pub name: Arc<str>,
+    /// Where it stands.
+    pub status: StepStatus,
+    /// Attempts of the action.
+    pub attempts: u32,
+    /// Error of the last failed attempt.
+    pub error: Option<String>,
+    /// Output once completed.
+    pub output: Option<Payload>,
+    /// Start of the first attempt.
+    #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+    pub started_at: Option<SystemTime>,
+    /// First attempt to final outcome.
+    #[serde(with = "opt_duration_ms")]
+    pub duration: Option<Duration>,
+    /// The compensation, once started.
+    pub compensation: Option<CompensationReport>,
+}
+
+/// The durable state of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub run_id: Uuid,
+    /// Flow name.
+    pub flow: Arc<str>,
+    /// The run's input.
+    pub input: Payload,
+    /// Idempotency key, if any.
+    pub key: Option<String>,
+    /// How long the key outlives the run.
+    #[serde(with = "opt_duration_ms")]
+    pub ttl: Option<Duration>,
+    /// Deadline of the run, from its start.
+    #[serde(with = "opt_duration_ms")]
+    pub timeout: Option<Duration>,
+    /// When the run started.
+    #[serde(with = "unix_ms_serde")]
+    pub started_at: SystemTime,
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// Executing, compensating or finished.
+    pub phase: Phase,
+    /// One per step of the flow, in order.
+    pub steps: Vec<StepRecord>,
+    /// The attempt in flight or waiting for its retry.
+    pub current: Option<Current>,
+    /// Error of the step that failed for good.
+    pub error: Option<String>,
+    /// Index of the step that failed for good.
+    pub failed_step: Option<u32>,
+    /// Total duration, once finished.
+    #[serde(with = "opt_duration_ms")]
+    pub duration: Option<Duration>,
+}
+
+/// One change to a [`RunRecord`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transition {
+    /// An attempt's command is about to be sent.
+    AttemptStarted {
+        /// Step index.
+        step: u32,
+        /// Execute or compensate.
+        kind: CommandKind,
+        /// Attempt number.
+        attempt: u32,
+        /// The command's id.
+        command_id: Uuid,
+        /// When.
+        #[serde(with = "unix_ms_serde")]
+        at: SystemTime,
+    },
+    /// The attempt failed; another is scheduled.
+    RetryScheduled {
+        /// Step index.
+        step: u32,
+        /// Execute or compensate.
+        kind: CommandKind,
+        /// Why the attempt failed.
+        error: String,
+        /// When the next attempt is due.
+        retry: RetryAt,
+    },
+    /// The step's action completed.
+    StepCompleted {
+        /// Step index.
+        step: u32,
+        /// Its output.
+        output: Payload,
+        /// First attempt to outcome.
+        #[serde(with = "orchestrix_proto::time::duration_ms")]
+        duration: Duration,
+    },
+    /// The step's action failed for good; the run turns to compensation.
+    StepFailed {
+        /// Step index.
+        step: u32,
+        /// Why.
+        error: String,
+        /// First attempt to outcome.
+        #[serde(with = "orchestrix_proto::time::duration_ms")]
+        duration: Duration,
+    },
+    /// The step's compensation completed.
+    CompensationCompleted {
+        /// Step index.
+        step: u32,
+        /// First compensation attempt to outcome.
+        #[serde(with = "orchestrix_proto::time::duration_ms")]
+        duration: Duration,
+    },
+    /// The step's compensation failed for good.
+    CompensationFailed {
+        /// Step index.
+        step: u32,
+        /// Why.
+        error: String,
+        /// First compensation attempt to outcome.
+        #[serde(with = "orchestrix_proto::time::duration_ms")]
+        duration: Duration,
+    },
+    /// The run reached a terminal status.
+    Finished {
+        /// The terminal status.
+        status: RunStatus,
+        /// Start to end.
+        #[serde(with = "orchestrix_proto::time::duration_ms")]
+        duration: Duration,
+    },
+}
+
+impl RunRecord {
+    /// The record of a run of `flow` that is about to start.
+    pub fn new(run_id: Uuid, flow: &FlowDef, input: Payload, started_at: SystemTime) -> Self {
+        RunRecord {
+            run_id,
+            flow: flow.name.clone(),
+            input,
+            key: None,
+            ttl: None,
+            timeout: None,
+            started_at,
+            status: RunStatus::Running,
+            phase: Phase::Executing,
+            steps: flow
+                .steps
+                .iter()
+                .map(|s| StepRecord {
+                    name: s.name.clone(),
+                    status: StepStatus::NotRun,
+                    attempts: 0,
+                    error: None,
+                    output: None,
+                    started_at: None,
+                    duration: None,
+                    compensation: None,
+                })
+                .collect(),
+            current: None,
+            error: None,
+            failed_step: None,
+            duration: None,
+        }
+    }
+
+    /// Applies one transition. The only way a record changes.
+    pub fn apply(&mut self, t: &Transition) {
+        match t {
+            Transition::AttemptStarted { step, kind, attempt, command_id, at } => {
+                self.current = Some(Current {
+                    step: *step,
+                    kind: *kind,
+                    attempt: *attempt,
+                    command_id: *command_id,
+                    retry_at: None,
+                });
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    match kind {
+                        CommandKind::Execute => {
+                            s.status = StepStatus::Running;
+                            s.attempts = *attempt;
+                            s.started_at.get_or_insert(*at);
+                        }
+                        CommandKind::Compensate => {
+                            s.status = StepStatus::Compensating;
+                            s.compensation
+                                .get_or_insert(CompensationReport {
+                                    attempts: 0,
+                                    error: None,
+                                    duration: None,
+                                })
+                                .attempts = *attempt;
+                        }
+                    }
+                }
+            }
+            Transition::RetryScheduled { step, kind, error, retry } => {
+                if let Some(c) = &mut self.current {
+                    c.retry_at = Some(*retry);
+                }
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    match kind {
+                        CommandKind::Execute => s.error = Some(error.clone()),
+                        CommandKind::Compensate => {
+                            if let Some(c) = &mut s.compensation {
+                                c.error = Some(error.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            Transition::StepCompleted { step, output, duration } => {
+                self.current = None;
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    s.status = StepStatus::Completed;
+                    s.output = Some(output.clone());
+                    s.duration = Some(*duration);
+                }
+            }
+            Transition::StepFailed { step, error, duration } => {
+                self.current = None;
+                self.phase = Phase::Compensating;
+                self.error = Some(error.clone());
+                self.failed_step = Some(*step);
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    s.status = StepStatus::Failed;
+                    s.error = Some(error.clone());
+                    s.duration = Some(*duration);
+                }
+            }
+            Transition::CompensationCompleted { step, duration } => {
+                self.current = None;
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    s.status = StepStatus::Compensated;
+                    if let Some(c) = &mut s.compensation {
+                        c.duration = Some(*duration);
+                    }
+                }
+            }
+            Transition::CompensationFailed { step, error, duration } => {
+                self.current = None;
+                if let Some(s) = self.steps.get_mut(*step as usize) {
+                    s.status = StepStatus::CompensationFailed;
+                    if let Some(c) = &mut s.compensation {
+                        c.error = Some(error.clone());
+                        c.duration = Some(*duration);
+                    }
+                }
+            }
+            Transition::Finished { status, duration } => {
+                self.current = None;
+                self.phase = Phase::Finished;
+                self.status = *status;
+                self.duration = Some(*duration);
+            }
+        }
+    }
+
+    /// The report of the run as it stands. `elapsed` stands in for the
+    /// duration while the run is still going.
+    pub fn to_report(&self, elapsed: Duration) -> RunReport {
+        RunReport {
+            run_id: self.run_id,
+            flow: self.flow.to_string(),
+            status: self.status,
+            duration: self.duration.unwrap_or(elapsed),
+            started_at: Some(self.started_at),
+            error: self.error.clone(),
+            failed_step: self
+                .failed_step
+                .and_then(|i| self.steps.get(i as usize))
+                .map(|s| s.name.to_string()),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| StepReport {
+                    name: s.name.to_string(),
+                    status: s.status,
+                    attempts: s.attempts,
+                    error: s.error.clone(),
+                    output: s.output.clone(),
+                    started_at: s.started_at,
+                    duration: s.duration,
+                    compensation: s.compensation.clone(),
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Where runs are kept: their records, reports and idempotency keys.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use orchestrix_proto::RunReport;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::record::{RunRecord, Transition};
+
+/// A value that is either here already or on its way. Lets the in-memory store
+/// answer without allocating a future, while a networked one can take its time.
+pub enum Pending<T> {
+    /// Available now.
+    Ready(T),
+    /// Available when the future resolves.
+    Later(BoxFuture<'static, T>),
+}
+
+impl<T> Pending<T> {
+    /// Waits for the value.
+    pub async fn resolve(self) -> T {
+        match self {
+            Pending::Ready(v) => v,
+            Pending::Later(f) => f.await,
+        }
+    }
+
+    /// Wraps a future.
+    pub fn later(f: impl Future<Output = T> + Send + 'static) -> Self {
+        Pending::Later(Box::pin(f))
+    }
+}
+
+impl<T> fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
+            Pending::Later(_) => "Pending::Later",
+        })
+    }
+}
+
+/// What [`Store::create`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Created {
+    /// The run is new: start it.
+    New,
+    /// The idempotency key belongs to another run, live or finished within its ttl.
+    Existing {
+        /// That run's id.
+        run_id: Uuid,
+        /// Its report, when it has finished.
+        report: Option<RunReport>,
+    },
+}
+
+/// A store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store cannot be reached or refused the write.
+    #[error("run store unavailable: {0}")]
+    Unavailable(String),
+    /// No run with this id is kept.
+    #[error("no run {0} in the store")]
+    NotFound(Uuid),
+}
+
+/// Keeps runs. Every transition reaches the store before the command that
+/// follows from it is sent.
+pub trait Store: Send + Sync + 'static {
+    /// Records a new run, claiming its idempotency key (`record.key`) if any.
+    /// Claim and creation are one atomic step.
+    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>>;
+
+    /// Applies transitions to a run, in order.
+    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>>;
+
+    /// The run's report so far, if the run is kept.
+    fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>>;
+
+    /// Resolves with the run's final report once it has one.
+    fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>>;
+}
+
+/// Limits of the in-memory store.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct MemoryStoreOptions {
+    /// Finished runs are forgotten after this long.
+    pub retention: Duration,
+    /// At most this many finished runs are kept; the oldest go first.
+    pub max_finished: usize,
+    /// Idempotency key lifetime after its run ended, when the run gave none.
+    pub default_ttl: Duration,
+}
+
+impl Default for MemoryStoreOptions {
+    fn default() -> Self {
+        MemoryStoreOptions {
+            retention: Duration::from_secs(3600),
+            max_finished: 10_000,
+            default_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// The embedded store: runs and keys in this process's memory, sharded by run
+/// id to keep threads apart. Finished runs are kept for a while for status
+/// queries (see [`MemoryStoreOptions`]).
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    keys: Mutex<Keys>,
+    options: MemoryStoreOptions,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Default)]
+struct Shard {
+    runs: HashMap<Uuid, Entry>,
+    finished: VecDeque<(Instant, Uuid)>,
+}
+
+struct Entry {
+    record: RunRecord,
+    waiters: Vec<oneshot::Sender<RunReport>>,
+}
+
+#[derive(Default)]
+struct Keys {
+    map: HashMap<String, KeyEntry>,
+    inserts: u64,
+}
+
+struct KeyEntry {
+    run_id: Uuid,
+    /// Set when the run ended: its report and when the key frees up.
+    done: Option<(RunReport, Instant)>,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(MemoryStoreOptions::default())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a shard half-written (every
+    // update is a single map operation), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemoryStore {
+    /// A store with the given limits.
+    pub fn new(options: MemoryStoreOptions) -> Self {
+        let shards = (0..16).map(|_| Mutex::new(Shard::default())).collect();
+        MemoryStore { shards, keys: Mutex::new(Keys::default()), options, hasher: Default::default() }
+    }
+
+    fn shard(&self, run_id: &Uuid) -> MutexGuard<'_, Shard> {
+        let mut h = self.hasher.build_hasher();
+        run_id.hash(&mut h);
+        lock(&self.shards[h.finish() as usize % self.shards.len()])
+    }
+
+    fn insert(&self, record: &RunRecord) {
+        let entry = Entry { record: record.clone(), waiters: Vec::new() };
+        self.shard(&record.run_id).runs.insert(record.run_id, entry);
+    }
+
+    /// Starts the ttl of a finished run's key and keeps its report with it.
+    fn key_finished(&self, run_id: Uuid, key: &str, ttl: Option<Duration>, report: &RunReport) {
+        let ttl = ttl.unwrap_or(self.options.default_ttl);
+        if let Some(k) = lock(&self.keys).map.get_mut(key)
+            && k.run_id == run_id
+        {
+            k.done = Some((report.clone(), Instant::now() + ttl));
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>> {
+        let Some(key) = &record.key else {
+            self.insert(record);
+            return Pending::Ready(Ok(Created::New));
+        };
+        let now = Instant::now();
+        // Claim and insert under the keys lock: a concurrent caller with the
+        // same key either sees no claim, or a claim whose run is in the store.
+        let mut keys = lock(&self.keys);
+        if let Some(k) = keys.map.get(key) {
+            match &k.done {
+                None => return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report: None })),
+                Some((report, expires)) if *expires > now => {
+                    let report = Some(report.clone());
+                    return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report }));
+                }
+                Some(_) => {} // expired: the key is free again
+            }
+        }
+        keys.map.insert(key.clone(), KeyEntry { run_id: record.run_id, done: None });
+        keys.inserts += 1;
+        if keys.inserts % 1024 == 0 {
+            keys.map.retain(|_, k| k.done.as_ref().is_none_or(|(_, exp)| *exp > now));
+        }
+        self.insert(record);
+        Pending::Ready(Ok(Created::New))
+    }
+
+    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>> {
+        let mut shard = self.shard(&run_id);
+        let Some(entry) = shard.runs.get_mut(&run_id) else {
+            return Pending::Ready(Err(StoreError::NotFound(run_id)));
+        };
+        for t in batch {
+            entry.record.apply(t);
+        }
+        let Some(Transition::Finished { duration, .. }) = batch.last() else {
+            return Pending::Ready(Ok(()));
+        };
+        let report = entry.record.to_report(*duration);
+        for w in entry.waiters.drain(..) {
+            let _ = w.send(report.clone());
+        }
+        let key = entry.record.key.clone().map(|k| (k, entry.record.ttl));
+        let now = Instant::now();
+        shard.finished.push_back((now, run_id));
+        let cutoff = now.checked_sub(self.options.retention);
+        let max = self.options.max_finished / self.shards.len() + 1;
+        while let Some(&(at, old)) = shard.finished.front() {
+            if shard.finished.len() > max || cutoff.is_some_and(|c| at < c) {
+                shard.finished.pop_front();
+                shard.runs.remove(&old);
+            } else {
+                break;
+            }
+        }
+        drop(shard);
+        if let Some((key, ttl)) = key {
+            self.key_finished(run_id, &key, ttl, &report);
+        }
+        Pending::Ready(Ok(()))
+    }
+
+    fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>> {
+        let shard = self.shard(&run_id);
+        let report = shard.runs.get(&run_id).map(|e| {
+            let elapsed = SystemTime::now().duration_since(e.record.started_at).unwrap_or_default();
+            e.record.to_report(elapsed)
+        });
+        Pending::Ready(Ok(report))
+    }
+
+    fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
+        let rx = {
+            let mut shard = self.shard(&run_id);
+            let Some(entry) = shard.runs.get_mut(&run_id) else {
+                return Box::pin(futures::future::ready(Err(StoreError::NotFound(run_id))));
+            };
+            if let Some(duration) = entry.record.duration {
+                let report = entry.record.to_report(duration);
+                return Box::pin(futures::future::ready(Ok(report)));
+            }
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push(tx);
+            rx
+        };
+        Box::pin(async move {
+            rx.await.map_err(|_| StoreError::Unavailable(format!("run {run_id} was dropped from the store")))
+        })
+    }
+}
+
+/// Shares one store between coordinators.
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>> {
+        (**self).create(record)
+    }
+    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>> {
+        (**self).apply(run_id, batch)
+    }
+    fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>> {
+        (**self).report(run_id)
+    }
+    fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
+        (**self).wait(run_id)
+    }
+}

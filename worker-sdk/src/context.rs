@@ -1,0 +1,83 @@
+use std::fmt;
+use std::sync::Arc;
+
+use orchestrix_proto::{CommandKind, StepOutput};
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::StepError;
+
+/// What a step handler (or its compensation) gets: the run's typed input and
+/// where it stands.
+pub struct StepContext<I> {
+    /// The run's input, as given to `run`.
+    pub input: I,
+    pub(crate) run_id: Uuid,
+    pub(crate) flow: Arc<str>,
+    pub(crate) step: Arc<str>,
+    pub(crate) attempt: u32,
+    pub(crate) kind: CommandKind,
+    pub(crate) outputs: Vec<StepOutput>,
+}
+
+impl<I> StepContext<I> {
+    /// The run's id: stable across attempts, a good base for idempotency keys
+    /// towards the services a step calls.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// Name of the flow.
+    pub fn flow(&self) -> &str {
+        &self.flow
+    }
+
+    /// Name of the step.
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+
+    /// Attempt number of this handler for this step, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// True when this is the step's compensation rather than its action.
+    pub fn is_compensation(&self) -> bool {
+        self.kind == CommandKind::Compensate
+    }
+
+    /// The output of an earlier completed step (a compensation also sees its
+    /// own step's output), decoded as `T`.
+    ///
+    /// A missing output or one that does not decode as `T` is a permanent error:
+    /// retrying would not change it.
+    pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
+        let out = self
+            .outputs
+            .iter()
+            .find(|o| &*o.step == step)
+            .ok_or_else(|| StepError::permanent(format!("no output of step `{step}` is available")))?;
+        out.output.decode().map_err(|e| {
+            StepError::permanent(format!("output of step `{step}` does not decode: {e}"))
+        })
+    }
+
+    /// Names of the steps whose outputs are available.
+    pub fn completed_steps(&self) -> impl Iterator<Item = &str> {
+        self.outputs.iter().map(|o| &*o.step)
+    }
+}
+
+impl<I: fmt::Debug> fmt::Debug for StepContext<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepContext")
+            .field("run_id", &self.run_id)
+            .field("flow", &self.flow)
+            .field("step", &self.step)
+            .field("attempt", &self.attempt)
+            .field("kind", &self.kind)
+            .field("input", &self.input)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,209 @@
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use orchestrix_proto::{CommandKind, OutcomeResult, Payload, StepCommand, StepFailure};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{StepContext, StepError};
+
+/// What a type-erased handler returns: the encoded output, or the error.
+pub type HandlerFuture = BoxFuture<'static, Result<Payload, StepError>>;
+
+type ErasedFn = dyn Fn(StepCommand) -> HandlerFuture + Send + Sync;
+
+/// A step handler with its input and output types erased, so handlers of every
+/// type can sit in one registry. Made with [`handler`]; cheap to clone.
+#[derive(Clone)]
+pub struct BoxedHandler(Arc<ErasedFn>);
+
+impl fmt::Debug for BoxedHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BoxedHandler")
+    }
+}
+
+/// Wraps an async function of a [`StepContext<I>`] into a [`BoxedHandler`].
+///
+/// The run input is decoded into `I` for each attempt (an input that does not
+/// decode is a permanent error); the output `O` is encoded into a [`Payload`]
+/// that later steps and the report can read.
+pub fn handler<I, O, F, Fut>(f: F) -> BoxedHandler
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+{
+    BoxedHandler(Arc::new(move |cmd: StepCommand| -> HandlerFuture {
+        let input = match cmd.input.decode::<I>() {
+            Ok(input) => input,
+            Err(e) => {
+                let err = StepError::permanent(format!("run input does not decode: {e}"));
+                return Box::pin(futures::future::ready(Err(err)));
+            }
+        };
+        let ctx = StepContext {
+            input,
+            run_id: cmd.run_id,
+            flow: cmd.flow,
+            step: cmd.step,
+            attempt: cmd.attempt,
+            kind: cmd.kind,
+            outputs: cmd.outputs,
+        };
+        let fut = f(ctx);
+        Box::pin(async move {
+            let out = fut.await?;
+            Payload::encode(&out)
+                .map_err(|e| StepError::permanent(format!("step output does not encode: {e}")))
+        })
+    }))
+}
+
+/// A step's action and, when it has one, its compensation.
+#[derive(Clone, Debug)]
+pub struct StepHandlers {
+    /// Runs the step.
+    pub execute: BoxedHandler,
+    /// Undoes the step after a later step failed for good.
+    pub compensate: Option<BoxedHandler>,
+}
+
+impl StepHandlers {
+    /// The handler for a command of `kind`.
+    pub fn get(&self, kind: CommandKind) -> Option<&BoxedHandler> {
+        match kind {
+            CommandKind::Execute => Some(&self.execute),
+            CommandKind::Compensate => self.compensate.as_ref(),
+        }
+    }
+}
+
+/// Runs one command through `handler` and turns whatever happens into an
+/// outcome: the handler's result, a timeout after the command's time budget
+/// (the handler's future is dropped), or a panic, caught and reported as a
+/// retryable failure. Never panics itself.
+pub fn run_command(
+    handler: &BoxedHandler,
+    cmd: StepCommand,
+) -> impl Future<Output = OutcomeResult> + Send + 'static {
+    let timeout = cmd.timeout;
+    // The synchronous part of a handler (before its first await) may panic too.
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd)));
+    async move {
+        let fut = match started {
+            Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
+            Err(panic) => return panicked(panic),
+        };
+        let result = match timeout {
+            Some(budget) => match tokio::time::timeout(budget, fut).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return OutcomeResult::Failed(StepFailure {
+                        message: format!("step timed out after {budget:?}"),
+                        retryable: true,
+                    });
+                }
+            },
+            None => fut.await,
+        };
+        match result {
+            Ok(Ok(output)) => OutcomeResult::Completed { output },
+            Ok(Err(err)) => OutcomeResult::Failed(err.into_failure()),
+            Err(panic) => panicked(panic),
+        }
+    }
+}
+
+fn panicked(panic: Box<dyn Any + Send>) -> OutcomeResult {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    OutcomeResult::Failed(StepFailure { message: format!("handler panicked: {what}"), retryable: true })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use orchestrix_proto::StepOutput;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn cmd(input: Payload, timeout: Option<Duration>) -> StepCommand {
+        StepCommand {
+            command_id: Uuid::new_v4(),
+            run_id: Uuid::new_v4(),
+            flow: "f".into(),
+            step: "s".into(),
+            step_index: 0,
+            kind: CommandKind::Execute,
+            attempt: 2,
+            input,
+            outputs: vec![StepOutput { step: "before".into(), output: Payload::encode(&7u8).unwrap() }],
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn context_carries_input_attempt_and_outputs() {
+        let h = handler(|ctx: StepContext<u32>| async move {
+            let before: u8 = ctx.output("before")?;
+            Ok((ctx.input, ctx.attempt(), before))
+        });
+        let out = run_command(&h, cmd(Payload::encode(&5u32).unwrap(), None)).await;
+        let OutcomeResult::Completed { output } = out else { panic!("{out:?}") };
+        assert_eq!(output.decode::<(u32, u32, u8)>().unwrap(), (5, 2, 7));
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_a_permanent_failure() {
+        let h = handler(|_: StepContext<String>| async { Ok(()) });
+        let out = run_command(&h, cmd(Payload::encode(&5u32).unwrap(), None)).await;
+        let OutcomeResult::Failed(f) = out else { panic!() };
+        assert!(!f.retryable);
+        assert!(f.message.starts_with("run input does not decode"), "{}", f.message);
+    }
+
+    #[tokio::test]
+    async fn panics_become_retryable_failures() {
+        let sync_panic = handler(|_: StepContext<()>| -> futures::future::Ready<Result<(), StepError>> {
+            panic!("before the future")
+        });
+        let async_panic = handler(|_: StepContext<()>| async {
+            if true {
+                panic!("inside the future");
+            }
+            Ok(())
+        });
+        for (h, msg) in [(sync_panic, "before the future"), (async_panic, "inside the future")] {
+            let OutcomeResult::Failed(f) = run_command(&h, cmd(Payload::nil(), None)).await else {
+                panic!()
+            };
+            assert!(f.retryable);
+            assert_eq!(f.message, format!("handler panicked: {msg}"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_past_its_budget_is_dropped_and_fails() {
+        let h = handler(|_: StepContext<()>| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok(())
+        });
+        let started = tokio::time::Instant::now();
+        let out = run_command(&h, cmd(Payload::nil(), Some(Duration::from_millis(250)))).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        let OutcomeResult::Failed(f) = out else { panic!() };
+        assert_eq!(f.message, "step timed out after 250ms");
+        assert!(f.retryable);
+    }
+}
