@@ -1,1 +1,57 @@
-//! placeholder
+//! # Orchestrix
+//!
+//! Sagas for Rust: a flow of steps with side effects, retried when a dependency
+//! fails for a while, and rolled back — the completed steps compensated in
+//! reverse order — when a step fails for good. Every run returns a report that
+//! makes the execution visible.
+//!
+//! The same engine runs in-process with no server (the embedded default shown
+//! here) or distributed: a coordinator service driving worker processes over NATS.
+//!
+//! ```
+//! use std::time::Duration;
+//! use orchestrix::{create, RunOptions, RunStatus, StepError};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct PaymentInput { order_id: String, amount: u64, user_id: String }
+//!
+//! # #[tokio::main] async fn main() -> Result<(), orchestrix::RunError> {
+//! let payment_flow = create::<PaymentInput>("payment-flow")
+//!     .step_with("reserve-stock", |ctx| async move {
+//!         println!("Reserving stock for order {}", ctx.input.order_id);
+//!         Ok(())
+//!     }, |o| o.compensate(|ctx| async move {
+//!         println!("Releasing stock for order {}", ctx.input.order_id);
+//!         Ok(())
+//!     }))
+//!     .step_with("process-payment", |ctx| async move {
+//!         if ctx.input.amount > 1000 {
+//!             return Err(StepError::retryable("Payment declined: limit exceeded"));
+//!         }
+//!         Ok(())
+//!     }, |o| o.retries(3).retry_delay(Duration::from_millis(10)))
+//!     .step("send-email", |_ctx| async { Ok(()) });
+//!
+//! let input = PaymentInput { order_id: "order_2".into(), amount: 2000, user_id: "user_B".into() };
+//! let report = payment_flow.run_with(input, RunOptions::new().key("payment:order_2")).await?;
+//! assert_eq!(report.status, RunStatus::Failed);
+//! assert_eq!(report.failed().unwrap().attempts, 4);
+//! # Ok(()) }
+//! ```
+
+pub use orchestrix_coordinator::{
+    Coordinator, CoordinatorBuilder, Engine, Flow, FlowDef, FlowError, Hooks, MemoryBus,
+    MemoryStore, RetryPolicy, RunError, RunHandle, RunOptions, StepDef, StepEvent, StepOptions,
+    create,
+};
+pub use orchestrix_proto::{
+    CompensationReport, Payload, RunReport, RunStatus, StepReport, StepStatus,
+};
+pub use orchestrix_worker::{ResultExt, StepContext, StepError};
+
+/// The coordinator: engine, buses, stores.
+pub use orchestrix_coordinator as coordinator;
+/// The wire contract (messages, subjects, codec).
+pub use orchestrix_proto as proto;
+/// The worker SDK.
+pub use orchestrix_worker as worker;

@@ -5,14 +5,16 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture,
+};
 use orchestrix_proto::{CommandKind, RunReport, StepCommand};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, warn};
 use uuid::Uuid;
 
-use crate::bus::{Bus, BusReply, ReplyTo};
+use crate::bus::{Bus, BusReply, Dispatched, ReplyTo};
 use crate::machine::{Event, Machine};
 use crate::record::Transition;
 use crate::store::{Pending, Store, StoreError};
@@ -22,8 +24,8 @@ pub(crate) struct RunActor {
     machine: Machine,
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
-    done: Option<oneshot::Sender<RunReport>>,
-    spare: Vec<Transition>,
+    /// Boxed so the channel a parked run holds stays small.
+    done: Option<oneshot::Sender<Box<RunReport>>>,
 }
 
 /// An event the actor sends itself, so that handling never re-enters.
@@ -36,9 +38,9 @@ impl RunActor {
         machine: Machine,
         bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
-        done: oneshot::Sender<RunReport>,
+        done: oneshot::Sender<Box<RunReport>>,
     ) -> Self {
-        RunActor { machine, bus, store, done: Some(done), spare: Vec::with_capacity(2) }
+        RunActor { machine, bus, store, done: Some(done) }
     }
 
     fn run_id(&self) -> Uuid {
@@ -46,11 +48,10 @@ impl RunActor {
     }
 
     fn handle_event(&mut self, event: Event, ctx: &mut Context<Self>) {
-        let mut batch = std::mem::take(&mut self.spare);
-        batch.clear();
+        // Allocated per event rather than kept: a parked run holds no buffer.
+        let mut batch = Vec::new();
         self.machine.handle(event, Instant::now(), SystemTime::now(), &mut batch);
         if batch.is_empty() {
-            self.spare = batch;
             return;
         }
         self.persist(batch, 0, ctx);
@@ -59,7 +60,7 @@ impl RunActor {
     /// Writes the batch, then acts on it. Nothing else is handled meanwhile, so
     /// the store always holds a transition before its consequences happen.
     fn persist(&mut self, batch: Vec<Transition>, failures: u32, ctx: &mut Context<Self>) {
-        match self.store.apply(self.run_id(), &batch) {
+        match self.store.apply(self.run_id(), &batch, &self.machine.rec) {
             Pending::Ready(Ok(())) => self.act(batch, ctx),
             Pending::Ready(Err(e)) => self.persist_failed(e, batch, failures, ctx),
             Pending::Later(fut) => {
@@ -71,7 +72,13 @@ impl RunActor {
         }
     }
 
-    fn persist_failed(&mut self, e: StoreError, batch: Vec<Transition>, failures: u32, ctx: &mut Context<Self>) {
+    fn persist_failed(
+        &mut self,
+        e: StoreError,
+        batch: Vec<Transition>,
+        failures: u32,
+        ctx: &mut Context<Self>,
+    ) {
         // The run cannot move on before its state is stored: wait and write again.
         let delay = std::time::Duration::from_millis(50 << failures.min(6));
         warn!(run_id = %self.run_id(), error = %e, retry_in = ?delay, "cannot store the run's transition");
@@ -86,7 +93,6 @@ impl RunActor {
         for t in &batch {
             self.act_on(t, ctx);
         }
-        self.spare = batch;
     }
 
     fn act_on(&mut self, t: &Transition, ctx: &mut Context<Self>) {
@@ -98,10 +104,18 @@ impl RunActor {
                     CommandKind::Compensate if e.attempt == 1 => h.on_compensation_start(e),
                     CommandKind::Compensate => {}
                 });
-                let reply = ReplyTo(ctx.address().recipient());
-                if let Err(e) = self.bus.dispatch(cmd, reply) {
-                    let reason = e.to_string();
-                    ctx.notify(Internal(Event::AttemptLost { command_id: *command_id, reason }));
+                let command_id = *command_id;
+                match self.bus.dispatch(cmd, &ReplyTo(ctx.address())) {
+                    Ok(Dispatched::Sent) => {}
+                    Ok(Dispatched::Local(outcome)) => {
+                        ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
+                            act.handle_event(Event::Outcome { command_id, result }, ctx)
+                        }));
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        ctx.notify(Internal(Event::AttemptLost { command_id, reason }));
+                    }
                 }
             }
             Transition::RetryScheduled { step, kind, error, retry } => {
@@ -114,7 +128,9 @@ impl RunActor {
             }
             Transition::StepCompleted { step, duration, .. } => {
                 let attempt = self.attempts(*step);
-                self.hook(*step, CommandKind::Execute, attempt, |h, e| h.on_step_success(e, *duration));
+                self.hook(*step, CommandKind::Execute, attempt, |h, e| {
+                    h.on_step_success(e, *duration)
+                });
             }
             Transition::StepFailed { step, error, .. } => {
                 let attempt = self.attempts(*step);
@@ -122,11 +138,15 @@ impl RunActor {
             }
             Transition::CompensationCompleted { step, duration } => {
                 let attempt = self.compensation_attempts(*step);
-                self.hook(*step, CommandKind::Compensate, attempt, |h, e| h.on_compensation_success(e, *duration));
+                self.hook(*step, CommandKind::Compensate, attempt, |h, e| {
+                    h.on_compensation_success(e, *duration)
+                });
             }
             Transition::CompensationFailed { step, error, .. } => {
                 let attempt = self.compensation_attempts(*step);
-                self.hook(*step, CommandKind::Compensate, attempt, |h, e| h.on_compensation_failure(e, error));
+                self.hook(*step, CommandKind::Compensate, attempt, |h, e| {
+                    h.on_compensation_failure(e, error)
+                });
             }
             Transition::Finished { duration, .. } => {
                 let report = self.machine.rec.to_report(*duration);
@@ -134,7 +154,7 @@ impl RunActor {
                     guard(|| h.on_run_end(&report));
                 }
                 if let Some(done) = self.done.take() {
-                    let _ = done.send(report);
+                    let _ = done.send(Box::new(report));
                 }
                 ctx.stop();
             }
@@ -169,7 +189,13 @@ impl RunActor {
         }
     }
 
-    fn hook(&self, step: u32, kind: CommandKind, attempt: u32, call: impl Fn(&dyn Hooks, &StepEvent<'_>)) {
+    fn hook(
+        &self,
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        call: impl Fn(&dyn Hooks, &StepEvent<'_>),
+    ) {
         let plan = &self.machine.plan;
         if plan.hooks.is_empty() {
             return;
@@ -219,7 +245,10 @@ impl Handler<BusReply> for RunActor {
                     warn!(run_id = %self.run_id(), other = %o.run_id, "outcome for another run ignored");
                     return;
                 }
-                self.handle_event(Event::Outcome { command_id: o.command_id, result: o.result }, ctx);
+                self.handle_event(
+                    Event::Outcome { command_id: o.command_id, result: o.result },
+                    ctx,
+                );
             }
             // Acks and heartbeats only matter to buses that track liveness.
             BusReply::Ack(_) | BusReply::Heartbeat(_) => {}

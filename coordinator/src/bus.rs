@@ -4,10 +4,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use actix::{Message, Recipient};
-use orchestrix_proto::{
-    Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome,
-};
+use actix::{Addr, Message};
+use futures::future::BoxFuture;
+use orchestrix_proto::{Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome};
 use orchestrix_worker::{StepHandlers, run_command};
 
 /// An answer about a command, delivered to the run that sent it.
@@ -24,7 +23,7 @@ pub enum BusReply {
 
 /// Where a bus delivers the answers about one command: the run's actor.
 #[derive(Clone)]
-pub struct ReplyTo(pub(crate) Recipient<BusReply>);
+pub struct ReplyTo(pub(crate) Addr<crate::actor::RunActor>);
 
 impl ReplyTo {
     /// Hands `reply` to the run. A run that already ended drops it.
@@ -57,13 +56,33 @@ pub enum Liveness {
     Local,
 }
 
+/// How a command was handed over.
+#[non_exhaustive]
+pub enum Dispatched {
+    /// Sent away: answers come through the [`ReplyTo`].
+    Sent,
+    /// Runs in this process: the run's actor polls the future, which resolves
+    /// to the outcome. Saves a task and a message per step.
+    Local(BoxFuture<'static, OutcomeResult>),
+}
+
+impl fmt::Debug for Dispatched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Dispatched::Sent => "Dispatched::Sent",
+            Dispatched::Local(_) => "Dispatched::Local",
+        })
+    }
+}
+
 /// Carries step commands to handlers, and their answers back.
 ///
 /// The saga logic only talks to this trait, so it runs unchanged in-process
 /// ([`MemoryBus`]) and over NATS.
 pub trait Bus: Send + Sync + 'static {
-    /// Sends `cmd`; every answer about it goes to `reply`.
-    fn dispatch(&self, cmd: StepCommand, reply: ReplyTo) -> Result<(), BusError>;
+    /// Sends `cmd`; every answer about it goes to `reply`, unless the command
+    /// runs locally ([`Dispatched::Local`]).
+    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError>;
 
     /// What the engine must watch to notice a lost command.
     fn liveness(&self) -> Liveness {
@@ -71,8 +90,8 @@ pub trait Bus: Send + Sync + 'static {
     }
 }
 
-/// The embedded bus: handlers registered in this process, run as tokio tasks
-/// on the run's own thread.
+/// The embedded bus: handlers registered in this process, polled by the run's
+/// own actor on its thread.
 #[derive(Default)]
 pub struct MemoryBus {
     flows: HashMap<Arc<str>, Vec<StepHandlers>>,
@@ -102,27 +121,26 @@ impl MemoryBus {
 }
 
 impl Bus for MemoryBus {
-    fn dispatch(&self, cmd: StepCommand, reply: ReplyTo) -> Result<(), BusError> {
-        let (command_id, run_id, attempt, kind) = (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+    fn dispatch(&self, cmd: StepCommand, _reply: &ReplyTo) -> Result<Dispatched, BusError> {
         let handler = self
             .flows
             .get(&cmd.flow)
             .and_then(|steps| steps.get(cmd.step_index as usize))
-            .and_then(|h| h.get(kind));
+            .and_then(|h| h.get(cmd.kind));
         let Some(handler) = handler else {
             let failure = StepFailure {
-                message: format!("no {} handler for step `{}` of flow `{}`", kind.as_str(), cmd.step, cmd.flow),
+                message: format!(
+                    "no {} handler for step `{}` of flow `{}`",
+                    cmd.kind.as_str(),
+                    cmd.step,
+                    cmd.flow
+                ),
                 retryable: false,
             };
-            let result = OutcomeResult::Failed(failure);
-            reply.deliver(BusReply::Outcome(StepOutcome { command_id, run_id, attempt, kind, result }));
-            return Ok(());
+            return Ok(Dispatched::Local(Box::pin(futures::future::ready(OutcomeResult::Failed(
+                failure,
+            )))));
         };
-        let fut = run_command(handler, cmd);
-        tokio::spawn(async move {
-            let result = fut.await;
-            reply.deliver(BusReply::Outcome(StepOutcome { command_id, run_id, attempt, kind, result }));
-        });
-        Ok(())
+        Ok(Dispatched::Local(run_command(handler, cmd)))
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::Hooks;
 use crate::actor::RunActor;
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
@@ -17,7 +18,6 @@ use crate::flow::{Flow, FlowDef, FlowError};
 use crate::machine::{FlowPlan, Machine};
 use crate::record::RunRecord;
 use crate::store::{Created, MemoryStore, Store, StoreError};
-use crate::Hooks;
 
 /// Options of one run.
 ///
@@ -124,7 +124,9 @@ struct Inner {
 
 impl fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Coordinator").field("flows", &self.inner.flows.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("Coordinator")
+            .field("flows", &self.inner.flows.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -143,7 +145,9 @@ pub struct CoordinatorBuilder {
 
 impl fmt::Debug for CoordinatorBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CoordinatorBuilder").field("flows", &self.flows.len()).finish_non_exhaustive()
+        f.debug_struct("CoordinatorBuilder")
+            .field("flows", &self.flows.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,12 +157,11 @@ impl CoordinatorBuilder {
     where
         I: Serialize + serde::de::DeserializeOwned + Send + 'static,
     {
-        let (def, handlers, hooks, error) = flow.parts();
-        if let Some(e) = error {
+        if let Some(e) = &flow.error {
             self.error.get_or_insert(e.clone());
         }
-        self.memory.register(&def.name, handlers.to_vec());
-        self.flows.push(FlowPlan { def: def.clone(), hooks: hooks.to_vec() });
+        self.memory.register(&flow.def.name, flow.handlers.clone());
+        self.flows.push(FlowPlan { def: flow.def.clone(), hooks: flow.hooks.clone() });
         self
     }
 
@@ -242,7 +245,10 @@ pub struct RunHandle {
 
 impl fmt::Debug for RunHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RunHandle").field("run_id", &self.run_id).field("duplicate", &self.duplicate).finish()
+        f.debug_struct("RunHandle")
+            .field("run_id", &self.run_id)
+            .field("duplicate", &self.duplicate)
+            .finish()
     }
 }
 
@@ -301,13 +307,24 @@ impl Coordinator {
     }
 
     /// Starts a run whose input is already encoded.
-    pub async fn start_payload(&self, flow: &str, input: Payload, options: RunOptions) -> Result<RunHandle, RunError> {
-        let plan = self.inner.flows.get(flow).ok_or_else(|| RunError::UnknownFlow(flow.to_owned()))?.clone();
+    pub async fn start_payload(
+        &self,
+        flow: &str,
+        input: Payload,
+        options: RunOptions,
+    ) -> Result<RunHandle, RunError> {
+        let plan = self
+            .inner
+            .flows
+            .get(flow)
+            .ok_or_else(|| RunError::UnknownFlow(flow.to_owned()))?
+            .clone();
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.key = options.key;
         record.ttl = options.ttl;
         record.timeout = options.timeout;
+        let record = Arc::new(record);
 
         match self.inner.store.create(&record).resolve().await? {
             Created::Existing { run_id, report: Some(report) } => {
@@ -330,7 +347,10 @@ impl Coordinator {
                     let machine = Machine::new(plan, record, Instant::now());
                     RunActor::new(machine, bus, store, tx)
                 });
-                let report = Box::pin(async move { rx.await.map_err(|_| RunError::Lost(run_id)) });
+                let report =
+                    Box::pin(
+                        async move { rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id)) },
+                    );
                 Ok(RunHandle { run_id, duplicate: false, report })
             }
         }

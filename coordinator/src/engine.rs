@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use actix::{Actor, Addr, Context};
+use actix::{Actor, Context};
 use actix_rt::{Arbiter, ArbiterHandle, System};
 
 /// A pool of actix arbiters (one thread each) on which run actors live.
@@ -19,9 +19,38 @@ pub struct Engine {
 }
 
 struct Inner {
-    arbiters: Vec<ArbiterHandle>,
+    arbiters: Vec<Lane>,
     next: AtomicUsize,
     system: Option<System>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One arbiter and the actors waiting to be started on it. Starts are queued
+/// and the arbiter is woken once per batch, not once per run: waking a parked
+/// thread costs far more than starting an actor.
+struct Lane {
+    arbiter: ArbiterHandle,
+    queue: Arc<Mutex<Vec<Job>>>,
+}
+
+impl Lane {
+    fn push(&self, job: Job) {
+        let first = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.push(job);
+            q.len() == 1
+        };
+        if first {
+            let queue = self.queue.clone();
+            self.arbiter.spawn_fn(move || {
+                let jobs = std::mem::take(&mut *queue.lock().unwrap_or_else(|p| p.into_inner()));
+                for job in jobs {
+                    job();
+                }
+            });
+        }
+    }
 }
 
 impl fmt::Debug for Engine {
@@ -56,14 +85,21 @@ impl Engine {
             .name("orchestrix-engine".into())
             .spawn(move || {
                 let system = System::new();
-                let arbiters: Vec<Arbiter> = system.block_on(async { (0..threads).map(|_| Arbiter::new()).collect() });
+                let arbiters: Vec<Arbiter> =
+                    system.block_on(async { (0..threads).map(|_| Arbiter::new()).collect() });
                 let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
                 let _ = tx.send((System::current(), handles));
                 let _ = system.run();
             })
             .map_err(|e| EngineError(e.to_string()))?;
-        let (system, arbiters) = rx.recv().map_err(|e| EngineError(e.to_string()))?;
-        Ok(Engine { inner: Arc::new(Inner { arbiters, next: AtomicUsize::new(0), system: Some(system) }) })
+        let (system, handles) = rx.recv().map_err(|e| EngineError(e.to_string()))?;
+        let arbiters = handles
+            .into_iter()
+            .map(|arbiter| Lane { arbiter, queue: Arc::new(Mutex::new(Vec::new())) })
+            .collect();
+        Ok(Engine {
+            inner: Arc::new(Inner { arbiters, next: AtomicUsize::new(0), system: Some(system) }),
+        })
     }
 
     /// Number of arbiter threads.
@@ -73,23 +109,26 @@ impl Engine {
 
     /// Starts an actor: on the calling arbiter if there is one, else on the
     /// next arbiter of this engine in turn.
-    pub(crate) fn spawn<A, F>(&self, make: F) -> Addr<A>
+    pub(crate) fn spawn<A, F>(&self, make: F)
     where
         A: Actor<Context = Context<A>>,
         F: FnOnce(&mut Context<A>) -> A + Send + 'static,
     {
-        if let Some(here) = Arbiter::try_current() {
-            return A::start_in_arbiter(&here, make);
+        if Arbiter::try_current().is_some() {
+            A::create(make);
+            return;
         }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-        A::start_in_arbiter(&self.inner.arbiters[i], make)
+        self.inner.arbiters[i].push(Box::new(move || {
+            A::create(make);
+        }));
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for a in &self.arbiters {
-            a.stop();
+        for lane in &self.arbiters {
+            lane.arbiter.stop();
         }
         if let Some(s) = &self.system {
             s.stop();

@@ -234,10 +234,10 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
 /// Cheap to clone; clones share the embedded engine that runs them.
 #[must_use]
 pub struct Flow<I> {
-    def: FlowDef,
-    handlers: Vec<StepHandlers>,
-    hooks: Vec<Arc<dyn Hooks>>,
-    error: Option<FlowError>,
+    pub(crate) def: FlowDef,
+    pub(crate) handlers: Vec<StepHandlers>,
+    pub(crate) hooks: Vec<Arc<dyn Hooks>>,
+    pub(crate) error: Option<FlowError>,
     embedded: Arc<OnceLock<Coordinator>>,
     _input: PhantomData<fn(I)>,
 }
@@ -376,9 +376,6 @@ where
         Ok(self.embedded.get_or_init(|| Coordinator::builder().flow(self).build_embedded()))
     }
 
-    pub(crate) fn parts(&self) -> (&FlowDef, &[StepHandlers], &[Arc<dyn Hooks>], Option<&FlowError>) {
-        (&self.def, &self.handlers, &self.hooks, self.error.as_ref())
-    }
 
     fn changed(mut self) -> Self {
         // A changed flow is another flow: it gets an engine of its own.

@@ -42,10 +42,10 @@ pub mod record;
 mod retry;
 mod store;
 
-pub use bus::{Bus, BusError, BusReply, Liveness, MemoryBus, ReplyTo};
+pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
 pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle, RunOptions};
 pub use engine::{Engine, EngineError};
-pub use flow::{create, Flow, FlowDef, FlowError, StepDef, StepOptions};
+pub use flow::{Flow, FlowDef, FlowError, StepDef, StepOptions, create};
 pub use hooks::{Hooks, StepEvent};
 pub use orchestrix_proto::{RunReport, RunStatus, StepReport, StepStatus};
 pub use retry::RetryPolicy;

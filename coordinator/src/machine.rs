@@ -38,7 +38,8 @@ pub(crate) enum Event {
 
 pub(crate) struct Machine {
     pub(crate) plan: Arc<FlowPlan>,
-    pub(crate) rec: RunRecord,
+    /// Shared with the store that holds it; changed copy-on-write.
+    pub(crate) rec: Arc<RunRecord>,
     pub(crate) run_started: Instant,
     /// Monotonic start of each step's first action attempt and first compensation attempt.
     first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
@@ -46,9 +47,15 @@ pub(crate) struct Machine {
 }
 
 impl Machine {
-    pub(crate) fn new(plan: Arc<FlowPlan>, rec: RunRecord, now: Instant) -> Self {
+    pub(crate) fn new(plan: Arc<FlowPlan>, rec: Arc<RunRecord>, now: Instant) -> Self {
         let n = rec.steps.len();
-        Machine { plan, rec, run_started: now, first_attempt: vec![(None, None); n], rng: fastrand::Rng::new() }
+        Machine {
+            plan,
+            rec,
+            run_started: now,
+            first_attempt: vec![(None, None); n],
+            rng: fastrand::Rng::new(),
+        }
     }
 
     pub(crate) fn is_finished(&self) -> bool {
@@ -56,13 +63,21 @@ impl Machine {
     }
 
     /// Decides what `event` means and appends the resulting transitions to `out`.
-    pub(crate) fn handle(&mut self, event: Event, now: Instant, wall: SystemTime, out: &mut Vec<Transition>) {
+    pub(crate) fn handle(
+        &mut self,
+        event: Event,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
         if self.is_finished() {
             return;
         }
         match event {
             Event::Start => {
-                if self.rec.current.is_none() && self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) {
+                if self.rec.current.is_none()
+                    && self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun)
+                {
                     self.next_step(0, now, wall, out);
                 }
             }
@@ -74,17 +89,25 @@ impl Machine {
                         match cur.kind {
                             CommandKind::Execute => {
                                 let duration = self.since_first(step, cur.kind, now);
-                                self.push(Transition::StepCompleted { step: cur.step, output, duration }, out);
+                                self.push(
+                                    Transition::StepCompleted { step: cur.step, output, duration },
+                                    out,
+                                );
                                 self.next_step(step + 1, now, wall, out);
                             }
                             CommandKind::Compensate => {
                                 let duration = self.since_first(step, cur.kind, now);
-                                self.push(Transition::CompensationCompleted { step: cur.step, duration }, out);
+                                self.push(
+                                    Transition::CompensationCompleted { step: cur.step, duration },
+                                    out,
+                                );
                                 self.next_compensation(step, now, wall, out);
                             }
                         }
                     }
-                    OutcomeResult::Failed(f) => self.attempt_failed(cur, f.message, f.retryable, now, wall, out),
+                    OutcomeResult::Failed(f) => {
+                        self.attempt_failed(cur, f.message, f.retryable, now, wall, out)
+                    }
                 }
             }
             Event::AttemptLost { command_id, reason } => {
@@ -119,11 +142,15 @@ impl Machine {
     /// The attempt `command_id` if it is the one in flight (not a stale or
     /// duplicate answer, and not one already failed and waiting for its retry).
     fn in_flight(&self, command_id: Uuid) -> Option<Current> {
-        self.rec.current.as_ref().filter(|c| c.command_id == command_id && c.retry_at.is_none()).cloned()
+        self.rec
+            .current
+            .as_ref()
+            .filter(|c| c.command_id == command_id && c.retry_at.is_none())
+            .cloned()
     }
 
     fn push(&mut self, t: Transition, out: &mut Vec<Transition>) {
-        self.rec.apply(&t);
+        Arc::make_mut(&mut self.rec).apply(&t);
         out.push(t);
     }
 
@@ -136,7 +163,15 @@ impl Machine {
         first.map(|t| now.saturating_duration_since(t)).unwrap_or_default()
     }
 
-    fn begin(&mut self, step: u32, kind: CommandKind, attempt: u32, now: Instant, wall: SystemTime, out: &mut Vec<Transition>) {
+    fn begin(
+        &mut self,
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
         let slot = &mut self.first_attempt[step as usize];
         match kind {
             CommandKind::Execute => slot.0.get_or_insert(now),
@@ -146,7 +181,13 @@ impl Machine {
         self.push(Transition::AttemptStarted { step, kind, attempt, command_id, at: wall }, out);
     }
 
-    fn next_step(&mut self, from: usize, now: Instant, wall: SystemTime, out: &mut Vec<Transition>) {
+    fn next_step(
+        &mut self,
+        from: usize,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
         if from < self.rec.steps.len() {
             self.begin(from as u32, CommandKind::Execute, 1, now, wall, out);
         } else {
@@ -155,7 +196,13 @@ impl Machine {
     }
 
     /// Compensates the nearest completed step with a compensation below `below`, or finishes.
-    fn next_compensation(&mut self, below: usize, now: Instant, wall: SystemTime, out: &mut Vec<Transition>) {
+    fn next_compensation(
+        &mut self,
+        below: usize,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
         let next = (0..below).rev().find(|&i| {
             self.rec.steps[i].status == StepStatus::Completed && self.plan.def.steps[i].compensable
         });
@@ -189,7 +236,10 @@ impl Machine {
             let delay = policy.delay_for(cur.attempt, &mut self.rng);
             if policy.allows_retry(cur.attempt, elapsed, delay) {
                 let retry = RetryAt { at: wall + delay, delay };
-                self.push(Transition::RetryScheduled { step: cur.step, kind: cur.kind, error, retry }, out);
+                self.push(
+                    Transition::RetryScheduled { step: cur.step, kind: cur.kind, error, retry },
+                    out,
+                );
                 return;
             }
         }
@@ -199,7 +249,10 @@ impl Machine {
                 self.next_compensation(step, now, wall, out);
             }
             CommandKind::Compensate => {
-                self.push(Transition::CompensationFailed { step: cur.step, error, duration: elapsed }, out);
+                self.push(
+                    Transition::CompensationFailed { step: cur.step, error, duration: elapsed },
+                    out,
+                );
                 // Keep undoing the earlier steps: each side effect that can be
                 // undone is, and the report names the one that could not.
                 self.next_compensation(step, now, wall, out);
@@ -228,7 +281,9 @@ impl Machine {
         };
         self.rec.steps[..upto.min(self.rec.steps.len())]
             .iter()
-            .filter_map(|s| s.output.as_ref().map(|o| StepOutput { step: s.name.clone(), output: o.clone() }))
+            .filter_map(|s| {
+                s.output.as_ref().map(|o| StepOutput { step: s.name.clone(), output: o.clone() })
+            })
             .collect()
     }
 }
@@ -260,7 +315,12 @@ mod tests {
     impl T {
         fn new(compensable: &[bool], retries: u32) -> Self {
             let plan = plan(compensable, retries);
-            let rec = RunRecord::new(Uuid::now_v7(), &plan.def, Payload::nil(), SystemTime::now());
+            let rec = Arc::new(RunRecord::new(
+                Uuid::now_v7(),
+                &plan.def,
+                Payload::nil(),
+                SystemTime::now(),
+            ));
             let now = Instant::now();
             T { m: Machine::new(plan, rec, now), now }
         }
@@ -274,7 +334,10 @@ mod tests {
         }
         fn ok(&mut self) -> Vec<Transition> {
             let id = self.cur();
-            self.ev(Event::Outcome { command_id: id, result: OutcomeResult::Completed { output: Payload::nil() } })
+            self.ev(Event::Outcome {
+                command_id: id,
+                result: OutcomeResult::Completed { output: Payload::nil() },
+            })
         }
         fn fail(&mut self, retryable: bool) -> Vec<Transition> {
             let id = self.cur();
@@ -286,12 +349,16 @@ mod tests {
     fn names(ts: &[Transition]) -> Vec<String> {
         ts.iter()
             .map(|t| match t {
-                Transition::AttemptStarted { step, kind, attempt, .. } => format!("start {step} {} #{attempt}", kind.as_str()),
+                Transition::AttemptStarted { step, kind, attempt, .. } => {
+                    format!("start {step} {} #{attempt}", kind.as_str())
+                }
                 Transition::RetryScheduled { step, .. } => format!("retry {step}"),
                 Transition::StepCompleted { step, .. } => format!("completed {step}"),
                 Transition::StepFailed { step, .. } => format!("failed {step}"),
                 Transition::CompensationCompleted { step, .. } => format!("compensated {step}"),
-                Transition::CompensationFailed { step, .. } => format!("compensation failed {step}"),
+                Transition::CompensationFailed { step, .. } => {
+                    format!("compensation failed {step}")
+                }
                 Transition::Finished { status, .. } => format!("finished {status}"),
             })
             .collect()
@@ -330,10 +397,7 @@ mod tests {
         assert!(t.ok().is_empty());
         let id = t.cur();
         assert_eq!(names(&t.ev(Event::RetryDue { command_id: id })), ["start 1 execute #2"]);
-        assert_eq!(
-            names(&t.fail(true)),
-            ["failed 1", "start 0 compensate #1"]
-        );
+        assert_eq!(names(&t.fail(true)), ["failed 1", "start 0 compensate #1"]);
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
     }
 
@@ -364,7 +428,10 @@ mod tests {
         let mut t = T::new(&[false], 1);
         t.ev(Event::Start);
         let id = t.cur();
-        assert_eq!(names(&t.ev(Event::AttemptLost { command_id: id, reason: "no ack".into() })), ["retry 0"]);
+        assert_eq!(
+            names(&t.ev(Event::AttemptLost { command_id: id, reason: "no ack".into() })),
+            ["retry 0"]
+        );
         assert_eq!(t.m.rec.steps[0].error.as_deref(), Some("no ack"));
     }
 
@@ -402,7 +469,7 @@ mod tests {
     #[test]
     fn the_deadline_fails_the_step_in_flight_but_never_a_compensation() {
         let mut t = T::new(&[true, false], 3);
-        t.m.rec.timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(1));
         t.ev(Event::Start);
         t.ok();
         t.fail(true); // waiting for a retry

@@ -74,8 +74,8 @@ pub struct StepRecord {
     /// First attempt to final outcome.
     #[serde(with = "opt_duration_ms")]
     pub duration: Option<Duration>,
-    /// The compensation, once started.
-    pub compensation: Option<CompensationReport>,
+    /// The compensation, once started (boxed: most steps never have one).
+    pub compensation: Option<Box<CompensationReport>>,
 }
 
 /// The durable state of one run.
@@ -247,10 +247,12 @@ impl RunRecord {
                         CommandKind::Compensate => {
                             s.status = StepStatus::Compensating;
                             s.compensation
-                                .get_or_insert(CompensationReport {
-                                    attempts: 0,
-                                    error: None,
-                                    duration: None,
+                                .get_or_insert_with(|| {
+                                    Box::new(CompensationReport {
+                                        attempts: 0,
+                                        error: None,
+                                        duration: None,
+                                    })
                                 })
                                 .attempts = *attempt;
                         }
@@ -344,7 +346,7 @@ impl RunRecord {
                     output: s.output.clone(),
                     started_at: s.started_at,
                     duration: s.duration,
-                    compensation: s.compensation.clone(),
+                    compensation: s.compensation.as_deref().cloned(),
                 })
                 .collect(),
         }

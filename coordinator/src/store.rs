@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -79,10 +79,16 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Records a new run, claiming its idempotency key (`record.key`) if any.
     /// Claim and creation are one atomic step.
-    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>>;
+    fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>>;
 
-    /// Applies transitions to a run, in order.
-    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>>;
+    /// Records transitions of a run, in order. `after` is the record with the
+    /// batch applied: a store may keep the deltas, the snapshot, or both.
+    fn apply(
+        &self,
+        run_id: Uuid,
+        batch: &[Transition],
+        after: &Arc<RunRecord>,
+    ) -> Pending<Result<(), StoreError>>;
 
     /// The run's report so far, if the run is kept.
     fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>>;
@@ -125,13 +131,11 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Shard {
-    runs: HashMap<Uuid, Entry>,
+    /// Shared with the run's actor while it is live: one copy per run.
+    runs: HashMap<Uuid, Arc<RunRecord>>,
+    /// Callers waiting for a live run's report; most runs have none.
+    waiters: HashMap<Uuid, Vec<oneshot::Sender<RunReport>>>,
     finished: VecDeque<(Instant, Uuid)>,
-}
-
-struct Entry {
-    record: RunRecord,
-    waiters: Vec<oneshot::Sender<RunReport>>,
 }
 
 #[derive(Default)]
@@ -168,18 +172,20 @@ impl MemoryStore {
     /// A store with the given limits.
     pub fn new(options: MemoryStoreOptions) -> Self {
         let shards = (0..16).map(|_| Mutex::new(Shard::default())).collect();
-        MemoryStore { shards, keys: Mutex::new(Keys::default()), options, hasher: Default::default() }
+        MemoryStore {
+            shards,
+            keys: Mutex::new(Keys::default()),
+            options,
+            hasher: Default::default(),
+        }
     }
 
     fn shard(&self, run_id: &Uuid) -> MutexGuard<'_, Shard> {
-        let mut h = self.hasher.build_hasher();
-        run_id.hash(&mut h);
-        lock(&self.shards[h.finish() as usize % self.shards.len()])
+        lock(&self.shards[self.hasher.hash_one(run_id) as usize % self.shards.len()])
     }
 
-    fn insert(&self, record: &RunRecord) {
-        let entry = Entry { record: record.clone(), waiters: Vec::new() };
-        self.shard(&record.run_id).runs.insert(record.run_id, entry);
+    fn insert(&self, record: &Arc<RunRecord>) {
+        self.shard(&record.run_id).runs.insert(record.run_id, record.clone());
     }
 
     /// Starts the ttl of a finished run's key and keeps its report with it.
@@ -194,7 +200,7 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>> {
+    fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         let Some(key) = &record.key else {
             self.insert(record);
             return Pending::Ready(Ok(Created::New));
@@ -205,7 +211,9 @@ impl Store for MemoryStore {
         let mut keys = lock(&self.keys);
         if let Some(k) = keys.map.get(key) {
             match &k.done {
-                None => return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report: None })),
+                None => {
+                    return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report: None }));
+                }
                 Some((report, expires)) if *expires > now => {
                     let report = Some(report.clone());
                     return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report }));
@@ -222,22 +230,25 @@ impl Store for MemoryStore {
         Pending::Ready(Ok(Created::New))
     }
 
-    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>> {
+    fn apply(
+        &self,
+        run_id: Uuid,
+        batch: &[Transition],
+        after: &Arc<RunRecord>,
+    ) -> Pending<Result<(), StoreError>> {
         let mut shard = self.shard(&run_id);
-        let Some(entry) = shard.runs.get_mut(&run_id) else {
+        let Some(record) = shard.runs.get_mut(&run_id) else {
             return Pending::Ready(Err(StoreError::NotFound(run_id)));
         };
-        for t in batch {
-            entry.record.apply(t);
-        }
+        *record = after.clone();
         let Some(Transition::Finished { duration, .. }) = batch.last() else {
             return Pending::Ready(Ok(()));
         };
-        let report = entry.record.to_report(*duration);
-        for w in entry.waiters.drain(..) {
+        let report = after.to_report(*duration);
+        for w in shard.waiters.remove(&run_id).unwrap_or_default() {
             let _ = w.send(report.clone());
         }
-        let key = entry.record.key.clone().map(|k| (k, entry.record.ttl));
+        let key = after.key.clone().map(|k| (k, after.ttl));
         let now = Instant::now();
         shard.finished.push_back((now, run_id));
         let cutoff = now.checked_sub(self.options.retention);
@@ -259,9 +270,9 @@ impl Store for MemoryStore {
 
     fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>> {
         let shard = self.shard(&run_id);
-        let report = shard.runs.get(&run_id).map(|e| {
-            let elapsed = SystemTime::now().duration_since(e.record.started_at).unwrap_or_default();
-            e.record.to_report(elapsed)
+        let report = shard.runs.get(&run_id).map(|record| {
+            let elapsed = SystemTime::now().duration_since(record.started_at).unwrap_or_default();
+            record.to_report(elapsed)
         });
         Pending::Ready(Ok(report))
     }
@@ -269,30 +280,37 @@ impl Store for MemoryStore {
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
         let rx = {
             let mut shard = self.shard(&run_id);
-            let Some(entry) = shard.runs.get_mut(&run_id) else {
+            let Some(record) = shard.runs.get(&run_id) else {
                 return Box::pin(futures::future::ready(Err(StoreError::NotFound(run_id))));
             };
-            if let Some(duration) = entry.record.duration {
-                let report = entry.record.to_report(duration);
+            if let Some(duration) = record.duration {
+                let report = record.to_report(duration);
                 return Box::pin(futures::future::ready(Ok(report)));
             }
             let (tx, rx) = oneshot::channel();
-            entry.waiters.push(tx);
+            shard.waiters.entry(run_id).or_default().push(tx);
             rx
         };
         Box::pin(async move {
-            rx.await.map_err(|_| StoreError::Unavailable(format!("run {run_id} was dropped from the store")))
+            rx.await.map_err(|_| {
+                StoreError::Unavailable(format!("run {run_id} was dropped from the store"))
+            })
         })
     }
 }
 
 /// Shares one store between coordinators.
 impl<S: Store + ?Sized> Store for Arc<S> {
-    fn create(&self, record: &RunRecord) -> Pending<Result<Created, StoreError>> {
+    fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         (**self).create(record)
     }
-    fn apply(&self, run_id: Uuid, batch: &[Transition]) -> Pending<Result<(), StoreError>> {
-        (**self).apply(run_id, batch)
+    fn apply(
+        &self,
+        run_id: Uuid,
+        batch: &[Transition],
+        after: &Arc<RunRecord>,
+    ) -> Pending<Result<(), StoreError>> {
+        (**self).apply(run_id, batch, after)
     }
     fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>> {
         (**self).report(run_id)

@@ -1,11 +1,13 @@
 //! Rollback: which steps are compensated, in which order, and what the report says.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
 
-use common::{paused, Journal};
-use orchestrix_coordinator::{create, Flow, RunStatus, StepStatus};
+use common::{Journal, paused};
+use orchestrix_coordinator::{Flow, RunStatus, StepStatus, create};
 use orchestrix_worker::StepError;
 
 const MS: Duration = Duration::from_millis(1);
@@ -34,19 +36,21 @@ fn six_steps(j: &Journal, fail_at: usize, no_comp: &[usize], comp_fails: &[usize
                 if !has_comp {
                     return o;
                 }
-                o.compensation_retry(orchestrix_coordinator::RetryPolicy::new().retries(2).delay(10 * MS))
-                    .compensate(move |ctx| {
-                        let undo = undo.clone();
-                        async move {
-                            // A compensation sees its own step's output.
-                            let out: usize = ctx.output(&format!("s{i}"))?;
-                            undo.log(format!("undo s{i} ({out}) #{}", ctx.attempt()));
-                            if comp_fails {
-                                return Err(StepError::retryable(format!("cannot undo s{i}")));
-                            }
-                            Ok(())
+                o.compensation_retry(
+                    orchestrix_coordinator::RetryPolicy::new().retries(2).delay(10 * MS),
+                )
+                .compensate(move |ctx| {
+                    let undo = undo.clone();
+                    async move {
+                        // A compensation sees its own step's output.
+                        let out: usize = ctx.output(&format!("s{i}"))?;
+                        undo.log(format!("undo s{i} ({out}) #{}", ctx.attempt()));
+                        if comp_fails {
+                            return Err(StepError::retryable(format!("cannot undo s{i}")));
                         }
-                    })
+                        Ok(())
+                    }
+                })
             },
         );
     }
@@ -62,8 +66,15 @@ fn completed_steps_are_compensated_in_reverse_and_the_failed_one_is_not() {
         assert_eq!(
             j.entries(),
             [
-                "run s0", "run s1", "run s2", "run s3", "run s4",
-                "undo s3 (30) #1", "undo s2 (20) #1", "undo s1 (10) #1", "undo s0 (0) #1",
+                "run s0",
+                "run s1",
+                "run s2",
+                "run s3",
+                "run s4",
+                "undo s3 (30) #1",
+                "undo s2 (20) #1",
+                "undo s1 (10) #1",
+                "undo s0 (0) #1",
             ]
         );
         let statuses: Vec<_> = report.steps.iter().map(|s| s.status).collect();
@@ -109,7 +120,13 @@ fn a_compensation_that_keeps_failing_is_retried_then_named_and_the_rest_still_ru
         let undos: Vec<_> = j.entries().into_iter().filter(|e| e.starts_with("undo")).collect();
         assert_eq!(
             undos,
-            ["undo s2 (20) #1", "undo s1 (10) #1", "undo s1 (10) #2", "undo s1 (10) #3", "undo s0 (0) #1"]
+            [
+                "undo s2 (20) #1",
+                "undo s1 (10) #1",
+                "undo s1 (10) #2",
+                "undo s1 (10) #3",
+                "undo s0 (0) #1"
+            ]
         );
         let s1 = report.step("s1").unwrap();
         assert_eq!(s1.status, StepStatus::CompensationFailed);
@@ -128,18 +145,22 @@ fn a_compensation_that_recovers_counts_its_attempts() {
         let j = Journal::new();
         let log = j.clone();
         let flow = create::<()>("recovering")
-            .step_with("a", |_| async { Ok(()) }, move |o| {
-                o.compensate(move |ctx| {
-                    let log = log.clone();
-                    async move {
-                        log.log(format!("undo a #{}", ctx.attempt()));
-                        if ctx.attempt() < 2 {
-                            return Err(StepError::retryable("locked"));
+            .step_with(
+                "a",
+                |_| async { Ok(()) },
+                move |o| {
+                    o.compensate(move |ctx| {
+                        let log = log.clone();
+                        async move {
+                            log.log(format!("undo a #{}", ctx.attempt()));
+                            if ctx.attempt() < 2 {
+                                return Err(StepError::retryable("locked"));
+                            }
+                            Ok(())
                         }
-                        Ok(())
-                    }
-                })
-            })
+                    })
+                },
+            )
             .step("b", |_| async { Err::<(), _>(StepError::permanent("no")) });
         let report = flow.run(()).await.unwrap();
         assert_eq!(report.status, RunStatus::Failed);

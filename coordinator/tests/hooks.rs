@@ -1,12 +1,16 @@
 //! Hooks are called in order, for every transition, and cannot break a run.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::paused;
-use orchestrix_coordinator::{create, Coordinator, Hooks, RunOptions, RunReport, RunStatus, StepEvent};
+use orchestrix_coordinator::{
+    Coordinator, Hooks, RunOptions, RunReport, RunStatus, StepEvent, create,
+};
 use orchestrix_worker::StepError;
 use uuid::Uuid;
 
@@ -30,7 +34,12 @@ impl Hooks for Recorder {
         self.push(format!("step start {} #{}", e.step, e.attempt));
     }
     fn on_step_retry(&self, e: &StepEvent<'_>, error: &str, delay: Duration) {
-        self.push(format!("retry {} {} #{} after {delay:?}: {error}", e.kind.as_str(), e.step, e.attempt));
+        self.push(format!(
+            "retry {} {} #{} after {delay:?}: {error}",
+            e.kind.as_str(),
+            e.step,
+            e.attempt
+        ));
     }
     fn on_step_success(&self, e: &StepEvent<'_>, _d: Duration) {
         self.push(format!("step ok {} #{}", e.step, e.attempt));
@@ -57,12 +66,18 @@ fn hooks_see_every_transition_in_order() {
     paused(|| async {
         let rec = Recorder::default();
         let flow = create::<u32>("payment-flow")
-            .step_with("reserve-stock", |_| async { Ok(()) }, |o| o.compensate(|_| async { Ok(()) }))
+            .step_with(
+                "reserve-stock",
+                |_| async { Ok(()) },
+                |o| o.compensate(|_| async { Ok(()) }),
+            )
             .step_with(
                 "process-payment",
                 |ctx| async move {
                     if ctx.input > 1000 {
-                        return Err::<(), _>(StepError::retryable("Payment declined: limit exceeded"));
+                        return Err::<(), _>(StepError::retryable(
+                            "Payment declined: limit exceeded",
+                        ));
                     }
                     Ok(())
                 },
@@ -111,10 +126,14 @@ fn compensation_failures_and_retries_reach_the_hooks() {
     paused(|| async {
         let rec = Recorder::default();
         let flow = create::<()>("f")
-            .step_with("a", |_| async { Ok(()) }, |o| {
-                o.compensation_retry(orchestrix_coordinator::RetryPolicy::new().retries(1))
-                    .compensate(|_| async { Err::<(), _>(StepError::retryable("stuck")) })
-            })
+            .step_with(
+                "a",
+                |_| async { Ok(()) },
+                |o| {
+                    o.compensation_retry(orchestrix_coordinator::RetryPolicy::new().retries(1))
+                        .compensate(|_| async { Err::<(), _>(StepError::retryable("stuck")) })
+                },
+            )
             .step("b", |_| async { Err::<(), _>(StepError::permanent("no")) })
             .hooks(rec.clone());
         let report = flow.run(()).await.unwrap();
@@ -148,7 +167,8 @@ fn a_panicking_hook_does_not_break_the_run() {
     paused(|| async {
         let rec = Recorder::default();
         let flow = create::<()>("f").step("a", |_| async { Ok(()) });
-        let coordinator = Coordinator::builder().flow(&flow).hooks(Panicky).hooks(rec.clone()).build().unwrap();
+        let coordinator =
+            Coordinator::builder().flow(&flow).hooks(Panicky).hooks(rec.clone()).build().unwrap();
         let report = coordinator.run("f", &(), RunOptions::new()).await.unwrap();
         assert_eq!(report.status, RunStatus::Completed);
         // Hooks after the panicking one still ran.

@@ -1,13 +1,15 @@
 //! Idempotency keys: sequential, concurrent, after the ttl.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::paused;
-use orchestrix_coordinator::{create, Coordinator, Flow, RunOptions, RunStatus};
+use orchestrix_coordinator::{Coordinator, Flow, RunOptions, RunStatus, create};
 
 fn counting(slow: Duration) -> (Flow<u32>, Arc<AtomicU32>) {
     let runs = Arc::new(AtomicU32::new(0));
@@ -34,7 +36,10 @@ fn a_second_run_with_the_key_returns_the_first_report() {
         let second = flow.run_with(999, key()).await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(second, first);
-        assert_eq!(second.step("charge").unwrap().output.as_ref().unwrap().decode::<u32>().unwrap(), 50);
+        assert_eq!(
+            second.step("charge").unwrap().output.as_ref().unwrap().decode::<u32>().unwrap(),
+            50
+        );
         // Another key is another run.
         flow.run_with(1, RunOptions::new().key("payment:order_2")).await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 2);
@@ -124,7 +129,8 @@ fn unknown_and_invalid_flows_are_clear_errors() {
         let err = bad.run(()).await.unwrap_err();
         assert!(err.to_string().contains("flow name `bad name` may only hold"), "{err}");
 
-        let dup = create::<()>("dup").step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) });
+        let dup =
+            create::<()>("dup").step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) });
         let err = dup.run(()).await.unwrap_err();
         assert_eq!(err.to_string(), "invalid flow: flow `dup` has two steps named `s`");
     });

@@ -1,13 +1,15 @@
 //! Attempts, delays, backoff, jitter, timeouts and permanent errors, on paused time.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{paused, Journal};
-use orchestrix_coordinator::{create, RunStatus, StepStatus};
+use common::{Journal, paused};
+use orchestrix_coordinator::{RunStatus, StepStatus, create};
 use orchestrix_worker::StepError;
 
 const MS: Duration = Duration::from_millis(1);
@@ -50,7 +52,10 @@ fn a_step_that_recovers_completes_and_keeps_its_last_error() {
                 c.fetch_add(1, Ordering::SeqCst);
                 async move {
                     if ctx.attempt() < 3 {
-                        return Err(StepError::retryable(format!("attempt {} failed", ctx.attempt())));
+                        return Err(StepError::retryable(format!(
+                            "attempt {} failed",
+                            ctx.attempt()
+                        )));
                     }
                     Ok(ctx.attempt())
                 }
@@ -198,10 +203,14 @@ fn a_panicking_handler_is_a_failed_attempt_and_the_engine_goes_on() {
         );
         let report = flow.run(()).await.unwrap();
         assert_eq!(report.status, RunStatus::Completed);
-        assert_eq!(report.step("s").unwrap().error.as_deref(), Some("handler panicked: bug in handler"));
+        assert_eq!(
+            report.step("s").unwrap().error.as_deref(),
+            Some("handler panicked: bug in handler")
+        );
 
         // A handler that always panics fails the run; the engine still serves the next one.
-        let always = create::<()>("always").step("s", |_| async { panic!("again") as Result<(), StepError> });
+        let always = create::<()>("always")
+            .step("s", |_| async { panic!("again") as Result<(), StepError> });
         assert_eq!(always.run(()).await.unwrap().status, RunStatus::Failed);
         assert_eq!(flow.run(()).await.unwrap().status, RunStatus::Completed);
     });
@@ -213,15 +222,19 @@ fn the_run_deadline_fails_the_run_and_compensates() {
         let j = Journal::new();
         let (a, b) = (j.clone(), j.clone());
         let flow = create::<()>("deadline")
-            .step_with("reserve", |_| async { Ok(()) }, move |o| {
-                o.compensate(move |_| {
-                    let a = a.clone();
-                    async move {
-                        a.log("release");
-                        Ok(())
-                    }
-                })
-            })
+            .step_with(
+                "reserve",
+                |_| async { Ok(()) },
+                move |o| {
+                    o.compensate(move |_| {
+                        let a = a.clone();
+                        async move {
+                            a.log("release");
+                            Ok(())
+                        }
+                    })
+                },
+            )
             .step_with(
                 "charge",
                 move |_| {

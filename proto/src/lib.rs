@@ -29,16 +29,16 @@ mod subject;
 pub mod time;
 
 pub use codec::{
-    decode, decode_with_limit, encode, peek_kind, CodecError, Message, DEFAULT_MAX_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
+    CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION, decode, decode_with_limit,
+    encode, peek_kind,
 };
 pub use messages::{
-    Ack, CommandKind, Heartbeat, OutcomeResult, RunRequest, RunReply, StatusRequest, StepCommand,
+    Ack, CommandKind, Heartbeat, OutcomeResult, RunReply, RunRequest, StatusRequest, StepCommand,
     StepFailure, StepOutcome, StepOutput,
 };
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
-pub use subject::{validate_name, NameError, Subjects, MAX_NAME_LEN};
+pub use subject::{MAX_NAME_LEN, NameError, Subjects, validate_name};
 
 /// Names of the NATS headers Orchestrix sets and reads.
 pub mod headers {

@@ -43,7 +43,8 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong { what, name: name.to_owned() });
     }
-    if let Some(found) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    if let Some(found) =
+        name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
         return Err(NameError::BadChar { what, name: name.to_owned(), found });
     }

@@ -1,5 +1,7 @@
 //! Round trips and bad input for every wire message.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -145,7 +147,8 @@ fn another_version_is_named_as_such() {
 #[test]
 fn a_message_of_another_kind_is_named_as_such() {
     let id = Uuid::nil();
-    let bytes = encode(&Ack { command_id: id, run_id: id, attempt: 1, worker: "w".into() }).unwrap();
+    let bytes =
+        encode(&Ack { command_id: id, run_id: id, attempt: 1, worker: "w".into() }).unwrap();
     let err = decode::<StepOutcome>(&bytes).unwrap_err();
     assert!(matches!(err, CodecError::WrongKind { expected: "step.outcome", .. }), "{err}");
 }

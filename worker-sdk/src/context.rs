@@ -53,11 +53,9 @@ impl<I> StepContext<I> {
     /// A missing output or one that does not decode as `T` is a permanent error:
     /// retrying would not change it.
     pub fn output<T: DeserializeOwned>(&self, step: &str) -> Result<T, StepError> {
-        let out = self
-            .outputs
-            .iter()
-            .find(|o| &*o.step == step)
-            .ok_or_else(|| StepError::permanent(format!("no output of step `{step}` is available")))?;
+        let out = self.outputs.iter().find(|o| &*o.step == step).ok_or_else(|| {
+            StepError::permanent(format!("no output of step `{step}` is available"))
+        })?;
         out.output.decode().map_err(|e| {
             StepError::permanent(format!("output of step `{step}` does not decode: {e}"))
         })

@@ -88,35 +88,34 @@ impl StepHandlers {
 /// outcome: the handler's result, a timeout after the command's time budget
 /// (the handler's future is dropped), or a panic, caught and reported as a
 /// retryable failure. Never panics itself.
-pub fn run_command(
-    handler: &BoxedHandler,
-    cmd: StepCommand,
-) -> impl Future<Output = OutcomeResult> + Send + 'static {
+pub fn run_command(handler: &BoxedHandler, cmd: StepCommand) -> BoxFuture<'static, OutcomeResult> {
     let timeout = cmd.timeout;
     // The synchronous part of a handler (before its first await) may panic too.
-    let started = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd)));
-    async move {
-        let fut = match started {
-            Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
-            Err(panic) => return panicked(panic),
-        };
-        let result = match timeout {
-            Some(budget) => match tokio::time::timeout(budget, fut).await {
-                Ok(result) => result,
-                Err(_) => {
-                    return OutcomeResult::Failed(StepFailure {
-                        message: format!("step timed out after {budget:?}"),
-                        retryable: true,
-                    });
-                }
-            },
-            None => fut.await,
-        };
-        match result {
-            Ok(Ok(output)) => OutcomeResult::Completed { output },
-            Ok(Err(err)) => OutcomeResult::Failed(err.into_failure()),
-            Err(panic) => panicked(panic),
-        }
+    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd))) {
+        Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
+        Err(panic) => return Box::pin(futures::future::ready(panicked(panic))),
+    };
+    // Two shapes, boxed apart: a step without a budget does not carry the
+    // timer's state while it waits.
+    match timeout {
+        None => Box::pin(async move { outcome(fut.await) }),
+        Some(budget) => Box::pin(async move {
+            match tokio::time::timeout(budget, fut).await {
+                Ok(result) => outcome(result),
+                Err(_) => OutcomeResult::Failed(StepFailure {
+                    message: format!("step timed out after {budget:?}"),
+                    retryable: true,
+                }),
+            }
+        }),
+    }
+}
+
+fn outcome(result: Result<Result<Payload, StepError>, Box<dyn Any + Send>>) -> OutcomeResult {
+    match result {
+        Ok(Ok(output)) => OutcomeResult::Completed { output },
+        Ok(Err(err)) => OutcomeResult::Failed(err.into_failure()),
+        Err(panic) => panicked(panic),
     }
 }
 
@@ -126,7 +125,10 @@ fn panicked(panic: Box<dyn Any + Send>) -> OutcomeResult {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned());
-    OutcomeResult::Failed(StepFailure { message: format!("handler panicked: {what}"), retryable: true })
+    OutcomeResult::Failed(StepFailure {
+        message: format!("handler panicked: {what}"),
+        retryable: true,
+    })
 }
 
 #[cfg(test)]
@@ -148,7 +150,10 @@ mod tests {
             kind: CommandKind::Execute,
             attempt: 2,
             input,
-            outputs: vec![StepOutput { step: "before".into(), output: Payload::encode(&7u8).unwrap() }],
+            outputs: vec![StepOutput {
+                step: "before".into(),
+                output: Payload::encode(&7u8).unwrap(),
+            }],
             timeout,
         }
     }
@@ -175,9 +180,10 @@ mod tests {
 
     #[tokio::test]
     async fn panics_become_retryable_failures() {
-        let sync_panic = handler(|_: StepContext<()>| -> futures::future::Ready<Result<(), StepError>> {
-            panic!("before the future")
-        });
+        let sync_panic =
+            handler(|_: StepContext<()>| -> futures::future::Ready<Result<(), StepError>> {
+                panic!("before the future")
+            });
         let async_panic = handler(|_: StepContext<()>| async {
             if true {
                 panic!("inside the future");

@@ -26,5 +26,5 @@ mod handler;
 
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
-pub use handler::{handler, run_command, BoxedHandler, HandlerFuture, StepHandlers};
+pub use handler::{BoxedHandler, HandlerFuture, StepHandlers, handler, run_command};
 pub use orchestrix_proto as proto;

@@ -1,6 +1,6 @@
 //! Shared test helpers: a paused-time actix system, and a journal that steps write to.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,223 @@
+//! Orchestrix benchmarks.
+//!
+//! `cargo run --release -p orchestrix-bench` prints a table; `-- --json` prints
+//! one JSON object per scenario and concurrency. Later scenarios (NATS) print
+//! their floor — the same work done with raw NATS on the same server — beside
+//! them, measured in the same run.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use orchestrix::{Coordinator, RunOptions, RunStatus, create};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Orchestrix benchmarks")]
+struct Args {
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only run scenarios whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Seconds each measurement runs (after a warm-up of a fifth of it).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Runs parked at once for the memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    parked: usize,
+}
+
+/// One line of output.
+#[derive(Serialize, Debug)]
+struct Figure {
+    scenario: &'static str,
+    concurrency: usize,
+    runs: u64,
+    runs_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_run: Option<f64>,
+}
+
+impl Figure {
+    fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).unwrap_or_default());
+        } else {
+            let mem = self.bytes_per_run.map(|b| format!("  {b:>8.0} B/run")).unwrap_or_default();
+            println!(
+                "{:<22} c={:<5} {:>10.0} runs/s  p50 {:>8.1} µs  p99 {:>8.1} µs{mem}",
+                self.scenario, self.concurrency, self.runs_per_s, self.p50_us, self.p99_us
+            );
+        }
+    }
+}
+
+/// Runs `one` from `concurrency` loops for `seconds` and measures each call.
+async fn measure<F, Fut>(scenario: &'static str, concurrency: usize, seconds: f64, one: F) -> Figure
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let one = Arc::new(one);
+    // Warm-up: threads started, caches and allocator pools filled.
+    drive(concurrency, Duration::from_secs_f64(seconds / 5.0), one.clone()).await;
+    let started = Instant::now();
+    let hist = drive(concurrency, Duration::from_secs_f64(seconds), one).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    Figure {
+        scenario,
+        concurrency,
+        runs: hist.len(),
+        runs_per_s: hist.len() as f64 / elapsed,
+        p50_us: hist.value_at_quantile(0.50) as f64 / 1000.0,
+        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        bytes_per_run: None,
+    }
+}
+
+async fn drive<F, Fut>(concurrency: usize, span: Duration, one: Arc<F>) -> Histogram<u64>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let deadline = Instant::now() + span;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let one = one.clone();
+            tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new(3).expect("histogram");
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    one().await;
+                    let _ = h.record(t.elapsed().as_nanos() as u64);
+                }
+                h
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for t in tasks {
+        if let Ok(h) = t.await {
+            let _ = all.add(h);
+        }
+    }
+    all
+}
+
+fn noop_flow() -> orchestrix::Flow<u64> {
+    create::<u64>("bench")
+        .step("one", |_| async { Ok(()) })
+        .step("two", |_| async { Ok(()) })
+        .step("three", |_| async { Ok(()) })
+}
+
+async fn saga_inprocess(args: &Args) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for concurrency in [1, 1000] {
+        let flow = noop_flow();
+        let threads: usize =
+            std::env::var("ENGINE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+        let coordinator = Coordinator::builder()
+            .flow(&flow)
+            .engine(orchestrix::Engine::start(threads).expect("engine"))
+            .build()
+            .expect("flow");
+        let figure = measure("saga-inprocess", concurrency, args.seconds, move || {
+            let c = coordinator.clone();
+            async move {
+                let report = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                assert_eq!(report.status, RunStatus::Completed);
+            }
+        })
+        .await;
+        out.push(figure);
+    }
+    out.push(parked_memory(args.parked).await);
+    out
+}
+
+/// Heap held per run in flight: `n` runs parked on a step that never ends.
+async fn parked_memory(n: usize) -> Figure {
+    let entered = Arc::new(AtomicUsize::new(0));
+    let e = entered.clone();
+    let flow = create::<u64>("parked")
+        .step("one", |_| async { Ok(()) })
+        .step("wait", move |_| {
+            e.fetch_add(1, Ordering::Relaxed);
+            async {
+                futures::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .step("three", |_| async { Ok(()) });
+    let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
+    // Warm the engine so its threads and pools are not counted.
+    let warm = coordinator.start("parked", &0u64, RunOptions::new()).await.expect("start");
+    drop(warm);
+    while entered.load(Ordering::Relaxed) < 1 {
+        tokio::task::yield_now().await;
+    }
+    let rss_before = resident_bytes();
+    let started = Instant::now();
+    for i in 0..n {
+        // The caller's handle is dropped: only what the engine holds is measured.
+        drop(coordinator.start("parked", &(i as u64), RunOptions::new()).await.expect("start"));
+    }
+    while entered.load(Ordering::Relaxed) < n + 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let held = resident_bytes().saturating_sub(rss_before) as f64;
+    Figure {
+        scenario: "saga-inprocess-parked",
+        concurrency: n,
+        runs: n as u64,
+        runs_per_s: n as f64 / elapsed,
+        p50_us: 0.0,
+        p99_us: 0.0,
+        bytes_per_run: Some(held / n as f64),
+    }
+}
+
+/// Resident memory of this process (Linux: `/proc/self/statm`), 0 elsewhere.
+/// Resident rather than allocated bytes: what the machine actually gives up,
+/// allocator overhead included, and no instrumented allocator slowing the
+/// throughput figures down.
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+        if !args.json {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            println!("orchestrix-bench: {cores} cores, {} s per measurement", args.seconds);
+        }
+        if wanted("saga-inprocess") {
+            for f in saga_inprocess(&args).await {
+                f.print(args.json);
+            }
+        }
+    });
+    if FAILURES.load(Ordering::Relaxed) > 0 {
+        std::process::exit(1);
+    }
+}
