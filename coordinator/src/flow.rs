@@ -376,7 +376,6 @@ where
         Ok(self.embedded.get_or_init(|| Coordinator::builder().flow(self).build_embedded()))
     }
 
-
     fn changed(mut self) -> Self {
         // A changed flow is another flow: it gets an engine of its own.
         self.embedded = Arc::new(OnceLock::new());

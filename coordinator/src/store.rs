@@ -212,7 +212,10 @@ impl Store for MemoryStore {
         if let Some(k) = keys.map.get(key) {
             match &k.done {
                 None => {
-                    return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report: None }));
+                    return Pending::Ready(Ok(Created::Existing {
+                        run_id: k.run_id,
+                        report: None,
+                    }));
                 }
                 Some((report, expires)) if *expires > now => {
                     let report = Some(report.clone());
