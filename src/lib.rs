@@ -39,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 
+pub use orchestrix_coordinator::nats::{Client, ClientError};
 pub use orchestrix_coordinator::{
     Coordinator, CoordinatorBuilder, Engine, Flow, FlowDef, FlowError, Hooks, MemoryBus,
     MemoryStore, RetryPolicy, RunError, RunHandle, RunOptions, StepDef, StepEvent, StepOptions,
@@ -47,7 +48,9 @@ pub use orchestrix_coordinator::{
 pub use orchestrix_proto::{
     CompensationReport, Payload, RunReport, RunStatus, StepReport, StepStatus,
 };
-pub use orchestrix_worker::{ResultExt, StepContext, StepError};
+pub use orchestrix_worker::{
+    NatsOptions, ResultExt, StepContext, StepError, Worker, WorkerBuilder, WorkerError,
+};
 
 /// The coordinator: engine, buses, stores.
 pub use orchestrix_coordinator as coordinator;

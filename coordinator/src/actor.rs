@@ -3,18 +3,19 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use actix::{
-    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture,
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle,
+    WrapFuture,
 };
-use orchestrix_proto::{CommandKind, RunReport, StepCommand};
+use orchestrix_proto::{CommandKind, OutcomeResult, RunReport, StepCommand, StepFailure};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, warn};
 use uuid::Uuid;
 
-use crate::bus::{Bus, BusReply, Dispatched, ReplyTo};
+use crate::bus::{Bus, BusReply, Dispatched, Liveness, ReplyTo};
 use crate::machine::{Event, Machine};
 use crate::record::Transition;
 use crate::store::{Pending, Store, StoreError};
@@ -23,6 +24,9 @@ use crate::{Hooks, StepEvent};
 pub(crate) struct RunActor {
     machine: Machine,
     bus: Arc<dyn Bus>,
+    liveness: Liveness,
+    /// Liveness timers of the attempt in flight (remote buses only).
+    timers: AttemptTimers,
     store: Arc<dyn Store>,
     /// Boxed so the channel a parked run holds stays small.
     done: Option<oneshot::Sender<Box<RunReport>>>,
@@ -40,7 +44,15 @@ impl RunActor {
         store: Arc<dyn Store>,
         done: oneshot::Sender<Box<RunReport>>,
     ) -> Self {
-        RunActor { machine, bus, store, done: Some(done) }
+        let liveness = bus.liveness();
+        RunActor {
+            machine,
+            bus,
+            liveness,
+            timers: AttemptTimers::default(),
+            store,
+            done: Some(done),
+        }
     }
 
     fn run_id(&self) -> Uuid {
@@ -90,6 +102,8 @@ impl RunActor {
     }
 
     fn act(&mut self, batch: Vec<Transition>, ctx: &mut Context<Self>) {
+        // Whatever happened, the attempt being watched is over or replaced.
+        self.timers.cancel(ctx);
         for t in &batch {
             self.act_on(t, ctx);
         }
@@ -105,16 +119,21 @@ impl RunActor {
                     CommandKind::Compensate => {}
                 });
                 let command_id = *command_id;
+                let step_timeout = cmd.timeout;
                 match self.bus.dispatch(cmd, &ReplyTo(ctx.address())) {
-                    Ok(Dispatched::Sent) => {}
+                    Ok(Dispatched::Sent) => {
+                        self.watch_attempt(command_id, *step, step_timeout, ctx)
+                    }
                     Ok(Dispatched::Local(outcome)) => {
                         ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
                             act.handle_event(Event::Outcome { command_id, result }, ctx)
                         }));
                     }
                     Err(e) => {
-                        let reason = e.to_string();
-                        ctx.notify(Internal(Event::AttemptLost { command_id, reason }));
+                        let failure =
+                            StepFailure { message: e.to_string(), retryable: e.is_retryable() };
+                        let result = OutcomeResult::Failed(failure);
+                        ctx.notify(Internal(Event::Outcome { command_id, result }));
                     }
                 }
             }
@@ -149,6 +168,7 @@ impl RunActor {
                 });
             }
             Transition::Finished { duration, .. } => {
+                self.bus.run_finished(self.run_id());
                 let report = self.machine.rec.to_report(*duration);
                 for h in &self.machine.plan.hooks {
                     guard(|| h.on_run_end(&report));
@@ -250,9 +270,75 @@ impl Handler<BusReply> for RunActor {
                     ctx,
                 );
             }
-            // Acks and heartbeats only matter to buses that track liveness.
-            BusReply::Ack(_) | BusReply::Heartbeat(_) => {}
+            BusReply::Ack(a) => self.alive(a.command_id, &a.worker, ctx),
+            BusReply::Heartbeat(h) => self.alive(h.command_id, &h.worker, ctx),
         }
+    }
+}
+
+/// Timers that declare the attempt in flight lost.
+#[derive(Default)]
+struct AttemptTimers {
+    command_id: Option<Uuid>,
+    ack: Option<SpawnHandle>,
+    silence: Option<SpawnHandle>,
+    deadline: Option<SpawnHandle>,
+}
+
+impl AttemptTimers {
+    fn cancel(&mut self, ctx: &mut Context<RunActor>) {
+        for h in [self.ack.take(), self.silence.take(), self.deadline.take()].into_iter().flatten()
+        {
+            ctx.cancel_future(h);
+        }
+        self.command_id = None;
+    }
+}
+
+fn lost_after(
+    ctx: &mut Context<RunActor>,
+    after: Duration,
+    command_id: Uuid,
+    reason: String,
+) -> SpawnHandle {
+    ctx.notify_later(Internal(Event::AttemptLost { command_id, reason }), after)
+}
+
+impl RunActor {
+    /// Arms the ack and deadline timers of an attempt sent to a remote worker.
+    fn watch_attempt(
+        &mut self,
+        command_id: Uuid,
+        step: u32,
+        timeout: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Liveness::Remote { ack_timeout, timeout_grace, .. } = self.liveness else { return };
+        let def = &self.machine.plan.def;
+        let step_name = def.steps[step as usize].name.clone();
+        let reason = format!(
+            "no worker took the command within {ack_timeout:?}: is a worker serving step `{step_name}` of flow `{}` running?",
+            def.name
+        );
+        self.timers.command_id = Some(command_id);
+        self.timers.ack = Some(lost_after(ctx, ack_timeout, command_id, reason));
+        if let Some(t) = timeout {
+            let reason = format!("step timed out after {t:?} (no outcome from its worker)");
+            self.timers.deadline = Some(lost_after(ctx, t + timeout_grace, command_id, reason));
+        }
+    }
+
+    /// An ack or heartbeat: the worker has the command; restart the silence timer.
+    fn alive(&mut self, command_id: Uuid, worker: &str, ctx: &mut Context<Self>) {
+        let Liveness::Remote { heartbeat_timeout, .. } = self.liveness else { return };
+        if self.timers.command_id != Some(command_id) {
+            return; // an older attempt's worker
+        }
+        for h in [self.timers.ack.take(), self.timers.silence.take()].into_iter().flatten() {
+            ctx.cancel_future(h);
+        }
+        let reason = format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}");
+        self.timers.silence = Some(lost_after(ctx, heartbeat_timeout, command_id, reason));
     }
 }
 

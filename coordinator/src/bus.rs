@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::{Addr, Message};
 use futures::future::BoxFuture;
@@ -42,9 +43,19 @@ impl fmt::Debug for ReplyTo {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BusError {
-    /// The transport is down or refused the command.
+    /// The transport is down or refused the command for now: worth another attempt.
     #[error("cannot send the step command: {0}")]
     Unavailable(String),
+    /// The command can never be sent (e.g. larger than the transport allows).
+    #[error("step command refused: {0}")]
+    Rejected(String),
+}
+
+impl BusError {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BusError::Unavailable(_))
+    }
 }
 
 /// How the engine knows a command is alive.
@@ -54,6 +65,19 @@ pub enum Liveness {
     /// Handlers run in this process and always answer (their time budget is
     /// enforced where they run): the engine needs no timers.
     Local,
+    /// Handlers run elsewhere: an attempt is lost when no worker acknowledges
+    /// it within `ack_timeout`, when its worker sends no heartbeat for
+    /// `heartbeat_timeout`, or when no outcome arrives by the step's timeout
+    /// plus `timeout_grace` (the worker enforces the timeout itself and
+    /// reports it; this is the backstop for a worker that died).
+    Remote {
+        /// Time for some worker to acknowledge a command.
+        ack_timeout: Duration,
+        /// Longest silence of a worker with a command in hand.
+        heartbeat_timeout: Duration,
+        /// Added to a step's timeout before the coordinator gives up on it.
+        timeout_grace: Duration,
+    },
 }
 
 /// How a command was handed over.
@@ -87,6 +111,11 @@ pub trait Bus: Send + Sync + 'static {
     /// What the engine must watch to notice a lost command.
     fn liveness(&self) -> Liveness {
         Liveness::Local
+    }
+
+    /// The run ended: no more answers about it are expected.
+    fn run_finished(&self, run_id: uuid::Uuid) {
+        let _ = run_id;
     }
 }
 

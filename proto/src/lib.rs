@@ -27,6 +27,7 @@ mod payload;
 mod report;
 mod subject;
 pub mod time;
+mod trace;
 
 pub use codec::{
     CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION, decode, decode_with_limit,
@@ -34,11 +35,12 @@ pub use codec::{
 };
 pub use messages::{
     Ack, CommandKind, Heartbeat, OutcomeResult, RunReply, RunRequest, StatusRequest, StepCommand,
-    StepFailure, StepOutcome, StepOutput,
+    StepFailure, StepOutcome, StepOutput, WireError,
 };
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
 pub use subject::{MAX_NAME_LEN, NameError, Subjects, validate_name};
+pub use trace::TraceParent;
 
 /// Names of the NATS headers Orchestrix sets and reads.
 pub mod headers {

@@ -172,6 +172,9 @@ impl Message for RunRequest {
 pub struct StatusRequest {
     /// The run asked about.
     pub run_id: Uuid,
+    /// Answer once the run has finished, rather than with its report so far.
+    #[serde(default)]
+    pub wait: bool,
 }
 
 impl Message for StatusRequest {
@@ -198,4 +201,15 @@ pub enum RunReply {
 
 impl Message for RunReply {
     const KIND: &'static str = "run.reply";
+}
+
+/// Any side → the sender of a message that could not be used: why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What was wrong, in words.
+    pub message: String,
+}
+
+impl Message for WireError {
+    const KIND: &'static str = "error";
 }

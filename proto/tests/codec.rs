@@ -96,7 +96,7 @@ fn every_message_round_trips() {
         timeout: None,
         wait: true,
     });
-    round_trip(&StatusRequest { run_id: id });
+    round_trip(&StatusRequest { run_id: id, wait: true });
     round_trip(&RunReply::Accepted { run_id: id });
     round_trip(&RunReply::Report(Box::new(report())));
     round_trip(&RunReply::Rejected { error: "unknown flow `x`".into() });

@@ -23,8 +23,12 @@
 mod context;
 mod error;
 mod handler;
+mod nats;
+mod worker;
 
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
 pub use handler::{BoxedHandler, HandlerFuture, StepHandlers, handler, run_command};
+pub use nats::{ConnectError, NatsOptions, default_nats_url};
 pub use orchestrix_proto as proto;
+pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow};

@@ -1,0 +1,334 @@
+//! `orchestrix`: the coordinator service and its command line.
+//!
+//! Exit codes: 0 the run completed (or the command succeeded), 1 the run ended
+//! failed or compensation_failed, 2 usage, configuration or connection errors.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use orchestrix_coordinator::nats::{Client, NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::{Coordinator, RunOptions, RunReport, RunStatus, flowfile};
+use orchestrix_proto::{Payload, Subjects};
+use orchestrix_worker::NatsOptions;
+use tracing::info;
+use uuid::Uuid;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "orchestrix",
+    version,
+    about = "Distributed sagas over NATS: the coordinator and its CLI"
+)]
+struct Cli {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Subject prefix shared by coordinators, workers and clients.
+    #[arg(long, global = true, env = "ORCHESTRIX_PREFIX", default_value = Subjects::DEFAULT_PREFIX)]
+    prefix: String,
+    /// NATS user (with --password).
+    #[arg(long, global = true, env = "NATS_USER", requires = "password")]
+    user: Option<String>,
+    /// NATS password.
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// NATS token.
+    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// NATS credentials file (.creds).
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    creds: Option<PathBuf>,
+    /// Root certificate to trust (PEM); implies TLS.
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), with --tls-key.
+    #[arg(long, global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    fn options(&self) -> NatsOptions {
+        let mut o = NatsOptions::new(self.nats.clone());
+        if let (Some(u), Some(p)) = (&self.user, &self.password) {
+            o = o.user_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &self.token {
+            o = o.token(t.clone());
+        }
+        if let Some(c) = &self.creds {
+            o = o.credentials_file(c.clone());
+        }
+        if let Some(ca) = &self.tls_ca {
+            o = o.tls_root_certificate(ca.clone());
+        }
+        if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
+            o = o.tls_client_certificate(c.clone(), k.clone());
+        }
+        o
+    }
+
+    fn subjects(&self) -> anyhow::Result<Subjects> {
+        Subjects::new(&self.prefix).map_err(|e| anyhow!("bad --prefix: {e}"))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the coordinator: answer run requests for the flows of a flow file.
+    Serve(ServeArgs),
+    /// Start a run and print its report.
+    Run {
+        /// Flow name.
+        flow: String,
+        /// The run's input, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+        /// How long the key outlives its run (e.g. 1h, 30m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Deadline of the whole run (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Print the run id and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's report so far.
+    Status {
+        /// The run's id.
+        run_id: Uuid,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Try it out: start a local nats-server (JetStream, temp dir, free port) and a coordinator.
+    Dev {
+        /// Flow file to serve.
+        #[arg(long, default_value = "examples/payment-flow.toml")]
+        flows: PathBuf,
+        /// Port for NATS (default: a free one).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Flow file (TOML) declaring the flows to coordinate.
+    #[arg(long, env = "ORCHESTRIX_FLOWS")]
+    flows: PathBuf,
+    /// Time for a worker to acknowledge a command.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    ack_timeout: Duration,
+    /// Longest silence of a worker holding a command.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Dev { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let _running = serve(&cli.nats, &args).await?;
+            wait_for_signal().await;
+            info!("shutting down");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { flow, input, key, ttl, timeout, detach, json } => {
+            let input = Payload::transcode_from(&mut serde_json::Deserializer::from_str(&input))
+                .map_err(|e| anyhow!("--input is not valid JSON: {e}"))?;
+            let client = client(&cli.nats).await?;
+            let options = RunOptions { key, ttl, timeout };
+            if detach {
+                let run_id = client.start_payload(&flow, input, options).await?;
+                if json {
+                    println!("{}", serde_json::json!({ "runId": run_id }));
+                } else {
+                    println!("{run_id}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = client.run_payload(&flow, input, options).await?;
+            print_report(&report, json)?;
+            Ok(exit_for(&report))
+        }
+        Command::Status { run_id, json } => {
+            let client = client(&cli.nats).await?;
+            let report = client.status(run_id).await?;
+            print_report(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev { flows, port } => {
+            let (server, url) = start_dev_nats(port).await?;
+            let mut nats = cli.nats;
+            nats.nats = url.clone();
+            let args = ServeArgs {
+                flows,
+                ack_timeout: Duration::from_secs(2),
+                heartbeat_timeout: Duration::from_secs(5),
+            };
+            let _running = serve(&nats, &args).await?;
+            println!(
+                "NATS (JetStream) is on {url}, a coordinator serves the flows of {}.",
+                args.flows.display()
+            );
+            println!("In another terminal:");
+            println!("  export NATS_URL={url}");
+            println!("  cargo run --example payment_worker");
+            println!("and in a third:");
+            println!(
+                "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"order_id\":\"order_1\",\"amount\":50,\"user_id\":\"user_A\"}}'"
+            );
+            println!("Ctrl-C stops both.");
+            wait_for_signal().await;
+            drop(server);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
+    let conn = nats.options().connect().await?;
+    Ok(Client::new(conn, nats.subjects()?))
+}
+
+/// Everything `serve` keeps alive.
+struct Running {
+    _service: Service,
+    _coordinator: Coordinator,
+}
+
+async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
+    let flows = flowfile::load(&args.flows)?;
+    let subjects = nats.subjects()?;
+    let conn = nats.options().name("orchestrix coordinator").connect().await?;
+    let bus_options = NatsBusOptions::default()
+        .subjects(subjects.clone())
+        .ack_timeout(args.ack_timeout)
+        .heartbeat_timeout(args.heartbeat_timeout);
+    let bus =
+        NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
+    let mut builder = Coordinator::builder().bus(bus);
+    for f in &flows {
+        builder = builder.flow_def(f.clone());
+    }
+    let coordinator = builder.build()?;
+    let service = Service::start(coordinator.clone(), conn, &subjects).await?;
+    let names: Vec<&str> = flows.iter().map(|f| &*f.name).collect();
+    info!(nats = %nats.nats, prefix = %subjects.prefix(), flows = ?names, "coordinator ready");
+    Ok(Running { _service: service, _coordinator: coordinator })
+}
+
+fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn exit_for(report: &RunReport) -> ExitCode {
+    match report.status {
+        RunStatus::Completed | RunStatus::Running => ExitCode::SUCCESS,
+        RunStatus::Failed | RunStatus::CompensationFailed => ExitCode::from(1),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// A nats-server child process with JetStream in a temp dir; killed on drop.
+struct DevNats {
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let port = match port {
+        Some(p) => p,
+        None => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+    };
+    let dir = tempfile::tempdir()?;
+    let child = tokio::process::Command::new(&bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path())
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!("cannot start `{bin}` (install nats-server, or set NATS_SERVER_BIN)")
+        })?;
+    let url = format!("nats://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok((DevNats { _child: child, _dir: dir }, url));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nats-server did not open port {port} within 5 s")
+}

@@ -1,0 +1,217 @@
+//! Flow files: flows declared in TOML, for a coordinator whose steps run in workers.
+//!
+//! ```toml
+//! [[flow]]
+//! name = "payment-flow"
+//!
+//! [[flow.step]]
+//! name = "reserve-stock"
+//! compensable = true
+//!
+//! [[flow.step]]
+//! name = "process-payment"
+//! retries = 3
+//! retry_delay_ms = 1000
+//! timeout_ms = 5000
+//!
+//! [[flow.step]]
+//! name = "send-email"
+//! ```
+//!
+//! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
+//! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
+//! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`.
+//! Unknown keys are errors, so a typo never silently changes a policy.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{FlowDef, FlowError, RetryPolicy, StepDef};
+
+/// A flow file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowFileError {
+    /// The file could not be read.
+    #[error("cannot read flow file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid flow file: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A flow is invalid.
+    #[error("invalid flow file: {0}")]
+    Flow(#[from] FlowError),
+    /// Two flows share a name.
+    #[error("invalid flow file: two flows are named `{0}`")]
+    DuplicateFlow(String),
+    /// No flow in the file.
+    #[error("invalid flow file: it declares no flow (expected [[flow]] tables)")]
+    Empty,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    flow: Vec<FlowEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowEntry {
+    name: String,
+    #[serde(default)]
+    step: Vec<StepEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepEntry {
+    name: String,
+    retries: Option<u32>,
+    retry_delay_ms: Option<u64>,
+    backoff: Option<f64>,
+    max_delay_ms: Option<u64>,
+    jitter: Option<f64>,
+    max_duration_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    compensable: bool,
+    compensation_retries: Option<u32>,
+    compensation_retry_delay_ms: Option<u64>,
+    compensation_backoff: Option<f64>,
+    compensation_timeout_ms: Option<u64>,
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+impl StepEntry {
+    fn into_def(self) -> StepDef {
+        let mut def = StepDef::new(&self.name);
+        let mut retry = RetryPolicy::default();
+        if let Some(n) = self.retries {
+            retry = retry.retries(n);
+        }
+        if let Some(d) = self.retry_delay_ms {
+            retry = retry.delay(ms(d));
+        }
+        if let Some(b) = self.backoff {
+            retry = retry.backoff(b);
+        }
+        if let Some(d) = self.max_delay_ms {
+            retry = retry.max_delay(ms(d));
+        }
+        if let Some(j) = self.jitter {
+            retry = retry.jitter(j);
+        }
+        if let Some(d) = self.max_duration_ms {
+            retry = retry.max_duration(ms(d));
+        }
+        let mut comp = RetryPolicy::compensation_default();
+        if let Some(n) = self.compensation_retries {
+            comp = comp.retries(n);
+        }
+        if let Some(d) = self.compensation_retry_delay_ms {
+            comp = comp.delay(ms(d));
+        }
+        if let Some(b) = self.compensation_backoff {
+            comp = comp.backoff(b);
+        }
+        def.retry = retry;
+        def.timeout = self.timeout_ms.map(ms);
+        def.compensable = self.compensable;
+        def.compensation_retry = comp;
+        def.compensation_timeout = self.compensation_timeout_ms.map(ms);
+        def
+    }
+}
+
+/// Parses flows from TOML text.
+pub fn parse(text: &str) -> Result<Vec<FlowDef>, FlowFileError> {
+    let file: File = toml::from_str(text)?;
+    if file.flow.is_empty() {
+        return Err(FlowFileError::Empty);
+    }
+    let mut flows: Vec<FlowDef> = Vec::new();
+    for entry in file.flow {
+        let mut def = FlowDef::new(&entry.name);
+        def.steps = entry.step.into_iter().map(StepEntry::into_def).collect();
+        def.validate()?;
+        if flows.iter().any(|f| f.name == def.name) {
+            return Err(FlowFileError::DuplicateFlow(entry.name));
+        }
+        flows.push(def);
+    }
+    Ok(flows)
+}
+
+/// Reads and parses a flow file.
+pub fn load(path: impl AsRef<Path>) -> Result<Vec<FlowDef>, FlowFileError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| FlowFileError::Read { path: path.to_owned(), source })?;
+    parse(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_start_flow() {
+        let flows = parse(
+            r#"
+            [[flow]]
+            name = "payment-flow"
+            [[flow.step]]
+            name = "reserve-stock"
+            compensable = true
+            compensation_retries = 5
+            [[flow.step]]
+            name = "process-payment"
+            retries = 3
+            retry_delay_ms = 1000
+            backoff = 2.0
+            timeout_ms = 5000
+            [[flow.step]]
+            name = "send-email"
+            "#,
+        )
+        .unwrap();
+        let f = &flows[0];
+        assert_eq!(&*f.name, "payment-flow");
+        assert_eq!(f.steps.len(), 3);
+        assert!(f.steps[0].compensable);
+        assert_eq!(f.steps[0].compensation_retry.max_retries, 5);
+        assert_eq!(f.steps[1].retry.max_retries, 3);
+        assert_eq!(f.steps[1].retry.initial_delay, Duration::from_secs(1));
+        assert_eq!(f.steps[1].retry.backoff, 2.0);
+        assert_eq!(f.steps[1].timeout, Some(Duration::from_secs(5)));
+        assert!(!f.steps[2].compensable);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let typo = parse("[[flow]]\nname = \"f\"\n[[flow.step]]\nname = \"s\"\nretires = 3\n")
+            .unwrap_err();
+        assert!(typo.to_string().contains("retires"), "{typo}");
+        let bad = parse("[[flow]]\nname = \"a b\"\n").unwrap_err();
+        assert!(bad.to_string().contains("flow name `a b`"), "{bad}");
+        let dup = parse("[[flow]]\nname = \"f\"\n[[flow]]\nname = \"f\"\n").unwrap_err();
+        assert!(matches!(dup, FlowFileError::DuplicateFlow(_)));
+        assert!(matches!(parse("").unwrap_err(), FlowFileError::Empty));
+        assert!(matches!(parse("flow = 3").unwrap_err(), FlowFileError::Parse(_)));
+        let missing = load("/nonexistent/flows.toml").unwrap_err();
+        assert!(missing.to_string().starts_with("cannot read flow file /nonexistent/flows.toml"));
+    }
+}

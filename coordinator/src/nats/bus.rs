@@ -1,0 +1,227 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix_proto::{
+    Ack, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand, StepFailure,
+    StepOutcome, Subjects, TraceParent, WireError, decode_with_limit, encode, headers, peek_kind,
+};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::bus::{Bus, BusError, BusReply, Dispatched, Liveness, ReplyTo};
+
+/// Timeouts and limits of the NATS bus.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+#[must_use]
+pub struct NatsBusOptions {
+    /// Subject prefix shared with the workers.
+    pub subjects: Subjects,
+    /// Time for a worker to acknowledge a command (default 2 s).
+    pub ack_timeout: Duration,
+    /// Longest silence of a worker holding a command (default 5 s; workers
+    /// heartbeat every second by default).
+    pub heartbeat_timeout: Duration,
+    /// Slack after a step's timeout before the coordinator gives up on its worker (default 1 s).
+    pub timeout_grace: Duration,
+    /// Largest reply accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for NatsBusOptions {
+    fn default() -> Self {
+        NatsBusOptions {
+            subjects: Subjects::default(),
+            ack_timeout: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(5),
+            timeout_grace: Duration::from_secs(1),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+impl NatsBusOptions {
+    /// Sets the subjects (prefix).
+    pub fn subjects(mut self, subjects: Subjects) -> Self {
+        self.subjects = subjects;
+        self
+    }
+
+    /// Sets the ack timeout.
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+
+    /// Sets the heartbeat timeout.
+    pub fn heartbeat_timeout(mut self, d: Duration) -> Self {
+        self.heartbeat_timeout = d;
+        self
+    }
+
+    /// Sets the grace after a step's timeout.
+    pub fn timeout_grace(mut self, d: Duration) -> Self {
+        self.timeout_grace = d;
+        self
+    }
+}
+
+type Routes = Arc<Mutex<HashMap<Uuid, ReplyTo>>>;
+
+/// Step commands over NATS: published on each step's subject, where workers
+/// share them in a queue group; acks, heartbeats and outcomes come back on this
+/// coordinator's own reply subject and are routed to the run's actor.
+pub struct NatsBus {
+    client: async_nats::Client,
+    options: NatsBusOptions,
+    reply_subject: async_nats::Subject,
+    routes: Routes,
+    router: JoinHandle<()>,
+}
+
+impl fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("reply_subject", &self.reply_subject)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for NatsBus {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
+}
+
+impl NatsBus {
+    /// Subscribes to this coordinator's reply subject and starts routing
+    /// replies. Call from within a tokio runtime.
+    pub async fn start(
+        client: async_nats::Client,
+        options: NatsBusOptions,
+    ) -> Result<Self, BusError> {
+        let id = Uuid::new_v4().simple().to_string();
+        let reply_subject = async_nats::Subject::from(options.subjects.replies(&id[..12]));
+        let sub = client.subscribe(reply_subject.clone()).await.map_err(|e| {
+            BusError::Unavailable(format!("cannot subscribe to {reply_subject}: {e}"))
+        })?;
+        let routes: Routes = Arc::default();
+        let router = tokio::spawn(route(sub, routes.clone(), options.max_message_bytes));
+        let _ = client.flush().await;
+        Ok(NatsBus { client, options, reply_subject, routes, router })
+    }
+
+    /// The subject workers answer on.
+    pub fn reply_subject(&self) -> &str {
+        &self.reply_subject
+    }
+}
+
+impl Bus for NatsBus {
+    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
+        let bytes = encode(&cmd).map_err(|e| BusError::Rejected(e.to_string()))?;
+        let max = self.client.max_payload().min(self.options.max_message_bytes);
+        if bytes.len() > max {
+            return Err(BusError::Rejected(format!(
+                "the command is {} bytes, more than the {max} bytes NATS accepts (large inputs or outputs belong in a store, passed by reference)",
+                bytes.len()
+            )));
+        }
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
+        let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MESSAGE_KIND, StepCommand::KIND);
+        h.insert(
+            headers::TRACEPARENT,
+            TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_string().as_str(),
+        );
+        let (client, reply_subject, reply) =
+            (self.client.clone(), self.reply_subject.clone(), reply.clone());
+        let (command_id, run_id, attempt, kind) =
+            (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        // Publishing only queues the message in the client; do it off the actor.
+        tokio::spawn(async move {
+            if let Err(e) = client
+                .publish_with_reply_and_headers(subject, reply_subject, h, Bytes::from(bytes))
+                .await
+            {
+                let failure = StepFailure {
+                    message: format!("cannot publish the step command: {e}"),
+                    retryable: true,
+                };
+                let result = OutcomeResult::Failed(failure);
+                reply.deliver(BusReply::Outcome(StepOutcome {
+                    command_id,
+                    run_id,
+                    attempt,
+                    kind,
+                    result,
+                }));
+            }
+        });
+        Ok(Dispatched::Sent)
+    }
+
+    fn liveness(&self) -> Liveness {
+        Liveness::Remote {
+            ack_timeout: self.options.ack_timeout,
+            heartbeat_timeout: self.options.heartbeat_timeout,
+            timeout_grace: self.options.timeout_grace,
+        }
+    }
+
+    fn run_finished(&self, run_id: Uuid) {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+    }
+}
+
+/// Decodes each reply and hands it to its run. Bad replies are logged and dropped.
+async fn route(mut sub: async_nats::Subscriber, routes: Routes, max: usize) {
+    while let Some(msg) = sub.next().await {
+        let kind = match msg.headers.as_ref().and_then(|h| h.get(headers::MESSAGE_KIND)) {
+            Some(k) => k.as_str().to_owned(),
+            None => match peek_kind(&msg.payload) {
+                Ok((_, kind)) => kind,
+                Err(e) => {
+                    warn!(error = %e, "unreadable reply dropped");
+                    continue;
+                }
+            },
+        };
+        let reply = match kind.as_str() {
+            Ack::KIND => {
+                decode_with_limit::<Ack>(&msg.payload, max).map(|a| (a.run_id, BusReply::Ack(a)))
+            }
+            Heartbeat::KIND => decode_with_limit::<Heartbeat>(&msg.payload, max)
+                .map(|h| (h.run_id, BusReply::Heartbeat(h))),
+            StepOutcome::KIND => decode_with_limit::<StepOutcome>(&msg.payload, max)
+                .map(|o| (o.run_id, BusReply::Outcome(o))),
+            WireError::KIND => {
+                match decode_with_limit::<WireError>(&msg.payload, max) {
+                    Ok(e) => warn!(error = %e.message, "a worker rejected a command"),
+                    Err(e) => warn!(error = %e, "unreadable error reply dropped"),
+                }
+                continue;
+            }
+            other => {
+                warn!(kind = other, "reply of unknown kind dropped");
+                continue;
+            }
+        };
+        match reply {
+            Ok((run_id, reply)) => {
+                let to = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&run_id).cloned();
+                match to {
+                    Some(to) => to.deliver(reply),
+                    None => debug!(%run_id, "reply for a run that is not live here"),
+                }
+            }
+            Err(e) => warn!(error = %e, "bad reply dropped"),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use orchestrix_proto::{
+    CodecError, Message, Payload, RunReply, RunReport, RunRequest, StatusRequest, Subjects, decode,
+    encode, headers,
+};
+use orchestrix_worker::{ConnectError, NatsOptions};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::RunOptions;
+
+/// A request to a coordinator failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The input could not be encoded, or the answer decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// No coordinator answered.
+    #[error("no answer from a coordinator on {subject}: {reason}")]
+    NoCoordinator {
+        /// The subject asked.
+        subject: String,
+        /// What NATS said.
+        reason: String,
+    },
+    /// The coordinator refused the request (unknown flow, unknown run, bad input).
+    #[error("{0}")]
+    Rejected(String),
+    /// The coordinator answered something else than expected.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Unexpected(String),
+}
+
+/// Starts runs and follows them over NATS, from any service.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), orchestrix_coordinator::nats::ClientError> {
+/// use orchestrix_coordinator::{nats::Client, RunOptions};
+/// use orchestrix_worker::NatsOptions;
+///
+/// let client = Client::connect(&NatsOptions::new("nats://127.0.0.1:4222")).await?;
+/// let report = client.run("payment-flow", &serde_json::json!({"order_id": "o-1"}), RunOptions::new()).await?;
+/// println!("{}", report.status);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    subjects: Subjects,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("prefix", &self.subjects.prefix()).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to NATS with the default prefix.
+    pub async fn connect(options: &NatsOptions) -> Result<Client, ClientError> {
+        Ok(Client::new(options.connect().await?, Subjects::default()))
+    }
+
+    /// A client over an existing connection.
+    pub fn new(nats: async_nats::Client, subjects: Subjects) -> Client {
+        Client { nats, subjects, request_timeout: Duration::from_secs(5) }
+    }
+
+    /// How long to wait for a coordinator to accept a request (default 5 s).
+    /// Waiting for a report is not bounded by it.
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Starts a run and waits for its report.
+    pub async fn run<I: Serialize + ?Sized>(
+        &self,
+        flow: &str,
+        input: &I,
+        options: RunOptions,
+    ) -> Result<RunReport, ClientError> {
+        self.run_payload(flow, Payload::encode(input)?, options).await
+    }
+
+    /// Starts a run whose input is already encoded and waits for its report.
+    pub async fn run_payload(
+        &self,
+        flow: &str,
+        input: Payload,
+        options: RunOptions,
+    ) -> Result<RunReport, ClientError> {
+        let req = RunRequest {
+            flow: flow.into(),
+            input,
+            key: options.key,
+            ttl: options.ttl,
+            timeout: options.timeout,
+            wait: true,
+        };
+        match self.ask(self.subjects.run_requests(), &req, None).await? {
+            RunReply::Report(report) => Ok(*report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Starts a run and returns its id at once.
+    pub async fn start<I: Serialize + ?Sized>(
+        &self,
+        flow: &str,
+        input: &I,
+        options: RunOptions,
+    ) -> Result<Uuid, ClientError> {
+        self.start_payload(flow, Payload::encode(input)?, options).await
+    }
+
+    /// Starts a run whose input is already encoded and returns its id at once.
+    pub async fn start_payload(
+        &self,
+        flow: &str,
+        input: Payload,
+        options: RunOptions,
+    ) -> Result<Uuid, ClientError> {
+        let req = RunRequest {
+            flow: flow.into(),
+            input,
+            key: options.key,
+            ttl: options.ttl,
+            timeout: options.timeout,
+            wait: false,
+        };
+        match self.ask(self.subjects.run_requests(), &req, Some(self.request_timeout)).await? {
+            RunReply::Accepted { run_id } => Ok(run_id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The report of a run so far (`status` is `running` while it is live).
+    pub async fn status(&self, run_id: Uuid) -> Result<RunReport, ClientError> {
+        let req = StatusRequest { run_id, wait: false };
+        match self.ask(self.subjects.status_requests(), &req, Some(self.request_timeout)).await? {
+            RunReply::Report(report) => Ok(*report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits for the final report of a run started earlier.
+    pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, ClientError> {
+        let req = StatusRequest { run_id, wait: true };
+        match self.ask(self.subjects.status_requests(), &req, None).await? {
+            RunReply::Report(report) => Ok(*report),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn ask<M: Message>(
+        &self,
+        subject: String,
+        msg: &M,
+        timeout: Option<Duration>,
+    ) -> Result<RunReply, ClientError> {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MESSAGE_KIND, M::KIND);
+        let request = async_nats::Request::new()
+            .payload(Bytes::from(encode(msg)?))
+            .headers(h)
+            .timeout(timeout);
+        let answer = self
+            .nats
+            .send_request(subject.clone(), request)
+            .await
+            .map_err(|e| ClientError::NoCoordinator { subject, reason: e.to_string() })?;
+        match decode::<RunReply>(&answer.payload)? {
+            RunReply::Rejected { error } => Err(ClientError::Rejected(error)),
+            reply => Ok(reply),
+        }
+    }
+}
+
+fn unexpected(reply: RunReply) -> ClientError {
+    ClientError::Unexpected(match reply {
+        RunReply::Accepted { run_id } => format!("accepted run {run_id}"),
+        RunReply::Report(r) => format!("a report of run {}", r.run_id),
+        RunReply::Rejected { error } => error,
+    })
+}

@@ -1,0 +1,159 @@
+use std::fmt;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix_proto::{
+    DEFAULT_MAX_MESSAGE_BYTES, Message, RunReply, RunRequest, StatusRequest, Subjects,
+    decode_with_limit, encode, headers,
+};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::{Coordinator, RunError, RunOptions};
+
+/// The service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// A subscription was refused.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+}
+
+/// Answers run and status requests on NATS with a [`Coordinator`].
+///
+/// Coordinators share the requests in a queue group, so several instances
+/// split the runs between them.
+pub struct Service {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+const QUEUE_GROUP: &str = "orchestrix-coordinators";
+
+impl Service {
+    /// Subscribes to the run and status subjects of `subjects` and serves them
+    /// until dropped. Call from within a tokio runtime.
+    pub async fn start(
+        coordinator: Coordinator,
+        client: async_nats::Client,
+        subjects: &Subjects,
+    ) -> Result<Service, ServiceError> {
+        let mut tasks = Vec::new();
+        for (subject, status) in
+            [(subjects.run_requests(), false), (subjects.status_requests(), true)]
+        {
+            let sub = client
+                .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
+                .await
+                .map_err(|source| ServiceError::Subscribe { subject: subject.clone(), source })?;
+            tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), status)));
+        }
+        let _ = client.flush().await;
+        Ok(Service { tasks })
+    }
+}
+
+async fn serve(
+    mut sub: async_nats::Subscriber,
+    coordinator: Coordinator,
+    client: async_nats::Client,
+    status: bool,
+) {
+    while let Some(msg) = sub.next().await {
+        let Some(reply) = msg.reply.clone() else {
+            warn!(subject = %msg.subject, "request without a reply subject dropped");
+            continue;
+        };
+        let (coordinator, client) = (coordinator.clone(), client.clone());
+        tokio::spawn(async move {
+            let answer = if status {
+                answer_status(&coordinator, &msg.payload).await
+            } else {
+                answer_run(&coordinator, &msg.payload).await
+            };
+            if let RunReply::Rejected { error } = &answer {
+                debug!(%error, "request rejected");
+            }
+            match encode(&answer) {
+                Ok(bytes) => {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert(headers::MESSAGE_KIND, RunReply::KIND);
+                    if let Err(e) = client.publish_with_headers(reply, h, Bytes::from(bytes)).await
+                    {
+                        warn!(error = %e, "cannot send a reply");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot encode a reply"),
+            }
+        });
+    }
+}
+
+fn rejected(error: impl fmt::Display) -> RunReply {
+    RunReply::Rejected { error: error.to_string() }
+}
+
+async fn answer_run(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
+    let req = match decode_with_limit::<RunRequest>(payload, DEFAULT_MAX_MESSAGE_BYTES) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "bad run request");
+            return rejected(format!("bad run request: {e}"));
+        }
+    };
+    let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout };
+    let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
+        Ok(h) => h,
+        Err(e) => return rejected(e),
+    };
+    if !req.wait {
+        return RunReply::Accepted { run_id: handle.run_id() };
+    }
+    match handle.report().await {
+        Ok(report) => RunReply::Report(Box::new(report)),
+        Err(e) => rejected(e),
+    }
+}
+
+async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
+    let req = match decode_with_limit::<StatusRequest>(payload, DEFAULT_MAX_MESSAGE_BYTES) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "bad status request");
+            return rejected(format!("bad status request: {e}"));
+        }
+    };
+    let result: Result<Option<_>, RunError> = if req.wait {
+        coordinator.wait(req.run_id).await.map(Some).or_else(|e| match e {
+            RunError::Store(crate::StoreError::NotFound(_)) => Ok(None),
+            e => Err(e),
+        })
+    } else {
+        coordinator.status(req.run_id).await
+    };
+    match result {
+        Ok(Some(report)) => RunReply::Report(Box::new(report)),
+        Ok(None) => rejected(format!("unknown run {}", req.run_id)),
+        Err(e) => rejected(e),
+    }
+}

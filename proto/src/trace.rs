@@ -1,0 +1,104 @@
+//! W3C trace context (`traceparent`) carried in NATS headers.
+//!
+//! Orchestrix derives a run's trace id from its run id, so a run's commands can
+//! be correlated across processes even with no tracing backend; when a tracer is
+//! installed, its own context is carried instead.
+
+use uuid::Uuid;
+
+/// A parsed `traceparent`: version 00, trace id, parent span id, flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 16-byte trace id (never all zero).
+    pub trace_id: [u8; 16],
+    /// 8-byte id of the parent span (never all zero).
+    pub span_id: [u8; 8],
+    /// Whether the parent was sampled.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// The context of a run: trace id = run id, span id from `span`.
+    pub fn for_run(run_id: Uuid, span: u64) -> Self {
+        TraceParent {
+            trace_id: *run_id.as_bytes(),
+            span_id: span.max(1).to_be_bytes(),
+            sampled: true,
+        }
+    }
+
+    /// Parses a `traceparent` header value; `None` if it is not valid version-00 syntax.
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some()
+            || version != "00"
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
+            return None;
+        }
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        hex_into(trace, &mut trace_id)?;
+        hex_into(span, &mut span_id)?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(TraceParent { trace_id, span_id, sampled: flags & 1 == 1 })
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("00-")?;
+        for b in self.trace_id {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("-")?;
+        for b in self.span_id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "-{:02x}", u8::from(self.sampled))
+    }
+}
+
+fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
+    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_rejects() {
+        let run = Uuid::new_v4();
+        let tp = TraceParent::for_run(run, 42);
+        let s = tp.to_string();
+        assert_eq!(s.len(), 55);
+        assert_eq!(TraceParent::parse(&s), Some(tp));
+        assert!(s.starts_with(&format!("00-{}", run.simple())));
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
+            "00-0af7651916cd43dd8448eb211c8031é-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Connecting to NATS: URL, the usual authentication, TLS.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How to reach NATS. Shared by workers, the coordinator and clients.
+///
+/// ```
+/// use orchestrix_worker::NatsOptions;
+/// let opts = NatsOptions::new("nats://127.0.0.1:4222").user_password("svc", "secret");
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+#[must_use]
+pub struct NatsOptions {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// User and password.
+    pub user_password: Option<(String, String)>,
+    /// Token.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// Extra root certificate(s) to trust, PEM.
+    pub tls_root_certificate: Option<PathBuf>,
+    /// Client certificate and key, PEM, for mutual TLS.
+    pub tls_client_certificate: Option<(PathBuf, PathBuf)>,
+    /// Refuse to connect without TLS.
+    pub require_tls: bool,
+    /// Connection name shown by the server.
+    pub name: Option<String>,
+    /// How long the first connection may take before giving up.
+    pub connect_timeout: Duration,
+}
+
+/// The NATS URL used when none is given: `NATS_URL`, else the local default.
+pub fn default_nats_url() -> String {
+    std::env::var("NATS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "nats://127.0.0.1:4222".into())
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions::new(default_nats_url())
+    }
+}
+
+/// NATS could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The credentials file could not be read.
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The URL is not a NATS URL.
+    #[error("bad NATS URL `{url}`: {reason}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The server did not accept the connection.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// Where.
+        url: String,
+        /// Why.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+impl NatsOptions {
+    /// Options for `url`, with no authentication.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsOptions {
+            url: url.into(),
+            user_password: None,
+            token: None,
+            credentials_file: None,
+            tls_root_certificate: None,
+            tls_client_certificate: None,
+            require_tls: false,
+            name: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Authenticates with a user and password.
+    pub fn user_password(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user_password = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Authenticates with a token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Authenticates with a `.creds` file.
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials_file = Some(path.into());
+        self
+    }
+
+    /// Trusts an extra root certificate (PEM) and requires TLS.
+    pub fn tls_root_certificate(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_root_certificate = Some(path.into());
+        self.require_tls = true;
+        self
+    }
+
+    /// Presents a client certificate (mutual TLS) and requires TLS.
+    pub fn tls_client_certificate(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_certificate = Some((cert.into(), key.into()));
+        self.require_tls = true;
+        self
+    }
+
+    /// Requires TLS.
+    pub fn require_tls(mut self, required: bool) -> Self {
+        self.require_tls = required;
+        self
+    }
+
+    /// Names the connection.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Bounds the time to the first connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Connects. Fails fast (within the connect timeout) when the server is
+    /// down; once connected, the client reconnects by itself after a drop.
+    pub async fn connect(&self) -> Result<async_nats::Client, ConnectError> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .connection_timeout(self.connect_timeout)
+            .max_reconnects(None)
+            .request_timeout(Some(Duration::from_secs(10)));
+        if let Some(path) = &self.credentials_file {
+            opts = opts
+                .credentials_file(path)
+                .await
+                .map_err(|source| ConnectError::Credentials { path: path.clone(), source })?;
+        }
+        if let Some((user, password)) = &self.user_password {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            opts = opts.token(token.clone());
+        }
+        if let Some(ca) = &self.tls_root_certificate {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.tls_client_certificate {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if self.require_tls {
+            opts = opts.require_tls(true);
+        }
+        if let Some(name) = &self.name {
+            opts = opts.name(name);
+        }
+        let urls: Vec<&str> =
+            self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let addrs = urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConnectError::BadUrl { url: self.url.clone(), reason: e.to_string() })?;
+        if addrs.is_empty() {
+            return Err(ConnectError::BadUrl {
+                url: self.url.clone(),
+                reason: "no server URL given".into(),
+            });
+        }
+        opts.connect(addrs)
+            .await
+            .map_err(|source| ConnectError::Connect { url: self.url.clone(), source })
+    }
+}

@@ -1,0 +1,633 @@
+//! A worker process: serves step commands from NATS with registered handlers.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix_proto::{
+    Ack, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError, OutcomeResult,
+    StepCommand, StepFailure, StepOutcome, Subjects, WireError, decode_with_limit, encode, headers,
+    validate_name,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::{
+    BoxedHandler, ConnectError, NatsOptions, StepContext, StepError, handler, run_command,
+};
+
+/// A worker could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A subscription was refused.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    /// A flow, step or prefix name is not valid.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// A step was registered twice.
+    #[error("step `{step}` of flow `{flow}` has two {kind} handlers")]
+    Duplicate {
+        /// Flow name.
+        flow: String,
+        /// Step name.
+        step: String,
+        /// `execute` or `compensate`.
+        kind: &'static str,
+    },
+    /// Nothing to serve.
+    #[error("the worker has no step handlers")]
+    NoSteps,
+}
+
+#[derive(Clone)]
+struct Registration {
+    flow: String,
+    step: String,
+    execute: Option<BoxedHandler>,
+    compensate: Option<BoxedHandler>,
+}
+
+impl Registration {
+    fn get(&self, kind: CommandKind) -> Option<&BoxedHandler> {
+        match kind {
+            CommandKind::Execute => self.execute.as_ref(),
+            CommandKind::Compensate => self.compensate.as_ref(),
+        }
+    }
+}
+
+/// The handlers of one flow's steps, typed by the flow's input. Built inside
+/// [`WorkerBuilder::flow`].
+#[must_use]
+pub struct WorkerFlow<I> {
+    flow: String,
+    regs: Vec<Registration>,
+    error: Option<WorkerError>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> fmt::Debug for WorkerFlow<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerFlow")
+            .field("flow", &self.flow)
+            .field("steps", &self.regs.len())
+            .finish()
+    }
+}
+
+impl<I: DeserializeOwned + Send + 'static> WorkerFlow<I> {
+    fn entry(&mut self, step: &str) -> &mut Registration {
+        if let Err(e) = validate_name("step", step) {
+            self.error.get_or_insert(e.into());
+        }
+        let i = match self.regs.iter().position(|r| r.step == step) {
+            Some(i) => i,
+            None => {
+                self.regs.push(Registration {
+                    flow: self.flow.clone(),
+                    step: step.to_owned(),
+                    execute: None,
+                    compensate: None,
+                });
+                self.regs.len() - 1
+            }
+        };
+        &mut self.regs[i]
+    }
+
+    /// Serves the action of step `name`.
+    pub fn step<O, F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+    {
+        let flow = self.flow.clone();
+        let reg = self.entry(name);
+        let dup = reg.execute.replace(handler(f)).is_some();
+        if dup {
+            self.error.get_or_insert(WorkerError::Duplicate {
+                flow,
+                step: name.into(),
+                kind: "execute",
+            });
+        }
+        self
+    }
+
+    /// Serves the compensation of step `name`.
+    pub fn compensate<O, F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+    {
+        let flow = self.flow.clone();
+        let reg = self.entry(name);
+        let dup = reg.compensate.replace(handler(f)).is_some();
+        if dup {
+            self.error.get_or_insert(WorkerError::Duplicate {
+                flow,
+                step: name.into(),
+                kind: "compensate",
+            });
+        }
+        self
+    }
+}
+
+/// Configures and starts a [`Worker`].
+#[must_use]
+pub struct WorkerBuilder {
+    nats: NatsOptions,
+    client: Option<async_nats::Client>,
+    prefix: String,
+    concurrency: usize,
+    heartbeat: Duration,
+    dedup_window: usize,
+    max_message_bytes: usize,
+    regs: Vec<Registration>,
+    error: Option<WorkerError>,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("nats", &self.nats.url)
+            .field("prefix", &self.prefix)
+            .field("concurrency", &self.concurrency)
+            .field("steps", &self.regs.len())
+            .finish()
+    }
+}
+
+impl Default for WorkerBuilder {
+    fn default() -> Self {
+        WorkerBuilder {
+            nats: NatsOptions::default(),
+            client: None,
+            prefix: Subjects::DEFAULT_PREFIX.into(),
+            concurrency: 64,
+            heartbeat: Duration::from_secs(1),
+            dedup_window: 10_000,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            regs: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+impl WorkerBuilder {
+    /// Where NATS is (default: `NATS_URL`, else `nats://127.0.0.1:4222`).
+    pub fn nats(mut self, options: NatsOptions) -> Self {
+        self.nats = options;
+        self
+    }
+
+    /// Uses a connection the service already has.
+    pub fn client(mut self, client: async_nats::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Subject prefix; must match the coordinator's (default `orchestrix`).
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Handlers run at once at most (default 64). Commands beyond are
+    /// acknowledged and wait, heartbeating, for a free slot.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Interval of heartbeats while a command is in hand (default 1 s). The
+    /// coordinator gives up on a command after a few missed ones.
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Command ids remembered to answer redeliveries without running again
+    /// (default 10,000).
+    pub fn dedup_window(mut self, n: usize) -> Self {
+        self.dedup_window = n.max(1);
+        self
+    }
+
+    /// Largest command accepted, in bytes (default 1 MiB).
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
+    }
+
+    /// Registers handlers of a flow's steps:
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), orchestrix_worker::WorkerError> {
+    /// use orchestrix_worker::Worker;
+    /// let worker = Worker::builder()
+    ///     .flow::<String>("greet", |f| f
+    ///         .step("hello", |ctx| async move { Ok(format!("hello {}", ctx.input)) })
+    ///         .compensate("hello", |_ctx| async { Ok(()) }))
+    ///     .start()
+    ///     .await?;
+    /// worker.run_until_signal().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn flow<I>(mut self, name: &str, f: impl FnOnce(WorkerFlow<I>) -> WorkerFlow<I>) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+    {
+        let error = validate_name("flow", name).err().map(WorkerError::from);
+        let flow =
+            f(WorkerFlow { flow: name.into(), regs: Vec::new(), error, _input: PhantomData });
+        if let Some(e) = flow.error {
+            self.error.get_or_insert(e);
+        }
+        for reg in flow.regs {
+            if self.regs.iter().any(|r| r.flow == reg.flow && r.step == reg.step) {
+                self.error.get_or_insert(WorkerError::Duplicate {
+                    flow: reg.flow,
+                    step: reg.step,
+                    kind: "step",
+                });
+            } else {
+                self.regs.push(reg);
+            }
+        }
+        self
+    }
+
+    /// Connects, subscribes to every registered step and starts serving.
+    pub async fn start(self) -> Result<Worker, WorkerError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.regs.is_empty() {
+            return Err(WorkerError::NoSteps);
+        }
+        let subjects = Subjects::new(&self.prefix)?;
+        let id = worker_id();
+        let client = match self.client {
+            Some(c) => c,
+            None => self.nats.clone().name(format!("orchestrix-worker {id}")).connect().await?,
+        };
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            id: id.clone(),
+            dedup: Mutex::new(Dedup::new(self.dedup_window)),
+            slots: Arc::new(Semaphore::new(self.concurrency)),
+            heartbeat: self.heartbeat,
+            max_message_bytes: self.max_message_bytes,
+            tracker: TaskTracker::new(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut loops = Vec::new();
+        for reg in self.regs {
+            let subject = subjects.step(&reg.flow, &reg.step);
+            let group = subjects.step_queue_group(&reg.flow, &reg.step);
+            let sub = client
+                .queue_subscribe(subject.clone(), group)
+                .await
+                .map_err(|source| WorkerError::Subscribe { subject: subject.clone(), source })?;
+            debug!(worker = %id, %subject, "serving step");
+            loops.push(tokio::spawn(serve(sub, Arc::new(reg), shared.clone(), stopped.clone())));
+        }
+        // Subscriptions must reach the server before the worker reports ready.
+        let _ = client.flush().await;
+        info!(worker = %id, steps = loops.len(), "worker started");
+        Ok(Worker { id, client, stop, loops, tracker: shared.tracker.clone() })
+    }
+}
+
+/// A running worker. Dropping it leaves it running; call [`Worker::shutdown`]
+/// (or [`Worker::run_until_signal`]) to drain it.
+pub struct Worker {
+    id: String,
+    client: async_nats::Client,
+    stop: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+    tracker: TaskTracker,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts configuring a worker.
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// This worker's identity, as sent in acks and heartbeats.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Commands in hand (running or waiting for a slot).
+    pub fn in_flight(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Drains: stops taking commands, finishes those in hand (their outcomes
+    /// are sent), then returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for l in self.loops {
+            let _ = l.await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = self.client.flush().await;
+        info!(worker = %self.id, "worker drained");
+    }
+
+    /// Serves until SIGTERM or ctrl-c, then drains.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        info!(worker = %self.id, "signal received, draining");
+        self.shutdown().await;
+    }
+
+    /// Stops at once, like a crash: nothing more is answered. For tests.
+    pub fn abort(self) {
+        for l in &self.loops {
+            l.abort();
+        }
+        // Handler tasks end with the runtime or are simply never answered;
+        // closing the connection makes the worker vanish from NATS.
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.drain().await;
+        });
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn worker_id() -> String {
+    let host =
+        std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into());
+    let tag = Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &tag[..6])
+}
+
+struct Shared {
+    client: async_nats::Client,
+    id: String,
+    dedup: Mutex<Dedup>,
+    slots: Arc<Semaphore>,
+    heartbeat: Duration,
+    max_message_bytes: usize,
+    tracker: TaskTracker,
+}
+
+impl Shared {
+    async fn send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) {
+        match encode(msg) {
+            Ok(bytes) => self.send_raw(reply, M::KIND, Bytes::from(bytes)).await,
+            Err(e) => warn!(error = %e, "cannot encode a reply"),
+        }
+    }
+
+    async fn send_raw(&self, reply: &async_nats::Subject, kind: &str, bytes: Bytes) {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MESSAGE_KIND, kind);
+        if let Err(e) = self.client.publish_with_headers(reply.clone(), h, bytes).await {
+            warn!(error = %e, %reply, "cannot send a reply");
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Seen {
+    Running,
+    Done(Bytes),
+}
+
+/// Command ids seen recently, oldest first out.
+struct Dedup {
+    map: HashMap<Uuid, Seen>,
+    order: VecDeque<Uuid>,
+    cap: usize,
+}
+
+impl Dedup {
+    fn new(cap: usize) -> Self {
+        Dedup { map: HashMap::new(), order: VecDeque::new(), cap }
+    }
+
+    /// What was seen of `id` before; marks it running if nothing.
+    fn begin(&mut self, id: Uuid) -> Option<Seen> {
+        if let Some(seen) = self.map.get(&id) {
+            return Some(seen.clone());
+        }
+        self.map.insert(id, Seen::Running);
+        self.order.push_back(id);
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        None
+    }
+
+    fn finish(&mut self, id: Uuid, outcome: Bytes) {
+        if let Some(seen) = self.map.get_mut(&id) {
+            *seen = Seen::Done(outcome);
+        }
+    }
+}
+
+async fn serve(
+    mut sub: async_nats::Subscriber,
+    reg: Arc<Registration>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            msg = sub.next() => match msg {
+                Some(msg) => handle(msg, &reg, &shared).await,
+                None => break,
+            },
+            _ = stop.changed() => {
+                // Stop taking commands; those in hand finish in their tasks.
+                let _ = sub.unsubscribe().await;
+                break;
+            }
+        }
+    }
+}
+
+async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<Shared>) {
+    let Some(reply) = msg.reply.clone() else {
+        warn!(subject = %msg.subject, "step command without a reply subject dropped");
+        return;
+    };
+    let cmd = match decode_with_limit::<StepCommand>(&msg.payload, shared.max_message_bytes) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            warn!(subject = %msg.subject, error = %e, "bad step command rejected");
+            let message = format!("bad step command on {}: {e}", msg.subject);
+            shared.send(&reply, &WireError { message }).await;
+            return;
+        }
+    };
+    let fail = |message: String| StepOutcome {
+        command_id: cmd.command_id,
+        run_id: cmd.run_id,
+        attempt: cmd.attempt,
+        kind: cmd.kind,
+        result: OutcomeResult::Failed(StepFailure { message, retryable: false }),
+    };
+    if *cmd.flow != *reg.flow || *cmd.step != *reg.step {
+        let why = format!(
+            "command for step `{}` of flow `{}` arrived on the subject of `{}` of `{}`",
+            cmd.step, cmd.flow, reg.step, reg.flow
+        );
+        warn!(%why, "misrouted step command");
+        shared.send(&reply, &fail(why)).await;
+        return;
+    }
+    let Some(handler) = reg.get(cmd.kind).cloned() else {
+        let why = format!(
+            "worker {} has no {} handler for step `{}` of flow `{}`",
+            shared.id,
+            cmd.kind.as_str(),
+            cmd.step,
+            cmd.flow
+        );
+        shared.send(&reply, &fail(why)).await;
+        return;
+    };
+    let seen = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id);
+    let ack = Ack {
+        command_id: cmd.command_id,
+        run_id: cmd.run_id,
+        attempt: cmd.attempt,
+        worker: shared.id.clone(),
+    };
+    match seen {
+        Some(Seen::Done(outcome)) => {
+            debug!(command = %cmd.command_id, "redelivered command answered from the cache");
+            shared.send_raw(&reply, StepOutcome::KIND, outcome).await;
+            return;
+        }
+        Some(Seen::Running) => {
+            shared.send(&reply, &ack).await;
+            return;
+        }
+        None => shared.send(&reply, &ack).await,
+    }
+    let shared = shared.clone();
+    let tracker = shared.tracker.clone();
+    tracker.spawn(async move {
+        let (command_id, run_id, attempt, kind) =
+            (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        let slots = shared.slots.clone();
+        let work = async move {
+            let _slot = slots.acquire_owned().await;
+            run_command(&handler, cmd).await
+        };
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(shared.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tick.tick() => {
+                    let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
+                    shared.send(&reply, &hb).await;
+                }
+            }
+        };
+        let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
+        match encode(&outcome) {
+            Ok(bytes) => {
+                let bytes = Bytes::from(bytes);
+                shared
+                    .dedup
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .finish(command_id, bytes.clone());
+                shared.send_raw(&reply, StepOutcome::KIND, bytes).await;
+            }
+            Err(e) => warn!(error = %e, "cannot encode an outcome"),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_remembers_a_bounded_window() {
+        let mut d = Dedup::new(2);
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert!(d.begin(a).is_none());
+        assert!(matches!(d.begin(a), Some(Seen::Running)));
+        d.finish(a, Bytes::from_static(b"x"));
+        assert!(matches!(d.begin(a), Some(Seen::Done(_))));
+        d.begin(b);
+        d.begin(c); // a falls out
+        assert!(d.begin(a).is_none());
+    }
+
+    #[test]
+    fn registration_errors_are_reported_at_start() {
+        let b = Worker::builder()
+            .flow::<()>("f", |f| f.step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) }));
+        assert!(matches!(b.error, Some(WorkerError::Duplicate { kind: "execute", .. })));
+        let b = Worker::builder().flow::<()>("bad name", |f| f);
+        assert!(matches!(b.error, Some(WorkerError::Name(_))));
+    }
+}
