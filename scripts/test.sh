@@ -24,5 +24,7 @@ fi
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 
+# The end-to-end tests drive the built `orchestrix` binary and example worker.
+cargo build --workspace --bins --examples -j2
 cargo test --workspace --all-targets -j2 "$@"
 cargo test --workspace --doc -j2

@@ -1,0 +1,56 @@
+//! A worker process for fault tests: serves flow `crash` (steps `a`, with a
+//! compensation, and `b`, which takes `--delay-ms`), printing one line per
+//! handler call to stdout so the test can count executions across processes.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+use orchestrix::{NatsOptions, StepContext, Worker};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    nats: String,
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+}
+
+fn say(line: String) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let delay = Duration::from_millis(args.delay_ms);
+    let worker = Worker::builder()
+        .nats(NatsOptions::new(args.nats))
+        .heartbeat_interval(Duration::from_millis(args.heartbeat_ms))
+        .flow::<u32>("crash", |f| {
+            f.step("a", |ctx: StepContext<u32>| async move {
+                say(format!("a {} {}", ctx.run_id(), ctx.attempt()));
+                Ok(())
+            })
+            .compensate("a", |ctx| async move {
+                say(format!("undo-a {} {}", ctx.run_id(), ctx.attempt()));
+                Ok(())
+            })
+            .step("b", move |ctx| async move {
+                say(format!("b-start {} {}", ctx.run_id(), ctx.attempt()));
+                tokio::time::sleep(delay).await;
+                say(format!("b-done {} {}", ctx.run_id(), ctx.attempt()));
+                Ok(ctx.input)
+            })
+        })
+        .start()
+        .await
+        .expect("worker starts");
+    say(format!("ready {}", worker.id()));
+    worker.run_until_signal().await;
+    say("drained".into());
+}

@@ -1,0 +1,228 @@
+//! Test harness: real `nats-server` processes on free loopback ports, and the
+//! workspace's binaries.
+//!
+//! The server binary is `$NATS_SERVER_BIN`, else `nats-server` on the PATH
+//! (`scripts/test.sh` installs one). Every server binds 127.0.0.1 only, keeps
+//! its JetStream data in a temp dir, and is killed when dropped.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `nats-server` child process with JetStream.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub fn start() -> NatsServer {
+        Self::start_with(Vec::new())
+    }
+
+    /// Starts a server with extra command-line arguments.
+    pub fn start_with(extra: Vec<String>) -> NatsServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = NatsServer { child: None, port: free_port(), dir, extra };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server with a configuration file holding `config`
+    /// (e.g. `ping_interval: "300ms"`); address, port and store stay the harness's.
+    pub fn start_with_config(config: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("server.conf");
+        std::fs::write(&path, config).expect("config written");
+        let extra = vec!["-c".to_owned(), path.display().to_string()];
+        let mut s = NatsServer { child: None, port: free_port(), dir, extra };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin}: {e} (run ./scripts/test.sh, or set NATS_SERVER_BIN)")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
+    }
+}
+
+/// A binary or example built by `cargo build --workspace --bins --examples`
+/// (which `scripts/test.sh` runs before the tests), e.g. `"orchestrix"` or
+/// `"examples/payment_worker"`.
+pub fn built(rel: &str) -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let path = target_dir().join(profile).join(rel);
+    assert!(
+        path.exists(),
+        "{} is not built: run ./scripts/test.sh (or cargo build --workspace --bins --examples)",
+        path.display()
+    );
+    path
+}
+
+/// Waits until `cond` holds, checking every 10 ms, for at most `within`.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A child process whose stdout lines are collected as they come.
+#[derive(Debug)]
+pub struct ChildProcess {
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ChildProcess {
+    /// Spawns `program` with `args`, collecting stdout; stderr is inherited
+    /// only when `ORCHESTRIX_TEST_VERBOSE` is set.
+    pub fn spawn(program: &Path, args: &[&str]) -> ChildProcess {
+        use tokio::io::AsyncBufReadExt;
+        let stderr = if std::env::var_os("ORCHESTRIX_TEST_VERBOSE").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        ChildProcess { child, lines }
+    }
+
+    /// Lines printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Lines printed so far that start with `prefix`.
+    pub fn lines_starting(&self, prefix: &str) -> Vec<String> {
+        self.lines().into_iter().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    /// Waits until a line starting with `prefix` was printed.
+    pub async fn wait_for_line(&self, prefix: &str, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
+                return l;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no line starting with {prefix:?} within {within:?}; got {:?}",
+                self.lines()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Sends a signal (`"KILL"`, `"STOP"`, `"CONT"`, `"TERM"`) with `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait(&mut self, within: Duration) -> Option<i32> {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("process exits in time")
+            .ok()?
+            .code()
+    }
+}

@@ -1,0 +1,161 @@
+//! The `orchestrix` binary and the example worker, end to end, as a user runs them.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use orchestrix_integration_tests::{ChildProcess, NatsServer, built};
+
+const SECS: Duration = Duration::from_secs(1);
+
+fn flow_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/payment-flow.toml")
+}
+
+async fn orchestrix(url: &str, args: &[&str]) -> Output {
+    let out =
+        tokio::process::Command::new(built("orchestrix")).args(["--nats", url]).args(args).output();
+    tokio::time::timeout(60 * SECS, out).await.unwrap().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_run_status_with_the_example_worker() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let flows = flow_file();
+    let coordinator = ChildProcess::spawn(
+        &built("orchestrix"),
+        &["--nats", &url, "serve", "--flows", flows.to_str().unwrap()],
+    );
+    let worker = ChildProcess::spawn(&built("examples/payment_worker"), &["--nats", &url]);
+    worker.wait_for_line("worker ", 30 * SECS).await;
+    // The coordinator is ready when it answers: a status request for an unknown run is rejected.
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        let o = orchestrix(&url, &["status", "00000000-0000-0000-0000-000000000000"]).await;
+        if String::from_utf8_lossy(&o.stderr).contains("unknown run") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "coordinator not answering: {o:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Success: exit 0, the quick start's JSON names.
+    let ok = orchestrix(
+        &url,
+        &[
+            "run",
+            "payment-flow",
+            "--json",
+            "--input",
+            r#"{"order_id":"order_1","amount":50,"user_id":"user_A"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["status"], "completed");
+    let steps: Vec<String> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}: {}", s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        ["reserve-stock: completed", "process-payment: completed", "send-email: completed"]
+    );
+    assert!(report["runId"].is_string() && report["durationMs"].is_u64());
+
+    // Failure: exit 1, four payment attempts, the stock released.
+    let failed = orchestrix(
+        &url,
+        &[
+            "run",
+            "payment-flow",
+            "--input",
+            r#"{"order_id":"order_2","amount":2000,"user_id":"user_B"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let text = stdout(&failed);
+    assert!(text.contains(": failed in "), "{text}");
+    assert!(text.contains("failed at process-payment: Payment declined: limit exceeded"), "{text}");
+    assert!(text.contains("process-payment: failed (4 attempts)"), "{text}");
+    assert!(text.contains("reserve-stock: compensated"), "{text}");
+    worker.wait_for_line("Releasing stock for order order_2", 10 * SECS).await;
+    assert_eq!(worker.lines_starting("Processing payment of $2000 for user user_B").len(), 4);
+
+    // Detached, then followed by id.
+    let detached = orchestrix(
+        &url,
+        &[
+            "run",
+            "payment-flow",
+            "--detach",
+            "--json",
+            "--input",
+            r#"{"order_id":"order_3","amount":10,"user_id":"user_C"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(detached.status.code(), Some(0), "{detached:?}");
+    let id: serde_json::Value = serde_json::from_slice(&detached.stdout).unwrap();
+    let id = id["runId"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        let st = orchestrix(&url, &["status", &id, "--json"]).await;
+        assert_eq!(st.status.code(), Some(0), "{st:?}");
+        let r: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+        if r["status"] == "completed" {
+            break;
+        }
+        assert_eq!(r["status"], "running");
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Mistakes: exit 2 and a readable message.
+    let unknown = orchestrix(&url, &["run", "nope"]).await;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("unknown flow `nope`"),
+        "{unknown:?}"
+    );
+    let bad_json = orchestrix(&url, &["run", "payment-flow", "--input", "{oops"]).await;
+    assert_eq!(bad_json.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad_json.stderr).contains("--input is not valid JSON"),
+        "{bad_json:?}"
+    );
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_is_a_clear_error_and_exit_2() {
+    let port = orchestrix_integration_tests::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    for args in
+        [vec!["run", "payment-flow"], vec!["serve", "--flows", flow_file().to_str().unwrap()]]
+    {
+        let o = orchestrix(&url, &args).await;
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(err.contains(&format!("cannot connect to NATS at {url}")), "{err}");
+    }
+    assert!(started.elapsed() < 20 * SECS, "fails fast, does not hang");
+    let bad_flows = orchestrix(&url, &["serve", "--flows", "/nonexistent.toml"]).await;
+    assert_eq!(bad_flows.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad_flows.stderr)
+            .contains("cannot read flow file /nonexistent.toml")
+    );
+}
