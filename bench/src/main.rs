@@ -11,9 +11,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+mod nats;
 use hdrhistogram::Histogram;
+use nats::worker_process;
 use orchestrix::{Coordinator, RunOptions, RunStatus, create};
 use serde::Serialize;
+
+// The allocator the `orchestrix` binary ships with, so the figures are its own.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Orchestrix benchmarks")]
@@ -30,6 +37,13 @@ struct Args {
     /// Runs parked at once for the memory measurement.
     #[arg(long, default_value_t = 100_000)]
     parked: usize,
+    /// NATS server for the NATS scenarios (default: start one, from
+    /// `NATS_SERVER_BIN` or `nats-server` on the PATH, on a free port).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Internal: serve the benchmark's steps and echo subject as a worker process.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
 }
 
 /// One line of output.
@@ -119,16 +133,12 @@ fn noop_flow() -> orchestrix::Flow<u64> {
 }
 
 async fn saga_inprocess(args: &Args) -> Vec<Figure> {
-    let mut out = Vec::new();
+    // Memory first, in a fresh process: pages left resident by the throughput
+    // runs would otherwise be reused and hide what parked runs cost.
+    let mut out = vec![parked_memory(args.parked).await];
     for concurrency in [1, 1000] {
         let flow = noop_flow();
-        let threads: usize =
-            std::env::var("ENGINE_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-        let coordinator = Coordinator::builder()
-            .flow(&flow)
-            .engine(orchestrix::Engine::start(threads).expect("engine"))
-            .build()
-            .expect("flow");
+        let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
         let figure = measure("saga-inprocess", concurrency, args.seconds, move || {
             let c = coordinator.clone();
             async move {
@@ -139,7 +149,6 @@ async fn saga_inprocess(args: &Args) -> Vec<Figure> {
         .await;
         out.push(figure);
     }
-    out.push(parked_memory(args.parked).await);
     out
 }
 
@@ -198,6 +207,10 @@ fn resident_bytes() -> u64 {
 
 fn main() {
     let args = Args::parse();
+    if let Some(url) = &args.worker {
+        worker_process(url);
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -212,6 +225,16 @@ fn main() {
         if wanted("saga-inprocess") {
             for f in saga_inprocess(&args).await {
                 f.print(args.json);
+            }
+        }
+        if ["nats-floor-chain3", "saga-nats-memory"].iter().any(|n| wanted(n)) {
+            match nats::run(&args, &wanted).await {
+                Ok(figures) => {
+                    for f in figures {
+                        f.print(args.json);
+                    }
+                }
+                Err(e) => eprintln!("NATS scenarios skipped: {e}"),
             }
         }
     });

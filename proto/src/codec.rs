@@ -94,7 +94,11 @@ struct Header<'a> {
 /// Encodes a message in its versioned envelope.
 pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, CodecError> {
     let env = EnvelopeOut { v: PROTOCOL_VERSION, kind: M::KIND, body: msg };
-    rmp_serde::to_vec_named(&env).map_err(|source| CodecError::Encode { kind: M::KIND, source })
+    // Most messages fit in 256 bytes: start there rather than growing from empty.
+    let mut buf = Vec::with_capacity(256);
+    rmp_serde::encode::write_named(&mut buf, &env)
+        .map_err(|source| CodecError::Encode { kind: M::KIND, source })?;
+    Ok(buf)
 }
 
 /// Decodes a message, rejecting anything larger than [`DEFAULT_MAX_MESSAGE_BYTES`].
@@ -122,11 +126,37 @@ pub fn decode_with_limit<M: Message>(bytes: &[u8], limit: usize) -> Result<M, Co
     }
 }
 
-/// Reads the version and kind of an envelope without decoding its body.
+/// Reads the version and kind of an envelope without decoding its body, so a
+/// receiver picks the right decoder with one pass over the message.
 pub fn peek_kind(bytes: &[u8]) -> Result<(u16, String), CodecError> {
+    if let Some((v, kind)) = peek_fast(bytes) {
+        return Ok((v, kind.to_owned()));
+    }
+    // Another encoder may order the fields differently: read the header properly.
     rmp_serde::from_slice::<Header<'_>>(bytes)
         .map(|h| (h.v, h.kind.into_owned()))
         .map_err(|source| CodecError::Malformed { expected: "envelope", source })
+}
+
+/// The envelope as [`encode`] writes it: a map whose first entries are `v`
+/// and `kind`. Reads those two and stops; `None` for any other layout.
+fn peek_fast(bytes: &[u8]) -> Option<(u16, &str)> {
+    let mut rd = bytes;
+    if rmp::decode::read_map_len(&mut rd).ok()? < 2 {
+        return None;
+    }
+    let (key, rest) = rmp::decode::read_str_from_slice(rd).ok()?;
+    if key != "v" {
+        return None;
+    }
+    let mut rd = rest;
+    let v: u16 = rmp::decode::read_int(&mut rd).ok()?;
+    let (key, rest) = rmp::decode::read_str_from_slice(rd).ok()?;
+    if key != "kind" {
+        return None;
+    }
+    let (kind, _) = rmp::decode::read_str_from_slice(rest).ok()?;
+    Some((v, kind))
 }
 
 fn check_header(v: u16, kind: &str, expected: &'static str) -> Result<(), CodecError> {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
     Ack, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError, OutcomeResult,
-    StepCommand, StepFailure, StepOutcome, Subjects, WireError, decode_with_limit, encode, headers,
+    StepCommand, StepFailure, StepOutcome, Subjects, WireError, decode_with_limit, encode,
     validate_name,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -431,15 +431,15 @@ struct Shared {
 impl Shared {
     async fn send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) {
         match encode(msg) {
-            Ok(bytes) => self.send_raw(reply, M::KIND, Bytes::from(bytes)).await,
+            Ok(bytes) => self.send_raw(reply, Bytes::from(bytes)).await,
             Err(e) => warn!(error = %e, "cannot encode a reply"),
         }
     }
 
-    async fn send_raw(&self, reply: &async_nats::Subject, kind: &str, bytes: Bytes) {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MESSAGE_KIND, kind);
-        if let Err(e) = self.client.publish_with_headers(reply.clone(), h, bytes).await {
+    /// Replies carry no headers: the envelope names their kind, and the
+    /// coordinator reads it without decoding the body (`peek_kind`).
+    async fn send_raw(&self, reply: &async_nats::Subject, bytes: Bytes) {
+        if let Err(e) = self.client.publish(reply.clone(), bytes).await {
             warn!(error = %e, %reply, "cannot send a reply");
         }
     }
@@ -557,14 +557,14 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     match seen {
         Some(Seen::Done(outcome)) => {
             debug!(command = %cmd.command_id, "redelivered command answered from the cache");
-            shared.send_raw(&reply, StepOutcome::KIND, outcome).await;
+            shared.send_raw(&reply, outcome).await;
             return;
         }
         Some(Seen::Running) => {
             shared.send(&reply, &ack).await;
             return;
         }
-        None => shared.send(&reply, &ack).await,
+        None => {}
     }
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
@@ -577,15 +577,25 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             run_command(&handler, cmd).await
         };
         tokio::pin!(work);
-        let mut tick = tokio::time::interval(shared.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        let result = loop {
-            tokio::select! {
-                result = &mut work => break result,
-                _ = tick.tick() => {
-                    let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
-                    shared.send(&reply, &hb).await;
+        // A handler that finishes without waiting is answered by its outcome
+        // alone, which tells the coordinator all an ack would; any other
+        // command is acked before its first wait.
+        let first = futures::poll!(&mut work);
+        let result = if let std::task::Poll::Ready(result) = first {
+            result
+        } else {
+            shared.send(&reply, &ack).await;
+            // The first beat one interval from now: awaiting an immediate first
+            // tick would cost a timer-wheel turn (up to 1 ms) on every command.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + shared.heartbeat, shared.heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    _ = tick.tick() => {
+                        let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
+                        shared.send(&reply, &hb).await;
+                    }
                 }
             }
         };
@@ -598,7 +608,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .finish(command_id, bytes.clone());
-                shared.send_raw(&reply, StepOutcome::KIND, bytes).await;
+                shared.send_raw(&reply, bytes).await;
             }
             Err(e) => warn!(error = %e, "cannot encode an outcome"),
         }

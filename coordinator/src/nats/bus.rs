@@ -9,6 +9,7 @@ use orchestrix_proto::{
     Ack, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand, StepFailure,
     StepOutcome, Subjects, TraceParent, WireError, decode_with_limit, encode, headers, peek_kind,
 };
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -81,7 +82,17 @@ pub struct NatsBus {
     options: NatsBusOptions,
     reply_subject: async_nats::Subject,
     routes: Routes,
-    router: JoinHandle<()>,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+/// A command on its way to NATS, and where to report a failed publish.
+struct Outgoing {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    bytes: Bytes,
+    reply: ReplyTo,
+    about: (Uuid, Uuid, u32, orchestrix_proto::CommandKind),
 }
 
 impl fmt::Debug for NatsBus {
@@ -94,7 +105,9 @@ impl fmt::Debug for NatsBus {
 
 impl Drop for NatsBus {
     fn drop(&mut self) {
-        self.router.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -112,8 +125,10 @@ impl NatsBus {
         })?;
         let routes: Routes = Arc::default();
         let router = tokio::spawn(route(sub, routes.clone(), options.max_message_bytes));
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let publisher = tokio::spawn(publish(client.clone(), reply_subject.clone(), rx));
         let _ = client.flush().await;
-        Ok(NatsBus { client, options, reply_subject, routes, router })
+        Ok(NatsBus { client, options, reply_subject, routes, outbox, tasks: [router, publisher] })
     }
 
     /// The subject workers answer on.
@@ -135,35 +150,23 @@ impl Bus for NatsBus {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
         let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
         let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::MESSAGE_KIND, StepCommand::KIND);
         h.insert(
             headers::TRACEPARENT,
-            TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_string().as_str(),
+            TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_header(),
         );
-        let (client, reply_subject, reply) =
-            (self.client.clone(), self.reply_subject.clone(), reply.clone());
-        let (command_id, run_id, attempt, kind) =
-            (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
-        // Publishing only queues the message in the client; do it off the actor.
-        tokio::spawn(async move {
-            if let Err(e) = client
-                .publish_with_reply_and_headers(subject, reply_subject, h, Bytes::from(bytes))
-                .await
-            {
-                let failure = StepFailure {
-                    message: format!("cannot publish the step command: {e}"),
-                    retryable: true,
-                };
-                let result = OutcomeResult::Failed(failure);
-                reply.deliver(BusReply::Outcome(StepOutcome {
-                    command_id,
-                    run_id,
-                    attempt,
-                    kind,
-                    result,
-                }));
-            }
-        });
+        // One publisher task drains the outbox: no task per command, and the
+        // actor never waits on the client's channel.
+        let about = (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        let out = Outgoing {
+            subject,
+            headers: h,
+            bytes: Bytes::from(bytes),
+            reply: reply.clone(),
+            about,
+        };
+        self.outbox
+            .send(out)
+            .map_err(|_| BusError::Unavailable("the NATS bus has stopped".into()))?;
         Ok(Dispatched::Sent)
     }
 
@@ -177,6 +180,38 @@ impl Bus for NatsBus {
 
     fn run_finished(&self, run_id: Uuid) {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
+    }
+}
+
+async fn publish(
+    client: async_nats::Client,
+    reply_subject: async_nats::Subject,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some(out) = rx.recv().await {
+        let sent = client
+            .publish_with_reply_and_headers(
+                out.subject,
+                reply_subject.clone(),
+                out.headers,
+                out.bytes,
+            )
+            .await;
+        if let Err(e) = sent {
+            let (command_id, run_id, attempt, kind) = out.about;
+            let failure = StepFailure {
+                message: format!("cannot publish the step command: {e}"),
+                retryable: true,
+            };
+            let result = OutcomeResult::Failed(failure);
+            out.reply.deliver(BusReply::Outcome(StepOutcome {
+                command_id,
+                run_id,
+                attempt,
+                kind,
+                result,
+            }));
+        }
     }
 }
 

@@ -1,0 +1,173 @@
+//! NATS scenarios: the saga over NATS beside its floor, raw NATS doing the
+//! same message pattern on the same server, measured in the same run.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix::coordinator::flowfile;
+use orchestrix::coordinator::nats::{NatsBus, NatsBusOptions};
+use orchestrix::{Coordinator, NatsOptions, RunOptions, RunStatus, StepContext, Worker};
+
+use crate::{Args, Figure, measure};
+
+const FLOW: &str = r#"
+[[flow]]
+name = "bench"
+[[flow.step]]
+name = "one"
+[[flow.step]]
+name = "two"
+[[flow.step]]
+name = "three"
+"#;
+
+const ECHO: &str = "bench.echo";
+
+/// Kills the child processes (server, worker) when the scenarios end; then
+/// the server's store dir goes.
+struct Children(Vec<Child>, Option<tempfile::TempDir>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<Figure>, String> {
+    let mut children = Children(Vec::new(), None);
+    let url = match &args.nats {
+        Some(u) => u.clone(),
+        None => {
+            let (child, url, dir) = start_server()?;
+            children.0.push(child);
+            children.1 = Some(dir);
+            url
+        }
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let worker = Command::new(exe)
+        .args(["--worker", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the worker process: {e}"))?;
+    children.0.push(worker);
+    let client = NatsOptions::new(url.clone()).connect().await.map_err(|e| e.to_string())?;
+    wait_for_worker(&client).await?;
+
+    let mut out = Vec::new();
+    for concurrency in [1, 64] {
+        if wanted("nats-floor-chain3") {
+            let c = client.clone();
+            out.push(
+                measure("nats-floor-chain3", concurrency, args.seconds, move || {
+                    let c = c.clone();
+                    async move {
+                        for _ in 0..3 {
+                            c.request(ECHO, Bytes::from_static(b"x")).await.expect("echo");
+                        }
+                    }
+                })
+                .await,
+            );
+        }
+        if wanted("saga-nats-memory") {
+            let bus = NatsBus::start(client.clone(), NatsBusOptions::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut builder = Coordinator::builder().bus(bus);
+            for def in flowfile::parse(FLOW).map_err(|e| e.to_string())? {
+                builder = builder.flow_def(def);
+            }
+            let coordinator = builder.build().map_err(|e| e.to_string())?;
+            out.push(
+                measure("saga-nats-memory", concurrency, args.seconds, move || {
+                    let c = coordinator.clone();
+                    async move {
+                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                        assert_eq!(r.status, RunStatus::Completed, "{r}");
+                    }
+                })
+                .await,
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn wait_for_worker(client: &async_nats::Client) -> Result<(), String> {
+    for _ in 0..200 {
+        if client.request(ECHO, Bytes::from_static(b"ping")).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("the worker process did not come up".into())
+}
+
+fn start_server() -> Result<(Child, String, tempfile::TempDir), String> {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let child = Command::new(&bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {bin}: {e} (set NATS_SERVER_BIN or pass --nats)"))?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((child, format!("nats://127.0.0.1:{port}"), dir));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err("nats-server did not start".into())
+}
+
+/// The worker process: the three no-op steps, and an echo responder for the floor.
+pub(crate) fn worker_process(url: &str) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = NatsOptions::new(url).connect().await.expect("worker connects");
+        let mut echo = client.subscribe(ECHO).await.expect("echo subscription");
+        let responder = client.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = echo.next().await {
+                if let Some(reply) = msg.reply {
+                    let _ = responder.publish(reply, msg.payload).await;
+                }
+            }
+        });
+        let worker = Worker::builder()
+            .client(client)
+            .concurrency(256)
+            .flow::<u64>("bench", |f| {
+                f.step("one", |_: StepContext<u64>| async { Ok(()) })
+                    .step("two", |_| async { Ok(()) })
+                    .step("three", |_| async { Ok(()) })
+            })
+            .start()
+            .await
+            .expect("worker starts");
+        // The bench holds our stdin: when it ends, so do we, even if it was killed.
+        tokio::select! {
+            _ = tokio::task::spawn_blocking(|| std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1])) => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        worker.shutdown().await;
+    });
+}
