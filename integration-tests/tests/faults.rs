@@ -160,3 +160,36 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     assert_eq!(report.status, RunStatus::Failed);
     assert!(report.error.unwrap().starts_with("no worker took the command"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_nats_still_shuts_down_in_bounded_time() {
+    let mut server = NatsServer::start();
+    let c = coordinator(&server, 5 * SECS).await;
+    let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let e = entered.clone();
+    let w = orchestrix::Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .drain_timeout(Duration::from_millis(500))
+        .flow::<u32>("crash", move |f| {
+            let e = e.clone();
+            f.step("a", |_: orchestrix::StepContext<u32>| async { Ok(()) }).step("b", move |_| {
+                e.store(true, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(())
+                }
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let _run = c.start("crash", &1u32, RunOptions::new()).await.unwrap();
+    orchestrix_integration_tests::eventually(10 * SECS, "step b running", || {
+        entered.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    server.kill();
+    let started = std::time::Instant::now();
+    w.shutdown().await;
+    assert!(started.elapsed() < 5 * SECS, "shutdown took {:?}", started.elapsed());
+}

@@ -166,6 +166,7 @@ pub struct WorkerBuilder {
     heartbeat: Duration,
     dedup_window: usize,
     max_message_bytes: usize,
+    drain_timeout: Duration,
     regs: Vec<Registration>,
     error: Option<WorkerError>,
 }
@@ -191,6 +192,7 @@ impl Default for WorkerBuilder {
             heartbeat: Duration::from_secs(1),
             dedup_window: 10_000,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            drain_timeout: Duration::from_secs(60),
             regs: Vec::new(),
             error: None,
         }
@@ -240,6 +242,12 @@ impl WorkerBuilder {
     /// Largest command accepted, in bytes (default 1 MiB).
     pub fn max_message_bytes(mut self, n: usize) -> Self {
         self.max_message_bytes = n;
+        self
+    }
+
+    /// How long [`Worker::shutdown`] waits for the commands in hand (default 60 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
         self
     }
 
@@ -319,7 +327,14 @@ impl WorkerBuilder {
         // Subscriptions must reach the server before the worker reports ready.
         let _ = client.flush().await;
         info!(worker = %id, steps = loops.len(), "worker started");
-        Ok(Worker { id, client, stop, loops, tracker: shared.tracker.clone() })
+        Ok(Worker {
+            id,
+            client,
+            stop,
+            loops,
+            tracker: shared.tracker.clone(),
+            drain_timeout: self.drain_timeout,
+        })
     }
 }
 
@@ -331,6 +346,7 @@ pub struct Worker {
     stop: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
     tracker: TaskTracker,
+    drain_timeout: Duration,
 }
 
 impl fmt::Debug for Worker {
@@ -357,15 +373,26 @@ impl Worker {
 
     /// Drains: stops taking commands, finishes those in hand (their outcomes
     /// are sent), then returns.
+    ///
+    /// With NATS unreachable the outcomes cannot be sent: after waiting
+    /// [`WorkerBuilder::drain_timeout`] for them, the worker gives up and
+    /// returns; the coordinator retries those attempts elsewhere.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for l in self.loops {
-            let _ = l.await;
-        }
         self.tracker.close();
-        self.tracker.wait().await;
-        let _ = self.client.flush().await;
-        info!(worker = %self.id, "worker drained");
+        let drained = async {
+            for l in self.loops {
+                let _ = l.await;
+            }
+            self.tracker.wait().await;
+            let _ = self.client.flush().await;
+        };
+        match tokio::time::timeout(self.drain_timeout, drained).await {
+            Ok(()) => info!(worker = %self.id, "worker drained"),
+            Err(_) => {
+                warn!(worker = %self.id, timeout = ?self.drain_timeout, "drain timed out; outcomes in hand may be lost")
+            }
+        }
     }
 
     /// Serves until SIGTERM or ctrl-c, then drains.
