@@ -31,4 +31,4 @@ pub use error::{ResultExt, StepError};
 pub use handler::{BoxedHandler, HandlerFuture, StepHandlers, handler, run_command};
 pub use nats::{ConnectError, NatsOptions, default_nats_url};
 pub use orchestrix_proto as proto;
-pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow};
+pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};

@@ -116,41 +116,35 @@ impl<I: DeserializeOwned + Send + 'static> WorkerFlow<I> {
     }
 
     /// Serves the action of step `name`.
-    pub fn step<O, F, Fut>(mut self, name: &str, f: F) -> Self
+    pub fn step<O, F, Fut>(self, name: &str, f: F) -> Self
     where
         O: Serialize + Send + 'static,
         F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, StepError>> + Send + 'static,
     {
-        let flow = self.flow.clone();
-        let reg = self.entry(name);
-        let dup = reg.execute.replace(handler(f)).is_some();
-        if dup {
-            self.error.get_or_insert(WorkerError::Duplicate {
-                flow,
-                step: name.into(),
-                kind: "execute",
-            });
-        }
-        self
+        self.register(name, CommandKind::Execute, handler(f))
     }
 
     /// Serves the compensation of step `name`.
-    pub fn compensate<O, F, Fut>(mut self, name: &str, f: F) -> Self
+    pub fn compensate<O, F, Fut>(self, name: &str, f: F) -> Self
     where
         O: Serialize + Send + 'static,
         F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, StepError>> + Send + 'static,
     {
+        self.register(name, CommandKind::Compensate, handler(f))
+    }
+
+    fn register(mut self, name: &str, kind: CommandKind, h: BoxedHandler) -> Self {
         let flow = self.flow.clone();
         let reg = self.entry(name);
-        let dup = reg.compensate.replace(handler(f)).is_some();
-        if dup {
-            self.error.get_or_insert(WorkerError::Duplicate {
-                flow,
-                step: name.into(),
-                kind: "compensate",
-            });
+        let slot = match kind {
+            CommandKind::Execute => &mut reg.execute,
+            CommandKind::Compensate => &mut reg.compensate,
+        };
+        if slot.replace(h).is_some() {
+            let dup = WorkerError::Duplicate { flow, step: name.into(), kind: kind.as_str() };
+            self.error.get_or_insert(dup);
         }
         self
     }
@@ -416,7 +410,8 @@ impl Worker {
     }
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or ctrl-c: what a service waits for before draining.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

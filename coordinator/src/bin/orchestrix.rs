@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use orchestrix_coordinator::nats::{Client, NatsBus, NatsBusOptions, Service};
 use orchestrix_coordinator::{Coordinator, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
-use orchestrix_worker::NatsOptions;
+use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
 use uuid::Uuid;
 
@@ -282,21 +282,6 @@ fn exit_for(report: &RunReport) -> ExitCode {
     match report.status {
         RunStatus::Completed | RunStatus::Running => ExitCode::SUCCESS,
         RunStatus::Failed | RunStatus::CompensationFailed => ExitCode::from(1),
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
 

@@ -99,14 +99,7 @@ impl Client {
         input: Payload,
         options: RunOptions,
     ) -> Result<RunReport, ClientError> {
-        let req = RunRequest {
-            flow: flow.into(),
-            input,
-            key: options.key,
-            ttl: options.ttl,
-            timeout: options.timeout,
-            wait: true,
-        };
+        let req = run_request(flow, input, options, true);
         match self.ask(self.subjects.run_requests(), &req, None).await? {
             RunReply::Report(report) => Ok(*report),
             other => Err(unexpected(other)),
@@ -130,14 +123,7 @@ impl Client {
         input: Payload,
         options: RunOptions,
     ) -> Result<Uuid, ClientError> {
-        let req = RunRequest {
-            flow: flow.into(),
-            input,
-            key: options.key,
-            ttl: options.ttl,
-            timeout: options.timeout,
-            wait: false,
-        };
+        let req = run_request(flow, input, options, false);
         match self.ask(self.subjects.run_requests(), &req, Some(self.request_timeout)).await? {
             RunReply::Accepted { run_id } => Ok(run_id),
             other => Err(unexpected(other)),
@@ -184,6 +170,11 @@ impl Client {
             reply => Ok(reply),
         }
     }
+}
+
+fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
+    let RunOptions { key, ttl, timeout } = options;
+    RunRequest { flow: flow.into(), input, key, ttl, timeout, wait }
 }
 
 fn unexpected(reply: RunReply) -> ClientError {
