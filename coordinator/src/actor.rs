@@ -30,6 +30,8 @@ pub(crate) struct RunActor {
     store: Arc<dyn Store>,
     /// Boxed so the channel a parked run holds stays small.
     done: Option<oneshot::Sender<Box<RunReport>>>,
+    /// Taken over from the store rather than started here.
+    resumed: bool,
 }
 
 /// An event the actor sends itself, so that handling never re-enters.
@@ -43,6 +45,7 @@ impl RunActor {
         bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
         done: oneshot::Sender<Box<RunReport>>,
+        resumed: bool,
     ) -> Self {
         let liveness = bus.liveness();
         RunActor {
@@ -52,6 +55,7 @@ impl RunActor {
             timers: AttemptTimers::default(),
             store,
             done: Some(done),
+            resumed,
         }
     }
 
@@ -118,24 +122,7 @@ impl RunActor {
                     CommandKind::Compensate if e.attempt == 1 => h.on_compensation_start(e),
                     CommandKind::Compensate => {}
                 });
-                let command_id = *command_id;
-                let step_timeout = cmd.timeout;
-                match self.bus.dispatch(cmd, &ReplyTo(ctx.address())) {
-                    Ok(Dispatched::Sent) => {
-                        self.watch_attempt(command_id, *step, step_timeout, ctx)
-                    }
-                    Ok(Dispatched::Local(outcome)) => {
-                        ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
-                            act.handle_event(Event::Outcome { command_id, result }, ctx)
-                        }));
-                    }
-                    Err(e) => {
-                        let failure =
-                            StepFailure { message: e.to_string(), retryable: e.is_retryable() };
-                        let result = OutcomeResult::Failed(failure);
-                        ctx.notify(Internal(Event::Outcome { command_id, result }));
-                    }
-                }
+                self.send(cmd, ctx);
             }
             Transition::RetryScheduled { step, kind, error, retry } => {
                 let (attempt, command_id) = match &self.machine.rec.current {
@@ -178,6 +165,43 @@ impl RunActor {
                 }
                 ctx.stop();
             }
+        }
+    }
+
+    /// Sends an attempt's command and watches it.
+    fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
+        let (command_id, step, step_timeout) = (cmd.command_id, cmd.step_index, cmd.timeout);
+        match self.bus.dispatch(cmd, &ReplyTo(ctx.address())) {
+            Ok(Dispatched::Sent) => self.watch_attempt(command_id, step, step_timeout, ctx),
+            Ok(Dispatched::Local(outcome)) => {
+                ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
+                    act.handle_event(Event::Outcome { command_id, result }, ctx)
+                }));
+            }
+            Err(e) => {
+                let failure = StepFailure { message: e.to_string(), retryable: e.is_retryable() };
+                let result = OutcomeResult::Failed(failure);
+                ctx.notify(Internal(Event::Outcome { command_id, result }));
+            }
+        }
+    }
+
+    /// Picks a run up where its record says it stands (after a coordinator
+    /// restart): the attempt in flight is sent again with the same command id,
+    /// so a worker that already ran it answers from its cache; a scheduled
+    /// retry waits out what is left of its delay.
+    fn resume(&mut self, ctx: &mut Context<Self>) {
+        match self.machine.rec.current.clone() {
+            Some(c) if c.retry_at.is_none() => {
+                let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
+                self.send(cmd, ctx);
+            }
+            Some(c) => {
+                let at = c.retry_at.map(|r| r.at).unwrap_or_else(SystemTime::now);
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                ctx.notify_later(Internal(Event::RetryDue { command_id: c.command_id }), left);
+            }
+            None => self.handle_event(Event::Start, ctx),
         }
     }
 
@@ -249,9 +273,14 @@ impl Actor for RunActor {
             guard(|| h.on_run_start(run_id, &flow));
         }
         if let Some(timeout) = self.machine.rec.timeout {
-            ctx.notify_later(Internal(Event::DeadlineExceeded), timeout);
+            let left = timeout.saturating_sub(self.machine.run_started.elapsed());
+            ctx.notify_later(Internal(Event::DeadlineExceeded), left);
         }
-        self.handle_event(Event::Start, ctx);
+        if self.resumed {
+            self.resume(ctx);
+        } else {
+            self.handle_event(Event::Start, ctx);
+        }
     }
 }
 

@@ -345,7 +345,7 @@ impl Coordinator {
                 };
                 engine.spawn(move |_| {
                     let machine = Machine::new(plan, record, Instant::now());
-                    RunActor::new(machine, bus, store, tx)
+                    RunActor::new(machine, bus, store, tx, false)
                 });
                 let report =
                     Box::pin(
@@ -354,6 +354,34 @@ impl Coordinator {
                 Ok(RunHandle { run_id, duplicate: false, report })
             }
         }
+    }
+
+    /// Resumes the runs the store holds that have not finished: what a
+    /// coordinator does when it starts on a durable store. Returns how many.
+    ///
+    /// Until leases land, run this on one coordinator per store: two would
+    /// both resume the same runs.
+    pub async fn recover(&self) -> Result<usize, RunError> {
+        let records = self.inner.store.live_runs().await?;
+        let engine = match &self.inner.engine {
+            Some(e) => e.clone(),
+            None => Engine::shared()?,
+        };
+        let mut resumed = 0;
+        for record in records {
+            let Some(plan) = self.inner.flows.get(&*record.flow).cloned() else {
+                tracing::warn!(run_id = %record.run_id, flow = %record.flow, "run of an unknown flow left as it is");
+                continue;
+            };
+            let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
+            let (tx, _) = oneshot::channel();
+            engine.spawn(move |_| {
+                let machine = Machine::resumed(plan, record, Instant::now(), SystemTime::now());
+                RunActor::new(machine, bus, store, tx, true)
+            });
+            resumed += 1;
+        }
+        Ok(resumed)
     }
 
     /// The report of a run so far (`status` is `running` while it is live),

@@ -38,6 +38,7 @@ mod engine;
 mod flow;
 pub mod flowfile;
 mod hooks;
+pub mod jetstream;
 mod machine;
 pub mod nats;
 pub mod record;

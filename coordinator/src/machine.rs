@@ -58,6 +58,28 @@ impl Machine {
         }
     }
 
+    /// A machine for a run read back from the store: its clocks are rebuilt
+    /// from the record's wall-clock times.
+    pub(crate) fn resumed(
+        plan: Arc<FlowPlan>,
+        rec: Arc<RunRecord>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
+        let ago = |t: SystemTime| {
+            now.checked_sub(wall.duration_since(t).unwrap_or_default()).unwrap_or(now)
+        };
+        let mut m = Machine::new(plan, rec, now);
+        m.run_started = ago(m.rec.started_at);
+        for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
+            slot.0 = step.started_at.map(ago);
+            if step.compensation.is_some() {
+                slot.1 = Some(now);
+            }
+        }
+        m
+    }
+
     pub(crate) fn is_finished(&self) -> bool {
         self.rec.phase == Phase::Finished
     }

@@ -95,6 +95,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Resolves with the run's final report once it has one.
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>>;
+
+    /// Runs that have not finished, for a coordinator that starts to resume.
+    /// A store that dies with its process has none to offer.
+    fn live_runs(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+        Box::pin(futures::future::ready(Ok(Vec::new())))
+    }
 }
 
 /// Limits of the in-memory store.
@@ -320,5 +326,8 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
         (**self).wait(run_id)
+    }
+    fn live_runs(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+        (**self).live_runs()
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
 use orchestrix_coordinator::nats::{Client, NatsBus, NatsBusOptions, Service};
 use orchestrix_coordinator::{Coordinator, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
@@ -144,6 +145,16 @@ struct ServeArgs {
     /// Longest silence of a worker holding a command.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// Where runs are kept: `jetstream` (durable: a restarted coordinator
+    /// resumes its runs) or `memory` (lost with the process).
+    #[arg(long, default_value = "jetstream", value_parser = ["jetstream", "memory"])]
+    store: String,
+    /// How long finished runs stay queryable (jetstream store).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Replicas of the KV buckets (3 on a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 fn main() -> ExitCode {
@@ -216,6 +227,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 flows,
                 ack_timeout: Duration::from_secs(2),
                 heartbeat_timeout: Duration::from_secs(5),
+                store: "jetstream".into(),
+                retention: Duration::from_secs(24 * 3600),
+                replicas: 1,
             };
             let _running = serve(&nats, &args).await?;
             println!(
@@ -259,13 +273,21 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let bus =
         NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
     let mut builder = Coordinator::builder().bus(bus);
+    if args.store == "jetstream" {
+        let options = JetStreamStoreOptions::default()
+            .prefix(subjects.prefix())
+            .replicas(args.replicas)
+            .retention(args.retention);
+        builder = builder.store(JetStreamStore::open(conn.clone(), options).await?);
+    }
     for f in &flows {
         builder = builder.flow_def(f.clone());
     }
     let coordinator = builder.build()?;
+    let resumed = coordinator.recover().await?;
     let service = Service::start(coordinator.clone(), conn, &subjects).await?;
     let names: Vec<&str> = flows.iter().map(|f| &*f.name).collect();
-    info!(nats = %nats.nats, prefix = %subjects.prefix(), flows = ?names, "coordinator ready");
+    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, "coordinator ready");
     Ok(Running { _service: service, _coordinator: coordinator })
 }
 

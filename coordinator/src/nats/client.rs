@@ -93,16 +93,28 @@ impl Client {
     }
 
     /// Starts a run whose input is already encoded and waits for its report.
+    ///
+    /// The run is started, then waited for by id: if its coordinator dies
+    /// meanwhile, the wait goes on with whichever coordinator resumes it.
     pub async fn run_payload(
         &self,
         flow: &str,
         input: Payload,
         options: RunOptions,
     ) -> Result<RunReport, ClientError> {
-        let req = run_request(flow, input, options, true);
-        match self.ask(self.subjects.run_requests(), &req, None).await? {
-            RunReply::Report(report) => Ok(*report),
-            other => Err(unexpected(other)),
+        let run_id = self.start_payload(flow, input, options).await?;
+        loop {
+            let req = StatusRequest { run_id, wait: true };
+            match self
+                .ask(self.subjects.status_requests(), &req, Some(Duration::from_secs(30)))
+                .await
+            {
+                Ok(RunReply::Report(report)) => return Ok(*report),
+                Ok(other) => return Err(unexpected(other)),
+                // Nobody answered in time: a long run, or a coordinator restarting.
+                Err(ClientError::NoCoordinator { .. }) => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 
