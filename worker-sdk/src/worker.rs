@@ -467,9 +467,17 @@ impl Shared {
     }
 }
 
+/// Where a command's heartbeats and outcome go. A redelivery (from a
+/// coordinator that took over the run) moves it to the new coordinator.
+type ReplyTarget = Arc<Mutex<async_nats::Subject>>;
+
+fn target(t: &ReplyTarget) -> async_nats::Subject {
+    t.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 #[derive(Clone)]
 enum Seen {
-    Running,
+    Running(ReplyTarget),
     Done(Bytes),
 }
 
@@ -485,12 +493,16 @@ impl Dedup {
         Dedup { map: HashMap::new(), order: VecDeque::new(), cap }
     }
 
-    /// What was seen of `id` before; marks it running if nothing.
-    fn begin(&mut self, id: Uuid) -> Option<Seen> {
+    /// What was seen of `id` before; marks it running (answering to `reply`)
+    /// if nothing. A command seen running now answers to `reply`.
+    fn begin(&mut self, id: Uuid, reply: &ReplyTarget) -> Option<Seen> {
         if let Some(seen) = self.map.get(&id) {
+            if let Seen::Running(t) = seen {
+                *t.lock().unwrap_or_else(|p| p.into_inner()) = target(reply);
+            }
             return Some(seen.clone());
         }
-        self.map.insert(id, Seen::Running);
+        self.map.insert(id, Seen::Running(reply.clone()));
         self.order.push_back(id);
         while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
@@ -569,7 +581,9 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         shared.send(&reply, &fail(why)).await;
         return;
     };
-    let seen = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id);
+    let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));
+    let seen =
+        shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id, &answer_to);
     let ack = Ack {
         command_id: cmd.command_id,
         run_id: cmd.run_id,
@@ -582,7 +596,9 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             shared.send_raw(&reply, outcome).await;
             return;
         }
-        Some(Seen::Running) => {
+        Some(Seen::Running(_)) => {
+            // Still at work: ack to whoever asks now; heartbeats and the
+            // outcome follow it there.
             shared.send(&reply, &ack).await;
             return;
         }
@@ -606,7 +622,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         let result = if let std::task::Poll::Ready(result) = first {
             result
         } else {
-            shared.send(&reply, &ack).await;
+            shared.send(&target(&answer_to), &ack).await;
             // The first beat one interval from now: awaiting an immediate first
             // tick would cost a timer-wheel turn (up to 1 ms) on every command.
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + shared.heartbeat, shared.heartbeat);
@@ -616,7 +632,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                     result = &mut work => break result,
                     _ = tick.tick() => {
                         let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
-                        shared.send(&reply, &hb).await;
+                        shared.send(&target(&answer_to), &hb).await;
                     }
                 }
             }
@@ -630,7 +646,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .finish(command_id, bytes.clone());
-                shared.send_raw(&reply, bytes).await;
+                shared.send_raw(&target(&answer_to), bytes).await;
             }
             Err(e) => warn!(error = %e, "cannot encode an outcome"),
         }
@@ -645,13 +661,17 @@ mod tests {
     fn dedup_remembers_a_bounded_window() {
         let mut d = Dedup::new(2);
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        assert!(d.begin(a).is_none());
-        assert!(matches!(d.begin(a), Some(Seen::Running)));
+        let first: ReplyTarget = Arc::new(Mutex::new("old.coordinator".into()));
+        let second: ReplyTarget = Arc::new(Mutex::new("new.coordinator".into()));
+        assert!(d.begin(a, &first).is_none());
+        // A redelivery while running moves the answers to the new asker.
+        assert!(matches!(d.begin(a, &second), Some(Seen::Running(_))));
+        assert_eq!(target(&first).as_str(), "new.coordinator");
         d.finish(a, Bytes::from_static(b"x"));
-        assert!(matches!(d.begin(a), Some(Seen::Done(_))));
-        d.begin(b);
-        d.begin(c); // a falls out
-        assert!(d.begin(a).is_none());
+        assert!(matches!(d.begin(a, &second), Some(Seen::Done(_))));
+        d.begin(b, &first);
+        d.begin(c, &first); // a falls out
+        assert!(d.begin(a, &first).is_none());
     }
 
     #[test]

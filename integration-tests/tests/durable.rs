@@ -1,0 +1,250 @@
+//! Durable runs: a coordinator killed with SIGKILL at the points that matter
+//! is restarted, resumes from JetStream KV, and every step's handler ran once.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orchestrix::{
+    Client, Coordinator, RunOptions, RunStatus, StepContext, StepError, StepStatus, Worker,
+};
+use orchestrix_coordinator::flowfile;
+use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
+use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
+use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
+use orchestrix_proto::Subjects;
+use orchestrix_worker::NatsOptions;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+const SECS: Duration = Duration::from_secs(1);
+
+const FLOW: &str = r#"
+[[flow]]
+name = "durable"
+[[flow.step]]
+name = "a"
+compensable = true
+[[flow.step]]
+name = "b"
+[[flow.step]]
+name = "c"
+retries = 2
+retry_delay_ms = 1500
+[[flow.step]]
+name = "d"
+"#;
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct Input {
+    fail: bool,
+}
+
+type Journal = Arc<Mutex<Vec<String>>>;
+
+fn count(j: &Journal, line: &str) -> usize {
+    j.lock().unwrap().iter().filter(|l| *l == line).count()
+}
+
+fn has(j: &Journal, line: &str) -> bool {
+    count(j, line) > 0
+}
+
+/// A worker for flow `durable`: `b` takes 1 s, `c` fails its first attempt,
+/// `d` fails for good when asked to, `a`'s compensation takes 1 s.
+async fn worker(server: &NatsServer, j: &Journal) -> Worker {
+    let log = |j: &Journal| {
+        let j = j.clone();
+        move |line: String| j.lock().unwrap().push(line)
+    };
+    let (la, lu, lb, lc, ld) = (log(j), log(j), log(j), log(j), log(j));
+    Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .heartbeat_interval(Duration::from_millis(100))
+        .flow::<Input>("durable", move |f| {
+            f.step("a", move |_: StepContext<Input>| {
+                la("a".into());
+                async { Ok(()) }
+            })
+            .compensate("a", move |_| {
+                let lu = lu.clone();
+                async move {
+                    lu("undo a start".into());
+                    tokio::time::sleep(SECS).await;
+                    lu("undo a done".into());
+                    Ok(())
+                }
+            })
+            .step("b", move |_| {
+                let lb = lb.clone();
+                async move {
+                    lb("b start".into());
+                    tokio::time::sleep(SECS).await;
+                    lb("b done".into());
+                    Ok(())
+                }
+            })
+            .step("c", move |ctx| {
+                lc(format!("c #{}", ctx.attempt()));
+                async move {
+                    if ctx.attempt() == 1 {
+                        return Err(StepError::retryable("first try fails"));
+                    }
+                    Ok(())
+                }
+            })
+            .step("d", move |ctx| {
+                ld("d".into());
+                async move {
+                    if ctx.input.fail {
+                        return Err(StepError::permanent("d refuses"));
+                    }
+                    Ok(())
+                }
+            })
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+struct Cluster {
+    server: NatsServer,
+    flows: tempfile::NamedTempFile,
+    coordinator: Option<ChildProcess>,
+    client: Client,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let server = NatsServer::start();
+        let flows = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(flows.path(), FLOW).unwrap();
+        let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+        let client = Client::new(conn, Subjects::default()).request_timeout(2 * SECS);
+        let mut c = Cluster { server, flows, coordinator: None, client };
+        c.start_coordinator().await;
+        c
+    }
+
+    async fn start_coordinator(&mut self) {
+        let url = self.server.url();
+        let flows = self.flows.path().to_str().unwrap().to_owned();
+        let args = [
+            "--nats",
+            &url,
+            "serve",
+            "--store",
+            "jetstream",
+            "--flows",
+            &flows,
+            "--heartbeat-timeout",
+            "3s",
+        ];
+        self.coordinator = Some(ChildProcess::spawn(&built("orchestrix"), &args));
+        // Ready when it answers a status request.
+        let deadline = tokio::time::Instant::now() + 30 * SECS;
+        loop {
+            match self.client.status(Uuid::nil()).await {
+                Err(e) if e.to_string().starts_with("unknown run") => return,
+                _ => {}
+            }
+            assert!(tokio::time::Instant::now() < deadline, "coordinator did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn kill_and_restart(&mut self) {
+        let c = self.coordinator.take().unwrap();
+        c.signal("KILL");
+        drop(c);
+        self.start_coordinator().await;
+    }
+}
+
+async fn killed_at(point: &str, input: Input) -> (orchestrix::RunReport, Journal) {
+    let mut cluster = Cluster::start().await;
+    let j = Journal::default();
+    let w = worker(&cluster.server, &j).await;
+    let run_id = cluster.client.start("durable", &input, RunOptions::new()).await.unwrap();
+    let jj = j.clone();
+    eventually(30 * SECS, point, || has(&jj, point)).await;
+    cluster.kill_and_restart().await;
+    let report =
+        tokio::time::timeout(60 * SECS, cluster.client.wait(run_id)).await.unwrap().unwrap();
+    w.shutdown().await;
+    (report, j)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_a_step_is_in_flight() {
+    let (report, j) = killed_at("b start", Input { fail: false }).await;
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    // The restarted coordinator re-sent b's command; the worker, still at it,
+    // answered the new coordinator instead of running it again.
+    assert_eq!((count(&j, "a"), count(&j, "b start"), count(&j, "b done")), (1, 1, 1));
+    assert_eq!(report.step("b").unwrap().attempts, 1);
+    assert_eq!((count(&j, "c #1"), count(&j, "c #2"), count(&j, "d")), (1, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_retry_delay() {
+    let (report, j) = killed_at("c #1", Input { fail: false }).await;
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!((count(&j, "c #1"), count(&j, "c #2"), count(&j, "b start")), (1, 1, 1));
+    assert_eq!(report.step("c").unwrap().attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_compensation() {
+    let (report, j) = killed_at("undo a start", Input { fail: true }).await;
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    assert_eq!(report.step("a").unwrap().status, StepStatus::Compensated);
+    assert_eq!((count(&j, "undo a start"), count(&j, "undo a done")), (1, 1));
+    assert_eq!(count(&j, "d"), 1);
+}
+
+/// Two coordinators on one JetStream store, in this process.
+async fn coordinator_on(server: &NatsServer) -> (Coordinator, Service) {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let bus = NatsBus::start(conn.clone(), NatsBusOptions::default()).await.unwrap();
+    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
+    let mut b = Coordinator::builder().bus(bus).store(store);
+    for def in flowfile::parse(FLOW).unwrap() {
+        b = b.flow_def(def);
+    }
+    let c = b.build().unwrap();
+    let s = Service::start(c.clone(), conn, &Subjects::default()).await.unwrap();
+    (c, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_on_two_coordinators_runs_once() {
+    let server = NatsServer::start();
+    let j = Journal::default();
+    let w = worker(&server, &j).await;
+    let (first, _s1) = coordinator_on(&server).await;
+    let (second, _s2) = coordinator_on(&server).await;
+    let key = || RunOptions::new().key("order:42").ttl(60 * SECS);
+    let starts = (0..20).map(|i| {
+        let c = if i % 2 == 0 { first.clone() } else { second.clone() };
+        async move { c.start("durable", &Input { fail: false }, key()).await.unwrap() }
+    });
+    let handles = futures::future::join_all(starts).await;
+    let id = handles[0].run_id();
+    assert!(handles.iter().all(|h| h.run_id() == id));
+    assert_eq!(handles.iter().filter(|h| !h.is_duplicate()).count(), 1);
+    for h in handles {
+        let r = tokio::time::timeout(60 * SECS, h.report()).await.unwrap().unwrap();
+        assert_eq!((r.run_id, r.status), (id, RunStatus::Completed));
+    }
+    assert_eq!(count(&j, "a"), 1, "nothing ran twice");
+    // Later, on either coordinator, within the ttl: the same report, no new run.
+    let again = second.run("durable", &Input { fail: true }, key()).await.unwrap();
+    assert_eq!((again.run_id, again.status), (id, RunStatus::Completed));
+    assert_eq!(count(&j, "a"), 1);
+    // Finished runs stay queryable from any coordinator.
+    assert_eq!(first.status(id).await.unwrap().unwrap().status, RunStatus::Completed);
+    w.shutdown().await;
+}
