@@ -95,6 +95,13 @@ impl RunActor {
         failures: u32,
         ctx: &mut Context<Self>,
     ) {
+        if let StoreError::Fenced(_) = e {
+            // Another coordinator took the run over while this one was cut
+            // off: it is theirs now; stop without acting on anything.
+            warn!(run_id = %self.run_id(), "run taken over by another coordinator; letting go");
+            ctx.stop();
+            return;
+        }
         // The run cannot move on before its state is stored: wait and write again.
         let delay = std::time::Duration::from_millis(50 << failures.min(6));
         warn!(run_id = %self.run_id(), error = %e, retry_in = ?delay, "cannot store the run's transition");

@@ -356,13 +356,13 @@ impl Coordinator {
         }
     }
 
-    /// Resumes the runs the store holds that have not finished: what a
-    /// coordinator does when it starts on a durable store. Returns how many.
-    ///
-    /// Until leases land, run this on one coordinator per store: two would
-    /// both resume the same runs.
+    /// Resumes the live runs that no live coordinator owns (those of a
+    /// coordinator that died, this one's previous life included): what a
+    /// coordinator does when it starts on a durable store, and then every
+    /// second or so ([`Coordinator::take_over_orphans`]). Returns how many.
+    /// Several coordinators may call it at once: each run goes to one.
     pub async fn recover(&self) -> Result<usize, RunError> {
-        let records = self.inner.store.live_runs().await?;
+        let records = self.inner.store.claim_orphans().await?;
         let engine = match &self.inner.engine {
             Some(e) => e.clone(),
             None => Engine::shared()?,
@@ -382,6 +382,25 @@ impl Coordinator {
             resumed += 1;
         }
         Ok(resumed)
+    }
+
+    /// Calls [`Coordinator::recover`] every `every`, so runs of a coordinator
+    /// that dies are taken over by the live ones. Stops when the handle is dropped
+    /// or aborted. Call from within a tokio runtime.
+    pub fn take_over_orphans(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match me.recover().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(runs = n, "took over runs of a coordinator that died"),
+                    Err(e) => tracing::warn!(error = %e, "cannot look for orphaned runs"),
+                }
+            }
+        })
     }
 
     /// The report of a run so far (`status` is `running` while it is live),

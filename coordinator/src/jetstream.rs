@@ -8,6 +8,16 @@
 //! | `{prefix}_runs` | run id | the live run's record (MessagePack), rewritten per batch of transitions |
 //! | `{prefix}_history` | run id | the final report; entries expire after the retention (bucket `max_age`) |
 //! | `{prefix}_keys` | hex of the idempotency key | the run id, then its report; expires `ttl` after the run ended (per-key TTL, nats-server ≥ 2.11) |
+//! | `{prefix}_coordinators` | coordinator id | a heartbeat, rewritten every second with a 3 s per-key TTL: the key exists while the coordinator lives |
+//!
+//! **Ownership.** Each run record names the coordinator that owns it, and
+//! every write of it is a compare-and-set on the record's revision. A
+//! coordinator that finds a live run whose owner's heartbeat key has expired
+//! claims it with a compare-and-set (one claimant wins) and resumes it. If the
+//! old owner was only cut off and comes back, its next write fails the
+//! compare-and-set ([`StoreError::Fenced`]) and its actor lets the run go. A
+//! run is taken over within about 3 s (heartbeat TTL) plus the scan interval
+//! (1 s in `orchestrix serve`).
 //!
 //! What a transition costs: one KV put of the run's record per batch (a step
 //! completing and the next one starting are one batch), so a 3-step run
@@ -88,8 +98,36 @@ struct Inner {
     history: kv::Store,
     keys: kv::Store,
     keys_bucket: String,
+    coordinators: kv::Store,
+    /// This coordinator's id, the owner named in the records it writes.
+    id: String,
+    /// Revision of each run record this coordinator last wrote.
+    revisions: std::sync::Mutex<std::collections::HashMap<Uuid, u64>>,
+    heartbeat: tokio::task::JoinHandle<()>,
     options: JetStreamStoreOptions,
 }
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// A run record with its owner, as written.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    owner: &'a str,
+    record: &'a RunRecord,
+}
+
+#[derive(Deserialize)]
+struct Stored {
+    owner: String,
+    record: RunRecord,
+}
+
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 
 impl fmt::Debug for JetStreamStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,13 +192,110 @@ impl JetStreamStore {
         let history = open(bucket(format!("{p}_history"), options.retention, false)).await?;
         let keys_bucket = format!("{p}_keys");
         let keys = open(bucket(keys_bucket.clone(), Duration::ZERO, true)).await?;
-        Ok(JetStreamStore {
-            inner: Arc::new(Inner { js, runs, history, keys, keys_bucket, options }),
-        })
+        let coordinators_bucket = format!("{p}_coordinators");
+        let coordinators = open(bucket(coordinators_bucket.clone(), Duration::ZERO, true)).await?;
+        let id = Uuid::new_v4().simple().to_string();
+        // The first beat is written before the store is used, so no other
+        // coordinator ever sees this one's runs as orphans.
+        beat(&js, &coordinators_bucket, &id).await?;
+        let heartbeat = tokio::spawn({
+            let (js, bucket, id) = (js.clone(), coordinators_bucket, id.clone());
+            async move {
+                let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = beat(&js, &bucket, &id).await {
+                        tracing::warn!(error = %e, "cannot renew the coordinator heartbeat");
+                    }
+                }
+            }
+        });
+        let inner = Inner {
+            js,
+            runs,
+            history,
+            keys,
+            keys_bucket,
+            coordinators,
+            id,
+            revisions: Default::default(),
+            heartbeat,
+            options,
+        };
+        Ok(JetStreamStore { inner: Arc::new(inner) })
+    }
+
+    /// This coordinator's id in the store.
+    pub fn coordinator_id(&self) -> &str {
+        &self.inner.id
     }
 }
 
+/// Publishes a message with a per-message TTL to a KV key's subject (a plain
+/// KV put cannot carry one).
+async fn put_with_ttl(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+    value: Bytes,
+    ttl: Duration,
+) -> Result<(), StoreError> {
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(value)
+        .ttl(ttl.max(Duration::from_secs(1)));
+    let ack = js
+        .send_publish(format!("$KV.{bucket}.{key}"), msg)
+        .await
+        .map_err(|e| unavailable("cannot publish", e))?;
+    ack.await.map_err(|e| unavailable("publish not acknowledged", e))?;
+    Ok(())
+}
+
+async fn beat(js: &jetstream::Context, bucket: &str, id: &str) -> Result<(), StoreError> {
+    let now = time::unix_ms(SystemTime::now()).to_string();
+    put_with_ttl(js, bucket, id, Bytes::from(now), HEARTBEAT_TTL).await
+}
+
 impl Inner {
+    fn stored(&self, record: &RunRecord) -> Result<Bytes, StoreError> {
+        encode(&StoredRef { owner: &self.id, record })
+    }
+
+    fn revision(&self, run_id: Uuid) -> Option<u64> {
+        self.revisions.lock().unwrap_or_else(|p| p.into_inner()).get(&run_id).copied()
+    }
+
+    fn set_revision(&self, run_id: Uuid, revision: Option<u64>) {
+        let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        match revision {
+            Some(rev) => r.insert(run_id, rev),
+            None => r.remove(&run_id),
+        };
+    }
+
+    /// Writes a record this coordinator owns: compare-and-set on the revision
+    /// it last wrote, so a coordinator that lost the run cannot overwrite it.
+    async fn write(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let id = record.run_id;
+        let value = self.stored(record)?;
+        let written = match self.revision(id) {
+            Some(rev) => self.runs.update(id.to_string(), value, rev).await.map_err(|e| {
+                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                    StoreError::Fenced(id)
+                } else {
+                    unavailable("cannot write the run", e)
+                }
+            })?,
+            None => self
+                .runs
+                .create(id.to_string(), value)
+                .await
+                .map_err(|e| unavailable("cannot write the run", e))?,
+        };
+        self.set_revision(id, Some(written));
+        Ok(())
+    }
+
     async fn claim(&self, record: &RunRecord, key: &str) -> Result<Created, StoreError> {
         let name = key_name(key);
         let value = encode(&KeyValue { run_id: record.run_id, done: None })?;
@@ -199,10 +334,7 @@ impl Inner {
     async fn finish(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
         let id = after.run_id.to_string();
         // Final record first: a coordinator recovering now sees a finished run, not a live one.
-        self.runs
-            .put(&id, encode(&*after)?)
-            .await
-            .map_err(|e| unavailable("cannot write the run", e))?;
+        self.write(&after).await?;
         let report = after.to_report(duration);
         self.history
             .put(&id, encode(&report)?)
@@ -212,19 +344,10 @@ impl Inner {
             let ttl = after.ttl.unwrap_or(self.options.default_ttl);
             let expires = time::unix_ms(SystemTime::now() + ttl);
             let value = encode(&KeyValue { run_id: after.run_id, done: Some((report, expires)) })?;
-            // A plain KV put has no per-key TTL: publish to the bucket's subject with one.
-            let subject = format!("$KV.{}.{}", self.keys_bucket, key_name(key));
-            let msg = jetstream::message::PublishMessage::build()
-                .payload(value)
-                .ttl(ttl.max(Duration::from_secs(1)));
-            let ack = self
-                .js
-                .send_publish(subject, msg)
-                .await
-                .map_err(|e| unavailable("cannot write the key", e))?;
-            ack.await.map_err(|e| unavailable("cannot write the key", e))?;
+            put_with_ttl(&self.js, &self.keys_bucket, &key_name(key), value, ttl).await?;
         }
         self.runs.delete(&id).await.map_err(|e| unavailable("cannot retire the run", e))?;
+        self.set_revision(after.run_id, None);
         Ok(())
     }
 
@@ -233,7 +356,7 @@ impl Inner {
         if let Some(b) =
             self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?
         {
-            let rec: RunRecord = decode(&b)?;
+            let rec = decode::<Stored>(&b)?.record;
             let elapsed = SystemTime::now().duration_since(rec.started_at).unwrap_or_default();
             return Ok(Some(rec.to_report(elapsed)));
         }
@@ -255,12 +378,7 @@ impl Store for JetStreamStore {
                     return Ok(Created::Existing { run_id, report });
                 }
             }
-            let id = record.run_id.to_string();
-            inner
-                .runs
-                .put(&id, encode(&*record)?)
-                .await
-                .map_err(|e| unavailable("cannot write the run", e))?;
+            inner.write(&record).await?;
             Ok(Created::New)
         })
     }
@@ -280,13 +398,8 @@ impl Store for JetStreamStore {
             match finished {
                 Some(duration) => inner.finish(after, duration).await,
                 None => {
-                    let value = encode(&*after)?;
-                    inner
-                        .runs
-                        .put(run_id.to_string(), value)
-                        .await
-                        .map_err(|e| unavailable("cannot write the run", e))?;
-                    Ok(())
+                    debug_assert_eq!(after.run_id, run_id);
+                    inner.write(&after).await
                 }
             }
         })
@@ -328,27 +441,60 @@ impl Store for JetStreamStore {
         })
     }
 
-    fn live_runs(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut keys =
                 inner.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
+            let mut alive: std::collections::HashMap<String, bool> = Default::default();
             let mut out = Vec::new();
             while let Some(key) = keys.next().await {
                 let key = key.map_err(|e| unavailable("cannot list runs", e))?;
-                let Some(b) =
-                    inner.runs.get(&key).await.map_err(|e| unavailable("cannot read a run", e))?
+                let Some(entry) = inner
+                    .runs
+                    .entry(&key)
+                    .await
+                    .map_err(|e| unavailable("cannot read a run", e))?
                 else {
                     continue;
                 };
-                let rec: RunRecord = decode(&b)?;
+                if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                let stored: Stored = decode(&entry.value)?;
+                if stored.owner == inner.id {
+                    continue;
+                }
+                let owner_alive = match alive.get(&stored.owner) {
+                    Some(a) => *a,
+                    None => {
+                        let a = inner
+                            .coordinators
+                            .get(&stored.owner)
+                            .await
+                            .map_err(|e| unavailable("cannot read heartbeats", e))?
+                            .is_some();
+                        alive.insert(stored.owner.clone(), a);
+                        a
+                    }
+                };
+                if owner_alive {
+                    continue;
+                }
+                // Claim it: one compare-and-set, one winner.
+                let run_id = stored.record.run_id;
+                let claimed =
+                    inner.runs.update(&key, inner.stored(&stored.record)?, entry.revision).await;
+                let Ok(revision) = claimed else { continue };
+                inner.set_revision(run_id, Some(revision));
+                let rec = Arc::new(stored.record);
                 if rec.phase == Phase::Finished {
                     // Died between its final record and its retirement: finish the job.
                     let duration = rec.duration.unwrap_or_default();
-                    inner.finish(Arc::new(rec), duration).await?;
+                    inner.finish(rec, duration).await?;
                     continue;
                 }
-                out.push(Arc::new(rec));
+                out.push(rec);
             }
             Ok(out)
         })

@@ -72,6 +72,9 @@ pub enum StoreError {
     /// No run with this id is kept.
     #[error("no run {0} in the store")]
     NotFound(Uuid),
+    /// Another coordinator owns the run now (this one was presumed dead).
+    #[error("run {0} was taken over by another coordinator")]
+    Fenced(Uuid),
 }
 
 /// Keeps runs. Every transition reaches the store before the command that
@@ -96,9 +99,11 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves with the run's final report once it has one.
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>>;
 
-    /// Runs that have not finished, for a coordinator that starts to resume.
-    /// A store that dies with its process has none to offer.
-    fn live_runs(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+    /// Live runs that no live coordinator owns, now claimed for this store's
+    /// coordinator (atomically: of several coordinators asking, one gets each
+    /// run). The coordinator resumes them. A store that dies with its process
+    /// has none to offer.
+    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         Box::pin(futures::future::ready(Ok(Vec::new())))
     }
 }
@@ -327,7 +332,7 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
         (**self).wait(run_id)
     }
-    fn live_runs(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
-        (**self).live_runs()
+    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+        (**self).claim_orphans()
     }
 }

@@ -306,11 +306,14 @@ async fn a_duplicate_command_runs_the_handler_once() {
     let subject = Subjects::default().step("dup", "charge");
     let bytes = Bytes::from(encode(&cmd).unwrap());
     let mut outcomes = Vec::new();
-    for _ in 0..2 {
+    for round in 0..2 {
         nats.publish_with_reply(subject.clone(), inbox.clone(), bytes.clone()).await.unwrap();
         // Read until this delivery's outcome (the first also brings an ack).
         loop {
-            let msg = tokio::time::timeout(5 * SECS, replies.next()).await.unwrap().unwrap();
+            let msg = tokio::time::timeout(5 * SECS, replies.next())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no reply; journal {:?}", entries(&j)))
+                .unwrap();
             if let Ok(o) = decode::<StepOutcome>(&msg.payload) {
                 outcomes.push(o);
                 break;

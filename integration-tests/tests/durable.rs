@@ -248,3 +248,120 @@ async fn one_key_on_two_coordinators_runs_once() {
     assert_eq!(first.status(id).await.unwrap().unwrap().status, RunStatus::Completed);
     w.shutdown().await;
 }
+
+/// Handler calls per (run, what), across every worker task.
+type Calls = Arc<Mutex<std::collections::HashMap<(Uuid, String), usize>>>;
+
+fn calls_of(c: &Calls, run: Uuid, what: &str) -> usize {
+    c.lock().unwrap().get(&(run, what.to_owned())).copied().unwrap_or(0)
+}
+
+async fn counting_worker(server: &NatsServer, calls: &Calls) -> Worker {
+    let rec = |c: &Calls| {
+        let c = c.clone();
+        move |run: Uuid, what: String| *c.lock().unwrap().entry((run, what)).or_default() += 1
+    };
+    let (ra, ru, rb, rc, rd) = (rec(calls), rec(calls), rec(calls), rec(calls), rec(calls));
+    Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .heartbeat_interval(Duration::from_millis(100))
+        .concurrency(512)
+        .flow::<Input>("durable", move |f| {
+            f.step("a", move |ctx: StepContext<Input>| {
+                ra(ctx.run_id(), "a".into());
+                async { Ok(()) }
+            })
+            .compensate("a", move |ctx| {
+                ru(ctx.run_id(), "undo a".into());
+                async { Ok(()) }
+            })
+            .step("b", move |ctx| {
+                rb(ctx.run_id(), "b".into());
+                async {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    Ok(())
+                }
+            })
+            .step("c", move |ctx| {
+                rc(ctx.run_id(), format!("c #{}", ctx.attempt()));
+                async move {
+                    if ctx.attempt() == 1 {
+                        return Err(StepError::retryable("first try fails"));
+                    }
+                    Ok(())
+                }
+            })
+            .step("d", move |ctx| {
+                rd(ctx.run_id(), "d".into());
+                async move {
+                    if ctx.input.fail {
+                        return Err(StepError::permanent("d refuses"));
+                    }
+                    Ok(())
+                }
+            })
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_one_killed_under_load_lose_nothing() {
+    let mut cluster = Cluster::start().await;
+    let survivor = {
+        let url = cluster.server.url();
+        let flows = cluster.flows.path().to_str().unwrap().to_owned();
+        let args = [
+            "--nats",
+            &url,
+            "serve",
+            "--store",
+            "jetstream",
+            "--flows",
+            &flows,
+            "--heartbeat-timeout",
+            "3s",
+        ];
+        ChildProcess::spawn(&built("orchestrix"), &args)
+    };
+    let calls = Calls::default();
+    let w = counting_worker(&cluster.server, &calls).await;
+    let mut runs = Vec::new();
+    for i in 0..200u32 {
+        let input = Input { fail: i % 4 == 0 };
+        let id = cluster.client.start("durable", &input, RunOptions::new()).await.unwrap();
+        runs.push((id, input));
+    }
+    // Mid-load: one coordinator dies for good.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doomed = cluster.coordinator.take().unwrap();
+    doomed.signal("KILL");
+    let waits = runs.iter().map(|(id, _)| {
+        let client = cluster.client.clone();
+        let id = *id;
+        async move { tokio::time::timeout(120 * SECS, client.wait(id)).await.unwrap().unwrap() }
+    });
+    let reports = futures::future::join_all(waits).await;
+    let (mut completed, mut failed) = (0, 0);
+    for ((id, input), report) in runs.iter().zip(&reports) {
+        let id = *id;
+        assert_eq!(report.run_id, id);
+        if input.fail {
+            assert_eq!(report.status, RunStatus::Failed, "{report}");
+            assert_eq!(report.step("a").unwrap().status, StepStatus::Compensated);
+            assert_eq!(calls_of(&calls, id, "undo a"), 1, "{id}: compensated once");
+            failed += 1;
+        } else {
+            assert_eq!(report.status, RunStatus::Completed, "{report}");
+            assert_eq!(calls_of(&calls, id, "undo a"), 0);
+            completed += 1;
+        }
+        for what in ["a", "b", "c #1", "c #2", "d"] {
+            assert_eq!(calls_of(&calls, id, what), 1, "{id}: {what} ran once");
+        }
+    }
+    assert_eq!((completed, failed), (150, 50));
+    w.shutdown().await;
+    drop(survivor);
+}

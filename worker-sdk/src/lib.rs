@@ -29,6 +29,6 @@ mod worker;
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
 pub use handler::{BoxedHandler, HandlerFuture, StepHandlers, handler, run_command};
-pub use nats::{ConnectError, NatsOptions, default_nats_url};
+pub use nats::{ConnectError, NatsOptions, default_nats_url, sync};
 pub use orchestrix_proto as proto;
 pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};

@@ -199,3 +199,18 @@ impl NatsOptions {
             .map_err(|source| ConnectError::Connect { url: self.url.clone(), source })
     }
 }
+
+/// Waits until the server has processed everything this client sent so far
+/// (subscriptions included): a message to a fresh inbox comes back only after
+/// the server got to it. `Client::flush` only empties the client's buffer,
+/// which is not enough for another connection to rely on a subscription.
+/// Gives up quietly after 5 s (the connection is down; it will resubscribe).
+pub async fn sync(client: &async_nats::Client) {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let Ok(mut sub) = client.subscribe(inbox.clone()).await else { return };
+    if client.publish(inbox, bytes::Bytes::new()).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+}

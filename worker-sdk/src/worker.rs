@@ -318,8 +318,8 @@ impl WorkerBuilder {
             debug!(worker = %id, %subject, "serving step");
             loops.push(tokio::spawn(serve(sub, Arc::new(reg), shared.clone(), stopped.clone())));
         }
-        // Subscriptions must reach the server before the worker reports ready.
-        let _ = client.flush().await;
+        // Subscriptions must be in force at the server before the worker reports ready.
+        crate::nats::sync(&client).await;
         info!(worker = %id, steps = loops.len(), "worker started");
         Ok(Worker {
             id,

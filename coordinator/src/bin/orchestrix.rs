@@ -260,6 +260,15 @@ async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
 struct Running {
     _service: Service,
     _coordinator: Coordinator,
+    _takeover: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
@@ -285,10 +294,11 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     }
     let coordinator = builder.build()?;
     let resumed = coordinator.recover().await?;
+    let takeover = coordinator.take_over_orphans(Duration::from_secs(1));
     let service = Service::start(coordinator.clone(), conn, &subjects).await?;
     let names: Vec<&str> = flows.iter().map(|f| &*f.name).collect();
     info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, "coordinator ready");
-    Ok(Running { _service: service, _coordinator: coordinator })
+    Ok(Running { _service: service, _coordinator: coordinator, _takeover: AbortOnDrop(takeover) })
 }
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {

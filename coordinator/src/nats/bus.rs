@@ -127,7 +127,7 @@ impl NatsBus {
         let router = tokio::spawn(route(sub, routes.clone(), options.max_message_bytes));
         let (outbox, rx) = mpsc::unbounded_channel();
         let publisher = tokio::spawn(publish(client.clone(), reply_subject.clone(), rx));
-        let _ = client.flush().await;
+        orchestrix_worker::sync(&client).await;
         Ok(NatsBus { client, options, reply_subject, routes, outbox, tasks: [router, publisher] })
     }
 

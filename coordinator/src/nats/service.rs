@@ -68,7 +68,7 @@ impl Service {
                 .map_err(|source| ServiceError::Subscribe { subject: subject.clone(), source })?;
             tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), status)));
         }
-        let _ = client.flush().await;
+        orchestrix_worker::sync(&client).await;
         Ok(Service { tasks })
     }
 }
