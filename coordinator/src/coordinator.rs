@@ -409,6 +409,11 @@ impl Coordinator {
         Ok(self.inner.store.report(run_id).resolve().await?)
     }
 
+    /// Recent runs, newest first (those the store keeps).
+    pub async fn list(&self, filter: crate::ListFilter) -> Result<Vec<RunReport>, RunError> {
+        Ok(self.inner.store.list(filter).await?)
+    }
+
     /// Waits for the final report of a run started earlier.
     pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, RunError> {
         Ok(self.inner.store.wait(run_id).await?)

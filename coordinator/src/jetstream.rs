@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::record::{Phase, RunRecord, Transition};
-use crate::store::{Created, Pending, Store, StoreError};
+use crate::store::{Created, ListFilter, Pending, Store, StoreError};
 
 /// Where and how the JetStream store keeps its buckets.
 #[derive(Debug, Clone)]
@@ -438,6 +438,36 @@ impl Store for JetStreamStore {
                 }
             }
             Err(unavailable("history watch ended", run_id))
+        })
+    }
+
+    fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let now = SystemTime::now();
+            for (bucket, live) in [(&inner.runs, true), (&inner.history, false)] {
+                let mut keys =
+                    bucket.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
+                while let Some(key) = keys.next().await {
+                    let key = key.map_err(|e| unavailable("cannot list runs", e))?;
+                    let Some(b) =
+                        bucket.get(&key).await.map_err(|e| unavailable("cannot read a run", e))?
+                    else {
+                        continue;
+                    };
+                    let report = if live {
+                        let rec = decode::<Stored>(&b)?.record;
+                        rec.to_report(now.duration_since(rec.started_at).unwrap_or_default())
+                    } else {
+                        decode::<RunReport>(&b)?
+                    };
+                    if filter.keeps(&report) {
+                        out.push(report);
+                    }
+                }
+            }
+            Ok(filter.finish(out))
         })
     }
 

@@ -52,4 +52,4 @@ pub use flow::{Flow, FlowDef, FlowError, StepDef, StepOptions, create};
 pub use hooks::{Hooks, StepEvent};
 pub use orchestrix_proto::{RunReport, RunStatus, StepReport, StepStatus};
 pub use retry::RetryPolicy;
-pub use store::{Created, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};
+pub use store::{Created, ListFilter, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};

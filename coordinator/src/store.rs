@@ -99,12 +99,50 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves with the run's final report once it has one.
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>>;
 
+    /// Recent runs (live and finished, as kept), newest first, filtered.
+    fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>>;
+
     /// Live runs that no live coordinator owns, now claimed for this store's
     /// coordinator (atomically: of several coordinators asking, one gets each
     /// run). The coordinator resumes them. A store that dies with its process
     /// has none to offer.
     fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         Box::pin(futures::future::ready(Ok(Vec::new())))
+    }
+}
+
+/// Which runs [`Store::list`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListFilter {
+    /// Only runs in this status.
+    pub status: Option<orchestrix_proto::RunStatus>,
+    /// Only runs of this flow.
+    pub flow: Option<String>,
+    /// At most this many (0: 100).
+    pub limit: usize,
+}
+
+impl ListFilter {
+    /// A filter: `status` and `flow` when given, at most `limit` runs.
+    pub fn new(
+        status: Option<orchestrix_proto::RunStatus>,
+        flow: Option<String>,
+        limit: usize,
+    ) -> Self {
+        ListFilter { status, flow, limit }
+    }
+
+    pub(crate) fn keeps(&self, r: &RunReport) -> bool {
+        self.status.is_none_or(|s| s == r.status)
+            && self.flow.as_deref().is_none_or(|f| f == r.flow)
+    }
+
+    /// Sorts newest first and cuts to the limit.
+    pub(crate) fn finish(&self, mut reports: Vec<RunReport>) -> Vec<RunReport> {
+        reports.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.run_id.cmp(&a.run_id)));
+        reports.truncate(if self.limit == 0 { 100 } else { self.limit });
+        reports
     }
 }
 
@@ -291,6 +329,21 @@ impl Store for MemoryStore {
         Pending::Ready(Ok(report))
     }
 
+    fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for record in lock(shard).runs.values() {
+                let elapsed = now.duration_since(record.started_at).unwrap_or_default();
+                let report = record.to_report(elapsed);
+                if filter.keeps(&report) {
+                    out.push(report);
+                }
+            }
+        }
+        Box::pin(futures::future::ready(Ok(filter.finish(out))))
+    }
+
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
         let rx = {
             let mut shard = self.shard(&run_id);
@@ -334,5 +387,8 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         (**self).claim_orphans()
+    }
+    fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
+        (**self).list(filter)
     }
 }

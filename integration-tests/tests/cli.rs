@@ -122,6 +122,22 @@ async fn serve_run_status_with_the_example_worker() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // History: the three runs, newest first, filterable.
+    let all = orchestrix(&url, &["list", "--json"]).await;
+    assert_eq!(all.status.code(), Some(0), "{all:?}");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&all.stdout).unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0]["runId"].as_str(), Some(id.as_str()), "newest first");
+    let failed =
+        orchestrix(&url, &["list", "--status", "failed", "--flow", "payment-flow", "--json"]).await;
+    let failed: Vec<serde_json::Value> = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["failedStep"], "process-payment");
+    let table = orchestrix(&url, &["list", "--limit", "2"]).await;
+    assert_eq!(stdout(&table).lines().count(), 2, "{table:?}");
+    let bad = orchestrix(&url, &["list", "--status", "weird"]).await;
+    assert_eq!(bad.status.code(), Some(2));
+
     // Mistakes: exit 2 and a readable message.
     let unknown = orchestrix(&url, &["run", "nope"]).await;
     assert_eq!(unknown.status.code(), Some(2));

@@ -181,7 +181,24 @@ impl Message for StatusRequest {
     const KIND: &'static str = "run.status";
 }
 
-/// Coordinator → caller: the answer to a [`RunRequest`] or [`StatusRequest`].
+/// Caller → coordinator: recent runs, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRequest {
+    /// Only runs in this status.
+    #[serde(default)]
+    pub status: Option<crate::RunStatus>,
+    /// Only runs of this flow.
+    #[serde(default)]
+    pub flow: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+impl Message for ListRequest {
+    const KIND: &'static str = "run.list";
+}
+
+/// Coordinator → caller: the answer to a [`RunRequest`], [`StatusRequest`] or [`ListRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunReply {
@@ -192,6 +209,8 @@ pub enum RunReply {
     },
     /// The run's report (final, or so far for a status request).
     Report(Box<RunReport>),
+    /// Reports of several runs, newest first (for a list request).
+    List(Vec<RunReport>),
     /// The request was refused.
     Rejected {
         /// Why, in words.

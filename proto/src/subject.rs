@@ -111,6 +111,11 @@ impl Subjects {
         format!("{}.status", self.prefix)
     }
 
+    /// Where callers send [`crate::ListRequest`]s.
+    pub fn list_requests(&self) -> String {
+        format!("{}.list", self.prefix)
+    }
+
     /// Where workers send acks, heartbeats and outcomes for one coordinator instance.
     pub fn replies(&self, coordinator: &str) -> String {
         format!("{}.reply.{coordinator}", self.prefix)

@@ -123,6 +123,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List recent runs, newest first.
+    List {
+        /// Only runs in this status (running, completed, failed, compensation_failed).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<RunStatus>,
+        /// Only runs of this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try it out: start a local nats-server (JetStream, temp dir, free port) and a coordinator.
     Dev {
         /// Flow file to serve.
@@ -219,6 +234,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::List { status, flow, limit, json } => {
+            let client = client(&cli.nats).await?;
+            let runs = client.list(status, flow, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                for r in &runs {
+                    let failed =
+                        r.failed_step.as_deref().map(|s| format!("  at {s}")).unwrap_or_default();
+                    println!(
+                        "{}  {:<20} {:<20} {:>8} ms{failed}",
+                        r.run_id,
+                        r.flow,
+                        r.status.as_str(),
+                        r.duration.as_millis()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dev { flows, port } => {
             let (server, url) = start_dev_nats(port).await?;
             let mut nats = cli.nats;
@@ -299,6 +334,12 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let names: Vec<&str> = flows.iter().map(|f| &*f.name).collect();
     info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, "coordinator ready");
     Ok(Running { _service: service, _coordinator: coordinator, _takeover: AbortOnDrop(takeover) })
+}
+
+fn parse_status(s: &str) -> Result<RunStatus, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        format!("`{s}` is not a status (running, completed, failed, compensation_failed)")
+    })
 }
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {

@@ -160,6 +160,21 @@ impl Client {
         }
     }
 
+    /// Recent runs, newest first: those in `status` (any when `None`), of
+    /// `flow` (any when `None`), at most `limit`.
+    pub async fn list(
+        &self,
+        status: Option<orchestrix_proto::RunStatus>,
+        flow: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<RunReport>, ClientError> {
+        let req = orchestrix_proto::ListRequest { status, flow, limit };
+        match self.ask(self.subjects.list_requests(), &req, Some(self.request_timeout)).await? {
+            RunReply::List(runs) => Ok(runs),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn ask<M: Message>(
         &self,
         subject: String,
@@ -193,6 +208,7 @@ fn unexpected(reply: RunReply) -> ClientError {
     ClientError::Unexpected(match reply {
         RunReply::Accepted { run_id } => format!("accepted run {run_id}"),
         RunReply::Report(r) => format!("a report of run {}", r.run_id),
+        RunReply::List(l) => format!("a list of {} runs", l.len()),
         RunReply::Rejected { error } => error,
     })
 }

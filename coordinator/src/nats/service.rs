@@ -59,25 +59,35 @@ impl Service {
         subjects: &Subjects,
     ) -> Result<Service, ServiceError> {
         let mut tasks = Vec::new();
-        for (subject, status) in
-            [(subjects.run_requests(), false), (subjects.status_requests(), true)]
-        {
+        let asks = [
+            (subjects.run_requests(), Ask::Run),
+            (subjects.status_requests(), Ask::Status),
+            (subjects.list_requests(), Ask::List),
+        ];
+        for (subject, kind) in asks {
             let sub = client
                 .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
                 .await
                 .map_err(|source| ServiceError::Subscribe { subject: subject.clone(), source })?;
-            tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), status)));
+            tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), kind)));
         }
         orchestrix_worker::sync(&client).await;
         Ok(Service { tasks })
     }
 }
 
+#[derive(Clone, Copy)]
+enum Ask {
+    Run,
+    Status,
+    List,
+}
+
 async fn serve(
     mut sub: async_nats::Subscriber,
     coordinator: Coordinator,
     client: async_nats::Client,
-    status: bool,
+    kind: Ask,
 ) {
     while let Some(msg) = sub.next().await {
         let Some(reply) = msg.reply.clone() else {
@@ -86,10 +96,10 @@ async fn serve(
         };
         let (coordinator, client) = (coordinator.clone(), client.clone());
         tokio::spawn(async move {
-            let answer = if status {
-                answer_status(&coordinator, &msg.payload).await
-            } else {
-                answer_run(&coordinator, &msg.payload).await
+            let answer = match kind {
+                Ask::Run => answer_run(&coordinator, &msg.payload).await,
+                Ask::Status => answer_status(&coordinator, &msg.payload).await,
+                Ask::List => answer_list(&coordinator, &msg.payload).await,
             };
             if let RunReply::Rejected { error } = &answer {
                 debug!(%error, "request rejected");
@@ -154,6 +164,22 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
     match result {
         Ok(Some(report)) => RunReply::Report(Box::new(report)),
         Ok(None) => rejected(format!("unknown run {}", req.run_id)),
+        Err(e) => rejected(e),
+    }
+}
+
+async fn answer_list(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
+    let req = match decode_with_limit::<orchestrix_proto::ListRequest>(
+        payload,
+        DEFAULT_MAX_MESSAGE_BYTES,
+    ) {
+        Ok(r) => r,
+        Err(e) => return rejected(format!("bad list request: {e}")),
+    };
+    // Replies must fit a NATS message: cap the count.
+    let limit = (req.limit as usize).clamp(1, 500);
+    match coordinator.list(crate::ListFilter::new(req.status, req.flow, limit)).await {
+        Ok(runs) => RunReply::List(runs),
         Err(e) => rejected(e),
     }
 }
