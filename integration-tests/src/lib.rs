@@ -226,3 +226,37 @@ impl ChildProcess {
             .code()
     }
 }
+
+/// A cluster of `nats-server` processes with JetStream, routes between them
+/// on loopback, each with its own store.
+#[derive(Debug)]
+pub struct NatsCluster {
+    /// The nodes, in order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` clustered nodes and waits until each accepts connections.
+    /// JetStream elects its leader a moment later: retry the first KV calls.
+    pub fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes: Vec<String> =
+            cluster_ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let config = format!(
+                    "server_name: n{i}\ncluster {{\n  name: orchestrix-test\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                    cluster_ports[i],
+                    routes.join(", ")
+                );
+                NatsServer::start_with_config(&config)
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated (what `NatsOptions` takes).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+}
