@@ -157,6 +157,16 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
     rmp_serde::from_slice(b).map_err(|e| unavailable("corrupt store entry", e))
 }
 
+/// How long a key may name a run that was never written before it is
+/// considered abandoned (its coordinator died between the two writes).
+const ABANDONED_KEY: Duration = Duration::from_secs(30);
+
+fn key_is_stale(entry: &kv::Entry) -> bool {
+    let written = entry.created.unix_timestamp().max(0) as u64;
+    let now = time::unix_ms(SystemTime::now()) / 1000;
+    now.saturating_sub(written) > ABANDONED_KEY.as_secs()
+}
+
 /// KV keys allow few characters; idempotency keys are free text.
 fn key_name(key: &str) -> String {
     key.bytes().map(|b| format!("{b:02x}")).collect()
@@ -319,6 +329,14 @@ impl Inner {
             }
             let held: KeyValue = decode(&entry.value)?;
             match held.done {
+                None if self.report(held.run_id).await?.is_none() && key_is_stale(&entry) => {
+                    // A coordinator died between claiming the key and writing
+                    // its run: nothing will ever finish it. Claim it anew.
+                    match self.keys.update(&name, value.clone(), entry.revision).await {
+                        Ok(_) => return Ok(Created::New),
+                        Err(_) => continue,
+                    }
+                }
                 None => return Ok(Created::Existing { run_id: held.run_id, report: None }),
                 Some((report, expires)) if expires > time::unix_ms(SystemTime::now()) => {
                     return Ok(Created::Existing { run_id: held.run_id, report: Some(report) });
@@ -428,8 +446,15 @@ impl Store for JetStreamStore {
             {
                 return decode(&b);
             }
-            if inner.report(run_id).await?.is_none() {
-                return Err(StoreError::NotFound(run_id));
+            // A run found by its idempotency key may not be written yet: its
+            // coordinator claims the key first. Give it a moment to appear.
+            let mut tries = 0;
+            while inner.report(run_id).await?.is_none() {
+                tries += 1;
+                if tries > 50 {
+                    return Err(StoreError::NotFound(run_id));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             while let Some(entry) = watch.next().await {
                 let entry = entry.map_err(|e| unavailable("history watch failed", e))?;
