@@ -41,6 +41,9 @@ struct Args {
     /// `NATS_SERVER_BIN` or `nats-server` on the PATH, on a free port).
     #[arg(long)]
     nats: Option<String>,
+    /// Start the NATS server with `sync_interval: always` (fsync before every ack).
+    #[arg(long)]
+    sync_always: bool,
     /// Internal: serve the benchmark's steps and echo subject as a worker process.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -227,7 +230,9 @@ fn main() {
                 f.print(args.json);
             }
         }
-        if ["nats-floor-chain3", "saga-nats-memory"].iter().any(|n| wanted(n)) {
+        let nats_scenarios =
+            ["nats-floor-chain3", "saga-nats-memory", "nats-floor-durable", "saga-nats-jetstream"];
+        if nats_scenarios.iter().any(|n| wanted(n)) {
             match nats::run(&args, &wanted).await {
                 Ok(figures) => {
                     for f in figures {

@@ -43,7 +43,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
     let url = match &args.nats {
         Some(u) => u.clone(),
         None => {
-            let (child, url, dir) = start_server()?;
+            let (child, url, dir) = start_server(args.sync_always)?;
             children.0.push(child);
             children.1 = Some(dir);
             url
@@ -98,6 +98,89 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             );
         }
     }
+    if wanted("saga-nats-jetstream") || wanted("nats-floor-durable") {
+        out.extend(durable(args, wanted, &url, &client).await?);
+    }
+    Ok(out)
+}
+
+/// The same flow with its runs in JetStream KV, beside a floor doing the same
+/// messages and KV writes by hand: 3 request-replies and the 7 writes a
+/// 3-step run makes (4 record writes, then final record, history, delete).
+async fn durable(
+    args: &Args,
+    wanted: &dyn Fn(&str) -> bool,
+    url: &str,
+    client: &async_nats::Client,
+) -> Result<Vec<Figure>, String> {
+    use orchestrix::coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
+    let mut out = Vec::new();
+    let floor_kv = async_nats::jetstream::new(client.clone())
+        .create_or_update_key_value(async_nats::jetstream::kv::Config {
+            bucket: "bench_floor".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let sync = if args.sync_always { "-sync-always" } else { "" };
+    let floor_name: &'static str = Box::leak(format!("nats-floor-durable{sync}").into_boxed_str());
+    let saga_name: &'static str = Box::leak(format!("saga-nats-jetstream{sync}").into_boxed_str());
+    if wanted("nats-floor-durable") {
+        let (c, kv) = (client.clone(), floor_kv.clone());
+        out.push(
+            measure(floor_name, 64, args.seconds, move || {
+                let (c, kv) = (c.clone(), kv.clone());
+                async move {
+                    let key = uuid::Uuid::new_v4().simple().to_string();
+                    let record = Bytes::from(vec![0u8; 300]);
+                    kv.put(&key, record.clone()).await.expect("kv");
+                    for _ in 0..3 {
+                        c.request(ECHO, Bytes::from_static(b"x")).await.expect("echo");
+                        kv.put(&key, record.clone()).await.expect("kv");
+                    }
+                    kv.put(&key, record.clone()).await.expect("kv");
+                    kv.put(format!("h{key}"), record.clone()).await.expect("kv");
+                    kv.delete(&key).await.expect("kv");
+                }
+            })
+            .await,
+        );
+    }
+    if wanted("saga-nats-jetstream") {
+        for coordinators in [1usize, 2] {
+            let mut cs = Vec::new();
+            for _ in 0..coordinators {
+                let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;
+                let bus = NatsBus::start(conn.clone(), NatsBusOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let store =
+                    JetStreamStore::open(conn, JetStreamStoreOptions::default().prefix("bench"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                let mut builder = Coordinator::builder().bus(bus).store(store);
+                for def in flowfile::parse(FLOW).map_err(|e| e.to_string())? {
+                    builder = builder.flow_def(def);
+                }
+                cs.push(builder.build().map_err(|e| e.to_string())?);
+            }
+            let name: &'static str =
+                Box::leak(format!("{saga_name}-{coordinators}c").into_boxed_str());
+            let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            out.push(
+                measure(name, 64, args.seconds, move || {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % cs.len();
+                    let c = cs[i].clone();
+                    async move {
+                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                        assert_eq!(r.status, RunStatus::Completed, "{r}");
+                    }
+                })
+                .await,
+            );
+        }
+    }
     Ok(out)
 }
 
@@ -111,16 +194,23 @@ async fn wait_for_worker(client: &async_nats::Client) -> Result<(), String> {
     Err("the worker process did not come up".into())
 }
 
-fn start_server() -> Result<(Child, String, tempfile::TempDir), String> {
+fn start_server(sync_always: bool) -> Result<(Child, String, tempfile::TempDir), String> {
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let child = Command::new(&bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir.path())
+    let mut cmd = Command::new(&bin);
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(dir.path());
+    if sync_always {
+        // fsync before every acknowledgement.
+        let conf = dir.path().join("sync.conf");
+        std::fs::write(&conf, "jetstream { sync_interval: always }\n")
+            .map_err(|e| e.to_string())?;
+        cmd.arg("-c").arg(&conf);
+    }
+    let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
