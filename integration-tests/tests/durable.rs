@@ -365,3 +365,52 @@ async fn two_coordinators_one_killed_under_load_lose_nothing() {
     w.shutdown().await;
     drop(survivor);
 }
+
+/// The crash that leaves the least behind: the attempt is stored as started,
+/// its command never left. Written by hand here, as a dead coordinator would
+/// have left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_before_a_command_was_sent() {
+    use orchestrix_coordinator::record::{RunRecord, Transition};
+    use orchestrix_proto::{CommandKind, Payload};
+
+    let server = NatsServer::start();
+    let j = Journal::default();
+    let w = worker(&server, &j).await;
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    // Open the store once so the buckets exist, as the dead coordinator had.
+    drop(JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap());
+    let def = flowfile::parse(FLOW).unwrap().remove(0);
+    let run_id = Uuid::now_v7();
+    let mut rec = RunRecord::new(
+        run_id,
+        &def,
+        Payload::encode(&Input { fail: false }).unwrap(),
+        std::time::SystemTime::now(),
+    );
+    rec.apply(&Transition::AttemptStarted {
+        step: 0,
+        kind: CommandKind::Execute,
+        attempt: 1,
+        command_id: Uuid::new_v4(),
+        at: std::time::SystemTime::now(),
+    });
+    #[derive(Serialize)]
+    struct Stored<'a> {
+        owner: &'a str,
+        record: &'a RunRecord,
+    }
+    let bytes = rmp_serde::to_vec_named(&Stored { owner: "a-coordinator-that-died", record: &rec })
+        .unwrap();
+    let kv =
+        async_nats::jetstream::new(conn.clone()).get_key_value("orchestrix_runs").await.unwrap();
+    kv.put(run_id.to_string(), bytes.into()).await.unwrap();
+
+    let (c, _service) = coordinator_on(&server).await;
+    assert_eq!(c.recover().await.unwrap(), 1, "the orphan is claimed");
+    assert_eq!(c.recover().await.unwrap(), 0, "and only once");
+    let report = tokio::time::timeout(60 * SECS, c.wait(run_id)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!((count(&j, "a"), count(&j, "b start"), count(&j, "d")), (1, 1, 1));
+    w.shutdown().await;
+}
