@@ -126,7 +126,7 @@ async fn serve_run_status_with_the_example_worker() {
     let all = orchestrix(&url, &["list", "--json"]).await;
     assert_eq!(all.status.code(), Some(0), "{all:?}");
     let all: Vec<serde_json::Value> = serde_json::from_slice(&all.stdout).unwrap();
-    assert_eq!(all.len(), 3);
+    assert_eq!(all.len(), 3, "{all:?}");
     assert_eq!(all[0]["runId"].as_str(), Some(id.as_str()), "newest first");
     let failed =
         orchestrix(&url, &["list", "--status", "failed", "--flow", "payment-flow", "--json"]).await;
@@ -137,6 +137,36 @@ async fn serve_run_status_with_the_example_worker() {
     assert_eq!(stdout(&table).lines().count(), 2, "{table:?}");
     let bad = orchestrix(&url, &["list", "--status", "weird"]).await;
     assert_eq!(bad.status.code(), Some(2));
+
+    // Watch a run live: its retries, its rollback, its end.
+    let watched = orchestrix(
+        &url,
+        &[
+            "run",
+            "payment-flow",
+            "--detach",
+            "--input",
+            r#"{"order_id":"order_4","amount":5000,"user_id":"user_D"}"#,
+        ],
+    )
+    .await;
+    let watched_id = stdout(&watched).trim().to_owned();
+    let watch = orchestrix(&url, &["watch", &watched_id]).await;
+    assert_eq!(watch.status.code(), Some(1), "{watch:?}");
+    let text = stdout(&watch);
+    assert!(
+        text.contains(
+            "process-payment: attempt 3 failed (Payment declined: limit exceeded); retry in 1000 ms"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("reserve-stock: compensated"), "{text}");
+    assert!(text.contains("run ended: failed"), "{text}");
+    // Watching a finished run prints its report at once.
+    let again = orchestrix(&url, &["watch", &watched_id, "--json"]).await;
+    assert_eq!(again.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(r["status"], "failed");
 
     // Mistakes: exit 2 and a readable message.
     let unknown = orchestrix(&url, &["run", "nope"]).await;

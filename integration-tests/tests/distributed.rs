@@ -475,3 +475,61 @@ async fn runs_finish_when_nats_restarts_mid_run() {
     }
     w.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_events_are_published_in_order() {
+    use orchestrix_coordinator::nats::EventPublisher;
+    use orchestrix_proto::{EventKind, RunEvent};
+
+    let server = NatsServer::start();
+    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
+    let toml = "[[flow]]\nname = \"ev\"\n[[flow.step]]\nname = \"a\"\ncompensable = true\n[[flow.step]]\nname = \"b\"\nretries = 1\nretry_delay_ms = 10\n";
+    let bus = NatsBus::start(nats.clone(), NatsBusOptions::default()).await.unwrap();
+    let mut b = Coordinator::builder()
+        .bus(bus)
+        .hooks(EventPublisher::start(nats.clone(), Subjects::default()));
+    for def in flowfile::parse(toml).unwrap() {
+        b = b.flow_def(def);
+    }
+    let coordinator = b.build().unwrap();
+    let w = worker(&server)
+        .flow::<()>("ev", |f| {
+            f.step("a", |_: StepContext<()>| async { Ok(()) })
+                .compensate("a", |_| async { Ok(()) })
+                .step("b", |_| async { Err::<(), _>(StepError::retryable("no")) })
+        })
+        .start()
+        .await
+        .unwrap();
+    let mut events = nats.subscribe(Subjects::default().all_events()).await.unwrap();
+    orchestrix_worker::sync(&nats).await;
+    let report = coordinator.run("ev", &(), RunOptions::new()).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(5 * SECS, events.next()).await.unwrap().unwrap();
+        let ev: RunEvent = decode(&msg.payload).unwrap();
+        assert_eq!(ev.run_id, report.run_id);
+        assert_eq!(msg.subject.as_str(), Subjects::default().events(&report.run_id));
+        let end = matches!(ev.event, EventKind::RunEnded { .. });
+        seen.push(orchestrix_coordinator::nats::describe(&ev.event));
+        if end {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "run started",
+            "a: attempt 1 sent",
+            "a: completed after 1 attempt(s)",
+            "b: attempt 1 sent",
+            "b: attempt 1 failed (no); retry in 10 ms",
+            "b: attempt 2 sent",
+            "b: failed for good (no); rolling back",
+            "a: compensating",
+            "a: compensated",
+            "run ended: failed",
+        ]
+    );
+    w.shutdown().await;
+}

@@ -34,8 +34,8 @@ pub use codec::{
     encode, peek_kind,
 };
 pub use messages::{
-    Ack, CommandKind, Heartbeat, ListRequest, OutcomeResult, RunReply, RunRequest, StatusRequest,
-    StepCommand, StepFailure, StepOutcome, StepOutput, WireError,
+    Ack, CommandKind, EventKind, Heartbeat, ListRequest, OutcomeResult, RunEvent, RunReply,
+    RunRequest, StatusRequest, StepCommand, StepFailure, StepOutcome, StepOutput, WireError,
 };
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};

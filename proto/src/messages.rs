@@ -232,3 +232,84 @@ pub struct WireError {
 impl Message for WireError {
     const KIND: &'static str = "error";
 }
+
+/// What happened in a run, as published on `{prefix}.events.{run_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The run started.
+    RunStarted,
+    /// An attempt of a step's action was sent.
+    StepStarted {
+        /// Step name.
+        step: String,
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// An attempt (action or compensation) failed; another follows after `delay_ms`.
+    Retry {
+        /// Step name.
+        step: String,
+        /// `execute` or `compensate`.
+        kind: CommandKind,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Why.
+        error: String,
+        /// Delay before the next attempt.
+        delay_ms: u64,
+    },
+    /// A step's action completed.
+    StepCompleted {
+        /// Step name.
+        step: String,
+        /// Attempts it took.
+        attempt: u32,
+    },
+    /// A step's action failed for good.
+    StepFailed {
+        /// Step name.
+        step: String,
+        /// Why.
+        error: String,
+    },
+    /// A step's compensation was sent.
+    CompensationStarted {
+        /// Step name.
+        step: String,
+    },
+    /// A step's compensation completed.
+    Compensated {
+        /// Step name.
+        step: String,
+    },
+    /// A step's compensation failed for good.
+    CompensationFailed {
+        /// Step name.
+        step: String,
+        /// Why.
+        error: String,
+    },
+    /// The run reached a terminal status.
+    RunEnded {
+        /// Its final report.
+        report: Box<RunReport>,
+    },
+}
+
+/// Coordinator → anyone: a run's lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEvent {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its flow.
+    pub flow: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// What happened.
+    pub event: EventKind,
+}
+
+impl Message for RunEvent {
+    const KIND: &'static str = "run.event";
+}

@@ -100,6 +100,21 @@ fn every_message_round_trips() {
     round_trip(&RunReply::Accepted { run_id: id });
     round_trip(&RunReply::Report(Box::new(report())));
     round_trip(&RunReply::Rejected { error: "unknown flow `x`".into() });
+    round_trip(&RunReply::List(vec![report()]));
+    round_trip(&ListRequest { status: Some(RunStatus::Failed), flow: None, limit: 5 });
+    for event in [
+        EventKind::RunStarted,
+        EventKind::Retry {
+            step: "s".into(),
+            kind: CommandKind::Compensate,
+            attempt: 2,
+            error: "e".into(),
+            delay_ms: 100,
+        },
+        EventKind::RunEnded { report: Box::new(report()) },
+    ] {
+        round_trip(&RunEvent { run_id: id, flow: "f".into(), at_ms: 1, event });
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_coordinator::nats::{Client, NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::nats::{Client, EventPublisher, NatsBus, NatsBusOptions, Service};
 use orchestrix_coordinator::{Coordinator, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
@@ -120,6 +120,14 @@ enum Command {
         /// The run's id.
         run_id: Uuid,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a run's events live, then print its report.
+    Watch {
+        /// The run's id.
+        run_id: Uuid,
+        /// Print events and the report as JSON lines.
         #[arg(long)]
         json: bool,
     },
@@ -234,6 +242,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Watch { run_id, json } => {
+            use futures::StreamExt;
+            let client = client(&cli.nats).await?;
+            let mut events = Box::pin(client.watch(run_id).await?);
+            let now = client.status(run_id).await?;
+            if !now.status.is_terminal() {
+                while let Some(ev) = events.next().await {
+                    if json {
+                        println!("{}", serde_json::to_string(&ev)?);
+                    } else {
+                        println!(
+                            "{}  {}",
+                            ev.at_ms,
+                            orchestrix_coordinator::nats::describe(&ev.event)
+                        );
+                    }
+                    if let orchestrix_proto::EventKind::RunEnded { report } = ev.event {
+                        if !json {
+                            print!("{report}");
+                        }
+                        return Ok(exit_for(&report));
+                    }
+                }
+            }
+            let report = client.status(run_id).await?;
+            print_report(&report, json)?;
+            Ok(exit_for(&report))
+        }
         Command::List { status, flow, limit, json } => {
             let client = client(&cli.nats).await?;
             let runs = client.list(status, flow, limit).await?;
@@ -316,7 +352,8 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         .heartbeat_timeout(args.heartbeat_timeout);
     let bus =
         NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
-    let mut builder = Coordinator::builder().bus(bus);
+    let events = EventPublisher::start(conn.clone(), subjects.clone());
+    let mut builder = Coordinator::builder().bus(bus).hooks(events);
     if args.store == "jetstream" {
         let options = JetStreamStoreOptions::default()
             .prefix(subjects.prefix())

@@ -175,6 +175,24 @@ impl Client {
         }
     }
 
+    /// Follows a run's lifecycle events (published by a coordinator with an
+    /// [`EventPublisher`](crate::nats::EventPublisher)) as they happen.
+    /// Subscribe before asking for the run's status, so nothing is missed.
+    pub async fn watch(
+        &self,
+        run_id: Uuid,
+    ) -> Result<impl futures::Stream<Item = orchestrix_proto::RunEvent> + use<>, ClientError> {
+        use futures::StreamExt;
+        let subject = self.subjects.events(&run_id);
+        let sub = self
+            .nats
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| ClientError::NoCoordinator { subject, reason: e.to_string() })?;
+        orchestrix_worker::sync(&self.nats).await;
+        Ok(sub.filter_map(|m| async move { decode::<orchestrix_proto::RunEvent>(&m.payload).ok() }))
+    }
+
     async fn ask<M: Message>(
         &self,
         subject: String,

@@ -3,8 +3,10 @@
 
 mod bus;
 mod client;
+mod events;
 mod service;
 
 pub use bus::{NatsBus, NatsBusOptions};
 pub use client::{Client, ClientError};
+pub use events::{EventPublisher, describe};
 pub use service::{Service, ServiceError};

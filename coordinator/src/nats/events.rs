@@ -1,0 +1,154 @@
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use orchestrix_proto::{CommandKind, EventKind, RunEvent, RunReport, Subjects, encode, time};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::{Hooks, StepEvent};
+
+/// Hooks that publish every run's lifecycle on NATS, on
+/// `{prefix}.events.{run_id}`, so other services (and `orchestrix watch`)
+/// can follow runs. Publishing never blocks a run: events go through a queue
+/// to one publisher task.
+pub struct EventPublisher {
+    subjects: Subjects,
+    tx: mpsc::UnboundedSender<(String, Bytes)>,
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for EventPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventPublisher")
+            .field("prefix", &self.subjects.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EventPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EventPublisher {
+    /// Starts the publisher task. Call from within a tokio runtime.
+    pub fn start(client: async_nats::Client, subjects: Subjects) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Bytes)>();
+        let task = tokio::spawn(async move {
+            while let Some((subject, bytes)) = rx.recv().await {
+                if let Err(e) = client.publish(subject, bytes).await {
+                    warn!(error = %e, "cannot publish a run event");
+                }
+            }
+        });
+        EventPublisher { subjects, tx, task }
+    }
+
+    fn emit(&self, run_id: Uuid, flow: &str, event: EventKind) {
+        let ev = RunEvent {
+            run_id,
+            flow: flow.to_owned(),
+            at_ms: time::unix_ms(SystemTime::now()),
+            event,
+        };
+        match encode(&ev) {
+            Ok(bytes) => {
+                let _ = self.tx.send((self.subjects.events(&run_id), Bytes::from(bytes)));
+            }
+            Err(e) => warn!(error = %e, "cannot encode a run event"),
+        }
+    }
+}
+
+impl Hooks for EventPublisher {
+    fn on_run_start(&self, run_id: Uuid, flow: &str) {
+        self.emit(run_id, flow, EventKind::RunStarted);
+    }
+
+    fn on_step_start(&self, e: &StepEvent<'_>) {
+        self.emit(
+            e.run_id,
+            e.flow,
+            EventKind::StepStarted { step: e.step.into(), attempt: e.attempt },
+        );
+    }
+
+    fn on_step_retry(&self, e: &StepEvent<'_>, error: &str, delay: Duration) {
+        let event = EventKind::Retry {
+            step: e.step.into(),
+            kind: e.kind,
+            attempt: e.attempt,
+            error: error.into(),
+            delay_ms: delay.as_millis() as u64,
+        };
+        self.emit(e.run_id, e.flow, event);
+    }
+
+    fn on_step_success(&self, e: &StepEvent<'_>, _duration: Duration) {
+        self.emit(
+            e.run_id,
+            e.flow,
+            EventKind::StepCompleted { step: e.step.into(), attempt: e.attempt },
+        );
+    }
+
+    fn on_step_failure(&self, e: &StepEvent<'_>, error: &str) {
+        self.emit(
+            e.run_id,
+            e.flow,
+            EventKind::StepFailed { step: e.step.into(), error: error.into() },
+        );
+    }
+
+    fn on_compensation_start(&self, e: &StepEvent<'_>) {
+        self.emit(e.run_id, e.flow, EventKind::CompensationStarted { step: e.step.into() });
+    }
+
+    fn on_compensation_success(&self, e: &StepEvent<'_>, _duration: Duration) {
+        self.emit(e.run_id, e.flow, EventKind::Compensated { step: e.step.into() });
+    }
+
+    fn on_compensation_failure(&self, e: &StepEvent<'_>, error: &str) {
+        self.emit(
+            e.run_id,
+            e.flow,
+            EventKind::CompensationFailed { step: e.step.into(), error: error.into() },
+        );
+    }
+
+    fn on_run_end(&self, report: &RunReport) {
+        self.emit(
+            report.run_id,
+            &report.flow,
+            EventKind::RunEnded { report: Box::new(report.clone()) },
+        );
+    }
+}
+
+/// One line per event, for people: `retry process-payment #2 in 1000 ms: declined`.
+pub fn describe(event: &EventKind) -> String {
+    match event {
+        EventKind::RunStarted => "run started".into(),
+        EventKind::StepStarted { step, attempt } => format!("{step}: attempt {attempt} sent"),
+        EventKind::Retry { step, kind, attempt, error, delay_ms } => {
+            let what = if *kind == CommandKind::Compensate { "compensation " } else { "" };
+            format!("{step}: {what}attempt {attempt} failed ({error}); retry in {delay_ms} ms")
+        }
+        EventKind::StepCompleted { step, attempt } => {
+            format!("{step}: completed after {attempt} attempt(s)")
+        }
+        EventKind::StepFailed { step, error } => {
+            format!("{step}: failed for good ({error}); rolling back")
+        }
+        EventKind::CompensationStarted { step } => format!("{step}: compensating"),
+        EventKind::Compensated { step } => format!("{step}: compensated"),
+        EventKind::CompensationFailed { step, error } => {
+            format!("{step}: compensation failed ({error})")
+        }
+        EventKind::RunEnded { report } => format!("run ended: {}", report.status),
+    }
+}
