@@ -128,7 +128,7 @@ impl Cluster {
         c
     }
 
-    async fn start_coordinator(&mut self) {
+    fn spawn_coordinator(&self) -> ChildProcess {
         let url = self.server.url();
         let flows = self.flows.path().to_str().unwrap().to_owned();
         let args = [
@@ -142,7 +142,11 @@ impl Cluster {
             "--heartbeat-timeout",
             "3s",
         ];
-        self.coordinator = Some(ChildProcess::spawn(&built("orchestrix"), &args));
+        ChildProcess::spawn(&built("orchestrix"), &args)
+    }
+
+    async fn start_coordinator(&mut self) {
+        self.coordinator = Some(self.spawn_coordinator());
         // Ready when it answers a status request.
         let deadline = tokio::time::Instant::now() + 30 * SECS;
         loop {
@@ -309,22 +313,7 @@ async fn counting_worker(server: &NatsServer, calls: &Calls) -> Worker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_one_killed_under_load_lose_nothing() {
     let mut cluster = Cluster::start().await;
-    let survivor = {
-        let url = cluster.server.url();
-        let flows = cluster.flows.path().to_str().unwrap().to_owned();
-        let args = [
-            "--nats",
-            &url,
-            "serve",
-            "--store",
-            "jetstream",
-            "--flows",
-            &flows,
-            "--heartbeat-timeout",
-            "3s",
-        ];
-        ChildProcess::spawn(&built("orchestrix"), &args)
-    };
+    let survivor = cluster.spawn_coordinator();
     let calls = Calls::default();
     let w = counting_worker(&cluster.server, &calls).await;
     let mut runs = Vec::new();
