@@ -19,6 +19,7 @@ use crate::bus::{Bus, BusReply, Dispatched, Liveness, ReplyTo};
 use crate::machine::{Event, Machine};
 use crate::record::Transition;
 use crate::store::{Pending, Store, StoreError};
+use crate::telemetry::RunSpans;
 use crate::{Hooks, StepEvent};
 
 pub(crate) struct RunActor {
@@ -32,6 +33,8 @@ pub(crate) struct RunActor {
     done: Option<oneshot::Sender<Box<RunReport>>>,
     /// Taken over from the store rather than started here.
     resumed: bool,
+    /// Open spans, when tracing is on.
+    spans: Option<Box<RunSpans>>,
 }
 
 /// An event the actor sends itself, so that handling never re-enters.
@@ -56,6 +59,7 @@ impl RunActor {
             store,
             done: Some(done),
             resumed,
+            spans: None,
         }
     }
 
@@ -124,6 +128,10 @@ impl RunActor {
         match t {
             Transition::AttemptStarted { step, kind, attempt, command_id, .. } => {
                 let cmd = self.command(*step, *kind, *attempt, *command_id);
+                let remote = self.liveness != Liveness::Local;
+                if let Some(s) = &mut self.spans {
+                    s.attempt_started(&cmd.step, *kind, *attempt, remote);
+                }
                 self.hook(*step, *kind, *attempt, |h, e| match kind {
                     CommandKind::Execute => h.on_step_start(e),
                     CommandKind::Compensate if e.attempt == 1 => h.on_compensation_start(e),
@@ -136,26 +144,43 @@ impl RunActor {
                     Some(c) => (c.attempt, c.command_id),
                     None => return,
                 };
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(Some(error));
+                    let name = &self.machine.plan.def.steps[*step as usize].name;
+                    s.retry(name, attempt, retry.delay.as_millis() as u64);
+                }
                 self.hook(*step, *kind, attempt, |h, e| h.on_step_retry(e, error, retry.delay));
                 ctx.notify_later(Internal(Event::RetryDue { command_id }), retry.delay);
             }
             Transition::StepCompleted { step, duration, .. } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(None);
+                }
                 let attempt = self.attempts(*step);
                 self.hook(*step, CommandKind::Execute, attempt, |h, e| {
                     h.on_step_success(e, *duration)
                 });
             }
             Transition::StepFailed { step, error, .. } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(Some(error));
+                }
                 let attempt = self.attempts(*step);
                 self.hook(*step, CommandKind::Execute, attempt, |h, e| h.on_step_failure(e, error));
             }
             Transition::CompensationCompleted { step, duration } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(None);
+                }
                 let attempt = self.compensation_attempts(*step);
                 self.hook(*step, CommandKind::Compensate, attempt, |h, e| {
                     h.on_compensation_success(e, *duration)
                 });
             }
             Transition::CompensationFailed { step, error, .. } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(Some(error));
+                }
                 let attempt = self.compensation_attempts(*step);
                 self.hook(*step, CommandKind::Compensate, attempt, |h, e| {
                     h.on_compensation_failure(e, error)
@@ -164,6 +189,9 @@ impl RunActor {
             Transition::Finished { duration, .. } => {
                 self.bus.run_finished(self.run_id());
                 let report = self.machine.rec.to_report(*duration);
+                if let Some(s) = self.spans.take() {
+                    (*s).finished(&report);
+                }
                 for h in &self.machine.plan.hooks {
                     guard(|| h.on_run_end(&report));
                 }
@@ -276,6 +304,7 @@ impl Actor for RunActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (run_id, flow) = (self.run_id(), self.machine.rec.flow.clone());
+        self.spans = RunSpans::start(run_id, &flow);
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }

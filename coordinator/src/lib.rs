@@ -44,6 +44,7 @@ pub mod nats;
 pub mod record;
 mod retry;
 mod store;
+mod telemetry;
 
 pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
 pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle, RunOptions};
