@@ -28,11 +28,15 @@ impl Visit for Fields {
     }
 }
 
-/// Closed spans: (name, parent name, fields).
+/// A span still open: its fields and its parent's id.
+type OpenSpan = (Fields, Option<u64>);
+/// A closed span: its name, its parent's name, its fields.
+type ClosedSpan = (String, Option<String>, Fields);
+
 #[derive(Default, Clone)]
 struct Capture {
-    open: Arc<Mutex<HashMap<u64, (Fields, Option<u64>)>>>,
-    closed: Arc<Mutex<Vec<(String, Option<String>, Fields)>>>,
+    open: Arc<Mutex<HashMap<u64, OpenSpan>>>,
+    closed: Arc<Mutex<Vec<ClosedSpan>>>,
 }
 
 impl<S: tracing::Subscriber> Layer<S> for Capture {
