@@ -41,13 +41,8 @@ async fn pause(ms: u64) {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let _telemetry = orchestrix::coordinator::observability::init("payment-worker", "info");
     let args = Args::parse();
     let delay = args.step_delay_ms;
     let worker = Worker::builder()

@@ -206,7 +206,11 @@ impl RunActor {
     /// Sends an attempt's command and watches it.
     fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
         let (command_id, step, step_timeout) = (cmd.command_id, cmd.step_index, cmd.timeout);
-        match self.bus.dispatch(cmd, &ReplyTo(ctx.address())) {
+        // Inside the attempt's span, so the bus can carry its context along.
+        let entered = self.spans.as_ref().and_then(|s| s.attempt()).map(|s| s.clone().entered());
+        let dispatched = self.bus.dispatch(cmd, &ReplyTo(ctx.address()));
+        drop(entered);
+        match dispatched {
             Ok(Dispatched::Sent) => self.watch_attempt(command_id, step, step_timeout, ctx),
             Ok(Dispatched::Local(outcome)) => {
                 ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {

@@ -41,6 +41,7 @@ mod hooks;
 pub mod jetstream;
 mod machine;
 pub mod nats;
+pub mod observability;
 pub mod record;
 mod retry;
 mod store;

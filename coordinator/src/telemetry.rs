@@ -68,6 +68,11 @@ impl RunSpans {
         self.attempt = Some(span);
     }
 
+    /// The span of the attempt in flight.
+    pub(crate) fn attempt(&self) -> Option<&Span> {
+        self.attempt.as_ref()
+    }
+
     /// Ends the attempt's span, with an error status when it failed.
     pub(crate) fn attempt_ended(&mut self, error: Option<&str>) {
         if let Some(span) = self.attempt.take()

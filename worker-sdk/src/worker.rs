@@ -604,9 +604,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         }
         None => {}
     }
+    let span = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
-    tracker.spawn(async move {
+    tracker.spawn(tracing::Instrument::instrument(async move {
         let (command_id, run_id, attempt, kind) =
             (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
         let slots = shared.slots.clone();
@@ -637,6 +638,11 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                 }
             }
         };
+        if let OutcomeResult::Failed(f) = &result {
+            let span = tracing::Span::current();
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_message", f.message.as_str());
+        }
         let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
         match encode(&outcome) {
             Ok(bytes) => {
@@ -650,7 +656,45 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             }
             Err(e) => warn!(error = %e, "cannot encode an outcome"),
         }
-    });
+    }, span));
+}
+
+/// The span of one command in this worker: a child of the coordinator's
+/// attempt span when the command carries its `traceparent`.
+fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "orchestrix.handle",
+        otel.name = %format_args!("{} {}", cmd.step, cmd.kind.as_str()),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.destination.name = %msg.subject,
+        orchestrix.run_id = %cmd.run_id,
+        orchestrix.flow = %cmd.flow,
+        orchestrix.step = %cmd.step,
+        orchestrix.attempt = cmd.attempt,
+        orchestrix.kind = cmd.kind.as_str(),
+        orchestrix.worker = worker,
+        otel.status_code = Empty,
+        otel.status_message = Empty,
+    );
+    if !span.is_disabled()
+        && let Some(headers) = &msg.headers
+    {
+        struct Extractor<'a>(&'a async_nats::HeaderMap);
+        impl opentelemetry::propagation::Extractor for Extractor<'_> {
+            fn get(&self, key: &str) -> Option<&str> {
+                self.0.get(key).map(|v| v.as_str())
+            }
+            fn keys(&self) -> Vec<&str> {
+                self.0.iter().map(|(k, _)| k.as_ref()).collect()
+            }
+        }
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)));
+        let _ = span.set_parent(cx);
+    }
+    span
 }
 
 #[cfg(test)]

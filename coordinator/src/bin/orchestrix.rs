@@ -187,13 +187,6 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -201,7 +194,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(async {
+        // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set;
+        // the guard flushes them at exit.
+        let _telemetry = orchestrix_coordinator::observability::init("orchestrix", default_level);
+        dispatch(cli).await
+    });
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");

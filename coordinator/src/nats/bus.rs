@@ -150,10 +150,13 @@ impl Bus for NatsBus {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
         let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
         let mut h = async_nats::HeaderMap::new();
-        h.insert(
-            headers::TRACEPARENT,
-            TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_header(),
-        );
+        if !inject_current_span(&mut h) {
+            // No tracer: still correlate the run's commands (trace id = run id).
+            h.insert(
+                headers::TRACEPARENT,
+                TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_header(),
+            );
+        }
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let about = (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
@@ -213,6 +216,25 @@ async fn publish(
             }));
         }
     }
+}
+
+/// Puts the current span's trace context (the attempt's, entered by the run
+/// actor) into the headers; false when there is none (no tracer installed).
+fn inject_current_span(h: &mut async_nats::HeaderMap) -> bool {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return false;
+    }
+    struct Injector<'a>(&'a mut async_nats::HeaderMap);
+    impl opentelemetry::propagation::Injector for Injector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key, value.as_str());
+        }
+    }
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Injector(h)));
+    true
 }
 
 /// Decodes each reply and hands it to its run. Bad replies are logged and dropped.

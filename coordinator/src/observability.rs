@@ -1,0 +1,85 @@
+//! Installing logs and trace export in a binary: what `orchestrix`, the
+//! example worker and your services call once at start.
+//!
+//! Spans go over OTLP when the standard variables ask for it:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
+//! `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` (default) or `http/protobuf`,
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`. With none of them set,
+//! nothing is exported and only logs are written (to stderr, filtered by `RUST_LOG`).
+
+use std::fmt;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Flushes and shuts the exporter down when dropped (on a thread of its own:
+/// a gRPC exporter must not be flushed from an async worker thread).
+#[must_use = "spans are flushed when the guard is dropped"]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TelemetryGuard").field("exporting", &self.provider.is_some()).finish()
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = std::thread::spawn(move || {
+                let _ = provider.force_flush();
+                let _ = provider.shutdown();
+            })
+            .join();
+        }
+    }
+}
+
+fn exporting() -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
+}
+
+/// Installs logging (stderr, `RUST_LOG`, else `default_level`) and, when the
+/// `OTEL_*` variables ask for it, OTLP span export for `service` (unless
+/// `OTEL_SERVICE_NAME` names it). Call once, inside a tokio runtime (the
+/// gRPC exporter needs one); keep the guard until exit.
+pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Trace context travels in `traceparent` headers, W3C style.
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let provider = if exporting() { build_provider(service) } else { None };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("orchestrix")));
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+    TelemetryGuard { provider }
+}
+
+fn build_provider(service: &str) -> Option<SdkTracerProvider> {
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
+    let exporter = if protocol.starts_with("http") {
+        opentelemetry_otlp::SpanExporter::builder().with_http().build()
+    } else {
+        opentelemetry_otlp::SpanExporter::builder().with_tonic().build()
+    };
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("warning: OTLP export disabled: {e}");
+            return None;
+        }
+    };
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
+    Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+}
