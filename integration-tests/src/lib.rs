@@ -152,6 +152,11 @@ impl ChildProcess {
     /// Spawns `program` with `args`, collecting stdout; stderr is inherited
     /// only when `ORCHESTRIX_TEST_VERBOSE` is set.
     pub fn spawn(program: &Path, args: &[&str]) -> ChildProcess {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    /// Like [`ChildProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
         use tokio::io::AsyncBufReadExt;
         let stderr = if std::env::var_os("ORCHESTRIX_TEST_VERBOSE").is_some() {
             Stdio::inherit()
@@ -160,6 +165,7 @@ impl ChildProcess {
         };
         let mut child = tokio::process::Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
