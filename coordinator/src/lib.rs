@@ -40,6 +40,7 @@ pub mod flowfile;
 mod hooks;
 pub mod jetstream;
 mod machine;
+pub mod metrics;
 pub mod nats;
 pub mod observability;
 pub mod record;

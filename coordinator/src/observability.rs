@@ -1,7 +1,7 @@
 //! Installing logs and trace export in a binary: what `orchestrix`, the
 //! example worker and your services call once at start.
 //!
-//! Spans go over OTLP when the standard variables ask for it:
+//! Spans and metrics (see [`crate::metrics`]) go over OTLP when the standard variables ask for it:
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
 //! `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` (default) or `http/protobuf`,
 //! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`. With none of them set,
@@ -10,6 +10,7 @@
 use std::fmt;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
@@ -21,23 +22,34 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[must_use = "spans are flushed when the guard is dropped"]
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl fmt::Debug for TelemetryGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TelemetryGuard").field("exporting", &self.provider.is_some()).finish()
+        f.debug_struct("TelemetryGuard")
+            .field("exporting", &self.provider.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            let _ = std::thread::spawn(move || {
-                let _ = provider.force_flush();
-                let _ = provider.shutdown();
-            })
-            .join();
+        let (provider, meters) = (self.provider.take(), self.meters.take());
+        if provider.is_none() && meters.is_none() {
+            return;
         }
+        let _ = std::thread::spawn(move || {
+            if let Some(p) = provider {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            }
+            if let Some(m) = meters {
+                let _ = m.force_flush();
+                let _ = m.shutdown();
+            }
+        })
+        .join();
     }
 }
 
@@ -58,11 +70,34 @@ pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     // Trace context travels in `traceparent` headers, W3C style.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = if exporting() { build_provider(service) } else { None };
+    let meters = if exporting() { build_meters(service) } else { None };
+    if let Some(m) = &meters {
+        // `RunMetrics::global()` records on it.
+        opentelemetry::global::set_meter_provider(m.clone());
+    }
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("orchestrix")));
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
-    TelemetryGuard { provider }
+    TelemetryGuard { provider, meters }
+}
+
+fn build_meters(service: &str) -> Option<SdkMeterProvider> {
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
+    let exporter = if protocol.starts_with("http") {
+        opentelemetry_otlp::MetricExporter::builder().with_http().build()
+    } else {
+        opentelemetry_otlp::MetricExporter::builder().with_tonic().build()
+    };
+    let exporter = exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
+    Some(
+        SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    )
 }
 
 fn build_provider(service: &str) -> Option<SdkTracerProvider> {

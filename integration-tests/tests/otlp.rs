@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use orchestrix_integration_tests::{ChildProcess, NatsServer, built, free_port};
@@ -26,19 +27,24 @@ struct Got {
     parent: Vec<u8>,
 }
 
-/// A minimal OTLP/HTTP receiver on 127.0.0.1: POST /v1/traces, protobuf bodies.
-async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>) {
+type Metrics = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A minimal OTLP/HTTP receiver on 127.0.0.1: POST /v1/traces and
+/// /v1/metrics, protobuf bodies. Metrics are kept as (service, name).
+async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>, Metrics) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let got: Arc<Mutex<Vec<Got>>> = Arc::default();
-    let sink = got.clone();
+    let metrics: Metrics = Arc::default();
+    let (sink, msink) = (got.clone(), metrics.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let sink = sink.clone();
+            let (sink, msink) = (sink.clone(), msink.clone());
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
                     let mut len = 0usize;
+                    let mut path = String::new();
                     let mut line = String::new();
                     loop {
                         line.clear();
@@ -48,6 +54,9 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>) {
                         if line == "\r\n" {
                             break;
                         }
+                        if path.is_empty() {
+                            path = line.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                        }
                         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap_or(0);
                         }
@@ -56,7 +65,29 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>) {
                     if stream.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
+                    if path == "/v1/metrics" {
+                        if let Ok(req) = ExportMetricsServiceRequest::decode(body.as_slice()) {
+                            let mut out = msink.lock().unwrap();
+                            for rm in req.resource_metrics {
+                                let service = rm
+                                    .resource
+                                    .iter()
+                                    .flat_map(|r| &r.attributes)
+                                    .find(|kv| kv.key == "service.name")
+                                    .and_then(|kv| kv.value.as_ref()?.value.clone())
+                                    .map(|v| match v {
+                                        Value::StringValue(s) => s,
+                                        other => format!("{other:?}"),
+                                    })
+                                    .unwrap_or_default();
+                                for sm in rm.scope_metrics {
+                                    for m in sm.metrics {
+                                        out.push((service.clone(), m.name));
+                                    }
+                                }
+                            }
+                        }
+                    } else if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
                         let mut out = sink.lock().unwrap();
                         for rs in req.resource_spans {
                             let service = rs
@@ -91,7 +122,7 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>) {
             });
         }
     });
-    (port, got)
+    (port, got, metrics)
 }
 
 async fn run_payment(url: &str, amount: u32) -> std::process::Output {
@@ -108,12 +139,13 @@ fn flows() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_and_worker_export_one_trace_over_otlp_http() {
-    let (port, got) = receiver().await;
+    let (port, got, metrics) = receiver().await;
     let endpoint = format!("http://127.0.0.1:{port}");
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
     ];
     let server = NatsServer::start();
     let url = server.url();
@@ -170,6 +202,20 @@ async fn coordinator_and_worker_export_one_trace_over_otlp_http() {
         );
     }
     assert!(!run_id.is_empty());
+    // And the coordinator's metrics arrive too.
+    let deadline = Instant::now() + 30 * SECS;
+    loop {
+        let m = metrics.lock().unwrap().clone();
+        let has = |n: &str| m.iter().any(|(svc, name)| svc == "orchestrix" && name == n);
+        if has("orchestrix.runs.finished")
+            && has("orchestrix.step.attempts")
+            && has("orchestrix.run.duration")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics not received: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

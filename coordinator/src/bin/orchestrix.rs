@@ -352,7 +352,10 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let bus =
         NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
     let events = EventPublisher::start(conn.clone(), subjects.clone());
-    let mut builder = Coordinator::builder().bus(bus).hooks(events);
+    let mut builder = Coordinator::builder()
+        .bus(bus)
+        .hooks(events)
+        .hooks(orchestrix_coordinator::metrics::RunMetrics::global());
     if args.store == "jetstream" {
         let options = JetStreamStoreOptions::default()
             .prefix(subjects.prefix())
