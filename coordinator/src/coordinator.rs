@@ -40,6 +40,10 @@ pub struct RunOptions {
     /// Deadline of the whole run: when it passes, the step in flight fails for
     /// good and the rollback starts (compensations are not cut short).
     pub timeout: Option<Duration>,
+    /// W3C `traceparent` of the caller's span: the run's span becomes its
+    /// child. When `None`, the span current where `start` is called is used
+    /// (if a tracer is installed).
+    pub traceparent: Option<String>,
 }
 
 impl RunOptions {
@@ -324,6 +328,7 @@ impl Coordinator {
         record.key = options.key;
         record.ttl = options.ttl;
         record.timeout = options.timeout;
+        record.traceparent = options.traceparent.or_else(crate::telemetry::current_traceparent);
         let record = Arc::new(record);
 
         match self.inner.store.create(&record).resolve().await? {

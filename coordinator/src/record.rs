@@ -113,6 +113,9 @@ pub struct RunRecord {
     /// Total duration, once finished.
     #[serde(with = "opt_duration_ms")]
     pub duration: Option<Duration>,
+    /// Trace context of whoever started the run, for its span's parent.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// One change to a [`RunRecord`].
@@ -223,6 +226,7 @@ impl RunRecord {
             error: None,
             failed_step: None,
             duration: None,
+            traceparent: None,
         }
     }
 

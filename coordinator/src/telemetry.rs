@@ -19,7 +19,11 @@ pub(crate) struct RunSpans {
 }
 
 impl RunSpans {
-    pub(crate) fn start(run_id: Uuid, flow: &str) -> Option<Box<RunSpans>> {
+    pub(crate) fn start(
+        run_id: Uuid,
+        flow: &str,
+        traceparent: Option<&str>,
+    ) -> Option<Box<RunSpans>> {
         let run = info_span!(
             parent: None,
             "orchestrix.run",
@@ -31,6 +35,11 @@ impl RunSpans {
         );
         if run.is_disabled() {
             return None;
+        }
+        if let Some(tp) = traceparent {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&OneHeader(tp)));
+            let _ = run.set_parent(cx);
         }
         Some(Box::new(RunSpans { run, attempt: None, run_id, flow: flow.to_owned() }))
     }
@@ -97,4 +106,34 @@ impl RunSpans {
             self.run.record("otel.status_message", why);
         }
     }
+}
+
+/// A carrier holding just a `traceparent` value.
+struct OneHeader<'a>(&'a str);
+
+impl opentelemetry::propagation::Extractor for OneHeader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+/// The current span's context as a `traceparent` value, when a tracer is
+/// installed and a span is current.
+pub(crate) fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut out = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut out));
+    out.remove("traceparent")
 }

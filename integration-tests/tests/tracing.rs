@@ -9,11 +9,13 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-use orchestrix::{Coordinator, RunOptions, RunStatus, StepContext, StepError, Worker};
+use orchestrix::{Client, Coordinator, RunOptions, RunStatus, StepContext, StepError, Worker};
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions};
+use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
 use orchestrix_integration_tests::NatsServer;
+use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
+use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -29,7 +31,7 @@ async fn a_saga_is_one_trace_across_processes() {
     let server = NatsServer::start();
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml = "[[flow]]\nname = \"traced\"\n[[flow.step]]\nname = \"reserve\"\ncompensable = true\n[[flow.step]]\nname = \"charge\"\nretries = 1\nretry_delay_ms = 10\n";
-    let bus = NatsBus::start(conn, NatsBusOptions::default()).await.unwrap();
+    let bus = NatsBus::start(conn.clone(), NatsBusOptions::default()).await.unwrap();
     let mut b = Coordinator::builder().bus(bus);
     for def in flowfile::parse(toml).unwrap() {
         b = b.flow_def(def);
@@ -47,12 +49,36 @@ async fn a_saga_is_one_trace_across_processes() {
         .unwrap();
     let report = coordinator.run("traced", &(), RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
+
+    // A traced service starts a run over NATS: the run joins the caller's trace.
+    let _service =
+        Service::start(coordinator.clone(), conn.clone(), &Subjects::default()).await.unwrap();
+    let client = Client::new(conn, Subjects::default());
+    let caller = tracing::info_span!("caller", otel.name = "checkout request");
+    let from_client =
+        client.run("traced", &(), RunOptions::new()).instrument(caller).await.unwrap();
+    assert_eq!(from_client.status, RunStatus::Failed);
     worker.shutdown().await;
     // The worker's spans close after its outcome is sent: give them a moment.
     tokio::time::sleep(Duration::from_millis(200)).await;
     provider.force_flush().unwrap();
 
-    let spans = exporter.get_finished_spans().unwrap();
+    let all = exporter.get_finished_spans().unwrap();
+    let caller = all.iter().find(|s| s.name == "checkout request").unwrap();
+    let joined = all
+        .iter()
+        .find(|s| s.name == "traced run" && s.parent_span_id == caller.span_context.span_id())
+        .expect("the run started through the client is a child of the caller's span");
+    assert_eq!(joined.span_context.trace_id(), caller.span_context.trace_id());
+    // The rest checks the first run, started in-process with no span around it.
+    let first_trace = all
+        .iter()
+        .find(|s| s.name == "traced run" && s.parent_span_id == SpanId::INVALID)
+        .unwrap()
+        .span_context
+        .trace_id();
+    let spans: Vec<_> =
+        all.iter().filter(|s| s.span_context.trace_id() == first_trace).cloned().collect();
     let by_name =
         |n: &str| spans.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("no span {n}"));
     let run = by_name("traced run");

@@ -221,7 +221,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let input = Payload::transcode_from(&mut serde_json::Deserializer::from_str(&input))
                 .map_err(|e| anyhow!("--input is not valid JSON: {e}"))?;
             let client = client(&cli.nats).await?;
-            let options = RunOptions { key, ttl, timeout };
+            let options = RunOptions { key, ttl, timeout, traceparent: None };
             if detach {
                 let run_id = client.start_payload(&flow, input, options).await?;
                 if json {

@@ -201,6 +201,10 @@ impl Client {
     ) -> Result<RunReply, ClientError> {
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MESSAGE_KIND, M::KIND);
+        // A traced caller's span becomes the parent of the run's.
+        if let Some(tp) = crate::telemetry::current_traceparent() {
+            h.insert(headers::TRACEPARENT, tp.as_str());
+        }
         let request = async_nats::Request::new()
             .payload(Bytes::from(encode(msg)?))
             .headers(h)
@@ -218,7 +222,7 @@ impl Client {
 }
 
 fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
-    let RunOptions { key, ttl, timeout } = options;
+    let RunOptions { key, ttl, timeout, .. } = options;
     RunRequest { flow: flow.into(), input, key, ttl, timeout, wait }
 }
 

@@ -97,7 +97,14 @@ async fn serve(
         let (coordinator, client) = (coordinator.clone(), client.clone());
         tokio::spawn(async move {
             let answer = match kind {
-                Ask::Run => answer_run(&coordinator, &msg.payload).await,
+                Ask::Run => {
+                    let tp = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(headers::TRACEPARENT))
+                        .map(|v| v.as_str().to_owned());
+                    answer_run(&coordinator, &msg.payload, tp).await
+                }
                 Ask::Status => answer_status(&coordinator, &msg.payload).await,
                 Ask::List => answer_list(&coordinator, &msg.payload).await,
             };
@@ -123,7 +130,11 @@ fn rejected(error: impl fmt::Display) -> RunReply {
     RunReply::Rejected { error: error.to_string() }
 }
 
-async fn answer_run(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
+async fn answer_run(
+    coordinator: &Coordinator,
+    payload: &[u8],
+    traceparent: Option<String>,
+) -> RunReply {
     let req = match decode_with_limit::<RunRequest>(payload, DEFAULT_MAX_MESSAGE_BYTES) {
         Ok(r) => r,
         Err(e) => {
@@ -131,7 +142,7 @@ async fn answer_run(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
             return rejected(format!("bad run request: {e}"));
         }
     };
-    let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout };
+    let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout, traceparent };
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
         Err(e) => return rejected(e),
