@@ -44,6 +44,13 @@ struct Args {
     /// Start the NATS server with `sync_interval: always` (fsync before every ack).
     #[arg(long)]
     sync_always: bool,
+    /// Export spans and metrics (OTLP/HTTP) to a sink in this process, from
+    /// the coordinator and the worker: scenario names get `-traced`.
+    #[arg(long)]
+    traced: bool,
+    /// Internal: OTLP/HTTP base URL the worker process exports to.
+    #[arg(long, hide = true)]
+    trace_to: Option<String>,
     /// Internal: serve the benchmark's steps and echo subject as a worker process.
     #[arg(long, hide = true)]
     worker: Option<String>,
@@ -63,9 +70,12 @@ struct Figure {
 }
 
 impl Figure {
-    fn print(&self, json: bool) {
+    fn print(mut self, json: bool, traced: bool) {
+        if traced {
+            self.scenario = Box::leak(format!("{}-traced", self.scenario).into_boxed_str());
+        }
         if json {
-            println!("{}", serde_json::to_string(self).unwrap_or_default());
+            println!("{}", serde_json::to_string(&self).unwrap_or_default());
         } else {
             let mem = self.bytes_per_run.map(|b| format!("  {b:>8.0} B/run")).unwrap_or_default();
             println!(
@@ -198,6 +208,45 @@ async fn parked_memory(n: usize) -> Figure {
     }
 }
 
+/// A local OTLP/HTTP endpoint that accepts and discards everything, so the
+/// traced scenarios pay for producing and sending spans, not for a collector.
+fn otlp_sink() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("sink port");
+    let url = format!("http://{}", listener.local_addr().expect("sink address"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let (mut len, mut line) = (0usize, String::new());
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                    if reader.get_mut().write_all(ok).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
 /// Resident memory of this process (Linux: `/proc/self/statm`), 0 elsewhere.
 /// Resident rather than allocated bytes: what the machine actually gives up,
 /// allocator overhead included, and no instrumented allocator slowing the
@@ -211,7 +260,7 @@ fn resident_bytes() -> u64 {
 fn main() {
     let args = Args::parse();
     if let Some(url) = &args.worker {
-        worker_process(url);
+        worker_process(url, args.trace_to.as_deref());
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -220,6 +269,15 @@ fn main() {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
+        let sink = args.traced.then(otlp_sink);
+        let _telemetry = sink.as_ref().map(|url| {
+            orchestrix::coordinator::observability::init_with(
+                "orchestrix-bench",
+                "warn,orchestrix_coordinator=info,orchestrix_worker=info",
+                Some(orchestrix::coordinator::observability::Export::http(url)),
+            )
+        });
+        let args = Args { trace_to: sink, ..args };
         let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
         if !args.json {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -227,7 +285,7 @@ fn main() {
         }
         if wanted("saga-inprocess") {
             for f in saga_inprocess(&args).await {
-                f.print(args.json);
+                f.print(args.json, args.traced);
             }
         }
         let nats_scenarios =
@@ -236,7 +294,7 @@ fn main() {
             match nats::run(&args, &wanted).await {
                 Ok(figures) => {
                     for f in figures {
-                        f.print(args.json);
+                        f.print(args.json, args.traced);
                     }
                 }
                 Err(e) => eprintln!("NATS scenarios skipped: {e}"),

@@ -50,8 +50,12 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
         }
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let worker = Command::new(exe)
-        .args(["--worker", &url])
+    let mut worker = Command::new(exe);
+    worker.args(["--worker", &url]);
+    if let Some(sink) = &args.trace_to {
+        worker.args(["--trace-to", sink]);
+    }
+    let worker = worker
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -225,13 +229,20 @@ fn start_server(sync_always: bool) -> Result<(Child, String, tempfile::TempDir),
 }
 
 /// The worker process: the three no-op steps, and an echo responder for the floor.
-pub(crate) fn worker_process(url: &str) {
+pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
+        let _telemetry = trace_to.map(|sink| {
+            orchestrix::coordinator::observability::init_with(
+                "orchestrix-bench-worker",
+                "warn,orchestrix_coordinator=info,orchestrix_worker=info",
+                Some(orchestrix::coordinator::observability::Export::http(sink)),
+            )
+        });
         let client = NatsOptions::new(url).connect().await.expect("worker connects");
         let mut echo = client.subscribe(ECHO).await.expect("echo subscription");
         let responder = client.clone();

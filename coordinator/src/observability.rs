@@ -64,13 +64,45 @@ fn exporting() -> bool {
 /// `OTEL_SERVICE_NAME` names it). Call once, inside a tokio runtime (the
 /// gRPC exporter needs one); keep the guard until exit.
 pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
+    let export = exporting().then(Export::from_env);
+    init_with(service, default_level, export)
+}
+
+/// Where to export, when not from the `OTEL_*` variables.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Export {
+    /// Base URL of the collector; `None`: the exporter's own default/env.
+    pub endpoint: Option<String>,
+    /// OTLP over HTTP/protobuf rather than gRPC.
+    pub http: bool,
+}
+
+impl Export {
+    /// From `OTEL_EXPORTER_OTLP_PROTOCOL`, the endpoint left to the exporter
+    /// (which reads `OTEL_EXPORTER_OTLP_ENDPOINT` itself).
+    pub fn from_env() -> Self {
+        let http =
+            std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default().starts_with("http");
+        Export { endpoint: None, http }
+    }
+
+    /// OTLP/HTTP to `base` (`/v1/traces` and `/v1/metrics` are appended here:
+    /// an endpoint given in code is used verbatim by the exporter).
+    pub fn http(base: &str) -> Self {
+        Export { endpoint: Some(base.trim_end_matches('/').to_owned()), http: true }
+    }
+}
+
+/// Like [`init`], exporting as `export` says (`None`: no export).
+pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // Trace context travels in `traceparent` headers, W3C style.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = if exporting() { build_provider(service) } else { None };
-    let meters = if exporting() { build_meters(service) } else { None };
+    let provider = export.as_ref().and_then(|e| build_provider(service, e));
+    let meters = export.as_ref().and_then(|e| build_meters(service, e));
     if let Some(m) = &meters {
         // `RunMetrics::global()` records on it.
         opentelemetry::global::set_meter_provider(m.clone());
@@ -82,12 +114,18 @@ pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     TelemetryGuard { provider, meters }
 }
 
-fn build_meters(service: &str) -> Option<SdkMeterProvider> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
-    let exporter = if protocol.starts_with("http") {
-        opentelemetry_otlp::MetricExporter::builder().with_http().build()
-    } else {
-        opentelemetry_otlp::MetricExporter::builder().with_tonic().build()
+fn build_meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = match (&export.endpoint, export.http) {
+        (Some(base), true) => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{base}/v1/metrics"))
+            .build(),
+        (None, true) => opentelemetry_otlp::MetricExporter::builder().with_http().build(),
+        (Some(base), false) => {
+            opentelemetry_otlp::MetricExporter::builder().with_tonic().with_endpoint(base).build()
+        }
+        (None, false) => opentelemetry_otlp::MetricExporter::builder().with_tonic().build(),
     };
     let exporter = exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
     let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
@@ -100,12 +138,18 @@ fn build_meters(service: &str) -> Option<SdkMeterProvider> {
     )
 }
 
-fn build_provider(service: &str) -> Option<SdkTracerProvider> {
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default();
-    let exporter = if protocol.starts_with("http") {
-        opentelemetry_otlp::SpanExporter::builder().with_http().build()
-    } else {
-        opentelemetry_otlp::SpanExporter::builder().with_tonic().build()
+fn build_provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = match (&export.endpoint, export.http) {
+        (Some(base), true) => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(format!("{base}/v1/traces"))
+            .build(),
+        (None, true) => opentelemetry_otlp::SpanExporter::builder().with_http().build(),
+        (Some(base), false) => {
+            opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(base).build()
+        }
+        (None, false) => opentelemetry_otlp::SpanExporter::builder().with_tonic().build(),
     };
     let exporter = match exporter {
         Ok(e) => e,
