@@ -288,22 +288,44 @@ impl Inner {
     async fn write(&self, record: &RunRecord) -> Result<(), StoreError> {
         let id = record.run_id;
         let value = self.stored(record)?;
-        let written = match self.revision(id) {
-            Some(rev) => self.runs.update(id.to_string(), value, rev).await.map_err(|e| {
-                if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
-                    StoreError::Fenced(id)
-                } else {
-                    unavailable("cannot write the run", e)
+        let mut expected = self.revision(id);
+        // Two tries: a write whose acknowledgement was lost (a timeout under
+        // load) leaves a newer revision that is still ours; adopt it once.
+        for _ in 0..2 {
+            let attempt = match expected {
+                Some(rev) => {
+                    self.runs.update(id.to_string(), value.clone(), rev).await.map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            unavailable("cannot write the run", e),
+                        )
+                    })
                 }
-            })?,
-            None => self
-                .runs
-                .create(id.to_string(), value)
-                .await
-                .map_err(|e| unavailable("cannot write the run", e))?,
-        };
-        self.set_revision(id, Some(written));
-        Ok(())
+                None => self.runs.create(id.to_string(), value.clone()).await.map_err(|e| {
+                    (
+                        e.kind() == kv::CreateErrorKind::AlreadyExists,
+                        unavailable("cannot write the run", e),
+                    )
+                }),
+            };
+            match attempt {
+                Ok(written) => {
+                    self.set_revision(id, Some(written));
+                    return Ok(());
+                }
+                Err((false, e)) => return Err(e),
+                Err((true, _)) => match self.runs.entry(id.to_string()).await {
+                    Ok(Some(entry))
+                        if decode::<Stored>(&entry.value).is_ok_and(|s| s.owner == self.id) =>
+                    {
+                        expected = Some(entry.revision);
+                    }
+                    // Someone else owns it now: this coordinator was presumed dead.
+                    _ => return Err(StoreError::Fenced(id)),
+                },
+            }
+        }
+        Err(StoreError::Fenced(id))
     }
 
     async fn claim(&self, record: &RunRecord, key: &str) -> Result<Created, StoreError> {

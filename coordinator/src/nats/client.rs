@@ -103,19 +103,7 @@ impl Client {
         options: RunOptions,
     ) -> Result<RunReport, ClientError> {
         let run_id = self.start_payload(flow, input, options).await?;
-        loop {
-            let req = StatusRequest { run_id, wait: true };
-            match self
-                .ask(self.subjects.status_requests(), &req, Some(Duration::from_secs(30)))
-                .await
-            {
-                Ok(RunReply::Report(report)) => return Ok(*report),
-                Ok(other) => return Err(unexpected(other)),
-                // Nobody answered in time: a long run, or a coordinator restarting.
-                Err(ClientError::NoCoordinator { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        self.wait(run_id).await
     }
 
     /// Starts a run and returns its id at once.
@@ -151,12 +139,21 @@ impl Client {
         }
     }
 
-    /// Waits for the final report of a run started earlier.
+    /// Waits for the final report of a run started earlier. If the
+    /// coordinator answering dies meanwhile, the wait goes on with another.
     pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, ClientError> {
-        let req = StatusRequest { run_id, wait: true };
-        match self.ask(self.subjects.status_requests(), &req, None).await? {
-            RunReply::Report(report) => Ok(*report),
-            other => Err(unexpected(other)),
+        loop {
+            let req = StatusRequest { run_id, wait: true };
+            match self
+                .ask(self.subjects.status_requests(), &req, Some(Duration::from_secs(30)))
+                .await
+            {
+                Ok(RunReply::Report(report)) => return Ok(*report),
+                Ok(other) => return Err(unexpected(other)),
+                // Nobody answered in time: a long run, or a coordinator restarting.
+                Err(ClientError::NoCoordinator { .. }) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => return Err(e),
+            }
         }
     }
 
