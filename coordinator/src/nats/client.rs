@@ -151,7 +151,9 @@ impl Client {
                 Ok(RunReply::Report(report)) => return Ok(*report),
                 Ok(other) => return Err(unexpected(other)),
                 // Nobody answered in time: a long run, or a coordinator restarting.
-                Err(ClientError::NoCoordinator { .. }) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(ClientError::NoCoordinator { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
                 Err(e) => return Err(e),
             }
         }
