@@ -125,6 +125,31 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>, Metrics) {
     (port, got, metrics)
 }
 
+/// The run span, an attempt per step under it, and under each attempt the
+/// worker's span for that command — from two processes, one trace.
+fn assert_one_trace(spans: &[Got]) {
+    let run = spans.iter().find(|s| s.name == "payment-flow run").unwrap();
+    assert_eq!(run.trace.len(), 16);
+    let in_trace: Vec<&Got> = spans.iter().filter(|s| s.trace == run.trace).collect();
+    for (attempt, handled) in [
+        ("reserve-stock attempt 1", "reserve-stock execute"),
+        ("process-payment attempt 1", "process-payment execute"),
+        ("send-email attempt 1", "send-email execute"),
+    ] {
+        let a = in_trace
+            .iter()
+            .find(|s| s.name == attempt)
+            .unwrap_or_else(|| panic!("{attempt}: {in_trace:?}"));
+        assert_eq!((a.service.as_str(), &a.parent), ("orchestrix", &run.id));
+        let h = in_trace.iter().find(|s| s.name == handled).unwrap_or_else(|| panic!("{handled}"));
+        assert_eq!(
+            (h.service.as_str(), &h.parent),
+            ("payment-worker", &a.id),
+            "{handled} under {attempt}"
+        );
+    }
+}
+
 async fn run_payment(url: &str, amount: u32) -> std::process::Output {
     let input = format!(r#"{{"order_id":"o","amount":{amount},"user_id":"u"}}"#);
     let cmd = tokio::process::Command::new(built("orchestrix"))
@@ -181,26 +206,7 @@ async fn coordinator_and_worker_export_one_trace_over_otlp_http() {
         assert!(Instant::now() < deadline, "spans not received: {spans:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let run = spans.iter().find(|s| s.name == "payment-flow run").unwrap();
-    assert_eq!(run.trace.len(), 16);
-    let in_trace: Vec<&Got> = spans.iter().filter(|s| s.trace == run.trace).collect();
-    for (attempt, handled) in [
-        ("reserve-stock attempt 1", "reserve-stock execute"),
-        ("process-payment attempt 1", "process-payment execute"),
-        ("send-email attempt 1", "send-email execute"),
-    ] {
-        let a = in_trace
-            .iter()
-            .find(|s| s.name == attempt)
-            .unwrap_or_else(|| panic!("{attempt}: {in_trace:?}"));
-        assert_eq!((a.service.as_str(), &a.parent), ("orchestrix", &run.id));
-        let h = in_trace.iter().find(|s| s.name == handled).unwrap_or_else(|| panic!("{handled}"));
-        assert_eq!(
-            (h.service.as_str(), &h.parent),
-            ("payment-worker", &a.id),
-            "{handled} under {attempt}"
-        );
-    }
+    assert_one_trace(&spans);
     assert!(!run_id.is_empty());
     // And the coordinator's metrics arrive too.
     let deadline = Instant::now() + 30 * SECS;
@@ -256,4 +262,100 @@ async fn an_exporter_whose_endpoint_is_down_slows_nothing() {
         assert!(started.elapsed() < 20 * SECS, "{protocol}: {:?} for 10 runs", started.elapsed());
         drop((coordinator, worker));
     }
+}
+
+/// An OTLP/gRPC collector: the tonic service from the OTLP protos.
+#[derive(Clone, Default)]
+struct GrpcSink(Arc<Mutex<Vec<Got>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcSink
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut out = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref()?.value.clone())
+                .map(|v| match v {
+                    Value::StringValue(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(Got {
+                        service: service.clone(),
+                        name: s.name,
+                        trace: s.trace_id,
+                        id: s.span_id,
+                        parent: s.parent_span_id,
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_worker_export_one_trace_over_otlp_grpc() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let sink = GrpcSink::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = TraceServiceServer::new(sink.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let server = NatsServer::start();
+    let url = server.url();
+    let _coordinator = ChildProcess::spawn_with_env(
+        &built("orchestrix"),
+        &["--nats", &url, "serve", "--store", "memory", "--flows", &flows()],
+        &env,
+    );
+    let worker =
+        ChildProcess::spawn_with_env(&built("examples/payment_worker"), &["--nats", &url], &env);
+    worker.wait_for_line("worker ", 30 * SECS).await;
+    let mut out = run_payment(&url, 50).await;
+    for _ in 0..50 {
+        if out.status.code() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = run_payment(&url, 50).await;
+    }
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let deadline = Instant::now() + 30 * SECS;
+    let spans = loop {
+        let spans = sink.0.lock().unwrap().clone();
+        let have = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
+        if have("orchestrix", "payment-flow run") && have("payment-worker", "send-email execute") {
+            break spans;
+        }
+        assert!(Instant::now() < deadline, "spans not received over gRPC: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_one_trace(&spans);
 }
