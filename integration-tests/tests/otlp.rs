@@ -69,17 +69,7 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>, Metrics) {
                         if let Ok(req) = ExportMetricsServiceRequest::decode(body.as_slice()) {
                             let mut out = msink.lock().unwrap();
                             for rm in req.resource_metrics {
-                                let service = rm
-                                    .resource
-                                    .iter()
-                                    .flat_map(|r| &r.attributes)
-                                    .find(|kv| kv.key == "service.name")
-                                    .and_then(|kv| kv.value.as_ref()?.value.clone())
-                                    .map(|v| match v {
-                                        Value::StringValue(s) => s,
-                                        other => format!("{other:?}"),
-                                    })
-                                    .unwrap_or_default();
+                                let service = service_name(rm.resource.as_ref());
                                 for sm in rm.scope_metrics {
                                     for m in sm.metrics {
                                         out.push((service.clone(), m.name));
@@ -88,31 +78,7 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>, Metrics) {
                             }
                         }
                     } else if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
-                        let mut out = sink.lock().unwrap();
-                        for rs in req.resource_spans {
-                            let service = rs
-                                .resource
-                                .iter()
-                                .flat_map(|r| &r.attributes)
-                                .find(|kv| kv.key == "service.name")
-                                .and_then(|kv| kv.value.as_ref()?.value.clone())
-                                .map(|v| match v {
-                                    Value::StringValue(s) => s,
-                                    other => format!("{other:?}"),
-                                })
-                                .unwrap_or_default();
-                            for ss in rs.scope_spans {
-                                for s in ss.spans {
-                                    out.push(Got {
-                                        service: service.clone(),
-                                        name: s.name,
-                                        trace: s.trace_id,
-                                        id: s.span_id,
-                                        parent: s.parent_span_id,
-                                    });
-                                }
-                            }
-                        }
+                        keep_spans(&sink, req);
                     }
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
                     if stream.get_mut().write_all(ok).await.is_err() {
@@ -123,6 +89,81 @@ async fn receiver() -> (u16, Arc<Mutex<Vec<Got>>>, Metrics) {
         }
     });
     (port, got, metrics)
+}
+
+type Spans = Arc<Mutex<Vec<Got>>>;
+
+/// The `service.name` of an OTLP resource.
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| kv.value.as_ref()?.value.clone())
+        .map(|v| match v {
+            Value::StringValue(s) => s,
+            other => format!("{other:?}"),
+        })
+        .unwrap_or_default()
+}
+
+/// Keeps the spans of an export request, whichever transport brought it.
+fn keep_spans(sink: &Spans, req: ExportTraceServiceRequest) {
+    let mut out = sink.lock().unwrap();
+    for rs in req.resource_spans {
+        let service = service_name(rs.resource.as_ref());
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                out.push(Got {
+                    service: service.clone(),
+                    name: s.name,
+                    trace: s.trace_id,
+                    id: s.span_id,
+                    parent: s.parent_span_id,
+                });
+            }
+        }
+    }
+}
+
+/// Starts the coordinator and the example worker with `env`, then runs the
+/// quick start's payment once it is accepted (the coordinator may still be
+/// starting) and returns that run's output.
+async fn start_and_run(
+    url: &str,
+    env: &[(&str, &str)],
+) -> (ChildProcess, ChildProcess, std::process::Output) {
+    let coordinator = ChildProcess::spawn_with_env(
+        &built("orchestrix"),
+        &["--nats", url, "serve", "--store", "memory", "--flows", &flows()],
+        env,
+    );
+    let worker =
+        ChildProcess::spawn_with_env(&built("examples/payment_worker"), &["--nats", url], env);
+    worker.wait_for_line("worker ", 30 * SECS).await;
+    let mut out = run_payment(url, 50).await;
+    for _ in 0..50 {
+        if out.status.code() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        out = run_payment(url, 50).await;
+    }
+    (coordinator, worker, out)
+}
+
+/// Waits until both processes' spans of a run have arrived.
+async fn wait_for_trace(sink: &Spans) -> Vec<Got> {
+    let deadline = Instant::now() + 30 * SECS;
+    loop {
+        let spans = sink.lock().unwrap().clone();
+        let have = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
+        if have("orchestrix", "payment-flow run") && have("payment-worker", "send-email execute") {
+            return spans;
+        }
+        assert!(Instant::now() < deadline, "spans not received: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The run span, an attempt per step under it, and under each attempt the
@@ -174,38 +215,13 @@ async fn coordinator_and_worker_export_one_trace_over_otlp_http() {
     ];
     let server = NatsServer::start();
     let url = server.url();
-    let _coordinator = ChildProcess::spawn_with_env(
-        &built("orchestrix"),
-        &["--nats", &url, "serve", "--store", "memory", "--flows", &flows()],
-        &env,
-    );
-    let worker =
-        ChildProcess::spawn_with_env(&built("examples/payment_worker"), &["--nats", &url], &env);
-    worker.wait_for_line("worker ", 30 * SECS).await;
-    let mut out = run_payment(&url, 50).await;
-    for _ in 0..50 {
-        if out.status.code() == Some(0) {
-            break;
-        }
-        // The coordinator may still be starting.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        out = run_payment(&url, 50).await;
-    }
+    let (_coordinator, _worker, out) = start_and_run(&url, &env).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let run_id = report["runId"].as_str().unwrap().to_owned();
 
     // Both processes flush within their batch delay.
-    let deadline = Instant::now() + 30 * SECS;
-    let spans = loop {
-        let spans = got.lock().unwrap().clone();
-        let have = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
-        if have("orchestrix", "payment-flow run") && have("payment-worker", "send-email execute") {
-            break spans;
-        }
-        assert!(Instant::now() < deadline, "spans not received: {spans:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let spans = wait_for_trace(&got).await;
     assert_one_trace(&spans);
     assert!(!run_id.is_empty());
     // And the coordinator's metrics arrive too.
@@ -234,25 +250,7 @@ async fn an_exporter_whose_endpoint_is_down_slows_nothing() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", down.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
         ];
-        let coordinator = ChildProcess::spawn_with_env(
-            &built("orchestrix"),
-            &["--nats", &url, "serve", "--store", "memory", "--flows", &flows()],
-            &env,
-        );
-        let worker = ChildProcess::spawn_with_env(
-            &built("examples/payment_worker"),
-            &["--nats", &url],
-            &env,
-        );
-        worker.wait_for_line("worker ", 30 * SECS).await;
-        let mut out = run_payment(&url, 50).await;
-        for _ in 0..50 {
-            if out.status.code() == Some(0) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            out = run_payment(&url, 50).await;
-        }
+        let (coordinator, worker, out) = start_and_run(&url, &env).await;
         assert_eq!(out.status.code(), Some(0), "{protocol}: {out:?}");
         // Ten more runs, each well under a second: export failures stay off the path.
         let started = Instant::now();
@@ -266,7 +264,7 @@ async fn an_exporter_whose_endpoint_is_down_slows_nothing() {
 
 /// An OTLP/gRPC collector: the tonic service from the OTLP protos.
 #[derive(Clone, Default)]
-struct GrpcSink(Arc<Mutex<Vec<Got>>>);
+struct GrpcSink(Spans);
 
 #[tonic::async_trait]
 impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
@@ -281,31 +279,7 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         >,
         tonic::Status,
     > {
-        let mut out = self.0.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.clone())
-                .map(|v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    out.push(Got {
-                        service: service.clone(),
-                        name: s.name,
-                        trace: s.trace_id,
-                        id: s.span_id,
-                        parent: s.parent_span_id,
-                    });
-                }
-            }
-        }
+        keep_spans(&self.0, request.into_inner());
         Ok(tonic::Response::new(Default::default()))
     }
 }
@@ -330,32 +304,8 @@ async fn coordinator_and_worker_export_one_trace_over_otlp_grpc() {
     ];
     let server = NatsServer::start();
     let url = server.url();
-    let _coordinator = ChildProcess::spawn_with_env(
-        &built("orchestrix"),
-        &["--nats", &url, "serve", "--store", "memory", "--flows", &flows()],
-        &env,
-    );
-    let worker =
-        ChildProcess::spawn_with_env(&built("examples/payment_worker"), &["--nats", &url], &env);
-    worker.wait_for_line("worker ", 30 * SECS).await;
-    let mut out = run_payment(&url, 50).await;
-    for _ in 0..50 {
-        if out.status.code() == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        out = run_payment(&url, 50).await;
-    }
+    let (_coordinator, _worker, out) = start_and_run(&url, &env).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let deadline = Instant::now() + 30 * SECS;
-    let spans = loop {
-        let spans = sink.0.lock().unwrap().clone();
-        let have = |svc: &str, name: &str| spans.iter().any(|s| s.service == svc && s.name == name);
-        if have("orchestrix", "payment-flow run") && have("payment-worker", "send-email execute") {
-            break spans;
-        }
-        assert!(Instant::now() < deadline, "spans not received over gRPC: {spans:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let spans = wait_for_trace(&sink.0).await;
     assert_one_trace(&spans);
 }
