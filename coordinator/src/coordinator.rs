@@ -94,6 +94,19 @@ pub enum RunError {
     /// The engine could not be started.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The run's input is larger than a run can carry.
+    #[error(
+        "the run's input is {size} bytes, over the limit of {limit} bytes (keep large data in a store and pass a reference)"
+    )]
+    InputTooLarge {
+        /// The input's size.
+        size: usize,
+        /// The limit ([`crate::DEFAULT_MAX_RUN_PAYLOAD`]).
+        limit: usize,
+    },
+    /// The input is not one well-formed MessagePack value.
+    #[error("the run's input is not valid MessagePack: {0}")]
+    BadInput(CodecError),
     /// The run's actor stopped without a report (the engine was shut down).
     #[error("run {0} was lost: the engine stopped before it finished")]
     Lost(Uuid),
@@ -323,6 +336,11 @@ impl Coordinator {
             .get(flow)
             .ok_or_else(|| RunError::UnknownFlow(flow.to_owned()))?
             .clone();
+        let limit = crate::DEFAULT_MAX_RUN_PAYLOAD;
+        if input.len() > limit {
+            return Err(RunError::InputTooLarge { size: input.len(), limit });
+        }
+        input.validate().map_err(RunError::BadInput)?;
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.key = options.key;
@@ -341,7 +359,14 @@ impl Coordinator {
                 let report = Box::pin(async move { Ok(wait.await?) });
                 Ok(RunHandle { run_id, duplicate: true, report })
             }
-            Created::New => {
+            created @ (Created::New | Created::Adopted(_)) => {
+                let (record, run_id) = match created {
+                    Created::Adopted(r) => {
+                        let id = r.run_id;
+                        (r, id)
+                    }
+                    _ => (record, run_id),
+                };
                 let (tx, rx) = oneshot::channel();
                 let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
                 let engine = match &self.inner.engine {
@@ -367,7 +392,8 @@ impl Coordinator {
     /// second or so ([`Coordinator::take_over_orphans`]). Returns how many.
     /// Several coordinators may call it at once: each run goes to one.
     pub async fn recover(&self) -> Result<usize, RunError> {
-        let records = self.inner.store.claim_orphans().await?;
+        let flows: Arc<[Arc<str>]> = self.inner.flows.keys().cloned().collect();
+        let records = self.inner.store.claim_orphans(flows).await?;
         let engine = match &self.inner.engine {
             Some(e) => e.clone(),
             None => Engine::shared()?,
@@ -375,9 +401,17 @@ impl Coordinator {
         let mut resumed = 0;
         for record in records {
             let Some(plan) = self.inner.flows.get(&*record.flow).cloned() else {
-                tracing::warn!(run_id = %record.run_id, flow = %record.flow, "run of an unknown flow left as it is");
-                continue;
+                continue; // claimed only for flows served here
             };
+            if let Some(why) = Machine::mismatch(&plan, &record) {
+                // Never index past the flow's end: set it aside for an operator.
+                tracing::error!(run_id = %record.run_id, reason = %why, "quarantining a run");
+                let report = record.to_report(Duration::ZERO);
+                if let Err(e) = self.inner.store.quarantine(record.run_id, why, report).await {
+                    tracing::warn!(run_id = %record.run_id, error = %e, "cannot quarantine the run");
+                }
+                continue;
+            }
             let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
             let (tx, _) = oneshot::channel();
             engine.spawn(move |_| {

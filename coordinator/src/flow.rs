@@ -33,6 +33,30 @@ pub struct StepDef {
     /// Time budget of each compensation attempt.
     #[serde(with = "opt_duration_ms", default, rename = "compensation_timeout_ms")]
     pub compensation_timeout: Option<Duration>,
+    /// What an attempt with an unknown outcome means for this step.
+    #[serde(default)]
+    pub on_unknown: OnUnknown,
+}
+
+/// What an attempt with an **unknown outcome** means for a step: its worker
+/// acknowledged the command (so the handler started), then went silent, timed
+/// out or was lost, and the step may or may not have had its effect.
+///
+/// Compensations are always retried on an unknown outcome: a compensation
+/// must be idempotent (safe to run twice, and safe to run for an action that
+/// never happened).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnknown {
+    /// The step may have happened: do not run it again. The run fails, and the
+    /// rollback runs this step's compensation too (if it has one). The default:
+    /// a charge is never made twice, and never left without its refund.
+    #[default]
+    MaybeDone,
+    /// The step is idempotent: run it again, as a failed attempt under the
+    /// step's retry policy. When the retries run out the step still counts as
+    /// maybe done.
+    Retry,
 }
 
 impl StepDef {
@@ -45,6 +69,7 @@ impl StepDef {
             compensable: false,
             compensation_retry: RetryPolicy::compensation_default(),
             compensation_timeout: None,
+            on_unknown: OnUnknown::MaybeDone,
         }
     }
 }
@@ -128,6 +153,7 @@ pub struct StepOptions<I> {
     compensate: Option<BoxedHandler>,
     compensation_retry: RetryPolicy,
     compensation_timeout: Option<Duration>,
+    on_unknown: OnUnknown,
     _input: PhantomData<fn(I)>,
 }
 
@@ -139,6 +165,7 @@ impl<I> Default for StepOptions<I> {
             compensate: None,
             compensation_retry: RetryPolicy::compensation_default(),
             compensation_timeout: None,
+            on_unknown: OnUnknown::MaybeDone,
             _input: PhantomData,
         }
     }
@@ -209,11 +236,26 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
         self
     }
 
-    /// Time budget of each attempt; an attempt past it is dropped and counts as
-    /// a failed (retryable) attempt.
+    /// Time budget of each attempt. An attempt past it is stopped (its future
+    /// dropped, its context cancelled) and its outcome is *unknown*: see
+    /// [`on_unknown`](Self::on_unknown).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = Some(d);
         self
+    }
+
+    /// What an attempt with an unknown outcome (timed out, or its worker went
+    /// silent after starting it) means: [`OnUnknown::MaybeDone`] (the default)
+    /// or [`OnUnknown::Retry`].
+    pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
+        self.on_unknown = on_unknown;
+        self
+    }
+
+    /// The step is idempotent: an attempt with an unknown outcome is simply
+    /// retried. Short for `.on_unknown(OnUnknown::Retry)`.
+    pub fn idempotent(self) -> Self {
+        self.on_unknown(OnUnknown::Retry)
     }
 
     /// Retry policy of the compensation (default: [`RetryPolicy::compensation_default`]).
@@ -334,6 +376,7 @@ where
         def.compensable = options.compensate.is_some();
         def.compensation_retry = options.compensation_retry;
         def.compensation_timeout = options.compensation_timeout;
+        def.on_unknown = options.on_unknown;
         self.def.steps.push(def);
         self.handlers.push(StepHandlers { execute: handler(f), compensate: options.compensate });
         if self.error.is_none() {

@@ -20,7 +20,8 @@
 //!
 //! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
 //! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
-//! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`.
+//! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
+//! `on_unknown` (`"maybe_done"`, the default, or `"retry"`).
 //! Unknown keys are errors, so a typo never silently changes a policy.
 
 use std::path::{Path, PathBuf};
@@ -89,6 +90,8 @@ struct StepEntry {
     compensation_retry_delay_ms: Option<u64>,
     compensation_backoff: Option<f64>,
     compensation_timeout_ms: Option<u64>,
+    #[serde(default)]
+    on_unknown: crate::OnUnknown,
 }
 
 fn ms(v: u64) -> Duration {
@@ -130,6 +133,7 @@ impl StepEntry {
         def.retry = retry;
         def.timeout = self.timeout_ms.map(ms);
         def.compensable = self.compensable;
+        def.on_unknown = self.on_unknown;
         def.compensation_retry = comp;
         def.compensation_timeout = self.compensation_timeout_ms.map(ms);
         def

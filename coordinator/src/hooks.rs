@@ -48,6 +48,11 @@ pub trait Hooks: Send + Sync + 'static {
     fn on_step_retry(&self, event: &StepEvent<'_>, error: &str, delay: std::time::Duration) {}
     /// A step's action completed.
     fn on_step_success(&self, event: &StepEvent<'_>, duration: Duration) {}
+    /// An attempt's outcome is unknown: its worker started it, then went
+    /// silent, timed out or was lost. The step may have had its effect; what
+    /// follows (a retry, or the rollback with this step's compensation) is
+    /// reported by the next hook.
+    fn on_step_unknown(&self, event: &StepEvent<'_>, reason: &str) {}
     /// A step's action failed for good: the rollback starts.
     fn on_step_failure(&self, event: &StepEvent<'_>, error: &str) {}
     /// A step's compensation is about to be sent for the first time.

@@ -99,6 +99,9 @@ struct Inner {
     keys: kv::Store,
     keys_bucket: String,
     coordinators: kv::Store,
+    quarantine: kv::Store,
+    /// Largest value the server takes.
+    max_payload: usize,
     /// This coordinator's id, the owner named in the records it writes.
     id: String,
     /// Revision of each run record this coordinator last wrote.
@@ -146,7 +149,15 @@ struct KeyValue {
 }
 
 fn unavailable(what: &str, e: impl fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("{what}: {e}"))
+    let text = format!("{what}: {e}");
+    // The server (or the client, before sending) refuses a value over its
+    // size limit: no retry can change that.
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("payload") && (lower.contains("exceed") || lower.contains("maximum")) {
+        StoreError::Refused(text)
+    } else {
+        StoreError::Unavailable(text)
+    }
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Bytes, StoreError> {
@@ -154,17 +165,21 @@ fn encode<T: Serialize>(v: &T) -> Result<Bytes, StoreError> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
-    rmp_serde::from_slice(b).map_err(|e| unavailable("corrupt store entry", e))
+    rmp_serde::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// How long a key may name a run that was never written before it is
-/// considered abandoned (its coordinator died between the two writes).
-const ABANDONED_KEY: Duration = Duration::from_secs(30);
-
-fn key_is_stale(entry: &kv::Entry) -> bool {
-    let written = entry.created.unix_timestamp().max(0) as u64;
-    let now = time::unix_ms(SystemTime::now()) / 1000;
-    now.saturating_sub(written) > ABANDONED_KEY.as_secs()
+/// What is known of a run whose stored record cannot be used.
+fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
+    RunReport {
+        run_id,
+        flow: flow.to_owned(),
+        status: orchestrix_proto::RunStatus::Quarantined,
+        duration: Duration::ZERO,
+        started_at: None,
+        error: Some(reason),
+        failed_step: None,
+        steps: Vec::new(),
+    }
 }
 
 /// KV keys allow few characters; idempotency keys are free text.
@@ -178,7 +193,7 @@ impl JetStreamStore {
         client: async_nats::Client,
         options: JetStreamStoreOptions,
     ) -> Result<Self, StoreError> {
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let p = &options.prefix;
         let bucket = |name: String, max_age: Duration, ttl: bool| kv::Config {
             bucket: name,
@@ -204,6 +219,8 @@ impl JetStreamStore {
         let keys = open(bucket(keys_bucket.clone(), Duration::ZERO, true)).await?;
         let coordinators_bucket = format!("{p}_coordinators");
         let coordinators = open(bucket(coordinators_bucket.clone(), Duration::ZERO, true)).await?;
+        let quarantine = open(bucket(format!("{p}_quarantine"), Duration::ZERO, false)).await?;
+        let max_payload = client.server_info().max_payload;
         let id = Uuid::new_v4().simple().to_string();
         // The first beat is written before the store is used, so no other
         // coordinator ever sees this one's runs as orphans.
@@ -227,6 +244,8 @@ impl JetStreamStore {
             keys,
             keys_bucket,
             coordinators,
+            quarantine,
+            max_payload,
             id,
             revisions: Default::default(),
             heartbeat,
@@ -267,6 +286,66 @@ async fn beat(js: &jetstream::Context, bucket: &str, id: &str) -> Result<(), Sto
 }
 
 impl Inner {
+    fn fits(&self, value: &Bytes) -> Result<(), StoreError> {
+        // Headers and subject take a little room too.
+        if value.len() + 512 > self.max_payload {
+            return Err(StoreError::Refused(format!(
+                "the run's record is {} bytes, over the {}-byte limit of the server",
+                value.len(),
+                self.max_payload
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes a new run's first record, which must not exist yet (not even as
+    /// a deleted one). False if it does: another start wrote it first.
+    async fn create_new(&self, record: &RunRecord) -> Result<bool, StoreError> {
+        let id = record.run_id;
+        {
+            // Two starts in this process never both take the same run id.
+            let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+            if r.contains_key(&id) {
+                return Ok(false);
+            }
+            r.insert(id, 0);
+        }
+        let value = self.stored(record)?;
+        let written = self.fits(&value);
+        let written = match written {
+            Ok(()) => self.runs.update(id.to_string(), value.clone(), 0).await.map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    unavailable("cannot write the run", e),
+                )
+            }),
+            Err(e) => Err((false, e)),
+        };
+        match written {
+            Ok(rev) => {
+                self.set_revision(id, Some(rev));
+                Ok(true)
+            }
+            Err((exists, e)) => {
+                // Whether or not the write landed, this process does not run
+                // it now: if it did land, the takeover scan finds a record of
+                // ours that nothing drives and resumes it.
+                self.set_revision(id, None);
+                if exists {
+                    match self.runs.entry(id.to_string()).await {
+                        Ok(Some(entry)) if entry.value == value => {
+                            // Our own write, whose acknowledgement was lost.
+                            self.set_revision(id, Some(entry.revision));
+                            return Ok(true);
+                        }
+                        _ => return Ok(false),
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn stored(&self, record: &RunRecord) -> Result<Bytes, StoreError> {
         encode(&StoredRef { owner: &self.id, record })
     }
@@ -288,6 +367,7 @@ impl Inner {
     async fn write(&self, record: &RunRecord) -> Result<(), StoreError> {
         let id = record.run_id;
         let value = self.stored(record)?;
+        self.fits(&value)?;
         let mut expected = self.revision(id);
         // Two tries: a write whose acknowledgement was lost (a timeout under
         // load) leaves a newer revision that is still ours; adopt it once.
@@ -328,12 +408,23 @@ impl Inner {
         Err(StoreError::Fenced(id))
     }
 
-    async fn claim(&self, record: &RunRecord, key: &str) -> Result<Created, StoreError> {
+    /// Claims the idempotency key for `record`, then writes the record. The
+    /// key is claimed first, so a concurrent start finds it; a start that
+    /// claimed the key but failed to write its run leaves a key that names a
+    /// run that does not exist, and the next start with the key writes that
+    /// very run (same id): the key never leads to a run that never existed.
+    async fn start_keyed(&self, record: &Arc<RunRecord>, key: &str) -> Result<Created, StoreError> {
         let name = key_name(key);
         let value = encode(&KeyValue { run_id: record.run_id, done: None })?;
         loop {
             match self.keys.create(&name, value.clone()).await {
-                Ok(_) => return Ok(Created::New),
+                Ok(_) => {
+                    return if self.create_new(record).await? {
+                        Ok(Created::New)
+                    } else {
+                        Ok(Created::Existing { run_id: record.run_id, report: None })
+                    };
+                }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(unavailable("cannot claim the idempotency key", e)),
             }
@@ -345,30 +436,97 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 // Deleted or expired: claim it over the marker, atomically.
                 match self.keys.update(&name, value.clone(), entry.revision).await {
-                    Ok(_) => return Ok(Created::New),
+                    Ok(_) => {
+                        return if self.create_new(record).await? {
+                            Ok(Created::New)
+                        } else {
+                            Ok(Created::Existing { run_id: record.run_id, report: None })
+                        };
+                    }
                     Err(_) => continue,
                 }
             }
             let held: KeyValue = decode(&entry.value)?;
             match held.done {
-                None if self.report(held.run_id).await?.is_none() && key_is_stale(&entry) => {
-                    // A coordinator died between claiming the key and writing
-                    // its run: nothing will ever finish it. Claim it anew.
-                    match self.keys.update(&name, value.clone(), entry.revision).await {
-                        Ok(_) => return Ok(Created::New),
-                        Err(_) => continue,
-                    }
+                None if self.report(held.run_id).await?.is_none() => {
+                    // The key names a run that was never written: write it now,
+                    // under its id. Only if no record of it ever existed, so a
+                    // late write of the first start makes this one give way.
+                    let mut adopted = (**record).clone();
+                    adopted.run_id = held.run_id;
+                    let adopted = Arc::new(adopted);
+                    return if self.create_new(&adopted).await? {
+                        Ok(Created::Adopted(adopted))
+                    } else {
+                        Ok(Created::Existing { run_id: held.run_id, report: None })
+                    };
                 }
                 None => return Ok(Created::Existing { run_id: held.run_id, report: None }),
                 Some((report, expires)) if expires > time::unix_ms(SystemTime::now()) => {
                     return Ok(Created::Existing { run_id: held.run_id, report: Some(report) });
                 }
                 Some(_) => match self.keys.update(&name, value.clone(), entry.revision).await {
-                    Ok(_) => return Ok(Created::New),
+                    Ok(_) => {
+                        return if self.create_new(record).await? {
+                            Ok(Created::New)
+                        } else {
+                            Ok(Created::Existing { run_id: record.run_id, report: None })
+                        };
+                    }
                     Err(_) => continue,
                 },
             }
         }
+    }
+
+    /// Moves a run aside: its report (status `quarantined`) goes to the
+    /// history, the raw record to the quarantine bucket, its key (if known)
+    /// is answered with the report, and the live record is deleted.
+    async fn quarantine(
+        &self,
+        run_id: Uuid,
+        raw: Option<Bytes>,
+        report: RunReport,
+        key: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let id = run_id.to_string();
+        #[derive(Serialize)]
+        struct Aside<'a> {
+            reason: &'a str,
+            #[serde(with = "serde_bytes_opt")]
+            record: Option<&'a [u8]>,
+        }
+        mod serde_bytes_opt {
+            pub(super) fn serialize<S: serde::Serializer>(
+                v: &Option<&[u8]>,
+                s: S,
+            ) -> Result<S::Ok, S::Error> {
+                match v {
+                    Some(b) => s.serialize_bytes(b),
+                    None => s.serialize_none(),
+                }
+            }
+        }
+        let reason = report.error.clone().unwrap_or_default();
+        let raw = raw.filter(|r| r.len() + 4096 < self.max_payload);
+        let aside = encode(&Aside { reason: &reason, record: raw.as_deref() })?;
+        self.quarantine
+            .put(&id, aside)
+            .await
+            .map_err(|e| unavailable("cannot write to the quarantine", e))?;
+        self.history
+            .put(&id, encode(&report)?)
+            .await
+            .map_err(|e| unavailable("cannot write the history", e))?;
+        if let Some(key) = key {
+            let ttl = self.options.default_ttl;
+            let expires = time::unix_ms(SystemTime::now() + ttl);
+            let value = encode(&KeyValue { run_id, done: Some((report, expires)) })?;
+            put_with_ttl(&self.js, &self.keys_bucket, &key_name(key), value, ttl).await?;
+        }
+        self.runs.delete(&id).await.map_err(|e| unavailable("cannot retire the run", e))?;
+        self.set_revision(run_id, None);
+        Ok(())
     }
 
     async fn finish(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
@@ -396,9 +554,7 @@ impl Inner {
         if let Some(b) =
             self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?
         {
-            let rec = decode::<Stored>(&b)?.record;
-            let elapsed = SystemTime::now().duration_since(rec.started_at).unwrap_or_default();
-            return Ok(Some(rec.to_report(elapsed)));
+            return Ok(Some(live_report(run_id, &b)));
         }
         match self.history.get(&id).await.map_err(|e| unavailable("cannot read the history", e))? {
             Some(b) => Ok(Some(decode(&b)?)),
@@ -407,19 +563,30 @@ impl Inner {
     }
 }
 
+/// The report of a live record; one that does not decode is reported as
+/// such (the takeover scan moves it aside), never as an error that hides
+/// every other run.
+fn live_report(run_id: Uuid, bytes: &[u8]) -> RunReport {
+    match decode::<Stored>(bytes) {
+        Ok(s) => {
+            let elapsed = SystemTime::now().duration_since(s.record.started_at).unwrap_or_default();
+            s.record.to_report(elapsed)
+        }
+        Err(e) => {
+            quarantined_report(run_id, "", format!("the run's stored record does not decode: {e}"))
+        }
+    }
+}
+
 impl Store for JetStreamStore {
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         let (inner, record) = (self.inner.clone(), record.clone());
         Pending::later(async move {
-            if let Some(key) = &record.key {
-                // Claim first: the key names the run before the run exists, and a
-                // caller that finds the key waits for the run's report.
-                if let Created::Existing { run_id, report } = inner.claim(&record, key).await? {
-                    return Ok(Created::Existing { run_id, report });
-                }
+            match &record.key {
+                Some(key) => inner.start_keyed(&record, key).await,
+                None if inner.create_new(&record).await? => Ok(Created::New),
+                None => Err(StoreError::Unavailable(format!("run id {} is taken", record.run_id))),
             }
-            inner.write(&record).await?;
-            Ok(Created::New)
         })
     }
 
@@ -492,7 +659,6 @@ impl Store for JetStreamStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut out = Vec::new();
-            let now = SystemTime::now();
             for (bucket, live) in [(&inner.runs, true), (&inner.history, false)] {
                 let mut keys =
                     bucket.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
@@ -504,10 +670,17 @@ impl Store for JetStreamStore {
                         continue;
                     };
                     let report = if live {
-                        let rec = decode::<Stored>(&b)?.record;
-                        rec.to_report(now.duration_since(rec.started_at).unwrap_or_default())
+                        let id = key.parse().unwrap_or_default();
+                        live_report(id, &b)
                     } else {
-                        decode::<RunReport>(&b)?
+                        match decode::<RunReport>(&b) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let id = key.parse().unwrap_or_default();
+                                let why = format!("the run's stored report does not decode: {e}");
+                                quarantined_report(id, "", why)
+                            }
+                        }
                     };
                     if filter.keeps(&report) {
                         out.push(report);
@@ -518,7 +691,29 @@ impl Store for JetStreamStore {
         })
     }
 
-    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+    fn quarantine(
+        &self,
+        run_id: Uuid,
+        reason: String,
+        mut report: RunReport,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            report.status = orchestrix_proto::RunStatus::Quarantined;
+            report.error = Some(reason);
+            // The key is read from the record, if it still decodes.
+            let key = match inner.runs.get(run_id.to_string()).await {
+                Ok(Some(b)) => decode::<Stored>(&b).ok().and_then(|s| s.record.key),
+                _ => None,
+            };
+            inner.quarantine(run_id, None, report, key.as_deref()).await
+        })
+    }
+
+    fn claim_orphans(
+        &self,
+        flows: Arc<[Arc<str>]>,
+    ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut keys =
@@ -538,8 +733,31 @@ impl Store for JetStreamStore {
                 if entry.operation != kv::Operation::Put {
                     continue;
                 }
-                let stored: Stored = decode(&entry.value)?;
+                let stored: Stored = match decode(&entry.value) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Poison: move it aside (once: the delete is the claim).
+                        let run_id = key.parse().unwrap_or_default();
+                        let why = format!("the run's stored record does not decode: {e}");
+                        tracing::error!(%run_id, reason = %why, "quarantining a run");
+                        let report = quarantined_report(run_id, "", why);
+                        inner.quarantine(run_id, Some(entry.value.clone()), report, None).await?;
+                        continue;
+                    }
+                };
+                if !flows.iter().any(|f| **f == *stored.record.flow) {
+                    continue; // a coordinator that serves this flow takes it
+                }
                 if stored.owner == inner.id {
+                    // Ours, but nothing here drives it: a start whose write
+                    // landed although it reported an error. Resume it.
+                    if inner.revision(stored.record.run_id).is_some() {
+                        continue;
+                    }
+                    let run_id = stored.record.run_id;
+                    tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
+                    inner.set_revision(run_id, Some(entry.revision));
+                    out.push(Arc::new(stored.record));
                     continue;
                 }
                 let owner_alive = match alive.get(&stored.owner) {

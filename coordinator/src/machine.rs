@@ -7,12 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use orchestrix_proto::{CommandKind, OutcomeResult, RunStatus, StepOutput, StepStatus};
+use orchestrix_proto::{
+    CommandKind, OutcomeResult, Payload, RunStatus, StepOutput, StepStatus, WireError,
+};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::record::{Current, Phase, RetryAt, RunRecord, Transition};
-use crate::{FlowDef, Hooks, RetryPolicy};
+use crate::record::{Current, LateNote, MAX_LATE_NOTES, Phase, RetryAt, RunRecord, Transition};
+use crate::{FlowDef, Hooks, OnUnknown, RetryPolicy};
 
 /// A flow as the engine runs it: its definition and the hooks to call.
 #[derive(Clone)]
@@ -27,13 +29,61 @@ pub(crate) enum Event {
     /// The run's actor started.
     Start,
     /// A worker (or the in-process bus) answered an attempt.
-    Outcome { command_id: Uuid, result: OutcomeResult },
-    /// An attempt is lost without an outcome: no ack, no heartbeat, past its time.
-    AttemptLost { command_id: Uuid, reason: String },
+    Outcome { command_id: Uuid, attempt: u32, kind: CommandKind, result: OutcomeResult },
+    /// A worker acknowledged a command: its handler started.
+    Acked { command_id: Uuid, worker: String },
+    /// The ack window passed with no ack: nobody started the command.
+    NotTaken { command_id: Uuid },
+    /// After a takeover, no live worker answered the inquiry about the
+    /// command in flight.
+    Unanswered { command_id: Uuid },
+    /// The worker that acked the command stopped heartbeating.
+    Silent { command_id: Uuid, reason: String },
+    /// The attempt's deadline (plus grace) passed without an outcome.
+    TimedOut { command_id: Uuid, reason: String },
+    /// A worker refused the command without running it.
+    Rejected { command_id: Uuid, code: String, message: String },
+    /// The command could not be sent at all.
+    DispatchFailed { command_id: Uuid, retryable: bool, message: String },
     /// The delay before a retry is over.
     RetryDue { command_id: Uuid },
     /// The run's own deadline passed.
     DeadlineExceeded,
+}
+
+/// Bounds the machine enforces, from the bus and store it runs over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// How long an attempt may wait for some worker to take it.
+    pub(crate) worker_wait: Duration,
+    /// The run's input and step outputs together, in bytes.
+    pub(crate) max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { worker_wait: Duration::from_secs(300), max_payload_bytes: DEFAULT_MAX_RUN_PAYLOAD }
+    }
+}
+
+/// Default limit of a run's input and outputs together: what fits in one
+/// command (NATS' default 1 MiB message) and one stored record, with room
+/// for the rest of the record.
+pub const DEFAULT_MAX_RUN_PAYLOAD: usize = 768 * 1024;
+
+/// Longest error text kept per step (workers' messages are cut there).
+const MAX_ERROR_LEN: usize = 2048;
+
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 pub(crate) struct Machine {
@@ -41,6 +91,7 @@ pub(crate) struct Machine {
     /// Shared with the store that holds it; changed copy-on-write.
     pub(crate) rec: Arc<RunRecord>,
     pub(crate) run_started: Instant,
+    pub(crate) limits: Limits,
     /// Monotonic start of each step's first action attempt and first compensation attempt.
     first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
     rng: fastrand::Rng,
@@ -53,6 +104,7 @@ impl Machine {
             plan,
             rec,
             run_started: now,
+            limits: Limits::default(),
             first_attempt: vec![(None, None); n],
             rng: fastrand::Rng::new(),
         }
@@ -80,6 +132,21 @@ impl Machine {
         m
     }
 
+    /// Why the record cannot be run by this flow, if so: a record written for
+    /// another shape of the flow (steps added, removed or renamed since).
+    pub(crate) fn mismatch(plan: &FlowPlan, rec: &RunRecord) -> Option<String> {
+        let have: Vec<&str> = plan.def.steps.iter().map(|s| &*s.name).collect();
+        let was: Vec<&str> = rec.steps.iter().map(|s| &*s.name).collect();
+        (have != was).then(|| {
+            format!(
+                "the run was started with steps [{}] but flow `{}` now has [{}]",
+                was.join(", "),
+                plan.def.name,
+                have.join(", ")
+            )
+        })
+    }
+
     pub(crate) fn is_finished(&self) -> bool {
         self.rec.phase == Phase::Finished
     }
@@ -103,38 +170,82 @@ impl Machine {
                     self.next_step(0, now, wall, out);
                 }
             }
-            Event::Outcome { command_id, result } => {
-                let Some(cur) = self.in_flight(command_id) else { return };
+            Event::Outcome { command_id, attempt, kind, result } => {
+                let Some(cur) = self.in_flight(command_id) else {
+                    self.late(command_id, attempt, kind, &result, wall, out);
+                    return;
+                };
                 match result {
                     OutcomeResult::Completed { output } => {
-                        let step = cur.step as usize;
-                        match cur.kind {
-                            CommandKind::Execute => {
-                                let duration = self.since_first(step, cur.kind, now);
-                                self.push(
-                                    Transition::StepCompleted { step: cur.step, output, duration },
-                                    out,
-                                );
-                                self.next_step(step + 1, now, wall, out);
-                            }
-                            CommandKind::Compensate => {
-                                let duration = self.since_first(step, cur.kind, now);
-                                self.push(
-                                    Transition::CompensationCompleted { step: cur.step, duration },
-                                    out,
-                                );
-                                self.next_compensation(step, now, wall, out);
-                            }
-                        }
+                        self.completed(cur, output, now, wall, out)
+                    }
+                    OutcomeResult::Failed(f) if f.maybe_done => {
+                        self.unknown(cur, f.message, now, wall, out)
                     }
                     OutcomeResult::Failed(f) => {
-                        self.attempt_failed(cur, f.message, f.retryable, now, wall, out)
+                        self.attempt_failed(cur, f.message, f.retryable, false, now, wall, out)
                     }
                 }
             }
-            Event::AttemptLost { command_id, reason } => {
+            Event::Acked { command_id, worker } => {
+                if self.in_flight(command_id).is_some_and(|c| c.acked_by.is_none()) {
+                    self.push(Transition::AttemptAcked { command_id, worker }, out);
+                }
+            }
+            Event::NotTaken { command_id } => {
+                if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_none()) {
+                    let why = "no worker took the command in time".to_owned();
+                    self.redispatch_or_fail(cur, why, now, wall, out);
+                }
+            }
+            Event::Unanswered { command_id } => {
+                let Some(cur) = self.in_flight(command_id) else { return };
+                match cur.acked_by.clone() {
+                    Some(worker) => {
+                        let why = format!(
+                            "worker {worker} held the command and is gone (no answer after the run was taken over)"
+                        );
+                        self.unknown(cur, why, now, wall, out)
+                    }
+                    // Nobody ever started it, and no live worker holds it: send it again.
+                    None => self.redispatch_or_fail(
+                        cur,
+                        "sent again after a takeover".into(),
+                        now,
+                        wall,
+                        out,
+                    ),
+                }
+            }
+            Event::Silent { command_id, reason } => {
+                if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_some()) {
+                    self.unknown(cur, reason, now, wall, out);
+                }
+            }
+            Event::TimedOut { command_id, reason } => {
+                let Some(cur) = self.in_flight(command_id) else { return };
+                if cur.acked_by.is_some() {
+                    self.unknown(cur, reason, now, wall, out);
+                } else {
+                    // Workers do not start a command past its deadline: nothing ran.
+                    let why = format!("{reason}; no worker started it");
+                    self.attempt_failed(cur, why, true, false, now, wall, out);
+                }
+            }
+            Event::Rejected { command_id, code, message } => {
+                let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_none()) else {
+                    return;
+                };
+                if code == WireError::CODE_EXPIRED {
+                    self.redispatch_or_fail(cur, message, now, wall, out);
+                } else {
+                    let why = format!("the worker refused the command ({code}): {message}");
+                    self.attempt_failed(cur, why, false, false, now, wall, out);
+                }
+            }
+            Event::DispatchFailed { command_id, retryable, message } => {
                 if let Some(cur) = self.in_flight(command_id) {
-                    self.attempt_failed(cur, reason, true, now, wall, out);
+                    self.attempt_failed(cur, message, retryable, false, now, wall, out);
                 }
             }
             Event::RetryDue { command_id } => {
@@ -155,7 +266,10 @@ impl Machine {
                 if let Some(cur) = self.rec.current.clone() {
                     let timeout = self.rec.timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
-                    self.attempt_failed(cur, error, false, now, wall, out);
+                    // An attempt in a worker's hands is stopped there at the
+                    // same deadline: whatever it did is unknown.
+                    let unknown = cur.retry_at.is_none() && cur.acked_by.is_some();
+                    self.step_failed(cur, error, unknown, now, wall, out);
                 }
             }
         }
@@ -177,12 +291,36 @@ impl Machine {
     }
 
     fn since_first(&self, step: usize, kind: CommandKind, now: Instant) -> Duration {
-        let (exec, comp) = self.first_attempt[step];
+        let Some(&(exec, comp)) = self.first_attempt.get(step) else { return Duration::ZERO };
         let first = match kind {
             CommandKind::Execute => exec,
             CommandKind::Compensate => comp,
         };
         first.map(|t| now.saturating_duration_since(t)).unwrap_or_default()
+    }
+
+    /// An answer for an attempt the run gave up on (or a duplicate): noted
+    /// once in the record, never applied.
+    fn late(
+        &mut self,
+        command_id: Uuid,
+        attempt: u32,
+        kind: CommandKind,
+        result: &OutcomeResult,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
+        let current = self.rec.current.as_ref().is_some_and(|c| c.command_id == command_id);
+        let noted = self.rec.late.iter().any(|n| n.command_id == command_id);
+        if noted || self.rec.late.len() >= MAX_LATE_NOTES || (current && attempt == 0) {
+            return;
+        }
+        let outcome = match result {
+            OutcomeResult::Completed { .. } => "completed".to_owned(),
+            OutcomeResult::Failed(f) => bounded(format!("failed: {}", f.message), 256),
+        };
+        let note = LateNote { command_id, attempt, kind, outcome, at: wall };
+        self.push(Transition::LateOutcome(note), out);
     }
 
     fn begin(
@@ -194,13 +332,56 @@ impl Machine {
         wall: SystemTime,
         out: &mut Vec<Transition>,
     ) {
-        let slot = &mut self.first_attempt[step as usize];
-        match kind {
-            CommandKind::Execute => slot.0.get_or_insert(now),
-            CommandKind::Compensate => slot.1.get_or_insert(now),
-        };
+        if let Some(slot) = self.first_attempt.get_mut(step as usize) {
+            match kind {
+                CommandKind::Execute => slot.0.get_or_insert(now),
+                CommandKind::Compensate => slot.1.get_or_insert(now),
+            };
+        }
         let command_id = Uuid::new_v4();
         self.push(Transition::AttemptStarted { step, kind, attempt, command_id, at: wall }, out);
+    }
+
+    fn completed(
+        &mut self,
+        cur: Current,
+        output: Payload,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
+        let step = cur.step as usize;
+        let duration = self.since_first(step, cur.kind, now);
+        if cur.kind == CommandKind::Compensate {
+            self.push(Transition::CompensationCompleted { step: cur.step, duration }, out);
+            self.next_compensation(step, now, wall, out);
+            return;
+        }
+        // The handler ran: an output the run cannot keep still leaves its
+        // effect behind, so the step fails as maybe done (and is compensated).
+        if let Err(e) = output.validate() {
+            let why = format!("the worker sent an output that is not valid MessagePack: {e}");
+            return self.step_failed(cur, why, true, now, wall, out);
+        }
+        let held = self.rec.input.len()
+            + self
+                .rec
+                .steps
+                .iter()
+                .filter_map(|s| s.output.as_ref())
+                .map(Payload::len)
+                .sum::<usize>();
+        let max = self.limits.max_payload_bytes;
+        if held + output.len() > max {
+            let why = format!(
+                "the step's output of {} bytes brings the run's input and outputs to {} bytes, over the limit of {max} bytes (keep large data in a store and pass a reference)",
+                output.len(),
+                held + output.len()
+            );
+            return self.step_failed(cur, why, true, now, wall, out);
+        }
+        self.push(Transition::StepCompleted { step: cur.step, output, duration }, out);
+        self.next_step(step + 1, now, wall, out);
     }
 
     fn next_step(
@@ -217,7 +398,8 @@ impl Machine {
         }
     }
 
-    /// Compensates the nearest completed step with a compensation below `below`, or finishes.
+    /// Compensates the nearest step below `below` that completed (or may have)
+    /// and has a compensation, or finishes.
     fn next_compensation(
         &mut self,
         below: usize,
@@ -225,8 +407,10 @@ impl Machine {
         wall: SystemTime,
         out: &mut Vec<Transition>,
     ) {
-        let next = (0..below).rev().find(|&i| {
-            self.rec.steps[i].status == StepStatus::Completed && self.plan.def.steps[i].compensable
+        let steps = &self.plan.def.steps;
+        let next = (0..below.min(self.rec.steps.len())).rev().find(|&i| {
+            matches!(self.rec.steps[i].status, StepStatus::Completed | StepStatus::Unknown)
+                && steps.get(i).is_some_and(|s| s.compensable)
         });
         match next {
             Some(i) => self.begin(i as u32, CommandKind::Compensate, 1, now, wall, out),
@@ -234,47 +418,129 @@ impl Machine {
         }
     }
 
-    fn policy(&self, step: usize, kind: CommandKind) -> &RetryPolicy {
-        let def = &self.plan.def.steps[step];
+    fn policy(&self, step: usize, kind: CommandKind) -> RetryPolicy {
+        let Some(def) = self.plan.def.steps.get(step) else { return RetryPolicy::new() };
         match kind {
-            CommandKind::Execute => &def.retry,
-            CommandKind::Compensate => &def.compensation_retry,
+            CommandKind::Execute => def.retry.clone(),
+            CommandKind::Compensate => def.compensation_retry.clone(),
         }
     }
 
+    /// Nobody started the command: send it again under a new id (no attempt
+    /// spent), unless the step has waited too long for a worker.
+    fn redispatch_or_fail(
+        &mut self,
+        cur: Current,
+        why: String,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
+        let waited = cur.sent_at.and_then(|t| wall.duration_since(t).ok()).unwrap_or_default();
+        if waited >= self.limits.worker_wait {
+            let (flow, step) = (
+                &self.plan.def.name,
+                self.rec.steps.get(cur.step as usize).map(|s| s.name.clone()).unwrap_or_default(),
+            );
+            let error = format!(
+                "no worker took the command in {waited:?}: is a worker serving step `{step}` of flow `{flow}` running?"
+            );
+            return self.attempt_failed(cur, error, false, false, now, wall, out);
+        }
+        let note = bounded(
+            format!("waiting for a worker: {why} (sent {} times)", cur.redispatches + 2),
+            MAX_ERROR_LEN,
+        );
+        self.push(Transition::Redispatched { command_id: Uuid::new_v4(), note }, out);
+    }
+
+    /// The attempt's outcome is unknown: it may have had its effect.
+    fn unknown(
+        &mut self,
+        cur: Current,
+        reason: String,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
+        let error = format!("outcome unknown: {reason}");
+        let retry = match cur.kind {
+            // Compensations are idempotent by contract: always try again.
+            CommandKind::Compensate => true,
+            CommandKind::Execute => self
+                .plan
+                .def
+                .steps
+                .get(cur.step as usize)
+                .is_some_and(|s| s.on_unknown == OnUnknown::Retry),
+        };
+        if retry {
+            self.attempt_failed(cur, error, true, true, now, wall, out);
+        } else {
+            self.step_failed(cur, error, true, now, wall, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn attempt_failed(
         &mut self,
         cur: Current,
         error: String,
         retryable: bool,
+        unknown: bool,
         now: Instant,
         wall: SystemTime,
         out: &mut Vec<Transition>,
     ) {
+        let error = bounded(error, MAX_ERROR_LEN);
         let step = cur.step as usize;
         let elapsed = self.since_first(step, cur.kind, now);
         if retryable {
-            let policy = self.policy(step, cur.kind).clone();
+            let policy = self.policy(step, cur.kind);
             let delay = policy.delay_for(cur.attempt, &mut self.rng);
             if policy.allows_retry(cur.attempt, elapsed, delay) {
                 let retry = RetryAt { at: wall + delay, delay };
                 self.push(
-                    Transition::RetryScheduled { step: cur.step, kind: cur.kind, error, retry },
+                    Transition::RetryScheduled {
+                        step: cur.step,
+                        kind: cur.kind,
+                        error,
+                        retry,
+                        unknown,
+                    },
                     out,
                 );
                 return;
             }
         }
+        self.step_failed(cur, error, unknown, now, wall, out);
+    }
+
+    /// The attempt's step (or compensation) fails for good.
+    fn step_failed(
+        &mut self,
+        cur: Current,
+        error: String,
+        maybe_done: bool,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Transition>,
+    ) {
+        let error = bounded(error, MAX_ERROR_LEN);
+        let step = cur.step as usize;
+        let duration = self.since_first(step, cur.kind, now);
         match cur.kind {
             CommandKind::Execute => {
-                self.push(Transition::StepFailed { step: cur.step, error, duration: elapsed }, out);
-                self.next_compensation(step, now, wall, out);
-            }
-            CommandKind::Compensate => {
                 self.push(
-                    Transition::CompensationFailed { step: cur.step, error, duration: elapsed },
+                    Transition::StepFailed { step: cur.step, error, duration, maybe_done },
                     out,
                 );
+                // From the failed step itself: a step that may have happened is
+                // compensated too (its status says so).
+                self.next_compensation(step + 1, now, wall, out);
+            }
+            CommandKind::Compensate => {
+                self.push(Transition::CompensationFailed { step: cur.step, error, duration }, out);
                 // Keep undoing the earlier steps: each side effect that can be
                 // undone is, and the report names the one that could not.
                 self.next_compensation(step, now, wall, out);

@@ -42,7 +42,37 @@ pub struct Current {
     /// Set once the attempt failed and a retry is scheduled for this time.
     #[serde(default)]
     pub retry_at: Option<RetryAt>,
+    /// The worker that acknowledged the command, i.e. started its handler.
+    /// Until then nobody started it, and it may be sent again elsewhere.
+    #[serde(default)]
+    pub acked_by: Option<String>,
+    /// When the attempt was first sent (bounds the wait for a worker).
+    #[serde(with = "orchestrix_proto::time::opt_unix_ms", default)]
+    pub sent_at: Option<SystemTime>,
+    /// Times the command was sent again because no worker took it.
+    #[serde(default)]
+    pub redispatches: u32,
 }
+
+/// An answer about an attempt the run had already given up on: kept in the
+/// run's history, never applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LateNote {
+    /// The command answered.
+    pub command_id: Uuid,
+    /// Its attempt.
+    pub attempt: u32,
+    /// Execute or compensate.
+    pub kind: CommandKind,
+    /// What the answer said.
+    pub outcome: String,
+    /// When it arrived.
+    #[serde(with = "unix_ms_serde")]
+    pub at: SystemTime,
+}
+
+/// Late answers kept per run, at most.
+pub const MAX_LATE_NOTES: usize = 16;
 
 /// A scheduled retry.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -76,6 +106,10 @@ pub struct StepRecord {
     pub duration: Option<Duration>,
     /// The compensation, once started (boxed: most steps never have one).
     pub compensation: Option<Box<CompensationReport>>,
+    /// Some attempt had an unknown outcome and the step did not complete
+    /// afterwards: it may have had its effect, so rollback compensates it.
+    #[serde(default)]
+    pub maybe_done: bool,
 }
 
 /// The durable state of one run.
@@ -116,6 +150,10 @@ pub struct RunRecord {
     /// Trace context of whoever started the run, for its span's parent.
     #[serde(default)]
     pub traceparent: Option<String>,
+    /// Answers that came after their attempt was given up on (at most
+    /// [`MAX_LATE_NOTES`]).
+    #[serde(default)]
+    pub late: Vec<LateNote>,
 }
 
 /// One change to a [`RunRecord`].
@@ -136,6 +174,21 @@ pub enum Transition {
         #[serde(with = "unix_ms_serde")]
         at: SystemTime,
     },
+    /// A worker acknowledged the attempt: its handler started.
+    AttemptAcked {
+        /// The command.
+        command_id: Uuid,
+        /// The worker.
+        worker: String,
+    },
+    /// No worker took the attempt's command in time (nobody started it): it is
+    /// sent again under a new id, without spending an attempt.
+    Redispatched {
+        /// The new command id.
+        command_id: Uuid,
+        /// Why, for the report while the run waits.
+        note: String,
+    },
     /// The attempt failed; another is scheduled.
     RetryScheduled {
         /// Step index.
@@ -146,7 +199,12 @@ pub enum Transition {
         error: String,
         /// When the next attempt is due.
         retry: RetryAt,
+        /// The attempt's outcome is unknown (it may have had its effect).
+        #[serde(default)]
+        unknown: bool,
     },
+    /// An answer about an attempt already given up on.
+    LateOutcome(LateNote),
     /// The step's action completed.
     StepCompleted {
         /// Step index.
@@ -166,6 +224,9 @@ pub enum Transition {
         /// First attempt to outcome.
         #[serde(with = "orchestrix_proto::time::duration_ms")]
         duration: Duration,
+        /// The last attempt's outcome is unknown: the step may have happened.
+        #[serde(default)]
+        maybe_done: bool,
     },
     /// The step's compensation completed.
     CompensationCompleted {
@@ -220,6 +281,7 @@ impl RunRecord {
                     started_at: None,
                     duration: None,
                     compensation: None,
+                    maybe_done: false,
                 })
                 .collect(),
             current: None,
@@ -227,6 +289,7 @@ impl RunRecord {
             failed_step: None,
             duration: None,
             traceparent: None,
+            late: Vec::new(),
         }
     }
 
@@ -240,6 +303,9 @@ impl RunRecord {
                     attempt: *attempt,
                     command_id: *command_id,
                     retry_at: None,
+                    acked_by: None,
+                    sent_at: Some(*at),
+                    redispatches: 0,
                 });
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     match kind {
@@ -263,13 +329,36 @@ impl RunRecord {
                     }
                 }
             }
-            Transition::RetryScheduled { step, kind, error, retry } => {
+            Transition::AttemptAcked { command_id, worker } => {
+                if let Some(c) = self.current.as_mut().filter(|c| c.command_id == *command_id) {
+                    c.acked_by = Some(worker.clone());
+                }
+            }
+            Transition::Redispatched { command_id, note } => {
+                let Some(c) = &mut self.current else { return };
+                c.command_id = *command_id;
+                c.acked_by = None;
+                c.redispatches += 1;
+                let (step, kind) = (c.step, c.kind);
+                if let (Some(s), CommandKind::Execute) = (self.steps.get_mut(step as usize), kind) {
+                    s.error = Some(note.clone());
+                }
+            }
+            Transition::LateOutcome(note) => {
+                if self.late.len() < MAX_LATE_NOTES {
+                    self.late.push(note.clone());
+                }
+            }
+            Transition::RetryScheduled { step, kind, error, retry, unknown } => {
                 if let Some(c) = &mut self.current {
                     c.retry_at = Some(*retry);
                 }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     match kind {
-                        CommandKind::Execute => s.error = Some(error.clone()),
+                        CommandKind::Execute => {
+                            s.error = Some(error.clone());
+                            s.maybe_done |= *unknown;
+                        }
                         CommandKind::Compensate => {
                             if let Some(c) = &mut s.compensation {
                                 c.error = Some(error.clone());
@@ -282,17 +371,19 @@ impl RunRecord {
                 self.current = None;
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.status = StepStatus::Completed;
+                    s.maybe_done = false;
                     s.output = Some(output.clone());
                     s.duration = Some(*duration);
                 }
             }
-            Transition::StepFailed { step, error, duration } => {
+            Transition::StepFailed { step, error, duration, maybe_done } => {
                 self.current = None;
                 self.phase = Phase::Compensating;
                 self.error = Some(error.clone());
                 self.failed_step = Some(*step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
-                    s.status = StepStatus::Failed;
+                    s.maybe_done |= *maybe_done;
+                    s.status = if s.maybe_done { StepStatus::Unknown } else { StepStatus::Failed };
                     s.error = Some(error.clone());
                     s.duration = Some(*duration);
                 }

@@ -53,6 +53,10 @@ impl<T> fmt::Debug for Pending<T> {
 pub enum Created {
     /// The run is new: start it.
     New,
+    /// The idempotency key named a run that was never written (its start
+    /// failed half-way): this start wrote it, under that run's id. Start this
+    /// record.
+    Adopted(Arc<RunRecord>),
     /// The idempotency key belongs to another run, live or finished within its ttl.
     Existing {
         /// That run's id.
@@ -75,6 +79,20 @@ pub enum StoreError {
     /// Another coordinator owns the run now (this one was presumed dead).
     #[error("run {0} was taken over by another coordinator")]
     Fenced(Uuid),
+    /// The store refuses this value for good (too large for it, say):
+    /// writing it again cannot succeed.
+    #[error("run store refused the write: {0}")]
+    Refused(String),
+    /// A stored entry does not decode.
+    #[error("corrupt store entry: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True when retrying the same operation cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StoreError::Refused(_) | StoreError::Corrupt(_))
+    }
 }
 
 /// Keeps runs. Every transition reaches the store before the command that
@@ -102,12 +120,30 @@ pub trait Store: Send + Sync + 'static {
     /// Recent runs (live and finished, as kept), newest first, filtered.
     fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>>;
 
-    /// Live runs that no live coordinator owns, now claimed for this store's
-    /// coordinator (atomically: of several coordinators asking, one gets each
-    /// run). The coordinator resumes them. A store that dies with its process
-    /// has none to offer.
-    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+    /// Live runs of `flows` that no live coordinator drives, now claimed for
+    /// this store's coordinator (atomically: of several coordinators asking,
+    /// one gets each run). The coordinator resumes them. Runs of other flows
+    /// are left to the coordinators that serve them. A store that dies with
+    /// its process has none to offer.
+    fn claim_orphans(
+        &self,
+        flows: Arc<[Arc<str>]>,
+    ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+        let _ = flows;
         Box::pin(futures::future::ready(Ok(Vec::new())))
+    }
+
+    /// Moves a run aside for an operator: it stops being live, `report` answers
+    /// with `report` (status `quarantined`, the reason in its error), and a
+    /// caller waiting on it or on its idempotency key gets that report.
+    fn quarantine(
+        &self,
+        run_id: Uuid,
+        reason: String,
+        report: RunReport,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let _ = (run_id, reason, report);
+        Box::pin(futures::future::ready(Ok(())))
     }
 }
 
@@ -385,8 +421,19 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn wait(&self, run_id: Uuid) -> BoxFuture<'static, Result<RunReport, StoreError>> {
         (**self).wait(run_id)
     }
-    fn claim_orphans(&self) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
-        (**self).claim_orphans()
+    fn claim_orphans(
+        &self,
+        flows: Arc<[Arc<str>]>,
+    ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
+        (**self).claim_orphans(flows)
+    }
+    fn quarantine(
+        &self,
+        run_id: Uuid,
+        reason: String,
+        report: RunReport,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        (**self).quarantine(run_id, reason, report)
     }
     fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
         (**self).list(filter)

@@ -397,7 +397,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
         for (what, bytes) in &garbage[..4] {
             let answer = s.nats.request(subject.clone(), Bytes::from(bytes.clone())).await.unwrap();
             match decode::<orchestrix_proto::RunReply>(&answer.payload).unwrap() {
-                orchestrix_proto::RunReply::Rejected { error } => {
+                orchestrix_proto::RunReply::Rejected { error, .. } => {
                     assert!(error.starts_with("bad "), "{what}: {error}")
                 }
                 other => panic!("{what}: {other:?}"),
@@ -408,7 +408,8 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     let wrong =
         encode(&orchestrix_proto::StatusRequest { run_id: Uuid::nil(), wait: false }).unwrap();
     let answer = s.nats.request(subjects.run_requests(), Bytes::from(wrong)).await.unwrap();
-    let orchestrix_proto::RunReply::Rejected { error } = decode(&answer.payload).unwrap() else {
+    let orchestrix_proto::RunReply::Rejected { error, .. } = decode(&answer.payload).unwrap()
+    else {
         panic!()
     };
     assert!(error.contains("expected a `run.request` message, got `run.status`"), "{error}");

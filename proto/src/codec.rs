@@ -91,6 +91,32 @@ struct Header<'a> {
     body: IgnoredAny,
 }
 
+/// The ids a command, ack, heartbeat or outcome carries, read from a message
+/// whose body does not decode as a whole: enough to answer about it (a bad
+/// output fails its attempt rather than vanishing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct MessageIds {
+    /// The command.
+    pub command_id: uuid::Uuid,
+    /// Its run.
+    pub run_id: uuid::Uuid,
+    /// Its attempt, when present.
+    #[serde(default)]
+    pub attempt: u32,
+    /// Execute or compensate, when present.
+    #[serde(default)]
+    pub kind: Option<crate::CommandKind>,
+}
+
+/// Reads only the ids of a message of kind `kind` (version checked), under `limit` bytes.
+pub fn decode_ids(bytes: &[u8], kind: &'static str, limit: usize) -> Option<MessageIds> {
+    if bytes.len() > limit {
+        return None;
+    }
+    let env = rmp_serde::from_slice::<EnvelopeIn<'_, MessageIds>>(bytes).ok()?;
+    check_header(env.v, &env.kind, kind).ok().map(|()| env.body)
+}
+
 /// Encodes a message in its versioned envelope.
 pub fn encode<M: Message>(msg: &M) -> Result<Vec<u8>, CodecError> {
     let env = EnvelopeOut { v: PROTOCOL_VERSION, kind: M::KIND, body: msg };

@@ -30,8 +30,8 @@ pub mod time;
 mod trace;
 
 pub use codec::{
-    CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, PROTOCOL_VERSION, decode, decode_with_limit,
-    encode, peek_kind,
+    CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, MessageIds, PROTOCOL_VERSION, decode,
+    decode_ids, decode_with_limit, encode, peek_kind,
 };
 pub use messages::{
     Ack, CommandKind, EventKind, Heartbeat, ListRequest, OutcomeResult, RunEvent, RunReply,

@@ -57,10 +57,19 @@ pub struct StepCommand {
     /// Outputs of the steps that completed before this one (for a compensation:
     /// including the step's own output).
     pub outputs: Vec<StepOutput>,
-    /// Time budget of this attempt, counted from when the worker receives it.
-    /// Relative rather than absolute, so clock skew between hosts does not matter.
+    /// Time budget of this attempt, counted from when the worker starts it.
+    /// `nil` when the step has no timeout.
     #[serde(with = "time::opt_duration_ms", default)]
     pub timeout: Option<Duration>,
+    /// Unix ms after which no worker may *start* this command: the coordinator
+    /// sends it again elsewhere once it passes without an ack. `nil`: no limit.
+    #[serde(default)]
+    pub start_by_ms: Option<u64>,
+    /// Unix ms at which the attempt is over whatever happens (the step's
+    /// timeout from when it was sent, or the run's deadline): a worker neither
+    /// starts it after that nor lets its handler run past it. `nil`: none.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
 }
 
 impl Message for StepCommand {
@@ -108,6 +117,23 @@ pub struct StepFailure {
     pub message: String,
     /// False for a permanent error: no further attempts are made.
     pub retryable: bool,
+    /// True when the handler may have had its side effect all the same: it
+    /// was stopped at its deadline, or its output could not be kept. The
+    /// coordinator treats such an attempt as an **unknown outcome**.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maybe_done: bool,
+}
+
+impl StepFailure {
+    /// A failure that did not happen (no side effect).
+    pub fn new(message: impl Into<String>, retryable: bool) -> Self {
+        StepFailure { message: message.into(), retryable, maybe_done: false }
+    }
+
+    /// A failure after which the side effect may have happened.
+    pub fn maybe_done(message: impl Into<String>) -> Self {
+        StepFailure { message: message.into(), retryable: true, maybe_done: true }
+    }
 }
 
 /// The result of one attempt.
@@ -215,6 +241,11 @@ pub enum RunReply {
     Rejected {
         /// Why, in words.
         error: String,
+        /// True when the same request may succeed later (the store was
+        /// unavailable, say). A start with an idempotency key is then safe to
+        /// send again: it either starts the run or finds it.
+        #[serde(default)]
+        retryable: bool,
     },
 }
 
@@ -227,6 +258,46 @@ impl Message for RunReply {
 pub struct WireError {
     /// What was wrong, in words.
     pub message: String,
+    /// Machine-readable reason, one of the [`WireError`] `CODE_*` constants.
+    #[serde(default)]
+    pub code: String,
+    /// The command refused, when it could be read.
+    #[serde(default)]
+    pub command_id: Option<Uuid>,
+    /// Its run, when it could be read.
+    #[serde(default)]
+    pub run_id: Option<Uuid>,
+}
+
+impl WireError {
+    /// The message could not be decoded (nothing was run).
+    pub const CODE_MALFORMED: &'static str = "malformed";
+    /// The command arrived after its `start_by_ms` or `deadline_ms` (nothing was run).
+    pub const CODE_EXPIRED: &'static str = "expired";
+    /// An inquiry about a command this worker does not hold (nothing was run here).
+    pub const CODE_UNKNOWN_COMMAND: &'static str = "unknown_command";
+    /// The worker has no handler for this command (nothing was run).
+    pub const CODE_NO_HANDLER: &'static str = "no_handler";
+
+    /// An error about a message that could not be read at all.
+    pub fn malformed(message: impl Into<String>) -> Self {
+        WireError {
+            message: message.into(),
+            code: Self::CODE_MALFORMED.into(),
+            command_id: None,
+            run_id: None,
+        }
+    }
+
+    /// An error about one command.
+    pub fn about(cmd: &StepCommand, code: &str, message: impl Into<String>) -> Self {
+        WireError {
+            message: message.into(),
+            code: code.into(),
+            command_id: Some(cmd.command_id),
+            run_id: Some(cmd.run_id),
+        }
+    }
 }
 
 impl Message for WireError {
@@ -265,6 +336,28 @@ pub enum EventKind {
         step: String,
         /// Attempts it took.
         attempt: u32,
+    },
+    /// An attempt's outcome is unknown: its worker acknowledged it, then went
+    /// silent, timed out or was lost. The step may have had its effect.
+    StepUnknown {
+        /// Step name.
+        step: String,
+        /// `execute` or `compensate`.
+        kind: CommandKind,
+        /// The attempt.
+        attempt: u32,
+        /// Why the outcome is unknown.
+        reason: String,
+    },
+    /// An answer came for an attempt the coordinator had already given up
+    /// on; it is recorded in the run's history, not applied.
+    LateOutcome {
+        /// Step name, when known.
+        step: String,
+        /// The attempt.
+        attempt: u32,
+        /// What the answer said.
+        outcome: String,
     },
     /// A step's action failed for good.
     StepFailed {

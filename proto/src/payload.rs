@@ -47,6 +47,25 @@ impl Payload {
         Payload(bytes.into())
     }
 
+    /// Checks that the bytes are exactly one well-formed MessagePack value:
+    /// what the coordinator asks of every input and output before keeping it.
+    pub fn validate(&self) -> Result<(), CodecError> {
+        let mut rest: &[u8] = &self.0;
+        let mut de = rmp_serde::Deserializer::new(&mut rest);
+        serde::de::IgnoredAny::deserialize(&mut de)
+            .map_err(|source| CodecError::Malformed { expected: "payload", source })?;
+        if !rest.is_empty() {
+            return Err(CodecError::Malformed {
+                expected: "payload",
+                source: rmp_serde::decode::Error::Syntax(format!(
+                    "{} bytes after the MessagePack value",
+                    rest.len()
+                )),
+            });
+        }
+        Ok(())
+    }
+
     /// The raw MessagePack bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -103,8 +122,28 @@ impl<'de> Deserialize<'de> for Payload {
             serde_transcode::transcode(deserializer, &mut ser).map_err(serde::de::Error::custom)?;
             Ok(Payload(Bytes::from(buf)))
         } else {
-            Bytes::deserialize(deserializer).map(Payload)
+            // Only a byte string: a MessagePack `str` or array is refused rather
+            // than read as bytes (which would turn `"ok"` into the number 111).
+            deserializer.deserialize_bytes(BinVisitor).map(Payload)
         }
+    }
+}
+
+struct BinVisitor;
+
+impl serde::de::Visitor<'_> for BinVisitor {
+    type Value = Bytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a MessagePack `bin` holding the encoded value")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+        Ok(Bytes::copy_from_slice(v))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+        Ok(Bytes::from(v))
     }
 }
 
@@ -138,6 +177,26 @@ mod tests {
         assert_eq!(json, r#"{"order_id":"o","amount":7}"#);
         let back: Payload = serde_json::from_str(&json).unwrap();
         assert_eq!(back.decode::<Order>().unwrap().amount, 7);
+    }
+
+    #[test]
+    fn only_bin_is_a_payload_and_validate_checks_the_bytes() {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            output: &'a str,
+        }
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Read {
+            output: Payload,
+        }
+        let as_str = rmp_serde::to_vec_named(&Wire { output: "ok" }).unwrap();
+        assert!(rmp_serde::from_slice::<Read>(&as_str).is_err());
+        assert!(Payload::encode(&"ok").unwrap().validate().is_ok());
+        assert!(Payload::from_msgpack(vec![0xc1]).validate().is_err());
+        assert!(Payload::from_msgpack(vec![0x92, 0x01]).validate().is_err());
+        assert!(Payload::from_msgpack(vec![0x01, 0x02]).validate().is_err());
+        assert!(Payload::from_msgpack(Vec::new()).validate().is_err());
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub enum RunStatus {
     /// A step failed for good and at least one compensation failed too: the
     /// report names the steps whose side effects were not undone.
     CompensationFailed,
+    /// The run's stored record could not be used (it does not decode, or its
+    /// flow no longer matches it): it was moved aside, nothing more runs, and
+    /// an operator must look at it. The report's `error` says why.
+    Quarantined,
 }
 
 impl RunStatus {
@@ -34,6 +38,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::CompensationFailed => "compensation_failed",
+            RunStatus::Quarantined => "quarantined",
         }
     }
 }
@@ -62,6 +67,11 @@ pub enum StepStatus {
     Compensated,
     /// The step completed, and its compensation failed for good.
     CompensationFailed,
+    /// The step's last attempt has an unknown outcome (its worker acked it,
+    /// then went silent, timed out or was lost): it may have had its effect.
+    /// Such a step ends the run like a failure, and rollback runs its
+    /// compensation too when it has one.
+    Unknown,
 }
 
 impl StepStatus {
@@ -75,6 +85,7 @@ impl StepStatus {
             StepStatus::Compensating => "compensating",
             StepStatus::Compensated => "compensated",
             StepStatus::CompensationFailed => "compensation_failed",
+            StepStatus::Unknown => "unknown",
         }
     }
 }

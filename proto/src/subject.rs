@@ -101,9 +101,17 @@ impl Subjects {
         format!("{}.{flow}.{step}", self.prefix)
     }
 
-    /// Where callers send [`crate::RunRequest`]s.
-    pub fn run_requests(&self) -> String {
-        format!("{}.run", self.prefix)
+    /// Where callers send [`crate::RunRequest`]s for `flow`: only coordinators
+    /// that serve the flow listen there, so coordinators serving different
+    /// flows can share one NATS.
+    pub fn run_requests(&self, flow: &str) -> String {
+        format!("{}.run.{flow}", self.prefix)
+    }
+
+    /// Where a coordinator that resumes a run asks every worker of a step
+    /// whether it holds a command (workers listen here without a queue group).
+    pub fn inquiries(&self, flow: &str, step: &str) -> String {
+        format!("{}.inquire.{flow}.{step}", self.prefix)
     }
 
     /// Where callers send [`crate::StatusRequest`]s.
@@ -153,7 +161,8 @@ mod tests {
     #[test]
     fn subjects() {
         let s = Subjects::default();
-        assert_eq!(s.run_requests(), "orchestrix.run");
+        assert_eq!(s.run_requests("pay"), "orchestrix.run.pay");
+        assert_eq!(s.inquiries("pay", "charge"), "orchestrix.inquire.pay.charge");
         assert_eq!(s.replies("c1"), "orchestrix.reply.c1");
         assert_eq!(s.all_events(), "orchestrix.events.>");
     }

@@ -21,6 +21,8 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
         input: Payload::encode(&input).unwrap(),
         outputs: vec![StepOutput { step: Arc::from("reserve-stock"), output: Payload::nil() }],
         timeout: Some(Duration::from_millis(1500)),
+        start_by_ms: Some(1_800_000_000_000),
+        deadline_ms: None,
     }
 }
 
@@ -86,7 +88,7 @@ fn every_message_round_trips() {
         run_id: id,
         attempt: 4,
         kind: CommandKind::Execute,
-        result: OutcomeResult::Failed(StepFailure { message: "boom".into(), retryable: false }),
+        result: OutcomeResult::Failed(StepFailure::new("boom", false)),
     });
     round_trip(&RunRequest {
         flow: "payment-flow".into(),
@@ -99,7 +101,7 @@ fn every_message_round_trips() {
     round_trip(&StatusRequest { run_id: id, wait: true });
     round_trip(&RunReply::Accepted { run_id: id });
     round_trip(&RunReply::Report(Box::new(report())));
-    round_trip(&RunReply::Rejected { error: "unknown flow `x`".into() });
+    round_trip(&RunReply::Rejected { error: "unknown flow `x`".into(), retryable: false });
     round_trip(&RunReply::List(vec![report()]));
     round_trip(&ListRequest { status: Some(RunStatus::Failed), flow: None, limit: 5 });
     for event in [

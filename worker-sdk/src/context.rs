@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use orchestrix_proto::{CommandKind, StepOutput};
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::StepError;
@@ -13,11 +14,13 @@ pub struct StepContext<I> {
     /// The run's input, as given to `run`.
     pub input: I,
     pub(crate) run_id: Uuid,
+    pub(crate) command_id: Uuid,
     pub(crate) flow: Arc<str>,
     pub(crate) step: Arc<str>,
     pub(crate) attempt: u32,
     pub(crate) kind: CommandKind,
     pub(crate) outputs: Vec<StepOutput>,
+    pub(crate) cancel: CancellationToken,
 }
 
 impl<I> StepContext<I> {
@@ -25,6 +28,12 @@ impl<I> StepContext<I> {
     /// towards the services a step calls.
     pub fn run_id(&self) -> Uuid {
         self.run_id
+    }
+
+    /// Id of the command this attempt runs for: unique per attempt, the same
+    /// when a command is delivered again. Useful in logs and ledgers.
+    pub fn command_id(&self) -> Uuid {
+        self.command_id
     }
 
     /// Name of the flow.
@@ -59,6 +68,30 @@ impl<I> StepContext<I> {
         out.output.decode().map_err(|e| {
             StepError::permanent(format!("output of step `{step}` does not decode: {e}"))
         })
+    }
+
+    /// Fires when the attempt is over before the handler returned: its
+    /// deadline passed (the handler's future is dropped right after) or the
+    /// run no longer wants it. A handler that must clean up (release a lock,
+    /// abort an upload) clones it into a task of its own:
+    ///
+    /// ```
+    /// # use orchestrix_worker::StepContext;
+    /// # fn f(ctx: &StepContext<()>) {
+    /// let stop = ctx.cancellation();
+    /// tokio::spawn(async move {
+    ///     stop.cancelled().await;
+    ///     // give back what the attempt held
+    /// });
+    /// # }
+    /// ```
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// True once the attempt has been cancelled (see [`StepContext::cancellation`]).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 
     /// Names of the steps whose outputs are available.

@@ -48,7 +48,7 @@ impl StepError {
 
     /// The wire form of this error.
     pub fn into_failure(self) -> StepFailure {
-        StepFailure { message: self.message, retryable: self.retryable }
+        StepFailure::new(self.message, self.retryable)
     }
 }
 

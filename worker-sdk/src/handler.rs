@@ -3,18 +3,20 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use orchestrix_proto::{CommandKind, OutcomeResult, Payload, StepCommand, StepFailure};
 use serde::{Serialize, de::DeserializeOwned};
+use tokio_util::sync::CancellationToken;
 
 use crate::{StepContext, StepError};
 
 /// What a type-erased handler returns: the encoded output, or the error.
 pub type HandlerFuture = BoxFuture<'static, Result<Payload, StepError>>;
 
-type ErasedFn = dyn Fn(StepCommand) -> HandlerFuture + Send + Sync;
+type ErasedFn = dyn Fn(StepCommand, CancellationToken) -> HandlerFuture + Send + Sync;
 
 /// A step handler with its input and output types erased, so handlers of every
 /// type can sit in one registry. Made with [`handler`]; cheap to clone.
@@ -39,7 +41,7 @@ where
     F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<O, StepError>> + Send + 'static,
 {
-    BoxedHandler(Arc::new(move |cmd: StepCommand| -> HandlerFuture {
+    BoxedHandler(Arc::new(move |cmd: StepCommand, cancel: CancellationToken| -> HandlerFuture {
         let input = match cmd.input.decode::<I>() {
             Ok(input) => input,
             Err(e) => {
@@ -50,11 +52,13 @@ where
         let ctx = StepContext {
             input,
             run_id: cmd.run_id,
+            command_id: cmd.command_id,
             flow: cmd.flow,
             step: cmd.step,
             attempt: cmd.attempt,
             kind: cmd.kind,
             outputs: cmd.outputs,
+            cancel,
         };
         let fut = f(ctx);
         Box::pin(async move {
@@ -85,29 +89,65 @@ impl StepHandlers {
 }
 
 /// Runs one command through `handler` and turns whatever happens into an
-/// outcome: the handler's result, a timeout after the command's time budget
-/// (the handler's future is dropped), or a panic, caught and reported as a
-/// retryable failure. Never panics itself.
+/// outcome: the handler's result, a panic (caught and reported as a retryable
+/// failure), or the end of the attempt's time: its `timeout` from now, or its
+/// absolute `deadline_ms`, whichever comes first. At that point the context's
+/// cancellation fires, the handler's future is dropped, and the outcome is a
+/// failure marked *maybe done*: the handler may have had its effect. Never
+/// panics itself.
 pub fn run_command(handler: &BoxedHandler, cmd: StepCommand) -> BoxFuture<'static, OutcomeResult> {
-    let timeout = cmd.timeout;
+    run_command_with(handler, cmd, CancellationToken::new())
+}
+
+/// [`run_command`] with a cancellation token of the caller's: cancelling it
+/// stops the handler the same way its deadline does.
+pub fn run_command_with(
+    handler: &BoxedHandler,
+    cmd: StepCommand,
+    cancel: CancellationToken,
+) -> BoxFuture<'static, OutcomeResult> {
+    let budget = budget(cmd.timeout, cmd.deadline_ms);
     // The synchronous part of a handler (before its first await) may panic too.
-    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd))) {
+    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd, cancel.clone())))
+    {
         Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
         Err(panic) => return Box::pin(futures::future::ready(panicked(panic))),
     };
     // Two shapes, boxed apart: a step without a budget does not carry the
     // timer's state while it waits.
-    match timeout {
-        None => Box::pin(async move { outcome(fut.await) }),
-        Some(budget) => Box::pin(async move {
-            match tokio::time::timeout(budget, fut).await {
-                Ok(result) => outcome(result),
-                Err(_) => OutcomeResult::Failed(StepFailure {
-                    message: format!("step timed out after {budget:?}"),
-                    retryable: true,
-                }),
+    match budget {
+        None => Box::pin(async move {
+            tokio::select! {
+                biased;
+                result = fut => outcome(result),
+                () = cancel.cancelled() => OutcomeResult::Failed(StepFailure::maybe_done("the attempt was cancelled while its handler ran")),
             }
         }),
+        Some(budget) => Box::pin(async move {
+            let stopped = tokio::select! {
+                biased;
+                result = tokio::time::timeout(budget, fut) => match result {
+                    Ok(result) => return outcome(result),
+                    Err(_) => format!("step timed out after {budget:?}"),
+                },
+                () = cancel.cancelled() => "the attempt was cancelled while its handler ran".to_owned(),
+            };
+            cancel.cancel();
+            OutcomeResult::Failed(StepFailure::maybe_done(stopped))
+        }),
+    }
+}
+
+/// Time left for an attempt: the relative timeout, cut short by the absolute
+/// deadline (read against this host's clock).
+pub(crate) fn budget(timeout: Option<Duration>, deadline_ms: Option<u64>) -> Option<Duration> {
+    let left = deadline_ms.map(|d| {
+        let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
+        Duration::from_millis(d.saturating_sub(now))
+    });
+    match (timeout, left) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
     }
 }
 
@@ -125,16 +165,11 @@ fn panicked(panic: Box<dyn Any + Send>) -> OutcomeResult {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned());
-    OutcomeResult::Failed(StepFailure {
-        message: format!("handler panicked: {what}"),
-        retryable: true,
-    })
+    OutcomeResult::Failed(StepFailure::new(format!("handler panicked: {what}"), true))
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use orchestrix_proto::StepOutput;
     use uuid::Uuid;
 
@@ -155,6 +190,8 @@ mod tests {
                 output: Payload::encode(&7u8).unwrap(),
             }],
             timeout,
+            start_by_ms: None,
+            deadline_ms: None,
         }
     }
 
@@ -210,6 +247,40 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(250));
         let OutcomeResult::Failed(f) = out else { panic!() };
         assert_eq!(f.message, "step timed out after 250ms");
-        assert!(f.retryable);
+        assert!(f.maybe_done, "a handler stopped midway may have had its effect");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_cancels_the_context_and_drops_the_handler() {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let seen2 = seen.clone();
+        let h = handler(move |ctx: StepContext<()>| {
+            let seen = seen2.clone();
+            async move {
+                let stop = ctx.cancellation();
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    *seen.lock().unwrap() = Some(tokio::time::Instant::now());
+                });
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(())
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let out = run_command(&h, cmd(Payload::nil(), Some(Duration::from_millis(100)))).await;
+        tokio::task::yield_now().await;
+        assert!(matches!(out, OutcomeResult::Failed(f) if f.maybe_done));
+        let at = seen.lock().unwrap().expect("cancellation fired");
+        assert_eq!(at - started, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_budget_is_the_nearer_of_timeout_and_deadline() {
+        let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
+        assert_eq!(budget(None, None), None);
+        assert_eq!(budget(Some(Duration::from_secs(1)), None), Some(Duration::from_secs(1)));
+        let b = budget(Some(Duration::from_secs(60)), Some(now + 2_000)).unwrap();
+        assert!(b <= Duration::from_secs(2) && b > Duration::from_secs(1));
+        assert_eq!(budget(None, Some(now.saturating_sub(5))), Some(Duration::ZERO));
     }
 }

@@ -28,7 +28,10 @@ mod worker;
 
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
-pub use handler::{BoxedHandler, HandlerFuture, StepHandlers, handler, run_command};
+pub use handler::{
+    BoxedHandler, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
+};
 pub use nats::{ConnectError, NatsOptions, default_nats_url, sync};
 pub use orchestrix_proto as proto;
+pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};

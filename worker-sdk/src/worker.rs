@@ -22,7 +22,8 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::{
-    BoxedHandler, ConnectError, NatsOptions, StepContext, StepError, handler, run_command,
+    BoxedHandler, CancellationToken, ConnectError, NatsOptions, StepContext, StepError, handler,
+    run_command_with,
 };
 
 /// A worker could not be started.
@@ -315,8 +316,29 @@ impl WorkerBuilder {
                 .queue_subscribe(subject.clone(), group)
                 .await
                 .map_err(|source| WorkerError::Subscribe { subject: subject.clone(), source })?;
+            // Every replica hears inquiries about the step's commands (no
+            // queue group): the one that holds a command answers for it.
+            let inquiries = subjects.inquiries(&reg.flow, &reg.step);
+            let isub = client
+                .subscribe(inquiries.clone())
+                .await
+                .map_err(|source| WorkerError::Subscribe { subject: inquiries, source })?;
             debug!(worker = %id, %subject, "serving step");
-            loops.push(tokio::spawn(serve(sub, Arc::new(reg), shared.clone(), stopped.clone())));
+            let reg = Arc::new(reg);
+            loops.push(tokio::spawn(serve(
+                sub,
+                reg.clone(),
+                shared.clone(),
+                Via::Queue,
+                stopped.clone(),
+            )));
+            loops.push(tokio::spawn(serve(
+                isub,
+                reg,
+                shared.clone(),
+                Via::Inquiry,
+                stopped.clone(),
+            )));
         }
         // Subscriptions must be in force at the server before the worker reports ready.
         crate::nats::sync(&client).await;
@@ -493,14 +515,20 @@ impl Dedup {
         Dedup { map: HashMap::new(), order: VecDeque::new(), cap }
     }
 
-    /// What was seen of `id` before; marks it running (answering to `reply`)
-    /// if nothing. A command seen running now answers to `reply`.
-    fn begin(&mut self, id: Uuid, reply: &ReplyTarget) -> Option<Seen> {
-        if let Some(seen) = self.map.get(&id) {
-            if let Seen::Running(t) = seen {
-                *t.lock().unwrap_or_else(|p| p.into_inner()) = target(reply);
-            }
-            return Some(seen.clone());
+    /// What was seen of `id` before, if anything. A command seen running now
+    /// answers to `reply` (a coordinator that took its run over).
+    fn redelivered(&mut self, id: Uuid, reply: &ReplyTarget) -> Option<Seen> {
+        let seen = self.map.get(&id)?;
+        if let Seen::Running(t) = seen {
+            *t.lock().unwrap_or_else(|p| p.into_inner()) = target(reply);
+        }
+        Some(seen.clone())
+    }
+
+    /// Marks `id` running, answering to `reply`; false if it was seen already.
+    fn begin(&mut self, id: Uuid, reply: &ReplyTarget) -> bool {
+        if self.map.contains_key(&id) {
+            return false;
         }
         self.map.insert(id, Seen::Running(reply.clone()));
         self.order.push_back(id);
@@ -509,7 +537,7 @@ impl Dedup {
                 self.map.remove(&old);
             }
         }
-        None
+        true
     }
 
     fn finish(&mut self, id: Uuid, outcome: Bytes) {
@@ -519,16 +547,25 @@ impl Dedup {
     }
 }
 
+/// Where a command came from: the step's queue group (run it), or an
+/// inquiry from a coordinator that took a run over (answer only if held).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Queue,
+    Inquiry,
+}
+
 async fn serve(
     mut sub: async_nats::Subscriber,
     reg: Arc<Registration>,
     shared: Arc<Shared>,
+    via: Via,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
             msg = sub.next() => match msg {
-                Some(msg) => handle(msg, &reg, &shared).await,
+                Some(msg) => handle(msg, &reg, &shared, via).await,
                 None => break,
             },
             _ = stop.changed() => {
@@ -540,7 +577,25 @@ async fn serve(
     }
 }
 
-async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<Shared>) {
+fn now_ms() -> u64 {
+    orchestrix_proto::time::unix_ms(std::time::SystemTime::now())
+}
+
+/// Why a command may no longer start, if so.
+fn expired(cmd: &StepCommand, now: u64) -> Option<String> {
+    if let Some(by) = cmd.start_by_ms.filter(|by| now > *by) {
+        return Some(format!(
+            "command arrived {} ms after its start-by time: not started (the coordinator sends it again)",
+            now - by
+        ));
+    }
+    if let Some(d) = cmd.deadline_ms.filter(|d| now >= *d) {
+        return Some(format!("command arrived {} ms past its deadline: not started", now - d));
+    }
+    None
+}
+
+async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<Shared>, via: Via) {
     let Some(reply) = msg.reply.clone() else {
         warn!(subject = %msg.subject, "step command without a reply subject dropped");
         return;
@@ -549,8 +604,16 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         Ok(cmd) => cmd,
         Err(e) => {
             warn!(subject = %msg.subject, error = %e, "bad step command rejected");
-            let message = format!("bad step command on {}: {e}", msg.subject);
-            shared.send(&reply, &WireError { message }).await;
+            let mut err = WireError::malformed(format!("bad step command on {}: {e}", msg.subject));
+            if let Some(ids) = orchestrix_proto::decode_ids(
+                &msg.payload,
+                StepCommand::KIND,
+                shared.max_message_bytes,
+            ) {
+                err.command_id = Some(ids.command_id);
+                err.run_id = Some(ids.run_id);
+            }
+            shared.send(&reply, &err).await;
             return;
         }
     };
@@ -559,7 +622,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         run_id: cmd.run_id,
         attempt: cmd.attempt,
         kind: cmd.kind,
-        result: OutcomeResult::Failed(StepFailure { message, retryable: false }),
+        result: OutcomeResult::Failed(StepFailure::new(message, false)),
     };
     if *cmd.flow != *reg.flow || *cmd.step != *reg.step {
         let why = format!(
@@ -570,26 +633,19 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         shared.send(&reply, &fail(why)).await;
         return;
     }
-    let Some(handler) = reg.get(cmd.kind).cloned() else {
-        let why = format!(
-            "worker {} has no {} handler for step `{}` of flow `{}`",
-            shared.id,
-            cmd.kind.as_str(),
-            cmd.step,
-            cmd.flow
-        );
-        shared.send(&reply, &fail(why)).await;
-        return;
-    };
     let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));
-    let seen =
-        shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id, &answer_to);
     let ack = Ack {
         command_id: cmd.command_id,
         run_id: cmd.run_id,
         attempt: cmd.attempt,
         worker: shared.id.clone(),
     };
+    // Seen before (on any subject): answer from what this worker holds, never run again.
+    let seen = shared
+        .dedup
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .redelivered(cmd.command_id, &answer_to);
     match seen {
         Some(Seen::Done(outcome)) => {
             debug!(command = %cmd.command_id, "redelivered command answered from the cache");
@@ -602,60 +658,98 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             shared.send(&reply, &ack).await;
             return;
         }
+        None if via == Via::Inquiry => return, // not ours: another replica may hold it
         None => {}
     }
+    let Some(handler) = reg.get(cmd.kind).cloned() else {
+        let why = format!(
+            "worker {} has no {} handler for step `{}` of flow `{}`",
+            shared.id,
+            cmd.kind.as_str(),
+            cmd.step,
+            cmd.flow
+        );
+        shared.send(&reply, &fail(why)).await;
+        return;
+    };
+    if let Some(why) = expired(&cmd, now_ms()) {
+        debug!(command = %cmd.command_id, %why, "stale command not started");
+        shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
+        return;
+    }
+    if !shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id, &answer_to) {
+        // Raced with a redelivery of the same command: that one runs it.
+        shared.send(&reply, &ack).await;
+        return;
+    }
+    // The ack goes out before the handler can start: an attempt that was
+    // never acked was never started, so the coordinator may send it elsewhere.
+    shared.send(&reply, &ack).await;
     let span = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
     tracker.spawn(tracing::Instrument::instrument(async move {
         let (command_id, run_id, attempt, kind) =
             (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        let deadline = cmd.deadline_ms;
         let slots = shared.slots.clone();
         let work = async move {
             let _slot = slots.acquire_owned().await;
-            run_command(&handler, cmd).await
+            if deadline.is_some_and(|d| now_ms() >= d) {
+                // Waited for a free slot past the deadline: not started at all.
+                let why = "the attempt's deadline passed while it waited for a free handler slot";
+                return OutcomeResult::Failed(StepFailure::new(why, true));
+            }
+            run_command_with(&handler, cmd, CancellationToken::new()).await
         };
         tokio::pin!(work);
-        // A handler that finishes without waiting is answered by its outcome
-        // alone, which tells the coordinator all an ack would; any other
-        // command is acked before its first wait.
-        let first = futures::poll!(&mut work);
-        let result = if let std::task::Poll::Ready(result) = first {
-            result
-        } else {
-            shared.send(&target(&answer_to), &ack).await;
-            // The first beat one interval from now: awaiting an immediate first
-            // tick would cost a timer-wheel turn (up to 1 ms) on every command.
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + shared.heartbeat, shared.heartbeat);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    result = &mut work => break result,
-                    _ = tick.tick() => {
-                        let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
-                        shared.send(&target(&answer_to), &hb).await;
-                    }
+        // The first beat one interval from now: awaiting an immediate first
+        // tick would cost a timer-wheel turn (up to 1 ms) on every command.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + shared.heartbeat, shared.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tick.tick() => {
+                    let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
+                    shared.send(&target(&answer_to), &hb).await;
                 }
             }
         };
         if let OutcomeResult::Failed(f) = &result {
             let span = tracing::Span::current();
             span.record("otel.status_code", "ERROR");
-            span.record("otel.status_message", f.message.as_str());
+            span.record("otel.status_description", f.message.as_str());
         }
+        let limit = shared.client.max_payload().min(shared.max_message_bytes);
         let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
-        match encode(&outcome) {
-            Ok(bytes) => {
-                let bytes = Bytes::from(bytes);
-                shared
-                    .dedup
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .finish(command_id, bytes.clone());
-                shared.send_raw(&target(&answer_to), bytes).await;
+        let bytes = match encode(&outcome) {
+            Ok(bytes) if bytes.len() <= limit => bytes,
+            encoded => {
+                // The handler ran but its answer cannot travel: a permanent
+                // failure, maybe done, named as such (never a silent drop).
+                let why = match encoded {
+                    Ok(b) => format!(
+                        "the step's output makes an outcome of {} bytes, over the {limit}-byte message limit (keep large data in a store and return a reference)",
+                        b.len()
+                    ),
+                    Err(e) => format!("the step's outcome does not encode: {e}"),
+                };
+                warn!(command = %command_id, %why, "outcome replaced by a failure");
+                let failure = StepFailure { message: why, retryable: false, maybe_done: true };
+                let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
+                match encode(&outcome) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(error = %e, "cannot encode an outcome");
+                        return;
+                    }
+                }
             }
-            Err(e) => warn!(error = %e, "cannot encode an outcome"),
-        }
+        };
+        let bytes = Bytes::from(bytes);
+        shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).finish(command_id, bytes.clone());
+        shared.send_raw(&target(&answer_to), bytes).await;
     }, span));
 }
 
@@ -677,7 +771,7 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         orchestrix.kind = cmd.kind.as_str(),
         orchestrix.worker = worker,
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
     );
     if !span.is_disabled()
         && let Some(headers) = &msg.headers
@@ -707,15 +801,17 @@ mod tests {
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let first: ReplyTarget = Arc::new(Mutex::new("old.coordinator".into()));
         let second: ReplyTarget = Arc::new(Mutex::new("new.coordinator".into()));
-        assert!(d.begin(a, &first).is_none());
+        assert!(d.redelivered(a, &first).is_none());
+        assert!(d.begin(a, &first));
+        assert!(!d.begin(a, &first));
         // A redelivery while running moves the answers to the new asker.
-        assert!(matches!(d.begin(a, &second), Some(Seen::Running(_))));
+        assert!(matches!(d.redelivered(a, &second), Some(Seen::Running(_))));
         assert_eq!(target(&first).as_str(), "new.coordinator");
         d.finish(a, Bytes::from_static(b"x"));
-        assert!(matches!(d.begin(a, &second), Some(Seen::Done(_))));
+        assert!(matches!(d.redelivered(a, &second), Some(Seen::Done(_))));
         d.begin(b, &first);
         d.begin(c, &first); // a falls out
-        assert!(d.begin(a, &first).is_none());
+        assert!(d.redelivered(a, &first).is_none());
     }
 
     #[test]

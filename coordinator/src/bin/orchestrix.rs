@@ -133,7 +133,7 @@ enum Command {
     },
     /// List recent runs, newest first.
     List {
-        /// Only runs in this status (running, completed, failed, compensation_failed).
+        /// Only runs in this status (running, completed, failed, compensation_failed, quarantined).
         #[arg(long, value_parser = parse_status)]
         status: Option<RunStatus>,
         /// Only runs of this flow.
@@ -377,7 +377,9 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
-        format!("`{s}` is not a status (running, completed, failed, compensation_failed)")
+        format!(
+            "`{s}` is not a status (running, completed, failed, compensation_failed, quarantined)"
+        )
     })
 }
 
@@ -393,7 +395,9 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
 fn exit_for(report: &RunReport) -> ExitCode {
     match report.status {
         RunStatus::Completed | RunStatus::Running => ExitCode::SUCCESS,
-        RunStatus::Failed | RunStatus::CompensationFailed => ExitCode::from(1),
+        RunStatus::Failed | RunStatus::CompensationFailed | RunStatus::Quarantined => {
+            ExitCode::from(1)
+        }
     }
 }
 

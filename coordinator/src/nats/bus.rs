@@ -7,7 +7,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
     Ack, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand, StepFailure,
-    StepOutcome, Subjects, TraceParent, WireError, decode_with_limit, encode, headers, peek_kind,
+    StepOutcome, Subjects, TraceParent, WireError, decode_ids, decode_with_limit, encode, headers,
+    peek_kind,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -32,6 +33,12 @@ pub struct NatsBusOptions {
     pub timeout_grace: Duration,
     /// Largest reply accepted, in bytes.
     pub max_message_bytes: usize,
+    /// How far apart hosts' clocks may be (default 500 ms): a command no
+    /// worker acked is sent again `ack_timeout + clock_skew` after it left.
+    pub clock_skew: Duration,
+    /// How long an attempt may wait for a worker to take it before its step
+    /// fails (default 5 min): runs ride out a redeploy of their workers.
+    pub worker_wait: Duration,
 }
 
 impl Default for NatsBusOptions {
@@ -42,6 +49,8 @@ impl Default for NatsBusOptions {
             heartbeat_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(1),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            clock_skew: Duration::from_millis(500),
+            worker_wait: Duration::from_secs(300),
         }
     }
 }
@@ -70,6 +79,18 @@ impl NatsBusOptions {
         self.timeout_grace = d;
         self
     }
+
+    /// Sets the clock skew allowed between hosts.
+    pub fn clock_skew(mut self, d: Duration) -> Self {
+        self.clock_skew = d;
+        self
+    }
+
+    /// Sets how long an attempt may wait for a worker.
+    pub fn worker_wait(mut self, d: Duration) -> Self {
+        self.worker_wait = d;
+        self
+    }
 }
 
 type Routes = Arc<Mutex<HashMap<Uuid, ReplyTo>>>;
@@ -92,7 +113,7 @@ struct Outgoing {
     headers: async_nats::HeaderMap,
     bytes: Bytes,
     reply: ReplyTo,
-    about: (Uuid, Uuid, u32, orchestrix_proto::CommandKind),
+    command_id: Uuid,
 }
 
 impl fmt::Debug for NatsBus {
@@ -137,9 +158,9 @@ impl NatsBus {
     }
 }
 
-impl Bus for NatsBus {
-    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
-        let bytes = encode(&cmd).map_err(|e| BusError::Rejected(e.to_string()))?;
+impl NatsBus {
+    fn send(&self, subject: String, cmd: &StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+        let bytes = encode(cmd).map_err(|e| BusError::Rejected(e.to_string()))?;
         let max = self.client.max_payload().min(self.options.max_message_bytes);
         if bytes.len() > max {
             return Err(BusError::Rejected(format!(
@@ -148,7 +169,6 @@ impl Bus for NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
-        let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
         let mut h = async_nats::HeaderMap::new();
         if !inject_current_span(&mut h) {
             // No tracer: still correlate the run's commands (trace id = run id).
@@ -159,18 +179,26 @@ impl Bus for NatsBus {
         }
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
-        let about = (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
         let out = Outgoing {
             subject,
             headers: h,
             bytes: Bytes::from(bytes),
             reply: reply.clone(),
-            about,
+            command_id: cmd.command_id,
         };
-        self.outbox
-            .send(out)
-            .map_err(|_| BusError::Unavailable("the NATS bus has stopped".into()))?;
-        Ok(Dispatched::Sent)
+        self.outbox.send(out).map_err(|_| BusError::Unavailable("the NATS bus has stopped".into()))
+    }
+}
+
+impl Bus for NatsBus {
+    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
+        let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
+        self.send(subject, &cmd, reply).map(|()| Dispatched::Sent)
+    }
+
+    fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+        let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
+        self.send(subject, &cmd, reply)
     }
 
     fn liveness(&self) -> Liveness {
@@ -178,6 +206,8 @@ impl Bus for NatsBus {
             ack_timeout: self.options.ack_timeout,
             heartbeat_timeout: self.options.heartbeat_timeout,
             timeout_grace: self.options.timeout_grace,
+            clock_skew: self.options.clock_skew,
+            worker_wait: self.options.worker_wait,
         }
     }
 
@@ -201,19 +231,10 @@ async fn publish(
             )
             .await;
         if let Err(e) = sent {
-            let (command_id, run_id, attempt, kind) = out.about;
-            let failure = StepFailure {
+            out.reply.deliver(BusReply::DispatchFailed {
+                command_id: out.command_id,
                 message: format!("cannot publish the step command: {e}"),
-                retryable: true,
-            };
-            let result = OutcomeResult::Failed(failure);
-            out.reply.deliver(BusReply::Outcome(StepOutcome {
-                command_id,
-                run_id,
-                attempt,
-                kind,
-                result,
-            }));
+            });
         }
     }
 }
@@ -256,15 +277,39 @@ async fn route(mut sub: async_nats::Subscriber, routes: Routes, max: usize) {
             }
             Heartbeat::KIND => decode_with_limit::<Heartbeat>(&msg.payload, max)
                 .map(|h| (h.run_id, BusReply::Heartbeat(h))),
-            StepOutcome::KIND => decode_with_limit::<StepOutcome>(&msg.payload, max)
-                .map(|o| (o.run_id, BusReply::Outcome(o))),
-            WireError::KIND => {
-                match decode_with_limit::<WireError>(&msg.payload, max) {
-                    Ok(e) => warn!(error = %e.message, "a worker rejected a command"),
-                    Err(e) => warn!(error = %e, "unreadable error reply dropped"),
-                }
-                continue;
-            }
+            StepOutcome::KIND => match decode_with_limit::<StepOutcome>(&msg.payload, max) {
+                Ok(o) => Ok((o.run_id, BusReply::Outcome(o))),
+                // A worker answered with something unreadable (an output that
+                // is not a MessagePack `bin`, say): the attempt fails with the
+                // reason rather than going silent. The handler ran: maybe done.
+                Err(e) => match decode_ids(&msg.payload, StepOutcome::KIND, max) {
+                    Some(ids) => Ok((
+                        ids.run_id,
+                        BusReply::Outcome(StepOutcome {
+                            command_id: ids.command_id,
+                            run_id: ids.run_id,
+                            attempt: ids.attempt,
+                            kind: ids.kind.unwrap_or(orchestrix_proto::CommandKind::Execute),
+                            result: OutcomeResult::Failed(StepFailure {
+                                message: format!("the worker's outcome does not decode: {e}"),
+                                retryable: false,
+                                maybe_done: true,
+                            }),
+                        }),
+                    )),
+                    None => Err(e),
+                },
+            },
+            WireError::KIND => match decode_with_limit::<WireError>(&msg.payload, max) {
+                Ok(e) => match e.run_id {
+                    Some(run_id) if e.command_id.is_some() => Ok((run_id, BusReply::Rejected(e))),
+                    _ => {
+                        warn!(error = %e.message, code = %e.code, "a worker rejected a message");
+                        continue;
+                    }
+                },
+                Err(e) => Err(e),
+            },
             other => {
                 warn!(kind = other, "reply of unknown kind dropped");
                 continue;

@@ -33,6 +33,10 @@ pub enum ClientError {
     /// The coordinator refused the request (unknown flow, unknown run, bad input).
     #[error("{0}")]
     Rejected(String),
+    /// The coordinator could not do it now (its store was unavailable); the
+    /// same request may succeed later.
+    #[error("{0} (retryable)")]
+    Unavailable(String),
     /// The coordinator answered something else than expected.
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
@@ -55,6 +59,7 @@ pub struct Client {
     nats: async_nats::Client,
     subjects: Subjects,
     request_timeout: Duration,
+    start_retry_for: Duration,
 }
 
 impl fmt::Debug for Client {
@@ -71,7 +76,12 @@ impl Client {
 
     /// A client over an existing connection.
     pub fn new(nats: async_nats::Client, subjects: Subjects) -> Client {
-        Client { nats, subjects, request_timeout: Duration::from_secs(5) }
+        Client {
+            nats,
+            subjects,
+            request_timeout: Duration::from_secs(5),
+            start_retry_for: Duration::from_secs(30),
+        }
     }
 
     /// How long to wait for a coordinator to accept a request (default 5 s).
@@ -123,11 +133,44 @@ impl Client {
         input: Payload,
         options: RunOptions,
     ) -> Result<Uuid, ClientError> {
+        let keyed = options.key.is_some();
         let req = run_request(flow, input, options, false);
-        match self.ask(self.subjects.run_requests(), &req, Some(self.request_timeout)).await? {
-            RunReply::Accepted { run_id } => Ok(run_id),
-            other => Err(unexpected(other)),
+        let subject = self.subjects.run_requests(flow);
+        // With an idempotency key a start is safe to send again: it starts the
+        // run or finds the one it started. Without one it is sent once.
+        let give_up = std::time::Instant::now() + self.start_retry_for;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let answer = self.ask(subject.clone(), &req, Some(self.request_timeout)).await;
+            match answer {
+                Ok(RunReply::Accepted { run_id }) => return Ok(run_id),
+                Ok(other) => return Err(unexpected(other)),
+                Err(e @ (ClientError::Unavailable(_) | ClientError::NoCoordinator { .. }))
+                    if keyed && std::time::Instant::now() + pause < give_up =>
+                {
+                    tracing::debug!(error = %e, "start failed; sending it again with the same key");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(ClientError::NoCoordinator { reason, .. })
+                    if reason.contains("no responders") =>
+                {
+                    return Err(ClientError::NoCoordinator {
+                        subject,
+                        reason: format!("no coordinator serves flow `{flow}`"),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    /// How long a start with an idempotency key is sent again while no
+    /// coordinator answers or its store is unavailable (default 30 s).
+    #[must_use]
+    pub fn start_retry_for(mut self, d: Duration) -> Self {
+        self.start_retry_for = d;
+        self
     }
 
     /// The report of a run so far (`status` is `running` while it is live).
@@ -214,7 +257,8 @@ impl Client {
             .await
             .map_err(|e| ClientError::NoCoordinator { subject, reason: e.to_string() })?;
         match decode::<RunReply>(&answer.payload)? {
-            RunReply::Rejected { error } => Err(ClientError::Rejected(error)),
+            RunReply::Rejected { error, retryable: true } => Err(ClientError::Unavailable(error)),
+            RunReply::Rejected { error, .. } => Err(ClientError::Rejected(error)),
             reply => Ok(reply),
         }
     }
@@ -230,6 +274,6 @@ fn unexpected(reply: RunReply) -> ClientError {
         RunReply::Accepted { run_id } => format!("accepted run {run_id}"),
         RunReply::Report(r) => format!("a report of run {}", r.run_id),
         RunReply::List(l) => format!("a list of {} runs", l.len()),
-        RunReply::Rejected { error } => error,
+        RunReply::Rejected { error, .. } => error,
     })
 }

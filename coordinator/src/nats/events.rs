@@ -96,6 +96,16 @@ impl Hooks for EventPublisher {
         );
     }
 
+    fn on_step_unknown(&self, e: &StepEvent<'_>, reason: &str) {
+        let event = EventKind::StepUnknown {
+            step: e.step.into(),
+            kind: e.kind,
+            attempt: e.attempt,
+            reason: reason.into(),
+        };
+        self.emit(e.run_id, e.flow, event);
+    }
+
     fn on_step_failure(&self, e: &StepEvent<'_>, error: &str) {
         self.emit(
             e.run_id,
@@ -140,6 +150,13 @@ pub fn describe(event: &EventKind) -> String {
         }
         EventKind::StepCompleted { step, attempt } => {
             format!("{step}: completed after {attempt} attempt(s)")
+        }
+        EventKind::StepUnknown { step, kind, attempt, reason } => {
+            let what = if *kind == CommandKind::Compensate { "compensation " } else { "" };
+            format!("{step}: {what}attempt {attempt} has an unknown outcome ({reason})")
+        }
+        EventKind::LateOutcome { step, attempt, outcome } => {
+            format!("{step}: late answer for attempt {attempt} ({outcome}); recorded, not applied")
         }
         EventKind::StepFailed { step, error } => {
             format!("{step}: failed for good ({error}); rolling back")

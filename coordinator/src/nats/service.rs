@@ -59,11 +59,12 @@ impl Service {
         subjects: &Subjects,
     ) -> Result<Service, ServiceError> {
         let mut tasks = Vec::new();
-        let asks = [
-            (subjects.run_requests(), Ask::Run),
-            (subjects.status_requests(), Ask::Status),
-            (subjects.list_requests(), Ask::List),
-        ];
+        // Run requests per flow: a coordinator only hears the flows it serves.
+        // Status and list are answered from the shared store by any of them.
+        let mut asks: Vec<(String, Ask)> =
+            coordinator.flows().map(|f| (subjects.run_requests(f), Ask::Run)).collect();
+        asks.push((subjects.status_requests(), Ask::Status));
+        asks.push((subjects.list_requests(), Ask::List));
         for (subject, kind) in asks {
             let sub = client
                 .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
@@ -108,7 +109,7 @@ async fn serve(
                 Ask::Status => answer_status(&coordinator, &msg.payload).await,
                 Ask::List => answer_list(&coordinator, &msg.payload).await,
             };
-            if let RunReply::Rejected { error } = &answer {
+            if let RunReply::Rejected { error, .. } = &answer {
                 debug!(%error, "request rejected");
             }
             match encode(&answer) {
@@ -127,7 +128,12 @@ async fn serve(
 }
 
 fn rejected(error: impl fmt::Display) -> RunReply {
-    RunReply::Rejected { error: error.to_string() }
+    RunReply::Rejected { error: error.to_string(), retryable: false }
+}
+
+fn run_rejected(error: RunError) -> RunReply {
+    let retryable = matches!(&error, RunError::Store(e) if !e.is_permanent() && !matches!(e, crate::StoreError::NotFound(_)));
+    RunReply::Rejected { error: error.to_string(), retryable }
 }
 
 async fn answer_run(
@@ -145,7 +151,7 @@ async fn answer_run(
     let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout, traceparent };
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
-        Err(e) => return rejected(e),
+        Err(e) => return run_rejected(e),
     };
     if !req.wait {
         return RunReply::Accepted { run_id: handle.run_id() };
