@@ -624,13 +624,26 @@ mod tests {
             let id = self.cur();
             self.ev(Event::Outcome {
                 command_id: id,
+                attempt: 1,
+                kind: CommandKind::Execute,
                 result: OutcomeResult::Completed { output: Payload::nil() },
             })
         }
         fn fail(&mut self, retryable: bool) -> Vec<Transition> {
             let id = self.cur();
-            let f = StepFailure { message: "boom".into(), retryable };
-            self.ev(Event::Outcome { command_id: id, result: OutcomeResult::Failed(f) })
+            let f = StepFailure::new("boom", retryable);
+            self.out(id, OutcomeResult::Failed(f))
+        }
+        fn out(&mut self, id: Uuid, result: OutcomeResult) -> Vec<Transition> {
+            self.ev(Event::Outcome { command_id: id, attempt: 1, kind: CommandKind::Execute, result })
+        }
+        fn ack(&mut self) -> Vec<Transition> {
+            let id = self.cur();
+            self.ev(Event::Acked { command_id: id, worker: "w1".into() })
+        }
+        fn silent(&mut self) -> Vec<Transition> {
+            let id = self.cur();
+            self.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() })
         }
     }
 
@@ -648,6 +661,9 @@ mod tests {
                     format!("compensation failed {step}")
                 }
                 Transition::Finished { status, .. } => format!("finished {status}"),
+                Transition::AttemptAcked { .. } => "acked".into(),
+                Transition::Redispatched { .. } => "redispatched".into(),
+                Transition::LateOutcome(n) => format!("late {}", n.outcome),
             })
             .collect()
     }
@@ -681,8 +697,9 @@ mod tests {
         t.ev(Event::Start);
         t.ok();
         assert_eq!(names(&t.fail(true)), ["retry 1"]);
-        // While waiting, the failed attempt's late answers are ignored.
-        assert!(t.ok().is_empty());
+        // While waiting, the failed attempt's late answer is noted, not applied.
+        assert_eq!(names(&t.ok()), ["late completed"]);
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Running);
         let id = t.cur();
         assert_eq!(names(&t.ev(Event::RetryDue { command_id: id })), ["start 1 execute #2"]);
         assert_eq!(names(&t.fail(true)), ["failed 1", "start 0 compensate #1"]);
@@ -703,24 +720,137 @@ mod tests {
         t.ev(Event::Start);
         let stale = Uuid::new_v4();
         let ok = OutcomeResult::Completed { output: Payload::nil() };
-        assert!(t.ev(Event::Outcome { command_id: stale, result: ok }).is_empty());
+        assert_eq!(names(&t.out(stale, ok.clone())), ["late completed"]);
+        // Noted once, never applied.
+        assert!(t.out(stale, ok).is_empty());
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Running);
         assert!(t.ev(Event::RetryDue { command_id: stale }).is_empty());
-        assert!(t.ev(Event::AttemptLost { command_id: stale, reason: "x".into() }).is_empty());
+        assert!(t.ev(Event::Silent { command_id: stale, reason: "x".into() }).is_empty());
+        assert!(t.ev(Event::NotTaken { command_id: stale }).is_empty());
         // A retry timer for the attempt in flight (not waiting) is ignored too.
         let id = t.cur();
         assert!(t.ev(Event::RetryDue { command_id: id }).is_empty());
     }
 
     #[test]
-    fn lost_attempts_are_retryable_failures() {
+    fn a_command_nobody_took_is_sent_again_without_spending_an_attempt() {
+        let mut t = T::new(&[false], 0);
+        t.ev(Event::Start);
+        let first = t.cur();
+        assert_eq!(names(&t.ev(Event::NotTaken { command_id: first })), ["redispatched"]);
+        assert_ne!(t.cur(), first, "a new command id");
+        assert_eq!(t.m.rec.steps[0].attempts, 1);
+        assert!(t.m.rec.steps[0].error.as_deref().unwrap().starts_with("waiting for a worker"));
+        // An expired command (arrived after its start-by time) is the same.
+        let second = t.cur();
+        let expired = Event::Rejected {
+            command_id: second,
+            code: WireError::CODE_EXPIRED.into(),
+            message: "late".into(),
+        };
+        assert_eq!(names(&t.ev(expired)), ["redispatched"]);
+        // Past the wait for a worker, the step fails (nothing ran: not maybe done).
+        t.m.limits.worker_wait = Duration::ZERO;
+        let id = t.cur();
+        assert_eq!(names(&t.ev(Event::NotTaken { command_id: id })), ["failed 0", "finished failed"]);
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Failed);
+    }
+
+    #[test]
+    fn an_acked_attempt_that_goes_silent_is_unknown_and_maybe_done_by_default() {
+        let mut t = T::new(&[true, true], 3);
+        t.ev(Event::Start);
+        t.ok();
+        assert_eq!(names(&t.ack()), ["acked"]);
+        assert!(t.ack().is_empty(), "a second ack changes nothing");
+        // Not retried (could charge twice); rolled back, its own compensation included.
+        assert_eq!(names(&t.silent()), ["failed 1", "start 1 compensate #1"]);
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Compensating);
+        assert!(t.m.rec.steps[1].error.as_deref().unwrap().starts_with("outcome unknown"));
+        assert_eq!(names(&t.ok()), ["compensated 1", "start 0 compensate #1"]);
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
+    }
+
+    #[test]
+    fn an_unknown_outcome_of_an_idempotent_step_is_retried() {
         let mut t = T::new(&[false], 1);
+        let mut def = t.m.plan.def.clone();
+        def.steps[0].on_unknown = OnUnknown::Retry;
+        t.m.plan = Arc::new(FlowPlan { def, hooks: Vec::new() });
+        t.ev(Event::Start);
+        t.ack();
+        assert_eq!(names(&t.silent()), ["retry 0"]);
+        assert!(t.m.rec.steps[0].maybe_done);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        // The retry fails for good: the step may still have happened earlier.
+        assert_eq!(names(&t.fail(false)), ["failed 0", "finished failed"]);
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Unknown);
+    }
+
+    #[test]
+    fn a_maybe_done_failure_from_the_worker_counts_as_unknown() {
+        let mut t = T::new(&[true], 3);
+        t.ev(Event::Start);
+        t.ack();
+        let id = t.cur();
+        let f = StepFailure::maybe_done("step timed out after 1s");
+        assert_eq!(names(&t.out(id, OutcomeResult::Failed(f))), ["failed 0", "start 0 compensate #1"]);
+    }
+
+    #[test]
+    fn a_timeout_before_any_ack_is_a_plain_failure() {
+        let mut t = T::new(&[true], 1);
         t.ev(Event::Start);
         let id = t.cur();
+        let ev = Event::TimedOut { command_id: id, reason: "no outcome".into() };
+        assert_eq!(names(&t.ev(ev)), ["retry 0"]);
+        assert!(!t.m.rec.steps[0].maybe_done);
+    }
+
+    #[test]
+    fn after_a_takeover_an_unanswered_inquiry_depends_on_the_ack() {
+        // Never acked: nobody started it, send it again.
+        let mut t = T::new(&[true], 0);
+        t.ev(Event::Start);
+        let id = t.cur();
+        assert_eq!(names(&t.ev(Event::Unanswered { command_id: id })), ["redispatched"]);
+        // Acked by a worker that is gone: unknown.
+        t.ack();
+        let id = t.cur();
         assert_eq!(
-            names(&t.ev(Event::AttemptLost { command_id: id, reason: "no ack".into() })),
-            ["retry 0"]
+            names(&t.ev(Event::Unanswered { command_id: id })),
+            ["failed 0", "start 0 compensate #1"]
         );
-        assert_eq!(t.m.rec.steps[0].error.as_deref(), Some("no ack"));
+    }
+
+    #[test]
+    fn poison_and_oversized_outputs_fail_the_step_as_maybe_done() {
+        let mut t = T::new(&[true, true], 0);
+        t.ev(Event::Start);
+        t.ok();
+        let id = t.cur();
+        let bad = OutcomeResult::Completed { output: Payload::from_msgpack(vec![0xc1]) };
+        assert_eq!(names(&t.out(id, bad)), ["failed 1", "start 1 compensate #1"]);
+        assert!(t.m.rec.steps[1].error.as_deref().unwrap().contains("not valid MessagePack"));
+
+        let mut t = T::new(&[true], 0);
+        t.m.limits.max_payload_bytes = 100;
+        t.ev(Event::Start);
+        let id = t.cur();
+        let big = Payload::encode(&vec![7u8; 200]).unwrap();
+        let out = t.out(id, OutcomeResult::Completed { output: big });
+        assert_eq!(names(&out), ["failed 0", "start 0 compensate #1"]);
+        assert!(t.m.rec.steps[0].error.as_deref().unwrap().contains("over the limit of 100 bytes"));
+    }
+
+    #[test]
+    fn a_changed_flow_is_a_mismatch() {
+        let t = T::new(&[true, false], 0);
+        let shorter = plan(&[true], 0);
+        assert!(Machine::mismatch(&t.m.plan, &t.m.rec).is_none());
+        let why = Machine::mismatch(&shorter, &t.m.rec).unwrap();
+        assert!(why.contains("[s0, s1]") && why.contains("now has [s0]"), "{why}");
     }
 
     #[test]
@@ -774,7 +904,7 @@ mod tests {
         t.ok();
         assert!(t.ev(Event::Start).is_empty());
         assert!(t.ev(Event::DeadlineExceeded).is_empty());
-        assert!(t.ev(Event::AttemptLost { command_id: id, reason: "x".into() }).is_empty());
+        assert!(t.ev(Event::Silent { command_id: id, reason: "x".into() }).is_empty());
     }
 
     #[test]

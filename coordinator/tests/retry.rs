@@ -159,7 +159,7 @@ fn permanent_errors_skip_the_remaining_retries() {
 }
 
 #[test]
-fn a_timed_out_attempt_is_dropped_and_counts_as_a_failed_attempt() {
+fn a_timed_out_attempt_of_an_idempotent_step_is_dropped_and_retried() {
     paused(|| async {
         let j = Journal::new();
         let log = j.clone();
@@ -176,15 +176,50 @@ fn a_timed_out_attempt_is_dropped_and_counts_as_a_failed_attempt() {
                     Ok(())
                 }
             },
-            |o| o.timeout(200 * MS).retries(2).retry_delay(50 * MS),
+            |o| o.timeout(200 * MS).retries(2).retry_delay(50 * MS).idempotent(),
         );
         let report = flow.run(()).await.unwrap();
         assert_eq!(report.status, RunStatus::Completed);
         let step = report.step("s").unwrap();
         assert_eq!(step.attempts, 3);
-        assert_eq!(step.error.as_deref(), Some("step timed out after 200ms"));
+        assert_eq!(step.error.as_deref(), Some("outcome unknown: step timed out after 200ms"));
         assert_eq!(j.entries(), ["start 1", "start 2", "start 3"]);
         assert_eq!(report.duration, 500 * MS);
+    });
+}
+
+#[test]
+fn a_timed_out_attempt_is_maybe_done_by_default_never_run_twice_and_compensated() {
+    paused(|| async {
+        let j = Journal::new();
+        let (log, undo) = (j.clone(), j.clone());
+        let flow = create::<()>("charge").step_with(
+            "charge",
+            move |_ctx| {
+                let log = log.clone();
+                async move {
+                    log.log("charge");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(())
+                }
+            },
+            move |o| {
+                o.timeout(200 * MS).retries(2).retry_delay(50 * MS).compensate(move |_ctx| {
+                    let undo = undo.clone();
+                    async move {
+                        undo.log("refund");
+                        Ok(())
+                    }
+                })
+            },
+        );
+        let report = flow.run(()).await.unwrap();
+        assert_eq!(report.status, RunStatus::Failed);
+        let step = report.step("charge").unwrap();
+        assert_eq!(step.attempts, 1, "an unknown outcome is not retried by default");
+        assert_eq!(step.status, StepStatus::Compensated);
+        assert_eq!(step.error.as_deref(), Some("outcome unknown: step timed out after 200ms"));
+        assert_eq!(j.entries(), ["charge", "refund"]);
     });
 }
 
