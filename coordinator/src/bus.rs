@@ -139,6 +139,13 @@ pub trait Bus: Send + Sync + 'static {
         Liveness::Local
     }
 
+    /// Outcomes that arrived for runs not live here (they ended, or were
+    /// never here): taken once, by the coordinator, which notes them in the
+    /// runs' history as late answers.
+    fn take_unrouted(&self) -> Option<tokio::sync::mpsc::Receiver<StepOutcome>> {
+        None
+    }
+
     /// The run ended: no more answers about it are expected.
     fn run_finished(&self, run_id: uuid::Uuid) {
         let _ = run_id;

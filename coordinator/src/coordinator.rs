@@ -133,6 +133,8 @@ pub struct Coordinator {
 }
 
 struct Inner {
+    /// Outcomes for runs not live here, from the bus; drained by the takeover loop.
+    unrouted: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<orchestrix_proto::StepOutcome>>>,
     flows: HashMap<Arc<str>, Arc<FlowPlan>>,
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
@@ -237,13 +239,17 @@ impl CoordinatorBuilder {
         }
         let bus = self.bus.unwrap_or_else(|| Arc::new(self.memory));
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::default()));
-        Ok(Coordinator { inner: Arc::new(Inner { flows, bus, store, engine: self.engine }) })
+        let unrouted = std::sync::Mutex::new(bus.take_unrouted());
+        Ok(Coordinator {
+            inner: Arc::new(Inner { unrouted, flows, bus, store, engine: self.engine }),
+        })
     }
 
     /// Builds an in-process coordinator for flows already validated.
     pub(crate) fn build_embedded(self) -> Coordinator {
         let flows = self.flows.into_iter().map(|p| (p.def.name.clone(), Arc::new(p))).collect();
         let inner = Inner {
+            unrouted: std::sync::Mutex::new(None),
             flows,
             bus: Arc::new(self.memory),
             store: Arc::new(MemoryStore::default()),
@@ -428,18 +434,51 @@ impl Coordinator {
     /// or aborted. Call from within a tokio runtime.
     pub fn take_over_orphans(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
+        let mut late = self.inner.unrouted.lock().unwrap_or_else(|p| p.into_inner()).take();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                match me.recover().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(runs = n, "took over runs of a coordinator that died"),
-                    Err(e) => tracing::warn!(error = %e, "cannot look for orphaned runs"),
+                let outcome = async {
+                    match late.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tick.tick() => match me.recover().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(runs = n, "took over runs of a coordinator that died"),
+                        Err(e) => tracing::warn!(error = %e, "cannot look for orphaned runs"),
+                    },
+                    Some(o) = outcome => me.note_late(o).await,
                 }
             }
         })
+    }
+
+    /// Records an answer that came for a run no longer live here.
+    async fn note_late(&self, o: orchestrix_proto::StepOutcome) {
+        let outcome = match &o.result {
+            orchestrix_proto::OutcomeResult::Completed { .. } => "completed".to_owned(),
+            orchestrix_proto::OutcomeResult::Failed(f) => format!("failed: {}", f.message),
+        };
+        let note = crate::record::LateNote {
+            command_id: o.command_id,
+            attempt: o.attempt,
+            kind: o.kind,
+            outcome,
+            at: SystemTime::now(),
+        };
+        match self.inner.store.note_late(o.run_id, note.line()).await {
+            Ok(true) => {
+                tracing::warn!(run_id = %o.run_id, command = %o.command_id, "late answer recorded in the run's history")
+            }
+            Ok(false) => {
+                tracing::debug!(run_id = %o.run_id, "late answer for a run not kept or still live elsewhere")
+            }
+            Err(e) => tracing::warn!(run_id = %o.run_id, error = %e, "cannot record a late answer"),
+        }
     }
 
     /// The report of a run so far (`status` is `running` while it is live),

@@ -179,6 +179,7 @@ fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
         error: Some(reason),
         failed_step: None,
         steps: Vec::new(),
+        late: Vec::new(),
     }
 }
 
@@ -707,6 +708,37 @@ impl Store for JetStreamStore {
                 _ => None,
             };
             inner.quarantine(run_id, None, report, key.as_deref()).await
+        })
+    }
+
+    fn note_late(
+        &self,
+        run_id: Uuid,
+        line: String,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let id = run_id.to_string();
+            for _ in 0..3 {
+                let entry = inner
+                    .history
+                    .entry(&id)
+                    .await
+                    .map_err(|e| unavailable("cannot read the history", e))?;
+                let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                    return Ok(false);
+                };
+                let mut report: RunReport = decode(&entry.value)?;
+                if report.late.len() >= crate::record::MAX_LATE_NOTES || report.late.contains(&line)
+                {
+                    return Ok(false);
+                }
+                report.late.push(line.clone());
+                if inner.history.update(&id, encode(&report)?, entry.revision).await.is_ok() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
         })
     }
 

@@ -635,7 +635,12 @@ mod tests {
             self.out(id, OutcomeResult::Failed(f))
         }
         fn out(&mut self, id: Uuid, result: OutcomeResult) -> Vec<Transition> {
-            self.ev(Event::Outcome { command_id: id, attempt: 1, kind: CommandKind::Execute, result })
+            self.ev(Event::Outcome {
+                command_id: id,
+                attempt: 1,
+                kind: CommandKind::Execute,
+                result,
+            })
         }
         fn ack(&mut self) -> Vec<Transition> {
             let id = self.cur();
@@ -752,7 +757,10 @@ mod tests {
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
         t.m.limits.worker_wait = Duration::ZERO;
         let id = t.cur();
-        assert_eq!(names(&t.ev(Event::NotTaken { command_id: id })), ["failed 0", "finished failed"]);
+        assert_eq!(
+            names(&t.ev(Event::NotTaken { command_id: id })),
+            ["failed 0", "finished failed"]
+        );
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Failed);
     }
 
@@ -795,7 +803,10 @@ mod tests {
         t.ack();
         let id = t.cur();
         let f = StepFailure::maybe_done("step timed out after 1s");
-        assert_eq!(names(&t.out(id, OutcomeResult::Failed(f))), ["failed 0", "start 0 compensate #1"]);
+        assert_eq!(
+            names(&t.out(id, OutcomeResult::Failed(f))),
+            ["failed 0", "start 0 compensate #1"]
+        );
     }
 
     #[test]

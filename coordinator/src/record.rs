@@ -71,6 +71,19 @@ pub struct LateNote {
     pub at: SystemTime,
 }
 
+impl LateNote {
+    /// The note as one line of the report.
+    pub fn line(&self) -> String {
+        format!(
+            "{} attempt {} (command {}) answered after it was given up on: {}",
+            self.kind.as_str(),
+            self.attempt,
+            self.command_id,
+            self.outcome
+        )
+    }
+}
+
 /// Late answers kept per run, at most.
 pub const MAX_LATE_NOTES: usize = 16;
 
@@ -444,6 +457,7 @@ impl RunRecord {
                     compensation: s.compensation.as_deref().cloned(),
                 })
                 .collect(),
+            late: self.late.iter().map(LateNote::line).collect(),
         }
     }
 }

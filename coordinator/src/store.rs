@@ -133,6 +133,18 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(Vec::new())))
     }
 
+    /// Notes a late answer in the history of a run that has ended (at most
+    /// [`crate::record::MAX_LATE_NOTES`]); true if noted. A run still live is
+    /// left alone: its owner notes late answers itself.
+    fn note_late(
+        &self,
+        run_id: Uuid,
+        line: String,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let _ = (run_id, line);
+        Box::pin(futures::future::ready(Ok(false)))
+    }
+
     /// Moves a run aside for an operator: it stops being live, `report` answers
     /// with `report` (status `quarantined`, the reason in its error), and a
     /// caller waiting on it or on its idempotency key gets that report.
@@ -434,6 +446,13 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         report: RunReport,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         (**self).quarantine(run_id, reason, report)
+    }
+    fn note_late(
+        &self,
+        run_id: Uuid,
+        line: String,
+    ) -> BoxFuture<'static, Result<bool, StoreError>> {
+        (**self).note_late(run_id, line)
     }
     fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
         (**self).list(filter)

@@ -43,7 +43,9 @@ async fn setup(server: &NatsServer, toml: &str, ack: Duration, silence: Duration
     let options = NatsBusOptions::default()
         .ack_timeout(ack)
         .heartbeat_timeout(silence)
-        .timeout_grace(Duration::from_millis(500));
+        .timeout_grace(Duration::from_millis(500))
+        .clock_skew(Duration::from_millis(100))
+        .worker_wait(2 * SECS);
     let bus = NatsBus::start(nats.clone(), options).await.unwrap();
     let mut builder = Coordinator::builder().bus(bus);
     for def in flowfile::parse(toml).unwrap() {
@@ -228,23 +230,23 @@ async fn retries_move_to_another_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_with_no_worker_fails_after_ack_timeouts() {
+async fn a_step_with_no_worker_waits_for_one_then_fails_without_spending_attempts() {
     let server = NatsServer::start();
     let toml = "[[flow]]\nname = \"lonely\"\n[[flow.step]]\nname = \"nobody\"\nretries = 1\nretry_delay_ms = 10\n";
     let s = setup(&server, toml, Duration::from_millis(300), 5 * SECS).await;
     let report = s.coordinator.run("lonely", &(), RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
     let step = report.step("nobody").unwrap();
-    assert_eq!(step.attempts, 2);
+    assert_eq!(step.attempts, 1, "nobody started it: no attempt is spent");
     let err = step.error.as_deref().unwrap();
-    assert!(err.starts_with("no worker took the command within 300ms"), "{err}");
+    assert!(err.starts_with("no worker took the command in 2."), "{err}");
     assert!(err.contains("step `nobody` of flow `lonely`"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_worker_is_cut_at_the_step_timeout() {
     let server = NatsServer::start();
-    let toml = "[[flow]]\nname = \"slow\"\n[[flow.step]]\nname = \"s\"\ntimeout_ms = 300\nretries = 1\nretry_delay_ms = 10\n";
+    let toml = "[[flow]]\nname = \"slow\"\n[[flow.step]]\nname = \"s\"\ntimeout_ms = 300\nretries = 1\nretry_delay_ms = 10\non_unknown = \"retry\"\n";
     let s = setup(&server, toml, 5 * SECS, 5 * SECS).await;
     let j = Journal::default();
     let jj = j.clone();
@@ -267,7 +269,7 @@ async fn a_slow_worker_is_cut_at_the_step_timeout() {
     assert_eq!(report.status, RunStatus::Failed);
     let step = report.step("s").unwrap();
     assert_eq!(step.attempts, 2);
-    assert_eq!(step.error.as_deref(), Some("step timed out after 300ms"));
+    assert_eq!(step.error.as_deref(), Some("outcome unknown: step timed out after 300ms"));
     assert_eq!(entries(&j), ["start #1", "start #2"]);
     assert_eq!(w.in_flight(), 0, "timed-out handlers are dropped, not left running");
     w.shutdown().await;
@@ -300,6 +302,8 @@ async fn a_duplicate_command_runs_the_handler_once() {
         input: Payload::encode(&21u32).unwrap(),
         outputs: vec![],
         timeout: None,
+        start_by_ms: None,
+        deadline_ms: None,
     };
     let inbox = nats.new_inbox();
     let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
@@ -393,7 +397,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
             .contains("exceeds the limit of 4096 bytes")
     );
     // Run and status subjects: the coordinator rejects each with a reason.
-    for subject in [subjects.run_requests(), subjects.status_requests()] {
+    for subject in [subjects.run_requests("g"), subjects.status_requests()] {
         for (what, bytes) in &garbage[..4] {
             let answer = s.nats.request(subject.clone(), Bytes::from(bytes.clone())).await.unwrap();
             match decode::<orchestrix_proto::RunReply>(&answer.payload).unwrap() {
@@ -407,7 +411,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     // A message of the wrong kind on the run subject is named as such.
     let wrong =
         encode(&orchestrix_proto::StatusRequest { run_id: Uuid::nil(), wait: false }).unwrap();
-    let answer = s.nats.request(subjects.run_requests(), Bytes::from(wrong)).await.unwrap();
+    let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(wrong)).await.unwrap();
     let orchestrix_proto::RunReply::Rejected { error, .. } = decode(&answer.payload).unwrap()
     else {
         panic!()
@@ -419,7 +423,24 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     }
     // Unknown flows and runs are clear errors to the caller.
     let err = s.client.run("nope", &1u32, RunOptions::new()).await.unwrap_err();
-    assert!(matches!(&err, ClientError::Rejected(e) if e == "unknown flow `nope`"), "{err}");
+    assert!(matches!(&err, ClientError::NoCoordinator { .. }), "{err}");
+    assert!(err.to_string().contains("no coordinator serves flow `nope`"), "{err}");
+    // A request for a served flow that names another one is refused by name.
+    let other = encode(&orchestrix_proto::RunRequest {
+        flow: "nope".into(),
+        input: Payload::nil(),
+        key: None,
+        ttl: None,
+        timeout: None,
+        wait: false,
+    })
+    .unwrap();
+    let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(other)).await.unwrap();
+    let orchestrix_proto::RunReply::Rejected { error, .. } = decode(&answer.payload).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(error, "unknown flow `nope`");
     let err = s.client.status(Uuid::nil()).await.unwrap_err();
     assert!(err.to_string().starts_with("unknown run"), "{err}");
     // And both keep serving.

@@ -24,6 +24,8 @@ compensable = true
 name = "b"
 retries = 3
 retry_delay_ms = 50
+# Idempotent: an attempt whose worker died or froze is simply run again.
+on_unknown = "retry"
 "#;
 
 async fn coordinator(server: &NatsServer, silence: Duration) -> Coordinator {
@@ -115,7 +117,7 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
     // The first attempt was given up for silence; a later one found the healthy replica.
     let seen = retries.0.lock().unwrap().clone();
     assert!(
-        seen[0].starts_with("b #1: worker ")
+        seen[0].starts_with("b #1: outcome unknown: worker ")
             && seen[0].ends_with("went silent: no heartbeat for 600ms"),
         "{seen:?}"
     );

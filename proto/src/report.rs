@@ -162,6 +162,11 @@ pub struct RunReport {
     pub failed_step: Option<String>,
     /// Every step of the flow, in flow order.
     pub steps: Vec<StepReport>,
+    /// Answers that arrived for attempts the run had already given up on
+    /// (a worker that came back after its attempt was declared unknown, say):
+    /// recorded, never applied. One line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub late: Vec<String>,
 }
 
 impl RunReport {
@@ -172,7 +177,8 @@ impl RunReport {
 
     /// The step whose failure started the rollback.
     pub fn failed(&self) -> Option<&StepReport> {
-        self.steps.iter().find(|s| s.status == StepStatus::Failed)
+        let name = self.failed_step.as_deref()?;
+        self.step(name)
     }
 
     /// Steps whose compensation failed for good: side effects left in place.
@@ -207,6 +213,9 @@ impl fmt::Display for RunReport {
                 }
             }
             writeln!(f)?;
+        }
+        for l in &self.late {
+            writeln!(f, "  late: {l}")?;
         }
         Ok(())
     }

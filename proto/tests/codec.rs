@@ -28,6 +28,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
 
 fn report() -> RunReport {
     RunReport {
+        late: Vec::new(),
         run_id: Uuid::now_v7(),
         flow: "payment-flow".into(),
         status: RunStatus::Failed,

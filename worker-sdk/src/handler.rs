@@ -123,12 +123,12 @@ pub fn run_command_with(
                 () = cancel.cancelled() => OutcomeResult::Failed(StepFailure::maybe_done("the attempt was cancelled while its handler ran")),
             }
         }),
-        Some(budget) => Box::pin(async move {
+        Some((budget, why)) => Box::pin(async move {
             let stopped = tokio::select! {
                 biased;
                 result = tokio::time::timeout(budget, fut) => match result {
                     Ok(result) => return outcome(result),
-                    Err(_) => format!("step timed out after {budget:?}"),
+                    Err(_) => why,
                 },
                 () = cancel.cancelled() => "the attempt was cancelled while its handler ran".to_owned(),
             };
@@ -138,16 +138,28 @@ pub fn run_command_with(
     }
 }
 
-/// Time left for an attempt: the relative timeout, cut short by the absolute
-/// deadline (read against this host's clock).
-pub(crate) fn budget(timeout: Option<Duration>, deadline_ms: Option<u64>) -> Option<Duration> {
+/// Time left for an attempt, and what ends it: the relative timeout, cut
+/// short by the absolute deadline (read against this host's clock). Within a
+/// few milliseconds of each other they are one and the same (the coordinator
+/// sets the deadline from the timeout when it sends the command): then the
+/// step's timeout is named.
+pub(crate) fn budget(
+    timeout: Option<Duration>,
+    deadline_ms: Option<u64>,
+) -> Option<(Duration, String)> {
     let left = deadline_ms.map(|d| {
         let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
         Duration::from_millis(d.saturating_sub(now))
     });
+    let timed_out = |t: Duration| format!("step timed out after {t:?}");
     match (timeout, left) {
-        (Some(t), Some(l)) => Some(t.min(l)),
-        (t, l) => t.or(l),
+        (Some(t), Some(l)) if l + Duration::from_millis(250) < t => {
+            Some((l, "the attempt reached its deadline (the run's deadline)".to_owned()))
+        }
+        (Some(t), Some(l)) => Some((t.min(l), timed_out(t))),
+        (Some(t), None) => Some((t, timed_out(t))),
+        (None, Some(l)) => Some((l, "the attempt reached its deadline (the run's deadline)".to_owned())),
+        (None, None) => None,
     }
 }
 
@@ -278,9 +290,15 @@ mod tests {
     fn the_budget_is_the_nearer_of_timeout_and_deadline() {
         let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
         assert_eq!(budget(None, None), None);
-        assert_eq!(budget(Some(Duration::from_secs(1)), None), Some(Duration::from_secs(1)));
-        let b = budget(Some(Duration::from_secs(60)), Some(now + 2_000)).unwrap();
+        let (b, why) = budget(Some(Duration::from_secs(1)), None).unwrap();
+        assert_eq!((b, why.as_str()), (Duration::from_secs(1), "step timed out after 1s"));
+        let (b, why) = budget(Some(Duration::from_secs(60)), Some(now + 2_000)).unwrap();
         assert!(b <= Duration::from_secs(2) && b > Duration::from_secs(1));
-        assert_eq!(budget(None, Some(now.saturating_sub(5))), Some(Duration::ZERO));
+        assert!(why.contains("run's deadline"), "{why}");
+        // The deadline set from the timeout itself: the timeout is named.
+        let (b, why) = budget(Some(Duration::from_secs(2)), Some(now + 1_990)).unwrap();
+        assert!(b <= Duration::from_secs(2));
+        assert_eq!(why, "step timed out after 2s");
+        assert_eq!(budget(None, Some(now.saturating_sub(5))).unwrap().0, Duration::ZERO);
     }
 }

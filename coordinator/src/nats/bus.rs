@@ -104,6 +104,7 @@ pub struct NatsBus {
     reply_subject: async_nats::Subject,
     routes: Routes,
     outbox: mpsc::UnboundedSender<Outgoing>,
+    unrouted: Mutex<Option<mpsc::Receiver<StepOutcome>>>,
     tasks: [JoinHandle<()>; 2],
 }
 
@@ -145,11 +146,20 @@ impl NatsBus {
             BusError::Unavailable(format!("cannot subscribe to {reply_subject}: {e}"))
         })?;
         let routes: Routes = Arc::default();
-        let router = tokio::spawn(route(sub, routes.clone(), options.max_message_bytes));
+        let (late_tx, late_rx) = mpsc::channel(1024);
+        let router = tokio::spawn(route(sub, routes.clone(), options.max_message_bytes, late_tx));
         let (outbox, rx) = mpsc::unbounded_channel();
         let publisher = tokio::spawn(publish(client.clone(), reply_subject.clone(), rx));
         orchestrix_worker::sync(&client).await;
-        Ok(NatsBus { client, options, reply_subject, routes, outbox, tasks: [router, publisher] })
+        Ok(NatsBus {
+            client,
+            options,
+            reply_subject,
+            routes,
+            outbox,
+            unrouted: Mutex::new(Some(late_rx)),
+            tasks: [router, publisher],
+        })
     }
 
     /// The subject workers answer on.
@@ -211,6 +221,10 @@ impl Bus for NatsBus {
         }
     }
 
+    fn take_unrouted(&self) -> Option<mpsc::Receiver<StepOutcome>> {
+        self.unrouted.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     fn run_finished(&self, run_id: Uuid) {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&run_id);
     }
@@ -259,7 +273,12 @@ fn inject_current_span(h: &mut async_nats::HeaderMap) -> bool {
 }
 
 /// Decodes each reply and hands it to its run. Bad replies are logged and dropped.
-async fn route(mut sub: async_nats::Subscriber, routes: Routes, max: usize) {
+async fn route(
+    mut sub: async_nats::Subscriber,
+    routes: Routes,
+    max: usize,
+    late: mpsc::Sender<StepOutcome>,
+) {
     while let Some(msg) = sub.next().await {
         let kind = match msg.headers.as_ref().and_then(|h| h.get(headers::MESSAGE_KIND)) {
             Some(k) => k.as_str().to_owned(),
@@ -320,7 +339,14 @@ async fn route(mut sub: async_nats::Subscriber, routes: Routes, max: usize) {
                 let to = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&run_id).cloned();
                 match to {
                     Some(to) => to.deliver(reply),
-                    None => debug!(%run_id, "reply for a run that is not live here"),
+                    // An outcome for a run that ended meanwhile: the
+                    // coordinator notes it in the run's history.
+                    None => match reply {
+                        BusReply::Outcome(o) => {
+                            let _ = late.try_send(o);
+                        }
+                        _ => debug!(%run_id, "reply for a run that is not live here"),
+                    },
                 }
             }
             Err(e) => warn!(error = %e, "bad reply dropped"),

@@ -188,6 +188,8 @@ struct Slot {
     index: usize,
     generation: u32,
     started: bool,
+    /// The current incarnation printed its readiness line.
+    ready: bool,
     child: Option<Child>,
     /// Whether the harness wants it running (false while a fault holds it down).
     wanted: bool,
@@ -215,6 +217,9 @@ struct Procs {
     killed: HashSet<String>,
     /// Exits nobody asked for (the process was restarted).
     unplanned: Vec<String>,
+    /// Still starting up: exits then (e.g. JetStream not ready yet) are no news.
+    starting: bool,
+    startup_exits: Vec<String>,
     clock: Clock,
 }
 
@@ -246,6 +251,7 @@ impl Procs {
             self.slots[i].generation += 1;
         }
         self.slots[i].started = true;
+        self.slots[i].ready = false;
         let open = |p: &Path| {
             OpenOptions::new()
                 .create(true)
@@ -323,7 +329,11 @@ impl Procs {
                     self.slots[i].incarnation()
                 );
                 self.clock.say(&line);
-                self.unplanned.push(line);
+                if self.starting {
+                    self.startup_exits.push(line);
+                } else {
+                    self.unplanned.push(line);
+                }
                 if let Err(e) = self.spawn(i) {
                     self.clock.say(format!("restart failed: {e}"));
                 }
@@ -347,8 +357,19 @@ impl Drop for Procs {
 async fn wait_ready(procs: &Mutex<Procs>, i: usize, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
-        let (path, marker) = lock(procs).ready_marker(i);
+        let (path, marker, generation) = {
+            let p = lock(procs);
+            if p.slots[i].ready {
+                return true;
+            }
+            let (path, marker) = p.ready_marker(i);
+            (path, marker, p.slots[i].generation)
+        };
         if std::fs::read_to_string(&path).is_ok_and(|t| t.lines().any(|l| l.contains(marker))) {
+            let mut p = lock(procs);
+            if p.slots[i].generation == generation {
+                p.slots[i].ready = true;
+            }
             return true;
         }
         if Instant::now() > deadline {
@@ -372,9 +393,9 @@ async fn wait_all_ready(procs: &Mutex<Procs>, within: Duration) -> Res<()> {
 
 /// The runs stream's leader (a server name, `n0`..`n2`) and whether every
 /// replica is current.
-async fn runs_stream(nc: &async_nats::Client) -> Res<(Option<String>, bool)> {
+async fn runs_stream(nc: &async_nats::Client, within: Duration) -> Res<(Option<String>, bool)> {
     let subject = format!("$JS.API.STREAM.INFO.{RUNS_STREAM}");
-    let msg = tokio::time::timeout(Duration::from_secs(3), nc.request(subject, "".into()))
+    let msg = tokio::time::timeout(within, nc.request(subject, "".into()))
         .await
         .map_err(|_| "stream info: timeout".to_owned())?
         .map_err(|e| format!("stream info: {e}"))?;
@@ -536,7 +557,7 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             // quorum, which tells nothing about the engine.
             let deadline = Instant::now() + Duration::from_secs(30);
             let leader = loop {
-                match runs_stream(&env.nc).await {
+                match runs_stream(&env.nc, Duration::from_secs(3)).await {
                     Ok((Some(l), true)) => break Some(l),
                     _ if Instant::now() > deadline => break None,
                     _ => tokio::time::sleep(Duration::from_millis(250)).await,
@@ -561,14 +582,20 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             env.clock.say(format!("SIGKILL nats node {leader} (runs leader); restart in {down:?}"));
             let killed_at = Instant::now();
             let mut note = String::new();
+            let mut last = String::new();
             while killed_at.elapsed() < *down {
                 if note.is_empty() {
-                    if let Ok((Some(l), _)) = runs_stream(&env.nc).await {
-                        note = format!(
-                            "new leader {l} after {:.1} s",
-                            killed_at.elapsed().as_secs_f64()
-                        );
-                        env.clock.say(&note);
+                    // Short requests: the time to a new leader is measured.
+                    match runs_stream(&env.nc, Duration::from_millis(500)).await {
+                        Ok((Some(l), _)) if l != leader => {
+                            note = format!(
+                                "new leader {l} after {:.1} s",
+                                killed_at.elapsed().as_secs_f64()
+                            );
+                            env.clock.say(&note);
+                        }
+                        Ok((l, _)) => last = format!("leader {l:?}"),
+                        Err(e) => last = e,
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -576,7 +603,7 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             nats_blocking(&env.cluster, move |c| c.nodes[node].restart()).await?;
             env.clock.say(format!("nats node {leader} restarted"));
             if note.is_empty() {
-                note = "no new leader while it was down".into();
+                note = format!("no new leader while it was down (last: {last})");
             }
             let what = format!(
                 "SIGKILL nats node {leader} (runs leader), restarted after {:.1} s",
@@ -617,6 +644,17 @@ enum Answer {
     Report(Box<RunReport>),
     Unknown,
     Error(String),
+}
+
+/// `running [reserve completed/1, charge running/2, notify not_run/0]`: the
+/// run's status, then each step's status and attempts.
+fn describe(r: &RunReport) -> String {
+    let steps: Vec<String> = r
+        .steps
+        .iter()
+        .map(|s| format!("{} {}/{}", s.name, s.status.as_str(), s.attempts))
+        .collect();
+    format!("{} [{}]", r.status.as_str(), steps.join(", "))
 }
 
 async fn ask_status(client: &Client, run_id: Uuid) -> Answer {
@@ -751,17 +789,23 @@ async fn settle(client: &Client, tracked: &mut [Tracked], within: Duration, cloc
         }
         clock.say(format!("waiting for {} runs to end", pending.len()));
         let ids: Vec<(usize, Uuid)> = pending.iter().map(|&i| (i, tracked[i].run_id)).collect();
-        let answers: Vec<(usize, Answer)> = futures::stream::iter(ids)
+        // Answers still out at the deadline are not waited for.
+        let mut answers: Vec<(usize, Answer)> = Vec::new();
+        let round = futures::stream::iter(ids)
             .map(|(i, id)| async move { (i, ask_status(client, id).await) })
             .buffer_unordered(16)
-            .collect()
-            .await;
+            .for_each(|a| {
+                answers.push(a);
+                async {}
+            });
+        let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        let _ = tokio::time::timeout(left, round).await;
         for (i, a) in answers {
             let t = &mut tracked[i];
             match a {
                 Answer::Report(r) => {
                     t.unknown_since = None;
-                    t.last = r.status.as_str().to_owned();
+                    t.last = describe(&r);
                     if r.status.is_terminal() {
                         t.fate = Some(Fate::Terminal);
                     }
@@ -831,12 +875,17 @@ fn read_ledgers(dir: &Path) -> Res<(Vec<Line>, Vec<String>)> {
 
 #[derive(Debug, Default, Clone, Serialize)]
 struct Histogram {
+    step: String,
     once: usize,
     twice: usize,
     three_or_more: usize,
 }
 
 impl Histogram {
+    fn of(step: &str) -> Self {
+        Histogram { step: step.to_owned(), ..Histogram::default() }
+    }
+
     fn add(&mut self, n: usize) {
         match n {
             0 => {}
@@ -854,6 +903,9 @@ struct Report {
     seconds: f64,
     work_dir: Option<String>,
     faults: Vec<FaultLog>,
+    /// Processes that exited while the system was starting (restarted).
+    startup_exits: Vec<String>,
+    /// Processes that exited by themselves later (restarted).
     unplanned_exits: Vec<String>,
     /// Starts accepted.
     started: usize,
@@ -877,9 +929,9 @@ struct Report {
     fail_lines: usize,
     comp_lines: usize,
     /// Per step: how many runs executed its action once, twice, 3+ times.
-    executions: BTreeMap<String, Histogram>,
+    executions: Vec<Histogram>,
     /// Per step: how many runs ran its compensation once, twice, 3+ times.
-    compensations: BTreeMap<String, Histogram>,
+    compensations: Vec<Histogram>,
     /// Command ids executed more than once.
     duplicates: usize,
     duplicates_explained_by_killed_worker: usize,
@@ -938,6 +990,8 @@ fn analyse(
         .filter(|r| r.run_id.is_none())
         .map(|r| format!("input {}: {}", r.input.id, r.start_error.as_deref().unwrap_or("?")))
         .collect();
+    report.executions = STEPS.map(Histogram::of).to_vec();
+    report.compensations = STEPS.map(Histogram::of).to_vec();
     let mut by_run: HashMap<Uuid, Vec<&Line>> = HashMap::new();
     for l in lines {
         by_run.entry(l.run).or_default().push(l);
@@ -961,17 +1015,9 @@ fn analyse(
         if t.rec.is_some_and(|i| recs[i].ever_unknown) && t.fate == Some(Fate::Terminal) {
             report.transiently_unknown += 1;
         }
-        for step in STEPS {
-            report.executions.entry(step.into()).or_default().add(count(
-                &t.run_id,
-                &["exec", "fail"],
-                step,
-            ));
-            report.compensations.entry(step.into()).or_default().add(count(
-                &t.run_id,
-                &["comp"],
-                step,
-            ));
+        for (k, step) in STEPS.iter().enumerate() {
+            report.executions[k].add(count(&t.run_id, &["exec", "fail"], step));
+            report.compensations[k].add(count(&t.run_id, &["comp"], step));
         }
         let Some(r) = t.report.as_ref().filter(|_| t.fate == Some(Fate::Terminal)) else {
             continue;
@@ -1074,6 +1120,9 @@ fn print_table(r: &Report) {
         let skipped = if f.done { "" } else { "SKIPPED " };
         println!("  +{:6.1}s  {skipped}{}{note}", f.at_secs, f.fault);
     }
+    if !r.startup_exits.is_empty() {
+        println!("exits while starting up: {} (restarted)", r.startup_exits.len());
+    }
     if !r.unplanned_exits.is_empty() {
         println!("unplanned exits ({})", r.unplanned_exits.len());
         list(&r.unplanned_exits);
@@ -1105,20 +1154,20 @@ fn print_table(r: &Report) {
         format!("{} / {} / {}", r.exec_lines, r.fail_lines, r.comp_lines),
     );
     println!("  {:<44} {:>8} {:>8} {:>8}", "(run, step) executed", "once", "twice", "3+");
-    for (step, h) in &r.executions {
+    for h in &r.executions {
         println!(
             "  {:<44} {:>8} {:>8} {:>8}",
-            format!("  {step}"),
+            format!("  {}", h.step),
             h.once,
             h.twice,
             h.three_or_more
         );
     }
     println!("  {:<44} {:>8} {:>8} {:>8}", "(run, step) compensated", "once", "twice", "3+");
-    for (step, h) in &r.compensations {
+    for h in &r.compensations {
         println!(
             "  {:<44} {:>8} {:>8} {:>8}",
-            format!("  {step}"),
+            format!("  {}", h.step),
             h.once,
             h.twice,
             h.three_or_more
@@ -1186,7 +1235,8 @@ fn warn_if_stale(bin: &Path) {
         if n > b {
             eprintln!(
                 "warning: {} is older than the engine's sources: rebuild it \
-                 (cargo build -p orchestrix-coordinator --bins) or the old engine is tested",
+                 (cargo build [--release] -p orchestrix-coordinator --bins) or the old engine \
+                 is tested",
                 bin.display()
             );
         }
@@ -1241,6 +1291,7 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
             index,
             generation: 0,
             started: false,
+            ready: false,
             child: None,
             wanted: false,
         })
@@ -1254,12 +1305,13 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
         flows,
         killed: HashSet::new(),
         unplanned: Vec::new(),
+        starting: true,
+        startup_exits: Vec::new(),
         clock,
     }));
     clock.say("starting 3 coordinators and 3 workers");
-    for i in 0..COORDINATORS + WORKERS {
-        lock(&procs).spawn(i)?;
-    }
+    // The first coordinator makes the buckets; then the others.
+    lock(&procs).spawn(0)?;
     let supervisor = {
         let procs = procs.clone();
         AbortOnDrop(tokio::spawn(async move {
@@ -1269,6 +1321,12 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
             }
         }))
     };
+    if !wait_ready(&procs, 0, Duration::from_secs(90)).await {
+        return Err("the first coordinator is not ready after 90 s (see logs/c0.*.log)".into());
+    }
+    for i in 1..COORDINATORS + WORKERS {
+        lock(&procs).spawn(i)?;
+    }
     wait_all_ready(&procs, Duration::from_secs(90)).await?;
 
     let client = Client::connect(&NatsOptions::new(urls.clone()))
@@ -1297,6 +1355,7 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
         plan.len(),
         args.seed
     ));
+    lock(&procs).starting = false;
     let env = Env { procs: procs.clone(), cluster: cluster.clone(), nc: nc.clone(), clock };
     let (recs, faults) = tokio::join!(
         dispatch(
@@ -1320,7 +1379,7 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
         run_id,
         rec,
         fate: report.as_ref().filter(|r| r.status.is_terminal()).map(|_| Fate::Terminal),
-        last: report.as_ref().map(|r| r.status.as_str().to_owned()).unwrap_or_default(),
+        last: report.as_ref().map(describe).unwrap_or_default(),
         report,
         unknown_since: None,
     };
@@ -1350,15 +1409,16 @@ async fn harness(args: &Args, setup: &Setup, dir: &Path, clock: Clock) -> Res<Re
     let lines: Vec<Line> = lines.into_iter().filter(|l| l.run != warm_id).collect();
 
     drop(supervisor);
-    let (killed, unplanned) = {
+    let (killed, unplanned, startup_exits) = {
         let p = lock(&procs);
-        (p.killed.clone(), p.unplanned.clone())
+        (p.killed.clone(), p.unplanned.clone(), p.startup_exits.clone())
     };
     let mut report = Report {
         seed: args.seed,
         runs_requested: setup.runs,
         faults,
         unplanned_exits: unplanned,
+        startup_exits,
         malformed_ledger_lines: bad,
         ..Report::default()
     };

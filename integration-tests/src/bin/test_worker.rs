@@ -1,5 +1,5 @@
-//! A worker process for fault tests: serves flow `crash` (steps `a`, with a
-//! compensation, and `b`, which takes `--delay-ms`), printing one line per
+//! A worker process for fault tests: serves flow `crash` (steps `a` and `b`,
+//! both with a compensation; `b` takes `--delay-ms`), printing one line per
 //! handler call to stdout so the test can count executions across processes.
 
 use std::io::Write;
@@ -38,6 +38,10 @@ async fn main() {
             })
             .compensate("a", |ctx| async move {
                 say(format!("undo-a {} {}", ctx.run_id(), ctx.attempt()));
+                Ok(())
+            })
+            .compensate("b", |ctx| async move {
+                say(format!("undo-b {} {}", ctx.run_id(), ctx.attempt()));
                 Ok(())
             })
             .step("b", move |ctx| async move {

@@ -1,0 +1,645 @@
+//! Regressions for the faults found at production shape (several worker
+//! replicas, several coordinators, a shared JetStream store), one test per
+//! finding, each against real `nats-server` processes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix::{Client, Coordinator, RunOptions, RunStatus, StepContext, StepStatus, Worker};
+use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
+use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::record::RunRecord;
+use orchestrix_coordinator::{FlowDef, StepDef, flowfile};
+use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
+use orchestrix_proto::{Ack, Payload, StepCommand, Subjects, decode, encode};
+use orchestrix_worker::NatsOptions;
+use uuid::Uuid;
+
+const SECS: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+
+/// Handler calls, in order, across every worker of a test.
+#[derive(Clone, Default)]
+struct Ledger(Arc<Mutex<Vec<String>>>);
+
+impl Ledger {
+    fn log(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+    fn count(&self, line: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|l| *l == line).count()
+    }
+}
+
+/// A coordinator in this process: NATS bus with short timeouts, JetStream
+/// store, the request service and the takeover loop, serving `flows`.
+struct Node {
+    coordinator: Coordinator,
+    _service: Service,
+    _takeover: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self._takeover.abort();
+    }
+}
+
+fn bus_options() -> NatsBusOptions {
+    NatsBusOptions::default()
+        .ack_timeout(500 * MS)
+        .heartbeat_timeout(600 * MS)
+        .clock_skew(100 * MS)
+        .timeout_grace(300 * MS)
+        .worker_wait(20 * SECS)
+}
+
+async fn node(server: &NatsServer, flows: Vec<FlowDef>) -> Node {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let bus = NatsBus::start(conn.clone(), bus_options()).await.unwrap();
+    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
+    let mut b = Coordinator::builder().bus(bus).store(store);
+    for def in flows {
+        b = b.flow_def(def);
+    }
+    let coordinator = b.build().unwrap();
+    let service = Service::start(coordinator.clone(), conn, &Subjects::default()).await.unwrap();
+    let takeover = coordinator.take_over_orphans(500 * MS);
+    Node { coordinator, _service: service, _takeover: takeover }
+}
+
+fn flows(toml: &str) -> Vec<FlowDef> {
+    flowfile::parse(toml).unwrap()
+}
+
+async fn client(server: &NatsServer) -> Client {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    Client::new(conn, Subjects::default()).request_timeout(3 * SECS)
+}
+
+async fn kv(server: &NatsServer, bucket: &str) -> jetstream::kv::Store {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    jetstream::new(conn).get_key_value(bucket).await.unwrap()
+}
+
+fn key_name(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A run record as a coordinator stores it, owned by `owner`.
+fn stored(owner: &str, record: &RunRecord) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Stored<'a> {
+        owner: &'a str,
+        record: &'a RunRecord,
+    }
+    Bytes::from(rmp_serde::to_vec_named(&Stored { owner, record }).unwrap())
+}
+
+/// An idempotency key's value naming `run_id`, with no report yet.
+fn key_value(run_id: Uuid) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct KeyValue {
+        run_id: Uuid,
+        done: Option<()>,
+    }
+    Bytes::from(rmp_serde::to_vec_named(&KeyValue { run_id, done: None }).unwrap())
+}
+
+fn def(name: &str, steps: &[&str]) -> FlowDef {
+    let mut d = FlowDef::new(name);
+    for s in steps {
+        let mut step = StepDef::new(s);
+        step.compensable = true;
+        d.steps.push(step);
+    }
+    d
+}
+
+/// An in-process worker serving `flow` with steps that log and return `()`.
+async fn simple_worker(server: &NatsServer, flow: &str, steps: &[&str], ledger: &Ledger) -> Worker {
+    let mut b = Worker::builder().nats(NatsOptions::new(server.url()));
+    let steps: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+    let ledger = ledger.clone();
+    b = b.flow::<u32>(flow, move |mut f| {
+        for s in &steps {
+            let (l1, l2) = (ledger.clone(), ledger.clone());
+            f = f
+                .step(s, move |ctx: StepContext<u32>| {
+                    l1.log(format!("{} {}", ctx.step(), ctx.run_id()));
+                    async { Ok(()) }
+                })
+                .compensate(s, move |ctx| {
+                    l2.log(format!("undo {} {}", ctx.step(), ctx.run_id()));
+                    async { Ok(()) }
+                });
+        }
+        f
+    });
+    b.start().await.unwrap()
+}
+
+// 1. A start that claimed its key but never wrote its run must not leave a key
+//    that points at nothing: the next start with the key starts that very run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_left_by_a_failed_start_starts_that_very_run() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let _node = node(&server, vec![def("pay", &["reserve", "charge"])]).await;
+    let w = simple_worker(&server, "pay", &["reserve", "charge"], &ledger).await;
+    // What a start that failed between its two writes leaves behind.
+    let ghost = Uuid::now_v7();
+    kv(&server, "orchestrix_keys")
+        .await
+        .create(key_name("order-1"), key_value(ghost))
+        .await
+        .unwrap();
+    let c = client(&server).await;
+    let key = RunOptions::new().key("order-1");
+    let id = c.start("pay", &1u32, key.clone()).await.unwrap();
+    assert_eq!(id, ghost, "the retry resumes the very same run");
+    let report = tokio::time::timeout(30 * SECS, c.wait(id)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(ledger.count(&format!("charge {id}")), 1);
+    // The same key again: the same run, nothing runs twice.
+    assert_eq!(c.start("pay", &1u32, key).await.unwrap(), id);
+    assert_eq!(c.status(id).await.unwrap().status, RunStatus::Completed);
+    assert_eq!(ledger.count(&format!("charge {id}")), 1);
+    w.shutdown().await;
+}
+
+const TAKEOVER_FLOW: &str = r#"
+[[flow]]
+name = "pay"
+[[flow.step]]
+name = "charge"
+compensable = true
+[[flow.step]]
+name = "notify"
+"#;
+
+/// Three replicas of a worker for flow `pay`: `charge` takes `charge_ms`.
+async fn replicas(server: &NatsServer, ledger: &Ledger, charge_ms: u64) -> Vec<Worker> {
+    let mut out = Vec::new();
+    for i in 0..3 {
+        let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
+        let w = Worker::builder()
+            .nats(NatsOptions::new(server.url()))
+            .heartbeat_interval(100 * MS)
+            .flow::<u32>("pay", move |f| {
+                f.step("charge", move |ctx: StepContext<u32>| {
+                    let l1 = l1.clone();
+                    async move {
+                        l1.log(format!("charge {}", ctx.run_id()));
+                        l1.log(format!("charge on {i} {}", ctx.run_id()));
+                        tokio::time::sleep(Duration::from_millis(charge_ms)).await;
+                        Ok(())
+                    }
+                })
+                .compensate("charge", move |ctx| {
+                    l2.log(format!("refund {}", ctx.run_id()));
+                    async { Ok(()) }
+                })
+                .step("notify", move |ctx| {
+                    l3.log(format!("notify {}", ctx.run_id()));
+                    async { Ok(()) }
+                })
+            })
+            .start()
+            .await
+            .unwrap();
+        out.push(w);
+    }
+    out
+}
+
+fn spawn_serve(server: &NatsServer, flows: &std::path::Path) -> ChildProcess {
+    let url = server.url();
+    let flows = flows.to_str().unwrap().to_owned();
+    let args = [
+        "--nats",
+        &url,
+        "serve",
+        "--store",
+        "jetstream",
+        "--flows",
+        &flows,
+        "--ack-timeout",
+        "1s",
+        "--heartbeat-timeout",
+        "2s",
+    ];
+    ChildProcess::spawn(&built("orchestrix"), &args)
+}
+
+async fn ready(c: &Client) {
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        if let Err(e) = c.status(Uuid::nil()).await
+            && e.to_string().starts_with("unknown run")
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "coordinator did not come up");
+        tokio::time::sleep(50 * MS).await;
+    }
+}
+
+// 2. After a takeover, the command in flight reaches the replica that holds
+//    it (running or done), never another replica that would run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_with_three_worker_replicas_runs_each_step_once() {
+    let server = NatsServer::start();
+    let flows = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(flows.path(), TAKEOVER_FLOW).unwrap();
+    let ledger = Ledger::default();
+    let workers = replicas(&server, &ledger, 5_000).await;
+    let c = client(&server).await;
+    let first = spawn_serve(&server, flows.path());
+    ready(&c).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(c.start("pay", &i, RunOptions::new()).await.unwrap());
+    }
+    let l = ledger.clone();
+    let all_started = ids.clone();
+    eventually(30 * SECS, "every charge started", || {
+        all_started.iter().all(|id| l.count(&format!("charge {id}")) == 1)
+    })
+    .await;
+    first.signal("KILL");
+    drop(first);
+    let _second = spawn_serve(&server, flows.path());
+    for id in &ids {
+        let r = tokio::time::timeout(60 * SECS, c.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "{r}");
+        assert_eq!(r.step("charge").unwrap().attempts, 1);
+        assert_eq!(ledger.count(&format!("charge {id}")), 1, "charged once: {r}");
+        assert_eq!(ledger.count(&format!("notify {id}")), 1);
+    }
+    // The runs were spread over the replicas, so a re-send to the queue
+    // group would have landed elsewhere.
+    let on: Vec<usize> = (0..3)
+        .map(|i| {
+            ledger
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with(&format!("charge on {i} ")))
+                .count()
+        })
+        .collect();
+    assert_eq!(on.iter().sum::<usize>(), 6, "{on:?}");
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
+const CRASH_FLOW: &str = r#"
+[[flow]]
+name = "crash"
+[[flow.step]]
+name = "a"
+compensable = true
+[[flow.step]]
+name = "b"
+compensable = true
+retries = 3
+retry_delay_ms = 50
+"#;
+
+async fn spawn_test_worker(server: &NatsServer, delay_ms: u64) -> ChildProcess {
+    let url = server.url();
+    let delay = delay_ms.to_string();
+    let w = ChildProcess::spawn(
+        &built("test_worker"),
+        &["--nats", &url, "--delay-ms", &delay, "--heartbeat-ms", "100"],
+    );
+    w.wait_for_line("ready", 10 * SECS).await;
+    w
+}
+
+// 3. A worker frozen after it acked has an unknown outcome: not retried by
+//    default (it may have charged), compensated with the completed steps; its
+//    answer after it thaws is recorded as late, and it starts nothing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_is_an_unknown_outcome_compensated_and_its_late_answer_recorded() {
+    let server = NatsServer::start_with_config("ping_interval: \"250ms\"\nping_max: 2\n");
+    let node = node(&server, flows(CRASH_FLOW)).await;
+    let frozen = spawn_test_worker(&server, 2_000).await;
+    let run = node.coordinator.start("crash", &5u32, RunOptions::new()).await.unwrap();
+    let run_id = run.run_id();
+    frozen.wait_for_line("b-start", 10 * SECS).await;
+    let healthy = spawn_test_worker(&server, 0).await;
+    frozen.signal("STOP");
+    let report = tokio::time::timeout(30 * SECS, run.report()).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let b = report.step("b").unwrap();
+    assert_eq!(b.attempts, 1, "an unknown outcome is not retried by default");
+    assert_eq!(b.status, StepStatus::Compensated, "maybe done, so compensated: {report}");
+    assert!(b.error.as_deref().unwrap().starts_with("outcome unknown: worker "), "{report}");
+    assert_eq!(report.step("a").unwrap().status, StepStatus::Compensated);
+    // b was compensated before a (reverse order), by the healthy replica.
+    let undo: Vec<String> = healthy.lines_starting("undo-");
+    assert_eq!(undo.len(), 2, "{undo:?}");
+    assert!(undo[0].starts_with("undo-b ") && undo[1].starts_with("undo-a "), "{undo:?}");
+    assert!(healthy.lines_starting("b-start").is_empty(), "b never ran twice");
+    // Thawed: its handler finishes and answers late; nothing stale starts.
+    frozen.signal("CONT");
+    frozen.wait_for_line("b-done", 10 * SECS).await;
+    let deadline = tokio::time::Instant::now() + 15 * SECS;
+    let late = loop {
+        let r = node.coordinator.status(run_id).await.unwrap().unwrap();
+        if !r.late.is_empty() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "late answer not recorded: {r}");
+        tokio::time::sleep(100 * MS).await;
+    };
+    assert_eq!(late.status, RunStatus::Failed, "recorded, never applied");
+    assert!(late.late[0].contains("completed"), "{:?}", late.late);
+    tokio::time::sleep(SECS).await;
+    assert_eq!(frozen.lines_starting("b-start").len(), 1);
+    assert!(frozen.lines_starting("undo-").is_empty(), "no stale command ran after SIGCONT");
+}
+
+// 3b. No worker took the command: nobody started it. It waits for a worker
+//     and is sent again, without spending an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_nobody_took_waits_for_a_worker_without_spending_an_attempt() {
+    let server = NatsServer::start();
+    let node = node(&server, flows(CRASH_FLOW)).await;
+    let run = node.coordinator.start("crash", &5u32, RunOptions::new()).await.unwrap();
+    tokio::time::sleep(2 * SECS).await;
+    let status = node.coordinator.status(run.run_id()).await.unwrap().unwrap();
+    let a = status.step("a").unwrap();
+    assert!(a.error.as_deref().unwrap().starts_with("waiting for a worker"), "{status}");
+    let w = spawn_test_worker(&server, 0).await;
+    let report = tokio::time::timeout(30 * SECS, run.report()).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(report.step("a").unwrap().attempts, 1);
+    assert_eq!(w.lines_starting("a ").len(), 1);
+}
+
+/// A worker for flow `big` whose steps return `sizes[i]` bytes.
+async fn sized_worker(server: &NatsServer, flow: &str, sizes: &[usize], ledger: &Ledger) -> Worker {
+    let sizes = sizes.to_vec();
+    let ledger = ledger.clone();
+    Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow::<u32>(flow, move |mut f| {
+            for (i, n) in sizes.iter().copied().enumerate() {
+                let name = format!("s{i}");
+                let (l1, l2) = (ledger.clone(), ledger.clone());
+                f = f
+                    .step(&name, move |ctx: StepContext<u32>| {
+                        l1.log(format!("{} {}", ctx.step(), ctx.run_id()));
+                        async move { Ok(serde_bytes_like(n)) }
+                    })
+                    .compensate(&name, move |ctx| {
+                        l2.log(format!("undo {} {}", ctx.step(), ctx.run_id()));
+                        async { Ok(()) }
+                    });
+            }
+            f
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+/// `n` bytes of output (a string of `n` ASCII characters).
+fn serde_bytes_like(n: usize) -> String {
+    "x".repeat(n)
+}
+
+// 4. Outputs that together outgrow what a run can hold fail the step that
+//    would overflow (as maybe done, so it is compensated): never a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_outputs_outgrow_the_limit_fails_and_compensates() {
+    let server = NatsServer::start();
+    let _node = node(&server, vec![def("big", &["s0", "s1", "s2"])]).await;
+    let ledger = Ledger::default();
+    let w = sized_worker(&server, "big", &[400_000, 400_000, 400_000], &ledger).await;
+    let c = client(&server).await;
+    let report = tokio::time::timeout(30 * SECS, c.run("big", &1u32, RunOptions::new()))
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let s1 = report.step("s1").unwrap();
+    assert!(s1.error.as_deref().unwrap().contains("over the limit of 786432 bytes"), "{report}");
+    assert_eq!(s1.status, StepStatus::Compensated);
+    assert_eq!(report.step("s0").unwrap().status, StepStatus::Compensated);
+    assert_eq!(report.step("s2").unwrap().status, StepStatus::NotRun);
+    w.shutdown().await;
+}
+
+// 5. An output over the message limit is a permanent failure, named by the
+//    worker, at once: not "no worker took the command".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_the_message_limit_is_named_by_the_worker() {
+    let server = NatsServer::start();
+    let _node = node(&server, vec![def("huge", &["s0"])]).await;
+    let ledger = Ledger::default();
+    let w = sized_worker(&server, "huge", &[2_000_000], &ledger).await;
+    let c = client(&server).await;
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(30 * SECS, c.run("huge", &1u32, RunOptions::new()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let s0 = report.step("s0").unwrap();
+    let err = s0.error.as_deref().unwrap();
+    assert!(err.contains("over the 1048576-byte message limit"), "{err}");
+    assert_eq!((s0.attempts, s0.status), (1, StepStatus::Compensated));
+    assert!(started.elapsed() < 5 * SECS, "reported at once, not after timeouts");
+    w.shutdown().await;
+}
+
+// 6. Poison: an output that is not a MessagePack `bin` fails its attempt with
+//    the reason; a stored record that does not decode is moved aside, and
+//    `status` and `list` keep working for every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_outputs_and_records_are_quarantined() {
+    let server = NatsServer::start();
+    let node = node(&server, vec![def("poison", &["s0"])]).await;
+    // A worker of another language answers with a `str` output.
+    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
+    let subjects = Subjects::default();
+    let mut sub = nats
+        .queue_subscribe(subjects.step("poison", "s0"), subjects.step_queue_group("poison", "s0"))
+        .await
+        .unwrap();
+    orchestrix_worker::sync(&nats).await;
+    let fake = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Ok(cmd) = decode::<StepCommand>(&msg.payload) else { continue };
+                let reply = msg.reply.unwrap();
+                let ack = Ack {
+                    command_id: cmd.command_id,
+                    run_id: cmd.run_id,
+                    attempt: cmd.attempt,
+                    worker: "fake".into(),
+                };
+                nats.publish(reply.clone(), Bytes::from(encode(&ack).unwrap())).await.unwrap();
+                nats.publish(reply, str_outcome(&cmd)).await.unwrap();
+            }
+        })
+    };
+    let c = client(&server).await;
+    let report = tokio::time::timeout(30 * SECS, c.run("poison", &1u32, RunOptions::new()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let err = report.step("s0").unwrap().error.clone().unwrap();
+    assert!(err.contains("outcome does not decode") && err.contains("bin"), "{err}");
+    fake.abort();
+    // A record that does not decode: reported, then moved aside.
+    let bad = Uuid::now_v7();
+    kv(&server, "orchestrix_runs")
+        .await
+        .put(bad.to_string(), Bytes::from_static(b"\xc1garbage"))
+        .await
+        .unwrap();
+    let listed = c.list(None, None, 50).await.unwrap();
+    assert!(listed.iter().any(|r| r.run_id == report.run_id), "list goes on past poison");
+    let l = listed.iter().find(|r| r.run_id == bad).expect("the poison is listed");
+    assert_eq!(l.status, RunStatus::Quarantined);
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    while kv(&server, "orchestrix_runs").await.get(bad.to_string()).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "poison not moved aside");
+        tokio::time::sleep(100 * MS).await;
+    }
+    let s = c.status(bad).await.unwrap();
+    assert_eq!(s.status, RunStatus::Quarantined);
+    assert!(s.error.unwrap().contains("does not decode"));
+    assert!(
+        kv(&server, "orchestrix_quarantine").await.get(bad.to_string()).await.unwrap().is_some()
+    );
+    assert_eq!(
+        node.coordinator.status(report.run_id).await.unwrap().unwrap().status,
+        RunStatus::Failed
+    );
+}
+
+/// An outcome whose output is a MessagePack `str`, as a careless encoder writes it.
+fn str_outcome(cmd: &StepCommand) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Env<'a> {
+        v: u16,
+        kind: &'a str,
+        body: Body<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        command_id: Uuid,
+        run_id: Uuid,
+        attempt: u32,
+        kind: &'a str,
+        result: HashMap<&'a str, HashMap<&'a str, &'a str>>,
+    }
+    let result = HashMap::from([("completed", HashMap::from([("output", "ok")]))]);
+    let body = Body {
+        command_id: cmd.command_id,
+        run_id: cmd.run_id,
+        attempt: cmd.attempt,
+        kind: "execute",
+        result,
+    };
+    Bytes::from(rmp_serde::to_vec_named(&Env { v: 1, kind: "step.outcome", body }).unwrap())
+}
+
+// 7. Coordinators serving different flows share one NATS: starts go to one
+//    that serves the flow, and orphans to one that serves theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_serving_different_flows_share_one_nats() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let a = node(&server, vec![def("fa", &["x"])]).await;
+    let b = node(&server, vec![def("fb", &["y"])]).await;
+    let wa = simple_worker(&server, "fa", &["x"], &ledger).await;
+    let wb = simple_worker(&server, "fb", &["y"], &ledger).await;
+    let c = client(&server).await;
+    for i in 0..20u32 {
+        let flow = if i % 2 == 0 { "fa" } else { "fb" };
+        let r = c.run(flow, &i, RunOptions::new()).await.unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "{r}");
+    }
+    // An orphan of flow `fb` (its coordinator died): only `b` may take it.
+    a._takeover.abort();
+    b._takeover.abort();
+    let mut rec = RunRecord::new(
+        Uuid::now_v7(),
+        &def("fb", &["y"]),
+        Payload::encode(&7u32).unwrap(),
+        std::time::SystemTime::now(),
+    );
+    rec.key = None;
+    kv(&server, "orchestrix_runs")
+        .await
+        .put(rec.run_id.to_string(), stored("dead", &rec))
+        .await
+        .unwrap();
+    assert_eq!(a.coordinator.recover().await.unwrap(), 0, "not a flow it serves");
+    assert_eq!(b.coordinator.recover().await.unwrap(), 1);
+    let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id)).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Completed, "{r}");
+    assert_eq!(ledger.count(&format!("y {}", rec.run_id)), 1);
+    wa.shutdown().await;
+    wb.shutdown().await;
+}
+
+// 8. A run whose flow changed under it (steps removed) is moved aside with the
+//    reason, never indexed past the flow's end; whoever waits on its key gets
+//    that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
+    let server = NatsServer::start();
+    let node = node(&server, vec![def("fa", &["x", "y"])]).await;
+    node._takeover.abort();
+    let old = def("fa", &["x", "y", "z"]);
+    let mut rec = RunRecord::new(
+        Uuid::now_v7(),
+        &old,
+        Payload::encode(&1u32).unwrap(),
+        std::time::SystemTime::now(),
+    );
+    rec.key = Some("order-8".into());
+    rec.current = None;
+    for s in &mut rec.steps[..2] {
+        s.status = StepStatus::Completed;
+        s.attempts = 1;
+        s.output = Some(Payload::nil());
+    }
+    kv(&server, "orchestrix_keys")
+        .await
+        .create(key_name("order-8"), key_value(rec.run_id))
+        .await
+        .unwrap();
+    kv(&server, "orchestrix_runs")
+        .await
+        .put(rec.run_id.to_string(), stored("dead", &rec))
+        .await
+        .unwrap();
+    assert_eq!(node.coordinator.recover().await.unwrap(), 0);
+    let c = client(&server).await;
+    let s = c.status(rec.run_id).await.unwrap();
+    assert_eq!(s.status, RunStatus::Quarantined, "{s}");
+    assert!(s.error.as_deref().unwrap().contains("now has [x, y]"), "{s}");
+    let id = c.start("fa", &1u32, RunOptions::new().key("order-8")).await.unwrap();
+    assert_eq!(id, rec.run_id);
+    let r = tokio::time::timeout(10 * SECS, c.wait(id)).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Quarantined);
+}
