@@ -493,7 +493,22 @@ async fn poison_outputs_and_records_are_quarantined() {
                     worker: "fake".into(),
                 };
                 nats.publish(reply.clone(), Bytes::from(encode(&ack).unwrap())).await.unwrap();
-                nats.publish(reply, str_outcome(&cmd)).await.unwrap();
+                // Its compensation answers well: only the action's output is bad.
+                let answer = if cmd.kind == orchestrix_proto::CommandKind::Compensate {
+                    let ok = orchestrix_proto::StepOutcome {
+                        command_id: cmd.command_id,
+                        run_id: cmd.run_id,
+                        attempt: cmd.attempt,
+                        kind: cmd.kind,
+                        result: orchestrix_proto::OutcomeResult::Completed {
+                            output: Payload::nil(),
+                        },
+                    };
+                    Bytes::from(encode(&ok).unwrap())
+                } else {
+                    str_outcome(&cmd)
+                };
+                nats.publish(reply, answer).await.unwrap();
             }
         })
     };
@@ -505,6 +520,8 @@ async fn poison_outputs_and_records_are_quarantined() {
     assert_eq!(report.status, RunStatus::Failed, "{report}");
     let err = report.step("s0").unwrap().error.clone().unwrap();
     assert!(err.contains("outcome does not decode") && err.contains("bin"), "{err}");
+    // The handler ran: maybe done, so it was compensated.
+    assert_eq!(report.step("s0").unwrap().status, StepStatus::Compensated, "{report}");
     fake.abort();
     // A record that does not decode: reported, then moved aside.
     let bad = Uuid::now_v7();

@@ -158,7 +158,9 @@ pub(crate) fn budget(
         }
         (Some(t), Some(l)) => Some((t.min(l), timed_out(t))),
         (Some(t), None) => Some((t, timed_out(t))),
-        (None, Some(l)) => Some((l, "the attempt reached its deadline (the run's deadline)".to_owned())),
+        (None, Some(l)) => {
+            Some((l, "the attempt reached its deadline (the run's deadline)".to_owned()))
+        }
         (None, None) => None,
     }
 }
