@@ -37,6 +37,9 @@ pub(crate) struct RunActor {
     spans: Option<Box<RunSpans>>,
 }
 
+/// Longest wait for one store write before it is tried again.
+const STORE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// An event the actor sends itself, so that handling never re-enters.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -87,9 +90,19 @@ impl RunActor {
             Pending::Ready(Ok(())) => self.act(batch, ctx),
             Pending::Ready(Err(e)) => self.persist_failed(e, batch, failures, ctx),
             Pending::Later(fut) => {
-                ctx.wait(fut.into_actor(self).map(move |res, act, ctx| match res {
-                    Ok(()) => act.act(batch, ctx),
-                    Err(e) => act.persist_failed(e, batch, failures, ctx),
+                // A store that never answers must not wedge the run: give up
+                // on this write and write again (the store recognises a write
+                // of its own that landed meanwhile).
+                let bounded = tokio::time::timeout(STORE_TIMEOUT, fut);
+                ctx.wait(bounded.into_actor(self).map(move |res, act, ctx| match res {
+                    Ok(Ok(())) => act.act(batch, ctx),
+                    Ok(Err(e)) => act.persist_failed(e, batch, failures, ctx),
+                    Err(_) => {
+                        let e = StoreError::Unavailable(format!(
+                            "no answer from the store within {STORE_TIMEOUT:?}"
+                        ));
+                        act.persist_failed(e, batch, failures, ctx)
+                    }
                 }));
             }
         }
@@ -324,11 +337,20 @@ impl RunActor {
             CommandKind::Compensate => sdef.compensation_timeout,
         };
         let rec = &self.machine.rec;
-        let sent = rec.current.as_ref().and_then(|c| c.sent_at).unwrap_or_else(SystemTime::now);
+        let now = SystemTime::now();
         let ms = orchestrix_proto::time::unix_ms;
-        // The attempt ends at its own timeout, or at the run's deadline for an
-        // action (a compensation is never cut short by the run's deadline).
-        let step_end = timeout.map(|t| ms(sent + t));
+        // A worker may start the command until `start_by` (the ack window), and
+        // its handler then has `timeout`: the attempt is over by their sum, or
+        // at the run's deadline for an action (a compensation is never cut
+        // short by it). Counted from this send, not from when the attempt was
+        // decided: a command that waited on an unavailable store, or was sent
+        // again because nobody took it, gets its whole budget.
+        let ack_window = match self.liveness {
+            Liveness::Remote { ack_timeout, .. } => Some(ack_timeout),
+            _ => None,
+        };
+        let start_by_ms = ack_window.map(|a| ms(now + a));
+        let step_end = timeout.map(|t| ms(now + ack_window.unwrap_or_default() + t));
         let run_end = match kind {
             CommandKind::Execute => rec.timeout.map(|t| ms(rec.started_at + t)),
             CommandKind::Compensate => None,
@@ -336,10 +358,6 @@ impl RunActor {
         let deadline_ms = match (step_end, run_end) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        };
-        let start_by_ms = match self.liveness {
-            Liveness::Remote { ack_timeout, .. } => Some(ms(SystemTime::now() + ack_timeout)),
-            _ => None,
         };
         StepCommand {
             command_id,

@@ -194,7 +194,9 @@ impl JetStreamStore {
         client: async_nats::Client,
         options: JetStreamStoreOptions,
     ) -> Result<Self, StoreError> {
-        let js = jetstream::new(client.clone());
+        // Bounded requests and acks: a bucket without a leader answers late or
+        // never, and the caller decides what to do then.
+        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
         let p = &options.prefix;
         let bucket = |name: String, max_age: Duration, ttl: bool| kv::Config {
             bucket: name,
@@ -401,12 +403,21 @@ impl Inner {
                     {
                         expected = Some(entry.revision);
                     }
+                    // Cannot tell now (no leader, say): write again later.
+                    Err(e) => return Err(unavailable("cannot read the run back", e)),
                     // Someone else owns it now: this coordinator was presumed dead.
-                    _ => return Err(StoreError::Fenced(id)),
+                    _ => return Err(self.fenced(id)),
                 },
             }
         }
-        Err(StoreError::Fenced(id))
+        Err(self.fenced(id))
+    }
+
+    /// The run is not this coordinator's any more: forget it, so that if it
+    /// ever comes back to this coordinator it is resumed, not skipped.
+    fn fenced(&self, id: Uuid) -> StoreError {
+        self.set_revision(id, None);
+        StoreError::Fenced(id)
     }
 
     /// Claims the idempotency key for `record`, then writes the record. The
