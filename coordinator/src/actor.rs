@@ -35,7 +35,14 @@ pub(crate) struct RunActor {
     resumed: bool,
     /// Open spans, when tracing is on.
     spans: Option<Box<RunSpans>>,
+    /// An ack is applied to the record but not yet written (see `ACK_WRITE_DELAY`).
+    ack_unsaved: bool,
 }
+
+/// How long an ack may stay unwritten, waiting to go with the attempt's
+/// outcome. Bounds the window in which a coordinator and the worker that
+/// acked dying together lets a takeover send the attempt again.
+const ACK_WRITE_DELAY: Duration = Duration::from_millis(50);
 
 /// Longest wait for one store write before it is tried again.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,6 +73,7 @@ impl RunActor {
             done: Some(done),
             resumed,
             spans: None,
+            ack_unsaved: false,
         }
     }
 
@@ -80,12 +88,31 @@ impl RunActor {
         if batch.is_empty() {
             return;
         }
+        if batch.iter().all(|t| matches!(t, Transition::AttemptAcked { .. })) {
+            // Who started the attempt has no effect of its own to come after
+            // it (only the silence timer changes); it matters to a coordinator
+            // that takes the run over. Written with the next batch (the store
+            // keeps whole records), or on its own after a short delay when the
+            // step takes longer: one write less for every quick step.
+            self.act(batch.clone(), ctx);
+            if !self.ack_unsaved {
+                self.ack_unsaved = true;
+                ctx.run_later(ACK_WRITE_DELAY, move |act, ctx| {
+                    if act.ack_unsaved && !act.machine.is_finished() {
+                        act.persist(batch, 0, ctx);
+                    }
+                });
+            }
+            return;
+        }
         self.persist(batch, 0, ctx);
     }
 
     /// Writes the batch, then acts on it. Nothing else is handled meanwhile, so
     /// the store always holds a transition before its consequences happen.
     fn persist(&mut self, batch: Vec<Transition>, failures: u32, ctx: &mut Context<Self>) {
+        // The whole record is written: any ack applied so far goes with it.
+        self.ack_unsaved = false;
         match self.store.apply(self.run_id(), &batch, &self.machine.rec) {
             Pending::Ready(Ok(())) => self.act(batch, ctx),
             Pending::Ready(Err(e)) => self.persist_failed(e, batch, failures, ctx),

@@ -196,7 +196,8 @@ impl JetStreamStore {
     ) -> Result<Self, StoreError> {
         // Bounded requests and acks: a bucket without a leader answers late or
         // never, and the caller decides what to do then.
-        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
+        let js =
+            jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
         let p = &options.prefix;
         let bucket = |name: String, max_age: Duration, ttl: bool| kv::Config {
             bucket: name,
