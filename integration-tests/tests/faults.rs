@@ -149,10 +149,15 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     assert_eq!(lines.last().map(String::as_str), Some("drained"), "{lines:?}");
     // A drained worker takes nothing more: the next run finds no worker.
     let nats = NatsOptions::new(server.url()).connect().await.unwrap();
-    let bus =
-        NatsBus::start(nats, NatsBusOptions::default().ack_timeout(Duration::from_millis(200)))
-            .await
-            .unwrap();
+    let bus = NatsBus::start(
+        nats,
+        NatsBusOptions::default()
+            .ack_timeout(Duration::from_millis(200))
+            .clock_skew(Duration::from_millis(50))
+            .worker_wait(SECS),
+    )
+    .await
+    .unwrap();
     let mut b = Coordinator::builder().bus(bus);
     for def in flowfile::parse(CRASH_FLOW).unwrap() {
         b = b.flow_def(def);
@@ -160,7 +165,9 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     let quick = b.build().unwrap();
     let report = quick.run("crash", &1u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
-    assert!(report.error.unwrap().starts_with("no worker took the command"));
+    let error = report.error.unwrap();
+    assert!(error.starts_with("no worker took the command in 1."), "{error}");
+    assert_eq!(report.step("a").unwrap().attempts, 1, "waiting spends no attempt");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

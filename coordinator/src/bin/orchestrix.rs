@@ -168,6 +168,12 @@ struct ServeArgs {
     /// Longest silence of a worker holding a command.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// How long a step may wait for some worker to take it before it fails.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    worker_wait: Duration,
+    /// How far apart the hosts' clocks may be.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    clock_skew: Duration,
     /// Where runs are kept: `jetstream` (durable: a restarted coordinator
     /// resumes its runs) or `memory` (lost with the process).
     #[arg(long, default_value = "jetstream", value_parser = ["jetstream", "memory"])]
@@ -297,6 +303,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 flows,
                 ack_timeout: Duration::from_secs(2),
                 heartbeat_timeout: Duration::from_secs(5),
+                worker_wait: Duration::from_secs(300),
+                clock_skew: Duration::from_millis(500),
                 store: "jetstream".into(),
                 retention: Duration::from_secs(24 * 3600),
                 replicas: 1,
@@ -348,7 +356,9 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let bus_options = NatsBusOptions::default()
         .subjects(subjects.clone())
         .ack_timeout(args.ack_timeout)
-        .heartbeat_timeout(args.heartbeat_timeout);
+        .heartbeat_timeout(args.heartbeat_timeout)
+        .worker_wait(args.worker_wait)
+        .clock_skew(args.clock_skew);
     let bus =
         NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
     let events = EventPublisher::start(conn.clone(), subjects.clone());
