@@ -201,7 +201,7 @@ impl RunActor {
                 let cmd = self.command(*step, *kind, *attempt, *command_id);
                 let remote = self.liveness != Liveness::Local;
                 if let Some(s) = &mut self.spans {
-                    s.attempt_started(&cmd.step, *kind, *attempt, remote);
+                    s.attempt_started(&cmd.step, *kind, *attempt, *command_id, remote);
                 }
                 self.hook(*step, *kind, *attempt, |h, e| match kind {
                     CommandKind::Execute => h.on_step_start(e),
@@ -210,7 +210,10 @@ impl RunActor {
                 });
                 self.send(cmd, ctx);
             }
-            Transition::Redispatched { command_id, .. } => {
+            Transition::Redispatched { command_id, note } => {
+                if let Some(s) = &self.spans {
+                    s.redispatched(*command_id, note);
+                }
                 if let Some(c) = self.machine.rec.current.clone() {
                     let cmd = self.command(c.step, c.kind, c.attempt, *command_id);
                     self.send(cmd, ctx);

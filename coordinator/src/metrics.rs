@@ -8,6 +8,11 @@
 //! | `orchestrix.run.duration` | histogram (s) | `flow`, `status` |
 //! | `orchestrix.step.attempts` | counter | `flow`, `step`, `kind`, `outcome` (`completed`, `retried`, `failed`) |
 //! | `orchestrix.step.duration` | histogram (s) | `flow`, `step`, `kind` (first attempt to outcome) |
+//!
+//! The duration histograms are in seconds with the buckets of
+//! [`DURATION_BUCKETS`] (1 ms to 10 min): the SDK's default boundaries
+//! (0, 5, 10, 25, … 10000) are meant for milliseconds and would put every
+//! step in the first bucket.
 
 use std::fmt;
 use std::time::Duration;
@@ -36,6 +41,14 @@ impl fmt::Debug for RunMetrics {
     }
 }
 
+/// Upper bounds, in seconds, of the buckets of `orchestrix.run.duration` and
+/// `orchestrix.step.duration`: 1 ms, 10 ms, 100 ms and 1 s each fall in a
+/// bucket of their own, with finer steps in between, up to 10 minutes.
+pub const DURATION_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
 impl RunMetrics {
     /// Instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
@@ -55,6 +68,7 @@ impl RunMetrics {
             run_duration: meter
                 .f64_histogram("orchestrix.run.duration")
                 .with_unit("s")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
                 .with_description("Run start to end")
                 .build(),
             attempts: meter
@@ -64,6 +78,7 @@ impl RunMetrics {
             step_duration: meter
                 .f64_histogram("orchestrix.step.duration")
                 .with_unit("s")
+                .with_boundaries(DURATION_BUCKETS.to_vec())
                 .with_description("First attempt to final outcome of a step or compensation")
                 .build(),
         }

@@ -2,10 +2,14 @@
 //! example worker and your services call once at start.
 //!
 //! Spans and metrics (see [`crate::metrics`]) go over OTLP when the standard variables ask for it:
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
-//! `OTEL_EXPORTER_OTLP_PROTOCOL` = `grpc` (default) or `http/protobuf`,
-//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`. With none of them set,
-//! nothing is exported and only logs are written (to stderr, filtered by `RUST_LOG`).
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (both signals), or
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`
+//! (one each); `OTEL_TRACES_EXPORTER=none` / `OTEL_METRICS_EXPORTER=none`
+//! turn one off; `OTEL_EXPORTER_OTLP_PROTOCOL` (or the per-signal
+//! `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL`) = `grpc` (default) or
+//! `http/protobuf`; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`. With none
+//! of them set, nothing is exported and only logs are written (to stderr,
+//! filtered by `RUST_LOG`).
 
 use std::fmt;
 
@@ -53,18 +57,41 @@ impl Drop for TelemetryGuard {
     }
 }
 
-fn exporting() -> bool {
-    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()))
+fn set(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|s| !s.trim().is_empty())
+}
+
+/// `OTEL_{signal}_EXPORTER` says `none`.
+fn turned_off(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|s| s.split(',').any(|e| e.trim().eq_ignore_ascii_case("none")))
+}
+
+/// The protocol of a signal: `OTEL_EXPORTER_OTLP_{signal}_PROTOCOL`, else
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`; HTTP when it starts with `http`.
+fn http_for(signal_var: &str) -> bool {
+    std::env::var(signal_var)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").ok())
+        .unwrap_or_default()
+        .trim()
+        .starts_with("http")
 }
 
 /// Installs logging (stderr, `RUST_LOG`, else `default_level`) and, when the
-/// `OTEL_*` variables ask for it, OTLP span export for `service` (unless
-/// `OTEL_SERVICE_NAME` names it). Call once, inside a tokio runtime (the
-/// gRPC exporter needs one); keep the guard until exit.
+/// `OTEL_*` variables ask for it, OTLP export of spans and metrics for
+/// `service` (unless `OTEL_SERVICE_NAME` names it). Call once, inside a
+/// tokio runtime (the gRPC exporter needs one); keep the guard until exit.
+///
+/// Spans are exported when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, unless `OTEL_TRACES_EXPORTER=none`;
+/// metrics when `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, unless `OTEL_METRICS_EXPORTER=none`
+/// (a traces-only backend such as Jaeger: otherwise every export interval
+/// logs an error).
 pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
-    let export = exporting().then(Export::from_env);
+    let export = Export::from_env();
+    let export = (export.traces || export.metrics).then_some(export);
     init_with(service, default_level, export)
 }
 
@@ -72,25 +99,55 @@ pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Export {
-    /// Base URL of the collector; `None`: the exporter's own default/env.
+    /// Base URL of the collector; `None`: the exporter's own default/env
+    /// (which reads the signal's endpoint variable, then
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub endpoint: Option<String>,
-    /// OTLP over HTTP/protobuf rather than gRPC.
+    /// Spans over OTLP/HTTP (protobuf) rather than gRPC.
     pub http: bool,
+    /// Export spans.
+    pub traces: bool,
+    /// Export metrics.
+    pub metrics: bool,
+    /// Metrics over OTLP/HTTP (protobuf) rather than gRPC.
+    pub metrics_http: bool,
 }
 
 impl Export {
-    /// From `OTEL_EXPORTER_OTLP_PROTOCOL`, the endpoint left to the exporter
-    /// (which reads `OTEL_EXPORTER_OTLP_ENDPOINT` itself).
+    /// From the `OTEL_*` variables: which signals (an endpoint for it, and
+    /// its `OTEL_{TRACES,METRICS}_EXPORTER` not `none`), over which protocol
+    /// (`OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL`, else
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`); the endpoints are left to the
+    /// exporters, which read them themselves.
     pub fn from_env() -> Self {
-        let http =
-            std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").unwrap_or_default().starts_with("http");
-        Export { endpoint: None, http }
+        let any = set("OTEL_EXPORTER_OTLP_ENDPOINT");
+        Export {
+            endpoint: None,
+            http: http_for("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            traces: (any || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+                && !turned_off("OTEL_TRACES_EXPORTER"),
+            metrics: (any || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+                && !turned_off("OTEL_METRICS_EXPORTER"),
+            metrics_http: http_for("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        }
     }
 
-    /// OTLP/HTTP to `base` (`/v1/traces` and `/v1/metrics` are appended here:
-    /// an endpoint given in code is used verbatim by the exporter).
+    /// OTLP/HTTP to `base`, spans and metrics (`/v1/traces` and `/v1/metrics`
+    /// are appended here: an endpoint given in code is used verbatim by the
+    /// exporter).
     pub fn http(base: &str) -> Self {
-        Export { endpoint: Some(base.trim_end_matches('/').to_owned()), http: true }
+        Export {
+            endpoint: Some(base.trim_end_matches('/').to_owned()),
+            http: true,
+            traces: true,
+            metrics: true,
+            metrics_http: true,
+        }
+    }
+
+    /// The same, without metrics (for a traces-only collector).
+    pub fn without_metrics(self) -> Self {
+        Export { metrics: false, ..self }
     }
 }
 
@@ -101,22 +158,39 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // Trace context travels in `traceparent` headers, W3C style.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = export.as_ref().and_then(|e| build_provider(service, e));
-    let meters = export.as_ref().and_then(|e| build_meters(service, e));
+    let provider = export.as_ref().filter(|e| e.traces).and_then(|e| build_provider(service, e));
+    let meters = export.as_ref().filter(|e| e.metrics).and_then(|e| build_meters(service, e));
     if let Some(m) = &meters {
         // `RunMetrics::global()` records on it.
         opentelemetry::global::set_meter_provider(m.clone());
     }
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("orchestrix")));
+    let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
     let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
     TelemetryGuard { provider, meters }
 }
 
+/// The `tracing` → OpenTelemetry layer as Orchestrix's spans want it: no
+/// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
+/// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes
+/// that say nothing about a run and crowd out the ones that do.
+/// A service with its own OpenTelemetry setup can use it too.
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + 'static,
+    T::Span: Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+}
+
 fn build_meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
     use opentelemetry_otlp::WithExportConfig;
-    let exporter = match (&export.endpoint, export.http) {
+    let exporter = match (&export.endpoint, export.metrics_http) {
         (Some(base), true) => opentelemetry_otlp::MetricExporter::builder()
             .with_http()
             .with_endpoint(format!("{base}/v1/metrics"))

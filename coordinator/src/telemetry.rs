@@ -1,13 +1,26 @@
 //! The spans of a run: one per run, one per attempt (action or compensation),
 //! as `tracing` spans with OpenTelemetry's field conventions (`otel.name`,
-//! `otel.status_code`, `messaging.system`) plus `orchestrix.*`. The library
-//! only emits them; a binary that installs an OpenTelemetry layer exports
-//! them.
+//! `otel.kind`, `otel.status_code`, `otel.status_description`, the
+//! `messaging.*` semantic conventions) plus `orchestrix.*`. The library only
+//! emits them; a binary that installs an OpenTelemetry layer exports them.
+//!
+//! Names follow one rule on both sides of the bus: `{step} {kind}` (`kind`
+//! is `execute` or `compensate`) names the operation; the coordinator's span
+//! of an attempt adds `attempt {n}` (`process-payment execute attempt 2`),
+//! the worker's span for that command is `process-payment execute`.
+//!
+//! Timing: the layer stamps a span's end at its last *exit*. An attempt's
+//! span is entered only around the send (so the bus injects its context),
+//! then entered once more, empty, when the attempt ends: its exported
+//! interval is the attempt's, from the send to the outcome (or the timeout).
 
 use orchestrix_proto::{CommandKind, RunReport, RunStatus};
 use tracing::field::Empty;
 use tracing::{Span, info_span};
 use uuid::Uuid;
+
+/// How an unknown outcome's error starts (see `machine::unknown`).
+const UNKNOWN_PREFIX: &str = "outcome unknown:";
 
 /// The open spans of one run. Kept boxed and only when some subscriber wants
 /// them, so a run costs nothing extra when tracing is off.
@@ -16,6 +29,23 @@ pub(crate) struct RunSpans {
     attempt: Option<Span>,
     run_id: Uuid,
     flow: String,
+}
+
+/// Stamps a span's end time now: the OpenTelemetry layer takes the last exit
+/// as the end, and a span entered only for a send would end at the send.
+fn stamp_end(span: &Span) {
+    drop(span.enter());
+}
+
+/// An attempt's span name: `{step} {kind} attempt {n}`.
+pub(crate) fn attempt_name(step: &str, kind: CommandKind, attempt: u32) -> String {
+    format!("{step} {} attempt {attempt}", kind.as_str())
+}
+
+/// A `u64` as an OpenTelemetry integer attribute (which is an `i64`: the
+/// layer would export a `u64` as a string).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl RunSpans {
@@ -28,10 +58,11 @@ impl RunSpans {
             parent: None,
             "orchestrix.run",
             otel.name = %format_args!("{flow} run"),
+            otel.kind = "internal",
             orchestrix.run_id = %run_id,
             orchestrix.flow = %flow,
             otel.status_code = Empty,
-            otel.status_message = Empty,
+            otel.status_description = Empty,
         );
         if run.is_disabled() {
             return None;
@@ -44,35 +75,44 @@ impl RunSpans {
         Some(Box::new(RunSpans { run, attempt: None, run_id, flow: flow.to_owned() }))
     }
 
-    /// The span of an attempt, child of the run's: `process-payment attempt 2`,
-    /// `compensate reserve-stock`.
+    /// The span of an attempt, child of the run's:
+    /// `process-payment execute attempt 2`, `reserve-stock compensate attempt 1`.
+    /// Sent over a bus (`remote`), it is a messaging PRODUCER span whose
+    /// message id is the command's id; in-process, an INTERNAL one.
     pub(crate) fn attempt_started(
         &mut self,
         step: &str,
         kind: CommandKind,
         attempt: u32,
+        command_id: Uuid,
         remote: bool,
     ) {
-        let name = match (kind, attempt) {
-            (CommandKind::Execute, n) => format!("{step} attempt {n}"),
-            (CommandKind::Compensate, 1) => format!("compensate {step}"),
-            (CommandKind::Compensate, n) => format!("compensate {step} attempt {n}"),
-        };
+        // A span still open (never the case in a consistent run) ends here.
+        self.attempt_ended(None);
         let span = info_span!(
             parent: &self.run,
             "orchestrix.attempt",
-            otel.name = %name,
+            otel.name = %attempt_name(step, kind, attempt),
+            otel.kind = if remote { "producer" } else { "internal" },
             orchestrix.run_id = %self.run_id,
             orchestrix.flow = %self.flow,
             orchestrix.step = %step,
-            orchestrix.attempt = attempt,
+            orchestrix.attempt = i64::from(attempt),
             orchestrix.kind = kind.as_str(),
+            orchestrix.command_id = %command_id,
             messaging.system = Empty,
+            messaging.operation.type = Empty,
+            messaging.operation.name = Empty,
+            messaging.destination.name = Empty,
+            messaging.message.id = Empty,
             otel.status_code = Empty,
-            otel.status_message = Empty,
+            otel.status_description = Empty,
         );
         if remote {
             span.record("messaging.system", "nats");
+            span.record("messaging.operation.type", "send");
+            span.record("messaging.operation.name", "publish");
+            span.record("messaging.message.id", tracing::field::display(command_id));
         }
         self.attempt = Some(span);
     }
@@ -82,20 +122,51 @@ impl RunSpans {
         self.attempt.as_ref()
     }
 
-    /// Ends the attempt's span, with an error status when it failed.
-    pub(crate) fn attempt_ended(&mut self, error: Option<&str>) {
-        if let Some(span) = self.attempt.take()
-            && let Some(e) = error
-        {
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_message", e);
-            tracing::info!(parent: &span, error = e, "attempt failed");
+    /// The attempt's command was sent again under a new id (no worker had
+    /// taken it): an event on the attempt's span.
+    pub(crate) fn redispatched(&self, command_id: Uuid, note: &str) {
+        if let Some(span) = &self.attempt {
+            tracing::info!(
+                parent: span,
+                messaging.message.id = %command_id,
+                note,
+                "command sent again"
+            );
         }
     }
 
-    /// A retry, as an event on the run's span.
+    /// Ends the attempt's span, with an error status when it failed: the
+    /// error is the status message, and an event says `attempt failed` (or
+    /// `outcome unknown`, when nobody knows what the attempt did).
+    pub(crate) fn attempt_ended(&mut self, error: Option<&str>) {
+        let Some(span) = self.attempt.take() else { return };
+        if let Some(e) = error {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", e);
+            if e.starts_with(UNKNOWN_PREFIX) {
+                tracing::warn!(
+                    parent: &span,
+                    orchestrix.outcome = "unknown",
+                    error = e,
+                    "outcome unknown"
+                );
+            } else {
+                tracing::info!(parent: &span, error = e, "attempt failed");
+            }
+        }
+        stamp_end(&span);
+    }
+
+    /// A retry, as an event on the run's span (`attempt` and `delay_ms` as
+    /// integers).
     pub(crate) fn retry(&self, step: &str, attempt: u32, delay_ms: u64) {
-        tracing::info!(parent: &self.run, step, attempt, delay_ms, "retry scheduled");
+        tracing::info!(
+            parent: &self.run,
+            step,
+            attempt = i64::from(attempt),
+            delay_ms = int(delay_ms),
+            "retry scheduled"
+        );
     }
 
     pub(crate) fn finished(mut self, report: &RunReport) {
@@ -103,7 +174,18 @@ impl RunSpans {
         if report.status != RunStatus::Completed {
             self.run.record("otel.status_code", "ERROR");
             let why = report.error.as_deref().unwrap_or(report.status.as_str());
-            self.run.record("otel.status_message", why);
+            self.run.record("otel.status_description", why);
+        }
+        stamp_end(&self.run);
+    }
+}
+
+impl Drop for RunSpans {
+    /// A run actor that stops without finishing (handed over, quarantined,
+    /// shut down) ends its spans where it stopped, not at the last send.
+    fn drop(&mut self) {
+        if let Some(span) = self.attempt.take() {
+            stamp_end(&span);
         }
     }
 }

@@ -94,3 +94,67 @@ fn runs_and_attempts_are_counted() {
     assert_eq!(attempts("reserve", "compensate", "completed"), Some(1));
     assert_eq!(get("orchestrix.step.duration", "flow=pay,kind=execute,step=reserve"), Some(2));
 }
+
+/// The bucket index of each data point of a histogram, by `step` attribute,
+/// with the histogram's boundaries.
+fn buckets_by_step(
+    exporter: &InMemoryMetricExporter,
+    name: &str,
+) -> (Vec<f64>, HashMap<String, usize>) {
+    let mut bounds = Vec::new();
+    let mut out = HashMap::new();
+    for rm in exporter.get_finished_metrics().unwrap() {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                assert_eq!(m.unit(), "s");
+                let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() else {
+                    panic!("{name} is not an f64 histogram")
+                };
+                for dp in h.data_points() {
+                    bounds = dp.bounds().collect();
+                    let step = dp
+                        .attributes()
+                        .find(|kv| kv.key.as_str() == "step")
+                        .map(|kv| kv.value.to_string())
+                        .unwrap_or_default();
+                    let counts: Vec<u64> = dp.bucket_counts().collect();
+                    assert_eq!(counts.iter().sum::<u64>(), 1, "{step}: one observation");
+                    out.insert(step, counts.iter().position(|&c| c == 1).unwrap());
+                }
+            }
+        }
+    }
+    (bounds, out)
+}
+
+#[test]
+fn duration_buckets_separate_milliseconds_from_seconds() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder().with_periodic_exporter(exporter.clone()).build();
+    let meter = provider.meter("test");
+    let steps = [("one-ms", 1u64), ("ten-ms", 10), ("hundred-ms", 100), ("one-s", 1000)];
+    paused(|| async {
+        let mut flow = create::<()>("timed");
+        for (name, ms) in steps {
+            flow = flow.step(name, move |_| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            });
+        }
+        let c = Coordinator::builder().flow(&flow).hooks(RunMetrics::new(&meter)).build().unwrap();
+        c.run("timed", &(), RunOptions::new()).await.unwrap();
+    });
+    provider.force_flush().unwrap();
+    let (bounds, bucket) = buckets_by_step(&exporter, "orchestrix.step.duration");
+    assert_eq!(bounds, orchestrix_coordinator::metrics::DURATION_BUCKETS.to_vec());
+    let idx: Vec<usize> = steps.iter().map(|(name, _)| bucket[*name]).collect();
+    assert!(idx.windows(2).all(|w| w[0] < w[1]), "1 ms, 10 ms, 100 ms, 1 s in buckets {idx:?}");
+    // Not in an overflow bucket: each under a bound near its duration.
+    for ((name, ms), i) in steps.iter().zip(&idx) {
+        let secs = *ms as f64 / 1000.0;
+        assert!(*i < bounds.len(), "{name} above every bound");
+        assert!(bounds[*i] >= secs && bounds[*i] <= secs * 2.5, "{name} in bucket ≤ {}", bounds[*i]);
+    }
+    let (run_bounds, _) = buckets_by_step(&exporter, "orchestrix.run.duration");
+    assert_eq!(run_bounds, bounds);
+}

@@ -1,5 +1,6 @@
 //! The span tree of runs: asserted with a capturing subscriber on the test's
-//! own thread (the paused-time actix system runs everything there).
+//! own thread (the actix system runs everything there), and as exported by
+//! the OpenTelemetry layer that `observability` installs (in memory).
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,21 +11,38 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::paused;
+use opentelemetry::trace::{SpanId, SpanKind, Status, TracerProvider as _};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use orchestrix_coordinator::{RunStatus, create};
 use orchestrix_worker::StepError;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
-#[derive(Default, Clone)]
-struct Fields(HashMap<String, String>);
+/// A span's or event's fields: value as text, and the type it was recorded as.
+#[derive(Default, Clone, Debug)]
+struct Fields(HashMap<String, String>, HashMap<String, &'static str>);
+
+impl Fields {
+    fn put(&mut self, field: &Field, value: String, ty: &'static str) {
+        self.0.insert(field.name().to_owned(), value);
+        self.1.insert(field.name().to_owned(), ty);
+    }
+}
 
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+        self.put(field, format!("{value:?}"), "debug");
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
+        self.put(field, value.to_owned(), "str");
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.to_string(), "i64");
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.to_string(), "u64");
     }
 }
 
@@ -32,11 +50,18 @@ impl Visit for Fields {
 type OpenSpan = (Fields, Option<u64>);
 /// A closed span: its name, its parent's name, its fields.
 type ClosedSpan = (String, Option<String>, Fields);
+/// An event: its parent span's name and its fields (`message` included).
+type SeenEvent = (String, Fields);
 
 #[derive(Default, Clone)]
 struct Capture {
     open: Arc<Mutex<HashMap<u64, OpenSpan>>>,
     closed: Arc<Mutex<Vec<ClosedSpan>>>,
+    events: Arc<Mutex<Vec<SeenEvent>>>,
+}
+
+fn otel_name(f: &Fields) -> String {
+    f.0.get("otel.name").cloned().unwrap_or_default()
 }
 
 impl<S: tracing::Subscriber> Layer<S> for Capture {
@@ -50,13 +75,31 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
             values.record(f);
         }
     }
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let Some(parent) = event.parent() else { return };
+        let open = self.open.lock().unwrap();
+        let Some((pf, _)) = open.get(&parent.into_u64()) else { return };
+        let mut f = Fields::default();
+        event.record(&mut f);
+        self.events.lock().unwrap().push((otel_name(pf), f));
+    }
     fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
         let open = self.open.lock().unwrap();
         let Some((f, parent)) = open.get(&id.into_u64()).cloned() else { return };
-        let name = |f: &Fields| f.0.get("otel.name").cloned().unwrap_or_default();
-        let parent = parent.and_then(|p| open.get(&p).map(|(pf, _)| name(pf)));
-        self.closed.lock().unwrap().push((name(&f), parent, f));
+        let parent = parent.and_then(|p| open.get(&p).map(|(pf, _)| otel_name(pf)));
+        self.closed.lock().unwrap().push((otel_name(&f), parent, f));
     }
+}
+
+/// The quick start's flow, its payment declined twice.
+fn declined_flow() -> orchestrix_coordinator::Flow<()> {
+    create::<()>("payment-flow")
+        .step_with("reserve-stock", |_| async { Ok(()) }, |o| o.compensate(|_| async { Ok(()) }))
+        .step_with(
+            "process-payment",
+            |_| async { Err::<(), _>(StepError::retryable("declined")) },
+            |o| o.retries(1).retry_delay(Duration::from_millis(10)),
+        )
 }
 
 #[test]
@@ -65,18 +108,7 @@ fn a_failed_run_reads_as_a_tree_of_attempts_and_compensations() {
     let subscriber = tracing_subscriber::registry().with(capture.clone());
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
-            let flow = create::<()>("payment-flow")
-                .step_with(
-                    "reserve-stock",
-                    |_| async { Ok(()) },
-                    |o| o.compensate(|_| async { Ok(()) }),
-                )
-                .step_with(
-                    "process-payment",
-                    |_| async { Err::<(), _>(StepError::retryable("declined")) },
-                    |o| o.retries(1).retry_delay(Duration::from_millis(10)),
-                );
-            let report = flow.run(()).await.unwrap();
+            let report = declined_flow().run(()).await.unwrap();
             assert_eq!(report.status, RunStatus::Failed);
         })
     });
@@ -87,23 +119,175 @@ fn a_failed_run_reads_as_a_tree_of_attempts_and_compensations() {
         .collect();
     let run = "payment-flow run".to_owned();
     let err = Some("ERROR".to_owned());
+    // One naming rule: `{step} {kind}`, plus `attempt {n}` on the coordinator.
     assert_eq!(
         tree,
         [
-            ("reserve-stock attempt 1".into(), Some(run.clone()), None),
-            ("process-payment attempt 1".into(), Some(run.clone()), err.clone()),
-            ("process-payment attempt 2".into(), Some(run.clone()), err.clone()),
-            ("compensate reserve-stock".into(), Some(run.clone()), None),
+            ("reserve-stock execute attempt 1".into(), Some(run.clone()), None),
+            ("process-payment execute attempt 1".into(), Some(run.clone()), err.clone()),
+            ("process-payment execute attempt 2".into(), Some(run.clone()), err.clone()),
+            ("reserve-stock compensate attempt 1".into(), Some(run.clone()), None),
             (run.clone(), None, err),
         ]
     );
-    let attempt2 = &closed[2].2.0;
-    assert_eq!(attempt2["orchestrix.step"], "process-payment");
-    assert_eq!(attempt2["orchestrix.attempt"], "2");
-    assert_eq!(attempt2["orchestrix.kind"], "execute");
-    assert_eq!(attempt2["otel.status_message"], "declined");
-    assert!(!attempt2.contains_key("messaging.system"), "in-process attempts are not messaging");
-    let run_fields = &closed[4].2.0;
-    assert_eq!(run_fields["orchestrix.flow"], "payment-flow");
-    assert_eq!(run_fields["otel.status_message"], "declined");
+    let attempt2 = &closed[2].2;
+    assert_eq!(attempt2.0["orchestrix.step"], "process-payment");
+    assert_eq!(attempt2.0["orchestrix.attempt"], "2");
+    assert_eq!(attempt2.1["orchestrix.attempt"], "i64", "a number, not a string");
+    assert_eq!(attempt2.0["orchestrix.kind"], "execute");
+    // The field tracing-opentelemetry reads as the status message.
+    assert_eq!(attempt2.0["otel.status_description"], "declined");
+    assert!(!attempt2.0.contains_key("otel.status_message"));
+    assert_eq!(attempt2.0["otel.kind"], "internal", "in-process attempts are not messaging");
+    assert!(!attempt2.0.contains_key("messaging.system"));
+    let run_fields = &closed[4].2;
+    assert_eq!(run_fields.0["orchestrix.flow"], "payment-flow");
+    assert_eq!(run_fields.0["otel.status_description"], "declined");
+
+    // The retry is an event on the run's span, its numbers as numbers.
+    let events = capture.events.lock().unwrap().clone();
+    let (on, retry) = events
+        .iter()
+        .find(|(_, f)| f.0.get("message").is_some_and(|m| m == "retry scheduled"))
+        .unwrap();
+    assert_eq!(on, &run);
+    assert_eq!(retry.0["attempt"], "1");
+    assert_eq!(retry.0["delay_ms"], "10");
+    assert_eq!((retry.1["attempt"], retry.1["delay_ms"]), ("i64", "i64"));
+}
+
+#[test]
+fn an_unknown_outcome_is_an_error_with_its_own_event() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        paused(|| async {
+            let flow = create::<()>("payment-flow")
+                .step_with("reserve-stock", |_| async { Ok(()) }, |o| {
+                    o.compensate(|_| async { Ok(()) })
+                })
+                .step_with(
+                    "process-payment",
+                    |_| async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Ok(())
+                    },
+                    |o| o.timeout(Duration::from_millis(200)),
+                );
+            let report = flow.run(()).await.unwrap();
+            assert_eq!(report.status, RunStatus::Failed);
+        })
+    });
+    let closed = capture.closed.lock().unwrap().clone();
+    let (_, _, attempt) =
+        closed.iter().find(|(n, _, _)| n == "process-payment execute attempt 1").unwrap();
+    assert_eq!(attempt.0["otel.status_code"], "ERROR");
+    let message = &attempt.0["otel.status_description"];
+    assert!(message.starts_with("outcome unknown:"), "{message}");
+    let events = capture.events.lock().unwrap().clone();
+    let unknown: Vec<_> = events
+        .iter()
+        .filter(|(_, f)| f.0.get("message").is_some_and(|m| m == "outcome unknown"))
+        .collect();
+    assert_eq!(unknown.len(), 1, "{events:?}");
+    assert_eq!(unknown[0].0, "process-payment execute attempt 1");
+    assert_eq!(unknown[0].1.0["orchestrix.outcome"], "unknown");
+    assert_eq!(&unknown[0].1.0["error"], message);
+}
+
+/// Attributes every exported span would carry with the layer's defaults.
+const NOISE: [&str; 9] = [
+    "code.file.path",
+    "code.module.name",
+    "code.line.number",
+    "thread.id",
+    "thread.name",
+    "target",
+    "busy_ns",
+    "idle_ns",
+    "level",
+];
+
+fn attr<'a>(s: &'a SpanData, key: &str) -> Option<&'a Value> {
+    s.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv: &KeyValue| &kv.value)
+}
+
+/// Real time (not the paused clock: the layer stamps spans with the wall
+/// clock), each step 30 ms long, exported by `observability::layer`.
+#[test]
+fn exported_attempt_spans_last_as_long_as_their_attempts() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let subscriber = tracing_subscriber::registry()
+        .with(orchestrix_coordinator::observability::layer(provider.tracer("test")));
+    tracing::subscriber::with_default(subscriber, || {
+        actix_rt::System::new().block_on(async {
+            let step_time = Duration::from_millis(30);
+            let flow = create::<()>("payment-flow")
+                .step_with(
+                    "reserve-stock",
+                    move |_| async move {
+                        tokio::time::sleep(step_time).await;
+                        Ok(())
+                    },
+                    |o| {
+                        o.compensate(move |_| async move {
+                            tokio::time::sleep(step_time).await;
+                            Ok(())
+                        })
+                    },
+                )
+                .step_with(
+                    "process-payment",
+                    move |_| async move {
+                        tokio::time::sleep(step_time).await;
+                        Err::<(), _>(StepError::retryable("Payment declined: limit exceeded"))
+                    },
+                    |o| o.retries(1).retry_delay(Duration::from_millis(10)),
+                );
+            let report = flow.run(()).await.unwrap();
+            assert_eq!(report.status, RunStatus::Failed);
+        })
+    });
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let by_name = |n: &str| {
+        spans.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("no span {n}: {spans:?}"))
+    };
+    let run = by_name("payment-flow run");
+    assert_eq!(run.parent_span_id, SpanId::INVALID);
+    assert_eq!(run.status, Status::error("Payment declined: limit exceeded"));
+    for name in [
+        "reserve-stock execute attempt 1",
+        "process-payment execute attempt 1",
+        "process-payment execute attempt 2",
+        "reserve-stock compensate attempt 1",
+    ] {
+        let a = by_name(name);
+        assert_eq!(a.parent_span_id, run.span_context.span_id(), "{name}");
+        let took = a.end_time.duration_since(a.start_time).unwrap();
+        assert!(took >= Duration::from_millis(30), "{name} lasted {took:?}, its handler 30 ms");
+        assert!(
+            run.start_time <= a.start_time && a.end_time <= run.end_time,
+            "{name} inside the run"
+        );
+        assert_eq!(a.span_kind, SpanKind::Internal, "{name}: in-process");
+        assert!(matches!(attr(a, "orchestrix.attempt"), Some(Value::I64(_))), "{name}");
+        let failed = name.starts_with("process-payment");
+        let want = if failed {
+            Status::error("Payment declined: limit exceeded")
+        } else {
+            Status::Unset
+        };
+        assert_eq!(a.status, want, "{name}");
+    }
+    for s in spans.iter() {
+        for key in NOISE {
+            assert!(attr(s, key).is_none(), "{}: {key} is noise", s.name);
+        }
+    }
+    let retry = run.events.iter().find(|e| e.name == "retry scheduled").unwrap();
+    let eattr = |k: &str| retry.attributes.iter().find(|kv| kv.key.as_str() == k).unwrap();
+    assert_eq!(eattr("attempt").value, Value::I64(1));
+    assert_eq!(eattr("delay_ms").value, Value::I64(10));
 }

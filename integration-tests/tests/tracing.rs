@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanId, Status, TracerProvider as _};
+use opentelemetry::Value;
+use opentelemetry::trace::{SpanId, SpanKind, Status, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use orchestrix::{Client, Coordinator, RunOptions, RunStatus, StepContext, StepError, Worker};
@@ -25,7 +26,7 @@ async fn a_saga_is_one_trace_across_processes() {
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+        .with(orchestrix_coordinator::observability::layer(provider.tracer("test")))
         .init();
 
     let server = NatsServer::start();
@@ -91,31 +92,51 @@ async fn a_saga_is_one_trace_across_processes() {
     );
 
     for (attempt, handled, failed) in [
-        ("reserve attempt 1", "reserve execute", false),
-        ("charge attempt 1", "charge execute", true),
-        ("charge attempt 2", "charge execute", true),
-        ("compensate reserve", "reserve compensate", false),
+        ("reserve execute attempt 1", "reserve execute", false),
+        ("charge execute attempt 1", "charge execute", true),
+        ("charge execute attempt 2", "charge execute", true),
+        ("reserve compensate attempt 1", "reserve compensate", false),
     ] {
         let a = by_name(attempt);
         assert_eq!(a.parent_span_id, run.span_context.span_id(), "{attempt} is a child of the run");
-        assert_eq!(matches!(a.status, Status::Error { .. }), failed, "{attempt}: {:?}", a.status);
+        let want = if failed { Status::error("declined") } else { Status::Unset };
+        assert_eq!(a.status, want, "{attempt}: the handler's error is the status message");
         // The worker's span for that very command is the attempt's child, across NATS.
         let h = spans
             .iter()
             .find(|s| s.name == handled && s.parent_span_id == a.span_context.span_id())
             .unwrap_or_else(|| panic!("no {handled} span under {attempt}"));
-        assert_eq!(matches!(h.status, Status::Error { .. }), failed);
-        let attr = |k: &str| {
-            h.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.to_string())
+        assert_eq!(h.status, want, "{handled}");
+        // The attempt sends the command, the worker's span processes it.
+        assert_eq!((a.span_kind.clone(), h.span_kind.clone()), (SpanKind::Producer, SpanKind::Consumer));
+        assert!(a.start_time <= h.start_time, "{attempt} starts before {handled}");
+        let attr = |s: &opentelemetry_sdk::trace::SpanData, k: &str| {
+            s.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.clone())
         };
-        assert_eq!(attr("messaging.system").as_deref(), Some("nats"));
-        assert_eq!(attr("orchestrix.run_id"), Some(report.run_id.to_string()));
+        let text = |v: Option<Value>| v.map(|v| v.to_string());
+        assert_eq!(text(attr(h, "messaging.system")).as_deref(), Some("nats"));
+        assert_eq!(text(attr(a, "messaging.system")).as_deref(), Some("nats"));
+        assert_eq!(text(attr(a, "messaging.operation.type")).as_deref(), Some("send"));
+        assert_eq!(text(attr(h, "messaging.operation.type")).as_deref(), Some("process"));
+        let id = text(attr(a, "messaging.message.id")).expect("the command id");
+        assert_eq!(text(attr(h, "messaging.message.id")), Some(id.clone()), "one message");
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        let subject = text(attr(h, "messaging.destination.name")).unwrap();
+        assert!(subject.starts_with("orchestrix.step.traced."), "{subject}");
+        assert_eq!(text(attr(h, "orchestrix.run_id")), Some(report.run_id.to_string()));
+        for s in [a, h] {
+            assert!(matches!(attr(s, "orchestrix.attempt"), Some(Value::I64(_))), "{}", s.name);
+            for noise in ["code.file.path", "thread.id", "thread.name", "target", "busy_ns"] {
+                assert!(attr(s, noise).is_none(), "{}: {noise}", s.name);
+            }
+        }
     }
-    let attempt_attrs = &by_name("charge attempt 2").attributes;
-    let get = |k: &str| {
-        attempt_attrs.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.to_string())
-    };
-    assert_eq!(get("orchestrix.attempt").as_deref(), Some("2"));
-    assert_eq!(get("orchestrix.kind").as_deref(), Some("execute"));
-    assert_eq!(get("messaging.system").as_deref(), Some("nats"));
+    let attempt_attrs = &by_name("charge execute attempt 2").attributes;
+    let get = |k: &str| attempt_attrs.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value);
+    assert_eq!(get("orchestrix.attempt"), Some(&Value::I64(2)));
+    assert_eq!(get("orchestrix.kind").map(Value::to_string).as_deref(), Some("execute"));
+    let retry = run.events.iter().find(|e| e.name == "retry scheduled").unwrap();
+    let eattr = |k: &str| retry.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value);
+    assert_eq!(eattr("attempt"), Some(&Value::I64(1)));
+    assert_eq!(eattr("delay_ms"), Some(&Value::I64(10)));
 }

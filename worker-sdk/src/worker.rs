@@ -455,9 +455,16 @@ pub async fn wait_for_signal() {
     }
 }
 
+/// `{host}-{pid}-{tag}`: the host's real name (`gethostname(2)`; shells and
+/// systemd do not export `HOSTNAME`), else `HOSTNAME`, else `worker`.
 fn worker_id() -> String {
-    let host =
-        std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into());
+    let host = gethostname::gethostname()
+        .into_string()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "worker".into());
     let tag = Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &tag[..6])
 }
@@ -753,8 +760,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     }, span));
 }
 
-/// The span of one command in this worker: a child of the coordinator's
-/// attempt span when the command carries its `traceparent`.
+/// The span of one command in this worker, `{step} {kind}`: a messaging
+/// CONSUMER span, child of the coordinator's attempt span (the PRODUCER,
+/// `{step} {kind} attempt {n}`) when the command carries its `traceparent`.
+/// Numbers are recorded as integers (a `u32` would be exported as a string).
 fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> tracing::Span {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -763,12 +772,16 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         otel.name = %format_args!("{} {}", cmd.step, cmd.kind.as_str()),
         otel.kind = "consumer",
         messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
         messaging.destination.name = %msg.subject,
+        messaging.message.id = %cmd.command_id,
         orchestrix.run_id = %cmd.run_id,
         orchestrix.flow = %cmd.flow,
         orchestrix.step = %cmd.step,
-        orchestrix.attempt = cmd.attempt,
+        orchestrix.attempt = i64::from(cmd.attempt),
         orchestrix.kind = cmd.kind.as_str(),
+        orchestrix.command_id = %cmd.command_id,
         orchestrix.worker = worker,
         otel.status_code = Empty,
         otel.status_description = Empty,
