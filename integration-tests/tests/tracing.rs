@@ -108,7 +108,10 @@ async fn a_saga_is_one_trace_across_processes() {
             .unwrap_or_else(|| panic!("no {handled} span under {attempt}"));
         assert_eq!(h.status, want, "{handled}");
         // The attempt sends the command, the worker's span processes it.
-        assert_eq!((a.span_kind.clone(), h.span_kind.clone()), (SpanKind::Producer, SpanKind::Consumer));
+        assert_eq!(
+            (a.span_kind.clone(), h.span_kind.clone()),
+            (SpanKind::Producer, SpanKind::Consumer)
+        );
         assert!(a.start_time <= h.start_time, "{attempt} starts before {handled}");
         let attr = |s: &opentelemetry_sdk::trace::SpanData, k: &str| {
             s.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| kv.value.clone())
@@ -136,7 +139,8 @@ async fn a_saga_is_one_trace_across_processes() {
     assert_eq!(get("orchestrix.attempt"), Some(&Value::I64(2)));
     assert_eq!(get("orchestrix.kind").map(Value::to_string).as_deref(), Some("execute"));
     let retry = run.events.iter().find(|e| e.name == "retry scheduled").unwrap();
-    let eattr = |k: &str| retry.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value);
+    let eattr =
+        |k: &str| retry.attributes.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value);
     assert_eq!(eattr("attempt"), Some(&Value::I64(1)));
     assert_eq!(eattr("delay_ms"), Some(&Value::I64(10)));
 }

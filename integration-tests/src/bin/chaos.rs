@@ -20,7 +20,7 @@
 //!
 //! ```sh
 //! cargo build --release -j2 -p orchestrix-coordinator -p orchestrix-integration-tests --bins \
-//!   && target/release/chaos --runs 1000          # or: --short (200 runs, 4 faults)
+//!   && target/release/chaos --runs 1000          # or: --short (200 runs, 5 faults)
 //! ```
 //!
 //! `nats-server` is `$NATS_SERVER_BIN`, else the one on the PATH. Exit codes:
@@ -449,10 +449,27 @@ async fn nats_blocking<T: Send + 'static>(
 
 #[derive(Debug, Clone)]
 enum Fault {
-    KillCoordinator { index: usize, down: Duration },
-    KillWorker { index: usize, down: Duration },
-    KillRunsLeader { down: Duration },
-    StopWorker { index: usize, stopped: Duration },
+    KillCoordinator {
+        index: usize,
+        down: Duration,
+    },
+    KillWorker {
+        index: usize,
+        down: Duration,
+    },
+    KillRunsLeader {
+        down: Duration,
+    },
+    StopWorker {
+        index: usize,
+        stopped: Duration,
+    },
+    /// SIGSTOP the node leading the runs bucket, then SIGCONT: a node that is
+    /// cut off (its clients' connections hang) and comes back with a stale
+    /// view, as in a network partition.
+    FreezeRunsLeader {
+        frozen: Duration,
+    },
 }
 
 impl Fault {
@@ -461,7 +478,9 @@ impl Fault {
             Fault::KillCoordinator { down, .. }
             | Fault::KillWorker { down, .. }
             | Fault::KillRunsLeader { down } => *down,
-            Fault::StopWorker { stopped, .. } => *stopped,
+            Fault::StopWorker { stopped, .. } | Fault::FreezeRunsLeader { frozen: stopped } => {
+                *stopped
+            }
         }
     }
 }
@@ -471,7 +490,7 @@ fn schedule(seed: u64, rounds: usize, short: bool) -> Vec<(Duration, Fault)> {
     let mut rng = Rng(seed ^ 0xC4A0_5EED);
     let mut out = Vec::new();
     for _ in 0..rounds {
-        let mut kinds = [0u8, 1, 2, 3];
+        let mut kinds = [0u8, 1, 2, 3, 4];
         for i in (1..kinds.len()).rev() {
             kinds.swap(i, rng.below(i as u64 + 1) as usize);
         }
@@ -487,10 +506,11 @@ fn schedule(seed: u64, rounds: usize, short: bool) -> Vec<(Duration, Fault)> {
                     down: rng.ms(500, 2000),
                 },
                 2 => Fault::KillRunsLeader { down: rng.ms(6000, 8000) },
-                _ => Fault::StopWorker {
+                3 => Fault::StopWorker {
                     index: rng.below(WORKERS as u64) as usize,
                     stopped: rng.ms(3000, 5000),
                 },
+                _ => Fault::FreezeRunsLeader { frozen: rng.ms(6000, 9000) },
             };
             out.push((gap, fault));
         }
@@ -511,6 +531,22 @@ struct Env {
     cluster: Arc<Mutex<NatsCluster>>,
     nc: async_nats::Client,
     clock: Clock,
+}
+
+/// The runs stream's leader and its node index, once every replica is
+/// current (otherwise a fault on it may take the quorum, which tells nothing
+/// about the engine); `None` after 30 s.
+async fn current_leader(env: &Env) -> Option<(String, usize)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        match runs_stream(&env.nc, Duration::from_secs(3)).await {
+            Ok((Some(l), true)) => break l,
+            _ if Instant::now() > deadline => return None,
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    };
+    let node = leader.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())?;
+    Some((leader, node))
 }
 
 async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
@@ -552,30 +588,37 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             let what = format!("SIGSTOP {name} for {:.1} s, then SIGCONT", stopped.as_secs_f64());
             Ok(log(what, true, String::new()))
         }
-        Fault::KillRunsLeader { down } => {
-            // Only with every replica current: otherwise a kill may take the
-            // quorum, which tells nothing about the engine.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let leader = loop {
-                match runs_stream(&env.nc, Duration::from_secs(3)).await {
-                    Ok((Some(l), true)) => break Some(l),
-                    _ if Instant::now() > deadline => break None,
-                    _ => tokio::time::sleep(Duration::from_millis(250)).await,
-                }
-            };
-            let Some(leader) = leader else {
-                let what = "SIGKILL the runs stream's leader".to_owned();
+        Fault::FreezeRunsLeader { frozen } => {
+            let Some((leader, node)) = current_leader(env).await else {
+                let what = "SIGSTOP the runs stream's leader".to_owned();
                 return Ok(log(
                     what,
                     false,
                     "skipped: no leader with current replicas in 30 s".into(),
                 ));
             };
-            let Some(node) = leader.strip_prefix('n').and_then(|n| n.parse::<usize>().ok()) else {
+            let pid = nats_blocking(&env.cluster, move |c| c.nodes[node].pid()).await?;
+            let Some(pid) = pid else {
+                return Ok(log(format!("SIGSTOP node {leader}"), false, "not running".into()));
+            };
+            signal(pid, "STOP")?;
+            env.clock.say(format!("SIGSTOP nats node {leader} (runs leader) for {frozen:?}"));
+            tokio::time::sleep(*frozen).await;
+            signal(pid, "CONT")?;
+            env.clock.say(format!("SIGCONT nats node {leader}"));
+            let what = format!(
+                "SIGSTOP nats node {leader} (runs leader) for {:.1} s, then SIGCONT",
+                frozen.as_secs_f64()
+            );
+            Ok(log(what, true, String::new()))
+        }
+        Fault::KillRunsLeader { down } => {
+            let Some((leader, node)) = current_leader(env).await else {
+                let what = "SIGKILL the runs stream's leader".to_owned();
                 return Ok(log(
-                    format!("SIGKILL node {leader}"),
+                    what,
                     false,
-                    "unknown server name".into(),
+                    "skipped: no leader with current replicas in 30 s".into(),
                 ));
             };
             nats_blocking(&env.cluster, move |c| c.nodes[node].kill()).await?;
