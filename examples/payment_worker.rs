@@ -40,7 +40,18 @@ async fn pause(ms: u64) {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    match serve().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error's own words (`cannot connect to NATS at …`), not its Debug form.
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve() -> Result<(), orchestrix::WorkerError> {
     // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let _telemetry = orchestrix::coordinator::observability::init("payment-worker", "info");
     let args = Args::parse();

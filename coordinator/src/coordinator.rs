@@ -412,7 +412,8 @@ impl Coordinator {
             if let Some(why) = Machine::mismatch(&plan, &record) {
                 // Never index past the flow's end: set it aside for an operator.
                 tracing::error!(run_id = %record.run_id, reason = %why, "quarantining a run");
-                let report = record.to_report(Duration::ZERO);
+                let ran = SystemTime::now().duration_since(record.started_at).unwrap_or_default();
+                let report = record.to_report(ran);
                 if let Err(e) = self.inner.store.quarantine(record.run_id, why, report).await {
                     tracing::warn!(run_id = %record.run_id, error = %e, "cannot quarantine the run");
                 }

@@ -171,7 +171,9 @@ impl Machine {
                 }
             }
             Event::Outcome { command_id, attempt, kind, result } => {
-                let Some(cur) = self.in_flight(command_id) else {
+                // An answer of the wrong kind (a compensation's for an action)
+                // is not this attempt's: noted, not applied.
+                let Some(cur) = self.in_flight(command_id).filter(|c| c.kind == kind) else {
                     self.late(command_id, attempt, kind, &result, wall, out);
                     return;
                 };
@@ -745,15 +747,16 @@ mod tests {
         assert_eq!(names(&t.ev(Event::NotTaken { command_id: first })), ["redispatched"]);
         assert_ne!(t.cur(), first, "a new command id");
         assert_eq!(t.m.rec.steps[0].attempts, 1);
-        assert!(t.m.rec.steps[0].error.as_deref().unwrap().starts_with("waiting for a worker"));
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Waiting);
+        assert_eq!(t.m.rec.steps[0].error, None, "waiting is not an error");
         // An expired command (arrived after its start-by time) is the same.
-        let second = t.cur();
-        let expired = Event::Rejected {
-            command_id: second,
+        let expired = |id| Event::Rejected {
+            command_id: id,
             code: WireError::CODE_EXPIRED.into(),
             message: "late".into(),
         };
-        assert_eq!(names(&t.ev(expired)), ["redispatched"]);
+        let second = t.cur();
+        assert_eq!(names(&t.ev(expired(second))), ["redispatched"]);
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
         t.m.limits.worker_wait = Duration::ZERO;
         let id = t.cur();
@@ -762,6 +765,18 @@ mod tests {
             ["failed 0", "finished failed"]
         );
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Failed);
+
+        // A worker takes a redispatched command: running again, and an acked
+        // attempt is never sent again.
+        let mut t = T::new(&[false], 0);
+        t.ev(Event::Start);
+        let id = t.cur();
+        t.ev(Event::NotTaken { command_id: id });
+        assert_eq!(names(&t.ack()), ["acked"]);
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Running);
+        let id = t.cur();
+        assert!(t.ev(expired(id)).is_empty());
+        assert!(t.ev(Event::NotTaken { command_id: id }).is_empty());
     }
 
     #[test]

@@ -345,16 +345,22 @@ impl RunRecord {
             Transition::AttemptAcked { command_id, worker } => {
                 if let Some(c) = self.current.as_mut().filter(|c| c.command_id == *command_id) {
                     c.acked_by = Some(worker.clone());
+                    let step = c.step;
+                    if let Some(s) = self.steps.get_mut(step as usize)
+                        && s.status == StepStatus::Waiting
+                    {
+                        s.status = StepStatus::Running;
+                    }
                 }
             }
-            Transition::Redispatched { command_id, note } => {
+            Transition::Redispatched { command_id, .. } => {
                 let Some(c) = &mut self.current else { return };
                 c.command_id = *command_id;
                 c.acked_by = None;
                 c.redispatches += 1;
                 let (step, kind) = (c.step, c.kind);
                 if let (Some(s), CommandKind::Execute) = (self.steps.get_mut(step as usize), kind) {
-                    s.error = Some(note.clone());
+                    s.status = StepStatus::Waiting;
                 }
             }
             Transition::LateOutcome(note) => {

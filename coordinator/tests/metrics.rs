@@ -153,7 +153,11 @@ fn duration_buckets_separate_milliseconds_from_seconds() {
     for ((name, ms), i) in steps.iter().zip(&idx) {
         let secs = *ms as f64 / 1000.0;
         assert!(*i < bounds.len(), "{name} above every bound");
-        assert!(bounds[*i] >= secs && bounds[*i] <= secs * 2.5, "{name} in bucket ≤ {}", bounds[*i]);
+        assert!(
+            bounds[*i] >= secs && bounds[*i] <= secs * 2.5,
+            "{name} in bucket ≤ {}",
+            bounds[*i]
+        );
     }
     let (run_bounds, _) = buckets_by_step(&exporter, "orchestrix.run.duration");
     assert_eq!(run_bounds, bounds);

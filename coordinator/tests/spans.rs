@@ -163,9 +163,11 @@ fn an_unknown_outcome_is_an_error_with_its_own_event() {
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
             let flow = create::<()>("payment-flow")
-                .step_with("reserve-stock", |_| async { Ok(()) }, |o| {
-                    o.compensate(|_| async { Ok(()) })
-                })
+                .step_with(
+                    "reserve-stock",
+                    |_| async { Ok(()) },
+                    |o| o.compensate(|_| async { Ok(()) }),
+                )
                 .step_with(
                     "process-payment",
                     |_| async {
@@ -274,11 +276,8 @@ fn exported_attempt_spans_last_as_long_as_their_attempts() {
         assert_eq!(a.span_kind, SpanKind::Internal, "{name}: in-process");
         assert!(matches!(attr(a, "orchestrix.attempt"), Some(Value::I64(_))), "{name}");
         let failed = name.starts_with("process-payment");
-        let want = if failed {
-            Status::error("Payment declined: limit exceeded")
-        } else {
-            Status::Unset
-        };
+        let want =
+            if failed { Status::error("Payment declined: limit exceeded") } else { Status::Unset };
         assert_eq!(a.status, want, "{name}");
     }
     for s in spans.iter() {

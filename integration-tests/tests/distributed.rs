@@ -362,6 +362,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
             ttl: None,
             timeout: None,
             wait: true,
+            start_by_ms: None,
         })
         .unwrap();
         ok[..ok.len() / 2].to_vec()
@@ -433,6 +434,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
         ttl: None,
         timeout: None,
         wait: false,
+        start_by_ms: None,
     })
     .unwrap();
     let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(other)).await.unwrap();

@@ -165,7 +165,7 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     let quick = b.build().unwrap();
     let report = quick.run("crash", &1u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
-    let error = report.error.unwrap();
+    let error = report.error.clone().unwrap();
     assert!(error.starts_with("no worker took the command in 1."), "{error}");
     assert_eq!(report.step("a").unwrap().attempts, 1, "waiting spends no attempt");
 }

@@ -319,7 +319,10 @@ fn assert_reads_right(trace: &[Got], run_id: &str, expect: &[(&str, &str)], fail
         assert_eq!(h.service, "payment-worker");
         // The attempt lasts from its send to its outcome: at least its handler.
         let took = a.span.end_time_unix_nano - a.span.start_time_unix_nano;
-        assert!(took >= STEP_MS * 1_000_000, "{attempt} lasted {took} ns, its handler {STEP_MS} ms");
+        assert!(
+            took >= STEP_MS * 1_000_000,
+            "{attempt} lasted {took} ns, its handler {STEP_MS} ms"
+        );
         // Messaging: the coordinator produces the command, the worker consumes it.
         assert_eq!(a.span.kind, SpanKind::Producer as i32, "{attempt}");
         assert_eq!(h.span.kind, SpanKind::Consumer as i32, "{handled}");
@@ -348,8 +351,7 @@ fn assert_reads_right(trace: &[Got], run_id: &str, expect: &[(&str, &str)], fail
     }
 
     // Retries are events on the run span, their numbers as numbers.
-    let retries: Vec<_> =
-        run.span.events.iter().filter(|e| e.name == "retry scheduled").collect();
+    let retries: Vec<_> = run.span.events.iter().filter(|e| e.name == "retry scheduled").collect();
     assert_eq!(retries.len(), if failed { 3 } else { 0 });
     for (i, e) in retries.iter().enumerate() {
         assert_eq!(str_attr(&e.attributes, "step").as_deref(), Some("process-payment"));
@@ -395,7 +397,9 @@ fn bucket(bounds: &[f64], v: f64) -> usize {
 /// The coordinator's duration histograms: seconds, with buckets that tell
 /// 1 ms, 10 ms, 100 ms and 1 s apart, and the steps (20 ms each here) not
 /// all in the first bucket.
-fn assert_duration_histograms(metrics: &[(String, opentelemetry_proto::tonic::metrics::v1::Metric)]) {
+fn assert_duration_histograms(
+    metrics: &[(String, opentelemetry_proto::tonic::metrics::v1::Metric)],
+) {
     for name in ["orchestrix.step.duration", "orchestrix.run.duration"] {
         let (_, m) = metrics
             .iter()
@@ -408,9 +412,16 @@ fn assert_duration_histograms(metrics: &[(String, opentelemetry_proto::tonic::me
         for dp in &h.data_points {
             let b = &dp.explicit_bounds;
             let at: Vec<usize> = [0.001, 0.01, 0.1, 1.0].iter().map(|v| bucket(b, *v)).collect();
-            assert!(at.windows(2).all(|w| w[0] < w[1]), "{name}: buckets {b:?} put 1 ms, 10 ms, 100 ms, 1 s in {at:?}");
+            assert!(
+                at.windows(2).all(|w| w[0] < w[1]),
+                "{name}: buckets {b:?} put 1 ms, 10 ms, 100 ms, 1 s in {at:?}"
+            );
             let above_first: u64 = dp.bucket_counts.iter().skip(1).sum();
-            assert!(above_first > 0, "{name}: every observation in the first bucket {:?}", dp.bucket_counts);
+            assert!(
+                above_first > 0,
+                "{name}: every observation in the first bucket {:?}",
+                dp.bucket_counts
+            );
         }
     }
 }

@@ -187,6 +187,11 @@ pub struct RunRequest {
     /// Answer with the final report rather than at once with the run id.
     #[serde(default)]
     pub wait: bool,
+    /// Unix ms after which the caller no longer waits for the answer: a
+    /// coordinator that gets the request later (it was frozen, say) refuses
+    /// it rather than start a run nobody knows about. `nil`: no limit.
+    #[serde(default)]
+    pub start_by_ms: Option<u64>,
 }
 
 impl Message for RunRequest {

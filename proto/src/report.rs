@@ -57,6 +57,9 @@ pub enum StepStatus {
     NotRun,
     /// An attempt is in flight or a retry is scheduled.
     Running,
+    /// No worker has taken the attempt's command yet: it is sent again until
+    /// one does (or the wait for a worker runs out).
+    Waiting,
     /// The step's handler succeeded (and it was not rolled back).
     Completed,
     /// The step's handler failed for good: this step started the rollback.
@@ -80,6 +83,7 @@ impl StepStatus {
         match self {
             StepStatus::NotRun => "not_run",
             StepStatus::Running => "running",
+            StepStatus::Waiting => "waiting",
             StepStatus::Completed => "completed",
             StepStatus::Failed => "failed",
             StepStatus::Compensating => "compensating",
@@ -198,8 +202,10 @@ impl fmt::Display for RunReport {
             self.status,
             self.duration.as_millis()
         )?;
-        if let (Some(step), Some(err)) = (&self.failed_step, &self.error) {
-            writeln!(f, "  failed at {step}: {err}")?;
+        match (&self.failed_step, &self.error) {
+            (Some(step), Some(err)) => writeln!(f, "  failed at {step}: {err}")?,
+            (None, Some(err)) => writeln!(f, "  {err}")?,
+            _ => {}
         }
         for s in &self.steps {
             write!(f, "  {}: {} ({} attempt{})", s.name, s.status, s.attempts, plural(s.attempts))?;

@@ -98,6 +98,7 @@ fn every_message_round_trips() {
         ttl: Some(Duration::from_secs(3600)),
         timeout: None,
         wait: true,
+        start_by_ms: None,
     });
     round_trip(&StatusRequest { run_id: id, wait: true });
     round_trip(&RunReply::Accepted { run_id: id });

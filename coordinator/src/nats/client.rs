@@ -140,7 +140,13 @@ impl Client {
         // run or finds the one it started. Without one it is sent once.
         let give_up = std::time::Instant::now() + self.start_retry_for;
         let mut pause = Duration::from_millis(100);
+        let mut req = req;
         loop {
+            // Each try expires with its wait: a coordinator that only gets it
+            // later (frozen, slow) refuses it, so a start reported as failed
+            // never runs behind the caller's back.
+            let now = std::time::SystemTime::now();
+            req.start_by_ms = Some(orchestrix_proto::time::unix_ms(now + self.request_timeout));
             let answer = self.ask(subject.clone(), &req, Some(self.request_timeout)).await;
             match answer {
                 Ok(RunReply::Accepted { run_id }) => return Ok(run_id),
@@ -158,6 +164,14 @@ impl Client {
                     return Err(ClientError::NoCoordinator {
                         subject,
                         reason: format!("no coordinator serves flow `{flow}`"),
+                    });
+                }
+                Err(ClientError::NoCoordinator { subject, reason }) if !keyed => {
+                    return Err(ClientError::NoCoordinator {
+                        subject,
+                        reason: format!(
+                            "{reason}; no run was started (a coordinator that gets the request later refuses it); start with an idempotency key to have starts retried safely"
+                        ),
                     });
                 }
                 Err(e) => return Err(e),
@@ -266,7 +280,7 @@ impl Client {
 
 fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
     let RunOptions { key, ttl, timeout, .. } = options;
-    RunRequest { flow: flow.into(), input, key, ttl, timeout, wait }
+    RunRequest { flow: flow.into(), input, key, ttl, timeout, wait, start_by_ms: None }
 }
 
 fn unexpected(reply: RunReply) -> ClientError {

@@ -148,6 +148,13 @@ async fn answer_run(
             return rejected(format!("bad run request: {e}"));
         }
     };
+    let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
+    if let Some(by) = req.start_by_ms.filter(|by| now > *by) {
+        // The caller has given up on this answer: starting the run now would
+        // make one it was told failed.
+        warn!(late_ms = now - by, flow = %req.flow, "run request arrived after its caller gave up; refused");
+        return rejected(format!("run request expired {} ms ago (the caller gave up)", now - by));
+    }
     let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout, traceparent };
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
