@@ -15,7 +15,7 @@ use crate::actor::RunActor;
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
 use crate::flow::{Flow, FlowDef, FlowError};
-use crate::machine::{FlowPlan, Machine};
+use crate::machine::{Entropy, FlowPlan, Machine};
 use crate::record::RunRecord;
 use crate::store::{Created, MemoryStore, Store, StoreError};
 
@@ -380,7 +380,7 @@ impl Coordinator {
                     None => Engine::shared()?,
                 };
                 engine.spawn(move |_| {
-                    let machine = Machine::new(plan, record, Instant::now());
+                    let machine = Machine::new(plan, record, Instant::now(), Entropy::random());
                     RunActor::new(machine, bus, store, tx, false)
                 });
                 let report =
@@ -422,7 +422,13 @@ impl Coordinator {
             let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
             let (tx, _) = oneshot::channel();
             engine.spawn(move |_| {
-                let machine = Machine::resumed(plan, record, Instant::now(), SystemTime::now());
+                let machine = Machine::resumed(
+                    plan,
+                    record,
+                    Instant::now(),
+                    SystemTime::now(),
+                    Entropy::random(),
+                );
                 RunActor::new(machine, bus, store, tx, true)
             });
             resumed += 1;

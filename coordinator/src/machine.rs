@@ -23,8 +23,84 @@ pub(crate) struct FlowPlan {
     pub(crate) hooks: Vec<Arc<dyn Hooks>>,
 }
 
+/// Where a run's machine gets its command ids and its jitter: handed in from
+/// outside, so that the same events and the same entropy always lead to the
+/// same decisions (a run can be replayed).
+#[derive(Debug, Clone)]
+pub(crate) struct Entropy {
+    rng: fastrand::Rng,
+}
+
+impl Entropy {
+    /// Fresh randomness, for a live run.
+    pub(crate) fn random() -> Self {
+        Entropy { rng: fastrand::Rng::new() }
+    }
+
+    /// A fixed sequence, for replays and tests.
+    #[cfg(test)]
+    pub(crate) fn seeded(seed: u64) -> Self {
+        Entropy { rng: fastrand::Rng::with_seed(seed) }
+    }
+
+    fn command_id(&mut self) -> Uuid {
+        let mut bytes = [0u8; 16];
+        self.rng.fill(&mut bytes);
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    }
+}
+
+/// Every decision the machine makes, by name: the rows of the transition
+/// table in `docs/architecture.md`. The coverage test fails when one is never
+/// exercised, or missing from the table.
+#[cfg(test)]
+pub(crate) const DECISIONS: &[&str] = &[
+    "start",
+    "acked",
+    "completed",
+    "compensated",
+    "output-refused",
+    "failed-retry",
+    "failed-for-good",
+    "compensation-failed",
+    "unknown-maybe-done",
+    "unknown-retry",
+    "not-taken",
+    "redispatch",
+    "no-worker",
+    "rejected-expired",
+    "rejected-refused",
+    "silent",
+    "timed-out-acked",
+    "timed-out-not-started",
+    "unanswered-acked",
+    "unanswered-never-acked",
+    "dispatch-failed",
+    "retry-due",
+    "deadline",
+    "late",
+    "finished",
+];
+
+#[cfg(test)]
+thread_local! {
+    pub(crate) static COVERED: std::cell::RefCell<std::collections::BTreeSet<&'static str>> =
+        const { std::cell::RefCell::new(std::collections::BTreeSet::new()) };
+}
+
+/// Notes that the machine took decision `name` (counted in tests only).
+#[inline]
+fn decided(name: &'static str) {
+    #[cfg(test)]
+    {
+        debug_assert!(DECISIONS.contains(&name), "{name} is not in DECISIONS");
+        COVERED.with(|c| c.borrow_mut().insert(name));
+    }
+    let _ = name;
+}
+
 /// What can happen to a run.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Event {
     /// The run's actor started.
     Start,
@@ -94,11 +170,16 @@ pub(crate) struct Machine {
     pub(crate) limits: Limits,
     /// Monotonic start of each step's first action attempt and first compensation attempt.
     first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
-    rng: fastrand::Rng,
+    entropy: Entropy,
 }
 
 impl Machine {
-    pub(crate) fn new(plan: Arc<FlowPlan>, rec: Arc<RunRecord>, now: Instant) -> Self {
+    pub(crate) fn new(
+        plan: Arc<FlowPlan>,
+        rec: Arc<RunRecord>,
+        now: Instant,
+        entropy: Entropy,
+    ) -> Self {
         let n = rec.steps.len();
         Machine {
             plan,
@@ -106,7 +187,7 @@ impl Machine {
             run_started: now,
             limits: Limits::default(),
             first_attempt: vec![(None, None); n],
-            rng: fastrand::Rng::new(),
+            entropy,
         }
     }
 
@@ -117,11 +198,12 @@ impl Machine {
         rec: Arc<RunRecord>,
         now: Instant,
         wall: SystemTime,
+        entropy: Entropy,
     ) -> Self {
         let ago = |t: SystemTime| {
             now.checked_sub(wall.duration_since(t).unwrap_or_default()).unwrap_or(now)
         };
-        let mut m = Machine::new(plan, rec, now);
+        let mut m = Machine::new(plan, rec, now, entropy);
         m.run_started = ago(m.rec.started_at);
         for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
             slot.0 = step.started_at.map(ago);
@@ -167,6 +249,7 @@ impl Machine {
                 if self.rec.current.is_none()
                     && self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun)
                 {
+                    decided("start");
                     self.next_step(0, now, wall, out);
                 }
             }
@@ -191,11 +274,13 @@ impl Machine {
             }
             Event::Acked { command_id, worker } => {
                 if self.in_flight(command_id).is_some_and(|c| c.acked_by.is_none()) {
+                    decided("acked");
                     self.push(Transition::AttemptAcked { command_id, worker }, out);
                 }
             }
             Event::NotTaken { command_id } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_none()) {
+                    decided("not-taken");
                     let why = "no worker took the command in time".to_owned();
                     self.redispatch_or_fail(cur, why, now, wall, out);
                 }
@@ -204,31 +289,33 @@ impl Machine {
                 let Some(cur) = self.in_flight(command_id) else { return };
                 match cur.acked_by.clone() {
                     Some(worker) => {
+                        decided("unanswered-acked");
                         let why = format!(
                             "worker {worker} held the command and is gone (no answer after the run was taken over)"
                         );
                         self.unknown(cur, why, now, wall, out)
                     }
                     // Nobody ever started it, and no live worker holds it: send it again.
-                    None => self.redispatch_or_fail(
-                        cur,
-                        "sent again after a takeover".into(),
-                        now,
-                        wall,
-                        out,
-                    ),
+                    None => {
+                        decided("unanswered-never-acked");
+                        let why = "sent again after a takeover".to_owned();
+                        self.redispatch_or_fail(cur, why, now, wall, out)
+                    }
                 }
             }
             Event::Silent { command_id, reason } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_some()) {
+                    decided("silent");
                     self.unknown(cur, reason, now, wall, out);
                 }
             }
             Event::TimedOut { command_id, reason } => {
                 let Some(cur) = self.in_flight(command_id) else { return };
                 if cur.acked_by.is_some() {
+                    decided("timed-out-acked");
                     self.unknown(cur, reason, now, wall, out);
                 } else {
+                    decided("timed-out-not-started");
                     // Workers do not start a command past its deadline: nothing ran.
                     let why = format!("{reason}; no worker started it");
                     self.attempt_failed(cur, why, true, false, now, wall, out);
@@ -239,14 +326,17 @@ impl Machine {
                     return;
                 };
                 if code == WireError::CODE_EXPIRED {
+                    decided("rejected-expired");
                     self.redispatch_or_fail(cur, message, now, wall, out);
                 } else {
+                    decided("rejected-refused");
                     let why = format!("the worker refused the command ({code}): {message}");
                     self.attempt_failed(cur, why, false, false, now, wall, out);
                 }
             }
             Event::DispatchFailed { command_id, retryable, message } => {
                 if let Some(cur) = self.in_flight(command_id) {
+                    decided("dispatch-failed");
                     self.attempt_failed(cur, message, retryable, false, now, wall, out);
                 }
             }
@@ -258,6 +348,7 @@ impl Machine {
                     .filter(|c| c.command_id == command_id && c.retry_at.is_some())
                     .map(|c| (c.step, c.kind, c.attempt));
                 if let Some((step, kind, attempt)) = due {
+                    decided("retry-due");
                     self.begin(step, kind, attempt + 1, now, wall, out);
                 }
             }
@@ -266,6 +357,7 @@ impl Machine {
                     return; // compensation is never cut short
                 }
                 if let Some(cur) = self.rec.current.clone() {
+                    decided("deadline");
                     let timeout = self.rec.timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
                     // An attempt in a worker's hands is stopped there at the
@@ -317,6 +409,7 @@ impl Machine {
         if noted || self.rec.late.len() >= MAX_LATE_NOTES || (current && attempt == 0) {
             return;
         }
+        decided("late");
         let outcome = match result {
             OutcomeResult::Completed { .. } => "completed".to_owned(),
             OutcomeResult::Failed(f) => bounded(format!("failed: {}", f.message), 256),
@@ -340,7 +433,7 @@ impl Machine {
                 CommandKind::Compensate => slot.1.get_or_insert(now),
             };
         }
-        let command_id = Uuid::new_v4();
+        let command_id = self.entropy.command_id();
         self.push(Transition::AttemptStarted { step, kind, attempt, command_id, at: wall }, out);
     }
 
@@ -355,6 +448,7 @@ impl Machine {
         let step = cur.step as usize;
         let duration = self.since_first(step, cur.kind, now);
         if cur.kind == CommandKind::Compensate {
+            decided("compensated");
             self.push(Transition::CompensationCompleted { step: cur.step, duration }, out);
             self.next_compensation(step, now, wall, out);
             return;
@@ -362,6 +456,7 @@ impl Machine {
         // The handler ran: an output the run cannot keep still leaves its
         // effect behind, so the step fails as maybe done (and is compensated).
         if let Err(e) = output.validate() {
+            decided("output-refused");
             let why = format!("the worker sent an output that is not valid MessagePack: {e}");
             return self.step_failed(cur, why, true, now, wall, out);
         }
@@ -375,6 +470,7 @@ impl Machine {
                 .sum::<usize>();
         let max = self.limits.max_payload_bytes;
         if held + output.len() > max {
+            decided("output-refused");
             let why = format!(
                 "the step's output of {} bytes brings the run's input and outputs to {} bytes, over the limit of {max} bytes (keep large data in a store and pass a reference)",
                 output.len(),
@@ -382,6 +478,7 @@ impl Machine {
             );
             return self.step_failed(cur, why, true, now, wall, out);
         }
+        decided("completed");
         self.push(Transition::StepCompleted { step: cur.step, output, duration }, out);
         self.next_step(step + 1, now, wall, out);
     }
@@ -440,6 +537,7 @@ impl Machine {
     ) {
         let waited = cur.sent_at.and_then(|t| wall.duration_since(t).ok()).unwrap_or_default();
         if waited >= self.limits.worker_wait {
+            decided("no-worker");
             let (flow, step) = (
                 &self.plan.def.name,
                 self.rec.steps.get(cur.step as usize).map(|s| s.name.clone()).unwrap_or_default(),
@@ -453,7 +551,9 @@ impl Machine {
             format!("waiting for a worker: {why} (sent {} times)", cur.redispatches + 2),
             MAX_ERROR_LEN,
         );
-        self.push(Transition::Redispatched { command_id: Uuid::new_v4(), note }, out);
+        decided("redispatch");
+        let command_id = self.entropy.command_id();
+        self.push(Transition::Redispatched { command_id, note }, out);
     }
 
     /// The attempt's outcome is unknown: it may have had its effect.
@@ -477,8 +577,10 @@ impl Machine {
                 .is_some_and(|s| s.on_unknown == OnUnknown::Retry),
         };
         if retry {
+            decided("unknown-retry");
             self.attempt_failed(cur, error, true, true, now, wall, out);
         } else {
+            decided("unknown-maybe-done");
             self.step_failed(cur, error, true, now, wall, out);
         }
     }
@@ -499,8 +601,9 @@ impl Machine {
         let elapsed = self.since_first(step, cur.kind, now);
         if retryable {
             let policy = self.policy(step, cur.kind);
-            let delay = policy.delay_for(cur.attempt, &mut self.rng);
+            let delay = policy.delay_for(cur.attempt, &mut self.entropy.rng);
             if policy.allows_retry(cur.attempt, elapsed, delay) {
+                decided("failed-retry");
                 let retry = RetryAt { at: wall + delay, delay };
                 self.push(
                     Transition::RetryScheduled {
@@ -533,6 +636,7 @@ impl Machine {
         let duration = self.since_first(step, cur.kind, now);
         match cur.kind {
             CommandKind::Execute => {
+                decided("failed-for-good");
                 self.push(
                     Transition::StepFailed { step: cur.step, error, duration, maybe_done },
                     out,
@@ -542,6 +646,7 @@ impl Machine {
                 self.next_compensation(step + 1, now, wall, out);
             }
             CommandKind::Compensate => {
+                decided("compensation-failed");
                 self.push(Transition::CompensationFailed { step: cur.step, error, duration }, out);
                 // Keep undoing the earlier steps: each side effect that can be
                 // undone is, and the report names the one that could not.
@@ -558,6 +663,7 @@ impl Machine {
         } else {
             RunStatus::Failed
         };
+        decided("finished");
         let duration = now.saturating_duration_since(self.run_started);
         self.push(Transition::Finished { status, duration }, out);
     }
@@ -612,7 +718,7 @@ mod tests {
                 SystemTime::now(),
             ));
             let now = Instant::now();
-            T { m: Machine::new(plan, rec, now), now }
+            T { m: Machine::new(plan, rec, now, Entropy::seeded(7)), now }
         }
         fn ev(&mut self, e: Event) -> Vec<Transition> {
             let mut out = Vec::new();

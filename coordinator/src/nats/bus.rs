@@ -179,6 +179,8 @@ impl NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
+        // The attempt's span (entered by the run actor) names where it went.
+        tracing::Span::current().record("messaging.destination.name", subject.as_str());
         let mut h = async_nats::HeaderMap::new();
         if !inject_current_span(&mut h) {
             // No tracer: still correlate the run's commands (trace id = run id).
