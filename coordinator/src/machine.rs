@@ -706,23 +706,26 @@ mod tests {
     struct T {
         m: Machine,
         now: Instant,
+        wall: SystemTime,
+        /// Every event handed in, for replays.
+        log: Vec<Event>,
     }
 
     impl T {
         fn new(compensable: &[bool], retries: u32) -> Self {
-            let plan = plan(compensable, retries);
-            let rec = Arc::new(RunRecord::new(
-                Uuid::now_v7(),
-                &plan.def,
-                Payload::nil(),
-                SystemTime::now(),
-            ));
+            Self::with(plan(compensable, retries), Uuid::now_v7(), 7)
+        }
+        fn with(plan: Arc<FlowPlan>, run_id: Uuid, seed: u64) -> Self {
+            let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let rec = Arc::new(RunRecord::new(run_id, &plan.def, Payload::nil(), wall));
             let now = Instant::now();
-            T { m: Machine::new(plan, rec, now, Entropy::seeded(7)), now }
+            let m = Machine::new(plan, rec, now, Entropy::seeded(seed));
+            T { m, now, wall, log: Vec::new() }
         }
         fn ev(&mut self, e: Event) -> Vec<Transition> {
+            self.log.push(e.clone());
             let mut out = Vec::new();
-            self.m.handle(e, self.now, SystemTime::now(), &mut out);
+            self.m.handle(e, self.now, self.wall, &mut out);
             out
         }
         fn cur(&self) -> Uuid {
@@ -730,25 +733,23 @@ mod tests {
         }
         fn ok(&mut self) -> Vec<Transition> {
             let id = self.cur();
-            self.ev(Event::Outcome {
-                command_id: id,
-                attempt: 1,
-                kind: CommandKind::Execute,
-                result: OutcomeResult::Completed { output: Payload::nil() },
-            })
+            self.out(id, OutcomeResult::Completed { output: Payload::nil() })
         }
         fn fail(&mut self, retryable: bool) -> Vec<Transition> {
             let id = self.cur();
             let f = StepFailure::new("boom", retryable);
             self.out(id, OutcomeResult::Failed(f))
         }
+        /// An answer for `id`, of the kind of the attempt in flight (as a
+        /// worker answers).
         fn out(&mut self, id: Uuid, result: OutcomeResult) -> Vec<Transition> {
-            self.ev(Event::Outcome {
-                command_id: id,
-                attempt: 1,
-                kind: CommandKind::Execute,
-                result,
-            })
+            let (attempt, kind) = self
+                .m
+                .rec
+                .current
+                .as_ref()
+                .map_or((1, CommandKind::Execute), |c| (c.attempt, c.kind));
+            self.ev(Event::Outcome { command_id: id, attempt, kind, result })
         }
         fn ack(&mut self) -> Vec<Transition> {
             let id = self.cur();
@@ -974,6 +975,169 @@ mod tests {
         let out = t.out(id, OutcomeResult::Completed { output: big });
         assert_eq!(names(&out), ["failed 0", "start 0 compensate #1"]);
         assert!(t.m.rec.steps[0].error.as_deref().unwrap().contains("over the limit of 100 bytes"));
+    }
+
+    /// Drives a run through every decision the machine can take, reacting to
+    /// its command ids as a worker would. Returns its transitions.
+    fn every_decision(t: &mut T, other: &mut T) -> Vec<Transition> {
+        let mut all = Vec::new();
+        let mut go = |t: &mut T, e: Event| {
+            let out = t.ev(e);
+            all.extend(out.iter().cloned());
+            out
+        };
+        // t: four steps, all compensable, one retry each (see `plan`).
+        go(t, Event::Start); // start
+        let id = t.cur();
+        go(t, Event::NotTaken { command_id: id }); // not-taken, redispatch
+        let id = t.cur();
+        let expired = Event::Rejected {
+            command_id: id,
+            code: WireError::CODE_EXPIRED.into(),
+            message: "late".into(),
+        };
+        go(t, expired); // rejected-expired
+        let id = t.cur();
+        go(t, Event::Unanswered { command_id: id }); // unanswered-never-acked
+        let id = t.cur();
+        go(t, Event::Acked { command_id: id, worker: "w".into() }); // acked
+        let ok = |id| Event::Outcome {
+            command_id: id,
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Completed { output: Payload::nil() },
+        };
+        go(t, ok(id)); // completed
+        go(t, ok(id)); // late (the same answer again)
+        let id = t.cur();
+        let failed = |id, retryable| Event::Outcome {
+            command_id: id,
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("boom", retryable)),
+        };
+        go(t, failed(id, true)); // failed-retry
+        go(t, Event::RetryDue { command_id: id }); // retry-due
+        let id = t.cur();
+        go(t, Event::DispatchFailed { command_id: id, retryable: true, message: "down".into() }); // dispatch-failed
+        go(t, Event::RetryDue { command_id: id });
+        let id = t.cur();
+        go(t, Event::TimedOut { command_id: id, reason: "no outcome".into() }); // timed-out-not-started
+        go(t, Event::RetryDue { command_id: id });
+        let id = t.cur();
+        let refused =
+            Event::Rejected { command_id: id, code: "no_handler".into(), message: "none".into() };
+        go(t, refused); // rejected-refused, failed-for-good: rollback
+        let id = t.cur();
+        let comp_failed = Event::Outcome {
+            command_id: id,
+            attempt: 1,
+            kind: CommandKind::Compensate,
+            result: OutcomeResult::Failed(StepFailure::new("stuck", false)),
+        };
+        go(t, comp_failed); // compensation-failed, finished
+
+        // other: unknown outcomes, output refused, the deadline, no worker.
+        let mut def = other.m.plan.def.clone();
+        def.steps[1].on_unknown = OnUnknown::Retry;
+        other.m.plan = Arc::new(FlowPlan { def, hooks: Vec::new() });
+        Arc::make_mut(&mut other.m.rec).timeout = Some(Duration::from_secs(1));
+        go(other, Event::Start);
+        let id = other.cur();
+        go(other, Event::Acked { command_id: id, worker: "w".into() });
+        go(other, ok(id));
+        let id = other.cur();
+        go(other, Event::Acked { command_id: id, worker: "w".into() });
+        go(other, Event::Silent { command_id: id, reason: "gone".into() }); // silent, unknown-retry
+        go(other, Event::RetryDue { command_id: id });
+        let id = other.cur();
+        go(other, Event::Acked { command_id: id, worker: "w".into() });
+        go(other, Event::TimedOut { command_id: id, reason: "late".into() }); // timed-out-acked
+        go(other, Event::RetryDue { command_id: id });
+        let id = other.cur();
+        let bad = Event::Outcome {
+            command_id: id,
+            attempt: 2,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Completed { output: Payload::from_msgpack(vec![0xc1]) },
+        };
+        go(other, bad); // output-refused: step 1 maybe done, compensated
+        let id = other.cur();
+        let done = Event::Outcome {
+            command_id: id,
+            attempt: 1,
+            kind: CommandKind::Compensate,
+            result: OutcomeResult::Completed { output: Payload::nil() },
+        };
+        go(other, done); // compensated
+        let id = other.cur();
+        go(other, Event::Acked { command_id: id, worker: "w".into() });
+        go(other, Event::Unanswered { command_id: id }); // unanswered-acked (compensation: retried)
+        let _ = go(other, Event::DeadlineExceeded); // compensating: ignored
+
+        let mut third = T::with(plan(&[true], 0), Uuid::from_u128(3), 9);
+        go(&mut third, Event::Start);
+        let id = third.cur();
+        go(&mut third, Event::Acked { command_id: id, worker: "w".into() });
+        go(&mut third, Event::Silent { command_id: id, reason: "gone".into() }); // unknown-maybe-done
+        let mut fourth = T::with(plan(&[false], 0), Uuid::from_u128(4), 9);
+        Arc::make_mut(&mut fourth.m.rec).timeout = Some(Duration::from_secs(1));
+        go(&mut fourth, Event::Start);
+        go(&mut fourth, Event::DeadlineExceeded); // deadline
+        let mut fifth = T::with(plan(&[false], 0), Uuid::from_u128(5), 9);
+        fifth.m.limits.worker_wait = Duration::ZERO;
+        go(&mut fifth, Event::Start);
+        let id = fifth.cur();
+        go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
+        all
+    }
+
+    #[test]
+    fn every_decision_is_exercised_and_in_the_architecture_table() {
+        COVERED.with(|c| c.borrow_mut().clear());
+        let run = Uuid::from_u128(1);
+        let mut t = T::with(plan(&[true, true, true, true], 5), run, 1);
+        let mut other = T::with(plan(&[true, true], 5), Uuid::from_u128(2), 2);
+        every_decision(&mut t, &mut other);
+        let covered = COVERED.with(|c| c.borrow().clone());
+        let missing: Vec<_> = DECISIONS.iter().filter(|d| !covered.contains(*d)).collect();
+        assert!(missing.is_empty(), "decisions never exercised: {missing:?}");
+        let table = include_str!("../../docs/architecture.md");
+        let undocumented: Vec<_> =
+            DECISIONS.iter().filter(|d| !table.contains(&format!("`{d}`"))).collect();
+        assert!(
+            undocumented.is_empty(),
+            "decisions missing from docs/architecture.md: {undocumented:?}"
+        );
+    }
+
+    #[test]
+    fn the_same_events_and_entropy_replay_to_the_same_decisions() {
+        let run = Uuid::from_u128(1);
+        let mut t = T::with(plan(&[true, true, true, true], 5), run, 11);
+        let mut other = T::with(plan(&[true, true], 5), Uuid::from_u128(2), 12);
+        every_decision(&mut t, &mut other);
+        // Replay each recorded history into a fresh machine with the same
+        // entropy: the same transitions, command ids and delays included.
+        for (recorded, seed, shape, id) in
+            [(&t, 11, vec![true; 4], run), (&other, 12, vec![true; 2], Uuid::from_u128(2))]
+        {
+            let mut replay = T::with(plan(&shape, 5), id, seed);
+            replay.m.plan = recorded.m.plan.clone();
+            Arc::make_mut(&mut replay.m.rec).timeout = recorded.m.rec.timeout;
+            let mut out = Vec::new();
+            for e in recorded.log.clone() {
+                out.extend(replay.ev(e));
+            }
+            assert_eq!(*replay.m.rec, *recorded.m.rec, "the same record");
+            assert!(!out.is_empty());
+        }
+        // Other entropy: other command ids, so the decisions did depend on it.
+        let mut a = T::with(plan(&[true], 0), run, 1);
+        let mut b = T::with(plan(&[true], 0), run, 2);
+        a.ev(Event::Start);
+        b.ev(Event::Start);
+        assert_ne!(a.cur(), b.cur());
     }
 
     #[test]
