@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Addr, Message};
+use actix::{Message, Recipient};
 use futures::future::BoxFuture;
 use orchestrix_proto::{
     Ack, Heartbeat, OutcomeResult, StepCommand, StepFailure, StepOutcome, WireError,
@@ -33,11 +33,17 @@ pub enum BusReply {
     },
 }
 
-/// Where a bus delivers the answers about one command: the run's actor.
+/// Where a bus delivers the answers about one command: the run's actor (any
+/// actor that takes [`BusReply`], so the bus knows nothing of the engine).
 #[derive(Clone)]
-pub struct ReplyTo(pub(crate) Addr<crate::actor::RunActor>);
+pub struct ReplyTo(Recipient<BusReply>);
 
 impl ReplyTo {
+    /// Answers go to `to`.
+    pub fn new(to: impl Into<Recipient<BusReply>>) -> Self {
+        ReplyTo(to.into())
+    }
+
     /// Hands `reply` to the run. A run that already ended drops it.
     pub fn deliver(&self, reply: BusReply) {
         self.0.do_send(reply);

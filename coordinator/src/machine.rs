@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use orchestrix_proto::{
-    CommandKind, OutcomeResult, Payload, RunStatus, StepOutput, StepStatus, WireError,
+    CommandKind, OutcomeResult, Payload, RunStatus, StepCommand, StepOutput, StepStatus, WireError,
 };
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::bus::Liveness;
 use crate::record::{Current, LateNote, MAX_LATE_NOTES, Phase, RetryAt, RunRecord, Transition};
 use crate::{FlowDef, Hooks, OnUnknown, RetryPolicy};
 
@@ -80,6 +81,7 @@ pub(crate) const DECISIONS: &[&str] = &[
     "deadline",
     "late",
     "finished",
+    "resume",
 ];
 
 #[cfg(test)]
@@ -125,21 +127,128 @@ pub(crate) enum Event {
     RetryDue { command_id: Uuid },
     /// The run's own deadline passed.
     DeadlineExceeded,
+    /// A heartbeat of the worker holding a command.
+    Heartbeat { command_id: Uuid },
+    /// The run was taken over (or its coordinator restarted): pick it up
+    /// where its record says it stands.
+    Resume,
 }
 
-/// Bounds the machine enforces, from the bus and store it runs over.
+/// Bounds the machine enforces, from the bus and store it runs over. The
+/// one place liveness is defined: the machine turns it into timers
+/// ([`Effect::Watch`], [`Effect::Alive`]) and reads their expiry as events.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     /// How long an attempt may wait for some worker to take it.
     pub(crate) worker_wait: Duration,
     /// The run's input and step outputs together, in bytes.
     pub(crate) max_payload_bytes: usize,
+    /// How attempts are watched; `Local` for in-process handlers.
+    pub(crate) liveness: Liveness,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { worker_wait: Duration::from_secs(300), max_payload_bytes: DEFAULT_MAX_RUN_PAYLOAD }
+        Limits {
+            worker_wait: Duration::from_secs(300),
+            max_payload_bytes: DEFAULT_MAX_RUN_PAYLOAD,
+            liveness: Liveness::Local,
+        }
     }
+}
+
+/// What one event decided: the transitions to store, then the effects to
+/// carry out, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Decision {
+    pub(crate) transitions: Vec<Transition>,
+    pub(crate) effects: Vec<Effect>,
+}
+
+impl Decision {
+    /// Only who started the attempt changed: nothing follows from it that must
+    /// wait for the store (it matters to a coordinator taking the run over),
+    /// so it may be written with the next batch.
+    pub(crate) fn can_wait_to_be_written(&self) -> bool {
+        !self.transitions.is_empty()
+            && self.transitions.iter().all(|t| matches!(t, Transition::AttemptAcked { .. }))
+    }
+}
+
+/// What the machine asks its actor to do, once the transitions of the same
+/// decision are stored. The actor carries them out and decides nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Send an attempt's command to the step's workers.
+    Send(StepCommand),
+    /// Ask every worker of the step whether one holds this command.
+    Inquire(StepCommand),
+    /// Watch the attempt in flight: without an ack within `ack`, `NotTaken`
+    /// (`Unanswered` for an inquiry) follows; without an outcome within
+    /// `deadline`, `TimedOut`.
+    Watch { command_id: Uuid, ack: Duration, inquiry: bool, deadline: Option<Duration> },
+    /// The attempt's worker is alive: without a heartbeat within `within`,
+    /// `Silent` follows (with `reason`).
+    Alive { command_id: Uuid, within: Duration, reason: String },
+    /// The attempt being watched is over or replaced: drop its timers.
+    Unwatch,
+    /// `RetryDue` after `delay`.
+    RetryAfter { command_id: Uuid, delay: Duration },
+    /// `DeadlineExceeded` after `after`.
+    RunDeadline { after: Duration },
+    /// Tell the observers: spans, hooks, run events and metrics all derive
+    /// from this one notice, so they never disagree.
+    Notify(Notice),
+    /// The run is over: hand out its report and stop.
+    Finish { duration: Duration },
+}
+
+/// Something an observer of the run wants to know.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Notice {
+    AttemptStarted {
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        command_id: Uuid,
+    },
+    Redispatched {
+        command_id: Uuid,
+        note: String,
+    },
+    Late {
+        command_id: Uuid,
+        outcome: String,
+    },
+    Retry {
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        error: String,
+        delay: Duration,
+        unknown: bool,
+    },
+    StepCompleted {
+        step: u32,
+        attempt: u32,
+        duration: Duration,
+    },
+    StepFailed {
+        step: u32,
+        attempt: u32,
+        error: String,
+        maybe_done: bool,
+    },
+    CompensationCompleted {
+        step: u32,
+        attempt: u32,
+        duration: Duration,
+    },
+    CompensationFailed {
+        step: u32,
+        attempt: u32,
+        error: String,
+    },
 }
 
 /// Default limit of a run's input and outputs together: what fits in one
@@ -171,6 +280,8 @@ pub(crate) struct Machine {
     /// Monotonic start of each step's first action attempt and first compensation attempt.
     first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
     entropy: Entropy,
+    /// The wall clock of the event being handled.
+    wall: SystemTime,
 }
 
 impl Machine {
@@ -188,6 +299,7 @@ impl Machine {
             limits: Limits::default(),
             first_attempt: vec![(None, None); n],
             entropy,
+            wall: SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -239,20 +351,57 @@ impl Machine {
         event: Event,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         if self.is_finished() {
             return;
         }
+        self.wall = wall;
         match event {
             Event::Start => {
                 if self.rec.current.is_none()
                     && self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun)
                 {
                     decided("start");
+                    self.run_deadline(now, out);
                     self.next_step(0, now, wall, out);
                 }
             }
+            Event::Resume => {
+                decided("resume");
+                self.run_deadline(now, out);
+                match self.rec.current.clone() {
+                    // Not simply sent again (another replica would run it a
+                    // second time): ask who holds it; nobody answering
+                    // means never started, or a worker gone (the ack says).
+                    Some(c) if c.retry_at.is_none() => {
+                        let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
+                        let deadline = self.deadline_in(&cmd);
+                        out.effects.push(Effect::Inquire(cmd));
+                        if let Liveness::Remote { ack_timeout, clock_skew, .. } =
+                            self.limits.liveness
+                        {
+                            out.effects.push(Effect::Watch {
+                                command_id: c.command_id,
+                                ack: ack_timeout + clock_skew,
+                                inquiry: true,
+                                deadline,
+                            });
+                        }
+                    }
+                    // A scheduled retry waits out what is left of its delay.
+                    Some(c) => {
+                        let at = c.retry_at.map_or(wall, |r| r.at);
+                        let delay = at.duration_since(wall).unwrap_or_default();
+                        out.effects.push(Effect::RetryAfter { command_id: c.command_id, delay });
+                    }
+                    None if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) => {
+                        self.next_step(0, now, wall, out)
+                    }
+                    None => {}
+                }
+            }
+            Event::Heartbeat { command_id } => self.alive(command_id, out),
             Event::Outcome { command_id, attempt, kind, result } => {
                 // An answer of the wrong kind (a compensation's for an action)
                 // is not this attempt's: noted, not applied.
@@ -272,12 +421,15 @@ impl Machine {
                     }
                 }
             }
-            Event::Acked { command_id, worker } => {
-                if self.in_flight(command_id).is_some_and(|c| c.acked_by.is_none()) {
+            Event::Acked { command_id, worker } => match self.in_flight(command_id) {
+                Some(c) if c.acked_by.is_none() => {
                     decided("acked");
                     self.push(Transition::AttemptAcked { command_id, worker }, out);
                 }
-            }
+                // Acked again (an inquiry's answer): the worker is alive.
+                Some(_) => self.alive(command_id, out),
+                None => {}
+            },
             Event::NotTaken { command_id } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_none()) {
                     decided("not-taken");
@@ -379,9 +531,207 @@ impl Machine {
             .cloned()
     }
 
-    fn push(&mut self, t: Transition, out: &mut Vec<Transition>) {
+    fn push(&mut self, t: Transition, out: &mut Decision) {
+        // The attempt in flight before this transition (a retry's notice
+        // names the attempt that failed).
+        let before = self.rec.current.clone();
         Arc::make_mut(&mut self.rec).apply(&t);
-        out.push(t);
+        self.effects_of(&t, before, out);
+        out.transitions.push(t);
+    }
+
+    /// What follows from a transition once it is stored.
+    fn effects_of(&self, t: &Transition, before: Option<Current>, out: &mut Decision) {
+        let fx = &mut out.effects;
+        let attempts = |step: u32| self.rec.steps.get(step as usize).map_or(0, |s| s.attempts);
+        let comp_attempts = |step: u32| {
+            self.rec
+                .steps
+                .get(step as usize)
+                .and_then(|s| s.compensation.as_ref())
+                .map_or(0, |c| c.attempts)
+        };
+        if !matches!(t, Transition::AttemptAcked { .. } | Transition::LateOutcome(_)) {
+            fx.push(Effect::Unwatch);
+        }
+        match t {
+            Transition::AttemptStarted { step, kind, attempt, command_id, .. } => {
+                let notice = Notice::AttemptStarted {
+                    step: *step,
+                    kind: *kind,
+                    attempt: *attempt,
+                    command_id: *command_id,
+                };
+                fx.push(Effect::Notify(notice));
+                self.send(*step, *kind, *attempt, *command_id, fx);
+            }
+            Transition::Redispatched { command_id, note } => {
+                let notice = Notice::Redispatched { command_id: *command_id, note: note.clone() };
+                fx.push(Effect::Notify(notice));
+                if let Some(c) = &self.rec.current {
+                    self.send(c.step, c.kind, c.attempt, *command_id, fx);
+                }
+            }
+            Transition::AttemptAcked { command_id, .. } => self.alive_effect(*command_id, fx),
+            Transition::LateOutcome(note) => {
+                let notice =
+                    Notice::Late { command_id: note.command_id, outcome: note.outcome.clone() };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::RetryScheduled { step, kind, error, retry, unknown } => {
+                let Some(c) = before else { return };
+                let notice = Notice::Retry {
+                    step: *step,
+                    kind: *kind,
+                    attempt: c.attempt,
+                    error: error.clone(),
+                    delay: retry.delay,
+                    unknown: *unknown,
+                };
+                fx.push(Effect::Notify(notice));
+                fx.push(Effect::RetryAfter { command_id: c.command_id, delay: retry.delay });
+            }
+            Transition::StepCompleted { step, duration, .. } => {
+                let notice = Notice::StepCompleted {
+                    step: *step,
+                    attempt: attempts(*step),
+                    duration: *duration,
+                };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::StepFailed { step, error, maybe_done, .. } => {
+                let notice = Notice::StepFailed {
+                    step: *step,
+                    attempt: attempts(*step),
+                    error: error.clone(),
+                    maybe_done: *maybe_done,
+                };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::CompensationCompleted { step, duration } => {
+                let notice = Notice::CompensationCompleted {
+                    step: *step,
+                    attempt: comp_attempts(*step),
+                    duration: *duration,
+                };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::CompensationFailed { step, error, .. } => {
+                let notice = Notice::CompensationFailed {
+                    step: *step,
+                    attempt: comp_attempts(*step),
+                    error: error.clone(),
+                };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::Finished { duration, .. } => {
+                fx.push(Effect::Finish { duration: *duration })
+            }
+        }
+    }
+
+    /// The command of an attempt, and its watch.
+    fn send(
+        &self,
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        command_id: Uuid,
+        fx: &mut Vec<Effect>,
+    ) {
+        let cmd = self.command(step, kind, attempt, command_id);
+        let deadline = self.deadline_in(&cmd);
+        fx.push(Effect::Send(cmd));
+        if let Liveness::Remote { ack_timeout, clock_skew, .. } = self.limits.liveness {
+            fx.push(Effect::Watch {
+                command_id,
+                ack: ack_timeout + clock_skew,
+                inquiry: false,
+                deadline,
+            });
+        }
+    }
+
+    /// A heartbeat or a repeated ack of the attempt in flight.
+    fn alive(&self, command_id: Uuid, out: &mut Decision) {
+        if self.in_flight(command_id).is_some() {
+            self.alive_effect(command_id, &mut out.effects);
+        }
+    }
+
+    fn alive_effect(&self, command_id: Uuid, fx: &mut Vec<Effect>) {
+        let Liveness::Remote { heartbeat_timeout, .. } = self.limits.liveness else { return };
+        let worker = self.rec.current.as_ref().and_then(|c| c.acked_by.clone()).unwrap_or_default();
+        let reason = format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}");
+        fx.push(Effect::Alive { command_id, within: heartbeat_timeout, reason });
+    }
+
+    /// When the run's own deadline is due, from its start.
+    fn run_deadline(&self, now: Instant, out: &mut Decision) {
+        if let Some(timeout) = self.rec.timeout {
+            let after = timeout.saturating_sub(now.saturating_duration_since(self.run_started));
+            out.effects.push(Effect::RunDeadline { after });
+        }
+    }
+
+    /// Time until an attempt's command is over for good (its deadline plus
+    /// the grace for the worker's own report).
+    fn deadline_in(&self, cmd: &StepCommand) -> Option<Duration> {
+        let Liveness::Remote { timeout_grace, .. } = self.limits.liveness else { return None };
+        let now = orchestrix_proto::time::unix_ms(self.wall);
+        cmd.deadline_ms.map(|d| Duration::from_millis(d.saturating_sub(now)) + timeout_grace)
+    }
+
+    /// The command for an attempt. A worker may start it until `start_by`
+    /// (the ack window); its handler then has `timeout`: the attempt is over
+    /// by their sum, or at the run's deadline for an action (a compensation
+    /// is never cut short by it). Counted from this send, not from when the
+    /// attempt was decided: a command that waited on an unavailable store,
+    /// or was sent again because nobody took it, gets its whole budget.
+    pub(crate) fn command(
+        &self,
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        command_id: Uuid,
+    ) -> StepCommand {
+        let def = &self.plan.def;
+        let sdef = &def.steps[step as usize];
+        let timeout = match kind {
+            CommandKind::Execute => sdef.timeout,
+            CommandKind::Compensate => sdef.compensation_timeout,
+        };
+        let rec = &self.rec;
+        let now = self.wall;
+        let ms = orchestrix_proto::time::unix_ms;
+        let ack_window = match self.limits.liveness {
+            Liveness::Remote { ack_timeout, .. } => Some(ack_timeout),
+            _ => None,
+        };
+        let start_by_ms = ack_window.map(|a| ms(now + a));
+        let step_end = timeout.map(|t| ms(now + ack_window.unwrap_or_default() + t));
+        let run_end = match kind {
+            CommandKind::Execute => rec.timeout.map(|t| ms(rec.started_at + t)),
+            CommandKind::Compensate => None,
+        };
+        let deadline_ms = match (step_end, run_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        StepCommand {
+            command_id,
+            run_id: rec.run_id,
+            flow: def.name.clone(),
+            step: sdef.name.clone(),
+            step_index: step,
+            kind,
+            attempt,
+            input: rec.input.clone(),
+            outputs: self.outputs_for(step as usize, kind),
+            timeout,
+            start_by_ms,
+            deadline_ms,
+        }
     }
 
     fn since_first(&self, step: usize, kind: CommandKind, now: Instant) -> Duration {
@@ -402,7 +752,7 @@ impl Machine {
         kind: CommandKind,
         result: &OutcomeResult,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let current = self.rec.current.as_ref().is_some_and(|c| c.command_id == command_id);
         let noted = self.rec.late.iter().any(|n| n.command_id == command_id);
@@ -425,7 +775,7 @@ impl Machine {
         attempt: u32,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         if let Some(slot) = self.first_attempt.get_mut(step as usize) {
             match kind {
@@ -443,7 +793,7 @@ impl Machine {
         output: Payload,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let step = cur.step as usize;
         let duration = self.since_first(step, cur.kind, now);
@@ -483,13 +833,7 @@ impl Machine {
         self.next_step(step + 1, now, wall, out);
     }
 
-    fn next_step(
-        &mut self,
-        from: usize,
-        now: Instant,
-        wall: SystemTime,
-        out: &mut Vec<Transition>,
-    ) {
+    fn next_step(&mut self, from: usize, now: Instant, wall: SystemTime, out: &mut Decision) {
         if from < self.rec.steps.len() {
             self.begin(from as u32, CommandKind::Execute, 1, now, wall, out);
         } else {
@@ -504,7 +848,7 @@ impl Machine {
         below: usize,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let steps = &self.plan.def.steps;
         let next = (0..below.min(self.rec.steps.len())).rev().find(|&i| {
@@ -533,7 +877,7 @@ impl Machine {
         why: String,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let waited = cur.sent_at.and_then(|t| wall.duration_since(t).ok()).unwrap_or_default();
         if waited >= self.limits.worker_wait {
@@ -563,7 +907,7 @@ impl Machine {
         reason: String,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let error = format!("outcome unknown: {reason}");
         let retry = match cur.kind {
@@ -594,7 +938,7 @@ impl Machine {
         unknown: bool,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let error = bounded(error, MAX_ERROR_LEN);
         let step = cur.step as usize;
@@ -629,7 +973,7 @@ impl Machine {
         maybe_done: bool,
         now: Instant,
         wall: SystemTime,
-        out: &mut Vec<Transition>,
+        out: &mut Decision,
     ) {
         let error = bounded(error, MAX_ERROR_LEN);
         let step = cur.step as usize;
@@ -655,7 +999,7 @@ impl Machine {
         }
     }
 
-    fn finish(&mut self, now: Instant, out: &mut Vec<Transition>) {
+    fn finish(&mut self, now: Instant, out: &mut Decision) {
         let status = if self.rec.failed_step.is_none() {
             RunStatus::Completed
         } else if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
@@ -723,8 +1067,11 @@ mod tests {
             T { m, now, wall, log: Vec::new() }
         }
         fn ev(&mut self, e: Event) -> Vec<Transition> {
+            self.decide(e).transitions
+        }
+        fn decide(&mut self, e: Event) -> Decision {
             self.log.push(e.clone());
-            let mut out = Vec::new();
+            let mut out = Decision::default();
             self.m.handle(e, self.now, self.wall, &mut out);
             out
         }
@@ -1089,7 +1436,87 @@ mod tests {
         go(&mut fifth, Event::Start);
         let id = fifth.cur();
         go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
+        let mut sixth = T::with(plan(&[false], 0), Uuid::from_u128(6), 9);
+        go(&mut sixth, Event::Start);
+        go(&mut sixth, Event::Resume); // resume
         all
+    }
+
+    fn remote() -> Liveness {
+        Liveness::Remote {
+            ack_timeout: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(5),
+            timeout_grace: Duration::from_secs(1),
+            clock_skew: Duration::from_millis(500),
+            worker_wait: Duration::from_secs(300),
+        }
+    }
+
+    fn kinds(fx: &[Effect]) -> Vec<&'static str> {
+        fx.iter()
+            .map(|e| match e {
+                Effect::Send(_) => "send",
+                Effect::Inquire(_) => "inquire",
+                Effect::Watch { inquiry: false, .. } => "watch",
+                Effect::Watch { inquiry: true, .. } => "watch-inquiry",
+                Effect::Alive { .. } => "alive",
+                Effect::Unwatch => "unwatch",
+                Effect::RetryAfter { .. } => "retry-after",
+                Effect::RunDeadline { .. } => "run-deadline",
+                Effect::Notify(_) => "notify",
+                Effect::Finish { .. } => "finish",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_machine_decides_every_effect() {
+        let mut t = T::new(&[true, false], 1);
+        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(30));
+        let d = t.decide(Event::Start);
+        assert_eq!(kinds(&d.effects), ["run-deadline", "unwatch", "notify", "send", "watch"]);
+        let Some(Effect::Send(cmd)) = d.effects.get(3) else { panic!() };
+        assert_eq!((cmd.step_index, cmd.attempt), (0, 1));
+        assert!(cmd.start_by_ms.is_some(), "a remote command carries its start-by time");
+        let Some(Effect::Watch { ack, .. }) = d.effects.get(4) else { panic!() };
+        assert_eq!(*ack, Duration::from_millis(2500), "ack window plus clock skew");
+        // The ack: no write needed first, and the silence timer.
+        let id = t.cur();
+        let d = t.decide(Event::Acked { command_id: id, worker: "w".into() });
+        assert!(d.can_wait_to_be_written());
+        assert_eq!(kinds(&d.effects), ["alive"]);
+        // Heartbeats keep it alive, without transitions.
+        let d = t.decide(Event::Heartbeat { command_id: id });
+        assert!(d.transitions.is_empty());
+        assert_eq!(kinds(&d.effects), ["alive"]);
+        // A retry: notified, then due after its delay.
+        let d = t.decide(Event::Outcome {
+            command_id: id,
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("boom", true)),
+        });
+        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "retry-after"]);
+        // Resumed while waiting for the retry: what is left of the delay.
+        let d = t.decide(Event::Resume);
+        assert_eq!(kinds(&d.effects), ["run-deadline", "retry-after"]);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        // Resumed with an attempt in flight: ask who holds it, never resend.
+        let d = t.decide(Event::Resume);
+        assert_eq!(kinds(&d.effects), ["run-deadline", "inquire", "watch-inquiry"]);
+        // In process: no timers at all.
+        let mut local = T::new(&[false], 0);
+        let d = local.decide(Event::Start);
+        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "send"]);
+        let d = local.decide(Event::Outcome {
+            command_id: local.cur(),
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Completed { output: Payload::nil() },
+        });
+        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "unwatch", "finish"]);
     }
 
     #[test]
