@@ -34,6 +34,7 @@
 mod actor;
 mod bus;
 mod coordinator;
+mod definition;
 mod engine;
 mod flow;
 pub mod flowfile;

@@ -14,7 +14,7 @@ use orchestrix_proto::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::FlowDef;
+use crate::definition::FlowDef;
 
 /// Which half of the saga a run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
