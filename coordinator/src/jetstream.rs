@@ -432,11 +432,7 @@ impl Inner {
         loop {
             match self.keys.create(&name, value.clone()).await {
                 Ok(_) => {
-                    return if self.create_new(record).await? {
-                        Ok(Created::New)
-                    } else {
-                        Ok(Created::Existing { run_id: record.run_id, report: None })
-                    };
+                    return self.write_claimed(record).await;
                 }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(unavailable("cannot claim the idempotency key", e)),
@@ -450,11 +446,7 @@ impl Inner {
                 // Deleted or expired: claim it over the marker, atomically.
                 match self.keys.update(&name, value.clone(), entry.revision).await {
                     Ok(_) => {
-                        return if self.create_new(record).await? {
-                            Ok(Created::New)
-                        } else {
-                            Ok(Created::Existing { run_id: record.run_id, report: None })
-                        };
+                        return self.write_claimed(record).await;
                     }
                     Err(_) => continue,
                 }
@@ -480,15 +472,21 @@ impl Inner {
                 }
                 Some(_) => match self.keys.update(&name, value.clone(), entry.revision).await {
                     Ok(_) => {
-                        return if self.create_new(record).await? {
-                            Ok(Created::New)
-                        } else {
-                            Ok(Created::Existing { run_id: record.run_id, report: None })
-                        };
+                        return self.write_claimed(record).await;
                     }
                     Err(_) => continue,
                 },
             }
+        }
+    }
+
+    /// Writes the run whose key this start just claimed; should the run
+    /// exist already (another start got there first), it is that one.
+    async fn write_claimed(&self, record: &RunRecord) -> Result<Created, StoreError> {
+        if self.create_new(record).await? {
+            Ok(Created::New)
+        } else {
+            Ok(Created::Existing { run_id: record.run_id, report: None })
         }
     }
 
