@@ -194,6 +194,14 @@ impl JetStreamStore {
         client: async_nats::Client,
         options: JetStreamStoreOptions,
     ) -> Result<Self, StoreError> {
+        // Per-key TTL (idempotency keys, coordinator heartbeats) needs 2.11;
+        // an older server fails later with an obscure decoding error.
+        let version = client.server_info().version;
+        if !server_is_recent_enough(&version) {
+            return Err(StoreError::Refused(format!(
+                "nats-server {version} is too old for the JetStream store: it needs 2.11 or newer (KV per-key TTL); ./scripts/test.sh installs one"
+            )));
+        }
         // Bounded requests and acks: a bucket without a leader answers late or
         // never, and the caller decides what to do then.
         let js =
@@ -261,6 +269,16 @@ impl JetStreamStore {
     /// This coordinator's id in the store.
     pub fn coordinator_id(&self) -> &str {
         &self.inner.id
+    }
+}
+
+/// True for a server version of 2.11 or newer (an unreadable one passes:
+/// the buckets' own errors will say more).
+fn server_is_recent_enough(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
+        _ => true,
     }
 }
 
@@ -835,5 +853,16 @@ impl Store for JetStreamStore {
             }
             Ok(out)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_versions() {
+        use super::server_is_recent_enough as ok;
+        assert!(ok("2.15.1") && ok("2.11.0") && ok("v2.12.0-beta") && ok("3.0.0"));
+        assert!(!ok("2.9.15") && !ok("2.10.22") && !ok("1.4.1"));
+        assert!(ok("nonsense"));
     }
 }
