@@ -198,7 +198,7 @@ impl JetStreamStore {
         // an older server fails later with an obscure decoding error.
         let version = client.server_info().version;
         if !server_is_recent_enough(&version) {
-            return Err(StoreError::Refused(format!(
+            return Err(StoreError::Unsupported(format!(
                 "nats-server {version} is too old for the JetStream store: it needs 2.11 or newer (KV per-key TTL); ./scripts/test.sh installs one"
             )));
         }

@@ -86,12 +86,15 @@ pub enum StoreError {
     /// A stored entry does not decode.
     #[error("corrupt store entry: {0}")]
     Corrupt(String),
+    /// The server cannot hold this store (too old, say).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {
     /// True when retrying the same operation cannot succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, StoreError::Refused(_) | StoreError::Corrupt(_))
+        matches!(self, StoreError::Refused(_) | StoreError::Corrupt(_) | StoreError::Unsupported(_))
     }
 }
 
