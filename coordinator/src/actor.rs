@@ -302,6 +302,14 @@ impl RunActor {
                     CommandKind::Compensate => {}
                 });
             }
+            Notice::AttemptResumed { step, kind, attempt, command_id } => {
+                // Its span on the coordinator that died is gone: this one
+                // covers the rest of the attempt (no hook: it did not start now).
+                let step_name = name(*step);
+                if let Some(s) = &mut self.spans {
+                    s.attempt_started(&step_name, *kind, *attempt, *command_id, remote);
+                }
+            }
             Notice::Redispatched { command_id, note } => {
                 if let Some(s) = &self.spans {
                     s.redispatched(*command_id, note);

@@ -206,6 +206,14 @@ pub(crate) enum Effect {
 /// Something an observer of the run wants to know.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Notice {
+    /// The attempt in flight, picked up after a takeover (observers that
+    /// track attempts open it again; it is not a new start).
+    AttemptResumed {
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        command_id: Uuid,
+    },
     AttemptStarted {
         step: u32,
         kind: CommandKind,
@@ -377,6 +385,13 @@ impl Machine {
                     Some(c) if c.retry_at.is_none() => {
                         let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
                         let deadline = self.deadline_in(&cmd);
+                        let notice = Notice::AttemptResumed {
+                            step: c.step,
+                            kind: c.kind,
+                            attempt: c.attempt,
+                            command_id: c.command_id,
+                        };
+                        out.effects.push(Effect::Notify(notice));
                         out.effects.push(Effect::Inquire(cmd));
                         if let Liveness::Remote { ack_timeout, clock_skew, .. } =
                             self.limits.liveness
@@ -1505,7 +1520,7 @@ mod tests {
         t.ev(Event::RetryDue { command_id: id });
         // Resumed with an attempt in flight: ask who holds it, never resend.
         let d = t.decide(Event::Resume);
-        assert_eq!(kinds(&d.effects), ["run-deadline", "inquire", "watch-inquiry"]);
+        assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "inquire", "watch-inquiry"]);
         // In process: no timers at all.
         let mut local = T::new(&[false], 0);
         let d = local.decide(Event::Start);
