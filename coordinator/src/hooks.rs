@@ -64,3 +64,37 @@ pub trait Hooks: Send + Sync + 'static {
     /// The run reached a terminal status.
     fn on_run_end(&self, report: &RunReport) {}
 }
+
+/// Hooks shared behind an `Arc` are hooks too.
+impl<H: Hooks + ?Sized> Hooks for std::sync::Arc<H> {
+    fn on_run_start(&self, run_id: Uuid, flow: &str) {
+        (**self).on_run_start(run_id, flow)
+    }
+    fn on_step_start(&self, event: &StepEvent<'_>) {
+        (**self).on_step_start(event)
+    }
+    fn on_step_retry(&self, event: &StepEvent<'_>, error: &str, delay: Duration) {
+        (**self).on_step_retry(event, error, delay)
+    }
+    fn on_step_success(&self, event: &StepEvent<'_>, duration: Duration) {
+        (**self).on_step_success(event, duration)
+    }
+    fn on_step_unknown(&self, event: &StepEvent<'_>, reason: &str) {
+        (**self).on_step_unknown(event, reason)
+    }
+    fn on_step_failure(&self, event: &StepEvent<'_>, error: &str) {
+        (**self).on_step_failure(event, error)
+    }
+    fn on_compensation_start(&self, event: &StepEvent<'_>) {
+        (**self).on_compensation_start(event)
+    }
+    fn on_compensation_success(&self, event: &StepEvent<'_>, duration: Duration) {
+        (**self).on_compensation_success(event, duration)
+    }
+    fn on_compensation_failure(&self, event: &StepEvent<'_>, error: &str) {
+        (**self).on_compensation_failure(event, error)
+    }
+    fn on_run_end(&self, report: &RunReport) {
+        (**self).on_run_end(report)
+    }
+}

@@ -11,9 +11,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
-use orchestrix::{Client, Coordinator, RunOptions, RunStatus, StepContext, StepStatus, Worker};
-use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
+use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepStatus, Worker};
+use orchestrix_coordinator::nats::{NatsBusOptions, Node};
 use orchestrix_coordinator::record::RunRecord;
 use orchestrix_coordinator::{FlowDef, StepDef, flowfile};
 use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
@@ -37,20 +36,6 @@ impl Ledger {
     }
 }
 
-/// A coordinator in this process: NATS bus with short timeouts, JetStream
-/// store, the request service and the takeover loop, serving `flows`.
-struct Node {
-    coordinator: Coordinator,
-    _service: Service,
-    _takeover: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self._takeover.abort();
-    }
-}
-
 fn bus_options() -> NatsBusOptions {
     NatsBusOptions::default()
         .ack_timeout(500 * MS)
@@ -60,18 +45,27 @@ fn bus_options() -> NatsBusOptions {
         .worker_wait(20 * SECS)
 }
 
-async fn node(server: &NatsServer, flows: Vec<FlowDef>) -> Node {
+/// A coordinator node in this process (the library's composition root):
+/// NATS bus with short timeouts, JetStream store, the request service, and
+/// the takeover loop every `takeover`.
+async fn node_every(server: &NatsServer, flows: Vec<FlowDef>, takeover: Duration) -> Node {
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
-    let bus = NatsBus::start(conn.clone(), bus_options()).await.unwrap();
-    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
-    let mut b = Coordinator::builder().bus(bus).store(store);
-    for def in flows {
-        b = b.flow_def(def);
-    }
-    let coordinator = b.build().unwrap();
-    let service = Service::start(coordinator.clone(), conn, &Subjects::default()).await.unwrap();
-    let takeover = coordinator.take_over_orphans(500 * MS);
-    Node { coordinator, _service: service, _takeover: takeover }
+    Node::builder()
+        .bus_options(bus_options())
+        .flows(flows)
+        .takeover_every(takeover)
+        .start(conn)
+        .await
+        .unwrap()
+}
+
+async fn node(server: &NatsServer, flows: Vec<FlowDef>) -> Node {
+    node_every(server, flows, 500 * MS).await
+}
+
+/// A node that looks for orphans only when told to (`recover`).
+async fn quiet_node(server: &NatsServer, flows: Vec<FlowDef>) -> Node {
+    node_every(server, flows, 3600 * SECS).await
 }
 
 fn flows(toml: &str) -> Vec<FlowDef> {
@@ -334,7 +328,7 @@ async fn a_frozen_worker_is_an_unknown_outcome_compensated_and_its_late_answer_r
     let server = NatsServer::start_with_config("ping_interval: \"250ms\"\nping_max: 2\n");
     let node = node(&server, flows(CRASH_FLOW)).await;
     let frozen = spawn_test_worker(&server, 2_000).await;
-    let run = node.coordinator.start("crash", &5u32, RunOptions::new()).await.unwrap();
+    let run = node.coordinator().start("crash", &5u32, RunOptions::new()).await.unwrap();
     let run_id = run.run_id();
     frozen.wait_for_line("b-start", 10 * SECS).await;
     let healthy = spawn_test_worker(&server, 0).await;
@@ -356,7 +350,7 @@ async fn a_frozen_worker_is_an_unknown_outcome_compensated_and_its_late_answer_r
     frozen.wait_for_line("b-done", 10 * SECS).await;
     let deadline = tokio::time::Instant::now() + 15 * SECS;
     let late = loop {
-        let r = node.coordinator.status(run_id).await.unwrap().unwrap();
+        let r = node.coordinator().status(run_id).await.unwrap().unwrap();
         if !r.late.is_empty() {
             break r;
         }
@@ -376,9 +370,9 @@ async fn a_frozen_worker_is_an_unknown_outcome_compensated_and_its_late_answer_r
 async fn a_command_nobody_took_waits_for_a_worker_without_spending_an_attempt() {
     let server = NatsServer::start();
     let node = node(&server, flows(CRASH_FLOW)).await;
-    let run = node.coordinator.start("crash", &5u32, RunOptions::new()).await.unwrap();
+    let run = node.coordinator().start("crash", &5u32, RunOptions::new()).await.unwrap();
     tokio::time::sleep(2 * SECS).await;
-    let status = node.coordinator.status(run.run_id()).await.unwrap().unwrap();
+    let status = node.coordinator().status(run.run_id()).await.unwrap().unwrap();
     let a = status.step("a").unwrap();
     assert_eq!(a.status, StepStatus::Waiting, "{status}");
     assert_eq!(a.error, None, "waiting is not an error: {status}");
@@ -547,7 +541,7 @@ async fn poison_outputs_and_records_are_quarantined() {
         kv(&server, "orchestrix_quarantine").await.get(bad.to_string()).await.unwrap().is_some()
     );
     assert_eq!(
-        node.coordinator.status(report.run_id).await.unwrap().unwrap().status,
+        node.coordinator().status(report.run_id).await.unwrap().unwrap().status,
         RunStatus::Failed
     );
 }
@@ -585,8 +579,8 @@ fn str_outcome(cmd: &StepCommand) -> Bytes {
 async fn coordinators_serving_different_flows_share_one_nats() {
     let server = NatsServer::start();
     let ledger = Ledger::default();
-    let a = node(&server, vec![def("fa", &["x"])]).await;
-    let b = node(&server, vec![def("fb", &["y"])]).await;
+    let a = quiet_node(&server, vec![def("fa", &["x"])]).await;
+    let b = quiet_node(&server, vec![def("fb", &["y"])]).await;
     let wa = simple_worker(&server, "fa", &["x"], &ledger).await;
     let wb = simple_worker(&server, "fb", &["y"], &ledger).await;
     let c = client(&server).await;
@@ -596,8 +590,6 @@ async fn coordinators_serving_different_flows_share_one_nats() {
         assert_eq!(r.status, RunStatus::Completed, "{r}");
     }
     // An orphan of flow `fb` (its coordinator died): only `b` may take it.
-    a._takeover.abort();
-    b._takeover.abort();
     let mut rec = RunRecord::new(
         Uuid::now_v7(),
         &def("fb", &["y"]),
@@ -610,8 +602,8 @@ async fn coordinators_serving_different_flows_share_one_nats() {
         .put(rec.run_id.to_string(), stored("dead", &rec))
         .await
         .unwrap();
-    assert_eq!(a.coordinator.recover().await.unwrap(), 0, "not a flow it serves");
-    assert_eq!(b.coordinator.recover().await.unwrap(), 1);
+    assert_eq!(a.coordinator().recover().await.unwrap(), 0, "not a flow it serves");
+    assert_eq!(b.coordinator().recover().await.unwrap(), 1);
     let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id)).await.unwrap().unwrap();
     assert_eq!(r.status, RunStatus::Completed, "{r}");
     assert_eq!(ledger.count(&format!("y {}", rec.run_id)), 1);
@@ -625,8 +617,7 @@ async fn coordinators_serving_different_flows_share_one_nats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
     let server = NatsServer::start();
-    let node = node(&server, vec![def("fa", &["x", "y"])]).await;
-    node._takeover.abort();
+    let node = quiet_node(&server, vec![def("fa", &["x", "y"])]).await;
     let old = def("fa", &["x", "y", "z"]);
     let mut rec = RunRecord::new(
         Uuid::now_v7(),
@@ -651,7 +642,7 @@ async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
         .put(rec.run_id.to_string(), stored("dead", &rec))
         .await
         .unwrap();
-    assert_eq!(node.coordinator.recover().await.unwrap(), 0);
+    assert_eq!(node.coordinator().recover().await.unwrap(), 0);
     let c = client(&server).await;
     let s = c.status(rec.run_id).await.unwrap();
     assert_eq!(s.status, RunStatus::Quarantined, "{s}");

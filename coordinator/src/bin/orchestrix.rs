@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
-use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_coordinator::nats::{Client, EventPublisher, NatsBus, NatsBusOptions, Service};
-use orchestrix_coordinator::{Coordinator, RunOptions, RunReport, RunStatus, flowfile};
+use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
+use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
+use orchestrix_coordinator::{RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
@@ -336,17 +336,7 @@ async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
 
 /// Everything `serve` keeps alive.
 struct Running {
-    _service: Service,
-    _coordinator: Coordinator,
-    _takeover: AbortOnDrop,
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    _node: Node,
 }
 
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
@@ -354,35 +344,28 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let subjects = nats.subjects()?;
     let conn = nats.options().name("orchestrix coordinator").connect().await?;
     let bus_options = NatsBusOptions::default()
-        .subjects(subjects.clone())
         .ack_timeout(args.ack_timeout)
         .heartbeat_timeout(args.heartbeat_timeout)
         .worker_wait(args.worker_wait)
         .clock_skew(args.clock_skew);
-    let bus =
-        NatsBus::start(conn.clone(), bus_options).await.context("cannot start the NATS bus")?;
-    let events = EventPublisher::start(conn.clone(), subjects.clone());
-    let mut builder = Coordinator::builder()
-        .bus(bus)
-        .hooks(events)
-        .hooks(orchestrix_coordinator::metrics::RunMetrics::global());
-    if args.store == "jetstream" {
-        let options = JetStreamStoreOptions::default()
-            .prefix(subjects.prefix())
-            .replicas(args.replicas)
-            .retention(args.retention);
-        builder = builder.store(JetStreamStore::open(conn.clone(), options).await?);
-    }
-    for f in &flows {
-        builder = builder.flow_def(f.clone());
-    }
-    let coordinator = builder.build()?;
-    let resumed = coordinator.recover().await?;
-    let takeover = coordinator.take_over_orphans(Duration::from_secs(1));
-    let service = Service::start(coordinator.clone(), conn, &subjects).await?;
-    let names: Vec<&str> = flows.iter().map(|f| &*f.name).collect();
-    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, "coordinator ready");
-    Ok(Running { _service: service, _coordinator: coordinator, _takeover: AbortOnDrop(takeover) })
+    let store = if args.store == "jetstream" {
+        NodeStore::JetStream(
+            JetStreamStoreOptions::default().replicas(args.replicas).retention(args.retention),
+        )
+    } else {
+        NodeStore::Memory
+    };
+    let names: Vec<String> = flows.iter().map(|f| f.name.to_string()).collect();
+    let node = Node::builder()
+        .subjects(subjects.clone())
+        .bus_options(bus_options)
+        .store(store)
+        .flows(flows)
+        .hooks(orchestrix_coordinator::metrics::RunMetrics::global())
+        .start(conn)
+        .await?;
+    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, "coordinator ready");
+    Ok(Running { _node: node })
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {

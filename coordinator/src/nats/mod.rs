@@ -1,12 +1,15 @@
 //! The distributed home: the NATS bus, the coordinator service that answers
-//! run requests, and the client that sends them.
+//! run requests, the client that sends them, and [`Node`], which puts a
+//! coordinator together over NATS.
 
 mod bus;
 mod client;
 mod events;
+mod node;
 mod service;
 
 pub use bus::{NatsBus, NatsBusOptions};
 pub use client::{Client, ClientError};
 pub use events::{EventPublisher, describe};
+pub use node::{Node, NodeBuilder, NodeError, NodeStore};
 pub use service::{Service, ServiceError};
