@@ -61,11 +61,7 @@ impl RunActor {
         done: oneshot::Sender<Box<RunReport>>,
         resumed: bool,
     ) -> Self {
-        let liveness = bus.liveness();
-        machine.limits.liveness = liveness;
-        if let Liveness::Remote { worker_wait, .. } = liveness {
-            machine.limits.worker_wait = worker_wait;
-        }
+        machine.limits.liveness = bus.liveness();
         RunActor {
             machine,
             bus,
@@ -178,10 +174,8 @@ impl RunActor {
     fn store_refused(&mut self, e: StoreError, ctx: &mut Context<Self>) {
         let reason = format!("the run's state cannot be stored: {e}");
         error!(run_id = %self.run_id(), %reason, "quarantining the run");
-        let mut report = self.machine.rec.to_report(self.machine.run_started.elapsed());
-        report.status = orchestrix_proto::RunStatus::Quarantined;
-        report.error = Some(reason.clone());
-        let quarantine = self.store.quarantine(self.run_id(), reason, report.clone());
+        let report = self.machine.rec.quarantined_report(reason.clone());
+        let quarantine = self.store.quarantine(&self.machine.rec, reason);
         ctx.wait(quarantine.into_actor(self).map(move |res, act, ctx| {
             if let Err(e) = res {
                 error!(run_id = %act.run_id(), error = %e, "cannot quarantine the run");
@@ -207,7 +201,6 @@ impl RunActor {
                 }
                 Effect::Watch { command_id, ack, inquiry, deadline } => {
                     self.timers.cancel(ctx);
-                    self.timers.command_id = Some(command_id);
                     let event = if inquiry {
                         Event::Unanswered { command_id }
                     } else {
@@ -221,7 +214,6 @@ impl RunActor {
                     }
                 }
                 Effect::Alive { command_id, within, reason } => {
-                    self.timers.command_id = Some(command_id);
                     for h in
                         [self.timers.ack.take(), self.timers.silence.take()].into_iter().flatten()
                     {
@@ -449,7 +441,6 @@ impl Handler<BusReply> for RunActor {
 /// Timers that declare the attempt in flight lost.
 #[derive(Default)]
 struct AttemptTimers {
-    command_id: Option<Uuid>,
     ack: Option<SpawnHandle>,
     silence: Option<SpawnHandle>,
     deadline: Option<SpawnHandle>,
@@ -461,7 +452,6 @@ impl AttemptTimers {
         {
             ctx.cancel_future(h);
         }
-        self.command_id = None;
     }
 }
 

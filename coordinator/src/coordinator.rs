@@ -326,11 +326,23 @@ impl Coordinator {
         input: &I,
         options: RunOptions,
     ) -> Result<RunHandle, RunError> {
-        self.start_payload(flow, Payload::encode(input)?, options).await
+        // Encoded here: well-formed by construction, so not checked again.
+        self.start_encoded(flow, Payload::encode(input)?, options).await
     }
 
-    /// Starts a run whose input is already encoded.
+    /// Starts a run whose input is already encoded (from the wire, say): it
+    /// must be one well-formed MessagePack value.
     pub async fn start_payload(
+        &self,
+        flow: &str,
+        input: Payload,
+        options: RunOptions,
+    ) -> Result<RunHandle, RunError> {
+        input.validate().map_err(RunError::BadInput)?;
+        self.start_encoded(flow, input, options).await
+    }
+
+    async fn start_encoded(
         &self,
         flow: &str,
         input: Payload,
@@ -346,7 +358,6 @@ impl Coordinator {
         if input.len() > limit {
             return Err(RunError::InputTooLarge { size: input.len(), limit });
         }
-        input.validate().map_err(RunError::BadInput)?;
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.key = options.key;
@@ -412,9 +423,7 @@ impl Coordinator {
             if let Some(why) = Machine::mismatch(&plan, &record) {
                 // Never index past the flow's end: set it aside for an operator.
                 tracing::error!(run_id = %record.run_id, reason = %why, "quarantining a run");
-                let ran = SystemTime::now().duration_since(record.started_at).unwrap_or_default();
-                let report = record.to_report(ran);
-                if let Err(e) = self.inner.store.quarantine(record.run_id, why, report).await {
+                if let Err(e) = self.inner.store.quarantine(&record, why).await {
                     tracing::warn!(run_id = %record.run_id, error = %e, "cannot quarantine the run");
                 }
                 continue;
@@ -466,17 +475,13 @@ impl Coordinator {
 
     /// Records an answer that came for a run no longer live here.
     async fn note_late(&self, o: orchestrix_proto::StepOutcome) {
-        let outcome = match &o.result {
-            orchestrix_proto::OutcomeResult::Completed { .. } => "completed".to_owned(),
-            orchestrix_proto::OutcomeResult::Failed(f) => format!("failed: {}", f.message),
-        };
-        let note = crate::record::LateNote {
-            command_id: o.command_id,
-            attempt: o.attempt,
-            kind: o.kind,
-            outcome,
-            at: SystemTime::now(),
-        };
+        let note = crate::record::LateNote::new(
+            o.command_id,
+            o.attempt,
+            o.kind,
+            &o.result,
+            SystemTime::now(),
+        );
         match self.inner.store.note_late(o.run_id, note.line()).await {
             Ok(true) => {
                 tracing::warn!(run_id = %o.run_id, command = %o.command_id, "late answer recorded in the run's history")

@@ -522,23 +522,11 @@ impl Inner {
         #[derive(Serialize)]
         struct Aside<'a> {
             reason: &'a str,
-            #[serde(with = "serde_bytes_opt")]
-            record: Option<&'a [u8]>,
+            record: Option<Bytes>,
         }
-        mod serde_bytes_opt {
-            pub(super) fn serialize<S: serde::Serializer>(
-                v: &Option<&[u8]>,
-                s: S,
-            ) -> Result<S::Ok, S::Error> {
-                match v {
-                    Some(b) => s.serialize_bytes(b),
-                    None => s.serialize_none(),
-                }
-            }
-        }
-        let reason = report.error.clone().unwrap_or_default();
+        let reason = report.error.as_deref().unwrap_or_default();
         let raw = raw.filter(|r| r.len() + 4096 < self.max_payload);
-        let aside = encode(&Aside { reason: &reason, record: raw.as_deref() })?;
+        let aside = encode(&Aside { reason, record: raw })?;
         self.quarantine
             .put(&id, aside)
             .await
@@ -722,20 +710,13 @@ impl Store for JetStreamStore {
 
     fn quarantine(
         &self,
-        run_id: Uuid,
+        record: &Arc<RunRecord>,
         reason: String,
-        mut report: RunReport,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let inner = self.inner.clone();
+        let (inner, record) = (self.inner.clone(), record.clone());
         Box::pin(async move {
-            report.status = orchestrix_proto::RunStatus::Quarantined;
-            report.error = Some(reason);
-            // The key is read from the record, if it still decodes.
-            let key = match inner.runs.get(run_id.to_string()).await {
-                Ok(Some(b)) => decode::<Stored>(&b).ok().and_then(|s| s.record.key),
-                _ => None,
-            };
-            inner.quarantine(run_id, None, report, key.as_deref()).await
+            let report = record.quarantined_report(reason);
+            inner.quarantine(record.run_id, None, report, record.key.as_deref()).await
         })
     }
 

@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::bus::Liveness;
-use crate::record::{Current, LateNote, MAX_LATE_NOTES, Phase, RetryAt, RunRecord, Transition};
+use crate::record::{
+    Current, LateNote, MAX_LATE_NOTES, Phase, RetryAt, RunRecord, Transition, bounded,
+};
 use crate::{FlowDef, Hooks, OnUnknown, RetryPolicy};
 
 /// A flow as the engine runs it: its definition and the hooks to call.
@@ -139,8 +141,6 @@ pub(crate) enum Event {
 /// ([`Effect::Watch`], [`Effect::Alive`]) and reads their expiry as events.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    /// How long an attempt may wait for some worker to take it.
-    pub(crate) worker_wait: Duration,
     /// The run's input and step outputs together, in bytes.
     pub(crate) max_payload_bytes: usize,
     /// How attempts are watched; `Local` for in-process handlers.
@@ -149,11 +149,7 @@ pub(crate) struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            worker_wait: Duration::from_secs(300),
-            max_payload_bytes: DEFAULT_MAX_RUN_PAYLOAD,
-            liveness: Liveness::Local,
-        }
+        Limits { max_payload_bytes: DEFAULT_MAX_RUN_PAYLOAD, liveness: Liveness::Local }
     }
 }
 
@@ -266,18 +262,6 @@ pub const DEFAULT_MAX_RUN_PAYLOAD: usize = 768 * 1024;
 
 /// Longest error text kept per step (workers' messages are cut there).
 const MAX_ERROR_LEN: usize = 2048;
-
-fn bounded(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
-}
 
 pub(crate) struct Machine {
     pub(crate) plan: Arc<FlowPlan>,
@@ -769,17 +753,12 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
-        let current = self.rec.current.as_ref().is_some_and(|c| c.command_id == command_id);
         let noted = self.rec.late.iter().any(|n| n.command_id == command_id);
-        if noted || self.rec.late.len() >= MAX_LATE_NOTES || (current && attempt == 0) {
+        if noted || self.rec.late.len() >= MAX_LATE_NOTES {
             return;
         }
         decided("late");
-        let outcome = match result {
-            OutcomeResult::Completed { .. } => "completed".to_owned(),
-            OutcomeResult::Failed(f) => bounded(format!("failed: {}", f.message), 256),
-        };
-        let note = LateNote { command_id, attempt, kind, outcome, at: wall };
+        let note = LateNote::new(command_id, attempt, kind, result, wall);
         self.push(Transition::LateOutcome(note), out);
     }
 
@@ -895,7 +874,12 @@ impl Machine {
         out: &mut Decision,
     ) {
         let waited = cur.sent_at.and_then(|t| wall.duration_since(t).ok()).unwrap_or_default();
-        if waited >= self.limits.worker_wait {
+        let worker_wait = match self.limits.liveness {
+            Liveness::Remote { worker_wait, .. } => worker_wait,
+            // In-process handlers always take their command.
+            _ => Duration::MAX,
+        };
+        if waited >= worker_wait {
             decided("no-worker");
             let (flow, step) = (
                 &self.plan.def.name,
@@ -1227,7 +1211,7 @@ mod tests {
         let second = t.cur();
         assert_eq!(names(&t.ev(expired(second))), ["redispatched"]);
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
-        t.m.limits.worker_wait = Duration::ZERO;
+        t.m.limits.liveness = remote_waiting(Duration::ZERO);
         let id = t.cur();
         assert_eq!(
             names(&t.ev(Event::NotTaken { command_id: id })),
@@ -1447,7 +1431,7 @@ mod tests {
         go(&mut fourth, Event::Start);
         go(&mut fourth, Event::DeadlineExceeded); // deadline
         let mut fifth = T::with(plan(&[false], 0), Uuid::from_u128(5), 9);
-        fifth.m.limits.worker_wait = Duration::ZERO;
+        fifth.m.limits.liveness = remote_waiting(Duration::ZERO);
         go(&mut fifth, Event::Start);
         let id = fifth.cur();
         go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
@@ -1458,12 +1442,17 @@ mod tests {
     }
 
     fn remote() -> Liveness {
+        remote_waiting(Duration::from_secs(300))
+    }
+
+    /// Remote handlers, waited for `worker_wait` at most.
+    fn remote_waiting(worker_wait: Duration) -> Liveness {
         Liveness::Remote {
             ack_timeout: Duration::from_secs(2),
             heartbeat_timeout: Duration::from_secs(5),
             timeout_grace: Duration::from_secs(1),
             clock_skew: Duration::from_millis(500),
-            worker_wait: Duration::from_secs(300),
+            worker_wait,
         }
     }
 

@@ -72,6 +72,24 @@ pub struct LateNote {
 }
 
 impl LateNote {
+    /// The note for an answer about `command_id` that came too late.
+    pub fn new(
+        command_id: Uuid,
+        attempt: u32,
+        kind: CommandKind,
+        result: &orchestrix_proto::OutcomeResult,
+        at: SystemTime,
+    ) -> Self {
+        let outcome = match result {
+            orchestrix_proto::OutcomeResult::Completed { .. } => "completed".to_owned(),
+            // Kept short: the record holds up to MAX_LATE_NOTES of them.
+            orchestrix_proto::OutcomeResult::Failed(f) => {
+                bounded(format!("failed: {}", f.message), 256)
+            }
+        };
+        LateNote { command_id, attempt, kind, outcome, at }
+    }
+
     /// The note as one line of the report.
     pub fn line(&self) -> String {
         format!(
@@ -82,6 +100,20 @@ impl LateNote {
             self.outcome
         )
     }
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked `…`:
+/// what comes from workers is kept bounded in the record.
+pub(crate) fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 /// Late answers kept per run, at most.
@@ -433,6 +465,16 @@ impl RunRecord {
                 self.duration = Some(*duration);
             }
         }
+    }
+
+    /// The report of a run set aside for an operator: status `quarantined`,
+    /// `reason` as its error, its duration so far.
+    pub fn quarantined_report(&self, reason: String) -> RunReport {
+        let ran = SystemTime::now().duration_since(self.started_at).unwrap_or_default();
+        let mut report = self.to_report(ran);
+        report.status = RunStatus::Quarantined;
+        report.error = Some(reason);
+        report
     }
 
     /// The report of the run as it stands. `elapsed` stands in for the

@@ -148,16 +148,15 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(false)))
     }
 
-    /// Moves a run aside for an operator: it stops being live, `report` answers
-    /// with `report` (status `quarantined`, the reason in its error), and a
-    /// caller waiting on it or on its idempotency key gets that report.
+    /// Moves a run aside for an operator: it stops being live, `report`
+    /// answers with [`RunRecord::quarantined_report`], and a caller waiting on
+    /// it or on its idempotency key gets that report.
     fn quarantine(
         &self,
-        run_id: Uuid,
+        record: &Arc<RunRecord>,
         reason: String,
-        report: RunReport,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let _ = (run_id, reason, report);
+        let _ = (record, reason);
         Box::pin(futures::future::ready(Ok(())))
     }
 }
@@ -444,11 +443,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn quarantine(
         &self,
-        run_id: Uuid,
+        record: &Arc<RunRecord>,
         reason: String,
-        report: RunReport,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        (**self).quarantine(run_id, reason, report)
+        (**self).quarantine(record, reason)
     }
     fn note_late(
         &self,

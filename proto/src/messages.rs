@@ -354,16 +354,6 @@ pub enum EventKind {
         /// Why the outcome is unknown.
         reason: String,
     },
-    /// An answer came for an attempt the coordinator had already given up
-    /// on; it is recorded in the run's history, not applied.
-    LateOutcome {
-        /// Step name, when known.
-        step: String,
-        /// The attempt.
-        attempt: u32,
-        /// What the answer said.
-        outcome: String,
-    },
     /// A step's action failed for good.
     StepFailed {
         /// Step name.

@@ -155,9 +155,6 @@ pub fn describe(event: &EventKind) -> String {
             let what = if *kind == CommandKind::Compensate { "compensation " } else { "" };
             format!("{step}: {what}attempt {attempt} has an unknown outcome ({reason})")
         }
-        EventKind::LateOutcome { step, attempt, outcome } => {
-            format!("{step}: late answer for attempt {attempt} ({outcome}); recorded, not applied")
-        }
         EventKind::StepFailed { step, error } => {
             format!("{step}: failed for good ({error}); rolling back")
         }

@@ -549,6 +549,16 @@ async fn current_leader(env: &Env) -> Option<(String, usize)> {
     Some((leader, node))
 }
 
+/// SIGSTOP `pid` for `how_long`, then SIGCONT, saying so.
+async fn freeze(env: &Env, pid: u32, name: &str, how_long: Duration) -> Res<()> {
+    signal(pid, "STOP")?;
+    env.clock.say(format!("SIGSTOP {name} for {how_long:?}"));
+    tokio::time::sleep(how_long).await;
+    signal(pid, "CONT")?;
+    env.clock.say(format!("SIGCONT {name}"));
+    Ok(())
+}
+
 async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
     let at_secs = env.clock.secs();
     let log = |fault: String, done: bool, note: String| FaultLog { at_secs, fault, done, note };
@@ -580,11 +590,7 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             let Some(pid) = pid else {
                 return Ok(log(format!("SIGSTOP {name}"), false, "not running".into()));
             };
-            signal(pid, "STOP")?;
-            env.clock.say(format!("SIGSTOP {name} for {stopped:?}"));
-            tokio::time::sleep(*stopped).await;
-            signal(pid, "CONT")?;
-            env.clock.say(format!("SIGCONT {name}"));
+            freeze(env, pid, &name, *stopped).await?;
             let what = format!("SIGSTOP {name} for {:.1} s, then SIGCONT", stopped.as_secs_f64());
             Ok(log(what, true, String::new()))
         }
@@ -601,11 +607,7 @@ async fn inject(env: &Env, fault: &Fault) -> Res<FaultLog> {
             let Some(pid) = pid else {
                 return Ok(log(format!("SIGSTOP node {leader}"), false, "not running".into()));
             };
-            signal(pid, "STOP")?;
-            env.clock.say(format!("SIGSTOP nats node {leader} (runs leader) for {frozen:?}"));
-            tokio::time::sleep(*frozen).await;
-            signal(pid, "CONT")?;
-            env.clock.say(format!("SIGCONT nats node {leader}"));
+            freeze(env, pid, &format!("nats node {leader} (runs leader)"), *frozen).await?;
             let what = format!(
                 "SIGSTOP nats node {leader} (runs leader) for {:.1} s, then SIGCONT",
                 frozen.as_secs_f64()
