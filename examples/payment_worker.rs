@@ -59,7 +59,7 @@ async fn serve() -> Result<(), orchestrix::WorkerError> {
     let worker = Worker::builder()
         .nats(NatsOptions::new(args.nats.clone()))
         .prefix(&args.prefix)
-        .flow::<PaymentInput>("payment-flow", |f| {
+        .steps::<PaymentInput>("payment-flow", |f| {
             f.step("reserve-stock", move |ctx: StepContext<PaymentInput>| async move {
                 println!("Reserving stock for order {}", ctx.input.order_id);
                 pause(delay).await;

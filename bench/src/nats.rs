@@ -256,7 +256,7 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
         let worker = Worker::builder()
             .client(client)
             .concurrency(256)
-            .flow::<u64>("bench", |f| {
+            .steps::<u64>("bench", |f| {
                 f.step("one", |_: StepContext<u64>| async { Ok(()) })
                     .step("two", |_| async { Ok(()) })
                     .step("three", |_| async { Ok(()) })

@@ -17,6 +17,7 @@ use crate::engine::{Engine, EngineError};
 use crate::flow::{Flow, FlowDef, FlowError};
 use crate::machine::{Entropy, FlowPlan, Machine};
 use crate::record::RunRecord;
+use crate::registry::{Pick, RegistryView};
 use crate::store::{Created, MemoryStore, Store, StoreError};
 
 /// Options of one run.
@@ -44,6 +45,9 @@ pub struct RunOptions {
     /// child. When `None`, the span current where `start` is called is used
     /// (if a tracer is installed).
     pub traceparent: Option<String>,
+    /// The version of the flow to run (distributed flows from the registry);
+    /// `None`: the newest version with a live worker.
+    pub version: Option<String>,
 }
 
 impl RunOptions {
@@ -72,6 +76,13 @@ impl RunOptions {
         self.timeout = Some(timeout);
         self
     }
+
+    /// Runs this version of the flow rather than the newest one served.
+    #[must_use]
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
 }
 
 /// A run could not be started or followed. A run that *fails* is not an error:
@@ -82,6 +93,14 @@ pub enum RunError {
     /// No flow of that name is registered.
     #[error("unknown flow `{0}`")]
     UnknownFlow(String),
+    /// The flow has no such version.
+    #[error("flow `{flow}` has no version `{version}`")]
+    UnknownVersion {
+        /// The flow.
+        flow: String,
+        /// The version asked for.
+        version: String,
+    },
     /// The flow's definition is invalid.
     #[error("invalid flow: {0}")]
     InvalidFlow(#[from] FlowError),
@@ -136,6 +155,8 @@ struct Inner {
     /// Outcomes for runs not live here, from the bus; drained by the takeover loop.
     unrouted: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<orchestrix_proto::StepOutcome>>>,
     flows: HashMap<Arc<str>, Arc<FlowPlan>>,
+    /// Flows registered by workers, when following the cluster's registry.
+    registry: Option<Arc<RegistryView>>,
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     engine: Option<Engine>,
@@ -145,6 +166,7 @@ impl fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Coordinator")
             .field("flows", &self.inner.flows.keys().collect::<Vec<_>>())
+            .field("registry", &self.inner.registry)
             .finish()
     }
 }
@@ -159,7 +181,10 @@ pub struct CoordinatorBuilder {
     store: Option<Arc<dyn Store>>,
     engine: Option<Engine>,
     hooks: Vec<Arc<dyn Hooks>>,
+    registry: bool,
     error: Option<FlowError>,
+    /// Flows given with in-process handlers (an error over a remote bus).
+    with_handlers: Vec<Arc<str>>,
 }
 
 impl fmt::Debug for CoordinatorBuilder {
@@ -180,7 +205,16 @@ impl CoordinatorBuilder {
             self.error.get_or_insert(e.clone());
         }
         self.memory.register(&flow.def.name, flow.handlers.clone());
-        self.flows.push(FlowPlan { def: flow.def.clone(), hooks: flow.hooks.clone() });
+        self.with_handlers.push(flow.def.name.clone());
+        self.flows.push(FlowPlan::new(flow.def.clone(), flow.hooks.clone()));
+        self
+    }
+
+    /// Serves the flows that workers register in the cluster's flow registry
+    /// as well (call [`Coordinator::follow_registry`] once built). Runs take
+    /// the newest version with a live worker and stay pinned to it.
+    pub fn registry(mut self, on: bool) -> Self {
+        self.registry = on;
         self
     }
 
@@ -189,7 +223,7 @@ impl CoordinatorBuilder {
         if let Err(e) = def.validate() {
             self.error.get_or_insert(e);
         }
-        self.flows.push(FlowPlan { def, hooks: Vec::new() });
+        self.flows.push(FlowPlan::new(def, Vec::new()));
         self
     }
 
@@ -223,6 +257,12 @@ impl CoordinatorBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
+        if let (Some(_), Some(flow)) = (&self.bus, self.with_handlers.first()) {
+            return Err(FlowError::Handlers {
+                flow: flow.to_string(),
+                reason: "its step handlers are in this process but the coordinator sends commands over a bus: serve them with `Worker::builder().flow(flow)` and give the coordinator the definition (`flow_def(flow.definition().clone())`) or the registry".into(),
+            });
+        }
         let mut flows = HashMap::new();
         for mut plan in self.flows {
             plan.hooks.extend(self.hooks.iter().cloned());
@@ -240,8 +280,9 @@ impl CoordinatorBuilder {
         let bus = self.bus.unwrap_or_else(|| Arc::new(self.memory));
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::default()));
         let unrouted = std::sync::Mutex::new(bus.take_unrouted());
+        let registry = self.registry.then(|| Arc::new(RegistryView::new(self.hooks.clone())));
         Ok(Coordinator {
-            inner: Arc::new(Inner { unrouted, flows, bus, store, engine: self.engine }),
+            inner: Arc::new(Inner { unrouted, flows, registry, bus, store, engine: self.engine }),
         })
     }
 
@@ -251,6 +292,7 @@ impl CoordinatorBuilder {
         let inner = Inner {
             unrouted: std::sync::Mutex::new(None),
             flows,
+            registry: None,
             bus: Arc::new(self.memory),
             store: Arc::new(MemoryStore::default()),
             engine: self.engine,
@@ -299,14 +341,85 @@ impl Coordinator {
         CoordinatorBuilder::default()
     }
 
-    /// Names of the registered flows.
-    pub fn flows(&self) -> impl Iterator<Item = &str> {
-        self.inner.flows.keys().map(|k| &**k)
+    /// Names of the flows this coordinator runs: its own and, when it
+    /// follows the registry, those registered so far.
+    pub fn flows(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self.inner.flows.keys().cloned().collect();
+        if let Some(r) = &self.inner.registry {
+            names.extend(r.names().into_iter().filter(|n| !self.inner.flows.contains_key(n)));
+        }
+        names.sort();
+        names
     }
 
-    /// The definition of a registered flow.
-    pub fn flow(&self, name: &str) -> Option<&FlowDef> {
-        self.inner.flows.get(name).map(|p| &p.def)
+    /// The definition of a flow: its own, or the newest registered version.
+    pub fn flow(&self, name: &str) -> Option<FlowDef> {
+        match self.inner.flows.get(name) {
+            Some(p) => Some(p.def.clone()),
+            None => self.inner.registry.as_ref()?.newest(name),
+        }
+    }
+
+    /// The registry as this coordinator sees it, if it follows one.
+    pub fn registry(&self) -> Option<&RegistryView> {
+        self.inner.registry.as_deref()
+    }
+
+    /// Whether this coordinator serves the registry's flows (so it takes run
+    /// requests for any flow name).
+    pub fn follows_registry(&self) -> bool {
+        self.inner.registry.is_some()
+    }
+
+    /// Loads the cluster's flow registry and follows it from then on (the
+    /// returned task; abort it to stop). For a coordinator built with
+    /// [`CoordinatorBuilder::registry`]; a no-op task otherwise.
+    pub async fn follow_registry(
+        &self,
+        registry: orchestrix_worker::registry::Registry,
+    ) -> Result<tokio::task::JoinHandle<()>, orchestrix_worker::registry::RegistryError> {
+        match &self.inner.registry {
+            Some(view) => view.follow(registry).await,
+            None => Ok(tokio::spawn(async {})),
+        }
+    }
+
+    /// The plan a new run of `flow` takes.
+    fn plan_for_start(&self, flow: &str, version: Option<&str>) -> Result<Arc<FlowPlan>, RunError> {
+        if let Some(plan) = self.inner.flows.get(flow) {
+            if version.is_none_or(|v| v == &*plan.version) {
+                return Ok(plan.clone());
+            }
+        }
+        let unknown_version = |v: &str| RunError::UnknownVersion { flow: flow.into(), version: v.into() };
+        match &self.inner.registry {
+            Some(r) => r.pick(flow, version).map_err(|p| match (p, version) {
+                (Pick::UnknownVersion, Some(v)) => unknown_version(v),
+                _ if self.inner.flows.contains_key(flow) => unknown_version(version.unwrap_or("")),
+                _ => RunError::UnknownFlow(flow.to_owned()),
+            }),
+            None => Err(match version {
+                Some(v) if self.inner.flows.contains_key(flow) => unknown_version(v),
+                _ => RunError::UnknownFlow(flow.to_owned()),
+            }),
+        }
+    }
+
+    /// The plan a resumed run continues on: its own version's.
+    fn plan_for_record(&self, rec: &RunRecord) -> Option<Arc<FlowPlan>> {
+        let fixed = self.inner.flows.get(&*rec.flow);
+        let version = rec.version.as_deref();
+        if let Some(plan) = fixed {
+            if version.is_none_or(|v| v == &*plan.version) {
+                return Some(plan.clone());
+            }
+        }
+        let registered = match (&self.inner.registry, version) {
+            (Some(r), Some(v)) => r.plan(&rec.flow, v),
+            _ => None,
+        };
+        // A flow file edited under a run: the steps are compared before use.
+        registered.or_else(|| fixed.cloned())
     }
 
     /// Runs `flow` with `input` and waits for its report.
@@ -348,18 +461,14 @@ impl Coordinator {
         input: Payload,
         options: RunOptions,
     ) -> Result<RunHandle, RunError> {
-        let plan = self
-            .inner
-            .flows
-            .get(flow)
-            .ok_or_else(|| RunError::UnknownFlow(flow.to_owned()))?
-            .clone();
+        let plan = self.plan_for_start(flow, options.version.as_deref())?;
         let limit = crate::DEFAULT_MAX_RUN_PAYLOAD;
         if input.len() > limit {
             return Err(RunError::InputTooLarge { size: input.len(), limit });
         }
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
+        record.version = Some(plan.version.clone());
         record.key = options.key;
         record.ttl = options.ttl;
         record.timeout = options.timeout;
@@ -409,7 +518,7 @@ impl Coordinator {
     /// second or so ([`Coordinator::take_over_orphans`]). Returns how many.
     /// Several coordinators may call it at once: each run goes to one.
     pub async fn recover(&self) -> Result<usize, RunError> {
-        let flows: Arc<[Arc<str>]> = self.inner.flows.keys().cloned().collect();
+        let flows: Arc<[Arc<str>]> = self.flows().into();
         let records = self.inner.store.claim_orphans(flows).await?;
         let engine = match &self.inner.engine {
             Some(e) => e.clone(),
@@ -417,8 +526,17 @@ impl Coordinator {
         };
         let mut resumed = 0;
         for record in records {
-            let Some(plan) = self.inner.flows.get(&*record.flow).cloned() else {
-                continue; // claimed only for flows served here
+            let Some(plan) = self.plan_for_record(&record) else {
+                let why = format!(
+                    "version {} of flow `{}` is not known here",
+                    record.version.as_deref().unwrap_or("?"),
+                    record.flow
+                );
+                tracing::error!(run_id = %record.run_id, reason = %why, "quarantining a run");
+                if let Err(e) = self.inner.store.quarantine(&record, why).await {
+                    tracing::warn!(run_id = %record.run_id, error = %e, "cannot quarantine the run");
+                }
+                continue;
             };
             if let Some(why) = Machine::mismatch(&plan, &record) {
                 // Never index past the flow's end: set it aside for an operator.

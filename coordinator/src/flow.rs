@@ -5,10 +5,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use orchestrix_proto::{RunReport, validate_name};
-use orchestrix_worker::{BoxedHandler, StepContext, StepError, StepHandlers, handler};
+use orchestrix_worker::{
+    BoxedHandler, FlowHandlers, StepContext, StepError, StepHandlers, handler,
+};
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use crate::definition::{FlowDef, FlowError, OnUnknown, StepDef};
+pub use orchestrix_proto::{FlowDef, FlowError, OnUnknown, StepDef};
 use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunOptions};
 
 /// Options of one step: compensation, retries, timeout.
@@ -91,7 +93,7 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
 
     /// Multiplies the delay by `factor` after each retry.
     pub fn backoff(mut self, factor: f64) -> Self {
-        self.retry.backoff = factor;
+        self.retry = self.retry.backoff(factor);
         self
     }
 
@@ -103,7 +105,7 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
 
     /// Spreads each delay randomly by ± this fraction.
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.retry.jitter = fraction;
+        self.retry = self.retry.jitter(fraction);
         self
     }
 
@@ -262,6 +264,18 @@ where
         self.changed()
     }
 
+    /// Labels this definition's version (letters, digits, `-`, `_`) instead
+    /// of the default hash of the definition. Registering a *different*
+    /// definition under a label already registered is refused, so bump the
+    /// label with every change.
+    pub fn version(mut self, label: &str) -> Self {
+        self.def.version = Some(Arc::from(label));
+        if self.error.is_none() {
+            self.error = validate_name("version", label).err().map(FlowError::from);
+        }
+        self.changed()
+    }
+
     /// Adds hooks, called as runs of this flow progress.
     pub fn hooks(mut self, hooks: impl Hooks) -> Self {
         self.hooks.push(Arc::new(hooks));
@@ -300,5 +314,17 @@ where
         // A changed flow is another flow: it gets an engine of its own.
         self.embedded = Arc::new(OnceLock::new());
         self
+    }
+}
+
+impl<I> From<&Flow<I>> for FlowHandlers {
+    fn from(flow: &Flow<I>) -> Self {
+        FlowHandlers::new(flow.def.clone(), flow.handlers.clone()).with_error(flow.error.clone())
+    }
+}
+
+impl<I> From<Flow<I>> for FlowHandlers {
+    fn from(flow: Flow<I>) -> Self {
+        FlowHandlers::from(&flow)
     }
 }

@@ -18,6 +18,7 @@
 //! name = "send-email"
 //! ```
 //!
+//! Flow keys: `name`, `version` (a label; default: a hash of the definition).
 //! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
 //! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
 //! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
@@ -69,6 +70,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct FlowEntry {
     name: String,
+    version: Option<String>,
     #[serde(default)]
     step: Vec<StepEntry>,
 }
@@ -108,14 +110,15 @@ impl StepEntry {
         if let Some(d) = self.retry_delay_ms {
             retry = retry.delay(ms(d));
         }
+        // Raw values: validation names a bad one rather than clamping it.
         if let Some(b) = self.backoff {
-            retry = retry.backoff(b);
+            retry.backoff = b;
         }
         if let Some(d) = self.max_delay_ms {
             retry = retry.max_delay(ms(d));
         }
         if let Some(j) = self.jitter {
-            retry = retry.jitter(j);
+            retry.jitter = j;
         }
         if let Some(d) = self.max_duration_ms {
             retry = retry.max_duration(ms(d));
@@ -128,7 +131,7 @@ impl StepEntry {
             comp = comp.delay(ms(d));
         }
         if let Some(b) = self.compensation_backoff {
-            comp = comp.backoff(b);
+            comp.backoff = b;
         }
         def.retry = retry;
         def.timeout = self.timeout_ms.map(ms);
@@ -149,6 +152,7 @@ pub fn parse(text: &str) -> Result<Vec<FlowDef>, FlowFileError> {
     let mut flows: Vec<FlowDef> = Vec::new();
     for entry in file.flow {
         let mut def = FlowDef::new(&entry.name);
+        def.version = entry.version.as_deref().map(std::sync::Arc::from);
         def.steps = entry.step.into_iter().map(StepEntry::into_def).collect();
         def.validate()?;
         if flows.iter().any(|f| f.name == def.name) {
@@ -211,9 +215,16 @@ mod tests {
         assert!(typo.to_string().contains("retires"), "{typo}");
         let bad = parse("[[flow]]\nname = \"a b\"\n").unwrap_err();
         assert!(bad.to_string().contains("flow name `a b`"), "{bad}");
-        let dup = parse("[[flow]]\nname = \"f\"\n[[flow]]\nname = \"f\"\n").unwrap_err();
+        let one = "[[flow]]\nname = \"f\"\n[[flow.step]]\nname = \"s\"\n";
+        let dup = parse(&format!("{one}{one}")).unwrap_err();
         assert!(matches!(dup, FlowFileError::DuplicateFlow(_)));
         assert!(matches!(parse("").unwrap_err(), FlowFileError::Empty));
+        let empty = parse("[[flow]]\nname = \"f\"\n").unwrap_err();
+        assert!(empty.to_string().contains("no steps"), "{empty}");
+        let jitter = parse(&format!("{one}jitter = 3.0\n")).unwrap_err();
+        assert!(jitter.to_string().contains("jitter"), "{jitter}");
+        let label = parse("[[flow]]\nname = \"f\"\nversion = \"v 2\"\n[[flow.step]]\nname = \"s\"\n");
+        assert!(label.unwrap_err().to_string().contains("version"));
         assert!(matches!(parse("flow = 3").unwrap_err(), FlowFileError::Parse(_)));
         let missing = load("/nonexistent/flows.toml").unwrap_err();
         assert!(missing.to_string().starts_with("cannot read flow file /nonexistent/flows.toml"));

@@ -173,6 +173,7 @@ fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
     RunReport {
         run_id,
         flow: flow.to_owned(),
+        version: None,
         status: orchestrix_proto::RunStatus::Quarantined,
         duration: Duration::ZERO,
         started_at: None,

@@ -34,7 +34,6 @@
 mod actor;
 mod bus;
 mod coordinator;
-mod definition;
 mod engine;
 mod flow;
 pub mod flowfile;
@@ -45,7 +44,7 @@ pub mod metrics;
 pub mod nats;
 pub mod observability;
 pub mod record;
-mod retry;
+mod registry;
 mod store;
 mod telemetry;
 
@@ -55,6 +54,6 @@ pub use engine::{Engine, EngineError};
 pub use flow::{Flow, FlowDef, FlowError, OnUnknown, StepDef, StepOptions, create};
 pub use hooks::{Hooks, StepEvent};
 pub use machine::DEFAULT_MAX_RUN_PAYLOAD;
-pub use orchestrix_proto::{RunReport, RunStatus, StepReport, StepStatus};
-pub use retry::RetryPolicy;
+pub use orchestrix_proto::{RetryPolicy, RunReport, RunStatus, StepReport, StepStatus};
+pub use registry::{FlowVersion, RegistryView};
 pub use store::{Created, ListFilter, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};

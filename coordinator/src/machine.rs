@@ -23,7 +23,15 @@ use crate::{FlowDef, Hooks, OnUnknown, RetryPolicy};
 #[derive(Clone)]
 pub(crate) struct FlowPlan {
     pub(crate) def: FlowDef,
+    /// `def.version()`, computed once.
+    pub(crate) version: Arc<str>,
     pub(crate) hooks: Vec<Arc<dyn Hooks>>,
+}
+
+impl FlowPlan {
+    pub(crate) fn new(def: FlowDef, hooks: Vec<Arc<dyn Hooks>>) -> Self {
+        FlowPlan { version: def.version(), def, hooks }
+    }
 }
 
 /// Where a run's machine gets its command ids and its jitter: handed in from
@@ -721,6 +729,7 @@ impl Machine {
             command_id,
             run_id: rec.run_id,
             flow: def.name.clone(),
+            version: self.plan.version.clone(),
             step: sdef.name.clone(),
             step_index: step,
             kind,
@@ -885,13 +894,19 @@ impl Machine {
                 &self.plan.def.name,
                 self.rec.steps.get(cur.step as usize).map(|s| s.name.clone()).unwrap_or_default(),
             );
+            let version = &self.plan.version;
             let error = format!(
-                "no worker took the command in {waited:?}: is a worker serving step `{step}` of flow `{flow}` running?"
+                "no worker took the command in {} ms: is a worker serving step `{step}` of flow `{flow}` version {version} running?",
+                waited.as_millis()
             );
             return self.attempt_failed(cur, error, false, false, now, wall, out);
         }
         let note = bounded(
-            format!("waiting for a worker: {why} (sent {} times)", cur.redispatches + 2),
+            format!(
+                "waiting for a worker of version {}: {why} (sent {} times)",
+                self.plan.version,
+                cur.redispatches + 2
+            ),
             MAX_ERROR_LEN,
         );
         decided("redispatch");
@@ -1043,7 +1058,7 @@ mod tests {
             s.compensation_retry = RetryPolicy::new().retries(1).delay(Duration::from_millis(10));
             def.steps.push(s);
         }
-        Arc::new(FlowPlan { def, hooks: Vec::new() })
+        Arc::new(FlowPlan::new(def, Vec::new()))
     }
 
     struct T {
@@ -1252,7 +1267,7 @@ mod tests {
         let mut t = T::new(&[false], 1);
         let mut def = t.m.plan.def.clone();
         def.steps[0].on_unknown = OnUnknown::Retry;
-        t.m.plan = Arc::new(FlowPlan { def, hooks: Vec::new() });
+        t.m.plan = Arc::new(FlowPlan::new(def, Vec::new()));
         t.ev(Event::Start);
         t.ack();
         assert_eq!(names(&t.silent()), ["retry 0"]);
@@ -1386,7 +1401,7 @@ mod tests {
         // other: unknown outcomes, output refused, the deadline, no worker.
         let mut def = other.m.plan.def.clone();
         def.steps[1].on_unknown = OnUnknown::Retry;
-        other.m.plan = Arc::new(FlowPlan { def, hooks: Vec::new() });
+        other.m.plan = Arc::new(FlowPlan::new(def, Vec::new()));
         Arc::make_mut(&mut other.m.rec).timeout = Some(Duration::from_secs(1));
         go(other, Event::Start);
         let id = other.cur();

@@ -14,7 +14,7 @@ use orchestrix_proto::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::definition::FlowDef;
+use orchestrix_proto::FlowDef;
 
 /// Which half of the saga a run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +164,10 @@ pub struct RunRecord {
     pub run_id: Uuid,
     /// Flow name.
     pub flow: Arc<str>,
+    /// The version of the flow the run is pinned to (`None` in records
+    /// written before versions existed: the flow's current definition).
+    #[serde(default)]
+    pub version: Option<Arc<str>>,
     /// The run's input.
     pub input: Payload,
     /// Idempotency key, if any.
@@ -307,6 +311,7 @@ impl RunRecord {
         RunRecord {
             run_id,
             flow: flow.name.clone(),
+            version: None,
             input,
             key: None,
             ttl: None,
@@ -483,6 +488,7 @@ impl RunRecord {
         RunReport {
             run_id: self.run_id,
             flow: self.flow.to_string(),
+            version: self.version.as_deref().map(str::to_owned),
             status: self.status,
             duration: self.duration.unwrap_or(elapsed),
             started_at: Some(self.started_at),

@@ -52,7 +52,7 @@ async fn a_node_killed_mid_load_loses_nothing() {
     let worker = Worker::builder()
         .nats(NatsOptions::new(urls))
         .heartbeat_interval(Duration::from_millis(200))
-        .flow::<u32>("c", move |f| {
+        .steps::<u32>("c", move |f| {
             f.step("one", move |ctx: StepContext<u32>| {
                 r1(ctx.run_id());
                 async { Ok(()) }

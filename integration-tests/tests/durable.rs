@@ -62,7 +62,7 @@ async fn worker(server: &NatsServer, j: &Journal) -> Worker {
     Worker::builder()
         .nats(NatsOptions::new(server.url()))
         .heartbeat_interval(Duration::from_millis(100))
-        .flow::<Input>("durable", move |f| {
+        .steps::<Input>("durable", move |f| {
             f.step("a", move |_: StepContext<Input>| {
                 la("a".into());
                 async { Ok(()) }
@@ -270,7 +270,7 @@ async fn counting_worker(server: &NatsServer, calls: &Calls) -> Worker {
         .nats(NatsOptions::new(server.url()))
         .heartbeat_interval(Duration::from_millis(100))
         .concurrency(512)
-        .flow::<Input>("durable", move |f| {
+        .steps::<Input>("durable", move |f| {
             f.step("a", move |ctx: StepContext<Input>| {
                 ra(ctx.run_id(), "a".into());
                 async { Ok(()) }

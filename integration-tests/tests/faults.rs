@@ -166,7 +166,7 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     let report = quick.run("crash", &1u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
     let error = report.error.clone().unwrap();
-    assert!(error.starts_with("no worker took the command in 1."), "{error}");
+    assert!(error.starts_with("no worker took the command in 1"), "{error}");
     assert_eq!(report.step("a").unwrap().attempts, 1, "waiting spends no attempt");
 }
 
@@ -179,7 +179,7 @@ async fn a_worker_cut_off_from_nats_still_shuts_down_in_bounded_time() {
     let w = orchestrix::Worker::builder()
         .nats(NatsOptions::new(server.url()))
         .drain_timeout(Duration::from_millis(500))
-        .flow::<u32>("crash", move |f| {
+        .steps::<u32>("crash", move |f| {
             let e = e.clone();
             f.step("a", |_: orchestrix::StepContext<u32>| async { Ok(()) }).step("b", move |_| {
                 e.store(true, std::sync::atomic::Ordering::SeqCst);

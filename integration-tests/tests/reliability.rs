@@ -121,7 +121,7 @@ async fn simple_worker(server: &NatsServer, flow: &str, steps: &[&str], ledger: 
     let mut b = Worker::builder().nats(NatsOptions::new(server.url()));
     let steps: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
     let ledger = ledger.clone();
-    b = b.flow::<u32>(flow, move |mut f| {
+    b = b.steps::<u32>(flow, move |mut f| {
         for s in &steps {
             let (l1, l2) = (ledger.clone(), ledger.clone());
             f = f
@@ -186,7 +186,7 @@ async fn replicas(server: &NatsServer, ledger: &Ledger, charge_ms: u64) -> Vec<W
         let w = Worker::builder()
             .nats(NatsOptions::new(server.url()))
             .heartbeat_interval(100 * MS)
-            .flow::<u32>("pay", move |f| {
+            .steps::<u32>("pay", move |f| {
                 f.step("charge", move |ctx: StepContext<u32>| {
                     let l1 = l1.clone();
                     async move {
@@ -389,7 +389,7 @@ async fn sized_worker(server: &NatsServer, flow: &str, sizes: &[usize], ledger: 
     let ledger = ledger.clone();
     Worker::builder()
         .nats(NatsOptions::new(server.url()))
-        .flow::<u32>(flow, move |mut f| {
+        .steps::<u32>(flow, move |mut f| {
             for (i, n) in sizes.iter().copied().enumerate() {
                 let name = format!("s{i}");
                 let (l1, l2) = (ledger.clone(), ledger.clone());
@@ -471,7 +471,7 @@ async fn poison_outputs_and_records_are_quarantined() {
     let nats = NatsOptions::new(server.url()).connect().await.unwrap();
     let subjects = Subjects::default();
     let mut sub = nats
-        .queue_subscribe(subjects.step("poison", "s0"), subjects.step_queue_group("poison", "s0"))
+        .queue_subscribe(subjects.step_any_version("poison", "s0"), subjects.step_queue_group("poison", "s0"))
         .await
         .unwrap();
     orchestrix_worker::sync(&nats).await;

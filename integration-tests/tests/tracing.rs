@@ -40,7 +40,7 @@ async fn a_saga_is_one_trace_across_processes() {
     let coordinator = b.build().unwrap();
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))
-        .flow::<()>("traced", |f| {
+        .steps::<()>("traced", |f| {
             f.step("reserve", |_: StepContext<()>| async { Ok(()) })
                 .compensate("reserve", |_| async { Ok(()) })
                 .step("charge", |_| async { Err::<(), _>(StepError::retryable("declined")) })

@@ -22,9 +22,11 @@
 //! ```
 
 mod codec;
+mod flow;
 mod messages;
 mod payload;
 mod report;
+mod retry;
 mod subject;
 pub mod time;
 mod trace;
@@ -34,11 +36,14 @@ pub use codec::{
     decode_ids, decode_with_limit, encode, peek_kind,
 };
 pub use messages::{
-    Ack, CommandKind, EventKind, Heartbeat, ListRequest, OutcomeResult, RunEvent, RunReply,
-    RunRequest, StatusRequest, StepCommand, StepFailure, StepOutcome, StepOutput, WireError,
+    Ack, CommandKind, EventKind, FlowRegistration, Heartbeat, ListRequest, OutcomeResult, RunEvent, RunReply,
+    RunRequest, ServedFlow, StatusRequest, StepCommand, StepFailure, StepOutcome, StepOutput, WireError,
+    WorkerPresence,
 };
+pub use flow::{FlowDef, FlowError, OnUnknown, StepDef};
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
+pub use retry::RetryPolicy;
 pub use subject::{MAX_NAME_LEN, NameError, Subjects, validate_name};
 pub use trace::TraceParent;
 

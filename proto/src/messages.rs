@@ -44,6 +44,9 @@ pub struct StepCommand {
     pub run_id: Uuid,
     /// Flow name.
     pub flow: Arc<str>,
+    /// The version of the flow the run is pinned to (see [`crate::FlowDef::version`]).
+    #[serde(default)]
+    pub version: Arc<str>,
     /// Step name.
     pub step: Arc<str>,
     /// Position of the step in the flow, from 0.
@@ -173,6 +176,9 @@ impl Message for StepOutcome {
 pub struct RunRequest {
     /// Name of a flow the coordinator knows.
     pub flow: String,
+    /// The version of the flow to run; `nil`: the newest one with a live worker.
+    #[serde(default)]
+    pub version: Option<String>,
     /// The run's input.
     pub input: Payload,
     /// Idempotency key: a second request with the same key gets the first run.
@@ -400,4 +406,53 @@ pub struct RunEvent {
 
 impl Message for RunEvent {
     const KIND: &'static str = "run.event";
+}
+
+/// A flow's definition in the cluster's flow registry, one per version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowRegistration {
+    /// The definition.
+    pub flow: crate::FlowDef,
+    /// Its version (the definition's [`crate::FlowDef::version`]).
+    pub version: Arc<str>,
+    /// Unix ms of the first registration of this version: the newest
+    /// version of a flow is the one registered last.
+    pub registered_at_ms: u64,
+    /// Who registered it first (a worker id, or `cli` for `orchestrix flows apply`).
+    pub registered_by: String,
+}
+
+impl Message for FlowRegistration {
+    const KIND: &'static str = "flow.registration";
+}
+
+/// What one worker serves, renewed while it lives (an entry that is not
+/// renewed expires, and the worker counts as gone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPresence {
+    /// The worker's id (as in its acks).
+    pub worker: String,
+    /// Host it runs on.
+    #[serde(default)]
+    pub host: String,
+    /// Unix ms at which it started.
+    pub started_at_ms: u64,
+    /// What it serves.
+    pub flows: Vec<ServedFlow>,
+}
+
+impl Message for WorkerPresence {
+    const KIND: &'static str = "worker.presence";
+}
+
+/// Steps of one flow a worker serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedFlow {
+    /// Flow name.
+    pub flow: Arc<str>,
+    /// The version served; `nil`: every version (a worker registered by step
+    /// names only).
+    pub version: Option<Arc<str>>,
+    /// The steps it has an action handler for.
+    pub steps: Vec<Arc<str>>,
 }

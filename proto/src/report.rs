@@ -150,6 +150,9 @@ pub struct RunReport {
     pub run_id: Uuid,
     /// Flow name.
     pub flow: String,
+    /// The version of the flow the run is pinned to (distributed runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Where the run stands.
     pub status: RunStatus,
     /// Wall time from start to the terminal state (so far, while running).

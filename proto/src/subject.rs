@@ -57,7 +57,7 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
 /// ```
 /// use orchestrix_proto::Subjects;
 /// let s = Subjects::new("shop.prod").unwrap();
-/// assert_eq!(s.step("payment-flow", "charge"), "shop.prod.step.payment-flow.charge");
+/// assert_eq!(s.step("payment-flow", "1a2b", "charge"), "shop.prod.step.payment-flow.1a2b.charge");
 /// assert!(Subjects::new("bad prefix").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,12 +91,22 @@ impl Subjects {
         &self.prefix
     }
 
-    /// Where commands for one step are published.
-    pub fn step(&self, flow: &str, step: &str) -> String {
-        format!("{}.step.{flow}.{step}", self.prefix)
+    /// Where commands for one step of one version of a flow are published:
+    /// a run is pinned to the version it started on, so only the workers of
+    /// that version get its commands.
+    pub fn step(&self, flow: &str, version: &str, step: &str) -> String {
+        format!("{}.step.{flow}.{version}.{step}", self.prefix)
     }
 
-    /// The queue group in which the replicas of a step's workers share commands.
+    /// What a worker that serves a step for every version of its flow
+    /// subscribes to (a worker for a flow applied from a file, say).
+    pub fn step_any_version(&self, flow: &str, step: &str) -> String {
+        format!("{}.step.{flow}.*.{step}", self.prefix)
+    }
+
+    /// The queue group in which the replicas of a step's workers share
+    /// commands: one per step whatever the version, so that a command goes to
+    /// exactly one worker even when some serve one version and some every one.
     pub fn step_queue_group(&self, flow: &str, step: &str) -> String {
         format!("{}.{flow}.{step}", self.prefix)
     }
@@ -106,6 +116,12 @@ impl Subjects {
     /// flows can share one NATS.
     pub fn run_requests(&self, flow: &str) -> String {
         format!("{}.run.{flow}", self.prefix)
+    }
+
+    /// Run requests for every flow: what a coordinator serving the flow
+    /// registry listens to.
+    pub fn all_run_requests(&self) -> String {
+        format!("{}.run.*", self.prefix)
     }
 
     /// Where a coordinator that resumes a run asks every worker of a step
@@ -162,6 +178,8 @@ mod tests {
     fn subjects() {
         let s = Subjects::default();
         assert_eq!(s.run_requests("pay"), "orchestrix.run.pay");
+        assert_eq!(s.step("pay", "v2", "charge"), "orchestrix.step.pay.v2.charge");
+        assert_eq!(s.step_any_version("pay", "charge"), "orchestrix.step.pay.*.charge");
         assert_eq!(s.inquiries("pay", "charge"), "orchestrix.inquire.pay.charge");
         assert_eq!(s.replies("c1"), "orchestrix.reply.c1");
         assert_eq!(s.all_events(), "orchestrix.events.>");

@@ -18,6 +18,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
         step_index: 1,
         kind: CommandKind::Execute,
         attempt,
+        version: "v1".into(),
         input: Payload::encode(&input).unwrap(),
         outputs: vec![StepOutput { step: Arc::from("reserve-stock"), output: Payload::nil() }],
         timeout: Some(Duration::from_millis(1500)),
@@ -31,6 +32,7 @@ fn report() -> RunReport {
         late: Vec::new(),
         run_id: Uuid::now_v7(),
         flow: "payment-flow".into(),
+        version: Some("v1".into()),
         status: RunStatus::Failed,
         duration: Duration::from_millis(3004),
         started_at: Some(time::from_unix_ms(1_700_000_000_000)),
@@ -93,6 +95,7 @@ fn every_message_round_trips() {
     });
     round_trip(&RunRequest {
         flow: "payment-flow".into(),
+        version: Some("v2".into()),
         input: Payload::nil(),
         key: Some("payment:order_1".into()),
         ttl: Some(Duration::from_secs(3600)),

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use orchestrix_proto::{CommandKind, OutcomeResult, Payload, StepCommand, StepFailure};
+use orchestrix_proto::{
+    CommandKind, FlowDef, FlowError, OutcomeResult, Payload, StepCommand, StepFailure,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +69,63 @@ where
                 .map_err(|e| StepError::permanent(format!("step output does not encode: {e}")))
         })
     }))
+}
+
+/// A flow's definition with the handlers of its steps, in step order: what
+/// [`crate::WorkerBuilder::flow`] serves and registers. `orchestrix::create`
+/// builds flows that turn into one (`Flow` implements `Into<FlowHandlers>`).
+#[derive(Clone, Debug)]
+pub struct FlowHandlers {
+    pub(crate) def: FlowDef,
+    pub(crate) handlers: Vec<StepHandlers>,
+    pub(crate) error: Option<FlowError>,
+}
+
+impl FlowHandlers {
+    /// Pairs a definition with one [`StepHandlers`] per step, in order. A
+    /// mismatch, or a definition that is not valid, is reported when the
+    /// worker starts.
+    pub fn new(def: FlowDef, handlers: Vec<StepHandlers>) -> Self {
+        let mut error = def.validate().err();
+        if error.is_none() && handlers.len() != def.steps.len() {
+            error = Some(FlowError::Handlers {
+                flow: def.name.to_string(),
+                reason: format!("{} steps but {} handlers", def.steps.len(), handlers.len()),
+            });
+        }
+        if error.is_none() {
+            if let Some(step) = def
+                .steps
+                .iter()
+                .zip(&handlers)
+                .find(|(s, h)| s.compensable != h.compensate.is_some())
+            {
+                error = Some(FlowError::Handlers {
+                    flow: def.name.to_string(),
+                    reason: format!(
+                        "step `{}` is {}compensable but has {} compensation handler",
+                        step.0.name,
+                        if step.0.compensable { "" } else { "not " },
+                        if step.1.compensate.is_some() { "a" } else { "no" }
+                    ),
+                });
+            }
+        }
+        FlowHandlers { def, handlers, error }
+    }
+
+    /// Keeps a known error (a flow built with a bad name, say) for the worker to report.
+    pub fn with_error(mut self, error: Option<FlowError>) -> Self {
+        if self.error.is_none() {
+            self.error = error;
+        }
+        self
+    }
+
+    /// The definition.
+    pub fn definition(&self) -> &FlowDef {
+        &self.def
+    }
 }
 
 /// A step's action and, when it has one, its compensation.
@@ -194,6 +253,7 @@ mod tests {
             command_id: Uuid::new_v4(),
             run_id: Uuid::new_v4(),
             flow: "f".into(),
+            version: "v1".into(),
             step: "s".into(),
             step_index: 0,
             kind: CommandKind::Execute,

@@ -24,12 +24,13 @@ mod context;
 mod error;
 mod handler;
 mod nats;
+pub mod registry;
 mod worker;
 
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
 pub use handler::{
-    BoxedHandler, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
+    BoxedHandler, FlowHandlers, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
 };
 pub use nats::{ConnectError, NatsOptions, default_nats_url, sync};
 pub use orchestrix_proto as proto;

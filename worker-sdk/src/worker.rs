@@ -11,8 +11,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
     Ack, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError, OutcomeResult,
-    StepCommand, StepFailure, StepOutcome, Subjects, WireError, decode_with_limit, encode,
-    validate_name,
+    StepCommand, StepFailure, StepOutcome, Subjects, WireError, WorkerPresence, decode_with_limit,
+    encode, validate_name,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Semaphore, watch};
@@ -21,8 +21,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::registry::{Registry, RegistryError};
 use crate::{
-    BoxedHandler, CancellationToken, ConnectError, NatsOptions, StepContext, StepError, handler,
+    BoxedHandler, FlowHandlers, CancellationToken, ConnectError, NatsOptions, StepContext, StepError, handler,
     run_command_with,
 };
 
@@ -58,11 +59,27 @@ pub enum WorkerError {
     /// Nothing to serve.
     #[error("the worker has no step handlers")]
     NoSteps,
+    /// A flow given to [`WorkerBuilder::flow`] is not valid.
+    #[error(transparent)]
+    Flow(#[from] orchestrix_proto::FlowError),
+    /// [`WorkerBuilder::flow_steps`] named a step the flow does not have.
+    #[error("flow `{flow}` has no step `{step}`")]
+    UnknownStep {
+        /// Flow name.
+        flow: String,
+        /// The step asked for.
+        step: String,
+    },
+    /// The flow registry refused a definition or cannot be reached.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 #[derive(Clone)]
 struct Registration {
     flow: String,
+    /// The version served; `None`: every version.
+    version: Option<Arc<str>>,
     step: String,
     execute: Option<BoxedHandler>,
     compensate: Option<BoxedHandler>,
@@ -77,8 +94,8 @@ impl Registration {
     }
 }
 
-/// The handlers of one flow's steps, typed by the flow's input. Built inside
-/// [`WorkerBuilder::flow`].
+/// The handlers of one flow's steps by name, typed by the flow's input.
+/// Built inside [`WorkerBuilder::steps`].
 #[must_use]
 pub struct WorkerFlow<I> {
     flow: String,
@@ -106,6 +123,7 @@ impl<I: DeserializeOwned + Send + 'static> WorkerFlow<I> {
             None => {
                 self.regs.push(Registration {
                     flow: self.flow.clone(),
+                    version: None,
                     step: step.to_owned(),
                     execute: None,
                     compensate: None,
@@ -163,6 +181,9 @@ pub struct WorkerBuilder {
     max_message_bytes: usize,
     drain_timeout: Duration,
     regs: Vec<Registration>,
+    defs: Vec<orchestrix_proto::FlowDef>,
+    registry: bool,
+    registry_replicas: usize,
     error: Option<WorkerError>,
 }
 
@@ -189,6 +210,9 @@ impl Default for WorkerBuilder {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             drain_timeout: Duration::from_secs(60),
             regs: Vec::new(),
+            defs: Vec::new(),
+            registry: true,
+            registry_replicas: 1,
             error: None,
         }
     }
@@ -246,13 +270,76 @@ impl WorkerBuilder {
         self
     }
 
-    /// Registers handlers of a flow's steps:
+    /// Serves every step of `flow` (its actions and compensations) and
+    /// registers its definition in the cluster's flow registry, so that
+    /// coordinators run it with no flow file of their own. The same `Flow`
+    /// value runs embedded with `flow.run(input)`:
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), orchestrix_worker::WorkerError> {
+    /// use orchestrix_worker::{FlowHandlers, Worker};
+    /// # let payment_flow: FlowHandlers = unimplemented!();
+    /// // `payment_flow` built with `orchestrix::create::<Order>("payment-flow").step(..)`
+    /// let worker = Worker::builder().flow(payment_flow).start().await?;
+    /// worker.run_until_signal().await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Runs are pinned to the version they started on (see
+    /// [`orchestrix_proto::FlowDef::version`]): this worker gets the commands
+    /// of this version only, so a changed flow never receives runs begun on
+    /// the old one.
+    pub fn flow(self, flow: impl Into<FlowHandlers>) -> Self {
+        let flow = flow.into();
+        let all: Vec<String> = flow.def.steps.iter().map(|s| s.name.to_string()).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.flow_steps(flow, &all)
+    }
+
+    /// Serves only the named steps of `flow`, for a service that owns a part
+    /// of it (other services serve the rest). The whole definition is
+    /// registered all the same: every part registers the same version.
+    pub fn flow_steps(mut self, flow: impl Into<FlowHandlers>, steps: &[&str]) -> Self {
+        let flow = flow.into();
+        if let Some(e) = flow.error {
+            self.error.get_or_insert(e.into());
+            return self;
+        }
+        let version = flow.def.version();
+        for step in steps {
+            let Some(i) = flow.def.position(step) else {
+                self.error.get_or_insert(WorkerError::UnknownStep {
+                    flow: flow.def.name.to_string(),
+                    step: (*step).to_owned(),
+                });
+                continue;
+            };
+            let h = &flow.handlers[i];
+            let reg = Registration {
+                flow: flow.def.name.to_string(),
+                version: Some(version.clone()),
+                step: (*step).to_owned(),
+                execute: Some(h.execute.clone()),
+                compensate: h.compensate.clone(),
+            };
+            self.add(reg);
+        }
+        if !self.defs.iter().any(|d| d.name == flow.def.name && d.version() == version) {
+            self.defs.push(flow.def);
+        }
+        self
+    }
+
+    /// Serves steps of a flow by name, for **every version** of it, without
+    /// registering a definition: for flows whose definition comes from
+    /// elsewhere (a TOML file applied with `orchestrix flows apply`, or a
+    /// coordinator's own flow file).
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), orchestrix_worker::WorkerError> {
     /// use orchestrix_worker::Worker;
     /// let worker = Worker::builder()
-    ///     .flow::<String>("greet", |f| f
+    ///     .steps::<String>("greet", |f| f
     ///         .step("hello", |ctx| async move { Ok(format!("hello {}", ctx.input)) })
     ///         .compensate("hello", |_ctx| async { Ok(()) }))
     ///     .start()
@@ -260,7 +347,7 @@ impl WorkerBuilder {
     /// worker.run_until_signal().await;
     /// # Ok(()) }
     /// ```
-    pub fn flow<I>(mut self, name: &str, f: impl FnOnce(WorkerFlow<I>) -> WorkerFlow<I>) -> Self
+    pub fn steps<I>(mut self, name: &str, f: impl FnOnce(WorkerFlow<I>) -> WorkerFlow<I>) -> Self
     where
         I: DeserializeOwned + Send + 'static,
     {
@@ -271,16 +358,37 @@ impl WorkerBuilder {
             self.error.get_or_insert(e);
         }
         for reg in flow.regs {
-            if self.regs.iter().any(|r| r.flow == reg.flow && r.step == reg.step) {
-                self.error.get_or_insert(WorkerError::Duplicate {
-                    flow: reg.flow,
-                    step: reg.step,
-                    kind: "step",
-                });
-            } else {
-                self.regs.push(reg);
-            }
+            self.add(reg);
         }
+        self
+    }
+
+    fn add(&mut self, reg: Registration) {
+        if self.regs.iter().any(|r| r.flow == reg.flow && r.step == reg.step && r.version == reg.version) {
+            self.error.get_or_insert(WorkerError::Duplicate {
+                flow: reg.flow,
+                step: reg.step,
+                kind: "step",
+            });
+        } else {
+            self.regs.push(reg);
+        }
+    }
+
+    /// Whether to use the flow registry (default yes): register the
+    /// definitions given to [`Self::flow`] and announce what this worker
+    /// serves. Without it, coordinators need the flows in their own flow
+    /// files, with identical definitions.
+    pub fn registry(mut self, on: bool) -> Self {
+        self.registry = on;
+        self
+    }
+
+    /// Replicas of the registry buckets if this worker is the first to
+    /// create them (default 1; coordinators create them with their own
+    /// `--replicas` first in a cluster).
+    pub fn registry_replicas(mut self, n: usize) -> Self {
+        self.registry_replicas = n.max(1);
         self
     }
 
@@ -298,6 +406,26 @@ impl WorkerBuilder {
             Some(c) => c,
             None => self.nats.clone().name(format!("orchestrix-worker {id}")).connect().await?,
         };
+        // Definitions first: a conflict stops the worker before it serves anything.
+        let registry = if self.registry {
+            match Registry::open(client.clone(), subjects.prefix(), self.registry_replicas).await {
+                Ok(r) => {
+                    for def in &self.defs {
+                        let reg = r.register(def, &id).await?;
+                        info!(flow = %def.name, version = %reg.version, "flow registered");
+                    }
+                    Some(r)
+                }
+                // Definitions need the registry; serving steps by name does not.
+                Err(e) if !self.defs.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    warn!(error = %e, "no flow registry: this worker will not be listed");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             client: client.clone(),
             id: id.clone(),
@@ -309,8 +437,22 @@ impl WorkerBuilder {
         });
         let (stop, stopped) = watch::channel(false);
         let mut loops = Vec::new();
+        let presence = WorkerPresence {
+            worker: id.clone(),
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            started_at_ms: orchestrix_proto::time::unix_ms(std::time::SystemTime::now()),
+            flows: crate::registry::served(
+                self.regs
+                    .iter()
+                    .filter(|r| r.execute.is_some())
+                    .map(|r| (r.flow.clone(), r.version.clone(), r.step.clone())),
+            ),
+        };
         for reg in self.regs {
-            let subject = subjects.step(&reg.flow, &reg.step);
+            let subject = match &reg.version {
+                Some(v) => subjects.step(&reg.flow, v, &reg.step),
+                None => subjects.step_any_version(&reg.flow, &reg.step),
+            };
             let group = subjects.step_queue_group(&reg.flow, &reg.step);
             let sub = client
                 .queue_subscribe(subject.clone(), group)
@@ -342,10 +484,32 @@ impl WorkerBuilder {
         }
         // Subscriptions must be in force at the server before the worker reports ready.
         crate::nats::sync(&client).await;
+        // Announced once serving, so a coordinator that sees it can use it.
+        let announcer = match registry.clone() {
+            Some(r) => {
+                if let Err(e) = r.announce(&presence).await {
+                    warn!(error = %e, "cannot announce this worker in the flow registry");
+                }
+                let presence = presence.clone();
+                Some(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(crate::registry::PRESENCE_EVERY);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        if let Err(e) = r.announce(&presence).await {
+                            debug!(error = %e, "cannot renew this worker's presence");
+                        }
+                    }
+                }))
+            }
+            None => None,
+        };
         info!(worker = %id, steps = loops.len(), "worker started");
         Ok(Worker {
             id,
             client,
+            registry,
+            announcer,
             stop,
             loops,
             tracker: shared.tracker.clone(),
@@ -359,6 +523,8 @@ impl WorkerBuilder {
 pub struct Worker {
     id: String,
     client: async_nats::Client,
+    registry: Option<Registry>,
+    announcer: Option<JoinHandle<()>>,
     stop: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
     tracker: TaskTracker,
@@ -395,6 +561,13 @@ impl Worker {
     /// returns; the coordinator retries those attempts elsewhere.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        if let Some(a) = &self.announcer {
+            a.abort();
+        }
+        if let Some(r) = &self.registry {
+            // Bounded: with NATS gone the presence simply expires.
+            let _ = tokio::time::timeout(Duration::from_secs(2), r.withdraw(&self.id)).await;
+        }
         self.tracker.close();
         let drained = async {
             for l in self.loops {
@@ -420,6 +593,9 @@ impl Worker {
 
     /// Stops at once, like a crash: nothing more is answered. For tests.
     pub fn abort(self) {
+        if let Some(a) = &self.announcer {
+            a.abort();
+        }
         for l in &self.loops {
             l.abort();
         }
@@ -830,9 +1006,9 @@ mod tests {
     #[test]
     fn registration_errors_are_reported_at_start() {
         let b = Worker::builder()
-            .flow::<()>("f", |f| f.step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) }));
+            .steps::<()>("f", |f| f.step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) }));
         assert!(matches!(b.error, Some(WorkerError::Duplicate { kind: "execute", .. })));
-        let b = Worker::builder().flow::<()>("bad name", |f| f);
+        let b = Worker::builder().steps::<()>("bad name", |f| f);
         assert!(matches!(b.error, Some(WorkerError::Name(_))));
     }
 }

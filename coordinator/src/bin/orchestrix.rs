@@ -14,6 +14,7 @@ use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_coordinator::{RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
+use orchestrix_worker::registry::{Registry, RegistryError, serves};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
 use uuid::Uuid;
@@ -90,8 +91,11 @@ impl NatsArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the coordinator: answer run requests for the flows of a flow file.
+    /// Run the coordinator: serve the flows workers register (and those of a flow file).
     Serve(ServeArgs),
+    /// The flow registry: apply flow files, list flows, versions and workers.
+    #[command(subcommand)]
+    Flows(FlowsCommand),
     /// Start a run and print its report.
     Run {
         /// Flow name.
@@ -99,6 +103,9 @@ enum Command {
         /// The run's input, as JSON.
         #[arg(long, default_value = "null")]
         input: String,
+        /// Run this version of the flow (default: the newest one a live worker serves).
+        #[arg(long = "flow-version")]
+        version: Option<String>,
         /// Idempotency key.
         #[arg(long)]
         key: Option<String>,
@@ -148,20 +155,49 @@ enum Command {
     },
     /// Try it out: start a local nats-server (JetStream, temp dir, free port) and a coordinator.
     Dev {
-        /// Flow file to serve.
-        #[arg(long, default_value = "examples/payment-flow.toml")]
-        flows: PathBuf,
+        /// A flow file to serve as well as the flows workers register.
+        #[arg(long)]
+        flows: Option<PathBuf>,
         /// Port for NATS (default: a free one).
         #[arg(long)]
         port: Option<u16>,
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum FlowsCommand {
+    /// Register the flows of a TOML file (for workers in other languages).
+    Apply {
+        /// The flow file.
+        file: PathBuf,
+        /// Replicas of the registry buckets if they do not exist yet.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+    },
+    /// List the registered flows, their versions and the live workers serving each.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every version of one flow: steps, policies, workers.
+    Show {
+        /// Flow name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Flow file (TOML) declaring the flows to coordinate.
+    /// A flow file (TOML) with flows to serve besides those workers register.
     #[arg(long, env = "ORCHESTRIX_FLOWS")]
-    flows: PathBuf,
+    flows: Option<PathBuf>,
+    /// Serve only the flows of --flows, not the registry's.
+    #[arg(long)]
+    no_registry: bool,
     /// Time for a worker to acknowledge a command.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     ack_timeout: Duration,
@@ -223,11 +259,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             info!("shutting down");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, input, key, ttl, timeout, detach, json } => {
+        Command::Flows(command) => flows_command(&cli.nats, command).await,
+        Command::Run { flow, input, version, key, ttl, timeout, detach, json } => {
             let input = Payload::transcode_from(&mut serde_json::Deserializer::from_str(&input))
                 .map_err(|e| anyhow!("--input is not valid JSON: {e}"))?;
             let client = client(&cli.nats).await?;
-            let options = RunOptions { key, ttl, timeout, traceparent: None };
+            let options = RunOptions { key, ttl, timeout, traceparent: None, version };
             if detach {
                 let run_id = client.start_payload(&flow, input, options).await?;
                 if json {
@@ -301,6 +338,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             nats.nats = url.clone();
             let args = ServeArgs {
                 flows,
+                no_registry: false,
                 ack_timeout: Duration::from_secs(2),
                 heartbeat_timeout: Duration::from_secs(5),
                 worker_wait: Duration::from_secs(300),
@@ -310,16 +348,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: 1,
             };
             let _running = serve(&nats, &args).await?;
-            println!(
-                "NATS (JetStream) is on {url}, a coordinator serves the flows of {}.",
-                args.flows.display()
-            );
+            println!("NATS (JetStream) is on {url}; a coordinator serves the flows workers register.");
+            println!("NATS_URL={url}");
             println!("In another terminal:");
             println!("  export NATS_URL={url}");
             println!("  cargo run --example payment_worker");
             println!("and in a third:");
             println!(
-                "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"order_id\":\"order_1\",\"amount\":50,\"user_id\":\"user_A\"}}'"
+                "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"orderId\":\"order_1\",\"amount\":50,\"userId\":\"user_A\"}}'"
             );
             println!("Ctrl-C stops both.");
             wait_for_signal().await;
@@ -340,7 +376,11 @@ struct Running {
 }
 
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
-    let flows = flowfile::load(&args.flows)?;
+    let flows = match &args.flows {
+        Some(path) => flowfile::load(path)?,
+        None if args.no_registry => bail!("--no-registry needs --flows: there would be nothing to serve"),
+        None => Vec::new(),
+    };
     let subjects = nats.subjects()?;
     let conn = nats.options().name("orchestrix coordinator").connect().await?;
     let bus_options = NatsBusOptions::default()
@@ -361,11 +401,129 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         .bus_options(bus_options)
         .store(store)
         .flows(flows)
+        .registry(!args.no_registry)
         .hooks(orchestrix_coordinator::metrics::RunMetrics::global())
         .start(conn)
         .await?;
-    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, "coordinator ready");
+    let registered = node.coordinator().flows().len() - names.len();
+    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, registered, "coordinator ready");
     Ok(Running { _node: node })
+}
+
+async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result<ExitCode> {
+    let subjects = nats.subjects()?;
+    let conn = nats.options().connect().await?;
+    let replicas = match &command {
+        FlowsCommand::Apply { replicas, .. } => *replicas,
+        _ => 1,
+    };
+    let registry = Registry::open(conn, subjects.prefix(), replicas).await?;
+    match command {
+        FlowsCommand::Apply { file, .. } => {
+            let flows = flowfile::load(&file)?;
+            let mut refused = 0;
+            for def in &flows {
+                match registry.register(def, "cli").await {
+                    Ok(reg) => println!("{}  version {}", def.name, reg.version),
+                    Err(e @ RegistryError::Conflict { .. }) => {
+                        eprintln!("error: {e}");
+                        refused += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(if refused == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        FlowsCommand::List { json } => {
+            let listing = registry_listing(&registry).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else if listing.is_empty() {
+                println!("no flows registered");
+            } else {
+                println!("{:<24} {:<18} {:>5} {:>7}  REGISTERED", "FLOW", "VERSION", "STEPS", "WORKERS");
+                for v in &listing {
+                    println!(
+                        "{:<24} {:<18} {:>5} {:>7}  {} by {}",
+                        v.flow,
+                        v.version,
+                        v.steps.len(),
+                        v.workers.len(),
+                        humantime::format_rfc3339_seconds(orchestrix_proto::time::from_unix_ms(v.registered_at_ms)),
+                        v.registered_by
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FlowsCommand::Show { name, json } => {
+            let listing: Vec<_> =
+                registry_listing(&registry).await?.into_iter().filter(|v| v.flow == name).collect();
+            if listing.is_empty() {
+                bail!("no flow `{name}` is registered (see `orchestrix flows list`)");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            for v in &listing {
+                println!("{} version {} (registered by {})", v.flow, v.version, v.registered_by);
+                for s in &v.steps {
+                    let mut notes = vec![format!("retries {}", s.retry.max_retries)];
+                    if let Some(t) = s.timeout {
+                        notes.push(format!("timeout {}", humantime::format_duration(t)));
+                    }
+                    if s.compensable {
+                        notes.push("compensable".into());
+                    }
+                    if s.on_unknown == orchestrix_coordinator::OnUnknown::Retry {
+                        notes.push("idempotent".into());
+                    }
+                    println!("  - {:<24} {}", s.name, notes.join(", "));
+                }
+                if v.workers.is_empty() {
+                    println!("  workers: none live (new runs of this version wait for one)");
+                } else {
+                    println!("  workers: {}", v.workers.join(", "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// One version of a flow as `flows list --json` prints it.
+#[derive(serde::Serialize)]
+struct VersionListing {
+    flow: String,
+    version: String,
+    registered_at_ms: u64,
+    registered_by: String,
+    steps: Vec<orchestrix_coordinator::StepDef>,
+    workers: Vec<String>,
+}
+
+async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionListing>> {
+    let workers = registry.presences().await?;
+    let mut out: Vec<VersionListing> = registry
+        .registrations()
+        .await?
+        .into_iter()
+        .map(|r| VersionListing {
+            workers: workers
+                .iter()
+                .filter(|p| serves(p, &r.flow.name, &r.version))
+                .map(|p| p.worker.clone())
+                .collect(),
+            flow: r.flow.name.to_string(),
+            version: r.version.to_string(),
+            registered_at_ms: r.registered_at_ms,
+            registered_by: r.registered_by,
+            steps: r.flow.steps,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.flow, a.registered_at_ms).cmp(&(&b.flow, b.registered_at_ms)));
+    Ok(out)
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {

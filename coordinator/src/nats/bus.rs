@@ -204,7 +204,7 @@ impl NatsBus {
 
 impl Bus for NatsBus {
     fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
-        let subject = self.options.subjects.step(&cmd.flow, &cmd.step);
+        let subject = self.options.subjects.step(&cmd.flow, &cmd.version, &cmd.step);
         self.send(subject, &cmd, reply).map(|()| Dispatched::Sent)
     }
 

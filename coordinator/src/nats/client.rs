@@ -279,8 +279,8 @@ impl Client {
 }
 
 fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
-    let RunOptions { key, ttl, timeout, .. } = options;
-    RunRequest { flow: flow.into(), input, key, ttl, timeout, wait, start_by_ms: None }
+    let RunOptions { key, ttl, timeout, version, .. } = options;
+    RunRequest { flow: flow.into(), version, input, key, ttl, timeout, wait, start_by_ms: None }
 }
 
 fn unexpected(reply: RunReply) -> ClientError {

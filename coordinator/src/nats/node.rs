@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::{EventPublisher, NatsBus, NatsBusOptions, Service, ServiceError};
 use crate::jetstream::{JetStreamStore, JetStreamStoreOptions};
+use orchestrix_worker::registry::{Registry, RegistryError};
 use crate::{BusError, Coordinator, FlowDef, FlowError, Hooks, RunError, StoreError};
 
 /// A coordinator node could not start.
@@ -32,6 +33,9 @@ pub enum NodeError {
     /// The request service could not subscribe.
     #[error(transparent)]
     Service(#[from] ServiceError),
+    /// The flow registry could not be opened.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// Where a node keeps its runs.
@@ -49,13 +53,10 @@ pub enum NodeStore {
 /// ```no_run
 /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 /// use orchestrix_coordinator::nats::Node;
-/// use orchestrix_coordinator::flowfile;
 ///
 /// let conn = async_nats::connect("nats://127.0.0.1:4222").await?;
-/// let node = Node::builder()
-///     .flows(flowfile::parse(&std::fs::read_to_string("examples/payment-flow.toml")?)?)
-///     .start(conn)
-///     .await?;
+/// // Serves every flow that workers register; `.flows(..)` adds flows of its own.
+/// let node = Node::builder().start(conn).await?;
 /// // … until asked to stop:
 /// node.shutdown().await;
 /// # Ok(()) }
@@ -68,6 +69,7 @@ pub struct NodeBuilder {
     flows: Vec<FlowDef>,
     hooks: Vec<Arc<dyn Hooks>>,
     events: bool,
+    registry: bool,
     takeover_every: Duration,
 }
 
@@ -90,6 +92,7 @@ impl Default for NodeBuilder {
             flows: Vec::new(),
             hooks: Vec::new(),
             events: true,
+            registry: true,
             takeover_every: Duration::from_secs(1),
         }
     }
@@ -138,6 +141,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether to serve the flows registered by workers in the cluster's
+    /// flow registry (default yes; needs JetStream). Without it the node
+    /// serves only the flows given to [`Self::flows`].
+    pub fn registry(mut self, on: bool) -> Self {
+        self.registry = on;
+        self
+    }
+
     /// How often orphaned runs are looked for (default 1 s).
     pub fn takeover_every(mut self, every: Duration) -> Self {
         self.takeover_every = every;
@@ -150,25 +161,34 @@ impl NodeBuilder {
     pub async fn start(self, conn: async_nats::Client) -> Result<Node, NodeError> {
         let bus_options = self.bus.subjects(self.subjects.clone());
         let bus = NatsBus::start(conn.clone(), bus_options).await?;
-        let mut builder = Coordinator::builder().bus(bus);
+        let mut builder = Coordinator::builder().bus(bus).registry(self.registry);
         if self.events {
             builder = builder.hooks(EventPublisher::start(conn.clone(), self.subjects.clone()));
         }
         for h in self.hooks {
             builder = builder.hooks(h);
         }
+        let mut replicas = 1;
         if let NodeStore::JetStream(options) = self.store {
             let options = options.prefix(self.subjects.prefix());
+            replicas = options.replicas;
             builder = builder.store(JetStreamStore::open(conn.clone(), options).await?);
         }
         for def in self.flows {
             builder = builder.flow_def(def);
         }
         let coordinator = builder.build()?;
+        // The registry is loaded before recovery, so resumed runs find their versions.
+        let registry = if self.registry {
+            let registry = Registry::open(conn.clone(), self.subjects.prefix(), replicas).await?;
+            Some(coordinator.follow_registry(registry).await?)
+        } else {
+            None
+        };
         let resumed = coordinator.recover().await?;
         let takeover = coordinator.take_over_orphans(self.takeover_every);
         let service = Service::start(coordinator.clone(), conn, &self.subjects).await?;
-        Ok(Node { coordinator, service: Some(service), takeover, resumed })
+        Ok(Node { coordinator, service: Some(service), takeover, registry, resumed })
     }
 }
 
@@ -177,6 +197,7 @@ pub struct Node {
     coordinator: Coordinator,
     service: Option<Service>,
     takeover: JoinHandle<()>,
+    registry: Option<JoinHandle<()>>,
     resumed: usize,
 }
 
@@ -209,13 +230,20 @@ impl Node {
     /// their records: another coordinator (or this one, restarted) resumes
     /// them once this node's heartbeat expires.
     pub async fn shutdown(mut self) {
-        self.takeover.abort();
+        self.stop();
         drop(self.service.take());
+    }
+
+    fn stop(&mut self) {
+        self.takeover.abort();
+        if let Some(r) = &self.registry {
+            r.abort();
+        }
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.takeover.abort();
+        self.stop();
     }
 }

@@ -59,10 +59,14 @@ impl Service {
         subjects: &Subjects,
     ) -> Result<Service, ServiceError> {
         let mut tasks = Vec::new();
-        // Run requests per flow: a coordinator only hears the flows it serves.
-        // Status and list are answered from the shared store by any of them.
-        let mut asks: Vec<(String, Ask)> =
-            coordinator.flows().map(|f| (subjects.run_requests(f), Ask::Run)).collect();
+        // Run requests per flow: a coordinator only hears the flows it serves
+        // (all of them when it follows the registry). Status and list are
+        // answered from the shared store by any of them.
+        let mut asks: Vec<(String, Ask)> = if coordinator.follows_registry() {
+            vec![(subjects.all_run_requests(), Ask::Run)]
+        } else {
+            coordinator.flows().iter().map(|f| (subjects.run_requests(f), Ask::Run)).collect()
+        };
         asks.push((subjects.status_requests(), Ask::Status));
         asks.push((subjects.list_requests(), Ask::List));
         for (subject, kind) in asks {
@@ -155,7 +159,13 @@ async fn answer_run(
         warn!(late_ms = now - by, flow = %req.flow, "run request arrived after its caller gave up; refused");
         return rejected(format!("run request expired {} ms ago (the caller gave up)", now - by));
     }
-    let options = RunOptions { key: req.key, ttl: req.ttl, timeout: req.timeout, traceparent };
+    let options = RunOptions {
+        key: req.key,
+        ttl: req.ttl,
+        timeout: req.timeout,
+        traceparent,
+        version: req.version,
+    };
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
         Err(e) => return run_rejected(e),

@@ -106,7 +106,7 @@ async fn main() {
     let worker = Worker::builder()
         .nats(NatsOptions::new(args.nats))
         .heartbeat_interval(Duration::from_millis(args.heartbeat_ms))
-        .flow::<ChaosInput>("chaos", move |mut f| {
+        .steps::<ChaosInput>("chaos", move |mut f| {
             for step in ["reserve", "charge", "notify"] {
                 let (a, c) = (l.clone(), l.clone());
                 f = f

@@ -31,7 +31,7 @@ async fn main() {
     let worker = Worker::builder()
         .nats(NatsOptions::new(args.nats))
         .heartbeat_interval(Duration::from_millis(args.heartbeat_ms))
-        .flow::<u32>("crash", |f| {
+        .steps::<u32>("crash", |f| {
             f.step("a", |ctx: StepContext<u32>| async move {
                 say(format!("a {} {}", ctx.run_id(), ctx.attempt()));
                 Ok(())

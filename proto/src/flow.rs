@@ -1,15 +1,15 @@
 //! A flow's definition as pure data: steps, their policies, whether they
-//! have a compensation. No code and no engine: the run record, the flow file
-//! and the machine read it, and [`crate::Flow`] (with handlers) builds it.
+//! have a compensation, and the version they make. No code and no engine:
+//! workers register it, coordinators run from it, flow files describe it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrix_proto::time::opt_duration_ms;
-use orchestrix_proto::{NameError, validate_name};
 use serde::{Deserialize, Serialize};
 
 use crate::RetryPolicy;
+use crate::time::opt_duration_ms;
+use crate::{NameError, validate_name};
 
 /// A step as the coordinator sees it: its name and policies, no code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,15 +74,19 @@ impl StepDef {
     }
 }
 
-/// A flow as the coordinator sees it: a name and its steps in order. Pure data:
-/// the distributed coordinator reads it from a flow file, while the handlers
-/// live in worker processes.
+/// A flow as the coordinator sees it: a name, its steps in order and their
+/// policies. Pure data: workers register it in the cluster's flow registry,
+/// and coordinators run from it while the handlers live in the workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct FlowDef {
     /// Flow name.
     pub name: Arc<str>,
+    /// An explicit version label; without one the version is a hash of the
+    /// definition (see [`FlowDef::version`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Arc<str>>,
     /// Steps, run in this order.
     pub steps: Vec<StepDef>,
 }
@@ -90,14 +94,71 @@ pub struct FlowDef {
 impl FlowDef {
     /// A flow with no steps yet.
     pub fn new(name: &str) -> Self {
-        FlowDef { name: Arc::from(name), steps: Vec::new() }
+        FlowDef { name: Arc::from(name), version: None, steps: Vec::new() }
+    }
+
+    /// The flow's version: its explicit label, or else 16 hex digits hashed
+    /// from the definition, so that any change to a step, its order or a
+    /// policy makes another version and the same definition, built in any
+    /// process, makes the same one.
+    ///
+    /// ```
+    /// use orchestrix_proto::{FlowDef, StepDef};
+    /// let mut a = FlowDef::new("payment-flow");
+    /// a.steps.push(StepDef::new("charge"));
+    /// let mut b = a.clone();
+    /// assert_eq!(a.version(), b.version());
+    /// b.steps[0].compensable = true;
+    /// assert_ne!(a.version(), b.version());
+    /// ```
+    pub fn version(&self) -> Arc<str> {
+        if let Some(label) = &self.version {
+            return label.clone();
+        }
+        Arc::from(format!("{:016x}", self.digest()))
+    }
+
+    /// FNV-1a over the definition's MessagePack encoding (with field names):
+    /// stable across processes, platforms and Rust releases.
+    fn digest(&self) -> u64 {
+        let bytes = rmp_serde::to_vec_named(self).unwrap_or_default();
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
+
+    /// The index of the step named `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| &*s.name == name)
     }
 
     /// Checks the names (usable as NATS subject tokens) and that step names are unique.
     pub fn validate(&self) -> Result<(), FlowError> {
         validate_name("flow", &self.name)?;
+        if let Some(label) = &self.version {
+            validate_name("version", label)?;
+        }
+        if self.steps.is_empty() {
+            return Err(FlowError::NoSteps { flow: self.name.to_string() });
+        }
         for (i, step) in self.steps.iter().enumerate() {
             validate_name("step", &step.name)?;
+            for (what, p) in [("", &step.retry), ("compensation ", &step.compensation_retry)] {
+                let bad = if !(p.backoff.is_finite() && p.backoff >= 1.0) {
+                    Some(format!("{what}backoff must be a number of at least 1, not {}", p.backoff))
+                } else if !(0.0..=1.0).contains(&p.jitter) {
+                    Some(format!("{what}jitter must be between 0 and 1, not {}", p.jitter))
+                } else {
+                    None
+                };
+                if let Some(reason) = bad {
+                    return Err(FlowError::Policy {
+                        flow: self.name.to_string(),
+                        step: step.name.to_string(),
+                        reason,
+                    });
+                }
+            }
             if self.steps[..i].iter().any(|s| s.name == step.name) {
                 return Err(FlowError::DuplicateStep {
                     flow: self.name.to_string(),
@@ -123,6 +184,22 @@ pub enum FlowError {
         flow: String,
         /// The repeated step name.
         step: String,
+    },
+    /// A step's policy makes no sense.
+    #[error("flow `{flow}`, step `{step}`: {reason}")]
+    Policy {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A flow needs at least one step.
+    #[error("flow `{flow}` has no steps")]
+    NoSteps {
+        /// The flow.
+        flow: String,
     },
     /// A step's handlers do not match the definition.
     #[error("flow `{flow}`: {reason}")]

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use orchestrix_proto::time::{duration_ms, opt_duration_ms};
+use crate::time::{duration_ms, opt_duration_ms};
 
 /// When and how often a failed attempt is tried again.
 ///
@@ -13,7 +13,7 @@ use orchestrix_proto::time::{duration_ms, opt_duration_ms};
 ///
 /// ```
 /// use std::time::Duration;
-/// use orchestrix_coordinator::RetryPolicy;
+/// use orchestrix_proto::RetryPolicy;
 ///
 /// let p = RetryPolicy::new().retries(3).delay(Duration::from_millis(100)).backoff(2.0);
 /// assert_eq!(p.base_delay(1), Duration::from_millis(100));
@@ -90,7 +90,7 @@ impl RetryPolicy {
     /// Sets the backoff factor (values below 1.0 are taken as 1.0).
     #[must_use]
     pub fn backoff(mut self, factor: f64) -> Self {
-        self.backoff = factor;
+        self.backoff = if factor.is_finite() { factor.max(1.0) } else { 1.0 };
         self
     }
 
@@ -104,7 +104,7 @@ impl RetryPolicy {
     /// Sets the jitter fraction (clamped to 0.0 ..= 1.0).
     #[must_use]
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.jitter = fraction;
+        self.jitter = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
         self
     }
 

@@ -1,0 +1,331 @@
+//! The cluster's flow registry, in two JetStream KV buckets named after the
+//! subject prefix:
+//!
+//! | bucket | key | value |
+//! |---|---|---|
+//! | `{prefix}_flows` | `{flow}.{version}` | [`FlowRegistration`]: the definition, written once per version |
+//! | `{prefix}_workers` | worker id | [`WorkerPresence`]: what a live worker serves; renewed every 2 s, expires 6 s after the last renewal |
+//!
+//! Workers register the definitions they serve and announce themselves;
+//! coordinators watch both buckets, so a coordinator needs no flow file and
+//! knows which versions have a live worker. `orchestrix flows apply` writes
+//! definitions from TOML for workers written in other languages.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use orchestrix_proto::{
+    FlowDef, FlowError, FlowRegistration, ServedFlow, WorkerPresence, decode, encode, time,
+};
+
+/// How long a worker's presence lasts without renewal.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(6);
+/// How often a worker renews its presence.
+pub const PRESENCE_EVERY: Duration = Duration::from_secs(2);
+
+/// The registry could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// JetStream is not reachable or refused an operation.
+    #[error("flow registry unavailable: {0}")]
+    Unavailable(String),
+    /// The server is too old for the registry (it needs KV per-key TTL).
+    #[error(
+        "nats-server {0} is too old for the flow registry: it needs 2.11 or newer (KV per-key TTL)"
+    )]
+    TooOld(String),
+    /// Another definition is registered under the same flow and version.
+    #[error(
+        "flow `{flow}` version `{version}` is already registered with a different definition (registered by {by}); change the version label or keep the definition"
+    )]
+    Conflict {
+        /// The flow.
+        flow: String,
+        /// The version.
+        version: String,
+        /// Who registered the existing one.
+        by: String,
+    },
+    /// The definition is not valid.
+    #[error(transparent)]
+    Invalid(#[from] FlowError),
+    /// An entry could not be read.
+    #[error("unreadable registry entry {key}: {reason}")]
+    Corrupt {
+        /// The KV key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn unavailable(what: &str, e: impl fmt::Display) -> RegistryError {
+    RegistryError::Unavailable(format!("{what}: {e}"))
+}
+
+/// A change seen by [`Registry::watch_workers`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum PresenceChange {
+    /// A worker announced (or renewed) what it serves.
+    Up(WorkerPresence),
+    /// A worker left or its presence expired (by KV key).
+    Gone(String),
+}
+
+/// Handle on the registry buckets.
+#[derive(Clone)]
+pub struct Registry {
+    js: jetstream::Context,
+    flows: kv::Store,
+    workers: kv::Store,
+    workers_bucket: String,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").field("workers", &self.workers_bucket).finish_non_exhaustive()
+    }
+}
+
+/// True for a server version of 2.11 or newer (an unreadable one passes).
+pub fn server_supports_ttl(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
+        _ => true,
+    }
+}
+
+/// Publishes `value` to a KV key with a per-message TTL (a plain KV put
+/// cannot carry one). The bucket needs `limit_markers` so that watchers see
+/// the expiry.
+pub async fn put_with_ttl(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+    value: Bytes,
+    ttl: Duration,
+) -> Result<(), String> {
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(value)
+        .ttl(ttl.max(Duration::from_secs(1)));
+    let ack = js
+        .send_publish(format!("$KV.{bucket}.{key}"), msg)
+        .await
+        .map_err(|e| format!("cannot publish: {e}"))?;
+    ack.await.map_err(|e| format!("publish not acknowledged: {e}"))?;
+    Ok(())
+}
+
+/// A KV key for a worker id (which holds a host name: keep what KV allows).
+pub fn worker_key(worker: &str) -> String {
+    let key: String = worker
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if key.is_empty() { "_".into() } else { key }
+}
+
+impl Registry {
+    /// Opens the registry buckets under `prefix` (a subject prefix; dots
+    /// become `_` in bucket names), creating them with `replicas` when missing.
+    pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        replicas: usize,
+    ) -> Result<Registry, RegistryError> {
+        let version = client.server_info().version;
+        if !server_supports_ttl(&version) {
+            return Err(RegistryError::TooOld(version));
+        }
+        let js =
+            jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
+        let p = prefix.replace('.', "_");
+        let open = |name: String, history: i64, markers: bool| {
+            let js = js.clone();
+            async move {
+                if let Ok(store) = js.get_key_value(&name).await {
+                    return Ok(store);
+                }
+                let cfg = kv::Config {
+                    bucket: name.clone(),
+                    history,
+                    num_replicas: replicas.max(1),
+                    storage: jetstream::stream::StorageType::File,
+                    limit_markers: markers.then_some(Duration::from_secs(1)),
+                    ..Default::default()
+                };
+                match js.create_key_value(cfg).await {
+                    Ok(store) => Ok(store),
+                    // Someone else created it in between.
+                    Err(e) => js
+                        .get_key_value(&name)
+                        .await
+                        .map_err(|_| unavailable(&format!("cannot open bucket {name}"), e)),
+                }
+            }
+        };
+        let flows = open(format!("{p}_flows"), 1, false).await?;
+        let workers_bucket = format!("{p}_workers");
+        let workers = open(workers_bucket.clone(), 1, true).await?;
+        Ok(Registry { js, flows, workers, workers_bucket })
+    }
+
+    /// Registers `def` under its version. Registering the same definition
+    /// again is harmless (the first registration is kept); a different
+    /// definition under a version already taken is refused.
+    pub async fn register(
+        &self,
+        def: &FlowDef,
+        by: &str,
+    ) -> Result<FlowRegistration, RegistryError> {
+        def.validate()?;
+        let version = def.version();
+        let reg = FlowRegistration {
+            flow: def.clone(),
+            version: version.clone(),
+            registered_at_ms: time::unix_ms(SystemTime::now()),
+            registered_by: by.to_owned(),
+        };
+        let key = format!("{}.{}", def.name, version);
+        let bytes = encode(&reg).map_err(|e| unavailable("cannot encode", e))?;
+        match self.flows.create(&key, Bytes::from(bytes)).await {
+            Ok(_) => Ok(reg),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let existing = self.registration(&key).await?.ok_or_else(|| {
+                    RegistryError::Unavailable(format!("{key} exists but cannot be read"))
+                })?;
+                if existing.flow != *def {
+                    return Err(RegistryError::Conflict {
+                        flow: def.name.to_string(),
+                        version: version.to_string(),
+                        by: existing.registered_by,
+                    });
+                }
+                Ok(existing)
+            }
+            Err(e) => Err(unavailable(&format!("cannot register {key}"), e)),
+        }
+    }
+
+    async fn registration(&self, key: &str) -> Result<Option<FlowRegistration>, RegistryError> {
+        let bytes = self.flows.get(key).await.map_err(|e| unavailable("cannot read", e))?;
+        bytes
+            .map(|b| {
+                decode::<FlowRegistration>(&b)
+                    .map_err(|e| RegistryError::Corrupt { key: key.into(), reason: e.to_string() })
+            })
+            .transpose()
+    }
+
+    /// Every registered version of every flow, oldest first.
+    pub async fn registrations(&self) -> Result<Vec<FlowRegistration>, RegistryError> {
+        let mut keys = self.flows.keys().await.map_err(|e| unavailable("cannot list flows", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| unavailable("cannot list flows", e))?;
+            if let Some(reg) = self.registration(&key).await? {
+                out.push(reg);
+            }
+        }
+        out.sort_by_key(|r| r.registered_at_ms);
+        Ok(out)
+    }
+
+    /// Announces (or renews) what a worker serves, for [`PRESENCE_TTL`].
+    pub async fn announce(&self, presence: &WorkerPresence) -> Result<(), RegistryError> {
+        let bytes = encode(presence).map_err(|e| unavailable("cannot encode", e))?;
+        let key = worker_key(&presence.worker);
+        put_with_ttl(&self.js, &self.workers_bucket, &key, Bytes::from(bytes), PRESENCE_TTL)
+            .await
+            .map_err(RegistryError::Unavailable)
+    }
+
+    /// Removes a worker's presence (it is leaving).
+    pub async fn withdraw(&self, worker: &str) -> Result<(), RegistryError> {
+        self.workers
+            .delete(worker_key(worker))
+            .await
+            .map_err(|e| unavailable("cannot withdraw the worker", e))
+    }
+
+    /// The live workers.
+    pub async fn presences(&self) -> Result<Vec<WorkerPresence>, RegistryError> {
+        let mut keys =
+            self.workers.keys().await.map_err(|e| unavailable("cannot list workers", e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| unavailable("cannot list workers", e))?;
+            let bytes = self.workers.get(&key).await.map_err(|e| unavailable("cannot read", e))?;
+            if let Some(p) = bytes.and_then(|b| decode::<WorkerPresence>(&b).ok()) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every registration, then each new one as it is written.
+    pub async fn watch_flows(
+        &self,
+    ) -> Result<impl Stream<Item = FlowRegistration> + Send + 'static, RegistryError> {
+        let watch =
+            self.flows.watch_with_history(">").await.map_err(|e| unavailable("cannot watch flows", e))?;
+        Ok(watch.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            if entry.operation != kv::Operation::Put {
+                return None;
+            }
+            match decode::<FlowRegistration>(&entry.value) {
+                Ok(reg) => Some(reg),
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "unreadable flow registration");
+                    None
+                }
+            }
+        }))
+    }
+
+    /// Every live worker, then each change as it happens.
+    pub async fn watch_workers(
+        &self,
+    ) -> Result<impl Stream<Item = PresenceChange> + Send + 'static, RegistryError> {
+        let watch =
+            self.workers.watch_with_history(">").await.map_err(|e| unavailable("cannot watch workers", e))?;
+        Ok(watch.filter_map(|entry| async move {
+            let entry = entry.ok()?;
+            if entry.operation != kv::Operation::Put {
+                return Some(PresenceChange::Gone(entry.key));
+            }
+            decode::<WorkerPresence>(&entry.value).ok().map(PresenceChange::Up)
+        }))
+    }
+}
+
+/// Whether a worker's presence serves (some step of) a version of a flow.
+pub fn serves(presence: &WorkerPresence, flow: &str, version: &str) -> bool {
+    presence
+        .flows
+        .iter()
+        .any(|s| &*s.flow == flow && s.version.as_deref().is_none_or(|v| v == version))
+}
+
+/// Groups a worker's step registrations into what it announces.
+pub(crate) fn served(regs: impl Iterator<Item = (String, Option<std::sync::Arc<str>>, String)>) -> Vec<ServedFlow> {
+    let mut by: HashMap<(String, Option<std::sync::Arc<str>>), Vec<std::sync::Arc<str>>> =
+        HashMap::new();
+    for (flow, version, step) in regs {
+        by.entry((flow, version)).or_default().push(step.into());
+    }
+    let mut out: Vec<ServedFlow> = by
+        .into_iter()
+        .map(|((flow, version), steps)| ServedFlow { flow: flow.into(), version, steps })
+        .collect();
+    out.sort_by(|a, b| (&a.flow, &a.version).cmp(&(&b.flow, &b.version)));
+    out
+}
