@@ -2,54 +2,20 @@
 //! A payment over 1000 is declined; the payment step retries, then fails for
 //! good, and the stock reservation is released.
 //!
-//! Run it with `cargo run --example payment_flow`.
+//! Run it with `cargo run --example payment_flow`. The flow is defined once,
+//! in `examples/shared/payment.rs`, which `payment_worker` serves over NATS.
 
 use std::time::Duration;
 
-use orchestrix::{RunOptions, RunReport, RunStatus, StepError, create};
-use serde::{Deserialize, Serialize};
+use orchestrix::{RunOptions, RunReport, RunStatus};
 
-#[derive(Debug, Serialize, Deserialize)]
-struct PaymentInput {
-    order_id: String,
-    amount: u64,
-    user_id: String,
-}
+#[path = "shared/payment.rs"]
+mod payment;
+use payment::{PaymentInput, payment_flow};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let payment_flow = create::<PaymentInput>("payment-flow")
-        .step_with(
-            "reserve-stock",
-            |ctx| async move {
-                println!("Reserving stock for order {}", ctx.input.order_id);
-                Ok(())
-            },
-            |o| {
-                o.compensate(|ctx| async move {
-                    println!("Releasing stock for order {}", ctx.input.order_id);
-                    Ok(())
-                })
-            },
-        )
-        .step_with(
-            "process-payment",
-            |ctx| async move {
-                println!(
-                    "Processing payment of ${} for user {}",
-                    ctx.input.amount, ctx.input.user_id
-                );
-                if ctx.input.amount > 1000 {
-                    return Err(StepError::retryable("Payment declined: limit exceeded"));
-                }
-                Ok(())
-            },
-            |o| o.retries(3).retry_delay(Duration::from_millis(1000)),
-        )
-        .step("send-email", |ctx| async move {
-            println!("Sending confirmation email to user {}", ctx.input.user_id);
-            Ok(())
-        });
+    let payment_flow = payment_flow(Duration::ZERO);
 
     let success = payment_flow
         .run(PaymentInput { order_id: "order_1".into(), amount: 50, user_id: "user_A".into() })

@@ -1,4 +1,6 @@
-//! The quick start's steps, served by a worker process over NATS.
+//! The quick start's flow, served by a worker process over NATS: the same
+//! definition `payment_flow` runs embedded (`examples/shared/payment.rs`),
+//! registered in the cluster when the worker starts.
 //!
 //! ```sh
 //! cargo run --example payment_worker -- --nats nats://127.0.0.1:4222 [--step-delay-ms 2000]
@@ -10,15 +12,10 @@
 use std::time::Duration;
 
 use clap::Parser;
-use orchestrix::{NatsOptions, StepContext, StepError, Worker};
-use serde::{Deserialize, Serialize};
+use orchestrix::{NatsOptions, Worker};
 
-#[derive(Debug, Serialize, Deserialize)]
-struct PaymentInput {
-    order_id: String,
-    amount: u64,
-    user_id: String,
-}
+#[path = "shared/payment.rs"]
+mod payment;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -31,12 +28,6 @@ struct Args {
     /// Make every step take this long (to try timeouts and crashes).
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
-}
-
-async fn pause(ms: u64) {
-    if ms > 0 {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
 }
 
 #[tokio::main]
@@ -55,42 +46,18 @@ async fn serve() -> Result<(), orchestrix::WorkerError> {
     // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     let _telemetry = orchestrix::coordinator::observability::init("payment-worker", "info");
     let args = Args::parse();
-    let delay = args.step_delay_ms;
+    // The flow's definition and handlers, as `payment_flow` runs them embedded;
+    // starting the worker registers the definition in the cluster.
+    let flow = payment::payment_flow(Duration::from_millis(args.step_delay_ms));
+    let version = flow.definition().version();
     let worker = Worker::builder()
         .nats(NatsOptions::new(args.nats.clone()))
         .prefix(&args.prefix)
-        .steps::<PaymentInput>("payment-flow", |f| {
-            f.step("reserve-stock", move |ctx: StepContext<PaymentInput>| async move {
-                println!("Reserving stock for order {}", ctx.input.order_id);
-                pause(delay).await;
-                Ok(())
-            })
-            .compensate("reserve-stock", move |ctx| async move {
-                println!("Releasing stock for order {}", ctx.input.order_id);
-                pause(delay).await;
-                Ok(())
-            })
-            .step("process-payment", move |ctx| async move {
-                println!(
-                    "Processing payment of ${} for user {}",
-                    ctx.input.amount, ctx.input.user_id
-                );
-                pause(delay).await;
-                if ctx.input.amount > 1000 {
-                    return Err(StepError::retryable("Payment declined: limit exceeded"));
-                }
-                Ok(())
-            })
-            .step("send-email", move |ctx| async move {
-                println!("Sending confirmation email to user {}", ctx.input.user_id);
-                pause(delay).await;
-                Ok(())
-            })
-        })
+        .flow(flow)
         .start()
         .await?;
     println!(
-        "worker {} serving payment-flow on {} (ctrl-c to drain and stop)",
+        "worker {} serving payment-flow version {version} on {} (ctrl-c to drain and stop)",
         worker.id(),
         args.nats
     );

@@ -155,6 +155,9 @@ pub struct StepRecord {
     /// afterwards: it may have had its effect, so rollback compensates it.
     #[serde(default)]
     pub maybe_done: bool,
+    /// Why the step waits (while it does): for the report.
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 /// The durable state of one run.
@@ -332,6 +335,7 @@ impl RunRecord {
                     duration: None,
                     compensation: None,
                     maybe_done: false,
+                    waiting: None,
                 })
                 .collect(),
             current: None,
@@ -387,10 +391,11 @@ impl RunRecord {
                         && s.status == StepStatus::Waiting
                     {
                         s.status = StepStatus::Running;
+                        s.waiting = None;
                     }
                 }
             }
-            Transition::Redispatched { command_id, .. } => {
+            Transition::Redispatched { command_id, note } => {
                 let Some(c) = &mut self.current else { return };
                 c.command_id = *command_id;
                 c.acked_by = None;
@@ -398,6 +403,7 @@ impl RunRecord {
                 let (step, kind) = (c.step, c.kind);
                 if let (Some(s), CommandKind::Execute) = (self.steps.get_mut(step as usize), kind) {
                     s.status = StepStatus::Waiting;
+                    s.waiting = Some(note.clone());
                 }
             }
             Transition::LateOutcome(note) => {
@@ -509,6 +515,7 @@ impl RunRecord {
                     started_at: s.started_at,
                     duration: s.duration,
                     compensation: s.compensation.as_deref().cloned(),
+                    waiting: s.waiting.clone().filter(|_| s.status == StepStatus::Waiting),
                 })
                 .collect(),
             late: self.late.iter().map(LateNote::line).collect(),

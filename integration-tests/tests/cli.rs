@@ -28,11 +28,8 @@ fn stdout(o: &Output) -> String {
 async fn serve_run_status_with_the_example_worker() {
     let server = NatsServer::start();
     let url = server.url();
-    let flows = flow_file();
-    let coordinator = ChildProcess::spawn(
-        &built("orchestrix"),
-        &["--nats", &url, "serve", "--flows", flows.to_str().unwrap()],
-    );
+    // No flow file: the coordinator serves what the worker registers.
+    let coordinator = ChildProcess::spawn(&built("orchestrix"), &["--nats", &url, "serve"]);
     let worker = ChildProcess::spawn(&built("examples/payment_worker"), &["--nats", &url]);
     worker.wait_for_line("worker ", 30 * SECS).await;
     // The coordinator is ready when it answers: a status request for an unknown run is rejected.
@@ -46,6 +43,21 @@ async fn serve_run_status_with_the_example_worker() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The registry lists the flow, its version and the worker; the TOML
+    // description of the same flow (for other languages) is the same version.
+    let listed = orchestrix(&url, &["flows", "list", "--json"]).await;
+    assert_eq!(listed.status.code(), Some(0), "{listed:?}");
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["flow"], "payment-flow");
+    assert_eq!(listed[0]["workers"].as_array().unwrap().len(), 1);
+    let version = listed[0]["version"].as_str().unwrap().to_owned();
+    let applied = orchestrix(&url, &["flows", "apply", flow_file().to_str().unwrap()]).await;
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+    assert_eq!(stdout(&applied).trim(), format!("payment-flow  version {version}"));
+    let shown = orchestrix(&url, &["flows", "show", "payment-flow"]).await;
+    assert!(stdout(&shown).contains("process-payment          retries 3, timeout 10s"), "{shown:?}");
+
     // Success: exit 0, the quick start's JSON names.
     let ok = orchestrix(
         &url,
@@ -54,7 +66,7 @@ async fn serve_run_status_with_the_example_worker() {
             "payment-flow",
             "--json",
             "--input",
-            r#"{"order_id":"order_1","amount":50,"user_id":"user_A"}"#,
+            r#"{"orderId":"order_1","amount":50,"userId":"user_A"}"#,
         ],
     )
     .await;
@@ -80,7 +92,7 @@ async fn serve_run_status_with_the_example_worker() {
             "run",
             "payment-flow",
             "--input",
-            r#"{"order_id":"order_2","amount":2000,"user_id":"user_B"}"#,
+            r#"{"orderId":"order_2","amount":2000,"userId":"user_B"}"#,
         ],
     )
     .await;
@@ -102,7 +114,7 @@ async fn serve_run_status_with_the_example_worker() {
             "--detach",
             "--json",
             "--input",
-            r#"{"order_id":"order_3","amount":10,"user_id":"user_C"}"#,
+            r#"{"orderId":"order_3","amount":10,"userId":"user_C"}"#,
         ],
     )
     .await;
@@ -146,7 +158,7 @@ async fn serve_run_status_with_the_example_worker() {
             "payment-flow",
             "--detach",
             "--input",
-            r#"{"order_id":"order_4","amount":5000,"user_id":"user_D"}"#,
+            r#"{"orderId":"order_4","amount":5000,"userId":"user_D"}"#,
         ],
     )
     .await;
@@ -172,7 +184,7 @@ async fn serve_run_status_with_the_example_worker() {
     let unknown = orchestrix(&url, &["run", "nope"]).await;
     assert_eq!(unknown.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&unknown.stderr).contains("no coordinator serves flow `nope`"),
+        String::from_utf8_lossy(&unknown.stderr).contains("unknown flow `nope`"),
         "{unknown:?}"
     );
     let bad_json = orchestrix(&url, &["run", "payment-flow", "--input", "{oops"]).await;
@@ -204,4 +216,88 @@ async fn nats_down_is_a_clear_error_and_exit_2() {
         String::from_utf8_lossy(&bad_flows.stderr)
             .contains("cannot read flow file /nonexistent.toml")
     );
+}
+
+const GREET: &str = r#"
+[[flow]]
+name = "greet"
+version = "release-1"
+
+[[flow.step]]
+name = "hello"
+compensable = true
+
+[[flow.step]]
+name = "bye"
+"#;
+
+/// A flow applied from TOML (as for a worker in another language), served
+/// by a worker that knows only step names, run by a coordinator with no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
+    use orchestrix::{StepContext, StepError, Worker};
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("greet.toml");
+    std::fs::write(&file, GREET).unwrap();
+    let applied = orchestrix(&url, &["flows", "apply", file.to_str().unwrap()]).await;
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+    assert_eq!(stdout(&applied).trim(), "greet  version release-1");
+    // Applying it again changes nothing; a different flow under the same label is refused.
+    let again = orchestrix(&url, &["flows", "apply", file.to_str().unwrap()]).await;
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    std::fs::write(&file, GREET.replace("name = \"bye\"", "name = \"later\"")).unwrap();
+    let conflict = orchestrix(&url, &["flows", "apply", file.to_str().unwrap()]).await;
+    assert_eq!(conflict.status.code(), Some(1), "{conflict:?}");
+    assert!(
+        String::from_utf8_lossy(&conflict.stderr)
+            .contains("flow `greet` version `release-1` is already registered with a different definition"),
+        "{conflict:?}"
+    );
+
+    let coordinator = ChildProcess::spawn(&built("orchestrix"), &["--nats", &url, "serve"]);
+    let worker = Worker::builder()
+        .nats(orchestrix::NatsOptions::new(url.clone()))
+        .steps::<String>("greet", |f| {
+            f.step("hello", |ctx: StepContext<String>| async move { Ok(format!("hello {}", ctx.input)) })
+                .compensate("hello", |_ctx| async { Ok(()) })
+                .step("bye", |ctx| async move {
+                    if ctx.input == "nobody" {
+                        return Err(StepError::permanent("nobody to greet"));
+                    }
+                    Ok(())
+                })
+        })
+        .start()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    let ok = loop {
+        let o = orchestrix(&url, &["run", "greet", "--json", "--input", r#""ada""#]).await;
+        if o.status.code() == Some(0) || tokio::time::Instant::now() > deadline {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let report: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(report["version"], "release-1");
+    assert_eq!(report["steps"][0]["status"], "completed");
+    // The compensation the file declares runs when `bye` fails.
+    let failed = orchestrix(&url, &["run", "greet", "--input", r#""nobody""#]).await;
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(stdout(&failed).contains("hello: compensated"), "{failed:?}");
+
+    // Listed with the worker that serves it (every version, by step names).
+    let listed = orchestrix(&url, &["flows", "list", "--json"]).await;
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["version"], "release-1");
+    assert_eq!(listed[0]["registered_by"], "cli");
+    assert_eq!(listed[0]["workers"][0], worker.id());
+    let unknown = orchestrix(&url, &["flows", "show", "nope"]).await;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no flow `nope` is registered"));
+    worker.shutdown().await;
+    drop(coordinator);
 }

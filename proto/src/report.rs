@@ -140,6 +140,9 @@ pub struct StepReport {
     /// The compensation, when one ran.
     #[serde(default)]
     pub compensation: Option<CompensationReport>,
+    /// While the step is `waiting`: why (no worker of the run's version took it, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// The report of a run: what the caller of `run` gets back.
@@ -197,9 +200,10 @@ impl RunReport {
 impl fmt::Display for RunReport {
     /// A multi-line summary: the run, then one line per step.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let version = self.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default();
         writeln!(
             f,
-            "run {} of {}: {} in {} ms",
+            "run {} of {}{version}: {} in {} ms",
             self.run_id,
             self.flow,
             self.status,
@@ -214,6 +218,9 @@ impl fmt::Display for RunReport {
             write!(f, "  {}: {} ({} attempt{})", s.name, s.status, s.attempts, plural(s.attempts))?;
             if let Some(err) = &s.error {
                 write!(f, ", last error: {err}")?;
+            }
+            if let Some(why) = &s.waiting {
+                write!(f, ", {why}")?;
             }
             if let Some(c) = &s.compensation {
                 write!(f, ", compensation: {} attempt{}", c.attempts, plural(c.attempts))?;

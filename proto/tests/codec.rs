@@ -40,6 +40,7 @@ fn report() -> RunReport {
         failed_step: Some("process-payment".into()),
         steps: vec![
             StepReport {
+                waiting: None,
                 name: "reserve-stock".into(),
                 status: StepStatus::Compensated,
                 attempts: 1,
@@ -54,6 +55,7 @@ fn report() -> RunReport {
                 }),
             },
             StepReport {
+                waiting: None,
                 name: "process-payment".into(),
                 status: StepStatus::Failed,
                 attempts: 4,

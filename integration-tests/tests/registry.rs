@@ -1,0 +1,240 @@
+//! One flow definition: workers register versioned flows, coordinators with
+//! no flow file serve them, and runs stay on the version they started on.
+//! Against real `nats-server` processes, with several worker replicas.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orchestrix::{Client, Flow, RunOptions, RunStatus, StepContext, StepStatus, Worker, create};
+use orchestrix_coordinator::nats::{NatsBusOptions, Node};
+use orchestrix_integration_tests::{NatsServer, eventually};
+use orchestrix_proto::Subjects;
+use orchestrix_worker::registry::{Registry, RegistryError};
+use orchestrix_worker::{NatsOptions, WorkerError};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+const SECS: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Default)]
+struct Ledger(Arc<Mutex<Vec<String>>>);
+
+impl Ledger {
+    fn log(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+    fn count(&self, line: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|l| *l == line).count()
+    }
+    fn about(&self, run: Uuid) -> Vec<String> {
+        let run = run.to_string();
+        self.0.lock().unwrap().iter().filter(|l| l.ends_with(&run)).cloned().collect()
+    }
+    fn starting(&self, prefix: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|l| l.starts_with(prefix)).count()
+    }
+}
+
+/// A coordinator with no flows of its own: it serves what workers register.
+async fn node(server: &NatsServer) -> Node {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let bus = NatsBusOptions::default()
+        .ack_timeout(500 * MS)
+        .heartbeat_timeout(600 * MS)
+        .clock_skew(100 * MS)
+        .worker_wait(20 * SECS);
+    Node::builder().bus_options(bus).takeover_every(500 * MS).start(conn).await.unwrap()
+}
+
+async fn client(server: &NatsServer) -> Client {
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    Client::new(conn, Subjects::default()).request_timeout(3 * SECS)
+}
+
+/// `shop` as `tag` defines it: the given steps, each logging `{tag} {step} {run}`;
+/// `b` waits until `gate` opens.
+fn shop(tag: &'static str, steps: &[&'static str], ledger: &Ledger, gate: watch::Receiver<bool>) -> Flow<u32> {
+    let mut flow = create::<u32>("shop");
+    for step in steps {
+        let (ledger, gate) = (ledger.clone(), gate.clone());
+        flow = flow.step(step, move |ctx: StepContext<u32>| {
+            let (ledger, mut gate) = (ledger.clone(), gate.clone());
+            async move {
+                ledger.log(format!("{tag} {} {}", ctx.step(), ctx.run_id()));
+                if ctx.step() == "b" {
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                Ok(())
+            }
+        });
+    }
+    flow
+}
+
+async fn serve(server: &NatsServer, flow: Flow<u32>) -> Worker {
+    Worker::builder().nats(NatsOptions::new(server.url())).flow(flow).start().await.unwrap()
+}
+
+/// Waits until the coordinator sees `version` of `flow` served by `workers` live workers.
+async fn served_by(node: &Node, flow: &str, version: &str, workers: usize) {
+    let registry = node.coordinator().registry().unwrap();
+    eventually(10 * SECS, "the coordinator to see the workers", || {
+        registry.versions().iter().any(|v| {
+            &*v.registration.flow.name == flow
+                && &*v.registration.version == version
+                && v.workers.len() == workers
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_no_flows_serves_what_a_worker_registers() {
+    let server = NatsServer::start();
+    let node = node(&server).await;
+    let ledger = Ledger::default();
+    let (_open, gate) = watch::channel(true);
+    let flow = shop("v1", &["a", "b"], &ledger, gate);
+    let version = flow.definition().version();
+    let worker = serve(&server, flow.clone()).await;
+    served_by(&node, "shop", &version, 1).await;
+
+    let c = client(&server).await;
+    let report = c.run("shop", &7u32, RunOptions::new()).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(report.version.as_deref(), Some(&*version));
+    assert_eq!(ledger.about(report.run_id), [format!("v1 a {}", report.run_id), format!("v1 b {}", report.run_id)]);
+
+    // The registry lists the version and the worker serving it.
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();
+    let regs = registry.registrations().await.unwrap();
+    assert_eq!(regs.len(), 1);
+    assert_eq!(regs[0].version, version);
+    assert_eq!(regs[0].registered_by, worker.id());
+    let workers = registry.presences().await.unwrap();
+    assert_eq!(workers.len(), 1);
+    assert_eq!(workers[0].worker, worker.id());
+
+    // A worker that leaves withdraws its presence: the version has no worker.
+    worker.shutdown().await;
+    served_by(&node, "shop", &version, 0).await;
+    assert!(registry.presences().await.unwrap().is_empty());
+    // The very same flow value still runs embedded.
+    assert_eq!(flow.run(1).await.unwrap().status, RunStatus::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_keeps_each_run_on_its_own_version() {
+    let server = NatsServer::start();
+    let node = node(&server).await;
+    let ledger = Ledger::default();
+    let (gate_tx, gate) = watch::channel(false);
+    let v1 = shop("v1", &["a", "b", "c"], &ledger, gate.clone());
+    let v1_version = v1.definition().version();
+    // Two replicas of the old worker.
+    let old_1 = serve(&server, v1.clone()).await;
+    let old_2 = serve(&server, v1).await;
+    served_by(&node, "shop", &v1_version, 2).await;
+    let c = client(&server).await;
+
+    // Four runs start on v1 and are held at step b.
+    let mut old_runs = Vec::new();
+    for i in 0..4u32 {
+        old_runs.push(c.start("shop", &i, RunOptions::new()).await.unwrap());
+    }
+    eventually(10 * SECS, "the v1 runs to reach b", || ledger.starting("v1 b ") == 4).await;
+
+    // The new version comes up: new runs take it.
+    let (_open, open) = watch::channel(true);
+    let v2 = shop("v2", &["a", "b", "c", "d"], &ledger, open);
+    let v2_version = v2.definition().version();
+    assert_ne!(v1_version, v2_version);
+    let new_worker = serve(&server, v2).await;
+    served_by(&node, "shop", &v2_version, 1).await;
+    for i in 10..14u32 {
+        let report = c.run("shop", &i, RunOptions::new()).await.unwrap();
+        assert_eq!(report.status, RunStatus::Completed, "{report}");
+        assert_eq!(report.version.as_deref(), Some(&*v2_version));
+        let id = report.run_id;
+        assert_eq!(
+            ledger.about(id),
+            ["a", "b", "c", "d"].map(|s| format!("v2 {s} {id}")),
+            "a new run runs on v2 only"
+        );
+    }
+
+    // One old replica is replaced (drained: the commands in hand finish).
+    gate_tx.send(true).unwrap();
+    old_1.shutdown().await;
+    // The old runs finish on v1, on the replica left, never on the v2 worker.
+    for id in &old_runs {
+        let report = tokio::time::timeout(30 * SECS, c.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(report.status, RunStatus::Completed, "{report}");
+        assert_eq!(report.version.as_deref(), Some(&*v1_version));
+        assert_eq!(ledger.about(*id), ["a", "b", "c"].map(|s| format!("v1 {s} {id}")));
+    }
+    old_2.shutdown().await;
+    served_by(&node, "shop", &v1_version, 0).await;
+
+    // A run pinned to a version with no worker left waits, visibly, then
+    // fails cleanly at its deadline.
+    let options = RunOptions::new().version(v1_version.to_string()).timeout(3 * SECS);
+    let stranded = c.start("shop", &99u32, options).await.unwrap();
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    loop {
+        let now = c.status(stranded).await.unwrap();
+        if now.steps[0].status == StepStatus::Waiting {
+            let note = now.steps[0].waiting.clone().unwrap_or_default();
+            assert!(note.contains(&*v1_version), "the wait names the version: {note}");
+            break;
+        }
+        assert_eq!(now.status, RunStatus::Running, "{now}");
+        assert!(tokio::time::Instant::now() < deadline, "never shown waiting: {now}");
+        tokio::time::sleep(100 * MS).await;
+    }
+    let report = tokio::time::timeout(30 * SECS, c.wait(stranded)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    assert!(ledger.about(stranded).is_empty(), "nothing ran: {:?}", ledger.about(stranded));
+    // An unknown version is refused outright.
+    let err = c.start("shop", &1u32, RunOptions::new().version("nope")).await.unwrap_err();
+    assert!(err.to_string().contains("has no version `nope`"), "{err}");
+    new_worker.shutdown().await;
+    assert_eq!(ledger.count("never"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_registration_is_refused() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let (_open, gate) = watch::channel(true);
+    let one = shop("v1", &["a"], &ledger, gate.clone()).version("release-1");
+    let worker = serve(&server, one.clone()).await;
+    // The same definition again (another replica): fine.
+    let replica = serve(&server, one).await;
+    // Another definition under the same label: refused, with the reason.
+    let other = shop("v1", &["a", "b"], &ledger, gate).version("release-1");
+    let err = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow(other)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, WorkerError::Registry(RegistryError::Conflict { version, .. }) if version == "release-1"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("already registered with a different definition"), "{err}");
+    // A flow that is not valid never reaches the registry.
+    let bad = create::<u32>("bad name").step("a", |_ctx| async { Ok(()) });
+    let err = Worker::builder().nats(NatsOptions::new(server.url())).flow(bad).start().await.unwrap_err();
+    assert!(err.to_string().contains("bad name"), "{err}");
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();
+    assert_eq!(registry.registrations().await.unwrap().len(), 1);
+    worker.shutdown().await;
+    replica.shutdown().await;
+}
