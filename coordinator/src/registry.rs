@@ -62,6 +62,8 @@ impl State {
 pub struct RegistryView {
     state: RwLock<State>,
     hooks: Vec<Arc<dyn Hooks>>,
+    /// Bumped when a flow name appears.
+    names: tokio::sync::watch::Sender<usize>,
 }
 
 impl fmt::Debug for RegistryView {
@@ -84,7 +86,11 @@ pub(crate) enum Pick {
 impl RegistryView {
     /// A view with nothing in it yet; runs of its flows get `hooks`.
     pub(crate) fn new(hooks: Vec<Arc<dyn Hooks>>) -> Self {
-        RegistryView { state: RwLock::new(State::default()), hooks }
+        RegistryView {
+            state: RwLock::new(State::default()),
+            hooks,
+            names: tokio::sync::watch::channel(0).0,
+        }
     }
 
     /// Loads what the registry holds now, then follows its changes in a
@@ -149,6 +155,9 @@ impl RegistryView {
             return;
         }
         let mut state = self.write();
+        if !state.flows.contains_key(&reg.flow.name) {
+            self.names.send_modify(|n| *n += 1);
+        }
         let versions = state.flows.entry(reg.flow.name.clone()).or_default();
         if versions.iter().any(|v| v.registration.version == reg.version) {
             return;
@@ -165,6 +174,11 @@ impl RegistryView {
 
     fn worker_gone(&self, key: &str) {
         self.write().workers.remove(key);
+    }
+
+    /// Changes whenever a flow name is registered for the first time.
+    pub(crate) fn changes(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.names.subscribe()
     }
 
     /// Names of the registered flows.

@@ -184,7 +184,7 @@ async fn serve_run_status_with_the_example_worker() {
     let unknown = orchestrix(&url, &["run", "nope"]).await;
     assert_eq!(unknown.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&unknown.stderr).contains("unknown flow `nope`"),
+        String::from_utf8_lossy(&unknown.stderr).contains("no coordinator serves flow `nope`"),
         "{unknown:?}"
     );
     let bad_json = orchestrix(&url, &["run", "payment-flow", "--input", "{oops"]).await;

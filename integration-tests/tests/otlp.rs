@@ -335,7 +335,10 @@ fn assert_reads_right(trace: &[Got], run_id: &str, expect: &[(&str, &str)], fail
         assert_eq!(str_attr(ha, "messaging.message.id"), Some(message), "{handled}: same command");
         let (step, kind) = handled.split_once(' ').unwrap();
         let subject = str_attr(ha, "messaging.destination.name").unwrap();
-        assert_eq!(subject, format!("orchestrix.step.payment-flow.{step}"));
+        // `{prefix}.step.{flow}.{version}.{step}`: the run's version routes it.
+        let parts: Vec<&str> = subject.split('.').collect();
+        assert_eq!((parts.len(), parts[..3].join(".")), (5, "orchestrix.step.payment-flow".into()));
+        assert_eq!((parts[3].len(), parts[4]), (16, step), "{subject}");
         for attrs in [aa, ha] {
             assert_eq!(str_attr(attrs, "orchestrix.step").as_deref(), Some(step));
             assert_eq!(str_attr(attrs, "orchestrix.kind").as_deref(), Some(kind));
@@ -378,7 +381,7 @@ async fn assert_both_runs(url: &str, first: &std::process::Output, sink: &Spans)
 }
 
 async fn run_payment(url: &str, amount: u32) -> std::process::Output {
-    let input = format!(r#"{{"order_id":"o","amount":{amount},"user_id":"u"}}"#);
+    let input = format!(r#"{{"orderId":"o","amount":{amount},"userId":"u"}}"#);
     let cmd = tokio::process::Command::new(built("orchestrix"))
         .args(["--nats", url, "run", "payment-flow", "--json", "--input", &input])
         .output();

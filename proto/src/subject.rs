@@ -118,12 +118,6 @@ impl Subjects {
         format!("{}.run.{flow}", self.prefix)
     }
 
-    /// Run requests for every flow: what a coordinator serving the flow
-    /// registry listens to.
-    pub fn all_run_requests(&self) -> String {
-        format!("{}.run.*", self.prefix)
-    }
-
     /// Where a coordinator that resumes a run asks every worker of a step
     /// whether it holds a command (workers listen here without a queue group).
     pub fn inquiries(&self, flow: &str, step: &str) -> String {

@@ -59,25 +59,63 @@ impl Service {
         subjects: &Subjects,
     ) -> Result<Service, ServiceError> {
         let mut tasks = Vec::new();
-        // Run requests per flow: a coordinator only hears the flows it serves
-        // (all of them when it follows the registry). Status and list are
-        // answered from the shared store by any of them.
-        let mut asks: Vec<(String, Ask)> = if coordinator.follows_registry() {
-            vec![(subjects.all_run_requests(), Ask::Run)]
-        } else {
-            coordinator.flows().iter().map(|f| (subjects.run_requests(f), Ask::Run)).collect()
-        };
+        // Run requests per flow: a coordinator only hears the flows it serves,
+        // so coordinators serving different flows share one NATS. Status and
+        // list are answered from the shared store by any of them.
+        let mut asks: Vec<(String, Ask)> =
+            coordinator.flows().iter().map(|f| (subjects.run_requests(f), Ask::Run)).collect();
         asks.push((subjects.status_requests(), Ask::Status));
         asks.push((subjects.list_requests(), Ask::List));
         for (subject, kind) in asks {
-            let sub = client
-                .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
-                .await
-                .map_err(|source| ServiceError::Subscribe { subject: subject.clone(), source })?;
-            tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), kind)));
+            tasks.push(listen(&coordinator, &client, subject, kind).await?);
+        }
+        // Flows registered later are heard from when this coordinator sees them.
+        if let Some(mut changed) = coordinator.registry().map(|r| r.changes()) {
+            let (coordinator, client, subjects) = (coordinator.clone(), client.clone(), subjects.clone());
+            let mut heard: std::collections::HashSet<_> = coordinator.flows().into_iter().collect();
+            tasks.push(tokio::spawn(async move {
+                let mut serving = Vec::new();
+                while changed.changed().await.is_ok() {
+                    for flow in coordinator.flows() {
+                        if heard.contains(&flow) {
+                            continue;
+                        }
+                        let subject = subjects.run_requests(&flow);
+                        match listen(&coordinator, &client, subject, Ask::Run).await {
+                            Ok(task) => {
+                                heard.insert(flow);
+                                serving.push(AbortOnDrop(task));
+                            }
+                            Err(e) => warn!(error = %e, "cannot serve a registered flow; will retry"),
+                        }
+                    }
+                }
+            }));
         }
         orchestrix_worker::sync(&client).await;
         Ok(Service { tasks })
+    }
+}
+
+/// Subscribes to `subject` in the coordinators' queue group and answers it.
+async fn listen(
+    coordinator: &Coordinator,
+    client: &async_nats::Client,
+    subject: String,
+    kind: Ask,
+) -> Result<JoinHandle<()>, ServiceError> {
+    let sub = client
+        .queue_subscribe(subject.clone(), QUEUE_GROUP.into())
+        .await
+        .map_err(|source| ServiceError::Subscribe { subject, source })?;
+    Ok(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), kind)))
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
