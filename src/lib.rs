@@ -7,6 +7,15 @@
 //!
 //! The same engine runs in-process with no server (the embedded default shown
 //! here) or distributed: a coordinator service driving worker processes over NATS.
+//! The same `Flow` value does both: `flow.run(input)` here, or
+//! `Worker::builder().flow(flow)` in a worker process, which registers the
+//! flow's definition with the cluster's coordinators.
+//!
+//! Features (all on by default): `embedded` (the engine: `create`, `Flow`),
+//! `worker` (`Worker`), `client` (`Client`: start and follow runs on a cluster,
+//! no engine), `nats` (a coordinator over NATS in this process), `otlp`
+//! (OTLP export). A service that only starts runs depends on
+//! `orchestrix = { default-features = false, features = ["client"] }`.
 //!
 //! ```
 //! use std::time::Duration;
@@ -39,22 +48,28 @@
 //! # Ok(()) }
 //! ```
 
-pub use orchestrix_coordinator::nats::{Client, ClientError};
+#[cfg(feature = "client")]
+pub use orchestrix_client::{Client, ClientError, RemoteFlow};
+#[cfg(feature = "embedded")]
 pub use orchestrix_coordinator::{
-    Coordinator, CoordinatorBuilder, Engine, Flow, FlowDef, FlowError, Hooks, MemoryBus,
-    MemoryStore, RetryPolicy, RunError, RunHandle, RunOptions, StepDef, StepEvent, StepOptions,
-    create,
+    Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryBus, MemoryStore, RunError,
+    RunHandle, StepEvent, StepOptions, create,
 };
 pub use orchestrix_proto::{
-    CompensationReport, Payload, RunReport, RunStatus, StepReport, StepStatus,
+    CompensationReport, FlowDef, FlowError, ListFilter, OnUnknown, Payload, RetryPolicy,
+    RunOptions, RunReport, RunStatus, StepDef, StepReport, StepStatus,
 };
+#[cfg(feature = "worker")]
 pub use orchestrix_worker::{
-    NatsOptions, ResultExt, StepContext, StepError, Worker, WorkerBuilder, WorkerError,
+    FlowHandlers, NatsOptions, ResultExt, StepContext, StepError, Worker, WorkerBuilder,
+    WorkerError,
 };
 
-/// The coordinator: engine, buses, stores.
+/// The coordinator: engine, buses, stores, and `nats::Node` (a coordinator over NATS).
+#[cfg(feature = "embedded")]
 pub use orchestrix_coordinator as coordinator;
 /// The wire contract (messages, subjects, codec).
 pub use orchestrix_proto as proto;
 /// The worker SDK.
+#[cfg(feature = "worker")]
 pub use orchestrix_worker as worker;

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::Hooks;
+use crate::{Hooks, RunOptions};
 use crate::actor::RunActor;
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
@@ -19,71 +19,6 @@ use crate::machine::{Entropy, FlowPlan, Machine};
 use crate::record::RunRecord;
 use crate::registry::{Pick, RegistryView};
 use crate::store::{Created, MemoryStore, Store, StoreError};
-
-/// Options of one run.
-///
-/// ```
-/// use std::time::Duration;
-/// use orchestrix_coordinator::RunOptions;
-///
-/// let opts = RunOptions::new().key("payment:order_1").ttl(Duration::from_secs(3600));
-/// let same = RunOptions { key: Some("payment:order_1".into()), ttl: Some(Duration::from_secs(3600)), ..Default::default() };
-/// assert_eq!(opts, same);
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RunOptions {
-    /// Idempotency key: while a run with this key is live, or for `ttl` after it
-    /// ended, another run with the key returns that run's report instead of
-    /// executing anything.
-    pub key: Option<String>,
-    /// How long the key is remembered after its run ended (default: 24 hours).
-    pub ttl: Option<Duration>,
-    /// Deadline of the whole run: when it passes, the step in flight fails for
-    /// good and the rollback starts (compensations are not cut short).
-    pub timeout: Option<Duration>,
-    /// W3C `traceparent` of the caller's span: the run's span becomes its
-    /// child. When `None`, the span current where `start` is called is used
-    /// (if a tracer is installed).
-    pub traceparent: Option<String>,
-    /// The version of the flow to run (distributed flows from the registry);
-    /// `None`: the newest version with a live worker.
-    pub version: Option<String>,
-}
-
-impl RunOptions {
-    /// No key, no deadline.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Sets the idempotency key.
-    #[must_use]
-    pub fn key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
-        self
-    }
-
-    /// Sets how long the key outlives its run.
-    #[must_use]
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
-        self
-    }
-
-    /// Sets the run's deadline.
-    #[must_use]
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Runs this version of the flow rather than the newest one served.
-    #[must_use]
-    pub fn version(mut self, version: impl Into<String>) -> Self {
-        self.version = Some(version.into());
-        self
-    }
-}
 
 /// A run could not be started or followed. A run that *fails* is not an error:
 /// its report says so.
@@ -472,7 +407,7 @@ impl Coordinator {
         record.key = options.key;
         record.ttl = options.ttl;
         record.timeout = options.timeout;
-        record.traceparent = options.traceparent.or_else(crate::telemetry::current_traceparent);
+        record.traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
         let record = Arc::new(record);
 
         match self.inner.store.create(&record).resolve().await? {

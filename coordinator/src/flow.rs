@@ -302,6 +302,14 @@ where
         coordinator.run(&self.def.name, &input, options).await
     }
 
+    /// This flow, run by the coordinators of a cluster through `client`, with
+    /// the same calls as here: `flow.remote(&client).run(input)`. Runs take
+    /// the newest version a live worker serves; to run exactly this
+    /// definition, add `.version(&flow.definition().version())`.
+    pub fn remote(&self, client: &orchestrix_client::Client) -> orchestrix_client::RemoteFlow<I> {
+        client.flow(&self.def.name)
+    }
+
     /// The in-process coordinator that runs this flow, created at first use.
     pub fn embedded(&self) -> Result<&Coordinator, RunError> {
         if let Some(err) = &self.error {

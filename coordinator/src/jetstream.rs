@@ -38,7 +38,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::record::{Phase, RunRecord, Transition};
-use crate::store::{Created, ListFilter, Pending, Store, StoreError};
+use crate::ListFilter;
+use crate::store::{Created, Pending, Store, StoreError};
 
 /// Where and how the JetStream store keeps its buckets.
 #[derive(Debug, Clone)]

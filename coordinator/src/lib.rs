@@ -49,11 +49,13 @@ mod store;
 mod telemetry;
 
 pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
-pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle, RunOptions};
+pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle};
 pub use engine::{Engine, EngineError};
 pub use flow::{Flow, FlowDef, FlowError, OnUnknown, StepDef, StepOptions, create};
 pub use hooks::{Hooks, StepEvent};
 pub use machine::DEFAULT_MAX_RUN_PAYLOAD;
-pub use orchestrix_proto::{RetryPolicy, RunReport, RunStatus, StepReport, StepStatus};
+pub use orchestrix_proto::{
+    ListFilter, RetryPolicy, RunOptions, RunReport, RunStatus, StepReport, StepStatus,
+};
 pub use registry::{FlowVersion, RegistryView};
-pub use store::{Created, ListFilter, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};
+pub use store::{Created, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};

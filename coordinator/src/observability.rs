@@ -188,6 +188,19 @@ where
         .with_tracked_inactivity(false)
 }
 
+#[cfg(not(feature = "otlp"))]
+fn build_meters(_service: &str, _export: &Export) -> Option<SdkMeterProvider> {
+    eprintln!("warning: OTLP metrics disabled: built without the `otlp` feature");
+    None
+}
+
+#[cfg(not(feature = "otlp"))]
+fn build_provider(_service: &str, _export: &Export) -> Option<SdkTracerProvider> {
+    eprintln!("warning: OTLP export disabled: built without the `otlp` feature");
+    None
+}
+
+#[cfg(feature = "otlp")]
 fn build_meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
     use opentelemetry_otlp::WithExportConfig;
     let exporter = match (&export.endpoint, export.metrics_http) {
@@ -212,6 +225,7 @@ fn build_meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
     )
 }
 
+#[cfg(feature = "otlp")]
 fn build_provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
     use opentelemetry_otlp::WithExportConfig;
     let exporter = match (&export.endpoint, export.http) {

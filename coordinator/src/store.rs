@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::ListFilter;
 use crate::record::{RunRecord, Transition};
 
 /// A value that is either here already or on its way. Lets the in-memory store
@@ -158,41 +159,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let _ = (record, reason);
         Box::pin(futures::future::ready(Ok(())))
-    }
-}
-
-/// Which runs [`Store::list`] returns.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ListFilter {
-    /// Only runs in this status.
-    pub status: Option<orchestrix_proto::RunStatus>,
-    /// Only runs of this flow.
-    pub flow: Option<String>,
-    /// At most this many (0: 100).
-    pub limit: usize,
-}
-
-impl ListFilter {
-    /// A filter: `status` and `flow` when given, at most `limit` runs.
-    pub fn new(
-        status: Option<orchestrix_proto::RunStatus>,
-        flow: Option<String>,
-        limit: usize,
-    ) -> Self {
-        ListFilter { status, flow, limit }
-    }
-
-    pub(crate) fn keeps(&self, r: &RunReport) -> bool {
-        self.status.is_none_or(|s| s == r.status)
-            && self.flow.as_deref().is_none_or(|f| f == r.flow)
-    }
-
-    /// Sorts newest first and cuts to the limit.
-    pub(crate) fn finish(&self, mut reports: Vec<RunReport>) -> Vec<RunReport> {
-        reports.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.run_id.cmp(&a.run_id)));
-        reports.truncate(if self.limit == 0 { 100 } else { self.limit });
-        reports
     }
 }
 

@@ -202,20 +202,3 @@ impl opentelemetry::propagation::Extractor for OneHeader<'_> {
     }
 }
 
-/// The current span's context as a `traceparent` value, when a tracer is
-/// installed and a span is current.
-pub(crate) fn current_traceparent() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let span = tracing::Span::current();
-    if span.is_disabled() {
-        return None;
-    }
-    let cx = span.context();
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut out = std::collections::HashMap::new();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut out));
-    out.remove("traceparent")
-}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
-use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepStatus, Worker};
+use orchestrix::{Client, ListFilter, RunOptions, RunStatus, StepContext, StepStatus, Worker};
 use orchestrix_coordinator::nats::{NatsBusOptions, Node};
 use orchestrix_coordinator::record::RunRecord;
 use orchestrix_coordinator::{FlowDef, StepDef, flowfile};
@@ -525,7 +525,7 @@ async fn poison_outputs_and_records_are_quarantined() {
         .put(bad.to_string(), Bytes::from_static(b"\xc1garbage"))
         .await
         .unwrap();
-    let listed = c.list(None, None, 50).await.unwrap();
+    let listed = c.list(ListFilter::new(None, None, 50)).await.unwrap();
     assert!(listed.iter().any(|r| r.run_id == report.run_id), "list goes on past poison");
     let l = listed.iter().find(|r| r.run_id == bad).expect("the poison is listed");
     assert_eq!(l.status, RunStatus::Quarantined);

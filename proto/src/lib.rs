@@ -24,6 +24,7 @@
 mod codec;
 mod flow;
 mod messages;
+mod options;
 mod payload;
 mod report;
 mod retry;
@@ -41,6 +42,7 @@ pub use messages::{
     WorkerPresence,
 };
 pub use flow::{FlowDef, FlowError, OnUnknown, StepDef};
+pub use options::{ListFilter, RunOptions};
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
 pub use retry::RetryPolicy;

@@ -36,3 +36,21 @@ pub use nats::{ConnectError, NatsOptions, default_nats_url, sync};
 pub use orchestrix_proto as proto;
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};
+
+/// The current span's context as a `traceparent` value, when a tracer is
+/// installed and a span is current.
+pub fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut out = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut out));
+    out.remove("traceparent")
+}

@@ -12,7 +12,7 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
-use orchestrix_coordinator::{RunOptions, RunReport, RunStatus, flowfile};
+use orchestrix_coordinator::{ListFilter, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{Payload, Subjects};
 use orchestrix_worker::registry::{Registry, RegistryError, serves};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
@@ -314,7 +314,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::List { status, flow, limit, json } => {
             let client = client(&cli.nats).await?;
-            let runs = client.list(status, flow, limit).await?;
+            let runs = client.list(ListFilter::new(status, flow, limit as usize)).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
             } else {

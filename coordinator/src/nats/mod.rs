@@ -3,13 +3,12 @@
 //! coordinator together over NATS.
 
 mod bus;
-mod client;
 mod events;
 mod node;
 mod service;
 
 pub use bus::{NatsBus, NatsBusOptions};
-pub use client::{Client, ClientError};
+pub use orchestrix_client::{Client, ClientError};
 pub use events::{EventPublisher, describe};
 pub use node::{Node, NodeBuilder, NodeError, NodeStore};
 pub use service::{Service, ServiceError};

@@ -1,16 +1,34 @@
+//! Start runs on Orchestrix coordinators over NATS and follow them, from any
+//! service: no engine, no actix, no exporter. The types are the ones the
+//! embedded engine uses ([`RunOptions`], [`RunReport`], [`ListFilter`]), so
+//! code moves between the two unchanged.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), orchestrix_client::ClientError> {
+//! use orchestrix_client::{Client, RunOptions};
+//! use orchestrix_worker::NatsOptions;
+//!
+//! let client = Client::connect(&NatsOptions::new("nats://127.0.0.1:4222")).await?;
+//! let input = serde_json::json!({"orderId": "order_1", "amount": 50, "userId": "user_A"});
+//! let report = client.run("payment-flow", &input, RunOptions::new()).await?;
+//! println!("{}", report.status);
+//! # Ok(()) }
+//! ```
+
 use std::fmt;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use bytes::Bytes;
 use orchestrix_proto::{
-    CodecError, Message, Payload, RunReply, RunReport, RunRequest, StatusRequest, Subjects, decode,
-    encode, headers,
+    CodecError, Message, Payload, RunReply, RunRequest, StatusRequest, Subjects, decode, encode,
+    headers,
 };
 use orchestrix_worker::{ConnectError, NatsOptions};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::RunOptions;
+pub use orchestrix_proto::{ListFilter, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
 
 /// A request to a coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,18 +60,7 @@ pub enum ClientError {
     Unexpected(String),
 }
 
-/// Starts runs and follows them over NATS, from any service.
-///
-/// ```no_run
-/// # async fn f() -> Result<(), orchestrix_coordinator::nats::ClientError> {
-/// use orchestrix_coordinator::{nats::Client, RunOptions};
-/// use orchestrix_worker::NatsOptions;
-///
-/// let client = Client::connect(&NatsOptions::new("nats://127.0.0.1:4222")).await?;
-/// let report = client.run("payment-flow", &serde_json::json!({"order_id": "o-1"}), RunOptions::new()).await?;
-/// println!("{}", report.status);
-/// # Ok(()) }
-/// ```
+/// Starts runs and follows them over NATS, from any service (see the crate docs).
 #[derive(Clone)]
 pub struct Client {
     nats: async_nats::Client,
@@ -216,15 +223,11 @@ impl Client {
         }
     }
 
-    /// Recent runs, newest first: those in `status` (any when `None`), of
-    /// `flow` (any when `None`), at most `limit`.
-    pub async fn list(
-        &self,
-        status: Option<orchestrix_proto::RunStatus>,
-        flow: Option<String>,
-        limit: u32,
-    ) -> Result<Vec<RunReport>, ClientError> {
-        let req = orchestrix_proto::ListRequest { status, flow, limit };
+    /// Recent runs, newest first, that pass `filter` (as
+    /// `Coordinator::list` takes it).
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<RunReport>, ClientError> {
+        let limit = u32::try_from(filter.limit).unwrap_or(u32::MAX);
+        let req = orchestrix_proto::ListRequest { status: filter.status, flow: filter.flow, limit };
         match self.ask(self.subjects.list_requests(), &req, Some(self.request_timeout)).await? {
             RunReply::List(runs) => Ok(runs),
             other => Err(unexpected(other)),
@@ -232,7 +235,7 @@ impl Client {
     }
 
     /// Follows a run's lifecycle events (published by a coordinator with an
-    /// [`EventPublisher`](crate::nats::EventPublisher)) as they happen.
+    /// `EventPublisher`, as `orchestrix serve` does) as they happen.
     /// Subscribe before asking for the run's status, so nothing is missed.
     pub async fn watch(
         &self,
@@ -258,7 +261,7 @@ impl Client {
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::MESSAGE_KIND, M::KIND);
         // A traced caller's span becomes the parent of the run's.
-        if let Some(tp) = crate::telemetry::current_traceparent() {
+        if let Some(tp) = orchestrix_worker::current_traceparent() {
             h.insert(headers::TRACEPARENT, tp.as_str());
         }
         let request = async_nats::Request::new()
@@ -290,4 +293,76 @@ fn unexpected(reply: RunReply) -> ClientError {
         RunReply::List(l) => format!("a list of {} runs", l.len()),
         RunReply::Rejected { error, .. } => error,
     })
+}
+
+impl Client {
+    /// A typed handle on one flow: `client.flow::<PaymentInput>("payment-flow").run(input)`.
+    pub fn flow<I: Serialize>(&self, name: &str) -> RemoteFlow<I> {
+        RemoteFlow { client: self.clone(), name: name.to_owned(), version: None, _input: PhantomData }
+    }
+}
+
+/// A flow run through a [`Client`], typed by its input, with the calls of an
+/// embedded flow (`run`, `run_with`, `start`).
+pub struct RemoteFlow<I> {
+    client: Client,
+    name: String,
+    version: Option<String>,
+    _input: PhantomData<fn(I)>,
+}
+
+impl<I> Clone for RemoteFlow<I> {
+    fn clone(&self) -> Self {
+        RemoteFlow {
+            client: self.client.clone(),
+            name: self.name.clone(),
+            version: self.version.clone(),
+            _input: PhantomData,
+        }
+    }
+}
+
+impl<I> fmt::Debug for RemoteFlow<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteFlow")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I: Serialize> RemoteFlow<I> {
+    /// Runs this version of the flow only (default: the newest one a live worker serves).
+    #[must_use]
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// The flow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn options(&self, mut options: RunOptions) -> RunOptions {
+        if options.version.is_none() {
+            options.version = self.version.clone();
+        }
+        options
+    }
+
+    /// Runs the flow and waits for its report.
+    pub async fn run(&self, input: I) -> Result<RunReport, ClientError> {
+        self.run_with(input, RunOptions::new()).await
+    }
+
+    /// Runs the flow with options (idempotency key, deadline) and waits for its report.
+    pub async fn run_with(&self, input: I, options: RunOptions) -> Result<RunReport, ClientError> {
+        self.client.run(&self.name, &input, self.options(options)).await
+    }
+
+    /// Starts a run and returns its id at once.
+    pub async fn start(&self, input: I, options: RunOptions) -> Result<Uuid, ClientError> {
+        self.client.start(&self.name, &input, self.options(options)).await
+    }
 }
