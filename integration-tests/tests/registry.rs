@@ -108,6 +108,21 @@ async fn a_coordinator_with_no_flows_serves_what_a_worker_registers() {
     assert_eq!(report.version.as_deref(), Some(&*version));
     assert_eq!(ledger.about(report.run_id), [format!("v1 a {}", report.run_id), format!("v1 b {}", report.run_id)]);
 
+    // The same flow value, run remotely: a typed handle through the client.
+    let remote = flow.remote(&c).run(8).await.unwrap();
+    assert_eq!(remote.status, RunStatus::Completed, "{remote}");
+    assert_eq!(ledger.about(remote.run_id).len(), 2);
+    let pinned = flow.remote(&c).version(version.to_string()).run(9).await.unwrap();
+    assert_eq!(pinned.version.as_deref(), Some(&*version));
+    // Given to a coordinator that sends commands over a bus, its in-process
+    // handlers would never run: refused, with what to do instead.
+    let err = orchestrix::Coordinator::builder()
+        .bus(orchestrix::MemoryBus::default())
+        .flow(&flow)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("Worker::builder().flow(flow)"), "{err}");
+
     // The registry lists the version and the worker serving it.
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();
