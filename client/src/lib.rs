@@ -298,7 +298,12 @@ fn unexpected(reply: RunReply) -> ClientError {
 impl Client {
     /// A typed handle on one flow: `client.flow::<PaymentInput>("payment-flow").run(input)`.
     pub fn flow<I: Serialize>(&self, name: &str) -> RemoteFlow<I> {
-        RemoteFlow { client: self.clone(), name: name.to_owned(), version: None, _input: PhantomData }
+        RemoteFlow {
+            client: self.clone(),
+            name: name.to_owned(),
+            version: None,
+            _input: PhantomData,
+        }
     }
 }
 

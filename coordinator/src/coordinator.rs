@@ -10,7 +10,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::{Hooks, RunOptions};
 use crate::actor::RunActor;
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
@@ -19,6 +18,7 @@ use crate::machine::{Entropy, FlowPlan, Machine};
 use crate::record::RunRecord;
 use crate::registry::{Pick, RegistryView};
 use crate::store::{Created, MemoryStore, Store, StoreError};
+use crate::{Hooks, RunOptions};
 
 /// A run could not be started or followed. A run that *fails* is not an error:
 /// its report says so.
@@ -326,7 +326,8 @@ impl Coordinator {
                 return Ok(plan.clone());
             }
         }
-        let unknown_version = |v: &str| RunError::UnknownVersion { flow: flow.into(), version: v.into() };
+        let unknown_version =
+            |v: &str| RunError::UnknownVersion { flow: flow.into(), version: v.into() };
         match &self.inner.registry {
             Some(r) => r.pick(flow, version).map_err(|p| match (p, version) {
                 (Pick::UnknownVersion, Some(v)) => unknown_version(v),
@@ -412,7 +413,7 @@ impl Coordinator {
 
         match self.inner.store.create(&record).resolve().await? {
             Created::Existing { run_id, report: Some(report) } => {
-                let report = Box::pin(futures::future::ready(Ok(report)));
+                let report = Box::pin(futures::future::ready(Ok(*report)));
                 Ok(RunHandle { run_id, duplicate: true, report })
             }
             Created::Existing { run_id, report: None } => {

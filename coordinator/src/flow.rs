@@ -10,8 +10,8 @@ use orchestrix_worker::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use orchestrix_proto::{FlowDef, FlowError, OnUnknown, StepDef};
 use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunOptions};
+pub use orchestrix_proto::{FlowDef, FlowError, OnUnknown, StepDef};
 
 /// Options of one step: compensation, retries, timeout.
 ///

@@ -223,7 +223,8 @@ mod tests {
         assert!(empty.to_string().contains("no steps"), "{empty}");
         let jitter = parse(&format!("{one}jitter = 3.0\n")).unwrap_err();
         assert!(jitter.to_string().contains("jitter"), "{jitter}");
-        let label = parse("[[flow]]\nname = \"f\"\nversion = \"v 2\"\n[[flow.step]]\nname = \"s\"\n");
+        let label =
+            parse("[[flow]]\nname = \"f\"\nversion = \"v 2\"\n[[flow.step]]\nname = \"s\"\n");
         assert!(label.unwrap_err().to_string().contains("version"));
         assert!(matches!(parse("flow = 3").unwrap_err(), FlowFileError::Parse(_)));
         let missing = load("/nonexistent/flows.toml").unwrap_err();

@@ -37,8 +37,8 @@ use orchestrix_proto::{RunReport, time};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::record::{Phase, RunRecord, Transition};
 use crate::ListFilter;
+use crate::record::{Phase, RunRecord, Transition};
 use crate::store::{Created, Pending, Store, StoreError};
 
 /// Where and how the JetStream store keeps its buckets.
@@ -488,7 +488,10 @@ impl Inner {
                 }
                 None => return Ok(Created::Existing { run_id: held.run_id, report: None }),
                 Some((report, expires)) if expires > time::unix_ms(SystemTime::now()) => {
-                    return Ok(Created::Existing { run_id: held.run_id, report: Some(report) });
+                    return Ok(Created::Existing {
+                        run_id: held.run_id,
+                        report: Some(Box::new(report)),
+                    });
                 }
                 Some(_) => match self.keys.update(&name, value.clone(), entry.revision).await {
                     Ok(_) => {

@@ -53,8 +53,7 @@ impl State {
     }
 
     fn workers_of(&self, flow: &str, version: &str) -> Vec<String> {
-        self.live().filter(|p| serves(p, flow, version)).map(|p| p.worker.clone())
-            .collect()
+        self.live().filter(|p| serves(p, flow, version)).map(|p| p.worker.clone()).collect()
     }
 }
 

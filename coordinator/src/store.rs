@@ -63,7 +63,7 @@ pub enum Created {
         /// That run's id.
         run_id: Uuid,
         /// Its report, when it has finished.
-        report: Option<RunReport>,
+        report: Option<Box<RunReport>>,
     },
 }
 
@@ -283,7 +283,7 @@ impl Store for MemoryStore {
                     }));
                 }
                 Some((report, expires)) if *expires > now => {
-                    let report = Some(report.clone());
+                    let report = Some(Box::new(report.clone()));
                     return Pending::Ready(Ok(Created::Existing { run_id: k.run_id, report }));
                 }
                 Some(_) => {} // expired: the key is free again

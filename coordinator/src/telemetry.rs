@@ -201,4 +201,3 @@ impl opentelemetry::propagation::Extractor for OneHeader<'_> {
         vec!["traceparent"]
     }
 }
-

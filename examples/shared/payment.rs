@@ -56,7 +56,11 @@ pub(crate) fn payment_flow(step_delay: Duration) -> Flow<PaymentInput> {
                 }
                 Ok(())
             },
-            |o| o.retries(3).retry_delay(Duration::from_millis(1000)).timeout(Duration::from_secs(10)),
+            |o| {
+                o.retries(3)
+                    .retry_delay(Duration::from_millis(1000))
+                    .timeout(Duration::from_secs(10))
+            },
         )
         .step("send-email", move |ctx| async move {
             println!("Sending confirmation email to user {}", ctx.input.user_id);

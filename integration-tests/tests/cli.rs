@@ -56,7 +56,10 @@ async fn serve_run_status_with_the_example_worker() {
     assert_eq!(applied.status.code(), Some(0), "{applied:?}");
     assert_eq!(stdout(&applied).trim(), format!("payment-flow  version {version}"));
     let shown = orchestrix(&url, &["flows", "show", "payment-flow"]).await;
-    assert!(stdout(&shown).contains("process-payment          retries 3, timeout 10s"), "{shown:?}");
+    assert!(
+        stdout(&shown).contains("process-payment          retries 3, timeout 10s"),
+        "{shown:?}"
+    );
 
     // Success: exit 0, the quick start's JSON names.
     let ok = orchestrix(
@@ -251,8 +254,9 @@ async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
     let conflict = orchestrix(&url, &["flows", "apply", file.to_str().unwrap()]).await;
     assert_eq!(conflict.status.code(), Some(1), "{conflict:?}");
     assert!(
-        String::from_utf8_lossy(&conflict.stderr)
-            .contains("flow `greet` version `release-1` is already registered with a different definition"),
+        String::from_utf8_lossy(&conflict.stderr).contains(
+            "flow `greet` version `release-1` is already registered with a different definition"
+        ),
         "{conflict:?}"
     );
 
@@ -260,14 +264,17 @@ async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
     let worker = Worker::builder()
         .nats(orchestrix::NatsOptions::new(url.clone()))
         .steps::<String>("greet", |f| {
-            f.step("hello", |ctx: StepContext<String>| async move { Ok(format!("hello {}", ctx.input)) })
-                .compensate("hello", |_ctx| async { Ok(()) })
-                .step("bye", |ctx| async move {
-                    if ctx.input == "nobody" {
-                        return Err(StepError::permanent("nobody to greet"));
-                    }
-                    Ok(())
-                })
+            f.step(
+                "hello",
+                |ctx: StepContext<String>| async move { Ok(format!("hello {}", ctx.input)) },
+            )
+            .compensate("hello", |_ctx| async { Ok(()) })
+            .step("bye", |ctx| async move {
+                if ctx.input == "nobody" {
+                    return Err(StepError::permanent("nobody to greet"));
+                }
+                Ok(())
+            })
         })
         .start()
         .await

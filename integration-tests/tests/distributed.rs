@@ -341,7 +341,9 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     let s = setup(&server, toml, 5 * SECS, 5 * SECS).await;
     let w = worker(&server)
         .max_message_bytes(4096)
-        .steps::<u32>("g", |f| f.step("s", |ctx: StepContext<u32>| async move { Ok(ctx.input + 1) }))
+        .steps::<u32>("g", |f| {
+            f.step("s", |ctx: StepContext<u32>| async move { Ok(ctx.input + 1) })
+        })
         .start()
         .await
         .unwrap();
@@ -378,21 +380,30 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     ];
     // Step subject: the worker answers each with an error on the reply subject.
     for (what, bytes) in &garbage {
-        let answer =
-            s.nats.request(subjects.step("g", "v1", "s"), Bytes::from(bytes.clone())).await.unwrap();
+        let answer = s
+            .nats
+            .request(subjects.step("g", "v1", "s"), Bytes::from(bytes.clone()))
+            .await
+            .unwrap();
         let err = decode::<WireError>(&answer.payload).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(err.message.starts_with("bad step command"), "{what}: {}", err.message);
     }
-    let future =
-        s.nats.request(subjects.step("g", "v1", "s"), Bytes::from(garbage[3].1.clone())).await.unwrap();
+    let future = s
+        .nats
+        .request(subjects.step("g", "v1", "s"), Bytes::from(garbage[3].1.clone()))
+        .await
+        .unwrap();
     assert!(
         decode::<WireError>(&future.payload)
             .unwrap()
             .message
             .contains("unsupported protocol version 99")
     );
-    let big =
-        s.nats.request(subjects.step("g", "v1", "s"), Bytes::from(garbage[4].1.clone())).await.unwrap();
+    let big = s
+        .nats
+        .request(subjects.step("g", "v1", "s"), Bytes::from(garbage[4].1.clone()))
+        .await
+        .unwrap();
     assert!(
         decode::<WireError>(&big.payload)
             .unwrap()
@@ -430,7 +441,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     assert!(err.to_string().contains("no coordinator serves flow `nope`"), "{err}");
     // A request for a served flow that names another one is refused by name.
     let other = encode(&orchestrix_proto::RunRequest {
-            version: None,
+        version: None,
         flow: "nope".into(),
         input: Payload::nil(),
         key: None,

@@ -56,7 +56,12 @@ async fn client(server: &NatsServer) -> Client {
 
 /// `shop` as `tag` defines it: the given steps, each logging `{tag} {step} {run}`;
 /// `b` waits until `gate` opens.
-fn shop(tag: &'static str, steps: &[&'static str], ledger: &Ledger, gate: watch::Receiver<bool>) -> Flow<u32> {
+fn shop(
+    tag: &'static str,
+    steps: &[&'static str],
+    ledger: &Ledger,
+    gate: watch::Receiver<bool>,
+) -> Flow<u32> {
     let mut flow = create::<u32>("shop");
     for step in steps {
         let (ledger, gate) = (ledger.clone(), gate.clone());
@@ -106,7 +111,10 @@ async fn a_coordinator_with_no_flows_serves_what_a_worker_registers() {
     let report = c.run("shop", &7u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Completed, "{report}");
     assert_eq!(report.version.as_deref(), Some(&*version));
-    assert_eq!(ledger.about(report.run_id), [format!("v1 a {}", report.run_id), format!("v1 b {}", report.run_id)]);
+    assert_eq!(
+        ledger.about(report.run_id),
+        [format!("v1 a {}", report.run_id), format!("v1 b {}", report.run_id)]
+    );
 
     // The same flow value, run remotely: a typed handle through the client.
     let remote = flow.remote(&c).run(8).await.unwrap();
@@ -245,7 +253,8 @@ async fn a_conflicting_registration_is_refused() {
     assert!(err.to_string().contains("already registered with a different definition"), "{err}");
     // A flow that is not valid never reaches the registry.
     let bad = create::<u32>("bad name").step("a", |_ctx| async { Ok(()) });
-    let err = Worker::builder().nats(NatsOptions::new(server.url())).flow(bad).start().await.unwrap_err();
+    let err =
+        Worker::builder().nats(NatsOptions::new(server.url())).flow(bad).start().await.unwrap_err();
     assert!(err.to_string().contains("bad name"), "{err}");
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();

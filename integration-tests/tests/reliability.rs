@@ -471,7 +471,10 @@ async fn poison_outputs_and_records_are_quarantined() {
     let nats = NatsOptions::new(server.url()).connect().await.unwrap();
     let subjects = Subjects::default();
     let mut sub = nats
-        .queue_subscribe(subjects.step_any_version("poison", "s0"), subjects.step_queue_group("poison", "s0"))
+        .queue_subscribe(
+            subjects.step_any_version("poison", "s0"),
+            subjects.step_queue_group("poison", "s0"),
+        )
         .await
         .unwrap();
     orchestrix_worker::sync(&nats).await;

@@ -36,12 +36,12 @@ pub use codec::{
     CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, MessageIds, PROTOCOL_VERSION, decode,
     decode_ids, decode_with_limit, encode, peek_kind,
 };
-pub use messages::{
-    Ack, CommandKind, EventKind, FlowRegistration, Heartbeat, ListRequest, OutcomeResult, RunEvent, RunReply,
-    RunRequest, ServedFlow, StatusRequest, StepCommand, StepFailure, StepOutcome, StepOutput, WireError,
-    WorkerPresence,
-};
 pub use flow::{FlowDef, FlowError, OnUnknown, StepDef};
+pub use messages::{
+    Ack, CommandKind, EventKind, FlowRegistration, Heartbeat, ListRequest, OutcomeResult, RunEvent,
+    RunReply, RunRequest, ServedFlow, StatusRequest, StepCommand, StepFailure, StepOutcome,
+    StepOutput, WireError, WorkerPresence,
+};
 pub use options::{ListFilter, RunOptions};
 pub use payload::Payload;
 pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};

@@ -85,11 +85,7 @@ pub struct ListFilter {
 
 impl ListFilter {
     /// A filter: `status` and `flow` when given, at most `limit` runs.
-    pub fn new(
-        status: Option<crate::RunStatus>,
-        flow: Option<String>,
-        limit: usize,
-    ) -> Self {
+    pub fn new(status: Option<crate::RunStatus>, flow: Option<String>, limit: usize) -> Self {
         ListFilter { status, flow, limit }
     }
 
@@ -106,4 +102,3 @@ impl ListFilter {
         reports
     }
 }
-

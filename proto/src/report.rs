@@ -200,7 +200,8 @@ impl RunReport {
 impl fmt::Display for RunReport {
     /// A multi-line summary: the run, then one line per step.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let version = self.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default();
+        let version =
+            self.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default();
         writeln!(
             f,
             "run {} of {}{version}: {} in {} ms",

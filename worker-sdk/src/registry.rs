@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, kv};
@@ -150,9 +151,6 @@ impl Registry {
         let open = |name: String, history: i64, markers: bool| {
             let js = js.clone();
             async move {
-                if let Ok(store) = js.get_key_value(&name).await {
-                    return Ok(store);
-                }
                 let cfg = kv::Config {
                     bucket: name.clone(),
                     history,
@@ -161,6 +159,19 @@ impl Registry {
                     limit_markers: markers.then_some(Duration::from_secs(1)),
                     ..Default::default()
                 };
+                if let Ok(mut store) = js.get_key_value(&name).await {
+                    // A worker may have created it first, with fewer replicas
+                    // than a coordinator of a cluster asks for: raise, never lower.
+                    let have =
+                        store.status().await.map(|s| s.info.config.num_replicas).unwrap_or(1);
+                    if have < cfg.num_replicas {
+                        store = js
+                            .create_or_update_key_value(cfg)
+                            .await
+                            .map_err(|e| unavailable(&format!("cannot update bucket {name}"), e))?;
+                    }
+                    return Ok(store);
+                }
                 match js.create_key_value(cfg).await {
                     Ok(store) => Ok(store),
                     // Someone else created it in between.
@@ -274,8 +285,11 @@ impl Registry {
     pub async fn watch_flows(
         &self,
     ) -> Result<impl Stream<Item = FlowRegistration> + Send + 'static, RegistryError> {
-        let watch =
-            self.flows.watch_with_history(">").await.map_err(|e| unavailable("cannot watch flows", e))?;
+        let watch = self
+            .flows
+            .watch_with_history(">")
+            .await
+            .map_err(|e| unavailable("cannot watch flows", e))?;
         Ok(watch.filter_map(|entry| async move {
             let entry = entry.ok()?;
             if entry.operation != kv::Operation::Put {
@@ -295,8 +309,11 @@ impl Registry {
     pub async fn watch_workers(
         &self,
     ) -> Result<impl Stream<Item = PresenceChange> + Send + 'static, RegistryError> {
-        let watch =
-            self.workers.watch_with_history(">").await.map_err(|e| unavailable("cannot watch workers", e))?;
+        let watch = self
+            .workers
+            .watch_with_history(">")
+            .await
+            .map_err(|e| unavailable("cannot watch workers", e))?;
         Ok(watch.filter_map(|entry| async move {
             let entry = entry.ok()?;
             if entry.operation != kv::Operation::Put {
@@ -315,10 +332,14 @@ pub fn serves(presence: &WorkerPresence, flow: &str, version: &str) -> bool {
         .any(|s| &*s.flow == flow && s.version.as_deref().is_none_or(|v| v == version))
 }
 
+/// A flow and version (`None`: every version) a worker serves steps of.
+type Served = (String, Option<Arc<str>>);
+
 /// Groups a worker's step registrations into what it announces.
-pub(crate) fn served(regs: impl Iterator<Item = (String, Option<std::sync::Arc<str>>, String)>) -> Vec<ServedFlow> {
-    let mut by: HashMap<(String, Option<std::sync::Arc<str>>), Vec<std::sync::Arc<str>>> =
-        HashMap::new();
+pub(crate) fn served(
+    regs: impl Iterator<Item = (String, Option<Arc<str>>, String)>,
+) -> Vec<ServedFlow> {
+    let mut by: HashMap<Served, Vec<Arc<str>>> = HashMap::new();
     for (flow, version, step) in regs {
         by.entry((flow, version)).or_default().push(step.into());
     }

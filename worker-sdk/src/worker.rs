@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use crate::registry::{Registry, RegistryError};
 use crate::{
-    BoxedHandler, FlowHandlers, CancellationToken, ConnectError, NatsOptions, StepContext, StepError, handler,
-    run_command_with,
+    BoxedHandler, CancellationToken, ConnectError, FlowHandlers, NatsOptions, StepContext,
+    StepError, handler, run_command_with,
 };
 
 /// A worker could not be started.
@@ -364,7 +364,11 @@ impl WorkerBuilder {
     }
 
     fn add(&mut self, reg: Registration) {
-        if self.regs.iter().any(|r| r.flow == reg.flow && r.step == reg.step && r.version == reg.version) {
+        if self
+            .regs
+            .iter()
+            .any(|r| r.flow == reg.flow && r.step == reg.step && r.version == reg.version)
+        {
             self.error.get_or_insert(WorkerError::Duplicate {
                 flow: reg.flow,
                 step: reg.step,
@@ -1005,8 +1009,9 @@ mod tests {
 
     #[test]
     fn registration_errors_are_reported_at_start() {
-        let b = Worker::builder()
-            .steps::<()>("f", |f| f.step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) }));
+        let b = Worker::builder().steps::<()>("f", |f| {
+            f.step("s", |_| async { Ok(()) }).step("s", |_| async { Ok(()) })
+        });
         assert!(matches!(b.error, Some(WorkerError::Duplicate { kind: "execute", .. })));
         let b = Worker::builder().steps::<()>("bad name", |f| f);
         assert!(matches!(b.error, Some(WorkerError::Name(_))));

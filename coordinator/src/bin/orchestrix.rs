@@ -348,7 +348,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: 1,
             };
             let _running = serve(&nats, &args).await?;
-            println!("NATS (JetStream) is on {url}; a coordinator serves the flows workers register.");
+            println!(
+                "NATS (JetStream) is on {url}; a coordinator serves the flows workers register."
+            );
             println!("NATS_URL={url}");
             println!("In another terminal:");
             println!("  export NATS_URL={url}");
@@ -378,7 +380,9 @@ struct Running {
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let flows = match &args.flows {
         Some(path) => flowfile::load(path)?,
-        None if args.no_registry => bail!("--no-registry needs --flows: there would be nothing to serve"),
+        None if args.no_registry => {
+            bail!("--no-registry needs --flows: there would be nothing to serve")
+        }
         None => Vec::new(),
     };
     let subjects = nats.subjects()?;
@@ -441,7 +445,10 @@ async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result
             } else if listing.is_empty() {
                 println!("no flows registered");
             } else {
-                println!("{:<24} {:<18} {:>5} {:>7}  REGISTERED", "FLOW", "VERSION", "STEPS", "WORKERS");
+                println!(
+                    "{:<24} {:<18} {:>5} {:>7}  REGISTERED",
+                    "FLOW", "VERSION", "STEPS", "WORKERS"
+                );
                 for v in &listing {
                     println!(
                         "{:<24} {:<18} {:>5} {:>7}  {} by {}",
@@ -449,7 +456,9 @@ async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result
                         v.version,
                         v.steps.len(),
                         v.workers.len(),
-                        humantime::format_rfc3339_seconds(orchestrix_proto::time::from_unix_ms(v.registered_at_ms)),
+                        humantime::format_rfc3339_seconds(orchestrix_proto::time::from_unix_ms(
+                            v.registered_at_ms
+                        )),
                         v.registered_by
                     );
                 }

@@ -8,7 +8,7 @@ mod node;
 mod service;
 
 pub use bus::{NatsBus, NatsBusOptions};
-pub use orchestrix_client::{Client, ClientError};
 pub use events::{EventPublisher, describe};
 pub use node::{Node, NodeBuilder, NodeError, NodeStore};
+pub use orchestrix_client::{Client, ClientError};
 pub use service::{Service, ServiceError};

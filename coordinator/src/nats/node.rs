@@ -11,8 +11,8 @@ use tokio::task::JoinHandle;
 
 use super::{EventPublisher, NatsBus, NatsBusOptions, Service, ServiceError};
 use crate::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_worker::registry::{Registry, RegistryError};
 use crate::{BusError, Coordinator, FlowDef, FlowError, Hooks, RunError, StoreError};
+use orchestrix_worker::registry::{Registry, RegistryError};
 
 /// A coordinator node could not start.
 #[derive(Debug, thiserror::Error)]

@@ -71,7 +71,8 @@ impl Service {
         }
         // Flows registered later are heard from when this coordinator sees them.
         if let Some(mut changed) = coordinator.registry().map(|r| r.changes()) {
-            let (coordinator, client, subjects) = (coordinator.clone(), client.clone(), subjects.clone());
+            let (coordinator, client, subjects) =
+                (coordinator.clone(), client.clone(), subjects.clone());
             let mut heard: std::collections::HashSet<_> = coordinator.flows().into_iter().collect();
             tasks.push(tokio::spawn(async move {
                 let mut serving = Vec::new();
@@ -86,7 +87,9 @@ impl Service {
                                 heard.insert(flow);
                                 serving.push(AbortOnDrop(task));
                             }
-                            Err(e) => warn!(error = %e, "cannot serve a registered flow; will retry"),
+                            Err(e) => {
+                                warn!(error = %e, "cannot serve a registered flow; will retry")
+                            }
                         }
                     }
                 }
