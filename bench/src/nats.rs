@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix::coordinator::flowfile;
-use orchestrix::coordinator::nats::{NatsBus, NatsBusOptions};
-use orchestrix::{Coordinator, NatsOptions, RunOptions, RunStatus, StepContext, Worker};
+use orchestrix::coordinator::nats::{Node, NodeStore};
+use orchestrix::proto::Subjects;
+use orchestrix::{NatsOptions, RunOptions, RunStatus, StepContext, Worker};
 
 use crate::{Args, Figure, measure};
 
@@ -24,6 +25,24 @@ name = "three"
 "#;
 
 const ECHO: &str = "bench.echo";
+
+/// The benchmark's subject prefix, and so its buckets' (`bench_runs`, …):
+/// apart from any coordinator of a real deployment on the same NATS.
+const PREFIX: &str = "bench";
+
+/// A coordinator node serving the bench flow as `orchestrix serve` would,
+/// from its definition (no registry) and publishing no run events.
+async fn node(conn: async_nats::Client, store: NodeStore) -> Result<Node, String> {
+    Node::builder()
+        .subjects(Subjects::new(PREFIX).map_err(|e| e.to_string())?)
+        .store(store)
+        .flows(flowfile::parse(FLOW).map_err(|e| e.to_string())?)
+        .registry(false)
+        .events(false)
+        .start(conn)
+        .await
+        .map_err(|e| e.to_string())
+}
 
 /// Kills the child processes (server, worker) when the scenarios end; then
 /// the server's store dir goes.
@@ -82,14 +101,8 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             );
         }
         if wanted("saga-nats-memory") {
-            let bus = NatsBus::start(client.clone(), NatsBusOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut builder = Coordinator::builder().bus(bus);
-            for def in flowfile::parse(FLOW).map_err(|e| e.to_string())? {
-                builder = builder.flow_def(def);
-            }
-            let coordinator = builder.build().map_err(|e| e.to_string())?;
+            let node = node(client.clone(), NodeStore::Memory).await?;
+            let coordinator = node.coordinator().clone();
             out.push(
                 measure("saga-nats-memory", concurrency, args.seconds, move || {
                     let c = coordinator.clone();
@@ -100,6 +113,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
                 })
                 .await,
             );
+            node.shutdown().await;
         }
     }
     if wanted("saga-nats-jetstream") || wanted("nats-floor-durable") {
@@ -117,7 +131,7 @@ async fn durable(
     url: &str,
     client: &async_nats::Client,
 ) -> Result<Vec<Figure>, String> {
-    use orchestrix::coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
+    use orchestrix::coordinator::jetstream::JetStreamStoreOptions;
     let mut out = Vec::new();
     let floor_kv = async_nats::jetstream::new(client.clone())
         .create_or_update_key_value(async_nats::jetstream::kv::Config {
@@ -153,22 +167,13 @@ async fn durable(
     }
     if wanted("saga-nats-jetstream") {
         for coordinators in [1usize, 2] {
-            let mut cs = Vec::new();
+            let mut nodes = Vec::new();
             for _ in 0..coordinators {
                 let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;
-                let bus = NatsBus::start(conn.clone(), NatsBusOptions::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let store =
-                    JetStreamStore::open(conn, JetStreamStoreOptions::default().prefix("bench"))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                let mut builder = Coordinator::builder().bus(bus).store(store);
-                for def in flowfile::parse(FLOW).map_err(|e| e.to_string())? {
-                    builder = builder.flow_def(def);
-                }
-                cs.push(builder.build().map_err(|e| e.to_string())?);
+                let store = NodeStore::JetStream(JetStreamStoreOptions::default());
+                nodes.push(node(conn, store).await?);
             }
+            let cs: Vec<_> = nodes.iter().map(|n| n.coordinator().clone()).collect();
             let name: &'static str =
                 Box::leak(format!("{saga_name}-{coordinators}c").into_boxed_str());
             let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -183,6 +188,9 @@ async fn durable(
                 })
                 .await,
             );
+            for n in nodes {
+                n.shutdown().await;
+            }
         }
     }
     Ok(out)
@@ -255,6 +263,7 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
         });
         let worker = Worker::builder()
             .client(client)
+            .prefix(PREFIX)
             .concurrency(256)
             .steps::<u64>("bench", |f| {
                 f.step("one", |_: StepContext<u64>| async { Ok(()) })

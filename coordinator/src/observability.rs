@@ -155,7 +155,10 @@ impl Export {
 pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, and never with NO_COLOR set.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     // Trace context travels in `traceparent` headers, W3C style.
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = export.as_ref().filter(|e| e.traces).and_then(|e| build_provider(service, e));

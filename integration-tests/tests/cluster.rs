@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use orchestrix::{Coordinator, RunOptions, RunStatus, StepContext, Worker};
+use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions};
+use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
+use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
 use orchestrix_integration_tests::NatsCluster;
 use orchestrix_worker::NatsOptions;
 use uuid::Uuid;
@@ -21,27 +21,28 @@ async fn a_node_killed_mid_load_loses_nothing() {
     let mut cluster = NatsCluster::start(3);
     let urls = cluster.urls();
     let conn = NatsOptions::new(urls.clone()).connect().await.unwrap();
+    let toml = "[[flow]]\nname = \"c\"\n[[flow.step]]\nname = \"one\"\n[[flow.step]]\nname = \"slow\"\n[[flow.step]]\nname = \"three\"\n";
+    let flows = flowfile::parse(toml).unwrap();
     // JetStream needs its meta leader before buckets can be made: retry a while.
-    let options = JetStreamStoreOptions::default().replicas(3);
     let deadline = tokio::time::Instant::now() + 60 * SECS;
-    let store = loop {
-        match JetStreamStore::open(conn.clone(), options.clone()).await {
-            Ok(s) => break s,
+    let node = loop {
+        let started = Node::builder()
+            .bus_options(NatsBusOptions::default().heartbeat_timeout(5 * SECS))
+            .store(NodeStore::JetStream(JetStreamStoreOptions::default().replicas(3)))
+            .flows(flows.clone())
+            .registry(false)
+            .events(false)
+            .start(conn.clone())
+            .await;
+        match started {
+            Ok(n) => break n,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "no JetStream on the cluster: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     };
-    let toml = "[[flow]]\nname = \"c\"\n[[flow.step]]\nname = \"one\"\n[[flow.step]]\nname = \"slow\"\n[[flow.step]]\nname = \"three\"\n";
-    let bus = NatsBus::start(conn.clone(), NatsBusOptions::default().heartbeat_timeout(5 * SECS))
-        .await
-        .unwrap();
-    let mut b = Coordinator::builder().bus(bus).store(store);
-    for def in flowfile::parse(toml).unwrap() {
-        b = b.flow_def(def);
-    }
-    let coordinator = b.build().unwrap();
+    let coordinator = node.coordinator();
 
     let calls: Arc<Mutex<HashMap<(Uuid, &'static str), u32>>> = Arc::default();
     let rec = |what: &'static str| {

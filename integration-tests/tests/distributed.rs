@@ -11,7 +11,7 @@ use orchestrix::{
     Coordinator, RunOptions, RunReport, RunStatus, StepContext, StepError, StepStatus, Worker,
 };
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{Client, ClientError, NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::nats::{Client, ClientError, NatsBusOptions, Node, NodeStore};
 use orchestrix_integration_tests::{NatsServer, eventually};
 use orchestrix_proto::{
     CommandKind, OutcomeResult, Payload, StepCommand, StepOutcome, Subjects, WireError, decode,
@@ -35,7 +35,7 @@ struct Setup {
     coordinator: Coordinator,
     client: Client,
     nats: async_nats::Client,
-    _service: Service,
+    _node: Node,
 }
 
 async fn setup(server: &NatsServer, toml: &str, ack: Duration, silence: Duration) -> Setup {
@@ -46,16 +46,19 @@ async fn setup(server: &NatsServer, toml: &str, ack: Duration, silence: Duration
         .timeout_grace(Duration::from_millis(500))
         .clock_skew(Duration::from_millis(100))
         .worker_wait(2 * SECS);
-    let bus = NatsBus::start(nats.clone(), options).await.unwrap();
-    let mut builder = Coordinator::builder().bus(bus);
-    for def in flowfile::parse(toml).unwrap() {
-        builder = builder.flow_def(def);
-    }
-    let coordinator = builder.build().unwrap();
-    let service =
-        Service::start(coordinator.clone(), nats.clone(), &Subjects::default()).await.unwrap();
+    // Only its own flows (no registry): requests for any other flow find no coordinator.
+    let node = Node::builder()
+        .bus_options(options)
+        .store(NodeStore::Memory)
+        .flows(flowfile::parse(toml).unwrap())
+        .registry(false)
+        .events(false)
+        .start(nats.clone())
+        .await
+        .unwrap();
+    let coordinator = node.coordinator().clone();
     let client = Client::new(nats.clone(), Subjects::default());
-    Setup { coordinator, client, nats, _service: service }
+    Setup { coordinator, client, nats, _node: node }
 }
 
 fn worker(server: &NatsServer) -> orchestrix::WorkerBuilder {
@@ -516,20 +519,20 @@ async fn runs_finish_when_nats_restarts_mid_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_events_are_published_in_order() {
-    use orchestrix_coordinator::nats::EventPublisher;
     use orchestrix_proto::{EventKind, RunEvent};
 
     let server = NatsServer::start();
     let nats = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml = "[[flow]]\nname = \"ev\"\n[[flow.step]]\nname = \"a\"\ncompensable = true\n[[flow.step]]\nname = \"b\"\nretries = 1\nretry_delay_ms = 10\n";
-    let bus = NatsBus::start(nats.clone(), NatsBusOptions::default()).await.unwrap();
-    let mut b = Coordinator::builder()
-        .bus(bus)
-        .hooks(EventPublisher::start(nats.clone(), Subjects::default()));
-    for def in flowfile::parse(toml).unwrap() {
-        b = b.flow_def(def);
-    }
-    let coordinator = b.build().unwrap();
+    // The node publishes run events (its default).
+    let node = Node::builder()
+        .store(NodeStore::Memory)
+        .flows(flowfile::parse(toml).unwrap())
+        .registry(false)
+        .start(nats.clone())
+        .await
+        .unwrap();
+    let coordinator = node.coordinator();
     let w = worker(&server)
         .steps::<()>("ev", |f| {
             f.step("a", |_: StepContext<()>| async { Ok(()) })

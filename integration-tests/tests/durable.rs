@@ -6,12 +6,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use orchestrix::{
-    Client, Coordinator, RunOptions, RunStatus, StepContext, StepError, StepStatus, Worker,
-};
+use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepError, StepStatus, Worker};
 use orchestrix_coordinator::flowfile;
 use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::nats::{Node, NodeStore};
 use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
@@ -209,18 +207,18 @@ async fn killed_during_compensation() {
     assert_eq!(count(&j, "d"), 1);
 }
 
-/// Two coordinators on one JetStream store, in this process.
-async fn coordinator_on(server: &NatsServer) -> (Coordinator, Service) {
+/// A coordinator node in this process on the JetStream store (two share one
+/// store): flow `durable` from its definition, no registry, no run events.
+async fn coordinator_on(server: &NatsServer) -> Node {
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
-    let bus = NatsBus::start(conn.clone(), NatsBusOptions::default()).await.unwrap();
-    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
-    let mut b = Coordinator::builder().bus(bus).store(store);
-    for def in flowfile::parse(FLOW).unwrap() {
-        b = b.flow_def(def);
-    }
-    let c = b.build().unwrap();
-    let s = Service::start(c.clone(), conn, &Subjects::default()).await.unwrap();
-    (c, s)
+    Node::builder()
+        .store(NodeStore::JetStream(JetStreamStoreOptions::default()))
+        .flows(flowfile::parse(FLOW).unwrap())
+        .registry(false)
+        .events(false)
+        .start(conn)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +226,8 @@ async fn one_key_on_two_coordinators_runs_once() {
     let server = NatsServer::start();
     let j = Journal::default();
     let w = worker(&server, &j).await;
-    let (first, _s1) = coordinator_on(&server).await;
-    let (second, _s2) = coordinator_on(&server).await;
+    let (n1, n2) = (coordinator_on(&server).await, coordinator_on(&server).await);
+    let (first, second) = (n1.coordinator(), n2.coordinator());
     let key = || RunOptions::new().key("order:42").ttl(60 * SECS);
     let starts = (0..20).map(|i| {
         let c = if i % 2 == 0 { first.clone() } else { second.clone() };
@@ -395,8 +393,10 @@ async fn killed_before_a_command_was_sent() {
         async_nats::jetstream::new(conn.clone()).get_key_value("orchestrix_runs").await.unwrap();
     kv.put(run_id.to_string(), bytes.into()).await.unwrap();
 
-    let (c, _service) = coordinator_on(&server).await;
-    assert_eq!(c.recover().await.unwrap(), 1, "the orphan is claimed");
+    // The node recovers at start, before it takes anything new.
+    let node = coordinator_on(&server).await;
+    let c = node.coordinator();
+    assert_eq!(node.resumed(), 1, "the orphan is claimed");
     assert_eq!(c.recover().await.unwrap(), 0, "and only once");
     let report = tokio::time::timeout(60 * SECS, c.wait(run_id)).await.unwrap().unwrap();
     assert_eq!(report.status, RunStatus::Completed, "{report}");

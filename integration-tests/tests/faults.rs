@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use orchestrix::{Coordinator, Hooks, RunOptions, RunStatus, StepEvent};
+use orchestrix::{FlowDef, Hooks, RunOptions, RunStatus, StepEvent};
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions};
+use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
 use orchestrix_integration_tests::{ChildProcess, NatsServer};
 use orchestrix_worker::NatsOptions;
 
@@ -28,19 +28,29 @@ retry_delay_ms = 50
 on_unknown = "retry"
 "#;
 
-async fn coordinator(server: &NatsServer, silence: Duration) -> Coordinator {
+/// A coordinator node serving `flows` from memory (no registry, no run events).
+async fn node_with(
+    server: &NatsServer,
+    options: NatsBusOptions,
+    flows: Vec<FlowDef>,
+    hooks: Option<Retries>,
+) -> Node {
     let nats = NatsOptions::new(server.url()).connect().await.unwrap();
-    let bus = NatsBus::start(
-        nats,
-        NatsBusOptions::default().ack_timeout(5 * SECS).heartbeat_timeout(silence),
-    )
-    .await
-    .unwrap();
-    let mut b = Coordinator::builder().bus(bus);
-    for def in flowfile::parse(CRASH_FLOW).unwrap() {
-        b = b.flow_def(def);
+    let mut b = Node::builder()
+        .bus_options(options)
+        .store(NodeStore::Memory)
+        .flows(flows)
+        .registry(false)
+        .events(false);
+    if let Some(h) = hooks {
+        b = b.hooks(h);
     }
-    b.build().unwrap()
+    b.start(nats).await.unwrap()
+}
+
+async fn coordinator(server: &NatsServer, silence: Duration) -> Node {
+    let options = NatsBusOptions::default().ack_timeout(5 * SECS).heartbeat_timeout(silence);
+    node_with(server, options, flowfile::parse(CRASH_FLOW).unwrap(), None).await
 }
 
 fn test_worker() -> PathBuf {
@@ -61,7 +71,8 @@ async fn spawn_worker(server: &NatsServer, delay_ms: u64) -> ChildProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_step_is_replaced_by_another_replica() {
     let server = NatsServer::start();
-    let c = coordinator(&server, Duration::from_millis(600)).await;
+    let node = coordinator(&server, Duration::from_millis(600)).await;
+    let c = node.coordinator();
     let doomed = spawn_worker(&server, 60_000).await;
     let run = c.start("crash", &5u32, RunOptions::new()).await.unwrap();
     let started = doomed.wait_for_line("b-start", 10 * SECS).await;
@@ -95,18 +106,15 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
     // A frozen process keeps its connection, and so its place in the queue
     // group, until the server finds it stale: short pings make that quick.
     let server = NatsServer::start_with_config("ping_interval: \"250ms\"\nping_max: 2\n");
-    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
     let options =
         NatsBusOptions::default().ack_timeout(SECS).heartbeat_timeout(Duration::from_millis(600));
     let retries = Retries::default();
-    let mut b = Coordinator::builder()
-        .bus(NatsBus::start(nats, options).await.unwrap())
-        .hooks(retries.clone());
-    for mut def in flowfile::parse(CRASH_FLOW).unwrap() {
+    let mut flows = flowfile::parse(CRASH_FLOW).unwrap();
+    for def in &mut flows {
         def.steps[1].retry.max_retries = 10;
-        b = b.flow_def(def);
     }
-    let c = b.build().unwrap();
+    let node = node_with(&server, options, flows, Some(retries.clone())).await;
+    let c = node.coordinator();
     let frozen = spawn_worker(&server, 2_000).await;
     let run = c.start("crash", &5u32, RunOptions::new()).await.unwrap();
     frozen.wait_for_line("b-start", 10 * SECS).await;
@@ -132,7 +140,8 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     let server = NatsServer::start();
-    let c = coordinator(&server, 5 * SECS).await;
+    let node = coordinator(&server, 5 * SECS).await;
+    let c = node.coordinator();
     let mut w = spawn_worker(&server, 700).await;
     let run = c.start("crash", &5u32, RunOptions::new()).await.unwrap();
     w.wait_for_line("b-start", 10 * SECS).await;
@@ -148,22 +157,12 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
     let lines = w.lines();
     assert_eq!(lines.last().map(String::as_str), Some("drained"), "{lines:?}");
     // A drained worker takes nothing more: the next run finds no worker.
-    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
-    let bus = NatsBus::start(
-        nats,
-        NatsBusOptions::default()
-            .ack_timeout(Duration::from_millis(200))
-            .clock_skew(Duration::from_millis(50))
-            .worker_wait(SECS),
-    )
-    .await
-    .unwrap();
-    let mut b = Coordinator::builder().bus(bus);
-    for def in flowfile::parse(CRASH_FLOW).unwrap() {
-        b = b.flow_def(def);
-    }
-    let quick = b.build().unwrap();
-    let report = quick.run("crash", &1u32, RunOptions::new()).await.unwrap();
+    let options = NatsBusOptions::default()
+        .ack_timeout(Duration::from_millis(200))
+        .clock_skew(Duration::from_millis(50))
+        .worker_wait(SECS);
+    let quick = node_with(&server, options, flowfile::parse(CRASH_FLOW).unwrap(), None).await;
+    let report = quick.coordinator().run("crash", &1u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
     let error = report.error.clone().unwrap();
     assert!(error.starts_with("no worker took the command in 1"), "{error}");
@@ -173,7 +172,8 @@ async fn sigterm_drains_the_worker_after_the_step_in_hand() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_from_nats_still_shuts_down_in_bounded_time() {
     let mut server = NatsServer::start();
-    let c = coordinator(&server, 5 * SECS).await;
+    let node = coordinator(&server, 5 * SECS).await;
+    let c = node.coordinator();
     let entered = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let e = entered.clone();
     let w = orchestrix::Worker::builder()

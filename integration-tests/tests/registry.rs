@@ -262,3 +262,52 @@ async fn a_conflicting_registration_is_refused() {
     worker.shutdown().await;
     replica.shutdown().await;
 }
+
+/// A coordinator with no flow file, killed mid-run: the one that takes the
+/// runs over finds their version in the registry, and they finish on it even
+/// though a newer version is served by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_taken_over_after_a_coordinator_dies_stays_on_its_version() {
+    use orchestrix_integration_tests::{ChildProcess, built};
+    let server = NatsServer::start();
+    let url = server.url();
+    let coordinator = || ChildProcess::spawn(&built("orchestrix"), &["--nats", &url, "serve"]);
+    let mut first = coordinator();
+    let ledger = Ledger::default();
+    let (gate_tx, gate) = watch::channel(false);
+    let v1 = shop("v1", &["a", "b", "c"], &ledger, gate);
+    let v1_version = v1.definition().version();
+    let old = serve(&server, v1).await;
+    let c = client(&server).await;
+    let mut runs = Vec::new();
+    for i in 0..3u32 {
+        let deadline = tokio::time::Instant::now() + 30 * SECS;
+        let id = loop {
+            // The coordinator may not have seen the registration yet.
+            match c.start("shop", &i, RunOptions::new()).await {
+                Ok(id) => break id,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(100 * MS).await;
+        };
+        runs.push(id);
+    }
+    eventually(10 * SECS, "the runs to reach b", || ledger.starting("v1 b ") == 3).await;
+    first.signal("KILL");
+    let _ = first.wait(10 * SECS).await;
+    // A newer version is up before the runs are taken over.
+    let (_open, open) = watch::channel(true);
+    let new_worker = serve(&server, shop("v2", &["a", "b", "c", "d"], &ledger, open)).await;
+    let _second = coordinator();
+    gate_tx.send(true).unwrap();
+    for id in &runs {
+        let report = tokio::time::timeout(30 * SECS, c.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(report.status, RunStatus::Completed, "{report}");
+        assert_eq!(report.version.as_deref(), Some(&*v1_version));
+        let lines = ledger.about(*id);
+        assert!(lines.iter().all(|l| l.starts_with("v1 ")), "{lines:?}");
+        assert_eq!(ledger.count(&format!("v1 c {id}")), 1, "{lines:?}");
+    }
+    old.shutdown().await;
+    new_worker.shutdown().await;
+}

@@ -10,9 +10,9 @@ use opentelemetry::Value;
 use opentelemetry::trace::{SpanId, SpanKind, Status, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
-use orchestrix::{Client, Coordinator, RunOptions, RunStatus, StepContext, StepError, Worker};
+use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepError, Worker};
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{NatsBus, NatsBusOptions, Service};
+use orchestrix_coordinator::nats::{Node, NodeStore};
 use orchestrix_integration_tests::NatsServer;
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
@@ -32,12 +32,16 @@ async fn a_saga_is_one_trace_across_processes() {
     let server = NatsServer::start();
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml = "[[flow]]\nname = \"traced\"\n[[flow.step]]\nname = \"reserve\"\ncompensable = true\n[[flow.step]]\nname = \"charge\"\nretries = 1\nretry_delay_ms = 10\n";
-    let bus = NatsBus::start(conn.clone(), NatsBusOptions::default()).await.unwrap();
-    let mut b = Coordinator::builder().bus(bus);
-    for def in flowfile::parse(toml).unwrap() {
-        b = b.flow_def(def);
-    }
-    let coordinator = b.build().unwrap();
+    // In memory, no run events and no registry: the spans are the run's alone.
+    let node = Node::builder()
+        .store(NodeStore::Memory)
+        .flows(flowfile::parse(toml).unwrap())
+        .registry(false)
+        .events(false)
+        .start(conn.clone())
+        .await
+        .unwrap();
+    let coordinator = node.coordinator();
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))
         .steps::<()>("traced", |f| {
@@ -51,9 +55,7 @@ async fn a_saga_is_one_trace_across_processes() {
     let report = coordinator.run("traced", &(), RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
 
-    // A traced service starts a run over NATS: the run joins the caller's trace.
-    let _service =
-        Service::start(coordinator.clone(), conn.clone(), &Subjects::default()).await.unwrap();
+    // A traced service (the node's) starts a run over NATS: the run joins the caller's trace.
     let client = Client::new(conn, Subjects::default());
     let caller = tracing::info_span!("caller", otel.name = "checkout request");
     let from_client =

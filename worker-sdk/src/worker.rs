@@ -508,7 +508,7 @@ impl WorkerBuilder {
             }
             None => None,
         };
-        info!(worker = %id, steps = loops.len(), "worker started");
+        info!(worker = %id, steps = loops.len() / 2, "worker started");
         Ok(Worker {
             id,
             client,
