@@ -257,8 +257,18 @@ async fn a_conflicting_registration_is_refused() {
         Worker::builder().nats(NatsOptions::new(server.url())).flow(bad).start().await.unwrap_err();
     assert!(err.to_string().contains("bad name"), "{err}");
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
-    let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();
+    let registry = Registry::open(conn.clone(), "orchestrix", 1).await.unwrap();
     assert_eq!(registry.registrations().await.unwrap().len(), 1);
+    // Garbage in the registry (written by something else) is skipped, not fatal:
+    // a coordinator starts and serves the good entries.
+    let js = async_nats::jetstream::new(conn);
+    let flows = js.get_key_value("orchestrix_flows").await.unwrap();
+    flows.put("junk.v0", bytes::Bytes::from_static(b"\x00garbage")).await.unwrap();
+    assert_eq!(registry.registrations().await.unwrap().len(), 1);
+    let node = node(&server).await;
+    assert_eq!(node.coordinator().flows(), [std::sync::Arc::from("shop")]);
+    let report = client(&server).await.run("shop", &1u32, RunOptions::new()).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
     worker.shutdown().await;
     replica.shutdown().await;
 }

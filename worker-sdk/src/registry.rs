@@ -235,14 +235,18 @@ impl Registry {
             .transpose()
     }
 
-    /// Every registered version of every flow, oldest first.
+    /// Every registered version of every flow, oldest first. An entry that
+    /// cannot be read (written by something else) is skipped with a warning.
     pub async fn registrations(&self) -> Result<Vec<FlowRegistration>, RegistryError> {
         let mut keys = self.flows.keys().await.map_err(|e| unavailable("cannot list flows", e))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| unavailable("cannot list flows", e))?;
-            if let Some(reg) = self.registration(&key).await? {
-                out.push(reg);
+            match self.registration(&key).await {
+                Ok(Some(reg)) => out.push(reg),
+                Ok(None) => {}
+                Err(e @ RegistryError::Corrupt { .. }) => tracing::warn!(error = %e, "skipped"),
+                Err(e) => return Err(e),
             }
         }
         out.sort_by_key(|r| r.registered_at_ms);
