@@ -199,7 +199,7 @@ impl JetStreamStore {
         // Per-key TTL (idempotency keys, coordinator heartbeats) needs 2.11;
         // an older server fails later with an obscure decoding error.
         let version = client.server_info().version;
-        if !server_is_recent_enough(&version) {
+        if !orchestrix_worker::registry::server_supports_ttl(&version) {
             return Err(StoreError::Unsupported(format!(
                 "nats-server {version} is too old for the JetStream store: it needs 2.11 or newer (KV per-key TTL); ./scripts/test.sh installs one"
             )));
@@ -274,18 +274,7 @@ impl JetStreamStore {
     }
 }
 
-/// True for a server version of 2.11 or newer (an unreadable one passes:
-/// the buckets' own errors will say more).
-fn server_is_recent_enough(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u32>());
-    match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
-        _ => true,
-    }
-}
-
-/// Publishes a message with a per-message TTL to a KV key's subject (a plain
-/// KV put cannot carry one).
+/// Publishes a message with a per-message TTL to a KV key's subject.
 async fn put_with_ttl(
     js: &jetstream::Context,
     bucket: &str,
@@ -293,15 +282,9 @@ async fn put_with_ttl(
     value: Bytes,
     ttl: Duration,
 ) -> Result<(), StoreError> {
-    let msg = jetstream::message::PublishMessage::build()
-        .payload(value)
-        .ttl(ttl.max(Duration::from_secs(1)));
-    let ack = js
-        .send_publish(format!("$KV.{bucket}.{key}"), msg)
+    orchestrix_worker::registry::put_with_ttl(js, bucket, key, value, ttl)
         .await
-        .map_err(|e| unavailable("cannot publish", e))?;
-    ack.await.map_err(|e| unavailable("publish not acknowledged", e))?;
-    Ok(())
+        .map_err(|e| unavailable("KV write", e))
 }
 
 async fn beat(js: &jetstream::Context, bucket: &str, id: &str) -> Result<(), StoreError> {
@@ -839,16 +822,5 @@ impl Store for JetStreamStore {
             }
             Ok(out)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn server_versions() {
-        use super::server_is_recent_enough as ok;
-        assert!(ok("2.15.1") && ok("2.11.0") && ok("v2.12.0-beta") && ok("3.0.0"));
-        assert!(!ok("2.9.15") && !ok("2.10.22") && !ok("1.4.1"));
-        assert!(ok("nonsense"));
     }
 }

@@ -271,3 +271,34 @@ impl NatsCluster {
         self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
     }
 }
+
+/// Handler calls, in order, across every worker of a test: what ran, where, how often.
+#[derive(Clone, Default, Debug)]
+pub struct Ledger(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Ledger {
+    /// Records one line.
+    pub fn log(&self, line: String) {
+        self.lines_mut().push(line);
+    }
+
+    /// How many lines equal `line`.
+    pub fn count(&self, line: &str) -> usize {
+        self.lines_mut().iter().filter(|l| *l == line).count()
+    }
+
+    /// The lines that end with the run's id, in order.
+    pub fn about(&self, run: uuid::Uuid) -> Vec<String> {
+        let run = run.to_string();
+        self.lines_mut().iter().filter(|l| l.ends_with(&run)).cloned().collect()
+    }
+
+    /// How many lines start with `prefix`.
+    pub fn starting(&self, prefix: &str) -> usize {
+        self.lines_mut().iter().filter(|l| l.starts_with(prefix)).count()
+    }
+
+    fn lines_mut(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -4,39 +4,18 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrix::{Client, Flow, RunOptions, RunStatus, StepContext, StepStatus, Worker, create};
 use orchestrix_coordinator::nats::{NatsBusOptions, Node};
-use orchestrix_integration_tests::{NatsServer, eventually};
+use orchestrix_integration_tests::{Ledger, NatsServer, eventually};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::registry::{Registry, RegistryError};
 use orchestrix_worker::{NatsOptions, WorkerError};
 use tokio::sync::watch;
-use uuid::Uuid;
 
 const SECS: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
-
-#[derive(Clone, Default)]
-struct Ledger(Arc<Mutex<Vec<String>>>);
-
-impl Ledger {
-    fn log(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-    fn count(&self, line: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|l| *l == line).count()
-    }
-    fn about(&self, run: Uuid) -> Vec<String> {
-        let run = run.to_string();
-        self.0.lock().unwrap().iter().filter(|l| l.ends_with(&run)).cloned().collect()
-    }
-    fn starting(&self, prefix: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|l| l.starts_with(prefix)).count()
-    }
-}
 
 /// A coordinator with no flows of its own: it serves what workers register.
 async fn node(server: &NatsServer) -> Node {

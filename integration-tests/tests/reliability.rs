@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -15,7 +14,7 @@ use orchestrix::{Client, ListFilter, RunOptions, RunStatus, StepContext, StepSta
 use orchestrix_coordinator::nats::{NatsBusOptions, Node};
 use orchestrix_coordinator::record::RunRecord;
 use orchestrix_coordinator::{FlowDef, StepDef, flowfile};
-use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
+use orchestrix_integration_tests::{ChildProcess, Ledger, NatsServer, built, eventually};
 use orchestrix_proto::{Ack, Payload, StepCommand, Subjects, decode, encode};
 use orchestrix_worker::NatsOptions;
 use uuid::Uuid;
@@ -24,18 +23,6 @@ const SECS: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
 
 /// Handler calls, in order, across every worker of a test.
-#[derive(Clone, Default)]
-struct Ledger(Arc<Mutex<Vec<String>>>);
-
-impl Ledger {
-    fn log(&self, line: String) {
-        self.0.lock().unwrap().push(line);
-    }
-    fn count(&self, line: &str) -> usize {
-        self.0.lock().unwrap().iter().filter(|l| *l == line).count()
-    }
-}
-
 fn bus_options() -> NatsBusOptions {
     NatsBusOptions::default()
         .ack_timeout(500 * MS)
@@ -279,17 +266,7 @@ async fn a_takeover_with_three_worker_replicas_runs_each_step_once() {
     }
     // The runs were spread over the replicas, so a re-send to the queue
     // group would have landed elsewhere.
-    let on: Vec<usize> = (0..3)
-        .map(|i| {
-            ledger
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.starts_with(&format!("charge on {i} ")))
-                .count()
-        })
-        .collect();
+    let on: Vec<usize> = (0..3).map(|i| ledger.starting(&format!("charge on {i} "))).collect();
     assert_eq!(on.iter().sum::<usize>(), 6, "{on:?}");
     for w in workers {
         w.shutdown().await;

@@ -354,3 +354,14 @@ pub(crate) fn served(
     out.sort_by(|a, b| (&a.flow, &a.version).cmp(&(&b.flow, &b.version)));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_versions() {
+        use super::server_supports_ttl as ok;
+        assert!(ok("2.15.1") && ok("2.11.0") && ok("v2.12.0-beta") && ok("3.0.0"));
+        assert!(!ok("2.9.15") && !ok("2.10.22") && !ok("1.4.1"));
+        assert!(ok("nonsense"));
+    }
+}
