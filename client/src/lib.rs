@@ -234,6 +234,34 @@ impl Client {
         }
     }
 
+    /// Cancels a run: the coordinator running it stops the attempt in
+    /// flight, compensates the completed steps in reverse, and ends the run
+    /// `cancelled` with `by` and `reason` in its report. Returns once the
+    /// cancel is accepted (wait for the report with [`Client::wait`]).
+    /// Cancelling a finished run is an error; cancelling twice is harmless.
+    pub async fn cancel(
+        &self,
+        run_id: Uuid,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let req = orchestrix_proto::ControlRequest {
+            run_id,
+            action: orchestrix_proto::ControlAction::Cancel,
+            by: by.to_owned(),
+            reason: reason.map(str::to_owned),
+        };
+        let subject = self.subjects.control_requests();
+        match self.ask(subject, &req, Some(self.request_timeout)).await {
+            Ok(RunReply::Accepted { .. }) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(ClientError::NoCoordinator { .. }) => Err(ClientError::Unavailable(format!(
+                "no coordinator has run {run_id} live right now (it may be being taken over)"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Follows a run's lifecycle events (published by a coordinator with an
     /// `EventPublisher`, as `orchestrix serve` does) as they happen.
     /// Subscribe before asking for the run's status, so nothing is missed.

@@ -38,6 +38,35 @@ pub(crate) struct RunActor {
     spans: Option<Box<RunSpans>>,
     /// An ack is applied to the record but not yet written (see `ACK_WRITE_DELAY`).
     ack_unsaved: bool,
+    /// The in-process handler running now, to drop it on a cancel.
+    local: Option<(Uuid, SpawnHandle)>,
+    /// Where operators find this run while it is live here.
+    live: LiveRuns,
+}
+
+/// An operator's action for a live run; answered once checked (the action
+/// itself is stored and carried out like any event).
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub(crate) struct Control(pub(crate) orchestrix_proto::OperatorAction);
+
+/// The runs live in this process, by id: where operators' actions go.
+#[derive(Clone, Default)]
+pub(crate) struct LiveRuns(
+    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::Recipient<Control>>>>,
+);
+
+impl LiveRuns {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::Recipient<Control>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The run's actor, if the run is live here.
+    pub(crate) fn get(&self, run_id: Uuid) -> Option<actix::Recipient<Control>> {
+        self.lock().get(&run_id).cloned()
+    }
 }
 
 /// How long an ack may stay unwritten, waiting to go with the attempt's
@@ -60,6 +89,7 @@ impl RunActor {
         store: Arc<dyn Store>,
         done: oneshot::Sender<Box<RunReport>>,
         resumed: bool,
+        live: LiveRuns,
     ) -> Self {
         machine.limits.liveness = bus.liveness();
         RunActor {
@@ -71,6 +101,8 @@ impl RunActor {
             resumed,
             spans: None,
             ack_unsaved: false,
+            local: None,
+            live,
         }
     }
 
@@ -229,6 +261,18 @@ impl RunActor {
                 Effect::RunDeadline { after } => {
                     ctx.notify_later(Internal(Event::DeadlineExceeded), after);
                 }
+                Effect::Cancel(cmd) => {
+                    // In process: the handler's future is dropped. Remote:
+                    // every worker of the step is told.
+                    if let Some((id, handle)) = self.local.take() {
+                        if id == cmd.command_id {
+                            ctx.cancel_future(handle);
+                        }
+                    }
+                    if let Err(e) = self.bus.cancel(&cmd) {
+                        warn!(run_id = %self.run_id(), error = %e, "cannot tell the workers to stop a cancelled attempt");
+                    }
+                }
                 Effect::Notify(notice) => self.notify(&notice),
                 Effect::Finish { duration } => {
                     self.bus.run_finished(self.run_id());
@@ -258,9 +302,11 @@ impl RunActor {
         match dispatched {
             Ok(Dispatched::Sent) => {}
             Ok(Dispatched::Local(outcome)) => {
-                ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
+                let handle = ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
+                    act.local = None;
                     act.handle_event(Event::Outcome { command_id, attempt, kind, result }, ctx)
                 }));
+                self.local = Some((command_id, handle));
             }
             Err(e) => {
                 let (retryable, message) = (e.is_retryable(), e.to_string());
@@ -350,6 +396,15 @@ impl RunActor {
                     h.on_compensation_success(e, *duration)
                 });
             }
+            Notice::Cancelled { by, reason } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(Some("cancelled"));
+                }
+                let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
+                for h in &self.machine.plan.hooks {
+                    guard(|| h.on_run_cancelled(run_id, &flow, by, reason.as_deref()));
+                }
+            }
             Notice::CompensationFailed { step, attempt, error } => {
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(Some(error));
@@ -402,8 +457,25 @@ impl Actor for RunActor {
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }
+        self.live.lock().insert(run_id, ctx.address().recipient());
         let event = if self.resumed { Event::Resume } else { Event::Start };
         self.handle_event(event, ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.live.lock().remove(&self.run_id());
+    }
+}
+
+impl Handler<Control> for RunActor {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, Control(action): Control, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(why) = self.machine.refusal(&action) {
+            return Err(why);
+        }
+        self.handle_event(Event::Control(action), ctx);
+        Ok(())
     }
 }
 

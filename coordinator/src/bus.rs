@@ -140,6 +140,14 @@ pub trait Bus: Send + Sync + 'static {
         Err(BusError::Unavailable("this bus cannot ask workers about a command".into()))
     }
 
+    /// Tells whoever holds `cmd` to stop it, and everyone not to start it
+    /// (the run was cancelled). In-process handlers are dropped by the run's
+    /// actor itself.
+    fn cancel(&self, cmd: &StepCommand) -> Result<(), BusError> {
+        let _ = cmd;
+        Ok(())
+    }
+
     /// What the engine must watch to notice a lost command.
     fn liveness(&self) -> Liveness {
         Liveness::Local

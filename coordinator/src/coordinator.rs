@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::actor::RunActor;
+use crate::actor::{Control, LiveRuns, RunActor};
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
 use crate::flow::{Flow, FlowDef, FlowError};
@@ -61,6 +61,13 @@ pub enum RunError {
     /// The input is not one well-formed MessagePack value.
     #[error("the run's input is not valid MessagePack: {0}")]
     BadInput(CodecError),
+    /// An operator's action cannot be applied (the run already finished, say).
+    #[error("{0}")]
+    Refused(String),
+    /// The run is not live in this coordinator (another one runs it, or it
+    /// is being taken over).
+    #[error("run {0} is not live here")]
+    NotLive(Uuid),
     /// The run's actor stopped without a report (the engine was shut down).
     #[error("run {0} was lost: the engine stopped before it finished")]
     Lost(Uuid),
@@ -92,6 +99,8 @@ struct Inner {
     flows: HashMap<Arc<str>, Arc<FlowPlan>>,
     /// Flows registered by workers, when following the cluster's registry.
     registry: Option<Arc<RegistryView>>,
+    /// Runs whose actor is live in this process.
+    live: LiveRuns,
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
     engine: Option<Engine>,
@@ -217,7 +226,15 @@ impl CoordinatorBuilder {
         let unrouted = std::sync::Mutex::new(bus.take_unrouted());
         let registry = self.registry.then(|| Arc::new(RegistryView::new(self.hooks.clone())));
         Ok(Coordinator {
-            inner: Arc::new(Inner { unrouted, flows, registry, bus, store, engine: self.engine }),
+            inner: Arc::new(Inner {
+                unrouted,
+                flows,
+                registry,
+                live: LiveRuns::default(),
+                bus,
+                store,
+                engine: self.engine,
+            }),
         })
     }
 
@@ -228,6 +245,7 @@ impl CoordinatorBuilder {
             unrouted: std::sync::Mutex::new(None),
             flows,
             registry: None,
+            live: LiveRuns::default(),
             bus: Arc::new(self.memory),
             store: Arc::new(MemoryStore::default()),
             engine: self.engine,
@@ -240,6 +258,7 @@ impl CoordinatorBuilder {
 pub struct RunHandle {
     run_id: Uuid,
     duplicate: bool,
+    coordinator: Coordinator,
     report: BoxFuture<'static, Result<RunReport, RunError>>,
 }
 
@@ -267,6 +286,12 @@ impl RunHandle {
     /// Waits for the run's final report.
     pub async fn report(self) -> Result<RunReport, RunError> {
         self.report.await
+    }
+
+    /// Cancels the run (see [`Coordinator::cancel`]); its report then says
+    /// `cancelled`.
+    pub async fn cancel(&self, by: &str, reason: Option<&str>) -> Result<(), RunError> {
+        self.coordinator.cancel(self.run_id, by, reason).await
     }
 }
 
@@ -414,12 +439,12 @@ impl Coordinator {
         match self.inner.store.create(&record).resolve().await? {
             Created::Existing { run_id, report: Some(report) } => {
                 let report = Box::pin(futures::future::ready(Ok(*report)));
-                Ok(RunHandle { run_id, duplicate: true, report })
+                Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
             }
             Created::Existing { run_id, report: None } => {
                 let wait = self.inner.store.wait(run_id);
                 let report = Box::pin(async move { Ok(wait.await?) });
-                Ok(RunHandle { run_id, duplicate: true, report })
+                Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
             }
             created @ (Created::New | Created::Adopted(_)) => {
                 let (record, run_id) = match created {
@@ -431,19 +456,20 @@ impl Coordinator {
                 };
                 let (tx, rx) = oneshot::channel();
                 let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
+                let live = self.inner.live.clone();
                 let engine = match &self.inner.engine {
                     Some(e) => e.clone(),
                     None => Engine::shared()?,
                 };
                 engine.spawn(move |_| {
                     let machine = Machine::new(plan, record, Instant::now(), Entropy::random());
-                    RunActor::new(machine, bus, store, tx, false)
+                    RunActor::new(machine, bus, store, tx, false, live)
                 });
                 let report =
                     Box::pin(
                         async move { rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id)) },
                     );
-                Ok(RunHandle { run_id, duplicate: false, report })
+                Ok(RunHandle { run_id, duplicate: false, coordinator: self.clone(), report })
             }
         }
     }
@@ -483,6 +509,7 @@ impl Coordinator {
                 continue;
             }
             let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
+            let live = self.inner.live.clone();
             let (tx, _) = oneshot::channel();
             engine.spawn(move |_| {
                 let machine = Machine::resumed(
@@ -492,7 +519,7 @@ impl Coordinator {
                     SystemTime::now(),
                     Entropy::random(),
                 );
-                RunActor::new(machine, bus, store, tx, true)
+                RunActor::new(machine, bus, store, tx, true, live)
             });
             resumed += 1;
         }
@@ -556,6 +583,51 @@ impl Coordinator {
     /// Recent runs, newest first (those the store keeps).
     pub async fn list(&self, filter: crate::ListFilter) -> Result<Vec<RunReport>, RunError> {
         Ok(self.inner.store.list(filter).await?)
+    }
+
+    /// Cancels a run: the attempt in flight is stopped (its handler dropped,
+    /// its context's cancellation fired; a worker that may have done it has
+    /// the step compensated too), the completed steps are compensated in
+    /// reverse, and the run ends `cancelled`, with `by` and `reason` in its
+    /// report. Cancelling a finished run is an error ([`RunError::Refused`]);
+    /// cancelling twice is harmless.
+    pub async fn cancel(
+        &self,
+        run_id: Uuid,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<(), RunError> {
+        let action = orchestrix_proto::OperatorAction {
+            action: orchestrix_proto::ControlAction::Cancel,
+            by: by.to_owned(),
+            reason: reason.map(str::to_owned),
+            at: SystemTime::now(),
+        };
+        self.control(run_id, action).await
+    }
+
+    /// Applies an operator's action to a run live in this process.
+    pub(crate) async fn control(
+        &self,
+        run_id: Uuid,
+        action: orchestrix_proto::OperatorAction,
+    ) -> Result<(), RunError> {
+        if let Some(actor) = self.inner.live.get(run_id) {
+            match actor.send(Control(action)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(why)) => return Err(RunError::Refused(why)),
+                // The actor stopped meanwhile: the run just finished.
+                Err(_) => {}
+            }
+        }
+        match self.status(run_id).await? {
+            Some(r) if r.status == orchestrix_proto::RunStatus::Cancelled => Ok(()),
+            Some(r) if r.status.is_terminal() => {
+                Err(RunError::Refused(format!("run {run_id} already finished: {}", r.status)))
+            }
+            Some(_) => Err(RunError::NotLive(run_id)),
+            None => Err(RunError::Store(StoreError::NotFound(run_id))),
+        }
     }
 
     /// Waits for the final report of a run started earlier.

@@ -10,7 +10,7 @@ use orchestrix_worker::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunOptions};
+use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunHandle, RunOptions};
 pub use orchestrix_proto::{FlowDef, FlowError, OnUnknown, StepDef};
 
 /// Options of one step: compensation, retries, timeout.
@@ -300,6 +300,13 @@ where
     pub async fn run_with(&self, input: I, options: RunOptions) -> Result<RunReport, RunError> {
         let coordinator = self.embedded()?;
         coordinator.run(&self.def.name, &input, options).await
+    }
+
+    /// Starts a run on the embedded engine and returns at once with its
+    /// handle: its id, its report to wait for, and a way to cancel it.
+    pub async fn start(&self, input: I, options: RunOptions) -> Result<RunHandle, RunError> {
+        let coordinator = self.embedded()?;
+        coordinator.start(&self.def.name, &input, options).await
     }
 
     /// This flow, run by the coordinators of a cluster through `client`, with

@@ -61,6 +61,8 @@ pub trait Hooks: Send + Sync + 'static {
     fn on_compensation_success(&self, event: &StepEvent<'_>, duration: Duration) {}
     /// A step's compensation failed for good: its side effect is left in place.
     fn on_compensation_failure(&self, event: &StepEvent<'_>, error: &str) {}
+    /// An operator cancelled the run: its rollback starts.
+    fn on_run_cancelled(&self, run_id: Uuid, flow: &str, by: &str, reason: Option<&str>) {}
     /// The run reached a terminal status.
     fn on_run_end(&self, report: &RunReport) {}
 }
@@ -93,6 +95,9 @@ impl<H: Hooks + ?Sized> Hooks for std::sync::Arc<H> {
     }
     fn on_compensation_failure(&self, event: &StepEvent<'_>, error: &str) {
         (**self).on_compensation_failure(event, error)
+    }
+    fn on_run_cancelled(&self, run_id: Uuid, flow: &str, by: &str, reason: Option<&str>) {
+        (**self).on_run_cancelled(run_id, flow, by, reason)
     }
     fn on_run_end(&self, report: &RunReport) {
         (**self).on_run_end(report)

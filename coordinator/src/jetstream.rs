@@ -182,6 +182,7 @@ fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
         failed_step: None,
         steps: Vec::new(),
         late: Vec::new(),
+        actions: Vec::new(),
     }
 }
 

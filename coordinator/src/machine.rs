@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use orchestrix_proto::{
-    CommandKind, OutcomeResult, Payload, RunStatus, StepCommand, StepOutput, StepStatus, WireError,
+    CommandKind, ControlAction, OperatorAction, OutcomeResult, Payload, RunStatus, StepCommand,
+    StepOutput, StepStatus, WireError,
 };
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -92,6 +93,9 @@ pub(crate) const DECISIONS: &[&str] = &[
     "late",
     "finished",
     "resume",
+    "cancel",
+    "cancel-during-rollback",
+    "cancel-again",
 ];
 
 #[cfg(test)]
@@ -142,6 +146,8 @@ pub(crate) enum Event {
     /// The run was taken over (or its coordinator restarted): pick it up
     /// where its record says it stands.
     Resume,
+    /// An operator acted on the run (checked first with [`Machine::refusal`]).
+    Control(OperatorAction),
 }
 
 /// Bounds the machine enforces, from the bus and store it runs over. The
@@ -200,6 +206,9 @@ pub(crate) enum Effect {
     RetryAfter { command_id: Uuid, delay: Duration },
     /// `DeadlineExceeded` after `after`.
     RunDeadline { after: Duration },
+    /// Tell every worker of the command's step to stop it (whoever holds it
+    /// drops its handler; nobody starts it any more).
+    Cancel(StepCommand),
     /// Tell the observers: spans, hooks, run events and metrics all derive
     /// from this one notice, so they never disagree.
     Notify(Notice),
@@ -260,6 +269,10 @@ pub(crate) enum Notice {
         step: u32,
         attempt: u32,
         error: String,
+    },
+    Cancelled {
+        by: String,
+        reason: Option<String>,
     },
 }
 
@@ -343,6 +356,19 @@ impl Machine {
 
     pub(crate) fn is_finished(&self) -> bool {
         self.rec.phase == Phase::Finished
+    }
+
+    /// Why an operator's action cannot be applied now, if so.
+    pub(crate) fn refusal(&self, action: &OperatorAction) -> Option<String> {
+        match action.action {
+            // Cancelling a cancelled run again is harmless.
+            ControlAction::Cancel
+                if self.is_finished() && self.rec.status != RunStatus::Cancelled =>
+            {
+                Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
+            }
+            _ => None,
+        }
     }
 
     /// Decides what `event` means and appends the resulting transitions to `out`.
@@ -511,6 +537,7 @@ impl Machine {
                     self.begin(step, kind, attempt + 1, now, wall, out);
                 }
             }
+            Event::Control(action) => self.control(action, now, wall, out),
             Event::DeadlineExceeded => {
                 if self.rec.phase != Phase::Executing {
                     return; // compensation is never cut short
@@ -524,6 +551,43 @@ impl Machine {
                     let unknown = cur.retry_at.is_none() && cur.acked_by.is_some();
                     self.step_failed(cur, error, unknown, now, wall, out);
                 }
+            }
+        }
+    }
+
+    fn control(
+        &mut self,
+        action: OperatorAction,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Decision,
+    ) {
+        match action.action {
+            ControlAction::Cancel => {
+                if self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel) {
+                    decided("cancel-again");
+                    return; // harmless
+                }
+                if self.rec.phase != Phase::Executing {
+                    // Already rolling back: recorded, and the rollback goes on.
+                    decided("cancel-during-rollback");
+                    self.push(Transition::Cancelled { action, step: None, maybe_done: false }, out);
+                    return;
+                }
+                decided("cancel");
+                let cur = self.rec.current.clone();
+                // Started by a worker and not answered: it may have happened.
+                let in_hand = cur.as_ref().filter(|c| c.retry_at.is_none());
+                let maybe_done = in_hand.is_some_and(|c| c.acked_by.is_some());
+                let stop = in_hand.map(|c| self.command(c.step, c.kind, c.attempt, c.command_id));
+                let step = cur.as_ref().map(|c| c.step);
+                self.push(Transition::Cancelled { action, step, maybe_done }, out);
+                if let Some(cmd) = stop {
+                    out.effects.push(Effect::Cancel(cmd));
+                }
+                let below =
+                    step.map_or(self.rec.steps.len(), |s| s as usize + usize::from(maybe_done));
+                self.next_compensation(below, now, wall, out);
             }
         }
     }
@@ -629,6 +693,11 @@ impl Machine {
                     attempt: comp_attempts(*step),
                     error: error.clone(),
                 };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::Cancelled { action, .. } => {
+                let notice =
+                    Notice::Cancelled { by: action.by.clone(), reason: action.reason.clone() };
                 fx.push(Effect::Notify(notice));
             }
             Transition::Finished { duration, .. } => {
@@ -1014,10 +1083,16 @@ impl Machine {
     }
 
     fn finish(&mut self, now: Instant, out: &mut Decision) {
-        let status = if self.rec.failed_step.is_none() {
-            RunStatus::Completed
-        } else if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
+        // Cancelled before any step failed (a cancel during the rollback of a
+        // failure changes nothing: that run failed).
+        let cancelled = self.rec.failed_step.is_none()
+            && self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel);
+        let status = if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
             RunStatus::CompensationFailed
+        } else if cancelled {
+            RunStatus::Cancelled
+        } else if self.rec.failed_step.is_none() {
+            RunStatus::Completed
         } else {
             RunStatus::Failed
         };
@@ -1139,8 +1214,103 @@ mod tests {
                 Transition::AttemptAcked { .. } => "acked".into(),
                 Transition::Redispatched { .. } => "redispatched".into(),
                 Transition::LateOutcome(n) => format!("late {}", n.outcome),
+                Transition::Cancelled { step, maybe_done, .. } => {
+                    format!("cancelled {step:?} maybe_done={maybe_done}")
+                }
             })
             .collect()
+    }
+
+    fn cancel(by: &str) -> Event {
+        Event::Control(OperatorAction {
+            action: ControlAction::Cancel,
+            by: by.into(),
+            reason: Some("customer asked".into()),
+            at: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    #[test]
+    fn a_cancel_stops_the_attempt_in_hand_and_compensates_it_as_maybe_done() {
+        let mut t = T::new(&[true, true, false], 0);
+        t.m.limits.liveness = remote();
+        t.ev(Event::Start);
+        t.ok();
+        t.ack();
+        let stopped = t.cur();
+        let d = t.decide(cancel("ops"));
+        assert_eq!(
+            names(&d.transitions),
+            ["cancelled Some(1) maybe_done=true", "start 1 compensate #1"],
+            "the started step may have happened: compensated first"
+        );
+        let Some(Effect::Cancel(cmd)) = d.effects.iter().find(|e| matches!(e, Effect::Cancel(_)))
+        else {
+            panic!("no cancel effect: {:?}", kinds(&d.effects))
+        };
+        assert_eq!(cmd.command_id, stopped);
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Compensating);
+        assert_eq!(names(&t.ok()), ["compensated 1", "start 0 compensate #1"]);
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished cancelled"]);
+        let report = t.m.rec.to_report(Duration::ZERO);
+        assert_eq!(report.actions.len(), 1);
+        assert_eq!(report.actions[0].by, "ops");
+        assert_eq!(report.error.as_deref(), Some("cancelled by ops: customer asked"));
+        assert_eq!(report.failed_step, None);
+    }
+
+    #[test]
+    fn a_cancel_during_a_retry_delay_compensates_only_what_completed() {
+        let mut t = T::new(&[true, true], 2);
+        t.ev(Event::Start);
+        t.ok();
+        t.fail(true);
+        let due = t.cur();
+        let d = t.decide(cancel("ops"));
+        assert_eq!(
+            names(&d.transitions),
+            ["cancelled Some(1) maybe_done=false", "start 0 compensate #1"]
+        );
+        assert!(!kinds(&d.effects).contains(&"cancel"), "nothing in hand to stop");
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Cancelled);
+        // The retry timer of the cancelled attempt fires: nothing happens.
+        assert!(t.ev(Event::RetryDue { command_id: due }).is_empty());
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished cancelled"]);
+    }
+
+    #[test]
+    fn a_cancel_during_a_rollback_is_recorded_and_changes_nothing() {
+        let mut t = T::new(&[true, false], 0);
+        t.ev(Event::Start);
+        t.ok();
+        t.fail(false);
+        assert_eq!(t.m.rec.phase, Phase::Compensating);
+        assert_eq!(names(&t.ev(cancel("ops"))), ["cancelled None maybe_done=false"]);
+        // Twice: harmless, nothing recorded again.
+        assert!(t.ev(cancel("ops")).is_empty());
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
+        assert_eq!(t.m.rec.actions.len(), 1);
+    }
+
+    #[test]
+    fn a_cancel_racing_the_last_outcome() {
+        // The cancel wins: the answer that follows is late, never applied.
+        let mut t = T::new(&[false, true], 0);
+        t.ev(Event::Start);
+        t.ok();
+        let last = t.cur();
+        assert_eq!(
+            names(&t.ev(cancel("ops"))),
+            ["cancelled Some(1) maybe_done=false", "finished cancelled"]
+        );
+        assert!(t.out(last, OutcomeResult::Completed { output: Payload::nil() }).is_empty());
+        // The run ended first: a cancel is refused, with the status.
+        let mut t = T::new(&[false], 0);
+        t.ev(Event::Start);
+        t.ok();
+        let Event::Control(action) = cancel("ops") else { unreachable!() };
+        let why = t.m.refusal(&action).unwrap();
+        assert!(why.ends_with("already finished: completed"), "{why}");
     }
 
     #[test]
@@ -1453,6 +1623,16 @@ mod tests {
         let mut sixth = T::with(plan(&[false], 0), Uuid::from_u128(6), 9);
         go(&mut sixth, Event::Start);
         go(&mut sixth, Event::Resume); // resume
+        let mut seventh = T::with(plan(&[true, false], 0), Uuid::from_u128(7), 9);
+        go(&mut seventh, Event::Start);
+        seventh.ok();
+        go(&mut seventh, cancel("ops")); // cancel
+        go(&mut seventh, cancel("ops")); // cancel-again
+        let mut eighth = T::with(plan(&[true, false], 0), Uuid::from_u128(8), 9);
+        go(&mut eighth, Event::Start);
+        eighth.ok();
+        eighth.fail(false);
+        go(&mut eighth, cancel("ops")); // cancel-during-rollback
         all
     }
 
@@ -1483,6 +1663,7 @@ mod tests {
                 Effect::RetryAfter { .. } => "retry-after",
                 Effect::RunDeadline { .. } => "run-deadline",
                 Effect::Notify(_) => "notify",
+                Effect::Cancel(_) => "cancel",
                 Effect::Finish { .. } => "finish",
             })
             .collect()

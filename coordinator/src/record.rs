@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use orchestrix_proto::time::{opt_duration_ms, unix_ms_serde};
 use orchestrix_proto::{
-    CommandKind, CompensationReport, Payload, RunReport, RunStatus, StepReport, StepStatus,
+    CommandKind, CompensationReport, OperatorAction, Payload, RunReport, RunStatus, StepReport,
+    StepStatus,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -206,6 +207,9 @@ pub struct RunRecord {
     /// [`MAX_LATE_NOTES`]).
     #[serde(default)]
     pub late: Vec<LateNote>,
+    /// What operators did to the run, in order.
+    #[serde(default)]
+    pub actions: Vec<OperatorAction>,
 }
 
 /// One change to a [`RunRecord`].
@@ -298,6 +302,16 @@ pub enum Transition {
         #[serde(with = "orchestrix_proto::time::duration_ms")]
         duration: Duration,
     },
+    /// An operator cancelled the run: the attempt in flight (if any) is
+    /// stopped and the rollback starts.
+    Cancelled {
+        /// Who, why, when.
+        action: OperatorAction,
+        /// The step in flight or waiting, if any.
+        step: Option<u32>,
+        /// That step's attempt had been started by a worker: it may have happened.
+        maybe_done: bool,
+    },
     /// The run reached a terminal status.
     Finished {
         /// The terminal status.
@@ -344,6 +358,7 @@ impl RunRecord {
             duration: None,
             traceparent: None,
             late: Vec::new(),
+            actions: Vec::new(),
         }
     }
 
@@ -469,6 +484,22 @@ impl RunRecord {
                     }
                 }
             }
+            Transition::Cancelled { action, step, maybe_done } => {
+                self.actions.push(action.clone());
+                if self.phase != Phase::Executing {
+                    return; // a rollback under way goes on unchanged
+                }
+                self.current = None;
+                self.phase = Phase::Compensating;
+                let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+                self.error = Some(format!("cancelled by {}{why}", action.by));
+                if let Some(s) = step.and_then(|i| self.steps.get_mut(i as usize)) {
+                    s.maybe_done |= *maybe_done;
+                    s.status =
+                        if s.maybe_done { StepStatus::Unknown } else { StepStatus::Cancelled };
+                    s.waiting = None;
+                }
+            }
             Transition::Finished { status, duration } => {
                 self.current = None;
                 self.phase = Phase::Finished;
@@ -519,6 +550,7 @@ impl RunRecord {
                 })
                 .collect(),
             late: self.late.iter().map(LateNote::line).collect(),
+            actions: self.actions.clone(),
         }
     }
 }

@@ -38,13 +38,15 @@ pub use codec::{
 };
 pub use flow::{FlowDef, FlowError, OnUnknown, StepDef};
 pub use messages::{
-    Ack, CommandKind, EventKind, FlowRegistration, Heartbeat, ListRequest, OutcomeResult, RunEvent,
-    RunReply, RunRequest, ServedFlow, StatusRequest, StepCommand, StepFailure, StepOutcome,
-    StepOutput, WireError, WorkerPresence,
+    Ack, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat, ListRequest,
+    OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest, StepCancel,
+    StepCommand, StepFailure, StepOutcome, StepOutput, WireError, WorkerPresence,
 };
 pub use options::{ListFilter, RunOptions};
 pub use payload::Payload;
-pub use report::{CompensationReport, RunReport, RunStatus, StepReport, StepStatus};
+pub use report::{
+    CompensationReport, ControlAction, OperatorAction, RunReport, RunStatus, StepReport, StepStatus,
+};
 pub use retry::RetryPolicy;
 pub use subject::{MAX_NAME_LEN, NameError, Subjects, validate_name};
 pub use trace::TraceParent;

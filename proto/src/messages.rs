@@ -384,6 +384,13 @@ pub enum EventKind {
         /// Why.
         error: String,
     },
+    /// An operator cancelled the run: its rollback starts.
+    RunCancelled {
+        /// Who.
+        by: String,
+        /// Why, if said.
+        reason: Option<String>,
+    },
     /// The run reached a terminal status.
     RunEnded {
         /// Its final report.
@@ -455,4 +462,40 @@ pub struct ServedFlow {
     pub version: Option<Arc<str>>,
     /// The steps it has an action handler for.
     pub steps: Vec<Arc<str>>,
+}
+
+/// Coordinator → workers (on the step's inquiry subject, which every replica
+/// hears): the run was cancelled; whoever holds this command stops its
+/// handler, and nobody starts it any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCancel {
+    /// The command to stop.
+    pub command_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its attempt.
+    pub attempt: u32,
+}
+
+impl Message for StepCancel {
+    const KIND: &'static str = "step.cancel";
+}
+
+/// Operator → coordinators (every coordinator hears it; the one running the
+/// run answers): act on a live run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRequest {
+    /// The run.
+    pub run_id: Uuid,
+    /// What to do.
+    pub action: crate::ControlAction,
+    /// Who asks.
+    pub by: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Message for ControlRequest {
+    const KIND: &'static str = "run.control";
 }

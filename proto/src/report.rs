@@ -23,6 +23,10 @@ pub enum RunStatus {
     /// flow no longer matches it): it was moved aside, nothing more runs, and
     /// an operator must look at it. The report's `error` says why.
     Quarantined,
+    /// An operator cancelled the run: the step in flight was stopped and the
+    /// completed (and maybe-done) steps were compensated. The report's
+    /// `actions` say who and why.
+    Cancelled,
 }
 
 impl RunStatus {
@@ -39,6 +43,7 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::CompensationFailed => "compensation_failed",
             RunStatus::Quarantined => "quarantined",
+            RunStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -75,6 +80,9 @@ pub enum StepStatus {
     /// Such a step ends the run like a failure, and rollback runs its
     /// compensation too when it has one.
     Unknown,
+    /// The run was cancelled while this step waited for a worker, a retry or
+    /// its first answer, before any worker started it.
+    Cancelled,
 }
 
 impl StepStatus {
@@ -90,6 +98,7 @@ impl StepStatus {
             StepStatus::Compensated => "compensated",
             StepStatus::CompensationFailed => "compensation_failed",
             StepStatus::Unknown => "unknown",
+            StepStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -177,6 +186,42 @@ pub struct RunReport {
     /// recorded, never applied. One line each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub late: Vec<String>,
+    /// What operators did to the run (cancel, …), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<OperatorAction>,
+}
+
+/// Something an operator did to a run: recorded in its report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorAction {
+    /// What: `cancel`.
+    pub action: ControlAction,
+    /// Who asked (a user name, a service, `cli@host`).
+    pub by: String,
+    /// Why, if they said.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it was applied.
+    #[serde(with = "time::unix_ms_serde", rename = "atMs")]
+    pub at: SystemTime,
+}
+
+/// An operator's action on a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    /// Stop the run: cancel the attempt in flight, compensate, end `cancelled`.
+    Cancel,
+}
+
+impl ControlAction {
+    /// The action as written in JSON and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlAction::Cancel => "cancel",
+        }
+    }
 }
 
 impl RunReport {
@@ -233,6 +278,10 @@ impl fmt::Display for RunReport {
         }
         for l in &self.late {
             writeln!(f, "  late: {l}")?;
+        }
+        for a in &self.actions {
+            let why = a.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            writeln!(f, "  {} by {}{why}", a.action.as_str(), a.by)?;
         }
         Ok(())
     }

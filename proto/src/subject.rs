@@ -124,6 +124,12 @@ impl Subjects {
         format!("{}.inquire.{flow}.{step}", self.prefix)
     }
 
+    /// Where operators send [`crate::ControlRequest`]s (every coordinator
+    /// listens, without a queue group; the one running the run answers).
+    pub fn control_requests(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
     /// Where callers send [`crate::StatusRequest`]s.
     pub fn status_requests(&self) -> String {
         format!("{}.status", self.prefix)

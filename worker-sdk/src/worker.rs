@@ -11,8 +11,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
     Ack, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError, OutcomeResult,
-    StepCommand, StepFailure, StepOutcome, Subjects, WireError, WorkerPresence, decode_with_limit,
-    encode, validate_name,
+    StepCancel, StepCommand, StepFailure, StepOutcome, Subjects, WireError, WorkerPresence,
+    decode_with_limit, encode, validate_name,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Semaphore, watch};
@@ -686,8 +686,11 @@ fn target(t: &ReplyTarget) -> async_nats::Subject {
 
 #[derive(Clone)]
 enum Seen {
-    Running(ReplyTarget),
+    /// In hand: where to answer, and how to stop it (a cancel).
+    Running(ReplyTarget, CancellationToken),
     Done(Bytes),
+    /// Cancelled before this worker started it: never start it.
+    Cancelled,
 }
 
 /// Command ids seen recently, oldest first out.
@@ -706,25 +709,44 @@ impl Dedup {
     /// answers to `reply` (a coordinator that took its run over).
     fn redelivered(&mut self, id: Uuid, reply: &ReplyTarget) -> Option<Seen> {
         let seen = self.map.get(&id)?;
-        if let Seen::Running(t) = seen {
+        if let Seen::Running(t, _) = seen {
             *t.lock().unwrap_or_else(|p| p.into_inner()) = target(reply);
         }
         Some(seen.clone())
     }
 
     /// Marks `id` running, answering to `reply`; false if it was seen already.
-    fn begin(&mut self, id: Uuid, reply: &ReplyTarget) -> bool {
+    fn begin(&mut self, id: Uuid, reply: &ReplyTarget, stop: &CancellationToken) -> bool {
         if self.map.contains_key(&id) {
             return false;
         }
-        self.map.insert(id, Seen::Running(reply.clone()));
+        self.remember(id, Seen::Running(reply.clone(), stop.clone()));
+        true
+    }
+
+    /// A cancel for `id`: stops it if in hand; otherwise it is never started.
+    fn cancel(&mut self, id: Uuid) -> bool {
+        match self.map.get(&id) {
+            Some(Seen::Running(_, stop)) => {
+                stop.cancel();
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.remember(id, Seen::Cancelled);
+                false
+            }
+        }
+    }
+
+    fn remember(&mut self, id: Uuid, seen: Seen) {
+        self.map.insert(id, seen);
         self.order.push_back(id);
         while self.order.len() > self.cap {
             if let Some(old) = self.order.pop_front() {
                 self.map.remove(&old);
             }
         }
-        true
     }
 
     fn finish(&mut self, id: Uuid, outcome: Bytes) {
@@ -783,6 +805,11 @@ fn expired(cmd: &StepCommand, now: u64) -> Option<String> {
 }
 
 async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<Shared>, via: Via) {
+    if via == Via::Inquiry
+        && orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == StepCancel::KIND)
+    {
+        return cancel(&msg, shared);
+    }
     let Some(reply) = msg.reply.clone() else {
         warn!(subject = %msg.subject, "step command without a reply subject dropped");
         return;
@@ -839,7 +866,12 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             shared.send_raw(&reply, outcome).await;
             return;
         }
-        Some(Seen::Running(_)) => {
+        Some(Seen::Cancelled) => {
+            let why = "the run was cancelled: not started".to_owned();
+            shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
+            return;
+        }
+        Some(Seen::Running(..)) => {
             // Still at work: ack to whoever asks now; heartbeats and the
             // outcome follow it there.
             shared.send(&reply, &ack).await;
@@ -864,7 +896,13 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
         return;
     }
-    if !shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(cmd.command_id, &answer_to) {
+    let stop = CancellationToken::new();
+    let began = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(
+        cmd.command_id,
+        &answer_to,
+        &stop,
+    );
+    if !began {
         // Raced with a redelivery of the same command: that one runs it.
         shared.send(&reply, &ack).await;
         return;
@@ -880,6 +918,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
         let deadline = cmd.deadline_ms;
         let slots = shared.slots.clone();
+        let cancelled = stop.clone();
         let work = async move {
             let _slot = slots.acquire_owned().await;
             if deadline.is_some_and(|d| now_ms() >= d) {
@@ -887,7 +926,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                 let why = "the attempt's deadline passed while it waited for a free handler slot";
                 return OutcomeResult::Failed(StepFailure::new(why, true));
             }
-            run_command_with(&handler, cmd, CancellationToken::new()).await
+            run_command_with(&handler, cmd, stop.clone()).await
         };
         tokio::pin!(work);
         // The first beat one interval from now: awaiting an immediate first
@@ -897,6 +936,12 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         let result = loop {
             tokio::select! {
                 result = &mut work => break result,
+                // Cancelled: the handler's future is dropped here (its
+                // context's cancellation has fired). It may have acted.
+                () = cancelled.cancelled() => {
+                    let why = "cancelled: the run was cancelled while the handler ran";
+                    break OutcomeResult::Failed(StepFailure { message: why.into(), retryable: false, maybe_done: true });
+                }
                 _ = tick.tick() => {
                     let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
                     shared.send(&target(&answer_to), &hb).await;
@@ -938,6 +983,20 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).finish(command_id, bytes.clone());
         shared.send_raw(&target(&answer_to), bytes).await;
     }, span));
+}
+
+/// A cancel from the coordinator: stop the command if this worker holds it.
+fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
+    match decode_with_limit::<StepCancel>(&msg.payload, shared.max_message_bytes) {
+        Ok(c) => {
+            let stopped =
+                shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).cancel(c.command_id);
+            if stopped {
+                info!(command = %c.command_id, run_id = %c.run_id, "command cancelled: handler stopped");
+            }
+        }
+        Err(e) => warn!(subject = %msg.subject, error = %e, "bad step cancel ignored"),
+    }
 }
 
 /// The span of one command in this worker, `{step} {kind}`: a messaging
@@ -994,17 +1053,32 @@ mod tests {
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         let first: ReplyTarget = Arc::new(Mutex::new("old.coordinator".into()));
         let second: ReplyTarget = Arc::new(Mutex::new("new.coordinator".into()));
+        let stop = CancellationToken::new();
         assert!(d.redelivered(a, &first).is_none());
-        assert!(d.begin(a, &first));
-        assert!(!d.begin(a, &first));
+        assert!(d.begin(a, &first, &stop));
+        assert!(!d.begin(a, &first, &stop));
         // A redelivery while running moves the answers to the new asker.
-        assert!(matches!(d.redelivered(a, &second), Some(Seen::Running(_))));
+        assert!(matches!(d.redelivered(a, &second), Some(Seen::Running(..))));
         assert_eq!(target(&first).as_str(), "new.coordinator");
         d.finish(a, Bytes::from_static(b"x"));
         assert!(matches!(d.redelivered(a, &second), Some(Seen::Done(_))));
-        d.begin(b, &first);
-        d.begin(c, &first); // a falls out
+        d.begin(b, &first, &stop);
+        d.begin(c, &first, &stop); // a falls out
         assert!(d.redelivered(a, &first).is_none());
+    }
+
+    #[test]
+    fn a_cancel_stops_the_command_in_hand_or_keeps_it_from_starting() {
+        let mut d = Dedup::new(10);
+        let reply: ReplyTarget = Arc::new(Mutex::new("c".into()));
+        let (held, unseen) = (Uuid::new_v4(), Uuid::new_v4());
+        let stop = CancellationToken::new();
+        d.begin(held, &reply, &stop);
+        assert!(d.cancel(held));
+        assert!(stop.is_cancelled());
+        assert!(!d.cancel(unseen), "not held here");
+        assert!(matches!(d.redelivered(unseen, &reply), Some(Seen::Cancelled)));
+        assert!(!d.begin(unseen, &reply, &CancellationToken::new()), "never started");
     }
 
     #[test]

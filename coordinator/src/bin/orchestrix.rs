@@ -130,6 +130,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a run: stop its step in flight, compensate what completed, end it `cancelled`.
+    Cancel {
+        /// The run's id.
+        run_id: Uuid,
+        /// Why (recorded in the run's report).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who (recorded in the run's report; default: `$USER@host`).
+        #[arg(long)]
+        by: Option<String>,
+        /// Wait for the run to finish and print its report.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Follow a run's events live, then print its report.
     Watch {
         /// The run's id.
@@ -278,6 +292,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report, json)?;
             Ok(exit_for(&report))
         }
+        Command::Cancel { run_id, reason, by, wait } => {
+            let client = client(&cli.nats).await?;
+            let by = by.unwrap_or_else(operator);
+            client.cancel(run_id, &by, reason.as_deref()).await?;
+            if !wait {
+                println!("cancelling run {run_id}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = client.wait(run_id).await?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { run_id, json } => {
             let client = client(&cli.nats).await?;
             let report = client.status(run_id).await?;
@@ -364,6 +390,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             drop(server);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Who is acting, for the run's report: `$USER@host`.
+fn operator() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    match host.trim() {
+        "" => user,
+        host => format!("{user}@{host}"),
     }
 }
 
@@ -555,9 +591,10 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
 fn exit_for(report: &RunReport) -> ExitCode {
     match report.status {
         RunStatus::Completed | RunStatus::Running => ExitCode::SUCCESS,
-        RunStatus::Failed | RunStatus::CompensationFailed | RunStatus::Quarantined => {
-            ExitCode::from(1)
-        }
+        RunStatus::Failed
+        | RunStatus::CompensationFailed
+        | RunStatus::Quarantined
+        | RunStatus::Cancelled => ExitCode::from(1),
     }
 }
 

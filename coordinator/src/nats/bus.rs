@@ -213,6 +213,24 @@ impl Bus for NatsBus {
         self.send(subject, &cmd, reply)
     }
 
+    fn cancel(&self, cmd: &StepCommand) -> Result<(), BusError> {
+        // On the inquiry subject: every replica hears it, the holder stops.
+        let msg = orchestrix_proto::StepCancel {
+            command_id: cmd.command_id,
+            run_id: cmd.run_id,
+            attempt: cmd.attempt,
+        };
+        let bytes = encode(&msg).map_err(|e| BusError::Rejected(e.to_string()))?;
+        let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(subject, Bytes::from(bytes)).await {
+                tracing::warn!(error = %e, "cannot publish a step cancel");
+            }
+        });
+        Ok(())
+    }
+
     fn liveness(&self) -> Liveness {
         Liveness::Remote {
             ack_timeout: self.options.ack_timeout,

@@ -130,6 +130,11 @@ impl Hooks for EventPublisher {
         );
     }
 
+    fn on_run_cancelled(&self, run_id: uuid::Uuid, flow: &str, by: &str, reason: Option<&str>) {
+        let kind = EventKind::RunCancelled { by: by.into(), reason: reason.map(str::to_owned) };
+        self.emit(run_id, flow, kind);
+    }
+
     fn on_run_end(&self, report: &RunReport) {
         self.emit(
             report.run_id,
@@ -163,6 +168,10 @@ pub fn describe(event: &EventKind) -> String {
         EventKind::CompensationFailed { step, error } => {
             format!("{step}: compensation failed ({error})")
         }
+        EventKind::RunCancelled { by, reason } => match reason {
+            Some(r) => format!("cancelled by {by}: {r}"),
+            None => format!("cancelled by {by}"),
+        },
         EventKind::RunEnded { report } => format!("run ended: {}", report.status),
     }
 }

@@ -3,8 +3,8 @@ use std::fmt;
 use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
-    DEFAULT_MAX_MESSAGE_BYTES, Message, RunReply, RunRequest, StatusRequest, Subjects,
-    decode_with_limit, encode, headers,
+    ControlRequest, DEFAULT_MAX_MESSAGE_BYTES, Message, RunReply, RunRequest, StatusRequest,
+    Subjects, decode_with_limit, encode, headers,
 };
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -69,6 +69,14 @@ impl Service {
         for (subject, kind) in asks {
             tasks.push(listen(&coordinator, &client, subject, kind).await?);
         }
+        // Every coordinator hears operators' actions (no queue group): the
+        // one running the run applies it and answers.
+        let subject = subjects.control_requests();
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|source| ServiceError::Subscribe { subject, source })?;
+        tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), Ask::Control)));
         // Flows registered later are heard from when this coordinator sees them.
         if let Some(mut changed) = coordinator.registry().map(|r| r.changes()) {
             let (coordinator, client, subjects) =
@@ -127,6 +135,7 @@ enum Ask {
     Run,
     Status,
     List,
+    Control,
 }
 
 async fn serve(
@@ -153,6 +162,11 @@ async fn serve(
                 }
                 Ask::Status => answer_status(&coordinator, &msg.payload).await,
                 Ask::List => answer_list(&coordinator, &msg.payload).await,
+                Ask::Control => match answer_control(&coordinator, &msg.payload).await {
+                    Some(answer) => answer,
+                    // Not live here: the coordinator running it answers.
+                    None => return,
+                },
             };
             if let RunReply::Rejected { error, .. } = &answer {
                 debug!(%error, "request rejected");
@@ -240,6 +254,31 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         Ok(Some(report)) => RunReply::Report(Box::new(report)),
         Ok(None) => rejected(format!("unknown run {}", req.run_id)),
         Err(e) => rejected(e),
+    }
+}
+
+/// `None` when the run is live elsewhere: its coordinator answers.
+async fn answer_control(coordinator: &Coordinator, payload: &[u8]) -> Option<RunReply> {
+    let req = match decode_with_limit::<ControlRequest>(payload, DEFAULT_MAX_MESSAGE_BYTES) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "bad control request");
+            return Some(rejected(format!("bad control request: {e}")));
+        }
+    };
+    let action = orchestrix_proto::OperatorAction {
+        action: req.action,
+        by: req.by,
+        reason: req.reason,
+        at: std::time::SystemTime::now(),
+    };
+    match coordinator.control(req.run_id, action).await {
+        Ok(()) => Some(RunReply::Accepted { run_id: req.run_id }),
+        Err(RunError::NotLive(_)) => None,
+        Err(RunError::Store(crate::StoreError::NotFound(_))) => {
+            Some(rejected(format!("unknown run {}", req.run_id)))
+        }
+        Err(e) => Some(run_rejected(e)),
     }
 }
 
