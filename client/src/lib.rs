@@ -245,9 +245,33 @@ impl Client {
         by: &str,
         reason: Option<&str>,
     ) -> Result<(), ClientError> {
+        self.control(run_id, orchestrix_proto::ControlAction::Cancel, by, reason).await
+    }
+
+    /// Resumes a paused run: its paused step (or compensation) is tried
+    /// again with a fresh budget of attempts.
+    pub async fn resume(&self, run_id: Uuid, by: &str) -> Result<(), ClientError> {
+        self.control(run_id, orchestrix_proto::ControlAction::Resume, by, None).await
+    }
+
+    /// Rolls a paused run back: its paused step fails for good (a paused
+    /// compensation counts as failed) and the rollback goes on.
+    pub async fn rollback(&self, run_id: Uuid, by: &str) -> Result<(), ClientError> {
+        self.control(run_id, orchestrix_proto::ControlAction::Rollback, by, None).await
+    }
+
+    /// Applies an operator's action to a live run (see [`Client::cancel`],
+    /// [`Client::resume`], [`Client::rollback`]).
+    pub async fn control(
+        &self,
+        run_id: Uuid,
+        action: orchestrix_proto::ControlAction,
+        by: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ClientError> {
         let req = orchestrix_proto::ControlRequest {
             run_id,
-            action: orchestrix_proto::ControlAction::Cancel,
+            action,
             by: by.to_owned(),
             reason: reason.map(str::to_owned),
         };

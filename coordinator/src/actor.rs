@@ -261,6 +261,9 @@ impl RunActor {
                 Effect::RunDeadline { after } => {
                     ctx.notify_later(Internal(Event::DeadlineExceeded), after);
                 }
+                Effect::PauseDeadline { after } => {
+                    ctx.notify_later(Internal(Event::PauseExpired), after);
+                }
                 Effect::Cancel(cmd) => {
                     // In process: the handler's future is dropped. Remote:
                     // every worker of the step is told.
@@ -395,6 +398,20 @@ impl RunActor {
                 self.hook(*step, CommandKind::Compensate, *attempt, |h, e| {
                     h.on_compensation_success(e, *duration)
                 });
+            }
+            Notice::Paused { step, kind, error } => {
+                if let Some(s) = &mut self.spans {
+                    s.attempt_ended(Some(error));
+                }
+                let attempt = self.machine.rec.steps.get(*step as usize).map_or(0, |s| s.attempts);
+                warn!(run_id = %self.run_id(), step = %name(*step), %error, "run paused: retries ran out; waiting for an operator");
+                self.hook(*step, *kind, attempt, |h, e| h.on_run_paused(e, error));
+            }
+            Notice::Operator { action, by } => {
+                let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
+                for h in &self.machine.plan.hooks {
+                    guard(|| h.on_operator_action(run_id, &flow, *action, by));
+                }
             }
             Notice::Cancelled { by, reason } => {
                 if let Some(s) = &mut self.spans {

@@ -606,6 +606,18 @@ impl Coordinator {
         self.control(run_id, action).await
     }
 
+    /// Resumes a paused run: its paused step (or compensation) is tried again
+    /// with a fresh budget of attempts. A run that is not paused is refused.
+    pub async fn resume(&self, run_id: Uuid, by: &str) -> Result<(), RunError> {
+        self.control(run_id, operator_action(orchestrix_proto::ControlAction::Resume, by)).await
+    }
+
+    /// Rolls a paused run back: its paused step fails for good (a paused
+    /// compensation counts as failed) and the rollback goes on.
+    pub async fn rollback(&self, run_id: Uuid, by: &str) -> Result<(), RunError> {
+        self.control(run_id, operator_action(orchestrix_proto::ControlAction::Rollback, by)).await
+    }
+
     /// Applies an operator's action to a run live in this process.
     pub(crate) async fn control(
         &self,
@@ -633,5 +645,17 @@ impl Coordinator {
     /// Waits for the final report of a run started earlier.
     pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, RunError> {
         Ok(self.inner.store.wait(run_id).await?)
+    }
+}
+
+fn operator_action(
+    action: orchestrix_proto::ControlAction,
+    by: &str,
+) -> orchestrix_proto::OperatorAction {
+    orchestrix_proto::OperatorAction {
+        action,
+        by: by.to_owned(),
+        reason: None,
+        at: SystemTime::now(),
     }
 }

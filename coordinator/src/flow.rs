@@ -11,7 +11,7 @@ use orchestrix_worker::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{Coordinator, Hooks, RetryPolicy, RunError, RunHandle, RunOptions};
-pub use orchestrix_proto::{FlowDef, FlowError, OnUnknown, StepDef};
+pub use orchestrix_proto::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
 
 /// Options of one step: compensation, retries, timeout.
 ///
@@ -33,6 +33,9 @@ pub struct StepOptions<I> {
     compensation_retry: RetryPolicy,
     compensation_timeout: Option<Duration>,
     on_unknown: OnUnknown,
+    on_exhausted: OnExhausted,
+    compensation_on_exhausted: OnExhausted,
+    pause_timeout: Option<Duration>,
     _input: PhantomData<fn(I)>,
 }
 
@@ -45,6 +48,9 @@ impl<I> Default for StepOptions<I> {
             compensation_retry: RetryPolicy::compensation_default(),
             compensation_timeout: None,
             on_unknown: OnUnknown::MaybeDone,
+            on_exhausted: OnExhausted::Rollback,
+            compensation_on_exhausted: OnExhausted::Rollback,
+            pause_timeout: None,
             _input: PhantomData,
         }
     }
@@ -135,6 +141,33 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
     /// retried. Short for `.on_unknown(OnUnknown::Retry)`.
     pub fn idempotent(self) -> Self {
         self.on_unknown(OnUnknown::Retry)
+    }
+
+    /// What happens when the retries run out: [`OnExhausted::Rollback`] (the
+    /// default) or [`OnExhausted::Pause`] — the run waits, durably, for an
+    /// operator to resume it (a fresh budget of attempts) or roll it back.
+    pub fn on_exhausted(mut self, then: OnExhausted) -> Self {
+        self.on_exhausted = then;
+        self
+    }
+
+    /// Short for `.on_exhausted(OnExhausted::Pause)`.
+    pub fn pause_when_exhausted(self) -> Self {
+        self.on_exhausted(OnExhausted::Pause)
+    }
+
+    /// The same for the compensation: pause the rollback rather than leave
+    /// the step's side effect in place.
+    pub fn compensation_on_exhausted(mut self, then: OnExhausted) -> Self {
+        self.compensation_on_exhausted = then;
+        self
+    }
+
+    /// How long a run paused at this step waits for an operator before it
+    /// rolls back on its own (default: until an operator acts).
+    pub fn pause_timeout(mut self, d: Duration) -> Self {
+        self.pause_timeout = Some(d);
+        self
     }
 
     /// Retry policy of the compensation (default: [`RetryPolicy::compensation_default`]).
@@ -256,6 +289,9 @@ where
         def.compensation_retry = options.compensation_retry;
         def.compensation_timeout = options.compensation_timeout;
         def.on_unknown = options.on_unknown;
+        def.on_exhausted = options.on_exhausted;
+        def.compensation_on_exhausted = options.compensation_on_exhausted;
+        def.pause_timeout = options.pause_timeout;
         self.def.steps.push(def);
         self.handlers.push(StepHandlers { execute: handler(f), compensate: options.compensate });
         if self.error.is_none() {

@@ -22,7 +22,9 @@
 //! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
 //! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
 //! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
-//! `on_unknown` (`"maybe_done"`, the default, or `"retry"`).
+//! `on_unknown` (`"maybe_done"`, the default, or `"retry"`), `on_exhausted` and
+//! `compensation_on_exhausted` (`"rollback"`, the default, or `"pause"`),
+//! `pause_timeout_ms`.
 //! Unknown keys are errors, so a typo never silently changes a policy.
 
 use std::path::{Path, PathBuf};
@@ -94,6 +96,11 @@ struct StepEntry {
     compensation_timeout_ms: Option<u64>,
     #[serde(default)]
     on_unknown: crate::OnUnknown,
+    #[serde(default)]
+    on_exhausted: crate::OnExhausted,
+    #[serde(default)]
+    compensation_on_exhausted: crate::OnExhausted,
+    pause_timeout_ms: Option<u64>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -137,6 +144,9 @@ impl StepEntry {
         def.timeout = self.timeout_ms.map(ms);
         def.compensable = self.compensable;
         def.on_unknown = self.on_unknown;
+        def.on_exhausted = self.on_exhausted;
+        def.compensation_on_exhausted = self.compensation_on_exhausted;
+        def.pause_timeout = self.pause_timeout_ms.map(ms);
         def.compensation_retry = comp;
         def.compensation_timeout = self.compensation_timeout_ms.map(ms);
         def

@@ -61,6 +61,18 @@ pub trait Hooks: Send + Sync + 'static {
     fn on_compensation_success(&self, event: &StepEvent<'_>, duration: Duration) {}
     /// A step's compensation failed for good: its side effect is left in place.
     fn on_compensation_failure(&self, event: &StepEvent<'_>, error: &str) {}
+    /// The step's (or compensation's) retries ran out and the run paused,
+    /// waiting for an operator.
+    fn on_run_paused(&self, event: &StepEvent<'_>, error: &str) {}
+    /// An operator resumed a paused run or rolled it back.
+    fn on_operator_action(
+        &self,
+        run_id: Uuid,
+        flow: &str,
+        action: orchestrix_proto::ControlAction,
+        by: &str,
+    ) {
+    }
     /// An operator cancelled the run: its rollback starts.
     fn on_run_cancelled(&self, run_id: Uuid, flow: &str, by: &str, reason: Option<&str>) {}
     /// The run reached a terminal status.
@@ -98,6 +110,18 @@ impl<H: Hooks + ?Sized> Hooks for std::sync::Arc<H> {
     }
     fn on_run_cancelled(&self, run_id: Uuid, flow: &str, by: &str, reason: Option<&str>) {
         (**self).on_run_cancelled(run_id, flow, by, reason)
+    }
+    fn on_run_paused(&self, event: &StepEvent<'_>, error: &str) {
+        (**self).on_run_paused(event, error)
+    }
+    fn on_operator_action(
+        &self,
+        run_id: Uuid,
+        flow: &str,
+        action: orchestrix_proto::ControlAction,
+        by: &str,
+    ) {
+        (**self).on_operator_action(run_id, flow, action, by)
     }
     fn on_run_end(&self, report: &RunReport) {
         (**self).on_run_end(report)

@@ -16,9 +16,9 @@ use uuid::Uuid;
 
 use crate::bus::Liveness;
 use crate::record::{
-    Current, LateNote, MAX_LATE_NOTES, Phase, RetryAt, RunRecord, Transition, bounded,
+    Current, LateNote, MAX_LATE_NOTES, PauseRecord, Phase, RetryAt, RunRecord, Transition, bounded,
 };
-use crate::{FlowDef, Hooks, OnUnknown, RetryPolicy};
+use crate::{FlowDef, Hooks, OnExhausted, OnUnknown, RetryPolicy};
 
 /// A flow as the engine runs it: its definition and the hooks to call.
 #[derive(Clone)]
@@ -96,6 +96,10 @@ pub(crate) const DECISIONS: &[&str] = &[
     "cancel",
     "cancel-during-rollback",
     "cancel-again",
+    "pause",
+    "resume-paused",
+    "rollback-paused",
+    "pause-expired",
 ];
 
 #[cfg(test)]
@@ -148,6 +152,8 @@ pub(crate) enum Event {
     Resume,
     /// An operator acted on the run (checked first with [`Machine::refusal`]).
     Control(OperatorAction),
+    /// A paused run's pause timeout passed.
+    PauseExpired,
 }
 
 /// Bounds the machine enforces, from the bus and store it runs over. The
@@ -206,6 +212,8 @@ pub(crate) enum Effect {
     RetryAfter { command_id: Uuid, delay: Duration },
     /// `DeadlineExceeded` after `after`.
     RunDeadline { after: Duration },
+    /// `PauseExpired` after `after`.
+    PauseDeadline { after: Duration },
     /// Tell every worker of the command's step to stop it (whoever holds it
     /// drops its handler; nobody starts it any more).
     Cancel(StepCommand),
@@ -273,6 +281,15 @@ pub(crate) enum Notice {
     Cancelled {
         by: String,
         reason: Option<String>,
+    },
+    Paused {
+        step: u32,
+        kind: CommandKind,
+        error: String,
+    },
+    Operator {
+        action: ControlAction,
+        by: String,
     },
 }
 
@@ -367,7 +384,11 @@ impl Machine {
             {
                 Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
             }
-            _ => None,
+            ControlAction::Cancel => None,
+            ControlAction::Resume | ControlAction::Rollback if self.rec.paused.is_none() => {
+                Some(format!("run {} is not paused (it is {})", self.rec.run_id, self.rec.status))
+            }
+            ControlAction::Resume | ControlAction::Rollback => None,
         }
     }
 
@@ -431,7 +452,13 @@ impl Machine {
                     None if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) => {
                         self.next_step(0, now, wall, out)
                     }
-                    None => {}
+                    // Paused: wait on, and roll back when the pause times out.
+                    None => {
+                        if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
+                            let after = until.duration_since(wall).unwrap_or_default();
+                            out.effects.push(Effect::PauseDeadline { after });
+                        }
+                    }
                 }
             }
             Event::Heartbeat { command_id } => self.alive(command_id, out),
@@ -538,9 +565,34 @@ impl Machine {
                 }
             }
             Event::Control(action) => self.control(action, now, wall, out),
+            Event::PauseExpired => {
+                let Some(p) = &self.rec.paused else { return };
+                if p.until.is_none_or(|u| u > wall) {
+                    return; // resumed meanwhile, or not due yet
+                }
+                decided("pause-expired");
+                let action = OperatorAction {
+                    action: ControlAction::Rollback,
+                    by: "pause timeout".into(),
+                    reason: None,
+                    at: wall,
+                };
+                self.roll_back_paused(action, now, wall, out);
+            }
             Event::DeadlineExceeded => {
                 if self.rec.phase != Phase::Executing {
                     return; // compensation is never cut short
+                }
+                if self.rec.paused.is_some() {
+                    decided("deadline");
+                    let timeout = self.rec.timeout.unwrap_or_default();
+                    let action = OperatorAction {
+                        action: ControlAction::Rollback,
+                        by: format!("run deadline of {timeout:?}"),
+                        reason: None,
+                        at: wall,
+                    };
+                    return self.roll_back_paused(action, now, wall, out);
                 }
                 if let Some(cur) = self.rec.current.clone() {
                     decided("deadline");
@@ -580,7 +632,8 @@ impl Machine {
                 let in_hand = cur.as_ref().filter(|c| c.retry_at.is_none());
                 let maybe_done = in_hand.is_some_and(|c| c.acked_by.is_some());
                 let stop = in_hand.map(|c| self.command(c.step, c.kind, c.attempt, c.command_id));
-                let step = cur.as_ref().map(|c| c.step);
+                let paused = self.rec.paused.as_ref().map(|p| p.step);
+                let step = cur.as_ref().map(|c| c.step).or(paused);
                 self.push(Transition::Cancelled { action, step, maybe_done }, out);
                 if let Some(cmd) = stop {
                     out.effects.push(Effect::Cancel(cmd));
@@ -589,7 +642,85 @@ impl Machine {
                     step.map_or(self.rec.steps.len(), |s| s as usize + usize::from(maybe_done));
                 self.next_compensation(below, now, wall, out);
             }
+            ControlAction::Resume => {
+                let Some(p) = self.rec.paused.clone() else { return };
+                decided("resume-paused");
+                self.push(Transition::Resumed { action }, out);
+                // A fresh budget: attempts and the retry window count from now.
+                if let Some(slot) = self.first_attempt.get_mut(p.step as usize) {
+                    match p.kind {
+                        CommandKind::Execute => slot.0 = Some(now),
+                        CommandKind::Compensate => slot.1 = Some(now),
+                    }
+                }
+                let last = self.attempts_of(p.step, p.kind);
+                self.begin(p.step, p.kind, last + 1, now, wall, out);
+            }
+            ControlAction::Rollback => {
+                if self.rec.paused.is_none() {
+                    return;
+                }
+                decided("rollback-paused");
+                self.roll_back_paused(action, now, wall, out);
+            }
         }
+    }
+
+    /// Attempts made so far of a step's action or compensation.
+    fn attempts_of(&self, step: u32, kind: CommandKind) -> u32 {
+        let Some(s) = self.rec.steps.get(step as usize) else { return 0 };
+        match kind {
+            CommandKind::Execute => s.attempts,
+            CommandKind::Compensate => s.compensation.as_ref().map_or(0, |c| c.attempts),
+        }
+    }
+
+    /// Attempts of the current budget (they count from the last resume).
+    fn budget_used(&self, step: u32, kind: CommandKind, attempt: u32) -> u32 {
+        let base = self.rec.steps.get(step as usize).map_or(0, |s| match kind {
+            CommandKind::Execute => s.retry_base,
+            CommandKind::Compensate => s.compensation_retry_base,
+        });
+        attempt.saturating_sub(base)
+    }
+
+    /// A paused run rolls back: its step fails for good with the error it
+    /// paused on (a paused compensation counts as failed).
+    fn roll_back_paused(
+        &mut self,
+        action: OperatorAction,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Decision,
+    ) {
+        let Some(p) = self.rec.paused.clone() else { return };
+        let error = format!("{} (rolled back by {})", p.error, action.by);
+        self.push(Transition::RolledBack { action }, out);
+        let cur = Current {
+            step: p.step,
+            kind: p.kind,
+            attempt: self.attempts_of(p.step, p.kind),
+            command_id: Uuid::nil(),
+            retry_at: None,
+            acked_by: None,
+            sent_at: None,
+            redispatches: 0,
+        };
+        self.step_failed(cur, error, false, now, wall, out);
+    }
+
+    /// The step's retries ran out and it is set to pause: wait for an operator.
+    fn pause(&mut self, cur: &Current, error: String, wall: SystemTime, out: &mut Decision) {
+        decided("pause");
+        let timeout = self.plan.def.steps.get(cur.step as usize).and_then(|s| s.pause_timeout);
+        let pause = PauseRecord {
+            step: cur.step,
+            kind: cur.kind,
+            error,
+            since: wall,
+            until: timeout.map(|t| wall + t),
+        };
+        self.push(Transition::Paused(pause), out);
     }
 
     /// The attempt `command_id` if it is the one in flight (not a stale or
@@ -693,6 +824,18 @@ impl Machine {
                     attempt: comp_attempts(*step),
                     error: error.clone(),
                 };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::Paused(p) => {
+                let notice = Notice::Paused { step: p.step, kind: p.kind, error: p.error.clone() };
+                fx.push(Effect::Notify(notice));
+                if let Some(until) = p.until {
+                    let after = until.duration_since(self.wall).unwrap_or_default();
+                    fx.push(Effect::PauseDeadline { after });
+                }
+            }
+            Transition::Resumed { action } | Transition::RolledBack { action } => {
+                let notice = Notice::Operator { action: action.action, by: action.by.clone() };
                 fx.push(Effect::Notify(notice));
             }
             Transition::Cancelled { action, .. } => {
@@ -1028,8 +1171,9 @@ impl Machine {
         let elapsed = self.since_first(step, cur.kind, now);
         if retryable {
             let policy = self.policy(step, cur.kind);
-            let delay = policy.delay_for(cur.attempt, &mut self.entropy.rng);
-            if policy.allows_retry(cur.attempt, elapsed, delay) {
+            let used = self.budget_used(cur.step, cur.kind, cur.attempt);
+            let delay = policy.delay_for(used, &mut self.entropy.rng);
+            if policy.allows_retry(used, elapsed, delay) {
                 decided("failed-retry");
                 let retry = RetryAt { at: wall + delay, delay };
                 self.push(
@@ -1043,6 +1187,15 @@ impl Machine {
                     out,
                 );
                 return;
+            }
+            let on_exhausted = self.plan.def.steps.get(step).map(|s| match cur.kind {
+                CommandKind::Execute => s.on_exhausted,
+                CommandKind::Compensate => s.compensation_on_exhausted,
+            });
+            // An action that may have happened is not paused: it is compensated.
+            let maybe_done = unknown && cur.kind == CommandKind::Execute;
+            if on_exhausted == Some(OnExhausted::Pause) && !maybe_done {
+                return self.pause(&cur, error, wall, out);
             }
         }
         self.step_failed(cur, error, unknown, now, wall, out);
@@ -1217,6 +1370,9 @@ mod tests {
                 Transition::Cancelled { step, maybe_done, .. } => {
                     format!("cancelled {step:?} maybe_done={maybe_done}")
                 }
+                Transition::Paused(p) => format!("paused {}", p.step),
+                Transition::Resumed { .. } => "resumed".into(),
+                Transition::RolledBack { .. } => "rolled back".into(),
             })
             .collect()
     }
@@ -1311,6 +1467,120 @@ mod tests {
         let Event::Control(action) = cancel("ops") else { unreachable!() };
         let why = t.m.refusal(&action).unwrap();
         assert!(why.ends_with("already finished: completed"), "{why}");
+    }
+
+    fn op(action: ControlAction) -> Event {
+        Event::Control(OperatorAction {
+            action,
+            by: "ops".into(),
+            reason: None,
+            at: SystemTime::UNIX_EPOCH,
+        })
+    }
+
+    /// `[true, true]`, one retry each; step 1 pauses when its retries run out.
+    fn pausing(timeout: Option<Duration>) -> T {
+        let mut t = T::new(&[true, true], 1);
+        let mut plan = (*t.m.plan).clone();
+        plan.def.steps[1].on_exhausted = OnExhausted::Pause;
+        plan.def.steps[1].pause_timeout = timeout;
+        t.m.plan = Arc::new(FlowPlan::new(plan.def, Vec::new()));
+        t.ev(Event::Start);
+        t.ok();
+        t
+    }
+
+    #[test]
+    fn a_step_out_of_retries_pauses_and_resumes_with_a_fresh_budget() {
+        let mut t = pausing(None);
+        assert_eq!(names(&t.fail(true)), ["retry 1"]);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        let d = t.decide(Event::Outcome {
+            command_id: t.cur(),
+            attempt: 2,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("db down", true)),
+        });
+        assert_eq!(d.transitions.len(), 1);
+        assert!(
+            matches!(&d.transitions[0], Transition::Paused(p) if p.step == 1 && p.error == "db down")
+        );
+        assert_eq!(t.m.rec.status, RunStatus::Paused);
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Paused);
+        assert_eq!(t.m.rec.steps[1].attempts, 2);
+        assert!(t.m.rec.current.is_none());
+        // Resume and rollback are refused unless paused; cancel is not.
+        let Event::Control(resume) = op(ControlAction::Resume) else { unreachable!() };
+        assert!(t.m.refusal(&resume).is_none());
+        assert_eq!(names(&t.ev(op(ControlAction::Resume))), ["resumed", "start 1 execute #3"]);
+        assert_eq!(t.m.rec.status, RunStatus::Running);
+        assert!(t.m.refusal(&resume).unwrap().contains("is not paused"));
+        // A fresh budget: one retry again, then paused again.
+        assert_eq!(names(&t.fail(true)), ["retry 1"]);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        assert!(matches!(t.fail(true).as_slice(), [Transition::Paused(_)]));
+        // Resumed, it completes this time.
+        t.ev(op(ControlAction::Resume));
+        assert_eq!(names(&t.ok()), ["completed 1", "finished completed"]);
+        assert_eq!(t.m.rec.actions.len(), 2);
+    }
+
+    #[test]
+    fn a_paused_run_rolls_back_when_told_or_when_its_pause_times_out() {
+        let mut t = pausing(None);
+        t.fail(true);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        t.fail(true);
+        assert_eq!(
+            names(&t.ev(op(ControlAction::Rollback))),
+            ["rolled back", "failed 1", "start 0 compensate #1"],
+            "the rolled-back step failed for good; only what completed is compensated"
+        );
+        assert!(t.m.rec.error.as_deref().unwrap().ends_with("(rolled back by ops)"));
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
+
+        let mut t = pausing(Some(Duration::from_secs(60)));
+        t.fail(true);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        let d = t.decide(Event::Outcome {
+            command_id: t.cur(),
+            attempt: 2,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("db down", true)),
+        });
+        assert!(kinds(&d.effects).contains(&"pause-deadline"));
+        // Early: nothing. Due: rolled back by the timeout.
+        assert!(t.ev(Event::PauseExpired).is_empty());
+        t.wall += Duration::from_secs(61);
+        assert_eq!(
+            names(&t.ev(Event::PauseExpired)),
+            ["rolled back", "failed 1", "start 0 compensate #1"]
+        );
+        assert_eq!(t.m.rec.actions[0].by, "pause timeout");
+    }
+
+    #[test]
+    fn a_paused_run_can_be_cancelled_and_a_takeover_keeps_it_paused() {
+        let mut t = pausing(Some(Duration::from_secs(60)));
+        t.fail(true);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        t.fail(true);
+        // Taken over while paused: still paused, its timeout armed again.
+        let d = t.decide(Event::Resume);
+        assert!(d.transitions.is_empty());
+        assert!(kinds(&d.effects).contains(&"pause-deadline"));
+        assert_eq!(t.m.rec.status, RunStatus::Paused);
+        assert_eq!(
+            names(&t.ev(cancel("ops"))),
+            ["cancelled Some(1) maybe_done=false", "start 0 compensate #1"]
+        );
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Cancelled);
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished cancelled"]);
     }
 
     #[test]
@@ -1633,6 +1903,24 @@ mod tests {
         eighth.ok();
         eighth.fail(false);
         go(&mut eighth, cancel("ops")); // cancel-during-rollback
+        let mut ninth = pausing(Some(Duration::from_secs(1)));
+        ninth.fail(true);
+        let id = ninth.cur();
+        ninth.ev(Event::RetryDue { command_id: id });
+        ninth.fail(true); // pause
+        go(&mut ninth, op(ControlAction::Resume)); // resume-paused
+        ninth.fail(true);
+        let id = ninth.cur();
+        ninth.ev(Event::RetryDue { command_id: id });
+        ninth.fail(true);
+        go(&mut ninth, op(ControlAction::Rollback)); // rollback-paused
+        let mut tenth = pausing(Some(Duration::from_secs(1)));
+        tenth.fail(true);
+        let id = tenth.cur();
+        tenth.ev(Event::RetryDue { command_id: id });
+        tenth.fail(true);
+        tenth.wall += Duration::from_secs(2);
+        go(&mut tenth, Event::PauseExpired); // pause-expired
         all
     }
 
@@ -1664,6 +1952,7 @@ mod tests {
                 Effect::RunDeadline { .. } => "run-deadline",
                 Effect::Notify(_) => "notify",
                 Effect::Cancel(_) => "cancel",
+                Effect::PauseDeadline { .. } => "pause-deadline",
                 Effect::Finish { .. } => "finish",
             })
             .collect()

@@ -159,6 +159,29 @@ pub struct StepRecord {
     /// Why the step waits (while it does): for the report.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Attempts of the action before its last resume: retries count from here.
+    #[serde(default)]
+    pub retry_base: u32,
+    /// The same for the compensation.
+    #[serde(default)]
+    pub compensation_retry_base: u32,
+}
+
+/// A run paused when a step's (or compensation's) retries ran out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseRecord {
+    /// The step.
+    pub step: u32,
+    /// Its action or its compensation.
+    pub kind: CommandKind,
+    /// The last attempt's error.
+    pub error: String,
+    /// When it paused.
+    #[serde(with = "unix_ms_serde")]
+    pub since: SystemTime,
+    /// When it rolls back on its own, if ever.
+    #[serde(with = "orchestrix_proto::time::opt_unix_ms", default)]
+    pub until: Option<SystemTime>,
 }
 
 /// The durable state of one run.
@@ -210,6 +233,9 @@ pub struct RunRecord {
     /// What operators did to the run, in order.
     #[serde(default)]
     pub actions: Vec<OperatorAction>,
+    /// Set while the run waits for an operator.
+    #[serde(default)]
+    pub paused: Option<PauseRecord>,
 }
 
 /// One change to a [`RunRecord`].
@@ -312,6 +338,20 @@ pub enum Transition {
         /// That step's attempt had been started by a worker: it may have happened.
         maybe_done: bool,
     },
+    /// A step's (or compensation's) retries ran out: the run waits for an operator.
+    Paused(PauseRecord),
+    /// An operator resumed a paused run: its step is tried again with a fresh
+    /// budget of attempts.
+    Resumed {
+        /// Who, when.
+        action: OperatorAction,
+    },
+    /// A paused run rolls back (an operator asked, or its pause timed out):
+    /// the step's failure (or the compensation's) follows.
+    RolledBack {
+        /// Who, when.
+        action: OperatorAction,
+    },
     /// The run reached a terminal status.
     Finished {
         /// The terminal status.
@@ -350,6 +390,8 @@ impl RunRecord {
                     compensation: None,
                     maybe_done: false,
                     waiting: None,
+                    retry_base: 0,
+                    compensation_retry_base: 0,
                 })
                 .collect(),
             current: None,
@@ -359,6 +401,7 @@ impl RunRecord {
             traceparent: None,
             late: Vec::new(),
             actions: Vec::new(),
+            paused: None,
         }
     }
 
@@ -491,6 +534,8 @@ impl RunRecord {
                 }
                 self.current = None;
                 self.phase = Phase::Compensating;
+                self.status = RunStatus::Running;
+                self.paused = None;
                 let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
                 self.error = Some(format!("cancelled by {}{why}", action.by));
                 if let Some(s) = step.and_then(|i| self.steps.get_mut(i as usize)) {
@@ -499,6 +544,42 @@ impl RunRecord {
                         if s.maybe_done { StepStatus::Unknown } else { StepStatus::Cancelled };
                     s.waiting = None;
                 }
+            }
+            Transition::Paused(p) => {
+                self.current = None;
+                self.status = RunStatus::Paused;
+                if let Some(s) = self.steps.get_mut(p.step as usize) {
+                    s.status = StepStatus::Paused;
+                    match p.kind {
+                        CommandKind::Execute => s.error = Some(p.error.clone()),
+                        CommandKind::Compensate => {
+                            if let Some(c) = &mut s.compensation {
+                                c.error = Some(p.error.clone());
+                            }
+                        }
+                    }
+                }
+                self.paused = Some(p.clone());
+            }
+            Transition::Resumed { action } => {
+                self.actions.push(action.clone());
+                self.status = RunStatus::Running;
+                if let Some(p) = self.paused.take()
+                    && let Some(s) = self.steps.get_mut(p.step as usize)
+                {
+                    match p.kind {
+                        CommandKind::Execute => s.retry_base = s.attempts,
+                        CommandKind::Compensate => {
+                            s.compensation_retry_base =
+                                s.compensation.as_ref().map_or(0, |c| c.attempts)
+                        }
+                    }
+                }
+            }
+            Transition::RolledBack { action } => {
+                self.actions.push(action.clone());
+                self.status = RunStatus::Running;
+                self.paused = None;
             }
             Transition::Finished { status, duration } => {
                 self.current = None;

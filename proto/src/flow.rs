@@ -36,6 +36,45 @@ pub struct StepDef {
     /// What an attempt with an unknown outcome means for this step.
     #[serde(default)]
     pub on_unknown: OnUnknown,
+    /// What happens when the action's retries run out.
+    #[serde(default, skip_serializing_if = "OnExhausted::is_default")]
+    pub on_exhausted: OnExhausted,
+    /// What happens when the compensation's retries run out.
+    #[serde(default, skip_serializing_if = "OnExhausted::is_default")]
+    pub compensation_on_exhausted: OnExhausted,
+    /// How long a run paused at this step waits for an operator before it
+    /// rolls back on its own (a paused compensation then counts as failed).
+    /// `None`: until an operator acts.
+    #[serde(
+        with = "opt_duration_ms",
+        default,
+        rename = "pause_timeout_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pause_timeout: Option<Duration>,
+}
+
+/// What happens when a step's (or a compensation's) retries run out on
+/// retryable errors: roll back, or pause for an operator (a dependency down
+/// for an hour: fix it, then `orchestrix resume`, rather than roll back every
+/// run). Permanent errors always roll back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// The step fails for good and the run rolls back (for a compensation:
+    /// it counts as failed and the rollback goes on). The default.
+    #[default]
+    Rollback,
+    /// The run pauses, durably, with the step, its attempts and last error
+    /// visible; an operator resumes it (a fresh budget of attempts) or rolls
+    /// it back.
+    Pause,
+}
+
+impl OnExhausted {
+    fn is_default(&self) -> bool {
+        *self == OnExhausted::Rollback
+    }
 }
 
 /// What an attempt with an **unknown outcome** means for a step: its worker
@@ -70,6 +109,9 @@ impl StepDef {
             compensation_retry: RetryPolicy::compensation_default(),
             compensation_timeout: None,
             on_unknown: OnUnknown::MaybeDone,
+            on_exhausted: OnExhausted::Rollback,
+            compensation_on_exhausted: OnExhausted::Rollback,
+            pause_timeout: None,
         }
     }
 }

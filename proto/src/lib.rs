@@ -36,7 +36,7 @@ pub use codec::{
     CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, MessageIds, PROTOCOL_VERSION, decode,
     decode_ids, decode_with_limit, encode, peek_kind,
 };
-pub use flow::{FlowDef, FlowError, OnUnknown, StepDef};
+pub use flow::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
 pub use messages::{
     Ack, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat, ListRequest,
     OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest, StepCancel,

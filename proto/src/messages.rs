@@ -384,6 +384,23 @@ pub enum EventKind {
         /// Why.
         error: String,
     },
+    /// A step's (or compensation's) retries ran out: the run paused and
+    /// waits for an operator.
+    RunPaused {
+        /// Step name.
+        step: String,
+        /// `execute` or `compensate`.
+        kind: CommandKind,
+        /// The last attempt's error.
+        error: String,
+    },
+    /// An operator resumed a paused run, or rolled it back.
+    Operator {
+        /// `resume` or `rollback`.
+        action: crate::ControlAction,
+        /// Who.
+        by: String,
+    },
     /// An operator cancelled the run: its rollback starts.
     RunCancelled {
         /// Who.

@@ -12,6 +12,9 @@ use crate::{Payload, time};
 pub enum RunStatus {
     /// Still executing or compensating.
     Running,
+    /// A step's (or compensation's) retries ran out and it is set to pause:
+    /// the run waits for an operator (`resume` or `rollback`).
+    Paused,
     /// Every step completed.
     Completed,
     /// A step failed for good; every completed step with a compensation was compensated.
@@ -30,15 +33,16 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
-    /// True for every status but [`RunStatus::Running`].
+    /// True for every status but [`RunStatus::Running`] and [`RunStatus::Paused`].
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Running)
+        !matches!(self, RunStatus::Running | RunStatus::Paused)
     }
 
     /// The status as written in JSON: `running`, `completed`, `failed`, `compensation_failed`.
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
+            RunStatus::Paused => "paused",
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::CompensationFailed => "compensation_failed",
@@ -83,6 +87,9 @@ pub enum StepStatus {
     /// The run was cancelled while this step waited for a worker, a retry or
     /// its first answer, before any worker started it.
     Cancelled,
+    /// Its retries (or its compensation's) ran out and the run waits for an
+    /// operator; `error` is the last attempt's.
+    Paused,
 }
 
 impl StepStatus {
@@ -99,6 +106,7 @@ impl StepStatus {
             StepStatus::CompensationFailed => "compensation_failed",
             StepStatus::Unknown => "unknown",
             StepStatus::Cancelled => "cancelled",
+            StepStatus::Paused => "paused",
         }
     }
 }
@@ -213,6 +221,12 @@ pub struct OperatorAction {
 pub enum ControlAction {
     /// Stop the run: cancel the attempt in flight, compensate, end `cancelled`.
     Cancel,
+    /// Continue a paused run: retry the paused step (or compensation) with a
+    /// fresh budget of attempts.
+    Resume,
+    /// Roll a paused run back: the paused step fails for good (a paused
+    /// compensation counts as failed) and the rollback goes on.
+    Rollback,
 }
 
 impl ControlAction {
@@ -220,6 +234,8 @@ impl ControlAction {
     pub fn as_str(self) -> &'static str {
         match self {
             ControlAction::Cancel => "cancel",
+            ControlAction::Resume => "resume",
+            ControlAction::Rollback => "rollback",
         }
     }
 }

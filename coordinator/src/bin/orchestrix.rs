@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_coordinator::{ListFilter, RunOptions, RunReport, RunStatus, flowfile};
-use orchestrix_proto::{Payload, Subjects};
+use orchestrix_proto::{ControlAction, Payload, Subjects};
 use orchestrix_worker::registry::{Registry, RegistryError, serves};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
@@ -143,6 +143,22 @@ enum Command {
         /// Wait for the run to finish and print its report.
         #[arg(long)]
         wait: bool,
+    },
+    /// Resume a paused run: retry its paused step with a fresh budget of attempts.
+    Resume {
+        /// The run's id.
+        run_id: Uuid,
+        /// Who (recorded in the run's report; default: `$USER@host`).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Roll a paused run back: its paused step fails for good and the rollback goes on.
+    Rollback {
+        /// The run's id.
+        run_id: Uuid,
+        /// Who (recorded in the run's report; default: `$USER@host`).
+        #[arg(long)]
+        by: Option<String>,
     },
     /// Follow a run's events live, then print its report.
     Watch {
@@ -292,6 +308,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_report(&report, json)?;
             Ok(exit_for(&report))
         }
+        Command::Resume { run_id, by } => {
+            operate(&cli.nats, run_id, ControlAction::Resume, by).await
+        }
+        Command::Rollback { run_id, by } => {
+            operate(&cli.nats, run_id, ControlAction::Rollback, by).await
+        }
         Command::Cancel { run_id, reason, by, wait } => {
             let client = client(&cli.nats).await?;
             let by = by.unwrap_or_else(operator);
@@ -391,6 +413,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Resume or rollback of a paused run.
+async fn operate(
+    nats: &NatsArgs,
+    run_id: Uuid,
+    action: ControlAction,
+    by: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let client = client(nats).await?;
+    client.control(run_id, action, &by.unwrap_or_else(operator), None).await?;
+    println!("{} of run {run_id} accepted", action.as_str());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Who is acting, for the run's report: `$USER@host`.
@@ -590,7 +625,7 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
 
 fn exit_for(report: &RunReport) -> ExitCode {
     match report.status {
-        RunStatus::Completed | RunStatus::Running => ExitCode::SUCCESS,
+        RunStatus::Completed | RunStatus::Running | RunStatus::Paused => ExitCode::SUCCESS,
         RunStatus::Failed
         | RunStatus::CompensationFailed
         | RunStatus::Quarantined

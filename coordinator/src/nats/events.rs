@@ -130,6 +130,21 @@ impl Hooks for EventPublisher {
         );
     }
 
+    fn on_run_paused(&self, e: &StepEvent<'_>, error: &str) {
+        let kind = EventKind::RunPaused { step: e.step.into(), kind: e.kind, error: error.into() };
+        self.emit(e.run_id, e.flow, kind);
+    }
+
+    fn on_operator_action(
+        &self,
+        run_id: uuid::Uuid,
+        flow: &str,
+        action: orchestrix_proto::ControlAction,
+        by: &str,
+    ) {
+        self.emit(run_id, flow, EventKind::Operator { action, by: by.into() });
+    }
+
     fn on_run_cancelled(&self, run_id: uuid::Uuid, flow: &str, by: &str, reason: Option<&str>) {
         let kind = EventKind::RunCancelled { by: by.into(), reason: reason.map(str::to_owned) };
         self.emit(run_id, flow, kind);
@@ -168,6 +183,10 @@ pub fn describe(event: &EventKind) -> String {
         EventKind::CompensationFailed { step, error } => {
             format!("{step}: compensation failed ({error})")
         }
+        EventKind::RunPaused { step, kind, error } => {
+            format!("paused at {step} {}: {error} (waiting for an operator)", kind.as_str())
+        }
+        EventKind::Operator { action, by } => format!("{} by {by}", action.as_str()),
         EventKind::RunCancelled { by, reason } => match reason {
             Some(r) => format!("cancelled by {by}: {r}"),
             None => format!("cancelled by {by}"),
