@@ -128,3 +128,128 @@ async fn a_cancel_stops_the_workers_handler_and_rolls_back_in_reverse() {
         w.shutdown().await;
     }
 }
+
+/// `pay`: `reserve` (compensable), then `charge`, which fails while the
+/// dependency is down and pauses the run when its one retry is spent.
+fn pay(
+    ledger: &Ledger,
+    down: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> orchestrix::Flow<u32> {
+    let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
+    let down = down.clone();
+    create::<u32>("pay")
+        .step_with(
+            "reserve",
+            move |ctx: StepContext<u32>| {
+                l1.log(format!("reserve {}", ctx.run_id()));
+                async { Ok(()) }
+            },
+            move |o| {
+                o.compensate(move |ctx| {
+                    l2.log(format!("release {}", ctx.run_id()));
+                    async { Ok(()) }
+                })
+            },
+        )
+        .step_with(
+            "charge",
+            move |ctx| {
+                let down = down.load(std::sync::atomic::Ordering::SeqCst);
+                l3.log(format!("charge {} {}", if down { "failed" } else { "ok" }, ctx.run_id()));
+                async move {
+                    if down {
+                        return Err(orchestrix::StepError::retryable(
+                            "payment provider unreachable",
+                        ));
+                    }
+                    Ok(())
+                }
+            },
+            |o| o.retries(1).retry_delay(50 * MS).pause_when_exhausted(),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_run_survives_its_coordinator_and_is_resumed_from_the_cli() {
+    use orchestrix_integration_tests::{ChildProcess, built};
+    let server = NatsServer::start();
+    let url = server.url();
+    let coordinator = || ChildProcess::spawn(&built("orchestrix"), &["--nats", &url, "serve"]);
+    let orchestrix = |args: Vec<String>| {
+        let url = url.clone();
+        async move {
+            let out = tokio::process::Command::new(built("orchestrix"))
+                .args(["--nats", url.as_str()])
+                .args(&args)
+                .output();
+            tokio::time::timeout(30 * SECS, out).await.unwrap().unwrap()
+        }
+    };
+    let mut first = coordinator();
+    let ledger = Ledger::default();
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let worker = Worker::builder()
+        .nats(NatsOptions::new(url.clone()))
+        .flow(pay(&ledger, &down))
+        .start()
+        .await
+        .unwrap();
+    let c = client(&server).await;
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    let id = loop {
+        match c.start("pay", &1u32, RunOptions::new()).await {
+            Ok(id) => break id,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(100 * MS).await;
+    };
+    // Out of retries: paused, visibly, with the step, its attempts and error.
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    let paused = loop {
+        let r = c.status(id).await.unwrap();
+        if r.status == RunStatus::Paused {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never paused: {r}");
+        tokio::time::sleep(50 * MS).await;
+    };
+    let charge = paused.step("charge").unwrap();
+    assert_eq!((charge.status, charge.attempts), (StepStatus::Paused, 2), "{paused}");
+    assert_eq!(charge.error.as_deref(), Some("payment provider unreachable"));
+    let listed =
+        c.list(orchestrix::ListFilter::new(Some(RunStatus::Paused), None, 10)).await.unwrap();
+    assert_eq!(listed.iter().map(|r| r.run_id).collect::<Vec<_>>(), [id]);
+    // Resume is refused for a run that is not paused; rollback too.
+    let bad = orchestrix(vec!["resume".into(), uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+
+    // The coordinator dies; another takes the paused run over, still paused.
+    first.signal("KILL");
+    let _ = first.wait(10 * SECS).await;
+    let _second = coordinator();
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        let o =
+            orchestrix(vec!["resume".into(), id.to_string(), "--by".into(), "oncall".into()]).await;
+        if o.status.code() == Some(0) {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("resume of run"), "{o:?}");
+            break;
+        }
+        // Not yet taken over: no coordinator holds it live.
+        assert!(tokio::time::Instant::now() < deadline, "never resumed: {o:?}");
+        if let Ok(r) = c.status(id).await {
+            assert_eq!(r.status, RunStatus::Paused, "{r}");
+        }
+        tokio::time::sleep(200 * MS).await;
+    }
+    let report = tokio::time::timeout(30 * SECS, c.wait(id)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(report.step("charge").unwrap().attempts, 3);
+    assert_eq!(ledger.count(&format!("charge ok {id}")), 1);
+    assert_eq!(ledger.count(&format!("reserve {id}")), 1, "the completed step never ran again");
+    assert_eq!(ledger.count(&format!("release {id}")), 0);
+    assert_eq!(report.actions.len(), 1);
+    assert_eq!(report.actions[0].by, "oncall");
+    worker.shutdown().await;
+}
