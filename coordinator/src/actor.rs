@@ -42,6 +42,8 @@ pub(crate) struct RunActor {
     local: Option<(Uuid, SpawnHandle)>,
     /// Where operators find this run while it is live here.
     live: LiveRuns,
+    /// Started to resume a failed rollback (rather than to start or resume the run).
+    reopen: Option<orchestrix_proto::OperatorAction>,
 }
 
 /// An operator's action for a live run; answered once checked (the action
@@ -103,7 +105,14 @@ impl RunActor {
             ack_unsaved: false,
             local: None,
             live,
+            reopen: None,
         }
+    }
+
+    /// The actor starts by resuming the failed rollback of a finished run.
+    pub(crate) fn reopening(mut self, action: orchestrix_proto::OperatorAction) -> Self {
+        self.reopen = Some(action);
+        self
     }
 
     fn run_id(&self) -> Uuid {
@@ -475,7 +484,11 @@ impl Actor for RunActor {
             guard(|| h.on_run_start(run_id, &flow));
         }
         self.live.lock().insert(run_id, ctx.address().recipient());
-        let event = if self.resumed { Event::Resume } else { Event::Start };
+        let event = match self.reopen.take() {
+            Some(action) => Event::Reopen(action),
+            None if self.resumed => Event::Resume,
+            None => Event::Start,
+        };
         self.handle_event(event, ctx);
     }
 

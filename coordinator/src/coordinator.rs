@@ -606,6 +606,51 @@ impl Coordinator {
         self.control(run_id, action).await
     }
 
+    /// Makes a run that ended `compensation_failed` live here again and
+    /// resumes its rollback.
+    async fn reopen(
+        &self,
+        run_id: Uuid,
+        action: orchestrix_proto::OperatorAction,
+    ) -> Result<(), RunError> {
+        let record = match self.inner.store.reopen(run_id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(RunError::Refused(format!(
+                    "run {run_id} cannot be resumed: its state is no longer kept"
+                )));
+            }
+            // Another coordinator reopened it first: it answers.
+            Err(StoreError::Fenced(_)) => return Err(RunError::NotLive(run_id)),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(plan) = self.plan_for_record(&record) else {
+            return Err(RunError::Refused(format!(
+                "run {run_id} cannot be resumed here: version {} of flow `{}` is not known",
+                record.version.as_deref().unwrap_or("?"),
+                record.flow
+            )));
+        };
+        let (bus, store, live) =
+            (self.inner.bus.clone(), self.inner.store.clone(), self.inner.live.clone());
+        let engine = match &self.inner.engine {
+            Some(e) => e.clone(),
+            None => Engine::shared()?,
+        };
+        engine.spawn(move |_| {
+            let machine = Machine::resumed(
+                plan,
+                record,
+                Instant::now(),
+                SystemTime::now(),
+                Entropy::random(),
+            );
+            let (tx, _) = oneshot::channel();
+            RunActor::new(machine, bus, store, tx, true, live).reopening(action)
+        });
+        Ok(())
+    }
+
     /// Resumes a paused run: its paused step (or compensation) is tried again
     /// with a fresh budget of attempts. A run that is not paused is refused.
     pub async fn resume(&self, run_id: Uuid, by: &str) -> Result<(), RunError> {
@@ -625,7 +670,7 @@ impl Coordinator {
         action: orchestrix_proto::OperatorAction,
     ) -> Result<(), RunError> {
         if let Some(actor) = self.inner.live.get(run_id) {
-            match actor.send(Control(action)).await {
+            match actor.send(Control(action.clone())).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(why)) => return Err(RunError::Refused(why)),
                 // The actor stopped meanwhile: the run just finished.
@@ -634,6 +679,12 @@ impl Coordinator {
         }
         match self.status(run_id).await? {
             Some(r) if r.status == orchestrix_proto::RunStatus::Cancelled => Ok(()),
+            Some(r)
+                if r.status == orchestrix_proto::RunStatus::CompensationFailed
+                    && action.action == orchestrix_proto::ControlAction::Resume =>
+            {
+                self.reopen(run_id, action).await
+            }
             Some(r) if r.status.is_terminal() => {
                 Err(RunError::Refused(format!("run {run_id} already finished: {}", r.status)))
             }

@@ -124,6 +124,22 @@ struct StoredRef<'a> {
     record: &'a RunRecord,
 }
 
+/// A history entry: the final report (read as a plain `RunReport`) and, for
+/// a run whose rollback failed, its record, so that the rollback can be
+/// resumed.
+#[derive(Serialize)]
+struct HistoryEntry<'a> {
+    #[serde(flatten)]
+    report: &'a RunReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reopen: Option<&'a RunRecord>,
+}
+
+#[derive(Deserialize)]
+struct Reopenable {
+    reopen: Option<RunRecord>,
+}
+
 #[derive(Deserialize)]
 struct Stored {
     owner: String,
@@ -540,8 +556,11 @@ impl Inner {
         // Final record first: a coordinator recovering now sees a finished run, not a live one.
         self.write(&after).await?;
         let report = after.to_report(duration);
+        // A failed rollback can be resumed later: its record goes along.
+        let reopen =
+            (after.status == orchestrix_proto::RunStatus::CompensationFailed).then_some(&*after);
         self.history
-            .put(&id, encode(&report)?)
+            .put(&id, encode(&HistoryEntry { report: &report, reopen })?)
             .await
             .map_err(|e| unavailable("cannot write the history", e))?;
         if let Some(key) = &after.key {
@@ -615,6 +634,29 @@ impl Store for JetStreamStore {
                     inner.write(&after).await
                 }
             }
+        })
+    }
+
+    fn reopen(
+        &self,
+        run_id: Uuid,
+    ) -> BoxFuture<'static, Result<Option<Arc<RunRecord>>, StoreError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let id = run_id.to_string();
+            let Some(bytes) = inner
+                .history
+                .get(&id)
+                .await
+                .map_err(|e| unavailable("cannot read the history", e))?
+            else {
+                return Ok(None);
+            };
+            let Some(record) = decode::<Reopenable>(&bytes)?.reopen else { return Ok(None) };
+            // Created anew under this coordinator: of two asking, one wins.
+            inner.set_revision(run_id, None);
+            inner.write(&record).await?;
+            Ok(Some(Arc::new(record)))
         })
     }
 

@@ -100,6 +100,7 @@ pub(crate) const DECISIONS: &[&str] = &[
     "resume-paused",
     "rollback-paused",
     "pause-expired",
+    "reopen-rollback",
 ];
 
 #[cfg(test)]
@@ -154,6 +155,8 @@ pub(crate) enum Event {
     Control(OperatorAction),
     /// A paused run's pause timeout passed.
     PauseExpired,
+    /// An operator resumes the rollback of a run that ended `compensation_failed`.
+    Reopen(OperatorAction),
 }
 
 /// Bounds the machine enforces, from the bus and store it runs over. The
@@ -385,6 +388,8 @@ impl Machine {
                 Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
             }
             ControlAction::Cancel => None,
+            // A failed rollback is resumed by reopening the run (`Event::Reopen`).
+            ControlAction::Resume if self.rec.status == RunStatus::CompensationFailed => None,
             ControlAction::Resume | ControlAction::Rollback if self.rec.paused.is_none() => {
                 Some(format!("run {} is not paused (it is {})", self.rec.run_id, self.rec.status))
             }
@@ -400,6 +405,10 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
+        if let Event::Reopen(action) = event {
+            self.wall = wall;
+            return self.reopen(action, now, wall, out);
+        }
         if self.is_finished() {
             return;
         }
@@ -565,6 +574,7 @@ impl Machine {
                 }
             }
             Event::Control(action) => self.control(action, now, wall, out),
+            Event::Reopen(_) => {}
             Event::PauseExpired => {
                 let Some(p) = &self.rec.paused else { return };
                 if p.until.is_none_or(|u| u > wall) {
@@ -664,6 +674,27 @@ impl Machine {
                 self.roll_back_paused(action, now, wall, out);
             }
         }
+    }
+
+    /// Resumes the rollback of a run that ended `compensation_failed`.
+    fn reopen(
+        &mut self,
+        action: OperatorAction,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Decision,
+    ) {
+        if !(self.is_finished() && self.rec.status == RunStatus::CompensationFailed) {
+            return;
+        }
+        decided("reopen-rollback");
+        self.push(Transition::Reopened { action }, out);
+        for slot in &mut self.first_attempt {
+            if slot.1.is_some() {
+                slot.1 = Some(now);
+            }
+        }
+        self.next_compensation(self.rec.steps.len(), now, wall, out);
     }
 
     /// Attempts made so far of a step's action or compensation.
@@ -834,7 +865,9 @@ impl Machine {
                     fx.push(Effect::PauseDeadline { after });
                 }
             }
-            Transition::Resumed { action } | Transition::RolledBack { action } => {
+            Transition::Resumed { action }
+            | Transition::RolledBack { action }
+            | Transition::Reopened { action } => {
                 let notice = Notice::Operator { action: action.action, by: action.by.clone() };
                 fx.push(Effect::Notify(notice));
             }
@@ -1071,7 +1104,11 @@ impl Machine {
                 && steps.get(i).is_some_and(|s| s.compensable)
         });
         match next {
-            Some(i) => self.begin(i as u32, CommandKind::Compensate, 1, now, wall, out),
+            Some(i) => {
+                // Numbered on from a rollback resumed after it failed.
+                let attempt = self.attempts_of(i as u32, CommandKind::Compensate) + 1;
+                self.begin(i as u32, CommandKind::Compensate, attempt, now, wall, out)
+            }
             None => self.finish(now, out),
         }
     }
@@ -1373,6 +1410,7 @@ mod tests {
                 Transition::Paused(p) => format!("paused {}", p.step),
                 Transition::Resumed { .. } => "resumed".into(),
                 Transition::RolledBack { .. } => "rolled back".into(),
+                Transition::Reopened { .. } => "reopened".into(),
             })
             .collect()
     }
@@ -1581,6 +1619,33 @@ mod tests {
         );
         assert_eq!(t.m.rec.steps[1].status, StepStatus::Cancelled);
         assert_eq!(names(&t.ok()), ["compensated 0", "finished cancelled"]);
+    }
+
+    #[test]
+    fn a_failed_rollback_resumes_at_the_compensation_that_failed_only() {
+        // s0, s1 complete; s2 fails; s1's compensation fails for good (one
+        // retry); s0's succeeds: compensation_failed.
+        let mut t = T::new(&[true, true, false], 0);
+        t.ev(Event::Start);
+        t.ok();
+        t.ok();
+        t.fail(false);
+        t.fail(true);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        t.fail(true);
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished compensation_failed"]);
+        let Event::Control(resume) = op(ControlAction::Resume) else { unreachable!() };
+        assert!(t.m.refusal(&resume).is_none(), "a failed rollback can be resumed");
+        let d = t.decide(Event::Reopen(resume));
+        assert_eq!(names(&d.transitions), ["reopened", "start 1 compensate #3"]);
+        // A fresh budget: one retry again.
+        assert_eq!(names(&t.fail(true)), ["retry 1"]);
+        let id = t.cur();
+        t.ev(Event::RetryDue { command_id: id });
+        // s0's compensation succeeded before: never run again.
+        assert_eq!(names(&t.ok()), ["compensated 1", "finished failed"]);
+        assert_eq!(t.m.rec.steps[0].compensation.as_ref().unwrap().attempts, 1);
     }
 
     #[test]
@@ -1921,6 +1986,22 @@ mod tests {
         tenth.fail(true);
         tenth.wall += Duration::from_secs(2);
         go(&mut tenth, Event::PauseExpired); // pause-expired
+        let mut eleventh = T::with(plan(&[true, true, false], 0), Uuid::from_u128(11), 9);
+        eleventh.ev(Event::Start);
+        eleventh.ok();
+        eleventh.ok();
+        eleventh.fail(false);
+        eleventh.fail(false); // compensation of s1 failed for good
+        eleventh.ok(); // s0 compensated
+        go(
+            &mut eleventh,
+            Event::Reopen(OperatorAction {
+                action: ControlAction::Resume,
+                by: "ops".into(),
+                reason: None,
+                at: SystemTime::UNIX_EPOCH,
+            }),
+        ); // reopen-rollback
         all
     }
 

@@ -352,6 +352,13 @@ pub enum Transition {
         /// Who, when.
         action: OperatorAction,
     },
+    /// An operator resumed the rollback of a run that ended
+    /// `compensation_failed`: the compensations that failed are tried again
+    /// (those that succeeded never are).
+    Reopened {
+        /// Who, when.
+        action: OperatorAction,
+    },
     /// The run reached a terminal status.
     Finished {
         /// The terminal status.
@@ -580,6 +587,21 @@ impl RunRecord {
                 self.actions.push(action.clone());
                 self.status = RunStatus::Running;
                 self.paused = None;
+            }
+            Transition::Reopened { action } => {
+                self.actions.push(action.clone());
+                self.phase = Phase::Compensating;
+                self.status = RunStatus::Running;
+                self.duration = None;
+                self.current = None;
+                for s in &mut self.steps {
+                    if s.status == StepStatus::CompensationFailed {
+                        // Its action's effect is in place: to be compensated again.
+                        s.status = StepStatus::Completed;
+                        s.compensation_retry_base =
+                            s.compensation.as_ref().map_or(0, |c| c.attempts);
+                    }
+                }
             }
             Transition::Finished { status, duration } => {
                 self.current = None;

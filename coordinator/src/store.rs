@@ -137,6 +137,19 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(Vec::new())))
     }
 
+    /// Makes a run that ended `compensation_failed` live again, owned by this
+    /// store's coordinator, so its rollback can be resumed: its last record,
+    /// or `None` when the store no longer keeps it (or never did). Of
+    /// several coordinators asking at once, one gets it; the others get
+    /// [`StoreError::Fenced`].
+    fn reopen(
+        &self,
+        run_id: Uuid,
+    ) -> BoxFuture<'static, Result<Option<Arc<RunRecord>>, StoreError>> {
+        let _ = run_id;
+        Box::pin(futures::future::ready(Ok(None)))
+    }
+
     /// Notes a late answer in the history of a run that has ended (at most
     /// [`crate::record::MAX_LATE_NOTES`]); true if noted. A run still live is
     /// left alone: its owner notes late answers itself.
@@ -334,6 +347,23 @@ impl Store for MemoryStore {
             self.key_finished(run_id, &key, ttl, &report);
         }
         Pending::Ready(Ok(()))
+    }
+
+    fn reopen(
+        &self,
+        run_id: Uuid,
+    ) -> BoxFuture<'static, Result<Option<Arc<RunRecord>>, StoreError>> {
+        let mut shard = self.shard(&run_id);
+        let record = shard
+            .runs
+            .get(&run_id)
+            .filter(|r| r.status == orchestrix_proto::RunStatus::CompensationFailed)
+            .cloned();
+        if record.is_some() {
+            // Live again: not to be forgotten with the finished runs.
+            shard.finished.retain(|(_, id)| *id != run_id);
+        }
+        Box::pin(futures::future::ready(Ok(record)))
     }
 
     fn report(&self, run_id: Uuid) -> Pending<Result<Option<RunReport>, StoreError>> {
