@@ -867,3 +867,29 @@ impl Store for JetStreamStore {
         })
     }
 }
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_rollback_keeps_its_record_in_the_history() {
+        let def = {
+            let mut d = crate::FlowDef::new("f");
+            d.steps.push(crate::StepDef::new("s"));
+            d
+        };
+        let rec = RunRecord::new(
+            Uuid::now_v7(),
+            &def,
+            orchestrix_proto::Payload::nil(),
+            SystemTime::now(),
+        );
+        let report = rec.to_report(Duration::ZERO);
+        let bytes = encode(&HistoryEntry { report: &report, reopen: Some(&rec) }).unwrap();
+        let back: Reopenable = decode(&bytes).unwrap();
+        assert_eq!(back.reopen.unwrap().run_id, rec.run_id);
+        let plain: RunReport = decode(&bytes).unwrap();
+        assert_eq!(plain.run_id, report.run_id);
+    }
+}

@@ -454,4 +454,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn list(&self, filter: ListFilter) -> BoxFuture<'static, Result<Vec<RunReport>, StoreError>> {
         (**self).list(filter)
     }
+    fn reopen(
+        &self,
+        run_id: Uuid,
+    ) -> BoxFuture<'static, Result<Option<Arc<RunRecord>>, StoreError>> {
+        (**self).reopen(run_id)
+    }
 }

@@ -253,3 +253,96 @@ async fn a_paused_run_survives_its_coordinator_and_is_resumed_from_the_cli() {
     assert_eq!(report.actions[0].by, "oncall");
     worker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rollback_is_resumed_and_never_reruns_a_compensation_that_succeeded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = NatsServer::start();
+    let _node = node(&server).await;
+    let ledger = Ledger::default();
+    let refunds_down = Arc::new(AtomicBool::new(true));
+    let (l1, l2, l3, l4, l5) =
+        (ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone());
+    let down = refunds_down.clone();
+    let flow = create::<u32>("refund")
+        .step_with(
+            "reserve",
+            move |ctx: StepContext<u32>| {
+                l1.log(format!("reserve {}", ctx.run_id()));
+                async { Ok(()) }
+            },
+            move |o| {
+                o.compensate(move |ctx| {
+                    l2.log(format!("release {}", ctx.run_id()));
+                    async { Ok(()) }
+                })
+            },
+        )
+        .step_with(
+            "charge",
+            move |ctx| {
+                l3.log(format!("charge {}", ctx.run_id()));
+                async { Ok(()) }
+            },
+            move |o| {
+                o.compensation_retry(orchestrix::RetryPolicy::new()).compensate(move |ctx| {
+                    let down = down.load(Ordering::SeqCst);
+                    l4.log(format!(
+                        "refund {} {}",
+                        if down { "failed" } else { "ok" },
+                        ctx.run_id()
+                    ));
+                    async move {
+                        if down {
+                            return Err(orchestrix::StepError::retryable("refund API down"));
+                        }
+                        Ok(())
+                    }
+                })
+            },
+        )
+        .step("ship", move |ctx| {
+            l5.log(format!("ship {}", ctx.run_id()));
+            async { Err::<(), _>(orchestrix::StepError::permanent("address invalid")) }
+        });
+    let worker =
+        Worker::builder().nats(NatsOptions::new(server.url())).flow(flow).start().await.unwrap();
+    let c = client(&server).await;
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    let report = loop {
+        match c.run("refund", &1u32, RunOptions::new()).await {
+            Ok(r) => break r,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(100 * MS).await;
+    };
+    let id = report.run_id;
+    assert_eq!(report.status, RunStatus::CompensationFailed, "{report}");
+    assert_eq!(report.step("charge").unwrap().status, StepStatus::CompensationFailed);
+    assert_eq!(report.step("reserve").unwrap().status, StepStatus::Compensated);
+
+    // Fixed; the rollback is resumed (by the client here; the CLI is the same call).
+    refunds_down.store(false, Ordering::SeqCst);
+    c.resume(id, "oncall").await.unwrap();
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    let report = loop {
+        let r = c.status(id).await.unwrap();
+        if r.status.is_terminal() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(50 * MS).await;
+    };
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    assert_eq!(report.step("charge").unwrap().status, StepStatus::Compensated);
+    assert_eq!(report.step("charge").unwrap().compensation.as_ref().unwrap().attempts, 2);
+    assert_eq!(ledger.count(&format!("refund ok {id}")), 1);
+    assert_eq!(ledger.count(&format!("release {id}")), 1, "never run again");
+    assert_eq!(ledger.count(&format!("ship {id}")), 1);
+    assert_eq!(report.actions.iter().map(|a| a.by.as_str()).collect::<Vec<_>>(), ["oncall"]);
+    // Finished as failed now: nothing left to resume.
+    let err = c.resume(id, "oncall").await.unwrap_err();
+    assert!(err.to_string().contains("already finished: failed"), "{err}");
+    worker.shutdown().await;
+}

@@ -30,6 +30,12 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
 fn report() -> RunReport {
     RunReport {
         late: Vec::new(),
+        actions: vec![orchestrix_proto::OperatorAction {
+            action: orchestrix_proto::ControlAction::Cancel,
+            by: "ops@host".into(),
+            reason: Some("customer asked".into()),
+            at: time::from_unix_ms(1_700_000_001_000),
+        }],
         run_id: Uuid::now_v7(),
         flow: "payment-flow".into(),
         version: Some("v1".into()),
