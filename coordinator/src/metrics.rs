@@ -3,11 +3,13 @@
 //! | instrument | kind | attributes |
 //! | --- | --- | --- |
 //! | `orchestrix.runs.started` | counter | `flow` |
-//! | `orchestrix.runs.finished` | counter | `flow`, `status` (`completed`, `failed`, `compensation_failed`) |
+//! | `orchestrix.runs.finished` | counter | `flow`, `status` (`completed`, `failed`, `compensation_failed`, `cancelled`) |
 //! | `orchestrix.runs.in_flight` | up-down counter | `flow` |
 //! | `orchestrix.run.duration` | histogram (s) | `flow`, `status` |
 //! | `orchestrix.step.attempts` | counter | `flow`, `step`, `kind`, `outcome` (`completed`, `retried`, `failed`) |
 //! | `orchestrix.step.duration` | histogram (s) | `flow`, `step`, `kind` (first attempt to outcome) |
+//! | `orchestrix.runs.paused` | counter | `flow`, `step`, `kind`: runs that paused for an operator |
+//! | `orchestrix.operator.actions` | counter | `flow`, `action` (`cancel`, `resume`, `rollback`) |
 //!
 //! The duration histograms are in seconds with the buckets of
 //! [`DURATION_BUCKETS`] (1 ms to 10 min): the SDK's default boundaries
@@ -33,6 +35,8 @@ pub struct RunMetrics {
     run_duration: Histogram<f64>,
     attempts: Counter<u64>,
     step_duration: Histogram<f64>,
+    paused: Counter<u64>,
+    operator: Counter<u64>,
 }
 
 impl fmt::Debug for RunMetrics {
@@ -80,6 +84,14 @@ impl RunMetrics {
                 .with_unit("s")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .with_description("First attempt to final outcome of a step or compensation")
+                .build(),
+            paused: meter
+                .u64_counter("orchestrix.runs.paused")
+                .with_description("Runs paused for an operator when a step's retries ran out")
+                .build(),
+            operator: meter
+                .u64_counter("orchestrix.operator.actions")
+                .with_description("Operators' actions on runs")
                 .build(),
         }
     }
@@ -137,6 +149,32 @@ impl Hooks for RunMetrics {
 
     fn on_compensation_failure(&self, e: &StepEvent<'_>, _error: &str) {
         self.attempt(e, "failed");
+    }
+
+    fn on_run_paused(&self, e: &StepEvent<'_>, _error: &str) {
+        let attrs = [
+            KeyValue::new("flow", e.flow.to_owned()),
+            KeyValue::new("step", e.step.to_owned()),
+            KeyValue::new("kind", e.kind.as_str()),
+        ];
+        self.paused.add(1, &attrs);
+    }
+
+    fn on_operator_action(
+        &self,
+        _run_id: Uuid,
+        flow: &str,
+        action: orchestrix_proto::ControlAction,
+        _by: &str,
+    ) {
+        let attrs =
+            [KeyValue::new("flow", flow.to_owned()), KeyValue::new("action", action.as_str())];
+        self.operator.add(1, &attrs);
+    }
+
+    fn on_run_cancelled(&self, _run_id: Uuid, flow: &str, _by: &str, _reason: Option<&str>) {
+        let attrs = [KeyValue::new("flow", flow.to_owned()), KeyValue::new("action", "cancel")];
+        self.operator.add(1, &attrs);
     }
 
     fn on_run_end(&self, report: &RunReport) {

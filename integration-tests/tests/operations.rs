@@ -20,6 +20,14 @@ async fn node(server: &NatsServer) -> Node {
     Node::builder().bus_options(bus).takeover_every(500 * MS).start(conn).await.unwrap()
 }
 
+async fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    let out = tokio::process::Command::new(orchestrix_integration_tests::built("orchestrix"))
+        .args(["--nats", url])
+        .args(args)
+        .output();
+    tokio::time::timeout(30 * SECS, out).await.unwrap().unwrap()
+}
+
 async fn client(server: &NatsServer) -> Client {
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     Client::new(conn, Subjects::default()).request_timeout(3 * SECS)
@@ -91,7 +99,16 @@ async fn a_cancel_stops_the_workers_handler_and_rolls_back_in_reverse() {
     let id = c.start("shop", &1u32, RunOptions::new()).await.unwrap();
     eventually(10 * SECS, "step c to start", || ledger.count(&format!("run c {id}")) == 1).await;
 
-    c.cancel(id, "ops@test", Some("customer asked")).await.unwrap();
+    // From the command line, as an operator does.
+    let id_text = id.to_string();
+    let args =
+        ["cancel", id_text.as_str(), "--reason", "customer asked", "--by", "ops@test", "--wait"];
+    let out = cli(&server.url(), &args).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cancel by ops@test: customer asked"),
+        "{out:?}"
+    );
     let report = tokio::time::timeout(30 * SECS, c.wait(id)).await.unwrap().unwrap();
     assert_eq!(report.status, RunStatus::Cancelled, "{report}");
     // `c` was started by a worker: it may have acted, so it is compensated too.
