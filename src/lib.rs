@@ -59,10 +59,11 @@ pub use orchestrix_proto::{
     CompensationReport, FlowDef, FlowError, ListFilter, OnUnknown, Payload, RetryPolicy,
     RunOptions, RunReport, RunStatus, StepDef, StepReport, StepStatus,
 };
+#[cfg(any(feature = "worker", feature = "client"))]
+pub use orchestrix_worker::NatsOptions;
 #[cfg(feature = "worker")]
 pub use orchestrix_worker::{
-    FlowHandlers, NatsOptions, ResultExt, StepContext, StepError, Worker, WorkerBuilder,
-    WorkerError,
+    FlowHandlers, ResultExt, StepContext, StepError, Worker, WorkerBuilder, WorkerError,
 };
 
 /// The coordinator: engine, buses, stores, and `nats::Node` (a coordinator over NATS).

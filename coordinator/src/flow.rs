@@ -347,8 +347,9 @@ where
 
     /// This flow, run by the coordinators of a cluster through `client`, with
     /// the same calls as here: `flow.remote(&client).run(input)`. Runs take
-    /// the newest version a live worker serves; to run exactly this
-    /// definition, add `.version(&flow.definition().version())`.
+    /// the newest version live workers serve; to run exactly this
+    /// definition, add `.version(flow.definition().version().to_string())`
+    /// (its workers must have registered it).
     pub fn remote(&self, client: &orchestrix_client::Client) -> orchestrix_client::RemoteFlow<I> {
         client.flow(&self.def.name)
     }

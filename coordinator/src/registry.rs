@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use orchestrix_proto::{FlowDef, FlowRegistration, WorkerPresence};
 use orchestrix_worker::registry::{
-    PRESENCE_TTL, PresenceChange, Registry, RegistryError, serves, worker_key,
+    PRESENCE_TTL, PresenceChange, Registry, RegistryError, serves, unserved_steps, worker_key,
 };
 
 use crate::Hooks;
@@ -28,6 +28,9 @@ pub struct FlowVersion {
     pub registration: FlowRegistration,
     /// The live workers serving it (by id).
     pub workers: Vec<String>,
+    /// Its steps that no live worker serves (empty: the version is served,
+    /// and new runs may take it).
+    pub unserved: Vec<Arc<str>>,
 }
 
 struct Version {
@@ -54,6 +57,10 @@ impl State {
 
     fn workers_of(&self, flow: &str, version: &str) -> Vec<String> {
         self.live().filter(|p| serves(p, flow, version)).map(|p| p.worker.clone()).collect()
+    }
+
+    fn unserved(&self, v: &Version) -> Vec<Arc<str>> {
+        unserved_steps(&v.registration.flow, &v.registration.version, self.live())
     }
 }
 
@@ -204,10 +211,9 @@ impl RegistryView {
                 .map(|v| v.plan.clone())
                 .ok_or(Pick::UnknownVersion);
         }
-        let served = versions
-            .iter()
-            .rev()
-            .find(|v| !state.workers_of(flow, &v.registration.version).is_empty());
+        // Every step must have a live worker: a service that serves one step
+        // of a new version must not pull new runs onto it before the rest.
+        let served = versions.iter().rev().find(|v| state.unserved(v).is_empty());
         served.or(versions.last()).map(|v| v.plan.clone()).ok_or(Pick::UnknownFlow)
     }
 
@@ -222,6 +228,7 @@ impl RegistryView {
                 versions.iter().map(move |v| FlowVersion {
                     registration: v.registration.clone(),
                     workers: state.workers_of(name, &v.registration.version),
+                    unserved: state.unserved(v),
                 })
             })
             .collect();

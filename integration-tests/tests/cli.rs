@@ -57,7 +57,7 @@ async fn serve_run_status_with_the_example_worker() {
     assert_eq!(stdout(&applied).trim(), format!("payment-flow  version {version}"));
     let shown = orchestrix(&url, &["flows", "show", "payment-flow"]).await;
     assert!(
-        stdout(&shown).contains("process-payment          retries 3, timeout 10s"),
+        stdout(&shown).contains("process-payment          retries 3, delay 1s, timeout 10s"),
         "{shown:?}"
     );
 
@@ -252,7 +252,8 @@ async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
     assert_eq!(again.status.code(), Some(0), "{again:?}");
     std::fs::write(&file, GREET.replace("name = \"bye\"", "name = \"later\"")).unwrap();
     let conflict = orchestrix(&url, &["flows", "apply", file.to_str().unwrap()]).await;
-    assert_eq!(conflict.status.code(), Some(1), "{conflict:?}");
+    assert_eq!(conflict.status.code(), Some(2), "{conflict:?}");
+    assert!(String::from_utf8_lossy(&conflict.stderr).contains("nothing applied"), "{conflict:?}");
     assert!(
         String::from_utf8_lossy(&conflict.stderr).contains(
             "flow `greet` version `release-1` is already registered with a different definition"
@@ -300,8 +301,29 @@ async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
     let listed = orchestrix(&url, &["flows", "list", "--json"]).await;
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed[0]["version"], "release-1");
-    assert_eq!(listed[0]["registered_by"], "cli");
+    assert!(listed[0]["registeredBy"].as_str().unwrap().starts_with("cli:"), "{listed:?}");
+    assert_eq!(listed[0]["newRuns"], true);
+    assert_eq!(listed[0]["unserved"].as_array().unwrap().len(), 0);
     assert_eq!(listed[0]["workers"][0], worker.id());
+    // Output cut short (`| head`): a quiet exit, never a panic.
+    let piped = tokio::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -o pipefail; {} --nats {url} flows show greet | head -c 1 >/dev/null",
+                built("orchestrix").display()
+            ),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(piped.status.success(), "{piped:?}");
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("panicked"), "{piped:?}");
+    // A dev server on a port in use is refused rather than joined.
+    let port = url.rsplit(':').next().unwrap();
+    let busy = orchestrix(&url, &["dev", "--port", port]).await;
+    assert_eq!(busy.status.code(), Some(2), "{busy:?}");
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("is not free"), "{busy:?}");
     let unknown = orchestrix(&url, &["flows", "show", "nope"]).await;
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no flow `nope` is registered"));

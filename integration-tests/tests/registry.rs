@@ -300,3 +300,65 @@ async fn a_run_taken_over_after_a_coordinator_dies_stays_on_its_version() {
     old.shutdown().await;
     new_worker.shutdown().await;
 }
+
+/// A service that serves one step of a new version does not pull new runs
+/// onto it before every step of that version has a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_runs_take_a_version_only_once_every_step_is_served() {
+    let server = NatsServer::start();
+    let node = node(&server).await;
+    let ledger = Ledger::default();
+    let (_open, gate) = watch::channel(true);
+    let v1 = shop("v1", &["a", "b"], &ledger, gate.clone());
+    let v2 = shop("v2", &["a", "b", "c"], &ledger, gate);
+    let (v1_version, v2_version) = (v1.definition().version(), v2.definition().version());
+    let old = serve(&server, v1).await;
+    let part = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow_steps(v2.clone(), &["a"])
+        .start()
+        .await
+        .unwrap();
+    let registry = node.coordinator().registry().unwrap();
+    eventually(10 * SECS, "the partial worker to be seen", || {
+        registry.versions().iter().any(|v| {
+            v.registration.version == v2_version
+                && v.workers.len() == 1
+                && v.unserved.iter().map(|s| s.to_string()).collect::<Vec<_>>() == ["b", "c"]
+        })
+    })
+    .await;
+    let c = client(&server).await;
+    let r = c.run("shop", &1u32, RunOptions::new()).await.unwrap();
+    assert_eq!(r.version.as_deref(), Some(&*v1_version), "still the fully served version");
+    assert_eq!(r.status, RunStatus::Completed, "{r}");
+    // The rest of v2 comes up: new runs take it.
+    let rest = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow_steps(v2, &["b", "c"])
+        .start()
+        .await
+        .unwrap();
+    eventually(10 * SECS, "v2 to be fully served", || {
+        registry
+            .versions()
+            .iter()
+            .any(|v| v.registration.version == v2_version && v.unserved.is_empty())
+    })
+    .await;
+    let r = c.run("shop", &2u32, RunOptions::new()).await.unwrap();
+    assert_eq!(r.version.as_deref(), Some(&*v2_version));
+    assert_eq!(r.status, RunStatus::Completed, "{r}");
+    // A label that looks like a hash is refused: it could squat a real one.
+    let squat = shop("v9", &["a"], &ledger, watch::channel(true).1).version("0123456789abcdef");
+    let err = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow(squat)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("looks like a definition hash"), "{err}");
+    for w in [old, part, rest] {
+        w.shutdown().await;
+    }
+}

@@ -55,6 +55,11 @@ pub enum RegistryError {
     /// The definition is not valid.
     #[error(transparent)]
     Invalid(#[from] FlowError),
+    /// A version label that looks like a definition hash.
+    #[error(
+        "version label `{0}` looks like a definition hash (16 hex digits), which only a definition itself may have; choose another label"
+    )]
+    Label(String),
     /// An entry could not be read.
     #[error("unreadable registry entry {key}: {reason}")]
     Corrupt {
@@ -124,6 +129,20 @@ pub async fn put_with_ttl(
     Ok(())
 }
 
+/// A definition is valid, and an explicit label cannot pass for a hash (16
+/// hex digits): a label could otherwise take the version of another
+/// definition before it is registered.
+fn validate_label(def: &FlowDef) -> Result<(), RegistryError> {
+    def.validate()?;
+    if let Some(label) = &def.version
+        && label.len() == 16
+        && label.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return Err(RegistryError::Label(label.to_string()));
+    }
+    Ok(())
+}
+
 /// A KV key for a worker id (which holds a host name: keep what KV allows).
 pub fn worker_key(worker: &str) -> String {
     let key: String = worker
@@ -188,6 +207,46 @@ impl Registry {
         Ok(Registry { js, flows, workers, workers_bucket })
     }
 
+    /// Opens the registry buckets under `prefix` without creating them: for
+    /// reading (a wrong prefix is an error, not two new buckets).
+    pub async fn open_existing(
+        client: async_nats::Client,
+        prefix: &str,
+    ) -> Result<Registry, RegistryError> {
+        let js =
+            jetstream::ContextBuilder::new().timeout(Duration::from_secs(5)).build(client.clone());
+        let p = prefix.replace('.', "_");
+        let get = |name: String| {
+            let js = js.clone();
+            async move {
+                js.get_key_value(&name).await.map_err(|e| {
+                    RegistryError::Unavailable(format!(
+                        "no flow registry under prefix `{prefix}` (bucket {name}: {e}); is --prefix right, and has a worker or coordinator started with it?"
+                    ))
+                })
+            }
+        };
+        let flows = get(format!("{p}_flows")).await?;
+        let workers_bucket = format!("{p}_workers");
+        let workers = get(workers_bucket.clone()).await?;
+        Ok(Registry { js, flows, workers, workers_bucket })
+    }
+
+    /// Checks that `def` can be registered: valid, and not contradicting a
+    /// registration under the same version. Writes nothing.
+    pub async fn check(&self, def: &FlowDef) -> Result<(), RegistryError> {
+        validate_label(def)?;
+        let key = format!("{}.{}", def.name, def.version());
+        match self.registration(&key).await? {
+            Some(existing) if existing.flow != *def => Err(RegistryError::Conflict {
+                flow: def.name.to_string(),
+                version: def.version().to_string(),
+                by: existing.registered_by,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Registers `def` under its version. Registering the same definition
     /// again is harmless (the first registration is kept); a different
     /// definition under a version already taken is refused.
@@ -196,7 +255,7 @@ impl Registry {
         def: &FlowDef,
         by: &str,
     ) -> Result<FlowRegistration, RegistryError> {
-        def.validate()?;
+        validate_label(def)?;
         let version = def.version();
         let reg = FlowRegistration {
             flow: def.clone(),
@@ -326,6 +385,27 @@ impl Registry {
             decode::<WorkerPresence>(&entry.value).ok().map(PresenceChange::Up)
         }))
     }
+}
+
+/// The steps of `def` (at `version`) that none of `workers` serves: a
+/// version is **served** when this is empty — every step has a live worker
+/// for it (a worker of that version, or one serving every version).
+pub fn unserved_steps<'a>(
+    def: &FlowDef,
+    version: &str,
+    workers: impl IntoIterator<Item = &'a WorkerPresence>,
+) -> Vec<Arc<str>> {
+    let mut missing: Vec<Arc<str>> = def.steps.iter().map(|s| s.name.clone()).collect();
+    for p in workers {
+        for s in p
+            .flows
+            .iter()
+            .filter(|s| s.flow == def.name && s.version.as_deref().is_none_or(|v| v == version))
+        {
+            missing.retain(|m| !s.steps.contains(m));
+        }
+    }
+    missing
 }
 
 /// Whether a worker's presence serves (some step of) a version of a flow.

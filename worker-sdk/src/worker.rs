@@ -588,11 +588,17 @@ impl Worker {
         }
     }
 
-    /// Serves until SIGTERM or ctrl-c, then drains.
+    /// Serves until SIGTERM or ctrl-c, then drains; a second signal during
+    /// the drain stops at once (commands in hand are then lost to this
+    /// worker: the coordinator treats them as it treats a crash).
     pub async fn run_until_signal(self) {
         wait_for_signal().await;
-        info!(worker = %self.id, "signal received, draining");
-        self.shutdown().await;
+        let id = self.id.clone();
+        info!(worker = %id, "signal received, draining (signal again to stop at once)");
+        tokio::select! {
+            () = self.shutdown() => {}
+            () = wait_for_signal() => warn!(worker = %id, "second signal: stopping without draining"),
+        }
     }
 
     /// Stops at once, like a crash: nothing more is answered. For tests.

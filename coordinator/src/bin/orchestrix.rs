@@ -14,10 +14,33 @@ use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_coordinator::{ListFilter, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{ControlAction, Payload, Subjects};
-use orchestrix_worker::registry::{Registry, RegistryError, serves};
+use orchestrix_worker::registry::{Registry, RegistryError, serves, unserved_steps};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
 use uuid::Uuid;
+
+/// `println!` that ends the program quietly when stdout is closed (`| head`),
+/// as other command-line tools do, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!`, the same way.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+
+fn emit(text: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(2);
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -298,13 +321,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if detach {
                 let run_id = client.start_payload(&flow, input, options).await?;
                 if json {
-                    println!("{}", serde_json::json!({ "runId": run_id }));
+                    outln!("{}", serde_json::json!({ "runId": run_id }));
                 } else {
-                    println!("{run_id}");
+                    outln!("{run_id}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let report = client.run_payload(&flow, input, options).await?;
+            // Said at once: a run waiting for a worker can take a while.
+            let run_id = client.start_payload(&flow, input, options).await?;
+            eprintln!(
+                "run {run_id} started; waiting for its report (ctrl-c stops waiting, not the run)"
+            );
+            let report = client.wait(run_id).await?;
             print_report(&report, json)?;
             Ok(exit_for(&report))
         }
@@ -319,11 +347,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let by = by.unwrap_or_else(operator);
             client.cancel(run_id, &by, reason.as_deref()).await?;
             if !wait {
-                println!("cancelling run {run_id}");
+                outln!("cancelling run {run_id}");
                 return Ok(ExitCode::SUCCESS);
             }
             let report = client.wait(run_id).await?;
-            print!("{report}");
+            out!("{report}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { run_id, json } => {
@@ -340,9 +368,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !now.status.is_terminal() {
                 while let Some(ev) = events.next().await {
                     if json {
-                        println!("{}", serde_json::to_string(&ev)?);
+                        outln!("{}", serde_json::to_string(&ev)?);
                     } else {
-                        println!(
+                        outln!(
                             "{}  {}",
                             ev.at_ms,
                             orchestrix_coordinator::nats::describe(&ev.event)
@@ -350,7 +378,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     if let orchestrix_proto::EventKind::RunEnded { report } = ev.event {
                         if !json {
-                            print!("{report}");
+                            out!("{report}");
                         }
                         return Ok(exit_for(&report));
                     }
@@ -364,12 +392,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = client(&cli.nats).await?;
             let runs = client.list(ListFilter::new(status, flow, limit as usize)).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&runs)?);
+                outln!("{}", serde_json::to_string_pretty(&runs)?);
             } else {
                 for r in &runs {
                     let failed =
                         r.failed_step.as_deref().map(|s| format!("  at {s}")).unwrap_or_default();
-                    println!(
+                    outln!(
                         "{}  {:<20} {:<20} {:>8} ms{failed}",
                         r.run_id,
                         r.flow,
@@ -396,18 +424,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: 1,
             };
             let _running = serve(&nats, &args).await?;
-            println!(
+            outln!(
                 "NATS (JetStream) is on {url}; a coordinator serves the flows workers register."
             );
-            println!("NATS_URL={url}");
-            println!("In another terminal:");
-            println!("  export NATS_URL={url}");
-            println!("  cargo run --example payment_worker");
-            println!("and in a third:");
-            println!(
+            outln!("NATS_URL={url}");
+            outln!("In another terminal:");
+            outln!("  export NATS_URL={url}");
+            outln!("  cargo run --example payment_worker");
+            outln!("and in a third:");
+            outln!(
                 "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"orderId\":\"order_1\",\"amount\":50,\"userId\":\"user_A\"}}'"
             );
-            println!("Ctrl-C stops both.");
+            outln!("Ctrl-C stops both.");
             wait_for_signal().await;
             drop(server);
             Ok(ExitCode::SUCCESS)
@@ -424,7 +452,7 @@ async fn operate(
 ) -> anyhow::Result<ExitCode> {
     let client = client(nats).await?;
     client.control(run_id, action, &by.unwrap_or_else(operator), None).await?;
-    println!("{} of run {run_id} accepted", action.as_str());
+    outln!("{} of run {run_id} accepted", action.as_str());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -488,51 +516,81 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
 async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result<ExitCode> {
     let subjects = nats.subjects()?;
     let conn = nats.options().connect().await?;
-    let replicas = match &command {
-        FlowsCommand::Apply { replicas, .. } => *replicas,
-        _ => 1,
+    let registry = match &command {
+        FlowsCommand::Apply { replicas, .. } => {
+            Registry::open(conn, subjects.prefix(), *replicas).await?
+        }
+        // Reading creates nothing: a wrong --prefix says so.
+        _ => Registry::open_existing(conn, subjects.prefix()).await?,
     };
-    let registry = Registry::open(conn, subjects.prefix(), replicas).await?;
     match command {
         FlowsCommand::Apply { file, .. } => {
             let flows = flowfile::load(&file)?;
-            let mut refused = 0;
+            // All or nothing: every conflict is found before anything is written.
+            let mut conflicts = Vec::new();
             for def in &flows {
-                match registry.register(def, "cli").await {
-                    Ok(reg) => println!("{}  version {}", def.name, reg.version),
-                    Err(e @ RegistryError::Conflict { .. }) => {
-                        eprintln!("error: {e}");
-                        refused += 1;
+                if let Err(e) = registry.check(def).await {
+                    match e {
+                        RegistryError::Conflict { .. } => conflicts.push(e.to_string()),
+                        e => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
-            Ok(if refused == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            if !conflicts.is_empty() {
+                for c in &conflicts {
+                    eprintln!("error: {c}");
+                }
+                bail!(
+                    "nothing applied: {} conflicting flow(s) in {}",
+                    conflicts.len(),
+                    file.display()
+                );
+            }
+            let by = format!("cli:{}", operator());
+            for def in &flows {
+                let reg = registry.register(def, &by).await?;
+                outln!("{}  version {}", def.name, reg.version);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         FlowsCommand::List { json } => {
             let listing = registry_listing(&registry).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
+                outln!("{}", serde_json::to_string_pretty(&listing)?);
             } else if listing.is_empty() {
-                println!("no flows registered");
+                outln!("no flows registered under prefix `{}`", subjects.prefix());
             } else {
-                println!(
-                    "{:<24} {:<18} {:>5} {:>7}  REGISTERED",
-                    "FLOW", "VERSION", "STEPS", "WORKERS"
+                outln!(
+                    "  {:<24} {:<18} {:>5} {:>7}  {:<8} REGISTERED",
+                    "FLOW",
+                    "VERSION",
+                    "STEPS",
+                    "WORKERS",
+                    "SERVED"
                 );
                 for v in &listing {
-                    println!(
-                        "{:<24} {:<18} {:>5} {:>7}  {} by {}",
+                    let served = if v.unserved.is_empty() {
+                        "yes"
+                    } else if v.workers.is_empty() {
+                        "no"
+                    } else {
+                        "partly"
+                    };
+                    outln!(
+                        "{} {:<24} {:<18} {:>5} {:>7}  {:<8} {} by {}",
+                        if v.new_runs { "*" } else { " " },
                         v.flow,
                         v.version,
                         v.steps.len(),
                         v.workers.len(),
+                        served,
                         humantime::format_rfc3339_seconds(orchestrix_proto::time::from_unix_ms(
                             v.registered_at_ms
                         )),
                         v.registered_by
                     );
                 }
+                outln!("(* the version new runs take)");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -543,13 +601,28 @@ async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result
                 bail!("no flow `{name}` is registered (see `orchestrix flows list`)");
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&listing)?);
+                outln!("{}", serde_json::to_string_pretty(&listing)?);
                 return Ok(ExitCode::SUCCESS);
             }
             for v in &listing {
-                println!("{} version {} (registered by {})", v.flow, v.version, v.registered_by);
+                let default = if v.new_runs { ", new runs take this version" } else { "" };
+                outln!(
+                    "{} version {} (registered by {}{default})",
+                    v.flow,
+                    v.version,
+                    v.registered_by
+                );
                 for s in &v.steps {
                     let mut notes = vec![format!("retries {}", s.retry.max_retries)];
+                    if s.retry.max_retries > 0 {
+                        notes.push(format!(
+                            "delay {}",
+                            humantime::format_duration(s.retry.initial_delay)
+                        ));
+                        if s.retry.backoff > 1.0 {
+                            notes.push(format!("backoff {}", s.retry.backoff));
+                        }
+                    }
                     if let Some(t) = s.timeout {
                         notes.push(format!("timeout {}", humantime::format_duration(t)));
                     }
@@ -559,12 +632,25 @@ async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result
                     if s.on_unknown == orchestrix_coordinator::OnUnknown::Retry {
                         notes.push("idempotent".into());
                     }
-                    println!("  - {:<24} {}", s.name, notes.join(", "));
+                    if s.on_exhausted == orchestrix_coordinator::OnExhausted::Pause {
+                        notes.push("pauses when exhausted".into());
+                    }
+                    let gap = if v.unserved.iter().any(|u| *u == *s.name) {
+                        "   <- no live worker serves this step"
+                    } else {
+                        ""
+                    };
+                    outln!("  - {:<24} {}{gap}", s.name, notes.join(", "));
                 }
-                if v.workers.is_empty() {
-                    println!("  workers: none live (new runs of this version wait for one)");
-                } else {
-                    println!("  workers: {}", v.workers.join(", "));
+                match (v.workers.is_empty(), v.unserved.is_empty()) {
+                    (true, _) => {
+                        outln!("  workers: none live (runs pinned to this version wait for one)")
+                    }
+                    (false, true) => outln!("  workers: {}", v.workers.join(", ")),
+                    (false, false) => outln!(
+                        "  workers: {} (not every step is served: new runs do not take this version)",
+                        v.workers.join(", ")
+                    ),
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -574,6 +660,7 @@ async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result
 
 /// One version of a flow as `flows list --json` prints it.
 #[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 struct VersionListing {
     flow: String,
     version: String,
@@ -581,6 +668,10 @@ struct VersionListing {
     registered_by: String,
     steps: Vec<orchestrix_coordinator::StepDef>,
     workers: Vec<String>,
+    /// Steps no live worker serves.
+    unserved: Vec<String>,
+    /// The version new runs of the flow take now.
+    new_runs: bool,
 }
 
 async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionListing>> {
@@ -595,14 +686,28 @@ async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionList
                 .filter(|p| serves(p, &r.flow.name, &r.version))
                 .map(|p| p.worker.clone())
                 .collect(),
+            unserved: unserved_steps(&r.flow, &r.version, &workers)
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             flow: r.flow.name.to_string(),
             version: r.version.to_string(),
             registered_at_ms: r.registered_at_ms,
             registered_by: r.registered_by,
             steps: r.flow.steps,
+            new_runs: false,
         })
         .collect();
     out.sort_by(|a, b| (&a.flow, a.registered_at_ms).cmp(&(&b.flow, b.registered_at_ms)));
+    // As coordinators choose: the newest served version, else the newest.
+    let mut i = 0;
+    while i < out.len() {
+        let j = out[i..].iter().position(|v| v.flow != out[i].flow).map_or(out.len(), |k| i + k);
+        let group = &mut out[i..j];
+        let pick = group.iter().rposition(|v| v.unserved.is_empty()).unwrap_or(group.len() - 1);
+        group[pick].new_runs = true;
+        i = j;
+    }
     Ok(out)
 }
 
@@ -616,9 +721,9 @@ fn parse_status(s: &str) -> Result<RunStatus, String> {
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print!("{report}");
+        out!("{report}");
     }
     Ok(())
 }
@@ -642,13 +747,22 @@ struct DevNats {
 async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> {
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
     let port = match port {
-        Some(p) => p,
+        // Someone else's server there would be joined silently: refuse.
+        Some(p) => match TcpListener::bind(("127.0.0.1", p)) {
+            Ok(l) => l.local_addr()?.port(),
+            Err(e) => bail!(
+                "port {p} on 127.0.0.1 is not free ({e}): is a NATS server already running there? Use it with `orchestrix serve --nats nats://127.0.0.1:{p}`, or pick another --port"
+            ),
+        },
         None => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
     };
     let dir = tempfile::tempdir()?;
-    let child = tokio::process::Command::new(&bin)
+    let log = dir.path().join("nats-server.log");
+    let mut child = tokio::process::Command::new(&bin)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(dir.path())
+        .arg("-l")
+        .arg(&log)
         .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -658,6 +772,10 @@ async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> 
         })?;
     let url = format!("nats://127.0.0.1:{port}");
     for _ in 0..100 {
+        if let Ok(Some(status)) = child.try_wait() {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("nats-server exited ({status}) before it was ready:\n{}", said.trim_end());
+        }
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok((DevNats { _child: child, _dir: dir }, url));
         }
