@@ -15,7 +15,7 @@ use payment::{PaymentInput, payment_flow};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let payment_flow = payment_flow(Duration::ZERO);
+    let payment_flow = payment_flow(Duration::ZERO, false);
 
     let success = payment_flow
         .run(PaymentInput { order_id: "order_1".into(), amount: 50, user_id: "user_A".into() })

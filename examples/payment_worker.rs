@@ -28,6 +28,10 @@ struct Args {
     /// Make every step take this long (to try timeouts and crashes).
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
+    /// Pause a run whose payment is still declined after its retries, for
+    /// `orchestrix resume` / `rollback` (a version of its own).
+    #[arg(long)]
+    pause_when_exhausted: bool,
 }
 
 #[tokio::main]
@@ -48,7 +52,8 @@ async fn serve() -> Result<(), orchestrix::WorkerError> {
     let args = Args::parse();
     // The flow's definition and handlers, as `payment_flow` runs them embedded;
     // starting the worker registers the definition in the cluster.
-    let flow = payment::payment_flow(Duration::from_millis(args.step_delay_ms));
+    let flow =
+        payment::payment_flow(Duration::from_millis(args.step_delay_ms), args.pause_when_exhausted);
     let version = flow.definition().version();
     let worker = Worker::builder()
         .nats(NatsOptions::new(args.nats.clone()))

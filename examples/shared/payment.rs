@@ -20,8 +20,11 @@ pub(crate) struct PaymentInput {
 /// 1 s apart, 10 s per attempt; over 1000 is declined), send the email.
 /// `examples/payment-flow.toml` describes the same definition for workers
 /// in other languages (same version). `step_delay` makes
-/// every step take that long, to try timeouts and crashes.
-pub(crate) fn payment_flow(step_delay: Duration) -> Flow<PaymentInput> {
+/// every step take that long, to try timeouts and crashes. With
+/// `pause_when_declined` a payment still declined after its retries pauses
+/// the run for an operator (`orchestrix resume` / `rollback`) instead of
+/// rolling it back: another definition, so another version.
+pub(crate) fn payment_flow(step_delay: Duration, pause_when_declined: bool) -> Flow<PaymentInput> {
     let pause = move || async move {
         if !step_delay.is_zero() {
             tokio::time::sleep(step_delay).await;
@@ -56,10 +59,12 @@ pub(crate) fn payment_flow(step_delay: Duration) -> Flow<PaymentInput> {
                 }
                 Ok(())
             },
-            |o| {
-                o.retries(3)
+            move |o| {
+                let o = o
+                    .retries(3)
                     .retry_delay(Duration::from_millis(1000))
-                    .timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(10));
+                if pause_when_declined { o.pause_when_exhausted() } else { o }
             },
         )
         .step("send-email", move |ctx| async move {

@@ -330,3 +330,84 @@ async fn a_toml_flow_applied_with_the_cli_is_served_by_a_worker() {
     worker.shutdown().await;
     drop(coordinator);
 }
+
+/// Operating runs from the command line, with the example worker: a declined
+/// payment pauses and is rolled back by an operator; a run is cancelled mid-step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let _coordinator = ChildProcess::spawn(&built("orchestrix"), &["--nats", &url, "serve"]);
+    let worker = ChildProcess::spawn(
+        &built("examples/payment_worker"),
+        // Slow steps: a cancel lands mid-run even on a busy machine.
+        &["--nats", &url, "--pause-when-exhausted", "--step-delay-ms", "1000"],
+    );
+    worker.wait_for_line("worker ", 30 * SECS).await;
+    let start = |input: &'static str| {
+        let url = url.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + 30 * SECS;
+            loop {
+                let o =
+                    orchestrix(&url, &["run", "payment-flow", "--detach", "--input", input]).await;
+                if o.status.code() == Some(0) {
+                    return stdout(&o).trim().to_owned();
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{o:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let status_of = |id: String| {
+        let url = url.clone();
+        async move {
+            let o = orchestrix(&url, &["status", &id, "--json"]).await;
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        }
+    };
+
+    // Declined four times: paused, not rolled back.
+    let id = start(r#"{"orderId":"order_9","amount":2000,"userId":"user_Z"}"#).await;
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        let r = status_of(id.clone()).await;
+        if r["status"] == "paused" {
+            assert_eq!(r["steps"][1]["status"], "paused");
+            assert_eq!(r["steps"][1]["attempts"], 4);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let paused = orchestrix(&url, &["list", "--status", "paused", "--json"]).await;
+    assert!(stdout(&paused).contains(&id), "{paused:?}");
+    assert!(worker.lines_starting("Releasing stock for order order_9").is_empty());
+    let rolled = orchestrix(&url, &["rollback", &id, "--by", "oncall"]).await;
+    assert_eq!(rolled.status.code(), Some(0), "{rolled:?}");
+    worker.wait_for_line("Releasing stock for order order_9", 10 * SECS).await;
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    let r = loop {
+        let r = status_of(id.clone()).await;
+        if r["status"] != "running" || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["actions"][0]["action"], "rollback");
+    assert_eq!(r["actions"][0]["by"], "oncall");
+
+    // Cancelled mid-run: ends `cancelled`; what ran is compensated.
+    let id = start(r#"{"orderId":"order_10","amount":50,"userId":"user_Y"}"#).await;
+    worker.wait_for_line("Reserving stock for order order_10", 10 * SECS).await;
+    let cancelled =
+        orchestrix(&url, &["cancel", &id, "--reason", "customer asked", "--wait"]).await;
+    assert_eq!(cancelled.status.code(), Some(0), "{cancelled:?}");
+    let text = stdout(&cancelled);
+    assert!(text.contains(": cancelled in "), "{text}");
+    assert!(text.contains("reserve-stock: compensated"), "{text}");
+    assert!(text.contains("cancel by "), "{text}");
+    worker.wait_for_line("Releasing stock for order order_10", 10 * SECS).await;
+    assert!(worker.lines_starting("Sending confirmation email to user user_Y").is_empty());
+}
