@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
     /// Subject prefix, as given to the coordinator.
-    #[arg(long, default_value = "orchestrix")]
+    #[arg(long, env = "ORCHESTRIX_PREFIX", default_value = "orchestrix")]
     prefix: String,
     /// Make every step take this long (to try timeouts and crashes).
     #[arg(long, default_value_t = 0)]

@@ -166,7 +166,7 @@ impl Client {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(ClientError::NoCoordinator { reason, .. })
-                    if reason.contains("no responders") =>
+                    if reason == "no coordinator is listening" =>
                 {
                     return Err(ClientError::NoCoordinator {
                         subject,
@@ -320,11 +320,14 @@ impl Client {
             .payload(Bytes::from(encode(msg)?))
             .headers(h)
             .timeout(timeout);
-        let answer = self
-            .nats
-            .send_request(subject.clone(), request)
-            .await
-            .map_err(|e| ClientError::NoCoordinator { subject, reason: e.to_string() })?;
+        let answer = self.nats.send_request(subject.clone(), request).await.map_err(|e| {
+            let reason = match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => "no coordinator is listening".into(),
+                async_nats::RequestErrorKind::TimedOut => "no answer in time".into(),
+                _ => e.to_string(),
+            };
+            ClientError::NoCoordinator { subject, reason }
+        })?;
         match decode::<RunReply>(&answer.payload)? {
             RunReply::Rejected { error, retryable: true } => Err(ClientError::Unavailable(error)),
             RunReply::Rejected { error, .. } => Err(ClientError::Rejected(error)),

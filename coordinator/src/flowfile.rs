@@ -59,6 +59,25 @@ pub enum FlowFileError {
     /// No flow in the file.
     #[error("invalid flow file: it declares no flow (expected [[flow]] tables)")]
     Empty,
+    /// A value makes no sense for its key.
+    #[error("invalid flow file: flow `{flow}`, step `{step}`: {reason}")]
+    Value {
+        /// The flow.
+        flow: String,
+        /// The step.
+        step: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A problem in a given file.
+    #[error("{path}: {error}")]
+    In {
+        /// The file.
+        path: PathBuf,
+        /// The problem.
+        #[source]
+        error: Box<FlowFileError>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -93,6 +112,8 @@ struct StepEntry {
     compensation_retries: Option<u32>,
     compensation_retry_delay_ms: Option<u64>,
     compensation_backoff: Option<f64>,
+    compensation_max_delay_ms: Option<u64>,
+    compensation_jitter: Option<f64>,
     compensation_timeout_ms: Option<u64>,
     #[serde(default)]
     on_unknown: crate::OnUnknown,
@@ -107,7 +128,51 @@ fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
+/// More retries than this is a typo, not a policy.
+const MAX_RETRIES: u32 = 100_000;
+
 impl StepEntry {
+    /// What makes no sense in this step's keys, if anything.
+    fn mistake(&self) -> Option<String> {
+        let zero = |key: &str, v: Option<u64>| {
+            (v == Some(0))
+                .then(|| format!("`{key} = 0` is no time at all; leave the key out for none"))
+        };
+        if let Some(m) = zero("timeout_ms", self.timeout_ms)
+            .or_else(|| zero("compensation_timeout_ms", self.compensation_timeout_ms))
+            .or_else(|| zero("max_duration_ms", self.max_duration_ms))
+            .or_else(|| zero("pause_timeout_ms", self.pause_timeout_ms))
+        {
+            return Some(m);
+        }
+        for (key, n) in
+            [("retries", self.retries), ("compensation_retries", self.compensation_retries)]
+        {
+            if n.is_some_and(|n| n > MAX_RETRIES) {
+                return Some(format!("`{key}` is at most {MAX_RETRIES}"));
+            }
+        }
+        if let (Some(d), Some(max)) = (self.retry_delay_ms, self.max_delay_ms)
+            && d > max
+        {
+            return Some(format!("`retry_delay_ms = {d}` is over `max_delay_ms = {max}`"));
+        }
+        let comp_keys = [
+            ("compensation_retries", self.compensation_retries.is_some()),
+            ("compensation_retry_delay_ms", self.compensation_retry_delay_ms.is_some()),
+            ("compensation_backoff", self.compensation_backoff.is_some()),
+            ("compensation_max_delay_ms", self.compensation_max_delay_ms.is_some()),
+            ("compensation_jitter", self.compensation_jitter.is_some()),
+            ("compensation_timeout_ms", self.compensation_timeout_ms.is_some()),
+        ];
+        if !self.compensable
+            && let Some((key, _)) = comp_keys.iter().find(|(_, set)| *set)
+        {
+            return Some(format!("`{key}` on a step that is not `compensable`"));
+        }
+        None
+    }
+
     fn into_def(self) -> StepDef {
         let mut def = StepDef::new(&self.name);
         let mut retry = RetryPolicy::default();
@@ -140,6 +205,12 @@ impl StepEntry {
         if let Some(b) = self.compensation_backoff {
             comp.backoff = b;
         }
+        if let Some(d) = self.compensation_max_delay_ms {
+            comp.max_delay = ms(d);
+        }
+        if let Some(j) = self.compensation_jitter {
+            comp.jitter = j;
+        }
         def.retry = retry;
         def.timeout = self.timeout_ms.map(ms);
         def.compensable = self.compensable;
@@ -161,6 +232,15 @@ pub fn parse(text: &str) -> Result<Vec<FlowDef>, FlowFileError> {
     }
     let mut flows: Vec<FlowDef> = Vec::new();
     for entry in file.flow {
+        for step in &entry.step {
+            if let Some(reason) = step.mistake() {
+                return Err(FlowFileError::Value {
+                    flow: entry.name.clone(),
+                    step: step.name.clone(),
+                    reason,
+                });
+            }
+        }
         let mut def = FlowDef::new(&entry.name);
         def.version = entry.version.as_deref().map(std::sync::Arc::from);
         def.steps = entry.step.into_iter().map(StepEntry::into_def).collect();
@@ -178,7 +258,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<Vec<FlowDef>, FlowFileError> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path)
         .map_err(|source| FlowFileError::Read { path: path.to_owned(), source })?;
-    parse(&text)
+    parse(&text).map_err(|e| FlowFileError::In { path: path.to_owned(), error: Box::new(e) })
 }
 
 #[cfg(test)]
@@ -233,11 +313,29 @@ mod tests {
         assert!(empty.to_string().contains("no steps"), "{empty}");
         let jitter = parse(&format!("{one}jitter = 3.0\n")).unwrap_err();
         assert!(jitter.to_string().contains("jitter"), "{jitter}");
+        for (extra, says) in [
+            ("timeout_ms = 0\n", "timeout_ms = 0"),
+            ("retries = 4000000000\n", "`retries` is at most"),
+            ("retry_delay_ms = 5000\nmax_delay_ms = 100\n", "over `max_delay_ms"),
+            ("compensation_retries = 3\n", "not `compensable`"),
+        ] {
+            let e = parse(&format!("{one}{extra}")).unwrap_err();
+            assert!(e.to_string().contains(says), "{extra}: {e}");
+        }
+        let ok = parse(&format!(
+            "{one}compensable = true\ncompensation_retries = 3\ncompensation_jitter = 0.5\n"
+        ));
+        assert_eq!(ok.unwrap()[0].steps[0].compensation_retry.jitter, 0.5);
         let label =
             parse("[[flow]]\nname = \"f\"\nversion = \"v 2\"\n[[flow.step]]\nname = \"s\"\n");
         assert!(label.unwrap_err().to_string().contains("version"));
         assert!(matches!(parse("flow = 3").unwrap_err(), FlowFileError::Parse(_)));
         let missing = load("/nonexistent/flows.toml").unwrap_err();
         assert!(missing.to_string().starts_with("cannot read flow file /nonexistent/flows.toml"));
+        let file = std::env::temp_dir().join(format!("orchestrix-bad-{}.toml", std::process::id()));
+        std::fs::write(&file, "[[flow]]\nname = \"f\"\n").unwrap();
+        let named = load(&file).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&file);
+        assert!(named.starts_with(&format!("{}: ", file.display())), "{named}");
     }
 }

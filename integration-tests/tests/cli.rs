@@ -182,6 +182,66 @@ async fn serve_run_status_with_the_example_worker() {
     assert_eq!(again.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(r["status"], "failed");
+    // `status` follows the same exit codes as `run` and `watch`.
+    let failed_status = orchestrix(&url, &["status", &watched_id]).await;
+    assert_eq!(failed_status.status.code(), Some(1), "{failed_status:?}");
+
+    // Live as JSON: a snapshot first, then events, all in camelCase.
+    let live = orchestrix(
+        &url,
+        &[
+            "run",
+            "payment-flow",
+            "--detach",
+            "--input",
+            r#"{"orderId":"o5","amount":5000,"userId":"u"}"#,
+        ],
+    )
+    .await;
+    let live_id = stdout(&live).trim().to_owned();
+    let watch = orchestrix(&url, &["watch", &live_id, "--json"]).await;
+    let lines: Vec<serde_json::Value> =
+        stdout(&watch).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines[0]["snapshot"]["runId"].is_string(), "{lines:?}");
+    assert!(lines[1..].iter().all(|l| l["runId"].is_string() && l["atMs"].is_u64()), "{lines:?}");
+    assert!(!stdout(&watch).contains("\"run_id\""), "one case: {watch:?}");
+
+    // Input from a file, and a large one from stdin.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input.json");
+    std::fs::write(&file, r#"{"orderId":"o6","amount":7,"userId":"u"}"#).unwrap();
+    let from_file =
+        orchestrix(&url, &["run", "payment-flow", "--input", &format!("@{}", file.display())])
+            .await;
+    assert_eq!(from_file.status.code(), Some(0), "{from_file:?}");
+    let big =
+        format!(r#"{{"orderId":"o7","amount":8,"userId":"u","notes":"{}"}}"#, "x".repeat(300_000));
+    let mut child = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url, "run", "payment-flow", "--input", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(big.as_bytes()).await.unwrap();
+    }
+    let from_stdin =
+        tokio::time::timeout(60 * SECS, child.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(
+        from_stdin.status.code(),
+        Some(0),
+        "{:?}",
+        String::from_utf8_lossy(&from_stdin.stderr)
+    );
+    let missing = orchestrix(&url, &["run", "payment-flow", "--input", "@/nonexistent.json"]).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("cannot read --input file /nonexistent.json")
+    );
 
     // Mistakes: exit 2 and a readable message.
     let unknown = orchestrix(&url, &["run", "nope"]).await;

@@ -203,7 +203,11 @@ impl Default for WorkerBuilder {
         WorkerBuilder {
             nats: NatsOptions::default(),
             client: None,
-            prefix: Subjects::DEFAULT_PREFIX.into(),
+            // The same variable the CLI and coordinators read.
+            prefix: std::env::var("ORCHESTRIX_PREFIX")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| Subjects::DEFAULT_PREFIX.into()),
             concurrency: 64,
             heartbeat: Duration::from_secs(1),
             dedup_window: 10_000,
@@ -231,7 +235,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Subject prefix; must match the coordinator's (default `orchestrix`).
+    /// Subject prefix; must match the coordinator's (default: `ORCHESTRIX_PREFIX`,
+    /// else `orchestrix`).
     pub fn prefix(mut self, prefix: &str) -> Self {
         self.prefix = prefix.into();
         self

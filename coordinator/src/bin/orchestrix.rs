@@ -46,7 +46,8 @@ fn emit(text: std::fmt::Arguments<'_>) {
 #[command(
     name = "orchestrix",
     version,
-    about = "Distributed sagas over NATS: the coordinator and its CLI"
+    about = "Distributed sagas over NATS: the coordinator and its CLI",
+    after_help = "Exit codes: 0 success (for run, status, watch: the run completed, or has not ended yet); 1 the run ended failed, compensation_failed, cancelled or quarantined; 2 usage, configuration or connection errors, or a refused request."
 )]
 struct Cli {
     #[command(flatten)]
@@ -123,7 +124,7 @@ enum Command {
     Run {
         /// Flow name.
         flow: String,
-        /// The run's input, as JSON.
+        /// The run's input, as JSON: inline, `@FILE` to read a file, or `-` to read stdin.
         #[arg(long, default_value = "null")]
         input: String,
         /// Run this version of the flow (default: the newest one a live worker serves).
@@ -314,8 +315,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Flows(command) => flows_command(&cli.nats, command).await,
         Command::Run { flow, input, version, key, ttl, timeout, detach, json } => {
-            let input = Payload::transcode_from(&mut serde_json::Deserializer::from_str(&input))
-                .map_err(|e| anyhow!("--input is not valid JSON: {e}"))?;
+            let input = read_input(&input)?;
             let client = client(&cli.nats).await?;
             let options = RunOptions { key, ttl, timeout, traceparent: None, version };
             if detach {
@@ -358,7 +358,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let client = client(&cli.nats).await?;
             let report = client.status(run_id).await?;
             print_report(&report, json)?;
-            Ok(ExitCode::SUCCESS)
+            Ok(exit_for(&report))
         }
         Command::Watch { run_id, json } => {
             use futures::StreamExt;
@@ -366,15 +366,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut events = Box::pin(client.watch(run_id).await?);
             let now = client.status(run_id).await?;
             if !now.status.is_terminal() {
+                // What happened before this watch began, from the run's report.
+                if json {
+                    outln!("{}", serde_json::json!({ "snapshot": &now }));
+                } else {
+                    outln!("so far:");
+                    out!("{now}");
+                }
                 while let Some(ev) = events.next().await {
                     if json {
-                        outln!("{}", serde_json::to_string(&ev)?);
+                        // One case in all JSON output: the report's camelCase.
+                        outln!("{}", camel_case(serde_json::to_value(&ev)?));
                     } else {
-                        outln!(
-                            "{}  {}",
-                            ev.at_ms,
-                            orchestrix_coordinator::nats::describe(&ev.event)
+                        let at = humantime::format_rfc3339_millis(
+                            orchestrix_proto::time::from_unix_ms(ev.at_ms),
                         );
+                        outln!("{at}  {}", orchestrix_coordinator::nats::describe(&ev.event));
                     }
                     if let orchestrix_proto::EventKind::RunEnded { report } = ev.event {
                         if !json {
@@ -441,6 +448,66 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Object keys in camelCase, as the run report writes them. A report is
+/// camelCase already, and users' data (outputs) is left as it is.
+fn camel_case(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let mut key = String::with_capacity(k.len());
+                    let mut upper = false;
+                    for c in k.chars() {
+                        if c == '_' {
+                            upper = true;
+                        } else if upper {
+                            key.extend(c.to_uppercase());
+                            upper = false;
+                        } else {
+                            key.push(c);
+                        }
+                    }
+                    let v = if matches!(k.as_str(), "report" | "output" | "input") {
+                        v
+                    } else {
+                        camel_case(v)
+                    };
+                    (key, v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(camel_case).collect()),
+        other => other,
+    }
+}
+
+/// The `--input` JSON as the run's payload: inline, `@file`, or `-` (stdin).
+fn read_input(arg: &str) -> anyhow::Result<Payload> {
+    let (text, from) = match arg {
+        "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read --input from stdin")?;
+            (text, "stdin".to_owned())
+        }
+        _ => match arg.strip_prefix('@') {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --input file {path}"))?,
+                path.to_owned(),
+            ),
+            None => (arg.to_owned(), "--input".to_owned()),
+        },
+    };
+    Payload::transcode_from(&mut serde_json::Deserializer::from_str(&text)).map_err(|e| {
+        anyhow!(
+            "{from} is not valid JSON: {}",
+            e.to_string().trim_start_matches("cannot encode payload: ")
+        )
+    })
 }
 
 /// Resume or rollback of a paused run.
