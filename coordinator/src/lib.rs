@@ -32,6 +32,7 @@
 //! ```
 
 mod actor;
+pub mod auth;
 mod bus;
 mod coordinator;
 mod engine;

@@ -32,7 +32,9 @@ pub use error::{ResultExt, StepError};
 pub use handler::{
     BoxedHandler, FlowHandlers, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
 };
-pub use nats::{ConnectError, NatsOptions, default_nats_url, sync};
+pub use nats::{
+    ConnectError, NatsOptions, check_permissions, default_nats_url, permission_violations, sync,
+};
 pub use orchestrix_proto as proto;
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};

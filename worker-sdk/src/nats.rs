@@ -32,6 +32,10 @@ pub struct NatsOptions {
     pub name: Option<String>,
     /// How long the first connection may take before giving up.
     pub connect_timeout: Duration,
+    /// Prefix of this connection's reply subjects (default `_INBOX`): with
+    /// per-user permissions, each user gets its own (`_INBOX_alice`), so
+    /// nobody can read another's replies. `NATS_INBOX_PREFIX` sets it too.
+    pub inbox_prefix: Option<String>,
 }
 
 /// The NATS URL used when none is given: `NATS_URL`, else the local default.
@@ -93,6 +97,7 @@ impl NatsOptions {
             require_tls: false,
             name: None,
             connect_timeout: Duration::from_secs(5),
+            inbox_prefix: std::env::var("NATS_INBOX_PREFIX").ok().filter(|p| !p.is_empty()),
         }
     }
 
@@ -150,13 +155,41 @@ impl NatsOptions {
         self
     }
 
+    /// Sets the prefix of this connection's reply subjects (see
+    /// [`NatsOptions::inbox_prefix`]).
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.inbox_prefix = Some(prefix.into());
+        self
+    }
+
     /// Connects. Fails fast (within the connect timeout) when the server is
     /// down; once connected, the client reconnects by itself after a drop.
+    /// Permission violations the server reports on this connection are kept
+    /// for [`permission_violations`].
     pub async fn connect(&self) -> Result<async_nats::Client, ConnectError> {
+        let refused: Violations = Default::default();
+        let log = refused.clone();
         let mut opts = async_nats::ConnectOptions::new()
             .connection_timeout(self.connect_timeout)
             .max_reconnects(None)
-            .request_timeout(Some(Duration::from_secs(10)));
+            .request_timeout(Some(Duration::from_secs(10)))
+            .event_callback(move |event| {
+                let log = log.clone();
+                async move {
+                    if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) = &event
+                        && e.to_ascii_lowercase().contains("permissions violation")
+                    {
+                        tracing::error!(error = %e, "NATS refused an operation: this connection lacks a permission");
+                        let mut v = log.lock().unwrap_or_else(|p| p.into_inner());
+                        if v.len() < 64 {
+                            v.push(e.clone());
+                        }
+                    }
+                }
+            });
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
+        }
         if let Some(path) = &self.credentials_file {
             opts = opts
                 .credentials_file(path)
@@ -194,10 +227,64 @@ impl NatsOptions {
                 reason: "no server URL given".into(),
             });
         }
-        opts.connect(addrs)
+        // `nats://user:password@host`: credentials in the URL, as the NATS tools take them.
+        if self.user_password.is_none()
+            && let Some(a) = addrs.iter().find(|a| a.has_user_pass())
+            && let (Some(user), Some(password)) = (a.username(), a.password())
+        {
+            opts = opts.user_and_password(user.to_owned(), password.to_owned());
+        }
+        let client = opts
+            .connect(addrs)
             .await
-            .map_err(|source| ConnectError::Connect { url: self.url.clone(), source })
+            .map_err(|source| ConnectError::Connect { url: self.url.clone(), source })?;
+        violations_by_client().insert(client_key(&client), refused);
+        Ok(client)
     }
+}
+
+type Violations = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn violations_by_client()
+-> std::sync::MutexGuard<'static, std::collections::HashMap<String, Violations>> {
+    static MAP: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, Violations>>,
+    > = std::sync::OnceLock::new();
+    MAP.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn client_key(client: &async_nats::Client) -> String {
+    let info = client.server_info();
+    format!("{}/{}", info.server_id, info.client_id)
+}
+
+/// Waits for the server to have answered everything sent on `client`, then
+/// returns what it refused for lack of permission (empty: nothing). For a
+/// component to fail at start, naming the permission it lacks, rather than
+/// time out later.
+pub async fn check_permissions(client: &async_nats::Client) -> Result<(), String> {
+    sync(client).await;
+    // The server's -ERR came before the round trip's reply; its event is
+    // handed to the callback on another task: give it a moment.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let refused = permission_violations(client);
+        if !refused.is_empty() {
+            return Err(refused.join("; "));
+        }
+    }
+    Ok(())
+}
+
+/// The permission violations the server reported so far on `client` (a
+/// connection made with [`NatsOptions::connect`]): what it refused, in the
+/// server's words (`Permissions Violation for Subscription to "…"`). Call
+/// [`sync`] first to be sure the server has answered everything sent.
+pub fn permission_violations(client: &async_nats::Client) -> Vec<String> {
+    violations_by_client()
+        .get(&client_key(client))
+        .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_default()
 }
 
 /// Waits until the server has processed everything this client sent so far

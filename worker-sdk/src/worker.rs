@@ -73,6 +73,11 @@ pub enum WorkerError {
     /// The flow registry refused a definition or cannot be reached.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The NATS user lacks a permission this worker needs.
+    #[error(
+        "NATS refused this worker: {0} (see `orchestrix auth config`; under least privilege a coordinator creates the registry's buckets, so start one first)"
+    )]
+    Permission(String),
 }
 
 #[derive(Clone)]
@@ -420,13 +425,27 @@ impl WorkerBuilder {
             match Registry::open(client.clone(), subjects.prefix(), self.registry_replicas).await {
                 Ok(r) => {
                     for def in &self.defs {
-                        let reg = r.register(def, &id).await?;
+                        let reg = match r.register(def, &id).await {
+                            Ok(reg) => reg,
+                            Err(e) => {
+                                // A refused write times out: say why, if the server said.
+                                crate::nats::check_permissions(&client)
+                                    .await
+                                    .map_err(WorkerError::Permission)?;
+                                return Err(e.into());
+                            }
+                        };
                         info!(flow = %def.name, version = %reg.version, "flow registered");
                     }
                     Some(r)
                 }
                 // Definitions need the registry; serving steps by name does not.
-                Err(e) if !self.defs.is_empty() => return Err(e.into()),
+                Err(e) if !self.defs.is_empty() => {
+                    crate::nats::check_permissions(&client)
+                        .await
+                        .map_err(WorkerError::Permission)?;
+                    return Err(e.into());
+                }
                 Err(e) => {
                     warn!(error = %e, "no flow registry: this worker will not be listed");
                     None
@@ -491,8 +510,14 @@ impl WorkerBuilder {
                 stopped.clone(),
             )));
         }
-        // Subscriptions must be in force at the server before the worker reports ready.
-        crate::nats::sync(&client).await;
+        // Subscriptions must be in force at the server before the worker
+        // reports ready; one it may not have fails the start, by name.
+        if let Err(refused) = crate::nats::check_permissions(&client).await {
+            for l in &loops {
+                l.abort();
+            }
+            return Err(WorkerError::Permission(refused));
+        }
         // Announced once serving, so a coordinator that sees it can use it.
         let announcer = match registry.clone() {
             Some(r) => {

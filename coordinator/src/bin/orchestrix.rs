@@ -85,6 +85,10 @@ struct NatsArgs {
     /// Client key (PEM).
     #[arg(long, global = true, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Prefix of this connection's reply subjects (`_INBOX_{user}` with the
+    /// permissions `orchestrix auth config` writes).
+    #[arg(long, global = true, env = "NATS_INBOX_PREFIX")]
+    inbox_prefix: Option<String>,
 }
 
 impl NatsArgs {
@@ -105,6 +109,9 @@ impl NatsArgs {
         if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
             o = o.tls_client_certificate(c.clone(), k.clone());
         }
+        if let Some(p) = &self.inbox_prefix {
+            o = o.inbox_prefix(p.clone());
+        }
         o
     }
 
@@ -120,6 +127,9 @@ enum Command {
     /// The flow registry: apply flow files, list flows, versions and workers.
     #[command(subcommand)]
     Flows(FlowsCommand),
+    /// Least privilege: NATS permissions per role.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Start a run and print its report.
     Run {
         /// Flow name.
@@ -219,6 +229,42 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum AuthCommand {
+    /// Print a nats-server `authorization` block with one user per role:
+    /// each may publish and subscribe to what its role needs, nothing more.
+    Config {
+        /// A user: `NAME:ROLE` or `NAME:ROLE:FLOW[,FLOW…]` (roles: coordinator,
+        /// worker, client, viewer, operator; flows for workers and clients).
+        /// Its password is read from `$NAME_PASSWORD` by nats-server.
+        #[arg(long = "grant", required = true, value_parser = parse_user)]
+        users: Vec<orchestrix_coordinator::auth::User>,
+    },
+}
+
+fn parse_user(s: &str) -> Result<orchestrix_coordinator::auth::User, String> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(name), Some(role)) = (parts.next(), parts.next()) else {
+        return Err(format!("`{s}` is not NAME:ROLE[:FLOW,…]"));
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("user name `{name}`: letters, digits, `-`, `_` only"));
+    }
+    let role: orchestrix_coordinator::auth::Role = role.parse()?;
+    let flows: Vec<String> = parts
+        .next()
+        .map(|f| f.split(',').filter(|f| !f.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    for f in &flows {
+        orchestrix_proto::validate_name("flow", f).map_err(|e| e.to_string())?;
+    }
+    use orchestrix_coordinator::auth::Role::{Client as C, Worker as W};
+    if matches!(role, W | C) && flows.is_empty() {
+        return Err(format!("`{s}`: a worker or client needs its flows (NAME:ROLE:FLOW,…)"));
+    }
+    Ok(orchestrix_coordinator::auth::User::new(name, role, flows))
+}
+
+#[derive(Subcommand, Debug)]
 enum FlowsCommand {
     /// Register the flows of a TOML file (for workers in other languages).
     Apply {
@@ -314,6 +360,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Flows(command) => flows_command(&cli.nats, command).await,
+        Command::Auth(AuthCommand::Config { users }) => {
+            let prefix = cli.nats.subjects()?;
+            out!("{}", orchestrix_coordinator::auth::server_config(prefix.prefix(), &users));
+            eprintln!(
+                "# each component connects with its user and NATS_INBOX_PREFIX=_INBOX_<user>"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { flow, input, version, key, ttl, timeout, detach, json } => {
             let input = read_input(&input)?;
             let client = client(&cli.nats).await?;
@@ -849,4 +903,12 @@ async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bail!("nats-server did not open port {port} within 5 s")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -36,6 +36,9 @@ pub enum NodeError {
     /// The flow registry could not be opened.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The NATS user lacks a permission a coordinator needs.
+    #[error("NATS refused this coordinator: {0} (see `orchestrix auth config`)")]
+    Permission(String),
 }
 
 /// Where a node keeps its runs.
@@ -159,6 +162,16 @@ impl NodeBuilder {
     /// life (recovered before anything new is accepted), the takeover loop,
     /// and last the request service. Call from within a tokio runtime.
     pub async fn start(self, conn: async_nats::Client) -> Result<Node, NodeError> {
+        let started = self.start_on(conn.clone()).await;
+        // A refusal shows as a timeout or a missing subscription: name the
+        // permission instead, whatever failed.
+        if let Err(refused) = orchestrix_worker::check_permissions(&conn).await {
+            return Err(NodeError::Permission(refused));
+        }
+        started
+    }
+
+    async fn start_on(self, conn: async_nats::Client) -> Result<Node, NodeError> {
         let bus_options = self.bus.subjects(self.subjects.clone());
         let bus = NatsBus::start(conn.clone(), bus_options).await?;
         let mut builder = Coordinator::builder().bus(bus).registry(self.registry);
