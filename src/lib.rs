@@ -56,8 +56,9 @@ pub use orchestrix_coordinator::{
     RunHandle, StepEvent, StepOptions, create,
 };
 pub use orchestrix_proto::{
-    CompensationReport, FlowDef, FlowError, ListFilter, OnUnknown, Payload, RetryPolicy,
-    RunOptions, RunReport, RunStatus, StepDef, StepReport, StepStatus,
+    CompensationReport, ControlAction, FlowDef, FlowError, ListFilter, OnExhausted, OnUnknown,
+    OperatorAction, Payload, RetryPolicy, RunOptions, RunReport, RunStatus, StepDef, StepReport,
+    StepStatus,
 };
 #[cfg(any(feature = "worker", feature = "client"))]
 pub use orchestrix_worker::NatsOptions;

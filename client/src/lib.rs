@@ -279,8 +279,14 @@ impl Client {
         match self.ask(subject, &req, Some(self.request_timeout)).await {
             Ok(RunReply::Accepted { .. }) => Ok(()),
             Ok(other) => Err(unexpected(other)),
+            // Nobody listens at all: say so (a wrong prefix, no coordinator).
+            Err(e @ ClientError::NoCoordinator { .. })
+                if e.to_string().contains("no coordinator is listening") =>
+            {
+                Err(e)
+            }
             Err(ClientError::NoCoordinator { .. }) => Err(ClientError::Unavailable(format!(
-                "no coordinator has run {run_id} live right now (it may be being taken over)"
+                "no coordinator has run {run_id} live right now (it may be being taken over; try again in a few seconds)"
             ))),
             Err(e) => Err(e),
         }

@@ -667,9 +667,33 @@ impl Coordinator {
     pub(crate) async fn control(
         &self,
         run_id: Uuid,
-        action: orchestrix_proto::OperatorAction,
+        mut action: orchestrix_proto::OperatorAction,
     ) -> Result<(), RunError> {
-        if let Some(actor) = self.inner.live.get(run_id) {
+        // Kept in the run's record and printed to terminals: bounded, and
+        // no control characters (no forged report lines, no escapes).
+        let clean = |s: &str, max: usize| -> String {
+            s.chars().filter(|c| !c.is_control()).take(max).collect::<String>().trim().to_owned()
+        };
+        action.by = clean(&action.by, 128);
+        action.reason = action.reason.as_deref().map(|r| clean(r, 1024)).filter(|r| !r.is_empty());
+        if action.by.is_empty() {
+            return Err(RunError::Refused("an operator's action needs who does it (`by`)".into()));
+        }
+        let mut actor = self.inner.live.get(run_id);
+        if actor.is_none() {
+            // Just started: its actor may not be up yet.
+            for _ in 0..10 {
+                if self.status(run_id).await?.is_none_or(|r| r.status.is_terminal()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                actor = self.inner.live.get(run_id);
+                if actor.is_some() {
+                    break;
+                }
+            }
+        }
+        if let Some(actor) = actor {
             match actor.send(Control(action.clone())).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(why)) => return Err(RunError::Refused(why)),
@@ -678,7 +702,13 @@ impl Coordinator {
             }
         }
         match self.status(run_id).await? {
-            Some(r) if r.status == orchestrix_proto::RunStatus::Cancelled => Ok(()),
+            // Cancelling a cancelled run again is harmless.
+            Some(r)
+                if r.status == orchestrix_proto::RunStatus::Cancelled
+                    && action.action == orchestrix_proto::ControlAction::Cancel =>
+            {
+                Ok(())
+            }
             Some(r)
                 if r.status == orchestrix_proto::RunStatus::CompensationFailed
                     && action.action == orchestrix_proto::ControlAction::Resume =>

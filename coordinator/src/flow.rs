@@ -170,6 +170,13 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
         self
     }
 
+    /// Retries of the compensation after its first attempt (its delays stay
+    /// those of [`RetryPolicy::compensation_default`]).
+    pub fn compensation_retries(mut self, n: u32) -> Self {
+        self.compensation_retry.max_retries = n;
+        self
+    }
+
     /// Retry policy of the compensation (default: [`RetryPolicy::compensation_default`]).
     pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
         self.compensation_retry = policy;

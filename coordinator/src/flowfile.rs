@@ -165,10 +165,22 @@ impl StepEntry {
             ("compensation_jitter", self.compensation_jitter.is_some()),
             ("compensation_timeout_ms", self.compensation_timeout_ms.is_some()),
         ];
+        let comp_pause = (
+            "compensation_on_exhausted",
+            self.compensation_on_exhausted != crate::OnExhausted::Rollback,
+        );
         if !self.compensable
-            && let Some((key, _)) = comp_keys.iter().find(|(_, set)| *set)
+            && let Some((key, _)) = comp_keys.iter().chain([&comp_pause]).find(|(_, set)| *set)
         {
             return Some(format!("`{key}` on a step that is not `compensable`"));
+        }
+        let pauses = self.on_exhausted == crate::OnExhausted::Pause
+            || self.compensation_on_exhausted == crate::OnExhausted::Pause;
+        if self.pause_timeout_ms.is_some() && !pauses {
+            return Some(
+                "`pause_timeout_ms` on a step that never pauses (set `on_exhausted = \"pause\"`)"
+                    .into(),
+            );
         }
         None
     }
@@ -318,6 +330,8 @@ mod tests {
             ("retries = 4000000000\n", "`retries` is at most"),
             ("retry_delay_ms = 5000\nmax_delay_ms = 100\n", "over `max_delay_ms"),
             ("compensation_retries = 3\n", "not `compensable`"),
+            ("compensation_on_exhausted = \"pause\"\n", "not `compensable`"),
+            ("pause_timeout_ms = 1000\n", "never pauses"),
         ] {
             let e = parse(&format!("{one}{extra}")).unwrap_err();
             assert!(e.to_string().contains(says), "{extra}: {e}");

@@ -387,7 +387,14 @@ impl Machine {
             {
                 Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
             }
-            ControlAction::Cancel => None,
+            ControlAction::Cancel => match &self.rec.paused {
+                Some(p) if p.kind == CommandKind::Compensate => Some(format!(
+                    "run {} is already rolling back and paused at the compensation of `{}`: use resume or rollback",
+                    self.rec.run_id,
+                    self.rec.steps.get(p.step as usize).map_or("?", |s| &*s.name)
+                )),
+                _ => None,
+            },
             // A failed rollback is resumed by reopening the run (`Event::Reopen`).
             ControlAction::Resume if self.rec.status == RunStatus::CompensationFailed => None,
             ControlAction::Resume | ControlAction::Rollback if self.rec.paused.is_none() => {
@@ -638,9 +645,11 @@ impl Machine {
                 }
                 decided("cancel");
                 let cur = self.rec.current.clone();
-                // Started by a worker and not answered: it may have happened.
+                // Sent and not answered: a worker may have started it (its ack
+                // can be on the way), so it may have happened. Only a step
+                // between attempts (a retry's delay, a pause) surely did not.
                 let in_hand = cur.as_ref().filter(|c| c.retry_at.is_none());
-                let maybe_done = in_hand.is_some_and(|c| c.acked_by.is_some());
+                let maybe_done = in_hand.is_some();
                 let stop = in_hand.map(|c| self.command(c.step, c.kind, c.attempt, c.command_id));
                 let paused = self.rec.paused.as_ref().map(|p| p.step);
                 let step = cur.as_ref().map(|c| c.step).or(paused);
@@ -749,7 +758,7 @@ impl Machine {
             kind: cur.kind,
             error,
             since: wall,
-            until: timeout.map(|t| wall + t),
+            until: timeout.and_then(|t| wall.checked_add(t)),
         };
         self.push(Transition::Paused(pause), out);
     }
@@ -1493,11 +1502,14 @@ mod tests {
         t.ev(Event::Start);
         t.ok();
         let last = t.cur();
+        // The step was sent: it may have run, so it is compensated.
         assert_eq!(
             names(&t.ev(cancel("ops"))),
-            ["cancelled Some(1) maybe_done=false", "finished cancelled"]
+            ["cancelled Some(1) maybe_done=true", "start 1 compensate #1"]
         );
-        assert!(t.out(last, OutcomeResult::Completed { output: Payload::nil() }).is_empty());
+        let late = t.out(last, OutcomeResult::Completed { output: Payload::nil() });
+        assert!(matches!(late.as_slice(), [Transition::LateOutcome(_)]), "noted, not applied");
+        assert_eq!(names(&t.ok()), ["compensated 1", "finished cancelled"]);
         // The run ended first: a cancel is refused, with the status.
         let mut t = T::new(&[false], 0);
         t.ev(Event::Start);
@@ -1646,6 +1658,27 @@ mod tests {
         // s0's compensation succeeded before: never run again.
         assert_eq!(names(&t.ok()), ["compensated 1", "finished failed"]);
         assert_eq!(t.m.rec.steps[0].compensation.as_ref().unwrap().attempts, 1);
+    }
+
+    #[test]
+    fn a_rollback_paused_at_a_compensation_refuses_a_cancel() {
+        let mut t = T::new(&[true, false], 0);
+        let mut plan = (*t.m.plan).clone();
+        plan.def.steps[0].compensation_on_exhausted = OnExhausted::Pause;
+        plan.def.steps[0].compensation_retry = RetryPolicy::new();
+        t.m.plan = Arc::new(FlowPlan::new(plan.def, Vec::new()));
+        t.ev(Event::Start);
+        t.ok();
+        t.fail(false);
+        assert!(
+            matches!(t.fail(true).as_slice(), [Transition::Paused(p)] if p.kind == CommandKind::Compensate)
+        );
+        let Event::Control(c) = cancel("ops") else { unreachable!() };
+        let why = t.m.refusal(&c).unwrap();
+        assert!(why.contains("paused at the compensation of `s0`"), "{why}");
+        // Resumed, the compensation succeeds and the run ends failed.
+        t.ev(op(ControlAction::Resume));
+        assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
     }
 
     #[test]

@@ -74,13 +74,14 @@ fn a_cancelled_run_drops_its_step_and_compensates_in_reverse() {
             [
                 ("a", StepStatus::Compensated),
                 ("b", StepStatus::Compensated),
-                ("c", StepStatus::Cancelled),
-            ]
+                ("c", StepStatus::Compensated),
+            ],
+            "the step in hand may have acted: it is compensated too"
         );
         let log = j.entries();
         assert!(log.contains(&"c dropped".to_owned()), "{log:?}");
         let undo: Vec<_> = log.iter().filter(|l| l.starts_with("undo")).collect();
-        assert_eq!(undo, ["undo b", "undo a"], "reverse order, never the cancelled step");
+        assert_eq!(undo, ["undo c", "undo b", "undo a"], "reverse order");
         assert_eq!(report.actions.len(), 1, "the second cancel is not recorded again");
         assert_eq!(report.actions[0].by, "ops@host");
         assert_eq!(report.actions[0].reason.as_deref(), Some("customer asked"));
@@ -98,5 +99,39 @@ fn a_cancelled_run_drops_its_step_and_compensates_in_reverse() {
         let refused =
             matches!(&err, RunError::Refused(why) if why.ends_with("already finished: completed"));
         assert!(refused, "{err}");
+    });
+}
+
+#[test]
+fn operator_actions_right_after_start_and_on_cancelled_runs() {
+    paused(|| async {
+        let j = Journal::new();
+        let flow = flow(&j);
+        // At once after the start: the run's actor may not be up yet.
+        let handle = flow.start((), RunOptions::new()).await.unwrap();
+        let huge = "x".repeat(900_000);
+        handle.cancel("ops\u{1b}[31m\n", Some(&format!("{huge}\nforged line"))).await.unwrap();
+        let id = handle.run_id();
+        let report = handle.report().await.unwrap();
+        assert_eq!(report.status, RunStatus::Cancelled, "{report}");
+        let action = &report.actions[0];
+        assert_eq!(action.by, "ops[31m", "no control characters");
+        assert_eq!(action.reason.as_ref().unwrap().len(), 1024, "bounded");
+        // Resume and rollback of a cancelled run are refused, not "accepted".
+        let c = flow.embedded().unwrap();
+        for err in
+            [c.resume(id, "ops").await.unwrap_err(), c.rollback(id, "ops").await.unwrap_err()]
+        {
+            assert!(
+                matches!(&err, RunError::Refused(why) if why.contains("already finished: cancelled")),
+                "{err}"
+            );
+        }
+        // Who acts must be said.
+        let h = flow.start((), RunOptions::new()).await.unwrap();
+        let err = h.cancel("  ", None).await.unwrap_err();
+        assert!(err.to_string().contains("needs who"), "{err}");
+        h.cancel("ops", None).await.unwrap();
+        assert_eq!(h.report().await.unwrap().status, RunStatus::Cancelled);
     });
 }

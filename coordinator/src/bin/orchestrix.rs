@@ -204,7 +204,7 @@ enum Command {
     },
     /// List recent runs, newest first.
     List {
-        /// Only runs in this status (running, completed, failed, compensation_failed, quarantined).
+        /// Only runs in this status (running, paused, completed, failed, compensation_failed, cancelled, quarantined).
         #[arg(long, value_parser = parse_status)]
         status: Option<RunStatus>,
         /// Only runs of this flow.
@@ -835,7 +835,7 @@ async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionList
 fn parse_status(s: &str) -> Result<RunStatus, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
         format!(
-            "`{s}` is not a status (running, completed, failed, compensation_failed, quarantined)"
+            "`{s}` is not a status (running, paused, completed, failed, compensation_failed, cancelled, quarantined)"
         )
     })
 }
