@@ -125,9 +125,31 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     drop(node);
 }
 
-/// The quick start, every component on its least-privilege credentials:
-/// `orchestrix auth config` writes the server's users, `orchestrix serve`,
-/// the example worker and `orchestrix run` each connect as their own user.
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
+/// (ca, cert, key).
+fn certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server-key.pem"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// The quick start, every component on its least-privilege credentials,
+/// over TLS: `orchestrix auth config` writes the server's users, and
+/// `orchestrix serve`, the example worker and `orchestrix run` each connect
+/// as their own user, trusting the server's CA (`NATS_CA`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
     use orchestrix_integration_tests::{ChildProcess, built};
@@ -152,12 +174,20 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
         .replace("$COORD_PASSWORD", "\"c\"")
         .replace("$PAY_PASSWORD", "\"p\"")
         .replace("$SHOP_PASSWORD", "\"s\"");
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(certs.path());
+    let config = format!(
+        "{config}\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+        cert.display(),
+        key.display()
+    );
     let server = NatsServer::start_with_config(&config);
-    let url = |user: &str, pw: &str| format!("nats://{user}:{pw}@127.0.0.1:{}", server.port());
+    let url = |user: &str, pw: &str| format!("tls://{user}:{pw}@127.0.0.1:{}", server.port());
+    let ca = ca.display().to_string();
     let _coordinator = ChildProcess::spawn_with_env(
         &built("orchestrix"),
         &["--nats", &url("coord", "c"), "serve"],
-        &[("NATS_INBOX_PREFIX", "_INBOX_coord")],
+        &[("NATS_INBOX_PREFIX", "_INBOX_coord"), ("NATS_CA", &ca)],
     );
     // Under least privilege the coordinator creates the buckets: it starts first.
     let deadline = tokio::time::Instant::now() + 30 * SECS;
@@ -165,6 +195,7 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
         let out = tokio::process::Command::new(built("orchestrix"))
             .args(["--nats", &url("shop", "s"), "status", "00000000-0000-0000-0000-000000000000"])
             .env("NATS_INBOX_PREFIX", "_INBOX_shop")
+            .env("NATS_CA", &ca)
             .output()
             .await
             .unwrap();
@@ -177,7 +208,7 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
     let worker = ChildProcess::spawn_with_env(
         &built("examples/payment_worker"),
         &["--nats", &url("pay", "p")],
-        &[("NATS_INBOX_PREFIX", "_INBOX_pay")],
+        &[("NATS_INBOX_PREFIX", "_INBOX_pay"), ("NATS_CA", &ca)],
     );
     worker.wait_for_line("worker ", 30 * SECS).await;
     let deadline = tokio::time::Instant::now() + 30 * SECS;
@@ -186,6 +217,7 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
             .args(["--nats", &url("shop", "s"), "run", "payment-flow", "--json", "--input"])
             .arg(r#"{"orderId":"order_1","amount":50,"userId":"user_A"}"#)
             .env("NATS_INBOX_PREFIX", "_INBOX_shop")
+            .env("NATS_CA", &ca)
             .output()
             .await
             .unwrap();
@@ -206,4 +238,12 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Without the CA, nobody connects.
+    let out = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url("shop", "s"), "status", "00000000-0000-0000-0000-000000000000"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"), "{out:?}");
 }

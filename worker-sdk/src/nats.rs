@@ -92,7 +92,10 @@ impl NatsOptions {
             user_password: None,
             token: None,
             credentials_file: None,
-            tls_root_certificate: None,
+            // As the NATS tools read it.
+            tls_root_certificate: std::env::var_os("NATS_CA")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
             tls_client_certificate: None,
             require_tls: false,
             name: None,
