@@ -55,6 +55,9 @@ pub enum ClientError {
     /// same request may succeed later.
     #[error("{0} (retryable)")]
     Unavailable(String),
+    /// NATS refused the request: this client's user may not publish there.
+    #[error("NATS refused the request: {0} (see `orchestrix auth config`)")]
+    Permission(String),
     /// The coordinator answered something else than expected.
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
@@ -326,14 +329,28 @@ impl Client {
             .payload(Bytes::from(encode(msg)?))
             .headers(h)
             .timeout(timeout);
-        let answer = self.nats.send_request(subject.clone(), request).await.map_err(|e| {
-            let reason = match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => "no coordinator is listening".into(),
-                async_nats::RequestErrorKind::TimedOut => "no answer in time".into(),
-                _ => e.to_string(),
-            };
-            ClientError::NoCoordinator { subject, reason }
-        })?;
+        let answer = match self.nats.send_request(subject.clone(), request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                // A request the server refused (no permission) times out:
+                // say so, in the server's words, rather than "no answer".
+                let refused: Vec<String> = orchestrix_worker::permission_violations(&self.nats)
+                    .into_iter()
+                    .filter(|v| v.contains(&format!("\"{subject}\"")))
+                    .collect();
+                if let Some(why) = refused.last() {
+                    return Err(ClientError::Permission(why.clone()));
+                }
+                let reason = match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => {
+                        "no coordinator is listening".into()
+                    }
+                    async_nats::RequestErrorKind::TimedOut => "no answer in time".into(),
+                    _ => e.to_string(),
+                };
+                return Err(ClientError::NoCoordinator { subject, reason });
+            }
+        };
         match decode::<RunReply>(&answer.payload)? {
             RunReply::Rejected { error, retryable: true } => Err(ClientError::Unavailable(error)),
             RunReply::Rejected { error, .. } => Err(ClientError::Rejected(error)),

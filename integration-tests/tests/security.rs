@@ -93,7 +93,9 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     // … but may not publish outcomes, read step commands, or start `fb`.
     conn.publish("orchestrix.reply.x", Bytes::from_static(b"forged")).await.unwrap();
     let _sub = conn.subscribe("orchestrix.step.>").await.unwrap();
-    let _ = client.start("fb", &1u32, RunOptions::new()).await;
+    let err = client.start("fb", &1u32, RunOptions::new()).await.unwrap_err();
+    assert!(matches!(err, orchestrix::ClientError::Permission(_)), "{err:?}");
+    assert!(err.to_string().contains("orchestrix.run.fb"), "{err}");
     let refused = check_permissions(&conn).await.unwrap_err();
     for subject in ["orchestrix.reply.x", "orchestrix.step.>", "orchestrix.run.fb"] {
         assert!(refused.contains(subject), "{subject} not refused: {refused}");
