@@ -276,10 +276,10 @@ impl RunActor {
                 Effect::Cancel(cmd) => {
                     // In process: the handler's future is dropped. Remote:
                     // every worker of the step is told.
-                    if let Some((id, handle)) = self.local.take() {
-                        if id == cmd.command_id {
-                            ctx.cancel_future(handle);
-                        }
+                    if let Some((id, handle)) = self.local.take()
+                        && id == cmd.command_id
+                    {
+                        ctx.cancel_future(handle);
                     }
                     if let Err(e) = self.bus.cancel(&cmd) {
                         warn!(run_id = %self.run_id(), error = %e, "cannot tell the workers to stop a cancelled attempt");

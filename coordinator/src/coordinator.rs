@@ -346,10 +346,10 @@ impl Coordinator {
 
     /// The plan a new run of `flow` takes.
     fn plan_for_start(&self, flow: &str, version: Option<&str>) -> Result<Arc<FlowPlan>, RunError> {
-        if let Some(plan) = self.inner.flows.get(flow) {
-            if version.is_none_or(|v| v == &*plan.version) {
-                return Ok(plan.clone());
-            }
+        if let Some(plan) = self.inner.flows.get(flow)
+            && version.is_none_or(|v| v == &*plan.version)
+        {
+            return Ok(plan.clone());
         }
         let unknown_version =
             |v: &str| RunError::UnknownVersion { flow: flow.into(), version: v.into() };
@@ -370,10 +370,10 @@ impl Coordinator {
     fn plan_for_record(&self, rec: &RunRecord) -> Option<Arc<FlowPlan>> {
         let fixed = self.inner.flows.get(&*rec.flow);
         let version = rec.version.as_deref();
-        if let Some(plan) = fixed {
-            if version.is_none_or(|v| v == &*plan.version) {
-                return Some(plan.clone());
-            }
+        if let Some(plan) = fixed
+            && version.is_none_or(|v| v == &*plan.version)
+        {
+            return Some(plan.clone());
         }
         let registered = match (&self.inner.registry, version) {
             (Some(r), Some(v)) => r.plan(&rec.flow, v),

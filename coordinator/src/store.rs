@@ -304,7 +304,7 @@ impl Store for MemoryStore {
         }
         keys.map.insert(key.clone(), KeyEntry { run_id: record.run_id, done: None });
         keys.inserts += 1;
-        if keys.inserts % 1024 == 0 {
+        if keys.inserts.is_multiple_of(1024) {
             keys.map.retain(|_, k| k.done.as_ref().is_none_or(|(_, exp)| *exp > now));
         }
         self.insert(record);

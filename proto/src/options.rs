@@ -12,10 +12,10 @@ use crate::RunReport;
 /// use orchestrix_proto::RunOptions;
 ///
 /// let opts = RunOptions::new().key("payment:order_1").ttl(Duration::from_secs(3600));
-/// let same = RunOptions { key: Some("payment:order_1".into()), ttl: Some(Duration::from_secs(3600)), ..Default::default() };
-/// assert_eq!(opts, same);
+/// assert_eq!(opts.key.as_deref(), Some("payment:order_1"));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RunOptions {
     /// Idempotency key: while a run with this key is live, or for `ttl` after it
     /// ended, another run with the key returns that run's report instead of
@@ -67,6 +67,24 @@ impl RunOptions {
     pub fn version(mut self, version: impl Into<String>) -> Self {
         self.version = Some(version.into());
         self
+    }
+
+    /// Makes the run's span a child of this W3C `traceparent`.
+    #[must_use]
+    pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
+        self.traceparent = Some(traceparent.into());
+        self
+    }
+
+    /// The same options with every field given (`None`: unset).
+    #[must_use]
+    pub fn with(
+        key: Option<String>,
+        ttl: Option<Duration>,
+        timeout: Option<Duration>,
+        version: Option<String>,
+    ) -> Self {
+        RunOptions { key, ttl, timeout, version, traceparent: None }
     }
 }
 

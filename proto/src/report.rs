@@ -306,3 +306,57 @@ impl fmt::Display for RunReport {
 fn plural(n: u32) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
+
+impl std::str::FromStr for RunStatus {
+    type Err = String;
+
+    /// Parses the JSON form (`compensation_failed`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use RunStatus::*;
+        [Running, Paused, Completed, Failed, CompensationFailed, Quarantined, Cancelled]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("`{s}` is not a status (running, paused, completed, failed, compensation_failed, cancelled, quarantined)")
+            })
+    }
+}
+
+impl std::str::FromStr for StepStatus {
+    type Err = String;
+
+    /// Parses the JSON form (`not_run`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use StepStatus::*;
+        [
+            NotRun,
+            Running,
+            Waiting,
+            Completed,
+            Failed,
+            Compensating,
+            Compensated,
+            CompensationFailed,
+            Unknown,
+            Cancelled,
+            Paused,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| format!("`{s}` is not a step status"))
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn statuses_parse_from_their_json_form() {
+        for st in ["running", "paused", "compensation_failed", "cancelled"] {
+            assert_eq!(st.parse::<RunStatus>().unwrap().as_str(), st);
+        }
+        assert!("weird".parse::<RunStatus>().unwrap_err().contains("paused"));
+        assert_eq!("not_run".parse::<StepStatus>().unwrap(), StepStatus::NotRun);
+    }
+}

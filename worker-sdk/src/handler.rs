@@ -93,23 +93,22 @@ impl FlowHandlers {
                 reason: format!("{} steps but {} handlers", def.steps.len(), handlers.len()),
             });
         }
-        if error.is_none() {
-            if let Some(step) = def
+        if error.is_none()
+            && let Some(step) = def
                 .steps
                 .iter()
                 .zip(&handlers)
                 .find(|(s, h)| s.compensable != h.compensate.is_some())
-            {
-                error = Some(FlowError::Handlers {
-                    flow: def.name.to_string(),
-                    reason: format!(
-                        "step `{}` is {}compensable but has {} compensation handler",
-                        step.0.name,
-                        if step.0.compensable { "" } else { "not " },
-                        if step.1.compensate.is_some() { "a" } else { "no" }
-                    ),
-                });
-            }
+        {
+            error = Some(FlowError::Handlers {
+                flow: def.name.to_string(),
+                reason: format!(
+                    "step `{}` is {}compensable but has {} compensation handler",
+                    step.0.name,
+                    if step.0.compensable { "" } else { "not " },
+                    if step.1.compensate.is_some() { "a" } else { "no" }
+                ),
+            });
         }
         FlowHandlers { def, handlers, error }
     }

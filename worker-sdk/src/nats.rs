@@ -10,7 +10,7 @@ use std::time::Duration;
 /// let opts = NatsOptions::new("nats://127.0.0.1:4222").user_password("svc", "secret");
 /// # let _ = opts;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 #[must_use]
 pub struct NatsOptions {
@@ -36,6 +36,36 @@ pub struct NatsOptions {
     /// per-user permissions, each user gets its own (`_INBOX_alice`), so
     /// nobody can read another's replies. `NATS_INBOX_PREFIX` sets it too.
     pub inbox_prefix: Option<String>,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    /// Secrets (passwords, tokens, and credentials in the URL) are not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { "<redacted>" } else { "none" };
+        let url: String = self
+            .url
+            .split(',')
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    format!("{}<redacted>{}", &u[..scheme + 3], &u[at..])
+                }
+                _ => u.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        f.debug_struct("NatsOptions")
+            .field("url", &url)
+            .field("user", &self.user_password.as_ref().map(|(u, _)| u))
+            .field("password", &hidden(self.user_password.is_some()))
+            .field("token", &hidden(self.token.is_some()))
+            .field("credentials_file", &self.credentials_file)
+            .field("tls_root_certificate", &self.tls_root_certificate)
+            .field("tls_client_certificate", &self.tls_client_certificate)
+            .field("require_tls", &self.require_tls)
+            .field("name", &self.name)
+            .field("inbox_prefix", &self.inbox_prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The NATS URL used when none is given: `NATS_URL`, else the local default.
@@ -303,4 +333,22 @@ pub async fn sync(client: &async_nats::Client) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let o = NatsOptions::new("tls://alice:s3cret@h1:4222,nats://h2:4222")
+            .user_password("bob", "hunter2")
+            .token("tok3n");
+        let shown = format!("{o:?}");
+        for secret in ["s3cret", "hunter2", "tok3n"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("tls://<redacted>@h1:4222,nats://h2:4222"), "{shown}");
+        assert!(shown.contains("bob"), "{shown}");
+    }
 }

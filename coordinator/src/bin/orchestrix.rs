@@ -371,7 +371,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { flow, input, version, key, ttl, timeout, detach, json } => {
             let input = read_input(&input)?;
             let client = client(&cli.nats).await?;
-            let options = RunOptions { key, ttl, timeout, traceparent: None, version };
+            let options = RunOptions::with(key, ttl, timeout, version);
             if detach {
                 let run_id = client.start_payload(&flow, input, options).await?;
                 if json {
@@ -833,11 +833,7 @@ async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionList
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
-        format!(
-            "`{s}` is not a status (running, paused, completed, failed, compensation_failed, cancelled, quarantined)"
-        )
-    })
+    s.parse()
 }
 
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {

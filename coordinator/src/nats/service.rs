@@ -214,13 +214,8 @@ async fn answer_run(
         warn!(late_ms = now - by, flow = %req.flow, "run request arrived after its caller gave up; refused");
         return rejected(format!("run request expired {} ms ago (the caller gave up)", now - by));
     }
-    let options = RunOptions {
-        key: req.key,
-        ttl: req.ttl,
-        timeout: req.timeout,
-        traceparent,
-        version: req.version,
-    };
+    let mut options = RunOptions::with(req.key, req.ttl, req.timeout, req.version);
+    options.traceparent = traceparent;
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
         Err(e) => return run_rejected(e),

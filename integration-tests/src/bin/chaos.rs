@@ -1276,15 +1276,15 @@ fn warn_if_stale(bin: &Path) {
         .iter()
         .filter_map(|d| newest_source(&root.join(d)))
         .max();
-    if let (Some(b), Some(n)) = (built, newest) {
-        if n > b {
-            eprintln!(
-                "warning: {} is older than the engine's sources: rebuild it \
+    if let (Some(b), Some(n)) = (built, newest)
+        && n > b
+    {
+        eprintln!(
+            "warning: {} is older than the engine's sources: rebuild it \
                  (cargo build [--release] -p orchestrix-coordinator --bins) or the old engine \
                  is tested",
-                bin.display()
-            );
-        }
+            bin.display()
+        );
     }
 }
 
