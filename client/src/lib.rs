@@ -63,6 +63,16 @@ pub enum ClientError {
     Unexpected(String),
 }
 
+/// A run a [`Client::submit`] started, or found by its idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Started {
+    /// The run's id.
+    pub run_id: Uuid,
+    /// The key named an earlier run: nothing new started.
+    pub duplicate: bool,
+}
+
 /// Starts runs and follows them over NATS, from any service (see the crate docs).
 #[derive(Clone)]
 pub struct Client {
@@ -143,6 +153,17 @@ impl Client {
         input: Payload,
         options: RunOptions,
     ) -> Result<Uuid, ClientError> {
+        self.submit(flow, input, options).await.map(|s| s.run_id)
+    }
+
+    /// Starts a run and says whether its idempotency key named an earlier
+    /// run (then nothing new started, and the id is that run's).
+    pub async fn submit(
+        &self,
+        flow: &str,
+        input: Payload,
+        options: RunOptions,
+    ) -> Result<Started, ClientError> {
         let keyed = options.key.is_some();
         let req = run_request(flow, input, options, false);
         let subject = self.subjects.run_requests(flow);
@@ -159,7 +180,9 @@ impl Client {
             req.start_by_ms = Some(orchestrix_proto::time::unix_ms(now + self.request_timeout));
             let answer = self.ask(subject.clone(), &req, Some(self.request_timeout)).await;
             match answer {
-                Ok(RunReply::Accepted { run_id }) => return Ok(run_id),
+                Ok(RunReply::Accepted { run_id, duplicate }) => {
+                    return Ok(Started { run_id, duplicate });
+                }
                 Ok(other) => return Err(unexpected(other)),
                 Err(e @ (ClientError::Unavailable(_) | ClientError::NoCoordinator { .. }))
                     if keyed && std::time::Instant::now() + pause < give_up =>
@@ -366,7 +389,7 @@ fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> R
 
 fn unexpected(reply: RunReply) -> ClientError {
     ClientError::Unexpected(match reply {
-        RunReply::Accepted { run_id } => format!("accepted run {run_id}"),
+        RunReply::Accepted { run_id, .. } => format!("accepted run {run_id}"),
         RunReply::Report(r) => format!("a report of run {}", r.run_id),
         RunReply::List(l) => format!("a list of {} runs", l.len()),
         RunReply::Rejected { error, .. } => error,

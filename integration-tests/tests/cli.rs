@@ -182,6 +182,29 @@ async fn serve_run_status_with_the_example_worker() {
     assert_eq!(again.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(r["status"], "failed");
+    // The same idempotency key again: the earlier run, and the CLI says so.
+    let keyed = [
+        "run",
+        "payment-flow",
+        "--key",
+        "order-7",
+        "--input",
+        r#"{"orderId":"o7","amount":5,"userId":"u"}"#,
+    ];
+    let first = orchestrix(&url, &keyed).await;
+    assert_eq!(first.status.code(), Some(0), "{first:?}");
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("idempotency key"), "{first:?}");
+    let again = orchestrix(&url, &keyed).await;
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("the idempotency key names run"),
+        "{again:?}"
+    );
+    assert_eq!(
+        stdout(&again).lines().next(),
+        stdout(&first).lines().next(),
+        "the same run's report"
+    );
     // `status` follows the same exit codes as `run` and `watch`.
     let failed_status = orchestrix(&url, &["status", &watched_id]).await;
     assert_eq!(failed_status.status.code(), Some(1), "{failed_status:?}");
@@ -427,7 +450,15 @@ async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
         }
     };
 
-    // Declined four times: paused, not rolled back.
+    // Declined four times: paused, not rolled back; an attached `run` says so.
+    let attached = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url, "run", "payment-flow", "--input"])
+        .arg(r#"{"orderId":"order_8","amount":2000,"userId":"user_X"}"#)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let id = start(r#"{"orderId":"order_9","amount":2000,"userId":"user_Z"}"#).await;
     let deadline = tokio::time::Instant::now() + 30 * SECS;
     loop {
@@ -442,6 +473,34 @@ async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
     }
     let paused = orchestrix(&url, &["list", "--status", "paused", "--json"]).await;
     assert!(stdout(&paused).contains(&id), "{paused:?}");
+    // The attached run paused too (it started first): roll it back, and
+    // its command ends, having said how to go on.
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&paused.stdout).unwrap();
+    let other = listed.iter().map(|r| r["runId"].as_str().unwrap().to_owned()).find(|r| *r != id);
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    let other = match other {
+        Some(o) => o,
+        None => loop {
+            let l = orchestrix(&url, &["list", "--status", "paused", "--json"]).await;
+            let l: Vec<serde_json::Value> = serde_json::from_slice(&l.stdout).unwrap();
+            if let Some(o) =
+                l.iter().map(|r| r["runId"].as_str().unwrap().to_owned()).find(|r| *r != id)
+            {
+                break o;
+            }
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        },
+    };
+    let rolled = orchestrix(&url, &["rollback", &other]).await;
+    assert_eq!(rolled.status.code(), Some(0), "{rolled:?}");
+    let out = tokio::time::timeout(30 * SECS, attached.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("paused at process-payment") && said.contains("orchestrix resume"),
+        "{said}"
+    );
     assert!(worker.lines_starting("Releasing stock for order order_9").is_empty());
     let rolled = orchestrix(&url, &["rollback", &id, "--by", "oncall"]).await;
     assert_eq!(rolled.status.code(), Some(0), "{rolled:?}");

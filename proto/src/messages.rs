@@ -243,6 +243,10 @@ pub enum RunReply {
     Accepted {
         /// The run's id.
         run_id: Uuid,
+        /// The idempotency key named an earlier run: nothing new started,
+        /// this is that run.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     /// The run's report (final, or so far for a status request).
     Report(Box<RunReport>),

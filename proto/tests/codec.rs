@@ -112,7 +112,8 @@ fn every_message_round_trips() {
         start_by_ms: None,
     });
     round_trip(&StatusRequest { run_id: id, wait: true });
-    round_trip(&RunReply::Accepted { run_id: id });
+    round_trip(&RunReply::Accepted { run_id: id, duplicate: false });
+    round_trip(&RunReply::Accepted { run_id: id, duplicate: true });
     round_trip(&RunReply::Report(Box::new(report())));
     round_trip(&RunReply::Rejected { error: "unknown flow `x`".into(), retryable: false });
     round_trip(&RunReply::List(vec![report()]));

@@ -372,21 +372,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let input = read_input(&input)?;
             let client = client(&cli.nats).await?;
             let options = RunOptions::with(key, ttl, timeout, version);
+            let started = client.submit(&flow, input, options).await?;
+            let run_id = started.run_id;
+            if started.duplicate {
+                eprintln!(
+                    "note: the idempotency key names run {run_id}, started earlier: nothing new runs; this is that run"
+                );
+            }
             if detach {
-                let run_id = client.start_payload(&flow, input, options).await?;
                 if json {
-                    outln!("{}", serde_json::json!({ "runId": run_id }));
+                    outln!(
+                        "{}",
+                        serde_json::json!({ "runId": run_id, "duplicate": started.duplicate })
+                    );
                 } else {
                     outln!("{run_id}");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             // Said at once: a run waiting for a worker can take a while.
-            let run_id = client.start_payload(&flow, input, options).await?;
-            eprintln!(
-                "run {run_id} started; waiting for its report (ctrl-c stops waiting, not the run)"
-            );
-            let report = client.wait(run_id).await?;
+            if !started.duplicate {
+                eprintln!(
+                    "run {run_id} started; waiting for its report (ctrl-c stops waiting, not the run)"
+                );
+            }
+            let report = wait_telling_pauses(&client, run_id).await?;
             print_report(&report, json)?;
             Ok(exit_for(&report))
         }
@@ -562,6 +572,29 @@ fn read_input(arg: &str) -> anyhow::Result<Payload> {
             e.to_string().trim_start_matches("cannot encode payload: ")
         )
     })
+}
+
+/// Waits for a run's report, saying on stderr when it pauses (it then
+/// waits for an operator: this command keeps waiting).
+async fn wait_telling_pauses(client: &Client, run_id: Uuid) -> anyhow::Result<RunReport> {
+    use futures::StreamExt;
+    let events = client.watch(run_id).await.ok();
+    let wait = client.wait(run_id);
+    tokio::pin!(wait);
+    let Some(events) = events else { return Ok(wait.await?) };
+    let mut events = Box::pin(events);
+    loop {
+        tokio::select! {
+            report = &mut wait => return Ok(report?),
+            Some(ev) = events.next() => {
+                if let orchestrix_proto::EventKind::RunPaused { step, error, .. } = &ev.event {
+                    eprintln!(
+                        "run {run_id} paused at {step}: {error}\n  waiting for an operator: `orchestrix resume {run_id}` or `orchestrix rollback {run_id}` (ctrl-c stops waiting)"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Resume or rollback of a paused run.

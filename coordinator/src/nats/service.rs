@@ -221,7 +221,7 @@ async fn answer_run(
         Err(e) => return run_rejected(e),
     };
     if !req.wait {
-        return RunReply::Accepted { run_id: handle.run_id() };
+        return RunReply::Accepted { run_id: handle.run_id(), duplicate: handle.is_duplicate() };
     }
     match handle.report().await {
         Ok(report) => RunReply::Report(Box::new(report)),
@@ -268,7 +268,7 @@ async fn answer_control(coordinator: &Coordinator, payload: &[u8]) -> Option<Run
         at: std::time::SystemTime::now(),
     };
     match coordinator.control(req.run_id, action).await {
-        Ok(()) => Some(RunReply::Accepted { run_id: req.run_id }),
+        Ok(()) => Some(RunReply::Accepted { run_id: req.run_id, duplicate: false }),
         Err(RunError::NotLive(_)) => None,
         Err(RunError::Store(crate::StoreError::NotFound(_))) => {
             Some(rejected(format!("unknown run {}", req.run_id)))
