@@ -455,13 +455,8 @@ impl Coordinator {
                     _ => (record, run_id),
                 };
                 let (tx, rx) = oneshot::channel();
-                let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
-                let live = self.inner.live.clone();
-                let engine = match &self.inner.engine {
-                    Some(e) => e.clone(),
-                    None => Engine::shared()?,
-                };
-                engine.spawn(move |_| {
+                let (bus, store, live) = self.actor_parts();
+                self.engine()?.spawn(move |_| {
                     let machine = Machine::new(plan, record, Instant::now(), Entropy::random());
                     RunActor::new(machine, bus, store, tx, false, live)
                 });
@@ -482,10 +477,7 @@ impl Coordinator {
     pub async fn recover(&self) -> Result<usize, RunError> {
         let flows: Arc<[Arc<str>]> = self.flows().into();
         let records = self.inner.store.claim_orphans(flows).await?;
-        let engine = match &self.inner.engine {
-            Some(e) => e.clone(),
-            None => Engine::shared()?,
-        };
+        let engine = self.engine()?;
         let mut resumed = 0;
         for record in records {
             let Some(plan) = self.plan_for_record(&record) else {
@@ -508,19 +500,7 @@ impl Coordinator {
                 }
                 continue;
             }
-            let (bus, store) = (self.inner.bus.clone(), self.inner.store.clone());
-            let live = self.inner.live.clone();
-            let (tx, _) = oneshot::channel();
-            engine.spawn(move |_| {
-                let machine = Machine::resumed(
-                    plan,
-                    record,
-                    Instant::now(),
-                    SystemTime::now(),
-                    Entropy::random(),
-                );
-                RunActor::new(machine, bus, store, tx, true, live)
-            });
+            self.resume_here(&engine, plan, record, None);
             resumed += 1;
         }
         Ok(resumed)
@@ -631,12 +611,33 @@ impl Coordinator {
                 record.flow
             )));
         };
-        let (bus, store, live) =
-            (self.inner.bus.clone(), self.inner.store.clone(), self.inner.live.clone());
-        let engine = match &self.inner.engine {
-            Some(e) => e.clone(),
-            None => Engine::shared()?,
-        };
+        self.resume_here(&self.engine()?, plan, record, Some(action));
+        Ok(())
+    }
+
+    /// The engine run actors live on.
+    fn engine(&self) -> Result<Engine, RunError> {
+        match &self.inner.engine {
+            Some(e) => Ok(e.clone()),
+            None => Ok(Engine::shared()?),
+        }
+    }
+
+    /// What every run actor of this coordinator shares.
+    fn actor_parts(&self) -> (Arc<dyn Bus>, Arc<dyn Store>, LiveRuns) {
+        (self.inner.bus.clone(), self.inner.store.clone(), self.inner.live.clone())
+    }
+
+    /// Drives a run read back from the store here: taken over, or reopened
+    /// by an operator (`reopen`) to resume its failed rollback.
+    fn resume_here(
+        &self,
+        engine: &Engine,
+        plan: Arc<FlowPlan>,
+        record: Arc<RunRecord>,
+        reopen: Option<orchestrix_proto::OperatorAction>,
+    ) {
+        let (bus, store, live) = self.actor_parts();
         engine.spawn(move |_| {
             let machine = Machine::resumed(
                 plan,
@@ -646,9 +647,12 @@ impl Coordinator {
                 Entropy::random(),
             );
             let (tx, _) = oneshot::channel();
-            RunActor::new(machine, bus, store, tx, true, live).reopening(action)
+            let actor = RunActor::new(machine, bus, store, tx, true, live);
+            match reopen {
+                Some(action) => actor.reopening(action),
+                None => actor,
+            }
         });
-        Ok(())
     }
 
     /// Resumes a paused run: its paused step (or compensation) is tried again

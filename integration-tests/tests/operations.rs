@@ -146,44 +146,47 @@ async fn a_cancel_stops_the_workers_handler_and_rolls_back_in_reverse() {
     }
 }
 
+/// A flow whose first step, `reserve`, logs `reserve {run}` and is undone
+/// by `release {run}`.
+fn reserving(name: &str, ledger: &Ledger) -> orchestrix::Flow<u32> {
+    let (run, undo) = (ledger.clone(), ledger.clone());
+    create::<u32>(name).step_with(
+        "reserve",
+        move |ctx: StepContext<u32>| {
+            run.log(format!("reserve {}", ctx.run_id()));
+            async { Ok(()) }
+        },
+        move |o| {
+            o.compensate(move |ctx| {
+                undo.log(format!("release {}", ctx.run_id()));
+                async { Ok(()) }
+            })
+        },
+    )
+}
+
 /// `pay`: `reserve` (compensable), then `charge`, which fails while the
 /// dependency is down and pauses the run when its one retry is spent.
 fn pay(
     ledger: &Ledger,
     down: &std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> orchestrix::Flow<u32> {
-    let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
+    let l3 = ledger.clone();
     let down = down.clone();
-    create::<u32>("pay")
-        .step_with(
-            "reserve",
-            move |ctx: StepContext<u32>| {
-                l1.log(format!("reserve {}", ctx.run_id()));
-                async { Ok(()) }
-            },
-            move |o| {
-                o.compensate(move |ctx| {
-                    l2.log(format!("release {}", ctx.run_id()));
-                    async { Ok(()) }
-                })
-            },
-        )
-        .step_with(
-            "charge",
-            move |ctx| {
-                let down = down.load(std::sync::atomic::Ordering::SeqCst);
-                l3.log(format!("charge {} {}", if down { "failed" } else { "ok" }, ctx.run_id()));
-                async move {
-                    if down {
-                        return Err(orchestrix::StepError::retryable(
-                            "payment provider unreachable",
-                        ));
-                    }
-                    Ok(())
+    reserving("pay", ledger).step_with(
+        "charge",
+        move |ctx| {
+            let down = down.load(std::sync::atomic::Ordering::SeqCst);
+            l3.log(format!("charge {} {}", if down { "failed" } else { "ok" }, ctx.run_id()));
+            async move {
+                if down {
+                    return Err(orchestrix::StepError::retryable("payment provider unreachable"));
                 }
-            },
-            |o| o.retries(1).retry_delay(50 * MS).pause_when_exhausted(),
-        )
+                Ok(())
+            }
+        },
+        |o| o.retries(1).retry_delay(50 * MS).pause_when_exhausted(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,23 +282,9 @@ async fn a_failed_rollback_is_resumed_and_never_reruns_a_compensation_that_succe
     let _node = node(&server).await;
     let ledger = Ledger::default();
     let refunds_down = Arc::new(AtomicBool::new(true));
-    let (l1, l2, l3, l4, l5) =
-        (ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone());
+    let (l3, l4, l5) = (ledger.clone(), ledger.clone(), ledger.clone());
     let down = refunds_down.clone();
-    let flow = create::<u32>("refund")
-        .step_with(
-            "reserve",
-            move |ctx: StepContext<u32>| {
-                l1.log(format!("reserve {}", ctx.run_id()));
-                async { Ok(()) }
-            },
-            move |o| {
-                o.compensate(move |ctx| {
-                    l2.log(format!("release {}", ctx.run_id()));
-                    async { Ok(()) }
-                })
-            },
-        )
+    let flow = reserving("refund", &ledger)
         .step_with(
             "charge",
             move |ctx| {
