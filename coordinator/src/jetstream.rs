@@ -199,6 +199,7 @@ fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
         steps: Vec::new(),
         late: Vec::new(),
         actions: Vec::new(),
+        paused: None,
     }
 }
 

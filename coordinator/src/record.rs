@@ -654,6 +654,16 @@ impl RunRecord {
                 .collect(),
             late: self.late.iter().map(LateNote::line).collect(),
             actions: self.actions.clone(),
+            paused: self.paused.as_ref().map(|p| orchestrix_proto::PauseReport {
+                step: self
+                    .steps
+                    .get(p.step as usize)
+                    .map(|s| s.name.to_string())
+                    .unwrap_or_default(),
+                kind: p.kind,
+                since: p.since,
+                until: p.until,
+            }),
         }
     }
 }

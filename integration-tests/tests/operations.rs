@@ -233,6 +233,12 @@ async fn a_paused_run_survives_its_coordinator_and_is_resumed_from_the_cli() {
         assert!(tokio::time::Instant::now() < deadline, "never paused: {r}");
         tokio::time::sleep(50 * MS).await;
     };
+    let pause = paused.paused.as_ref().unwrap();
+    assert_eq!(
+        (pause.step.as_str(), pause.kind.as_str(), pause.until),
+        ("charge", "execute", None)
+    );
+    assert!(paused.to_string().contains("paused at charge (execute) for"), "{paused}");
     let charge = paused.step("charge").unwrap();
     assert_eq!((charge.status, charge.attempts), (StepStatus::Paused, 2), "{paused}");
     assert_eq!(charge.error.as_deref(), Some("payment provider unreachable"));

@@ -45,7 +45,8 @@ pub use messages::{
 pub use options::{ListFilter, RunOptions};
 pub use payload::Payload;
 pub use report::{
-    CompensationReport, ControlAction, OperatorAction, RunReport, RunStatus, StepReport, StepStatus,
+    CompensationReport, ControlAction, OperatorAction, PauseReport, RunReport, RunStatus,
+    StepReport, StepStatus,
 };
 pub use retry::RetryPolicy;
 pub use subject::{MAX_NAME_LEN, NameError, Subjects, validate_name};

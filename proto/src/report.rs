@@ -197,6 +197,25 @@ pub struct RunReport {
     /// What operators did to the run (cancel, …), in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub actions: Vec<OperatorAction>,
+    /// While the run is paused: where, since when, and until when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<PauseReport>,
+}
+
+/// Where and since when a paused run waits for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseReport {
+    /// The step.
+    pub step: String,
+    /// Its action (`execute`) or its compensation (`compensate`).
+    pub kind: crate::CommandKind,
+    /// When it paused.
+    #[serde(with = "time::unix_ms_serde", rename = "sinceMs")]
+    pub since: SystemTime,
+    /// When it rolls back on its own (its pause timeout), if ever.
+    #[serde(with = "time::opt_unix_ms", default, rename = "untilMs")]
+    pub until: Option<SystemTime>,
 }
 
 /// Something an operator did to a run: recorded in its report.
@@ -294,6 +313,14 @@ impl fmt::Display for RunReport {
         }
         for l in &self.late {
             writeln!(f, "  late: {l}")?;
+        }
+        if let Some(p) = &self.paused {
+            let since = SystemTime::now().duration_since(p.since).unwrap_or_default();
+            write!(f, "  paused at {} ({}) for {} s", p.step, p.kind.as_str(), since.as_secs())?;
+            match p.until.and_then(|u| u.duration_since(SystemTime::now()).ok()) {
+                Some(left) => writeln!(f, "; rolls back on its own in {} s", left.as_secs())?,
+                None => writeln!(f, "; waiting for `resume` or `rollback`")?,
+            }
         }
         for a in &self.actions {
             let why = a.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();

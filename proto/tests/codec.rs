@@ -30,6 +30,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
 fn report() -> RunReport {
     RunReport {
         late: Vec::new(),
+        paused: None,
         actions: vec![orchestrix_proto::OperatorAction {
             action: orchestrix_proto::ControlAction::Cancel,
             by: "ops@host".into(),
