@@ -785,14 +785,8 @@ impl Machine {
     /// What follows from a transition once it is stored.
     fn effects_of(&self, t: &Transition, before: Option<Current>, out: &mut Decision) {
         let fx = &mut out.effects;
-        let attempts = |step: u32| self.rec.steps.get(step as usize).map_or(0, |s| s.attempts);
-        let comp_attempts = |step: u32| {
-            self.rec
-                .steps
-                .get(step as usize)
-                .and_then(|s| s.compensation.as_ref())
-                .map_or(0, |c| c.attempts)
-        };
+        let attempts = |step: u32| self.attempts_of(step, CommandKind::Execute);
+        let comp_attempts = |step: u32| self.attempts_of(step, CommandKind::Compensate);
         if !matches!(t, Transition::AttemptAcked { .. } | Transition::LateOutcome(_)) {
             fx.push(Effect::Unwatch);
         }

@@ -33,6 +33,17 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// Every status, for parsing and listing.
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Running,
+        RunStatus::Paused,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::CompensationFailed,
+        RunStatus::Cancelled,
+        RunStatus::Quarantined,
+    ];
+
     /// True for every status but [`RunStatus::Running`] and [`RunStatus::Paused`].
     pub fn is_terminal(self) -> bool {
         !matches!(self, RunStatus::Running | RunStatus::Paused)
@@ -93,6 +104,21 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// Every status, for parsing and listing.
+    pub const ALL: [StepStatus; 11] = [
+        StepStatus::NotRun,
+        StepStatus::Running,
+        StepStatus::Waiting,
+        StepStatus::Completed,
+        StepStatus::Failed,
+        StepStatus::Compensating,
+        StepStatus::Compensated,
+        StepStatus::CompensationFailed,
+        StepStatus::Unknown,
+        StepStatus::Cancelled,
+        StepStatus::Paused,
+    ];
+
     /// The status as written in JSON, e.g. `compensation_failed`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -339,13 +365,10 @@ impl std::str::FromStr for RunStatus {
 
     /// Parses the JSON form (`compensation_failed`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        use RunStatus::*;
-        [Running, Paused, Completed, Failed, CompensationFailed, Quarantined, Cancelled]
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!("`{s}` is not a status (running, paused, completed, failed, compensation_failed, cancelled, quarantined)")
-            })
+        RunStatus::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = RunStatus::ALL.iter().map(|s| s.as_str()).collect();
+            format!("`{s}` is not a status ({})", all.join(", "))
+        })
     }
 }
 

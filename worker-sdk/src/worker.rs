@@ -287,10 +287,16 @@ impl WorkerBuilder {
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), orchestrix_worker::WorkerError> {
-    /// use orchestrix_worker::{FlowHandlers, Worker};
-    /// # let payment_flow: FlowHandlers = unimplemented!();
-    /// // `payment_flow` built with `orchestrix::create::<Order>("payment-flow").step(..)`
-    /// let worker = Worker::builder().flow(payment_flow).start().await?;
+    /// use orchestrix_worker::proto::{FlowDef, StepDef};
+    /// use orchestrix_worker::{FlowHandlers, StepContext, StepHandlers, Worker, handler};
+    ///
+    /// // Usually `orchestrix::create::<u32>("double").step("double", ..)`, which
+    /// // turns into this: a definition and one handler per step.
+    /// let mut def = FlowDef::new("double");
+    /// def.steps.push(StepDef::new("double"));
+    /// let double = handler(|ctx: StepContext<u32>| async move { Ok(ctx.input * 2) });
+    /// let flow = FlowHandlers::new(def, vec![StepHandlers { execute: double, compensate: None }]);
+    /// let worker = Worker::builder().flow(flow).start().await?;
     /// worker.run_until_signal().await;
     /// # Ok(()) }
     /// ```
