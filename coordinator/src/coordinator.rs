@@ -476,8 +476,10 @@ impl Coordinator {
     /// Several coordinators may call it at once: each run goes to one.
     pub async fn recover(&self) -> Result<usize, RunError> {
         let flows: Arc<[Arc<str>]> = self.flows().into();
-        let records = self.inner.store.claim_orphans(flows).await?;
+        // The engine first: a run claimed and then not resumed would stay
+        // this coordinator's, driven by nothing.
         let engine = self.engine()?;
+        let records = self.inner.store.claim_orphans(flows).await?;
         let mut resumed = 0;
         for record in records {
             let Some(plan) = self.plan_for_record(&record) else {

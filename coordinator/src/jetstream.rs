@@ -789,54 +789,83 @@ impl Store for JetStreamStore {
     ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
-            let mut keys =
-                inner.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
-            let mut alive: std::collections::HashMap<String, bool> = Default::default();
+            // A run claimed is this coordinator's to drive: whatever fails
+            // later in the scan, it is handed back, never dropped (a claimed
+            // run left behind would be skipped by every later scan as "ours").
             let mut out = Vec::new();
-            while let Some(key) = keys.next().await {
-                let key = key.map_err(|e| unavailable("cannot list runs", e))?;
-                let Some(entry) = inner
-                    .runs
-                    .entry(&key)
-                    .await
-                    .map_err(|e| unavailable("cannot read a run", e))?
-                else {
-                    continue;
-                };
-                if entry.operation != kv::Operation::Put {
+            match inner.scan_orphans(&flows, &mut out).await {
+                Ok(()) => Ok(out),
+                Err(e) if out.is_empty() => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, claimed = out.len(), "the scan for orphaned runs stopped early");
+                    Ok(out)
+                }
+            }
+        })
+    }
+}
+
+/// Longest wait for the next key of the runs bucket while scanning: the
+/// listing is a consumer, which a leaderless stream can leave silent.
+const SCAN_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Inner {
+    /// Claims the live runs no live coordinator drives, into `out`.
+    async fn scan_orphans(
+        &self,
+        flows: &[Arc<str>],
+        out: &mut Vec<Arc<RunRecord>>,
+    ) -> Result<(), StoreError> {
+        let mut keys = self.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
+        let mut alive: std::collections::HashMap<String, bool> = Default::default();
+        loop {
+            let next =
+                tokio::time::timeout(SCAN_STEP_TIMEOUT, keys.next()).await.map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "cannot list runs: no answer in {SCAN_STEP_TIMEOUT:?}"
+                    ))
+                })?;
+            let Some(key) = next else { return Ok(()) };
+            let key = key.map_err(|e| unavailable("cannot list runs", e))?;
+            let Some(entry) =
+                self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?
+            else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let stored: Stored = match decode(&entry.value) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Poison: move it aside (once: the delete is the claim).
+                    let run_id = key.parse().unwrap_or_default();
+                    let why = format!("the run's stored record does not decode: {e}");
+                    tracing::error!(%run_id, reason = %why, "quarantining a run");
+                    let report = quarantined_report(run_id, "", why);
+                    self.quarantine(run_id, Some(entry.value.clone()), report, None).await?;
                     continue;
                 }
-                let stored: Stored = match decode(&entry.value) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Poison: move it aside (once: the delete is the claim).
-                        let run_id = key.parse().unwrap_or_default();
-                        let why = format!("the run's stored record does not decode: {e}");
-                        tracing::error!(%run_id, reason = %why, "quarantining a run");
-                        let report = quarantined_report(run_id, "", why);
-                        inner.quarantine(run_id, Some(entry.value.clone()), report, None).await?;
-                        continue;
-                    }
-                };
-                if !flows.iter().any(|f| **f == *stored.record.flow) {
-                    continue; // a coordinator that serves this flow takes it
-                }
-                if stored.owner == inner.id {
-                    // Ours, but nothing here drives it: a start whose write
-                    // landed although it reported an error. Resume it.
-                    if inner.revision(stored.record.run_id).is_some() {
-                        continue;
-                    }
-                    let run_id = stored.record.run_id;
-                    tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
-                    inner.set_revision(run_id, Some(entry.revision));
-                    out.push(Arc::new(stored.record));
+            };
+            if !flows.iter().any(|f| **f == *stored.record.flow) {
+                continue; // a coordinator that serves this flow takes it
+            }
+            let run_id = stored.record.run_id;
+            let revision = if stored.owner == self.id {
+                // Ours, but nothing here drives it: a start whose write
+                // landed although it reported an error, or a run let go
+                // after a write that could not be told apart from a
+                // takeover. Resume it.
+                if self.revision(run_id).is_some() {
                     continue;
                 }
+                tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
+                entry.revision
+            } else {
                 let owner_alive = match alive.get(&stored.owner) {
                     Some(a) => *a,
                     None => {
-                        let a = inner
+                        let a = self
                             .coordinators
                             .get(&stored.owner)
                             .await
@@ -849,23 +878,28 @@ impl Store for JetStreamStore {
                 if owner_alive {
                     continue;
                 }
-                // Claim it: one compare-and-set, one winner.
-                let run_id = stored.record.run_id;
+                // Claim it: one compare-and-set, one winner. A claim whose
+                // answer is lost but that landed makes the run ours: the
+                // next scan finds it in the branch above.
                 let claimed =
-                    inner.runs.update(&key, inner.stored(&stored.record)?, entry.revision).await;
+                    self.runs.update(&key, self.stored(&stored.record)?, entry.revision).await;
                 let Ok(revision) = claimed else { continue };
-                inner.set_revision(run_id, Some(revision));
-                let rec = Arc::new(stored.record);
-                if rec.phase == Phase::Finished {
-                    // Died between its final record and its retirement: finish the job.
-                    let duration = rec.duration.unwrap_or_default();
-                    inner.finish(rec, duration).await?;
-                    continue;
+                revision
+            };
+            self.set_revision(run_id, Some(revision));
+            let rec = Arc::new(stored.record);
+            if rec.phase == Phase::Finished {
+                // Died between its final record and its retirement: finish
+                // the job (found again by a later scan if this fails).
+                let duration = rec.duration.unwrap_or_default();
+                if let Err(e) = self.finish(rec, duration).await {
+                    self.set_revision(run_id, None);
+                    return Err(e);
                 }
-                out.push(rec);
+                continue;
             }
-            Ok(out)
-        })
+            out.push(rec);
+        }
     }
 }
 

@@ -358,15 +358,31 @@ async fn two_coordinators_one_killed_under_load_lose_nothing() {
 /// have left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_before_a_command_was_sent() {
-    use orchestrix_coordinator::record::{RunRecord, Transition};
-    use orchestrix_proto::{CommandKind, Payload};
-
     let server = NatsServer::start();
     let j = Journal::default();
     let w = worker(&server, &j).await;
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     // Open the store once so the buckets exist, as the dead coordinator had.
     drop(JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap());
+    let run_id = write_orphan(&conn).await;
+
+    // The node recovers at start, before it takes anything new.
+    let node = coordinator_on(&server).await;
+    let c = node.coordinator();
+    assert_eq!(node.resumed(), 1, "the orphan is claimed");
+    assert_eq!(c.recover().await.unwrap(), 0, "and only once");
+    let report = tokio::time::timeout(60 * SECS, c.wait(run_id)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!((count(&j, "a"), count(&j, "b start"), count(&j, "d")), (1, 1, 1));
+    w.shutdown().await;
+}
+
+/// Writes, as a coordinator that died would have left it, a run of `FLOW`
+/// whose first attempt is stored as started; returns its id.
+async fn write_orphan(conn: &async_nats::Client) -> Uuid {
+    use orchestrix_coordinator::record::{RunRecord, Transition};
+    use orchestrix_proto::{CommandKind, Payload};
+
     let def = flowfile::parse(FLOW).unwrap().remove(0);
     let run_id = Uuid::now_v7();
     let mut rec = RunRecord::new(
@@ -392,14 +408,31 @@ async fn killed_before_a_command_was_sent() {
     let kv =
         async_nats::jetstream::new(conn.clone()).get_key_value("orchestrix_runs").await.unwrap();
     kv.put(run_id.to_string(), bytes.into()).await.unwrap();
+    run_id
+}
 
-    // The node recovers at start, before it takes anything new.
-    let node = coordinator_on(&server).await;
-    let c = node.coordinator();
-    assert_eq!(node.resumed(), 1, "the orphan is claimed");
-    assert_eq!(c.recover().await.unwrap(), 0, "and only once");
-    let report = tokio::time::timeout(60 * SECS, c.wait(run_id)).await.unwrap().unwrap();
-    assert_eq!(report.status, RunStatus::Completed, "{report}");
-    assert_eq!((count(&j, "a"), count(&j, "b start"), count(&j, "d")), (1, 1, 1));
-    w.shutdown().await;
+/// A scan that claims a run and then fails further on (here: a poisoned
+/// record that cannot be set aside, as when the cluster loses its leader in
+/// mid-scan) still hands the claimed run over. Before, the claim was dropped
+/// with the error and every later scan skipped the run as this coordinator's
+/// own: stuck for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_that_fails_after_a_claim_still_hands_the_run_over() {
+    use orchestrix_coordinator::Store;
+
+    let server = NatsServer::start();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
+    let run_id = write_orphan(&conn).await;
+    let js = async_nats::jetstream::new(conn.clone());
+    let runs = js.get_key_value("orchestrix_runs").await.unwrap();
+    runs.put(Uuid::now_v7().to_string(), "not a record".into()).await.unwrap();
+    js.delete_key_value("orchestrix_quarantine").await.unwrap();
+
+    let flows: Arc<[Arc<str>]> = vec![Arc::from("durable")].into();
+    let claimed = store.claim_orphans(flows.clone()).await.expect("the claimed run is handed over");
+    assert_eq!(claimed.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![run_id]);
+    // Claimed once: the next scan neither hands it out again nor succeeds
+    // (the poison is still there), and the run names this coordinator.
+    assert!(store.claim_orphans(flows).await.is_err());
 }
