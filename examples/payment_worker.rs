@@ -64,7 +64,7 @@ async fn serve() -> Result<(), orchestrix::WorkerError> {
     println!(
         "worker {} serving payment-flow version {version} on {} (ctrl-c to drain and stop)",
         worker.id(),
-        args.nats
+        orchestrix::redact_url(&args.nats)
     );
     worker.run_until_signal().await;
     Ok(())

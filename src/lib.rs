@@ -60,12 +60,12 @@ pub use orchestrix_proto::{
     OperatorAction, Payload, RetryPolicy, RunOptions, RunReport, RunStatus, StepDef, StepReport,
     StepStatus,
 };
-#[cfg(any(feature = "worker", feature = "client"))]
-pub use orchestrix_worker::NatsOptions;
 #[cfg(feature = "worker")]
 pub use orchestrix_worker::{
     FlowHandlers, ResultExt, StepContext, StepError, Worker, WorkerBuilder, WorkerError,
 };
+#[cfg(any(feature = "worker", feature = "client"))]
+pub use orchestrix_worker::{NatsOptions, redact_url};
 
 /// The coordinator: engine, buses, stores, and `nats::Node` (a coordinator over NATS).
 #[cfg(feature = "embedded")]

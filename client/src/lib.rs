@@ -203,7 +203,7 @@ impl Client {
                     return Err(ClientError::NoCoordinator {
                         subject,
                         reason: format!(
-                            "{reason}; no run was started (a coordinator that gets the request later refuses it); start with an idempotency key to have starts retried safely"
+                            "{reason}; a run may have started if a coordinator got the request in time (`orchestrix list` shows it; one that gets it later refuses it); start with an idempotency key to have starts retried safely"
                         ),
                     });
                 }
@@ -352,17 +352,30 @@ impl Client {
             .payload(Bytes::from(encode(msg)?))
             .headers(h)
             .timeout(timeout);
-        let answer = match self.nats.send_request(subject.clone(), request).await {
+        // The server refuses at once (a -ERR on the connection) but the
+        // request would only time out: watch for the refusal meanwhile.
+        let seen = orchestrix_worker::permission_violations(&self.nats).len();
+        let inbox = self.nats.new_inbox();
+        let inbox_prefix = inbox.rsplit_once('.').map_or(inbox.as_str(), |(p, _)| p);
+        let inbox_prefix = inbox_prefix.split('.').next().unwrap_or(inbox_prefix).to_owned();
+        let refusal = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(why) = self.refusal(&subject, &inbox_prefix, seen) {
+                    return why;
+                }
+            }
+        };
+        let sent = self.nats.send_request(subject.clone(), request);
+        let answer = tokio::select! {
+            answer = sent => answer,
+            why = refusal => return Err(ClientError::Permission(why)),
+        };
+        let answer = match answer {
             Ok(answer) => answer,
             Err(e) => {
-                // A request the server refused (no permission) times out:
-                // say so, in the server's words, rather than "no answer".
-                let refused: Vec<String> = orchestrix_worker::permission_violations(&self.nats)
-                    .into_iter()
-                    .filter(|v| v.contains(&format!("\"{subject}\"")))
-                    .collect();
-                if let Some(why) = refused.last() {
-                    return Err(ClientError::Permission(why.clone()));
+                if let Some(why) = self.refusal(&subject, &inbox_prefix, seen) {
+                    return Err(ClientError::Permission(why));
                 }
                 let reason = match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => {
@@ -379,6 +392,26 @@ impl Client {
             RunReply::Rejected { error, .. } => Err(ClientError::Rejected(error)),
             reply => Ok(reply),
         }
+    }
+}
+
+impl Client {
+    /// A permission violation the server reported since the first `seen`
+    /// that concerns a request to `subject`: publishing it, or receiving
+    /// replies (a reply prefix the user may not subscribe to).
+    fn refusal(&self, subject: &str, inbox_prefix: &str, seen: usize) -> Option<String> {
+        let all = orchestrix_worker::permission_violations(&self.nats);
+        let new = all.get(seen..).unwrap_or_default();
+        if let Some(v) = new.iter().find(|v| v.contains(&format!("\"{subject}\""))) {
+            return Some(v.clone());
+        }
+        // A refused reply subscription stays refused for the connection's life.
+        let v = all
+            .iter()
+            .find(|v| v.contains("Subscription to") && v.contains(&format!("\"{inbox_prefix}")))?;
+        Some(format!(
+            "{v}: the server gives each user its own reply prefix; set NATS_INBOX_PREFIX=_INBOX_<user> (--inbox-prefix, NatsOptions::inbox_prefix). A request sent meanwhile may have been carried out (a run started)"
+        ))
     }
 }
 

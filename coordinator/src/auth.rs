@@ -96,9 +96,24 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
                 format!("{p}.step.>"),
                 format!("{p}.inquire.>"),
                 format!("{p}.events.>"),
-                format!("$JS.API.>"),
-                "$JS.FC.>".into(),
+                "$JS.API.INFO".into(),
             ];
+            // The JetStream API of its own buckets only: another prefix's
+            // (another tenant's) streams stay out of reach.
+            for bucket in
+                ["runs", "history", "keys", "coordinators", "quarantine", "flows", "workers"]
+            {
+                let stream = format!("KV_{b}_{bucket}");
+                out.publish.extend([
+                    format!("$JS.API.STREAM.*.{stream}"),
+                    format!("$JS.API.STREAM.MSG.*.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}.>"),
+                    format!("$JS.API.CONSUMER.*.{stream}"),
+                    format!("$JS.API.CONSUMER.*.{stream}.>"),
+                    format!("$JS.FC.{stream}.>"),
+                ]);
+            }
             for bucket in ["runs", "history", "keys", "coordinators", "quarantine"] {
                 out.publish.push(format!("$KV.{b}_{bucket}.>"));
             }

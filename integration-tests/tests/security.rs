@@ -75,8 +75,27 @@ async fn each_role_may_do_its_job_and_nothing_else() {
         .unwrap_err();
     assert!(err.to_string().contains("$KV.orchestrix_flows.fb"), "{err}");
     let conn = as_user(&server, "worker-a", "wa-pw").connect().await.unwrap();
-    let registry = Registry::open(conn, "orchestrix", 1).await.unwrap();
-    assert_eq!(registry.registrations().await.map(|r| r.len()).unwrap_or(1), 1);
+    // (Read back as a viewer: a worker may read its own flows' keys only.)
+    let viewer_conn = as_user(&server, "viewer", "v-pw").connect().await.unwrap();
+    let registry = Registry::open_existing(viewer_conn, "orchestrix").await.unwrap();
+    let flows = || async {
+        let regs = registry.registrations().await.unwrap();
+        regs.iter().map(|r| r.flow.name.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(flows().await, ["fa"]);
+    // … nor wipe the registry through a key it may write: a rollup there
+    // would erase every flow's registration (the coordinator turned rollups
+    // off on the flows bucket).
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "all");
+    let js = async_nats::jetstream::new(conn.clone());
+    let acked =
+        match js.publish_with_headers("$KV.orchestrix_flows.fa.x", headers, Bytes::new()).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+    assert!(!acked, "a rollup on the flows bucket was accepted");
+    assert_eq!(flows().await, ["fa"], "the registration survives");
 
     // A client of `fa` runs `fa`.
     let deadline = tokio::time::Instant::now() + 10 * SECS;
@@ -118,6 +137,12 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     let err = ops.cancel(report.run_id, "ops", None).await.unwrap_err();
     assert!(err.to_string().contains("already finished"), "{err}");
     check_permissions(&conn).await.unwrap();
+
+    // A coordinator reaches its own prefix's streams only, not another tenant's.
+    let conn = as_user(&server, "coord", "c-pw").connect().await.unwrap();
+    let _ = async_nats::jetstream::new(conn.clone()).get_key_value("other_runs").await;
+    let refused = check_permissions(&conn).await.unwrap_err();
+    assert!(refused.contains("KV_other_runs"), "{refused}");
 
     // A coordinator on a worker's credentials fails at start, naming what it lacks.
     let conn = as_user(&server, "worker-a", "wa-pw").connect().await.unwrap();
@@ -247,5 +272,21 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
         .await
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to NATS"), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+    assert!(err.contains("NATS_CA"), "the error says what to do: {err}");
+    assert!(!err.contains(":s@") && err.contains("shop:<redacted>@"), "password shown: {err}");
+    // Without its reply prefix, the client is told why no answer can come,
+    // and that the run may have started (the coordinator got the request).
+    let out = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url("shop", "s"), "run", "payment-flow", "--input"])
+        .arg(r#"{"orderId":"order_2","amount":50,"userId":"user_A"}"#)
+        .env("NATS_CA", &ca)
+        .output()
+        .await
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NATS_INBOX_PREFIX=_INBOX_<user>"), "{err}");
+    assert!(err.contains("may have"), "{err}");
 }

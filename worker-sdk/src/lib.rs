@@ -33,7 +33,8 @@ pub use handler::{
     BoxedHandler, FlowHandlers, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
 };
 pub use nats::{
-    ConnectError, NatsOptions, check_permissions, default_nats_url, permission_violations, sync,
+    ConnectError, NatsOptions, check_permissions, default_nats_url, permission_violations,
+    redact_url, sync,
 };
 pub use orchestrix_proto as proto;
 pub use tokio_util::sync::CancellationToken;

@@ -42,17 +42,7 @@ impl std::fmt::Debug for NatsOptions {
     /// Secrets (passwords, tokens, and credentials in the URL) are not shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hidden = |set: bool| if set { "<redacted>" } else { "none" };
-        let url: String = self
-            .url
-            .split(',')
-            .map(|u| match (u.find("://"), u.rfind('@')) {
-                (Some(scheme), Some(at)) if at > scheme => {
-                    format!("{}<redacted>{}", &u[..scheme + 3], &u[at..])
-                }
-                _ => u.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join(",");
+        let url = self.display_url();
         f.debug_struct("NatsOptions")
             .field("url", &url)
             .field("user", &self.user_password.as_ref().map(|(u, _)| u))
@@ -103,18 +93,70 @@ pub enum ConnectError {
         /// Why it does not parse.
         reason: String,
     },
+    /// A TLS file (CA, client certificate or key) cannot be read.
+    #[error("cannot read the TLS file {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server did not accept the connection.
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: {source}{hint}")]
     Connect {
-        /// Where.
+        /// Where (with any secret in the URL hidden).
         url: String,
         /// Why.
         #[source]
         source: async_nats::ConnectError,
+        /// What to try, when the cause is a common one (`; …`, or empty).
+        hint: String,
     },
 }
 
+/// What to try after a failed connection, for the causes users meet first.
+fn connect_hint(error: &str, ca_given: bool) -> String {
+    let e = error.to_ascii_lowercase();
+    if e.contains("unknownissuer") || e.contains("invalid peer certificate") {
+        if ca_given {
+            "; the server's certificate is not signed by the CA given (--tls-ca / NATS_CA), or does not name this host".into()
+        } else {
+            "; trust the CA that signed the server's certificate with NATS_CA=ca.pem (--tls-ca, NatsOptions::tls_root_certificate)".into()
+        }
+    } else if e.contains("authorization") || e.contains("authentication") {
+        "; check the user and password (in the URL, --user/--password or NATS_USER/NATS_PASSWORD), token or creds file".into()
+    } else {
+        String::new()
+    }
+}
+
+/// `url` (one or several, comma-separated) with the secret of any
+/// credentials in it hidden: `tls://shop:<redacted>@nats:4222`. A user name
+/// stays; a token (no `:`) is hidden whole.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &u[scheme + 3..at];
+                let shown = match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:<redacted>"),
+                    None => "<redacted>".to_owned(),
+                };
+                format!("{}{shown}{}", &u[..scheme + 3], &u[at..])
+            }
+            _ => u.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl NatsOptions {
+    /// The URL with any password or token in it hidden: for logs and errors.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
     /// Options for `url`, with no authentication.
     pub fn new(url: impl Into<String>) -> Self {
         NatsOptions {
@@ -235,6 +277,15 @@ impl NatsOptions {
         if let Some(token) = &self.token {
             opts = opts.token(token.clone());
         }
+        // Checked here: the TLS layer's own error would not name the file.
+        let files = self
+            .tls_root_certificate
+            .iter()
+            .chain(self.tls_client_certificate.iter().flat_map(|(c, k)| [c, k]));
+        for path in files {
+            std::fs::metadata(path)
+                .map_err(|source| ConnectError::TlsFile { path: path.clone(), source })?;
+        }
         if let Some(ca) = &self.tls_root_certificate {
             opts = opts.add_root_certificates(ca.clone());
         }
@@ -253,10 +304,10 @@ impl NatsOptions {
             .iter()
             .map(|u| u.parse::<async_nats::ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConnectError::BadUrl { url: self.url.clone(), reason: e.to_string() })?;
+            .map_err(|e| ConnectError::BadUrl { url: self.display_url(), reason: e.to_string() })?;
         if addrs.is_empty() {
             return Err(ConnectError::BadUrl {
-                url: self.url.clone(),
+                url: self.display_url(),
                 reason: "no server URL given".into(),
             });
         }
@@ -267,10 +318,10 @@ impl NatsOptions {
         {
             opts = opts.user_and_password(user.to_owned(), password.to_owned());
         }
-        let client = opts
-            .connect(addrs)
-            .await
-            .map_err(|source| ConnectError::Connect { url: self.url.clone(), source })?;
+        let client = opts.connect(addrs).await.map_err(|source| {
+            let hint = connect_hint(&source.to_string(), self.tls_root_certificate.is_some());
+            ConnectError::Connect { url: self.display_url(), source, hint }
+        })?;
         violations_by_client().insert(client_key(&client), refused);
         Ok(client)
     }

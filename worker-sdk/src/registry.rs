@@ -207,6 +207,28 @@ impl Registry {
         Ok(Registry { js, flows, workers, workers_bucket })
     }
 
+    /// Turns off rollups on the flows bucket (KV buckets allow them): one
+    /// message with a `Nats-Rollup: all` header on a key a worker may write
+    /// would otherwise erase every flow's registration. The registry never
+    /// purges, so nothing it does needs them. Needs the right to update
+    /// streams: the coordinator does it at start (a worker's user may not).
+    /// The presence bucket keeps them: nats-server requires rollups where
+    /// expiries leave markers, and a presence erased that way is back
+    /// within a renewal (2 s).
+    pub async fn forbid_rollups(&self) -> Result<(), RegistryError> {
+        let mut stream = self.flows.stream.clone();
+        let info = stream.info().await.map_err(|e| unavailable("cannot read a bucket", e))?;
+        if !info.config.allow_rollup {
+            return Ok(());
+        }
+        let mut config = info.config.clone();
+        config.allow_rollup = false;
+        self.js.update_stream(config).await.map_err(|e| {
+            unavailable(&format!("cannot turn off rollups on {}", self.flows.name), e)
+        })?;
+        Ok(())
+    }
+
     /// Opens the registry buckets under `prefix` without creating them: for
     /// reading (a wrong prefix is an error, not two new buckets).
     pub async fn open_existing(

@@ -663,7 +663,7 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         .start(conn)
         .await?;
     let registered = node.coordinator().flows().len() - names.len();
-    info!(nats = %nats.nats, prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, registered, "coordinator ready");
+    info!(nats = %orchestrix_worker::redact_url(&nats.nats), prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, registered, "coordinator ready");
     Ok(Running { _node: node })
 }
 

@@ -194,6 +194,7 @@ impl NodeBuilder {
         // The registry is loaded before recovery, so resumed runs find their versions.
         let registry = if self.registry {
             let registry = Registry::open(conn.clone(), self.subjects.prefix(), replicas).await?;
+            registry.forbid_rollups().await?;
             Some(coordinator.follow_registry(registry).await?)
         } else {
             None
