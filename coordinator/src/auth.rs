@@ -198,6 +198,52 @@ impl User {
     }
 }
 
+/// Why a set of users cannot go in one config: a name given twice, or two
+/// names that read their password from the same variable (`a-b`, `a_b`).
+pub fn check_users(users: &[User]) -> Result<(), String> {
+    let mut names = std::collections::HashMap::new();
+    let mut vars = std::collections::HashMap::new();
+    for u in users {
+        if names.insert(u.name.as_str(), ()).is_some() {
+            return Err(format!("user `{}` is granted twice: give each user one role", u.name));
+        }
+        if let Some(other) = vars.insert(u.password.clone(), u.name.as_str())
+            && u.password.starts_with('$')
+        {
+            return Err(format!(
+                "users `{other}` and `{}` would share the password variable {}: rename one",
+                u.name, u.password
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a development CA and a server certificate it signs, valid for
+/// `hosts` (names or IP addresses), as `ca.pem`, `server.pem` and
+/// `server-key.pem` in `dir`. For trying TLS locally, not for production.
+#[cfg(feature = "cli")]
+pub fn dev_certificates(
+    dir: &std::path::Path,
+    hosts: &[String],
+) -> Result<Vec<std::path::PathBuf>, std::io::Error> {
+    let fail = |e: rcgen::Error| std::io::Error::other(e.to_string());
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(fail)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "orchestrix development CA");
+    let ca_key = rcgen::KeyPair::generate().map_err(fail)?;
+    let ca = ca_params.self_signed(&ca_key).map_err(fail)?;
+    let params = rcgen::CertificateParams::new(hosts.to_vec()).map_err(fail)?;
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let cert = params.signed_by(&key, &ca, &ca_key).map_err(fail)?;
+    std::fs::create_dir_all(dir)?;
+    let paths = [dir.join("ca.pem"), dir.join("server.pem"), dir.join("server-key.pem")];
+    std::fs::write(&paths[0], ca.pem())?;
+    std::fs::write(&paths[1], cert.pem())?;
+    std::fs::write(&paths[2], key.serialize_pem())?;
+    Ok(paths.to_vec())
+}
+
 /// A nats-server `authorization { users = [...] }` block for `users` under
 /// subject `prefix`.
 pub fn server_config(prefix: &str, users: &[User]) -> String {

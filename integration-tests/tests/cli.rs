@@ -530,3 +530,29 @@ async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
     worker.wait_for_line("Releasing stock for order order_10", 10 * SECS).await;
     assert!(worker.lines_starting("Sending confirmation email to user user_Y").is_empty());
 }
+
+/// `auth config` refuses grants that would make a config nats-server
+/// rejects, or that do not mean what they say; `--inbox-prefix` is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_config_refuses_grants_that_cannot_work() {
+    let url = "nats://127.0.0.1:1";
+    for (grants, says) in [
+        (&["a:viewer", "a:operator"][..], "granted twice"),
+        (&["a-b:viewer", "a_b:viewer"][..], "share the password variable"),
+        (&["d:viewer:payment-flow"][..], "only workers and clients are limited to flows"),
+        (&["w:worker"][..], "needs its flows"),
+        (&["w:wroker:f"][..], "wroker"),
+    ] {
+        let mut args = vec!["auth", "config"];
+        for g in grants {
+            args.extend(["--grant", g]);
+        }
+        let out = orchestrix(url, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{grants:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{grants:?}: {err}");
+    }
+    let out = orchestrix(url, &["--inbox-prefix", "_INBOX_shop.", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad inbox prefix"), "{out:?}");
+}

@@ -152,27 +152,6 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     drop(node);
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`:
-/// (ca, cert, key).
-fn certificates(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server-key.pem"));
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 /// The quick start, every component on its least-privilege credentials,
 /// over TLS: `orchestrix auth config` writes the server's users, and
 /// `orchestrix serve`, the example worker and `orchestrix run` each connect
@@ -202,7 +181,15 @@ async fn the_quick_start_runs_with_every_component_on_its_own_credentials() {
         .replace("$PAY_PASSWORD", "\"p\"")
         .replace("$SHOP_PASSWORD", "\"s\"");
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(certs.path());
+    // The development CA and certificate, as the doc makes them.
+    let out = tokio::process::Command::new(built("orchestrix"))
+        .args(["auth", "certs", "--out"])
+        .arg(certs.path())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let [ca, cert, key] = ["ca.pem", "server.pem", "server-key.pem"].map(|f| certs.path().join(f));
     let config = format!(
         "{config}\ntls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
         cert.display(),

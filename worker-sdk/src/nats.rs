@@ -93,6 +93,14 @@ pub enum ConnectError {
         /// Why it does not parse.
         reason: String,
     },
+    /// The reply-subject prefix is not a valid subject prefix.
+    #[error(
+        "bad inbox prefix `{prefix}`: subject tokens separated by `.`, no wildcards, spaces or empty tokens (e.g. `_INBOX_shop`)"
+    )]
+    BadInboxPrefix {
+        /// The prefix given.
+        prefix: String,
+    },
     /// A TLS file (CA, client certificate or key) cannot be read.
     #[error("cannot read the TLS file {path}: {source}")]
     TlsFile {
@@ -263,6 +271,12 @@ impl NatsOptions {
                 }
             });
         if let Some(prefix) = &self.inbox_prefix {
+            let bad = |t: &str| {
+                t.is_empty() || t.contains(['*', '>']) || t.chars().any(char::is_whitespace)
+            };
+            if prefix.split('.').any(bad) {
+                return Err(ConnectError::BadInboxPrefix { prefix: prefix.clone() });
+            }
             opts = opts.custom_inbox_prefix(prefix);
         }
         if let Some(path) = &self.credentials_file {

@@ -239,6 +239,17 @@ enum AuthCommand {
         #[arg(long = "grant", required = true, value_parser = parse_user)]
         users: Vec<orchestrix_coordinator::auth::User>,
     },
+    /// Write a development CA and a server certificate signed by it (PEM):
+    /// `ca.pem`, `server.pem`, `server-key.pem` in DIR. For trying TLS, not
+    /// for production (use your own PKI there).
+    Certs {
+        /// Where to write them (created when missing).
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names and addresses the server certificate is valid for.
+        #[arg(long = "host", default_values_t = ["127.0.0.1".to_string(), "localhost".to_string()])]
+        hosts: Vec<String>,
+    },
 }
 
 fn parse_user(s: &str) -> Result<orchestrix_coordinator::auth::User, String> {
@@ -260,6 +271,12 @@ fn parse_user(s: &str) -> Result<orchestrix_coordinator::auth::User, String> {
     use orchestrix_coordinator::auth::Role::{Client as C, Worker as W};
     if matches!(role, W | C) && flows.is_empty() {
         return Err(format!("`{s}`: a worker or client needs its flows (NAME:ROLE:FLOW,…)"));
+    }
+    if !matches!(role, W | C) && !flows.is_empty() {
+        return Err(format!(
+            "`{s}`: only workers and clients are limited to flows; drop `:{}`",
+            flows.join(",")
+        ));
     }
     Ok(orchestrix_coordinator::auth::User::new(name, role, flows))
 }
@@ -362,9 +379,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Flows(command) => flows_command(&cli.nats, command).await,
         Command::Auth(AuthCommand::Config { users }) => {
             let prefix = cli.nats.subjects()?;
+            if let Err(e) = orchestrix_coordinator::auth::check_users(&users) {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(2));
+            }
             out!("{}", orchestrix_coordinator::auth::server_config(prefix.prefix(), &users));
             eprintln!(
                 "# each component connects with its user and NATS_INBOX_PREFIX=_INBOX_<user>"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Auth(AuthCommand::Certs { out, hosts }) => {
+            let written = orchestrix_coordinator::auth::dev_certificates(&out, &hosts)?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            eprintln!(
+                "# point nats-server's tls {{ cert_file, key_file }} at server.pem and server-key.pem; clients trust ca.pem (NATS_CA)"
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -670,6 +701,22 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
 async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result<ExitCode> {
     let subjects = nats.subjects()?;
     let conn = nats.options().connect().await?;
+    let result = flows_on(conn.clone(), &subjects, command).await;
+    // A refused operation surfaces as a timeout or a missing bucket: say
+    // what the server refused instead.
+    match (result, orchestrix_worker::permission_violations(&conn).pop()) {
+        (Err(e), Some(refused)) => Err(anyhow::anyhow!(
+            "{e}; NATS refused this user: {refused} (its role lacks this: see `orchestrix auth config` and docs/security.md)"
+        )),
+        (result, _) => result,
+    }
+}
+
+async fn flows_on(
+    conn: async_nats::Client,
+    subjects: &Subjects,
+    command: FlowsCommand,
+) -> anyhow::Result<ExitCode> {
     let registry = match &command {
         FlowsCommand::Apply { replicas, .. } => {
             Registry::open(conn, subjects.prefix(), *replicas).await?
