@@ -74,10 +74,22 @@ pub enum WorkerError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The NATS user lacks a permission this worker needs.
-    #[error(
-        "NATS refused this worker: {0} (see `orchestrix auth config`; under least privilege a coordinator creates the registry's buckets, so start one first)"
-    )]
+    #[error("NATS refused this worker: {0}")]
     Permission(String),
+}
+
+impl WorkerError {
+    /// A permission error, with what to do for the refusal at hand.
+    fn refused(violations: String) -> Self {
+        let hint = if violations.contains("Subscription to") || violations.contains("$KV.") {
+            "this user is not granted the flow: grant it with `orchestrix auth config --grant USER:worker:FLOW,…`"
+        } else if violations.contains("$JS.API") {
+            "under least privilege a coordinator creates the registry's buckets: start one first"
+        } else {
+            "see `orchestrix auth config`"
+        };
+        WorkerError::Permission(format!("{violations} ({hint})"))
+    }
 }
 
 #[derive(Clone)]
@@ -437,7 +449,7 @@ impl WorkerBuilder {
                                 // A refused write times out: say why, if the server said.
                                 crate::nats::check_permissions(&client)
                                     .await
-                                    .map_err(WorkerError::Permission)?;
+                                    .map_err(WorkerError::refused)?;
                                 return Err(e.into());
                             }
                         };
@@ -447,9 +459,7 @@ impl WorkerBuilder {
                 }
                 // Definitions need the registry; serving steps by name does not.
                 Err(e) if !self.defs.is_empty() => {
-                    crate::nats::check_permissions(&client)
-                        .await
-                        .map_err(WorkerError::Permission)?;
+                    crate::nats::check_permissions(&client).await.map_err(WorkerError::refused)?;
                     return Err(e.into());
                 }
                 Err(e) => {
@@ -522,7 +532,7 @@ impl WorkerBuilder {
             for l in &loops {
                 l.abort();
             }
-            return Err(WorkerError::Permission(refused));
+            return Err(WorkerError::refused(refused));
         }
         // Announced once serving, so a coordinator that sees it can use it.
         let announcer = match registry.clone() {
