@@ -52,8 +52,8 @@
 pub use orchestrix_client::{Client, ClientError, RemoteFlow};
 #[cfg(feature = "embedded")]
 pub use orchestrix_coordinator::{
-    Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryBus, MemoryStore, RunError,
-    RunHandle, StepEvent, StepOptions, create,
+    Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryBus, MemoryStore, Parallel,
+    RunError, RunHandle, StepEvent, StepOptions, create,
 };
 pub use orchestrix_proto::{
     CompensationReport, ControlAction, FlowDef, FlowError, ListFilter, OnExhausted, OnUnknown,

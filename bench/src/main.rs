@@ -145,6 +145,13 @@ fn noop_flow() -> orchestrix::Flow<u64> {
         .step("three", |_| async { Ok(()) })
 }
 
+/// The same three steps, the last two in a parallel group.
+fn noop_parallel_flow() -> orchestrix::Flow<u64> {
+    create::<u64>("bench-par").step("one", |_| async { Ok(()) }).parallel("fan", |g| {
+        g.step("two", |_| async { Ok(()) }).step("three", |_| async { Ok(()) })
+    })
+}
+
 async fn saga_inprocess(args: &Args) -> Vec<Figure> {
     // Memory first, in a fresh process: pages left resident by the throughput
     // runs would otherwise be reused and hide what parked runs cost.
@@ -156,6 +163,17 @@ async fn saga_inprocess(args: &Args) -> Vec<Figure> {
             let c = coordinator.clone();
             async move {
                 let report = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                assert_eq!(report.status, RunStatus::Completed);
+            }
+        })
+        .await;
+        out.push(figure);
+        let flow = noop_parallel_flow();
+        let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
+        let figure = measure("saga-inprocess-parallel", concurrency, args.seconds, move || {
+            let c = coordinator.clone();
+            async move {
+                let report = c.run("bench-par", &1u64, RunOptions::new()).await.expect("run");
                 assert_eq!(report.status, RunStatus::Completed);
             }
         })
@@ -288,8 +306,13 @@ fn main() {
                 f.print(args.json, args.traced);
             }
         }
-        let nats_scenarios =
-            ["nats-floor-chain3", "saga-nats-memory", "nats-floor-durable", "saga-nats-jetstream"];
+        let nats_scenarios = [
+            "nats-floor-chain3",
+            "saga-nats-memory",
+            "saga-nats-parallel",
+            "nats-floor-durable",
+            "saga-nats-jetstream",
+        ];
         if nats_scenarios.iter().any(|n| wanted(n)) {
             match nats::run(&args, &wanted).await {
                 Ok(figures) => {

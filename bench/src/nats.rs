@@ -22,6 +22,18 @@ name = "one"
 name = "two"
 [[flow.step]]
 name = "three"
+
+# The same three steps, the last two in a parallel group.
+[[flow]]
+name = "bench-par"
+[[flow.step]]
+name = "one"
+[[flow.step]]
+name = "two"
+group = "fan"
+[[flow.step]]
+name = "three"
+group = "fan"
 "#;
 
 const ECHO: &str = "bench.echo";
@@ -108,6 +120,21 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
                     let c = coordinator.clone();
                     async move {
                         let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                        assert_eq!(r.status, RunStatus::Completed, "{r}");
+                    }
+                })
+                .await,
+            );
+            node.shutdown().await;
+        }
+        if wanted("saga-nats-parallel") {
+            let node = node(client.clone(), NodeStore::Memory).await?;
+            let coordinator = node.coordinator().clone();
+            out.push(
+                measure("saga-nats-parallel", concurrency, args.seconds, move || {
+                    let c = coordinator.clone();
+                    async move {
+                        let r = c.run("bench-par", &1u64, RunOptions::new()).await.expect("run");
                         assert_eq!(r.status, RunStatus::Completed, "{r}");
                     }
                 })
@@ -266,6 +293,11 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
             .prefix(PREFIX)
             .concurrency(256)
             .steps::<u64>("bench", |f| {
+                f.step("one", |_: StepContext<u64>| async { Ok(()) })
+                    .step("two", |_| async { Ok(()) })
+                    .step("three", |_| async { Ok(()) })
+            })
+            .steps::<u64>("bench-par", |f| {
                 f.step("one", |_: StepContext<u64>| async { Ok(()) })
                     .step("two", |_| async { Ok(()) })
                     .step("three", |_| async { Ok(()) })

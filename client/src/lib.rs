@@ -416,8 +416,18 @@ impl Client {
 }
 
 fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
-    let RunOptions { key, ttl, timeout, version, .. } = options;
-    RunRequest { flow: flow.into(), version, input, key, ttl, timeout, wait, start_by_ms: None }
+    let RunOptions { key, ttl, timeout, version, concurrency_key, .. } = options;
+    RunRequest {
+        flow: flow.into(),
+        version,
+        input,
+        key,
+        ttl,
+        timeout,
+        wait,
+        start_by_ms: None,
+        concurrency_key,
+    }
 }
 
 fn unexpected(reply: RunReply) -> ClientError {

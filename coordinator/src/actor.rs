@@ -27,8 +27,8 @@ use crate::{Hooks, StepEvent};
 pub(crate) struct RunActor {
     machine: Machine,
     bus: Arc<dyn Bus>,
-    /// Liveness timers of the attempt in flight (remote buses only).
-    timers: AttemptTimers,
+    /// Liveness timers of the attempts in flight, by command (remote buses only).
+    timers: std::collections::HashMap<Uuid, AttemptTimers>,
     store: Arc<dyn Store>,
     /// Boxed so the channel a parked run holds stays small.
     done: Option<oneshot::Sender<Box<RunReport>>>,
@@ -38,8 +38,8 @@ pub(crate) struct RunActor {
     spans: Option<Box<RunSpans>>,
     /// An ack is applied to the record but not yet written (see `ACK_WRITE_DELAY`).
     ack_unsaved: bool,
-    /// The in-process handler running now, to drop it on a cancel.
-    local: Option<(Uuid, SpawnHandle)>,
+    /// The in-process handlers running now, by command, to drop on a cancel.
+    local: std::collections::HashMap<Uuid, SpawnHandle>,
     /// Where operators find this run while it is live here.
     live: LiveRuns,
     /// Started to resume a failed rollback (rather than to start or resume the run).
@@ -97,13 +97,13 @@ impl RunActor {
         RunActor {
             machine,
             bus,
-            timers: AttemptTimers::default(),
+            timers: Default::default(),
             store,
             done: Some(done),
             resumed,
             spans: None,
             ack_unsaved: false,
-            local: None,
+            local: Default::default(),
             live,
             reopen: None,
         }
@@ -241,29 +241,33 @@ impl RunActor {
                     }
                 }
                 Effect::Watch { command_id, ack, inquiry, deadline } => {
-                    self.timers.cancel(ctx);
+                    let timers = self.timers.entry(command_id).or_default();
+                    timers.cancel(ctx);
                     let event = if inquiry {
                         Event::Unanswered { command_id }
                     } else {
                         Event::NotTaken { command_id }
                     };
-                    self.timers.ack = Some(ctx.notify_later(Internal(event), ack));
+                    timers.ack = Some(ctx.notify_later(Internal(event), ack));
                     if let Some(after) = deadline {
                         let reason = "no outcome by the attempt's deadline".to_owned();
                         let event = Event::TimedOut { command_id, reason };
-                        self.timers.deadline = Some(ctx.notify_later(Internal(event), after));
+                        timers.deadline = Some(ctx.notify_later(Internal(event), after));
                     }
                 }
                 Effect::Alive { command_id, within, reason } => {
-                    for h in
-                        [self.timers.ack.take(), self.timers.silence.take()].into_iter().flatten()
-                    {
+                    let timers = self.timers.entry(command_id).or_default();
+                    for h in [timers.ack.take(), timers.silence.take()].into_iter().flatten() {
                         ctx.cancel_future(h);
                     }
                     let event = Event::Silent { command_id, reason };
-                    self.timers.silence = Some(ctx.notify_later(Internal(event), within));
+                    timers.silence = Some(ctx.notify_later(Internal(event), within));
                 }
-                Effect::Unwatch => self.timers.cancel(ctx),
+                Effect::Unwatch { command_id } => {
+                    if let Some(mut timers) = self.timers.remove(&command_id) {
+                        timers.cancel(ctx);
+                    }
+                }
                 Effect::RetryAfter { command_id, delay } => {
                     ctx.notify_later(Internal(Event::RetryDue { command_id }), delay);
                 }
@@ -276,9 +280,7 @@ impl RunActor {
                 Effect::Cancel(cmd) => {
                     // In process: the handler's future is dropped. Remote:
                     // every worker of the step is told.
-                    if let Some((id, handle)) = self.local.take()
-                        && id == cmd.command_id
-                    {
+                    if let Some(handle) = self.local.remove(&cmd.command_id) {
                         ctx.cancel_future(handle);
                     }
                     if let Err(e) = self.bus.cancel(&cmd) {
@@ -308,17 +310,19 @@ impl RunActor {
     fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
         let (command_id, attempt, kind) = (cmd.command_id, cmd.attempt, cmd.kind);
         // Inside the attempt's span, so the bus can carry its context along.
-        let entered = self.spans.as_ref().and_then(|s| s.attempt()).map(|s| s.clone().entered());
+        let step = cmd.step_index;
+        let entered =
+            self.spans.as_ref().and_then(|s| s.attempt(step)).map(|s| s.clone().entered());
         let dispatched = self.bus.dispatch(cmd, &ReplyTo::new(ctx.address()));
         drop(entered);
         match dispatched {
             Ok(Dispatched::Sent) => {}
             Ok(Dispatched::Local(outcome)) => {
                 let handle = ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
-                    act.local = None;
+                    act.local.remove(&command_id);
                     act.handle_event(Event::Outcome { command_id, attempt, kind, result }, ctx)
                 }));
-                self.local = Some((command_id, handle));
+                self.local.insert(command_id, handle);
             }
             Err(e) => {
                 let (retryable, message) = (e.is_retryable(), e.to_string());
@@ -331,20 +335,15 @@ impl RunActor {
     /// events and metrics) all hear the same notice.
     fn notify(&mut self, notice: &Notice) {
         let remote = self.machine.limits.liveness != Liveness::Local;
-        let name = |step: u32| {
-            self.machine
-                .plan
-                .def
-                .steps
-                .get(step as usize)
-                .map(|s| s.name.clone())
-                .unwrap_or_default()
-        };
+        let def = |step: u32| self.machine.plan.def.steps.get(step as usize);
+        let name = |step: u32| def(step).map(|s| s.name.clone()).unwrap_or_default();
+        let group = |step: u32| def(step).and_then(|s| s.group.clone());
         match notice {
             Notice::AttemptStarted { step, kind, attempt, command_id } => {
-                let step_name = name(*step);
+                let (step_name, group) = (name(*step), group(*step));
                 if let Some(s) = &mut self.spans {
-                    s.attempt_started(&step_name, *kind, *attempt, *command_id, remote);
+                    let g = group.as_deref();
+                    s.attempt_started(*step, &step_name, g, *kind, *attempt, *command_id, remote);
                 }
                 self.hook(*step, *kind, *attempt, |h, e| match kind {
                     CommandKind::Execute => h.on_step_start(e),
@@ -355,14 +354,16 @@ impl RunActor {
             Notice::AttemptResumed { step, kind, attempt, command_id } => {
                 // Its span on the coordinator that died is gone: this one
                 // covers the rest of the attempt (no hook: it did not start now).
-                let step_name = name(*step);
+                let (step_name, group) = (name(*step), group(*step));
                 if let Some(s) = &mut self.spans {
-                    s.attempt_started(&step_name, *kind, *attempt, *command_id, remote);
+                    let g = group.as_deref();
+                    s.attempt_started(*step, &step_name, g, *kind, *attempt, *command_id, remote);
                 }
             }
             Notice::Redispatched { command_id, note } => {
-                if let Some(s) = &self.spans {
-                    s.redispatched(*command_id, note);
+                let step = self.machine.rec.current.iter().find(|c| c.command_id == *command_id);
+                if let (Some(s), Some(c)) = (&self.spans, step) {
+                    s.redispatched(c.step, *command_id, note);
                 }
             }
             Notice::Late { command_id, outcome } => {
@@ -371,7 +372,7 @@ impl RunActor {
             Notice::Retry { step, kind, attempt, error, delay, unknown } => {
                 let step_name = name(*step);
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(Some(error));
+                    s.attempt_ended(*step, Some(error));
                     s.retry(&step_name, *attempt, delay.as_millis() as u64);
                 }
                 if *unknown {
@@ -381,7 +382,7 @@ impl RunActor {
             }
             Notice::StepCompleted { step, attempt, duration } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(None);
+                    s.attempt_ended(*step, None);
                 }
                 self.hook(*step, CommandKind::Execute, *attempt, |h, e| {
                     h.on_step_success(e, *duration)
@@ -389,7 +390,7 @@ impl RunActor {
             }
             Notice::StepFailed { step, attempt, error, maybe_done } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(Some(error));
+                    s.attempt_ended(*step, Some(error));
                 }
                 if *maybe_done {
                     self.hook(*step, CommandKind::Execute, *attempt, |h, e| {
@@ -402,7 +403,7 @@ impl RunActor {
             }
             Notice::CompensationCompleted { step, attempt, duration } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(None);
+                    s.attempt_ended(*step, None);
                 }
                 self.hook(*step, CommandKind::Compensate, *attempt, |h, e| {
                     h.on_compensation_success(e, *duration)
@@ -410,7 +411,7 @@ impl RunActor {
             }
             Notice::Paused { step, kind, error } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(Some(error));
+                    s.attempt_ended(*step, Some(error));
                 }
                 let attempt = self.machine.rec.steps.get(*step as usize).map_or(0, |s| s.attempts);
                 warn!(run_id = %self.run_id(), step = %name(*step), %error, "run paused: retries ran out; waiting for an operator");
@@ -422,10 +423,14 @@ impl RunActor {
                     guard(|| h.on_operator_action(run_id, &flow, *action, by));
                 }
             }
-            Notice::Cancelled { by, reason } => {
+            Notice::Stopped { step, kind: _, maybe_done } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(Some("cancelled"));
+                    let why =
+                        if *maybe_done { "stopped (it may have happened)" } else { "stopped" };
+                    s.attempt_ended(*step, Some(why));
                 }
+            }
+            Notice::Cancelled { by, reason } => {
                 let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
                 for h in &self.machine.plan.hooks {
                     guard(|| h.on_run_cancelled(run_id, &flow, by, reason.as_deref()));
@@ -433,7 +438,7 @@ impl RunActor {
             }
             Notice::CompensationFailed { step, attempt, error } => {
                 if let Some(s) = &mut self.spans {
-                    s.attempt_ended(Some(error));
+                    s.attempt_ended(*step, Some(error));
                 }
                 self.hook(*step, CommandKind::Compensate, *attempt, |h, e| {
                     h.on_compensation_failure(e, error)

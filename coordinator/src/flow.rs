@@ -307,6 +307,53 @@ where
         self.changed()
     }
 
+    /// Appends a parallel group named `group`: the steps added by `build`
+    /// run at the same time, once the steps before them completed; the
+    /// steps after them start once every one of them completed, and see all
+    /// their outputs. When one fails for good, those still running are
+    /// stopped, and the rollback compensates the group's completed (and
+    /// maybe done) steps at the same time, after the steps that came after
+    /// the group and before those that came before it.
+    ///
+    /// ```
+    /// # use orchestrix_coordinator::{create, RunStatus};
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let flow = create::<u32>("order")
+    ///     .parallel("reserve", |g| {
+    ///         g.step_with("warehouse-a", |_ctx| async { Ok(1) }, |o| o.compensate(|_ctx| async { Ok(()) }))
+    ///             .step_with("warehouse-b", |_ctx| async { Ok(2) }, |o| o.compensate(|_ctx| async { Ok(()) }))
+    ///     })
+    ///     .step("ship", |ctx| async move {
+    ///         let a: u32 = ctx.output("warehouse-a")?;
+    ///         let b: u32 = ctx.output("warehouse-b")?;
+    ///         Ok(a + b)
+    ///     });
+    /// let report = flow.run(7).await?;
+    /// assert_eq!(report.status, RunStatus::Completed);
+    /// assert_eq!(report.step("warehouse-b").unwrap().group.as_deref(), Some("reserve"));
+    /// # Ok(()) }
+    /// ```
+    pub fn parallel(self, group: &str, build: impl FnOnce(Parallel<I>) -> Parallel<I>) -> Self {
+        let first = self.def.steps.len();
+        let Parallel(mut flow) = build(Parallel(self));
+        let group_name: Arc<str> = Arc::from(group);
+        for step in &mut flow.def.steps[first..] {
+            step.group = Some(group_name.clone());
+        }
+        if flow.error.is_none() {
+            flow.error = if flow.def.steps.len() == first {
+                Some(FlowError::Policy {
+                    flow: flow.def.name.to_string(),
+                    step: String::new(),
+                    reason: format!("parallel group `{group}` has no steps"),
+                })
+            } else {
+                flow.def.validate().err()
+            };
+        }
+        flow.changed()
+    }
+
     /// Labels this definition's version (letters, digits, `-`, `_`) instead
     /// of the default hash of the definition. Registering a *different*
     /// definition under a label already registered is refused, so bump the
@@ -373,6 +420,42 @@ where
         // A changed flow is another flow: it gets an engine of its own.
         self.embedded = Arc::new(OnceLock::new());
         self
+    }
+}
+
+/// The steps of a parallel group, as [`Flow::parallel`] builds them.
+#[must_use]
+pub struct Parallel<I>(Flow<I>);
+
+impl<I> fmt::Debug for Parallel<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Parallel").field(&self.0).finish()
+    }
+}
+
+impl<I> Parallel<I>
+where
+    I: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Adds a step to the group, with default options.
+    pub fn step<O, F, Fut>(self, name: &str, f: F) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+    {
+        Parallel(self.0.step(name, f))
+    }
+
+    /// Adds a step to the group, with options (as [`Flow::step_with`]).
+    pub fn step_with<O, F, Fut, C>(self, name: &str, f: F, configure: C) -> Self
+    where
+        O: Serialize + Send + 'static,
+        F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+        C: FnOnce(StepOptions<I>) -> StepOptions<I>,
+    {
+        Parallel(self.0.step_with(name, f, configure))
     }
 }
 

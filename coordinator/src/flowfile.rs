@@ -24,7 +24,8 @@
 //! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
 //! `on_unknown` (`"maybe_done"`, the default, or `"retry"`), `on_exhausted` and
 //! `compensation_on_exhausted` (`"rollback"`, the default, or `"pause"`),
-//! `pause_timeout_ms`.
+//! `pause_timeout_ms`, `group` (a parallel group: consecutive steps with the
+//! same `group` run at the same time and are compensated at the same time).
 //! Unknown keys are errors, so a typo never silently changes a policy.
 
 use std::path::{Path, PathBuf};
@@ -122,6 +123,7 @@ struct StepEntry {
     #[serde(default)]
     compensation_on_exhausted: crate::OnExhausted,
     pause_timeout_ms: Option<u64>,
+    group: Option<String>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -230,6 +232,7 @@ impl StepEntry {
         def.on_exhausted = self.on_exhausted;
         def.compensation_on_exhausted = self.compensation_on_exhausted;
         def.pause_timeout = self.pause_timeout_ms.map(ms);
+        def.group = self.group.as_deref().map(std::sync::Arc::from);
         def.compensation_retry = comp;
         def.compensation_timeout = self.compensation_timeout_ms.map(ms);
         def
@@ -276,6 +279,42 @@ pub fn load(path: impl AsRef<Path>) -> Result<Vec<FlowDef>, FlowFileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parallel_group_is_declared_by_its_steps() {
+        let flows = parse(
+            r#"
+            [[flow]]
+            name = "order"
+            [[flow.step]]
+            name = "warehouse-a"
+            group = "reserve"
+            compensable = true
+            [[flow.step]]
+            name = "warehouse-b"
+            group = "reserve"
+            compensable = true
+            [[flow.step]]
+            name = "ship"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(flows[0].stages(), [0..2, 2..3]);
+        assert_eq!(flows[0].steps[1].group.as_deref(), Some("reserve"));
+        // The same definition built in code is the same version.
+        let mut def = FlowDef::new("order");
+        for (name, group) in
+            [("warehouse-a", Some("reserve")), ("warehouse-b", Some("reserve")), ("ship", None)]
+        {
+            let mut s = StepDef::new(name);
+            s.compensable = group.is_some();
+            s.group = group.map(std::sync::Arc::from);
+            def.steps.push(s);
+        }
+        assert_eq!(flows[0].version(), def.version());
+        let split = "[[flow]]\nname = \"f\"\n[[flow.step]]\nname = \"a\"\ngroup = \"g\"\n[[flow.step]]\nname = \"b\"\n[[flow.step]]\nname = \"c\"\ngroup = \"g\"\n";
+        assert!(parse(split).unwrap_err().to_string().contains("next to each other"));
+    }
 
     #[test]
     fn the_quick_start_flow() {

@@ -52,7 +52,9 @@ mod telemetry;
 pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
 pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle};
 pub use engine::{Engine, EngineError};
-pub use flow::{Flow, FlowDef, FlowError, OnExhausted, OnUnknown, StepDef, StepOptions, create};
+pub use flow::{
+    Flow, FlowDef, FlowError, OnExhausted, OnUnknown, Parallel, StepDef, StepOptions, create,
+};
 pub use hooks::{Hooks, StepEvent};
 pub use machine::DEFAULT_MAX_RUN_PAYLOAD;
 pub use orchestrix_proto::{

@@ -209,8 +209,8 @@ pub(crate) enum Effect {
     /// The attempt's worker is alive: without a heartbeat within `within`,
     /// `Silent` follows (with `reason`).
     Alive { command_id: Uuid, within: Duration, reason: String },
-    /// The attempt being watched is over or replaced: drop its timers.
-    Unwatch,
+    /// The attempt is over or replaced: drop its timers.
+    Unwatch { command_id: Uuid },
     /// `RetryDue` after `delay`.
     RetryAfter { command_id: Uuid, delay: Duration },
     /// `DeadlineExceeded` after `after`.
@@ -284,6 +284,13 @@ pub(crate) enum Notice {
     Cancelled {
         by: String,
         reason: Option<String>,
+    },
+    /// An attempt in flight or waiting was stopped (a cancel, or a sibling
+    /// in its parallel group failed for good).
+    Stopped {
+        step: u32,
+        kind: CommandKind,
+        maybe_done: bool,
     },
     Paused {
         step: u32,
@@ -364,7 +371,8 @@ impl Machine {
     pub(crate) fn mismatch(plan: &FlowPlan, rec: &RunRecord) -> Option<String> {
         let have: Vec<&str> = plan.def.steps.iter().map(|s| &*s.name).collect();
         let was: Vec<&str> = rec.steps.iter().map(|s| &*s.name).collect();
-        (have != was).then(|| {
+        let groups = plan.def.steps.iter().map(|s| &s.group).eq(rec.steps.iter().map(|s| &s.group));
+        (have != was || !groups).then(|| {
             format!(
                 "the run was started with steps [{}] but flow `{}` now has [{}]",
                 was.join(", "),
@@ -422,7 +430,7 @@ impl Machine {
         self.wall = wall;
         match event {
             Event::Start => {
-                if self.rec.current.is_none()
+                if self.rec.current.is_empty()
                     && self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun)
                 {
                     decided("start");
@@ -433,47 +441,49 @@ impl Machine {
             Event::Resume => {
                 decided("resume");
                 self.run_deadline(now, out);
-                match self.rec.current.clone() {
-                    // Not simply sent again (another replica would run it a
-                    // second time): ask who holds it; nobody answering
-                    // means never started, or a worker gone (the ack says).
-                    Some(c) if c.retry_at.is_none() => {
-                        let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
-                        let deadline = self.deadline_in(&cmd);
-                        let notice = Notice::AttemptResumed {
-                            step: c.step,
-                            kind: c.kind,
-                            attempt: c.attempt,
-                            command_id: c.command_id,
-                        };
-                        out.effects.push(Effect::Notify(notice));
-                        out.effects.push(Effect::Inquire(cmd));
-                        if let Liveness::Remote { ack_timeout, clock_skew, .. } =
-                            self.limits.liveness
-                        {
-                            out.effects.push(Effect::Watch {
+                // Every attempt in flight (several in a parallel group).
+                for c in self.rec.current.clone() {
+                    match c.retry_at {
+                        // Not simply sent again (another replica would run it a
+                        // second time): ask who holds it; nobody answering
+                        // means never started, or a worker gone (the ack says).
+                        None => {
+                            let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
+                            let deadline = self.deadline_in(&cmd);
+                            let notice = Notice::AttemptResumed {
+                                step: c.step,
+                                kind: c.kind,
+                                attempt: c.attempt,
                                 command_id: c.command_id,
-                                ack: ack_timeout + clock_skew,
-                                inquiry: true,
-                                deadline,
-                            });
+                            };
+                            out.effects.push(Effect::Notify(notice));
+                            out.effects.push(Effect::Inquire(cmd));
+                            if let Liveness::Remote { ack_timeout, clock_skew, .. } =
+                                self.limits.liveness
+                            {
+                                out.effects.push(Effect::Watch {
+                                    command_id: c.command_id,
+                                    ack: ack_timeout + clock_skew,
+                                    inquiry: true,
+                                    deadline,
+                                });
+                            }
+                        }
+                        // A scheduled retry waits out what is left of its delay.
+                        Some(r) => {
+                            let delay = r.at.duration_since(wall).unwrap_or_default();
+                            out.effects
+                                .push(Effect::RetryAfter { command_id: c.command_id, delay });
                         }
                     }
-                    // A scheduled retry waits out what is left of its delay.
-                    Some(c) => {
-                        let at = c.retry_at.map_or(wall, |r| r.at);
-                        let delay = at.duration_since(wall).unwrap_or_default();
-                        out.effects.push(Effect::RetryAfter { command_id: c.command_id, delay });
-                    }
-                    None if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) => {
+                }
+                if self.rec.current.is_empty() {
+                    if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) {
                         self.next_step(0, now, wall, out)
-                    }
-                    // Paused: wait on, and roll back when the pause times out.
-                    None => {
-                        if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
-                            let after = until.duration_since(wall).unwrap_or_default();
-                            out.effects.push(Effect::PauseDeadline { after });
-                        }
+                    } else if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
+                        // Paused: wait on, and roll back when the pause times out.
+                        let after = until.duration_since(wall).unwrap_or_default();
+                        out.effects.push(Effect::PauseDeadline { after });
                     }
                 }
             }
@@ -572,8 +582,8 @@ impl Machine {
                 let due = self
                     .rec
                     .current
-                    .as_ref()
-                    .filter(|c| c.command_id == command_id && c.retry_at.is_some())
+                    .iter()
+                    .find(|c| c.command_id == command_id && c.retry_at.is_some())
                     .map(|c| (c.step, c.kind, c.attempt));
                 if let Some((step, kind, attempt)) = due {
                     decided("retry-due");
@@ -611,7 +621,8 @@ impl Machine {
                     };
                     return self.roll_back_paused(action, now, wall, out);
                 }
-                if let Some(cur) = self.rec.current.clone() {
+                // The first attempt of the stage fails; its siblings are stopped.
+                if let Some(cur) = self.rec.current.first().cloned() {
                     decided("deadline");
                     let timeout = self.rec.timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
@@ -640,25 +651,21 @@ impl Machine {
                 if self.rec.phase != Phase::Executing {
                     // Already rolling back: recorded, and the rollback goes on.
                     decided("cancel-during-rollback");
-                    self.push(Transition::Cancelled { action, step: None, maybe_done: false }, out);
+                    self.push(Transition::Cancelled { action }, out);
                     return;
                 }
                 decided("cancel");
-                let cur = self.rec.current.clone();
-                // Sent and not answered: a worker may have started it (its ack
-                // can be on the way), so it may have happened. Only a step
-                // between attempts (a retry's delay, a pause) surely did not.
-                let in_hand = cur.as_ref().filter(|c| c.retry_at.is_none());
-                let maybe_done = in_hand.is_some();
-                let stop = in_hand.map(|c| self.command(c.step, c.kind, c.attempt, c.command_id));
                 let paused = self.rec.paused.as_ref().map(|p| p.step);
-                let step = cur.as_ref().map(|c| c.step).or(paused);
-                self.push(Transition::Cancelled { action, step, maybe_done }, out);
-                if let Some(cmd) = stop {
-                    out.effects.push(Effect::Cancel(cmd));
+                let stage = (self.rec.current.first().map(|c| c.step))
+                    .or(paused)
+                    .map(|step| self.plan.def.stage_of(step as usize));
+                self.push(Transition::Cancelled { action }, out);
+                // A paused step surely did not happen since its last failure.
+                if let Some(step) = paused {
+                    self.push(Transition::Stopped { step, maybe_done: false }, out);
                 }
-                let below =
-                    step.map_or(self.rec.steps.len(), |s| s as usize + usize::from(maybe_done));
+                self.stop_all(out);
+                let below = stage.map_or(self.rec.steps.len(), |s| s.end);
                 self.next_compensation(below, now, wall, out);
             }
             ControlAction::Resume => {
@@ -768,27 +775,54 @@ impl Machine {
     fn in_flight(&self, command_id: Uuid) -> Option<Current> {
         self.rec
             .current
-            .as_ref()
-            .filter(|c| c.command_id == command_id && c.retry_at.is_none())
+            .iter()
+            .find(|c| c.command_id == command_id && c.retry_at.is_none())
             .cloned()
     }
 
+    /// Stops every attempt in flight or waiting for its retry: one sent and
+    /// not answered may have happened (its ack can be on the way), and its
+    /// workers are told to stop it; one between attempts surely did not.
+    fn stop_all(&mut self, out: &mut Decision) {
+        for c in self.rec.current.clone() {
+            let in_hand = c.retry_at.is_none();
+            self.push(Transition::Stopped { step: c.step, maybe_done: in_hand }, out);
+            if in_hand {
+                out.effects.push(Effect::Cancel(self.command(
+                    c.step,
+                    c.kind,
+                    c.attempt,
+                    c.command_id,
+                )));
+            }
+        }
+    }
+
     fn push(&mut self, t: Transition, out: &mut Decision) {
-        // The attempt in flight before this transition (a retry's notice
+        // The attempts in flight before this transition (a retry's notice
         // names the attempt that failed).
         let before = self.rec.current.clone();
         Arc::make_mut(&mut self.rec).apply(&t);
-        self.effects_of(&t, before, out);
+        self.effects_of(&t, &before, out);
         out.transitions.push(t);
     }
 
     /// What follows from a transition once it is stored.
-    fn effects_of(&self, t: &Transition, before: Option<Current>, out: &mut Decision) {
+    fn effects_of(&self, t: &Transition, before: &[Current], out: &mut Decision) {
         let fx = &mut out.effects;
         let attempts = |step: u32| self.attempts_of(step, CommandKind::Execute);
         let comp_attempts = |step: u32| self.attempts_of(step, CommandKind::Compensate);
-        if !matches!(t, Transition::AttemptAcked { .. } | Transition::LateOutcome(_)) {
-            fx.push(Effect::Unwatch);
+        // An attempt watched before and not after (over, failed, replaced)
+        // loses its timers.
+        for b in before.iter().filter(|b| b.retry_at.is_none()) {
+            let still = self
+                .rec
+                .current
+                .iter()
+                .any(|c| c.command_id == b.command_id && c.retry_at.is_none());
+            if !still {
+                fx.push(Effect::Unwatch { command_id: b.command_id });
+            }
         }
         match t {
             Transition::AttemptStarted { step, kind, attempt, command_id, .. } => {
@@ -801,10 +835,10 @@ impl Machine {
                 fx.push(Effect::Notify(notice));
                 self.send(*step, *kind, *attempt, *command_id, fx);
             }
-            Transition::Redispatched { command_id, note } => {
+            Transition::Redispatched { command_id, note, .. } => {
                 let notice = Notice::Redispatched { command_id: *command_id, note: note.clone() };
                 fx.push(Effect::Notify(notice));
-                if let Some(c) = &self.rec.current {
+                if let Some(c) = self.rec.current.iter().find(|c| c.command_id == *command_id) {
                     self.send(c.step, c.kind, c.attempt, *command_id, fx);
                 }
             }
@@ -815,7 +849,7 @@ impl Machine {
                 fx.push(Effect::Notify(notice));
             }
             Transition::RetryScheduled { step, kind, error, retry, unknown } => {
-                let Some(c) = before else { return };
+                let Some(c) = before.iter().find(|c| c.step == *step) else { return };
                 let notice = Notice::Retry {
                     step: *step,
                     kind: *kind,
@@ -874,9 +908,14 @@ impl Machine {
                 let notice = Notice::Operator { action: action.action, by: action.by.clone() };
                 fx.push(Effect::Notify(notice));
             }
-            Transition::Cancelled { action, .. } => {
+            Transition::Cancelled { action } => {
                 let notice =
                     Notice::Cancelled { by: action.by.clone(), reason: action.reason.clone() };
+                fx.push(Effect::Notify(notice));
+            }
+            Transition::Stopped { step, maybe_done } => {
+                let Some(c) = before.iter().find(|c| c.step == *step) else { return };
+                let notice = Notice::Stopped { step: *step, kind: c.kind, maybe_done: *maybe_done };
                 fx.push(Effect::Notify(notice));
             }
             Transition::Finished { duration, .. } => {
@@ -916,7 +955,9 @@ impl Machine {
 
     fn alive_effect(&self, command_id: Uuid, fx: &mut Vec<Effect>) {
         let Liveness::Remote { heartbeat_timeout, .. } = self.limits.liveness else { return };
-        let worker = self.rec.current.as_ref().and_then(|c| c.acked_by.clone()).unwrap_or_default();
+        let worker = (self.rec.current.iter().find(|c| c.command_id == command_id))
+            .and_then(|c| c.acked_by.clone())
+            .unwrap_or_default();
         let reason = format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}");
         fx.push(Effect::Alive { command_id, within: heartbeat_timeout, reason });
     }
@@ -1051,7 +1092,7 @@ impl Machine {
         if cur.kind == CommandKind::Compensate {
             decided("compensated");
             self.push(Transition::CompensationCompleted { step: cur.step, duration }, out);
-            self.next_compensation(step, now, wall, out);
+            self.compensation_over(step, now, wall, out);
             return;
         }
         // The handler ran: an output the run cannot keep still leaves its
@@ -1081,19 +1122,44 @@ impl Machine {
         }
         decided("completed");
         self.push(Transition::StepCompleted { step: cur.step, output, duration }, out);
-        self.next_step(step + 1, now, wall, out);
+        // A parallel group moves on once every one of its steps completed.
+        let stage = self.plan.def.stage_of(step);
+        let done = self.rec.steps[stage.clone()].iter().all(|s| s.status == StepStatus::Completed);
+        if done {
+            self.next_step(stage.end, now, wall, out);
+        }
     }
 
+    /// Starts the stage at `from` (every step of a parallel group at once),
+    /// or finishes after the last.
     fn next_step(&mut self, from: usize, now: Instant, wall: SystemTime, out: &mut Decision) {
         if from < self.rec.steps.len() {
-            self.begin(from as u32, CommandKind::Execute, 1, now, wall, out);
+            for i in self.plan.def.stage_of(from) {
+                self.begin(i as u32, CommandKind::Execute, 1, now, wall, out);
+            }
         } else {
             self.finish(now, out);
         }
     }
 
-    /// Compensates the nearest step below `below` that completed (or may have)
-    /// and has a compensation, or finishes.
+    /// A compensation is over (done or failed for good): once the last of
+    /// its stage is, the rollback goes on below the stage.
+    fn compensation_over(
+        &mut self,
+        step: usize,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Decision,
+    ) {
+        if self.rec.current.is_empty() {
+            let stage = self.plan.def.stage_of(step);
+            self.next_compensation(stage.start, now, wall, out);
+        }
+    }
+
+    /// Compensates the nearest stage below `below` (a stage boundary) with a
+    /// step that completed (or may have) and has a compensation: every such
+    /// step of it at once. Finishes when there is none.
     fn next_compensation(
         &mut self,
         below: usize,
@@ -1102,17 +1168,20 @@ impl Machine {
         out: &mut Decision,
     ) {
         let steps = &self.plan.def.steps;
-        let next = (0..below.min(self.rec.steps.len())).rev().find(|&i| {
+        let due = |i: usize| {
             matches!(self.rec.steps[i].status, StepStatus::Completed | StepStatus::Unknown)
                 && steps.get(i).is_some_and(|s| s.compensable)
-        });
-        match next {
-            Some(i) => {
-                // Numbered on from a rollback resumed after it failed.
-                let attempt = self.attempts_of(i as u32, CommandKind::Compensate) + 1;
-                self.begin(i as u32, CommandKind::Compensate, attempt, now, wall, out)
-            }
-            None => self.finish(now, out),
+        };
+        let below = below.min(self.rec.steps.len());
+        let Some(last) = (0..below).rev().find(|&i| due(i)) else {
+            return self.finish(now, out);
+        };
+        let stage = self.plan.def.stage_of(last);
+        let members: Vec<usize> = (stage.start..below.min(stage.end)).filter(|&i| due(i)).collect();
+        for i in members {
+            // Numbered on from a rollback resumed after it failed.
+            let attempt = self.attempts_of(i as u32, CommandKind::Compensate) + 1;
+            self.begin(i as u32, CommandKind::Compensate, attempt, now, wall, out);
         }
     }
 
@@ -1163,7 +1232,7 @@ impl Machine {
         );
         decided("redispatch");
         let command_id = self.entropy.command_id();
-        self.push(Transition::Redispatched { command_id, note }, out);
+        self.push(Transition::Redispatched { step: cur.step, command_id, note }, out);
     }
 
     /// The attempt's outcome is unknown: it may have had its effect.
@@ -1261,16 +1330,19 @@ impl Machine {
                     Transition::StepFailed { step: cur.step, error, duration, maybe_done },
                     out,
                 );
-                // From the failed step itself: a step that may have happened is
-                // compensated too (its status says so).
-                self.next_compensation(step + 1, now, wall, out);
+                // Its parallel siblings still going are stopped.
+                self.stop_all(out);
+                // From the failed step's whole stage: a step that may have
+                // happened is compensated too (its status says so).
+                let stage = self.plan.def.stage_of(step);
+                self.next_compensation(stage.end, now, wall, out);
             }
             CommandKind::Compensate => {
                 decided("compensation-failed");
                 self.push(Transition::CompensationFailed { step: cur.step, error, duration }, out);
                 // Keep undoing the earlier steps: each side effect that can be
                 // undone is, and the report names the one that could not.
-                self.next_compensation(step, now, wall, out);
+                self.compensation_over(step, now, wall, out);
             }
         }
     }
@@ -1297,8 +1369,10 @@ impl Machine {
     /// The outputs a command for `step` of `kind` carries: those of the earlier
     /// completed steps, and for a compensation the step's own output too.
     pub(crate) fn outputs_for(&self, step: usize, kind: CommandKind) -> Vec<StepOutput> {
+        // An action sees the stages before its own (its parallel siblings
+        // run beside it); a compensation sees its own output too.
         let upto = match kind {
-            CommandKind::Execute => step,
+            CommandKind::Execute => self.plan.def.stage_of(step).start,
             CommandKind::Compensate => step + 1,
         };
         self.rec.steps[..upto.min(self.rec.steps.len())]
@@ -1358,7 +1432,7 @@ mod tests {
             out
         }
         fn cur(&self) -> Uuid {
-            self.m.rec.current.as_ref().unwrap().command_id
+            self.m.rec.current.first().unwrap().command_id
         }
         fn ok(&mut self) -> Vec<Transition> {
             let id = self.cur();
@@ -1376,7 +1450,8 @@ mod tests {
                 .m
                 .rec
                 .current
-                .as_ref()
+                .iter()
+                .find(|c| c.command_id == id)
                 .map_or((1, CommandKind::Execute), |c| (c.attempt, c.kind));
             self.ev(Event::Outcome { command_id: id, attempt, kind, result })
         }
@@ -1407,8 +1482,9 @@ mod tests {
                 Transition::AttemptAcked { .. } => "acked".into(),
                 Transition::Redispatched { .. } => "redispatched".into(),
                 Transition::LateOutcome(n) => format!("late {}", n.outcome),
-                Transition::Cancelled { step, maybe_done, .. } => {
-                    format!("cancelled {step:?} maybe_done={maybe_done}")
+                Transition::Cancelled { .. } => "cancelled".into(),
+                Transition::Stopped { step, maybe_done } => {
+                    format!("stopped {step} maybe_done={maybe_done}")
                 }
                 Transition::Paused(p) => format!("paused {}", p.step),
                 Transition::Resumed { .. } => "resumed".into(),
@@ -1438,7 +1514,7 @@ mod tests {
         let d = t.decide(cancel("ops"));
         assert_eq!(
             names(&d.transitions),
-            ["cancelled Some(1) maybe_done=true", "start 1 compensate #1"],
+            ["cancelled", "stopped 1 maybe_done=true", "start 1 compensate #1"],
             "the started step may have happened: compensated first"
         );
         let Some(Effect::Cancel(cmd)) = d.effects.iter().find(|e| matches!(e, Effect::Cancel(_)))
@@ -1466,7 +1542,7 @@ mod tests {
         let d = t.decide(cancel("ops"));
         assert_eq!(
             names(&d.transitions),
-            ["cancelled Some(1) maybe_done=false", "start 0 compensate #1"]
+            ["cancelled", "stopped 1 maybe_done=false", "start 0 compensate #1"]
         );
         assert!(!kinds(&d.effects).contains(&"cancel"), "nothing in hand to stop");
         assert_eq!(t.m.rec.steps[1].status, StepStatus::Cancelled);
@@ -1482,7 +1558,7 @@ mod tests {
         t.ok();
         t.fail(false);
         assert_eq!(t.m.rec.phase, Phase::Compensating);
-        assert_eq!(names(&t.ev(cancel("ops"))), ["cancelled None maybe_done=false"]);
+        assert_eq!(names(&t.ev(cancel("ops"))), ["cancelled"]);
         // Twice: harmless, nothing recorded again.
         assert!(t.ev(cancel("ops")).is_empty());
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
@@ -1499,7 +1575,7 @@ mod tests {
         // The step was sent: it may have run, so it is compensated.
         assert_eq!(
             names(&t.ev(cancel("ops"))),
-            ["cancelled Some(1) maybe_done=true", "start 1 compensate #1"]
+            ["cancelled", "stopped 1 maybe_done=true", "start 1 compensate #1"]
         );
         let late = t.out(last, OutcomeResult::Completed { output: Payload::nil() });
         assert!(matches!(late.as_slice(), [Transition::LateOutcome(_)]), "noted, not applied");
@@ -1553,7 +1629,7 @@ mod tests {
         assert_eq!(t.m.rec.status, RunStatus::Paused);
         assert_eq!(t.m.rec.steps[1].status, StepStatus::Paused);
         assert_eq!(t.m.rec.steps[1].attempts, 2);
-        assert!(t.m.rec.current.is_none());
+        assert!(t.m.rec.current.is_empty());
         // Resume and rollback are refused unless paused; cancel is not.
         let Event::Control(resume) = op(ControlAction::Resume) else { unreachable!() };
         assert!(t.m.refusal(&resume).is_none());
@@ -1621,7 +1697,7 @@ mod tests {
         assert_eq!(t.m.rec.status, RunStatus::Paused);
         assert_eq!(
             names(&t.ev(cancel("ops"))),
-            ["cancelled Some(1) maybe_done=false", "start 0 compensate #1"]
+            ["cancelled", "stopped 1 maybe_done=false", "start 0 compensate #1"]
         );
         assert_eq!(t.m.rec.steps[1].status, StepStatus::Cancelled);
         assert_eq!(names(&t.ok()), ["compensated 0", "finished cancelled"]);
@@ -1673,6 +1749,184 @@ mod tests {
         // Resumed, the compensation succeeds and the run ends failed.
         t.ev(op(ControlAction::Resume));
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
+    }
+
+    /// A plan whose steps `groups[i]` (when `Some`) are in parallel group
+    /// of that name; every step compensable, no retries.
+    fn grouped(groups: &[Option<&str>]) -> Arc<FlowPlan> {
+        let mut def = plan(&vec![true; groups.len()], 0).def.clone();
+        for (s, g) in def.steps.iter_mut().zip(groups) {
+            s.group = g.map(Arc::from);
+        }
+        def.validate().unwrap();
+        Arc::new(FlowPlan::new(def, Vec::new()))
+    }
+
+    impl T {
+        /// The command in flight for `step`.
+        fn id_of(&self, step: u32) -> Uuid {
+            self.m.rec.current.iter().find(|c| c.step == step).unwrap().command_id
+        }
+        fn ok_at(&mut self, step: u32) -> Vec<Transition> {
+            let id = self.id_of(step);
+            self.out(id, OutcomeResult::Completed { output: Payload::nil() })
+        }
+        fn fail_at(&mut self, step: u32) -> Vec<Transition> {
+            let id = self.id_of(step);
+            self.out(id, OutcomeResult::Failed(StepFailure::new("boom", false)))
+        }
+    }
+
+    #[test]
+    fn a_group_starts_together_and_the_flow_goes_on_when_all_completed() {
+        let mut t = T::with(grouped(&[None, Some("g"), Some("g"), None]), Uuid::now_v7(), 1);
+        assert_eq!(names(&t.ev(Event::Start)), ["start 0 execute #1"]);
+        assert_eq!(names(&t.ok()), ["completed 0", "start 1 execute #1", "start 2 execute #1"]);
+        // The second member first: the group is not done yet.
+        assert_eq!(names(&t.ok_at(2)), ["completed 2"]);
+        assert_eq!(names(&t.ok_at(1)), ["completed 1", "start 3 execute #1"]);
+        // The step after the group sees both members' outputs.
+        let cmd = t.m.command(3, CommandKind::Execute, 1, t.id_of(3));
+        let seen: Vec<&str> = cmd.outputs.iter().map(|o| &*o.step).collect();
+        assert_eq!(seen, ["s0", "s1", "s2"]);
+        // A member sees what came before its group, never a sibling's output.
+        let cmd = t.m.command(2, CommandKind::Execute, 2, Uuid::nil());
+        assert_eq!(cmd.outputs.iter().map(|o| &*o.step).collect::<Vec<_>>(), ["s0"]);
+        assert_eq!(names(&t.ok()), ["completed 3", "finished completed"]);
+    }
+
+    #[test]
+    fn a_member_failing_stops_its_siblings_and_the_group_is_compensated_together() {
+        let mut t = T::with(grouped(&[None, Some("g"), Some("g"), Some("g")]), Uuid::now_v7(), 1);
+        t.ev(Event::Start);
+        t.ok();
+        // s1 completes, s3 is in flight; s2 fails for good.
+        t.ok_at(1);
+        let sibling = t.id_of(3);
+        let d = t.decide(Event::Outcome {
+            command_id: t.id_of(2),
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("boom", false)),
+        });
+        assert_eq!(
+            names(&d.transitions),
+            [
+                "failed 2",
+                "stopped 3 maybe_done=true",
+                "start 1 compensate #1",
+                "start 3 compensate #1"
+            ]
+        );
+        // Its workers are told to stop the sibling's attempt.
+        assert!(
+            d.effects.iter().any(|e| matches!(e, Effect::Cancel(c) if c.command_id == sibling))
+        );
+        assert_eq!(t.m.rec.steps[3].status, StepStatus::Compensating);
+        // A late answer of the stopped attempt changes nothing.
+        assert_eq!(
+            names(&t.out(sibling, OutcomeResult::Completed { output: Payload::nil() })),
+            ["late completed"]
+        );
+        // The group's compensations end in any order; then the step before it.
+        assert_eq!(names(&t.ok_at(3)), ["compensated 3"]);
+        assert_eq!(names(&t.ok_at(1)), ["compensated 1", "start 0 compensate #1"]);
+        assert_eq!(names(&t.ok_at(0)), ["compensated 0", "finished failed"]);
+    }
+
+    #[test]
+    fn rollback_is_reverse_between_groups_and_parallel_inside_one() {
+        // (s0 s1) (s2 s3) s4 (s5 s6) s7, and s7 fails.
+        let groups = [Some("a"), Some("a"), Some("b"), Some("b"), None, Some("c"), Some("c"), None];
+        let mut t = T::with(grouped(&groups), Uuid::now_v7(), 1);
+        t.ev(Event::Start);
+        for stage in [&[0, 1][..], &[2, 3], &[4], &[5, 6]] {
+            for &i in stage.iter().rev() {
+                t.ok_at(i);
+            }
+        }
+        let mut log = t.fail_at(7);
+        // Answer the compensations in flight, last started first, until done.
+        while let Some(c) = t.m.rec.current.last().cloned() {
+            log.extend(t.ok_at(c.step));
+        }
+        let started: Vec<u32> = log
+            .iter()
+            .filter_map(|x| match x {
+                Transition::AttemptStarted { step, kind: CommandKind::Compensate, .. } => {
+                    Some(*step)
+                }
+                _ => None,
+            })
+            .collect();
+        let ended = |step: u32| {
+            log.iter().position(|x| matches!(x, Transition::CompensationCompleted { step: s, .. } if *s == step)).unwrap()
+        };
+        let began = |step: u32| {
+            log.iter().position(|x| matches!(x, Transition::AttemptStarted { step: s, kind: CommandKind::Compensate, .. } if *s == step)).unwrap()
+        };
+        assert_eq!(started.len(), 7, "every completed step is compensated once: {started:?}");
+        // Reverse between stages: every compensation of a later stage ends
+        // before any of an earlier stage begins.
+        let stages: [&[u32]; 4] = [&[5, 6], &[4], &[2, 3], &[0, 1]];
+        for pair in stages.windows(2) {
+            for &later in pair[0] {
+                for &earlier in pair[1] {
+                    assert!(ended(later) < began(earlier), "{later} before {earlier}: {log:?}");
+                }
+            }
+        }
+        // Parallel inside one: both members begin before either ends.
+        for g in [[5, 6], [2, 3], [0, 1]] {
+            assert!(began(g[0]).max(began(g[1])) < ended(g[0]).min(ended(g[1])), "{g:?}");
+        }
+        assert_eq!(t.m.rec.status, RunStatus::Failed);
+    }
+
+    #[test]
+    fn a_cancel_stops_every_member_in_flight() {
+        let mut t = T::with(grouped(&[Some("g"), Some("g"), Some("g")]), Uuid::now_v7(), 1);
+        t.ev(Event::Start);
+        t.ok_at(0);
+        let d = t.decide(cancel("ops"));
+        assert_eq!(
+            names(&d.transitions),
+            [
+                "cancelled",
+                "stopped 1 maybe_done=true",
+                "stopped 2 maybe_done=true",
+                "start 0 compensate #1",
+                "start 1 compensate #1",
+                "start 2 compensate #1"
+            ]
+        );
+        assert_eq!(d.effects.iter().filter(|e| matches!(e, Effect::Cancel(_))).count(), 2);
+    }
+
+    #[test]
+    fn a_takeover_resumes_every_member_in_flight() {
+        let mut t = T::with(grouped(&[Some("g"), Some("g")]), Uuid::now_v7(), 1);
+        t.m.limits.liveness = remote();
+        t.ev(Event::Start);
+        let rec = t.m.rec.clone();
+        let mut back = Machine::resumed(t.m.plan.clone(), rec, t.now, t.wall, Entropy::seeded(2));
+        back.limits.liveness = remote();
+        let mut d = Decision::default();
+        back.handle(Event::Resume, t.now, t.wall, &mut d);
+        assert_eq!(kinds(&d.effects).iter().filter(|k| **k == "inquire").count(), 2);
+    }
+
+    #[test]
+    fn a_group_must_be_one_block_and_cannot_pause() {
+        let mut def = plan(&[true, true, true], 0).def.clone();
+        def.steps[0].group = Some("g".into());
+        def.steps[2].group = Some("g".into());
+        assert!(def.validate().unwrap_err().to_string().contains("next to each other"));
+        def.steps[1].group = Some("g".into());
+        def.validate().unwrap();
+        assert_eq!(def.stages(), vec![std::ops::Range { start: 0, end: 3 }]);
+        def.steps[1].on_exhausted = OnExhausted::Pause;
+        assert!(def.validate().unwrap_err().to_string().contains("cannot pause"));
     }
 
     #[test]
@@ -2055,7 +2309,7 @@ mod tests {
                 Effect::Watch { inquiry: false, .. } => "watch",
                 Effect::Watch { inquiry: true, .. } => "watch-inquiry",
                 Effect::Alive { .. } => "alive",
-                Effect::Unwatch => "unwatch",
+                Effect::Unwatch { .. } => "unwatch",
                 Effect::RetryAfter { .. } => "retry-after",
                 Effect::RunDeadline { .. } => "run-deadline",
                 Effect::Notify(_) => "notify",
@@ -2072,11 +2326,11 @@ mod tests {
         t.m.limits.liveness = remote();
         Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(30));
         let d = t.decide(Event::Start);
-        assert_eq!(kinds(&d.effects), ["run-deadline", "unwatch", "notify", "send", "watch"]);
-        let Some(Effect::Send(cmd)) = d.effects.get(3) else { panic!() };
+        assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "send", "watch"]);
+        let Some(Effect::Send(cmd)) = d.effects.get(2) else { panic!() };
         assert_eq!((cmd.step_index, cmd.attempt), (0, 1));
         assert!(cmd.start_by_ms.is_some(), "a remote command carries its start-by time");
-        let Some(Effect::Watch { ack, .. }) = d.effects.get(4) else { panic!() };
+        let Some(Effect::Watch { ack, .. }) = d.effects.get(3) else { panic!() };
         assert_eq!(*ack, Duration::from_millis(2500), "ack window plus clock skew");
         // The ack: no write needed first, and the silence timer.
         let id = t.cur();
@@ -2106,14 +2360,14 @@ mod tests {
         // In process: no timers at all.
         let mut local = T::new(&[false], 0);
         let d = local.decide(Event::Start);
-        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "send"]);
+        assert_eq!(kinds(&d.effects), ["notify", "send"]);
         let d = local.decide(Event::Outcome {
             command_id: local.cur(),
             attempt: 1,
             kind: CommandKind::Execute,
             result: OutcomeResult::Completed { output: Payload::nil() },
         });
-        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "unwatch", "finish"]);
+        assert_eq!(kinds(&d.effects), ["unwatch", "notify", "finish"]);
     }
 
     #[test]

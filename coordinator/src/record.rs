@@ -103,6 +103,22 @@ impl LateNote {
     }
 }
 
+/// The attempts in flight, as a list or (records written before parallel
+/// groups) as one attempt or none.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Current>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<Current>),
+        One(Box<Current>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(c)) => vec![*c],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
 /// `text` cut to at most `max` bytes (on a character boundary), marked `…`:
 /// what comes from workers is kept bounded in the record.
 pub(crate) fn bounded(mut text: String, max: usize) -> String {
@@ -165,6 +181,9 @@ pub struct StepRecord {
     /// The same for the compensation.
     #[serde(default)]
     pub compensation_retry_base: u32,
+    /// The parallel group the step belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Arc<str>>,
 }
 
 /// A run paused when a step's (or compensation's) retries ran out.
@@ -214,8 +233,11 @@ pub struct RunRecord {
     pub phase: Phase,
     /// One per step of the flow, in order.
     pub steps: Vec<StepRecord>,
-    /// The attempt in flight or waiting for its retry.
-    pub current: Option<Current>,
+    /// The attempts in flight or waiting for their retry: one at most per
+    /// step, several while a parallel group runs. (Records written before
+    /// groups held one attempt or none: both read.)
+    #[serde(deserialize_with = "one_or_many", default)]
+    pub current: Vec<Current>,
     /// Error of the step that failed for good.
     pub error: Option<String>,
     /// Index of the step that failed for good.
@@ -266,6 +288,9 @@ pub enum Transition {
     /// No worker took the attempt's command in time (nobody started it): it is
     /// sent again under a new id, without spending an attempt.
     Redispatched {
+        /// Step index.
+        #[serde(default)]
+        step: u32,
         /// The new command id.
         command_id: Uuid,
         /// Why, for the report while the run waits.
@@ -328,14 +353,18 @@ pub enum Transition {
         #[serde(with = "orchestrix_proto::time::duration_ms")]
         duration: Duration,
     },
-    /// An operator cancelled the run: the attempt in flight (if any) is
-    /// stopped and the rollback starts.
+    /// An operator cancelled the run: the attempts in flight are stopped
+    /// (one [`Transition::Stopped`] each) and the rollback starts.
     Cancelled {
         /// Who, why, when.
         action: OperatorAction,
-        /// The step in flight or waiting, if any.
-        step: Option<u32>,
-        /// That step's attempt had been started by a worker: it may have happened.
+    },
+    /// A step in flight or waiting was stopped: the run was cancelled, or
+    /// another step of its parallel group failed for good.
+    Stopped {
+        /// Step index.
+        step: u32,
+        /// Its attempt had been sent and not answered: it may have happened.
         maybe_done: bool,
     },
     /// A step's (or compensation's) retries ran out: the run waits for an operator.
@@ -399,9 +428,10 @@ impl RunRecord {
                     waiting: None,
                     retry_base: 0,
                     compensation_retry_base: 0,
+                    group: s.group.clone(),
                 })
                 .collect(),
-            current: None,
+            current: Vec::new(),
             error: None,
             failed_step: None,
             duration: None,
@@ -416,7 +446,8 @@ impl RunRecord {
     pub fn apply(&mut self, t: &Transition) {
         match t {
             Transition::AttemptStarted { step, kind, attempt, command_id, at } => {
-                self.current = Some(Current {
+                self.current.retain(|c| c.step != *step);
+                self.current.push(Current {
                     step: *step,
                     kind: *kind,
                     attempt: *attempt,
@@ -449,7 +480,7 @@ impl RunRecord {
                 }
             }
             Transition::AttemptAcked { command_id, worker } => {
-                if let Some(c) = self.current.as_mut().filter(|c| c.command_id == *command_id) {
+                if let Some(c) = self.current.iter_mut().find(|c| c.command_id == *command_id) {
                     c.acked_by = Some(worker.clone());
                     let step = c.step;
                     if let Some(s) = self.steps.get_mut(step as usize)
@@ -460,8 +491,8 @@ impl RunRecord {
                     }
                 }
             }
-            Transition::Redispatched { command_id, note } => {
-                let Some(c) = &mut self.current else { return };
+            Transition::Redispatched { step, command_id, note } => {
+                let Some(c) = self.current.iter_mut().find(|c| c.step == *step) else { return };
                 c.command_id = *command_id;
                 c.acked_by = None;
                 c.redispatches += 1;
@@ -477,7 +508,7 @@ impl RunRecord {
                 }
             }
             Transition::RetryScheduled { step, kind, error, retry, unknown } => {
-                if let Some(c) = &mut self.current {
+                if let Some(c) = self.current.iter_mut().find(|c| c.step == *step) {
                     c.retry_at = Some(*retry);
                 }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
@@ -495,7 +526,7 @@ impl RunRecord {
                 }
             }
             Transition::StepCompleted { step, output, duration } => {
-                self.current = None;
+                self.current.retain(|c| c.step != *step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.status = StepStatus::Completed;
                     s.maybe_done = false;
@@ -504,7 +535,7 @@ impl RunRecord {
                 }
             }
             Transition::StepFailed { step, error, duration, maybe_done } => {
-                self.current = None;
+                self.current.retain(|c| c.step != *step);
                 self.phase = Phase::Compensating;
                 self.error = Some(error.clone());
                 self.failed_step = Some(*step);
@@ -516,7 +547,7 @@ impl RunRecord {
                 }
             }
             Transition::CompensationCompleted { step, duration } => {
-                self.current = None;
+                self.current.retain(|c| c.step != *step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.status = StepStatus::Compensated;
                     if let Some(c) = &mut s.compensation {
@@ -525,7 +556,7 @@ impl RunRecord {
                 }
             }
             Transition::CompensationFailed { step, error, duration } => {
-                self.current = None;
+                self.current.retain(|c| c.step != *step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.status = StepStatus::CompensationFailed;
                     if let Some(c) = &mut s.compensation {
@@ -534,18 +565,20 @@ impl RunRecord {
                     }
                 }
             }
-            Transition::Cancelled { action, step, maybe_done } => {
+            Transition::Cancelled { action } => {
                 self.actions.push(action.clone());
                 if self.phase != Phase::Executing {
                     return; // a rollback under way goes on unchanged
                 }
-                self.current = None;
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
                 self.paused = None;
                 let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
                 self.error = Some(format!("cancelled by {}{why}", action.by));
-                if let Some(s) = step.and_then(|i| self.steps.get_mut(i as usize)) {
+            }
+            Transition::Stopped { step, maybe_done } => {
+                self.current.retain(|c| c.step != *step);
+                if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.maybe_done |= *maybe_done;
                     s.status =
                         if s.maybe_done { StepStatus::Unknown } else { StepStatus::Cancelled };
@@ -553,7 +586,7 @@ impl RunRecord {
                 }
             }
             Transition::Paused(p) => {
-                self.current = None;
+                self.current.retain(|c| c.step != p.step);
                 self.status = RunStatus::Paused;
                 if let Some(s) = self.steps.get_mut(p.step as usize) {
                     s.status = StepStatus::Paused;
@@ -593,7 +626,7 @@ impl RunRecord {
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
                 self.duration = None;
-                self.current = None;
+                self.current.clear();
                 for s in &mut self.steps {
                     if s.status == StepStatus::CompensationFailed {
                         // Its action's effect is in place: to be compensated again.
@@ -604,7 +637,7 @@ impl RunRecord {
                 }
             }
             Transition::Finished { status, duration } => {
-                self.current = None;
+                self.current.clear();
                 self.phase = Phase::Finished;
                 self.status = *status;
                 self.duration = Some(*duration);
@@ -650,6 +683,7 @@ impl RunRecord {
                     duration: s.duration,
                     compensation: s.compensation.as_deref().cloned(),
                     waiting: s.waiting.clone().filter(|_| s.status == StepStatus::Waiting),
+                    group: s.group.as_deref().map(str::to_owned),
                 })
                 .collect(),
             late: self.late.iter().map(LateNote::line).collect(),
@@ -665,5 +699,43 @@ impl RunRecord {
                 until: p.until,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before parallel groups held one attempt or none
+    /// under `current`: they still read, as a list of one or none.
+    #[test]
+    fn a_record_with_one_attempt_in_flight_still_reads() {
+        #[derive(Serialize)]
+        struct Before {
+            current: Option<Current>,
+        }
+        #[derive(Deserialize)]
+        struct Now {
+            #[serde(deserialize_with = "one_or_many", default)]
+            current: Vec<Current>,
+        }
+        let c = Current {
+            step: 2,
+            kind: CommandKind::Compensate,
+            attempt: 3,
+            command_id: Uuid::now_v7(),
+            retry_at: None,
+            acked_by: Some("w1".into()),
+            sent_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            redispatches: 1,
+        };
+        let read = |b: &Before| {
+            let bytes = rmp_serde::to_vec_named(b).unwrap();
+            rmp_serde::from_slice::<Now>(&bytes).unwrap().current
+        };
+        assert_eq!(read(&Before { current: Some(c.clone()) }), vec![c.clone()]);
+        assert_eq!(read(&Before { current: None }), Vec::<Current>::new());
+        let bytes = rmp_serde::to_vec_named(&serde_json::json!({})).unwrap();
+        assert!(rmp_serde::from_slice::<Now>(&bytes).unwrap().current.is_empty());
     }
 }

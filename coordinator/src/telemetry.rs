@@ -1,4 +1,6 @@
 //! The spans of a run: one per run, one per attempt (action or compensation),
+//! one per parallel group and kind (`reserve execute group`), parent of its
+//! steps' attempts, so that siblings read as siblings in a trace,
 //! as `tracing` spans with OpenTelemetry's field conventions (`otel.name`,
 //! `otel.kind`, `otel.status_code`, `otel.status_description`, the
 //! `messaging.*` semantic conventions) plus `orchestrix.*`. The library only
@@ -26,10 +28,17 @@ const UNKNOWN_PREFIX: &str = "outcome unknown:";
 /// them, so a run costs nothing extra when tracing is off.
 pub(crate) struct RunSpans {
     run: Span,
-    attempt: Option<Span>,
+    /// Open attempt spans, by step (several while a parallel group runs),
+    /// with the group they belong to.
+    attempts: Vec<(u32, Option<GroupKey>, Span)>,
+    /// Group spans, by group and kind; each ends with its last attempt.
+    groups: Vec<(GroupKey, Span)>,
     run_id: Uuid,
     flow: String,
 }
+
+/// A parallel group and the kind of its attempts.
+type GroupKey = (String, CommandKind);
 
 /// Stamps a span's end time now: the OpenTelemetry layer takes the last exit
 /// as the end, and a span entered only for a send would end at the send.
@@ -72,25 +81,39 @@ impl RunSpans {
             let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&OneHeader(tp)));
             let _ = run.set_parent(cx);
         }
-        Some(Box::new(RunSpans { run, attempt: None, run_id, flow: flow.to_owned() }))
+        Some(Box::new(RunSpans {
+            run,
+            attempts: Vec::new(),
+            groups: Vec::new(),
+            run_id,
+            flow: flow.to_owned(),
+        }))
     }
 
     /// The span of an attempt, child of the run's:
     /// `process-payment execute attempt 2`, `reserve-stock compensate attempt 1`.
     /// Sent over a bus (`remote`), it is a messaging PRODUCER span whose
     /// message id is the command's id; in-process, an INTERNAL one.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn attempt_started(
         &mut self,
+        index: u32,
         step: &str,
+        group: Option<&str>,
         kind: CommandKind,
         attempt: u32,
         command_id: Uuid,
         remote: bool,
     ) {
         // A span still open (never the case in a consistent run) ends here.
-        self.attempt_ended(None);
+        self.attempt_ended(index, None);
+        let key = group.map(|g| (g.to_owned(), kind));
+        let parent = match group {
+            Some(g) => self.group_span(g, kind).clone(),
+            None => self.run.clone(),
+        };
         let span = info_span!(
-            parent: &self.run,
+            parent: &parent,
             "orchestrix.attempt",
             otel.name = %attempt_name(step, kind, attempt),
             otel.kind = if remote { "producer" } else { "internal" },
@@ -114,18 +137,42 @@ impl RunSpans {
             span.record("messaging.operation.name", "publish");
             span.record("messaging.message.id", tracing::field::display(command_id));
         }
-        self.attempt = Some(span);
+        self.attempts.push((index, key, span));
     }
 
-    /// The span of the attempt in flight.
-    pub(crate) fn attempt(&self) -> Option<&Span> {
-        self.attempt.as_ref()
+    /// The span of a parallel group's attempts of `kind`, opened with its
+    /// first: `reserve execute group`.
+    fn group_span(&mut self, group: &str, kind: CommandKind) -> &Span {
+        let key = (group.to_owned(), kind);
+        let at = match self.groups.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                let span = info_span!(
+                    parent: &self.run,
+                    "orchestrix.group",
+                    otel.name = %format_args!("{group} {} group", kind.as_str()),
+                    otel.kind = "internal",
+                    orchestrix.run_id = %self.run_id,
+                    orchestrix.flow = %self.flow,
+                    orchestrix.group = %group,
+                    orchestrix.kind = kind.as_str(),
+                );
+                self.groups.push((key, span));
+                self.groups.len() - 1
+            }
+        };
+        &self.groups[at].1
+    }
+
+    /// The span of step `index`'s attempt in flight.
+    pub(crate) fn attempt(&self, index: u32) -> Option<&Span> {
+        self.attempts.iter().find(|(i, _, _)| *i == index).map(|(_, _, s)| s)
     }
 
     /// The attempt's command was sent again under a new id (no worker had
     /// taken it): an event on the attempt's span.
-    pub(crate) fn redispatched(&self, command_id: Uuid, note: &str) {
-        if let Some(span) = &self.attempt {
+    pub(crate) fn redispatched(&self, index: u32, command_id: Uuid, note: &str) {
+        if let Some(span) = self.attempt(index) {
             tracing::info!(
                 parent: span,
                 messaging.message.id = %command_id,
@@ -138,8 +185,9 @@ impl RunSpans {
     /// Ends the attempt's span, with an error status when it failed: the
     /// error is the status message, and an event says `attempt failed` (or
     /// `outcome unknown`, when nobody knows what the attempt did).
-    pub(crate) fn attempt_ended(&mut self, error: Option<&str>) {
-        let Some(span) = self.attempt.take() else { return };
+    pub(crate) fn attempt_ended(&mut self, index: u32, error: Option<&str>) {
+        let Some(at) = self.attempts.iter().position(|(i, _, _)| *i == index) else { return };
+        let (_, key, span) = self.attempts.swap_remove(at);
         if let Some(e) = error {
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", e);
@@ -155,6 +203,10 @@ impl RunSpans {
             }
         }
         stamp_end(&span);
+        // A group's span ends with the last of its attempts (so far).
+        if let Some((_, g)) = self.groups.iter().find(|(k, _)| Some(k) == key.as_ref()) {
+            stamp_end(g);
+        }
     }
 
     /// A retry, as an event on the run's span (`attempt` and `delay_ms` as
@@ -170,7 +222,10 @@ impl RunSpans {
     }
 
     pub(crate) fn finished(mut self, report: &RunReport) {
-        self.attempt_ended(None);
+        let open: Vec<u32> = self.attempts.iter().map(|(i, _, _)| *i).collect();
+        for index in open {
+            self.attempt_ended(index, None);
+        }
         if report.status != RunStatus::Completed {
             self.run.record("otel.status_code", "ERROR");
             let why = report.error.as_deref().unwrap_or(report.status.as_str());
@@ -184,7 +239,7 @@ impl Drop for RunSpans {
     /// A run actor that stops without finishing (handed over, quarantined,
     /// shut down) ends its spans where it stopped, not at the last send.
     fn drop(&mut self) {
-        if let Some(span) = self.attempt.take() {
+        for (_, _, span) in self.attempts.drain(..) {
             stamp_end(&span);
         }
     }

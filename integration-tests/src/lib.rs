@@ -282,6 +282,11 @@ impl Ledger {
         self.lines_mut().push(line);
     }
 
+    /// Every line, in order.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines_mut().clone()
+    }
+
     /// How many lines equal `line`.
     pub fn count(&self, line: &str) -> usize {
         self.lines_mut().iter().filter(|l| *l == line).count()

@@ -370,6 +370,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
             timeout: None,
             wait: true,
             start_by_ms: None,
+            concurrency_key: None,
         })
         .unwrap();
         ok[..ok.len() / 2].to_vec()
@@ -452,6 +453,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
         timeout: None,
         wait: false,
         start_by_ms: None,
+        concurrency_key: None,
     })
     .unwrap();
     let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(other)).await.unwrap();

@@ -606,7 +606,7 @@ async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
         std::time::SystemTime::now(),
     );
     rec.key = Some("order-8".into());
-    rec.current = None;
+    rec.current.clear();
     for s in &mut rec.steps[..2] {
         s.status = StepStatus::Completed;
         s.attempts = 1;

@@ -52,6 +52,17 @@ pub struct StepDef {
         skip_serializing_if = "Option::is_none"
     )]
     pub pause_timeout: Option<Duration>,
+    /// The parallel group the step belongs to, if any: consecutive steps of
+    /// one group run at the same time, and are compensated at the same time
+    /// (see [`FlowDef::stages`]). Omitted from the encoding when `None`, so
+    /// flows without groups keep their versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Arc<str>>,
+    /// At most this many attempts of the step's action in flight at once,
+    /// across every run and coordinator (a fragile dependency behind it);
+    /// attempts beyond it wait for a slot, in arrival order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
 }
 
 /// What happens when a step's (or a compensation's) retries run out on
@@ -112,6 +123,8 @@ impl StepDef {
             on_exhausted: OnExhausted::Rollback,
             compensation_on_exhausted: OnExhausted::Rollback,
             pause_timeout: None,
+            group: None,
+            max_in_flight: None,
         }
     }
 }
@@ -131,12 +144,21 @@ pub struct FlowDef {
     pub version: Option<Arc<str>>,
     /// Steps, run in this order.
     pub steps: Vec<StepDef>,
+    /// Runs with the same concurrency key that may run at once (the others
+    /// queue); `None`: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_per_key: Option<u32>,
 }
 
 impl FlowDef {
     /// A flow with no steps yet.
     pub fn new(name: &str) -> Self {
-        FlowDef { name: Arc::from(name), version: None, steps: Vec::new() }
+        FlowDef {
+            name: Arc::from(name),
+            version: None,
+            steps: Vec::new(),
+            concurrency_per_key: None,
+        }
     }
 
     /// The flow's version: its explicit label, or else 16 hex digits hashed
@@ -169,6 +191,36 @@ impl FlowDef {
         })
     }
 
+    /// The flow's stages, in order: each a range of step indexes that run
+    /// together. A step outside any group is a stage of its own; the
+    /// consecutive steps of a parallel group are one stage. A stage starts
+    /// when the one before it completed; rollback goes stage by stage in
+    /// reverse, the members of one stage compensated at the same time.
+    pub fn stages(&self) -> Vec<std::ops::Range<usize>> {
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            match out.last_mut() {
+                Some(last)
+                    if step.group.is_some() && self.steps[last.start].group == step.group =>
+                {
+                    last.end = i + 1
+                }
+                _ => out.push(i..i + 1),
+            }
+        }
+        out
+    }
+
+    /// The stage (see [`FlowDef::stages`]) step `step` belongs to.
+    pub fn stage_of(&self, step: usize) -> std::ops::Range<usize> {
+        let group = self.steps.get(step).and_then(|s| s.group.as_ref());
+        let Some(group) = group else { return step..step + 1 };
+        let same = |i: &usize| self.steps[*i].group.as_ref() == Some(group);
+        let start = (0..step).rev().take_while(|i| same(i)).last().unwrap_or(step);
+        let end = (step..self.steps.len()).take_while(|i| same(i)).last().map_or(step, |e| e) + 1;
+        start..end
+    }
+
     /// The index of the step named `name`.
     pub fn position(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| &*s.name == name)
@@ -182,6 +234,13 @@ impl FlowDef {
         }
         if self.steps.is_empty() {
             return Err(FlowError::NoSteps { flow: self.name.to_string() });
+        }
+        if self.concurrency_per_key == Some(0) {
+            return Err(FlowError::Policy {
+                flow: self.name.to_string(),
+                step: String::new(),
+                reason: "the concurrency limit per key must be at least 1".into(),
+            });
         }
         for (i, step) in self.steps.iter().enumerate() {
             validate_name("step", &step.name)?;
@@ -199,6 +258,40 @@ impl FlowDef {
                         step: step.name.to_string(),
                         reason,
                     });
+                }
+            }
+            if step.max_in_flight == Some(0) {
+                return Err(FlowError::Policy {
+                    flow: self.name.to_string(),
+                    step: step.name.to_string(),
+                    reason: "max_in_flight must be at least 1".into(),
+                });
+            }
+            if let Some(group) = &step.group {
+                validate_name("group", group)?;
+                let policy = |reason: String| FlowError::Policy {
+                    flow: self.name.to_string(),
+                    step: step.name.to_string(),
+                    reason,
+                };
+                // A group is one block: the same name further on would be
+                // a second group that reads as the first.
+                let split = i > 0
+                    && self.steps[i - 1].group.as_ref() != Some(group)
+                    && self.steps[..i].iter().any(|s| s.group.as_ref() == Some(group));
+                if split {
+                    return Err(policy(format!(
+                        "the steps of parallel group `{group}` must be next to each other"
+                    )));
+                }
+                // One pause at a time per run: a member cannot pause while
+                // its siblings go on.
+                if step.on_exhausted == OnExhausted::Pause
+                    || step.compensation_on_exhausted == OnExhausted::Pause
+                {
+                    return Err(policy(format!(
+                        "a step of parallel group `{group}` cannot pause when its retries run out (it rolls back)"
+                    )));
                 }
             }
             if self.steps[..i].iter().any(|s| s.name == step.name) {

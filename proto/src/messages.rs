@@ -198,6 +198,10 @@ pub struct RunRequest {
     /// it rather than start a run nobody knows about. `nil`: no limit.
     #[serde(default)]
     pub start_by_ms: Option<u64>,
+    /// Concurrency key: runs of the flow with the same key run at most the
+    /// flow's limit per key at a time; the others queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
 }
 
 impl Message for RunRequest {

@@ -33,6 +33,10 @@ pub struct RunOptions {
     /// The version of the flow to run (distributed flows from the registry);
     /// `None`: the newest version with a live worker.
     pub version: Option<String>,
+    /// Concurrency key (`account:42`): at most the flow's limit per key
+    /// (default 1) of its runs with this key run at once; the others wait,
+    /// `queued`, in arrival order.
+    pub concurrency_key: Option<String>,
 }
 
 impl RunOptions {
@@ -69,6 +73,15 @@ impl RunOptions {
         self
     }
 
+    /// Sets the concurrency key: runs of the flow with the same key run at
+    /// most the flow's limit per key (default 1) at a time, the others
+    /// waiting their turn in arrival order.
+    #[must_use]
+    pub fn concurrency_key(mut self, key: impl Into<String>) -> Self {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
     /// Makes the run's span a child of this W3C `traceparent`.
     #[must_use]
     pub fn traceparent(mut self, traceparent: impl Into<String>) -> Self {
@@ -84,7 +97,7 @@ impl RunOptions {
         timeout: Option<Duration>,
         version: Option<String>,
     ) -> Self {
-        RunOptions { key, ttl, timeout, version, traceparent: None }
+        RunOptions { key, ttl, timeout, version, traceparent: None, concurrency_key: None }
     }
 }
 

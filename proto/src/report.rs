@@ -10,6 +10,10 @@ use crate::{Payload, time};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// Waiting for its turn: other runs with the same concurrency key hold
+    /// every slot of the flow's limit per key. Starts, in arrival order, as
+    /// they end; a queued run can be cancelled.
+    Queued,
     /// Still executing or compensating.
     Running,
     /// A step's (or compensation's) retries ran out and it is set to pause:
@@ -34,7 +38,8 @@ pub enum RunStatus {
 
 impl RunStatus {
     /// Every status, for parsing and listing.
-    pub const ALL: [RunStatus; 7] = [
+    pub const ALL: [RunStatus; 8] = [
+        RunStatus::Queued,
         RunStatus::Running,
         RunStatus::Paused,
         RunStatus::Completed,
@@ -44,14 +49,16 @@ impl RunStatus {
         RunStatus::Quarantined,
     ];
 
-    /// True for every status but [`RunStatus::Running`] and [`RunStatus::Paused`].
+    /// True for every status but [`RunStatus::Queued`], [`RunStatus::Running`]
+    /// and [`RunStatus::Paused`].
     pub fn is_terminal(self) -> bool {
-        !matches!(self, RunStatus::Running | RunStatus::Paused)
+        !matches!(self, RunStatus::Queued | RunStatus::Running | RunStatus::Paused)
     }
 
     /// The status as written in JSON: `running`, `completed`, `failed`, `compensation_failed`.
     pub fn as_str(self) -> &'static str {
         match self {
+            RunStatus::Queued => "queued",
             RunStatus::Running => "running",
             RunStatus::Paused => "paused",
             RunStatus::Completed => "completed",
@@ -186,6 +193,10 @@ pub struct StepReport {
     /// While the step is `waiting`: why (no worker of the run's version took it, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// The parallel group the step ran in, if any: the steps of one group
+    /// ran at the same time, and were compensated at the same time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// The report of a run: what the caller of `run` gets back.
@@ -322,7 +333,15 @@ impl fmt::Display for RunReport {
             _ => {}
         }
         for s in &self.steps {
-            write!(f, "  {}: {} ({} attempt{})", s.name, s.status, s.attempts, plural(s.attempts))?;
+            let group = s.group.as_deref().map(|g| format!(" [group {g}]")).unwrap_or_default();
+            write!(
+                f,
+                "  {}{group}: {} ({} attempt{})",
+                s.name,
+                s.status,
+                s.attempts,
+                plural(s.attempts)
+            )?;
             if let Some(err) = &s.error {
                 write!(f, ", last error: {err}")?;
             }

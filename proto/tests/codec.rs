@@ -48,6 +48,7 @@ fn report() -> RunReport {
         steps: vec![
             StepReport {
                 waiting: None,
+                group: Some("reserve".into()),
                 name: "reserve-stock".into(),
                 status: StepStatus::Compensated,
                 attempts: 1,
@@ -63,6 +64,7 @@ fn report() -> RunReport {
             },
             StepReport {
                 waiting: None,
+                group: None,
                 name: "process-payment".into(),
                 status: StepStatus::Failed,
                 attempts: 4,
@@ -111,6 +113,7 @@ fn every_message_round_trips() {
         timeout: None,
         wait: true,
         start_by_ms: None,
+        concurrency_key: Some("account:42".into()),
     });
     round_trip(&StatusRequest { run_id: id, wait: true });
     round_trip(&RunReply::Accepted { run_id: id, duplicate: false });

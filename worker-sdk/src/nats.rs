@@ -413,7 +413,10 @@ mod tests {
         for secret in ["s3cret", "hunter2", "tok3n"] {
             assert!(!shown.contains(secret), "{shown}");
         }
-        assert!(shown.contains("tls://<redacted>@h1:4222,nats://h2:4222"), "{shown}");
+        assert!(shown.contains("tls://alice:<redacted>@h1:4222,nats://h2:4222"), "{shown}");
         assert!(shown.contains("bob"), "{shown}");
+        // A token in the URL is hidden whole; a URL without credentials is kept.
+        assert_eq!(redact_url("nats://t0ken@h:4222"), "nats://<redacted>@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }
 }

@@ -76,8 +76,8 @@ struct NatsArgs {
     /// NATS credentials file (.creds).
     #[arg(long, global = true, env = "NATS_CREDS")]
     creds: Option<PathBuf>,
-    /// Root certificate to trust (PEM); implies TLS.
-    #[arg(long, global = true)]
+    /// Root certificate to trust (PEM), the CA that signed the server's; implies TLS.
+    #[arg(long, global = true, env = "NATS_CA")]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), with --tls-key.
     #[arg(long, global = true, requires = "tls_key")]
@@ -927,7 +927,9 @@ fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
 
 fn exit_for(report: &RunReport) -> ExitCode {
     match report.status {
-        RunStatus::Completed | RunStatus::Running | RunStatus::Paused => ExitCode::SUCCESS,
+        RunStatus::Completed | RunStatus::Queued | RunStatus::Running | RunStatus::Paused => {
+            ExitCode::SUCCESS
+        }
         RunStatus::Failed
         | RunStatus::CompensationFailed
         | RunStatus::Quarantined

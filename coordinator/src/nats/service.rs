@@ -215,6 +215,7 @@ async fn answer_run(
         return rejected(format!("run request expired {} ms ago (the caller gave up)", now - by));
     }
     let mut options = RunOptions::with(req.key, req.ttl, req.timeout, req.version);
+    options.concurrency_key = req.concurrency_key;
     options.traceparent = traceparent;
     let handle = match coordinator.start_payload(&req.flow, req.input, options).await {
         Ok(h) => h,
