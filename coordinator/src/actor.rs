@@ -288,6 +288,18 @@ impl RunActor {
                     }
                 }
                 Effect::Notify(notice) => self.notify(&notice),
+                Effect::Acquire { slot, limit } => self.acquire(slot, limit, ctx),
+                Effect::AwaitSlot { slot } => self.await_slot(slot, ctx),
+                Effect::Release { slot } => {
+                    let (run_id, release) =
+                        (self.run_id(), self.store.release(&slot, self.run_id()));
+                    ctx.spawn(release.into_actor(self).map(move |res, _, _| {
+                        // Whatever is not let go now is when the run ends.
+                        if let Err(e) = res {
+                            warn!(%run_id, %slot, error = %e, "cannot let go of a slot");
+                        }
+                    }));
+                }
                 Effect::Finish { duration } => {
                     self.bus.run_finished(self.run_id());
                     let report = self.machine.rec.to_report(duration);
@@ -304,6 +316,51 @@ impl RunActor {
                 }
             }
         }
+    }
+
+    /// Asks the store for a slot; its answer becomes an event. Other events
+    /// (a cancel) are handled meanwhile. An unavailable store is asked again.
+    fn acquire(&mut self, slot: String, limit: u32, ctx: &mut Context<Self>) {
+        let ask = self.store.acquire(&slot, limit, self.run_id());
+        ctx.spawn(ask.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(grant) => {
+                let granted = grant == crate::slots::Grant::Granted;
+                act.handle_event(Event::Slot { slot, granted }, ctx);
+            }
+            Err(e) if e.is_permanent() => act.store_refused(e, ctx),
+            Err(e) => {
+                warn!(run_id = %act.run_id(), %slot, error = %e, "cannot ask for a slot; asking again");
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.acquire(slot, limit, ctx));
+            }
+        }));
+    }
+
+    /// Waits for the store to say the slot is held.
+    fn await_slot(&mut self, slot: String, ctx: &mut Context<Self>) {
+        let wait = self.store.granted(&slot, self.run_id());
+        ctx.spawn(wait.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => act.handle_event(Event::Slot { slot, granted: true }, ctx),
+            // Neither holding nor waiting (the queue was reset): ask again.
+            Err(StoreError::NotFound(_)) => {
+                let limit = act.slot_limit(&slot);
+                act.acquire(slot, limit, ctx)
+            }
+            Err(e) => {
+                warn!(run_id = %act.run_id(), %slot, error = %e, "cannot wait for a slot; waiting again");
+                ctx.run_later(Duration::from_secs(1), move |act, ctx| act.await_slot(slot, ctx));
+            }
+        }));
+    }
+
+    /// The limit of one of the run's slots, from its flow.
+    fn slot_limit(&self, slot: &str) -> u32 {
+        let def = &self.machine.plan.def;
+        def.steps
+            .iter()
+            .find(|s| crate::slots::step_slot(&def.name, &s.name) == slot)
+            .and_then(|s| s.max_in_flight)
+            .or(def.concurrency_per_key)
+            .unwrap_or(1)
     }
 
     /// Sends an attempt's command (its watch is a separate effect).

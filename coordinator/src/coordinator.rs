@@ -433,6 +433,19 @@ impl Coordinator {
         record.key = options.key;
         record.ttl = options.ttl;
         record.timeout = options.timeout;
+        // A keyed run takes its place in the key's queue before the start is
+        // answered, so runs started one after another queue in that order
+        // (the record names the slot from the first write: whatever happens
+        // next, the run's end lets go of it).
+        let key_slot = options.concurrency_key.as_deref().map(|k| {
+            let limit = plan.def.concurrency_per_key.unwrap_or(1);
+            (crate::slots::key_slot(&plan.def.name, k), limit)
+        });
+        if let Some((slot, _)) = &key_slot {
+            record.slots.push(slot.clone());
+            record.status = orchestrix_proto::RunStatus::Queued;
+        }
+        record.concurrency_key = options.concurrency_key;
         record.traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
         let record = Arc::new(record);
 
@@ -454,6 +467,12 @@ impl Coordinator {
                     }
                     _ => (record, run_id),
                 };
+                if let Some((slot, limit)) = &key_slot
+                    && let Err(e) = self.inner.store.acquire(slot, *limit, run_id).await
+                {
+                    // Its actor asks again.
+                    tracing::warn!(%run_id, error = %e, "cannot queue the run yet");
+                }
                 let (tx, rx) = oneshot::channel();
                 let (bus, store, live) = self.actor_parts();
                 self.engine()?.spawn(move |_| {

@@ -36,6 +36,7 @@ pub struct StepOptions<I> {
     on_exhausted: OnExhausted,
     compensation_on_exhausted: OnExhausted,
     pause_timeout: Option<Duration>,
+    max_in_flight: Option<u32>,
     _input: PhantomData<fn(I)>,
 }
 
@@ -51,6 +52,7 @@ impl<I> Default for StepOptions<I> {
             on_exhausted: OnExhausted::Rollback,
             compensation_on_exhausted: OnExhausted::Rollback,
             pause_timeout: None,
+            max_in_flight: None,
             _input: PhantomData,
         }
     }
@@ -188,6 +190,15 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
         self.compensation_timeout = Some(d);
         self
     }
+
+    /// At most `n` attempts of this step in flight at once, across every run
+    /// (and every coordinator sharing the store): a fragile dependency sees
+    /// no more. Attempts beyond it wait for a slot, in arrival order, with
+    /// the step `waiting`; they do not fail. Compensations are not limited.
+    pub fn max_in_flight(mut self, n: u32) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
 }
 
 /// A flow with its step handlers in this process: what [`create`] builds.
@@ -299,6 +310,7 @@ where
         def.on_exhausted = options.on_exhausted;
         def.compensation_on_exhausted = options.compensation_on_exhausted;
         def.pause_timeout = options.pause_timeout;
+        def.max_in_flight = options.max_in_flight;
         self.def.steps.push(def);
         self.handlers.push(StepHandlers { execute: handler(f), compensate: options.compensate });
         if self.error.is_none() {
@@ -352,6 +364,19 @@ where
             };
         }
         flow.changed()
+    }
+
+    /// At most `n` runs with the same concurrency key
+    /// ([`RunOptions::concurrency_key`]) run at once (default 1); the others
+    /// wait, `queued`, in arrival order. The queue is kept by the store: with
+    /// the JetStream store it is shared by every coordinator and survives
+    /// them.
+    pub fn concurrency_per_key(mut self, n: u32) -> Self {
+        self.def.concurrency_per_key = Some(n);
+        if self.error.is_none() {
+            self.error = self.def.validate().err();
+        }
+        self.changed()
     }
 
     /// Labels this definition's version (letters, digits, `-`, `_`) instead

@@ -18,14 +18,16 @@
 //! name = "send-email"
 //! ```
 //!
-//! Flow keys: `name`, `version` (a label; default: a hash of the definition).
+//! Flow keys: `name`, `version` (a label; default: a hash of the definition),
+//! `concurrency_per_key` (runs with one concurrency key at once; default 1).
 //! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
 //! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
 //! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
 //! `on_unknown` (`"maybe_done"`, the default, or `"retry"`), `on_exhausted` and
 //! `compensation_on_exhausted` (`"rollback"`, the default, or `"pause"`),
 //! `pause_timeout_ms`, `group` (a parallel group: consecutive steps with the
-//! same `group` run at the same time and are compensated at the same time).
+//! same `group` run at the same time and are compensated at the same time),
+//! `max_in_flight` (attempts of the step in flight at once, across all runs).
 //! Unknown keys are errors, so a typo never silently changes a policy.
 
 use std::path::{Path, PathBuf};
@@ -93,6 +95,7 @@ struct File {
 struct FlowEntry {
     name: String,
     version: Option<String>,
+    concurrency_per_key: Option<u32>,
     #[serde(default)]
     step: Vec<StepEntry>,
 }
@@ -124,6 +127,7 @@ struct StepEntry {
     compensation_on_exhausted: crate::OnExhausted,
     pause_timeout_ms: Option<u64>,
     group: Option<String>,
+    max_in_flight: Option<u32>,
 }
 
 fn ms(v: u64) -> Duration {
@@ -233,6 +237,7 @@ impl StepEntry {
         def.compensation_on_exhausted = self.compensation_on_exhausted;
         def.pause_timeout = self.pause_timeout_ms.map(ms);
         def.group = self.group.as_deref().map(std::sync::Arc::from);
+        def.max_in_flight = self.max_in_flight;
         def.compensation_retry = comp;
         def.compensation_timeout = self.compensation_timeout_ms.map(ms);
         def
@@ -258,6 +263,7 @@ pub fn parse(text: &str) -> Result<Vec<FlowDef>, FlowFileError> {
         }
         let mut def = FlowDef::new(&entry.name);
         def.version = entry.version.as_deref().map(std::sync::Arc::from);
+        def.concurrency_per_key = entry.concurrency_per_key;
         def.steps = entry.step.into_iter().map(StepEntry::into_def).collect();
         def.validate()?;
         if flows.iter().any(|f| f.name == def.name) {
@@ -314,6 +320,18 @@ mod tests {
         assert_eq!(flows[0].version(), def.version());
         let split = "[[flow]]\nname = \"f\"\n[[flow.step]]\nname = \"a\"\ngroup = \"g\"\n[[flow.step]]\nname = \"b\"\n[[flow.step]]\nname = \"c\"\ngroup = \"g\"\n";
         assert!(parse(split).unwrap_err().to_string().contains("next to each other"));
+    }
+
+    #[test]
+    fn limits_are_declared_by_the_flow_and_its_steps() {
+        let flows = parse(
+            "[[flow]]\nname = \"f\"\nconcurrency_per_key = 3\n[[flow.step]]\nname = \"a\"\nmax_in_flight = 2\n",
+        )
+        .unwrap();
+        assert_eq!(flows[0].concurrency_per_key, Some(3));
+        assert_eq!(flows[0].steps[0].max_in_flight, Some(2));
+        let zero = "[[flow]]\nname = \"f\"\n[[flow.step]]\nname = \"a\"\nmax_in_flight = 0\n";
+        assert!(parse(zero).unwrap_err().to_string().contains("at least 1"));
     }
 
     #[test]

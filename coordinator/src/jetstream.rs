@@ -9,6 +9,7 @@
 //! | `{prefix}_history` | run id | the final report; entries expire after the retention (bucket `max_age`) |
 //! | `{prefix}_keys` | hex of the idempotency key | the run id, then its report; expires `ttl` after the run ended (per-key TTL, nats-server ≥ 2.11) |
 //! | `{prefix}_coordinators` | coordinator id | a heartbeat, rewritten every second with a 3 s per-key TTL: the key exists while the coordinator lives |
+//! | `{prefix}_slots` | a slot (`key.{flow}.{hex key}`, `step.{flow}.{step}`) | its holders and its queue (see [`crate::slots`]), changed by compare-and-set |
 //!
 //! **Ownership.** Each run record names the coordinator that owns it, and
 //! every write of it is a compare-and-set on the record's revision. A
@@ -39,6 +40,7 @@ use uuid::Uuid;
 
 use crate::ListFilter;
 use crate::record::{Phase, RunRecord, Transition};
+use crate::slots::{Grant, SlotState};
 use crate::store::{Created, Pending, Store, StoreError};
 
 /// Where and how the JetStream store keeps its buckets.
@@ -101,6 +103,7 @@ struct Inner {
     keys_bucket: String,
     coordinators: kv::Store,
     quarantine: kv::Store,
+    slots: kv::Store,
     /// Largest value the server takes.
     max_payload: usize,
     /// This coordinator's id, the owner named in the records it writes.
@@ -252,6 +255,7 @@ impl JetStreamStore {
         let coordinators_bucket = format!("{p}_coordinators");
         let coordinators = open(bucket(coordinators_bucket.clone(), Duration::ZERO, true)).await?;
         let quarantine = open(bucket(format!("{p}_quarantine"), Duration::ZERO, false)).await?;
+        let slots = open(bucket(format!("{p}_slots"), Duration::ZERO, false)).await?;
         let max_payload = client.server_info().max_payload;
         let id = Uuid::new_v4().simple().to_string();
         // The first beat is written before the store is used, so no other
@@ -277,6 +281,7 @@ impl JetStreamStore {
             keys_bucket,
             coordinators,
             quarantine,
+            slots,
             max_payload,
             id,
             revisions: Default::default(),
@@ -570,9 +575,45 @@ impl Inner {
             let value = encode(&KeyValue { run_id: after.run_id, done: Some((report, expires)) })?;
             put_with_ttl(&self.js, &self.keys_bucket, &key_name(key), value, ttl).await?;
         }
+        // Its slots go before its record: a coordinator that dies in between
+        // leaves a finished record, whose retirement (this, again) lets go.
+        for slot in &after.slots {
+            self.release_slot(slot, after.run_id).await?;
+        }
         self.runs.delete(&id).await.map_err(|e| unavailable("cannot retire the run", e))?;
         self.set_revision(after.run_id, None);
         Ok(())
+    }
+
+    /// Changes one slot's state with a compare-and-set, as often as others
+    /// change it in between. `change` returns false to write nothing.
+    async fn change_slot<T>(
+        &self,
+        slot: &str,
+        mut change: impl FnMut(&mut SlotState) -> (bool, T),
+    ) -> Result<T, StoreError> {
+        loop {
+            let entry =
+                self.slots.entry(slot).await.map_err(|e| unavailable("cannot read a slot", e))?;
+            let (mut state, revision) = match entry {
+                Some(e) if e.operation == kv::Operation::Put => (decode(&e.value)?, e.revision),
+                Some(e) => (SlotState::default(), e.revision),
+                None => (SlotState::default(), 0),
+            };
+            let (write, out) = change(&mut state);
+            if !write {
+                return Ok(out);
+            }
+            match self.slots.update(slot, encode(&state)?, revision).await {
+                Ok(_) => return Ok(out),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable("cannot write a slot", e)),
+            }
+        }
+    }
+
+    async fn release_slot(&self, slot: &str, holder: Uuid) -> Result<(), StoreError> {
+        self.change_slot(slot, |s| (s.release(holder), ())).await
     }
 
     async fn report(&self, run_id: Uuid) -> Result<Option<RunReport>, StoreError> {
@@ -604,7 +645,66 @@ fn live_report(run_id: Uuid, bytes: &[u8]) -> RunReport {
     }
 }
 
+/// How often a wait for a slot looks again, besides watching it: a watch
+/// can go quiet while the bucket changes leader.
+const SLOT_POLL: Duration = Duration::from_secs(2);
+
 impl Store for JetStreamStore {
+    fn acquire(
+        &self,
+        slot: &str,
+        limit: u32,
+        holder: Uuid,
+    ) -> BoxFuture<'static, Result<Grant, StoreError>> {
+        let (inner, slot) = (self.inner.clone(), slot.to_owned());
+        Box::pin(async move {
+            inner
+                .change_slot(&slot, |s| {
+                    let before = s.clone();
+                    let grant = s.acquire(holder, limit);
+                    (*s != before, grant)
+                })
+                .await
+        })
+    }
+
+    fn release(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (inner, slot) = (self.inner.clone(), slot.to_owned());
+        Box::pin(async move { inner.release_slot(&slot, holder).await })
+    }
+
+    fn granted(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (inner, slot) = (self.inner.clone(), slot.to_owned());
+        Box::pin(async move {
+            // Watch first, then look: a hand-over in between is not missed.
+            let mut watch = inner.slots.watch(&slot).await.ok();
+            loop {
+                let state = match inner.slots.get(&slot).await {
+                    Ok(Some(b)) => Some(decode::<SlotState>(&b)?),
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(%slot, error = %e, "cannot read a slot; looking again");
+                        Some(SlotState { waiting: vec![holder], ..Default::default() })
+                    }
+                };
+                match state {
+                    Some(s) if s.holds(holder) => return Ok(()),
+                    Some(s) if s.knows(holder) => {}
+                    _ => return Err(StoreError::NotFound(holder)),
+                }
+                let change = async {
+                    match watch.as_mut() {
+                        Some(w) => {
+                            w.next().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let _ = tokio::time::timeout(SLOT_POLL, change).await;
+            }
+        })
+    }
+
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         let (inner, record) = (self.inner.clone(), record.clone());
         Pending::later(async move {
@@ -748,6 +848,10 @@ impl Store for JetStreamStore {
         let (inner, record) = (self.inner.clone(), record.clone());
         Box::pin(async move {
             let report = record.quarantined_report(reason);
+            // Set aside, it holds nothing: the runs behind it go on.
+            for slot in &record.slots {
+                inner.release_slot(slot, record.run_id).await?;
+            }
             inner.quarantine(record.run_id, None, report, record.key.as_deref()).await
         })
     }

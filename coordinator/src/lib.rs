@@ -46,6 +46,7 @@ pub mod nats;
 pub mod observability;
 pub mod record;
 mod registry;
+pub mod slots;
 mod store;
 mod telemetry;
 

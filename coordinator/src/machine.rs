@@ -101,6 +101,11 @@ pub(crate) const DECISIONS: &[&str] = &[
     "rollback-paused",
     "pause-expired",
     "reopen-rollback",
+    "queue",
+    "slot-ask",
+    "slot-granted",
+    "slot-wait",
+    "deadline-waiting",
 ];
 
 #[cfg(test)]
@@ -157,6 +162,10 @@ pub(crate) enum Event {
     PauseExpired,
     /// An operator resumes the rollback of a run that ended `compensation_failed`.
     Reopen(OperatorAction),
+    /// The store answered about a slot the run asked for: held now, or
+    /// waiting for it (in which case `Slot { granted: true }` follows once
+    /// it is held).
+    Slot { slot: String, granted: bool },
 }
 
 /// Bounds the machine enforces, from the bus and store it runs over. The
@@ -217,6 +226,12 @@ pub(crate) enum Effect {
     RunDeadline { after: Duration },
     /// `PauseExpired` after `after`.
     PauseDeadline { after: Duration },
+    /// Ask the store for a slot; its answer comes back as `Event::Slot`.
+    Acquire { slot: String, limit: u32 },
+    /// Wait until the store says the slot is held (`Event::Slot`, granted).
+    AwaitSlot { slot: String },
+    /// Let go of a step's slot (its attempt is over).
+    Release { slot: String },
     /// Tell every worker of the command's step to stop it (whoever holds it
     /// drops its handler; nobody starts it any more).
     Cancel(StepCommand),
@@ -435,7 +450,7 @@ impl Machine {
                 {
                     decided("start");
                     self.run_deadline(now, out);
-                    self.next_step(0, now, wall, out);
+                    self.first_stage(now, wall, out);
                 }
             }
             Event::Resume => {
@@ -477,9 +492,18 @@ impl Machine {
                         }
                     }
                 }
-                if self.rec.current.is_empty() {
+                // Attempts waiting for their step's slot, and a queued run, ask
+                // again (harmless: the store knows them).
+                for w in self.rec.slot_waits.clone() {
+                    let limit = self.step_limit(w.step).unwrap_or(1);
+                    out.effects.push(Effect::Acquire { slot: w.slot, limit });
+                }
+                if self.rec.status == RunStatus::Queued {
+                    let (slot, limit) = self.key_slot().unwrap_or_default();
+                    out.effects.push(Effect::Acquire { slot, limit });
+                } else if self.rec.current.is_empty() && self.rec.slot_waits.is_empty() {
                     if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) {
-                        self.next_step(0, now, wall, out)
+                        self.first_stage(now, wall, out)
                     } else if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
                         // Paused: wait on, and roll back when the pause times out.
                         let after = until.duration_since(wall).unwrap_or_default();
@@ -592,6 +616,36 @@ impl Machine {
             }
             Event::Control(action) => self.control(action, now, wall, out),
             Event::Reopen(_) => {}
+            Event::Slot { slot, granted: false } => {
+                // Still wanted (not cancelled or expired meanwhile): wait for it.
+                let queued = self.rec.status == RunStatus::Queued
+                    && self.key_slot().is_some_and(|(k, _)| k == slot);
+                if queued || self.rec.slot_waits.iter().any(|w| w.slot == slot) {
+                    decided("slot-wait");
+                    out.effects.push(Effect::AwaitSlot { slot });
+                }
+            }
+            Event::Slot { slot, granted: true } => {
+                let queued = self.rec.status == RunStatus::Queued
+                    && self.key_slot().is_some_and(|(k, _)| k == slot);
+                let waits: Vec<_> =
+                    self.rec.slot_waits.iter().filter(|w| w.slot == slot).cloned().collect();
+                if !queued && waits.is_empty() {
+                    // Not wanted any more (cancelled meanwhile): let it go.
+                    if self.rec.slots.contains(&slot) {
+                        out.effects.push(Effect::Release { slot });
+                    }
+                    return;
+                }
+                decided("slot-granted");
+                self.push(Transition::SlotTaken { slot }, out);
+                if queued {
+                    self.next_step(0, now, wall, out);
+                }
+                for w in waits {
+                    self.begin_now(w.step, CommandKind::Execute, w.attempt, now, wall, out);
+                }
+            }
             Event::PauseExpired => {
                 let Some(p) = &self.rec.paused else { return };
                 if p.until.is_none_or(|u| u > wall) {
@@ -609,6 +663,34 @@ impl Machine {
             Event::DeadlineExceeded => {
                 if self.rec.phase != Phase::Executing {
                     return; // compensation is never cut short
+                }
+                let timeout = self.rec.timeout.unwrap_or_default();
+                if self.rec.status == RunStatus::Queued {
+                    decided("deadline-waiting");
+                    let error = format!(
+                        "run deadline of {timeout:?} exceeded while queued behind other runs with its concurrency key"
+                    );
+                    self.push(Transition::Expired { error }, out);
+                    return self.finish(now, out);
+                }
+                if self.rec.current.is_empty()
+                    && let Some(w) = self.rec.slot_waits.first().cloned()
+                {
+                    decided("deadline-waiting");
+                    let error = format!(
+                        "run deadline of {timeout:?} exceeded while waiting for a slot of the step"
+                    );
+                    let cur = Current {
+                        step: w.step,
+                        kind: CommandKind::Execute,
+                        attempt: w.attempt,
+                        command_id: Uuid::nil(),
+                        retry_at: None,
+                        acked_by: None,
+                        sent_at: None,
+                        redispatches: 0,
+                    };
+                    return self.step_failed(cur, error, false, now, wall, out);
                 }
                 if self.rec.paused.is_some() {
                     decided("deadline");
@@ -657,6 +739,7 @@ impl Machine {
                 decided("cancel");
                 let paused = self.rec.paused.as_ref().map(|p| p.step);
                 let stage = (self.rec.current.first().map(|c| c.step))
+                    .or(self.rec.slot_waits.first().map(|w| w.step))
                     .or(paused)
                     .map(|step| self.plan.def.stage_of(step as usize));
                 self.push(Transition::Cancelled { action }, out);
@@ -784,6 +867,9 @@ impl Machine {
     /// not answered may have happened (its ack can be on the way), and its
     /// workers are told to stop it; one between attempts surely did not.
     fn stop_all(&mut self, out: &mut Decision) {
+        for w in self.rec.slot_waits.clone() {
+            self.push(Transition::Stopped { step: w.step, maybe_done: false }, out);
+        }
         for c in self.rec.current.clone() {
             let in_hand = c.retry_at.is_none();
             self.push(Transition::Stopped { step: c.step, maybe_done: in_hand }, out);
@@ -812,6 +898,27 @@ impl Machine {
         let fx = &mut out.effects;
         let attempts = |step: u32| self.attempts_of(step, CommandKind::Execute);
         let comp_attempts = |step: u32| self.attempts_of(step, CommandKind::Compensate);
+        // An attempt of a step with a limit that is over (or stopped, or
+        // never started) lets go of the step's slot.
+        let over = match t {
+            Transition::StepCompleted { step, .. }
+            | Transition::StepFailed { step, .. }
+            | Transition::Stopped { step, .. }
+            | Transition::RetryScheduled { step, kind: CommandKind::Execute, .. } => Some(*step),
+            Transition::Paused(p) if p.kind == CommandKind::Execute => Some(p.step),
+            _ => None,
+        };
+        if let Some(step) = over
+            && self.step_limit(step).is_some()
+        {
+            let slot = crate::slots::step_slot(
+                &self.plan.def.name,
+                &self.plan.def.steps[step as usize].name,
+            );
+            if self.rec.slots.contains(&slot) {
+                fx.push(Effect::Release { slot });
+            }
+        }
         // An attempt watched before and not after (over, failed, replaced)
         // loses its timers.
         for b in before.iter().filter(|b| b.retry_at.is_none()) {
@@ -921,6 +1028,9 @@ impl Machine {
             Transition::Finished { duration, .. } => {
                 fx.push(Effect::Finish { duration: *duration })
             }
+            Transition::SlotAsked { .. }
+            | Transition::SlotTaken { .. }
+            | Transition::Expired { .. } => {}
         }
     }
 
@@ -1069,6 +1179,33 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
+        // A step with a limit of attempts in flight waits for a slot first
+        // (its compensations do not: undoing is never held back).
+        if kind == CommandKind::Execute
+            && let Some(limit) = self.step_limit(step)
+        {
+            decided("slot-ask");
+            let slot = crate::slots::step_slot(
+                &self.plan.def.name,
+                &self.plan.def.steps[step as usize].name,
+            );
+            self.push(Transition::SlotAsked { slot: slot.clone(), step: Some(step), attempt }, out);
+            out.effects.push(Effect::Acquire { slot, limit });
+            return;
+        }
+        self.begin_now(step, kind, attempt, now, wall, out);
+    }
+
+    /// Starts the attempt: its command goes out once this is stored.
+    fn begin_now(
+        &mut self,
+        step: u32,
+        kind: CommandKind,
+        attempt: u32,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Decision,
+    ) {
         if let Some(slot) = self.first_attempt.get_mut(step as usize) {
             match kind {
                 CommandKind::Execute => slot.0.get_or_insert(now),
@@ -1128,6 +1265,34 @@ impl Machine {
         if done {
             self.next_step(stage.end, now, wall, out);
         }
+    }
+
+    /// Starts the run: its first stage, or first a place in the queue of its
+    /// concurrency key.
+    fn first_stage(&mut self, now: Instant, wall: SystemTime, out: &mut Decision) {
+        match self.key_slot() {
+            Some((slot, limit)) => {
+                decided("queue");
+                self.push(
+                    Transition::SlotAsked { slot: slot.clone(), step: None, attempt: 0 },
+                    out,
+                );
+                out.effects.push(Effect::Acquire { slot, limit });
+            }
+            None => self.next_step(0, now, wall, out),
+        }
+    }
+
+    /// The slot of the run's concurrency key and the flow's limit per key.
+    fn key_slot(&self) -> Option<(String, u32)> {
+        let key = self.rec.concurrency_key.as_deref()?;
+        let limit = self.plan.def.concurrency_per_key.unwrap_or(1);
+        Some((crate::slots::key_slot(&self.plan.def.name, key), limit))
+    }
+
+    /// The step's limit of attempts in flight, if it has one.
+    fn step_limit(&self, step: u32) -> Option<u32> {
+        self.plan.def.steps.get(step as usize).and_then(|s| s.max_in_flight)
     }
 
     /// Starts the stage at `from` (every step of a parallel group at once),
@@ -1356,7 +1521,7 @@ impl Machine {
             RunStatus::CompensationFailed
         } else if cancelled {
             RunStatus::Cancelled
-        } else if self.rec.failed_step.is_none() {
+        } else if self.rec.failed_step.is_none() && self.rec.error.is_none() {
             RunStatus::Completed
         } else {
             RunStatus::Failed
@@ -1490,6 +1655,9 @@ mod tests {
                 Transition::Resumed { .. } => "resumed".into(),
                 Transition::RolledBack { .. } => "rolled back".into(),
                 Transition::Reopened { .. } => "reopened".into(),
+                Transition::SlotAsked { slot, .. } => format!("asked {slot}"),
+                Transition::SlotTaken { slot } => format!("taken {slot}"),
+                Transition::Expired { .. } => "expired".into(),
             })
             .collect()
     }
@@ -2283,7 +2451,116 @@ mod tests {
                 at: SystemTime::UNIX_EPOCH,
             }),
         ); // reopen-rollback
+        // Slots: a keyed run queues, waits, gets its turn; a limited step
+        // waits for its slot; a queued run's deadline passes.
+        let mut twelfth = keyed(&[None, Some(2)], "k");
+        go(&mut twelfth, Event::Start); // queue
+        let key = twelfth.m.key_slot().unwrap().0;
+        go(&mut twelfth, Event::Slot { slot: key.clone(), granted: false }); // slot-wait
+        go(&mut twelfth, Event::Slot { slot: key, granted: true }); // slot-granted
+        twelfth.ok(); // slot-ask (s1 has a limit)
+        let mut thirteenth = keyed(&[None], "k");
+        Arc::make_mut(&mut thirteenth.m.rec).timeout = Some(Duration::from_secs(1));
+        thirteenth.ev(Event::Start);
+        go(&mut thirteenth, Event::DeadlineExceeded); // deadline-waiting
         all
+    }
+
+    /// A run with concurrency key `key` of a plan whose steps have the
+    /// given `max_in_flight`.
+    fn keyed(limits: &[Option<u32>], key: &str) -> T {
+        let mut def = plan(&vec![true; limits.len()], 1).def.clone();
+        for (s, l) in def.steps.iter_mut().zip(limits) {
+            s.max_in_flight = *l;
+        }
+        let mut t = T::with(Arc::new(FlowPlan::new(def, Vec::new())), Uuid::now_v7(), 3);
+        Arc::make_mut(&mut t.m.rec).concurrency_key = Some(key.into());
+        t
+    }
+
+    #[test]
+    fn a_keyed_run_queues_until_its_slot_is_held() {
+        let mut t = keyed(&[None], "account:42");
+        let d = t.decide(Event::Start);
+        let slot = "key.f.6163636f756e743a3432".to_owned();
+        assert_eq!(names(&d.transitions), [format!("asked {slot}")]);
+        assert_eq!(d.effects.last(), Some(&Effect::Acquire { slot: slot.clone(), limit: 1 }));
+        assert_eq!(t.m.rec.status, RunStatus::Queued);
+        let d = t.decide(Event::Slot { slot: slot.clone(), granted: false });
+        assert!(d.transitions.is_empty());
+        assert_eq!(d.effects, [Effect::AwaitSlot { slot: slot.clone() }]);
+        // A takeover asks again (the store knows it).
+        let d = t.decide(Event::Resume);
+        assert!(d.effects.contains(&Effect::Acquire { slot: slot.clone(), limit: 1 }));
+        let d = t.decide(Event::Slot { slot: slot.clone(), granted: true });
+        assert_eq!(names(&d.transitions), [format!("taken {slot}"), "start 0 execute #1".into()]);
+        assert_eq!(t.m.rec.status, RunStatus::Running);
+        assert_eq!(names(&t.ok()), ["completed 0", "finished completed"]);
+        assert_eq!(t.m.rec.slots, [slot], "let go by the store when the run ends");
+    }
+
+    #[test]
+    fn a_queued_run_can_be_cancelled_or_time_out() {
+        let mut t = keyed(&[None], "k");
+        t.ev(Event::Start);
+        let slot = t.m.key_slot().unwrap().0;
+        assert_eq!(names(&t.ev(cancel("ops"))), ["cancelled", "finished cancelled"]);
+        // Its turn comes too late: nothing runs (the store let go of the
+        // run's slots when it ended).
+        let d = t.decide(Event::Slot { slot: slot.clone(), granted: true });
+        assert!(d.transitions.is_empty() && d.effects.is_empty());
+        assert_eq!(t.m.rec.slots, [slot]);
+
+        let mut t = keyed(&[None], "k");
+        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(5));
+        t.ev(Event::Start);
+        assert_eq!(names(&t.ev(Event::DeadlineExceeded)), ["expired", "finished failed"]);
+        assert!(t.m.rec.error.as_deref().unwrap().contains("while queued"));
+    }
+
+    #[test]
+    fn a_limited_step_waits_for_a_slot_and_lets_go_after_each_attempt() {
+        let mut t = keyed(&[None, Some(2)], "k");
+        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        t.ev(Event::Start);
+        let slot = "step.f.s1".to_owned();
+        let d = t.decide(Event::Outcome {
+            command_id: t.cur(),
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Completed { output: Payload::nil() },
+        });
+        assert_eq!(names(&d.transitions), ["completed 0".to_owned(), format!("asked {slot}")]);
+        assert_eq!(d.effects.last(), Some(&Effect::Acquire { slot: slot.clone(), limit: 2 }));
+        assert_eq!(t.m.rec.steps[1].status, StepStatus::Waiting);
+        let d = t.decide(Event::Slot { slot: slot.clone(), granted: true });
+        assert_eq!(names(&d.transitions), [format!("taken {slot}"), "start 1 execute #1".into()]);
+        // A failed attempt lets go; its retry asks again.
+        let d = t.decide(Event::Outcome {
+            command_id: t.cur(),
+            attempt: 1,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Failed(StepFailure::new("boom", true)),
+        });
+        assert!(d.effects.contains(&Effect::Release { slot: slot.clone() }));
+        let id = t.cur();
+        assert_eq!(names(&t.ev(Event::RetryDue { command_id: id })), [format!("asked {slot}")]);
+        t.ev(Event::Slot { slot: slot.clone(), granted: true });
+        let d = t.decide(Event::Outcome {
+            command_id: t.cur(),
+            attempt: 2,
+            kind: CommandKind::Execute,
+            result: OutcomeResult::Completed { output: Payload::nil() },
+        });
+        assert!(d.effects.contains(&Effect::Release { slot }));
+        assert_eq!(t.m.rec.status, RunStatus::Completed);
+        // Compensations never wait for a slot.
+        let mut t = keyed(&[Some(1), None], "k");
+        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        t.ev(Event::Start);
+        t.ev(Event::Slot { slot: "step.f.s0".into(), granted: true });
+        t.ok();
+        assert_eq!(names(&t.fail(false)), ["failed 1", "start 0 compensate #1"]);
     }
 
     fn remote() -> Liveness {
@@ -2316,6 +2593,9 @@ mod tests {
                 Effect::Cancel(_) => "cancel",
                 Effect::PauseDeadline { .. } => "pause-deadline",
                 Effect::Finish { .. } => "finish",
+                Effect::Acquire { .. } => "acquire",
+                Effect::AwaitSlot { .. } => "await-slot",
+                Effect::Release { .. } => "release",
             })
             .collect()
     }

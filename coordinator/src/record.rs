@@ -258,6 +258,27 @@ pub struct RunRecord {
     /// Set while the run waits for an operator.
     #[serde(default)]
     pub paused: Option<PauseRecord>,
+    /// The run's concurrency key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Every slot the run asked for (see [`crate::slots`]): what is left of
+    /// them is let go when the run ends, whatever happened in between.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<String>,
+    /// Attempts waiting for their step's slot (`max_in_flight`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slot_waits: Vec<SlotWait>,
+}
+
+/// An attempt of a step with `max_in_flight` that waits for a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotWait {
+    /// The slot.
+    pub slot: String,
+    /// Step index.
+    pub step: u32,
+    /// The attempt to start once the slot is held.
+    pub attempt: u32,
 }
 
 /// One change to a [`RunRecord`].
@@ -388,6 +409,28 @@ pub enum Transition {
         /// Who, when.
         action: OperatorAction,
     },
+    /// The run asked for a slot: its concurrency key's (`step: None`; the
+    /// run is `queued` until it holds it) or a step's (`max_in_flight`; the
+    /// step waits with `attempt` to start).
+    SlotAsked {
+        /// The slot.
+        slot: String,
+        /// The step whose attempt waits, if a step's slot.
+        step: Option<u32>,
+        /// That attempt's number.
+        attempt: u32,
+    },
+    /// The run holds the slot: a queued run is running, a waiting attempt
+    /// starts (its `AttemptStarted` follows).
+    SlotTaken {
+        /// The slot.
+        slot: String,
+    },
+    /// The run's deadline passed while it waited for a slot of its key.
+    Expired {
+        /// Why.
+        error: String,
+    },
     /// The run reached a terminal status.
     Finished {
         /// The terminal status.
@@ -439,6 +482,9 @@ impl RunRecord {
             late: Vec::new(),
             actions: Vec::new(),
             paused: None,
+            concurrency_key: None,
+            slots: Vec::new(),
+            slot_waits: Vec::new(),
         }
     }
 
@@ -536,6 +582,7 @@ impl RunRecord {
             }
             Transition::StepFailed { step, error, duration, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
+                self.slot_waits.retain(|w| w.step != *step);
                 self.phase = Phase::Compensating;
                 self.error = Some(error.clone());
                 self.failed_step = Some(*step);
@@ -578,6 +625,7 @@ impl RunRecord {
             }
             Transition::Stopped { step, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
+                self.slot_waits.retain(|w| w.step != *step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.maybe_done |= *maybe_done;
                     s.status =
@@ -636,8 +684,43 @@ impl RunRecord {
                     }
                 }
             }
+            Transition::SlotAsked { slot, step, attempt } => {
+                if !self.slots.contains(slot) {
+                    self.slots.push(slot.clone());
+                }
+                match step {
+                    None => self.status = RunStatus::Queued,
+                    Some(step) => {
+                        self.slot_waits.retain(|w| w.step != *step);
+                        self.slot_waits.push(SlotWait {
+                            slot: slot.clone(),
+                            step: *step,
+                            attempt: *attempt,
+                        });
+                        if let Some(s) = self.steps.get_mut(*step as usize) {
+                            s.status = StepStatus::Waiting;
+                            s.waiting = Some(
+                                "waiting for a slot: the step's attempts in flight are at its limit (max_in_flight)"
+                                    .to_owned(),
+                            );
+                        }
+                    }
+                }
+            }
+            Transition::SlotTaken { slot } => {
+                if self.status == RunStatus::Queued {
+                    self.status = RunStatus::Running;
+                }
+                self.slot_waits.retain(|w| w.slot != *slot);
+            }
+            Transition::Expired { error } => {
+                self.phase = Phase::Compensating;
+                self.status = RunStatus::Running;
+                self.error = Some(error.clone());
+            }
             Transition::Finished { status, duration } => {
                 self.current.clear();
+                self.slot_waits.clear();
                 self.phase = Phase::Finished;
                 self.status = *status;
                 self.duration = Some(*duration);

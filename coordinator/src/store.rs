@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::ListFilter;
 use crate::record::{RunRecord, Transition};
+use crate::slots::{Grant, SlotState};
 
 /// A value that is either here already or on its way. Lets the in-memory store
 /// answer without allocating a future, while a networked one can take its time.
@@ -173,6 +174,38 @@ pub trait Store: Send + Sync + 'static {
         let _ = (record, reason);
         Box::pin(futures::future::ready(Ok(())))
     }
+
+    /// `holder` asks for `slot` (see [`crate::slots`]): granted while fewer
+    /// than `limit` hold it and nobody waits, else queued in arrival order.
+    /// Asking again is harmless. A store shared by coordinators shares the
+    /// queue.
+    fn acquire(
+        &self,
+        slot: &str,
+        limit: u32,
+        holder: Uuid,
+    ) -> BoxFuture<'static, Result<Grant, StoreError>> {
+        let _ = (slot, limit, holder);
+        Box::pin(futures::future::ready(Err(no_slots())))
+    }
+
+    /// `holder` lets go of `slot`, or stops waiting for it; the first
+    /// waiting take its place. Harmless if it held nothing.
+    fn release(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        let _ = (slot, holder);
+        Box::pin(futures::future::ready(Ok(())))
+    }
+
+    /// Resolves once `holder` holds `slot` (after [`Store::acquire`] queued
+    /// it). [`StoreError::NotFound`] if it neither holds nor waits.
+    fn granted(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        let _ = (slot, holder);
+        Box::pin(futures::future::ready(Err(no_slots())))
+    }
+}
+
+fn no_slots() -> StoreError {
+    StoreError::Unsupported("this run store keeps no concurrency slots".into())
 }
 
 /// Limits of the in-memory store.
@@ -203,6 +236,7 @@ impl Default for MemoryStoreOptions {
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     keys: Mutex<Keys>,
+    slots: Arc<MemorySlots>,
     options: MemoryStoreOptions,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -253,6 +287,7 @@ impl MemoryStore {
         MemoryStore {
             shards,
             keys: Mutex::new(Keys::default()),
+            slots: Arc::default(),
             options,
             hasher: Default::default(),
         }
@@ -325,6 +360,10 @@ impl Store for MemoryStore {
         let Some(Transition::Finished { duration, .. }) = batch.last() else {
             return Pending::Ready(Ok(()));
         };
+        // Whatever the run still holds or waits for is let go with its end.
+        for slot in &after.slots {
+            self.slots.release(slot, run_id);
+        }
         let report = after.to_report(*duration);
         for w in shard.waiters.remove(&run_id).unwrap_or_default() {
             let _ = w.send(report.clone());
@@ -410,6 +449,61 @@ impl Store for MemoryStore {
             })
         })
     }
+
+    fn acquire(
+        &self,
+        slot: &str,
+        limit: u32,
+        holder: Uuid,
+    ) -> BoxFuture<'static, Result<Grant, StoreError>> {
+        let grant =
+            lock(&self.slots.map).entry(slot.to_owned()).or_default().acquire(holder, limit);
+        Box::pin(futures::future::ready(Ok(grant)))
+    }
+
+    fn release(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        self.slots.release(slot, holder);
+        Box::pin(futures::future::ready(Ok(())))
+    }
+
+    fn granted(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (slots, slot) = (self.slots.clone(), slot.to_owned());
+        Box::pin(async move {
+            loop {
+                // Registered before looking, so a change in between wakes it.
+                let changed = slots.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match lock(&slots.map).get(&slot) {
+                    Some(s) if s.holds(holder) => return Ok(()),
+                    Some(s) if s.knows(holder) => {}
+                    _ => return Err(StoreError::NotFound(holder)),
+                }
+                changed.await;
+            }
+        })
+    }
+}
+
+/// The slots of the in-memory store, and a signal when any of them changes.
+#[derive(Default)]
+struct MemorySlots {
+    map: Mutex<HashMap<String, SlotState>>,
+    changed: tokio::sync::Notify,
+}
+
+impl MemorySlots {
+    fn release(&self, slot: &str, holder: Uuid) {
+        let mut map = lock(&self.map);
+        if let Some(s) = map.get_mut(slot)
+            && s.release(holder)
+        {
+            if s.holders.is_empty() {
+                map.remove(slot);
+            }
+            self.changed.notify_waiters();
+        }
+    }
 }
 
 /// Shares one store between coordinators.
@@ -459,5 +553,19 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         run_id: Uuid,
     ) -> BoxFuture<'static, Result<Option<Arc<RunRecord>>, StoreError>> {
         (**self).reopen(run_id)
+    }
+    fn acquire(
+        &self,
+        slot: &str,
+        limit: u32,
+        holder: Uuid,
+    ) -> BoxFuture<'static, Result<Grant, StoreError>> {
+        (**self).acquire(slot, limit, holder)
+    }
+    fn release(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        (**self).release(slot, holder)
+    }
+    fn granted(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
+        (**self).granted(slot, holder)
     }
 }

@@ -149,6 +149,10 @@ enum Command {
         /// Deadline of the whole run (e.g. 30s).
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Concurrency key (e.g. account:42): runs of the flow with the same
+        /// key take turns, up to the flow's limit per key at once.
+        #[arg(long)]
+        concurrency_key: Option<String>,
         /// Print the run id and return at once.
         #[arg(long)]
         detach: bool,
@@ -399,10 +403,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, input, version, key, ttl, timeout, detach, json } => {
+        Command::Run { flow, input, version, key, ttl, timeout, concurrency_key, detach, json } => {
             let input = read_input(&input)?;
             let client = client(&cli.nats).await?;
-            let options = RunOptions::with(key, ttl, timeout, version);
+            let mut options = RunOptions::with(key, ttl, timeout, version);
+            options.concurrency_key = concurrency_key;
             let started = client.submit(&flow, input, options).await?;
             let run_id = started.run_id;
             if started.duplicate {
