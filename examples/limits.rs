@@ -41,10 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             |o| o.max_in_flight(2),
         );
 
-    // Three transfers of account 42 and two of account 7, started at once:
-    // each account's transfers take turns, the accounts run side by side.
+    // Three transfers of account 42, two of account 7 and one of account 99,
+    // started at once: each account's transfers take turns, the accounts run
+    // side by side, and the third bank call at once waits for a slot.
     let mut runs = Vec::new();
-    for (n, account) in [(1, 42), (2, 42), (3, 42), (4, 7), (5, 7)] {
+    for (n, account) in [(1, 42), (2, 42), (3, 42), (4, 7), (5, 7), (6, 99)] {
         let options = RunOptions::new().concurrency_key(format!("account:{account}"));
         runs.push(flow.start(n, options).await?);
     }

@@ -44,6 +44,8 @@ pub(crate) struct RunActor {
     live: LiveRuns,
     /// Started to resume a failed rollback (rather than to start or resume the run).
     reopen: Option<orchestrix_proto::OperatorAction>,
+    /// Told once the reopened run's first transition is stored.
+    reopened: Option<oneshot::Sender<()>>,
 }
 
 /// An operator's action for a live run; answered once checked (the action
@@ -106,13 +108,27 @@ impl RunActor {
             local: Default::default(),
             live,
             reopen: None,
+            reopened: None,
         }
     }
 
     /// The actor starts by resuming the failed rollback of a finished run.
-    pub(crate) fn reopening(mut self, action: orchestrix_proto::OperatorAction) -> Self {
+    pub(crate) fn reopening(
+        mut self,
+        action: orchestrix_proto::OperatorAction,
+        written: oneshot::Sender<()>,
+    ) -> Self {
         self.reopen = Some(action);
+        self.reopened = Some(written);
         self
+    }
+
+    /// A batch was stored.
+    fn stored(&mut self, effects: Vec<Effect>, ctx: &mut Context<Self>) {
+        if let Some(tx) = self.reopened.take() {
+            let _ = tx.send(());
+        }
+        self.carry_out(effects, ctx);
     }
 
     fn run_id(&self) -> Uuid {
@@ -159,7 +175,7 @@ impl RunActor {
         // The whole record is written: any ack applied so far goes with it.
         self.ack_unsaved = false;
         match self.store.apply(self.run_id(), &batch, &self.machine.rec) {
-            Pending::Ready(Ok(())) => self.carry_out(effects, ctx),
+            Pending::Ready(Ok(())) => self.stored(effects, ctx),
             Pending::Ready(Err(e)) => self.persist_failed(e, batch, effects, failures, ctx),
             Pending::Later(fut) => {
                 // A store that never answers must not wedge the run: give up
@@ -167,7 +183,7 @@ impl RunActor {
                 // of its own that landed meanwhile).
                 let bounded = tokio::time::timeout(STORE_TIMEOUT, fut);
                 ctx.wait(bounded.into_actor(self).map(move |res, act, ctx| match res {
-                    Ok(Ok(())) => act.carry_out(effects, ctx),
+                    Ok(Ok(())) => act.stored(effects, ctx),
                     Ok(Err(e)) => act.persist_failed(e, batch, effects, failures, ctx),
                     Err(_) => {
                         let e = StoreError::Unavailable(format!(
@@ -517,6 +533,7 @@ impl RunActor {
         }
         let Some(def) = plan.def.steps.get(step as usize) else { return };
         let event = StepEvent {
+            group: def.group.as_deref(),
             run_id: self.run_id(),
             flow: &plan.def.name,
             step: &def.name,

@@ -100,9 +100,16 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
             ];
             // The JetStream API of its own buckets only: another prefix's
             // (another tenant's) streams stay out of reach.
-            for bucket in
-                ["runs", "history", "keys", "coordinators", "quarantine", "flows", "workers"]
-            {
+            for bucket in [
+                "runs",
+                "history",
+                "keys",
+                "coordinators",
+                "quarantine",
+                "slots",
+                "flows",
+                "workers",
+            ] {
                 let stream = format!("KV_{b}_{bucket}");
                 out.publish.extend([
                     format!("$JS.API.STREAM.*.{stream}"),
@@ -114,7 +121,7 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
                     format!("$JS.FC.{stream}.>"),
                 ]);
             }
-            for bucket in ["runs", "history", "keys", "coordinators", "quarantine"] {
+            for bucket in ["runs", "history", "keys", "coordinators", "quarantine", "slots"] {
                 out.publish.push(format!("$KV.{b}_{bucket}.>"));
             }
             out.subscribe = vec![

@@ -71,6 +71,24 @@ pub enum RunError {
     /// The run's actor stopped without a report (the engine was shut down).
     #[error("run {0} was lost: the engine stopped before it finished")]
     Lost(Uuid),
+    /// A run option cannot be used (an empty or oversized key, say).
+    #[error("invalid run option: {0}")]
+    BadOption(String),
+}
+
+/// Longest idempotency or concurrency key, in bytes: keys become store keys
+/// and subjects, which NATS bounds.
+pub const MAX_KEY_LEN: usize = 256;
+
+fn check_key(what: &str, key: Option<&str>) -> Result<(), RunError> {
+    match key {
+        Some("") => Err(RunError::BadOption(format!("the {what} is empty"))),
+        Some(k) if k.len() > MAX_KEY_LEN => Err(RunError::BadOption(format!(
+            "the {what} is {} bytes, over the limit of {MAX_KEY_LEN}",
+            k.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Runs flows: owns their definitions, a bus, a store and the engine.
@@ -422,6 +440,8 @@ impl Coordinator {
         input: Payload,
         options: RunOptions,
     ) -> Result<RunHandle, RunError> {
+        check_key("idempotency key", options.key.as_deref())?;
+        check_key("concurrency key", options.concurrency_key.as_deref())?;
         let plan = self.plan_for_start(flow, options.version.as_deref())?;
         let limit = crate::DEFAULT_MAX_RUN_PAYLOAD;
         if input.len() > limit {
@@ -632,7 +652,11 @@ impl Coordinator {
                 record.flow
             )));
         };
-        self.resume_here(&self.engine()?, plan, record, Some(action));
+        let (written, stored) = oneshot::channel();
+        self.resume_here(&self.engine()?, plan, record, Some((action, written)));
+        // Answered once the reopened run is stored as live again: a status
+        // asked right after the answer never shows the old terminal one.
+        let _ = tokio::time::timeout(Duration::from_secs(15), stored).await;
         Ok(())
     }
 
@@ -656,7 +680,7 @@ impl Coordinator {
         engine: &Engine,
         plan: Arc<FlowPlan>,
         record: Arc<RunRecord>,
-        reopen: Option<orchestrix_proto::OperatorAction>,
+        reopen: Option<(orchestrix_proto::OperatorAction, oneshot::Sender<()>)>,
     ) {
         let (bus, store, live) = self.actor_parts();
         engine.spawn(move |_| {
@@ -670,7 +694,7 @@ impl Coordinator {
             let (tx, _) = oneshot::channel();
             let actor = RunActor::new(machine, bus, store, tx, true, live);
             match reopen {
-                Some(action) => actor.reopening(action),
+                Some((action, written)) => actor.reopening(action, written),
                 None => actor,
             }
         });

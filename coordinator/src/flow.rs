@@ -347,18 +347,23 @@ where
     /// ```
     pub fn parallel(self, group: &str, build: impl FnOnce(Parallel<I>) -> Parallel<I>) -> Self {
         let first = self.def.steps.len();
+        // The same name right after itself would silently make one group.
+        let twice = first > 0 && self.def.steps[first - 1].group.as_deref() == Some(group);
         let Parallel(mut flow) = build(Parallel(self));
         let group_name: Arc<str> = Arc::from(group);
         for step in &mut flow.def.steps[first..] {
             step.group = Some(group_name.clone());
         }
         if flow.error.is_none() {
+            let invalid = |reason: String| {
+                Some(FlowError::Invalid { flow: flow.def.name.to_string(), reason })
+            };
             flow.error = if flow.def.steps.len() == first {
-                Some(FlowError::Policy {
-                    flow: flow.def.name.to_string(),
-                    step: String::new(),
-                    reason: format!("parallel group `{group}` has no steps"),
-                })
+                invalid(format!("parallel group `{group}` has no steps"))
+            } else if twice {
+                invalid(format!(
+                    "parallel group `{group}` follows a group of the same name: use one `.parallel` call, or another name"
+                ))
             } else {
                 flow.def.validate().err()
             };
@@ -373,8 +378,12 @@ where
     /// them.
     pub fn concurrency_per_key(mut self, n: u32) -> Self {
         self.def.concurrency_per_key = Some(n);
-        if self.error.is_none() {
-            self.error = self.def.validate().err();
+        // Checked alone: the steps may come after it.
+        if self.error.is_none() && n == 0 {
+            self.error = Some(FlowError::Invalid {
+                flow: self.def.name.to_string(),
+                reason: "the concurrency limit per key must be at least 1".into(),
+            });
         }
         self.changed()
     }

@@ -16,6 +16,8 @@ pub struct StepEvent<'a> {
     pub kind: CommandKind,
     /// Attempt number, from 1.
     pub attempt: u32,
+    /// The parallel group the step belongs to, if any.
+    pub group: Option<&'a str>,
 }
 
 /// Callbacks as runs progress, for logging and metrics.

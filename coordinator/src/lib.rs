@@ -51,7 +51,7 @@ mod store;
 mod telemetry;
 
 pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
-pub use coordinator::{Coordinator, CoordinatorBuilder, RunError, RunHandle};
+pub use coordinator::{Coordinator, CoordinatorBuilder, MAX_KEY_LEN, RunError, RunHandle};
 pub use engine::{Engine, EngineError};
 pub use flow::{
     Flow, FlowDef, FlowError, OnExhausted, OnUnknown, Parallel, StepDef, StepOptions, create,

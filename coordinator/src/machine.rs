@@ -708,9 +708,11 @@ impl Machine {
                     decided("deadline");
                     let timeout = self.rec.timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
-                    // An attempt in a worker's hands is stopped there at the
-                    // same deadline: whatever it did is unknown.
-                    let unknown = cur.retry_at.is_none() && cur.acked_by.is_some();
+                    // An attempt in a worker's hands (or an in-process
+                    // handler running) is stopped at the same deadline:
+                    // whatever it did is unknown.
+                    let started = cur.acked_by.is_some() || self.limits.liveness == Liveness::Local;
+                    let unknown = cur.retry_at.is_none() && started;
                     self.step_failed(cur, error, unknown, now, wall, out);
                 }
             }

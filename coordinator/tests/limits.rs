@@ -139,3 +139,27 @@ fn a_step_limit_holds_attempts_back_without_failing_them() {
         assert_eq!(most.load(Ordering::SeqCst), 2);
     });
 }
+
+#[test]
+fn keys_that_cannot_be_stored_are_refused_and_the_limit_may_come_first() {
+    paused(|| async {
+        let j = Journal::new();
+        // The limit before the steps, as the guide writes it.
+        let flow =
+            create::<u32>("account").concurrency_per_key(1).step("work", |_| async { Ok(()) });
+        let ok = flow.run_with(1, RunOptions::new().concurrency_key("k")).await.unwrap();
+        assert_eq!(ok.status, RunStatus::Completed);
+        let long = "x".repeat(orchestrix_coordinator::MAX_KEY_LEN + 1);
+        for opts in [
+            RunOptions::new().concurrency_key(""),
+            RunOptions::new().concurrency_key(long.clone()),
+            RunOptions::new().key(""),
+            RunOptions::new().key(long.clone()),
+        ] {
+            let err = flow.run_with(1, opts.clone()).await.unwrap_err();
+            assert!(err.to_string().starts_with("invalid run option: the "), "{opts:?}: {err}");
+        }
+        let err = one_step(&j).concurrency_per_key(0).run(1).await.unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
+    });
+}

@@ -204,3 +204,32 @@ fn a_group_with_no_steps_or_split_in_two_is_refused() {
         assert!(err.to_string().contains("next to each other"), "{err}");
     });
 }
+
+#[test]
+fn the_deadline_in_a_group_stops_every_member_and_undoes_them_all() {
+    paused(|| async {
+        let j = Journal::new();
+        let slow = |name| S { undo_ms: 10, ..s(name, 2000, 0) };
+        let flow = add(create::<()>("f"), &j, s("first", 10, 0));
+        let flow = group(flow, &j, "g", &[s("fast", 10, 0), slow("s1"), slow("s2")]);
+        let opts = orchestrix_coordinator::RunOptions::new().timeout(MS * 200);
+        let report = flow.run_with((), opts).await.unwrap();
+        assert_eq!(report.status, RunStatus::Failed, "{report}");
+        // Both slow members were running: both may have acted, both undone.
+        for name in ["fast", "s1", "s2", "first"] {
+            assert_eq!(report.step(name).unwrap().status, StepStatus::Compensated, "{report}");
+            assert_eq!(j.times_of(&format!("undo {name}")).len(), 1, "{name}");
+        }
+    });
+}
+
+#[test]
+fn one_name_twice_in_a_row_is_refused() {
+    paused(|| async {
+        let j = Journal::new();
+        let flow = group(create::<()>("f"), &j, "g", &[s("a", 1, 0)]);
+        let flow = group(flow, &j, "g", &[s("b", 1, 0)]);
+        let err = flow.run(()).await.unwrap_err();
+        assert!(err.to_string().contains("follows a group of the same name"), "{err}");
+    });
+}

@@ -142,6 +142,10 @@ async fn a_step_limit_holds_across_runs_and_workers() {
     })
     .await;
     let c = client(&server).await;
+    // A key that cannot be stored is refused at the start, nothing created.
+    let empty = RunOptions::new().concurrency_key("");
+    let err = c.start("fragile", &0u32, empty).await.unwrap_err();
+    assert!(err.to_string().contains("invalid run option: the concurrency key is empty"), "{err}");
     let mut runs = Vec::new();
     for n in 0..100u32 {
         runs.push(c.start("fragile", &n, RunOptions::new()).await.unwrap());

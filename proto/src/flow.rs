@@ -236,9 +236,8 @@ impl FlowDef {
             return Err(FlowError::NoSteps { flow: self.name.to_string() });
         }
         if self.concurrency_per_key == Some(0) {
-            return Err(FlowError::Policy {
+            return Err(FlowError::Invalid {
                 flow: self.name.to_string(),
-                step: String::new(),
                 reason: "the concurrency limit per key must be at least 1".into(),
             });
         }
@@ -268,12 +267,12 @@ impl FlowDef {
                 });
             }
             if let Some(group) = &step.group {
-                validate_name("group", group)?;
                 let policy = |reason: String| FlowError::Policy {
                     flow: self.name.to_string(),
                     step: step.name.to_string(),
                     reason,
                 };
+                validate_name("group", group).map_err(|e| policy(e.to_string()))?;
                 // A group is one block: the same name further on would be
                 // a second group that reads as the first.
                 let split = i > 0
@@ -327,6 +326,14 @@ pub enum FlowError {
         flow: String,
         /// The step.
         step: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The flow as a whole is not valid (a limit of 0, an empty group).
+    #[error("flow `{flow}`: {reason}")]
+    Invalid {
+        /// The flow.
+        flow: String,
         /// What is wrong.
         reason: String,
     },

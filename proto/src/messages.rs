@@ -335,6 +335,9 @@ pub enum EventKind {
         step: String,
         /// Attempt number.
         attempt: u32,
+        /// The parallel group the step runs in, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
     /// An attempt (action or compensation) failed; another follows after `delay_ms`.
     Retry {
@@ -379,6 +382,9 @@ pub enum EventKind {
     CompensationStarted {
         /// Step name.
         step: String,
+        /// The parallel group the step belongs to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
     /// A step's compensation completed.
     Compensated {

@@ -818,6 +818,9 @@ async fn flows_on(
                     v.version,
                     v.registered_by
                 );
+                if let Some(n) = v.concurrency_per_key {
+                    outln!("  runs per concurrency key at once: {n}");
+                }
                 for s in &v.steps {
                     let mut notes = vec![format!("retries {}", s.retry.max_retries)];
                     if s.retry.max_retries > 0 {
@@ -840,6 +843,12 @@ async fn flows_on(
                     }
                     if s.on_exhausted == orchestrix_coordinator::OnExhausted::Pause {
                         notes.push("pauses when exhausted".into());
+                    }
+                    if let Some(g) = &s.group {
+                        notes.push(format!("parallel group {g}"));
+                    }
+                    if let Some(n) = s.max_in_flight {
+                        notes.push(format!("at most {n} in flight"));
                     }
                     let gap = if v.unserved.iter().any(|u| *u == *s.name) {
                         "   <- no live worker serves this step"
@@ -873,6 +882,9 @@ struct VersionListing {
     registered_at_ms: u64,
     registered_by: String,
     steps: Vec<orchestrix_coordinator::StepDef>,
+    /// Runs with one concurrency key that may run at once (`None`: 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency_per_key: Option<u32>,
     workers: Vec<String>,
     /// Steps no live worker serves.
     unserved: Vec<String>,
@@ -900,6 +912,7 @@ async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionList
             version: r.version.to_string(),
             registered_at_ms: r.registered_at_ms,
             registered_by: r.registered_by,
+            concurrency_per_key: r.flow.concurrency_per_key,
             steps: r.flow.steps,
             new_runs: false,
         })

@@ -73,7 +73,11 @@ impl Hooks for EventPublisher {
         self.emit(
             e.run_id,
             e.flow,
-            EventKind::StepStarted { step: e.step.into(), attempt: e.attempt },
+            EventKind::StepStarted {
+                step: e.step.into(),
+                attempt: e.attempt,
+                group: e.group.map(str::to_owned),
+            },
         );
     }
 
@@ -115,7 +119,11 @@ impl Hooks for EventPublisher {
     }
 
     fn on_compensation_start(&self, e: &StepEvent<'_>) {
-        self.emit(e.run_id, e.flow, EventKind::CompensationStarted { step: e.step.into() });
+        let event = EventKind::CompensationStarted {
+            step: e.step.into(),
+            group: e.group.map(str::to_owned),
+        };
+        self.emit(e.run_id, e.flow, event);
     }
 
     fn on_compensation_success(&self, e: &StepEvent<'_>, _duration: Duration) {
@@ -163,7 +171,12 @@ impl Hooks for EventPublisher {
 pub fn describe(event: &EventKind) -> String {
     match event {
         EventKind::RunStarted => "run started".into(),
-        EventKind::StepStarted { step, attempt } => format!("{step}: attempt {attempt} sent"),
+        EventKind::StepStarted { step, attempt, group: None } => {
+            format!("{step}: attempt {attempt} sent")
+        }
+        EventKind::StepStarted { step, attempt, group: Some(g) } => {
+            format!("{step} [group {g}]: attempt {attempt} sent")
+        }
         EventKind::Retry { step, kind, attempt, error, delay_ms } => {
             let what = if *kind == CommandKind::Compensate { "compensation " } else { "" };
             format!("{step}: {what}attempt {attempt} failed ({error}); retry in {delay_ms} ms")
@@ -178,7 +191,10 @@ pub fn describe(event: &EventKind) -> String {
         EventKind::StepFailed { step, error } => {
             format!("{step}: failed for good ({error}); rolling back")
         }
-        EventKind::CompensationStarted { step } => format!("{step}: compensating"),
+        EventKind::CompensationStarted { step, group: None } => format!("{step}: compensating"),
+        EventKind::CompensationStarted { step, group: Some(g) } => {
+            format!("{step} [group {g}]: compensating")
+        }
         EventKind::Compensated { step } => format!("{step}: compensated"),
         EventKind::CompensationFailed { step, error } => {
             format!("{step}: compensation failed ({error})")
