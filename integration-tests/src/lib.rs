@@ -137,6 +137,23 @@ pub fn built(rel: &str) -> PathBuf {
     path
 }
 
+/// Waits until `n` live workers serve `version` (of any flow) in the
+/// coordinator's registry view: the moment a test can rely on it.
+pub async fn workers_registered(
+    coordinator: &orchestrix_coordinator::Coordinator,
+    version: &str,
+    n: usize,
+) {
+    let registry = coordinator.registry().expect("the coordinator follows the registry");
+    eventually(Duration::from_secs(10), &format!("{n} workers to register {version}"), || {
+        registry
+            .versions()
+            .iter()
+            .any(|v| &*v.registration.version == version && v.workers.len() == n)
+    })
+    .await;
+}
+
 /// Waits until `cond` holds, checking every 10 ms, for at most `within`.
 pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

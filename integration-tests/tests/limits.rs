@@ -12,7 +12,7 @@ use std::time::Duration;
 use orchestrix::{Client, RunOptions, RunStatus, StepContext, Worker, create};
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
-use orchestrix_integration_tests::{ChildProcess, Ledger, NatsServer, built, eventually};
+use orchestrix_integration_tests::{ChildProcess, Ledger, NatsServer, built, workers_registered};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
 
@@ -133,14 +133,7 @@ async fn a_step_limit_holds_across_runs_and_workers() {
     };
     let version = flow.definition().version();
     let workers = [serve(&server, flow.clone()).await, serve(&server, flow).await];
-    let registry = node.coordinator().registry().unwrap();
-    eventually(10 * SECS, "both workers to register", || {
-        registry
-            .versions()
-            .iter()
-            .any(|v| v.registration.version == version && v.workers.len() == 2)
-    })
-    .await;
+    workers_registered(node.coordinator(), &version, 2).await;
     let c = client(&server).await;
     // A key that cannot be stored is refused at the start, nothing created.
     let empty = RunOptions::new().concurrency_key("");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepStatus, Worker, create};
 use orchestrix_coordinator::nats::{NatsBusOptions, Node};
-use orchestrix_integration_tests::{Ledger, NatsServer, eventually};
+use orchestrix_integration_tests::{Ledger, NatsServer, eventually, workers_registered};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
 
@@ -87,14 +87,7 @@ async fn a_cancel_stops_the_workers_handler_and_rolls_back_in_reverse() {
         .unwrap();
     let w2 =
         Worker::builder().nats(NatsOptions::new(server.url())).flow(flow).start().await.unwrap();
-    let registry = node.coordinator().registry().unwrap();
-    eventually(10 * SECS, "the workers to register", || {
-        registry
-            .versions()
-            .iter()
-            .any(|v| v.registration.version == version && v.workers.len() == 2)
-    })
-    .await;
+    workers_registered(node.coordinator(), &version, 2).await;
     let c = client(&server).await;
     let id = c.start("shop", &1u32, RunOptions::new()).await.unwrap();
     eventually(10 * SECS, "step c to start", || ledger.count(&format!("run c {id}")) == 1).await;

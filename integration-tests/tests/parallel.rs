@@ -12,7 +12,7 @@ use orchestrix::{
 };
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
-use orchestrix_integration_tests::{Ledger, NatsServer, eventually};
+use orchestrix_integration_tests::{Ledger, NatsServer, workers_registered};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
 use serde::{Deserialize, Serialize};
@@ -101,14 +101,7 @@ async fn groups_run_on_several_workers_and_roll_back_in_order() {
         let w = Worker::builder().nats(NatsOptions::new(server.url())).flow(flow.clone());
         workers.push(w.start().await.unwrap());
     }
-    let registry = node.coordinator().registry().unwrap();
-    eventually(10 * SECS, "both workers to register", || {
-        registry
-            .versions()
-            .iter()
-            .any(|v| v.registration.version == version && v.workers.len() == 2)
-    })
-    .await;
+    workers_registered(node.coordinator(), &version, 2).await;
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let client = Client::new(conn, Subjects::default()).request_timeout(5 * SECS);
 

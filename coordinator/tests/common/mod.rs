@@ -50,3 +50,16 @@ impl Journal {
         self.0.lock().unwrap().iter().filter(|(_, e)| e == what).map(|(t, _)| *t).collect()
     }
 }
+
+/// `actual` is `expected` to the millisecond. Tokio's timer wheel counts
+/// whole milliseconds and rounds a deadline up to the next one, so a span
+/// measured across several timers in paused time can come out one
+/// millisecond off either way; more is a real difference.
+#[track_caller]
+pub fn assert_ms(actual: Duration, expected: Duration) {
+    let ms = Duration::from_millis(1);
+    assert!(
+        actual + ms >= expected && actual <= expected + ms,
+        "{actual:?} is not {expected:?} (to the millisecond)"
+    );
+}
