@@ -157,6 +157,48 @@ fn a_failed_run_reads_as_a_tree_of_attempts_and_compensations() {
 }
 
 #[test]
+fn a_parallel_groups_attempts_are_siblings_under_one_group_span() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        paused(|| async {
+            let undo =
+                |o: orchestrix_coordinator::StepOptions<()>| o.compensate(|_| async { Ok(()) });
+            let flow = create::<()>("order")
+                .parallel("reserve", |g| {
+                    g.step_with("east", |_| async { Ok(()) }, undo).step_with(
+                        "west",
+                        |_| async { Ok(()) },
+                        undo,
+                    )
+                })
+                .step("charge", |_| async { Err::<(), _>(StepError::permanent("declined")) });
+            let report = flow.run(()).await.unwrap();
+            assert_eq!(report.status, RunStatus::Failed);
+        })
+    });
+    let closed = capture.closed.lock().unwrap().clone();
+    let parent_of =
+        |name: &str| closed.iter().find(|(n, _, _)| n == name).and_then(|(_, p, _)| p.clone());
+    let run = Some("order run".to_owned());
+    // Executions under one group span, compensations under another; both
+    // groups under the run, the step after the group under the run itself.
+    for (span, parent) in [
+        ("east execute attempt 1", Some("reserve execute group".to_owned())),
+        ("west execute attempt 1", Some("reserve execute group".to_owned())),
+        ("east compensate attempt 1", Some("reserve compensate group".to_owned())),
+        ("west compensate attempt 1", Some("reserve compensate group".to_owned())),
+        ("reserve execute group", run.clone()),
+        ("reserve compensate group", run.clone()),
+        ("charge execute attempt 1", run.clone()),
+    ] {
+        assert_eq!(parent_of(span), parent, "parent of {span}: {closed:?}");
+    }
+    let (_, _, group) = closed.iter().find(|(n, _, _)| n == "reserve execute group").unwrap();
+    assert_eq!(group.0["orchestrix.group"], "reserve");
+}
+
+#[test]
 fn an_unknown_outcome_is_an_error_with_its_own_event() {
     let capture = Capture::default();
     let subscriber = tracing_subscriber::registry().with(capture.clone());
