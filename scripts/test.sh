@@ -41,6 +41,9 @@ fi
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 
+# A one-off build gains nothing from incremental state, which only fills the disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # The end-to-end tests drive the built `orchestrix` binary and example worker.
 cargo build --workspace --bins --examples -j2
 cargo test --workspace --all-targets -j2 "$@"
