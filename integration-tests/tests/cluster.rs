@@ -103,3 +103,103 @@ async fn a_node_killed_mid_load_loses_nothing() {
     }
     worker.shutdown().await;
 }
+
+/// Parallel groups and a concurrency key on the 3-node cluster, with two
+/// coordinators and two worker replicas, a node killed mid-way: one key's
+/// runs still take turns in order, both members of the group run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_queue_and_a_group_survive_a_node_killed() {
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let toml = "[[flow]]\nname = \"k\"\n[[flow.step]]\nname = \"a\"\ngroup = \"g\"\n[[flow.step]]\nname = \"b\"\ngroup = \"g\"\n[[flow.step]]\nname = \"c\"\n";
+    let flows = flowfile::parse(toml).unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let conn = NatsOptions::new(urls.clone()).connect().await.unwrap();
+        let deadline = tokio::time::Instant::now() + 60 * SECS;
+        nodes.push(loop {
+            let started = Node::builder()
+                .bus_options(NatsBusOptions::default().heartbeat_timeout(5 * SECS))
+                .store(NodeStore::JetStream(JetStreamStoreOptions::default().replicas(3)))
+                .flows(flows.clone())
+                .registry(false)
+                .events(false)
+                .start(conn.clone())
+                .await;
+            match started {
+                Ok(n) => break n,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "no JetStream: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        });
+    }
+    let ledger: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let log = |what: &'static str| {
+            let ledger = ledger.clone();
+            move |ctx: StepContext<u32>| {
+                ledger.lock().unwrap().push(format!("{what} {}", ctx.input));
+                async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(())
+                }
+            }
+        };
+        let (a, b, c) = (log("a"), log("b"), log("c"));
+        let worker = Worker::builder()
+            .nats(NatsOptions::new(urls.clone()))
+            .heartbeat_interval(Duration::from_millis(200))
+            .steps::<u32>("k", move |f| f.step("a", a).step("b", b).step("c", c))
+            .start()
+            .await
+            .unwrap();
+        workers.push(worker);
+    }
+    let mut handles = Vec::new();
+    for i in 0..20u32 {
+        let c = nodes[i as usize % 2].coordinator();
+        // A start can fail while the cluster fails over: sent again with
+        // its idempotency key, as a client does, it never makes two runs.
+        let opts = RunOptions::new().concurrency_key("account:1").key(format!("cluster-{i}"));
+        let deadline = tokio::time::Instant::now() + 60 * SECS;
+        handles.push(loop {
+            match c.start("k", &i, opts.clone()).await {
+                Ok(h) => break h,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        if i == 3 {
+            cluster.nodes[0].kill();
+        }
+    }
+    let ids: Vec<Uuid> = handles.iter().map(|h| h.run_id()).collect();
+    for h in handles {
+        let r = tokio::time::timeout(180 * SECS, h.report()).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "{r}");
+    }
+    assert_eq!(ids.len(), 20);
+    let lines = ledger.lock().unwrap().clone();
+    // Each run's steps once, and one run at a time, in the order started:
+    // its two group members (in either order), then its last step.
+    let mut expect = Vec::new();
+    for i in 0..20u32 {
+        expect.push(format!("a|b {i}"));
+        expect.push(format!("a|b {i}"));
+        expect.push(format!("c {i}"));
+    }
+    let seen: Vec<String> = lines
+        .iter()
+        .map(|l| match l.split_once(' ') {
+            Some(("a" | "b", n)) => format!("a|b {n}"),
+            _ => l.clone(),
+        })
+        .collect();
+    assert_eq!(seen, expect, "{lines:?}");
+    for w in workers {
+        w.shutdown().await;
+    }
+}
