@@ -157,28 +157,21 @@ async fn saga_inprocess(args: &Args) -> Vec<Figure> {
     // runs would otherwise be reused and hide what parked runs cost.
     let mut out = vec![parked_memory(args.parked).await];
     for concurrency in [1, 1000] {
-        let flow = noop_flow();
-        let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
-        let figure = measure("saga-inprocess", concurrency, args.seconds, move || {
-            let c = coordinator.clone();
-            async move {
-                let report = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
-                assert_eq!(report.status, RunStatus::Completed);
-            }
-        })
-        .await;
-        out.push(figure);
-        let flow = noop_parallel_flow();
-        let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
-        let figure = measure("saga-inprocess-parallel", concurrency, args.seconds, move || {
-            let c = coordinator.clone();
-            async move {
-                let report = c.run("bench-par", &1u64, RunOptions::new()).await.expect("run");
-                assert_eq!(report.status, RunStatus::Completed);
-            }
-        })
-        .await;
-        out.push(figure);
+        let flows =
+            [("saga-inprocess", noop_flow()), ("saga-inprocess-parallel", noop_parallel_flow())];
+        for (scenario, flow) in flows {
+            let name = flow.definition().name.clone();
+            let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
+            let figure = measure(scenario, concurrency, args.seconds, move || {
+                let (c, name) = (coordinator.clone(), name.clone());
+                async move {
+                    let report = c.run(&name, &1u64, RunOptions::new()).await.expect("run");
+                    assert_eq!(report.status, RunStatus::Completed);
+                }
+            })
+            .await;
+            out.push(figure);
+        }
     }
     out
 }

@@ -112,29 +112,19 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
                 .await,
             );
         }
-        if wanted("saga-nats-memory") {
+        // The sequential flow, and the same steps with the last two in a group.
+        for (scenario, flow) in [("saga-nats-memory", "bench"), ("saga-nats-parallel", "bench-par")]
+        {
+            if !wanted(scenario) {
+                continue;
+            }
             let node = node(client.clone(), NodeStore::Memory).await?;
             let coordinator = node.coordinator().clone();
             out.push(
-                measure("saga-nats-memory", concurrency, args.seconds, move || {
+                measure(scenario, concurrency, args.seconds, move || {
                     let c = coordinator.clone();
                     async move {
-                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
-                        assert_eq!(r.status, RunStatus::Completed, "{r}");
-                    }
-                })
-                .await,
-            );
-            node.shutdown().await;
-        }
-        if wanted("saga-nats-parallel") {
-            let node = node(client.clone(), NodeStore::Memory).await?;
-            let coordinator = node.coordinator().clone();
-            out.push(
-                measure("saga-nats-parallel", concurrency, args.seconds, move || {
-                    let c = coordinator.clone();
-                    async move {
-                        let r = c.run("bench-par", &1u64, RunOptions::new()).await.expect("run");
+                        let r = c.run(flow, &1u64, RunOptions::new()).await.expect("run");
                         assert_eq!(r.status, RunStatus::Completed, "{r}");
                     }
                 })

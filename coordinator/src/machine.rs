@@ -913,10 +913,7 @@ impl Machine {
         if let Some(step) = over
             && self.step_limit(step).is_some()
         {
-            let slot = crate::slots::step_slot(
-                &self.plan.def.name,
-                &self.plan.def.steps[step as usize].name,
-            );
+            let slot = self.step_slot(step);
             if self.rec.slots.contains(&slot) {
                 fx.push(Effect::Release { slot });
             }
@@ -1187,10 +1184,7 @@ impl Machine {
             && let Some(limit) = self.step_limit(step)
         {
             decided("slot-ask");
-            let slot = crate::slots::step_slot(
-                &self.plan.def.name,
-                &self.plan.def.steps[step as usize].name,
-            );
+            let slot = self.step_slot(step);
             self.push(Transition::SlotAsked { slot: slot.clone(), step: Some(step), attempt }, out);
             out.effects.push(Effect::Acquire { slot, limit });
             return;
@@ -1290,6 +1284,12 @@ impl Machine {
         let key = self.rec.concurrency_key.as_deref()?;
         let limit = self.plan.def.concurrency_per_key.unwrap_or(1);
         Some((crate::slots::key_slot(&self.plan.def.name, key), limit))
+    }
+
+    /// The slot of a step's `max_in_flight`.
+    fn step_slot(&self, step: u32) -> String {
+        let name = self.plan.def.steps.get(step as usize).map_or("", |s| &*s.name);
+        crate::slots::step_slot(&self.plan.def.name, name)
     }
 
     /// The step's limit of attempts in flight, if it has one.

@@ -16,16 +16,13 @@ use uuid::Uuid;
 
 const SECS: Duration = Duration::from_secs(1);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_mid_load_loses_nothing() {
-    let mut cluster = NatsCluster::start(3);
-    let urls = cluster.urls();
-    let conn = NatsOptions::new(urls.clone()).connect().await.unwrap();
-    let toml = "[[flow]]\nname = \"c\"\n[[flow.step]]\nname = \"one\"\n[[flow.step]]\nname = \"slow\"\n[[flow.step]]\nname = \"three\"\n";
+/// A coordinator on the cluster (R3 buckets) serving the flows of `toml`.
+/// JetStream needs its meta leader before buckets can be made: retried a while.
+async fn node_on(urls: &str, toml: &str) -> Node {
+    let conn = NatsOptions::new(urls).connect().await.unwrap();
     let flows = flowfile::parse(toml).unwrap();
-    // JetStream needs its meta leader before buckets can be made: retry a while.
     let deadline = tokio::time::Instant::now() + 60 * SECS;
-    let node = loop {
+    loop {
         let started = Node::builder()
             .bus_options(NatsBusOptions::default().heartbeat_timeout(5 * SECS))
             .store(NodeStore::JetStream(JetStreamStoreOptions::default().replicas(3)))
@@ -35,13 +32,21 @@ async fn a_node_killed_mid_load_loses_nothing() {
             .start(conn.clone())
             .await;
         match started {
-            Ok(n) => break n,
+            Ok(n) => return n,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "no JetStream on the cluster: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_load_loses_nothing() {
+    let mut cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let toml = "[[flow]]\nname = \"c\"\n[[flow.step]]\nname = \"one\"\n[[flow.step]]\nname = \"slow\"\n[[flow.step]]\nname = \"three\"\n";
+    let node = node_on(&urls, toml).await;
     let coordinator = node.coordinator();
 
     let calls: Arc<Mutex<HashMap<(Uuid, &'static str), u32>>> = Arc::default();
@@ -112,28 +117,9 @@ async fn a_keys_queue_and_a_group_survive_a_node_killed() {
     let mut cluster = NatsCluster::start(3);
     let urls = cluster.urls();
     let toml = "[[flow]]\nname = \"k\"\n[[flow.step]]\nname = \"a\"\ngroup = \"g\"\n[[flow.step]]\nname = \"b\"\ngroup = \"g\"\n[[flow.step]]\nname = \"c\"\n";
-    let flows = flowfile::parse(toml).unwrap();
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let conn = NatsOptions::new(urls.clone()).connect().await.unwrap();
-        let deadline = tokio::time::Instant::now() + 60 * SECS;
-        nodes.push(loop {
-            let started = Node::builder()
-                .bus_options(NatsBusOptions::default().heartbeat_timeout(5 * SECS))
-                .store(NodeStore::JetStream(JetStreamStoreOptions::default().replicas(3)))
-                .flows(flows.clone())
-                .registry(false)
-                .events(false)
-                .start(conn.clone())
-                .await;
-            match started {
-                Ok(n) => break n,
-                Err(e) => {
-                    assert!(tokio::time::Instant::now() < deadline, "no JetStream: {e}");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        });
+        nodes.push(node_on(&urls, toml).await);
     }
     let ledger: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut workers = Vec::new();

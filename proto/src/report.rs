@@ -396,23 +396,10 @@ impl std::str::FromStr for StepStatus {
 
     /// Parses the JSON form (`not_run`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        use StepStatus::*;
-        [
-            NotRun,
-            Running,
-            Waiting,
-            Completed,
-            Failed,
-            Compensating,
-            Compensated,
-            CompensationFailed,
-            Unknown,
-            Cancelled,
-            Paused,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-        .ok_or_else(|| format!("`{s}` is not a step status"))
+        StepStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a step status"))
     }
 }
 
