@@ -20,6 +20,10 @@ use crate::registry::{Pick, RegistryView};
 use crate::store::{Created, MemoryStore, Store, StoreError};
 use crate::{Hooks, RunOptions};
 
+/// How long a start keeps asking for its run's place in its key's queue
+/// (while the store fails over) before it answers without one.
+const QUEUE_PATIENCE: Duration = Duration::from_secs(15);
+
 /// A run could not be started or followed. A run that *fails* is not an error:
 /// its report says so.
 #[derive(Debug, thiserror::Error)]
@@ -475,6 +479,9 @@ impl Coordinator {
                 Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
             }
             Created::Existing { run_id, report: None } => {
+                if let Some((slot, _)) = &key_slot {
+                    self.placed_in_queue(slot, run_id).await;
+                }
                 let wait = self.inner.store.wait(run_id);
                 let report = Box::pin(async move { Ok(wait.await?) });
                 Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
@@ -487,11 +494,8 @@ impl Coordinator {
                     }
                     _ => (record, run_id),
                 };
-                if let Some((slot, limit)) = &key_slot
-                    && let Err(e) = self.inner.store.acquire(slot, *limit, run_id).await
-                {
-                    // Its actor asks again.
-                    tracing::warn!(%run_id, error = %e, "cannot queue the run yet");
+                if let Some((slot, limit)) = &key_slot {
+                    self.queue(slot, *limit, run_id).await;
                 }
                 let (tx, rx) = oneshot::channel();
                 let (bus, store, live) = self.actor_parts();
@@ -504,6 +508,44 @@ impl Coordinator {
                         async move { rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id)) },
                     );
                 Ok(RunHandle { run_id, duplicate: false, coordinator: self.clone(), report })
+            }
+        }
+    }
+
+    /// Takes the run's place in its key's queue before its start is
+    /// answered, so that runs started one after another queue in that
+    /// order, also while the store fails over (asked again for a while).
+    async fn queue(&self, slot: &str, limit: u32, run_id: Uuid) {
+        let give_up = Instant::now() + QUEUE_PATIENCE;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.inner.store.acquire(slot, limit, run_id).await {
+                Ok(_) => return,
+                // Its actor asks again: the run goes on, its place in the
+                // queue is not kept.
+                Err(e) if Instant::now() >= give_up => {
+                    tracing::warn!(%run_id, error = %e, "cannot queue the run yet");
+                    return;
+                }
+                Err(e) => tracing::debug!(%run_id, error = %e, "cannot queue the run yet"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// A start sent again (its idempotency key names a live run) is
+    /// answered once that run has its place in the queue, or has left it:
+    /// the first start may still be taking it.
+    async fn placed_in_queue(&self, slot: &str, run_id: Uuid) {
+        let give_up = Instant::now() + QUEUE_PATIENCE;
+        while Instant::now() < give_up {
+            if let Ok(true) = self.inner.store.placed(slot, run_id).await {
+                return;
+            }
+            match self.inner.store.report(run_id).resolve().await {
+                Ok(Some(r)) if r.status != orchestrix_proto::RunStatus::Queued => return,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     }

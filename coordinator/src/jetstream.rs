@@ -705,6 +705,17 @@ impl Store for JetStreamStore {
         })
     }
 
+    fn placed(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let (inner, slot) = (self.inner.clone(), slot.to_owned());
+        Box::pin(async move {
+            match inner.slots.get(&slot).await {
+                Ok(Some(b)) => Ok(decode::<SlotState>(&b)?.knows(holder)),
+                Ok(None) => Ok(false),
+                Err(e) => Err(unavailable("cannot read a slot", e)),
+            }
+        })
+    }
+
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         let (inner, record) = (self.inner.clone(), record.clone());
         Pending::later(async move {

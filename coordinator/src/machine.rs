@@ -337,6 +337,11 @@ pub(crate) struct Machine {
     entropy: Entropy,
     /// The wall clock of the event being handled.
     wall: SystemTime,
+    /// Attempts whose worker went silent and about which every replica was
+    /// asked, with why: the answer may still come (a worker that lost its
+    /// connection for a moment lost its outcome with it, and answers again
+    /// from its cache).
+    asked: Vec<(Uuid, String)>,
 }
 
 impl Machine {
@@ -355,6 +360,7 @@ impl Machine {
             first_attempt: vec![(None, None); n],
             entropy,
             wall: SystemTime::UNIX_EPOCH,
+            asked: Vec::new(),
         }
     }
 
@@ -549,12 +555,17 @@ impl Machine {
             }
             Event::Unanswered { command_id } => {
                 let Some(cur) = self.in_flight(command_id) else { return };
+                let silent = self.asked.iter().position(|(id, _)| *id == command_id);
+                let silent = silent.map(|i| self.asked.swap_remove(i).1);
                 match cur.acked_by.clone() {
                     Some(worker) => {
                         decided("unanswered-acked");
-                        let why = format!(
-                            "worker {worker} held the command and is gone (no answer after the run was taken over)"
-                        );
+                        let why = match silent {
+                            Some(reason) => format!("{reason}, and no worker answered when asked"),
+                            None => format!(
+                                "worker {worker} held the command and is gone (no answer after the run was taken over)"
+                            ),
+                        };
                         self.unknown(cur, why, now, wall, out)
                     }
                     // Nobody ever started it, and no live worker holds it: send it again.
@@ -567,8 +578,25 @@ impl Machine {
             }
             Event::Silent { command_id, reason } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_some()) {
+                    // Not concluded yet: heartbeats and the outcome travel at
+                    // most once, and a worker whose connection moved to another
+                    // node may have lost them. Whoever holds the command
+                    // answers the inquiry (its outcome from cache, or an ack
+                    // if still running); nobody answering makes it unknown.
                     decided("silent");
-                    self.unknown(cur, reason, now, wall, out);
+                    let cmd = self.command(cur.step, cur.kind, cur.attempt, command_id);
+                    let deadline = self.deadline_in(&cmd);
+                    out.effects.push(Effect::Inquire(cmd));
+                    if let Liveness::Remote { ack_timeout, clock_skew, .. } = self.limits.liveness {
+                        out.effects.push(Effect::Watch {
+                            command_id,
+                            ack: ack_timeout + clock_skew,
+                            inquiry: true,
+                            deadline,
+                        });
+                    }
+                    self.asked.retain(|(id, _)| *id != command_id);
+                    self.asked.push((command_id, reason));
                 }
             }
             Event::TimedOut { command_id, reason } => {
@@ -1626,9 +1654,13 @@ mod tests {
             let id = self.cur();
             self.ev(Event::Acked { command_id: id, worker: "w1".into() })
         }
+        /// The worker goes silent, and nobody answers the inquiry that follows.
         fn silent(&mut self) -> Vec<Transition> {
             let id = self.cur();
-            self.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() })
+            let asked =
+                self.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+            assert!(asked.is_empty(), "silence alone concludes nothing: {asked:?}");
+            self.ev(Event::Unanswered { command_id: id })
         }
     }
 
@@ -2219,6 +2251,45 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_worker_is_asked_first_and_its_late_answer_still_counts() {
+        let mut t = T::new(&[true], 0);
+        t.m.limits.liveness = remote();
+        t.ev(Event::Start);
+        t.ack();
+        let id = t.cur();
+        // Silence concludes nothing yet: every replica is asked.
+        let d = t.decide(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        assert!(d.transitions.is_empty());
+        assert_eq!(kinds(&d.effects), ["inquire", "watch-inquiry"]);
+        // The worker had lost its outcome with its connection; asked, it
+        // answers from its cache, and the step completes on its one attempt.
+        assert_eq!(names(&t.ok()), ["completed 0", "finished completed"]);
+        assert_eq!(t.m.rec.steps[0].attempts, 1);
+        // Asked again and still running: its ack says it is alive.
+        let mut t = T::new(&[true], 0);
+        t.m.limits.liveness = remote();
+        t.ev(Event::Start);
+        t.ack();
+        let id = t.cur();
+        t.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        assert_eq!(
+            kinds(&t.decide(Event::Acked { command_id: id, worker: "w1".into() }).effects),
+            ["alive"]
+        );
+        // Nobody answering makes it unknown, and says both why and what was tried.
+        t.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        assert_eq!(
+            names(&t.ev(Event::Unanswered { command_id: id })),
+            ["failed 0", "start 0 compensate #1"]
+        );
+        let error = t.m.rec.steps[0].error.clone().unwrap();
+        assert!(
+            error.ends_with("worker w1 went silent, and no worker answered when asked"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn an_unknown_outcome_of_an_idempotent_step_is_retried() {
         let mut t = T::new(&[false], 1);
         let mut def = t.m.plan.def.clone();
@@ -2365,7 +2436,8 @@ mod tests {
         go(other, ok(id));
         let id = other.cur();
         go(other, Event::Acked { command_id: id, worker: "w".into() });
-        go(other, Event::Silent { command_id: id, reason: "gone".into() }); // silent, unknown-retry
+        go(other, Event::Silent { command_id: id, reason: "gone".into() }); // silent: ask
+        go(other, Event::Unanswered { command_id: id }); // unanswered-acked, unknown-retry
         go(other, Event::RetryDue { command_id: id });
         let id = other.cur();
         go(other, Event::Acked { command_id: id, worker: "w".into() });
@@ -2396,7 +2468,8 @@ mod tests {
         go(&mut third, Event::Start);
         let id = third.cur();
         go(&mut third, Event::Acked { command_id: id, worker: "w".into() });
-        go(&mut third, Event::Silent { command_id: id, reason: "gone".into() }); // unknown-maybe-done
+        go(&mut third, Event::Silent { command_id: id, reason: "gone".into() });
+        go(&mut third, Event::Unanswered { command_id: id }); // unknown-maybe-done
         let mut fourth = T::with(plan(&[false], 0), Uuid::from_u128(4), 9);
         Arc::make_mut(&mut fourth.m.rec).timeout = Some(Duration::from_secs(1));
         go(&mut fourth, Event::Start);

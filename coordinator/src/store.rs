@@ -202,6 +202,13 @@ pub trait Store: Send + Sync + 'static {
         let _ = (slot, holder);
         Box::pin(futures::future::ready(Err(no_slots())))
     }
+
+    /// Whether `holder` holds `slot` or waits for it. Read only: never
+    /// changes the queue.
+    fn placed(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let _ = (slot, holder);
+        Box::pin(futures::future::ready(Err(no_slots())))
+    }
 }
 
 fn no_slots() -> StoreError {
@@ -483,6 +490,11 @@ impl Store for MemoryStore {
             }
         })
     }
+
+    fn placed(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<bool, StoreError>> {
+        let known = lock(&self.slots.map).get(slot).is_some_and(|s| s.knows(holder));
+        Box::pin(futures::future::ready(Ok(known)))
+    }
 }
 
 /// The slots of the in-memory store, and a signal when any of them changes.
@@ -567,5 +579,8 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
     fn granted(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<(), StoreError>> {
         (**self).granted(slot, holder)
+    }
+    fn placed(&self, slot: &str, holder: Uuid) -> BoxFuture<'static, Result<bool, StoreError>> {
+        (**self).placed(slot, holder)
     }
 }

@@ -92,6 +92,28 @@ async fn a_worker_killed_mid_step_is_replaced_by_another_replica() {
     assert!(doomed.lines_starting("b-done").is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_went_quiet_is_asked_before_its_step_is_given_up() {
+    // The coordinator's patience (600 ms) is shorter than the worker's
+    // heartbeat interval (5 s): every silence is a false alarm, as when a
+    // worker's heartbeats or outcome were lost while its connection moved to
+    // another node. Asked, the worker answers, and the attempt stands.
+    let server = NatsServer::start();
+    let node = coordinator(&server, Duration::from_millis(600)).await;
+    let c = node.coordinator();
+    let url = server.url();
+    let args = ["--nats", url.as_str(), "--delay-ms", "2000", "--heartbeat-ms", "5000"];
+    let quiet = ChildProcess::spawn(&test_worker(), &args);
+    quiet.wait_for_line("ready", 10 * SECS).await;
+    let run = c.start("crash", &5u32, RunOptions::new()).await.unwrap();
+    let report = tokio::time::timeout(30 * SECS, run.report()).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    let b = report.step("b").unwrap();
+    assert_eq!((b.attempts, b.error.as_deref()), (1, None), "{report}");
+    assert_eq!(quiet.lines_starting("b-start").len(), 1);
+    assert_eq!(quiet.lines_starting("b-done").len(), 1);
+}
+
 #[derive(Clone, Default)]
 struct Retries(Arc<Mutex<Vec<String>>>);
 
@@ -126,7 +148,9 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
     let seen = retries.0.lock().unwrap().clone();
     assert!(
         seen[0].starts_with("b #1: outcome unknown: worker ")
-            && seen[0].ends_with("went silent: no heartbeat for 600ms"),
+            && seen[0].ends_with(
+                "went silent: no heartbeat for 600ms, and no worker answered when asked"
+            ),
         "{seen:?}"
     );
     assert_eq!(report.step("b").unwrap().attempts as usize, seen.len() + 1);
