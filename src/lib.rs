@@ -56,9 +56,9 @@ pub use orchestrix_coordinator::{
     RunError, RunHandle, StepEvent, StepOptions, create,
 };
 pub use orchestrix_proto::{
-    CompensationReport, ControlAction, FlowDef, FlowError, ListFilter, OnExhausted, OnUnknown,
-    OperatorAction, Payload, RetryPolicy, RunOptions, RunReport, RunStatus, StepDef, StepReport,
-    StepStatus,
+    CommandId, CompensationReport, ControlAction, FlowDef, FlowError, IdError, ListFilter,
+    OnExhausted, OnUnknown, OperatorAction, Payload, RetryPolicy, RunId, RunOptions, RunReport,
+    RunStatus, StepDef, StepReport, StepStatus,
 };
 #[cfg(feature = "worker")]
 pub use orchestrix_worker::{

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use orchestrix_proto::{
-    CodecError, Message, Payload, RunReply, RunRequest, StatusRequest, Subjects, decode, encode,
-    headers,
+    CodecError, Message, Payload, RunId, RunReply, RunRequest, StatusRequest, Subjects, decode,
+    encode, headers,
 };
 use orchestrix_worker::{ConnectError, NatsOptions};
 use serde::Serialize;
@@ -68,7 +68,7 @@ pub enum ClientError {
 #[non_exhaustive]
 pub struct Started {
     /// The run's id.
-    pub run_id: Uuid,
+    pub run_id: RunId,
     /// The key named an earlier run: nothing new started.
     pub duplicate: bool,
 }
@@ -142,7 +142,7 @@ impl Client {
         flow: &str,
         input: &I,
         options: RunOptions,
-    ) -> Result<Uuid, ClientError> {
+    ) -> Result<RunId, ClientError> {
         self.start_payload(flow, Payload::encode(input)?, options).await
     }
 
@@ -152,7 +152,7 @@ impl Client {
         flow: &str,
         input: Payload,
         options: RunOptions,
-    ) -> Result<Uuid, ClientError> {
+    ) -> Result<RunId, ClientError> {
         self.submit(flow, input, options).await.map(|s| s.run_id)
     }
 
@@ -181,7 +181,7 @@ impl Client {
             let answer = self.ask(subject.clone(), &req, Some(self.request_timeout)).await;
             match answer {
                 Ok(RunReply::Accepted { run_id, duplicate }) => {
-                    return Ok(Started { run_id, duplicate });
+                    return Ok(Started { run_id: run_id.into(), duplicate });
                 }
                 Ok(other) => return Err(unexpected(other)),
                 Err(e @ (ClientError::Unavailable(_) | ClientError::NoCoordinator { .. }))
@@ -221,7 +221,8 @@ impl Client {
     }
 
     /// The report of a run so far (`status` is `running` while it is live).
-    pub async fn status(&self, run_id: Uuid) -> Result<RunReport, ClientError> {
+    pub async fn status(&self, run_id: RunId) -> Result<RunReport, ClientError> {
+        let run_id = run_id.as_uuid();
         let req = StatusRequest { run_id, wait: false };
         match self.ask(self.subjects.status_requests(), &req, Some(self.request_timeout)).await? {
             RunReply::Report(report) => Ok(*report),
@@ -231,7 +232,8 @@ impl Client {
 
     /// Waits for the final report of a run started earlier. If the
     /// coordinator answering dies meanwhile, the wait goes on with another.
-    pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, ClientError> {
+    pub async fn wait(&self, run_id: RunId) -> Result<RunReport, ClientError> {
+        let run_id = run_id.as_uuid();
         loop {
             let req = StatusRequest { run_id, wait: true };
             match self
@@ -267,7 +269,7 @@ impl Client {
     /// Cancelling a finished run is an error; cancelling twice is harmless.
     pub async fn cancel(
         &self,
-        run_id: Uuid,
+        run_id: RunId,
         by: &str,
         reason: Option<&str>,
     ) -> Result<(), ClientError> {
@@ -276,13 +278,13 @@ impl Client {
 
     /// Resumes a paused run: its paused step (or compensation) is tried
     /// again with a fresh budget of attempts.
-    pub async fn resume(&self, run_id: Uuid, by: &str) -> Result<(), ClientError> {
+    pub async fn resume(&self, run_id: RunId, by: &str) -> Result<(), ClientError> {
         self.control(run_id, orchestrix_proto::ControlAction::Resume, by, None).await
     }
 
     /// Rolls a paused run back: its paused step fails for good (a paused
     /// compensation counts as failed) and the rollback goes on.
-    pub async fn rollback(&self, run_id: Uuid, by: &str) -> Result<(), ClientError> {
+    pub async fn rollback(&self, run_id: RunId, by: &str) -> Result<(), ClientError> {
         self.control(run_id, orchestrix_proto::ControlAction::Rollback, by, None).await
     }
 
@@ -290,11 +292,12 @@ impl Client {
     /// [`Client::resume`], [`Client::rollback`]).
     pub async fn control(
         &self,
-        run_id: Uuid,
+        run_id: RunId,
         action: orchestrix_proto::ControlAction,
         by: &str,
         reason: Option<&str>,
     ) -> Result<(), ClientError> {
+        let run_id = run_id.as_uuid();
         let req = orchestrix_proto::ControlRequest {
             run_id,
             action,
@@ -511,7 +514,7 @@ impl<I: Serialize> RemoteFlow<I> {
     }
 
     /// Starts a run and returns its id at once.
-    pub async fn start(&self, input: I, options: RunOptions) -> Result<Uuid, ClientError> {
+    pub async fn start(&self, input: I, options: RunOptions) -> Result<RunId, ClientError> {
         self.client.start(&self.name, &input, self.options(options)).await
     }
 }

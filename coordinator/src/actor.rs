@@ -534,7 +534,7 @@ impl RunActor {
         let Some(def) = plan.def.steps.get(step as usize) else { return };
         let event = StepEvent {
             group: def.group.as_deref(),
-            run_id: self.run_id(),
+            run_id: self.run_id().into(),
             flow: &plan.def.name,
             step: &def.name,
             kind,

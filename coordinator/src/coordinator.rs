@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
-use orchestrix_proto::{CodecError, Payload, RunReport};
+use orchestrix_proto::{CodecError, Payload, RunId, RunReport};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -295,8 +295,8 @@ impl fmt::Debug for RunHandle {
 
 impl RunHandle {
     /// The run's id.
-    pub fn run_id(&self) -> Uuid {
-        self.run_id
+    pub fn run_id(&self) -> RunId {
+        self.run_id.into()
     }
 
     /// True when the idempotency key matched an earlier run: nothing new
@@ -313,7 +313,7 @@ impl RunHandle {
     /// Cancels the run (see [`Coordinator::cancel`]); its report then says
     /// `cancelled`.
     pub async fn cancel(&self, by: &str, reason: Option<&str>) -> Result<(), RunError> {
-        self.coordinator.cancel(self.run_id, by, reason).await
+        self.coordinator.cancel(self.run_id.into(), by, reason).await
     }
 }
 
@@ -639,7 +639,8 @@ impl Coordinator {
 
     /// The report of a run so far (`status` is `running` while it is live),
     /// or `None` if the store does not keep it.
-    pub async fn status(&self, run_id: Uuid) -> Result<Option<RunReport>, RunError> {
+    pub async fn status(&self, run_id: RunId) -> Result<Option<RunReport>, RunError> {
+        let run_id = run_id.as_uuid();
         Ok(self.inner.store.report(run_id).resolve().await?)
     }
 
@@ -656,10 +657,11 @@ impl Coordinator {
     /// cancelling twice is harmless.
     pub async fn cancel(
         &self,
-        run_id: Uuid,
+        run_id: RunId,
         by: &str,
         reason: Option<&str>,
     ) -> Result<(), RunError> {
+        let run_id = run_id.as_uuid();
         let action = orchestrix_proto::OperatorAction {
             action: orchestrix_proto::ControlAction::Cancel,
             by: by.to_owned(),
@@ -744,13 +746,15 @@ impl Coordinator {
 
     /// Resumes a paused run: its paused step (or compensation) is tried again
     /// with a fresh budget of attempts. A run that is not paused is refused.
-    pub async fn resume(&self, run_id: Uuid, by: &str) -> Result<(), RunError> {
+    pub async fn resume(&self, run_id: RunId, by: &str) -> Result<(), RunError> {
+        let run_id = run_id.as_uuid();
         self.control(run_id, operator_action(orchestrix_proto::ControlAction::Resume, by)).await
     }
 
     /// Rolls a paused run back: its paused step fails for good (a paused
     /// compensation counts as failed) and the rollback goes on.
-    pub async fn rollback(&self, run_id: Uuid, by: &str) -> Result<(), RunError> {
+    pub async fn rollback(&self, run_id: RunId, by: &str) -> Result<(), RunError> {
+        let run_id = run_id.as_uuid();
         self.control(run_id, operator_action(orchestrix_proto::ControlAction::Rollback, by)).await
     }
 
@@ -774,7 +778,7 @@ impl Coordinator {
         if actor.is_none() {
             // Just started: its actor may not be up yet.
             for _ in 0..10 {
-                if self.status(run_id).await?.is_none_or(|r| r.status.is_terminal()) {
+                if self.status(run_id.into()).await?.is_none_or(|r| r.status.is_terminal()) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -792,7 +796,7 @@ impl Coordinator {
                 Err(_) => {}
             }
         }
-        match self.status(run_id).await? {
+        match self.status(run_id.into()).await? {
             // Cancelling a cancelled run again is harmless.
             Some(r)
                 if r.status == orchestrix_proto::RunStatus::Cancelled
@@ -815,7 +819,8 @@ impl Coordinator {
     }
 
     /// Waits for the final report of a run started earlier.
-    pub async fn wait(&self, run_id: Uuid) -> Result<RunReport, RunError> {
+    pub async fn wait(&self, run_id: RunId) -> Result<RunReport, RunError> {
+        let run_id = run_id.as_uuid();
         Ok(self.inner.store.wait(run_id).await?)
     }
 }

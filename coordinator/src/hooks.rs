@@ -1,13 +1,13 @@
 use std::time::Duration;
 
-use orchestrix_proto::{CommandKind, RunReport};
+use orchestrix_proto::{CommandKind, RunId, RunReport};
 use uuid::Uuid;
 
 /// Which run and step a hook call is about.
 #[derive(Debug, Clone, Copy)]
 pub struct StepEvent<'a> {
     /// The run.
-    pub run_id: Uuid,
+    pub run_id: RunId,
     /// Flow name.
     pub flow: &'a str,
     /// Step name.

@@ -191,7 +191,7 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
 /// What is known of a run whose stored record cannot be used.
 fn quarantined_report(run_id: Uuid, flow: &str, reason: String) -> RunReport {
     RunReport {
-        run_id,
+        run_id: run_id.into(),
         flow: flow.to_owned(),
         version: None,
         status: orchestrix_proto::RunStatus::Quarantined,

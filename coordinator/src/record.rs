@@ -742,7 +742,7 @@ impl RunRecord {
     /// duration while the run is still going.
     pub fn to_report(&self, elapsed: Duration) -> RunReport {
         RunReport {
-            run_id: self.run_id,
+            run_id: self.run_id.into(),
             flow: self.flow.to_string(),
             version: self.version.as_deref().map(str::to_owned),
             status: self.status,

@@ -113,7 +113,7 @@ fn status_and_wait_follow_a_run_by_id() {
         let done = coordinator.wait(id).await.unwrap();
         assert_eq!(done.status, RunStatus::Completed);
         assert_eq!(coordinator.status(id).await.unwrap().unwrap(), done);
-        assert!(coordinator.status(uuid::Uuid::new_v4()).await.unwrap().is_none());
+        assert!(coordinator.status(uuid::Uuid::new_v4().into()).await.unwrap().is_none());
     });
 }
 

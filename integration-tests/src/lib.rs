@@ -310,7 +310,7 @@ impl Ledger {
     }
 
     /// The lines that end with the run's id, in order.
-    pub fn about(&self, run: uuid::Uuid) -> Vec<String> {
+    pub fn about(&self, run: orchestrix::RunId) -> Vec<String> {
         let run = run.to_string();
         self.lines_mut().iter().filter(|l| l.ends_with(&run)).cloned().collect()
     }

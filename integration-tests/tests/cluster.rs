@@ -6,13 +6,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
+use orchestrix::{RunId, RunOptions, RunStatus, StepContext, Worker};
 use orchestrix_coordinator::flowfile;
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
 use orchestrix_integration_tests::NatsCluster;
 use orchestrix_worker::NatsOptions;
-use uuid::Uuid;
 
 const SECS: Duration = Duration::from_secs(1);
 
@@ -49,10 +48,10 @@ async fn a_node_killed_mid_load_loses_nothing() {
     let node = node_on(&urls, toml).await;
     let coordinator = node.coordinator();
 
-    let calls: Arc<Mutex<HashMap<(Uuid, &'static str), u32>>> = Arc::default();
+    let calls: Arc<Mutex<HashMap<(RunId, &'static str), u32>>> = Arc::default();
     let rec = |what: &'static str| {
         let calls = calls.clone();
-        move |run: Uuid| *calls.lock().unwrap().entry((run, what)).or_default() += 1
+        move |run: RunId| *calls.lock().unwrap().entry((run, what)).or_default() += 1
     };
     let (r1, r2, r3) = (rec("one"), rec("slow"), rec("three"));
     let worker = Worker::builder()
@@ -86,7 +85,7 @@ async fn a_node_killed_mid_load_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The node the clients first connected to goes down: they move to the others.
     cluster.nodes[0].kill();
-    let ids: Vec<Uuid> = handles.iter().map(|h| h.run_id()).collect();
+    let ids: Vec<RunId> = handles.iter().map(|h| h.run_id()).collect();
     let reports = futures::future::join_all(handles.into_iter().map(|h| async move {
         tokio::time::timeout(120 * SECS, h.report()).await.unwrap().unwrap()
     }))
@@ -162,7 +161,7 @@ async fn a_keys_queue_and_a_group_survive_a_node_killed() {
             cluster.nodes[0].kill();
         }
     }
-    let ids: Vec<Uuid> = handles.iter().map(|h| h.run_id()).collect();
+    let ids: Vec<RunId> = handles.iter().map(|h| h.run_id()).collect();
     for h in handles {
         let r = tokio::time::timeout(180 * SECS, h.report()).await.unwrap().unwrap();
         assert_eq!(r.status, RunStatus::Completed, "{r}");

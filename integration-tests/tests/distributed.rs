@@ -462,7 +462,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
         panic!()
     };
     assert_eq!(error, "unknown flow `nope`");
-    let err = s.client.status(Uuid::nil()).await.unwrap_err();
+    let err = s.client.status(Uuid::nil().into()).await.unwrap_err();
     assert!(err.to_string().starts_with("unknown run"), "{err}");
     // And both keep serving.
     let report = s.client.run("g", &1u32, RunOptions::new()).await.unwrap();
@@ -552,7 +552,7 @@ async fn run_events_are_published_in_order() {
         let msg = tokio::time::timeout(5 * SECS, events.next()).await.unwrap().unwrap();
         let ev: RunEvent = decode(&msg.payload).unwrap();
         assert_eq!(ev.run_id, report.run_id);
-        assert_eq!(msg.subject.as_str(), Subjects::default().events(&report.run_id));
+        assert_eq!(msg.subject.as_str(), Subjects::default().events(&report.run_id.as_uuid()));
         let end = matches!(ev.event, EventKind::RunEnded { .. });
         seen.push(orchestrix_coordinator::nats::describe(&ev.event));
         if end {

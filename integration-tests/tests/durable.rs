@@ -148,7 +148,7 @@ impl Cluster {
         // Ready when it answers a status request.
         let deadline = tokio::time::Instant::now() + 30 * SECS;
         loop {
-            match self.client.status(Uuid::nil()).await {
+            match self.client.status(Uuid::nil().into()).await {
                 Err(e) if e.to_string().starts_with("unknown run") => return,
                 _ => {}
             }
@@ -270,22 +270,22 @@ async fn counting_worker(server: &NatsServer, calls: &Calls) -> Worker {
         .concurrency(512)
         .steps::<Input>("durable", move |f| {
             f.step("a", move |ctx: StepContext<Input>| {
-                ra(ctx.run_id(), "a".into());
+                ra(ctx.run_id().into(), "a".into());
                 async { Ok(()) }
             })
             .compensate("a", move |ctx| {
-                ru(ctx.run_id(), "undo a".into());
+                ru(ctx.run_id().into(), "undo a".into());
                 async { Ok(()) }
             })
             .step("b", move |ctx| {
-                rb(ctx.run_id(), "b".into());
+                rb(ctx.run_id().into(), "b".into());
                 async {
                     tokio::time::sleep(Duration::from_millis(700)).await;
                     Ok(())
                 }
             })
             .step("c", move |ctx| {
-                rc(ctx.run_id(), format!("c #{}", ctx.attempt()));
+                rc(ctx.run_id().into(), format!("c #{}", ctx.attempt()));
                 async move {
                     if ctx.attempt() == 1 {
                         return Err(StepError::retryable("first try fails"));
@@ -294,7 +294,7 @@ async fn counting_worker(server: &NatsServer, calls: &Calls) -> Worker {
                 }
             })
             .step("d", move |ctx| {
-                rd(ctx.run_id(), "d".into());
+                rd(ctx.run_id().into(), "d".into());
                 async move {
                     if ctx.input.fail {
                         return Err(StepError::permanent("d refuses"));
@@ -337,15 +337,15 @@ async fn two_coordinators_one_killed_under_load_lose_nothing() {
         if input.fail {
             assert_eq!(report.status, RunStatus::Failed, "{report}");
             assert_eq!(report.step("a").unwrap().status, StepStatus::Compensated);
-            assert_eq!(calls_of(&calls, id, "undo a"), 1, "{id}: compensated once");
+            assert_eq!(calls_of(&calls, id.into(), "undo a"), 1, "{id}: compensated once");
             failed += 1;
         } else {
             assert_eq!(report.status, RunStatus::Completed, "{report}");
-            assert_eq!(calls_of(&calls, id, "undo a"), 0);
+            assert_eq!(calls_of(&calls, id.into(), "undo a"), 0);
             completed += 1;
         }
         for what in ["a", "b", "c #1", "c #2", "d"] {
-            assert_eq!(calls_of(&calls, id, what), 1, "{id}: {what} ran once");
+            assert_eq!(calls_of(&calls, id.into(), what), 1, "{id}: {what} ran once");
         }
     }
     assert_eq!((completed, failed), (150, 50));
@@ -371,7 +371,7 @@ async fn killed_before_a_command_was_sent() {
     let c = node.coordinator();
     assert_eq!(node.resumed(), 1, "the orphan is claimed");
     assert_eq!(c.recover().await.unwrap(), 0, "and only once");
-    let report = tokio::time::timeout(60 * SECS, c.wait(run_id)).await.unwrap().unwrap();
+    let report = tokio::time::timeout(60 * SECS, c.wait(run_id.into())).await.unwrap().unwrap();
     assert_eq!(report.status, RunStatus::Completed, "{report}");
     assert_eq!((count(&j, "a"), count(&j, "b start"), count(&j, "d")), (1, 1, 1));
     w.shutdown().await;

@@ -132,7 +132,7 @@ async fn a_cancel_stops_the_workers_handler_and_rolls_back_in_reverse() {
     };
     let err = c.cancel(finished.run_id, "ops", None).await.unwrap_err();
     assert!(err.to_string().contains("already finished: completed"), "{err}");
-    let err = c.cancel(uuid::Uuid::now_v7(), "ops", None).await.unwrap_err();
+    let err = c.cancel(uuid::Uuid::now_v7().into(), "ops", None).await.unwrap_err();
     assert!(err.to_string().contains("unknown run"), "{err}");
     for w in [w1, w2, w3] {
         w.shutdown().await;

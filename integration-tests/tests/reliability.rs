@@ -222,7 +222,7 @@ fn spawn_serve(server: &NatsServer, flows: &std::path::Path) -> ChildProcess {
 async fn ready(c: &Client) {
     let deadline = tokio::time::Instant::now() + 30 * SECS;
     loop {
-        if let Err(e) = c.status(Uuid::nil()).await
+        if let Err(e) = c.status(Uuid::nil().into()).await
             && e.to_string().starts_with("unknown run")
         {
             return;
@@ -514,7 +514,7 @@ async fn poison_outputs_and_records_are_quarantined() {
         assert!(tokio::time::Instant::now() < deadline, "poison not moved aside");
         tokio::time::sleep(100 * MS).await;
     }
-    let s = c.status(bad).await.unwrap();
+    let s = c.status(bad.into()).await.unwrap();
     assert_eq!(s.status, RunStatus::Quarantined);
     assert!(s.error.unwrap().contains("does not decode"));
     assert!(
@@ -584,7 +584,7 @@ async fn coordinators_serving_different_flows_share_one_nats() {
         .unwrap();
     assert_eq!(a.coordinator().recover().await.unwrap(), 0, "not a flow it serves");
     assert_eq!(b.coordinator().recover().await.unwrap(), 1);
-    let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id)).await.unwrap().unwrap();
+    let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id.into())).await.unwrap().unwrap();
     assert_eq!(r.status, RunStatus::Completed, "{r}");
     assert_eq!(ledger.count(&format!("y {}", rec.run_id)), 1);
     wa.shutdown().await;
@@ -624,7 +624,7 @@ async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
         .unwrap();
     assert_eq!(node.coordinator().recover().await.unwrap(), 0);
     let c = client(&server).await;
-    let s = c.status(rec.run_id).await.unwrap();
+    let s = c.status(rec.run_id.into()).await.unwrap();
     assert_eq!(s.status, RunStatus::Quarantined, "{s}");
     assert!(s.error.as_deref().unwrap().contains("now has [x, y]"), "{s}");
     let id = c.start("fa", &1u32, RunOptions::new().key("order-8")).await.unwrap();

@@ -23,6 +23,7 @@
 
 mod codec;
 mod flow;
+mod ids;
 mod messages;
 mod options;
 mod payload;
@@ -37,6 +38,7 @@ pub use codec::{
     decode_ids, decode_with_limit, encode, peek_kind,
 };
 pub use flow::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
+pub use ids::{CommandId, IdError, RunId};
 pub use messages::{
     Ack, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat, ListRequest,
     OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest, StepCancel,

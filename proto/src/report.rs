@@ -2,7 +2,8 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+
+use crate::RunId;
 
 use crate::{Payload, time};
 
@@ -204,7 +205,7 @@ pub struct StepReport {
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     /// Unique id of the run.
-    pub run_id: Uuid,
+    pub run_id: RunId,
     /// Flow name.
     pub flow: String,
     /// The version of the flow the run is pinned to (distributed runs).

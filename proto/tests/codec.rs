@@ -37,7 +37,7 @@ fn report() -> RunReport {
             reason: Some("customer asked".into()),
             at: time::from_unix_ms(1_700_000_001_000),
         }],
-        run_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7().into(),
         flow: "payment-flow".into(),
         version: Some("v1".into()),
         status: RunStatus::Failed,

@@ -1,7 +1,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use orchestrix_proto::{CommandKind, StepOutput};
+use orchestrix_proto::{CommandId, CommandKind, RunId, StepOutput};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,14 +26,14 @@ pub struct StepContext<I> {
 impl<I> StepContext<I> {
     /// The run's id: stable across attempts, a good base for idempotency keys
     /// towards the services a step calls.
-    pub fn run_id(&self) -> Uuid {
-        self.run_id
+    pub fn run_id(&self) -> RunId {
+        self.run_id.into()
     }
 
     /// Id of the command this attempt runs for: unique per attempt, the same
     /// when a command is delivered again. Useful in logs and ledgers.
-    pub fn command_id(&self) -> Uuid {
-        self.command_id
+    pub fn command_id(&self) -> CommandId {
+        self.command_id.into()
     }
 
     /// Name of the flow.

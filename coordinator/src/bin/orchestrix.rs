@@ -13,11 +13,10 @@ use clap::{Args, Parser, Subcommand};
 use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_coordinator::{ListFilter, RunOptions, RunReport, RunStatus, flowfile};
-use orchestrix_proto::{ControlAction, Payload, Subjects};
+use orchestrix_proto::{ControlAction, Payload, RunId, Subjects};
 use orchestrix_worker::registry::{Registry, RegistryError, serves, unserved_steps};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
-use uuid::Uuid;
 
 /// `println!` that ends the program quietly when stdout is closed (`| head`),
 /// as other command-line tools do, instead of panicking.
@@ -163,7 +162,7 @@ enum Command {
     /// Print a run's report so far.
     Status {
         /// The run's id.
-        run_id: Uuid,
+        run_id: RunId,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -171,7 +170,7 @@ enum Command {
     /// Cancel a run: stop its step in flight, compensate what completed, end it `cancelled`.
     Cancel {
         /// The run's id.
-        run_id: Uuid,
+        run_id: RunId,
         /// Why (recorded in the run's report).
         #[arg(long)]
         reason: Option<String>,
@@ -185,7 +184,7 @@ enum Command {
     /// Resume a paused run: retry its paused step with a fresh budget of attempts.
     Resume {
         /// The run's id.
-        run_id: Uuid,
+        run_id: RunId,
         /// Who (recorded in the run's report; default: `$USER@host`).
         #[arg(long)]
         by: Option<String>,
@@ -193,7 +192,7 @@ enum Command {
     /// Roll a paused run back: its paused step fails for good and the rollback goes on.
     Rollback {
         /// The run's id.
-        run_id: Uuid,
+        run_id: RunId,
         /// Who (recorded in the run's report; default: `$USER@host`).
         #[arg(long)]
         by: Option<String>,
@@ -201,7 +200,7 @@ enum Command {
     /// Follow a run's events live, then print its report.
     Watch {
         /// The run's id.
-        run_id: Uuid,
+        run_id: RunId,
         /// Print events and the report as JSON lines.
         #[arg(long)]
         json: bool,
@@ -463,7 +462,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch { run_id, json } => {
             use futures::StreamExt;
             let client = client(&cli.nats).await?;
-            let mut events = Box::pin(client.watch(run_id).await?);
+            let mut events = Box::pin(client.watch(run_id.into()).await?);
             let now = client.status(run_id).await?;
             if !now.status.is_terminal() {
                 // What happened before this watch began, from the run's report.
@@ -612,9 +611,9 @@ fn read_input(arg: &str) -> anyhow::Result<Payload> {
 
 /// Waits for a run's report, saying on stderr when it pauses (it then
 /// waits for an operator: this command keeps waiting).
-async fn wait_telling_pauses(client: &Client, run_id: Uuid) -> anyhow::Result<RunReport> {
+async fn wait_telling_pauses(client: &Client, run_id: RunId) -> anyhow::Result<RunReport> {
     use futures::StreamExt;
-    let events = client.watch(run_id).await.ok();
+    let events = client.watch(run_id.into()).await.ok();
     let wait = client.wait(run_id);
     tokio::pin!(wait);
     let Some(events) = events else { return Ok(wait.await?) };
@@ -636,7 +635,7 @@ async fn wait_telling_pauses(client: &Client, run_id: Uuid) -> anyhow::Result<Ru
 /// Resume or rollback of a paused run.
 async fn operate(
     nats: &NatsArgs,
-    run_id: Uuid,
+    run_id: RunId,
     action: ControlAction,
     by: Option<String>,
 ) -> anyhow::Result<ExitCode> {

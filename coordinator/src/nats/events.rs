@@ -71,7 +71,7 @@ impl Hooks for EventPublisher {
 
     fn on_step_start(&self, e: &StepEvent<'_>) {
         self.emit(
-            e.run_id,
+            e.run_id.into(),
             e.flow,
             EventKind::StepStarted {
                 step: e.step.into(),
@@ -89,12 +89,12 @@ impl Hooks for EventPublisher {
             error: error.into(),
             delay_ms: delay.as_millis() as u64,
         };
-        self.emit(e.run_id, e.flow, event);
+        self.emit(e.run_id.into(), e.flow, event);
     }
 
     fn on_step_success(&self, e: &StepEvent<'_>, _duration: Duration) {
         self.emit(
-            e.run_id,
+            e.run_id.into(),
             e.flow,
             EventKind::StepCompleted { step: e.step.into(), attempt: e.attempt },
         );
@@ -107,12 +107,12 @@ impl Hooks for EventPublisher {
             attempt: e.attempt,
             reason: reason.into(),
         };
-        self.emit(e.run_id, e.flow, event);
+        self.emit(e.run_id.into(), e.flow, event);
     }
 
     fn on_step_failure(&self, e: &StepEvent<'_>, error: &str) {
         self.emit(
-            e.run_id,
+            e.run_id.into(),
             e.flow,
             EventKind::StepFailed { step: e.step.into(), error: error.into() },
         );
@@ -123,16 +123,16 @@ impl Hooks for EventPublisher {
             step: e.step.into(),
             group: e.group.map(str::to_owned),
         };
-        self.emit(e.run_id, e.flow, event);
+        self.emit(e.run_id.into(), e.flow, event);
     }
 
     fn on_compensation_success(&self, e: &StepEvent<'_>, _duration: Duration) {
-        self.emit(e.run_id, e.flow, EventKind::Compensated { step: e.step.into() });
+        self.emit(e.run_id.into(), e.flow, EventKind::Compensated { step: e.step.into() });
     }
 
     fn on_compensation_failure(&self, e: &StepEvent<'_>, error: &str) {
         self.emit(
-            e.run_id,
+            e.run_id.into(),
             e.flow,
             EventKind::CompensationFailed { step: e.step.into(), error: error.into() },
         );
@@ -140,7 +140,7 @@ impl Hooks for EventPublisher {
 
     fn on_run_paused(&self, e: &StepEvent<'_>, error: &str) {
         let kind = EventKind::RunPaused { step: e.step.into(), kind: e.kind, error: error.into() };
-        self.emit(e.run_id, e.flow, kind);
+        self.emit(e.run_id.into(), e.flow, kind);
     }
 
     fn on_operator_action(
@@ -160,7 +160,7 @@ impl Hooks for EventPublisher {
 
     fn on_run_end(&self, report: &RunReport) {
         self.emit(
-            report.run_id,
+            report.run_id.into(),
             &report.flow,
             EventKind::RunEnded { report: Box::new(report.clone()) },
         );

@@ -222,7 +222,10 @@ async fn answer_run(
         Err(e) => return run_rejected(e),
     };
     if !req.wait {
-        return RunReply::Accepted { run_id: handle.run_id(), duplicate: handle.is_duplicate() };
+        return RunReply::Accepted {
+            run_id: handle.run_id().into(),
+            duplicate: handle.is_duplicate(),
+        };
     }
     match handle.report().await {
         Ok(report) => RunReply::Report(Box::new(report)),
@@ -239,12 +242,12 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         }
     };
     let result: Result<Option<_>, RunError> = if req.wait {
-        coordinator.wait(req.run_id).await.map(Some).or_else(|e| match e {
+        coordinator.wait(req.run_id.into()).await.map(Some).or_else(|e| match e {
             RunError::Store(crate::StoreError::NotFound(_)) => Ok(None),
             e => Err(e),
         })
     } else {
-        coordinator.status(req.run_id).await
+        coordinator.status(req.run_id.into()).await
     };
     match result {
         Ok(Some(report)) => RunReply::Report(Box::new(report)),

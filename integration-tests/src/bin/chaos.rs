@@ -703,7 +703,7 @@ fn describe(r: &RunReport) -> String {
 }
 
 async fn ask_status(client: &Client, run_id: Uuid) -> Answer {
-    match tokio::time::timeout(Duration::from_secs(6), client.status(run_id)).await {
+    match tokio::time::timeout(Duration::from_secs(6), client.status(run_id.into())).await {
         Ok(Ok(r)) => Answer::Report(Box::new(r)),
         Ok(Err(ClientError::Rejected(m))) if m.contains("unknown run") => Answer::Unknown,
         Ok(Err(e)) => Answer::Error(e.to_string()),
@@ -727,7 +727,7 @@ async fn drive(client: Client, key: String, input: ChaosInput) -> RunRec {
         let start = client.start(FLOW, &rec.input, RunOptions::new().key(key.clone()));
         match tokio::time::timeout(Duration::from_secs(10), start).await {
             Ok(Ok(id)) => {
-                rec.run_id = Some(id);
+                rec.run_id = Some(id.into());
                 rec.start_error = None;
                 break;
             }
