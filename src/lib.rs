@@ -49,16 +49,22 @@
 //! ```
 
 #[cfg(feature = "client")]
-pub use orchestrix_client::{Client, ClientError, RemoteFlow};
+pub use orchestrix_client::{Client, ClientError, Rejection, RemoteFlow};
 #[cfg(feature = "embedded")]
 pub use orchestrix_coordinator::{
-    Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryBus, MemoryStore, Parallel,
-    RunError, RunHandle, StepEvent, StepOptions, create,
+    Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryStore, Parallel, RunError,
+    RunHandle, StepEvent, StepOptions, create,
+};
+/// A coordinator over NATS in this process, and its durable store.
+#[cfg(feature = "nats")]
+pub use orchestrix_coordinator::{
+    jetstream::{JetStreamStore, JetStreamStoreOptions},
+    nats::{NatsBus, NatsBusOptions, Node, NodeBuilder, NodeStore},
 };
 pub use orchestrix_proto::{
-    CommandId, CompensationReport, ControlAction, FlowDef, FlowError, IdError, ListFilter,
-    OnExhausted, OnUnknown, OperatorAction, Payload, RetryPolicy, RunId, RunOptions, RunReport,
-    RunStatus, StepDef, StepReport, StepStatus,
+    CommandId, CommandKind, CompensationReport, ControlAction, FlowDef, FlowError, IdError,
+    ListFilter, OnExhausted, OnUnknown, OperatorAction, Payload, RetryPolicy, RunId, RunOptions,
+    RunReport, RunStatus, StepDef, StepReport, StepStatus,
 };
 #[cfg(feature = "worker")]
 pub use orchestrix_worker::{
@@ -66,6 +72,32 @@ pub use orchestrix_worker::{
 };
 #[cfg(any(feature = "worker", feature = "client"))]
 pub use orchestrix_worker::{NatsOptions, redact_url};
+
+/// What most programs need, in one `use orchestrix::prelude::*;`.
+///
+/// ```
+/// use orchestrix::prelude::*;
+///
+/// # #[tokio::main] async fn main() -> Result<(), RunError> {
+/// let flow = create::<u32>("count")
+///     .step("check", |ctx: StepContext<u32>| async move {
+///         if ctx.input > 10 { Err(StepError::permanent("too many")) } else { Ok(()) }
+///     });
+/// let report = flow.run(3).await?;
+/// assert_eq!(report.status, RunStatus::Completed);
+/// let id: RunId = report.run_id.to_string().parse().expect("a run id reads back");
+/// assert_eq!(id, report.run_id);
+/// # Ok(()) }
+/// ```
+pub mod prelude {
+    #[cfg(feature = "client")]
+    pub use crate::{Client, RemoteFlow};
+    #[cfg(feature = "embedded")]
+    pub use crate::{Coordinator, Flow, RunError, RunHandle, StepOptions, create};
+    #[cfg(feature = "worker")]
+    pub use crate::{NatsOptions, ResultExt, StepContext, StepError, Worker};
+    pub use crate::{RetryPolicy, RunId, RunOptions, RunReport, RunStatus, StepStatus};
+}
 
 /// The coordinator: engine, buses, stores, and `nats::Node` (a coordinator over NATS).
 #[cfg(feature = "embedded")]

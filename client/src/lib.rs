@@ -21,14 +21,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use orchestrix_proto::{
-    CodecError, Message, Payload, RunId, RunReply, RunRequest, StatusRequest, Subjects, decode,
-    encode, headers,
+    CodecError, Message, Payload, RunReply, RunRequest, StatusRequest, Subjects, decode, encode,
+    headers,
 };
 use orchestrix_worker::{ConnectError, NatsOptions};
 use serde::Serialize;
 use uuid::Uuid;
 
-pub use orchestrix_proto::{ListFilter, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
+pub use orchestrix_proto::{
+    ListFilter, RunId, RunOptions, RunReport, RunStatus, StepReport, StepStatus,
+};
 
 /// A request to a coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,9 +50,15 @@ pub enum ClientError {
         /// What NATS said.
         reason: String,
     },
-    /// The coordinator refused the request (unknown flow, unknown run, bad input).
-    #[error("{0}")]
-    Rejected(String),
+    /// The coordinator refused the request; `kind` says why without
+    /// reading the text.
+    #[error("{message}")]
+    Rejected {
+        /// Why, as a kind to match on.
+        kind: Rejection,
+        /// Why, in words.
+        message: String,
+    },
     /// The coordinator could not do it now (its store was unavailable); the
     /// same request may succeed later.
     #[error("{0} (retryable)")]
@@ -61,6 +69,51 @@ pub enum ClientError {
     /// The coordinator answered something else than expected.
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
+}
+
+/// Why a coordinator refused a request (see [`ClientError::Rejected`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// No coordinator serves a flow of that name.
+    UnknownFlow,
+    /// The flow has no such version.
+    UnknownVersion,
+    /// No run with that id is kept.
+    UnknownRun,
+    /// The request was malformed, expired, or had a bad option.
+    BadRequest,
+    /// The run's input was refused (does not decode, too large).
+    BadInput,
+    /// The action does not apply to the run as it stands (it finished, say).
+    Refused,
+    /// Anything else, or a coordinator that gives no reason code.
+    Other,
+}
+
+impl Rejection {
+    /// The kind a wire code (`RunReply::CODE_*`) names.
+    pub fn from_code(code: &str) -> Rejection {
+        match code {
+            RunReply::CODE_UNKNOWN_FLOW => Rejection::UnknownFlow,
+            RunReply::CODE_UNKNOWN_VERSION => Rejection::UnknownVersion,
+            RunReply::CODE_UNKNOWN_RUN => Rejection::UnknownRun,
+            RunReply::CODE_BAD_REQUEST => Rejection::BadRequest,
+            RunReply::CODE_BAD_INPUT => Rejection::BadInput,
+            RunReply::CODE_REFUSED => Rejection::Refused,
+            _ => Rejection::Other,
+        }
+    }
+}
+
+impl ClientError {
+    /// Why the coordinator refused, if it did.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ClientError::Rejected { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
 }
 
 /// A run a [`Client::submit`] started, or found by its idempotency key.
@@ -391,8 +444,12 @@ impl Client {
             }
         };
         match decode::<RunReply>(&answer.payload)? {
-            RunReply::Rejected { error, retryable: true } => Err(ClientError::Unavailable(error)),
-            RunReply::Rejected { error, .. } => Err(ClientError::Rejected(error)),
+            RunReply::Rejected { error, retryable: true, .. } => {
+                Err(ClientError::Unavailable(error))
+            }
+            RunReply::Rejected { error, code, .. } => {
+                Err(ClientError::Rejected { kind: Rejection::from_code(&code), message: error })
+            }
             reply => Ok(reply),
         }
     }

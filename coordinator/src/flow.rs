@@ -89,13 +89,13 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
 
     /// Retries after the first attempt (`retries(3)`: at most 4 attempts).
     pub fn retries(mut self, n: u32) -> Self {
-        self.retry.max_retries = n;
+        self.retry.retries = n;
         self
     }
 
     /// Delay before the first retry (constant unless [`backoff`](Self::backoff) is set).
     pub fn retry_delay(mut self, d: Duration) -> Self {
-        self.retry.initial_delay = d;
+        self.retry.retry_delay = d;
         self
     }
 
@@ -175,7 +175,7 @@ impl<I: DeserializeOwned + Send + 'static> StepOptions<I> {
     /// Retries of the compensation after its first attempt (its delays stay
     /// those of [`RetryPolicy::compensation_default`]).
     pub fn compensation_retries(mut self, n: u32) -> Self {
-        self.compensation_retry.max_retries = n;
+        self.compensation_retry.retries = n;
         self
     }
 

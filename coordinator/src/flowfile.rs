@@ -198,7 +198,7 @@ impl StepEntry {
             retry = retry.retries(n);
         }
         if let Some(d) = self.retry_delay_ms {
-            retry = retry.delay(ms(d));
+            retry = retry.retry_delay(ms(d));
         }
         // Raw values: validation names a bad one rather than clamping it.
         if let Some(b) = self.backoff {
@@ -218,7 +218,7 @@ impl StepEntry {
             comp = comp.retries(n);
         }
         if let Some(d) = self.compensation_retry_delay_ms {
-            comp = comp.delay(ms(d));
+            comp = comp.retry_delay(ms(d));
         }
         if let Some(b) = self.compensation_backoff {
             comp.backoff = b;
@@ -359,9 +359,9 @@ mod tests {
         assert_eq!(&*f.name, "payment-flow");
         assert_eq!(f.steps.len(), 3);
         assert!(f.steps[0].compensable);
-        assert_eq!(f.steps[0].compensation_retry.max_retries, 5);
-        assert_eq!(f.steps[1].retry.max_retries, 3);
-        assert_eq!(f.steps[1].retry.initial_delay, Duration::from_secs(1));
+        assert_eq!(f.steps[0].compensation_retry.retries, 5);
+        assert_eq!(f.steps[1].retry.retries, 3);
+        assert_eq!(f.steps[1].retry.retry_delay, Duration::from_secs(1));
         assert_eq!(f.steps[1].retry.backoff, 2.0);
         assert_eq!(f.steps[1].timeout, Some(Duration::from_secs(5)));
         assert!(!f.steps[2].compensable);

@@ -44,6 +44,9 @@ mod machine;
 pub mod metrics;
 pub mod nats;
 pub mod observability;
+/// The stored form of a run: for [`Store`] implementations; it may change
+/// between releases.
+#[doc(hidden)]
 pub mod record;
 mod registry;
 pub mod slots;

@@ -1591,8 +1591,9 @@ mod tests {
         for (i, c) in compensable.iter().enumerate() {
             let mut s = StepDef::new(&format!("s{i}"));
             s.compensable = *c;
-            s.retry = RetryPolicy::new().retries(retries).delay(Duration::from_millis(10));
-            s.compensation_retry = RetryPolicy::new().retries(1).delay(Duration::from_millis(10));
+            s.retry = RetryPolicy::new().retries(retries).retry_delay(Duration::from_millis(10));
+            s.compensation_retry =
+                RetryPolicy::new().retries(1).retry_delay(Duration::from_millis(10));
             def.steps.push(s);
         }
         Arc::new(FlowPlan::new(def, Vec::new()))

@@ -1,7 +1,7 @@
 //! The durable state of a run and the transitions that change it.
 //!
-//! A run's state is a [`RunRecord`]; it changes only by applying
-//! [`Transition`]s, in the actor and, identically, in the store. A store that
+//! A run's state is a `RunRecord`; it changes only by applying
+//! `Transition`s, in the actor and, identically, in the store. A store that
 //! keeps the transitions (or the record they produce) can rebuild a run exactly.
 
 use std::sync::Arc;

@@ -37,7 +37,7 @@ fn six_steps(j: &Journal, fail_at: usize, no_comp: &[usize], comp_fails: &[usize
                     return o;
                 }
                 o.compensation_retry(
-                    orchestrix_coordinator::RetryPolicy::new().retries(2).delay(10 * MS),
+                    orchestrix_coordinator::RetryPolicy::new().retries(2).retry_delay(10 * MS),
                 )
                 .compensate(move |ctx| {
                     let undo = undo.clone();

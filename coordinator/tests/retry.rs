@@ -132,7 +132,7 @@ fn max_duration_stops_retrying_early() {
                 o.retry(
                     orchestrix_coordinator::RetryPolicy::new()
                         .retries(100)
-                        .delay(100 * MS)
+                        .retry_delay(100 * MS)
                         .max_duration(350 * MS),
                 )
             },

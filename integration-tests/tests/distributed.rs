@@ -457,12 +457,13 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     })
     .unwrap();
     let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(other)).await.unwrap();
-    let orchestrix_proto::RunReply::Rejected { error, .. } = decode(&answer.payload).unwrap()
+    let orchestrix_proto::RunReply::Rejected { error, code, .. } = decode(&answer.payload).unwrap()
     else {
         panic!()
     };
-    assert_eq!(error, "unknown flow `nope`");
+    assert_eq!((error.as_str(), code.as_str()), ("unknown flow `nope`", "unknown_flow"));
     let err = s.client.status(Uuid::nil().into()).await.unwrap_err();
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::UnknownRun), "{err}");
     assert!(err.to_string().starts_with("unknown run"), "{err}");
     // And both keep serving.
     let report = s.client.run("g", &1u32, RunOptions::new()).await.unwrap();

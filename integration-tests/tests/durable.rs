@@ -149,7 +149,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + 30 * SECS;
         loop {
             match self.client.status(Uuid::nil().into()).await {
-                Err(e) if e.to_string().starts_with("unknown run") => return,
+                Err(e) if e.rejection() == Some(orchestrix::Rejection::UnknownRun) => return,
                 _ => {}
             }
             assert!(tokio::time::Instant::now() < deadline, "coordinator did not come up");

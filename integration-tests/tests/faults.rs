@@ -133,7 +133,7 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
     let retries = Retries::default();
     let mut flows = flowfile::parse(CRASH_FLOW).unwrap();
     for def in &mut flows {
-        def.steps[1].retry.max_retries = 10;
+        def.steps[1].retry.retries = 10;
     }
     let node = node_with(&server, options, flows, Some(retries.clone())).await;
     let c = node.coordinator();

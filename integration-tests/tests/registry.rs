@@ -104,7 +104,7 @@ async fn a_coordinator_with_no_flows_serves_what_a_worker_registers() {
     // Given to a coordinator that sends commands over a bus, its in-process
     // handlers would never run: refused, with what to do instead.
     let err = orchestrix::Coordinator::builder()
-        .bus(orchestrix::MemoryBus::default())
+        .bus(orchestrix::coordinator::MemoryBus::default())
         .flow(&flow)
         .build()
         .unwrap_err();

@@ -223,7 +223,7 @@ async fn ready(c: &Client) {
     let deadline = tokio::time::Instant::now() + 30 * SECS;
     loop {
         if let Err(e) = c.status(Uuid::nil().into()).await
-            && e.to_string().starts_with("unknown run")
+            && e.rejection() == Some(orchestrix::Rejection::UnknownRun)
         {
             return;
         }

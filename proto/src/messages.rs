@@ -265,7 +265,36 @@ pub enum RunReply {
         /// send again: it either starts the run or finds it.
         #[serde(default)]
         retryable: bool,
+        /// Machine-readable reason, one of the `RunReply::CODE_*`
+        /// constants; empty from coordinators older than it.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        code: String,
     },
+}
+
+impl RunReply {
+    /// No flow of that name is served.
+    pub const CODE_UNKNOWN_FLOW: &'static str = "unknown_flow";
+    /// The flow has no such version.
+    pub const CODE_UNKNOWN_VERSION: &'static str = "unknown_version";
+    /// No run with that id is kept.
+    pub const CODE_UNKNOWN_RUN: &'static str = "unknown_run";
+    /// The request does not decode, has expired, or has a bad option.
+    pub const CODE_BAD_REQUEST: &'static str = "bad_request";
+    /// The run's input is refused (does not decode, too large).
+    pub const CODE_BAD_INPUT: &'static str = "bad_input";
+    /// The action does not apply to the run as it stands (it finished, say).
+    pub const CODE_REFUSED: &'static str = "refused";
+    /// The coordinator cannot do it now (its store is unavailable).
+    pub const CODE_UNAVAILABLE: &'static str = "unavailable";
+    /// Anything else.
+    pub const CODE_OTHER: &'static str = "other";
+
+    /// A refusal with its code.
+    pub fn rejected(code: &str, error: impl std::fmt::Display) -> RunReply {
+        let retryable = code == Self::CODE_UNAVAILABLE;
+        RunReply::Rejected { error: error.to_string(), retryable, code: code.to_owned() }
+    }
 }
 
 impl Message for RunReply {

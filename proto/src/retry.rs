@@ -7,7 +7,7 @@ use crate::time::{duration_ms, opt_duration_ms};
 /// When and how often a failed attempt is tried again.
 ///
 /// The delay before retry *n* (from 1) is
-/// `min(initial_delay × backoff^(n-1), max_delay)`, then spread by ± `jitter`
+/// `min(retry_delay × backoff^(n-1), max_delay)`, then spread by ± `jitter`
 /// (a fraction: 0.2 draws uniformly within ±20 %) and capped at `max_delay`
 /// again. Permanent errors are never retried, whatever the policy says.
 ///
@@ -15,7 +15,7 @@ use crate::time::{duration_ms, opt_duration_ms};
 /// use std::time::Duration;
 /// use orchestrix_proto::RetryPolicy;
 ///
-/// let p = RetryPolicy::new().retries(3).delay(Duration::from_millis(100)).backoff(2.0);
+/// let p = RetryPolicy::new().retries(3).retry_delay(Duration::from_millis(100)).backoff(2.0);
 /// assert_eq!(p.base_delay(1), Duration::from_millis(100));
 /// assert_eq!(p.base_delay(3), Duration::from_millis(400));
 /// ```
@@ -23,11 +23,12 @@ use crate::time::{duration_ms, opt_duration_ms};
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RetryPolicy {
-    /// Retries after the first attempt: at most `max_retries + 1` attempts.
-    pub max_retries: u32,
+    /// Retries after the first attempt: at most `retries + 1` attempts.
+    #[serde(alias = "max_retries")]
+    pub retries: u32,
     /// Delay before the first retry.
-    #[serde(with = "duration_ms", rename = "initial_delay_ms")]
-    pub initial_delay: Duration,
+    #[serde(with = "duration_ms", rename = "retry_delay_ms", alias = "initial_delay_ms")]
+    pub retry_delay: Duration,
     /// Factor applied to the delay after each retry (1.0: constant delay).
     pub backoff: f64,
     /// Upper bound of any delay.
@@ -45,8 +46,8 @@ impl Default for RetryPolicy {
     /// No retries; if retries are set, 100 ms between them, constant.
     fn default() -> Self {
         RetryPolicy {
-            max_retries: 0,
-            initial_delay: Duration::from_millis(100),
+            retries: 0,
+            retry_delay: Duration::from_millis(100),
             backoff: 1.0,
             max_delay: Duration::from_secs(300),
             jitter: 0.0,
@@ -65,8 +66,8 @@ impl RetryPolicy {
     /// 100 ms doubling up to 10 s.
     pub fn compensation_default() -> Self {
         RetryPolicy {
-            max_retries: 3,
-            initial_delay: Duration::from_millis(100),
+            retries: 3,
+            retry_delay: Duration::from_millis(100),
             backoff: 2.0,
             max_delay: Duration::from_secs(10),
             ..Self::default()
@@ -76,14 +77,14 @@ impl RetryPolicy {
     /// Sets the number of retries after the first attempt.
     #[must_use]
     pub fn retries(mut self, n: u32) -> Self {
-        self.max_retries = n;
+        self.retries = n;
         self
     }
 
     /// Sets the delay before the first retry.
     #[must_use]
-    pub fn delay(mut self, d: Duration) -> Self {
-        self.initial_delay = d;
+    pub fn retry_delay(mut self, d: Duration) -> Self {
+        self.retry_delay = d;
         self
     }
 
@@ -119,7 +120,7 @@ impl RetryPolicy {
     pub fn base_delay(&self, retry: u32) -> Duration {
         let factor = if self.backoff.is_finite() { self.backoff.max(1.0) } else { 1.0 };
         let exp = retry.saturating_sub(1).min(1024) as i32;
-        let secs = self.initial_delay.as_secs_f64() * factor.powi(exp);
+        let secs = self.retry_delay.as_secs_f64() * factor.powi(exp);
         let max = self.max_delay.as_secs_f64();
         Duration::from_secs_f64(if secs.is_finite() { secs.min(max) } else { max })
     }
@@ -138,7 +139,7 @@ impl RetryPolicy {
     /// Whether another attempt may follow `attempts` failed ones, when the
     /// first began `elapsed` ago and the next would wait `delay`.
     pub fn allows_retry(&self, attempts: u32, elapsed: Duration, delay: Duration) -> bool {
-        attempts <= self.max_retries && self.max_duration.is_none_or(|max| elapsed + delay < max)
+        attempts <= self.retries && self.max_duration.is_none_or(|max| elapsed + delay < max)
     }
 }
 
@@ -147,10 +148,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_name_per_idea_and_the_old_names_still_read() {
+        let p = RetryPolicy::new().retries(3).retry_delay(Duration::from_millis(50));
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            (json["retries"].as_u64(), json["retry_delay_ms"].as_u64()),
+            (Some(3), Some(50))
+        );
+        // Registrations stored before the rename.
+        let old: RetryPolicy =
+            serde_json::from_str(r#"{"max_retries": 3, "initial_delay_ms": 50}"#).unwrap();
+        assert_eq!(old, p);
+    }
+
+    #[test]
     fn backoff_grows_and_caps() {
         let p = RetryPolicy::new()
             .retries(10)
-            .delay(Duration::from_millis(100))
+            .retry_delay(Duration::from_millis(100))
             .backoff(3.0)
             .max_delay(Duration::from_secs(2));
         let delays: Vec<_> = (1..=5).map(|n| p.base_delay(n).as_millis()).collect();
@@ -160,7 +175,7 @@ mod tests {
 
     #[test]
     fn jitter_stays_in_bounds() {
-        let p = RetryPolicy::new().delay(Duration::from_millis(1000)).jitter(0.25);
+        let p = RetryPolicy::new().retry_delay(Duration::from_millis(1000)).jitter(0.25);
         let mut rng = fastrand::Rng::with_seed(7);
         let mut seen = (u128::MAX, 0);
         for _ in 0..10_000 {
@@ -184,7 +199,8 @@ mod tests {
 
     #[test]
     fn nonsense_factors_are_tamed() {
-        let p = RetryPolicy::new().delay(Duration::from_millis(10)).backoff(f64::NAN).jitter(9.0);
+        let p =
+            RetryPolicy::new().retry_delay(Duration::from_millis(10)).backoff(f64::NAN).jitter(9.0);
         assert_eq!(p.base_delay(5), Duration::from_millis(10));
         let d = p.delay_for(1, &mut fastrand::Rng::with_seed(1));
         assert!(d <= Duration::from_millis(20));

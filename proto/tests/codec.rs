@@ -119,7 +119,8 @@ fn every_message_round_trips() {
     round_trip(&RunReply::Accepted { run_id: id, duplicate: false });
     round_trip(&RunReply::Accepted { run_id: id, duplicate: true });
     round_trip(&RunReply::Report(Box::new(report())));
-    round_trip(&RunReply::Rejected { error: "unknown flow `x`".into(), retryable: false });
+    round_trip(&RunReply::rejected(RunReply::CODE_UNKNOWN_FLOW, "unknown flow `x`"));
+    round_trip(&RunReply::Rejected { error: "old".into(), retryable: false, code: String::new() });
     round_trip(&RunReply::List(vec![report()]));
     round_trip(&ListRequest { status: Some(RunStatus::Failed), flow: None, limit: 5 });
     for event in [

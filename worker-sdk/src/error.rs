@@ -6,7 +6,7 @@ use orchestrix_proto::StepFailure;
 ///
 /// Any `std::error::Error` converts into a *retryable* `StepError`, so `?` works
 /// in handlers. Mark an error permanent (with [`StepError::permanent`],
-/// [`StepError::terminal`] or [`ResultExt::permanent`]) when retrying cannot
+/// [`StepError::into_permanent`] or [`ResultExt::permanent`]) when retrying cannot
 /// help, e.g. a declined card: the remaining retries are skipped and the
 /// rollback starts at once.
 ///
@@ -31,7 +31,7 @@ impl StepError {
 
     /// This error, made permanent.
     #[must_use]
-    pub fn terminal(mut self) -> Self {
+    pub fn into_permanent(mut self) -> Self {
         self.retryable = false;
         self
     }
@@ -98,7 +98,7 @@ pub trait ResultExt<T> {
 
 impl<T, E: Into<StepError>> ResultExt<T> for Result<T, E> {
     fn permanent(self) -> Result<T, StepError> {
-        self.map_err(|e| e.into().terminal())
+        self.map_err(|e| e.into().into_permanent())
     }
 
     fn retryable(self) -> Result<T, StepError> {
@@ -123,7 +123,7 @@ mod tests {
         let e: StepError = Outer(std::io::Error::other("connection refused")).into();
         assert!(e.is_retryable());
         assert_eq!(e.message(), "cannot reach db: connection refused");
-        assert!(!e.clone().terminal().is_retryable());
+        assert!(!e.clone().into_permanent().is_retryable());
     }
 
     #[test]

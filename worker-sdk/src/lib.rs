@@ -29,12 +29,17 @@ mod worker;
 
 pub use context::StepContext;
 pub use error::{ResultExt, StepError};
+pub use handler::FlowHandlers;
+// Shared with the coordinator's in-process bus and tests: not part of the API.
+#[doc(hidden)]
 pub use handler::{
-    BoxedHandler, FlowHandlers, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
+    BoxedHandler, HandlerFuture, StepHandlers, handler, run_command, run_command_with,
 };
+#[doc(hidden)]
+pub use nats::sync;
 pub use nats::{
     ConnectError, NatsOptions, check_permissions, default_nats_url, permission_violations,
-    redact_url, sync,
+    redact_url,
 };
 pub use orchestrix_proto as proto;
 pub use tokio_util::sync::CancellationToken;

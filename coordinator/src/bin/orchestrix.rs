@@ -821,11 +821,11 @@ async fn flows_on(
                     outln!("  runs per concurrency key at once: {n}");
                 }
                 for s in &v.steps {
-                    let mut notes = vec![format!("retries {}", s.retry.max_retries)];
-                    if s.retry.max_retries > 0 {
+                    let mut notes = vec![format!("retries {}", s.retry.retries)];
+                    if s.retry.retries > 0 {
                         notes.push(format!(
                             "delay {}",
-                            humantime::format_duration(s.retry.initial_delay)
+                            humantime::format_duration(s.retry.retry_delay)
                         ));
                         if s.retry.backoff > 1.0 {
                             notes.push(format!("backoff {}", s.retry.backoff));

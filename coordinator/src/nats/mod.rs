@@ -10,5 +10,5 @@ mod service;
 pub use bus::{NatsBus, NatsBusOptions};
 pub use events::{EventPublisher, describe};
 pub use node::{Node, NodeBuilder, NodeError, NodeStore};
-pub use orchestrix_client::{Client, ClientError};
+pub use orchestrix_client::{Client, ClientError, Rejection};
 pub use service::{Service, ServiceError};

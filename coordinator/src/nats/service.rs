@@ -186,13 +186,31 @@ async fn serve(
     }
 }
 
-fn rejected(error: impl fmt::Display) -> RunReply {
-    RunReply::Rejected { error: error.to_string(), retryable: false }
+fn bad_request(error: impl fmt::Display) -> RunReply {
+    RunReply::rejected(RunReply::CODE_BAD_REQUEST, error)
+}
+
+fn unknown_run(run_id: uuid::Uuid) -> RunReply {
+    RunReply::rejected(RunReply::CODE_UNKNOWN_RUN, format!("unknown run {run_id}"))
 }
 
 fn run_rejected(error: RunError) -> RunReply {
-    let retryable = matches!(&error, RunError::Store(e) if !e.is_permanent() && !matches!(e, crate::StoreError::NotFound(_)));
-    RunReply::Rejected { error: error.to_string(), retryable }
+    use crate::StoreError;
+    let code = match &error {
+        RunError::UnknownFlow(_) => RunReply::CODE_UNKNOWN_FLOW,
+        RunError::UnknownVersion { .. } => RunReply::CODE_UNKNOWN_VERSION,
+        RunError::Store(StoreError::NotFound(_)) | RunError::NotLive(_) => {
+            RunReply::CODE_UNKNOWN_RUN
+        }
+        RunError::Store(e) if !e.is_permanent() => RunReply::CODE_UNAVAILABLE,
+        RunError::Input(_) | RunError::InputTooLarge { .. } | RunError::BadInput(_) => {
+            RunReply::CODE_BAD_INPUT
+        }
+        RunError::BadOption(_) | RunError::InvalidFlow(_) => RunReply::CODE_BAD_REQUEST,
+        RunError::Refused(_) => RunReply::CODE_REFUSED,
+        _ => RunReply::CODE_OTHER,
+    };
+    RunReply::rejected(code, error)
 }
 
 async fn answer_run(
@@ -204,7 +222,7 @@ async fn answer_run(
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "bad run request");
-            return rejected(format!("bad run request: {e}"));
+            return bad_request(format!("bad run request: {e}"));
         }
     };
     let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
@@ -212,7 +230,10 @@ async fn answer_run(
         // The caller has given up on this answer: starting the run now would
         // make one it was told failed.
         warn!(late_ms = now - by, flow = %req.flow, "run request arrived after its caller gave up; refused");
-        return rejected(format!("run request expired {} ms ago (the caller gave up)", now - by));
+        return bad_request(format!(
+            "run request expired {} ms ago (the caller gave up)",
+            now - by
+        ));
     }
     let mut options = RunOptions::with(req.key, req.ttl, req.timeout, req.version);
     options.concurrency_key = req.concurrency_key;
@@ -229,7 +250,7 @@ async fn answer_run(
     }
     match handle.report().await {
         Ok(report) => RunReply::Report(Box::new(report)),
-        Err(e) => rejected(e),
+        Err(e) => run_rejected(e),
     }
 }
 
@@ -238,7 +259,7 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "bad status request");
-            return rejected(format!("bad status request: {e}"));
+            return bad_request(format!("bad status request: {e}"));
         }
     };
     let result: Result<Option<_>, RunError> = if req.wait {
@@ -251,8 +272,8 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
     };
     match result {
         Ok(Some(report)) => RunReply::Report(Box::new(report)),
-        Ok(None) => rejected(format!("unknown run {}", req.run_id)),
-        Err(e) => rejected(e),
+        Ok(None) => unknown_run(req.run_id),
+        Err(e) => run_rejected(e),
     }
 }
 
@@ -262,7 +283,7 @@ async fn answer_control(coordinator: &Coordinator, payload: &[u8]) -> Option<Run
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "bad control request");
-            return Some(rejected(format!("bad control request: {e}")));
+            return Some(bad_request(format!("bad control request: {e}")));
         }
     };
     let action = orchestrix_proto::OperatorAction {
@@ -274,9 +295,7 @@ async fn answer_control(coordinator: &Coordinator, payload: &[u8]) -> Option<Run
     match coordinator.control(req.run_id, action).await {
         Ok(()) => Some(RunReply::Accepted { run_id: req.run_id, duplicate: false }),
         Err(RunError::NotLive(_)) => None,
-        Err(RunError::Store(crate::StoreError::NotFound(_))) => {
-            Some(rejected(format!("unknown run {}", req.run_id)))
-        }
+        Err(RunError::Store(crate::StoreError::NotFound(_))) => Some(unknown_run(req.run_id)),
         Err(e) => Some(run_rejected(e)),
     }
 }
@@ -287,12 +306,12 @@ async fn answer_list(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         DEFAULT_MAX_MESSAGE_BYTES,
     ) {
         Ok(r) => r,
-        Err(e) => return rejected(format!("bad list request: {e}")),
+        Err(e) => return bad_request(format!("bad list request: {e}")),
     };
     // Replies must fit a NATS message: cap the count.
     let limit = (req.limit as usize).clamp(1, 500);
     match coordinator.list(crate::ListFilter::new(req.status, req.flow, limit)).await {
         Ok(runs) => RunReply::List(runs),
-        Err(e) => rejected(e),
+        Err(e) => run_rejected(e),
     }
 }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::Parser;
 use futures::StreamExt as _;
 use orchestrix::{NatsOptions, RunOptions, RunReport};
-use orchestrix_coordinator::nats::{Client, ClientError};
+use orchestrix_coordinator::nats::{Client, Rejection};
 use orchestrix_integration_tests::NatsCluster;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -705,7 +705,7 @@ fn describe(r: &RunReport) -> String {
 async fn ask_status(client: &Client, run_id: Uuid) -> Answer {
     match tokio::time::timeout(Duration::from_secs(6), client.status(run_id.into())).await {
         Ok(Ok(r)) => Answer::Report(Box::new(r)),
-        Ok(Err(ClientError::Rejected(m))) if m.contains("unknown run") => Answer::Unknown,
+        Ok(Err(e)) if e.rejection() == Some(Rejection::UnknownRun) => Answer::Unknown,
         Ok(Err(e)) => Answer::Error(e.to_string()),
         Err(_) => Answer::Error("status: timeout".into()),
     }
