@@ -526,7 +526,8 @@ async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
     let text = stdout(&cancelled);
     assert!(text.contains(": cancelled in "), "{text}");
     assert!(text.contains("reserve-stock: compensated"), "{text}");
-    assert!(text.contains("cancel by "), "{text}");
+    assert!(text.contains("cancelled by "), "{text}");
+    assert!(!text.contains("cancel by "), "the cause is said once: {text}");
     worker.wait_for_line("Releasing stock for order order_10", 10 * SECS).await;
     assert!(worker.lines_starting("Sending confirmation email to user user_Y").is_empty());
 }
