@@ -557,3 +557,52 @@ async fn auth_config_refuses_grants_that_cannot_work() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad inbox prefix"), "{out:?}");
 }
+
+/// A worker process with no log subscriber still shows its errors: a
+/// command that is not one, published on its step's subject, is rejected
+/// with a warning on stderr. `RUST_LOG` sets the level; nothing is installed
+/// when the service opts out or has a subscriber of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_no_subscriber_reports_its_errors_on_stderr() {
+    const WARNING: &str = "bad step command rejected";
+    const STARTED: &str = "worker started"; // logged at `info`
+    let server = NatsServer::start();
+    let url = server.url();
+    let nats = async_nats::connect(&url).await.unwrap();
+    let subject = orchestrix_proto::Subjects::default().step("crash", "any", "a");
+    /// Arguments, `RUST_LOG`, and which lines stderr and stdout show.
+    type Case =
+        (&'static [&'static str], Option<&'static str>, Vec<&'static str>, Vec<&'static str>);
+    let cases: [Case; 4] = [
+        (&[], None, vec![WARNING], vec![]),
+        (&[], Some("orchestrix_worker=info"), vec![WARNING, STARTED], vec![]),
+        (&["--no-default-logging"], None, vec![], vec![]),
+        (&["--own-subscriber"], None, vec![], vec![WARNING, STARTED]),
+    ];
+    for (args, rust_log, on_stderr, on_stdout) in cases {
+        let mut argv = vec!["--nats", url.as_str()];
+        argv.extend_from_slice(args);
+        let env: Vec<(&str, &str)> = rust_log.map(|l| ("RUST_LOG", l)).into_iter().collect();
+        let mut worker =
+            ChildProcess::spawn_capturing_stderr(&built("test_worker"), &argv, &env, &["RUST_LOG"]);
+        worker.wait_for_line("ready ", 30 * SECS).await;
+        // The reply shows the worker has dealt with it (and logged, if at all).
+        let reply = tokio::time::timeout(10 * SECS, nats.request(subject.clone(), "oops".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!reply.payload.is_empty());
+        worker.signal("TERM");
+        assert_eq!(worker.wait(30 * SECS).await, Some(0), "{args:?}");
+        // Its last lines may still be on their way through the pipes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (stderr, stdout) = (worker.stderr_lines().join("\n"), worker.lines().join("\n"));
+        let what = format!("{args:?} RUST_LOG={rust_log:?}\nstderr:\n{stderr}\nstdout:\n{stdout}");
+        for line in [WARNING, STARTED] {
+            assert_eq!(stderr.contains(line), on_stderr.contains(&line), "{line}: {what}");
+            assert_eq!(stdout.contains(line), on_stdout.contains(&line), "{line}: {what}");
+        }
+        let set = worker.lines().contains(&"subscriber set: true".to_owned());
+        assert_eq!(set, args.is_empty() || args == ["--own-subscriber"], "{what}");
+    }
+}

@@ -360,7 +360,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set;
         // the guard flushes them at exit.
-        let _telemetry = orchestrix_coordinator::observability::init("orchestrix", default_level);
+        let _telemetry = orchestrix_worker::telemetry::init("orchestrix", default_level);
         dispatch(cli).await
     });
     match result {
