@@ -48,7 +48,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn serve() -> Result<(), orchestrix::WorkerError> {
     // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
-    let _telemetry = orchestrix::coordinator::observability::init("payment-worker", "info");
+    let _telemetry = orchestrix::telemetry::init("payment-worker", "info");
     let args = Args::parse();
     // The flow's definition and handlers, as `payment_flow` runs them embedded;
     // starting the worker registers the definition in the cluster.

@@ -14,8 +14,10 @@
 //! Features (all on by default): `embedded` (the engine: `create`, `Flow`),
 //! `worker` (`Worker`), `client` (`Client`: start and follow runs on a cluster,
 //! no engine), `nats` (a coordinator over NATS in this process), `otlp`
-//! (OTLP export). A service that only starts runs depends on
-//! `orchestrix = { default-features = false, features = ["client"] }`.
+//! (OTLP export from [`telemetry`]). A service that only starts runs depends on
+//! `orchestrix = { default-features = false, features = ["client"] }`; a
+//! worker service on `features = ["worker"]` (add `"otlp"` to export its
+//! spans), which leaves the engine and actix out.
 //!
 //! ```
 //! use std::time::Duration;
@@ -107,3 +109,7 @@ pub use orchestrix_proto as proto;
 /// The worker SDK.
 #[cfg(feature = "worker")]
 pub use orchestrix_worker as worker;
+/// Logs and OTLP export for a service: `telemetry::init(service, level)` once
+/// at start (export needs the `otlp` feature).
+#[cfg(any(feature = "worker", feature = "client"))]
+pub use orchestrix_worker::telemetry;

@@ -282,10 +282,10 @@ fn main() {
     runtime.block_on(async {
         let sink = args.traced.then(otlp_sink);
         let _telemetry = sink.as_ref().map(|url| {
-            orchestrix::coordinator::observability::init_with(
+            orchestrix::telemetry::init_with(
                 "orchestrix-bench",
                 "warn,orchestrix_coordinator=info,orchestrix_worker=info",
-                Some(orchestrix::coordinator::observability::Export::http(url)),
+                Some(orchestrix::telemetry::Export::http(url)),
             )
         });
         let args = Args { trace_to: sink, ..args };

@@ -262,10 +262,10 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
         .expect("runtime");
     runtime.block_on(async {
         let _telemetry = trace_to.map(|sink| {
-            orchestrix::coordinator::observability::init_with(
+            orchestrix::telemetry::init_with(
                 "orchestrix-bench-worker",
                 "warn,orchestrix_coordinator=info,orchestrix_worker=info",
-                Some(orchestrix::coordinator::observability::Export::http(sink)),
+                Some(orchestrix::telemetry::Export::http(sink)),
             )
         });
         let client = NatsOptions::new(url).connect().await.expect("worker connects");

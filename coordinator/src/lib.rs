@@ -43,7 +43,6 @@ pub mod jetstream;
 mod machine;
 pub mod metrics;
 pub mod nats;
-pub mod observability;
 /// The stored form of a run: for [`Store`] implementations; it may change
 /// between releases.
 #[doc(hidden)]
@@ -65,4 +64,10 @@ pub use orchestrix_proto::{
     ListFilter, RetryPolicy, RunOptions, RunReport, RunStatus, StepReport, StepStatus,
 };
 pub use registry::{FlowVersion, RegistryView};
+
+/// Logs and OTLP export for a binary. Moved to the worker SDK, so that a
+/// worker can log without depending on the coordinator: this is
+/// [`orchestrix_worker::telemetry`] under its former name, kept for existing
+/// callers.
+pub use orchestrix_worker::telemetry as observability;
 pub use store::{Created, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};

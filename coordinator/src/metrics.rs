@@ -96,7 +96,8 @@ impl RunMetrics {
         }
     }
 
-    /// Instruments on the global meter provider (what `observability::init` sets up).
+    /// Instruments on the global meter provider (what
+    /// `orchestrix_worker::telemetry::init` sets up).
     pub fn global() -> Self {
         Self::new(&opentelemetry::global::meter("orchestrix"))
     }

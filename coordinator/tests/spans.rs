@@ -1,6 +1,6 @@
 //! The span tree of runs: asserted with a capturing subscriber on the test's
 //! own thread (the actix system runs everything there), and as exported by
-//! the OpenTelemetry layer that `observability` installs (in memory).
+//! the OpenTelemetry layer that `orchestrix_worker::telemetry` installs (in memory).
 
 #![allow(clippy::unwrap_used)]
 
@@ -257,13 +257,13 @@ fn attr<'a>(s: &'a SpanData, key: &str) -> Option<&'a Value> {
 }
 
 /// Real time (not the paused clock: the layer stamps spans with the wall
-/// clock), each step 30 ms long, exported by `observability::layer`.
+/// clock), each step 30 ms long, exported by `telemetry::layer`.
 #[test]
 fn exported_attempt_spans_last_as_long_as_their_attempts() {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
     let subscriber = tracing_subscriber::registry()
-        .with(orchestrix_coordinator::observability::layer(provider.tracer("test")));
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
     tracing::subscriber::with_default(subscriber, || {
         actix_rt::System::new().block_on(async {
             let step_time = Duration::from_millis(30);

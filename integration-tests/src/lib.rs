@@ -163,11 +163,30 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> 
     }
 }
 
-/// A child process whose stdout lines are collected as they come.
+/// Lines of a child's output, collected as they come.
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Collects the lines of `out` into a new [`Lines`] until it closes.
+fn collect(out: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
+    use tokio::io::AsyncBufReadExt;
+    let lines = Lines::default();
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(out).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// A child process whose stdout lines (and stderr's, if asked) are
+/// collected as they come.
 #[derive(Debug)]
 pub struct ChildProcess {
     child: tokio::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    lines: Lines,
+    errors: Option<Lines>,
 }
 
 impl ChildProcess {
@@ -179,13 +198,39 @@ impl ChildProcess {
 
     /// Like [`ChildProcess::spawn`], with extra environment variables.
     pub fn spawn_with_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> ChildProcess {
-        use tokio::io::AsyncBufReadExt;
-        let stderr = if std::env::var_os("ORCHESTRIX_TEST_VERBOSE").is_some() {
+        Self::start(program, args, env, &[], false)
+    }
+
+    /// Like [`ChildProcess::spawn_with_env`], collecting stderr too (see
+    /// [`ChildProcess::stderr_lines`]), without the variables in `unset`.
+    pub fn spawn_capturing_stderr(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> ChildProcess {
+        Self::start(program, args, env, unset, true)
+    }
+
+    fn start(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unset: &[&str],
+        capture_stderr: bool,
+    ) -> ChildProcess {
+        let stderr = if capture_stderr {
+            Stdio::piped()
+        } else if std::env::var_os("ORCHESTRIX_TEST_VERBOSE").is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
         };
-        let mut child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        for var in unset {
+            command.env_remove(var);
+        }
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -193,21 +238,20 @@ impl ChildProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let sink = lines.clone();
-        tokio::spawn(async move {
-            let mut reader = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        ChildProcess { child, lines }
+        let lines = collect(child.stdout.take().expect("piped stdout"));
+        let errors = child.stderr.take().map(collect);
+        ChildProcess { child, lines, errors }
     }
 
     /// Lines printed so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Lines written to stderr so far (spawned with
+    /// [`ChildProcess::spawn_capturing_stderr`]; none otherwise).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.errors.as_ref().map(|e| e.lock().unwrap().clone()).unwrap_or_default()
     }
 
     /// Lines printed so far that start with `prefix`.

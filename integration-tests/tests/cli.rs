@@ -526,7 +526,8 @@ async fn cancel_pause_and_rollback_from_the_cli_with_the_example_worker() {
     let text = stdout(&cancelled);
     assert!(text.contains(": cancelled in "), "{text}");
     assert!(text.contains("reserve-stock: compensated"), "{text}");
-    assert!(text.contains("cancel by "), "{text}");
+    assert!(text.contains("cancelled by "), "{text}");
+    assert!(!text.contains("cancel by "), "the cause is said once: {text}");
     worker.wait_for_line("Releasing stock for order order_10", 10 * SECS).await;
     assert!(worker.lines_starting("Sending confirmation email to user user_Y").is_empty());
 }
@@ -555,4 +556,130 @@ async fn auth_config_refuses_grants_that_cannot_work() {
     let out = orchestrix(url, &["--inbox-prefix", "_INBOX_shop.", "list"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad inbox prefix"), "{out:?}");
+}
+
+/// A worker process with no log subscriber still shows its errors: a
+/// command that is not one, published on its step's subject, is rejected
+/// with a warning on stderr. `RUST_LOG` sets the level; nothing is installed
+/// when the service opts out or has a subscriber of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_no_subscriber_reports_its_errors_on_stderr() {
+    const WARNING: &str = "bad step command rejected";
+    const STARTED: &str = "worker started"; // logged at `info`
+    let server = NatsServer::start();
+    let url = server.url();
+    let nats = async_nats::connect(&url).await.unwrap();
+    let subject = orchestrix_proto::Subjects::default().step("crash", "any", "a");
+    /// Arguments, `RUST_LOG`, and which lines stderr and stdout show.
+    type Case =
+        (&'static [&'static str], Option<&'static str>, Vec<&'static str>, Vec<&'static str>);
+    let cases: [Case; 4] = [
+        (&[], None, vec![WARNING], vec![]),
+        (&[], Some("orchestrix_worker=info"), vec![WARNING, STARTED], vec![]),
+        (&["--no-default-logging"], None, vec![], vec![]),
+        (&["--own-subscriber"], None, vec![], vec![WARNING, STARTED]),
+    ];
+    for (args, rust_log, on_stderr, on_stdout) in cases {
+        let mut argv = vec!["--nats", url.as_str()];
+        argv.extend_from_slice(args);
+        let env: Vec<(&str, &str)> = rust_log.map(|l| ("RUST_LOG", l)).into_iter().collect();
+        let mut worker =
+            ChildProcess::spawn_capturing_stderr(&built("test_worker"), &argv, &env, &["RUST_LOG"]);
+        worker.wait_for_line("ready ", 30 * SECS).await;
+        // The reply shows the worker has dealt with it (and logged, if at all).
+        let reply = tokio::time::timeout(10 * SECS, nats.request(subject.clone(), "oops".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!reply.payload.is_empty());
+        worker.signal("TERM");
+        assert_eq!(worker.wait(30 * SECS).await, Some(0), "{args:?}");
+        // Its last lines may still be on their way through the pipes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (stderr, stdout) = (worker.stderr_lines().join("\n"), worker.lines().join("\n"));
+        let what = format!("{args:?} RUST_LOG={rust_log:?}\nstderr:\n{stderr}\nstdout:\n{stdout}");
+        for line in [WARNING, STARTED] {
+            assert_eq!(stderr.contains(line), on_stderr.contains(&line), "{line}: {what}");
+            assert_eq!(stdout.contains(line), on_stdout.contains(&line), "{line}: {what}");
+        }
+        let set = worker.lines().contains(&"subscriber set: true".to_owned());
+        assert_eq!(set, args.is_empty() || args == ["--own-subscriber"], "{what}");
+    }
+}
+
+/// The id of every live process whose parent is `parent`, from `/proc`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let mut fields = rest.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid == Some(parent) && state != Some("Z") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether process `pid` has ended (a zombie nobody reaped has).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }
+        Err(_) => true,
+    }
+}
+
+/// `orchestrix dev` and its nats-server: the pid of the server, and the
+/// directory it keeps its store in.
+async fn dev() -> (ChildProcess, u16, u32, PathBuf) {
+    let port = orchestrix_integration_tests::free_port();
+    let dev = ChildProcess::spawn(&built("orchestrix"), &["dev", "--port", &port.to_string()]);
+    dev.wait_for_line("NATS_URL=", 30 * SECS).await;
+    let servers = children_of(dev.pid());
+    assert_eq!(servers.len(), 1, "one nats-server: {servers:?}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", servers[0])).unwrap();
+    let args: Vec<String> =
+        cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let dir = args.iter().position(|a| a == "-sd").map(|i| PathBuf::from(&args[i + 1])).unwrap();
+    assert!(dir.is_dir(), "{args:?}");
+    (dev, port, servers[0], dir)
+}
+
+/// `orchestrix dev`'s nats-server ends with it: when it is stopped (and its
+/// directory is removed), and when it is killed outright (`kill -9` runs no
+/// destructor: the kernel kills the server, `PR_SET_PDEATHSIG`).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_nats_server_ends_with_orchestrix_dev() {
+    let (mut stopped, _, server, dir) = dev().await;
+    stopped.signal("TERM");
+    assert_eq!(stopped.wait(30 * SECS).await, Some(0));
+    assert!(ended(server), "nats-server {server} outlived `orchestrix dev`");
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+
+    let (mut killed, port, server, dir) = dev().await;
+    // Should the test fail, the server is not left running.
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if !ended(self.0) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &self.0.to_string()])
+                    .status();
+            }
+        }
+    }
+    let _reap = Reap(server);
+    killed.signal("KILL");
+    killed.wait(10 * SECS).await;
+    orchestrix_integration_tests::eventually(5 * SECS, "nats-server to end", || ended(server))
+        .await;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still open");
+    // Nothing ran to remove the directory of a killed `dev`.
+    let _ = std::fs::remove_dir_all(dir);
 }

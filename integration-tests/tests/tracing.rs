@@ -26,7 +26,7 @@ async fn a_saga_is_one_trace_across_processes() {
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     tracing_subscriber::registry()
-        .with(orchestrix_coordinator::observability::layer(provider.tracer("test")))
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")))
         .init();
 
     let server = NatsServer::start();

@@ -370,6 +370,12 @@ impl fmt::Display for RunReport {
         }
         for a in &self.actions {
             let why = a.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+            // The cancel that ended the run is its error line already.
+            if a.action == ControlAction::Cancel
+                && self.error.as_deref() == Some(format!("cancelled by {}{why}", a.by).as_str())
+            {
+                continue;
+            }
             writeln!(f, "  {} by {}{why}", a.action.as_str(), a.by)?;
         }
         Ok(())
@@ -415,5 +421,48 @@ mod status_tests {
         }
         assert!("weird".parse::<RunStatus>().unwrap_err().contains("paused"));
         assert_eq!("not_run".parse::<StepStatus>().unwrap(), StepStatus::NotRun);
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    fn action(action: ControlAction, by: &str, reason: Option<&str>) -> OperatorAction {
+        OperatorAction {
+            action,
+            by: by.into(),
+            reason: reason.map(Into::into),
+            at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_cancelled_run_states_its_cause_once() {
+        let report = RunReport {
+            run_id: uuid::Uuid::nil().into(),
+            flow: "shop".into(),
+            version: None,
+            status: RunStatus::Cancelled,
+            duration: Duration::from_millis(12),
+            started_at: None,
+            error: Some("cancelled by ops: customer asked".into()),
+            failed_step: None,
+            steps: Vec::new(),
+            late: Vec::new(),
+            actions: vec![
+                action(ControlAction::Rollback, "oncall", None),
+                action(ControlAction::Cancel, "ops", Some("customer asked")),
+                // A second cancel, which changed nothing, is a fact of its own.
+                action(ControlAction::Cancel, "bot", None),
+            ],
+            paused: None,
+        };
+        let text = report.to_string();
+        assert_eq!(text.matches("customer asked").count(), 1, "{text}");
+        assert!(text.contains("\n  cancelled by ops: customer asked\n"), "{text}");
+        assert!(!text.contains("cancel by ops"), "{text}");
+        assert!(text.contains("\n  rollback by oncall\n"), "{text}");
+        assert!(text.contains("\n  cancel by bot\n"), "{text}");
     }
 }

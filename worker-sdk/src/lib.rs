@@ -19,12 +19,16 @@
 //! });
 //! # let _ = charge;
 //! ```
+//!
+//! [`telemetry`] installs a service's logs (stderr, `RUST_LOG`) and, with the
+//! `otlp` feature, exports its spans and metrics over OTLP.
 
 mod context;
 mod error;
 mod handler;
 mod nats;
 pub mod registry;
+pub mod telemetry;
 mod worker;
 
 pub use context::StepContext;

@@ -201,6 +201,7 @@ pub struct WorkerBuilder {
     defs: Vec<orchestrix_proto::FlowDef>,
     registry: bool,
     registry_replicas: usize,
+    default_logging: bool,
     error: Option<WorkerError>,
 }
 
@@ -234,6 +235,7 @@ impl Default for WorkerBuilder {
             defs: Vec::new(),
             registry: true,
             registry_replicas: 1,
+            default_logging: true,
             error: None,
         }
     }
@@ -424,8 +426,30 @@ impl WorkerBuilder {
         self
     }
 
+    /// Whether [`Self::start`] installs a fallback log subscriber when the
+    /// process has none (default yes), so that the worker's own errors — a
+    /// malformed command, a reply it cannot send, a drain that timed out — are
+    /// not lost: stderr, the level from `RUST_LOG`, else `warn`.
+    ///
+    /// Nothing is installed when a global subscriber is already set, or one
+    /// is in force on the calling thread (`tracing::subscriber::with_default`).
+    /// Install yours (for instance with [`crate::telemetry::init`]) *before*
+    /// starting the worker: a global subscriber can be set only once, so one
+    /// installed after the worker's fallback is refused. Pass `false` to keep
+    /// the process free of any subscriber the service did not install.
+    pub fn default_logging(mut self, on: bool) -> Self {
+        self.default_logging = on;
+        self
+    }
+
     /// Connects, subscribes to every registered step and starts serving.
+    ///
+    /// Installs a fallback log subscriber first if the process has none
+    /// (see [`Self::default_logging`]).
     pub async fn start(self) -> Result<Worker, WorkerError> {
+        if self.default_logging && crate::telemetry::install_fallback() {
+            debug!("no tracing subscriber was installed: logging warnings to stderr");
+        }
         if let Some(e) = self.error {
             return Err(e);
         }

@@ -359,7 +359,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         // Logs, and spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set;
         // the guard flushes them at exit.
-        let _telemetry = orchestrix_coordinator::observability::init("orchestrix", default_level);
+        let _telemetry = orchestrix_worker::telemetry::init("orchestrix", default_level);
         dispatch(cli).await
     });
     match result {
@@ -529,7 +529,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 retention: Duration::from_secs(24 * 3600),
                 replicas: 1,
             };
-            let _running = serve(&nats, &args).await?;
+            let running = serve(&nats, &args).await?;
             outln!(
                 "NATS (JetStream) is on {url}; a coordinator serves the flows workers register."
             );
@@ -543,7 +543,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             outln!("Ctrl-C stops both.");
             wait_for_signal().await;
-            drop(server);
+            info!("shutting down");
+            // The coordinator first, while it can still reach NATS.
+            drop(running);
+            server.stop();
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -954,11 +957,83 @@ fn exit_for(report: &RunReport) -> ExitCode {
     }
 }
 
-/// A nats-server child process with JetStream in a temp dir; killed on drop.
+/// A nats-server child process with JetStream in a temp dir. Killed, and the
+/// dir removed, when dropped or stopped; killed by the kernel if this process
+/// dies without either (see [`die_with_parent`]).
 struct DevNats {
-    _child: tokio::process::Child,
-    _dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    dir: Option<tempfile::TempDir>,
 }
+
+impl DevNats {
+    /// Kills the server and waits until it is gone, so that nothing writes
+    /// to its directory any more.
+    fn kill(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = self.child.start_kill();
+        // A killed process is reaped within milliseconds; this bound only
+        // guards against waiting forever on a process stuck in the kernel.
+        for _ in 0..200 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server and removes its directory, saying so if it cannot.
+    fn stop(mut self) {
+        self.kill();
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().display().to_string();
+            if let Err(e) = dir.close() {
+                eprintln!("warning: cannot remove nats-server's directory {path}: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for DevNats {
+    fn drop(&mut self) {
+        // Before the directory (a field) is removed.
+        self.kill();
+    }
+}
+
+/// Has the kernel SIGKILL the child when this process dies, however it dies:
+/// `kill -9` included, which runs no destructor.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child ends,
+/// not the process: `dev` spawns it from the main thread (the runtime's
+/// `block_on`), which lives as long as the process.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes two system calls,
+    // `prctl` and `getppid` (both async-signal-safe), reads errno, and builds
+    // `io::Error`s from an OS code, which does not allocate. It touches no
+    // lock, allocator or state shared with the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: no signal would come.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere the server outlives a `dev` that is killed outright.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut tokio::process::Command) {}
 
 async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> {
     let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
@@ -974,26 +1049,27 @@ async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> 
     };
     let dir = tempfile::tempdir()?;
     let log = dir.path().join("nats-server.log");
-    let mut child = tokio::process::Command::new(&bin)
+    let mut command = tokio::process::Command::new(&bin);
+    command
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(dir.path())
         .arg("-l")
         .arg(&log)
-        .kill_on_drop(true)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| {
-            format!("cannot start `{bin}` (install nats-server, or set NATS_SERVER_BIN)")
-        })?;
+        .stderr(std::process::Stdio::null());
+    die_with_parent(&mut command);
+    let child = command.spawn().with_context(|| {
+        format!("cannot start `{bin}` (install nats-server, or set NATS_SERVER_BIN)")
+    })?;
+    let mut server = DevNats { child, dir: Some(dir) };
     let url = format!("nats://127.0.0.1:{port}");
     for _ in 0..100 {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = server.child.try_wait() {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("nats-server exited ({status}) before it was ready:\n{}", said.trim_end());
         }
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return Ok((DevNats { _child: child, _dir: dir }, url));
+            return Ok((server, url));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

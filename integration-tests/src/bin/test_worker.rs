@@ -1,6 +1,10 @@
 //! A worker process for fault tests: serves flow `crash` (steps `a` and `b`,
 //! both with a compensation; `b` takes `--delay-ms`), printing one line per
 //! handler call to stdout so the test can count executions across processes.
+//!
+//! Installs no log subscriber of its own unless `--own-subscriber` (which
+//! logs to stdout): the worker's fallback logging is under test, and
+//! `--no-default-logging` turns it off.
 
 use std::io::Write;
 use std::time::Duration;
@@ -16,6 +20,12 @@ struct Args {
     delay_ms: u64,
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+    /// `WorkerBuilder::default_logging(false)`.
+    #[arg(long)]
+    no_default_logging: bool,
+    /// Install a subscriber of the service's own first: logs to stdout.
+    #[arg(long)]
+    own_subscriber: bool,
 }
 
 fn say(line: String) {
@@ -28,7 +38,11 @@ fn say(line: String) {
 async fn main() {
     let args = Args::parse();
     let delay = Duration::from_millis(args.delay_ms);
+    if args.own_subscriber {
+        tracing_subscriber::fmt().with_writer(std::io::stdout).with_ansi(false).init();
+    }
     let worker = Worker::builder()
+        .default_logging(!args.no_default_logging)
         .nats(NatsOptions::new(args.nats))
         .heartbeat_interval(Duration::from_millis(args.heartbeat_ms))
         .steps::<u32>("crash", |f| {
@@ -54,6 +68,7 @@ async fn main() {
         .start()
         .await
         .expect("worker starts");
+    say(format!("subscriber set: {}", tracing::dispatcher::has_been_set()));
     say(format!("ready {}", worker.id()));
     worker.run_until_signal().await;
     say("drained".into());

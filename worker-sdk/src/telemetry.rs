@@ -1,0 +1,317 @@
+//! Logs and trace export for a service: what a worker, the `orchestrix`
+//! binary or any service that uses Orchestrix calls once at start. It lives in
+//! the worker SDK so that a worker can log and export without depending on
+//! the coordinator.
+//!
+//! Logs go to stderr, filtered by `RUST_LOG` (else the level the caller
+//! gives). With the `otlp` feature, spans and metrics also go over OTLP when
+//! the standard variables ask for it: `OTEL_EXPORTER_OTLP_ENDPOINT` (both
+//! signals), or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+//! `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` (one each); `OTEL_TRACES_EXPORTER=none`
+//! / `OTEL_METRICS_EXPORTER=none` turn one off; `OTEL_EXPORTER_OTLP_PROTOCOL`
+//! (or the per-signal `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL`) = `grpc`
+//! (default) or `http/protobuf`; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`.
+//! With none of them set, nothing is exported and only logs are written.
+//! Without the `otlp` feature, an export asked for is refused with a warning
+//! on stderr, and logs are written all the same.
+//!
+//! A [`Worker`](crate::Worker) started in a process with no subscriber at all
+//! installs a minimal one of its own (stderr, `warn`): see
+//! [`WorkerBuilder::default_logging`](crate::WorkerBuilder::default_logging).
+//!
+//! ```no_run
+//! # async fn f() {
+//! // Inside the tokio runtime; the guard flushes spans when the process ends.
+//! let _telemetry = orchestrix_worker::telemetry::init("payment-worker", "info");
+//! # }
+//! ```
+
+use std::fmt;
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Flushes and shuts the exporters down when dropped (on a thread of its
+/// own: a gRPC exporter must not be flushed from an async worker thread).
+#[must_use = "spans are flushed when the guard is dropped"]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    #[cfg(feature = "otlp")]
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
+}
+
+impl TelemetryGuard {
+    fn exporting(&self) -> bool {
+        #[cfg(feature = "otlp")]
+        return self.provider.is_some() || self.meters.is_some();
+        #[cfg(not(feature = "otlp"))]
+        false
+    }
+}
+
+impl fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TelemetryGuard")
+            .field("exporting", &self.exporting())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "otlp")]
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        let (provider, meters) = (self.provider.take(), self.meters.take());
+        if provider.is_none() && meters.is_none() {
+            return;
+        }
+        let _ = std::thread::spawn(move || {
+            if let Some(p) = provider {
+                let _ = p.force_flush();
+                let _ = p.shutdown();
+            }
+            if let Some(m) = meters {
+                let _ = m.force_flush();
+                let _ = m.shutdown();
+            }
+        })
+        .join();
+    }
+}
+
+fn set(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|s| !s.trim().is_empty())
+}
+
+/// `OTEL_{signal}_EXPORTER` says `none`.
+fn turned_off(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|s| s.split(',').any(|e| e.trim().eq_ignore_ascii_case("none")))
+}
+
+/// The protocol of a signal: `OTEL_EXPORTER_OTLP_{signal}_PROTOCOL`, else
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`; HTTP when it starts with `http`.
+fn http_for(signal_var: &str) -> bool {
+    std::env::var(signal_var)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").ok())
+        .unwrap_or_default()
+        .trim()
+        .starts_with("http")
+}
+
+/// Installs logging (stderr, `RUST_LOG`, else `default_level`) and, when the
+/// `OTEL_*` variables ask for it, OTLP export of spans and metrics for
+/// `service` (unless `OTEL_SERVICE_NAME` names it). Call once, inside a
+/// tokio runtime (the gRPC exporter needs one), before starting a worker;
+/// keep the guard until exit. Does nothing if a global subscriber is
+/// already installed.
+///
+/// Spans are exported when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, unless `OTEL_TRACES_EXPORTER=none`;
+/// metrics when `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, unless `OTEL_METRICS_EXPORTER=none`
+/// (a traces-only backend such as Jaeger: otherwise every export interval
+/// logs an error).
+pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
+    let export = Export::from_env();
+    let export = (export.traces || export.metrics).then_some(export);
+    init_with(service, default_level, export)
+}
+
+/// Where to export, when not from the `OTEL_*` variables.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Export {
+    /// Base URL of the collector; `None`: the exporter's own default/env
+    /// (which reads the signal's endpoint variable, then
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub endpoint: Option<String>,
+    /// Spans over OTLP/HTTP (protobuf) rather than gRPC.
+    pub http: bool,
+    /// Export spans.
+    pub traces: bool,
+    /// Export metrics.
+    pub metrics: bool,
+    /// Metrics over OTLP/HTTP (protobuf) rather than gRPC.
+    pub metrics_http: bool,
+}
+
+impl Export {
+    /// From the `OTEL_*` variables: which signals (an endpoint for it, and
+    /// its `OTEL_{TRACES,METRICS}_EXPORTER` not `none`), over which protocol
+    /// (`OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL`, else
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`); the endpoints are left to the
+    /// exporters, which read them themselves.
+    pub fn from_env() -> Self {
+        let any = set("OTEL_EXPORTER_OTLP_ENDPOINT");
+        Export {
+            endpoint: None,
+            http: http_for("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            traces: (any || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+                && !turned_off("OTEL_TRACES_EXPORTER"),
+            metrics: (any || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+                && !turned_off("OTEL_METRICS_EXPORTER"),
+            metrics_http: http_for("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        }
+    }
+
+    /// OTLP/HTTP to `base`, spans and metrics (`/v1/traces` and `/v1/metrics`
+    /// are appended here: an endpoint given in code is used verbatim by the
+    /// exporter).
+    pub fn http(base: &str) -> Self {
+        Export {
+            endpoint: Some(base.trim_end_matches('/').to_owned()),
+            http: true,
+            traces: true,
+            metrics: true,
+            metrics_http: true,
+        }
+    }
+
+    /// The same, without metrics (for a traces-only collector).
+    pub fn without_metrics(self) -> Self {
+        Export { metrics: false, ..self }
+    }
+}
+
+/// The stderr log layer every installer here uses: colours only for a
+/// person at a terminal, and never with `NO_COLOR` set.
+fn stderr_layer<S>() -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)
+}
+
+/// `RUST_LOG` if it is set and valid, else `default_level`.
+fn filter(default_level: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level))
+}
+
+/// Like [`init`], exporting as `export` says (`None`: no export).
+pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
+    let registry = tracing_subscriber::registry().with(filter(default_level)).with(stderr_layer());
+    #[cfg(feature = "otlp")]
+    {
+        use opentelemetry::trace::TracerProvider as _;
+        // Trace context travels in `traceparent` headers, W3C style.
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let provider =
+            export.as_ref().filter(|e| e.traces).and_then(|e| otlp::provider(service, e));
+        let meters = export.as_ref().filter(|e| e.metrics).and_then(|e| otlp::meters(service, e));
+        if let Some(m) = &meters {
+            // The coordinator's `RunMetrics::global()` records on it.
+            opentelemetry::global::set_meter_provider(m.clone());
+        }
+        let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
+        let _ = registry.with(otel).try_init();
+        TelemetryGuard { provider, meters }
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        let _ = service;
+        if export.is_some_and(|e| e.traces || e.metrics) {
+            eprintln!("warning: OTLP export disabled: built without the `otlp` feature");
+        }
+        let _ = registry.try_init();
+        TelemetryGuard {}
+    }
+}
+
+/// Installs the worker's fallback logging (stderr; `RUST_LOG`, else `warn`)
+/// when nothing else would see its events: no global subscriber has been set
+/// and none is in force on this thread (`tracing::subscriber::with_default`).
+/// Returns whether it installed one.
+///
+/// Unlike [`init`], it leaves the `log` crate's logger alone, so that a
+/// service may still install one.
+pub(crate) fn install_fallback() -> bool {
+    if tracing::dispatcher::has_been_set()
+        || !tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>())
+    {
+        return false;
+    }
+    let subscriber = tracing_subscriber::registry().with(filter("warn")).with(stderr_layer());
+    // Another thread may have won the race: its subscriber stands.
+    tracing::subscriber::set_global_default(subscriber).is_ok()
+}
+
+/// The `tracing` → OpenTelemetry layer as Orchestrix's spans want it: no
+/// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
+/// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes
+/// that say nothing about a run and crowd out the ones that do.
+/// A service with its own OpenTelemetry setup can use it too.
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + 'static,
+    T::Span: Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::Resource;
+    use opentelemetry_sdk::metrics::SdkMeterProvider;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    use super::Export;
+
+    fn resource(service: &str) -> Resource {
+        let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+        Resource::builder().with_service_name(name).build()
+    }
+
+    pub(super) fn meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
+        let builder = opentelemetry_otlp::MetricExporter::builder();
+        let exporter = match (&export.endpoint, export.metrics_http) {
+            (Some(base), true) => {
+                builder.with_http().with_endpoint(format!("{base}/v1/metrics")).build()
+            }
+            (None, true) => builder.with_http().build(),
+            (Some(base), false) => builder.with_tonic().with_endpoint(base).build(),
+            (None, false) => builder.with_tonic().build(),
+        };
+        let exporter =
+            exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
+        Some(
+            SdkMeterProvider::builder()
+                .with_periodic_exporter(exporter)
+                .with_resource(resource(service))
+                .build(),
+        )
+    }
+
+    pub(super) fn provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
+        let builder = opentelemetry_otlp::SpanExporter::builder();
+        let exporter = match (&export.endpoint, export.http) {
+            (Some(base), true) => {
+                builder.with_http().with_endpoint(format!("{base}/v1/traces")).build()
+            }
+            (None, true) => builder.with_http().build(),
+            (Some(base), false) => builder.with_tonic().with_endpoint(base).build(),
+            (None, false) => builder.with_tonic().build(),
+        };
+        let exporter =
+            exporter.map_err(|e| eprintln!("warning: OTLP export disabled: {e}")).ok()?;
+        Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource(service))
+                .build(),
+        )
+    }
+}
