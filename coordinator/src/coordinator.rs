@@ -78,6 +78,15 @@ pub enum RunError {
     /// A run option cannot be used (an empty or oversized key, say).
     #[error("invalid run option: {0}")]
     BadOption(String),
+    /// The input does not have the shape the flow's input schema asks for
+    /// (see [`crate::Flow::input_schema`]); no run was created.
+    #[error("the input does not match flow `{flow}`'s input type: {problems}")]
+    InputMismatch {
+        /// The flow.
+        flow: String,
+        /// What does not match, and where (JSON pointers).
+        problems: String,
+    },
 }
 
 /// Longest idempotency or concurrency key, in bytes: keys become store keys
@@ -451,6 +460,10 @@ impl Coordinator {
         if input.len() > limit {
             return Err(RunError::InputTooLarge { size: input.len(), limit });
         }
+        plan.check_input(input.as_bytes()).map_err(|problems| RunError::InputMismatch {
+            flow: plan.def.name.to_string(),
+            problems,
+        })?;
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.version = Some(plan.version.clone());

@@ -400,6 +400,44 @@ where
         self.changed()
     }
 
+    /// Publishes a JSON Schema of the input type `I` with the flow, so that a
+    /// start whose input does not have its shape (a missing field, a string
+    /// for a number, no input at all) is refused before a run is created —
+    /// also starts from other languages and from `orchestrix run`.
+    ///
+    /// ```
+    /// use orchestrix_coordinator::{create, RunError};
+    ///
+    /// #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+    /// struct Order { id: String, amount: u64 }
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let flow = create::<Order>("order").step("charge", |_ctx| async { Ok(()) }).input_schema();
+    /// let c = orchestrix_coordinator::Coordinator::builder().flow(&flow).build().unwrap();
+    /// let wrong = serde_json::json!({ "id": "o-1", "amount": "ten" });
+    /// let err = c.run("order", &wrong, Default::default()).await.unwrap_err();
+    /// assert!(matches!(err, RunError::InputMismatch { .. }), "{err}");
+    /// # }
+    /// ```
+    pub fn input_schema(mut self) -> Self
+    where
+        I: schemars::JsonSchema,
+    {
+        let schema = schemars::schema_for!(I);
+        match serde_json::to_string(&schema) {
+            Ok(text) => self.def.input_schema = Some(Arc::from(text)),
+            Err(e) => {
+                if self.error.is_none() {
+                    self.error = Some(FlowError::Invalid {
+                        flow: self.def.name.to_string(),
+                        reason: format!("the input type's schema does not encode: {e}"),
+                    });
+                }
+            }
+        }
+        self.changed()
+    }
+
     /// Adds hooks, called as runs of this flow progress.
     pub fn hooks(mut self, hooks: impl Hooks) -> Self {
         self.hooks.push(Arc::new(hooks));

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Flow keys: `name`, `version` (a label; default: a hash of the definition),
-//! `concurrency_per_key` (runs with one concurrency key at once; default 1).
+//! `concurrency_per_key` (runs with one concurrency key at once; default 1),
+//! `input_schema` (a JSON Schema as JSON text that run inputs must match).
 //! Step keys: `retries`, `retry_delay_ms`, `backoff`, `max_delay_ms`, `jitter`,
 //! `max_duration_ms`, `timeout_ms`, `compensable`, `compensation_retries`,
 //! `compensation_retry_delay_ms`, `compensation_backoff`, `compensation_timeout_ms`,
@@ -62,6 +63,14 @@ pub enum FlowFileError {
     /// No flow in the file.
     #[error("invalid flow file: it declares no flow (expected [[flow]] tables)")]
     Empty,
+    /// A flow-level value makes no sense for its key.
+    #[error("invalid flow file: flow `{flow}`: {reason}")]
+    FlowValue {
+        /// The flow.
+        flow: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A value makes no sense for its key.
     #[error("invalid flow file: flow `{flow}`, step `{step}`: {reason}")]
     Value {
@@ -96,6 +105,8 @@ struct FlowEntry {
     name: String,
     version: Option<String>,
     concurrency_per_key: Option<u32>,
+    /// A JSON Schema, as JSON text, that run inputs must match.
+    input_schema: Option<String>,
     #[serde(default)]
     step: Vec<StepEntry>,
 }
@@ -264,6 +275,18 @@ pub fn parse(text: &str) -> Result<Vec<FlowDef>, FlowFileError> {
         let mut def = FlowDef::new(&entry.name);
         def.version = entry.version.as_deref().map(std::sync::Arc::from);
         def.concurrency_per_key = entry.concurrency_per_key;
+        if let Some(schema) = &entry.input_schema {
+            let usable = serde_json::from_str::<serde_json::Value>(schema)
+                .map_err(|e| e.to_string())
+                .and_then(|v| jsonschema::validator_for(&v).map(|_| ()).map_err(|e| e.to_string()));
+            if let Err(e) = usable {
+                return Err(FlowFileError::FlowValue {
+                    flow: entry.name.clone(),
+                    reason: format!("input_schema is not a usable JSON Schema: {e}"),
+                });
+            }
+            def.input_schema = Some(std::sync::Arc::from(schema.as_str()));
+        }
         def.steps = entry.step.into_iter().map(StepEntry::into_def).collect();
         def.validate()?;
         if flows.iter().any(|f| f.name == def.name) {
@@ -408,5 +431,23 @@ mod tests {
         let named = load(&file).unwrap_err().to_string();
         let _ = std::fs::remove_file(&file);
         assert!(named.starts_with(&format!("{}: ", file.display())), "{named}");
+    }
+
+    #[test]
+    fn an_input_schema_is_json_text_checked_when_read() {
+        let ok = "[[flow]]\nname = \"f\"\ninput_schema = '{\"type\": \"object\", \"required\": [\"id\"]}'\n[[flow.step]]\nname = \"a\"\n";
+        let flows = parse(ok).unwrap();
+        assert!(flows[0].input_schema.as_deref().unwrap().contains("required"));
+        let bad =
+            "[[flow]]\nname = \"f\"\ninput_schema = '{\"type\": 3'\n[[flow.step]]\nname = \"a\"\n";
+        let err = parse(bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "invalid flow file: flow `f`: input_schema is not a usable JSON Schema"
+            ),
+            "{err}"
+        );
+        let unusable = "[[flow]]\nname = \"f\"\ninput_schema = '{\"type\": \"nonsense\"}'\n[[flow.step]]\nname = \"a\"\n";
+        assert!(parse(unusable).is_err());
     }
 }

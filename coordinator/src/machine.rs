@@ -27,11 +27,47 @@ pub(crate) struct FlowPlan {
     /// `def.version()`, computed once.
     pub(crate) version: Arc<str>,
     pub(crate) hooks: Vec<Arc<dyn Hooks>>,
+    /// `def.input_schema`, compiled once.
+    input_check: Option<Arc<jsonschema::Validator>>,
 }
 
 impl FlowPlan {
     pub(crate) fn new(def: FlowDef, hooks: Vec<Arc<dyn Hooks>>) -> Self {
-        FlowPlan { version: def.version(), def, hooks }
+        let input_check = def.input_schema.as_deref().and_then(|text| {
+            let compiled = serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|schema| jsonschema::validator_for(&schema).map_err(|e| e.to_string()));
+            match compiled {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    // A worker's schema this validator cannot read must not
+                    // stop the flow: its inputs go unchecked, and it says so.
+                    tracing::warn!(flow = %def.name, error = %e, "the flow's input schema is not usable; inputs are not checked");
+                    None
+                }
+            }
+        });
+        FlowPlan { version: def.version(), def, hooks, input_check }
+    }
+
+    /// Checks a run's input (MessagePack) against the flow's input schema:
+    /// `Err` lists what does not match, at most a few, each with its place.
+    pub(crate) fn check_input(&self, input: &[u8]) -> Result<(), String> {
+        let Some(check) = &self.input_check else { return Ok(()) };
+        let value: serde_json::Value = if input.is_empty() {
+            serde_json::Value::Null
+        } else {
+            rmp_serde::from_slice(input).map_err(|e| format!("the input does not decode: {e}"))?
+        };
+        let problems: Vec<String> = check
+            .iter_errors(&value)
+            .take(5)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() { e.to_string() } else { format!("{at}: {e}") }
+            })
+            .collect();
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
 }
 

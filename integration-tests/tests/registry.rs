@@ -362,3 +362,61 @@ async fn new_runs_take_a_version_only_once_every_step_is_served() {
         w.shutdown().await;
     }
 }
+
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct Order {
+    id: String,
+    amount: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_of_the_wrong_shape_is_refused_before_a_run_exists() {
+    let server = NatsServer::start();
+    let node = node(&server).await;
+    let ledger = Ledger::default();
+    let log = ledger.clone();
+    let flow = create::<Order>("order")
+        .step("charge", move |ctx: StepContext<Order>| {
+            let log = log.clone();
+            async move {
+                log.log(format!("charge {} {}", ctx.input.id, ctx.input.amount));
+                Ok(())
+            }
+        })
+        .input_schema();
+    let version = flow.definition().version();
+    let worker = Worker::builder().nats(NatsOptions::new(server.url())).flow(flow).start().await;
+    let worker = worker.unwrap();
+    served_by(&node, "order", &version, 1).await;
+    let c = client(&server).await;
+
+    // A string for a number, a missing field, no input at all: refused, with where.
+    let wrong = serde_json::json!({ "id": "o-1", "amount": "ten" });
+    let err = c.start("order", &wrong, RunOptions::new()).await.unwrap_err();
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::BadInput), "{err}");
+    assert!(err.to_string().contains("/amount"), "{err}");
+    let err = c.start("order", &serde_json::json!({ "id": "o-2" }), RunOptions::new()).await;
+    assert!(err.unwrap_err().to_string().contains("amount"));
+    let err = c.start("order", &(), RunOptions::new()).await.unwrap_err();
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::BadInput), "{err}");
+    // From the CLI too: the reason, and exit code 2 (a usage error).
+    let out = tokio::process::Command::new(orchestrix_integration_tests::built("orchestrix"))
+        .args(["--nats", &server.url(), "run", "order", "--input", r#"{"id":"o-3","amount":-1}"#])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("does not match flow `order`'s input type"), "{stderr}");
+    assert!(stderr.contains("/amount"), "{stderr}");
+
+    // The right shape runs; nothing was created for the others.
+    let ok = serde_json::json!({ "id": "o-4", "amount": 12 });
+    let report = c.run("order", &ok, RunOptions::new()).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(ledger.lines(), ["charge o-4 12"]);
+    let runs = c.list(orchestrix::ListFilter::new(None, Some("order".into()), 10)).await.unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    worker.shutdown().await;
+}

@@ -127,6 +127,85 @@ impl StepDef {
             max_in_flight: None,
         }
     }
+
+    /// Sets the action's retry policy.
+    #[must_use]
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Sets the time one attempt of the action may take.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Gives the step a compensation (served by the workers that serve it).
+    #[must_use]
+    pub fn compensable(mut self) -> Self {
+        self.compensable = true;
+        self
+    }
+
+    /// Sets the compensation's retry policy.
+    #[must_use]
+    pub fn compensation_retry(mut self, policy: RetryPolicy) -> Self {
+        self.compensation_retry = policy;
+        self
+    }
+
+    /// Sets the time one attempt of the compensation may take.
+    #[must_use]
+    pub fn compensation_timeout(mut self, timeout: Duration) -> Self {
+        self.compensation_timeout = Some(timeout);
+        self
+    }
+
+    /// Sets what an unknown outcome of the action means.
+    #[must_use]
+    pub fn on_unknown(mut self, on_unknown: OnUnknown) -> Self {
+        self.on_unknown = on_unknown;
+        self
+    }
+
+    /// Sets what happens when the action's retries run out.
+    #[must_use]
+    pub fn on_exhausted(mut self, on_exhausted: OnExhausted) -> Self {
+        self.on_exhausted = on_exhausted;
+        self
+    }
+
+    /// Sets what happens when the compensation's retries run out.
+    #[must_use]
+    pub fn compensation_on_exhausted(mut self, on_exhausted: OnExhausted) -> Self {
+        self.compensation_on_exhausted = on_exhausted;
+        self
+    }
+
+    /// Sets how long a paused step waits for an operator before it rolls back.
+    #[must_use]
+    pub fn pause_timeout(mut self, timeout: Duration) -> Self {
+        self.pause_timeout = Some(timeout);
+        self
+    }
+
+    /// Puts the step in a parallel group (consecutive steps of one group run
+    /// at once).
+    #[must_use]
+    pub fn group(mut self, group: &str) -> Self {
+        self.group = Some(Arc::from(group));
+        self
+    }
+
+    /// Sets how many attempts of this step may be in flight at once, across
+    /// all runs.
+    #[must_use]
+    pub fn max_in_flight(mut self, limit: u32) -> Self {
+        self.max_in_flight = Some(limit);
+        self
+    }
 }
 
 /// A flow as the coordinator sees it: a name, its steps in order and their
@@ -148,6 +227,10 @@ pub struct FlowDef {
     /// queue); `None`: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_per_key: Option<u32>,
+    /// A JSON Schema (as JSON text) that every run's input must match,
+    /// checked before a run is created; `None`: any input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<Arc<str>>,
 }
 
 impl FlowDef {
@@ -158,7 +241,52 @@ impl FlowDef {
             version: None,
             steps: Vec::new(),
             concurrency_per_key: None,
+            input_schema: None,
         }
+    }
+
+    /// Adds a step at the end.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use orchestrix_proto::{FlowDef, OnUnknown, RetryPolicy, StepDef};
+    /// let flow = FlowDef::new("payment-flow")
+    ///     .step(StepDef::new("reserve-stock").compensable())
+    ///     .step(
+    ///         StepDef::new("process-payment")
+    ///             .retry(RetryPolicy::new().retries(3).retry_delay(Duration::from_secs(1)))
+    ///             .timeout(Duration::from_secs(5)),
+    ///     )
+    ///     .step(StepDef::new("send-email").on_unknown(OnUnknown::Retry));
+    /// assert!(flow.validate().is_ok());
+    /// assert_eq!(flow.steps[1].retry.retries, 3);
+    /// ```
+    #[must_use]
+    pub fn step(mut self, step: StepDef) -> Self {
+        self.steps.push(step);
+        self
+    }
+
+    /// Gives the flow an explicit version label instead of the hash (what
+    /// `Flow::version` sets; [`FlowDef::version`] reads it).
+    #[must_use]
+    pub fn with_version(mut self, label: &str) -> Self {
+        self.version = Some(Arc::from(label));
+        self
+    }
+
+    /// Sets how many runs with one concurrency key may run at once.
+    #[must_use]
+    pub fn concurrency_per_key(mut self, limit: u32) -> Self {
+        self.concurrency_per_key = Some(limit);
+        self
+    }
+
+    /// Sets the JSON Schema (JSON text) run inputs must match.
+    #[must_use]
+    pub fn input_schema(mut self, schema: &str) -> Self {
+        self.input_schema = Some(Arc::from(schema));
+        self
     }
 
     /// The flow's version: its explicit label, or else 16 hex digits hashed

@@ -823,6 +823,9 @@ async fn flows_on(
                 if let Some(n) = v.concurrency_per_key {
                     outln!("  runs per concurrency key at once: {n}");
                 }
+                if v.input_schema.is_some() {
+                    outln!("  inputs checked against the flow's input schema (--json shows it)");
+                }
                 for s in &v.steps {
                     let mut notes = vec![format!("retries {}", s.retry.retries)];
                     if s.retry.retries > 0 {
@@ -887,6 +890,9 @@ struct VersionListing {
     /// Runs with one concurrency key that may run at once (`None`: 1).
     #[serde(skip_serializing_if = "Option::is_none")]
     concurrency_per_key: Option<u32>,
+    /// The JSON Schema run inputs must match, if the flow publishes one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    input_schema: Option<serde_json::Value>,
     workers: Vec<String>,
     /// Steps no live worker serves.
     unserved: Vec<String>,
@@ -915,6 +921,7 @@ async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionList
             registered_at_ms: r.registered_at_ms,
             registered_by: r.registered_by,
             concurrency_per_key: r.flow.concurrency_per_key,
+            input_schema: r.flow.input_schema.as_deref().and_then(|s| serde_json::from_str(s).ok()),
             steps: r.flow.steps,
             new_runs: false,
         })

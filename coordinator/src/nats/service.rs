@@ -203,9 +203,10 @@ fn run_rejected(error: RunError) -> RunReply {
             RunReply::CODE_UNKNOWN_RUN
         }
         RunError::Store(e) if !e.is_permanent() => RunReply::CODE_UNAVAILABLE,
-        RunError::Input(_) | RunError::InputTooLarge { .. } | RunError::BadInput(_) => {
-            RunReply::CODE_BAD_INPUT
-        }
+        RunError::Input(_)
+        | RunError::InputTooLarge { .. }
+        | RunError::BadInput(_)
+        | RunError::InputMismatch { .. } => RunReply::CODE_BAD_INPUT,
         RunError::BadOption(_) | RunError::InvalidFlow(_) => RunReply::CODE_BAD_REQUEST,
         RunError::Refused(_) => RunReply::CODE_REFUSED,
         _ => RunReply::CODE_OTHER,
