@@ -26,7 +26,6 @@ use orchestrix_proto::{
 };
 use orchestrix_worker::{ConnectError, NatsOptions};
 use serde::Serialize;
-use uuid::Uuid;
 
 pub use orchestrix_proto::{
     ListFilter, RunId, RunOptions, RunReport, RunStatus, StepReport, StepStatus,
@@ -308,7 +307,13 @@ impl Client {
     /// `Coordinator::list` takes it).
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<RunReport>, ClientError> {
         let limit = u32::try_from(filter.limit).unwrap_or(u32::MAX);
-        let req = orchestrix_proto::ListRequest { status: filter.status, flow: filter.flow, limit };
+        let before = filter.before.map(|b| b.as_uuid());
+        let req = orchestrix_proto::ListRequest {
+            status: filter.status,
+            flow: filter.flow,
+            limit,
+            before,
+        };
         match self.ask(self.subjects.list_requests(), &req, Some(self.request_timeout)).await? {
             RunReply::List(runs) => Ok(runs),
             other => Err(unexpected(other)),
@@ -379,10 +384,23 @@ impl Client {
     /// Subscribe before asking for the run's status, so nothing is missed.
     pub async fn watch(
         &self,
-        run_id: Uuid,
+        run_id: RunId,
+    ) -> Result<impl futures::Stream<Item = orchestrix_proto::RunEvent> + use<>, ClientError> {
+        self.watch_subject(self.subjects.events(&run_id.as_uuid())).await
+    }
+
+    /// The events of every run, live, from now on (see [`Client::watch`]).
+    pub async fn watch_all(
+        &self,
+    ) -> Result<impl futures::Stream<Item = orchestrix_proto::RunEvent> + use<>, ClientError> {
+        self.watch_subject(self.subjects.all_events()).await
+    }
+
+    async fn watch_subject(
+        &self,
+        subject: String,
     ) -> Result<impl futures::Stream<Item = orchestrix_proto::RunEvent> + use<>, ClientError> {
         use futures::StreamExt;
-        let subject = self.subjects.events(&run_id);
         let sub = self
             .nats
             .subscribe(subject.clone())

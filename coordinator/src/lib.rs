@@ -40,6 +40,7 @@ mod flow;
 pub mod flowfile;
 mod hooks;
 pub mod jetstream;
+pub mod listing;
 mod machine;
 pub mod metrics;
 pub mod nats;
@@ -51,6 +52,8 @@ mod registry;
 pub mod slots;
 mod store;
 mod telemetry;
+#[cfg(feature = "ui")]
+pub mod ui;
 
 pub use bus::{Bus, BusError, BusReply, Dispatched, Liveness, MemoryBus, ReplyTo};
 pub use coordinator::{Coordinator, CoordinatorBuilder, MAX_KEY_LEN, RunError, RunHandle};

@@ -233,6 +233,9 @@ pub struct ListRequest {
     pub flow: Option<String>,
     /// At most this many.
     pub limit: u32,
+    /// Only runs older than this one (the cursor of the next page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Uuid>,
 }
 
 impl Message for ListRequest {

@@ -112,18 +112,29 @@ pub struct ListFilter {
     pub flow: Option<String>,
     /// At most this many (0: 100).
     pub limit: usize,
+    /// Only runs older than this one (ids are time-ordered): the cursor of
+    /// the next page, the last run of the page before.
+    pub before: Option<crate::RunId>,
 }
 
 impl ListFilter {
     /// A filter: `status` and `flow` when given, at most `limit` runs.
     pub fn new(status: Option<crate::RunStatus>, flow: Option<String>, limit: usize) -> Self {
-        ListFilter { status, flow, limit }
+        ListFilter { status, flow, limit, before: None }
+    }
+
+    /// The page after the run `last` (see [`ListFilter::before`]).
+    #[must_use]
+    pub fn before(mut self, last: crate::RunId) -> Self {
+        self.before = Some(last);
+        self
     }
 
     /// Whether `r` passes the filter.
     pub fn keeps(&self, r: &RunReport) -> bool {
         self.status.is_none_or(|s| s == r.status)
             && self.flow.as_deref().is_none_or(|f| f == r.flow)
+            && self.before.is_none_or(|b| r.run_id < b)
     }
 
     /// Sorts newest first and cuts to the limit.

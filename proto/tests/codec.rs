@@ -122,7 +122,13 @@ fn every_message_round_trips() {
     round_trip(&RunReply::rejected(RunReply::CODE_UNKNOWN_FLOW, "unknown flow `x`"));
     round_trip(&RunReply::Rejected { error: "old".into(), retryable: false, code: String::new() });
     round_trip(&RunReply::List(vec![report()]));
-    round_trip(&ListRequest { status: Some(RunStatus::Failed), flow: None, limit: 5 });
+    round_trip(&ListRequest {
+        status: Some(RunStatus::Failed),
+        flow: None,
+        limit: 5,
+        before: None,
+    });
+    round_trip(&ListRequest { status: None, flow: None, limit: 5, before: Some(id) });
     for event in [
         EventKind::RunStarted,
         EventKind::Retry {

@@ -14,7 +14,7 @@ use orchestrix_coordinator::jetstream::JetStreamStoreOptions;
 use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_coordinator::{ListFilter, RunOptions, RunReport, RunStatus, flowfile};
 use orchestrix_proto::{ControlAction, Payload, RunId, Subjects};
-use orchestrix_worker::registry::{Registry, RegistryError, serves, unserved_steps};
+use orchestrix_worker::registry::{Registry, RegistryError};
 use orchestrix_worker::{NatsOptions, wait_for_signal};
 use tracing::info;
 
@@ -220,6 +220,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The run browser: every run, its steps, attempts and rollback, live, in a web page
+    /// (and a JSON API) at http://127.0.0.1:8233.
+    Ui(UiArgs),
     /// Try it out: start a local nats-server (JetStream, temp dir, free port) and a coordinator.
     Dev {
         /// A flow file to serve as well as the flows workers register.
@@ -310,8 +313,62 @@ enum FlowsCommand {
     },
 }
 
+#[derive(Args, Debug, Clone)]
+struct UiArgs {
+    /// Where to listen. Beyond loopback, a token is required.
+    #[arg(long, default_value = "127.0.0.1:8233", env = "ORCHESTRIX_UI_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// The bearer token every request must carry.
+    #[arg(long, env = "ORCHESTRIX_UI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Serve operator actions (cancel, resume, rollback) from the page and the API.
+    #[arg(long)]
+    allow_actions: bool,
+    /// A link to each run's trace; `{run_id}` is replaced. For Jaeger:
+    /// 'http://localhost:16686/search?service=orchestrix&tags=%7B%22orchestrix.run_id%22%3A%22{run_id}%22%7D'
+    #[arg(long, env = "ORCHESTRIX_UI_TRACE_URL")]
+    trace_url: Option<String>,
+}
+
+impl UiArgs {
+    fn options(&self) -> orchestrix_coordinator::ui::UiOptions {
+        let mut o = orchestrix_coordinator::ui::UiOptions::default()
+            .listen(self.listen)
+            .allow_actions(self.allow_actions);
+        if let Some(t) = &self.token {
+            o = o.token(t.clone());
+        }
+        if let Some(t) = &self.trace_url {
+            o = o.trace_url(t.clone());
+        }
+        o
+    }
+}
+
+/// Starts the run browser on `conn` (the registry read if there is one).
+async fn start_ui(
+    conn: async_nats::Client,
+    subjects: &Subjects,
+    args: &UiArgs,
+) -> anyhow::Result<orchestrix_coordinator::ui::UiServer> {
+    let registry = Registry::open_existing(conn.clone(), subjects.prefix()).await.ok();
+    let client = Client::new(conn, subjects.clone());
+    let server = orchestrix_coordinator::ui::serve(client, registry, args.options()).await?;
+    info!(url = %format!("http://{}", server.addr()), actions = args.allow_actions, "run browser ready");
+    Ok(server)
+}
+
 #[derive(Args, Debug)]
 struct ServeArgs {
+    /// Also serve the run browser here (as `orchestrix ui --listen`).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// With --http: the bearer token the browser requires.
+    #[arg(long, env = "ORCHESTRIX_UI_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
+    /// With --http: serve operator actions from the browser.
+    #[arg(long)]
+    http_allow_actions: bool,
     /// A flow file (TOML) with flows to serve besides those workers register.
     #[arg(long, env = "ORCHESTRIX_FLOWS")]
     flows: Option<PathBuf>,
@@ -373,6 +430,14 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Ui(args) => {
+            let subjects = cli.nats.subjects()?;
+            let conn = cli.nats.options().name("orchestrix ui").connect().await?;
+            let server = start_ui(conn, &subjects, &args).await?;
+            outln!("run browser on http://{}", server.addr());
+            wait_for_signal().await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(args) => {
             let _running = serve(&cli.nats, &args).await?;
             wait_for_signal().await;
@@ -462,7 +527,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch { run_id, json } => {
             use futures::StreamExt;
             let client = client(&cli.nats).await?;
-            let mut events = Box::pin(client.watch(run_id.into()).await?);
+            let mut events = Box::pin(client.watch(run_id).await?);
             let now = client.status(run_id).await?;
             if !now.status.is_terminal() {
                 // What happened before this watch began, from the run's report.
@@ -475,7 +540,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 while let Some(ev) = events.next().await {
                     if json {
                         // One case in all JSON output: the report's camelCase.
-                        outln!("{}", camel_case(serde_json::to_value(&ev)?));
+                        outln!("{}", orchestrix_coordinator::nats::event_json(&ev));
                     } else {
                         let at = humantime::format_rfc3339_millis(
                             orchestrix_proto::time::from_unix_ms(ev.at_ms),
@@ -528,8 +593,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 store: "jetstream".into(),
                 retention: Duration::from_secs(24 * 3600),
                 replicas: 1,
+                http: None,
+                http_token: None,
+                http_allow_actions: false,
             };
             let running = serve(&nats, &args).await?;
+            // The run browser, with actions (a local sandbox): on its usual
+            // port when free, else on any.
+            let conn = nats.options().name("orchestrix ui").connect().await?;
+            let subjects = nats.subjects()?;
+            let mut ui_args = UiArgs {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8233)),
+                token: None,
+                allow_actions: true,
+                trace_url: None,
+            };
+            let ui = match start_ui(conn.clone(), &subjects, &ui_args).await {
+                Ok(ui) => ui,
+                Err(_) => {
+                    ui_args.listen.set_port(0);
+                    start_ui(conn, &subjects, &ui_args).await?
+                }
+            };
             outln!(
                 "NATS (JetStream) is on {url}; a coordinator serves the flows workers register."
             );
@@ -541,48 +626,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             outln!(
                 "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"orderId\":\"order_1\",\"amount\":50,\"userId\":\"user_A\"}}'"
             );
+            outln!("Runs, live, in a browser: http://{}", ui.addr());
             outln!("Ctrl-C stops both.");
             wait_for_signal().await;
             info!("shutting down");
             // The coordinator first, while it can still reach NATS.
+            drop(ui);
             drop(running);
             server.stop();
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Object keys in camelCase, as the run report writes them. A report is
-/// camelCase already, and users' data (outputs) is left as it is.
-fn camel_case(v: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match v {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let mut key = String::with_capacity(k.len());
-                    let mut upper = false;
-                    for c in k.chars() {
-                        if c == '_' {
-                            upper = true;
-                        } else if upper {
-                            key.extend(c.to_uppercase());
-                            upper = false;
-                        } else {
-                            key.push(c);
-                        }
-                    }
-                    let v = if matches!(k.as_str(), "report" | "output" | "input") {
-                        v
-                    } else {
-                        camel_case(v)
-                    };
-                    (key, v)
-                })
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(camel_case).collect()),
-        other => other,
     }
 }
 
@@ -616,7 +669,7 @@ fn read_input(arg: &str) -> anyhow::Result<Payload> {
 /// waits for an operator: this command keeps waiting).
 async fn wait_telling_pauses(client: &Client, run_id: RunId) -> anyhow::Result<RunReport> {
     use futures::StreamExt;
-    let events = client.watch(run_id.into()).await.ok();
+    let events = client.watch(run_id).await.ok();
     let wait = client.wait(run_id);
     tokio::pin!(wait);
     let Some(events) = events else { return Ok(wait.await?) };
@@ -666,6 +719,7 @@ async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
 /// Everything `serve` keeps alive.
 struct Running {
     _node: Node,
+    _ui: Option<orchestrix_coordinator::ui::UiServer>,
 }
 
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
@@ -698,11 +752,24 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         .flows(flows)
         .registry(!args.no_registry)
         .hooks(orchestrix_coordinator::metrics::RunMetrics::global())
-        .start(conn)
+        .start(conn.clone())
         .await?;
+    let node_conn = conn;
     let registered = node.coordinator().flows().len() - names.len();
     info!(nats = %orchestrix_worker::redact_url(&nats.nats), prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, registered, "coordinator ready");
-    Ok(Running { _node: node })
+    let ui = match args.http {
+        Some(listen) => {
+            let ui_args = UiArgs {
+                listen,
+                token: args.http_token.clone(),
+                allow_actions: args.http_allow_actions,
+                trace_url: None,
+            };
+            Some(start_ui(node_conn, &subjects, &ui_args).await?)
+        }
+        None => None,
+    };
+    Ok(Running { _node: node, _ui: ui })
 }
 
 async fn flows_command(nats: &NatsArgs, command: FlowsCommand) -> anyhow::Result<ExitCode> {
@@ -762,7 +829,7 @@ async fn flows_on(
             Ok(ExitCode::SUCCESS)
         }
         FlowsCommand::List { json } => {
-            let listing = registry_listing(&registry).await?;
+            let listing = orchestrix_coordinator::listing::flow_versions(&registry).await?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&listing)?);
             } else if listing.is_empty() {
@@ -803,8 +870,11 @@ async fn flows_on(
             Ok(ExitCode::SUCCESS)
         }
         FlowsCommand::Show { name, json } => {
-            let listing: Vec<_> =
-                registry_listing(&registry).await?.into_iter().filter(|v| v.flow == name).collect();
+            let listing: Vec<_> = orchestrix_coordinator::listing::flow_versions(&registry)
+                .await?
+                .into_iter()
+                .filter(|v| v.flow == name)
+                .collect();
             if listing.is_empty() {
                 bail!("no flow `{name}` is registered (see `orchestrix flows list`)");
             }
@@ -876,67 +946,6 @@ async fn flows_on(
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// One version of a flow as `flows list --json` prints it.
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct VersionListing {
-    flow: String,
-    version: String,
-    registered_at_ms: u64,
-    registered_by: String,
-    steps: Vec<orchestrix_coordinator::StepDef>,
-    /// Runs with one concurrency key that may run at once (`None`: 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    concurrency_per_key: Option<u32>,
-    /// The JSON Schema run inputs must match, if the flow publishes one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    input_schema: Option<serde_json::Value>,
-    workers: Vec<String>,
-    /// Steps no live worker serves.
-    unserved: Vec<String>,
-    /// The version new runs of the flow take now.
-    new_runs: bool,
-}
-
-async fn registry_listing(registry: &Registry) -> anyhow::Result<Vec<VersionListing>> {
-    let workers = registry.presences().await?;
-    let mut out: Vec<VersionListing> = registry
-        .registrations()
-        .await?
-        .into_iter()
-        .map(|r| VersionListing {
-            workers: workers
-                .iter()
-                .filter(|p| serves(p, &r.flow.name, &r.version))
-                .map(|p| p.worker.clone())
-                .collect(),
-            unserved: unserved_steps(&r.flow, &r.version, &workers)
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            flow: r.flow.name.to_string(),
-            version: r.version.to_string(),
-            registered_at_ms: r.registered_at_ms,
-            registered_by: r.registered_by,
-            concurrency_per_key: r.flow.concurrency_per_key,
-            input_schema: r.flow.input_schema.as_deref().and_then(|s| serde_json::from_str(s).ok()),
-            steps: r.flow.steps,
-            new_runs: false,
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.flow, a.registered_at_ms).cmp(&(&b.flow, b.registered_at_ms)));
-    // As coordinators choose: the newest served version, else the newest.
-    let mut i = 0;
-    while i < out.len() {
-        let j = out[i..].iter().position(|v| v.flow != out[i].flow).map_or(out.len(), |k| i + k);
-        let group = &mut out[i..j];
-        let pick = group.iter().rposition(|v| v.unserved.is_empty()).unwrap_or(group.len() - 1);
-        group[pick].new_runs = true;
-        i = j;
-    }
-    Ok(out)
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {

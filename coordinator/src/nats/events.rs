@@ -210,3 +210,42 @@ pub fn describe(event: &EventKind) -> String {
         EventKind::RunEnded { report } => format!("run ended: {}", report.status),
     }
 }
+
+/// A run event as JSON, in the one key case of all JSON output: the
+/// report's camelCase (`runId`, `atMs`, `stepStarted`). Payloads (`input`,
+/// `output`) and embedded reports keep their own keys.
+pub fn event_json(event: &RunEvent) -> serde_json::Value {
+    camel_case(serde_json::to_value(event).unwrap_or_default())
+}
+
+fn camel_case(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let mut key = String::with_capacity(k.len());
+                    let mut upper = false;
+                    for c in k.chars() {
+                        if c == '_' {
+                            upper = true;
+                        } else if upper {
+                            key.extend(c.to_uppercase());
+                            upper = false;
+                        } else {
+                            key.push(c);
+                        }
+                    }
+                    let v = if matches!(k.as_str(), "report" | "output" | "input") {
+                        v
+                    } else {
+                        camel_case(v)
+                    };
+                    (key, v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(camel_case).collect()),
+        other => other,
+    }
+}

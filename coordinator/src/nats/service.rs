@@ -311,7 +311,9 @@ async fn answer_list(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
     };
     // Replies must fit a NATS message: cap the count.
     let limit = (req.limit as usize).clamp(1, 500);
-    match coordinator.list(crate::ListFilter::new(req.status, req.flow, limit)).await {
+    let mut filter = crate::ListFilter::new(req.status, req.flow, limit);
+    filter.before = req.before.map(Into::into);
+    match coordinator.list(filter).await {
         Ok(runs) => RunReply::List(runs),
         Err(e) => run_rejected(e),
     }

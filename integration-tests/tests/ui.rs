@@ -1,0 +1,263 @@
+//! The run browser (`orchestrix ui`) against a real coordinator, worker and
+//! nats-server: its JSON API, its live events, its guards; and its page in a
+//! real headless Chromium when one is installed (scripts/test.sh installs it).
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepError, Worker, create};
+use orchestrix_coordinator::nats::{NatsBusOptions, Node, NodeStore};
+use orchestrix_coordinator::ui::{UiError, UiOptions, UiServer, serve};
+use orchestrix_integration_tests::NatsServer;
+use orchestrix_proto::Subjects;
+use orchestrix_worker::NatsOptions;
+use orchestrix_worker::registry::Registry;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const SECS: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct Payment {
+    order: String,
+    amount: u64,
+    /// How long `process-payment` takes.
+    slow_ms: u64,
+}
+
+/// The quick start's flow: a payment over 1000 is declined four times, and
+/// its error carries markup (it must show as text).
+fn payment_flow() -> orchestrix::Flow<Payment> {
+    create::<Payment>("payment-flow")
+        .step_with(
+            "reserve-stock",
+            |_ctx: StepContext<Payment>| async { Ok(()) },
+            |o| o.compensate(|_ctx| async { Ok(()) }),
+        )
+        .step_with(
+            "process-payment",
+            |ctx: StepContext<Payment>| async move {
+                tokio::time::sleep(Duration::from_millis(ctx.input.slow_ms)).await;
+                if ctx.input.amount > 1000 {
+                    return Err(StepError::retryable(
+                        "<script>alert('x')</script> Payment declined: limit exceeded",
+                    ));
+                }
+                Ok(())
+            },
+            |o| o.retries(3).retry_delay(20 * MS),
+        )
+        .step("send-email", |_ctx| async { Ok(()) })
+}
+
+struct Cluster {
+    server: NatsServer,
+    _node: Node,
+    _worker: Worker,
+    client: Client,
+}
+
+async fn cluster() -> Cluster {
+    let server = NatsServer::start();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let node = Node::builder()
+        .bus_options(NatsBusOptions::default().ack_timeout(SECS))
+        .store(NodeStore::Memory)
+        .start(conn.clone())
+        .await
+        .unwrap();
+    let worker = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .flow(payment_flow())
+        .start()
+        .await
+        .unwrap();
+    let client = Client::new(conn, Subjects::default()).request_timeout(5 * SECS);
+    // Served once a start is accepted.
+    let deadline = tokio::time::Instant::now() + 20 * SECS;
+    loop {
+        let ping = Payment { order: "warm-up".into(), amount: 1, slow_ms: 0 };
+        if client.run("payment-flow", &ping, RunOptions::new()).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the flow is never served");
+        tokio::time::sleep(200 * MS).await;
+    }
+    Cluster { server, _node: node, _worker: worker, client }
+}
+
+async fn browser(c: &Cluster, options: UiOptions) -> UiServer {
+    let conn = NatsOptions::new(c.server.url()).connect().await.unwrap();
+    let registry = Registry::open_existing(conn.clone(), "orchestrix").await.ok();
+    let client = Client::new(conn, Subjects::default());
+    serve(client, registry, options.listen(SocketAddr::from(([127, 0, 0, 1], 0)))).await.unwrap()
+}
+
+/// One HTTP/1.1 exchange: the status and the body.
+async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    if method == "POST" {
+        req.push_str("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+async fn json(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = http(addr, "GET", path, &[]).await;
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_lists_runs_shows_a_rollback_and_streams_events() {
+    let c = cluster().await;
+    let ui = browser(&c, UiOptions::default()).await;
+    let addr = ui.addr();
+    let paid = Payment { order: "order_1".into(), amount: 50, slow_ms: 0 };
+    let ok = c.client.run("payment-flow", &paid, RunOptions::new()).await.unwrap();
+    let declined = Payment { order: "order_2".into(), amount: 2000, slow_ms: 0 };
+    let failed = c.client.run("payment-flow", &declined, RunOptions::new()).await.unwrap();
+    assert_eq!((ok.status, failed.status), (RunStatus::Completed, RunStatus::Failed));
+
+    // The list, newest first, filtered, and paged by cursor.
+    let all = json(addr, "/api/runs").await;
+    let ids: Vec<&str> =
+        all["runs"].as_array().unwrap().iter().map(|r| r["runId"].as_str().unwrap()).collect();
+    assert_eq!(ids[..2], [failed.run_id.to_string(), ok.run_id.to_string()]);
+    let only_failed = json(addr, "/api/runs?status=failed&flow=payment-flow").await;
+    assert_eq!(only_failed["runs"].as_array().unwrap().len(), 1);
+    let first = json(addr, "/api/runs?limit=1").await;
+    let cursor = first["nextCursor"].as_str().unwrap().to_owned();
+    assert_eq!(cursor, failed.run_id.to_string());
+    let second = json(addr, &format!("/api/runs?limit=1&cursor={cursor}")).await;
+    assert_eq!(second["runs"][0]["runId"], ok.run_id.to_string());
+
+    // One run: four payment attempts, the stock released, the error as it was.
+    let run = json(addr, &format!("/api/runs/{}", failed.run_id)).await;
+    let steps = &run["run"]["steps"];
+    assert_eq!(steps[1]["attempts"], 4);
+    assert_eq!(steps[0]["status"], "compensated");
+    assert!(steps[1]["error"].as_str().unwrap().starts_with("<script>"), "{run}");
+    // Its timeline, from the events this browser saw.
+    let lines: Vec<&str> =
+        run["events"].as_array().unwrap().iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert!(
+        lines.iter().filter(|l| l.starts_with("process-payment: attempt")).count() >= 4,
+        "{lines:?}"
+    );
+    let undo = lines.iter().position(|l| *l == "reserve-stock: compensating").unwrap();
+    assert!(
+        lines.iter().position(|l| l.starts_with("process-payment: failed for good")).unwrap()
+            < undo
+    );
+
+    // Flows, with who serves them.
+    let flows = json(addr, "/api/flows").await;
+    assert_eq!(flows["flows"][0]["flow"], "payment-flow");
+    assert_eq!(flows["flows"][0]["workers"].as_array().unwrap().len(), 1);
+
+    // Bad input: a clear status and kind.
+    let (status, body) = http(addr, "GET", "/api/runs/42", &[]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("is not a run id"), "{body}");
+    let (status, _) = http(addr, "GET", &format!("/api/runs/{}", uuid::Uuid::now_v7()), &[]).await;
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "GET", "/api/runs?status=bogus", &[]).await;
+    assert_eq!(status, 400);
+    // Actions are off unless asked for.
+    let (status, body) = http(addr, "POST", &format!("/api/runs/{}/cancel", ok.run_id), &[]).await;
+    assert_eq!(status, 403, "{body}");
+
+    // Live: an event of a run started after the stream opened arrives.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(s).lines();
+    // The response head first: the subscription is made by then.
+    while let Some(l) = lines.next_line().await.unwrap() {
+        if l.is_empty() {
+            break;
+        }
+    }
+    let later = Payment { order: "order_3".into(), amount: 5, slow_ms: 0 };
+    let id = c.client.start("payment-flow", &later, RunOptions::new()).await.unwrap();
+    let seen = tokio::time::timeout(10 * SECS, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(data) = l.strip_prefix("data: ") {
+                let ev: Value = serde_json::from_str(data).unwrap();
+                if ev["runId"] == id.to_string() {
+                    return ev;
+                }
+            }
+        }
+        panic!("the stream ended")
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen["flow"], "payment-flow");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_everything_and_actions_need_their_flag() {
+    let c = cluster().await;
+    // Beyond loopback, no token: refused before listening.
+    let conn = NatsOptions::new(c.server.url()).connect().await.unwrap();
+    let open = UiOptions::default().listen(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let refused = serve(Client::new(conn, Subjects::default()), None, open).await.unwrap_err();
+    assert!(matches!(refused, UiError::TokenRequired(_)), "{refused}");
+
+    let ui = browser(&c, UiOptions::default().token("s3cret").allow_actions(true)).await;
+    let addr = ui.addr();
+    for path in ["/", "/api/runs", "/assets/app.js"] {
+        let (status, _) = http(addr, "GET", path, &[]).await;
+        assert_eq!(status, 401, "{path}");
+        let (status, _) = http(addr, "GET", path, &["Authorization: Bearer wrong"]).await;
+        assert_eq!(status, 401, "{path}");
+        let (status, _) = http(addr, "GET", path, &["Authorization: Bearer s3cret"]).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    // A browser: the token once in the URL, then a cookie.
+    let (status, _) = http(addr, "GET", "/?token=s3cret", &[]).await;
+    assert_eq!(status, 200);
+    let (status, _) = http(addr, "GET", "/api/runs", &["Cookie: orchestrix_token=s3cret"]).await;
+    assert_eq!(status, 200);
+
+    // With the flag, an operator cancels a run mid-step from the API.
+    let slow = Payment { order: "order_4".into(), amount: 5, slow_ms: 3_000 };
+    let id = c.client.start("payment-flow", &slow, RunOptions::new()).await.unwrap();
+    tokio::time::sleep(500 * MS).await;
+    let auth = ["Authorization: Bearer s3cret"];
+    let (status, body) = http(addr, "POST", &format!("/api/runs/{id}/cancel"), &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let report = c.client.wait(id).await.unwrap();
+    assert_eq!(report.status, RunStatus::Cancelled, "{report}");
+    assert_eq!(report.actions[0].by, "ui");
+    // Cancelling twice is harmless; cancelling a completed run is a
+    // conflict; an unknown action is not found.
+    let (status, _) = http(addr, "POST", &format!("/api/runs/{id}/cancel"), &auth).await;
+    assert_eq!(status, 200);
+    let quick = Payment { order: "order_5".into(), amount: 5, slow_ms: 0 };
+    let done = c.client.run("payment-flow", &quick, RunOptions::new()).await.unwrap();
+    let (status, body) =
+        http(addr, "POST", &format!("/api/runs/{}/cancel", done.run_id), &auth).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("already finished"), "{body}");
+    let (status, _) = http(addr, "POST", &format!("/api/runs/{id}/explode"), &auth).await;
+    assert_eq!(status, 404);
+}
