@@ -49,6 +49,26 @@ export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 [ "$INSTALL_ONLY" = 1 ] && exit 0
 
+# The run browser's page is tested in headless Chromium (Debian's package),
+# driven by playwright-core (npm, pinned by the lockfile, installed into the
+# test's own folder). ORCHESTRIX_SKIP_BROWSER=1 leaves that test out.
+if [ -z "${ORCHESTRIX_SKIP_BROWSER:-}" ]; then
+    CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
+    if [ ! -x "$CHROMIUM" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "installing chromium (Debian) for the browser test"
+            apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+        else
+            echo "Chromium is missing at $CHROMIUM: apt-get install chromium, set CHROMIUM, or set ORCHESTRIX_SKIP_BROWSER=1" >&2
+            exit 1
+        fi
+    fi
+    if [ ! -d integration-tests/browser/node_modules/playwright-core ]; then
+        (cd integration-tests/browser && npm ci --no-audit --no-fund --silent)
+    fi
+    export CHROMIUM
+fi
+
 # A one-off build gains nothing from incremental state, which only fills the disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 

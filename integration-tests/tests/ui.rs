@@ -16,6 +16,7 @@ use orchestrix_worker::NatsOptions;
 use orchestrix_worker::registry::Registry;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
 
 const SECS: Duration = Duration::from_secs(1);
 const MS: Duration = Duration::from_millis(1);
@@ -29,8 +30,9 @@ struct Payment {
 }
 
 /// The quick start's flow: a payment over 1000 is declined four times, and
-/// its error carries markup (it must show as text).
-fn payment_flow() -> orchestrix::Flow<Payment> {
+/// its error carries markup (it must show as text). The payment of order
+/// `held` waits until `gate` opens.
+fn payment_flow(gate: watch::Receiver<bool>) -> orchestrix::Flow<Payment> {
     create::<Payment>("payment-flow")
         .step_with(
             "reserve-stock",
@@ -39,14 +41,20 @@ fn payment_flow() -> orchestrix::Flow<Payment> {
         )
         .step_with(
             "process-payment",
-            |ctx: StepContext<Payment>| async move {
-                tokio::time::sleep(Duration::from_millis(ctx.input.slow_ms)).await;
-                if ctx.input.amount > 1000 {
-                    return Err(StepError::retryable(
-                        "<script>alert('x')</script> Payment declined: limit exceeded",
-                    ));
+            move |ctx: StepContext<Payment>| {
+                let mut gate = gate.clone();
+                async move {
+                    if ctx.input.order == "held" {
+                        let _ = gate.wait_for(|open| *open).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(ctx.input.slow_ms)).await;
+                    if ctx.input.amount > 1000 {
+                        return Err(StepError::retryable(
+                            "<script>alert('x')</script> Payment declined: limit exceeded",
+                        ));
+                    }
+                    Ok(())
                 }
-                Ok(())
             },
             |o| o.retries(3).retry_delay(20 * MS),
         )
@@ -58,6 +66,7 @@ struct Cluster {
     _node: Node,
     _worker: Worker,
     client: Client,
+    gate: watch::Sender<bool>,
 }
 
 async fn cluster() -> Cluster {
@@ -69,9 +78,10 @@ async fn cluster() -> Cluster {
         .start(conn.clone())
         .await
         .unwrap();
+    let (gate, held) = watch::channel(false);
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))
-        .flow(payment_flow())
+        .flow(payment_flow(held))
         .start()
         .await
         .unwrap();
@@ -86,7 +96,7 @@ async fn cluster() -> Cluster {
         assert!(tokio::time::Instant::now() < deadline, "the flow is never served");
         tokio::time::sleep(200 * MS).await;
     }
-    Cluster { server, _node: node, _worker: worker, client }
+    Cluster { server, _node: node, _worker: worker, client, gate }
 }
 
 async fn browser(c: &Cluster, options: UiOptions) -> UiServer {
@@ -260,4 +270,69 @@ async fn a_token_guards_everything_and_actions_need_their_flag() {
     assert!(body.contains("already finished"), "{body}");
     let (status, _) = http(addr, "POST", &format!("/api/runs/{id}/explode"), &auth).await;
     assert_eq!(status, 404);
+}
+
+/// The page in a real browser (headless Chromium driven by
+/// `integration-tests/browser/ui.mjs`): the list shows a completed and a
+/// failed run, the failed run's page shows four payment attempts and the
+/// stock released after the failure, an error with markup is text, and a
+/// run in flight turns completed without a reload. With
+/// `ORCHESTRIX_UI_SCREENSHOTS=DIR` it saves the screenshots of docs/ui.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_a_real_browser() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if std::env::var_os("ORCHESTRIX_SKIP_BROWSER").is_some() {
+        eprintln!("ORCHESTRIX_SKIP_BROWSER is set: the page is not tested in a browser");
+        return;
+    }
+    assert!(
+        std::path::Path::new(&chromium).exists()
+            && dir.join("node_modules/playwright-core").exists(),
+        "the browser test needs Chromium at {chromium} and `npm ci` in {}: ./scripts/test.sh installs both",
+        dir.display()
+    );
+    let c = cluster().await;
+    let ui = browser(&c, UiOptions::default()).await;
+    let paid = Payment { order: "order_1".into(), amount: 50, slow_ms: 0 };
+    let ok = c.client.run("payment-flow", &paid, RunOptions::new()).await.unwrap();
+    let declined = Payment { order: "order_2".into(), amount: 2000, slow_ms: 0 };
+    let failed = c.client.run("payment-flow", &declined, RunOptions::new()).await.unwrap();
+    let held = Payment { order: "held".into(), amount: 10, slow_ms: 0 };
+    let live = c.client.start("payment-flow", &held, RunOptions::new()).await.unwrap();
+
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("ui.mjs"))
+        .arg(format!("http://{}", ui.addr()))
+        .args([ok.run_id.to_string(), failed.run_id.to_string(), live.to_string()])
+        .env("CHROMIUM", &chromium)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(shots) = std::env::var_os("ORCHESTRIX_UI_SCREENSHOTS") {
+        cmd.arg(shots);
+    }
+    let mut node = cmd.spawn().expect("node runs (Node.js is needed for the browser test)");
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let checks = tokio::time::timeout(120 * SECS, async {
+        while let Some(line) = out.next_line().await.unwrap() {
+            if line == "LET-IT-FINISH" {
+                c.gate.send(true).unwrap();
+            }
+            said.push(line);
+        }
+        node.wait().await.unwrap()
+    })
+    .await
+    .unwrap();
+    let said = said.join("\n");
+    assert!(checks.success(), "{said}");
+    for check in [
+        "ok the list shows a completed and a failed run",
+        "ok the failed run: 4 payment attempts, reserve-stock compensated after the failure",
+        "ok an error with markup is shown as text",
+        "ok a run in flight turns completed without a reload",
+    ] {
+        assert!(said.contains(check), "{check}: {said}");
+    }
 }

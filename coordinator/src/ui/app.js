@@ -174,7 +174,7 @@ async function runView() {
     const operators = (r.actions || []).map((a) => el("li", {}, a.action + " by " + a.by + (a.reason ? ": " + a.reason : "")));
     const late = (r.late || []).map((l) => el("li", {}, l));
 
-    main.replaceChildren(
+    main.replaceChildren(...[
       el("h1", {}, r.flow), facts, acts,
       el("h2", {}, "Steps"),
       el("table", {},
@@ -185,7 +185,8 @@ async function runView() {
       operators.length ? el("h2", {}, "Operator actions") : null,
       operators.length ? el("ul", { id: "operators" }, ...operators) : null,
       late.length ? el("h2", {}, "Late answers (recorded, not applied)") : null,
-      late.length ? el("ul", {}, ...late) : null);
+      late.length ? el("ul", {}, ...late) : null,
+    ].filter((n) => n !== null));
   }
 
   await draw();
