@@ -336,3 +336,42 @@ async fn the_page_in_a_real_browser() {
         assert!(said.contains(check), "{check}: {said}");
     }
 }
+
+/// The binary: `serve --http` serves the browser beside the coordinator, and
+/// `ui` refuses to listen beyond loopback without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_it_and_refuses_an_open_address_without_a_token() {
+    use orchestrix_integration_tests::{ChildProcess, built, free_port};
+    let server = NatsServer::start();
+    let url = server.url();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _serve = ChildProcess::spawn(
+        &built("orchestrix"),
+        &["--nats", &url, "serve", "--store", "memory", "--http", &listen],
+    );
+    let addr: SocketAddr = listen.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + 30 * SECS;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let (status, body) = http(addr, "GET", "/api/runs", &[]).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"runs\":[]"), "{body}");
+            let (status, page) = http(addr, "GET", "/", &[]).await;
+            assert_eq!(status, 200);
+            assert!(page.contains("/assets/app.js"), "{page}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "serve --http never listened");
+        tokio::time::sleep(100 * MS).await;
+    }
+    let open = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url, "ui", "--listen", "0.0.0.0:0"])
+        .env_remove("ORCHESTRIX_UI_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&open.stderr);
+    assert_eq!(open.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a loopback address: give a token"), "{stderr}");
+}
