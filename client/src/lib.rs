@@ -216,6 +216,12 @@ impl Client {
         input: Payload,
         options: RunOptions,
     ) -> Result<Started, ClientError> {
+        if let Err(e) = orchestrix_proto::validate_name("flow", flow) {
+            return Err(ClientError::Rejected {
+                kind: Rejection::BadRequest,
+                message: e.to_string(),
+            });
+        }
         let keyed = options.key.is_some();
         let req = run_request(flow, input, options, false);
         let subject = self.subjects.run_requests(flow);
@@ -243,12 +249,16 @@ impl Client {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
+                // Coordinators listen per flow: nobody listening on this
+                // flow's subject means no coordinator serves it (or none runs).
                 Err(ClientError::NoCoordinator { reason, .. })
                     if reason == "no coordinator is listening" =>
                 {
-                    return Err(ClientError::NoCoordinator {
-                        subject,
-                        reason: format!("no coordinator serves flow `{flow}`"),
+                    return Err(ClientError::Rejected {
+                        kind: Rejection::UnknownFlow,
+                        message: format!(
+                            "no coordinator serves flow `{flow}` (no worker registered it, or no coordinator is running)"
+                        ),
                     });
                 }
                 Err(ClientError::NoCoordinator { subject, reason }) if !keyed => {
@@ -422,10 +432,21 @@ impl Client {
         if let Some(tp) = orchestrix_worker::current_traceparent() {
             h.insert(headers::TRACEPARENT, tp.as_str());
         }
-        let request = async_nats::Request::new()
-            .payload(Bytes::from(encode(msg)?))
-            .headers(h)
-            .timeout(timeout);
+        let body = encode(msg)?;
+        // Over the server's limit, NATS would drop the connection's request
+        // with an error that reads like a missing coordinator: say what it is.
+        let limit = self.nats.server_info().max_payload;
+        if limit > 0 && body.len() > limit {
+            return Err(ClientError::Rejected {
+                kind: Rejection::BadInput,
+                message: format!(
+                    "the request is {} bytes (its input, mostly); the NATS server takes messages of at most {limit} bytes",
+                    body.len()
+                ),
+            });
+        }
+        let request =
+            async_nats::Request::new().payload(Bytes::from(body)).headers(h).timeout(timeout);
         // The server refuses at once (a -ERR on the connection) but the
         // request would only time out: watch for the refusal meanwhile.
         let seen = orchestrix_worker::permission_violations(&self.nats).len();

@@ -71,10 +71,10 @@ pub enum RunError {
     /// The run is not live in this coordinator (another one runs it, or it
     /// is being taken over).
     #[error("run {0} is not live here")]
-    NotLive(Uuid),
+    NotLive(RunId),
     /// The run's actor stopped without a report (the engine was shut down).
     #[error("run {0} was lost: the engine stopped before it finished")]
-    Lost(Uuid),
+    Lost(RunId),
     /// A run option cannot be used (an empty or oversized key, say).
     #[error("invalid run option: {0}")]
     BadOption(String),
@@ -176,8 +176,9 @@ impl CoordinatorBuilder {
     where
         I: Serialize + serde::de::DeserializeOwned + Send + 'static,
     {
-        if let Some(e) = &flow.error {
-            self.error.get_or_insert(e.clone());
+        // A flow with no steps yet has had nothing checked.
+        if let Some(e) = flow.error.clone().or_else(|| flow.def.validate().err()) {
+            self.error.get_or_insert(e);
         }
         self.memory.register(&flow.def.name, flow.handlers.clone());
         self.with_handlers.push(flow.def.name.clone());
@@ -455,6 +456,11 @@ impl Coordinator {
     ) -> Result<RunHandle, RunError> {
         check_key("idempotency key", options.key.as_deref())?;
         check_key("concurrency key", options.concurrency_key.as_deref())?;
+        if options.timeout == Some(Duration::ZERO) {
+            return Err(RunError::BadOption(
+                "a run timeout of 0 is no time at all; leave it out for none".into(),
+            ));
+        }
         let plan = self.plan_for_start(flow, options.version.as_deref())?;
         let limit = crate::DEFAULT_MAX_RUN_PAYLOAD;
         if input.len() > limit {
@@ -516,10 +522,9 @@ impl Coordinator {
                     let machine = Machine::new(plan, record, Instant::now(), Entropy::random());
                     RunActor::new(machine, bus, store, tx, false, live)
                 });
-                let report =
-                    Box::pin(
-                        async move { rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id)) },
-                    );
+                let report = Box::pin(async move {
+                    rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id.into()))
+                });
                 Ok(RunHandle { run_id, duplicate: false, coordinator: self.clone(), report })
             }
         }
@@ -699,7 +704,7 @@ impl Coordinator {
                 )));
             }
             // Another coordinator reopened it first: it answers.
-            Err(StoreError::Fenced(_)) => return Err(RunError::NotLive(run_id)),
+            Err(StoreError::Fenced(_)) => return Err(RunError::NotLive(run_id.into())),
             Err(e) => return Err(e.into()),
         };
         let Some(plan) = self.plan_for_record(&record) else {
@@ -826,7 +831,7 @@ impl Coordinator {
             Some(r) if r.status.is_terminal() => {
                 Err(RunError::Refused(format!("run {run_id} already finished: {}", r.status)))
             }
-            Some(_) => Err(RunError::NotLive(run_id)),
+            Some(_) => Err(RunError::NotLive(run_id.into())),
             None => Err(RunError::Store(StoreError::NotFound(run_id))),
         }
     }

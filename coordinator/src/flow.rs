@@ -482,8 +482,9 @@ where
 
     /// The in-process coordinator that runs this flow, created at first use.
     pub fn embedded(&self) -> Result<&Coordinator, RunError> {
-        if let Some(err) = &self.error {
-            return Err(RunError::InvalidFlow(err.clone()));
+        // A flow with no steps yet has had nothing checked.
+        if let Some(err) = self.error.clone().or_else(|| self.def.validate().err()) {
+            return Err(RunError::InvalidFlow(err));
         }
         Ok(self.embedded.get_or_init(|| Coordinator::builder().flow(self).build_embedded()))
     }

@@ -146,7 +146,7 @@ fn ms(v: u64) -> Duration {
 }
 
 /// More retries than this is a typo, not a policy.
-const MAX_RETRIES: u32 = 100_000;
+const MAX_RETRIES: u32 = crate::RetryPolicy::MAX_RETRIES;
 
 impl StepEntry {
     /// What makes no sense in this step's keys, if anything.

@@ -169,7 +169,7 @@ struct KeyValue {
 }
 
 fn unavailable(what: &str, e: impl fmt::Display) -> StoreError {
-    let text = format!("{what}: {e}");
+    let text = orchestrix_worker::said_once(&format!("{what}: {e}"));
     // The server (or the client, before sending) refuses a value over its
     // size limit: no retry can change that.
     let lower = text.to_ascii_lowercase();

@@ -686,3 +686,18 @@ async fn the_dev_nats_server_ends_with_orchestrix_dev() {
     // Nothing ran to remove the directory of a killed `dev`.
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A worker reads the NATS environment variables the CLI reads: a server
+/// that wants a user and password takes `NATS_USER` / `NATS_PASSWORD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reads_nats_user_and_password_from_the_environment() {
+    let server =
+        NatsServer::start_with(["--user", "bob", "--pass", "pw1"].map(String::from).to_vec());
+    let url = server.url();
+    let worker = ChildProcess::spawn_with_env(
+        &built("test_worker"),
+        &["--nats", &url],
+        &[("NATS_USER", "bob"), ("NATS_PASSWORD", "pw1")],
+    );
+    worker.wait_for_line("ready ", 30 * SECS).await;
+}

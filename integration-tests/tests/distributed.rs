@@ -11,7 +11,7 @@ use orchestrix::{
     Coordinator, RunOptions, RunReport, RunStatus, StepContext, StepError, StepStatus, Worker,
 };
 use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{Client, ClientError, NatsBusOptions, Node, NodeStore};
+use orchestrix_coordinator::nats::{Client, NatsBusOptions, Node, NodeStore};
 use orchestrix_integration_tests::{NatsServer, eventually};
 use orchestrix_proto::{
     CommandKind, OutcomeResult, Payload, StepCommand, StepOutcome, Subjects, WireError, decode,
@@ -441,7 +441,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     }
     // Unknown flows and runs are clear errors to the caller.
     let err = s.client.run("nope", &1u32, RunOptions::new()).await.unwrap_err();
-    assert!(matches!(&err, ClientError::NoCoordinator { .. }), "{err}");
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::UnknownFlow), "{err}");
     assert!(err.to_string().contains("no coordinator serves flow `nope`"), "{err}");
     // A request for a served flow that names another one is refused by name.
     let other = encode(&orchestrix_proto::RunRequest {

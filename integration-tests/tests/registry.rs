@@ -399,6 +399,14 @@ async fn an_input_of_the_wrong_shape_is_refused_before_a_run_exists() {
     assert!(err.unwrap_err().to_string().contains("amount"));
     let err = c.start("order", &(), RunOptions::new()).await.unwrap_err();
     assert_eq!(err.rejection(), Some(orchestrix::Rejection::BadInput), "{err}");
+    // Over the NATS server's message size: said so, not "no coordinator".
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let err = c.start("order", &huge, RunOptions::new()).await.unwrap_err();
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::BadInput), "{err}");
+    assert!(err.to_string().contains("takes messages of at most"), "{err}");
+    // A flow name that is a subject wildcard is refused, not sent.
+    let err = c.start(">", &1u32, RunOptions::new()).await.unwrap_err();
+    assert_eq!(err.rejection(), Some(orchestrix::Rejection::BadRequest), "{err}");
     // From the CLI too: the reason, and exit code 2 (a usage error).
     let out = tokio::process::Command::new(orchestrix_integration_tests::built("orchestrix"))
         .args(["--nats", &server.url(), "run", "order", "--input", r#"{"id":"o-3","amount":-1}"#])

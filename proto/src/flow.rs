@@ -387,6 +387,41 @@ impl FlowDef {
                     });
                 }
             }
+            let zero = [
+                ("timeout", step.timeout),
+                ("compensation timeout", step.compensation_timeout),
+                ("pause timeout", step.pause_timeout),
+                ("max duration", step.retry.max_duration),
+                ("compensation max duration", step.compensation_retry.max_duration),
+            ]
+            .into_iter()
+            .find(|(_, d)| *d == Some(Duration::ZERO));
+            let too_many =
+                [("retries", &step.retry), ("compensation retries", &step.compensation_retry)]
+                    .into_iter()
+                    .find(|(_, p)| p.retries > RetryPolicy::MAX_RETRIES);
+            let slow_start = [("", &step.retry), ("compensation ", &step.compensation_retry)]
+                .into_iter()
+                .find(|(_, p)| p.retry_delay > p.max_delay);
+            let bad = if let Some((what, _)) = zero {
+                Some(format!("a {what} of 0 is no time at all; leave it out for none"))
+            } else if let Some((what, _)) = too_many {
+                Some(format!("{what} are at most {}", RetryPolicy::MAX_RETRIES))
+            } else {
+                slow_start.map(|(what, p)| {
+                    format!(
+                        "the {what}retry delay ({:?}) is over the max delay ({:?})",
+                        p.retry_delay, p.max_delay
+                    )
+                })
+            };
+            if let Some(reason) = bad {
+                return Err(FlowError::Policy {
+                    flow: self.name.to_string(),
+                    step: step.name.to_string(),
+                    reason,
+                });
+            }
             if step.max_in_flight == Some(0) {
                 return Err(FlowError::Policy {
                     flow: self.name.to_string(),

@@ -7,7 +7,8 @@ use crate::RunId;
 
 use crate::{Payload, time};
 
-/// Where a run stands. Every run ends in one of the three terminal states.
+/// Where a run stands. Every run ends in a terminal state (see
+/// [`RunStatus::is_terminal`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {

@@ -42,6 +42,11 @@ pub struct RetryPolicy {
     pub max_duration: Option<Duration>,
 }
 
+impl RetryPolicy {
+    /// The most retries a policy may allow: more is a mistake, not a policy.
+    pub const MAX_RETRIES: u32 = 100_000;
+}
+
 impl Default for RetryPolicy {
     /// No retries; if retries are set, 100 ms between them, constant.
     fn default() -> Self {

@@ -43,7 +43,7 @@ pub use handler::{
 pub use nats::sync;
 pub use nats::{
     ConnectError, NatsOptions, check_permissions, default_nats_url, permission_violations,
-    redact_url,
+    redact_url, said_once,
 };
 pub use orchestrix_proto as proto;
 pub use tokio_util::sync::CancellationToken;

@@ -111,16 +111,33 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// The server did not accept the connection.
-    #[error("cannot connect to NATS at {url}: {source}{hint}")]
+    #[error("cannot connect to NATS at {url}: {reason}{hint}")]
     Connect {
         /// Where (with any secret in the URL hidden).
         url: String,
+        /// Why, in words (the source's text, each cause said once).
+        reason: String,
         /// Why.
         #[source]
         source: async_nats::ConnectError,
         /// What to try, when the cause is a common one (`; …`, or empty).
         hint: String,
     },
+}
+
+/// An error's text with each cause said once: NATS errors often repeat
+/// their kind in their cause (`authorization violation: nats: authorization
+/// violation`, `JetStream error: jetstream error: …`).
+pub fn said_once(text: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in text.split(": ") {
+        let bare = |p: &str| p.trim().trim_start_matches("nats: ").to_ascii_lowercase();
+        match parts.last() {
+            Some(last) if bare(last) == bare(part) || bare(part) == "nats" => {}
+            _ => parts.push(part),
+        }
+    }
+    parts.join(": ")
 }
 
 /// What to try after a failed connection, for the causes users meet first.
@@ -133,7 +150,7 @@ fn connect_hint(error: &str, ca_given: bool) -> String {
             "; trust the CA that signed the server's certificate with NATS_CA=ca.pem (--tls-ca, NatsOptions::tls_root_certificate)".into()
         }
     } else if e.contains("authorization") || e.contains("authentication") {
-        "; check the user and password (in the URL, --user/--password or NATS_USER/NATS_PASSWORD), token or creds file".into()
+        "; check the user and password (in the URL, NATS_USER/NATS_PASSWORD, or the CLI's --user/--password), the token (NATS_TOKEN) or the creds file (NATS_CREDS)".into()
     } else {
         String::new()
     }
@@ -165,13 +182,17 @@ impl NatsOptions {
         redact_url(&self.url)
     }
 
-    /// Options for `url`, with no authentication.
+    /// Options for `url`. As the NATS tools and the `orchestrix` CLI do, it
+    /// reads the environment: `NATS_USER` with `NATS_PASSWORD`, `NATS_TOKEN`,
+    /// `NATS_CREDS` (a `.creds` file), `NATS_CA` and `NATS_INBOX_PREFIX`, when
+    /// set and not empty. The methods below override them.
     pub fn new(url: impl Into<String>) -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         NatsOptions {
             url: url.into(),
-            user_password: None,
-            token: None,
-            credentials_file: None,
+            user_password: env("NATS_USER").zip(env("NATS_PASSWORD")),
+            token: env("NATS_TOKEN"),
+            credentials_file: env("NATS_CREDS").map(PathBuf::from),
             // As the NATS tools read it.
             tls_root_certificate: std::env::var_os("NATS_CA")
                 .filter(|p| !p.is_empty())
@@ -334,7 +355,8 @@ impl NatsOptions {
         }
         let client = opts.connect(addrs).await.map_err(|source| {
             let hint = connect_hint(&source.to_string(), self.tls_root_certificate.is_some());
-            ConnectError::Connect { url: self.display_url(), source, hint }
+            let reason = said_once(&source.to_string());
+            ConnectError::Connect { url: self.display_url(), reason, source, hint }
         })?;
         violations_by_client().insert(client_key(&client), refused);
         Ok(client)
@@ -402,6 +424,19 @@ pub async fn sync(client: &async_nats::Client) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn causes_are_said_once() {
+        assert_eq!(
+            super::said_once("authorization violation: nats: authorization violation"),
+            "authorization violation"
+        );
+        assert_eq!(
+            super::said_once("JetStream error: jetstream error: maximum replicas is 5"),
+            "JetStream error: maximum replicas is 5"
+        );
+        assert_eq!(super::said_once("cannot read: no such file"), "cannot read: no such file");
+    }
+
     use super::*;
 
     #[test]

@@ -331,7 +331,7 @@ impl WorkerBuilder {
     /// registered all the same: every part registers the same version.
     pub fn flow_steps(mut self, flow: impl Into<FlowHandlers>, steps: &[&str]) -> Self {
         let flow = flow.into();
-        if let Some(e) = flow.error {
+        if let Some(e) = flow.error.or_else(|| flow.def.validate().err()) {
             self.error.get_or_insert(e.into());
             return self;
         }

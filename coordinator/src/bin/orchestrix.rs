@@ -422,7 +422,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", orchestrix_worker::said_once(&e.to_string()));
             ExitCode::from(2)
         }
     }
@@ -556,7 +556,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             let report = client.status(run_id).await?;
-            print_report(&report, json)?;
+            print_report_line(&report, json)?;
             Ok(exit_for(&report))
         }
         Command::List { status, flow, limit, json } => {
@@ -623,6 +623,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             outln!("  export NATS_URL={url}");
             outln!("  cargo run --example payment_worker");
             outln!("and in a third:");
+            outln!("  export NATS_URL={url}");
             outln!(
                 "  cargo run -p orchestrix-coordinator --bin orchestrix -- run payment-flow --input '{{\"orderId\":\"order_1\",\"amount\":50,\"userId\":\"user_A\"}}'"
             );
@@ -831,7 +832,12 @@ async fn flows_on(
         FlowsCommand::List { json } => {
             let listing = orchestrix_coordinator::listing::flow_versions(&registry).await?;
             if json {
-                outln!("{}", serde_json::to_string_pretty(&listing)?);
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&orchestrix_coordinator::nats::camel_case(
+                        serde_json::to_value(&listing)?
+                    ))?
+                );
             } else if listing.is_empty() {
                 outln!("no flows registered under prefix `{}`", subjects.prefix());
             } else {
@@ -879,7 +885,12 @@ async fn flows_on(
                 bail!("no flow `{name}` is registered (see `orchestrix flows list`)");
             }
             if json {
-                outln!("{}", serde_json::to_string_pretty(&listing)?);
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&orchestrix_coordinator::nats::camel_case(
+                        serde_json::to_value(&listing)?
+                    ))?
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             for v in &listing {
@@ -955,6 +966,16 @@ fn parse_status(s: &str) -> Result<RunStatus, String> {
 fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
     if json {
         outln!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        out!("{report}");
+    }
+    Ok(())
+}
+
+/// `watch --json` prints JSON lines: the report too is one line.
+fn print_report_line(report: &RunReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string(report)?);
     } else {
         out!("{report}");
     }
@@ -1082,7 +1103,11 @@ async fn start_dev_nats(port: Option<u16>) -> anyhow::Result<(DevNats, String)> 
     for _ in 0..100 {
         if let Ok(Some(status)) = server.child.try_wait() {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("nats-server exited ({status}) before it was ready:\n{}", said.trim_end());
+            let said = match said.trim_end() {
+                "" => "(it printed nothing)".to_owned(),
+                s => s.to_owned(),
+            };
+            bail!("nats-server exited ({status}) before it was ready:\n{said}");
         }
         if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Ok((server, url));

@@ -218,7 +218,10 @@ pub fn event_json(event: &RunEvent) -> serde_json::Value {
     camel_case(serde_json::to_value(event).unwrap_or_default())
 }
 
-fn camel_case(v: serde_json::Value) -> serde_json::Value {
+/// Object keys in camelCase, as the run report writes them: the one key case
+/// of all JSON the CLI and the run browser print. Users' data (`input`,
+/// `output`, an input schema) and embedded reports keep their own keys.
+pub fn camel_case(v: serde_json::Value) -> serde_json::Value {
     use serde_json::Value;
     match v {
         Value::Object(map) => Value::Object(
@@ -236,11 +239,8 @@ fn camel_case(v: serde_json::Value) -> serde_json::Value {
                             key.push(c);
                         }
                     }
-                    let v = if matches!(k.as_str(), "report" | "output" | "input") {
-                        v
-                    } else {
-                        camel_case(v)
-                    };
+                    let keep = ["report", "output", "input", "input_schema", "inputSchema"];
+                    let v = if keep.contains(&k.as_str()) { v } else { camel_case(v) };
                     (key, v)
                 })
                 .collect(),

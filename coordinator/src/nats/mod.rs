@@ -8,7 +8,7 @@ mod node;
 mod service;
 
 pub use bus::{NatsBus, NatsBusOptions};
-pub use events::{EventPublisher, describe, event_json};
+pub use events::{EventPublisher, camel_case, describe, event_json};
 pub use node::{Node, NodeBuilder, NodeError, NodeStore};
 pub use orchestrix_client::{Client, ClientError, Rejection};
 pub use service::{Service, ServiceError};

@@ -309,8 +309,9 @@ async fn answer_list(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         Ok(r) => r,
         Err(e) => return bad_request(format!("bad list request: {e}")),
     };
-    // Replies must fit a NATS message: cap the count.
-    let limit = (req.limit as usize).clamp(1, 500);
+    // 0 means the default (as `ListFilter` says), and replies must fit a
+    // NATS message.
+    let limit = if req.limit == 0 { 100 } else { (req.limit as usize).min(500) };
     let mut filter = crate::ListFilter::new(req.status, req.flow, limit);
     filter.before = req.before.map(Into::into);
     match coordinator.list(filter).await {

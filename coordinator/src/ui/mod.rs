@@ -479,7 +479,10 @@ async fn api_flows(State(ui): State<Arc<Ui>>) -> Response {
         return Json(json!({ "flows": [] })).into_response();
     };
     match crate::listing::flow_versions(registry).await {
-        Ok(flows) => Json(json!({ "flows": flows })).into_response(),
+        Ok(flows) => {
+            let flows = crate::nats::camel_case(serde_json::to_value(flows).unwrap_or_default());
+            Json(json!({ "flows": flows })).into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
     }
 }
