@@ -109,7 +109,10 @@ async fn browser(c: &Cluster, options: UiOptions) -> UiServer {
 /// One HTTP/1.1 exchange: the status and the body.
 async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|h| h.starts_with("Host:")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for h in headers {
         req.push_str(h);
         req.push_str("\r\n");
@@ -125,6 +128,22 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (
     let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
+}
+
+/// A POST as a plain HTML form would send it.
+async fn http_form(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, raw)
 }
 
 async fn json(addr: SocketAddr, path: &str) -> Value {
@@ -192,6 +211,14 @@ async fn the_api_lists_runs_shows_a_rollback_and_streams_events() {
     // Actions are off unless asked for.
     let (status, body) = http(addr, "POST", &format!("/api/runs/{}/cancel", ok.run_id), &[]).await;
     assert_eq!(status, 403, "{body}");
+    // Not reachable through another host name (DNS rebinding); errors are
+    // JSON with a kind, unknown routes too.
+    let (status, body) = http(addr, "GET", "/api/runs", &["Host: rebind.example:8233"]).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http(addr, "GET", "/api/runs?limit=abc", &[]).await;
+    assert_eq!((status, body.contains("\"kind\":\"bad_request\"")), (400, true), "{body}");
+    let (status, body) = http(addr, "GET", "/nowhere", &[]).await;
+    assert_eq!((status, body.contains("\"kind\":\"not_found\"")), (404, true), "{body}");
 
     // Live: an event of a run started after the stream opened arrives.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -229,31 +256,46 @@ async fn a_token_guards_everything_and_actions_need_their_flag() {
     // Beyond loopback, no token: refused before listening.
     let conn = NatsOptions::new(c.server.url()).connect().await.unwrap();
     let open = UiOptions::default().listen(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let refused = serve(Client::new(conn, Subjects::default()), None, open).await.unwrap_err();
+    let refused =
+        serve(Client::new(conn.clone(), Subjects::default()), None, open).await.unwrap_err();
     assert!(matches!(refused, UiError::TokenRequired(_)), "{refused}");
+    // A token that is guessed is no token.
+    let weak = UiOptions::default().token("s3cret");
+    let refused = serve(Client::new(conn, Subjects::default()), None, weak).await.unwrap_err();
+    assert!(matches!(refused, UiError::WeakToken), "{refused}");
 
-    let ui = browser(&c, UiOptions::default().token("s3cret").allow_actions(true)).await;
+    let ui =
+        browser(&c, UiOptions::default().token("s3cret-s3cret-s3cret").allow_actions(true)).await;
     let addr = ui.addr();
     for path in ["/", "/api/runs", "/assets/app.js"] {
         let (status, _) = http(addr, "GET", path, &[]).await;
         assert_eq!(status, 401, "{path}");
         let (status, _) = http(addr, "GET", path, &["Authorization: Bearer wrong"]).await;
         assert_eq!(status, 401, "{path}");
-        let (status, _) = http(addr, "GET", path, &["Authorization: Bearer s3cret"]).await;
+        let (status, _) =
+            http(addr, "GET", path, &["Authorization: Bearer s3cret-s3cret-s3cret"]).await;
         assert_eq!(status, 200, "{path}");
     }
-    // A browser: the token once in the URL, then a cookie.
-    let (status, _) = http(addr, "GET", "/?token=s3cret", &[]).await;
-    assert_eq!(status, 200);
-    let (status, _) = http(addr, "GET", "/api/runs", &["Cookie: orchestrix_token=s3cret"]).await;
+    // A browser: the token once in the URL (sent on without it), then a cookie.
+    let (status, _) = http(addr, "GET", "/?token=s3cret-s3cret-s3cret", &[]).await;
+    assert_eq!(status, 303);
+    let (status, _) =
+        http(addr, "GET", "/api/runs", &["Cookie: orchestrix_token=s3cret-s3cret-s3cret"]).await;
     assert_eq!(status, 200);
 
     // With the flag, an operator cancels a run mid-step from the API.
     let slow = Payment { order: "order_4".into(), amount: 5, slow_ms: 3_000 };
     let id = c.client.start("payment-flow", &slow, RunOptions::new()).await.unwrap();
     tokio::time::sleep(500 * MS).await;
-    let auth = ["Authorization: Bearer s3cret"];
-    let (status, body) = http(addr, "POST", &format!("/api/runs/{id}/cancel"), &auth).await;
+    let auth = ["Authorization: Bearer s3cret-s3cret-s3cret"];
+    // Never from another site: a foreign origin, or a body that is not JSON.
+    let foreign = ["Authorization: Bearer s3cret-s3cret-s3cret", "Origin: https://evil.example"];
+    let (status, body) = http(addr, "POST", &format!("/api/runs/{id}/cancel"), &foreign).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http_form(addr, &format!("/api/runs/{id}/cancel"), &auth).await;
+    assert_eq!(status, 403, "{body}");
+    let own = [auth[0], &format!("Origin: http://{addr}")];
+    let (status, body) = http(addr, "POST", &format!("/api/runs/{id}/cancel"), &own).await;
     assert_eq!(status, 200, "{body}");
     let report = c.client.wait(id).await.unwrap();
     assert_eq!(report.status, RunStatus::Cancelled, "{report}");
@@ -373,5 +415,5 @@ async fn the_binary_serves_it_and_refuses_an_open_address_without_a_token() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&open.stderr);
     assert_eq!(open.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("is not a loopback address: give a token"), "{stderr}");
+    assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
 }

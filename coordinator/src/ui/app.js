@@ -5,6 +5,13 @@
 
 const main = document.getElementById("main");
 
+// Bidi controls in data could make a text read as another (`gnp.exe` shown
+// as `exe.png`): they are shown as their code instead.
+function plain(text) {
+  return String(text).replace(/[\u202A-\u202E\u2066-\u2069\u200E\u200F]/g,
+    (c) => "<U+" + c.charCodeAt(0).toString(16).toUpperCase() + ">");
+}
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -12,7 +19,7 @@ function el(tag, attrs, ...children) {
   }
   for (const c of children) {
     if (c === null || c === undefined) continue;
-    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    node.append(c instanceof Node ? c : document.createTextNode(plain(c)));
   }
   return node;
 }
@@ -43,6 +50,18 @@ function showError(e) {
   main.replaceChildren(el("p", { class: "error" }, String(e.message || e)));
 }
 
+// A page kept open says when the cluster stops answering, and stops saying
+// it when it answers again.
+function health(ok, e) {
+  let banner = document.getElementById("unreachable");
+  if (ok) { if (banner) banner.remove(); return; }
+  if (!banner) {
+    banner = el("p", { id: "unreachable", class: "banner" });
+    document.body.insertBefore(banner, main);
+  }
+  banner.textContent = plain("Not up to date: " + (e && e.message || e) + " (trying again)");
+}
+
 // Redraws at most every 300 ms however fast events come.
 function throttled(fn) {
   let pending = false;
@@ -71,7 +90,9 @@ async function listView() {
   const flow = el("input", { id: "flow", placeholder: "flow", "aria-label": "flow", value: params.get("flow") || "" });
   const body = el("tbody", { id: "runs" });
   const more = el("button", { id: "more", hidden: "" }, "older runs");
+  const fresh = el("button", { id: "fresh", hidden: "" }, "new activity: show the newest runs");
   let cursor = null;
+  let pages = 1;
 
   async function load(append) {
     const q = new URLSearchParams();
@@ -86,7 +107,7 @@ async function listView() {
       el("td", {}, when(r.startedAt)),
       el("td", {}, ms(r.durationMs)),
       el("td", {}, r.failedStep || "")));
-    if (append) body.append(...rows); else body.replaceChildren(...rows);
+    if (append) { body.append(...rows); pages += 1; } else { body.replaceChildren(...rows); pages = 1; fresh.setAttribute("hidden", ""); }
     cursor = page.nextCursor;
     if (cursor) more.removeAttribute("hidden"); else more.setAttribute("hidden", "");
   }
@@ -101,17 +122,23 @@ async function listView() {
   status.addEventListener("change", refilter);
   flow.addEventListener("change", refilter);
   more.addEventListener("click", () => load(true).catch(showError));
+  fresh.addEventListener("click", () => load(false).catch(showError));
 
   main.replaceChildren(
-    el("div", { class: "filters" }, status, flow),
+    el("div", { class: "filters" }, status, flow, fresh),
     el("table", {},
       el("thead", {}, el("tr", {}, ...["run", "flow", "status", "started", "duration", "failed at"].map((h) => el("th", {}, h)))),
       body),
     more);
   await load(false);
-  // Live: any run event reloads the first page (a new run, a status change).
-  const reload = throttled(() => load(false).catch(() => {}));
+  // Live: any run event reloads the first page (a new run, a status change),
+  // unless older pages were added: then a button offers it.
+  const reload = throttled(() => {
+    if (pages > 1) { fresh.removeAttribute("hidden"); return; }
+    load(false).then(() => health(true), (e) => health(false, e));
+  });
   listen("/api/events", reload);
+  setInterval(reload, 5000);
 }
 
 // ---- one run ----
@@ -166,8 +193,11 @@ async function runView() {
       const act = (name) => el("button", { "data-action": name, type: "button" }, name);
       const buttons = r.status === "paused" ? [act("resume"), act("rollback"), act("cancel")] : [act("cancel")];
       for (const b of buttons) {
-        b.addEventListener("click", () => getJson("/api/runs/" + encodeURIComponent(id) + "/" + b.dataset.action,
-          { method: "POST", headers: { "content-type": "application/json" }, body: "{}" }).then(draw).catch(showError));
+        b.addEventListener("click", () => {
+          if (!confirm(b.dataset.action + " run " + id + "?")) return;
+          getJson("/api/runs/" + encodeURIComponent(id) + "/" + b.dataset.action,
+            { method: "POST", headers: { "content-type": "application/json" }, body: "{}" }).then(draw).catch(showError);
+        });
       }
       acts.append(...buttons);
     }
@@ -191,7 +221,7 @@ async function runView() {
 
   await draw();
   if (!ended) {
-    const redraw = throttled(() => draw().catch(() => {}));
+    const redraw = throttled(() => draw().then(() => health(true), (e) => health(false, e)));
     const source = listen("/api/events?run=" + encodeURIComponent(id), redraw);
     // Events are at most once: look again now and then, in case one is lost.
     const poll = setInterval(() => { if (ended) { clearInterval(poll); source.close(); } else redraw(); }, 2000);

@@ -40,6 +40,9 @@ use serde_json::json;
 /// The port `orchestrix ui` listens on by default (on 127.0.0.1).
 pub const DEFAULT_PORT: u16 = 8233;
 
+/// The shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
 /// How the run browser serves.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -105,12 +108,14 @@ pub enum UiError {
     /// Listening beyond loopback without a token would show every run's
     /// input and errors to anyone who can reach the port.
     #[error(
-        "{0} is not a loopback address: give a token (--token or ORCHESTRIX_UI_TOKEN) to listen there"
+        "{0} is not a loopback address: give the browser a token to listen there (ORCHESTRIX_UI_TOKEN, `orchestrix ui --token` or `orchestrix serve --http-token`)"
     )]
     TokenRequired(SocketAddr),
-    /// An empty token protects nothing.
-    #[error("the token is empty")]
-    EmptyToken,
+    /// A short token is guessed.
+    #[error(
+        "the token is too short: use at least {MIN_TOKEN_LEN} characters (e.g. `openssl rand -hex 16`)"
+    )]
+    WeakToken,
     /// The address cannot be listened on.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -193,8 +198,8 @@ pub async fn serve(
     registry: Option<Registry>,
     options: UiOptions,
 ) -> Result<UiServer, UiError> {
-    if options.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-        return Err(UiError::EmptyToken);
+    if options.token.as_deref().is_some_and(|t| t.trim().len() < MIN_TOKEN_LEN) {
+        return Err(UiError::WeakToken);
     }
     if !options.listen.ip().is_loopback() && options.token.is_none() {
         return Err(UiError::TokenRequired(options.listen));
@@ -238,19 +243,48 @@ fn router(ui: Arc<Ui>) -> Router {
         .route("/api/runs/{id}/{action}", post(api_action))
         .route("/api/flows", get(api_flows))
         .route("/api/events", get(api_events))
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(ui.clone(), guard))
         .with_state(ui)
 }
 
 /// The token check, and headers every answer carries.
 async fn guard(State(ui): State<Arc<Ui>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    // Without a token, loopback is the only protection: a page elsewhere
+    // must not reach it through a name that resolves to 127.0.0.1 (DNS
+    // rebinding), so the Host must be a loopback one.
+    if ui.options.token.is_none() && !h.get(header::HOST).is_some_and(loopback_host) {
+        return error(StatusCode::FORBIDDEN, "forbidden", "this host name is not served");
+    }
+    // Actions only from this browser's own pages, as JSON: another site's
+    // form or script cannot send them (no CORS is ever granted).
+    if req.method() == axum::http::Method::POST {
+        let json_body = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let same_origin = match h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            None => true,
+            Some(origin) => {
+                let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+                origin.split_once("://").is_some_and(|(_, o)| o == host)
+            }
+        };
+        if !json_body || !same_origin {
+            return error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "actions are taken from this browser's pages, as JSON, only",
+            );
+        }
+    }
     let mut set_cookie = None;
     if let Some(token) = ui.options.token.as_deref() {
-        let given = bearer(req.headers())
-            .or_else(|| cookie(req.headers(), "orchestrix_token"))
-            .map(str::to_owned);
+        let given = bearer(h).or_else(|| cookie(h, "orchestrix_token")).map(str::to_owned);
         let from_query = req.uri().query().and_then(|q| query_param(q, "token"));
-        let ok = given.as_deref() == Some(token) || from_query.as_deref() == Some(token);
+        let ok = given.as_deref().is_some_and(|g| same_secret(g, token))
+            || from_query.as_deref().is_some_and(|q| same_secret(q, token));
         if !ok {
             return (
                 StatusCode::UNAUTHORIZED,
@@ -259,9 +293,21 @@ async fn guard(State(ui): State<Arc<Ui>>, req: Request, next: Next) -> Response 
             )
                 .into_response();
         }
-        if from_query.as_deref() == Some(token) {
-            set_cookie =
-                Some(format!("orchestrix_token={token}; Path=/; HttpOnly; SameSite=Strict"));
+        if from_query.is_some() {
+            // Lax: a link followed from elsewhere opens the page; actions
+            // are guarded by the origin check above.
+            let cookie = format!("orchestrix_token={token}; Path=/; HttpOnly; SameSite=Lax");
+            // A page opened with the token in its URL is sent on without
+            // it, so it leaves the address bar and the history.
+            if req.method() == axum::http::Method::GET && !req.uri().path().starts_with("/api/") {
+                let path = req.uri().path().to_owned();
+                let mut res = axum::response::Redirect::to(&path).into_response();
+                if let Ok(c) = HeaderValue::from_str(&cookie) {
+                    res.headers_mut().insert(header::SET_COOKIE, c);
+                }
+                return res;
+            }
+            set_cookie = Some(cookie);
         }
     }
     let mut res = next.run(req).await;
@@ -279,6 +325,24 @@ async fn guard(State(ui): State<Arc<Ui>>, req: Request, next: Next) -> Response 
         h.insert(header::SET_COOKIE, c);
     }
     res
+}
+
+/// Whether a Host header names this machine (`127.0.0.1`, `[::1]`,
+/// `localhost`, with any port).
+fn loopback_host(v: &HeaderValue) -> bool {
+    let Ok(host) = v.to_str() else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn same_secret(given: &str, token: &str) -> bool {
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bearer(h: &HeaderMap) -> Option<&str> {
@@ -312,6 +376,10 @@ const STYLE_CSS: &str = include_str!("style.css");
 fn page(title: &str, view: &str) -> Response {
     let html = PAGE.replace("{{title}}", title).replace("{{view}}", view);
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such page or route")
 }
 
 async fn page_list() -> Response {
@@ -372,26 +440,30 @@ fn run_id(text: &str) -> Result<RunId, BadId> {
     text.parse().map_err(BadId)
 }
 
-#[derive(Deserialize)]
-struct RunsQuery {
-    status: Option<String>,
-    flow: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
+type Params = Query<std::collections::HashMap<String, String>>;
 
-async fn api_runs(State(ui): State<Arc<Ui>>, Query(q): Query<RunsQuery>) -> Response {
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+async fn api_runs(State(ui): State<Arc<Ui>>, Query(q): Params) -> Response {
+    let status = match q.get("status").map(String::as_str).filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => match s.parse::<RunStatus>() {
             Ok(s) => Some(s),
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e),
         },
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let flow = q.flow.filter(|f| !f.is_empty());
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 50,
+        Some(Ok(n)) if (1..=500).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "limit is a number from 1 to 500",
+            );
+        }
+    };
+    let flow = q.get("flow").filter(|f| !f.is_empty()).cloned();
     let mut filter = ListFilter::new(status, flow, limit);
-    if let Some(c) = q.cursor.as_deref().filter(|c| !c.is_empty()) {
+    if let Some(c) = q.get("cursor").filter(|c| !c.is_empty()) {
         match run_id(c) {
             Ok(id) => filter = filter.before(id),
             Err(r) => return r.into_response(),
@@ -444,20 +516,30 @@ struct ActionBody {
 async fn api_action(
     State(ui): State<Arc<Ui>>,
     Path((id, action)): Path<(String, String)>,
-    body: Option<Json<ActionBody>>,
+    body: axum::body::Bytes,
 ) -> Response {
     if !ui.options.allow_actions {
         return error(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "operator actions are off: start the browser with --allow-actions",
+            "operator actions are off (`orchestrix ui --allow-actions`, or `orchestrix serve --http-allow-actions`)",
         );
     }
     let id = match run_id(&id) {
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
-    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let body: ActionBody = if body.is_empty() {
+        ActionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                let why = format!("the body is not {{\"by\", \"reason\"}} JSON: {e}");
+                return error(StatusCode::BAD_REQUEST, "bad_request", why);
+            }
+        }
+    };
     let by = body.by.filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "ui".to_owned());
     let done = match action.as_str() {
         "cancel" => ui.client.cancel(id, &by, body.reason.as_deref()).await,
@@ -487,13 +569,8 @@ async fn api_flows(State(ui): State<Arc<Ui>>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
-struct EventsQuery {
-    run: Option<String>,
-}
-
-async fn api_events(State(ui): State<Arc<Ui>>, Query(q): Query<EventsQuery>) -> Response {
-    let events = match q.run.as_deref().filter(|r| !r.is_empty()) {
+async fn api_events(State(ui): State<Arc<Ui>>, Query(q): Params) -> Response {
+    let events = match q.get("run").map(String::as_str).filter(|r| !r.is_empty()) {
         Some(r) => match run_id(r) {
             Ok(id) => ui.client.watch(id).await.map(|s| s.boxed()),
             Err(r) => return r.into_response(),
