@@ -435,7 +435,8 @@ impl Client {
         let body = encode(msg)?;
         // Over the server's limit, NATS would drop the connection's request
         // with an error that reads like a missing coordinator: say what it is.
-        let limit = self.nats.server_info().max_payload;
+        // (Small requests skip the check: reading the server's info clones it.)
+        let limit = if body.len() > 64 * 1024 { self.nats.server_info().max_payload } else { 0 };
         if limit > 0 && body.len() > limit {
             return Err(ClientError::Rejected {
                 kind: Rejection::BadInput,

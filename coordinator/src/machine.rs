@@ -505,8 +505,6 @@ impl Machine {
                         // second time): ask who holds it; nobody answering
                         // means never started, or a worker gone (the ack says).
                         None => {
-                            let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
-                            let deadline = self.deadline_in(&cmd);
                             let notice = Notice::AttemptResumed {
                                 step: c.step,
                                 kind: c.kind,
@@ -514,17 +512,7 @@ impl Machine {
                                 command_id: c.command_id,
                             };
                             out.effects.push(Effect::Notify(notice));
-                            out.effects.push(Effect::Inquire(cmd));
-                            if let Liveness::Remote { ack_timeout, clock_skew, .. } =
-                                self.limits.liveness
-                            {
-                                out.effects.push(Effect::Watch {
-                                    command_id: c.command_id,
-                                    ack: ack_timeout + clock_skew,
-                                    inquiry: true,
-                                    deadline,
-                                });
-                            }
+                            self.inquire(&c, out);
                         }
                         // A scheduled retry waits out what is left of its delay.
                         Some(r) => {
@@ -620,17 +608,7 @@ impl Machine {
                     // answers the inquiry (its outcome from cache, or an ack
                     // if still running); nobody answering makes it unknown.
                     decided("silent");
-                    let cmd = self.command(cur.step, cur.kind, cur.attempt, command_id);
-                    let deadline = self.deadline_in(&cmd);
-                    out.effects.push(Effect::Inquire(cmd));
-                    if let Liveness::Remote { ack_timeout, clock_skew, .. } = self.limits.liveness {
-                        out.effects.push(Effect::Watch {
-                            command_id,
-                            ack: ack_timeout + clock_skew,
-                            inquiry: true,
-                            deadline,
-                        });
-                    }
+                    self.inquire(&cur, out);
                     self.asked.retain(|(id, _)| *id != command_id);
                     self.asked.push((command_id, reason));
                 }
@@ -1120,6 +1098,22 @@ impl Machine {
     }
 
     /// A heartbeat or a repeated ack of the attempt in flight.
+    /// Asks every worker of the attempt's step whether one holds its
+    /// command; `Unanswered` follows if none does within the ack window.
+    fn inquire(&self, c: &Current, out: &mut Decision) {
+        let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
+        let deadline = self.deadline_in(&cmd);
+        out.effects.push(Effect::Inquire(cmd));
+        if let Liveness::Remote { ack_timeout, clock_skew, .. } = self.limits.liveness {
+            out.effects.push(Effect::Watch {
+                command_id: c.command_id,
+                ack: ack_timeout + clock_skew,
+                inquiry: true,
+                deadline,
+            });
+        }
+    }
+
     fn alive(&self, command_id: Uuid, out: &mut Decision) {
         if self.in_flight(command_id).is_some() {
             self.alive_effect(command_id, &mut out.effects);

@@ -106,8 +106,26 @@ async fn browser(c: &Cluster, options: UiOptions) -> UiServer {
     serve(client, registry, options.listen(SocketAddr::from(([127, 0, 0, 1], 0)))).await.unwrap()
 }
 
-/// One HTTP/1.1 exchange: the status and the body.
+/// A request (a POST with the JSON body `{}`): the status and the body.
 async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (u16, String) {
+    let body = (method == "POST").then_some(("application/json", "{}"));
+    exchange(addr, method, path, headers, body).await
+}
+
+/// A POST as a plain HTML form would send it.
+async fn http_form(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    exchange(addr, "POST", path, headers, Some(("application/x-www-form-urlencoded", ""))).await
+}
+
+/// One HTTP/1.1 exchange with an optional (content type, body): the status
+/// and the response body.
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<(&str, &str)>,
+) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
     if !headers.iter().any(|h| h.starts_with("Host:")) {
@@ -117,10 +135,12 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (
         req.push_str(h);
         req.push_str("\r\n");
     }
-    if method == "POST" {
-        req.push_str("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
-    } else {
-        req.push_str("\r\n");
+    match body {
+        Some((kind, text)) => req.push_str(&format!(
+            "Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )),
+        None => req.push_str("\r\n"),
     }
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = String::new();
@@ -128,22 +148,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[&str]) -> (
     let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
-}
-
-/// A POST as a plain HTML form would send it.
-async fn http_form(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for h in headers {
-        req.push_str(h);
-        req.push_str("\r\n");
-    }
-    req.push_str("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let status = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, raw)
 }
 
 async fn json(addr: SocketAddr, path: &str) -> Value {

@@ -497,7 +497,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let report = wait_telling_pauses(&client, run_id).await?;
-            print_report(&report, json)?;
+            print_report(&report, json, false)?;
             Ok(exit_for(&report))
         }
         Command::Resume { run_id, by } => {
@@ -521,7 +521,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { run_id, json } => {
             let client = client(&cli.nats).await?;
             let report = client.status(run_id).await?;
-            print_report(&report, json)?;
+            print_report(&report, json, false)?;
             Ok(exit_for(&report))
         }
         Command::Watch { run_id, json } => {
@@ -556,7 +556,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             let report = client.status(run_id).await?;
-            print_report_line(&report, json)?;
+            print_report(&report, json, true)?;
             Ok(exit_for(&report))
         }
         Command::List { status, flow, limit, json } => {
@@ -963,21 +963,13 @@ fn parse_status(s: &str) -> Result<RunStatus, String> {
     s.parse()
 }
 
-fn print_report(report: &RunReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string_pretty(report)?);
-    } else {
-        out!("{report}");
-    }
-    Ok(())
-}
-
-/// `watch --json` prints JSON lines: the report too is one line.
-fn print_report_line(report: &RunReport, json: bool) -> anyhow::Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string(report)?);
-    } else {
-        out!("{report}");
+/// The report as text, or as JSON: pretty, or on one line where the output
+/// is JSON lines (`watch --json`).
+fn print_report(report: &RunReport, json: bool, one_line: bool) -> anyhow::Result<()> {
+    match (json, one_line) {
+        (true, true) => outln!("{}", serde_json::to_string(report)?),
+        (true, false) => outln!("{}", serde_json::to_string_pretty(report)?),
+        (false, _) => out!("{report}"),
     }
     Ok(())
 }
