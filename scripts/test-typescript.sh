@@ -63,7 +63,6 @@ ORCHESTRIX_E2E=1 node --test --test-concurrency=1 --test-reporter=spec dist/test
 test_pid=$!
 status=0
 wait "$test_pid" || status=$?
-test_pid_done="$test_pid"
 cleanup
 test_pid=""
 exit "$status"
