@@ -293,6 +293,11 @@ class Fields {
   }
   uuid(k: string): string {
     const v = this.required(k);
+    // Records stored before v2 hold the 16 raw bytes.
+    if (v instanceof Uint8Array && v.length === 16) {
+      const h = Buffer.from(v).toString("hex");
+      return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+    }
     if (typeof v !== "string" || !UUID_RE.test(v)) {
       throw new FieldError(`${this.at(k)} must be a hyphenated UUID string, found ${describe(v)}`);
     }
