@@ -653,10 +653,69 @@ export function decodeAny(bytes: Uint8Array, limit = DEFAULT_MAX_MESSAGE_BYTES):
 
 // ---------------------------------------------------------------- writing
 
+const nil = <T>(v: T | undefined): T | null => (v === undefined ? null : v);
+
+function reportBody(r: RunReportWire): Encodable {
+  return {
+    runId: r.runId,
+    flow: r.flow,
+    version: r.version,
+    status: r.status,
+    durationMs: r.durationMs,
+    startedAtMs: nil(r.startedAtMs),
+    error: nil(r.error),
+    failedStep: nil(r.failedStep),
+    steps: r.steps.map((s) => ({
+      name: s.name,
+      status: s.status,
+      attempts: s.attempts,
+      error: nil(s.error),
+      output: nil(s.output),
+      startedAtMs: nil(s.startedAtMs),
+      durationMs: nil(s.durationMs),
+      compensation: s.compensation ? { attempts: s.compensation.attempts, error: nil(s.compensation.error), durationMs: nil(s.compensation.durationMs) } : null,
+      waiting: s.waiting,
+      group: s.group,
+    })),
+    late: r.late && r.late.length ? r.late : undefined,
+    actions: r.actions && r.actions.length ? r.actions.map((a) => ({ action: a.action, by: a.by, reason: nil(a.reason), atMs: a.atMs })) : undefined,
+    paused: r.paused && { step: r.paused.step, kind: r.paused.kind, sinceMs: r.paused.sinceMs, untilMs: nil(r.paused.untilMs) },
+  };
+}
+
+/**
+ * The body as the Rust types write it: the same key order, `nil` for an
+ * absent optional the Rust side always writes, omitted where it omits it
+ * (so the SDK's messages are byte for byte the golden vectors).
+ */
 function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
+  const m = body as Messages[Kind];
   switch (kind) {
+    case "step.command": {
+      const c = m as StepCommand;
+      return {
+        commandId: c.commandId,
+        runId: c.runId,
+        flow: c.flow,
+        version: c.version,
+        step: c.step,
+        stepIndex: c.stepIndex,
+        kind: c.kind,
+        attempt: c.attempt,
+        input: c.input,
+        outputs: c.outputs.map((o) => ({ step: o.step, output: o.output })),
+        timeoutMs: nil(c.timeoutMs),
+        startByMs: nil(c.startByMs),
+        deadlineMs: nil(c.deadlineMs),
+      };
+    }
+    case "step.ack":
+    case "step.heartbeat": {
+      const a = m as Ack;
+      return { commandId: a.commandId, runId: a.runId, attempt: a.attempt, worker: a.worker };
+    }
     case "step.outcome": {
-      const o = body as StepOutcome;
+      const o = m as StepOutcome;
       const r = o.result;
       const result: Encodable =
         r.type === "completed"
@@ -664,14 +723,69 @@ function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
           : { type: "failed", message: r.message, retryable: r.retryable, maybeDone: r.maybeDone ? true : undefined };
       return { commandId: o.commandId, runId: o.runId, attempt: o.attempt, kind: o.kind, result };
     }
-    case "run.reply": {
-      const r = body as RunReply;
-      if (r.type === "accepted") return { type: r.type, runId: r.runId, duplicate: r.duplicate ? true : undefined };
-      return r as unknown as Encodable;
+    case "error": {
+      const e = m as WireError;
+      return { message: e.message, code: e.code, commandId: nil(e.commandId), runId: nil(e.runId) };
     }
-    default:
-      return body as unknown as Encodable;
+    case "step.cancel": {
+      const c = m as StepCancel;
+      return { commandId: c.commandId, runId: c.runId, attempt: c.attempt };
+    }
+    case "run.request": {
+      const r = m as RunRequest;
+      return {
+        flow: r.flow,
+        version: nil(r.version),
+        input: r.input,
+        key: nil(r.key),
+        ttlMs: nil(r.ttlMs),
+        timeoutMs: nil(r.timeoutMs),
+        wait: r.wait,
+        startByMs: nil(r.startByMs),
+        concurrencyKey: r.concurrencyKey,
+      };
+    }
+    case "run.status": {
+      const r = m as StatusRequest;
+      return { runId: r.runId, wait: r.wait };
+    }
+    case "run.list": {
+      const r = m as ListRequest;
+      return { status: nil(r.status), flow: nil(r.flow), limit: r.limit, before: r.before };
+    }
+    case "run.control": {
+      const r = m as ControlRequest;
+      return { runId: r.runId, action: r.action, by: r.by, reason: nil(r.reason) };
+    }
+    case "run.reply": {
+      const r = m as RunReply;
+      switch (r.type) {
+        case "accepted":
+          return { type: r.type, runId: r.runId, duplicate: r.duplicate ? true : undefined };
+        case "report":
+          return { type: r.type, report: reportBody(r.report) };
+        case "list":
+          return { type: r.type, runs: r.runs.map(reportBody) };
+        case "rejected":
+          return { type: r.type, error: r.error, code: r.code || undefined, retryable: r.retryable };
+      }
+      break;
+    }
+    case "flow.registration": {
+      const r = m as FlowRegistrationWire;
+      return { flow: r.flow as Encodable, version: r.version, registeredAtMs: r.registeredAtMs, registeredBy: r.registeredBy };
+    }
+    case "worker.presence": {
+      const p = m as WorkerPresence;
+      return {
+        worker: p.worker,
+        host: p.host,
+        startedAtMs: p.startedAtMs,
+        flows: p.flows.map((f) => ({ flow: f.flow, version: f.version, steps: f.steps })),
+      };
+    }
   }
+  return body as unknown as Encodable;
 }
 
 /** Encodes a message in its v2 envelope (`v`, `kind`, `body`, in that order). */
