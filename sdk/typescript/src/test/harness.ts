@@ -132,16 +132,22 @@ export interface Stack {
   stop: () => Promise<void>;
 }
 
-/** nats-server and a coordinator on a free loopback port, under a fresh prefix. */
-export async function startStack(prefix = `ts${process.pid}`): Promise<Stack> {
+/** nats-server with JetStream in a temp dir, on a free loopback port. */
+export async function startNats(): Promise<{ url: string; nats: Proc }> {
   const natsBin = natsServerBin();
-  const orchestrix = orchestrixBin();
-  if (!natsBin || !orchestrix) throw new Error("NATS_SERVER_BIN and ORCHESTRIX_BIN must name nats-server and the orchestrix binary");
+  if (!natsBin) throw new Error("NATS_SERVER_BIN must name nats-server (2.11 or newer)");
   const port = await freePort();
   const dir = tempDir("nats");
   const nats = start(natsBin, ["-a", "127.0.0.1", "-p", String(port), "-js", "-sd", dir]);
   await waitFor(`nats-server on port ${port}`, async () => (nats.child.exitCode !== null ? Promise.reject(new Error(nats.output())) : canConnect(port)));
-  const url = `nats://127.0.0.1:${port}`;
+  return { url: `nats://127.0.0.1:${port}`, nats };
+}
+
+/** nats-server and a coordinator on a free loopback port, under a fresh prefix. */
+export async function startStack(prefix = `ts${process.pid}`): Promise<Stack> {
+  const orchestrix = orchestrixBin();
+  if (!orchestrix) throw new Error("ORCHESTRIX_BIN must name the orchestrix binary");
+  const { url, nats } = await startNats();
   const coordinator = start(orchestrix, ["serve", "--nats", url, "--prefix", prefix], { RUST_LOG: "info", NO_COLOR: "1" });
   await waitFor("the coordinator to be ready", () => {
     if (coordinator.child.exitCode !== null) throw new Error(`the coordinator exited: ${coordinator.output()}`);
