@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { connect as natsConnect, createInbox, type Msg, type NatsConnection } from "@nats-io/transport-node";
-import { Client, close, connect, create, PermanentError, Worker, type RunResult } from "../index.js";
+import { Client, close, connect, create, PermanentError, RejectedError, Worker, type RunResult } from "../index.js";
 import { decodeMessage, encodeMessage, encodeValue, peekKind, type StepCommand } from "../protocol.js";
 import { natsServerBin, orchestrixBin, REPO_ROOT, start, startStack, tempDir, waitFor, type Stack } from "./harness.js";
 
@@ -55,9 +55,12 @@ describe("end to end with nats-server and the coordinator", { skip }, () => {
   test("the quick start: success, then failure with 4 payment attempts and reserve-stock compensated", async () => {
     const counts: Record<string, number> = {};
     const hooks: string[] = [];
+    const ends: string[] = [];
     const flow = paymentFlow(counts)
       .on("retry", (e) => hooks.push(`retry ${e.step} ${e.attempt}`))
-      .on("compensate", (e) => hooks.push(`compensate ${e.step}`));
+      .on("compensate", (e) => hooks.push(`compensate ${e.step}`))
+      .on("stepEnd", (e) => void (e.step === "process-payment" && !e.ok && ends.push(e.error ?? "")))
+      .on("runEnd", (r) => void ends.push(r.status));
     const ok = await flow.run({ orderId: "order_1", amount: 50, userId: "user_A" });
     assert.equal(ok.status, "completed");
     assert.match(ok.runId, UUID);
@@ -76,6 +79,15 @@ describe("end to end with nats-server and the coordinator", { skip }, () => {
     assert.equal(failed.failedStep, "process-payment");
     assert.deepEqual(counts, { reserve: 2, pay: 5, email: 1, release: 1 });
     assert.deepEqual(hooks, ["retry process-payment 2", "retry process-payment 3", "retry process-payment 4", "compensate reserve-stock"]);
+    assert.deepEqual(ends, ["completed", ...Array(4).fill("Payment declined: limit exceeded"), "failed"]);
+
+    // The same runs as any client sees them.
+    const client = new Client(nc, { prefix: stack.prefix });
+    assert.equal((await client.status(failed.runId)).status, "failed");
+    assert.equal((await client.wait(ok.runId)).status, "completed");
+    const listed = await client.list({ flow: "payment-flow", limit: 10 });
+    assert.ok(listed.some((r) => r.runId === failed.runId) && listed.some((r) => r.runId === ok.runId));
+    await assert.rejects(client.run("no-such-flow", {}), (e: unknown) => e instanceof RejectedError && e.code === "unknown_flow");
   });
 
   test("a keyed run returns the same run twice, and runs once", async () => {

@@ -10,7 +10,8 @@ import { Kvm } from "@nats-io/kv";
 import { create, PermanentError, Worker, type Flow } from "../index.js";
 import { decodeMessage, decodeValue, encodeMessage, encodeValue, peekKind, type StepCommand } from "../protocol.js";
 import { workerKey } from "../worker.js";
-import { natsServerBin, startNats, waitFor, type Proc } from "./harness.js";
+import { freePort, natsServerBin, startNats, waitFor, type Proc } from "./harness.js";
+import { Client } from "../index.js";
 
 const skip = !natsServerBin() && process.env.ORCHESTRIX_E2E !== "1" ? "nats-server not found (NATS_SERVER_BIN)" : false;
 const P = "wt";
@@ -206,6 +207,40 @@ describe("the worker, command by command", { skip }, () => {
     g.open();
     for (const b of boxes) await b.next("step.outcome");
     assert.equal(most, 2);
+  });
+
+  test("close drains: no new commands, handlers in flight finish and send their outcome", async () => {
+    const g = gate();
+    const flow = create("w-drain").step("a", async () => {
+      await g.wait;
+      return "finished";
+    });
+    const w = await Worker.start({ flows: [flow], connection: nc, prefix: P, heartbeatMs: 50, log: () => {} });
+    const box = new Inbox(nc);
+    send(flow, command(flow, "a"), box);
+    await box.next("step.ack");
+    let closed = false;
+    const closing = w.close().then(() => (closed = true));
+    // Closing unsubscribes: a command sent now finds no subscriber.
+    await waitFor("the step subscription to go", async () => {
+      const probe = await nc.request(`${P}.step.w-drain.${flow.version}.a`, encodeMessage("step.command", command(flow, "a")), { timeout: 1000 }).then(
+        () => false,
+        (e: Error) => /no responders/i.test(e.message) || e.name === "RequestError",
+      );
+      return probe;
+    });
+    assert.equal(closed, false, "close waits for the handler in flight");
+    g.open();
+    await closing;
+    const outcome = decodeMessage((await box.next("step.outcome")).data, "step.outcome");
+    assert.equal(outcome.result.type, "completed");
+    assert.equal(w.inFlightCount, 0);
+  });
+
+  test("a connection that fails says where it tried", async () => {
+    const port = await freePort();
+    await assert.rejects(Client.connect({ url: `nats://127.0.0.1:${port}`, nats: { reconnect: false, timeout: 2000 } }), new RegExp(`cannot connect to NATS at nats://127.0.0.1:${port}`));
+    await assert.rejects(Worker.start({ flows: [], connection: nc }), /no flows to serve/);
   });
 
   test("registration is create-only; presence carries a TTL and is withdrawn on close", async () => {
