@@ -11,6 +11,12 @@ export interface ClientOptions {
   /** Timeout of requests that do not wait for a run (default 5 s). */
   requestTimeoutMs?: number;
   /**
+   * How long a start **with an idempotency key** is sent again while no
+   * coordinator answers or the answer is a retryable refusal (default 30 s).
+   * Without a key a start is sent once: the run may have started.
+   */
+  startRetryForMs?: number;
+  /**
    * How long a start is sent again while the coordinator does not know the
    * flow yet or nobody listens on its subject (default 0: once). `flow.run`
    * uses 15 s: its worker has just registered the flow.
@@ -26,6 +32,7 @@ export class Client {
   readonly prefix: string;
   private readonly requestTimeoutMs: number;
   private readonly retryUnknownForMs: number;
+  private readonly startRetryForMs: number;
 
   constructor(
     readonly nc: NatsConnection,
@@ -35,6 +42,7 @@ export class Client {
     this.prefix = options.prefix ?? resolveOptions({}, "").prefix;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 5000;
     this.retryUnknownForMs = options.retryUnknownForMs ?? 0;
+    this.startRetryForMs = options.startRetryForMs ?? 30_000;
   }
 
   /** Opens its own connection (closed by `close`). */
@@ -77,9 +85,12 @@ export class Client {
   /** Sends a start, again while the flow is not known yet (within `retryUnknownForMs`). */
   private async submit(flow: string, input: unknown, options: RunOptions, wait: boolean, timeoutMs: number): Promise<RunReply> {
     const req = this.request(flow, input, options, wait);
-    const giveUp = Date.now() + this.retryUnknownForMs;
+    const began = Date.now();
+    const giveUp = began + this.retryUnknownForMs;
+    const keyedGiveUp = began + (options.key !== undefined ? this.startRetryForMs : 0);
     let pause = 50;
     for (;;) {
+      // Each try expires with its wait: a coordinator that only gets it later refuses it.
       req.startByMs = Date.now() + Math.min(timeoutMs, this.requestTimeoutMs);
       try {
         return await this.ask(`${this.prefix}.run.${flow}`, "run.request", req, timeoutMs);
@@ -87,9 +98,11 @@ export class Client {
         const unknown =
           (e instanceof RejectedError && (e.code === "unknown_flow" || e.code === "unknown_version")) ||
           (e instanceof NoCoordinatorError && e.message.startsWith("no coordinator is listening"));
-        if (unknown && Date.now() + pause < giveUp) {
+        // With a key a start is safe to send again: it starts the run or finds it.
+        const again = (e instanceof RejectedError && e.retryable) || (e instanceof NoCoordinatorError && !unknown);
+        if ((unknown && Date.now() + pause < giveUp) || (again && Date.now() + pause < keyedGiveUp)) {
           await delay(pause);
-          pause = Math.min(pause * 2, 500);
+          pause = Math.min(pause * 2, unknown ? 500 : 2000);
           continue;
         }
         if (e instanceof NoCoordinatorError && e.message.startsWith("no coordinator is listening")) {

@@ -549,7 +549,8 @@ export class Worker {
         try {
           return { type: "completed", output: encodeValue(out) };
         } catch (e) {
-          return { type: "failed", message: `step output does not encode: ${errorMessage(e)}`, retryable: false };
+          // The handler ran: its effect may have happened (protocol §5.1, rule 6).
+          return { type: "failed", message: `the step's output does not encode: ${errorMessage(e)}`, retryable: true, maybeDone: true };
         }
       } catch (e) {
         return { type: "failed", message: errorMessage(e), retryable: isRetryable(e) };

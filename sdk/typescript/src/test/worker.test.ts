@@ -174,6 +174,7 @@ describe("the worker, command by command", { skip }, () => {
       if (ctx.input.how === "permanent") throw new PermanentError("card stolen");
       if (ctx.input.how === "string") throw "plain text";
       if (ctx.input.how === "big") return "x".repeat(10_000);
+      if (ctx.input.how === "unencodable") return { f: () => 1 };
       throw new Error("try again");
     });
     await serve(flow, { maxMessageBytes: 4096 });
@@ -185,6 +186,8 @@ describe("the worker, command by command", { skip }, () => {
     assert.deepEqual(await result("permanent"), { type: "failed", message: "card stolen", retryable: false, maybeDone: false });
     assert.deepEqual(await result("retry"), { type: "failed", message: "try again", retryable: true, maybeDone: false });
     assert.deepEqual(await result("string"), { type: "failed", message: "plain text", retryable: true, maybeDone: false });
+    const odd = await result("unencodable");
+    assert.ok(odd.type === "failed" && odd.retryable && odd.maybeDone && /does not encode/.test(odd.message), JSON.stringify(odd));
     const big = await result("big");
     assert.ok(big.type === "failed" && !big.retryable && big.maybeDone && /over the 4096-byte message limit/.test(big.message), JSON.stringify(big));
   });
