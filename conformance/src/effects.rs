@@ -50,7 +50,11 @@ impl Effects {
     /// The effects of one run.
     pub fn of_run(&self, run: Uuid) -> Effects {
         Effects(
-            self.0.iter().filter(|e| Uuid::parse_str(&e.run_id).is_ok_and(|r| r == run)).cloned().collect(),
+            self.0
+                .iter()
+                .filter(|e| Uuid::parse_str(&e.run_id).is_ok_and(|r| r == run))
+                .cloned()
+                .collect(),
         )
     }
 

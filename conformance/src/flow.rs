@@ -113,7 +113,14 @@ impl EffectLog {
 
     /// Appends one line; an I/O error is reported on stderr (the kit will
     /// then see the effect missing).
-    pub fn write(&self, run_id: &str, step: &str, kind: EffectKind, attempt: u32, event: EffectEvent) {
+    pub fn write(
+        &self,
+        run_id: &str,
+        step: &str,
+        kind: EffectKind,
+        attempt: u32,
+        event: EffectEvent,
+    ) {
         let Some(path) = &self.path else { return };
         let effect = Effect {
             run_id: run_id.to_owned(),

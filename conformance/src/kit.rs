@@ -27,14 +27,26 @@ use crate::procs::{Child, NatsServer};
 pub const SCENARIOS: [(u32, &str, &str); 11] = [
     (1, "success", "all 5 steps completed, 1 attempt each, each started once"),
     (2, "retries", "flaky fails twice: 3 attempts, starts >= 200 ms apart, run completed"),
-    (3, "permanent-error", "decide declines for good: run failed, flaky then record compensated once"),
+    (
+        3,
+        "permanent-error",
+        "decide declines for good: run failed, flaky then record compensated once",
+    ),
     (4, "heartbeats", "a 7 s step completes in 1 attempt, >= 5 heartbeats on the wire"),
     (5, "step-timeout", "bounded is stopped at 1 s (stopped, no end): outcome unknown, rollback"),
     (6, "deadline-refusal", "a command past its deadline: error `expired`, nothing run"),
-    (7, "malformed-input", "garbage, a wrong version, a wrong kind: error `malformed`, still serving"),
+    (
+        7,
+        "malformed-input",
+        "garbage, a wrong version, a wrong kind: error `malformed`, still serving",
+    ),
     (8, "cancel", "a run cancelled during slow: slow stopped, flaky and record compensated"),
     (9, "coordinator-kill", "its coordinator SIGKILLed during slow: taken over, nothing ran twice"),
-    (10, "mixed-replicas", "next to the Rust worker: one version, 20 runs, both served, no step twice"),
+    (
+        10,
+        "mixed-replicas",
+        "next to the Rust worker: one version, 20 runs, both served, no step twice",
+    ),
     (11, "no-handler", "a compensate command for decide (no compensation): error `no_handler`"),
 ];
 
@@ -65,6 +77,7 @@ pub struct KitConfig {
 
 /// How one scenario went.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ScenarioResult {
     /// Its number (1–11).
     pub number: u32,
@@ -81,6 +94,7 @@ pub struct ScenarioResult {
 
 /// What a run of the kit found.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KitReport {
     /// `$CONFORMANCE_WORKER_NAME` of the worker under test.
     pub worker: String,
@@ -103,7 +117,10 @@ impl KitReport {
             self.worker,
             self.version.as_deref().unwrap_or("?")
         );
-        out.push_str(&format!("{:>3}  {:<18} {:<6} {:>7}  REASON\n", "#", "SCENARIO", "RESULT", "TIME"));
+        out.push_str(&format!(
+            "{:>3}  {:<18} {:<6} {:>7}  REASON\n",
+            "#", "SCENARIO", "RESULT", "TIME"
+        ));
         for s in &self.scenarios {
             let result = if s.passed { "pass" } else { "FAIL" };
             let time = format!("{:.2}s", s.time_ms as f64 / 1000.0);
@@ -114,10 +131,7 @@ impl KitReport {
             ));
         }
         let failed = self.scenarios.iter().filter(|s| !s.passed).count();
-        out.push_str(&format!(
-            "{} passed, {failed} failed\n",
-            self.scenarios.len() - failed
-        ));
+        out.push_str(&format!("{} passed, {failed} failed\n", self.scenarios.len() - failed));
         out
     }
 }
@@ -176,8 +190,8 @@ impl Env {
         nats_url: &str,
         orchestrix: &Path,
     ) -> Result<Env, KitError> {
-        let subjects = Subjects::new(prefix)
-            .map_err(|e| KitError::Config(format!("prefix {prefix}: {e}")))?;
+        let subjects =
+            Subjects::new(prefix).map_err(|e| KitError::Config(format!("prefix {prefix}: {e}")))?;
         let client = Client::new(nats.clone(), subjects.clone())
             .request_timeout(Duration::from_secs(5))
             .start_retry_for(Duration::from_secs(15));
@@ -198,18 +212,11 @@ impl Env {
     /// until it says it is ready.
     pub(crate) async fn start_coordinator(&self) -> Result<(), KitError> {
         let n = self.coordinators.lock().await.len() + 1;
-        let args: Vec<String> = [
-            "serve",
-            "--nats",
-            &self.nats_url,
-            "--prefix",
-            &self.prefix,
-            "--store",
-            "jetstream",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+        let args: Vec<String> =
+            ["serve", "--nats", &self.nats_url, "--prefix", &self.prefix, "--store", "jetstream"]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
         let name = format!("coordinator {n} of {}", self.prefix);
         let env = [("RUST_LOG", "info".to_owned()), ("NO_COLOR", "1".to_owned())];
         let mut child = Child::spawn(&name, &self.orchestrix, &args, &env)?;
@@ -228,7 +235,12 @@ impl Env {
     }
 
     /// Starts a worker through `sh -c` and waits for its `ready` line.
-    async fn start_worker(&mut self, command: &str, name: &str, dir: &Path) -> Result<(), KitError> {
+    async fn start_worker(
+        &mut self,
+        command: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<(), KitError> {
         let effects = dir.join(format!("effects-{}-{name}.jsonl", self.prefix));
         let env = [
             ("NATS_URL", self.nats_url.clone()),
@@ -353,8 +365,7 @@ async fn setup(
         env.start_worker(&config.worker_command, &config.worker_name, dir).await?;
         let mut n = 1;
         if reference {
-            let name =
-                if config.worker_name == "reference" { "reference-2" } else { "reference" };
+            let name = if config.worker_name == "reference" { "reference-2" } else { "reference" };
             let command = shell_quote(&config.reference_worker.display().to_string());
             env.start_worker(&command, name, dir).await?;
             n = 2;
@@ -442,11 +453,8 @@ pub async fn run(config: &KitConfig) -> Result<KitReport, KitError> {
     };
     let version = envs.iter().flatten().next().map(|(_, v)| v.clone());
     let mut it = envs.into_iter().map(|e| e.map(|(env, _)| Arc::new(env)));
-    let envs = Arc::new(Envs {
-        a: it.next().flatten(),
-        b: it.next().flatten(),
-        c: it.next().flatten(),
-    });
+    let envs =
+        Arc::new(Envs { a: it.next().flatten(), b: it.next().flatten(), c: it.next().flatten() });
 
     let mut tasks = Vec::new();
     for number in selected {
@@ -455,12 +463,12 @@ pub async fn run(config: &KitConfig) -> Result<KitReport, KitError> {
             number,
             tokio::spawn(async move {
                 let began = Instant::now();
-                let outcome = tokio::time::timeout(
-                    SCENARIO_TIMEOUT,
-                    crate::scenarios::run(number, &envs),
-                )
-                .await
-                .unwrap_or_else(|_| Err(format!("did not finish within {SCENARIO_TIMEOUT:?}")));
+                let outcome =
+                    tokio::time::timeout(SCENARIO_TIMEOUT, crate::scenarios::run(number, &envs))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!("did not finish within {SCENARIO_TIMEOUT:?}"))
+                        });
                 (outcome, began.elapsed())
             }),
         ));

@@ -204,7 +204,10 @@ impl NatsServer {
             if !child.is_running() || tokio::time::Instant::now() >= deadline {
                 return Err(KitError::NotReady {
                     what: format!("nats-server ({})", bin.display()),
-                    detail: format!("did not listen on 127.0.0.1:{port}: {}", child.stderr_tail(10)),
+                    detail: format!(
+                        "did not listen on 127.0.0.1:{port}: {}",
+                        child.stderr_tail(10)
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

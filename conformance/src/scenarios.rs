@@ -65,8 +65,12 @@ async fn start(env: &Env, input: &ConformanceInput) -> Result<RunId, String> {
         match env.client.start(FLOW, input, options).await {
             Ok(id) => return Ok(id),
             Err(e) => {
-                let again = matches!(e, ClientError::NoCoordinator { .. } | ClientError::Unavailable(_))
-                    || matches!(e.rejection(), Some(Rejection::UnknownFlow | Rejection::UnknownVersion));
+                let again =
+                    matches!(e, ClientError::NoCoordinator { .. } | ClientError::Unavailable(_))
+                        || matches!(
+                            e.rejection(),
+                            Some(Rejection::UnknownFlow | Rejection::UnknownVersion)
+                        );
                 if !again || tokio::time::Instant::now() >= deadline {
                     return Err(format!("cannot start a run of `{FLOW}`: {e}"));
                 }
@@ -89,7 +93,11 @@ async fn finish(env: &Env, run: RunId, within: Duration) -> Result<RunReport, St
 }
 
 /// Runs `input` to its end.
-async fn run_to_end(env: &Env, input: &ConformanceInput, within: Duration) -> Result<(RunId, RunReport), String> {
+async fn run_to_end(
+    env: &Env,
+    input: &ConformanceInput,
+    within: Duration,
+) -> Result<(RunId, RunReport), String> {
     let run = start(env, input).await?;
     Ok((run, finish(env, run, within).await?))
 }
@@ -146,17 +154,25 @@ fn no_compensation(fx: &Effects) -> Outcome {
     Ok(())
 }
 
-/// 1. All five steps complete in one attempt each, in order.
+/// Scenario 1: All five steps complete in one attempt each, in order.
 async fn success(env: &Env) -> Outcome {
     let (run, report) = run_to_end(env, &input("success"), Duration::from_secs(20)).await?;
-    check!(report.status == RunStatus::Completed, "run status {:?}, expected completed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
     let names: Vec<&str> = report.steps.iter().map(|s| s.name.as_str()).collect();
     check!(names == STEPS, "steps {names:?}, expected {STEPS:?}");
     for s in &report.steps {
         check!(
             s.status == StepStatus::Completed && s.attempts == 1,
             "step `{}`: {:?} after {} attempt(s), expected completed after 1: {}",
-            s.name, s.status, s.attempts, one_line(&report)
+            s.name,
+            s.status,
+            s.attempts,
+            one_line(&report)
         );
     }
     let fx = effects_when(env, run, all_ended).await;
@@ -166,49 +182,76 @@ async fn success(env: &Env) -> Outcome {
     for pair in STEPS.windows(2) {
         let ended = fx.of(pair[0], Execute, End)[0].at_ms;
         let started = fx.of(pair[1], Execute, Start)[0].at_ms;
-        check!(started >= ended, "`{}` started before `{}` ended: {}", pair[1], pair[0], fx.summary());
+        check!(
+            started >= ended,
+            "`{}` started before `{}` ended: {}",
+            pair[1],
+            pair[0],
+            fx.summary()
+        );
     }
     Ok(())
 }
 
-/// 2. `flaky` fails twice, then succeeds, its attempts at least the retry delay apart.
+/// Scenario 2: `flaky` fails twice, then succeeds, its attempts at least the retry delay apart.
 async fn retries(env: &Env) -> Outcome {
     let mut i = input("retries");
     i.flaky_failures = 2;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
-    check!(report.status == RunStatus::Completed, "run status {:?}, expected completed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
     let flaky = step(&report, "flaky")?;
     check!(
         flaky.status == StepStatus::Completed && flaky.attempts == 3,
         "flaky: {:?} after {} attempts, expected completed after 3",
-        flaky.status, flaky.attempts
+        flaky.status,
+        flaky.attempts
     );
     let fx = effects_when(env, run, all_ended).await;
     let starts = fx.of("flaky", Execute, Start);
     let attempts: Vec<u32> = starts.iter().map(|e| e.attempt).collect();
-    check!(attempts == [1, 2, 3], "flaky's attempts started: {attempts:?}, expected [1, 2, 3]; effects: {}", fx.summary());
+    check!(
+        attempts == [1, 2, 3],
+        "flaky's attempts started: {attempts:?}, expected [1, 2, 3]; effects: {}",
+        fx.summary()
+    );
     let delay = u64::try_from(FLAKY_RETRY_DELAY.as_millis()).unwrap_or(u64::MAX);
     for pair in starts.windows(2) {
         let gap = pair[1].at_ms.saturating_sub(pair[0].at_ms);
-        check!(gap >= delay, "attempts {} and {} of flaky started {gap} ms apart, expected >= {delay} ms", pair[0].attempt, pair[1].attempt);
+        check!(
+            gap >= delay,
+            "attempts {} and {} of flaky started {gap} ms apart, expected >= {delay} ms",
+            pair[0].attempt,
+            pair[1].attempt
+        );
     }
     each_step_once(&fx, &["record", "slow", "bounded", "decide"])?;
     no_compensation(&fx)
 }
 
-/// 3. `decide` declines for good: the completed compensable steps are
+/// Scenario 3: `decide` declines for good: the completed compensable steps are
 /// compensated in reverse order, once each.
 async fn permanent_error(env: &Env) -> Outcome {
     let mut i = input("permanent");
     i.fail = FailMode::Permanent;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
-    check!(report.status == RunStatus::Failed, "run status {:?}, expected failed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Failed,
+        "run status {:?}, expected failed: {}",
+        report.status,
+        one_line(&report)
+    );
     let decide = step(&report, "decide")?;
     let want = format!("declined: {}", i.id);
     check!(
         decide.status == StepStatus::Failed && decide.attempts == 1,
         "decide: {:?} after {} attempt(s), expected failed after 1",
-        decide.status, decide.attempts
+        decide.status,
+        decide.attempts
     );
     check!(
         decide.error.as_deref().is_some_and(|e| e.contains(&want)),
@@ -217,53 +260,92 @@ async fn permanent_error(env: &Env) -> Outcome {
     );
     for s in ["record", "flaky"] {
         let r = step(&report, s)?;
-        check!(r.status == StepStatus::Compensated, "`{s}`: {:?}, expected compensated: {}", r.status, one_line(&report));
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
     }
     let fx = effects_when(env, run, |fx| {
         fx.count("record", Compensate, End) >= 1 && fx.count("decide", Execute, End) >= 1
     })
     .await;
-    check!(fx.count("decide", Execute, Start) == 1, "decide started {} times, expected once", fx.count("decide", Execute, Start));
+    check!(
+        fx.count("decide", Execute, Start) == 1,
+        "decide started {} times, expected once",
+        fx.count("decide", Execute, Start)
+    );
     for s in ["flaky", "record"] {
         let (starts, ends) = (fx.count(s, Compensate, Start), fx.count(s, Compensate, End));
-        check!(starts == 1 && ends == 1, "`{s}`'s compensation: {starts} start(s), {ends} end(s), expected 1 and 1; effects: {}", fx.summary());
+        check!(
+            starts == 1 && ends == 1,
+            "`{s}`'s compensation: {starts} start(s), {ends} end(s), expected 1 and 1; effects: {}",
+            fx.summary()
+        );
     }
     for s in ["slow", "bounded", "decide"] {
-        check!(fx.count(s, Compensate, Start) == 0, "`{s}` has no compensation, yet one ran: {}", fx.summary());
+        check!(
+            fx.count(s, Compensate, Start) == 0,
+            "`{s}` has no compensation, yet one ran: {}",
+            fx.summary()
+        );
     }
     let flaky_end = fx.of("flaky", Compensate, End)[0].at_ms;
     let record_start = fx.of("record", Compensate, Start)[0].at_ms;
-    check!(record_start >= flaky_end, "record's compensation started before flaky's ended (reverse order expected): {}", fx.summary());
+    check!(
+        record_start >= flaky_end,
+        "record's compensation started before flaky's ended (reverse order expected): {}",
+        fx.summary()
+    );
     Ok(())
 }
 
-/// 4. A step longer than the coordinator's heartbeat timeout completes in
+/// Scenario 4: A step longer than the coordinator's heartbeat timeout completes in
 /// one attempt, kept alive by heartbeats seen on the wire.
 async fn heartbeats(env: &Env) -> Outcome {
     let p = env.subjects.prefix().to_owned();
     let nats_err = |e: async_nats::SubscribeError| format!("cannot subscribe: {e}");
     let mut replies = env.nats.subscribe(format!("{p}.reply.>")).await.map_err(nats_err)?;
-    let mut commands = env.nats.subscribe(env.subjects.step_any_version(FLOW, "slow")).await.map_err(nats_err)?;
+    let mut commands =
+        env.nats.subscribe(env.subjects.step_any_version(FLOW, "slow")).await.map_err(nats_err)?;
     env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
     let mut i = input("heartbeats");
     i.slow_ms = 7000;
     let run = start(env, &i).await?;
     let report = finish(env, run, Duration::from_secs(25)).await?;
-    check!(report.status == RunStatus::Completed, "run status {:?}, expected completed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
     let slow = step(&report, "slow")?;
-    check!(slow.attempts == 1 && slow.status == StepStatus::Completed, "slow: {:?} after {} attempts, expected completed after 1", slow.status, slow.attempts);
+    check!(
+        slow.attempts == 1 && slow.status == StepStatus::Completed,
+        "slow: {:?} after {} attempts, expected completed after 1",
+        slow.status,
+        slow.attempts
+    );
     // The slow step's command(s) of this run, then its heartbeats.
     let mut slow_commands = Vec::new();
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), commands.next()).await {
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
         if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
             && c.run_id == run.as_uuid()
         {
             slow_commands.push(c.command_id);
         }
     }
-    check!(slow_commands.len() == 1, "{} command(s) for slow seen on its subject, expected 1", slow_commands.len());
+    check!(
+        slow_commands.len() == 1,
+        "{} command(s) for slow seen on its subject, expected 1",
+        slow_commands.len()
+    );
     let mut beats = 0;
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await {
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+    {
         if orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == Heartbeat::KIND)
             && let Ok(h) = orchestrix_proto::decode::<Heartbeat>(&msg.payload)
             && h.command_id == slow_commands[0]
@@ -276,27 +358,43 @@ async fn heartbeats(env: &Env) -> Outcome {
     each_step_once(&fx, &STEPS)
 }
 
-/// 5. `bounded` sleeps past its 1 s timeout: the worker stops it (stopped,
+/// Scenario 5: `bounded` sleeps past its 1 s timeout: the worker stops it (stopped,
 /// no end), the outcome is unknown (maybe done) and the run rolls back.
 async fn step_timeout(env: &Env) -> Outcome {
     let mut i = input("timeout");
     i.bounded_ms = 5000;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
-    check!(report.status == RunStatus::Failed, "run status {:?}, expected failed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Failed,
+        "run status {:?}, expected failed: {}",
+        report.status,
+        one_line(&report)
+    );
     let bounded = step(&report, "bounded")?;
     // A handler stopped at its timeout may have had its effect: the
     // coordinator reports the attempt's outcome as unknown (not retried).
     check!(
         bounded.status == StepStatus::Unknown && bounded.attempts == 1,
         "bounded: {:?} after {} attempt(s), expected unknown (maybe done) after 1: {}",
-        bounded.status, bounded.attempts, one_line(&report)
+        bounded.status,
+        bounded.attempts,
+        one_line(&report)
     );
-    check!(report.failed_step.as_deref() == Some("bounded"), "failed step {:?}, expected bounded", report.failed_step);
+    check!(
+        report.failed_step.as_deref() == Some("bounded"),
+        "failed step {:?}, expected bounded",
+        report.failed_step
+    );
     let decide = step(&report, "decide")?;
     check!(decide.attempts == 0, "decide ran ({} attempts) after bounded failed", decide.attempts);
     for s in ["record", "flaky"] {
         let r = step(&report, s)?;
-        check!(r.status == StepStatus::Compensated, "`{s}`: {:?}, expected compensated: {}", r.status, one_line(&report));
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
     }
     let fx = effects_when(env, run, |fx| {
         fx.count("bounded", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
@@ -312,21 +410,37 @@ async fn step_timeout(env: &Env) -> Outcome {
         "bounded: {starts} start(s), {stopped} stopped, {ends} end(s); expected 1, 1, 0: {}",
         fx.summary()
     );
-    let ran = fx.of("bounded", Execute, Stopped)[0].at_ms.saturating_sub(fx.of("bounded", Execute, Start)[0].at_ms);
+    let ran = fx.of("bounded", Execute, Stopped)[0]
+        .at_ms
+        .saturating_sub(fx.of("bounded", Execute, Start)[0].at_ms);
     let limit = u64::try_from(BOUNDED_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
     check!(
         (limit - 50..=limit + 1500).contains(&ran),
         "bounded was stopped {ran} ms after it started, expected at its {limit} ms timeout"
     );
-    check!(fx.count("decide", Execute, Start) == 0, "decide ran after bounded timed out: {}", fx.summary());
+    check!(
+        fx.count("decide", Execute, Start) == 0,
+        "decide ran after bounded timed out: {}",
+        fx.summary()
+    );
     for s in ["flaky", "record"] {
-        check!(fx.count(s, Compensate, Start) == 1, "`{s}` compensated {} times, expected once: {}", fx.count(s, Compensate, Start), fx.summary());
+        check!(
+            fx.count(s, Compensate, Start) == 1,
+            "`{s}` compensated {} times, expected once: {}",
+            fx.count(s, Compensate, Start),
+            fx.summary()
+        );
     }
     Ok(())
 }
 
 /// A command for `step` of the flow's registered version.
-fn raw_command(version: &str, step: &str, index: u32, kind: CommandKind) -> Result<StepCommand, String> {
+fn raw_command(
+    version: &str,
+    step: &str,
+    index: u32,
+    kind: CommandKind,
+) -> Result<StepCommand, String> {
     Ok(StepCommand {
         command_id: Uuid::new_v4(),
         run_id: Uuid::new_v4(),
@@ -336,7 +450,8 @@ fn raw_command(version: &str, step: &str, index: u32, kind: CommandKind) -> Resu
         step_index: index,
         kind,
         attempt: 1,
-        input: Payload::encode(&input("raw")).map_err(|e| format!("cannot encode an input: {e}"))?,
+        input: Payload::encode(&input("raw"))
+            .map_err(|e| format!("cannot encode an input: {e}"))?,
         outputs: Vec::new(),
         timeout: None,
         start_by_ms: None,
@@ -350,10 +465,20 @@ enum Answer {
     Other(String),
 }
 
-/// Sends `payload` on `step`'s subject as a request; the decoded answer.
-async fn ask(env: &Env, version: &str, step: &str, payload: Vec<u8>) -> Result<Answer, String> {
+/// Sends `payload` on `step`'s subject as a request, with the header that
+/// names its `kind` (as coordinators send it); the decoded answer.
+async fn ask(
+    env: &Env,
+    version: &str,
+    step: &str,
+    kind: &str,
+    payload: Vec<u8>,
+) -> Result<Answer, String> {
     let subject = env.subjects.step(FLOW, version, step);
-    let reply = tokio::time::timeout(Duration::from_secs(5), env.nats.request(subject.clone(), payload.into()))
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(orchestrix_proto::headers::MESSAGE_KIND, kind);
+    let request = env.nats.request_with_headers(subject.clone(), headers, payload.into());
+    let reply = tokio::time::timeout(Duration::from_secs(5), request)
         .await
         .map_err(|_| format!("no answer on {subject} within 5 s"))?
         .map_err(|e| format!("no answer on {subject}: {e}"))?;
@@ -376,31 +501,40 @@ async fn ask(env: &Env, version: &str, step: &str, payload: Vec<u8>) -> Result<A
 fn expect_error(answer: Answer, code: &str, what: &str) -> Result<WireError, String> {
     match answer {
         Answer::Error(e) if e.code == code => Ok(e),
-        Answer::Error(e) => Err(format!("{what}: answered `error` code {:?} ({}), expected code {code}", e.code, e.message)),
-        Answer::Other(o) => Err(format!("{what}: answered {o}, expected an `error` with code {code}")),
+        Answer::Error(e) => Err(format!(
+            "{what}: answered `error` code {:?} ({}), expected code {code}",
+            e.code, e.message
+        )),
+        Answer::Other(o) => {
+            Err(format!("{what}: answered {o}, expected an `error` with code {code}"))
+        }
     }
 }
 
 /// No effect of `run` shows within a short observation window.
 async fn nothing_ran(env: &Env, run: Uuid, what: &str) -> Outcome {
-    let fx = effects::wait_for(&env.effects, run, Duration::from_millis(300), |fx| !fx.is_empty()).await;
+    let fx =
+        effects::wait_for(&env.effects, run, Duration::from_millis(300), |fx| !fx.is_empty()).await;
     check!(fx.is_empty(), "{what}: the worker ran a handler all the same: {}", fx.summary());
     Ok(())
 }
 
-/// 6. A command past its deadline is refused with `expired`, and not run.
+/// Scenario 6: A command past its deadline is refused with `expired`, and not run.
 async fn deadline_refusal(env: &Env) -> Outcome {
     let version = env.version().await?;
     let mut cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
     let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
     cmd.deadline_ms = Some(now.saturating_sub(10_000));
     let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
-    let answer = ask(env, &version, "record", bytes).await?;
+    let answer = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
     let e = expect_error(answer, WireError::CODE_EXPIRED, "a command 10 s past its deadline")?;
     check!(
         e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
         "the `expired` error names command {:?} of run {:?}, expected {} of {}",
-        e.command_id, e.run_id, cmd.command_id, cmd.run_id
+        e.command_id,
+        e.run_id,
+        cmd.command_id,
+        cmd.run_id
     );
     nothing_ran(env, cmd.run_id, "a command past its deadline").await
 }
@@ -413,37 +547,47 @@ struct RawEnvelope<'a, B> {
     body: &'a B,
 }
 
-/// 7. Garbage, another protocol version and another kind of message on a
+/// Scenario 7: Garbage, another protocol version and another kind of message on a
 /// step subject are each answered `malformed`, and the worker goes on.
 async fn malformed_input(env: &Env) -> Outcome {
     let version = env.version().await?;
     let garbage = b"\xc1 this is not MessagePack \xff\x00".to_vec();
-    let e = ask(env, &version, "record", garbage).await?;
+    let e = ask(env, &version, "record", StepCommand::KIND, garbage).await?;
     expect_error(e, WireError::CODE_MALFORMED, "garbage bytes")?;
 
     let cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
     let future = RawEnvelope { v: PROTOCOL_VERSION + 1, kind: StepCommand::KIND, body: &cmd };
     let bytes = rmp_serde::to_vec_named(&future).map_err(|e| format!("cannot encode: {e}"))?;
-    let e = ask(env, &version, "record", bytes).await?;
-    expect_error(e, WireError::CODE_MALFORMED, &format!("a command of protocol version {}", PROTOCOL_VERSION + 1))?;
+    let e = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
+    expect_error(
+        e,
+        WireError::CODE_MALFORMED,
+        &format!("a command of protocol version {}", PROTOCOL_VERSION + 1),
+    )?;
     nothing_ran(env, cmd.run_id, "a command of another protocol version").await?;
 
-    let hb = Heartbeat { command_id: Uuid::new_v4(), run_id: Uuid::new_v4(), attempt: 1, worker: "kit".into() };
+    let hb = Heartbeat {
+        command_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        attempt: 1,
+        worker: "kit".into(),
+    };
     let bytes = orchestrix_proto::encode(&hb).map_err(|e| format!("cannot encode: {e}"))?;
-    let e = ask(env, &version, "record", bytes).await?;
+    let e = ask(env, &version, "record", Heartbeat::KIND, bytes).await?;
     expect_error(e, WireError::CODE_MALFORMED, "a `step.heartbeat` on a step subject")?;
 
     let (run, report) = run_to_end(env, &input("after-malformed"), Duration::from_secs(20)).await?;
     check!(
         report.status == RunStatus::Completed,
         "a normal run after the malformed messages: {:?}, expected completed: {}",
-        report.status, one_line(&report)
+        report.status,
+        one_line(&report)
     );
     let fx = effects_when(env, run, all_ended).await;
     each_step_once(&fx, &STEPS)
 }
 
-/// 8. A run cancelled while `slow` runs: `slow` is stopped, the completed
+/// Scenario 8: A run cancelled while `slow` runs: `slow` is stopped, the completed
 /// steps compensated in reverse, the run ends cancelled.
 async fn cancel(env: &Env) -> Outcome {
     let mut i = input("cancel");
@@ -456,10 +600,20 @@ async fn cancel(env: &Env) -> Outcome {
         .await
         .map_err(|e| format!("cancel refused: {e}"))?;
     let report = finish(env, run, Duration::from_secs(15)).await?;
-    check!(report.status == RunStatus::Cancelled, "run status {:?}, expected cancelled: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Cancelled,
+        "run status {:?}, expected cancelled: {}",
+        report.status,
+        one_line(&report)
+    );
     for s in ["record", "flaky"] {
         let r = step(&report, s)?;
-        check!(r.status == StepStatus::Compensated, "`{s}`: {:?}, expected compensated: {}", r.status, one_line(&report));
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
     }
     let fx = effects_when(env, run, |fx| {
         fx.count("slow", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
@@ -468,21 +622,36 @@ async fn cancel(env: &Env) -> Outcome {
     check!(
         fx.count("slow", Execute, Stopped) == 1 && fx.count("slow", Execute, End) == 0,
         "slow: {} stopped, {} end(s); expected stopped once and no end: {}",
-        fx.count("slow", Execute, Stopped), fx.count("slow", Execute, End), fx.summary()
+        fx.count("slow", Execute, Stopped),
+        fx.count("slow", Execute, End),
+        fx.summary()
     );
     for s in ["bounded", "decide"] {
-        check!(fx.count(s, Execute, Start) == 0, "`{s}` ran in a run cancelled before it: {}", fx.summary());
+        check!(
+            fx.count(s, Execute, Start) == 0,
+            "`{s}` ran in a run cancelled before it: {}",
+            fx.summary()
+        );
     }
     for s in ["flaky", "record"] {
-        check!(fx.count(s, Compensate, Start) == 1, "`{s}` compensated {} times, expected once: {}", fx.count(s, Compensate, Start), fx.summary());
+        check!(
+            fx.count(s, Compensate, Start) == 1,
+            "`{s}` compensated {} times, expected once: {}",
+            fx.count(s, Compensate, Start),
+            fx.summary()
+        );
     }
     let flaky_end = fx.of("flaky", Compensate, End)[0].at_ms;
     let record_start = fx.of("record", Compensate, Start)[0].at_ms;
-    check!(record_start >= flaky_end, "record compensated before flaky (reverse order expected): {}", fx.summary());
+    check!(
+        record_start >= flaky_end,
+        "record compensated before flaky (reverse order expected): {}",
+        fx.summary()
+    );
     Ok(())
 }
 
-/// 9. The coordinator driving a run is SIGKILLed while `slow` runs; a second
+/// Scenario 9: The coordinator driving a run is SIGKILLed while `slow` runs; a second
 /// coordinator on the same JetStream store takes the run over; `slow` is
 /// not started again and every step ran once.
 async fn coordinator_kill(env: &Env) -> Outcome {
@@ -497,16 +666,27 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     env.start_coordinator().await.map_err(|e| format!("the second coordinator: {e}"))?;
     env.kill_first_coordinator().await;
     let report = finish(env, run, Duration::from_secs(30)).await?;
-    check!(report.status == RunStatus::Completed, "run status {:?}, expected completed: {}", report.status, one_line(&report));
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
     for s in &report.steps {
-        check!(s.attempts == 1, "`{}` took {} attempts, expected 1: {}", s.name, s.attempts, one_line(&report));
+        check!(
+            s.attempts == 1,
+            "`{}` took {} attempts, expected 1: {}",
+            s.name,
+            s.attempts,
+            one_line(&report)
+        );
     }
     let fx = effects_when(env, run, all_ended).await;
     each_step_once(&fx, &STEPS)?;
     no_compensation(&fx)
 }
 
-/// 10. Next to the Rust reference worker: the same version, 20 runs shared
+/// Scenario 10: Next to the Rust reference worker: the same version, 20 runs shared
 /// between both, every step once.
 async fn mixed_replicas(env: &Env) -> Outcome {
     let (versions, workers) = env.registry().await?;
@@ -517,11 +697,19 @@ async fn mixed_replicas(env: &Env) -> Outcome {
     );
     check!(workers == 2, "{workers} live workers of `{FLOW}`, expected 2");
     let inputs: Vec<ConformanceInput> = (0..20).map(|n| input(&format!("mixed{n}"))).collect();
-    let runs = futures::future::join_all(inputs.iter().map(|i| run_to_end(env, i, Duration::from_secs(30)))).await;
+    let runs = futures::future::join_all(
+        inputs.iter().map(|i| run_to_end(env, i, Duration::from_secs(30))),
+    )
+    .await;
     let mut ids = Vec::new();
     for r in runs {
         let (run, report) = r?;
-        check!(report.status == RunStatus::Completed, "run {run}: {:?}, expected completed: {}", report.status, one_line(&report));
+        check!(
+            report.status == RunStatus::Completed,
+            "run {run}: {:?}, expected completed: {}",
+            report.status,
+            one_line(&report)
+        );
         ids.push(run);
     }
     let mut names = std::collections::BTreeSet::new();
@@ -534,12 +722,12 @@ async fn mixed_replicas(env: &Env) -> Outcome {
     Ok(())
 }
 
-/// 11. A compensation command for `decide`, which has none: `no_handler`.
+/// Scenario 11: A compensation command for `decide`, which has none: `no_handler`.
 async fn no_handler(env: &Env) -> Outcome {
     let version = env.version().await?;
     let cmd = raw_command(&version, "decide", 4, CommandKind::Compensate)?;
     let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
-    let answer = ask(env, &version, "decide", bytes).await?;
+    let answer = ask(env, &version, "decide", StepCommand::KIND, bytes).await?;
     expect_error(answer, WireError::CODE_NO_HANDLER, "a compensate command for `decide`")?;
     nothing_ran(env, cmd.run_id, "a command without a handler").await
 }

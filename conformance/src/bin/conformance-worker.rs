@@ -24,7 +24,13 @@ async fn main() -> ExitCode {
     let effects = std::env::var_os("CONFORMANCE_EFFECTS").map(std::path::PathBuf::from);
     let flow = conformance_flow(EffectLog::new(effects, &name));
     let version = flow.definition().version();
-    let worker = match Worker::builder().nats(NatsOptions::new(nats)).prefix(&prefix).flow(flow).start().await {
+    let worker = match Worker::builder()
+        .nats(NatsOptions::new(nats))
+        .prefix(&prefix)
+        .flow(flow)
+        .start()
+        .await
+    {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e}");
