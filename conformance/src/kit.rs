@@ -125,10 +125,10 @@ impl KitReport {
             let result = if s.passed { "pass" } else { "FAIL" };
             let time = format!("{:.2}s", s.time_ms as f64 / 1000.0);
             let reason = s.reason.as_deref().unwrap_or("");
-            out.push_str(&format!(
-                "{:>3}  {:<18} {:<6} {:>7}  {reason}\n",
-                s.number, s.name, result, time
-            ));
+            let line =
+                format!("{:>3}  {:<18} {:<6} {:>7}  {reason}", s.number, s.name, result, time);
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
         let failed = self.scenarios.iter().filter(|s| !s.passed).count();
         out.push_str(&format!("{} passed, {failed} failed\n", self.scenarios.len() - failed));

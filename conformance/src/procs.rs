@@ -198,7 +198,8 @@ impl NatsServer {
             "-sd".into(),
             dir.path().display().to_string(),
         ];
-        let mut child = Child::spawn("nats-server", bin, &args, &[])?;
+        let mut child =
+            Child::spawn("nats-server (set NATS_SERVER_BIN or --nats-server)", bin, &args, &[])?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             if !child.is_running() || tokio::time::Instant::now() >= deadline {

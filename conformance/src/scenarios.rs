@@ -361,9 +361,32 @@ async fn heartbeats(env: &Env) -> Outcome {
 /// Scenario 5: `bounded` sleeps past its 1 s timeout: the worker stops it (stopped,
 /// no end), the outcome is unknown (maybe done) and the run rolls back.
 async fn step_timeout(env: &Env) -> Outcome {
+    let mut commands = env
+        .nats
+        .subscribe(env.subjects.step_any_version(FLOW, "bounded"))
+        .await
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
     let mut i = input("timeout");
     i.bounded_ms = 5000;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
+    // The command as the worker got it: its timeout and absolute deadline.
+    let mut sent = None;
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
+        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
+            && c.run_id == run.as_uuid()
+        {
+            sent = Some(c);
+        }
+    }
+    let sent = sent.ok_or("bounded's command was not seen on its step subject")?;
+    check!(
+        sent.timeout == Some(BOUNDED_TIMEOUT),
+        "bounded's command has timeout {:?}, expected {BOUNDED_TIMEOUT:?}",
+        sent.timeout
+    );
     check!(
         report.status == RunStatus::Failed,
         "run status {:?}, expected failed: {}",
@@ -410,13 +433,18 @@ async fn step_timeout(env: &Env) -> Outcome {
         "bounded: {starts} start(s), {stopped} stopped, {ends} end(s); expected 1, 1, 0: {}",
         fx.summary()
     );
-    let ran = fx.of("bounded", Execute, Stopped)[0]
-        .at_ms
-        .saturating_sub(fx.of("bounded", Execute, Start)[0].at_ms);
-    let limit = u64::try_from(BOUNDED_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+    // Stopped at the end of its budget: 1 s from its start, or its
+    // deadline if that comes first (the time the command spent in transit).
+    let (started, stopped) =
+        (fx.of("bounded", Execute, Start)[0].at_ms, fx.of("bounded", Execute, Stopped)[0].at_ms);
+    let timeout = u64::try_from(BOUNDED_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+    let due = sent.deadline_ms.map_or(started + timeout, |d| d.min(started + timeout));
+    // 20 ms of leeway for rounding to ms and timer granularity.
     check!(
-        (limit - 50..=limit + 1500).contains(&ran),
-        "bounded was stopped {ran} ms after it started, expected at its {limit} ms timeout"
+        stopped + 20 >= due && stopped <= due + 1500,
+        "bounded was stopped {} ms after it started, {} ms after its budget ended (expected within 0..1500 ms)",
+        stopped.saturating_sub(started),
+        i128::from(stopped) - i128::from(due)
     );
     check!(
         fx.count("decide", Execute, Start) == 0,
