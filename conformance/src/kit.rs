@@ -175,6 +175,8 @@ pub(crate) struct Env {
     pub(crate) client: Client,
     /// Effects files of its workers.
     pub(crate) effects: Vec<PathBuf>,
+    /// `CONFORMANCE_WORKER_NAME` of its workers: the one under test first.
+    pub(crate) worker_names: Vec<String>,
     /// Coordinators, oldest first.
     pub(crate) coordinators: tokio::sync::Mutex<Vec<Child>>,
     /// Workers: the one under test first.
@@ -201,6 +203,7 @@ impl Env {
             nats: nats.clone(),
             client,
             effects: Vec::new(),
+            worker_names: Vec::new(),
             coordinators: tokio::sync::Mutex::new(Vec::new()),
             workers: tokio::sync::Mutex::new(Vec::new()),
             nats_url: nats_url.to_owned(),
@@ -272,6 +275,7 @@ impl Env {
         };
         ready.await?;
         self.effects.push(effects);
+        self.worker_names.push(name.to_owned());
         self.workers.lock().await.push(child);
         Ok(())
     }

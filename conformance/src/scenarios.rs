@@ -130,8 +130,10 @@ async fn effects_when(env: &Env, run: RunId, done: impl FnMut(&Effects) -> bool)
     effects::wait_for(&env.effects, run.as_uuid(), Duration::from_secs(5), done).await
 }
 
-/// Checks each step's action started exactly `n` times, and ended (never stopped).
+/// Checks each step's action started exactly once and ended (never
+/// stopped), and that every invocation's lines are well formed.
 fn each_step_once(fx: &Effects, steps: &[&str]) -> Outcome {
+    well_formed(fx)?;
     for s in steps {
         let (starts, ends) = (fx.count(s, Execute, Start), fx.count(s, Execute, End));
         check!(
@@ -146,6 +148,28 @@ fn each_step_once(fx: &Effects, steps: &[&str]) -> Outcome {
 /// Every action started and ended (the run's effects are complete).
 fn all_ended(fx: &Effects) -> bool {
     STEPS.iter().all(|s| fx.count(s, Execute, End) >= 1)
+}
+
+/// Every invocation (worker, step, kind, attempt) wrote `start` first,
+/// then exactly one of `end` or `stopped`, and nothing else.
+fn well_formed(fx: &Effects) -> Outcome {
+    let mut seen: std::collections::BTreeMap<
+        (&str, &str, bool, u32),
+        Vec<crate::flow::EffectEvent>,
+    > = std::collections::BTreeMap::new();
+    for e in &fx.0 {
+        let key = (e.worker.as_str(), e.step.as_str(), e.kind == Compensate, e.attempt);
+        seen.entry(key).or_default().push(e.event);
+    }
+    for ((worker, step, comp, attempt), events) in seen {
+        check!(
+            events == [Start, End] || events == [Start, Stopped],
+            "{} #{attempt} of `{step}` (worker {worker}) wrote {events:?}, expected [Start, End] or [Start, Stopped]: {}",
+            if comp { "compensation" } else { "action" },
+            fx.summary()
+        );
+    }
+    Ok(())
 }
 
 fn no_compensation(fx: &Effects) -> Outcome {
@@ -178,6 +202,12 @@ async fn success(env: &Env) -> Outcome {
     let fx = effects_when(env, run, all_ended).await;
     each_step_once(&fx, &STEPS)?;
     no_compensation(&fx)?;
+    let name = env.worker_names.first().map(String::as_str).unwrap_or_default();
+    let others: Vec<&str> = fx.0.iter().map(|e| e.worker.as_str()).filter(|w| *w != name).collect();
+    check!(
+        others.is_empty(),
+        "effects signed {others:?}, expected `{name}` ($CONFORMANCE_WORKER_NAME)"
+    );
     // In flow order: each step starts once the one before it ended.
     for pair in STEPS.windows(2) {
         let ended = fx.of(pair[0], Execute, End)[0].at_ms;
@@ -271,6 +301,7 @@ async fn permanent_error(env: &Env) -> Outcome {
         fx.count("record", Compensate, End) >= 1 && fx.count("decide", Execute, End) >= 1
     })
     .await;
+    well_formed(&fx)?;
     check!(
         fx.count("decide", Execute, Start) == 1,
         "decide started {} times, expected once",
@@ -423,6 +454,7 @@ async fn step_timeout(env: &Env) -> Outcome {
         fx.count("bounded", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
     })
     .await;
+    well_formed(&fx)?;
     let (starts, stopped, ends) = (
         fx.count("bounded", Execute, Start),
         fx.count("bounded", Execute, Stopped),
@@ -647,6 +679,7 @@ async fn cancel(env: &Env) -> Outcome {
         fx.count("slow", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
     })
     .await;
+    well_formed(&fx)?;
     check!(
         fx.count("slow", Execute, Stopped) == 1 && fx.count("slow", Execute, End) == 0,
         "slow: {} stopped, {} end(s); expected stopped once and no end: {}",
