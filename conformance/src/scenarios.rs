@@ -150,6 +150,19 @@ fn all_ended(fx: &Effects) -> bool {
     STEPS.iter().all(|s| fx.count(s, Execute, End) >= 1)
 }
 
+/// When the first line of `step`'s `kind` with `event` was written.
+fn at(
+    fx: &Effects,
+    step: &str,
+    kind: crate::flow::EffectKind,
+    event: crate::flow::EffectEvent,
+) -> Result<u64, String> {
+    fx.of(step, kind, event)
+        .first()
+        .map(|e| e.at_ms)
+        .ok_or_else(|| format!("no {kind:?} {event:?} line for `{step}`: {}", fx.summary()))
+}
+
 /// Every invocation (worker, step, kind, attempt) wrote `start` first,
 /// then exactly one of `end` or `stopped`, and nothing else.
 fn well_formed(fx: &Effects) -> Outcome {
@@ -210,8 +223,8 @@ async fn success(env: &Env) -> Outcome {
     );
     // In flow order: each step starts once the one before it ended.
     for pair in STEPS.windows(2) {
-        let ended = fx.of(pair[0], Execute, End)[0].at_ms;
-        let started = fx.of(pair[1], Execute, Start)[0].at_ms;
+        let ended = at(&fx, pair[0], Execute, End)?;
+        let started = at(&fx, pair[1], Execute, Start)?;
         check!(
             started >= ended,
             "`{}` started before `{}` ended: {}",
@@ -322,8 +335,8 @@ async fn permanent_error(env: &Env) -> Outcome {
             fx.summary()
         );
     }
-    let flaky_end = fx.of("flaky", Compensate, End)[0].at_ms;
-    let record_start = fx.of("record", Compensate, Start)[0].at_ms;
+    let flaky_end = at(&fx, "flaky", Compensate, End)?;
+    let record_start = at(&fx, "record", Compensate, Start)?;
     check!(
         record_start >= flaky_end,
         "record's compensation started before flaky's ended (reverse order expected): {}",
@@ -379,7 +392,7 @@ async fn heartbeats(env: &Env) -> Outcome {
     {
         if orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == Heartbeat::KIND)
             && let Ok(h) = orchestrix_proto::decode::<Heartbeat>(&msg.payload)
-            && h.command_id == slow_commands[0]
+            && slow_commands.first() == Some(&h.command_id)
         {
             beats += 1;
         }
@@ -468,7 +481,7 @@ async fn step_timeout(env: &Env) -> Outcome {
     // Stopped at the end of its budget: 1 s from its start, or its
     // deadline if that comes first (the time the command spent in transit).
     let (started, stopped) =
-        (fx.of("bounded", Execute, Start)[0].at_ms, fx.of("bounded", Execute, Stopped)[0].at_ms);
+        (at(&fx, "bounded", Execute, Start)?, at(&fx, "bounded", Execute, Stopped)?);
     let timeout = u64::try_from(BOUNDED_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
     let due = sent.deadline_ms.map_or(started + timeout, |d| d.min(started + timeout));
     // 20 ms of leeway for rounding to ms and timer granularity.
@@ -702,8 +715,8 @@ async fn cancel(env: &Env) -> Outcome {
             fx.summary()
         );
     }
-    let flaky_end = fx.of("flaky", Compensate, End)[0].at_ms;
-    let record_start = fx.of("record", Compensate, Start)[0].at_ms;
+    let flaky_end = at(&fx, "flaky", Compensate, End)?;
+    let record_start = at(&fx, "record", Compensate, Start)?;
     check!(
         record_start >= flaky_end,
         "record compensated before flaky (reverse order expected): {}",
