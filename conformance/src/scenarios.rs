@@ -732,6 +732,13 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     // Only the first coordinator is up: it is the one that takes the run.
     let live = env.coordinators.lock().await.len();
     check!(live == 1, "{live} coordinators before the run, expected 1");
+    // Commands seen passively: who sent each (its reply subject names the coordinator).
+    let mut commands = env
+        .nats
+        .subscribe(format!("{}.step.{FLOW}.>", env.subjects.prefix()))
+        .await
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
     let mut i = input("takeover");
     i.slow_ms = 6000;
     let run = start(env, &i).await?;
@@ -740,6 +747,24 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     env.start_coordinator().await.map_err(|e| format!("the second coordinator: {e}"))?;
     env.kill_first_coordinator().await;
     let report = finish(env, run, Duration::from_secs(30)).await?;
+    let mut senders: Vec<(String, String)> = Vec::new();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
+        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
+            && c.run_id == run.as_uuid()
+        {
+            senders
+                .push((c.step.to_string(), msg.reply.map(|r| r.to_string()).unwrap_or_default()));
+        }
+    }
+    let sender = |step: &str| senders.iter().find(|(s, _)| s == step).map(|(_, r)| r.clone());
+    check!(
+        sender("record").is_some()
+            && sender("decide").is_some()
+            && sender("record") != sender("decide"),
+        "record's and decide's commands should come from two coordinators (the run taken over), saw {senders:?}"
+    );
     check!(
         report.status == RunStatus::Completed,
         "run status {:?}, expected completed: {}",
