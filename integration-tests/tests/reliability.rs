@@ -535,22 +535,25 @@ fn str_outcome(cmd: &StepCommand) -> Bytes {
         body: Body<'a>,
     }
     #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
     struct Body<'a> {
-        command_id: Uuid,
-        run_id: Uuid,
+        command_id: String,
+        run_id: String,
         attempt: u32,
         kind: &'a str,
-        result: HashMap<&'a str, HashMap<&'a str, &'a str>>,
+        result: HashMap<&'a str, &'a str>,
     }
-    let result = HashMap::from([("completed", HashMap::from([("output", "ok")]))]);
+    // A protocol v2 outcome in every respect but the output's type.
+    let result = HashMap::from([("type", "completed"), ("output", "ok")]);
     let body = Body {
-        command_id: cmd.command_id,
-        run_id: cmd.run_id,
+        command_id: cmd.command_id.to_string(),
+        run_id: cmd.run_id.to_string(),
         attempt: cmd.attempt,
         kind: "execute",
         result,
     };
-    Bytes::from(rmp_serde::to_vec_named(&Env { v: 1, kind: "step.outcome", body }).unwrap())
+    let env = Env { v: orchestrix_proto::PROTOCOL_VERSION, kind: "step.outcome", body };
+    Bytes::from(rmp_serde::to_vec_named(&env).unwrap())
 }
 
 // 7. Coordinators serving different flows share one NATS: starts go to one

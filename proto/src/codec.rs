@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned, de::IgnoredAny};
 /// The protocol version this build speaks. A message with another version is
 /// rejected with [`CodecError::UnsupportedVersion`]; within one version, fields
 /// are only ever added, and unknown fields are ignored.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Messages above this size are rejected before decoding (NATS' default `max_payload`).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -95,10 +95,13 @@ struct Header<'a> {
 /// whose body does not decode as a whole: enough to answer about it (a bad
 /// output fails its attempt rather than vanishing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MessageIds {
     /// The command.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: uuid::Uuid,
     /// Its run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: uuid::Uuid,
     /// Its attempt, when present.
     #[serde(default)]

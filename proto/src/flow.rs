@@ -13,7 +13,7 @@ use crate::{NameError, validate_name};
 
 /// A step as the coordinator sees it: its name and policies, no code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct StepDef {
     /// Step name, unique within its flow.
@@ -22,7 +22,7 @@ pub struct StepDef {
     #[serde(default)]
     pub retry: RetryPolicy,
     /// Time budget of each attempt.
-    #[serde(with = "opt_duration_ms", default, rename = "timeout_ms")]
+    #[serde(with = "opt_duration_ms", default, rename = "timeoutMs")]
     pub timeout: Option<Duration>,
     /// Whether the step has a compensation to run on rollback.
     #[serde(default)]
@@ -31,7 +31,7 @@ pub struct StepDef {
     #[serde(default = "RetryPolicy::compensation_default")]
     pub compensation_retry: RetryPolicy,
     /// Time budget of each compensation attempt.
-    #[serde(with = "opt_duration_ms", default, rename = "compensation_timeout_ms")]
+    #[serde(with = "opt_duration_ms", default, rename = "compensationTimeoutMs")]
     pub compensation_timeout: Option<Duration>,
     /// What an attempt with an unknown outcome means for this step.
     #[serde(default)]
@@ -48,7 +48,7 @@ pub struct StepDef {
     #[serde(
         with = "opt_duration_ms",
         default,
-        rename = "pause_timeout_ms",
+        rename = "pauseTimeoutMs",
         skip_serializing_if = "Option::is_none"
     )]
     pub pause_timeout: Option<Duration>,
@@ -212,7 +212,7 @@ impl StepDef {
 /// policies. Pure data: workers register it in the cluster's flow registry,
 /// and coordinators run from it while the handlers live in the workers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct FlowDef {
     /// Flow name.

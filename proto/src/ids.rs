@@ -26,7 +26,7 @@ macro_rules! id_type {
         /// UUID's 16 bytes.
         #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(Uuid);
+        pub struct $name(#[serde(with = "uuid_text")] Uuid);
 
         impl $name {
             /// A new id, ordered by creation time (UUIDv7).
@@ -108,6 +108,67 @@ id_type!(
     "command id"
 );
 
+/// Ids on the wire (protocol v2): a MessagePack or JSON **string**, the
+/// lowercase hyphenated UUID, whatever the format, so that every language
+/// reads them as it reads any other text. Decoding also takes the 16-byte
+/// binary form, which records stored before v2 hold.
+pub mod uuid_text {
+    use std::fmt;
+
+    use serde::{Deserializer, Serializer, de};
+    use uuid::Uuid;
+
+    /// Writes the id as its 36-character text.
+    pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        s.serialize_str(id.hyphenated().encode_lower(&mut buf))
+    }
+
+    /// Reads the text form (any case), or 16 raw bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+        d.deserialize_any(IdVisitor)
+    }
+
+    pub(crate) struct IdVisitor;
+
+    impl de::Visitor<'_> for IdVisitor {
+        type Value = Uuid;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a UUID as text, such as \"0190a5e4-7b1c-7d2e-8f00-1a2b3c4d5e6f\"")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Uuid, E> {
+            Uuid::parse_str(v).map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Uuid, E> {
+            Uuid::from_slice(v).map_err(|_| E::invalid_length(v.len(), &self))
+        }
+    }
+
+    /// The same for an optional id (`nil` or absent: none).
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+        use uuid::Uuid;
+
+        /// Writes `nil` or the id's text.
+        pub fn serialize<S: Serializer>(id: &Option<Uuid>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => super::serialize(id, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads `nil`, or an id as [`super::deserialize`] does.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Uuid>, D::Error> {
+            #[derive(Deserialize)]
+            struct Id(#[serde(with = "super")] Uuid);
+            Ok(Option::<Id>::deserialize(d)?.map(|id| id.0))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,12 +184,27 @@ mod tests {
     }
 
     #[test]
-    fn the_wire_form_is_the_uuid_s() {
+    fn the_wire_form_is_text_and_the_old_binary_form_still_reads() {
         let uuid = Uuid::now_v7();
         let id = RunId::from(uuid);
-        assert_eq!(rmp_serde::to_vec(&id).unwrap(), rmp_serde::to_vec(&uuid).unwrap());
+        assert_eq!(rmp_serde::to_vec(&id).unwrap(), rmp_serde::to_vec(&uuid.to_string()).unwrap());
+        let old = rmp_serde::to_vec(&serde_bytes_of(&uuid)).unwrap();
+        assert_eq!(rmp_serde::from_slice::<RunId>(&old).unwrap(), id);
+        let upper = rmp_serde::to_vec(&uuid.to_string().to_uppercase()).unwrap();
+        assert_eq!(rmp_serde::from_slice::<RunId>(&upper).unwrap(), id);
+        assert!(rmp_serde::from_slice::<RunId>(&rmp_serde::to_vec("42").unwrap()).is_err());
         assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{uuid}\""));
         assert_eq!(id, uuid);
         assert_eq!(format!("{id:?}"), format!("RunId({uuid})"));
+    }
+
+    fn serde_bytes_of(uuid: &Uuid) -> impl Serialize + '_ {
+        struct B<'a>(&'a [u8]);
+        impl Serialize for B<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        B(uuid.as_bytes())
     }
 }

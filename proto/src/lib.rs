@@ -30,6 +30,7 @@ mod payload;
 mod report;
 mod retry;
 mod subject;
+mod tagged;
 pub mod time;
 mod trace;
 
@@ -38,7 +39,7 @@ pub use codec::{
     decode_ids, decode_with_limit, encode, peek_kind,
 };
 pub use flow::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
-pub use ids::{CommandId, IdError, RunId};
+pub use ids::{CommandId, IdError, RunId, uuid_text};
 pub use messages::{
     Ack, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat, ListRequest,
     OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest, StepCancel,

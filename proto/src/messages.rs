@@ -28,6 +28,7 @@ impl CommandKind {
 
 /// The output a completed step produced, passed along to later steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepOutput {
     /// Name of the step that produced it.
     pub step: Arc<str>,
@@ -37,10 +38,13 @@ pub struct StepOutput {
 
 /// Coordinator → worker: run one attempt of a step or of its compensation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepCommand {
     /// Unique per attempt; workers de-duplicate on it.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: Uuid,
     /// The run this attempt belongs to.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Flow name.
     pub flow: Arc<str>,
@@ -62,7 +66,7 @@ pub struct StepCommand {
     pub outputs: Vec<StepOutput>,
     /// Time budget of this attempt, counted from when the worker starts it.
     /// `nil` when the step has no timeout.
-    #[serde(with = "time::opt_duration_ms", default)]
+    #[serde(with = "time::opt_duration_ms", default, rename = "timeoutMs")]
     pub timeout: Option<Duration>,
     /// Unix ms after which no worker may *start* this command: the coordinator
     /// sends it again elsewhere once it passes without an ack. `nil`: no limit.
@@ -81,10 +85,13 @@ impl Message for StepCommand {
 
 /// Worker → coordinator: a command was received and will be run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Ack {
     /// The command being acknowledged.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: Uuid,
     /// Its run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Its attempt number.
     pub attempt: u32,
@@ -98,10 +105,13 @@ impl Message for Ack {
 
 /// Worker → coordinator: a long-running command is still being worked on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Heartbeat {
     /// The command in progress.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: Uuid,
     /// Its run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Its attempt number.
     pub attempt: u32,
@@ -115,6 +125,7 @@ impl Message for Heartbeat {
 
 /// Why a step attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepFailure {
     /// Human-readable error message.
     pub message: String,
@@ -140,8 +151,7 @@ impl StepFailure {
 }
 
 /// The result of one attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OutcomeResult {
     /// The handler returned successfully.
     Completed {
@@ -154,10 +164,13 @@ pub enum OutcomeResult {
 
 /// Worker → coordinator: how an attempt ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepOutcome {
     /// The command this answers.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: Uuid,
     /// Its run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Its attempt number.
     pub attempt: u32,
@@ -173,6 +186,7 @@ impl Message for StepOutcome {
 
 /// Caller → coordinator: start a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunRequest {
     /// Name of a flow the coordinator knows.
     pub flow: String,
@@ -185,10 +199,10 @@ pub struct RunRequest {
     #[serde(default)]
     pub key: Option<String>,
     /// How long the key is remembered after its run ended.
-    #[serde(with = "time::opt_duration_ms", default)]
+    #[serde(with = "time::opt_duration_ms", default, rename = "ttlMs")]
     pub ttl: Option<Duration>,
     /// Deadline for the whole run, relative to its start.
-    #[serde(with = "time::opt_duration_ms", default)]
+    #[serde(with = "time::opt_duration_ms", default, rename = "timeoutMs")]
     pub timeout: Option<Duration>,
     /// Answer with the final report rather than at once with the run id.
     #[serde(default)]
@@ -210,8 +224,10 @@ impl Message for RunRequest {
 
 /// Caller → coordinator: the report of a run so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StatusRequest {
     /// The run asked about.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Answer once the run has finished, rather than with its report so far.
     #[serde(default)]
@@ -224,6 +240,7 @@ impl Message for StatusRequest {
 
 /// Caller → coordinator: recent runs, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ListRequest {
     /// Only runs in this status.
     #[serde(default)]
@@ -234,7 +251,7 @@ pub struct ListRequest {
     /// At most this many.
     pub limit: u32,
     /// Only runs older than this one (the cursor of the next page).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::uuid_text::option")]
     pub before: Option<Uuid>,
 }
 
@@ -243,8 +260,7 @@ impl Message for ListRequest {
 }
 
 /// Coordinator → caller: the answer to a [`RunRequest`], [`StatusRequest`] or [`ListRequest`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RunReply {
     /// The run was started (or found by its key) and is identified by this id.
     Accepted {
@@ -252,7 +268,6 @@ pub enum RunReply {
         run_id: Uuid,
         /// The idempotency key named an earlier run: nothing new started,
         /// this is that run.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         duplicate: bool,
     },
     /// The run's report (final, or so far for a status request).
@@ -266,11 +281,9 @@ pub enum RunReply {
         /// True when the same request may succeed later (the store was
         /// unavailable, say). A start with an idempotency key is then safe to
         /// send again: it either starts the run or finds it.
-        #[serde(default)]
         retryable: bool,
         /// Machine-readable reason, one of the `RunReply::CODE_*`
         /// constants; empty from coordinators older than it.
-        #[serde(default, skip_serializing_if = "String::is_empty")]
         code: String,
     },
 }
@@ -306,6 +319,7 @@ impl Message for RunReply {
 
 /// Any side → the sender of a message that could not be used: why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WireError {
     /// What was wrong, in words.
     pub message: String,
@@ -313,10 +327,10 @@ pub struct WireError {
     #[serde(default)]
     pub code: String,
     /// The command refused, when it could be read.
-    #[serde(default)]
+    #[serde(default, with = "crate::uuid_text::option")]
     pub command_id: Option<Uuid>,
     /// Its run, when it could be read.
-    #[serde(default)]
+    #[serde(default, with = "crate::uuid_text::option")]
     pub run_id: Option<Uuid>,
 }
 
@@ -356,8 +370,7 @@ impl Message for WireError {
 }
 
 /// What happened in a run, as published on `{prefix}.events.{run_id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
     /// The run started.
     RunStarted,
@@ -368,7 +381,6 @@ pub enum EventKind {
         /// Attempt number.
         attempt: u32,
         /// The parallel group the step runs in, if any.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<String>,
     },
     /// An attempt (action or compensation) failed; another follows after `delay_ms`.
@@ -415,7 +427,6 @@ pub enum EventKind {
         /// Step name.
         step: String,
         /// The parallel group the step belongs to, if any.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<String>,
     },
     /// A step's compensation completed.
@@ -463,8 +474,10 @@ pub enum EventKind {
 
 /// Coordinator → anyone: a run's lifecycle event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RunEvent {
     /// The run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Its flow.
     pub flow: String,
@@ -480,6 +493,7 @@ impl Message for RunEvent {
 
 /// A flow's definition in the cluster's flow registry, one per version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FlowRegistration {
     /// The definition.
     pub flow: crate::FlowDef,
@@ -499,6 +513,7 @@ impl Message for FlowRegistration {
 /// What one worker serves, renewed while it lives (an entry that is not
 /// renewed expires, and the worker counts as gone).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkerPresence {
     /// The worker's id (as in its acks).
     pub worker: String,
@@ -517,6 +532,7 @@ impl Message for WorkerPresence {
 
 /// Steps of one flow a worker serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServedFlow {
     /// Flow name.
     pub flow: Arc<str>,
@@ -531,10 +547,13 @@ pub struct ServedFlow {
 /// hears): the run was cancelled; whoever holds this command stops its
 /// handler, and nobody starts it any more.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StepCancel {
     /// The command to stop.
+    #[serde(with = "crate::uuid_text")]
     pub command_id: Uuid,
     /// Its run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// Its attempt.
     pub attempt: u32,
@@ -547,8 +566,10 @@ impl Message for StepCancel {
 /// Operator → coordinators (every coordinator hears it; the one running the
 /// run answers): act on a live run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ControlRequest {
     /// The run.
+    #[serde(with = "crate::uuid_text")]
     pub run_id: Uuid,
     /// What to do.
     pub action: crate::ControlAction,

@@ -184,7 +184,7 @@ pub struct StepReport {
     #[serde(default)]
     pub output: Option<Payload>,
     /// When the first attempt started.
-    #[serde(with = "time::opt_unix_ms", default)]
+    #[serde(with = "time::opt_unix_ms", default, rename = "startedAtMs")]
     pub started_at: Option<SystemTime>,
     /// From the first attempt's start to the final outcome, retries included.
     #[serde(with = "time::opt_duration_ms", default, rename = "durationMs")]
@@ -218,7 +218,7 @@ pub struct RunReport {
     #[serde(with = "time::duration_ms", rename = "durationMs")]
     pub duration: Duration,
     /// When the run started.
-    #[serde(with = "time::opt_unix_ms", default)]
+    #[serde(with = "time::opt_unix_ms", default, rename = "startedAtMs")]
     pub started_at: Option<SystemTime>,
     /// Why the run failed: the failing step's error.
     #[serde(default)]

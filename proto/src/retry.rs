@@ -20,25 +20,24 @@ use crate::time::{duration_ms, opt_duration_ms};
 /// assert_eq!(p.base_delay(3), Duration::from_millis(400));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct RetryPolicy {
     /// Retries after the first attempt: at most `retries + 1` attempts.
-    #[serde(alias = "max_retries")]
     pub retries: u32,
     /// Delay before the first retry.
-    #[serde(with = "duration_ms", rename = "retry_delay_ms", alias = "initial_delay_ms")]
+    #[serde(with = "duration_ms", rename = "retryDelayMs")]
     pub retry_delay: Duration,
     /// Factor applied to the delay after each retry (1.0: constant delay).
     pub backoff: f64,
     /// Upper bound of any delay.
-    #[serde(with = "duration_ms", rename = "max_delay_ms")]
+    #[serde(with = "duration_ms", rename = "maxDelayMs")]
     pub max_delay: Duration,
     /// Random spread of each delay, as a fraction of it (0.0 to 1.0).
     pub jitter: f64,
     /// Give up once this much time has passed since the first attempt began,
     /// even with retries left.
-    #[serde(with = "opt_duration_ms", rename = "max_duration_ms")]
+    #[serde(with = "opt_duration_ms", rename = "maxDurationMs")]
     pub max_duration: Option<Duration>,
 }
 
@@ -153,17 +152,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_name_per_idea_and_the_old_names_still_read() {
+    fn one_name_per_idea_in_the_quick_start_s_case() {
         let p = RetryPolicy::new().retries(3).retry_delay(Duration::from_millis(50));
         let json = serde_json::to_value(&p).unwrap();
-        assert_eq!(
-            (json["retries"].as_u64(), json["retry_delay_ms"].as_u64()),
-            (Some(3), Some(50))
-        );
-        // Registrations stored before the rename.
-        let old: RetryPolicy =
-            serde_json::from_str(r#"{"max_retries": 3, "initial_delay_ms": 50}"#).unwrap();
-        assert_eq!(old, p);
+        assert_eq!((json["retries"].as_u64(), json["retryDelayMs"].as_u64()), (Some(3), Some(50)));
+        let back: RetryPolicy =
+            serde_json::from_str(r#"{"retries": 3, "retryDelayMs": 50}"#).unwrap();
+        assert_eq!(back, p);
+        assert!(serde_json::from_str::<RetryPolicy>(r#"{"retry_delay_ms": 50}"#).is_err());
     }
 
     #[test]

@@ -120,7 +120,11 @@ fn every_message_round_trips() {
     round_trip(&RunReply::Accepted { run_id: id, duplicate: true });
     round_trip(&RunReply::Report(Box::new(report())));
     round_trip(&RunReply::rejected(RunReply::CODE_UNKNOWN_FLOW, "unknown flow `x`"));
-    round_trip(&RunReply::Rejected { error: "old".into(), retryable: false, code: String::new() });
+    round_trip(&RunReply::Rejected {
+        error: "old".into(),
+        retryable: false,
+        code: RunReply::CODE_OTHER.into(),
+    });
     round_trip(&RunReply::List(vec![report()]));
     round_trip(&ListRequest {
         status: Some(RunStatus::Failed),
@@ -177,13 +181,15 @@ fn another_version_is_named_as_such() {
         kind: &'a str,
         body: (u8, u8),
     }
-    let bytes = rmp_serde::to_vec_named(&Future { v: 2, kind: "step.ack", body: (1, 2) }).unwrap();
-    let err = decode::<Ack>(&bytes).unwrap_err();
-    assert!(
-        matches!(err, CodecError::UnsupportedVersion { found: 2, supported: PROTOCOL_VERSION }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("unsupported protocol version 2"));
+    for v in [1, 3] {
+        let bytes = rmp_serde::to_vec_named(&Future { v, kind: "step.ack", body: (1, 2) }).unwrap();
+        let err = decode::<Ack>(&bytes).unwrap_err();
+        assert!(
+            matches!(err, CodecError::UnsupportedVersion { found, supported: 2 } if found == v),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("unsupported protocol version {v}")));
+    }
 }
 
 #[test]

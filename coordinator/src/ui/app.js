@@ -104,7 +104,7 @@ async function listView() {
       el("td", { class: "id" }, el("a", { href: "/runs/" + r.runId }, r.runId)),
       el("td", {}, r.flow),
       el("td", {}, badge(r.status)),
-      el("td", {}, when(r.startedAt)),
+      el("td", {}, when(r.startedAtMs)),
       el("td", {}, ms(r.durationMs)),
       el("td", {}, r.failedStep || "")));
     if (append) { body.append(...rows); pages += 1; } else { body.replaceChildren(...rows); pages = 1; fresh.setAttribute("hidden", ""); }
@@ -157,7 +157,7 @@ async function runView() {
       el("dt", {}, "run"), el("dd", { class: "mono", id: "run-id" }, r.runId),
       el("dt", {}, "flow"), el("dd", {}, r.flow + (r.version ? " (version " + r.version + ")" : "")),
       el("dt", {}, "status"), el("dd", { id: "run-status" }, badge(r.status)),
-      el("dt", {}, "started"), el("dd", {}, when(r.startedAt)),
+      el("dt", {}, "started"), el("dd", {}, when(r.startedAtMs)),
       el("dt", {}, "duration"), el("dd", {}, ms(r.durationMs)));
     if (r.error) facts.append(el("dt", {}, "error"), el("dd", { class: "error", id: "run-error" }, r.error));
     if (r.failedStep) facts.append(el("dt", {}, "failed at"), el("dd", {}, r.failedStep));
