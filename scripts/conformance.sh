@@ -34,13 +34,18 @@ if [ -f "$ts/package.json" ]; then
         echo "skipped: npm is not installed"
     elif (
         set -e
-        sdk=sdk/typescript
-        if [ -f "$sdk/package.json" ] && [ ! -d "$sdk/node_modules" ]; then
-            npm --prefix "$sdk" ci --no-audit --no-fund
-        fi
-        if [ ! -d "$ts/node_modules" ]; then
-            npm --prefix "$ts" ci --no-audit --no-fund
-        fi
+        # Dependencies once (the lockfile's when there is one), then the build.
+        install() {
+            if [ -f "$1/package.json" ] && [ ! -d "$1/node_modules" ]; then
+                if [ -f "$1/package-lock.json" ]; then
+                    npm --prefix "$1" ci --no-audit --no-fund
+                else
+                    npm --prefix "$1" install --no-audit --no-fund
+                fi
+            fi
+        }
+        install sdk/typescript
+        install "$ts"
         npm --prefix "$ts" run build
     ); then
         "$kit" --worker "node '$PWD/$ts/dist/worker.js'" --worker-name typescript "$@" || status=1

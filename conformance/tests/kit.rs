@@ -57,7 +57,7 @@ fn an_unknown_scenario_is_refused_before_anything_starts() {
 }
 
 #[test]
-fn a_worker_that_never_gets_ready_is_reported_and_nothing_is_left_running() {
+fn a_worker_that_never_gets_ready_is_reported_with_its_stderr() {
     let kit = PathBuf::from(env!("CARGO_BIN_EXE_orchestrix-conformance"));
     let out = Command::new(&kit)
         .args(["--worker", "echo starting; echo oops >&2; exit 3", "--only", "success"])
