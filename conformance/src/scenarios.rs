@@ -82,12 +82,29 @@ async fn start(env: &Env, input: &ConformanceInput) -> Result<RunId, String> {
 
 /// Waits for the final report of `run`.
 async fn finish(env: &Env, run: RunId, within: Duration) -> Result<RunReport, String> {
-    match tokio::time::timeout(within, env.client.wait(run)).await {
-        Ok(Ok(report)) => Ok(report),
-        Ok(Err(e)) => Err(format!("cannot get the report of run {run}: {e}")),
-        Err(_) => {
-            let so_far = env.client.status(run).await.map(|r| one_line(&r)).unwrap_or_default();
-            Err(format!("run {run} did not finish within {within:?}; so far: {so_far}"))
+    // Each wait is bounded at 5 s and followed by a plain status request: a
+    // wait request that reached a coordinator just as it was killed
+    // (scenario 9) is never answered, and must not cost the scenario.
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_secs(5)), env.client.wait(run)).await {
+            Ok(Ok(report)) => return Ok(report),
+            Ok(Err(e)) => return Err(format!("cannot get the report of run {run}: {e}")),
+            Err(_) => {
+                let now = env.client.status(run).await;
+                if let Ok(report) = &now
+                    && report.status.is_terminal()
+                {
+                    return now.map_err(|e| e.to_string());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let so_far = now.map(|r| one_line(&r)).unwrap_or_else(|e| e.to_string());
+                    return Err(format!(
+                        "run {run} did not finish within {within:?}; so far: {so_far}"
+                    ));
+                }
+            }
         }
     }
 }
