@@ -7,7 +7,7 @@ use orchestrix_proto::{
     WorkerPresence,
 };
 
-const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/wire-protocol.md"));
+const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol/README.md"));
 
 #[test]
 fn every_message_kind_is_documented() {
@@ -28,7 +28,7 @@ fn every_message_kind_is_documented() {
         WireError::KIND,
     ];
     let missing: Vec<_> = kinds.iter().filter(|k| !DOC.contains(&format!("`{k}`"))).collect();
-    assert!(missing.is_empty(), "message kinds missing from docs/wire-protocol.md: {missing:?}");
+    assert!(missing.is_empty(), "message kinds missing from docs/protocol/README.md: {missing:?}");
 }
 
 #[test]
@@ -59,5 +59,5 @@ fn every_subject_is_documented() {
     };
     let missing: Vec<String> =
         subjects.iter().map(|s| notation(s)).filter(|n| !DOC.contains(&format!("`{n}`"))).collect();
-    assert!(missing.is_empty(), "subjects missing from docs/wire-protocol.md: {missing:?}");
+    assert!(missing.is_empty(), "subjects missing from docs/protocol/README.md: {missing:?}");
 }

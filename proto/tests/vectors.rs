@@ -587,3 +587,147 @@ fn what_the_schema_refuses_the_decoder_refuses_too() {
     let err = decode::<StepOutcome>(&str_input).unwrap_err().to_string();
     assert!(err.contains("bin"), "{err}");
 }
+
+/// The page of each message in `docs/protocol/messages/`, rendered from the
+/// schema and the vectors, so that the spec, the schema and the code cannot
+/// drift apart.
+#[test]
+fn every_message_has_its_spec_page() {
+    let schema = schema();
+    let defs = schema["$defs"].as_object().unwrap();
+    let pages = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/protocol/messages");
+    std::fs::create_dir_all(&pages).unwrap();
+    let msgs = messages();
+    let mut shared = Vec::new();
+    let mut index = String::from(
+        "# Messages of protocol v2\n\nGenerated from [`schema.json`](../schema.json) and the golden vectors by \
+         `proto/tests/vectors.rs` (`ORCHESTRIX_BLESS=1` rewrites it). Types are MessagePack's; \
+         every map key is camelCase, unknown keys are ignored, and an optional field may be \
+         absent or nil. See [the protocol](../README.md) for the rules.\n\n| kind | page |\n| --- | --- |\n",
+    );
+    for (def, body) in defs {
+        let Some(kind) = def.strip_prefix("message-") else { continue };
+        let body_ref = body["properties"]["body"]["$ref"].as_str().unwrap();
+        let body_def = body_ref.rsplit('/').next().unwrap();
+        let mut page = format!("# `{kind}`\n\n");
+        page += &format!(
+            "Envelope: `{{\"v\": 2, \"kind\": \"{kind}\", \"body\": …}}`. [All messages](README.md) · [shared types](types.md) · [rules](../README.md)\n\n"
+        );
+        render_def(&mut page, defs, body_def, "Body", &mut shared);
+        for (name, (bytes, _)) in &msgs {
+            let model = model(bytes);
+            if model["kind"] != kind {
+                continue;
+            }
+            page += &format!(
+                "\n## Example: `{name}`\n\n```json\n{}\n```\n\n",
+                String::from_utf8(pretty(&model)).unwrap().trim_end()
+            );
+            page += &format!(
+                "Bytes ([`proto/tests/vectors/{name}.msgpack`](../../../proto/tests/vectors/{name}.msgpack)), {} bytes.\n",
+                bytes.len()
+            );
+        }
+        check_file(&pages.join(format!("{kind}.md")), page.as_bytes());
+        index += &format!("| `{kind}` | [{kind}]({kind}.md) |\n");
+    }
+    check_file(&pages.join("README.md"), index.as_bytes());
+    let mut types = String::from(
+        "# Shared types of protocol v2\n\nGenerated from [`schema.json`](../schema.json); see [the messages](README.md).\n",
+    );
+    let mut done = std::collections::BTreeSet::new();
+    while let Some(def) = shared.pop() {
+        if !done.insert(def.clone()) {
+            continue;
+        }
+        let mut more = Vec::new();
+        render_def(&mut types, defs, &def, &def, &mut more);
+        shared.extend(more);
+    }
+    check_file(&pages.join("types.md"), types.as_bytes());
+}
+
+/// A definition as a section: a field table for a map, one table per variant
+/// for a union.
+fn render_def(
+    out: &mut String,
+    defs: &serde_json::Map<String, Value>,
+    def: &str,
+    title: &str,
+    shared: &mut Vec<String>,
+) {
+    let d = &defs[def];
+    out.push_str(&format!("\n## {title}\n\n"));
+    if let Some(desc) = d["description"].as_str() {
+        out.push_str(desc);
+        out.push_str("\n\n");
+    }
+    if let Some(variants) = d["oneOf"].as_array() {
+        out.push_str("A union: a map whose `type` names the variant.\n");
+        for v in variants {
+            let vdef = v["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+            let ty = defs[vdef]["properties"]["type"]["const"].as_str().unwrap();
+            out.push_str(&format!("\n### `type: \"{ty}\"`\n\n"));
+            fields(out, defs, vdef, shared);
+        }
+        return;
+    }
+    fields(out, defs, def, shared);
+}
+
+fn fields(
+    out: &mut String,
+    defs: &serde_json::Map<String, Value>,
+    def: &str,
+    shared: &mut Vec<String>,
+) {
+    let d = &defs[def];
+    let required: Vec<&str> =
+        d["required"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    out.push_str("| key | type | required | meaning |\n| --- | --- | --- | --- |\n");
+    for (key, prop) in d["properties"].as_object().unwrap() {
+        let desc = prop["description"].as_str().unwrap_or("");
+        let req = if required.contains(&key.as_str()) { "yes" } else { "no" };
+        out.push_str(&format!("| `{key}` | {} | {req} | {desc} |\n", type_of(prop, defs, shared)));
+    }
+}
+
+fn type_of(p: &Value, defs: &serde_json::Map<String, Value>, shared: &mut Vec<String>) -> String {
+    if let Some(r) = p["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap();
+        return match name {
+            "id" => "str (UUID text)".into(),
+            "ms" => "uint (ms)".into(),
+            "u32" => "uint (u32)".into(),
+            "name" => "str (name: `A–Z a–z 0–9 - _`, 1–128)".into(),
+            "payload" => "bin (one MessagePack value)".into(),
+            _ if defs[name]["enum"].is_array() => type_of(&defs[name], defs, shared),
+            _ => {
+                shared.push(name.to_owned());
+                format!("map [{name}](types.md#{})", name.to_lowercase())
+            }
+        };
+    }
+    if let Some(any) = p["anyOf"].as_array() {
+        return format!("{} or nil", type_of(&any[0], defs, shared));
+    }
+    if let Some(c) = p["const"].as_str() {
+        return format!("str `\"{c}\"`");
+    }
+    if let Some(c) = p["const"].as_u64() {
+        return format!("uint `{c}`");
+    }
+    if let Some(e) = p["enum"].as_array() {
+        let vals: Vec<String> = e.iter().map(|v| format!("`{}`", v.as_str().unwrap())).collect();
+        return format!("str: {}", vals.join(" / "));
+    }
+    match p["type"].as_str() {
+        Some("array") => format!("array of {}", type_of(&p["items"], defs, shared)),
+        Some("string") => "str".into(),
+        Some("boolean") => "bool".into(),
+        Some("integer") => "uint".into(),
+        Some("number") => "float64".into(),
+        Some("object") => "map".into(),
+        _ => panic!("no rendering for {p}"),
+    }
+}
