@@ -956,7 +956,14 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         None if via == Via::Inquiry => return, // not ours: another replica may hold it
         None => {}
     }
+    if let Some(why) = expired(&cmd, now_ms()) {
+        debug!(command = %cmd.command_id, %why, "stale command not started");
+        shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
+        return;
+    }
     let Some(handler) = reg.get(cmd.kind).cloned() else {
+        // An `error` with code `no_handler` (nothing ran): the coordinator
+        // fails the attempt for good, as the protocol says.
         let why = format!(
             "worker {} has no {} handler for step `{}` of flow `{}`",
             shared.id,
@@ -964,14 +971,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             cmd.step,
             cmd.flow
         );
-        shared.send(&reply, &fail(why)).await;
+        warn!(command = %cmd.command_id, %why, "command without a handler refused");
+        shared.send(&reply, &WireError::about(&cmd, WireError::CODE_NO_HANDLER, why)).await;
         return;
     };
-    if let Some(why) = expired(&cmd, now_ms()) {
-        debug!(command = %cmd.command_id, %why, "stale command not started");
-        shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
-        return;
-    }
     let stop = CancellationToken::new();
     let began = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(
         cmd.command_id,

@@ -1,0 +1,849 @@
+//! The scenarios. Each returns `Err(reason)` at the first check that does
+//! not hold; none sleeps to synchronise (each waits for a condition, with a
+//! bound).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use orchestrix::{ClientError, Rejection, RunId, RunOptions, RunReport, RunStatus, StepStatus};
+use orchestrix_proto::{
+    CommandKind, Heartbeat, Message, PROTOCOL_VERSION, Payload, StepCommand, StepReport, WireError,
+};
+use uuid::Uuid;
+
+use crate::effects::{self, Effects};
+use crate::flow::{
+    BOUNDED_TIMEOUT, ConformanceInput, EffectEvent::*, EffectKind::*, FLAKY_RETRY_DELAY, FLOW,
+    FailMode, STEPS,
+};
+use crate::kit::{Env, Envs};
+
+type Outcome = Result<(), String>;
+
+/// Fails the scenario with the message unless the condition holds.
+macro_rules! check {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err(format!($($arg)+));
+        }
+    };
+}
+
+/// Runs scenario `number`.
+pub(crate) async fn run(number: u32, envs: &Envs) -> Outcome {
+    fn need(env: &Option<std::sync::Arc<Env>>) -> Result<&Env, String> {
+        env.as_deref().ok_or_else(|| "its environment was not set up".to_owned())
+    }
+    match number {
+        1 => success(need(&envs.a)?).await,
+        2 => retries(need(&envs.a)?).await,
+        3 => permanent_error(need(&envs.a)?).await,
+        4 => heartbeats(need(&envs.a)?).await,
+        5 => step_timeout(need(&envs.a)?).await,
+        6 => deadline_refusal(need(&envs.a)?).await,
+        7 => malformed_input(need(&envs.a)?).await,
+        8 => cancel(need(&envs.a)?).await,
+        9 => coordinator_kill(need(&envs.b)?).await,
+        10 => mixed_replicas(need(&envs.c)?).await,
+        11 => no_handler(need(&envs.a)?).await,
+        n => Err(format!("no scenario {n}")),
+    }
+}
+
+/// A fresh input: nothing fails, nothing waits.
+fn input(tag: &str) -> ConformanceInput {
+    let id = Uuid::new_v4().simple().to_string();
+    ConformanceInput { id: format!("{tag}-{}", &id[..12]), ..ConformanceInput::default() }
+}
+
+/// Starts a run (with the input's id as its idempotency key, so a start
+/// retried while the coordinator learns the flow is safe).
+async fn start(env: &Env, input: &ConformanceInput) -> Result<RunId, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let options = RunOptions::new().key(format!("conformance:{}", input.id));
+        match env.client.start(FLOW, input, options).await {
+            Ok(id) => return Ok(id),
+            Err(e) => {
+                let again =
+                    matches!(e, ClientError::NoCoordinator { .. } | ClientError::Unavailable(_))
+                        || matches!(
+                            e.rejection(),
+                            Some(Rejection::UnknownFlow | Rejection::UnknownVersion)
+                        );
+                if !again || tokio::time::Instant::now() >= deadline {
+                    return Err(format!("cannot start a run of `{FLOW}`: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Waits for the final report of `run`.
+async fn finish(env: &Env, run: RunId, within: Duration) -> Result<RunReport, String> {
+    // Each wait is bounded at 5 s and followed by a plain status request: a
+    // wait request that reached a coordinator just as it was killed
+    // (scenario 9) is never answered, and must not cost the scenario.
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left.min(Duration::from_secs(5)), env.client.wait(run)).await {
+            Ok(Ok(report)) => return Ok(report),
+            Ok(Err(e)) => return Err(format!("cannot get the report of run {run}: {e}")),
+            Err(_) => {
+                let now = env.client.status(run).await;
+                if let Ok(report) = &now
+                    && report.status.is_terminal()
+                {
+                    return now.map_err(|e| e.to_string());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let so_far = now.map(|r| one_line(&r)).unwrap_or_else(|e| e.to_string());
+                    return Err(format!(
+                        "run {run} did not finish within {within:?}; so far: {so_far}"
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Runs `input` to its end.
+async fn run_to_end(
+    env: &Env,
+    input: &ConformanceInput,
+    within: Duration,
+) -> Result<(RunId, RunReport), String> {
+    let run = start(env, input).await?;
+    Ok((run, finish(env, run, within).await?))
+}
+
+/// A report in one line, for failure messages.
+fn one_line(r: &RunReport) -> String {
+    let steps: Vec<String> = r
+        .steps
+        .iter()
+        .map(|s| {
+            let mut t = format!("{} {:?}x{}", s.name, s.status, s.attempts);
+            if let Some(e) = &s.error {
+                t.push_str(&format!(" ({e})"));
+            }
+            if let Some(c) = &s.compensation {
+                t.push_str(&format!(" comp x{}", c.attempts));
+            }
+            t
+        })
+        .collect();
+    format!("{:?}: [{}]", r.status, steps.join("; "))
+}
+
+fn step<'a>(r: &'a RunReport, name: &str) -> Result<&'a StepReport, String> {
+    r.step(name).ok_or_else(|| format!("the report has no step `{name}`: {}", one_line(r)))
+}
+
+/// The run's effects once `done` holds (bounded at 5 s; the last reading otherwise).
+async fn effects_when(env: &Env, run: RunId, done: impl FnMut(&Effects) -> bool) -> Effects {
+    effects::wait_for(&env.effects, run.as_uuid(), Duration::from_secs(5), done).await
+}
+
+/// Checks each step's action started exactly once and ended (never
+/// stopped), and that every invocation's lines are well formed.
+fn each_step_once(fx: &Effects, steps: &[&str]) -> Outcome {
+    well_formed(fx)?;
+    for s in steps {
+        let (starts, ends) = (fx.count(s, Execute, Start), fx.count(s, Execute, End));
+        check!(
+            starts == 1 && ends == 1,
+            "step `{s}`: {starts} start(s) and {ends} end(s) of its action, expected 1 and 1; effects: {}",
+            fx.summary()
+        );
+    }
+    Ok(())
+}
+
+/// Every action started and ended (the run's effects are complete).
+fn all_ended(fx: &Effects) -> bool {
+    STEPS.iter().all(|s| fx.count(s, Execute, End) >= 1)
+}
+
+/// When the first line of `step`'s `kind` with `event` was written.
+fn at(
+    fx: &Effects,
+    step: &str,
+    kind: crate::flow::EffectKind,
+    event: crate::flow::EffectEvent,
+) -> Result<u64, String> {
+    fx.of(step, kind, event)
+        .first()
+        .map(|e| e.at_ms)
+        .ok_or_else(|| format!("no {kind:?} {event:?} line for `{step}`: {}", fx.summary()))
+}
+
+/// Every invocation (worker, step, kind, attempt) wrote `start` first,
+/// then exactly one of `end` or `stopped`, and nothing else.
+fn well_formed(fx: &Effects) -> Outcome {
+    let mut seen: std::collections::BTreeMap<
+        (&str, &str, bool, u32),
+        Vec<crate::flow::EffectEvent>,
+    > = std::collections::BTreeMap::new();
+    for e in &fx.0 {
+        let key = (e.worker.as_str(), e.step.as_str(), e.kind == Compensate, e.attempt);
+        seen.entry(key).or_default().push(e.event);
+    }
+    for ((worker, step, comp, attempt), events) in seen {
+        check!(
+            events == [Start, End] || events == [Start, Stopped],
+            "{} #{attempt} of `{step}` (worker {worker}) wrote {events:?}, expected [Start, End] or [Start, Stopped]: {}",
+            if comp { "compensation" } else { "action" },
+            fx.summary()
+        );
+    }
+    Ok(())
+}
+
+fn no_compensation(fx: &Effects) -> Outcome {
+    let comps: Vec<_> = fx.0.iter().filter(|e| e.kind == Compensate).collect();
+    check!(comps.is_empty(), "compensations ran in a run that completed: {}", fx.summary());
+    Ok(())
+}
+
+/// Scenario 1: All five steps complete in one attempt each, in order.
+async fn success(env: &Env) -> Outcome {
+    let (run, report) = run_to_end(env, &input("success"), Duration::from_secs(20)).await?;
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let names: Vec<&str> = report.steps.iter().map(|s| s.name.as_str()).collect();
+    check!(names == STEPS, "steps {names:?}, expected {STEPS:?}");
+    for s in &report.steps {
+        check!(
+            s.status == StepStatus::Completed && s.attempts == 1,
+            "step `{}`: {:?} after {} attempt(s), expected completed after 1: {}",
+            s.name,
+            s.status,
+            s.attempts,
+            one_line(&report)
+        );
+    }
+    let fx = effects_when(env, run, all_ended).await;
+    each_step_once(&fx, &STEPS)?;
+    no_compensation(&fx)?;
+    let name = env.worker_names.first().map(String::as_str).unwrap_or_default();
+    let others: Vec<&str> = fx.0.iter().map(|e| e.worker.as_str()).filter(|w| *w != name).collect();
+    check!(
+        others.is_empty(),
+        "effects signed {others:?}, expected `{name}` ($CONFORMANCE_WORKER_NAME)"
+    );
+    // In flow order: each step starts once the one before it ended.
+    for pair in STEPS.windows(2) {
+        let ended = at(&fx, pair[0], Execute, End)?;
+        let started = at(&fx, pair[1], Execute, Start)?;
+        check!(
+            started >= ended,
+            "`{}` started before `{}` ended: {}",
+            pair[1],
+            pair[0],
+            fx.summary()
+        );
+    }
+    Ok(())
+}
+
+/// Scenario 2: `flaky` fails twice, then succeeds, its attempts at least the retry delay apart.
+async fn retries(env: &Env) -> Outcome {
+    let mut i = input("retries");
+    i.flaky_failures = 2;
+    let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let flaky = step(&report, "flaky")?;
+    check!(
+        flaky.status == StepStatus::Completed && flaky.attempts == 3,
+        "flaky: {:?} after {} attempts, expected completed after 3",
+        flaky.status,
+        flaky.attempts
+    );
+    let fx = effects_when(env, run, all_ended).await;
+    let starts = fx.of("flaky", Execute, Start);
+    let attempts: Vec<u32> = starts.iter().map(|e| e.attempt).collect();
+    check!(
+        attempts == [1, 2, 3],
+        "flaky's attempts started: {attempts:?}, expected [1, 2, 3]; effects: {}",
+        fx.summary()
+    );
+    let delay = u64::try_from(FLAKY_RETRY_DELAY.as_millis()).unwrap_or(u64::MAX);
+    for pair in starts.windows(2) {
+        let gap = pair[1].at_ms.saturating_sub(pair[0].at_ms);
+        check!(
+            gap >= delay,
+            "attempts {} and {} of flaky started {gap} ms apart, expected >= {delay} ms",
+            pair[0].attempt,
+            pair[1].attempt
+        );
+    }
+    each_step_once(&fx, &["record", "slow", "bounded", "decide"])?;
+    no_compensation(&fx)
+}
+
+/// Scenario 3: `decide` declines for good: the completed compensable steps are
+/// compensated in reverse order, once each.
+async fn permanent_error(env: &Env) -> Outcome {
+    let mut i = input("permanent");
+    i.fail = FailMode::Permanent;
+    let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
+    check!(
+        report.status == RunStatus::Failed,
+        "run status {:?}, expected failed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let decide = step(&report, "decide")?;
+    let want = format!("declined: {}", i.id);
+    check!(
+        decide.status == StepStatus::Failed && decide.attempts == 1,
+        "decide: {:?} after {} attempt(s), expected failed after 1",
+        decide.status,
+        decide.attempts
+    );
+    check!(
+        decide.error.as_deref().is_some_and(|e| e.contains(&want)),
+        "decide's error {:?}, expected it to say {want:?}",
+        decide.error
+    );
+    for s in ["record", "flaky"] {
+        let r = step(&report, s)?;
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
+    }
+    let fx = effects_when(env, run, |fx| {
+        fx.count("record", Compensate, End) >= 1 && fx.count("decide", Execute, End) >= 1
+    })
+    .await;
+    well_formed(&fx)?;
+    check!(
+        fx.count("decide", Execute, Start) == 1,
+        "decide started {} times, expected once",
+        fx.count("decide", Execute, Start)
+    );
+    for s in ["flaky", "record"] {
+        let (starts, ends) = (fx.count(s, Compensate, Start), fx.count(s, Compensate, End));
+        check!(
+            starts == 1 && ends == 1,
+            "`{s}`'s compensation: {starts} start(s), {ends} end(s), expected 1 and 1; effects: {}",
+            fx.summary()
+        );
+    }
+    for s in ["slow", "bounded", "decide"] {
+        check!(
+            fx.count(s, Compensate, Start) == 0,
+            "`{s}` has no compensation, yet one ran: {}",
+            fx.summary()
+        );
+    }
+    let flaky_end = at(&fx, "flaky", Compensate, End)?;
+    let record_start = at(&fx, "record", Compensate, Start)?;
+    check!(
+        record_start >= flaky_end,
+        "record's compensation started before flaky's ended (reverse order expected): {}",
+        fx.summary()
+    );
+    Ok(())
+}
+
+/// Scenario 4: A step longer than the coordinator's heartbeat timeout completes in
+/// one attempt, kept alive by heartbeats seen on the wire.
+async fn heartbeats(env: &Env) -> Outcome {
+    let p = env.subjects.prefix().to_owned();
+    let nats_err = |e: async_nats::SubscribeError| format!("cannot subscribe: {e}");
+    let mut replies = env.nats.subscribe(format!("{p}.reply.>")).await.map_err(nats_err)?;
+    let mut commands =
+        env.nats.subscribe(env.subjects.step_any_version(FLOW, "slow")).await.map_err(nats_err)?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    let mut i = input("heartbeats");
+    i.slow_ms = 7000;
+    let run = start(env, &i).await?;
+    let report = finish(env, run, Duration::from_secs(25)).await?;
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let slow = step(&report, "slow")?;
+    check!(
+        slow.attempts == 1 && slow.status == StepStatus::Completed,
+        "slow: {:?} after {} attempts, expected completed after 1",
+        slow.status,
+        slow.attempts
+    );
+    // The slow step's command(s) of this run, then its heartbeats.
+    let mut slow_commands = Vec::new();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
+        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
+            && c.run_id == run.as_uuid()
+        {
+            slow_commands.push(c.command_id);
+        }
+    }
+    check!(
+        slow_commands.len() == 1,
+        "{} command(s) for slow seen on its subject, expected 1",
+        slow_commands.len()
+    );
+    let mut beats = 0;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await
+    {
+        if orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == Heartbeat::KIND)
+            && let Ok(h) = orchestrix_proto::decode::<Heartbeat>(&msg.payload)
+            && slow_commands.first() == Some(&h.command_id)
+        {
+            beats += 1;
+        }
+    }
+    check!(beats >= 5, "{beats} heartbeat(s) for slow's command during its 7 s, expected >= 5");
+    let fx = effects_when(env, run, all_ended).await;
+    each_step_once(&fx, &STEPS)
+}
+
+/// Scenario 5: `bounded` sleeps past its 1 s timeout: the worker stops it (stopped,
+/// no end), the outcome is unknown (maybe done) and the run rolls back.
+async fn step_timeout(env: &Env) -> Outcome {
+    let mut commands = env
+        .nats
+        .subscribe(env.subjects.step_any_version(FLOW, "bounded"))
+        .await
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    let mut i = input("timeout");
+    i.bounded_ms = 5000;
+    let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
+    // The command as the worker got it: its timeout and absolute deadline.
+    let mut sent = None;
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
+        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
+            && c.run_id == run.as_uuid()
+        {
+            sent = Some(c);
+        }
+    }
+    let sent = sent.ok_or("bounded's command was not seen on its step subject")?;
+    check!(
+        sent.timeout == Some(BOUNDED_TIMEOUT),
+        "bounded's command has timeout {:?}, expected {BOUNDED_TIMEOUT:?}",
+        sent.timeout
+    );
+    check!(
+        report.status == RunStatus::Failed,
+        "run status {:?}, expected failed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let bounded = step(&report, "bounded")?;
+    // A handler stopped at its timeout may have had its effect: the
+    // coordinator reports the attempt's outcome as unknown (not retried).
+    check!(
+        bounded.status == StepStatus::Unknown && bounded.attempts == 1,
+        "bounded: {:?} after {} attempt(s), expected unknown (maybe done) after 1: {}",
+        bounded.status,
+        bounded.attempts,
+        one_line(&report)
+    );
+    check!(
+        report.failed_step.as_deref() == Some("bounded"),
+        "failed step {:?}, expected bounded",
+        report.failed_step
+    );
+    let decide = step(&report, "decide")?;
+    check!(decide.attempts == 0, "decide ran ({} attempts) after bounded failed", decide.attempts);
+    for s in ["record", "flaky"] {
+        let r = step(&report, s)?;
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
+    }
+    let fx = effects_when(env, run, |fx| {
+        fx.count("bounded", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
+    })
+    .await;
+    well_formed(&fx)?;
+    let (starts, stopped, ends) = (
+        fx.count("bounded", Execute, Start),
+        fx.count("bounded", Execute, Stopped),
+        fx.count("bounded", Execute, End),
+    );
+    check!(
+        (starts, stopped, ends) == (1, 1, 0),
+        "bounded: {starts} start(s), {stopped} stopped, {ends} end(s); expected 1, 1, 0: {}",
+        fx.summary()
+    );
+    // Stopped at the end of its budget: 1 s from its start, or its
+    // deadline if that comes first (the time the command spent in transit).
+    let (started, stopped) =
+        (at(&fx, "bounded", Execute, Start)?, at(&fx, "bounded", Execute, Stopped)?);
+    let timeout = u64::try_from(BOUNDED_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+    let due = sent.deadline_ms.map_or(started + timeout, |d| d.min(started + timeout));
+    // 20 ms of leeway for rounding to ms and timer granularity.
+    check!(
+        stopped + 20 >= due && stopped <= due + 1500,
+        "bounded was stopped {} ms after it started, {} ms after its budget ended (expected within 0..1500 ms)",
+        stopped.saturating_sub(started),
+        i128::from(stopped) - i128::from(due)
+    );
+    check!(
+        fx.count("decide", Execute, Start) == 0,
+        "decide ran after bounded timed out: {}",
+        fx.summary()
+    );
+    for s in ["flaky", "record"] {
+        check!(
+            fx.count(s, Compensate, Start) == 1,
+            "`{s}` compensated {} times, expected once: {}",
+            fx.count(s, Compensate, Start),
+            fx.summary()
+        );
+    }
+    Ok(())
+}
+
+/// A command for `step` of the flow's registered version.
+fn raw_command(
+    version: &str,
+    step: &str,
+    index: u32,
+    kind: CommandKind,
+) -> Result<StepCommand, String> {
+    Ok(StepCommand {
+        command_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        flow: FLOW.into(),
+        version: version.into(),
+        step: step.into(),
+        step_index: index,
+        kind,
+        attempt: 1,
+        input: Payload::encode(&input("raw"))
+            .map_err(|e| format!("cannot encode an input: {e}"))?,
+        outputs: Vec::new(),
+        timeout: None,
+        start_by_ms: None,
+        deadline_ms: None,
+    })
+}
+
+/// What a worker answered to a raw request.
+enum Answer {
+    Error(WireError),
+    Other(String),
+}
+
+/// Sends `payload` on `step`'s subject as a request, with the header that
+/// names its `kind` (as coordinators send it); the decoded answer.
+async fn ask(
+    env: &Env,
+    version: &str,
+    step: &str,
+    kind: &str,
+    payload: Vec<u8>,
+) -> Result<Answer, String> {
+    let subject = env.subjects.step(FLOW, version, step);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(orchestrix_proto::headers::MESSAGE_KIND, kind);
+    let request = env.nats.request_with_headers(subject.clone(), headers, payload.into());
+    let reply = tokio::time::timeout(Duration::from_secs(5), request)
+        .await
+        .map_err(|_| format!("no answer on {subject} within 5 s"))?
+        .map_err(|e| format!("no answer on {subject}: {e}"))?;
+    let kind = orchestrix_proto::peek_kind(&reply.payload)
+        .map(|(_, k)| k)
+        .map_err(|e| format!("the answer does not decode: {e}"))?;
+    if kind == WireError::KIND {
+        return orchestrix_proto::decode::<WireError>(&reply.payload)
+            .map(Answer::Error)
+            .map_err(|e| format!("the `error` answer does not decode: {e}"));
+    }
+    let detail = match orchestrix_proto::decode::<orchestrix_proto::StepOutcome>(&reply.payload) {
+        Ok(o) => format!("{kind} {:?}", o.result),
+        Err(_) => kind,
+    };
+    Ok(Answer::Other(detail))
+}
+
+/// Checks the answer is an `error` with `code`.
+fn expect_error(answer: Answer, code: &str, what: &str) -> Result<WireError, String> {
+    match answer {
+        Answer::Error(e) if e.code == code => Ok(e),
+        Answer::Error(e) => Err(format!(
+            "{what}: answered `error` code {:?} ({}), expected code {code}",
+            e.code, e.message
+        )),
+        Answer::Other(o) => {
+            Err(format!("{what}: answered {o}, expected an `error` with code {code}"))
+        }
+    }
+}
+
+/// No effect of `run` shows within a short observation window.
+async fn nothing_ran(env: &Env, run: Uuid, what: &str) -> Outcome {
+    let fx =
+        effects::wait_for(&env.effects, run, Duration::from_millis(300), |fx| !fx.is_empty()).await;
+    check!(fx.is_empty(), "{what}: the worker ran a handler all the same: {}", fx.summary());
+    Ok(())
+}
+
+/// Scenario 6: A command past its deadline is refused with `expired`, and not run.
+async fn deadline_refusal(env: &Env) -> Outcome {
+    let version = env.version().await?;
+    let mut cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
+    let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
+    cmd.deadline_ms = Some(now.saturating_sub(10_000));
+    let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
+    let answer = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
+    let e = expect_error(answer, WireError::CODE_EXPIRED, "a command 10 s past its deadline")?;
+    check!(
+        e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
+        "the `expired` error names command {:?} of run {:?}, expected {} of {}",
+        e.command_id,
+        e.run_id,
+        cmd.command_id,
+        cmd.run_id
+    );
+    nothing_ran(env, cmd.run_id, "a command past its deadline").await
+}
+
+/// An envelope like the codec's, with any version, kind and body.
+#[derive(serde::Serialize)]
+struct RawEnvelope<'a, B> {
+    v: u16,
+    kind: &'a str,
+    body: &'a B,
+}
+
+/// Scenario 7: Garbage, another protocol version and another kind of message on a
+/// step subject are each answered `malformed`, and the worker goes on.
+async fn malformed_input(env: &Env) -> Outcome {
+    let version = env.version().await?;
+    let garbage = b"\xc1 this is not MessagePack \xff\x00".to_vec();
+    let e = ask(env, &version, "record", StepCommand::KIND, garbage).await?;
+    expect_error(e, WireError::CODE_MALFORMED, "garbage bytes")?;
+
+    let cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
+    let future = RawEnvelope { v: PROTOCOL_VERSION + 1, kind: StepCommand::KIND, body: &cmd };
+    let bytes = rmp_serde::to_vec_named(&future).map_err(|e| format!("cannot encode: {e}"))?;
+    let e = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
+    expect_error(
+        e,
+        WireError::CODE_MALFORMED,
+        &format!("a command of protocol version {}", PROTOCOL_VERSION + 1),
+    )?;
+    nothing_ran(env, cmd.run_id, "a command of another protocol version").await?;
+
+    let hb = Heartbeat {
+        command_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        attempt: 1,
+        worker: "kit".into(),
+    };
+    let bytes = orchestrix_proto::encode(&hb).map_err(|e| format!("cannot encode: {e}"))?;
+    let e = ask(env, &version, "record", Heartbeat::KIND, bytes).await?;
+    expect_error(e, WireError::CODE_MALFORMED, "a `step.heartbeat` on a step subject")?;
+
+    let (run, report) = run_to_end(env, &input("after-malformed"), Duration::from_secs(20)).await?;
+    check!(
+        report.status == RunStatus::Completed,
+        "a normal run after the malformed messages: {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
+    let fx = effects_when(env, run, all_ended).await;
+    each_step_once(&fx, &STEPS)
+}
+
+/// Scenario 8: A run cancelled while `slow` runs: `slow` is stopped, the completed
+/// steps compensated in reverse, the run ends cancelled.
+async fn cancel(env: &Env) -> Outcome {
+    let mut i = input("cancel");
+    i.slow_ms = 20_000;
+    let run = start(env, &i).await?;
+    let fx = effects_when(env, run, |fx| fx.count("slow", Execute, Start) >= 1).await;
+    check!(fx.count("slow", Execute, Start) == 1, "slow did not start: {}", fx.summary());
+    env.client
+        .cancel(run, "conformance-kit", Some("conformance scenario 8"))
+        .await
+        .map_err(|e| format!("cancel refused: {e}"))?;
+    let report = finish(env, run, Duration::from_secs(15)).await?;
+    check!(
+        report.status == RunStatus::Cancelled,
+        "run status {:?}, expected cancelled: {}",
+        report.status,
+        one_line(&report)
+    );
+    for s in ["record", "flaky"] {
+        let r = step(&report, s)?;
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(&report)
+        );
+    }
+    let fx = effects_when(env, run, |fx| {
+        fx.count("slow", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
+    })
+    .await;
+    well_formed(&fx)?;
+    check!(
+        fx.count("slow", Execute, Stopped) == 1 && fx.count("slow", Execute, End) == 0,
+        "slow: {} stopped, {} end(s); expected stopped once and no end: {}",
+        fx.count("slow", Execute, Stopped),
+        fx.count("slow", Execute, End),
+        fx.summary()
+    );
+    for s in ["bounded", "decide"] {
+        check!(
+            fx.count(s, Execute, Start) == 0,
+            "`{s}` ran in a run cancelled before it: {}",
+            fx.summary()
+        );
+    }
+    for s in ["flaky", "record"] {
+        check!(
+            fx.count(s, Compensate, Start) == 1,
+            "`{s}` compensated {} times, expected once: {}",
+            fx.count(s, Compensate, Start),
+            fx.summary()
+        );
+    }
+    let flaky_end = at(&fx, "flaky", Compensate, End)?;
+    let record_start = at(&fx, "record", Compensate, Start)?;
+    check!(
+        record_start >= flaky_end,
+        "record compensated before flaky (reverse order expected): {}",
+        fx.summary()
+    );
+    Ok(())
+}
+
+/// Scenario 9: The coordinator driving a run is SIGKILLed while `slow` runs; a second
+/// coordinator on the same JetStream store takes the run over; `slow` is
+/// not started again and every step ran once.
+async fn coordinator_kill(env: &Env) -> Outcome {
+    // Only the first coordinator is up: it is the one that takes the run.
+    let live = env.coordinators.lock().await.len();
+    check!(live == 1, "{live} coordinators before the run, expected 1");
+    // Commands seen passively: who sent each (its reply subject names the coordinator).
+    let mut commands = env
+        .nats
+        .subscribe(format!("{}.step.{FLOW}.>", env.subjects.prefix()))
+        .await
+        .map_err(|e| format!("cannot subscribe: {e}"))?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    let mut i = input("takeover");
+    i.slow_ms = 6000;
+    let run = start(env, &i).await?;
+    let fx = effects_when(env, run, |fx| fx.count("slow", Execute, Start) >= 1).await;
+    check!(fx.count("slow", Execute, Start) == 1, "slow did not start: {}", fx.summary());
+    env.start_coordinator().await.map_err(|e| format!("the second coordinator: {e}"))?;
+    env.kill_first_coordinator().await;
+    let report = finish(env, run, Duration::from_secs(30)).await?;
+    let mut senders: Vec<(String, String)> = Vec::new();
+    while let Ok(Some(msg)) =
+        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
+    {
+        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
+            && c.run_id == run.as_uuid()
+        {
+            senders
+                .push((c.step.to_string(), msg.reply.map(|r| r.to_string()).unwrap_or_default()));
+        }
+    }
+    let sender = |step: &str| senders.iter().find(|(s, _)| s == step).map(|(_, r)| r.clone());
+    check!(
+        sender("record").is_some()
+            && sender("decide").is_some()
+            && sender("record") != sender("decide"),
+        "record's and decide's commands should come from two coordinators (the run taken over), saw {senders:?}"
+    );
+    check!(
+        report.status == RunStatus::Completed,
+        "run status {:?}, expected completed: {}",
+        report.status,
+        one_line(&report)
+    );
+    for s in &report.steps {
+        check!(
+            s.attempts == 1,
+            "`{}` took {} attempts, expected 1: {}",
+            s.name,
+            s.attempts,
+            one_line(&report)
+        );
+    }
+    let fx = effects_when(env, run, all_ended).await;
+    each_step_once(&fx, &STEPS)?;
+    no_compensation(&fx)
+}
+
+/// Scenario 10: Next to the Rust reference worker: the same version, 20 runs shared
+/// between both, every step once.
+async fn mixed_replicas(env: &Env) -> Outcome {
+    let (versions, workers) = env.registry().await?;
+    check!(
+        versions.len() == 1,
+        "the registry holds {} versions of `{FLOW}` ({versions:?}): the worker under test and the Rust reference do not define the same flow",
+        versions.len()
+    );
+    check!(workers == 2, "{workers} live workers of `{FLOW}`, expected 2");
+    let inputs: Vec<ConformanceInput> = (0..20).map(|n| input(&format!("mixed{n}"))).collect();
+    let runs = futures::future::join_all(
+        inputs.iter().map(|i| run_to_end(env, i, Duration::from_secs(30))),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for r in runs {
+        let (run, report) = r?;
+        check!(
+            report.status == RunStatus::Completed,
+            "run {run}: {:?}, expected completed: {}",
+            report.status,
+            one_line(&report)
+        );
+        ids.push(run);
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for run in ids {
+        let fx = effects_when(env, run, all_ended).await;
+        each_step_once(&fx, &STEPS).map_err(|e| format!("run {run}: {e}"))?;
+        names.extend(fx.0.iter().map(|e| e.worker.clone()));
+    }
+    check!(names.len() == 2, "commands went to workers {names:?}, expected both");
+    Ok(())
+}
+
+/// Scenario 11: A compensation command for `decide`, which has none: `no_handler`.
+async fn no_handler(env: &Env) -> Outcome {
+    let version = env.version().await?;
+    let cmd = raw_command(&version, "decide", 4, CommandKind::Compensate)?;
+    let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
+    let answer = ask(env, &version, "decide", StepCommand::KIND, bytes).await?;
+    expect_error(answer, WireError::CODE_NO_HANDLER, "a compensate command for `decide`")?;
+    nothing_ran(env, cmd.run_id, "a command without a handler").await
+}
