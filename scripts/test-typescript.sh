@@ -5,7 +5,7 @@
 # vectors of proto/tests/vectors, version hashes) and end-to-end tests against
 # a real nats-server and the real coordinator binary (the quick start, keyed
 # runs, bad commands, the conformance flow, a Rust and a TypeScript replica of
-# one flow).
+# one flow), then the conformance kit against the TypeScript worker.
 #
 #   scripts/test-typescript.sh
 #
@@ -47,6 +47,7 @@ if [[ -z "${ORCHESTRIX_BIN:-}" ]]; then
   echo "== building the coordinator and the Rust payment worker"
   nice cargo build -j2 -q -p orchestrix-coordinator --bin orchestrix
   nice cargo build -j2 -q --example payment_worker
+  nice cargo build -j2 -q -p orchestrix-conformance --bins
   export ORCHESTRIX_BIN="$CARGO_TARGET_DIR/debug/orchestrix"
   export PAYMENT_WORKER_BIN="${PAYMENT_WORKER_BIN:-$CARGO_TARGET_DIR/debug/examples/payment_worker}"
 fi
@@ -65,4 +66,19 @@ status=0
 wait "$test_pid" || status=$?
 cleanup
 test_pid=""
+cd "$ROOT"
+
+# The conformance kit (conformance/README.md) against the TypeScript worker.
+kit="$(dirname "$ORCHESTRIX_BIN")/orchestrix-conformance"
+if [[ -x "$kit" ]]; then
+  echo "== conformance kit against the TypeScript worker"
+  "$kit" --orchestrix "$ORCHESTRIX_BIN" --nats-server "$NATS_SERVER_BIN" \
+    --worker "node conformance/workers/typescript/dist/worker.js" --worker-name ts &
+  test_pid=$!
+  wait "$test_pid" || status=1
+  cleanup
+  test_pid=""
+else
+  echo "== conformance kit not built ($kit): skipped"
+fi
 exit "$status"

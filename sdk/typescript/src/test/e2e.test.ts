@@ -91,6 +91,9 @@ describe("end to end with nats-server and the coordinator", { skip }, () => {
   });
 
   test("a keyed run returns the same run twice, and runs once", async () => {
+    // The earlier test's flow (same definition) may still be served from this
+    // process: closing the default connection leaves only this flow's worker.
+    await close();
     const counts: Record<string, number> = {};
     const flow = paymentFlow(counts);
     const input = { orderId: `order_${Date.now()}`, amount: 50, userId: "user_C" };
