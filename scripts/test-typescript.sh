@@ -60,7 +60,7 @@ echo "== npm ci and build"
 
 echo "== tests"
 cd sdk/typescript
-ORCHESTRIX_E2E=1 node --test --test-concurrency=1 --test-reporter=spec dist/test/ &
+ORCHESTRIX_E2E=1 node --test --test-concurrency=1 --test-reporter=spec dist/test/*.test.js &
 test_pid=$!
 status=0
 wait "$test_pid" || status=$?

@@ -12,7 +12,8 @@ import { Worker } from "./worker.js";
 
 class Session {
   private nc: Promise<NatsConnection> | undefined;
-  private readonly workers = new Map<Flow<unknown>, Promise<Worker>>();
+  /** The worker serving each flow, by the version it serves (a flow given a step later is another version). */
+  private readonly workers = new Map<Flow<unknown>, { version: string; worker: Promise<Worker> }>();
   private users = 0;
   private idle: NodeJS.Timeout | undefined;
   private closing: Promise<void> | undefined;
@@ -50,21 +51,29 @@ class Session {
     }, 50);
   }
 
-  serve(flow: Flow<unknown>, nc: NatsConnection): Promise<Worker> {
-    let w = this.workers.get(flow);
-    if (!w) {
-      w = Worker.start({ flows: [flow], connection: nc, prefix: this.settings.prefix });
-      w.catch(() => this.workers.delete(flow));
-      this.workers.set(flow, w);
+  async serve(flow: Flow<unknown>, nc: NatsConnection): Promise<Worker> {
+    const version = flow.version;
+    const current = this.workers.get(flow);
+    if (current && current.version === version) return current.worker;
+    if (current) {
+      // The flow changed since it was first served: serve the new version instead.
+      this.workers.delete(flow);
+      await current.worker.then((w) => w.close()).catch(() => undefined);
     }
-    return w;
+    const worker = Worker.start({ flows: [flow], connection: nc, prefix: this.settings.prefix });
+    const entry = { version, worker };
+    worker.catch(() => {
+      if (this.workers.get(flow) === entry) this.workers.delete(flow);
+    });
+    this.workers.set(flow, entry);
+    return worker;
   }
 
   close(): Promise<void> {
     this.closing ??= (async () => {
       const workers = [...this.workers.values()];
       this.workers.clear();
-      for (const w of workers) await w.then((x) => x.close()).catch(() => undefined);
+      for (const w of workers) await w.worker.then((x) => x.close()).catch(() => undefined);
       const nc = this.nc;
       this.nc = undefined;
       if (nc) await nc.then((c) => c.drain()).catch(() => undefined);
@@ -105,8 +114,7 @@ export async function runServed(flow: Flow<unknown>, input: unknown, options: Ru
   const s = session();
   const nc = await s.acquire();
   try {
-    const worker = await s.serve(flow, nc);
-    void worker;
+    await s.serve(flow, nc);
     const client = new Client(nc, { prefix: s.settings.prefix, retryUnknownForMs: 15_000 });
     return await client.run(flow.name, input, { ...options, version: options.version ?? flow.version });
   } finally {
