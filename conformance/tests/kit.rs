@@ -68,3 +68,19 @@ fn a_worker_that_never_gets_ready_is_reported_with_its_stderr() {
     assert!(stderr.contains("did not become ready") && stderr.contains("it exited"), "{stderr}");
     assert!(stderr.contains("oops"), "the worker's stderr is shown: {stderr}");
 }
+
+/// The Rust flow makes the version the golden vector pins, the one every
+/// SDK's conformance worker must make too.
+#[test]
+fn the_reference_flow_has_the_pinned_version() {
+    let flow = orchestrix_conformance::flow::conformance_flow(
+        orchestrix_conformance::flow::EffectLog::new(None, "test"),
+    );
+    let vector = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../proto/tests/vectors/flow-conformance.json"),
+    )
+    .unwrap();
+    let vector: serde_json::Value = serde_json::from_str(&vector).unwrap();
+    assert_eq!(Some(&*flow.definition().version()), vector["version"].as_str());
+}
