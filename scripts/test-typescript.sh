@@ -79,6 +79,7 @@ if [[ -x "$kit" ]]; then
   cleanup
   test_pid=""
 else
-  echo "== conformance kit not built ($kit): skipped"
+  echo "== the conformance kit is not built ($kit): cargo build -p orchestrix-conformance" >&2
+  status=1
 fi
 exit "$status"

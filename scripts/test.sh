@@ -79,3 +79,17 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo build --workspace --bins --examples -j2
 cargo test --workspace --all-targets -j2 "$@"
 cargo test --workspace --doc -j2
+
+# The TypeScript SDK (unit tests against the golden vectors, end to end with
+# the coordinator built above, the quick start) and the conformance kit
+# against its worker. Left out when arguments select Rust tests, or with
+# ORCHESTRIX_SKIP_TYPESCRIPT=1.
+if [ $# -eq 0 ] && [ -z "${ORCHESTRIX_SKIP_TYPESCRIPT:-}" ]; then
+    node_major=$(node --version 2>/dev/null | sed -n 's/^v\([0-9]*\).*/\1/p')
+    if [ -z "$node_major" ] || [ "$node_major" -lt 20 ]; then
+        echo "the TypeScript SDK's tests need Node.js 20 or newer (found: ${node_major:-none}); set ORCHESTRIX_SKIP_TYPESCRIPT=1 to leave them out" >&2
+        exit 1
+    fi
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/debug"
+    ORCHESTRIX_BIN="$bin/orchestrix" PAYMENT_WORKER_BIN="$bin/examples/payment_worker" ./scripts/test-typescript.sh
+fi

@@ -16,17 +16,26 @@ use orchestrix_proto::StepFailure;
 pub struct StepError {
     message: String,
     retryable: bool,
+    /// The handler ran, so its effect may have happened (its output could
+    /// not be encoded, say): the outcome is unknown, not a plain failure.
+    maybe_done: bool,
 }
 
 impl StepError {
     /// An error that the step's retry policy may retry.
     pub fn retryable(message: impl fmt::Display) -> Self {
-        StepError { message: message.to_string(), retryable: true }
+        StepError { message: message.to_string(), retryable: true, maybe_done: false }
     }
 
     /// An error that no retry can fix: the step fails at once.
     pub fn permanent(message: impl fmt::Display) -> Self {
-        StepError { message: message.to_string(), retryable: false }
+        StepError { message: message.to_string(), retryable: false, maybe_done: false }
+    }
+
+    /// A permanent error after which the handler's effect may have
+    /// happened all the same (its output could not be encoded).
+    pub(crate) fn after_effect(message: impl fmt::Display) -> Self {
+        StepError { message: message.to_string(), retryable: false, maybe_done: true }
     }
 
     /// This error, made permanent.
@@ -48,7 +57,11 @@ impl StepError {
 
     /// The wire form of this error.
     pub fn into_failure(self) -> StepFailure {
-        StepFailure::new(self.message, self.retryable)
+        StepFailure {
+            message: self.message,
+            retryable: self.retryable,
+            maybe_done: self.maybe_done,
+        }
     }
 }
 
@@ -76,7 +89,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for StepError {
             message.push_str(&cause.to_string());
             source = cause.source();
         }
-        StepError { message, retryable: true }
+        StepError { message, retryable: true, maybe_done: false }
     }
 }
 

@@ -66,7 +66,7 @@ where
         Box::pin(async move {
             let out = fut.await?;
             Payload::encode(&out)
-                .map_err(|e| StepError::permanent(format!("step output does not encode: {e}")))
+                .map_err(|e| StepError::after_effect(format!("step output does not encode: {e}")))
         })
     }))
 }
@@ -286,6 +286,22 @@ mod tests {
         let OutcomeResult::Failed(f) = out else { panic!() };
         assert!(!f.retryable);
         assert!(f.message.starts_with("run input does not decode"), "{}", f.message);
+    }
+
+    #[tokio::test]
+    async fn an_output_that_does_not_encode_fails_for_good_maybe_done() {
+        struct Unencodable;
+        impl serde::Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no wire form"))
+            }
+        }
+        let h = handler(|_: StepContext<u32>| async { Ok(Unencodable) });
+        let out = run_command(&h, cmd(Payload::encode(&5u32).unwrap(), None)).await;
+        let OutcomeResult::Failed(f) = out else { panic!("{out:?}") };
+        // The handler ran: its effect may have happened.
+        assert!(!f.retryable && f.maybe_done, "{f:?}");
+        assert!(f.message.contains("does not encode"), "{}", f.message);
     }
 
     #[tokio::test]

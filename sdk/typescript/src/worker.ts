@@ -550,7 +550,7 @@ export class Worker {
           return { type: "completed", output: encodeValue(out) };
         } catch (e) {
           // The handler ran: its effect may have happened (protocol §5.1, rule 6).
-          return { type: "failed", message: `the step's output does not encode: ${errorMessage(e)}`, retryable: true, maybeDone: true };
+          return { type: "failed", message: `the step's output does not encode: ${errorMessage(e)}`, retryable: false, maybeDone: true };
         }
       } catch (e) {
         return { type: "failed", message: errorMessage(e), retryable: isRetryable(e) };

@@ -187,7 +187,7 @@ describe("the worker, command by command", { skip }, () => {
     assert.deepEqual(await result("retry"), { type: "failed", message: "try again", retryable: true, maybeDone: false });
     assert.deepEqual(await result("string"), { type: "failed", message: "plain text", retryable: true, maybeDone: false });
     const odd = await result("unencodable");
-    assert.ok(odd.type === "failed" && odd.retryable && odd.maybeDone && /does not encode/.test(odd.message), JSON.stringify(odd));
+    assert.ok(odd.type === "failed" && !odd.retryable && odd.maybeDone && /does not encode/.test(odd.message), JSON.stringify(odd));
     const big = await result("big");
     assert.ok(big.type === "failed" && !big.retryable && big.maybeDone && /over the 4096-byte message limit/.test(big.message), JSON.stringify(big));
   });
