@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what the tests need
 # (a nats-server new enough for JetStream KV with per-key TTL), then runs every
-# test of the workspace. Extra arguments go to `cargo test`;
+# test of the workspace, and the TypeScript SDK's with the conformance kit.
+# Extra arguments go to `cargo test` (and leave the TypeScript lane out);
 # `--install-only` stops once nats-server is installed and checked.
 # ORCHESTRIX_TOOLS sets where tools go (default: target/tools).
 set -euo pipefail
@@ -77,19 +78,66 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # The end-to-end tests drive the built `orchestrix` binary and example worker.
 cargo build --workspace --bins --examples -j2
-cargo test --workspace --all-targets -j2 "$@"
-cargo test --workspace --doc -j2
+# Every test binary built up front: the lanes below then only run them.
+cargo test --workspace --all-targets -j2 --no-run "$@"
 
-# The TypeScript SDK (unit tests against the golden vectors, end to end with
-# the coordinator built above, the quick start) and the conformance kit
-# against its worker. Left out when arguments select Rust tests, or with
-# ORCHESTRIX_SKIP_TYPESCRIPT=1.
-if [ $# -eq 0 ] && [ -z "${ORCHESTRIX_SKIP_TYPESCRIPT:-}" ]; then
+if [ $# -gt 0 ]; then
+    cargo test --workspace --all-targets -j2 "$@"
+    cargo test --workspace --doc -j2
+    exit 0
+fi
+
+# The suite mostly waits on timers (kills, heartbeats, retry delays), not on
+# the CPU: three lanes run at once. Each writes its own log, printed whole at
+# the end so that nothing interleaves. Always with --workspace: the same
+# features as the build above, so no lane compiles anything.
+SLOW_TESTS="chaos cluster"
+logs="${CARGO_TARGET_DIR:-$PWD/target}/test-logs"
+rm -rf "$logs" && mkdir -p "$logs"
+tests=$(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+slow = sys.argv[1].split()
+for p in json.load(sys.stdin)["packages"]:
+    for t in p["targets"]:
+        if "test" in t["kind"] and t["name"] not in slow:
+            print("--test", t["name"])
+' "$SLOW_TESTS" | sort -u)
+lane_slow() {
+    for t in $SLOW_TESTS; do cargo test --workspace --test "$t" -j2 || return 1; done
+    cargo test --workspace --doc -j2
+}
+lane_rest() {
+    # shellcheck disable=SC2086 # one word per argument
+    cargo test --workspace --lib --bins --examples --benches $tests -j2
+}
+lane_typescript() {
+    # The TypeScript SDK (unit tests against the golden vectors, end to end
+    # with the coordinator built above, the quick start) and the conformance
+    # kit against its worker. ORCHESTRIX_SKIP_TYPESCRIPT=1 leaves it out.
+    if [ -n "${ORCHESTRIX_SKIP_TYPESCRIPT:-}" ]; then
+        echo "TypeScript tests skipped (ORCHESTRIX_SKIP_TYPESCRIPT)"
+        return 0
+    fi
+    local node_major bin
     node_major=$(node --version 2>/dev/null | sed -n 's/^v\([0-9]*\).*/\1/p')
     if [ -z "$node_major" ] || [ "$node_major" -lt 20 ]; then
         echo "the TypeScript SDK's tests need Node.js 20 or newer (found: ${node_major:-none}); set ORCHESTRIX_SKIP_TYPESCRIPT=1 to leave them out" >&2
-        exit 1
+        return 1
     fi
     bin="${CARGO_TARGET_DIR:-$PWD/target}/debug"
     ORCHESTRIX_BIN="$bin/orchestrix" PAYMENT_WORKER_BIN="$bin/examples/payment_worker" ./scripts/test-typescript.sh
+}
+lane_slow > "$logs/slow.log" 2>&1 & slow_pid=$!
+lane_typescript > "$logs/typescript.log" 2>&1 & ts_pid=$!
+status=0
+lane_rest > "$logs/rest.log" 2>&1 || status=1
+wait "$slow_pid" || status=1
+wait "$ts_pid" || status=1
+for lane in rest slow typescript; do
+    echo "===== lane $lane ($logs/$lane.log)"
+    cat "$logs/$lane.log"
+done
+if [ "$status" != 0 ]; then
+    echo "FAILED: see the lanes above (grep for 'FAILED', 'panicked' or 'not ok')" >&2
 fi
+exit "$status"
