@@ -119,6 +119,30 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     for subject in ["orchestrix.reply.x", "orchestrix.step.>", "orchestrix.run.fb"] {
         assert!(refused.contains(subject), "{subject} not refused: {refused}");
     }
+    // … nor start `fb` by naming it in a request sent on `fa`'s subject,
+    // which the server lets through: the coordinator refuses it.
+    let sneaky = orchestrix_proto::RunRequest {
+        flow: "fb".into(),
+        version: None,
+        input: orchestrix_proto::Payload::encode(&1u32).unwrap(),
+        key: None,
+        ttl: None,
+        timeout: None,
+        wait: true,
+        start_by_ms: None,
+        concurrency_key: None,
+    };
+    let answer = conn
+        .request("orchestrix.run.fa", Bytes::from(orchestrix_proto::encode(&sneaky).unwrap()))
+        .await
+        .unwrap();
+    match orchestrix_proto::decode::<orchestrix_proto::RunReply>(&answer.payload).unwrap() {
+        orchestrix_proto::RunReply::Rejected { code, error, .. } => {
+            assert_eq!(code, orchestrix_proto::RunReply::CODE_BAD_REQUEST, "{error}");
+            assert!(error.contains("names flow `fb`"), "{error}");
+        }
+        other => panic!("a start of `fb` on `fa`'s subject was not refused: {other:?}"),
+    }
 
     // A viewer lists runs, but starts and cancels nothing.
     let conn = as_user(&server, "viewer", "v-pw").connect().await.unwrap();

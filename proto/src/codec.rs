@@ -98,10 +98,10 @@ struct Header<'a> {
 #[serde(rename_all = "camelCase")]
 pub struct MessageIds {
     /// The command.
-    #[serde(with = "crate::uuid_text")]
+    #[serde(with = "crate::uuid_text", alias = "command_id")]
     pub command_id: uuid::Uuid,
     /// Its run.
-    #[serde(with = "crate::uuid_text")]
+    #[serde(with = "crate::uuid_text", alias = "run_id")]
     pub run_id: uuid::Uuid,
     /// Its attempt, when present.
     #[serde(default)]
@@ -111,13 +111,16 @@ pub struct MessageIds {
     pub kind: Option<crate::CommandKind>,
 }
 
-/// Reads only the ids of a message of kind `kind` (version checked), under `limit` bytes.
+/// Reads only the ids of a message of kind `kind`, under `limit` bytes, in
+/// any protocol version (v1's snake_case keys and binary ids too): a peer
+/// speaking another version is then answered about its command, rather than
+/// left to time out.
 pub fn decode_ids(bytes: &[u8], kind: &'static str, limit: usize) -> Option<MessageIds> {
     if bytes.len() > limit {
         return None;
     }
     let env = rmp_serde::from_slice::<EnvelopeIn<'_, MessageIds>>(bytes).ok()?;
-    check_header(env.v, &env.kind, kind).ok().map(|()| env.body)
+    (env.kind == kind).then_some(env.body)
 }
 
 /// Encodes a message in its versioned envelope.

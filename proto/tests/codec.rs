@@ -237,3 +237,37 @@ proptest! {
         let _ = decode::<StepCommand>(&bytes);
     }
 }
+
+#[test]
+fn the_ids_of_an_outcome_in_another_version_still_read() {
+    // A v1 outcome: snake_case keys, 16-byte binary ids.
+    #[derive(serde::Serialize)]
+    struct Body {
+        #[serde(with = "serde_bytes_16")]
+        command_id: [u8; 16],
+        #[serde(with = "serde_bytes_16")]
+        run_id: [u8; 16],
+        attempt: u32,
+    }
+    mod serde_bytes_16 {
+        pub(super) fn serialize<S: serde::Serializer>(
+            b: &[u8; 16],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(b)
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct Env {
+        v: u16,
+        kind: &'static str,
+        body: Body,
+    }
+    let (cmd, run) = (Uuid::new_v4(), Uuid::new_v4());
+    let body = Body { command_id: *cmd.as_bytes(), run_id: *run.as_bytes(), attempt: 3 };
+    let v1 = rmp_serde::to_vec_named(&Env { v: 1, kind: "step.outcome", body }).unwrap();
+    assert!(matches!(decode::<StepOutcome>(&v1), Err(CodecError::UnsupportedVersion { .. })));
+    let ids = decode_ids(&v1, StepOutcome::KIND, 1 << 20).unwrap();
+    assert_eq!((ids.command_id, ids.run_id, ids.attempt), (cmd, run, 3));
+    assert!(decode_ids(&v1, Ack::KIND, 1 << 20).is_none(), "another kind's ids are not read");
+}

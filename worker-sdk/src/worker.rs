@@ -892,6 +892,11 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     };
     let cmd = match decode_with_limit::<StepCommand>(&msg.payload, shared.max_message_bytes) {
         Ok(cmd) => cmd,
+        Err(e) if via == Via::Inquiry => {
+            // Every replica hears an inquiry: answering it would be noise.
+            warn!(subject = %msg.subject, error = %e, "bad inquiry ignored");
+            return;
+        }
         Err(e) => {
             warn!(subject = %msg.subject, error = %e, "bad step command rejected");
             let mut err = WireError::malformed(format!("bad step command on {}: {e}", msg.subject));
@@ -907,20 +912,14 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
             return;
         }
     };
-    let fail = |message: String| StepOutcome {
-        command_id: cmd.command_id,
-        run_id: cmd.run_id,
-        attempt: cmd.attempt,
-        kind: cmd.kind,
-        result: OutcomeResult::Failed(StepFailure::new(message, false)),
-    };
     if *cmd.flow != *reg.flow || *cmd.step != *reg.step {
         let why = format!(
             "command for step `{}` of flow `{}` arrived on the subject of `{}` of `{}`",
             cmd.step, cmd.flow, reg.step, reg.flow
         );
         warn!(%why, "misrouted step command");
-        shared.send(&reply, &fail(why)).await;
+        // Nothing ran: an error, not an outcome of an attempt.
+        shared.send(&reply, &WireError::about(&cmd, WireError::CODE_NO_HANDLER, why)).await;
         return;
     }
     let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));

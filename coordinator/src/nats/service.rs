@@ -158,7 +158,7 @@ async fn serve(
                         .as_ref()
                         .and_then(|h| h.get(headers::TRACEPARENT))
                         .map(|v| v.as_str().to_owned());
-                    answer_run(&coordinator, &msg.payload, tp).await
+                    answer_run(&coordinator, &msg.subject, &msg.payload, tp).await
                 }
                 Ask::Status => answer_status(&coordinator, &msg.payload).await,
                 Ask::List => answer_list(&coordinator, &msg.payload).await,
@@ -216,6 +216,7 @@ fn run_rejected(error: RunError) -> RunReply {
 
 async fn answer_run(
     coordinator: &Coordinator,
+    subject: &str,
     payload: &[u8],
     traceparent: Option<String>,
 ) -> RunReply {
@@ -226,6 +227,17 @@ async fn answer_run(
             return bad_request(format!("bad run request: {e}"));
         }
     };
+    // NATS permissions grant a client the subjects of its flows: the flow the
+    // body names must be the subject's, or a client of one flow could start
+    // any other by naming it.
+    let on = subject.rsplit_once('.').map_or(subject, |(_, flow)| flow);
+    if on != req.flow {
+        warn!(%subject, flow = %req.flow, "run request for another flow than its subject's; refused");
+        return bad_request(format!(
+            "the request names flow `{}` but was sent on `{subject}`: a start goes on the subject of its own flow",
+            req.flow
+        ));
+    }
     let now = orchestrix_proto::time::unix_ms(std::time::SystemTime::now());
     if let Some(by) = req.start_by_ms.filter(|by| now > *by) {
         // The caller has given up on this answer: starting the run now would

@@ -5,6 +5,7 @@
 import {
   compensationDefaultRetry,
   defaultRetry,
+  FlowDefError,
   flowDef,
   flowVersion,
   stepDef,
@@ -173,7 +174,7 @@ export class Flow<I = unknown> {
     if (options.compensate !== undefined && typeof options.compensate !== "function") {
       throw new TypeError(`step \`${name}\`: compensate must be a function`);
     }
-    if (this.entries.some((e) => e.def.name === name)) throw new TypeError(`flow \`${this.name}\` has two steps named \`${name}\``);
+    if (this.entries.some((e) => e.def.name === name)) throw new FlowDefError(`flow \`${this.name}\` has two steps named \`${name}\``);
     const def = stepDef(name, {
       retry: retryOf(options, defaultRetry()),
       timeoutMs: options.timeoutMs ?? null,

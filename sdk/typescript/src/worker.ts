@@ -378,6 +378,8 @@ export class Worker {
     } catch (e) {
       const message = `bad step command on ${msg.subject}: ${errorMessage(e)}`;
       this.log(message);
+      // Every replica hears an inquiry: answering it would be noise.
+      if (via === "inquiry") return;
       const err: WireError = { message, code: "malformed" };
       if (e instanceof ProtocolError && e.ids) {
         err.commandId = e.ids.commandId;
@@ -390,7 +392,8 @@ export class Worker {
     if (cmd.flow !== flowName || cmd.step !== reg.step) {
       const why = `command for step \`${cmd.step}\` of flow \`${cmd.flow}\` arrived on the subject of \`${reg.step}\` of \`${flowName}\``;
       this.log(why);
-      this.sendFailure(reply, cmd, why, false);
+      // Nothing ran: an error, not the outcome of an attempt.
+      this.send(reply, "error", { message: why, code: "no_handler", commandId: cmd.commandId, runId: cmd.runId });
       return;
     }
     const ack = { commandId: cmd.commandId, runId: cmd.runId, attempt: cmd.attempt, worker: this.id };
