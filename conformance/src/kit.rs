@@ -25,23 +25,27 @@ use crate::procs::{Child, NatsServer};
 
 /// The scenarios: number, name, what it checks.
 pub const SCENARIOS: [(u32, &str, &str); 11] = [
-    (1, "success", "all 5 steps completed, 1 attempt each, each started once"),
+    (1, "success", "all 5 steps completed, 1 attempt each, each started once, acked first"),
     (2, "retries", "flaky fails twice: 3 attempts, starts >= 200 ms apart, run completed"),
     (
         3,
         "permanent-error",
         "decide declines for good: run failed, flaky then record compensated once",
     ),
-    (4, "heartbeats", "a 7 s step completes in 1 attempt, >= 5 heartbeats on the wire"),
+    (4, "heartbeats", "a 7 s step completes in 1 attempt, acked, then >= 5 heartbeats on the wire"),
     (5, "step-timeout", "bounded is stopped at 1 s (stopped, no end): outcome unknown, rollback"),
-    (6, "deadline-refusal", "a command past its deadline: error `expired`, nothing run"),
+    (6, "deadline-refusal", "past its deadline, or its start-by: error `expired`, nothing run"),
     (
         7,
         "malformed-input",
         "garbage, a wrong version, a wrong kind: error `malformed`, still serving",
     ),
     (8, "cancel", "a run cancelled during slow: slow stopped, flaky and record compensated"),
-    (9, "coordinator-kill", "its coordinator SIGKILLed during slow: taken over, nothing ran twice"),
+    (
+        9,
+        "coordinator-kill",
+        "its coordinator SIGKILLed during slow: taken over, latest reply subject, nothing ran twice",
+    ),
     (
         10,
         "mixed-replicas",
@@ -402,7 +406,7 @@ pub async fn run(config: &KitConfig) -> Result<KitReport, KitError> {
         let needed = what.starts_with("the orchestrix") || selected.contains(&MIXED);
         if needed && !path.is_file() {
             return Err(KitError::Config(format!(
-                "{what} is not at {}: build it (cargo build -p orchestrix-coordinator --bin orchestrix -p orchestrix-conformance)",
+                "{what} is not at {}: build it (cargo build -p orchestrix-coordinator --bin orchestrix && cargo build -p orchestrix-conformance --bins)",
                 path.display()
             )));
         }

@@ -2,12 +2,13 @@
 //! not hold; none sleeps to synchronise (each waits for a condition, with a
 //! bound).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use orchestrix::{ClientError, Rejection, RunId, RunOptions, RunReport, RunStatus, StepStatus};
 use orchestrix_proto::{
-    CommandKind, Heartbeat, Message, PROTOCOL_VERSION, Payload, StepCommand, StepReport, WireError,
+    Ack, CommandKind, Heartbeat, Message, PROTOCOL_VERSION, Payload, StepCommand, StepOutcome,
+    StepReport, WireError,
 };
 use uuid::Uuid;
 
@@ -208,8 +209,144 @@ fn no_compensation(fx: &Effects) -> Outcome {
     Ok(())
 }
 
+/// A message seen passively on the wire, in the order the kit's
+/// subscription got it (one subscription: one order, the server's).
+#[derive(Debug, Clone)]
+struct Seen {
+    /// The subject it was published on.
+    subject: String,
+    /// Its reply subject (a command's: where the worker must answer).
+    reply: Option<String>,
+    /// Its `kind`.
+    kind: String,
+    /// The command it is about.
+    command_id: Uuid,
+    /// A command's run and step.
+    command: Option<(Uuid, String)>,
+    /// When it reached the kit (kit clock).
+    at: Instant,
+    /// When it reached the kit, Unix ms.
+    at_ms: u64,
+}
+
+/// A passive subscription (no queue group: the kit only watches) whose
+/// messages are timestamped as they arrive, by a task of its own.
+struct Watch {
+    seen: std::sync::Arc<std::sync::Mutex<(Vec<Seen>, Instant)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Watch {
+    /// What it got so far, once it has been quiet for 200 ms since it was
+    /// asked (at most 1 s): what was already on its way is in.
+    async fn drain(&self) -> Vec<Seen> {
+        let asked = Instant::now();
+        let until = asked + Duration::from_secs(1);
+        loop {
+            let quiet = {
+                let g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                g.1.max(asked).elapsed() >= Duration::from_millis(200)
+            };
+            if quiet || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+}
+
+/// Watches `subject`: the commands, acks, heartbeats and outcomes on it,
+/// each with the time it arrived; anything else is left out.
+async fn watch(env: &Env, subject: String) -> Result<Watch, String> {
+    let mut sub =
+        env.nats.subscribe(subject).await.map_err(|e| format!("cannot subscribe: {e}"))?;
+    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), Instant::now())));
+    let into = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let (at, at_ms) =
+                (Instant::now(), orchestrix_proto::time::unix_ms(std::time::SystemTime::now()));
+            let Ok((_, kind)) = orchestrix_proto::peek_kind(&msg.payload) else { continue };
+            let ids = match kind.as_str() {
+                StepCommand::KIND => orchestrix_proto::decode::<StepCommand>(&msg.payload)
+                    .ok()
+                    .map(|c| (c.command_id, Some((c.run_id, c.step.to_string())))),
+                Ack::KIND => {
+                    orchestrix_proto::decode::<Ack>(&msg.payload).ok().map(|a| (a.command_id, None))
+                }
+                Heartbeat::KIND => orchestrix_proto::decode::<Heartbeat>(&msg.payload)
+                    .ok()
+                    .map(|h| (h.command_id, None)),
+                StepOutcome::KIND => orchestrix_proto::decode::<StepOutcome>(&msg.payload)
+                    .ok()
+                    .map(|o| (o.command_id, None)),
+                _ => None,
+            };
+            let mut g = into.lock().unwrap_or_else(|p| p.into_inner());
+            g.1 = at;
+            if let Some((command_id, command)) = ids {
+                g.0.push(Seen {
+                    subject: msg.subject.to_string(),
+                    reply: msg.reply.map(|r| r.to_string()),
+                    kind,
+                    command_id,
+                    command,
+                    at,
+                    at_ms,
+                });
+            }
+        }
+    });
+    Ok(Watch { seen, task })
+}
+
+/// The commands of `run` among `seen` (first delivery of each command id,
+/// in order): command id and step.
+fn commands_of(seen: &[Seen], run: RunId) -> Vec<(Uuid, String)> {
+    let mut out: Vec<(Uuid, String)> = Vec::new();
+    for s in seen {
+        if let Some((r, step)) = &s.command
+            && *r == run.as_uuid()
+            && !out.iter().any(|(id, _)| *id == s.command_id)
+        {
+            out.push((s.command_id, step.clone()));
+        }
+    }
+    out
+}
+
+/// Protocol §5.1 step 5: every command got a `step.ack` before anything
+/// else the worker sent about it (its heartbeats, its `step.outcome`), in
+/// the order seen on the reply subjects.
+fn acked_first(replies: &[Seen], commands: &[(Uuid, String)]) -> Outcome {
+    for (id, step) in commands {
+        let mine: Vec<&str> =
+            replies.iter().filter(|r| r.command_id == *id).map(|r| r.kind.as_str()).collect();
+        check!(
+            mine.contains(&StepOutcome::KIND),
+            "no `step.outcome` for `{step}`'s command {id} seen on the reply subjects (saw {mine:?})"
+        );
+        check!(
+            mine.first() == Some(&Ack::KIND),
+            "`{step}`'s command {id}: the worker sent {mine:?} on the reply subject, expected a `step.ack` first (protocol §5.1: ack, then run)"
+        );
+    }
+    Ok(())
+}
+
 /// Scenario 1: All five steps complete in one attempt each, in order.
 async fn success(env: &Env) -> Outcome {
+    let p = env.subjects.prefix().to_owned();
+    let commands = watch(env, format!("{p}.step.{FLOW}.>")).await?;
+    let replies = watch(env, format!("{p}.reply.>")).await?;
     let (run, report) = run_to_end(env, &input("success"), Duration::from_secs(20)).await?;
     check!(
         report.status == RunStatus::Completed,
@@ -250,7 +387,11 @@ async fn success(env: &Env) -> Outcome {
             fx.summary()
         );
     }
-    Ok(())
+    // On the wire: each of the 5 commands acked before anything else about it.
+    let commands = commands_of(&commands.drain().await, run);
+    let steps: Vec<&str> = commands.iter().map(|(_, s)| s.as_str()).collect();
+    check!(steps == STEPS, "commands seen on the step subjects for {steps:?}, expected {STEPS:?}");
+    acked_first(&replies.drain().await, &commands)
 }
 
 /// Scenario 2: `flaky` fails twice, then succeeds, its attempts at least the retry delay apart.
@@ -366,11 +507,8 @@ async fn permanent_error(env: &Env) -> Outcome {
 /// one attempt, kept alive by heartbeats seen on the wire.
 async fn heartbeats(env: &Env) -> Outcome {
     let p = env.subjects.prefix().to_owned();
-    let nats_err = |e: async_nats::SubscribeError| format!("cannot subscribe: {e}");
-    let mut replies = env.nats.subscribe(format!("{p}.reply.>")).await.map_err(nats_err)?;
-    let mut commands =
-        env.nats.subscribe(env.subjects.step_any_version(FLOW, "slow")).await.map_err(nats_err)?;
-    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    let replies = watch(env, format!("{p}.reply.>")).await?;
+    let commands = watch(env, env.subjects.step_any_version(FLOW, "slow")).await?;
     let mut i = input("heartbeats");
     i.slow_ms = 7000;
     let run = start(env, &i).await?;
@@ -389,34 +527,30 @@ async fn heartbeats(env: &Env) -> Outcome {
         slow.attempts
     );
     // The slow step's command(s) of this run, then its heartbeats.
-    let mut slow_commands = Vec::new();
-    while let Ok(Some(msg)) =
-        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
-    {
-        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
-            && c.run_id == run.as_uuid()
-        {
-            slow_commands.push(c.command_id);
-        }
-    }
+    let slow_commands = commands_of(&commands.drain().await, run);
     check!(
         slow_commands.len() == 1,
         "{} command(s) for slow seen on its subject, expected 1",
         slow_commands.len()
     );
-    let mut beats = 0;
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), replies.next()).await
-    {
-        if orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == Heartbeat::KIND)
-            && let Ok(h) = orchestrix_proto::decode::<Heartbeat>(&msg.payload)
-            && slow_commands.first() == Some(&h.command_id)
-        {
-            beats += 1;
-        }
-    }
+    let slow_id = slow_commands[0].0;
+    let replies = replies.drain().await;
+    let beats =
+        replies.iter().filter(|r| r.command_id == slow_id && r.kind == Heartbeat::KIND).count();
     check!(beats >= 5, "{beats} heartbeat(s) for slow's command during its 7 s, expected >= 5");
+    acked_first(&replies, &slow_commands)?;
     let fx = effects_when(env, run, all_ended).await;
-    each_step_once(&fx, &STEPS)
+    each_step_once(&fx, &STEPS)?;
+    // Acked before the handler ran, not after: the ack was on the wire
+    // before the 7 s handler's `end` (same host, same clock; 7 s of margin).
+    let acked = replies.iter().find(|r| r.command_id == slow_id && r.kind == Ack::KIND);
+    let ended = at(&fx, "slow", Execute, End)?;
+    check!(
+        acked.is_some_and(|a| a.at_ms < ended),
+        "slow's `step.ack` reached the kit at {:?} ms, not before its 7 s handler ended (`end` at {ended} ms): ack before the handler starts (protocol §5.1)",
+        acked.map(|a| a.at_ms)
+    );
+    Ok(())
 }
 
 /// Scenario 5: `bounded` sleeps past its 1 s timeout: the worker stops it (stopped,
@@ -609,7 +743,8 @@ async fn nothing_ran(env: &Env, run: Uuid, what: &str) -> Outcome {
     Ok(())
 }
 
-/// Scenario 6: A command past its deadline is refused with `expired`, and not run.
+/// Scenario 6: A command past its deadline, and one past its start-by time
+/// (deadline ahead), are each refused with `expired`, and not run.
 async fn deadline_refusal(env: &Env) -> Outcome {
     let version = env.version().await?;
     let mut cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
@@ -626,7 +761,29 @@ async fn deadline_refusal(env: &Env) -> Outcome {
         cmd.command_id,
         cmd.run_id
     );
-    nothing_ran(env, cmd.run_id, "a command past its deadline").await
+    nothing_ran(env, cmd.run_id, "a command past its deadline").await?;
+
+    // Past its start-by time, its deadline a minute away: not started either
+    // (the coordinator has sent it elsewhere already).
+    let mut cmd = raw_command(&version, "record", 0, CommandKind::Execute)?;
+    cmd.start_by_ms = Some(now.saturating_sub(10_000));
+    cmd.deadline_ms = Some(now + 60_000);
+    let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
+    let answer = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
+    let e = expect_error(
+        answer,
+        WireError::CODE_EXPIRED,
+        "a command 10 s past its startByMs (deadline 60 s ahead)",
+    )?;
+    check!(
+        e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
+        "the `expired` error names command {:?} of run {:?}, expected {} of {}",
+        e.command_id,
+        e.run_id,
+        cmd.command_id,
+        cmd.run_id
+    );
+    nothing_ran(env, cmd.run_id, "a command past its startByMs").await
 }
 
 /// An envelope like the codec's, with any version, kind and body.
@@ -749,13 +906,11 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     // Only the first coordinator is up: it is the one that takes the run.
     let live = env.coordinators.lock().await.len();
     check!(live == 1, "{live} coordinators before the run, expected 1");
-    // Commands seen passively: who sent each (its reply subject names the coordinator).
-    let mut commands = env
-        .nats
-        .subscribe(format!("{}.step.{FLOW}.>", env.subjects.prefix()))
-        .await
-        .map_err(|e| format!("cannot subscribe: {e}"))?;
-    env.nats.flush().await.map_err(|e| format!("cannot flush: {e}"))?;
+    // Everything under the prefix, seen passively through one subscription
+    // (so in one order): the commands on the step and inquiry subjects — who
+    // sent each (its reply subject names the coordinator) — and what the
+    // worker answered where.
+    let wire = watch(env, format!("{}.>", env.subjects.prefix())).await?;
     let mut i = input("takeover");
     i.slow_ms = 6000;
     let run = start(env, &i).await?;
@@ -764,17 +919,18 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     env.start_coordinator().await.map_err(|e| format!("the second coordinator: {e}"))?;
     env.kill_first_coordinator().await;
     let report = finish(env, run, Duration::from_secs(30)).await?;
-    let mut senders: Vec<(String, String)> = Vec::new();
-    while let Ok(Some(msg)) =
-        tokio::time::timeout(Duration::from_millis(200), commands.next()).await
-    {
-        if let Ok(c) = orchestrix_proto::decode::<StepCommand>(&msg.payload)
-            && c.run_id == run.as_uuid()
-        {
-            senders
-                .push((c.step.to_string(), msg.reply.map(|r| r.to_string()).unwrap_or_default()));
-        }
-    }
+    let seen = wire.drain().await;
+    let step_prefix = format!("{}.step.", env.subjects.prefix());
+    let senders: Vec<(String, String)> = seen
+        .iter()
+        .filter(|s| s.subject.starts_with(&step_prefix))
+        .filter_map(|s| match &s.command {
+            Some((r, step)) if *r == run.as_uuid() => {
+                Some((step.clone(), s.reply.clone().unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .collect();
     let sender = |step: &str| senders.iter().find(|(s, _)| s == step).map(|(_, r)| r.clone());
     check!(
         sender("record").is_some()
@@ -782,6 +938,7 @@ async fn coordinator_kill(env: &Env) -> Outcome {
             && sender("record") != sender("decide"),
         "record's and decide's commands should come from two coordinators (the run taken over), saw {senders:?}"
     );
+    latest_reply(&seen, run)?;
     check!(
         report.status == RunStatus::Completed,
         "run status {:?}, expected completed: {}",
@@ -800,6 +957,84 @@ async fn coordinator_kill(env: &Env) -> Outcome {
     let fx = effects_when(env, run, all_ended).await;
     each_step_once(&fx, &STEPS)?;
     no_compensation(&fx)
+}
+
+/// After a takeover `slow`'s command is delivered again (the new
+/// coordinator's inquiry, under the same command id, with its own reply
+/// subject): the worker must send that command's heartbeats and outcome to
+/// the reply subject of the latest delivery (protocol §5.1 step 2).
+///
+/// In wire order, a message of the worker about the command on an older
+/// delivery's reply subject is tolerated only while it may have crossed the
+/// new delivery: before the worker sent anything to the new subject, and
+/// within 1 s of the new delivery (heartbeats come at least every second).
+fn latest_reply(seen: &[Seen], run: RunId) -> Outcome {
+    let slow = commands_of(seen, run).into_iter().find(|(_, step)| step == "slow");
+    let Some((id, _)) = slow else {
+        return Err("no command for slow seen on its step subject".to_owned());
+    };
+    let deliveries: Vec<&Seen> =
+        seen.iter().filter(|s| s.command_id == id && s.kind == StepCommand::KIND).collect();
+    let subjects: std::collections::BTreeSet<Option<&str>> =
+        deliveries.iter().map(|d| d.reply.as_deref()).collect();
+    check!(
+        subjects.len() >= 2,
+        "slow's command {id} was delivered {} time(s), to reply subject(s) {subjects:?}: expected the coordinator that took the run over to deliver it again (inquiry) with its own reply subject",
+        deliveries.len()
+    );
+    let mut latest: Option<&Seen> = None;
+    let mut answered_latest = false;
+    let mut log: Vec<String> = Vec::new();
+    for s in seen.iter().filter(|s| s.command_id == id) {
+        if s.kind == StepCommand::KIND {
+            log.push(format!(
+                "{} on {} (reply {})",
+                s.kind,
+                s.subject,
+                s.reply.as_deref().unwrap_or("-")
+            ));
+            answered_latest = latest.is_some_and(|l| l.reply == s.reply) && answered_latest;
+            latest = Some(s);
+            continue;
+        }
+        log.push(format!("{} to {}", s.kind, s.subject));
+        let Some(d) = latest else { continue };
+        if d.reply.as_deref() == Some(s.subject.as_str()) {
+            answered_latest = true;
+            continue;
+        }
+        let crossed = !answered_latest && s.at.duration_since(d.at) <= Duration::from_secs(1);
+        check!(
+            crossed,
+            "slow's command {id}: a `{}` went to {} after the command was delivered again with reply subject {} ({}); protocol §5.1: after a re-delivery, heartbeats and the outcome go to the latest delivery's reply subject. On the wire, in order: {}",
+            s.kind,
+            s.subject,
+            d.reply.as_deref().unwrap_or("-"),
+            if answered_latest {
+                "the worker had already answered there".to_owned()
+            } else {
+                format!("{} ms later", s.at.duration_since(d.at).as_millis())
+            },
+            log.join("; ")
+        );
+    }
+    // The latest delivery was answered with the outcome, on its reply subject.
+    let last = deliveries.last().map(|d| d.reply.clone()).unwrap_or_default();
+    let after = seen.iter().rposition(|s| s.command_id == id && s.kind == StepCommand::KIND);
+    let outcome = after.is_some_and(|i| {
+        seen[i..].iter().any(|s| {
+            s.command_id == id
+                && s.kind == StepOutcome::KIND
+                && Some(s.subject.as_str()) == last.as_deref()
+        })
+    });
+    check!(
+        outcome,
+        "slow's command {id}: no `step.outcome` on the reply subject of its latest delivery ({}); on the wire, in order: {}",
+        last.as_deref().unwrap_or("-"),
+        log.join("; ")
+    );
+    Ok(())
 }
 
 /// Scenario 10: Next to the Rust reference worker: the same version, 20 runs shared
