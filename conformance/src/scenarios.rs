@@ -143,6 +143,20 @@ fn step<'a>(r: &'a RunReport, name: &str) -> Result<&'a StepReport, String> {
     r.step(name).ok_or_else(|| format!("the report has no step `{name}`: {}", one_line(r)))
 }
 
+/// Each of `steps` ended compensated in the report.
+fn compensated(report: &RunReport, steps: &[&str]) -> Result<(), String> {
+    for s in steps {
+        let r = step(report, s)?;
+        check!(
+            r.status == StepStatus::Compensated,
+            "`{s}`: {:?}, expected compensated: {}",
+            r.status,
+            one_line(report)
+        );
+    }
+    Ok(())
+}
+
 /// The run's effects once `done` holds (bounded at 5 s; the last reading otherwise).
 async fn effects_when(env: &Env, run: RunId, done: impl FnMut(&Effects) -> bool) -> Effects {
     effects::wait_for(&env.effects, run.as_uuid(), Duration::from_secs(5), done).await
@@ -459,15 +473,7 @@ async fn permanent_error(env: &Env) -> Outcome {
         "decide's error {:?}, expected it to say {want:?}",
         decide.error
     );
-    for s in ["record", "flaky"] {
-        let r = step(&report, s)?;
-        check!(
-            r.status == StepStatus::Compensated,
-            "`{s}`: {:?}, expected compensated: {}",
-            r.status,
-            one_line(&report)
-        );
-    }
+    compensated(&report, &["record", "flaky"])?;
     let fx = effects_when(env, run, |fx| {
         fx.count("record", Compensate, End) >= 1 && fx.count("decide", Execute, End) >= 1
     })
@@ -605,15 +611,7 @@ async fn step_timeout(env: &Env) -> Outcome {
     );
     let decide = step(&report, "decide")?;
     check!(decide.attempts == 0, "decide ran ({} attempts) after bounded failed", decide.attempts);
-    for s in ["record", "flaky"] {
-        let r = step(&report, s)?;
-        check!(
-            r.status == StepStatus::Compensated,
-            "`{s}`: {:?}, expected compensated: {}",
-            r.status,
-            one_line(&report)
-        );
-    }
+    compensated(&report, &["record", "flaky"])?;
     let fx = effects_when(env, run, |fx| {
         fx.count("bounded", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
     })
@@ -853,15 +851,7 @@ async fn cancel(env: &Env) -> Outcome {
         report.status,
         one_line(&report)
     );
-    for s in ["record", "flaky"] {
-        let r = step(&report, s)?;
-        check!(
-            r.status == StepStatus::Compensated,
-            "`{s}`: {:?}, expected compensated: {}",
-            r.status,
-            one_line(&report)
-        );
-    }
+    compensated(&report, &["record", "flaky"])?;
     let fx = effects_when(env, run, |fx| {
         fx.count("slow", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
     })

@@ -30,19 +30,9 @@ export interface StepResult {
   group?: string;
 }
 
-export interface RunResult {
-  runId: string;
-  flow: string;
-  version?: string;
-  status: RunStatus;
-  durationMs: number;
-  startedAtMs?: number;
-  error?: string;
-  failedStep?: string;
+/** A run's report, as `flow.run` and `Client` give it: the wire report with the steps' outputs decoded. */
+export interface RunResult extends Omit<RunReportWire, "steps"> {
   steps: StepResult[];
-  late?: string[];
-  actions?: { action: ControlAction; by: string; reason?: string; atMs: number }[];
-  paused?: { step: string; kind: CommandKind; sinceMs: number; untilMs?: number };
 }
 
 function clean<T extends object>(o: T): T {
