@@ -1,5 +1,5 @@
 /** What runs return: the coordinator's report with user values decoded. */
-import { decodeValue, type CommandKind, type ControlAction, type RejectionCode, type RunReportWire, type RunStatus, type StepStatus } from "./protocol.js";
+import { decodeValue, type RejectionCode, type RunReportWire, type StepStatus } from "./protocol.js";
 
 export interface RunOptions {
   /** Idempotency key: a second run with the same key gets the first run. */

@@ -449,16 +449,6 @@ export class Worker {
     void task.finally(() => this.inFlight.delete(task));
   }
 
-  private sendFailure(reply: string, cmd: StepCommand, message: string, retryable: boolean): void {
-    this.send(reply, "step.outcome", {
-      commandId: cmd.commandId,
-      runId: cmd.runId,
-      attempt: cmd.attempt,
-      kind: cmd.kind,
-      result: { type: "failed", message, retryable },
-    });
-  }
-
   private async execute(
     cmd: StepCommand,
     reg: StepReg,
