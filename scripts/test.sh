@@ -60,8 +60,12 @@ if [ -z "${ORCHESTRIX_SKIP_BROWSER:-}" ]; then
     CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
     if [ ! -x "$CHROMIUM" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "installing chromium (Debian) for the browser test"
-            apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+            # In the background, while the workspace compiles; waited for
+            # before the tests.
+            echo "installing chromium (Debian) for the browser test, while the build runs"
+            chromium_log=$(mktemp)
+            (apt-get update -qq && apt-get install -y -qq chromium) > "$chromium_log" 2>&1 &
+            chromium_pid=$!
         else
             echo "Chromium is missing at $CHROMIUM: apt-get install chromium, set CHROMIUM, or set ORCHESTRIX_SKIP_BROWSER=1" >&2
             exit 1
@@ -78,38 +82,9 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # The end-to-end tests drive the built `orchestrix` binary and example worker.
 cargo build --workspace --bins --examples -j2
-# Every test binary built up front: the lanes below then only run them.
-cargo test --workspace --all-targets -j2 --no-run "$@"
 
-if [ $# -gt 0 ]; then
-    cargo test --workspace --all-targets -j2 "$@"
-    cargo test --workspace --doc -j2
-    exit 0
-fi
-
-# The suite mostly waits on timers (kills, heartbeats, retry delays), not on
-# the CPU: three lanes run at once. Each writes its own log, printed whole at
-# the end so that nothing interleaves. Always with --workspace: the same
-# features as the build above, so no lane compiles anything.
-SLOW_TESTS="chaos cluster"
 logs="${CARGO_TARGET_DIR:-$PWD/target}/test-logs"
 rm -rf "$logs" && mkdir -p "$logs"
-tests=$(cargo metadata --no-deps --format-version 1 | python3 -c '
-import json, sys
-slow = sys.argv[1].split()
-for p in json.load(sys.stdin)["packages"]:
-    for t in p["targets"]:
-        if "test" in t["kind"] and t["name"] not in slow:
-            print("--test", t["name"])
-' "$SLOW_TESTS" | sort -u)
-lane_slow() {
-    for t in $SLOW_TESTS; do cargo test --workspace --test "$t" -j2 || return 1; done
-    cargo test --workspace --doc -j2
-}
-lane_rest() {
-    # shellcheck disable=SC2086 # one word per argument
-    cargo test --workspace --lib --bins --examples --benches $tests -j2
-}
 lane_typescript() {
     # The TypeScript SDK (unit tests against the golden vectors, end to end
     # with the coordinator built above, the quick start) and the conformance
@@ -127,8 +102,54 @@ lane_typescript() {
     bin="${CARGO_TARGET_DIR:-$PWD/target}/debug"
     ORCHESTRIX_BIN="$bin/orchestrix" PAYMENT_WORKER_BIN="$bin/examples/payment_worker" ./scripts/test-typescript.sh
 }
+# It needs only the binaries: it starts now, beside the test build.
+ts_pid=""
+if [ $# -eq 0 ]; then
+    lane_typescript > "$logs/typescript.log" 2>&1 &
+    ts_pid=$!
+fi
+
+# Lanes left running when this script stops early go with it.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+
+# Every test binary built up front: the lanes below then only run them. At a
+# lower priority, so that the TypeScript lane's timers keep their time.
+nice -n 10 cargo test --workspace --all-targets -j2 --no-run "$@"
+
+if [ -n "${chromium_pid:-}" ] && ! wait "$chromium_pid"; then
+    cat "$chromium_log" >&2
+    echo "cannot install chromium: apt-get install chromium, or set ORCHESTRIX_SKIP_BROWSER=1" >&2
+    exit 1
+fi
+
+if [ $# -gt 0 ]; then
+    cargo test --workspace --all-targets -j2 "$@"
+    cargo test --workspace --doc -j2
+    exit 0
+fi
+
+# The suite mostly waits on timers (kills, heartbeats, retry delays), not on
+# the CPU: three lanes run at once. Each writes its own log, printed whole at
+# the end so that nothing interleaves. Always with --workspace: the same
+# features as the build above, so no lane compiles anything.
+SLOW_TESTS="chaos cluster"
+tests=$(cargo metadata --no-deps --format-version 1 | python3 -c '
+import json, sys
+slow = sys.argv[1].split()
+for p in json.load(sys.stdin)["packages"]:
+    for t in p["targets"]:
+        if "test" in t["kind"] and t["name"] not in slow:
+            print("--test", t["name"])
+' "$SLOW_TESTS" | sort -u)
+lane_slow() {
+    for t in $SLOW_TESTS; do cargo test --workspace --test "$t" -j2 || return 1; done
+    cargo test --workspace --doc -j2
+}
+lane_rest() {
+    # shellcheck disable=SC2086 # one word per argument
+    cargo test --workspace --lib --bins --examples --benches $tests -j2
+}
 lane_slow > "$logs/slow.log" 2>&1 & slow_pid=$!
-lane_typescript > "$logs/typescript.log" 2>&1 & ts_pid=$!
 status=0
 lane_rest > "$logs/rest.log" 2>&1 || status=1
 wait "$slow_pid" || status=1
