@@ -102,19 +102,11 @@ lane_typescript() {
     bin="${CARGO_TARGET_DIR:-$PWD/target}/debug"
     ORCHESTRIX_BIN="$bin/orchestrix" PAYMENT_WORKER_BIN="$bin/examples/payment_worker" ./scripts/test-typescript.sh
 }
-# It needs only the binaries: it starts now, beside the test build.
-ts_pid=""
-if [ $# -eq 0 ]; then
-    lane_typescript > "$logs/typescript.log" 2>&1 &
-    ts_pid=$!
-fi
-
 # Lanes left running when this script stops early go with it.
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
-# Every test binary built up front: the lanes below then only run them. At a
-# lower priority, so that the TypeScript lane's timers keep their time.
-nice -n 10 cargo test --workspace --all-targets -j2 --no-run "$@"
+# Every test binary built up front: the lanes below then only run them.
+cargo test --workspace --all-targets -j2 --no-run "$@"
 
 if [ -n "${chromium_pid:-}" ] && ! wait "$chromium_pid"; then
     cat "$chromium_log" >&2
@@ -150,6 +142,7 @@ lane_rest() {
     cargo test --workspace --lib --bins --examples --benches $tests -j2
 }
 lane_slow > "$logs/slow.log" 2>&1 & slow_pid=$!
+lane_typescript > "$logs/typescript.log" 2>&1 & ts_pid=$!
 status=0
 lane_rest > "$logs/rest.log" 2>&1 || status=1
 wait "$slow_pid" || status=1
