@@ -517,17 +517,7 @@ impl Client {
 
 fn run_request(flow: &str, input: Payload, options: RunOptions, wait: bool) -> RunRequest {
     let RunOptions { key, ttl, timeout, version, concurrency_key, .. } = options;
-    RunRequest {
-        flow: flow.into(),
-        version,
-        input,
-        key,
-        ttl,
-        timeout,
-        wait,
-        start_by_ms: None,
-        concurrency_key,
-    }
+    RunRequest { version, key, ttl, timeout, wait, concurrency_key, ..RunRequest::new(flow, input) }
 }
 
 fn unexpected(reply: RunReply) -> ClientError {

@@ -143,6 +143,18 @@ fn step<'a>(r: &'a RunReport, name: &str) -> Result<&'a StepReport, String> {
     r.step(name).ok_or_else(|| format!("the report has no step `{name}`: {}", one_line(r)))
 }
 
+/// The run ended in `status`.
+fn ended_as(report: &RunReport, status: RunStatus) -> Result<(), String> {
+    check!(
+        report.status == status,
+        "run status {:?}, expected {}: {}",
+        report.status,
+        status.as_str(),
+        one_line(report)
+    );
+    Ok(())
+}
+
 /// Each of `steps` ended compensated in the report.
 fn compensated(report: &RunReport, steps: &[&str]) -> Result<(), String> {
     for s in steps {
@@ -362,12 +374,7 @@ async fn success(env: &Env) -> Outcome {
     let commands = watch(env, format!("{p}.step.{FLOW}.>")).await?;
     let replies = watch(env, format!("{p}.reply.>")).await?;
     let (run, report) = run_to_end(env, &input("success"), Duration::from_secs(20)).await?;
-    check!(
-        report.status == RunStatus::Completed,
-        "run status {:?}, expected completed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Completed)?;
     let names: Vec<&str> = report.steps.iter().map(|s| s.name.as_str()).collect();
     check!(names == STEPS, "steps {names:?}, expected {STEPS:?}");
     for s in &report.steps {
@@ -413,12 +420,7 @@ async fn retries(env: &Env) -> Outcome {
     let mut i = input("retries");
     i.flaky_failures = 2;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
-    check!(
-        report.status == RunStatus::Completed,
-        "run status {:?}, expected completed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Completed)?;
     let flaky = step(&report, "flaky")?;
     check!(
         flaky.status == StepStatus::Completed && flaky.attempts == 3,
@@ -454,12 +456,7 @@ async fn permanent_error(env: &Env) -> Outcome {
     let mut i = input("permanent");
     i.fail = FailMode::Permanent;
     let (run, report) = run_to_end(env, &i, Duration::from_secs(20)).await?;
-    check!(
-        report.status == RunStatus::Failed,
-        "run status {:?}, expected failed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Failed)?;
     let decide = step(&report, "decide")?;
     let want = format!("declined: {}", i.id);
     check!(
@@ -519,12 +516,7 @@ async fn heartbeats(env: &Env) -> Outcome {
     i.slow_ms = 7000;
     let run = start(env, &i).await?;
     let report = finish(env, run, Duration::from_secs(25)).await?;
-    check!(
-        report.status == RunStatus::Completed,
-        "run status {:?}, expected completed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Completed)?;
     let slow = step(&report, "slow")?;
     check!(
         slow.attempts == 1 && slow.status == StepStatus::Completed,
@@ -588,12 +580,7 @@ async fn step_timeout(env: &Env) -> Outcome {
         "bounded's command has timeout {:?}, expected {BOUNDED_TIMEOUT:?}",
         sent.timeout
     );
-    check!(
-        report.status == RunStatus::Failed,
-        "run status {:?}, expected failed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Failed)?;
     let bounded = step(&report, "bounded")?;
     // A handler stopped at its timeout may have had its effect: the
     // coordinator reports the attempt's outcome as unknown (not retried).
@@ -845,12 +832,7 @@ async fn cancel(env: &Env) -> Outcome {
         .await
         .map_err(|e| format!("cancel refused: {e}"))?;
     let report = finish(env, run, Duration::from_secs(15)).await?;
-    check!(
-        report.status == RunStatus::Cancelled,
-        "run status {:?}, expected cancelled: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Cancelled)?;
     compensated(&report, &["record", "flaky"])?;
     let fx = effects_when(env, run, |fx| {
         fx.count("slow", Execute, Stopped) >= 1 && fx.count("record", Compensate, End) >= 1
@@ -929,12 +911,7 @@ async fn coordinator_kill(env: &Env) -> Outcome {
         "record's and decide's commands should come from two coordinators (the run taken over), saw {senders:?}"
     );
     latest_reply(&seen, run)?;
-    check!(
-        report.status == RunStatus::Completed,
-        "run status {:?}, expected completed: {}",
-        report.status,
-        one_line(&report)
-    );
+    ended_as(&report, RunStatus::Completed)?;
     for s in &report.steps {
         check!(
             s.attempts == 1,

@@ -362,15 +362,8 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     };
     let truncated = {
         let ok = encode(&orchestrix_proto::RunRequest {
-            version: None,
-            flow: "g".into(),
-            input: Payload::nil(),
-            key: None,
-            ttl: None,
-            timeout: None,
             wait: true,
-            start_by_ms: None,
-            concurrency_key: None,
+            ..orchestrix_proto::RunRequest::new("g", Payload::nil())
         })
         .unwrap();
         ok[..ok.len() / 2].to_vec()
@@ -445,18 +438,7 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     assert!(err.to_string().contains("no coordinator serves flow `nope`"), "{err}");
     // A request on a served flow's subject that names another flow is
     // refused: permissions grant subjects, so the body may not pick the flow.
-    let other = encode(&orchestrix_proto::RunRequest {
-        version: None,
-        flow: "nope".into(),
-        input: Payload::nil(),
-        key: None,
-        ttl: None,
-        timeout: None,
-        wait: false,
-        start_by_ms: None,
-        concurrency_key: None,
-    })
-    .unwrap();
+    let other = encode(&orchestrix_proto::RunRequest::new("nope", Payload::nil())).unwrap();
     let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(other)).await.unwrap();
     let orchestrix_proto::RunReply::Rejected { error, code, .. } = decode(&answer.payload).unwrap()
     else {

@@ -121,16 +121,10 @@ async fn each_role_may_do_its_job_and_nothing_else() {
     }
     // … nor start `fb` by naming it in a request sent on `fa`'s subject,
     // which the server lets through: the coordinator refuses it.
+    let input = orchestrix_proto::Payload::encode(&1u32).unwrap();
     let sneaky = orchestrix_proto::RunRequest {
-        flow: "fb".into(),
-        version: None,
-        input: orchestrix_proto::Payload::encode(&1u32).unwrap(),
-        key: None,
-        ttl: None,
-        timeout: None,
         wait: true,
-        start_by_ms: None,
-        concurrency_key: None,
+        ..orchestrix_proto::RunRequest::new("fb", input)
     };
     let answer = conn
         .request("orchestrix.run.fa", Bytes::from(orchestrix_proto::encode(&sneaky).unwrap()))

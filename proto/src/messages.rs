@@ -218,6 +218,24 @@ pub struct RunRequest {
     pub concurrency_key: Option<String>,
 }
 
+impl RunRequest {
+    /// A start of `flow` with `input` and no options: answered at once, no
+    /// key, no deadline, the newest served version.
+    pub fn new(flow: impl Into<String>, input: Payload) -> Self {
+        RunRequest {
+            flow: flow.into(),
+            version: None,
+            input,
+            key: None,
+            ttl: None,
+            timeout: None,
+            wait: false,
+            start_by_ms: None,
+            concurrency_key: None,
+        }
+    }
+}
+
 impl Message for RunRequest {
     const KIND: &'static str = "run.request";
 }

@@ -356,21 +356,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             concurrency_key: Some("account:42".into()),
         },
     );
-    vector(
-        m,
-        "run.request-minimal",
-        RunRequest {
-            flow: "payment-flow".into(),
-            version: None,
-            input,
-            key: None,
-            ttl: None,
-            timeout: None,
-            wait: false,
-            start_by_ms: None,
-            concurrency_key: None,
-        },
-    );
+    vector(m, "run.request-minimal", RunRequest::new("payment-flow", input));
     vector(m, "run.status", StatusRequest { run_id: RUN, wait: true });
     vector(
         m,
