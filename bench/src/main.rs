@@ -305,6 +305,7 @@ fn main() {
             "saga-nats-parallel",
             "nats-floor-durable",
             "saga-nats-jetstream",
+            "saga-nats-jetstream-parked",
         ];
         if nats_scenarios.iter().any(|n| wanted(n)) {
             match nats::run(&args, &wanted).await {

@@ -23,6 +23,18 @@ name = "two"
 [[flow.step]]
 name = "three"
 
+# Runs parked over NATS: "wait" fails once, retryably, then waits an hour.
+[[flow]]
+name = "bench-park"
+[[flow.step]]
+name = "one"
+[[flow.step]]
+name = "wait"
+retries = 1
+retry_delay_ms = 3600000
+[[flow.step]]
+name = "three"
+
 # The same three steps, the last two in a parallel group.
 [[flow]]
 name = "bench-par"
@@ -133,7 +145,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             node.shutdown().await;
         }
     }
-    if wanted("saga-nats-jetstream") || wanted("nats-floor-durable") {
+    if wanted("saga-nats-jetstream") || wanted("nats-floor-durable") || wanted("parked") {
         out.extend(durable(args, wanted, &url, &client).await?);
     }
     Ok(out)
@@ -161,33 +173,39 @@ async fn durable(
     let sync = if args.sync_always { "-sync-always" } else { "" };
     let floor_name: &'static str = Box::leak(format!("nats-floor-durable{sync}").into_boxed_str());
     let saga_name: &'static str = Box::leak(format!("saga-nats-jetstream{sync}").into_boxed_str());
-    if wanted("nats-floor-durable") {
-        let (c, kv) = (client.clone(), floor_kv.clone());
-        out.push(
-            measure(floor_name, 64, args.seconds, move || {
-                let (c, kv) = (c.clone(), kv.clone());
-                async move {
-                    let key = uuid::Uuid::new_v4().simple().to_string();
-                    let record = Bytes::from(vec![0u8; 300]);
-                    kv.put(&key, record.clone()).await.expect("kv");
-                    for _ in 0..3 {
-                        c.request(ECHO, Bytes::from_static(b"x")).await.expect("echo");
+    for concurrency in [1, 64] {
+        if wanted("nats-floor-durable") {
+            let (c, kv) = (client.clone(), floor_kv.clone());
+            out.push(
+                measure(floor_name, concurrency, args.seconds, move || {
+                    let (c, kv) = (c.clone(), kv.clone());
+                    async move {
+                        let key = uuid::Uuid::new_v4().simple().to_string();
+                        let record = Bytes::from(vec![0u8; 300]);
                         kv.put(&key, record.clone()).await.expect("kv");
+                        for _ in 0..3 {
+                            c.request(ECHO, Bytes::from_static(b"x")).await.expect("echo");
+                            kv.put(&key, record.clone()).await.expect("kv");
+                        }
+                        kv.put(&key, record.clone()).await.expect("kv");
+                        kv.put(format!("h{key}"), record.clone()).await.expect("kv");
+                        kv.delete(&key).await.expect("kv");
                     }
-                    kv.put(&key, record.clone()).await.expect("kv");
-                    kv.put(format!("h{key}"), record.clone()).await.expect("kv");
-                    kv.delete(&key).await.expect("kv");
-                }
-            })
-            .await,
-        );
-    }
-    if wanted("saga-nats-jetstream") {
-        for coordinators in [1usize, 2] {
+                })
+                .await,
+            );
+        }
+        if !wanted("saga-nats-jetstream") {
+            continue;
+        }
+        // Two coordinators sharing the runs only at c = 64: at c = 1 the
+        // second has nothing to do.
+        let fleet: &[usize] = if concurrency == 1 { &[1] } else { &[1, 2] };
+        for &coordinators in fleet {
             let mut nodes = Vec::new();
             for _ in 0..coordinators {
                 let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;
-                let store = NodeStore::JetStream(JetStreamStoreOptions::default());
+                let store = NodeStore::JetStream(JetStreamStoreOptions::default().prefix(PREFIX));
                 nodes.push(node(conn, store).await?);
             }
             let cs: Vec<_> = nodes.iter().map(|n| n.coordinator().clone()).collect();
@@ -195,7 +213,7 @@ async fn durable(
                 Box::leak(format!("{saga_name}-{coordinators}c").into_boxed_str());
             let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             out.push(
-                measure(name, 64, args.seconds, move || {
+                measure(name, concurrency, args.seconds, move || {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % cs.len();
                     let c = cs[i].clone();
                     async move {
@@ -210,7 +228,78 @@ async fn durable(
             }
         }
     }
+    if wanted("saga-nats-jetstream-parked") {
+        out.push(parked_durable(args, url).await?);
+    }
     Ok(out)
+}
+
+/// Resident memory per run parked over NATS + JetStream: `--parked` runs
+/// started and left in a one-hour retry delay of their second step, their
+/// records checkpointed to the runs bucket; the growth of this process's
+/// resident memory (the coordinator, its NATS client and store) per run.
+async fn parked_durable(args: &Args, url: &str) -> Result<Figure, String> {
+    use orchestrix::coordinator::jetstream::JetStreamStoreOptions;
+    let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;
+    let store = NodeStore::JetStream(JetStreamStoreOptions::default().prefix(PREFIX));
+    let node = node(conn, store).await?;
+    let c = node.coordinator().clone();
+    let parked = |c: orchestrix::Coordinator, id: orchestrix::RunId| async move {
+        loop {
+            let s = c.status(id).await.map_err(|e| e.to_string())?;
+            if s.is_some_and(|s| s.steps.get(1).is_some_and(|st| st.attempts >= 1)) {
+                return Ok::<_, String>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Warm-up: threads, pools and buffers, not counted.
+    let mut last = None;
+    for i in 0..1000u64 {
+        last = Some(c.start("bench-park", &i, RunOptions::new()).await.map_err(|e| e.to_string())?);
+    }
+    if let Some(h) = last {
+        parked(c.clone(), h.run_id()).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = crate::resident_bytes();
+    let started = std::time::Instant::now();
+    let n = args.parked;
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut last = None;
+            for i in (t..n as u64).step_by(64) {
+                let h = c.start("bench-park", &i, RunOptions::new()).await.expect("start");
+                last = Some(h.run_id());
+            }
+            last
+        }));
+    }
+    let mut lasts = Vec::new();
+    for t in tasks {
+        if let Some(id) = t.await.map_err(|e| e.to_string())? {
+            lasts.push(id);
+        }
+    }
+    for id in lasts {
+        parked(c.clone(), id).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Checkpoints done and the journal purged: what stays is what a parked run costs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = crate::resident_bytes().saturating_sub(before) as f64;
+    node.shutdown().await;
+    Ok(Figure {
+        scenario: "saga-nats-jetstream-parked",
+        concurrency: n,
+        runs: n as u64,
+        runs_per_s: n as f64 / elapsed,
+        p50_us: 0.0,
+        p99_us: 0.0,
+        bytes_per_run: Some(held / n as f64),
+    })
 }
 
 async fn wait_for_worker(client: &async_nats::Client) -> Result<(), String> {
@@ -285,6 +374,11 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
             .steps::<u64>("bench", |f| {
                 f.step("one", |_: StepContext<u64>| async { Ok(()) })
                     .step("two", |_| async { Ok(()) })
+                    .step("three", |_| async { Ok(()) })
+            })
+            .steps::<u64>("bench-park", |f| {
+                f.step("one", |_: StepContext<u64>| async { Ok(()) })
+                    .step("wait", |_| async { Err::<(), _>(orchestrix::StepError::retryable("later")) })
                     .step("three", |_| async { Ok(()) })
             })
             .steps::<u64>("bench-par", |f| {

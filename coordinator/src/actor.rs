@@ -386,7 +386,9 @@ impl RunActor {
         let step = cmd.step_index;
         let entered =
             self.spans.as_ref().and_then(|s| s.attempt(step)).map(|s| s.clone().entered());
-        let dispatched = self.bus.dispatch(cmd, &ReplyTo::new(ctx.address()));
+        let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
+        let reply = ReplyTo::new(ctx.address());
+        let dispatched = crate::telemetry::sending(unsampled, || self.bus.dispatch(cmd, &reply));
         drop(entered);
         match dispatched {
             Ok(Dispatched::Sent) => {}

@@ -124,6 +124,17 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
             for bucket in ["runs", "history", "keys", "coordinators", "quarantine", "slots"] {
                 out.publish.push(format!("$KV.{b}_{bucket}.>"));
             }
+            // The run journal (a plain stream): appends, fences, reading a
+            // dead coordinator's subject back, purging.
+            let journal = format!("{b}_journal");
+            out.publish.extend([
+                format!("{journal}.>"),
+                format!("$JS.API.STREAM.*.{journal}"),
+                format!("$JS.API.STREAM.MSG.*.{journal}"),
+                format!("$JS.API.CONSUMER.*.{journal}"),
+                format!("$JS.API.CONSUMER.*.{journal}.>"),
+                format!("$JS.FC.{journal}.>"),
+            ]);
             out.subscribe = vec![
                 format!("{p}.run.*"),
                 format!("{p}.status"),

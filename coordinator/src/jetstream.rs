@@ -43,6 +43,8 @@ use crate::record::{Phase, RunRecord, Transition};
 use crate::slots::{Grant, SlotState};
 use crate::store::{Created, Pending, Store, StoreError};
 
+mod journal;
+
 /// Where and how the JetStream store keeps its buckets.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -108,15 +110,24 @@ struct Inner {
     max_payload: usize,
     /// This coordinator's id, the owner named in the records it writes.
     id: String,
-    /// Revision of each run record this coordinator last wrote.
-    revisions: std::sync::Mutex<std::collections::HashMap<Uuid, u64>>,
+    /// The runs driven here (with their KV revisions) and the journal's state.
+    shared: Arc<journal::Shared>,
+    /// Hands records to the journal's writer task.
+    appender: journal::Appender,
+    /// The journal stream, and this coordinator's subject in it.
+    journal: jetstream::stream::Stream,
+    journal_subject: String,
+    /// Journal messages below this sequence are purged.
+    purged: std::sync::atomic::AtomicU64,
     heartbeat: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
     options: JetStreamStoreOptions,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        self.writer.abort();
     }
 }
 
@@ -258,6 +269,32 @@ impl JetStreamStore {
         let slots = open(bucket(format!("{p}_slots"), Duration::ZERO, false)).await?;
         let max_payload = client.server_info().max_payload;
         let id = Uuid::new_v4().simple().to_string();
+        let journal_name = journal::stream_name(p);
+        js.create_or_update_stream(jetstream::stream::Config {
+            name: journal_name.clone(),
+            subjects: vec![format!("{journal_name}.*")],
+            num_replicas: options.replicas,
+            storage: jetstream::stream::StorageType::File,
+            allow_message_ttl: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| unavailable(&format!("cannot open stream {journal_name}"), e))?;
+        let journal = js
+            .get_stream(&journal_name)
+            .await
+            .map_err(|e| unavailable(&format!("cannot open stream {journal_name}"), e))?;
+        let journal_subject = journal::subject(p, &id);
+        let shared = Arc::new(journal::Shared::default());
+        let (appender, appends) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(journal::writer(
+            js.clone(),
+            journal.clone(),
+            journal_subject.clone(),
+            shared.clone(),
+            max_payload,
+            appends,
+        ));
         // The first beat is written before the store is used, so no other
         // coordinator ever sees this one's runs as orphans.
         beat(&js, &coordinators_bucket, &id).await?;
@@ -284,11 +321,28 @@ impl JetStreamStore {
             slots,
             max_payload,
             id,
-            revisions: Default::default(),
+            shared,
+            appender,
+            journal,
+            journal_subject,
+            purged: Default::default(),
             heartbeat,
+            writer,
             options,
         };
-        Ok(JetStreamStore { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        // Checkpoints until the store is dropped.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(journal::CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.checkpoint().await;
+            }
+        });
+        Ok(JetStreamStore { inner })
     }
 
     /// This coordinator's id in the store.
@@ -334,7 +388,7 @@ impl Inner {
         let id = record.run_id;
         {
             // Two starts in this process never both take the same run id.
-            let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+            let r = &mut self.shared.lock().revisions;
             if r.contains_key(&id) {
                 return Ok(false);
             }
@@ -381,15 +435,34 @@ impl Inner {
     }
 
     fn revision(&self, run_id: Uuid) -> Option<u64> {
-        self.revisions.lock().unwrap_or_else(|p| p.into_inner()).get(&run_id).copied()
+        self.shared.lock().revisions.get(&run_id).copied()
     }
 
     fn set_revision(&self, run_id: Uuid, revision: Option<u64>) {
-        let mut r = self.revisions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.shared.lock();
         match revision {
-            Some(rev) => r.insert(run_id, rev),
-            None => r.remove(&run_id),
+            Some(rev) => {
+                s.revisions.insert(run_id, rev);
+            }
+            None => {
+                s.revisions.remove(&run_id);
+                s.forget(run_id);
+            }
         };
+    }
+
+    /// Starts a run with no idempotency key: its first record goes to the
+    /// journal (run ids are fresh, so no other start can hold this one).
+    async fn create_journaled(&self, record: &Arc<RunRecord>) -> Result<Created, StoreError> {
+        let id = record.run_id;
+        self.shared.lock().revisions.insert(id, 0);
+        match self.append(record).await {
+            Ok(()) => Ok(Created::New),
+            Err(e) => {
+                self.set_revision(id, None);
+                Err(e)
+            }
+        }
     }
 
     /// Writes a record this coordinator owns: compare-and-set on the revision
@@ -559,8 +632,10 @@ impl Inner {
 
     async fn finish(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
         let id = after.run_id.to_string();
-        // Final record first: a coordinator recovering now sees a finished run, not a live one.
-        self.write(&after).await?;
+        // Final record first: a coordinator recovering now sees a finished
+        // run, not a live one. Written to the journal, it is also the check
+        // that the run is still this coordinator's.
+        self.append(&after).await?;
         let report = after.to_report(duration);
         // A failed rollback can be resumed later: its record goes along.
         let reopen =
@@ -580,9 +655,7 @@ impl Inner {
         for slot in &after.slots {
             self.release_slot(slot, after.run_id).await?;
         }
-        self.runs.delete(&id).await.map_err(|e| unavailable("cannot retire the run", e))?;
-        self.set_revision(after.run_id, None);
-        Ok(())
+        self.retire(after.run_id).await
     }
 
     /// Changes one slot's state with a compare-and-set, as often as others
@@ -617,6 +690,10 @@ impl Inner {
     }
 
     async fn report(&self, run_id: Uuid) -> Result<Option<RunReport>, StoreError> {
+        if let Some(record) = self.shared.pending(run_id) {
+            let elapsed = SystemTime::now().duration_since(record.started_at).unwrap_or_default();
+            return Ok(Some(record.to_report(elapsed)));
+        }
         let id = run_id.to_string();
         if let Some(b) =
             self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?
@@ -721,8 +798,7 @@ impl Store for JetStreamStore {
         Pending::later(async move {
             match &record.key {
                 Some(key) => inner.start_keyed(&record, key).await,
-                None if inner.create_new(&record).await? => Ok(Created::New),
-                None => Err(StoreError::Unavailable(format!("run id {} is taken", record.run_id))),
+                None => inner.create_journaled(&record).await,
             }
         })
     }
@@ -743,7 +819,7 @@ impl Store for JetStreamStore {
                 Some(duration) => inner.finish(after, duration).await,
                 None => {
                     debug_assert_eq!(after.run_id, run_id);
-                    inner.write(&after).await
+                    inner.append(&after).await
                 }
             }
         })
@@ -847,6 +923,41 @@ impl Store for JetStreamStore {
                     }
                 }
             }
+            // Runs of this coordinator that only the journal has yet; for
+            // the others, their journal record is newer than their KV one.
+            let local = inner.shared.all_pending();
+            if !local.is_empty() {
+                let now = SystemTime::now();
+                let local: std::collections::HashMap<Uuid, RunReport> = local
+                    .iter()
+                    .map(|r| {
+                        let elapsed = now.duration_since(r.started_at).unwrap_or_default();
+                        (r.run_id, r.to_report(elapsed))
+                    })
+                    .collect();
+                let mut seen = std::collections::HashSet::new();
+                for r in &mut out {
+                    let id: Uuid = r.run_id.into();
+                    if let Some(newer) = local.get(&id) {
+                        let live = matches!(
+                            r.status,
+                            orchestrix_proto::RunStatus::Queued
+                                | orchestrix_proto::RunStatus::Running
+                                | orchestrix_proto::RunStatus::Paused
+                        );
+                        if live {
+                            *r = newer.clone();
+                        }
+                        seen.insert(id);
+                    }
+                }
+                out.extend(
+                    local
+                        .into_iter()
+                        .filter(|(id, r)| !seen.contains(id) && filter.keeps(r))
+                        .map(|(_, r)| r),
+                );
+            }
             Ok(filter.finish(out))
         })
     }
@@ -931,8 +1042,11 @@ impl Inner {
         flows: &[Arc<str>],
         out: &mut Vec<Arc<RunRecord>>,
     ) -> Result<(), StoreError> {
-        let mut keys = self.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
         let mut alive: std::collections::HashMap<String, bool> = Default::default();
+        // Dead coordinators' journals first: their newest records go to the
+        // runs bucket, and the fence keeps them from writing again.
+        let mut taken = self.take_dead_journals(&mut alive).await?;
+        let mut keys = self.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
         loop {
             let next =
                 tokio::time::timeout(SCAN_STEP_TIMEOUT, keys.next()).await.map_err(|_| {
@@ -977,21 +1091,16 @@ impl Inner {
                 tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
                 entry.revision
             } else {
-                let owner_alive = match alive.get(&stored.owner) {
-                    Some(a) => *a,
-                    None => {
-                        let a = self
-                            .coordinators
-                            .get(&stored.owner)
-                            .await
-                            .map_err(|e| unavailable("cannot read heartbeats", e))?
-                            .is_some();
-                        alive.insert(stored.owner.clone(), a);
-                        a
-                    }
-                };
-                if owner_alive {
+                if self.alive(&stored.owner, &mut alive).await? {
                     continue;
+                }
+                // Never claimed before its owner's journal is fenced: a
+                // coordinator presumed dead must not write the run again.
+                if !taken.contains(&stored.owner) {
+                    if !self.take_journal(&stored.owner, 0, &mut alive).await? {
+                        continue;
+                    }
+                    taken.insert(stored.owner.clone());
                 }
                 // Claim it: one compare-and-set, one winner. A claim whose
                 // answer is lost but that landed makes the run ours: the

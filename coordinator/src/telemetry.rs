@@ -28,6 +28,11 @@ const UNKNOWN_PREFIX: &str = "outcome unknown:";
 /// them, so a run costs nothing extra when tracing is off.
 pub(crate) struct RunSpans {
     run: Span,
+    /// False when the sampler left the run out: then no span is made for
+    /// it at all (the run's span was only opened to ask the sampler), and
+    /// its commands carry a `traceparent` flagged not sampled, so workers
+    /// skip theirs too.
+    sampled: bool,
     /// Open attempt spans, by step (several while a parallel group runs),
     /// with the group they belong to.
     attempts: Vec<(u32, Option<GroupKey>, Span)>,
@@ -76,13 +81,18 @@ impl RunSpans {
         if run.is_disabled() {
             return None;
         }
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
         if let Some(tp) = traceparent {
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
             let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&OneHeader(tp)));
             let _ = run.set_parent(cx);
         }
+        // The sampler decides once per run (the standard `OTEL_TRACES_SAMPLER`
+        // variables configure it): an unsampled run costs this one span.
+        let sampled = run.context().span().span_context().is_sampled();
         Some(Box::new(RunSpans {
-            run,
+            run: if sampled { run } else { Span::none() },
+            sampled,
             attempts: Vec::new(),
             groups: Vec::new(),
             run_id,
@@ -105,6 +115,9 @@ impl RunSpans {
         command_id: Uuid,
         remote: bool,
     ) {
+        if !self.sampled {
+            return;
+        }
         // A span still open (never the case in a consistent run) ends here.
         self.attempt_ended(index, None);
         let key = group.map(|g| (g.to_owned(), kind));
@@ -162,6 +175,11 @@ impl RunSpans {
             }
         };
         &self.groups[at].1
+    }
+
+    /// Whether the sampler kept this run.
+    pub(crate) fn sampled(&self) -> bool {
+        self.sampled
     }
 
     /// The span of step `index`'s attempt in flight.
@@ -243,6 +261,25 @@ impl Drop for RunSpans {
             stamp_end(&span);
         }
     }
+}
+
+thread_local! {
+    /// Set while a run the sampler left out sends a command.
+    static UNSAMPLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `send` with the "not sampled" mark set when `unsampled`: the bus
+/// then flags the command's `traceparent` so.
+pub(crate) fn sending<R>(unsampled: bool, send: impl FnOnce() -> R) -> R {
+    UNSAMPLED.set(unsampled);
+    let r = send();
+    UNSAMPLED.set(false);
+    r
+}
+
+/// Whether the command being sent belongs to a run the sampler left out.
+pub(crate) fn sending_unsampled() -> bool {
+    UNSAMPLED.get()
 }
 
 /// A carrier holding just a `traceparent` value.

@@ -1084,7 +1084,18 @@ fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
 fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> tracing::Span {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let span = tracing::info_span!(
+    let unsampled = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT))
+        .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()))
+        .is_some_and(|tp| !tp.sampled);
+    let span = if unsampled {
+        // The run was left out by the sampler: a bare span, only so that
+        // the handler's own spans inherit "not sampled" from it.
+        tracing::info_span!("orchestrix.handle")
+    } else {
+        tracing::info_span!(
         "orchestrix.handle",
         otel.name = %format_args!("{} {}", cmd.step, cmd.kind.as_str()),
         otel.kind = "consumer",
@@ -1102,7 +1113,8 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         orchestrix.worker = worker,
         otel.status_code = Empty,
         otel.status_description = Empty,
-    );
+        )
+    };
     if !span.is_disabled()
         && let Some(headers) = &msg.headers
     {

@@ -183,11 +183,11 @@ impl NatsBus {
         tracing::Span::current().record("messaging.destination.name", subject.as_str());
         let mut h = async_nats::HeaderMap::new();
         if !inject_current_span(&mut h) {
-            // No tracer: still correlate the run's commands (trace id = run id).
-            h.insert(
-                headers::TRACEPARENT,
-                TraceParent::for_run(cmd.run_id, fastrand::u64(..)).to_header(),
-            );
+            // No tracer, or a run the sampler left out: still correlate the
+            // run's commands (trace id = run id), flagged as the sampler said.
+            let mut tp = TraceParent::for_run(cmd.run_id, fastrand::u64(..));
+            tp.sampled = !crate::telemetry::sending_unsampled();
+            h.insert(headers::TRACEPARENT, tp.to_header());
         }
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.

@@ -1,0 +1,622 @@
+//! The run journal: group commit of run records.
+//!
+//! A run's transitions are not written to its KV record one put at a time.
+//! Each coordinator appends them to its own subject of one stream,
+//! `{prefix}_journal.{coordinator id}`, and a single writer task puts every
+//! record waiting at that moment, from every run, into one message: one
+//! acknowledged publish makes a whole batch durable. At 64 runs in flight
+//! that is one write for dozens of transitions instead of one each.
+//!
+//! The KV records stay the place where runs are found (listing, status,
+//! takeover): a checkpoint task copies a run's newest record there once it
+//! has been live for a second or more, so short runs never touch the runs
+//! bucket. Journal messages that every live run has moved past are purged.
+//!
+//! **Fencing.** Every append carries `Nats-Expected-Last-Subject-Sequence`:
+//! the writer is the only publisher of its subject, so it knows what the
+//! last message is. A coordinator taking over from a dead one first appends a
+//! *fence* (a message with the [`FENCE`] header) to the dead coordinator's
+//! subject, then copies the newest record of each run in it to the KV and
+//! purges what preceded the fence. If the "dead" coordinator was only cut
+//! off, its next append fails the expected sequence, it finds the fence, and
+//! it lets go of every run it had: they are the taker's now.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+/// Header of a fence message; its value is the fencing coordinator's id.
+pub(super) const FENCE: &str = "Orchestrix-Fence";
+/// Fences of coordinators that never come back expire (the subject with them).
+const FENCE_TTL: &str = "168h";
+/// How often live runs are copied to the runs bucket, and how long a run
+/// must have been in the journal before it is.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// The journal's stream name and its subjects' prefix.
+pub(super) fn stream_name(prefix: &str) -> String {
+    format!("{prefix}_journal")
+}
+
+pub(super) fn subject(prefix: &str, owner: &str) -> String {
+    format!("{prefix}_journal.{owner}")
+}
+
+/// What the store and its writer task share.
+#[derive(Default)]
+pub(super) struct Shared {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    /// Runs this coordinator drives, with the revision of their KV record
+    /// (0: none written yet). A run not here is not ours to write.
+    pub revisions: HashMap<Uuid, u64>,
+    /// Runs whose newest record is in the journal only.
+    pending: HashMap<Uuid, Entry>,
+    /// Sequence of the newest message of this coordinator's subject.
+    last: u64,
+    /// Checkpoint rounds so far.
+    tick: u64,
+    /// The newest fence on this coordinator's subject it has obeyed.
+    fence: u64,
+}
+
+struct Entry {
+    /// Journal message holding the newest record.
+    seq: u64,
+    record: Arc<RunRecord>,
+    /// Checkpoint round in which the run entered the journal.
+    since: u64,
+    /// The checkpoint task is copying it to the KV right now.
+    writing: bool,
+    /// Finished while being copied: the copy is deleted afterwards.
+    retired: bool,
+}
+
+impl State {
+    /// The run is no longer this coordinator's to checkpoint.
+    pub(super) fn forget(&mut self, run_id: Uuid) {
+        self.pending.remove(&run_id);
+    }
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The newest record of a run driven here, if only the journal has it.
+    pub(super) fn pending(&self, run_id: Uuid) -> Option<Arc<RunRecord>> {
+        self.lock().pending.get(&run_id).map(|e| e.record.clone())
+    }
+
+    /// Every run whose newest record is in the journal only.
+    pub(super) fn all_pending(&self) -> Vec<Arc<RunRecord>> {
+        self.lock().pending.values().map(|e| e.record.clone()).collect()
+    }
+
+    /// This coordinator was fenced: none of its runs is its own any more.
+    fn lose_everything(&self) {
+        let mut s = self.lock();
+        let lost = s.revisions.len();
+        s.revisions.clear();
+        s.pending.clear();
+        tracing::warn!(
+            lost,
+            "another coordinator took this coordinator's runs over (it was presumed dead)"
+        );
+    }
+}
+
+/// One record to append, and who waits for it.
+pub(super) struct Append {
+    pub record: Arc<RunRecord>,
+    pub bytes: Bytes,
+    pub done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+pub(super) type Appender = mpsc::UnboundedSender<Append>;
+
+/// The writer task: batches what is waiting, one publish in flight.
+pub(super) async fn writer(
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream,
+    subject: String,
+    shared: Arc<Shared>,
+    max_payload: usize,
+    mut rx: mpsc::UnboundedReceiver<Append>,
+) {
+    // Room for headers and the subject.
+    let limit = max_payload.saturating_sub(1024).max(1);
+    let mut known: Option<u64> = None;
+    let mut carry: Option<Append> = None;
+    loop {
+        let first = match carry.take() {
+            Some(a) => a,
+            None => match rx.recv().await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut size = batch[0].bytes.len();
+        while let Ok(a) = rx.try_recv() {
+            if size + a.bytes.len() > limit {
+                carry = Some(a);
+                break;
+            }
+            size += a.bytes.len();
+            batch.push(a);
+        }
+        // A run fenced meanwhile is not written.
+        {
+            let s = shared.lock();
+            let (ours, lost): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|a| s.revisions.contains_key(&a.record.run_id));
+            drop(s);
+            for a in lost {
+                let _ = a.done.send(Err(StoreError::Fenced(a.record.run_id)));
+            }
+            batch = ours;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut body = Vec::with_capacity(size);
+        for a in &batch {
+            body.extend_from_slice(&a.bytes);
+        }
+        let body = Bytes::from(body);
+        match publish(&js, &stream, &subject, &shared, &mut known, body).await {
+            Ok(seq) => {
+                let mut s = shared.lock();
+                s.last = seq;
+                let tick = s.tick;
+                for a in batch {
+                    let id = a.record.run_id;
+                    if !s.revisions.contains_key(&id) {
+                        let _ = a.done.send(Err(StoreError::Fenced(id)));
+                        continue;
+                    }
+                    match s.pending.get_mut(&id) {
+                        Some(e) => {
+                            e.seq = seq;
+                            e.record = a.record;
+                        }
+                        None => {
+                            let entry = Entry {
+                                seq,
+                                record: a.record,
+                                since: tick,
+                                writing: false,
+                                retired: false,
+                            };
+                            s.pending.insert(id, entry);
+                        }
+                    }
+                    let _ = a.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                for a in batch {
+                    let e = match &e {
+                        Lost::Fenced => StoreError::Fenced(a.record.run_id),
+                        Lost::Error(e) => e.clone(),
+                    };
+                    let _ = a.done.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+enum Lost {
+    Fenced,
+    Error(StoreError),
+}
+
+/// Appends `body`; on failure, looks at the subject to tell a lost
+/// acknowledgement from a fence.
+async fn publish(
+    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    shared: &Shared,
+    known: &mut Option<u64>,
+    body: Bytes,
+) -> Result<u64, Lost> {
+    for _ in 0..2 {
+        let expected = match *known {
+            Some(seq) => seq,
+            None => match last_message(stream, subject).await {
+                Ok(None) => 0,
+                Ok(Some(m)) if fenced_by(&m).is_some() && m.sequence > fence_seen(shared) => {
+                    note_fence(shared, m.sequence);
+                    *known = Some(m.sequence);
+                    return Err(Lost::Fenced);
+                }
+                Ok(Some(m)) => m.sequence,
+                Err(e) => return Err(Lost::Error(e)),
+            },
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", expected.to_string().as_str());
+        let sent = match js.publish_with_headers(subject.to_owned(), headers, body.clone()).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let error = match sent {
+            Ok(ack) => {
+                *known = Some(ack.sequence);
+                return Ok(ack.sequence);
+            }
+            Err(e) => e,
+        };
+        *known = None;
+        let wrong = error.kind() == PublishErrorKind::WrongLastSequence;
+        match last_message(stream, subject).await {
+            Ok(Some(m)) if fenced_by(&m).is_some() => {
+                *known = Some(m.sequence);
+                if m.sequence > fence_seen(shared) {
+                    note_fence(shared, m.sequence);
+                    return Err(Lost::Fenced);
+                }
+            }
+            Ok(Some(m)) if m.payload == body => {
+                // It landed; only the acknowledgement was lost.
+                *known = Some(m.sequence);
+                return Ok(m.sequence);
+            }
+            Ok(Some(m)) => *known = Some(m.sequence),
+            // Emptied: a taker purged it all (a fence that expired since).
+            Ok(None) if expected > 0 => {
+                *known = Some(0);
+                shared.lose_everything();
+                return Err(Lost::Fenced);
+            }
+            Ok(None) => *known = Some(0),
+            Err(e) => return Err(Lost::Error(e)),
+        }
+        if !wrong {
+            return Err(Lost::Error(unavailable("cannot append to the journal", error)));
+        }
+    }
+    Err(Lost::Error(StoreError::Unavailable("cannot append to the journal".into())))
+}
+
+/// Sequence of the newest fence this coordinator has already obeyed.
+fn fence_seen(shared: &Shared) -> u64 {
+    shared.lock().fence
+}
+
+fn note_fence(shared: &Shared, seq: u64) {
+    shared.lose_everything();
+    shared.lock().fence = seq;
+}
+
+pub(super) fn fenced_by(m: &StreamMessage) -> Option<String> {
+    m.headers.get(FENCE).map(|v| v.as_str().to_owned())
+}
+
+/// The newest message of a subject, if any.
+pub(super) async fn last_message(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+) -> Result<Option<StreamMessage>, StoreError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(unavailable("cannot read the journal", e)),
+    }
+}
+
+/// The records in one journal message, in the order they were appended.
+pub(super) fn records(body: &[u8]) -> Result<Vec<RunRecord>, StoreError> {
+    let mut cursor = std::io::Cursor::new(body);
+    let mut out = Vec::new();
+    while (cursor.position() as usize) < body.len() {
+        let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        out.push(RunRecord::deserialize(&mut de).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+impl Inner {
+    /// Appends the run's newest record to the journal; resolves once it is
+    /// durable (or the run turned out not to be this coordinator's).
+    pub(super) async fn append(&self, record: &Arc<RunRecord>) -> Result<(), StoreError> {
+        let bytes = rmp_serde::to_vec_named(&**record)
+            .map(Bytes::from)
+            .map_err(|e| unavailable("cannot encode", e))?;
+        self.fits(&bytes)?;
+        let (done, rx) = oneshot::channel();
+        self.appender
+            .send(Append { record: record.clone(), bytes, done })
+            .map_err(|_| StoreError::Unavailable("the journal writer stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the journal writer stopped".into()))?
+    }
+
+    /// A run ended and its end is recorded elsewhere: it leaves the journal
+    /// (and the runs bucket, if a checkpoint put it there).
+    pub(super) async fn retire(&self, run_id: Uuid) -> Result<(), StoreError> {
+        let revision = {
+            let mut s = self.shared.lock();
+            match s.pending.get_mut(&run_id) {
+                Some(e) if e.writing => {
+                    // The checkpoint in flight deletes its copy when done.
+                    e.retired = true;
+                    return Ok(());
+                }
+                Some(_) => {
+                    s.pending.remove(&run_id);
+                }
+                None => {}
+            }
+            s.revisions.remove(&run_id)
+        };
+        if revision.is_some_and(|r| r > 0) {
+            self.runs
+                .delete(run_id.to_string())
+                .await
+                .map_err(|e| unavailable("cannot retire the run", e))?;
+        }
+        Ok(())
+    }
+
+    /// One checkpoint round: runs live in the journal for a round or more
+    /// are copied to the runs bucket, then what no run needs is purged.
+    pub(super) async fn checkpoint(&self) {
+        let due: Vec<(Uuid, u64, Arc<RunRecord>)> = {
+            let mut s = self.shared.lock();
+            s.tick += 1;
+            let tick = s.tick;
+            s.pending
+                .iter_mut()
+                .filter(|(_, e)| {
+                    !e.writing
+                        && !e.retired
+                        && e.since + 2 <= tick
+                        && e.record.phase != Phase::Finished
+                })
+                .map(|(id, e)| {
+                    e.writing = true;
+                    (*id, e.seq, e.record.clone())
+                })
+                .collect()
+        };
+        for (id, seq, record) in due {
+            let written = self.write(&record).await;
+            let retire = {
+                let mut s = self.shared.lock();
+                let Some(e) = s.pending.get_mut(&id) else { continue };
+                e.writing = false;
+                match written {
+                    Err(StoreError::Fenced(_)) => {
+                        s.pending.remove(&id);
+                        false
+                    }
+                    _ if e.retired => true,
+                    Ok(()) if e.seq == seq => {
+                        s.pending.remove(&id);
+                        false
+                    }
+                    _ => false,
+                }
+            };
+            if retire {
+                if let Some(e) = self.shared.lock().pending.get_mut(&id) {
+                    e.retired = false;
+                }
+                if let Err(e) = self.retire(id).await {
+                    tracing::warn!(run_id = %id, error = %e, "cannot retire a finished run's record");
+                }
+            }
+        }
+        let (keep_from, last) = {
+            let s = self.shared.lock();
+            (s.pending.values().map(|e| e.seq).min().unwrap_or(s.last).min(s.last), s.last)
+        };
+        if keep_from > self.purged.load(std::sync::atomic::Ordering::Relaxed) && last > 0 {
+            let purged =
+                self.journal.purge().filter(&self.journal_subject).sequence(keep_from).await;
+            match purged {
+                Ok(_) => self.purged.store(keep_from, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot purge the journal"),
+            }
+        }
+    }
+
+    /// Makes a dead coordinator's journal safe to take over: fences it, then
+    /// copies the newest record of each run in it to the runs bucket. False
+    /// when another live coordinator is doing that right now.
+    pub(super) async fn take_journal(
+        &self,
+        owner: &str,
+        messages: usize,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<bool, StoreError> {
+        let subject = subject(&self.options.prefix, owner);
+        let mut replay = messages > 0;
+        let fence = match last_message(&self.journal, &subject).await? {
+            Some(m) => match fenced_by(&m) {
+                Some(by) if by != self.id && self.alive(&by, alive).await? => return Ok(false),
+                Some(_) => {
+                    // Fenced already; anything before the fence is left
+                    // over from a taker that stopped half way.
+                    replay = messages > 1;
+                    m.sequence
+                }
+                None => match self.fence(&subject, m.sequence).await? {
+                    Some(seq) => seq,
+                    None => return Ok(false),
+                },
+            },
+            None => match self.fence(&subject, 0).await? {
+                Some(seq) => seq,
+                None => return Ok(false),
+            },
+        };
+        let mut latest: HashMap<Uuid, RunRecord> = HashMap::new();
+        if replay {
+            let consumer = self
+                .journal
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subject: subject.clone(),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable("cannot read a journal", e))?;
+            let mut messages =
+                consumer.messages().await.map_err(|e| unavailable("cannot read a journal", e))?;
+            loop {
+                let next = tokio::time::timeout(SCAN_STEP_TIMEOUT, messages.next())
+                    .await
+                    .map_err(|_| StoreError::Unavailable("a journal did not answer".into()))?;
+                let Some(m) = next else { break };
+                let m = m.map_err(|e| unavailable("cannot read a journal", e))?;
+                let seq =
+                    m.info().map_err(|e| unavailable("cannot read a journal", e))?.stream_sequence;
+                if seq >= fence {
+                    break;
+                }
+                if m.headers.as_ref().is_some_and(|h| h.get(FENCE).is_some()) {
+                    continue;
+                }
+                match records(&m.payload) {
+                    Ok(rs) => {
+                        for r in rs {
+                            latest.insert(r.run_id, r);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, owner, seq, "a journal message does not decode")
+                    }
+                }
+            }
+        }
+        for record in latest.into_values() {
+            self.restore(owner, record).await?;
+        }
+        if replay {
+            self.journal
+                .purge()
+                .filter(&subject)
+                .sequence(fence)
+                .await
+                .map_err(|e| unavailable("cannot purge a journal", e))?;
+        }
+        Ok(true)
+    }
+
+    /// Appends a fence after `last`; `None` if something else was appended first.
+    async fn fence(&self, subject: &str, last: u64) -> Result<Option<u64>, StoreError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+        headers.insert("Nats-TTL", FENCE_TTL);
+        headers.insert(FENCE, self.id.as_str());
+        let ack =
+            match self.js.publish_with_headers(subject.to_owned(), headers, Bytes::new()).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+        match ack {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(unavailable("cannot fence a journal", e)),
+        }
+    }
+
+    /// Puts a dead coordinator's newest record of a run into the runs
+    /// bucket, under that coordinator's name, unless the run has moved on
+    /// (another owner there, or ended: in the history).
+    async fn restore(&self, owner: &str, record: RunRecord) -> Result<(), StoreError> {
+        let key = record.run_id.to_string();
+        let value = encode(&StoredRef { owner, record: &record })?;
+        for _ in 0..3 {
+            let entry =
+                self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?;
+            let revision = match entry {
+                Some(e) if e.operation == kv::Operation::Put => match decode::<Stored>(&e.value) {
+                    Ok(s) if s.owner != owner => return Ok(()),
+                    _ => e.revision,
+                },
+                other => {
+                    let ended = self
+                        .history
+                        .get(&key)
+                        .await
+                        .map_err(|e| unavailable("cannot read the history", e))?;
+                    if ended.is_some() {
+                        return Ok(());
+                    }
+                    other.map(|e| e.revision).unwrap_or(0)
+                }
+            };
+            if self.runs.update(&key, value.clone(), revision).await.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Unavailable(format!("cannot restore run {key} from a journal")))
+    }
+
+    /// Whether a coordinator's heartbeat is there, remembered for one scan.
+    pub(super) async fn alive(
+        &self,
+        owner: &str,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<bool, StoreError> {
+        if let Some(a) = alive.get(owner) {
+            return Ok(*a);
+        }
+        let a = self
+            .coordinators
+            .get(owner)
+            .await
+            .map_err(|e| unavailable("cannot read heartbeats", e))?
+            .is_some();
+        alive.insert(owner.to_owned(), a);
+        Ok(a)
+    }
+
+    /// Takes over the journals of dead coordinators; returns the owners
+    /// whose runs may now be claimed.
+    pub(super) async fn take_dead_journals(
+        &self,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let prefix = format!("{}.", stream_name(&self.options.prefix));
+        let mut subjects = self
+            .journal
+            .clone()
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(|e| unavailable("cannot list journals", e))?;
+        let mut found = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, count) = s.map_err(|e| unavailable("cannot list journals", e))?;
+            found.push((subject, count));
+        }
+        let mut taken = std::collections::HashSet::new();
+        for (subject, count) in found {
+            let Some(owner) = subject.strip_prefix(&prefix) else { continue };
+            if owner == self.id || self.alive(owner, alive).await? {
+                continue;
+            }
+            if self.take_journal(owner, count, alive).await? {
+                taken.insert(owner.to_owned());
+            }
+        }
+        Ok(taken)
+    }
+}
