@@ -32,6 +32,7 @@ name = "one"
 name = "wait"
 retries = 1
 retry_delay_ms = 3600000
+max_delay_ms = 3600000
 [[flow.step]]
 name = "three"
 

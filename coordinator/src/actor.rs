@@ -252,7 +252,11 @@ impl RunActor {
                 Effect::Send(cmd) => self.send(cmd, ctx),
                 Effect::Inquire(cmd) => {
                     let command_id = cmd.command_id;
-                    if self.bus.inquire(cmd, &ReplyTo::new(ctx.address())).is_err() {
+                    let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
+                    let reply = ReplyTo::new(ctx.address());
+                    let asked =
+                        crate::telemetry::sending(unsampled, || self.bus.inquire(cmd, &reply));
+                    if asked.is_err() {
                         ctx.notify(Internal(Event::Unanswered { command_id }));
                     }
                 }

@@ -96,6 +96,7 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
                 format!("{p}.step.>"),
                 format!("{p}.inquire.>"),
                 format!("{p}.events.>"),
+                format!("{p}.status.peers"),
                 "$JS.API.INFO".into(),
             ];
             // The JetStream API of its own buckets only: another prefix's
@@ -133,11 +134,13 @@ pub fn permissions(role: Role, prefix: &str, flows: &[String], inbox: &str) -> P
                 format!("$JS.API.STREAM.MSG.*.{journal}"),
                 format!("$JS.API.CONSUMER.*.{journal}"),
                 format!("$JS.API.CONSUMER.*.{journal}.>"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{journal}.>"),
                 format!("$JS.FC.{journal}.>"),
             ]);
             out.subscribe = vec![
                 format!("{p}.run.*"),
                 format!("{p}.status"),
+                format!("{p}.status.peers"),
                 format!("{p}.list"),
                 format!("{p}.control"),
                 format!("{p}.reply.*"),

@@ -1,11 +1,11 @@
 //! The durable store: runs, their history and idempotency keys in NATS
 //! JetStream KV, so a coordinator that dies loses nothing.
 //!
-//! Three buckets, named after the subject prefix:
+//! Buckets named after the subject prefix:
 //!
 //! | bucket | key | value |
 //! | --- | --- | --- |
-//! | `{prefix}_runs` | run id | the live run's record (MessagePack), rewritten per batch of transitions |
+//! | `{prefix}_runs` | run id | the live run's record (MessagePack), as of its last checkpoint |
 //! | `{prefix}_history` | run id | the final report; entries expire after the retention (bucket `max_age`) |
 //! | `{prefix}_keys` | hex of the idempotency key | the run id, then its report; expires `ttl` after the run ended (per-key TTL, nats-server ≥ 2.11) |
 //! | `{prefix}_coordinators` | coordinator id | a heartbeat, rewritten every second with a 3 s per-key TTL: the key exists while the coordinator lives |
@@ -14,17 +14,28 @@
 //! **Ownership.** Each run record names the coordinator that owns it, and
 //! every write of it is a compare-and-set on the record's revision. A
 //! coordinator that finds a live run whose owner's heartbeat key has expired
-//! claims it with a compare-and-set (one claimant wins) and resumes it. If the
-//! old owner was only cut off and comes back, its next write fails the
-//! compare-and-set ([`StoreError::Fenced`]) and its actor lets the run go. A
-//! run is taken over within about 3 s (heartbeat TTL) plus the scan interval
-//! (1 s in `orchestrix serve`).
+//! claims it with a compare-and-set (one claimant wins) and resumes it, after
+//! fencing the owner's journal (below). If the old owner was only cut off and
+//! comes back, its next append finds the fence and it lets go of every run it
+//! had ([`StoreError::Fenced`]); a checkpoint of a run claimed meanwhile fails
+//! the compare-and-set the same way. A run is taken over within about 3 s
+//! (heartbeat TTL) plus the scan interval (1 s in `orchestrix serve`).
 //!
-//! What a transition costs: one KV put of the run's record per batch (a step
-//! completing and the next one starting are one batch), so a 3-step run
-//! writes 4 records, then its end costs 3 writes (final record, history, key
-//! or delete). Writes are JetStream publishes acknowledged by the server
-//! (and, with replicas, by a quorum) before the run moves on.
+//! Plus one stream, `{prefix}_journal`, with a subject per coordinator:
+//! its **run journal** (see the `journal` module). What a transition costs:
+//! a share of one journal append. A single writer task puts the records of
+//! every run that changed since its last append into one message, so at 64
+//! runs in flight one acknowledged publish carries dozens of transitions
+//! (group commit). A run's record reaches the runs bucket only when the run
+//! has been live for a second or more (a checkpoint); a run that ends sooner
+//! costs its journal shares, its history entry, and nothing else. The
+//! journal is what a takeover reads first: before claiming a dead
+//! coordinator's runs, the taker fences its subject (so it can append no
+//! more), copies the newest record of each run in it to the runs bucket, and
+//! only then claims them there.
+//!
+//! Writes are JetStream publishes acknowledged by the server (and, with
+//! replicas, by a quorum) before the run moves on.
 
 use std::fmt;
 use std::sync::Arc;
@@ -119,6 +130,12 @@ struct Inner {
     journal_subject: String,
     /// Journal messages below this sequence are purged.
     purged: std::sync::atomic::AtomicU64,
+    /// Dead coordinators whose journals this one has taken over.
+    done_journals: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Hands finished runs to the ender task.
+    ender: tokio::sync::mpsc::UnboundedSender<Ending>,
+    /// The history stream takes atomic batches (nats-server ≥ 2.12).
+    atomic_history: bool,
     heartbeat: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
     options: JetStreamStoreOptions,
@@ -147,6 +164,12 @@ struct HistoryEntry<'a> {
     report: &'a RunReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     reopen: Option<&'a RunRecord>,
+}
+
+/// A finished run on its way to the history.
+struct Ending {
+    after: Arc<RunRecord>,
+    duration: Duration,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +284,11 @@ impl JetStreamStore {
         };
         let runs = open(bucket(format!("{p}_runs"), Duration::ZERO, false)).await?;
         let history = open(bucket(format!("{p}_history"), options.retention, false)).await?;
+        // History entries are written in atomic batches: one stored batch
+        // (and with `sync_interval: always`, one fsync) for many runs.
+        let atomic_history = orchestrix_worker::registry::server_supports_atomic_batches(
+            &client.server_info().version,
+        ) && allow_atomic(&js, &format!("KV_{p}_history")).await;
         let keys_bucket = format!("{p}_keys");
         let keys = open(bucket(keys_bucket.clone(), Duration::ZERO, true)).await?;
         let coordinators_bucket = format!("{p}_coordinators");
@@ -287,6 +315,7 @@ impl JetStreamStore {
         let journal_subject = journal::subject(p, &id);
         let shared = Arc::new(journal::Shared::default());
         let (appender, appends) = tokio::sync::mpsc::unbounded_channel();
+        let (ender, endings) = tokio::sync::mpsc::unbounded_channel();
         let writer = tokio::spawn(journal::writer(
             js.clone(),
             journal.clone(),
@@ -326,11 +355,15 @@ impl JetStreamStore {
             journal,
             journal_subject,
             purged: Default::default(),
+            done_journals: Default::default(),
+            ender,
+            atomic_history,
             heartbeat,
             writer,
             options,
         };
         let inner = Arc::new(inner);
+        tokio::spawn(end_runs(Arc::downgrade(&inner), endings));
         // Checkpoints until the store is dropped.
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -348,6 +381,118 @@ impl JetStreamStore {
     /// This coordinator's id in the store.
     pub fn coordinator_id(&self) -> &str {
         &self.inner.id
+    }
+}
+
+/// Lets a stream take atomic batches; false if the server refuses.
+async fn allow_atomic(js: &jetstream::Context, stream: &str) -> bool {
+    let Ok(mut s) = js.get_stream(stream).await else { return false };
+    let Ok(info) = s.info().await else { return false };
+    if info.config.allow_atomic_publish {
+        return true;
+    }
+    let mut config = info.config.clone();
+    config.allow_atomic_publish = true;
+    js.update_stream(config).await.is_ok()
+}
+
+/// Most finished runs one history batch carries (the server takes 1,000).
+const HISTORY_BATCH: usize = 256;
+
+/// The ender task: writes finished runs' history entries, many per atomic
+/// batch, then settles each run (key, slots, record). A run whose settling
+/// fails is retried every second: its final record is in the journal, so
+/// until then it is still this coordinator's to finish.
+async fn end_runs(
+    inner: std::sync::Weak<Inner>,
+    mut endings: tokio::sync::mpsc::UnboundedReceiver<Ending>,
+) {
+    while let Some(first) = endings.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < HISTORY_BATCH {
+            match endings.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        // A few entries are written at once, each on its own; many as one
+        // atomic batch (one stored batch, and one fsync under
+        // `sync_interval: always`, where each put would cost its own).
+        let written = inner.atomic_history
+            && batch.len() >= ATOMIC_FROM
+            && inner.history_batch(&batch).await.is_ok();
+        let done = futures::future::join_all(batch.into_iter().map(|e| {
+            let inner = &inner;
+            async move {
+                let r = if written {
+                    inner.settled(e.after.clone(), e.duration).await
+                } else {
+                    inner.settle(e.after.clone(), e.duration).await
+                };
+                (e, r)
+            }
+        }))
+        .await;
+        for (Ending { after, duration }, r) in done {
+            match r {
+                Ok(()) | Err(StoreError::Fenced(_)) => {}
+                Err(e) => {
+                    tracing::warn!(run_id = %after.run_id, error = %e, "cannot record a finished run yet: retrying");
+                    let inner = Arc::downgrade(&inner);
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let Some(inner) = inner.upgrade() else { return };
+                            match inner.settle(after.clone(), duration).await {
+                                Ok(()) | Err(StoreError::Fenced(_)) => return,
+                                Err(_) => {}
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Smallest batch of history entries written as one atomic batch.
+const ATOMIC_FROM: usize = 32;
+
+impl Inner {
+    /// Writes the batch's history entries as one atomic batch.
+    async fn history_batch(&self, batch: &[Ending]) -> Result<(), StoreError> {
+        let client = self.js.client();
+        let id = Uuid::new_v4().simple().to_string();
+        let last = batch.len();
+        for (i, e) in batch.iter().enumerate() {
+            let subject = format!("$KV.{}_history.{}", self.options.prefix, e.after.run_id);
+            let value = Self::history_entry(&e.after, e.duration)?;
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Batch-Id", id.as_str());
+            h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            if i + 1 < last {
+                client
+                    .publish_with_headers(subject, h, value)
+                    .await
+                    .map_err(|e| unavailable("cannot write the history", e))?;
+                continue;
+            }
+            h.insert("Nats-Batch-Commit", "1");
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request_with_headers(subject, h, value),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("history batch: no answer".into()))?
+            .map_err(|e| unavailable("cannot write the history", e))?;
+            let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+                .map_err(|e| unavailable("history batch: bad answer", e))?;
+            if answer.get("error").is_some() || answer.get("seq").is_none() {
+                return Err(StoreError::Unavailable(format!("history batch refused: {answer}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -467,13 +612,21 @@ impl Inner {
 
     /// Writes a record this coordinator owns: compare-and-set on the revision
     /// it last wrote, so a coordinator that lost the run cannot overwrite it.
-    async fn write(&self, record: &RunRecord) -> Result<(), StoreError> {
+    /// With `claim`, a run this coordinator does not hold is created (a
+    /// reopened run); without, such a write is refused as fenced (a
+    /// checkpoint of a run lost meanwhile must not win it back).
+    async fn write(&self, record: &RunRecord, claim: bool) -> Result<(), StoreError> {
         let id = record.run_id;
         let value = self.stored(record)?;
         self.fits(&value)?;
         let mut expected = self.revision(id);
+        if expected.is_none() && !claim {
+            return Err(StoreError::Fenced(id));
+        }
         // Two tries: a write whose acknowledgement was lost (a timeout under
-        // load) leaves a newer revision that is still ours; adopt it once.
+        // load) leaves a newer revision holding these very bytes; adopt it
+        // once. Bytes, not the owner's name: a taker restoring this
+        // coordinator's journal writes records in its name too.
         for _ in 0..2 {
             let attempt = match expected {
                 Some(rev) => {
@@ -493,14 +646,17 @@ impl Inner {
             };
             match attempt {
                 Ok(written) => {
-                    self.set_revision(id, Some(written));
+                    let mut s = self.shared.lock();
+                    if !claim && !s.revisions.contains_key(&id) {
+                        // Lost while this write was on its way.
+                        return Err(StoreError::Fenced(id));
+                    }
+                    s.revisions.insert(id, written);
                     return Ok(());
                 }
                 Err((false, e)) => return Err(e),
                 Err((true, _)) => match self.runs.entry(id.to_string()).await {
-                    Ok(Some(entry))
-                        if decode::<Stored>(&entry.value).is_ok_and(|s| s.owner == self.id) =>
-                    {
+                    Ok(Some(entry)) if entry.value == value => {
                         expected = Some(entry.revision);
                     }
                     // Cannot tell now (no leader, say): write again later.
@@ -630,20 +786,44 @@ impl Inner {
         Ok(())
     }
 
+    /// A run's end: its final record goes to the journal, and the run has
+    /// ended once that is durable (a coordinator recovering now sees a
+    /// finished run, and finishes the job). The history entry, the key and
+    /// the slots follow, written by the ender task in batches.
     async fn finish(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
-        let id = after.run_id.to_string();
-        // Final record first: a coordinator recovering now sees a finished
-        // run, not a live one. Written to the journal, it is also the check
-        // that the run is still this coordinator's.
+        // Written to the journal, it is also the check that the run is still
+        // this coordinator's.
         self.append(&after).await?;
+        if let Err(e) = self.ender.send(Ending { after, duration }) {
+            let Ending { after, duration } = e.0;
+            return self.settle(after, duration).await;
+        }
+        Ok(())
+    }
+
+    /// A finished run's history entry (with its record, for a failed
+    /// rollback that can be resumed later).
+    fn history_entry(after: &RunRecord, duration: Duration) -> Result<Bytes, StoreError> {
         let report = after.to_report(duration);
-        // A failed rollback can be resumed later: its record goes along.
         let reopen =
-            (after.status == orchestrix_proto::RunStatus::CompensationFailed).then_some(&*after);
+            (after.status == orchestrix_proto::RunStatus::CompensationFailed).then_some(after);
+        encode(&HistoryEntry { report: &report, reopen })
+    }
+
+    /// Writes a finished run's history entry, then [`Inner::settled`].
+    async fn settle(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
+        let id = after.run_id.to_string();
         self.history
-            .put(&id, encode(&HistoryEntry { report: &report, reopen })?)
+            .put(&id, Self::history_entry(&after, duration)?)
             .await
             .map_err(|e| unavailable("cannot write the history", e))?;
+        self.settled(after, duration).await
+    }
+
+    /// What follows a finished run's history entry: its key answers with
+    /// the report, its slots are released, its record retired.
+    async fn settled(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
+        let report = after.to_report(duration);
         if let Some(key) = &after.key {
             let ttl = after.ttl.unwrap_or(self.options.default_ttl);
             let expires = time::unix_ms(SystemTime::now() + ttl);
@@ -691,8 +871,7 @@ impl Inner {
 
     async fn report(&self, run_id: Uuid) -> Result<Option<RunReport>, StoreError> {
         if let Some(record) = self.shared.pending(run_id) {
-            let elapsed = SystemTime::now().duration_since(record.started_at).unwrap_or_default();
-            return Ok(Some(record.to_report(elapsed)));
+            return Ok(Some(local_report(&record)));
         }
         let id = run_id.to_string();
         if let Some(b) =
@@ -705,6 +884,15 @@ impl Inner {
             None => Ok(None),
         }
     }
+}
+
+/// The report of a record this coordinator holds: a finished run's
+/// duration is its own, a live one's the time since it started.
+fn local_report(record: &RunRecord) -> RunReport {
+    let elapsed = record
+        .duration
+        .unwrap_or_else(|| SystemTime::now().duration_since(record.started_at).unwrap_or_default());
+    record.to_report(elapsed)
 }
 
 /// The report of a live record; one that does not decode is reported as
@@ -843,7 +1031,7 @@ impl Store for JetStreamStore {
             let Some(record) = decode::<Reopenable>(&bytes)?.reopen else { return Ok(None) };
             // Created anew under this coordinator: of two asking, one wins.
             inner.set_revision(run_id, None);
-            inner.write(&record).await?;
+            inner.write(&record, true).await?;
             Ok(Some(Arc::new(record)))
         })
     }
@@ -927,14 +1115,8 @@ impl Store for JetStreamStore {
             // the others, their journal record is newer than their KV one.
             let local = inner.shared.all_pending();
             if !local.is_empty() {
-                let now = SystemTime::now();
-                let local: std::collections::HashMap<Uuid, RunReport> = local
-                    .iter()
-                    .map(|r| {
-                        let elapsed = now.duration_since(r.started_at).unwrap_or_default();
-                        (r.run_id, r.to_report(elapsed))
-                    })
-                    .collect();
+                let local: std::collections::HashMap<Uuid, RunReport> =
+                    local.iter().map(|r| (r.run_id, local_report(r))).collect();
                 let mut seen = std::collections::HashSet::new();
                 for r in &mut out {
                     let id: Uuid = r.run_id.into();
@@ -1088,8 +1270,28 @@ impl Inner {
                 if self.revision(run_id).is_some() {
                     continue;
                 }
+                // Ended, but its record was not retired (the delete failed):
+                // retire it, never run it again.
+                if self
+                    .history
+                    .get(&key)
+                    .await
+                    .map_err(|e| unavailable("cannot read the history", e))?
+                    .is_some()
+                {
+                    self.runs
+                        .delete_expect_revision(&key, Some(entry.revision))
+                        .await
+                        .map_err(|e| unavailable("cannot retire the run", e))?;
+                    continue;
+                }
                 tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
-                entry.revision
+                // A compare-and-set, so a taker's claim and this resume
+                // have one winner.
+                match self.runs.update(&key, entry.value.clone(), entry.revision).await {
+                    Ok(revision) => revision,
+                    Err(_) => continue,
+                }
             } else {
                 if self.alive(&stored.owner, &mut alive).await? {
                     continue;
@@ -1097,10 +1299,23 @@ impl Inner {
                 // Never claimed before its owner's journal is fenced: a
                 // coordinator presumed dead must not write the run again.
                 if !taken.contains(&stored.owner) {
-                    if !self.take_journal(&stored.owner, 0, &mut alive).await? {
-                        continue;
+                    match self.take_journal(&stored.owner, usize::MAX, &mut alive).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(owner = %stored.owner, error = %e, "cannot take a dead coordinator's journal yet");
+                            continue;
+                        }
                     }
                     taken.insert(stored.owner.clone());
+                }
+                // Fence the owner again, after this record was read: a run it
+                // resumed since its last fence (its heartbeat lost, not its
+                // journal) it lets go at its next append.
+                let subject = journal::subject(&self.options.prefix, &stored.owner);
+                let last = journal::last_message(&self.journal, &subject).await?;
+                if self.fence(&subject, last.map_or(0, |m| m.sequence)).await?.is_none() {
+                    continue;
                 }
                 // Claim it: one compare-and-set, one winner. A claim whose
                 // answer is lost but that landed makes the run ours: the
@@ -1116,7 +1331,7 @@ impl Inner {
                 // Died between its final record and its retirement: finish
                 // the job (found again by a later scan if this fails).
                 let duration = rec.duration.unwrap_or_default();
-                if let Err(e) = self.finish(rec, duration).await {
+                if let Err(e) = self.settle(rec, duration).await {
                     self.set_revision(run_id, None);
                     return Err(e);
                 }

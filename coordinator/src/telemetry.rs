@@ -89,7 +89,12 @@ impl RunSpans {
         }
         // The sampler decides once per run (the standard `OTEL_TRACES_SAMPLER`
         // variables configure it): an unsampled run costs this one span.
-        let sampled = run.context().span().span_context().is_sampled();
+        // (No OpenTelemetry layer, no context: spans are made for whatever
+        // other subscriber wants them.)
+        let cx = run.context();
+        let span = cx.span();
+        let sc = span.span_context();
+        let sampled = !sc.is_valid() || sc.is_sampled();
         Some(Box::new(RunSpans {
             run: if sampled { run } else { Span::none() },
             sampled,
@@ -271,10 +276,16 @@ thread_local! {
 /// Runs `send` with the "not sampled" mark set when `unsampled`: the bus
 /// then flags the command's `traceparent` so.
 pub(crate) fn sending<R>(unsampled: bool, send: impl FnOnce() -> R) -> R {
+    /// Clears the mark however `send` ends.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            UNSAMPLED.set(false);
+        }
+    }
     UNSAMPLED.set(unsampled);
-    let r = send();
-    UNSAMPLED.set(false);
-    r
+    let _clear = Clear;
+    send()
 }
 
 /// Whether the command being sent belongs to a run the sampler left out.

@@ -332,3 +332,42 @@ fn exported_attempt_spans_last_as_long_as_their_attempts() {
     assert_eq!(eattr("attempt").value, Value::I64(1));
     assert_eq!(eattr("delay_ms").value, Value::I64(10));
 }
+
+/// The sampler decides once per run: with one that samples half the traces
+/// (by trace id, as `OTEL_TRACES_SAMPLER=parentbased_traceidratio` does),
+/// a run is either exported whole (its run span and every attempt) or not
+/// at all, and for a run left out not even the attempts' spans are made.
+#[test]
+fn a_run_the_sampler_leaves_out_makes_no_attempt_spans() {
+    use opentelemetry_sdk::trace::Sampler;
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.5))))
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(capture.clone())
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
+    let runs = 40;
+    tracing::subscriber::with_default(subscriber, || {
+        actix_rt::System::new().block_on(async {
+            let flow = create::<()>("sampled")
+                .step("one", |_| async { Ok(()) })
+                .step("two", |_| async { Ok(()) });
+            for _ in 0..runs {
+                assert_eq!(flow.run(()).await.unwrap().status, RunStatus::Completed);
+            }
+        })
+    });
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    let exported_runs = spans.iter().filter(|s| s.name == "sampled run").count();
+    let exported_attempts = spans.iter().filter(|s| s.name.contains(" attempt ")).count();
+    assert!(0 < exported_runs && exported_runs < runs, "about half: {exported_runs} of {runs}");
+    assert_eq!(exported_attempts, 2 * exported_runs, "whole runs or nothing");
+    // Made at all (exported or not): attempts of sampled runs only.
+    let made =
+        capture.closed.lock().unwrap().iter().filter(|(n, _, _)| n.contains(" attempt ")).count();
+    assert_eq!(made, exported_attempts, "no attempt span for a run left out");
+}

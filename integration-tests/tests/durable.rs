@@ -436,3 +436,174 @@ async fn a_scan_that_fails_after_a_claim_still_hands_the_run_over() {
     // (the poison is still there), and the run names this coordinator.
     assert!(store.claim_orphans(flows).await.is_err());
 }
+
+/// The run journal, at the store: a dead coordinator's journal is fenced
+/// and read back before its runs are claimed, the newest record of a run
+/// wins over an older copy in the runs bucket, and the old owner can write
+/// nothing after the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_coordinators_journal_is_fenced_and_its_newest_records_resumed() {
+    use orchestrix_coordinator::Store;
+    use orchestrix_coordinator::record::{RunRecord, Transition};
+    use orchestrix_proto::{CommandKind, Payload};
+
+    let server = NatsServer::start();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let store = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap();
+    let js = async_nats::jetstream::new(conn.clone());
+    let def = flowfile::parse(FLOW).unwrap().remove(0);
+    let rec = |started: bool| {
+        let mut r = RunRecord::new(
+            Uuid::from_u128(7),
+            &def,
+            Payload::encode(&Input { fail: false }).unwrap(),
+            std::time::SystemTime::now(),
+        );
+        if started {
+            r.apply(&Transition::AttemptStarted {
+                step: 0,
+                kind: CommandKind::Execute,
+                attempt: 1,
+                command_id: Uuid::from_u128(8),
+                at: std::time::SystemTime::now(),
+            });
+        }
+        r
+    };
+    // The runs bucket holds an old copy (not started); the journal of the
+    // coordinator that died holds the newest (attempt 1 started).
+    #[derive(Serialize)]
+    struct Stored<'a> {
+        owner: &'a str,
+        record: &'a RunRecord,
+    }
+    let old = rmp_serde::to_vec_named(&Stored { owner: "gone", record: &rec(false) }).unwrap();
+    js.get_key_value("orchestrix_runs")
+        .await
+        .unwrap()
+        .put(Uuid::from_u128(7).to_string(), old.into())
+        .await
+        .unwrap();
+    let newest = rmp_serde::to_vec_named(&rec(true)).unwrap();
+    let seq =
+        js.publish("orchestrix_journal.gone", newest.into()).await.unwrap().await.unwrap().sequence;
+
+    let flows: Arc<[Arc<str>]> = vec![Arc::from("durable")].into();
+    let claimed = store.claim_orphans(flows.clone()).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].current.len(), 1, "the journal's record, not the bucket's");
+    assert_eq!(claimed[0].current[0].command_id, Uuid::from_u128(8));
+    // The old owner, back, appends after what it last wrote: refused.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Expected-Last-Subject-Sequence", seq.to_string().as_str());
+    let late = js.publish_with_headers("orchestrix_journal.gone", h, "late".into()).await.unwrap();
+    assert!(late.await.is_err(), "the fence stops the old owner");
+    // What preceded the fence is gone; the fence stays.
+    let stream = js.get_stream("orchestrix_journal").await.unwrap();
+    let last = stream.get_last_raw_message_by_subject("orchestrix_journal.gone").await.unwrap();
+    assert!(last.headers.get("Orchestrix-Fence").is_some());
+    assert!(stream.get_raw_message(seq).await.is_err(), "the dead journal is purged");
+    assert!(store.claim_orphans(flows).await.unwrap().is_empty(), "claimed once");
+}
+
+/// Runs that end quickly never touch the runs bucket (their records live in
+/// the journal only); a run that stays is copied there within about two
+/// checkpoint rounds, and retired from it when it ends; checkpoints purge
+/// the journal down to its newest message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_runs_stay_in_the_journal_and_long_ones_are_checkpointed() {
+    use futures::StreamExt;
+    let server = NatsServer::start();
+    let j: Journal = Default::default();
+    let w = worker(&server, &j).await;
+    let quick_worker = Worker::builder()
+        .client(NatsOptions::new(server.url()).connect().await.unwrap())
+        .steps::<Input>("quick", |f| f.step("only", |_: StepContext<Input>| async { Ok(()) }))
+        .start()
+        .await
+        .unwrap();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let mut flows = flowfile::parse(FLOW).unwrap();
+    flows.extend(
+        flowfile::parse("[[flow]]\nname = \"quick\"\n[[flow.step]]\nname = \"only\"\n").unwrap(),
+    );
+    let node = Node::builder()
+        .subjects(Subjects::new("orchestrix").unwrap())
+        .store(NodeStore::JetStream(JetStreamStoreOptions::default()))
+        .flows(flows)
+        .registry(false)
+        .start(conn.clone())
+        .await
+        .unwrap();
+    let c = node.coordinator();
+    let js = async_nats::jetstream::new(conn.clone());
+    let runs = js.get_key_value("orchestrix_runs").await.unwrap();
+    let mut changes = runs.watch_all().await.unwrap();
+    for i in 0..20 {
+        let r = c.run("quick", &Input { fail: i < 0 }, RunOptions::new()).await.unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "{r}");
+    }
+    assert!(
+        tokio::time::timeout(3 * SECS, changes.next()).await.is_err(),
+        "runs that end within a checkpoint round write nothing to the runs bucket"
+    );
+    // `b` takes 1 s, `c` waits 1.5 s before its retry: ~3 s in all.
+    let handle = c.start("durable", &Input { fail: false }, RunOptions::new()).await.unwrap();
+    let id = handle.run_id().to_string();
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    while runs.get(&id).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "never checkpointed");
+        tokio::time::sleep(SECS / 10).await;
+    }
+    let report = tokio::time::timeout(30 * SECS, handle.report()).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!((count(&j, "a"), count(&j, "d")), (1, 1));
+    let deadline = tokio::time::Instant::now() + 5 * SECS;
+    while runs.get(&id).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "not retired from the bucket");
+        tokio::time::sleep(SECS / 10).await;
+    }
+    let stream = js.get_stream("orchestrix_journal").await.unwrap();
+    let deadline = tokio::time::Instant::now() + 10 * SECS;
+    loop {
+        let mut s = stream.clone();
+        if s.info().await.unwrap().state.messages <= 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the journal is never purged");
+        tokio::time::sleep(SECS / 10).await;
+    }
+    node.shutdown().await;
+    quick_worker.shutdown().await;
+    w.shutdown().await;
+}
+
+/// A run younger than its first checkpoint is in its coordinator's journal
+/// only; a `status` request that another coordinator of the queue group
+/// takes is answered all the same (that one asks its peers), and an id no
+/// coordinator knows is still `unknown run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_coordinator_answers_the_status_of_a_run_just_started() {
+    let server = NatsServer::start();
+    let j = Journal::default();
+    let w = worker(&server, &j).await;
+    let a = coordinator_on(&server).await;
+    let b = coordinator_on(&server).await;
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let client = Client::new(conn, Subjects::default()).request_timeout(2 * SECS);
+    // Started on `a` itself: only `a` knows it for its first second.
+    let handle = a.coordinator().start("durable", &Input { fail: false }, RunOptions::new());
+    let id = handle.await.unwrap().run_id();
+    assert!(b.coordinator().status(id).await.unwrap().is_none(), "not in the store yet");
+    for _ in 0..10 {
+        let s = client.status(id).await.expect("every coordinator answers it");
+        assert_eq!(s.status, RunStatus::Running, "{s}");
+    }
+    let unknown = client.status(Uuid::now_v7().into()).await;
+    assert!(unknown.unwrap_err().to_string().contains("unknown run"));
+    let report = tokio::time::timeout(30 * SECS, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    a.shutdown().await;
+    b.shutdown().await;
+    w.shutdown().await;
+}

@@ -135,6 +135,13 @@ impl Subjects {
         format!("{}.status", self.prefix)
     }
 
+    /// Where a coordinator that does not know a run asks the others (no
+    /// queue group): a run its coordinator holds only in its journal so far
+    /// is known to that coordinator alone. Coordinators only.
+    pub fn status_peer_requests(&self) -> String {
+        format!("{}.status.peers", self.prefix)
+    }
+
     /// Where callers send [`crate::ListRequest`]s.
     pub fn list_requests(&self) -> String {
         format!("{}.list", self.prefix)

@@ -36,7 +36,7 @@ use super::*;
 /// Header of a fence message; its value is the fencing coordinator's id.
 pub(super) const FENCE: &str = "Orchestrix-Fence";
 /// Fences of coordinators that never come back expire (the subject with them).
-const FENCE_TTL: &str = "168h";
+const FENCE_TTL: &str = "24h";
 /// How often live runs are copied to the runs bucket, and how long a run
 /// must have been in the journal before it is.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -158,6 +158,28 @@ pub(super) async fn writer(
             size += a.bytes.len();
             batch.push(a);
         }
+        // A waiter gone (its actor timed out and will write again) needs
+        // nothing; of several records of one run, the newest is enough.
+        batch.retain(|a| !a.done.is_closed());
+        let mut superseded = Vec::new();
+        if batch.len() > 1 {
+            let mut newest: HashMap<Uuid, usize> = HashMap::with_capacity(batch.len());
+            for (i, a) in batch.iter().enumerate() {
+                newest.insert(a.record.run_id, i);
+            }
+            if newest.len() < batch.len() {
+                let mut kept = Vec::with_capacity(newest.len());
+                for (i, a) in batch.into_iter().enumerate() {
+                    if newest.get(&a.record.run_id) == Some(&i) {
+                        kept.push(a);
+                    } else {
+                        superseded.push(a);
+                    }
+                }
+                // Overtaken by a newer record of their run: they share its fate.
+                batch = kept;
+            }
+        }
         // A run fenced meanwhile is not written.
         {
             let s = shared.lock();
@@ -177,7 +199,15 @@ pub(super) async fn writer(
             body.extend_from_slice(&a.bytes);
         }
         let body = Bytes::from(body);
-        match publish(&js, &stream, &subject, &shared, &mut known, body).await {
+        let result = publish(&js, &stream, &subject, &shared, &mut known, body).await;
+        for a in superseded {
+            let _ = a.done.send(match &result {
+                Ok(_) => Ok(()),
+                Err(Lost::Fenced) => Err(StoreError::Fenced(a.record.run_id)),
+                Err(Lost::Error(e)) => Err(e.clone()),
+            });
+        }
+        match result {
             Ok(seq) => {
                 let mut s = shared.lock();
                 s.last = seq;
@@ -362,7 +392,7 @@ impl Inner {
                 }
                 None => {}
             }
-            s.revisions.remove(&run_id)
+            s.revisions.get(&run_id).copied()
         };
         if revision.is_some_and(|r| r > 0) {
             self.runs
@@ -370,6 +400,9 @@ impl Inner {
                 .await
                 .map_err(|e| unavailable("cannot retire the run", e))?;
         }
+        // Only now: were the delete refused, the run must stay this
+        // coordinator's, or its own scan would resume the checkpoint.
+        self.shared.lock().revisions.remove(&run_id);
         Ok(())
     }
 
@@ -395,7 +428,7 @@ impl Inner {
                 .collect()
         };
         for (id, seq, record) in due {
-            let written = self.write(&record).await;
+            let written = self.write(&record, false).await;
             let retire = {
                 let mut s = self.shared.lock();
                 let Some(e) = s.pending.get_mut(&id) else { continue };
@@ -422,10 +455,19 @@ impl Inner {
                 }
             }
         }
-        let (keep_from, last) = {
+        let (keep_from, last, fence) = {
             let s = self.shared.lock();
-            (s.pending.values().map(|e| e.seq).min().unwrap_or(s.last).min(s.last), s.last)
+            let keep_from = s.pending.values().map(|e| e.seq).min().unwrap_or(s.last).min(s.last);
+            (keep_from, s.last, s.fence)
         };
+        // What precedes a fence this coordinator obeyed is the taker's to
+        // read and purge: nothing is purged before the taker has.
+        if fence > 0 {
+            match self.journal.get_first_raw_message_by_subject(&self.journal_subject, 0).await {
+                Ok(first) if first.sequence >= fence => {}
+                _ => return,
+            }
+        }
         if keep_from > self.purged.load(std::sync::atomic::Ordering::Relaxed) && last > 0 {
             let purged =
                 self.journal.purge().filter(&self.journal_subject).sequence(keep_from).await;
@@ -446,10 +488,16 @@ impl Inner {
         alive: &mut HashMap<String, bool>,
     ) -> Result<bool, StoreError> {
         let subject = subject(&self.options.prefix, owner);
-        let mut replay = messages > 0;
+        // A fresh fence may follow anything, even what was appended since
+        // the subject was listed: read it all back.
+        let mut replay = true;
         let fence = match last_message(&self.journal, &subject).await? {
             Some(m) => match fenced_by(&m) {
-                Some(by) if by != self.id && self.alive(&by, alive).await? => return Ok(false),
+                Some(by) if by != self.id && self.alive(&by, alive).await? => {
+                    // A live taker blocks others only while it has records
+                    // before its fence left to copy.
+                    return Ok(self.messages_on(&subject).await? <= 1);
+                }
                 Some(_) => {
                     // Fenced already; anything before the fence is left
                     // over from a taker that stopped half way.
@@ -519,8 +567,23 @@ impl Inner {
         Ok(true)
     }
 
+    /// How many messages a journal subject holds.
+    async fn messages_on(&self, subject: &str) -> Result<usize, StoreError> {
+        let mut subjects = self
+            .journal
+            .clone()
+            .info_with_subjects(subject)
+            .await
+            .map_err(|e| unavailable("cannot list journals", e))?;
+        let mut count = 0;
+        while let Some(s) = subjects.next().await {
+            count += s.map_err(|e| unavailable("cannot list journals", e))?.1;
+        }
+        Ok(count)
+    }
+
     /// Appends a fence after `last`; `None` if something else was appended first.
-    async fn fence(&self, subject: &str, last: u64) -> Result<Option<u64>, StoreError> {
+    pub(super) async fn fence(&self, subject: &str, last: u64) -> Result<Option<u64>, StoreError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
         headers.insert("Nats-TTL", FENCE_TTL);
@@ -613,10 +676,32 @@ impl Inner {
             if owner == self.id || self.alive(owner, alive).await? {
                 continue;
             }
-            if self.take_journal(owner, count, alive).await? {
+            // Taken already, and nothing appended since: only the fence.
+            if count <= 1
+                && self.done_journals.lock().unwrap_or_else(|p| p.into_inner()).contains(owner)
+            {
                 taken.insert(owner.to_owned());
+                continue;
+            }
+            // One journal that cannot be read now holds up only its owner's runs.
+            match self.take_journal(owner, count, alive).await {
+                Ok(true) => {
+                    self.done_journals
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(owner.to_owned());
+                    taken.insert(owner.to_owned());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(owner, error = %e, "cannot take a dead coordinator's journal yet");
+                }
             }
         }
         Ok(taken)
     }
 }
+
+#[cfg(test)]
+#[path = "journal_tests.rs"]
+mod tests;

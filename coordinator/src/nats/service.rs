@@ -77,6 +77,14 @@ impl Service {
             .await
             .map_err(|source| ServiceError::Subscribe { subject, source })?;
         tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), Ask::Control)));
+        // Every coordinator hears its peers' status questions too, and
+        // answers only for runs it knows.
+        let subject = subjects.status_peer_requests();
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|source| ServiceError::Subscribe { subject, source })?;
+        tasks.push(tokio::spawn(serve(sub, coordinator.clone(), client.clone(), Ask::Peer)));
         // Flows registered later are heard from when this coordinator sees them.
         if let Some(mut changed) = coordinator.registry().map(|r| r.changes()) {
             let (coordinator, client, subjects) =
@@ -136,6 +144,8 @@ enum Ask {
     Status,
     List,
     Control,
+    /// Another coordinator's status question.
+    Peer,
 }
 
 async fn serve(
@@ -160,7 +170,27 @@ async fn serve(
                         .map(|v| v.as_str().to_owned());
                     answer_run(&coordinator, &msg.subject, &msg.payload, tp).await
                 }
-                Ask::Status => answer_status(&coordinator, &msg.payload).await,
+                Ask::Status => {
+                    let peers = format!("{}.peers", msg.subject);
+                    match answer_status(&coordinator, &msg.payload).await {
+                        Some(answer) => answer,
+                        None => ask_peers(&client, peers, msg.payload.clone())
+                            .await
+                            .unwrap_or_else(|| {
+                                let id = decode_with_limit::<StatusRequest>(
+                                    &msg.payload,
+                                    DEFAULT_MAX_MESSAGE_BYTES,
+                                )
+                                .map(|r| r.run_id)
+                                .unwrap_or_default();
+                                unknown_run(id)
+                            }),
+                    }
+                }
+                Ask::Peer => match answer_status(&coordinator, &msg.payload).await {
+                    Some(answer @ RunReply::Report(_)) => answer,
+                    _ => return,
+                },
                 Ask::List => answer_list(&coordinator, &msg.payload).await,
                 Ask::Control => match answer_control(&coordinator, &msg.payload).await {
                     Some(answer) => answer,
@@ -267,12 +297,32 @@ async fn answer_run(
     }
 }
 
-async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
+/// How long a coordinator that does not know a run waits for a peer that does.
+const PEER_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Asks the other coordinators about a run this one does not know: the
+/// one that drives it answers (it may hold it in its journal only).
+async fn ask_peers(
+    client: &async_nats::Client,
+    subject: String,
+    payload: Bytes,
+) -> Option<RunReply> {
+    let answer =
+        tokio::time::timeout(PEER_WAIT, client.request(subject, payload)).await.ok()?.ok()?;
+    match orchestrix_proto::decode_with_limit::<RunReply>(&answer.payload, usize::MAX) {
+        Ok(r @ RunReply::Report(_)) => Some(r),
+        _ => None,
+    }
+}
+
+/// `None` when this coordinator does not know the run (and was not asked
+/// to wait for it): another may.
+async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> Option<RunReply> {
     let req = match decode_with_limit::<StatusRequest>(payload, DEFAULT_MAX_MESSAGE_BYTES) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "bad status request");
-            return bad_request(format!("bad status request: {e}"));
+            return Some(bad_request(format!("bad status request: {e}")));
         }
     };
     let result: Result<Option<_>, RunError> = if req.wait {
@@ -284,9 +334,10 @@ async fn answer_status(coordinator: &Coordinator, payload: &[u8]) -> RunReply {
         coordinator.status(req.run_id.into()).await
     };
     match result {
-        Ok(Some(report)) => RunReply::Report(Box::new(report)),
-        Ok(None) => unknown_run(req.run_id),
-        Err(e) => run_rejected(e),
+        Ok(Some(report)) => Some(RunReply::Report(Box::new(report))),
+        Ok(None) if req.wait => Some(unknown_run(req.run_id)),
+        Ok(None) => None,
+        Err(e) => Some(run_rejected(e)),
     }
 }
 

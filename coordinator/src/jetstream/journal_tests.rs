@@ -1,0 +1,294 @@
+//! The journal's failure cases, each a sequence of events that once lost a
+//! run, let two coordinators drive one, or left one undriven (found in
+//! review), against a real nats-server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+
+use super::*;
+use crate::store::Store;
+
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server(config: Option<&str>) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let mut cmd = Command::new(bin);
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(dir.path());
+    if let Some(config) = config {
+        let path = dir.path().join("server.conf");
+        std::fs::write(&path, config).unwrap();
+        cmd.arg("-c").arg(&path);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server { child, url: format!("nats://127.0.0.1:{port}"), _dir: dir }
+}
+
+async fn open(s: &Server) -> JetStreamStore {
+    let conn = async_nats::connect(&s.url).await.unwrap();
+    JetStreamStore::open(conn, JetStreamStoreOptions::default()).await.unwrap()
+}
+
+fn record() -> Arc<RunRecord> {
+    let mut d = crate::FlowDef::new("f");
+    d.steps.push(crate::StepDef::new("s"));
+    let payload = orchestrix_proto::Payload::nil();
+    Arc::new(RunRecord::new(Uuid::now_v7(), &d, payload, SystemTime::now()))
+}
+
+fn flows(names: &[&str]) -> Arc<[Arc<str>]> {
+    names.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>().into()
+}
+
+/// The coordinator looks dead to the others (a stall, a partition).
+async fn stop_heartbeat(s: &JetStreamStore) {
+    s.inner.heartbeat.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.inner.coordinators.purge(&s.inner.id).await.unwrap();
+}
+
+/// A checkpoint round snapshots its due runs, then writes them one by
+/// one (checkpoint(), `for (id, seq, record) in due { self.write(..) }`).
+/// If the writer obeys a fence in between (lose_everything), the rest of
+/// the round still writes: `write` finds no revision, `create` fails,
+/// the record there names this coordinator (the taker's restore put it
+/// there under the dead owner's name), it adopts that revision and
+/// `set_revision` puts the run back into `revisions`. The run's actor
+/// then appends after the fence as if nothing happened, while the taker
+/// drives the run too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let (r, other) = (record(), record());
+    c.inner.create_journaled(&r).await.unwrap();
+    c.inner.create_journaled(&other).await.unwrap();
+    // C stalls; a checkpoint round with R due is under way in it.
+    stop_heartbeat(&c).await;
+    // T takes C's journal over: fence, then R restored into the runs
+    // bucket (under C's name).
+    let mut alive = HashMap::new();
+    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
+    // C's writer appends for another run, finds the fence, lets go of
+    // every run.
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    assert_eq!(c.inner.revision(r.run_id), None, "C let go of R");
+    // C's checkpoint round goes on with R.
+    let written = c.inner.write(&r, false).await;
+    // T's next scan claims R (C's heartbeat is still gone).
+    let claimed = t.claim_orphans(flows(&["f"])).await.unwrap();
+    assert!(claimed.iter().any(|x| x.run_id == r.run_id), "T claims R");
+    // C must not be able to move R on any more.
+    let again = c.inner.append(&r).await;
+    assert!(
+        matches!(again, Err(StoreError::Fenced(_))),
+        "C appended R after T claimed it ({again:?}; checkpoint write after the fence: \
+         {written:?}; C's revision of R: {:?}): two coordinators drive R",
+        c.inner.revision(r.run_id)
+    );
+}
+
+/// Once fenced, `pending` is empty, so the next checkpoint round purges
+/// the subject below `last` (the coordinator's own last message), under
+/// the fence: records the taker has not read yet. A taker that stopped
+/// half way (its restores timed out, say) reads the subject again at its
+/// next scan; a run whose newest record was only there is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_coordinator_does_not_purge_what_its_taker_has_not_read() {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let (r, other) = (record(), record());
+    c.inner.create_journaled(&r).await.unwrap(); // message 1: R's only record
+    c.inner.create_journaled(&other).await.unwrap(); // message 2
+    stop_heartbeat(&c).await;
+    // T's takeover gets as far as the fence, then stops.
+    let subject = subject("orchestrix", &c.inner.id);
+    let last = last_message(&t.inner.journal, &subject).await.unwrap().unwrap().sequence;
+    assert!(t.inner.fence(&subject, last).await.unwrap().is_some());
+    // C was only slow: it appends, finds the fence, lets go of its runs,
+    // then its checkpoint task runs a round.
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    c.inner.checkpoint().await;
+    // T's next scan finishes the takeover.
+    let claimed = t.claim_orphans(flows(&["f"])).await.unwrap();
+    let ids: Vec<Uuid> = claimed.iter().map(|x| x.run_id).collect();
+    let in_kv = t.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some();
+    assert!(
+        ids.contains(&r.run_id),
+        "run R is lost: not claimed ({ids:?}), in the runs bucket: {in_kv}, \
+         driven by C: {:?}",
+        c.inner.revision(r.run_id)
+    );
+}
+
+/// Coordinators serving different flows share one store (docs/durability.md).
+/// C (flow f) dies; T (flow g only) scans first: it fences C's journal and
+/// restores C's run, but does not claim it (not its flow). F (flow f)
+/// then never claims it: take_journal sees a fence by a live coordinator
+/// other than itself and answers false, for as long as T lives (168 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_fenced_by_a_coordinator_of_another_flow_is_taken_over() {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let f = open(&s).await;
+    let r = record();
+    c.create(&r).resolve().await.unwrap();
+    drop(c);
+    tokio::time::sleep(HEARTBEAT_TTL + Duration::from_secs(1)).await;
+    assert!(t.claim_orphans(flows(&["g"])).await.unwrap().is_empty());
+    let mut claimed = Vec::new();
+    for _ in 0..5 {
+        claimed = f.claim_orphans(flows(&["f"])).await.unwrap();
+        if !claimed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        claimed.iter().map(|x| x.run_id).collect::<Vec<_>>(),
+        vec![r.run_id],
+        "the run of the dead coordinator is never claimed by the one serving its flow"
+    );
+}
+
+/// With the permissions `orchestrix auth config` gives the coordinator
+/// role, reading a dead coordinator's journal back (a pull consumer:
+/// `$JS.API.CONSUMER.MSG.NEXT.{prefix}_journal.{consumer}`) is refused,
+/// so the takeover scan fails every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_works_with_the_coordinator_roles_permissions() {
+    use crate::auth::{Role, User, server_config};
+    let users = vec![User::new("coord", Role::Coordinator, vec![]).password("c-pw")];
+    let s = server(Some(&server_config("orchestrix", &users)));
+    let connect = || async {
+        async_nats::ConnectOptions::with_user_and_password("coord".into(), "c-pw".into())
+            .custom_inbox_prefix("_INBOX_coord")
+            .connect(&s.url)
+            .await
+            .unwrap()
+    };
+    let c = JetStreamStore::open(connect().await, JetStreamStoreOptions::default()).await.unwrap();
+    let t = JetStreamStore::open(connect().await, JetStreamStoreOptions::default()).await.unwrap();
+    let (r1, r2) = (record(), record());
+    c.create(&r1).resolve().await.unwrap();
+    c.create(&r2).resolve().await.unwrap();
+    drop(c);
+    tokio::time::sleep(HEARTBEAT_TTL + Duration::from_secs(1)).await;
+    let claimed = tokio::time::timeout(Duration::from_secs(60), t.claim_orphans(flows(&["f"])))
+        .await
+        .expect("the scan answers")
+        .expect("the scan succeeds");
+    assert_eq!(claimed.len(), 2, "both runs of the dead coordinator are claimed");
+}
+
+/// `retire` takes the run out of `revisions` before it deletes the KV
+/// copy. If that delete fails (the runs bucket has no leader, a
+/// timeout), `finish` returns the error, the actor writes the batch
+/// again, and the retry's `append` answers Fenced (the run is no longer
+/// in `revisions`): the actor lets go. The KV copy (a live checkpoint:
+/// checkpoints never write the final record) names this coordinator and
+/// nothing here drives it, so the next scan resumes a run that has
+/// ended, from an older state. (Before the journal, `finish` cleared
+/// the revision only after the delete succeeded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_retirement_failed_is_not_resumed() {
+    let s = server(None);
+    let c = open(&s).await;
+    let r = record();
+    c.inner.create_journaled(&r).await.unwrap();
+    // It lives long enough to be checkpointed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.inner.runs.get(r.run_id.to_string()).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never checkpointed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The runs bucket refuses writes (sealed here; in life: no leader).
+    let js = jetstream::new(async_nats::connect(&s.url).await.unwrap());
+    let mut stream = js.get_stream("KV_orchestrix_runs").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.sealed = true;
+    js.update_stream(config).await.unwrap();
+    let end = || Transition::Finished {
+        status: orchestrix_proto::RunStatus::Completed,
+        duration: Duration::from_secs(2),
+    };
+    let mut after = (*r).clone();
+    after.apply(&end());
+    let after = Arc::new(after);
+    // The end is durable once in the journal; the history entry follows,
+    // and the record's delete is refused (and retried).
+    c.apply(r.run_id, &[end()], &after).resolve().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.inner.history.get(r.run_id.to_string()).await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the run's end never reached the history");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(c.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some(), "delete refused");
+    let resumed = c.claim_orphans(flows(&["f"])).await.unwrap();
+    assert!(
+        !resumed.iter().any(|x| x.run_id == r.run_id),
+        "a run that ended is resumed from its checkpoint"
+    );
+    // Should it ever be let go (its ender gave up, say), the scan retires
+    // it rather than resuming it: its end is in the history.
+    c.inner.shared.lock().revisions.remove(&r.run_id);
+    let resumed = c.claim_orphans(flows(&["f"])).await;
+    assert!(
+        !resumed.iter().flatten().any(|x| x.run_id == r.run_id),
+        "a run that ended is resumed from its checkpoint"
+    );
+}
+
+/// Once a coordinator has obeyed a fence, its journal appends prove
+/// nothing about any one run: ownership of a run is only checked by the
+/// KV compare-and-set of a checkpoint, a second or two later. The scan's
+/// "ours, but nothing here drives it" branch resumes a run without any
+/// compare-and-set, so a taker's claim of the same record still
+/// succeeds. Here C's heartbeats stop landing (its bucket lost its
+/// leader) while C goes on: T fences C's journal and restores C's run
+/// under C's name, C obeys the fence, C's scan resumes the run as its
+/// own, T's scan claims it: both drive it, and C's appends succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let (r, other) = (record(), record());
+    c.inner.create_journaled(&r).await.unwrap();
+    c.inner.create_journaled(&other).await.unwrap();
+    stop_heartbeat(&c).await;
+    let mut alive = HashMap::new();
+    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    let by_c = c.claim_orphans(flows(&["f"])).await.unwrap();
+    let by_t = t.claim_orphans(flows(&["f"])).await.unwrap();
+    let appended = c.inner.append(&r).await;
+    let c_has = by_c.iter().any(|x| x.run_id == r.run_id);
+    let t_has = by_t.iter().any(|x| x.run_id == r.run_id);
+    assert!(
+        !(c_has && t_has) || matches!(appended, Err(StoreError::Fenced(_))),
+        "both coordinators took R (C's next append of R: {appended:?})"
+    );
+}
