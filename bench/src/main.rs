@@ -28,7 +28,7 @@ struct Args {
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Only run scenarios whose name contains this.
+    /// Only run scenarios whose name contains this (or one of these, comma-separated).
     #[arg(long)]
     only: Option<String>,
     /// Seconds each measurement runs (after a warm-up of a fifth of it).
@@ -72,7 +72,13 @@ struct Figure {
 impl Figure {
     fn print(mut self, json: bool, traced: bool) {
         if traced {
-            self.scenario = Box::leak(format!("{}-traced", self.scenario).into_boxed_str());
+            // The sampler from the standard variables, when one is set.
+            let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+            let suffix = match (std::env::var("OTEL_TRACES_SAMPLER").ok(), ratio) {
+                (Some(s), Some(r)) if s.ends_with("traceidratio") => format!("-traced-ratio{r}"),
+                _ => "-traced".into(),
+            };
+            self.scenario = Box::leak(format!("{}{suffix}", self.scenario).into_boxed_str());
         }
         if json {
             println!("{}", serde_json::to_string(&self).unwrap_or_default());
@@ -289,7 +295,9 @@ fn main() {
             )
         });
         let args = Args { trace_to: sink, ..args };
-        let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+        let wanted = |name: &str| {
+            args.only.as_deref().is_none_or(|o| o.split(',').any(|o| name.contains(o)))
+        };
         if !args.json {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             println!("orchestrix-bench: {cores} cores, {} s per measurement", args.seconds);
