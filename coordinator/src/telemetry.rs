@@ -68,13 +68,14 @@ impl RunSpans {
         flow: &str,
         traceparent: Option<&str>,
     ) -> Option<Box<RunSpans>> {
+        // Described only once sampled (the name cannot change later).
         let run = info_span!(
             parent: None,
             "orchestrix.run",
             otel.name = %format_args!("{flow} run"),
             otel.kind = "internal",
-            orchestrix.run_id = %run_id,
-            orchestrix.flow = %flow,
+            orchestrix.run_id = Empty,
+            orchestrix.flow = Empty,
             otel.status_code = Empty,
             otel.status_description = Empty,
         );
@@ -95,6 +96,10 @@ impl RunSpans {
         let span = cx.span();
         let sc = span.span_context();
         let sampled = !sc.is_valid() || sc.is_sampled();
+        if sampled {
+            run.record("orchestrix.run_id", tracing::field::display(run_id));
+            run.record("orchestrix.flow", flow);
+        }
         Some(Box::new(RunSpans {
             run: if sampled { run } else { Span::none() },
             sampled,
