@@ -163,19 +163,20 @@ async fn durable(
 ) -> Result<Vec<Figure>, String> {
     use orchestrix::coordinator::jetstream::JetStreamStoreOptions;
     let mut out = Vec::new();
-    let floor_kv = async_nats::jetstream::new(client.clone())
-        .create_or_update_key_value(async_nats::jetstream::kv::Config {
-            bucket: "bench_floor".into(),
-            history: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(client.clone());
     let sync = if args.sync_always { "-sync-always" } else { "" };
     let floor_name: &'static str = Box::leak(format!("nats-floor-durable{sync}").into_boxed_str());
     let saga_name: &'static str = Box::leak(format!("saga-nats-jetstream{sync}").into_boxed_str());
     for concurrency in [1, 64] {
         if wanted("nats-floor-durable") {
+            let floor_kv = js
+                .create_or_update_key_value(async_nats::jetstream::kv::Config {
+                    bucket: "bench_floor".into(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
             let (c, kv) = (client.clone(), floor_kv.clone());
             out.push(
                 measure(floor_name, concurrency, args.seconds, move || {
@@ -195,6 +196,7 @@ async fn durable(
                 })
                 .await,
             );
+            settle(&js).await;
         }
         if !wanted("saga-nats-jetstream") {
             continue;
@@ -227,12 +229,23 @@ async fn durable(
             for n in nodes {
                 n.shutdown().await;
             }
+            settle(&js).await;
         }
     }
     if wanted("saga-nats-jetstream-parked") {
         out.push(parked_durable(args, url).await?);
     }
     Ok(out)
+}
+
+/// Deletes every stream a measurement left and lets the server settle: the
+/// next measurement must not pay for the last one's compactions and flushes.
+async fn settle(js: &async_nats::jetstream::Context) {
+    let names: Vec<String> = js.stream_names().filter_map(|n| async { n.ok() }).collect().await;
+    for name in names {
+        let _ = js.delete_stream(&name).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 /// Resident memory per run parked over NATS + JetStream: `--parked` runs
