@@ -70,6 +70,20 @@ struct Figure {
 }
 
 impl Figure {
+    /// A memory figure: `n` runs parked, started in `elapsed` seconds,
+    /// holding `held` bytes of resident memory.
+    fn parked(scenario: &'static str, n: usize, elapsed: f64, held: f64) -> Figure {
+        Figure {
+            scenario,
+            concurrency: n,
+            runs: n as u64,
+            runs_per_s: n as f64 / elapsed,
+            p50_us: 0.0,
+            p99_us: 0.0,
+            bytes_per_run: Some(held / n as f64),
+        }
+    }
+
     fn print(mut self, json: bool, traced: bool) {
         if traced {
             // The sampler from the standard variables, when one is set.
@@ -214,15 +228,7 @@ async fn parked_memory(n: usize) -> Figure {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let held = resident_bytes().saturating_sub(rss_before) as f64;
-    Figure {
-        scenario: "saga-inprocess-parked",
-        concurrency: n,
-        runs: n as u64,
-        runs_per_s: n as f64 / elapsed,
-        p50_us: 0.0,
-        p99_us: 0.0,
-        bytes_per_run: Some(held / n as f64),
-    }
+    Figure::parked("saga-inprocess-parked", n, elapsed, held)
 }
 
 /// A local OTLP/HTTP endpoint that accepts and discards everything, so the

@@ -305,15 +305,7 @@ async fn parked_durable(args: &Args, url: &str) -> Result<Figure, String> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let held = crate::resident_bytes().saturating_sub(before) as f64;
     node.shutdown().await;
-    Ok(Figure {
-        scenario: "saga-nats-jetstream-parked",
-        concurrency: n,
-        runs: n as u64,
-        runs_per_s: n as f64 / elapsed,
-        p50_us: 0.0,
-        p99_us: 0.0,
-        bytes_per_run: Some(held / n as f64),
-    })
+    Ok(Figure::parked("saga-nats-jetstream-parked", n, elapsed, held))
 }
 
 async fn wait_for_worker(client: &async_nats::Client) -> Result<(), String> {

@@ -437,6 +437,7 @@ async fn end_runs(
         for (Ending { after, duration }, r) in done {
             match r {
                 Ok(()) | Err(StoreError::Fenced(_)) => {}
+                Err(e) if e.is_permanent() => inner.give_up(&after, &e).await,
                 Err(e) => {
                     tracing::warn!(run_id = %after.run_id, error = %e, "cannot record a finished run yet: retrying");
                     let inner = Arc::downgrade(&inner);
@@ -446,12 +447,28 @@ async fn end_runs(
                             let Some(inner) = inner.upgrade() else { return };
                             match inner.settle(after.clone(), duration).await {
                                 Ok(()) | Err(StoreError::Fenced(_)) => return,
+                                Err(e) if e.is_permanent() => {
+                                    inner.give_up(&after, &e).await;
+                                    return;
+                                }
                                 Err(_) => {}
                             }
                         }
                     });
                 }
             }
+        }
+    }
+}
+
+impl Inner {
+    /// A finished run whose end the store refuses for good (a corrupt slot,
+    /// an entry over the size limit): said loudly, and retired, so that its
+    /// journal entry does not hold the journal's purge back for ever.
+    async fn give_up(&self, after: &RunRecord, e: &StoreError) {
+        tracing::error!(run_id = %after.run_id, error = %e, "a finished run cannot be recorded: its report was given to its caller, and is not kept");
+        if let Err(e) = self.retire(after.run_id).await {
+            tracing::warn!(run_id = %after.run_id, error = %e, "cannot retire a finished run's record");
         }
     }
 }

@@ -167,17 +167,19 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> 
 type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// Collects the lines of `out` into a new [`Lines`] until it closes.
-fn collect(out: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
+fn collect(
+    out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> (Lines, tokio::task::JoinHandle<()>) {
     use tokio::io::AsyncBufReadExt;
     let lines = Lines::default();
     let sink = lines.clone();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let mut reader = tokio::io::BufReader::new(out).lines();
         while let Ok(Some(line)) = reader.next_line().await {
             sink.lock().unwrap().push(line);
         }
     });
-    lines
+    (lines, reader)
 }
 
 /// A child process whose stdout lines (and stderr's, if asked) are
@@ -186,6 +188,8 @@ fn collect(out: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
 pub struct ChildProcess {
     child: tokio::process::Child,
     lines: Lines,
+    /// Reads stdout until it closes.
+    reader: Option<tokio::task::JoinHandle<()>>,
     errors: Option<Lines>,
 }
 
@@ -238,9 +242,9 @@ impl ChildProcess {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
-        let lines = collect(child.stdout.take().expect("piped stdout"));
-        let errors = child.stderr.take().map(collect);
-        ChildProcess { child, lines, errors }
+        let (lines, reader) = collect(child.stdout.take().expect("piped stdout"));
+        let errors = child.stderr.take().map(|e| collect(e).0);
+        ChildProcess { child, lines, reader: Some(reader), errors }
     }
 
     /// Lines printed so far.
@@ -290,12 +294,15 @@ impl ChildProcess {
     }
 
     /// Waits for the process to exit and returns its exit code.
+    /// Once it has, every line it printed is in [`ChildProcess::lines`].
     pub async fn wait(&mut self, within: Duration) -> Option<i32> {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .expect("process exits in time")
-            .ok()?
-            .code()
+        let status =
+            tokio::time::timeout(within, self.child.wait()).await.expect("process exits in time");
+        // The exit can be seen before the last lines are read.
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        status.ok()?.code()
     }
 }
 

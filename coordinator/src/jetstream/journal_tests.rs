@@ -58,6 +58,19 @@ fn flows(names: &[&str]) -> Arc<[Arc<str>]> {
     names.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>().into()
 }
 
+/// A server, a coordinator C holding two runs (R, other) in its journal,
+/// and a second coordinator T.
+async fn two_runs_two_coordinators()
+-> (Server, JetStreamStore, JetStreamStore, Arc<RunRecord>, Arc<RunRecord>) {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let (r, other) = (record(), record());
+    c.inner.create_journaled(&r).await.unwrap();
+    c.inner.create_journaled(&other).await.unwrap();
+    (s, c, t, r, other)
+}
+
 /// The coordinator looks dead to the others (a stall, a partition).
 async fn stop_heartbeat(s: &JetStreamStore) {
     s.inner.heartbeat.abort();
@@ -65,23 +78,14 @@ async fn stop_heartbeat(s: &JetStreamStore) {
     s.inner.coordinators.purge(&s.inner.id).await.unwrap();
 }
 
-/// A checkpoint round snapshots its due runs, then writes them one by
-/// one (checkpoint(), `for (id, seq, record) in due { self.write(..) }`).
-/// If the writer obeys a fence in between (lose_everything), the rest of
-/// the round still writes: `write` finds no revision, `create` fails,
-/// the record there names this coordinator (the taker's restore put it
-/// there under the dead owner's name), it adopts that revision and
-/// `set_revision` puts the run back into `revisions`. The run's actor
-/// then appends after the fence as if nothing happened, while the taker
-/// drives the run too.
+/// A checkpoint round snapshots its due runs, then writes them one by one.
+/// If the coordinator obeys a fence in between, the rest of the round must
+/// not take a run back: the record the taker restored names this
+/// coordinator, and adopting it would let the run's actor append after the
+/// fence while the taker drives the run too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
-    let s = server(None);
-    let c = open(&s).await;
-    let t = open(&s).await;
-    let (r, other) = (record(), record());
-    c.inner.create_journaled(&r).await.unwrap();
-    c.inner.create_journaled(&other).await.unwrap();
+    let (s, c, t, r, other) = two_runs_two_coordinators().await;
     // C stalls; a checkpoint round with R due is under way in it.
     stop_heartbeat(&c).await;
     // T takes C's journal over: fence, then R restored into the runs
@@ -107,11 +111,10 @@ async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
     );
 }
 
-/// Once fenced, `pending` is empty, so the next checkpoint round purges
-/// the subject below `last` (the coordinator's own last message), under
-/// the fence: records the taker has not read yet. A taker that stopped
-/// half way (its restores timed out, say) reads the subject again at its
-/// next scan; a run whose newest record was only there is gone.
+/// What precedes a fence is the taker's to read: a taker that stopped half
+/// way (its restores timed out, say) reads the subject again at its next
+/// scan, so the fenced coordinator must not purge it meanwhile, or a run
+/// whose newest record was only there is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_coordinator_does_not_purge_what_its_taker_has_not_read() {
     let s = server(None);
@@ -141,11 +144,10 @@ async fn a_fenced_coordinator_does_not_purge_what_its_taker_has_not_read() {
     );
 }
 
-/// Coordinators serving different flows share one store (docs/durability.md).
-/// C (flow f) dies; T (flow g only) scans first: it fences C's journal and
-/// restores C's run, but does not claim it (not its flow). F (flow f)
-/// then never claims it: take_journal sees a fence by a live coordinator
-/// other than itself and answers false, for as long as T lives (168 h).
+/// Coordinators serving different flows share one store. C (flow f) dies;
+/// T (flow g only) scans first: it fences C's journal and restores C's run,
+/// but does not claim it (not its flow). F (flow f) must still claim it: a
+/// live taker that is done (only its fence left) blocks no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_fenced_by_a_coordinator_of_another_flow_is_taken_over() {
     let s = server(None);
@@ -173,9 +175,8 @@ async fn a_run_fenced_by_a_coordinator_of_another_flow_is_taken_over() {
 }
 
 /// With the permissions `orchestrix auth config` gives the coordinator
-/// role, reading a dead coordinator's journal back (a pull consumer:
-/// `$JS.API.CONSUMER.MSG.NEXT.{prefix}_journal.{consumer}`) is refused,
-/// so the takeover scan fails every time.
+/// role, a dead coordinator's journal can be read back (a pull consumer:
+/// `$JS.API.CONSUMER.MSG.NEXT.{prefix}_journal.{consumer}`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_works_with_the_coordinator_roles_permissions() {
     use crate::auth::{Role, User, server_config};
@@ -202,15 +203,10 @@ async fn a_takeover_works_with_the_coordinator_roles_permissions() {
     assert_eq!(claimed.len(), 2, "both runs of the dead coordinator are claimed");
 }
 
-/// `retire` takes the run out of `revisions` before it deletes the KV
-/// copy. If that delete fails (the runs bucket has no leader, a
-/// timeout), `finish` returns the error, the actor writes the batch
-/// again, and the retry's `append` answers Fenced (the run is no longer
-/// in `revisions`): the actor lets go. The KV copy (a live checkpoint:
-/// checkpoints never write the final record) names this coordinator and
-/// nothing here drives it, so the next scan resumes a run that has
-/// ended, from an older state. (Before the journal, `finish` cleared
-/// the revision only after the delete succeeded.)
+/// A finished run whose checkpointed record cannot be deleted (the runs
+/// bucket has no leader, a timeout) stays this coordinator's until the
+/// delete succeeds; and should it be let go, the scan finds its end in the
+/// history and retires it. Never resumed from its older, live-phase copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_whose_retirement_failed_is_not_resumed() {
     let s = server(None);
@@ -261,23 +257,14 @@ async fn a_run_whose_retirement_failed_is_not_resumed() {
     );
 }
 
-/// Once a coordinator has obeyed a fence, its journal appends prove
-/// nothing about any one run: ownership of a run is only checked by the
-/// KV compare-and-set of a checkpoint, a second or two later. The scan's
-/// "ours, but nothing here drives it" branch resumes a run without any
-/// compare-and-set, so a taker's claim of the same record still
-/// succeeds. Here C's heartbeats stop landing (its bucket lost its
-/// leader) while C goes on: T fences C's journal and restores C's run
-/// under C's name, C obeys the fence, C's scan resumes the run as its
-/// own, T's scan claims it: both drive it, and C's appends succeed.
+/// C's heartbeats stop landing (its bucket lost its leader) while C goes
+/// on: T fences C's journal and restores C's run under C's name, C obeys
+/// the fence, C's scan resumes the run as its own, T's scan claims it. One
+/// of them must lose: own-run resumes are compare-and-sets, and a claim
+/// fences the owner again first, so C's next append is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
-    let s = server(None);
-    let c = open(&s).await;
-    let t = open(&s).await;
-    let (r, other) = (record(), record());
-    c.inner.create_journaled(&r).await.unwrap();
-    c.inner.create_journaled(&other).await.unwrap();
+    let (s, c, t, r, other) = two_runs_two_coordinators().await;
     stop_heartbeat(&c).await;
     let mut alive = HashMap::new();
     assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
