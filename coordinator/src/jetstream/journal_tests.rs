@@ -85,7 +85,7 @@ async fn stop_heartbeat(s: &JetStreamStore) {
 /// fence while the taker drives the run too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
-    let (s, c, t, r, other) = two_runs_two_coordinators().await;
+    let (_server, c, t, r, other) = two_runs_two_coordinators().await;
     // C stalls; a checkpoint round with R due is under way in it.
     stop_heartbeat(&c).await;
     // T takes C's journal over: fence, then R restored into the runs
@@ -264,7 +264,7 @@ async fn a_run_whose_retirement_failed_is_not_resumed() {
 /// fences the owner again first, so C's next append is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
-    let (s, c, t, r, other) = two_runs_two_coordinators().await;
+    let (_server, c, t, r, other) = two_runs_two_coordinators().await;
     stop_heartbeat(&c).await;
     let mut alive = HashMap::new();
     assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
