@@ -63,8 +63,11 @@ struct Figure {
     concurrency: usize,
     runs: u64,
     runs_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
+    /// Latency, where it is measured (not for parked runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_per_run: Option<f64>,
 }
@@ -78,8 +81,8 @@ impl Figure {
             concurrency: n,
             runs: n as u64,
             runs_per_s: n as f64 / elapsed,
-            p50_us: 0.0,
-            p99_us: 0.0,
+            p50_us: None,
+            p99_us: None,
             bytes_per_run: Some(held / n as f64),
         }
     }
@@ -88,19 +91,26 @@ impl Figure {
         if traced {
             // The sampler from the standard variables, when one is set.
             let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
-            let suffix = match (std::env::var("OTEL_TRACES_SAMPLER").ok(), ratio) {
+            let mut suffix = match (std::env::var("OTEL_TRACES_SAMPLER").ok(), ratio) {
                 (Some(s), Some(r)) if s.ends_with("traceidratio") => format!("-traced-ratio{r}"),
                 _ => "-traced".into(),
             };
+            if std::env::var("OTEL_METRICS_EXPORTER").is_ok_and(|v| v == "none") {
+                suffix.push_str("-spans-only");
+            }
             self.scenario = Box::leak(format!("{}{suffix}", self.scenario).into_boxed_str());
         }
         if json {
             println!("{}", serde_json::to_string(&self).unwrap_or_default());
         } else {
             let mem = self.bytes_per_run.map(|b| format!("  {b:>8.0} B/run")).unwrap_or_default();
+            let latency = match (self.p50_us, self.p99_us) {
+                (Some(p50), Some(p99)) => format!("  p50 {p50:>8.1} µs  p99 {p99:>8.1} µs"),
+                _ => String::new(),
+            };
             println!(
-                "{:<22} c={:<5} {:>10.0} runs/s  p50 {:>8.1} µs  p99 {:>8.1} µs{mem}",
-                self.scenario, self.concurrency, self.runs_per_s, self.p50_us, self.p99_us
+                "{:<22} c={:<5} {:>10.0} runs/s{latency}{mem}",
+                self.scenario, self.concurrency, self.runs_per_s
             );
         }
     }
@@ -123,8 +133,8 @@ where
         concurrency,
         runs: hist.len(),
         runs_per_s: hist.len() as f64 / elapsed,
-        p50_us: hist.value_at_quantile(0.50) as f64 / 1000.0,
-        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        p50_us: Some(hist.value_at_quantile(0.50) as f64 / 1000.0),
+        p99_us: Some(hist.value_at_quantile(0.99) as f64 / 1000.0),
         bytes_per_run: None,
     }
 }
@@ -270,6 +280,18 @@ fn otlp_sink() -> String {
     url
 }
 
+/// Spans and metrics to the sink at `url`; spans only when
+/// `OTEL_METRICS_EXPORTER=none` (the standard variable), so that the cost of
+/// tracing can be told from the cost of metrics.
+pub(crate) fn export(url: &str) -> orchestrix::telemetry::Export {
+    let export = orchestrix::telemetry::Export::http(url);
+    if std::env::var("OTEL_METRICS_EXPORTER").is_ok_and(|v| v == "none") {
+        export.without_metrics()
+    } else {
+        export
+    }
+}
+
 /// Resident memory of this process (Linux: `/proc/self/statm`), 0 elsewhere.
 /// Resident rather than allocated bytes: what the machine actually gives up,
 /// allocator overhead included, and no instrumented allocator slowing the
@@ -297,7 +319,7 @@ fn main() {
             orchestrix::telemetry::init_with(
                 "orchestrix-bench",
                 "warn,orchestrix_coordinator=info,orchestrix_worker=info",
-                Some(orchestrix::telemetry::Export::http(url)),
+                Some(export(url)),
             )
         });
         let args = Args { trace_to: sink, ..args };

@@ -305,7 +305,12 @@ async fn parked_durable(args: &Args, url: &str) -> Result<Figure, String> {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let held = crate::resident_bytes().saturating_sub(before) as f64;
     node.shutdown().await;
-    Ok(Figure::parked("saga-nats-jetstream-parked", n, elapsed, held))
+    let name = if args.sync_always {
+        "saga-nats-jetstream-sync-always-parked"
+    } else {
+        "saga-nats-jetstream-parked"
+    };
+    Ok(Figure::parked(name, n, elapsed, held))
 }
 
 async fn wait_for_worker(client: &async_nats::Client) -> Result<(), String> {
@@ -360,7 +365,7 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
             orchestrix::telemetry::init_with(
                 "orchestrix-bench-worker",
                 "warn,orchestrix_coordinator=info,orchestrix_worker=info",
-                Some(orchestrix::telemetry::Export::http(sink)),
+                Some(crate::export(sink)),
             )
         });
         let client = NatsOptions::new(url).connect().await.expect("worker connects");

@@ -69,6 +69,12 @@ pub(super) struct State {
     tick: u64,
     /// The newest fence on this coordinator's subject it has obeyed.
     fence: u64,
+    /// Live runs this coordinator held only in its journal when it obeyed
+    /// that fence: put in the runs bucket by the next checkpoint round, so
+    /// that they are found whether or not a taker follows the fence.
+    orphaned: Vec<Arc<RunRecord>>,
+    /// The fence whose orphaned runs are in the runs bucket.
+    settled: u64,
 }
 
 struct Entry {
@@ -110,7 +116,13 @@ impl Shared {
         let mut s = self.lock();
         let lost = s.revisions.len();
         s.revisions.clear();
-        s.pending.clear();
+        let orphaned: Vec<_> = s
+            .pending
+            .drain()
+            .map(|(_, e)| e.record)
+            .filter(|r| r.phase != Phase::Finished)
+            .collect();
+        s.orphaned.extend(orphaned);
         tracing::warn!(
             lost,
             "another coordinator took this coordinator's runs over (it was presumed dead)"
@@ -350,6 +362,14 @@ pub(super) async fn last_message(
     }
 }
 
+/// Whether `name` can be a KV key (a coordinator id always is).
+fn is_key(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_=./".contains(&b))
+}
+
 /// The records in one journal message, in the order they were appended.
 pub(super) fn records(body: &[u8]) -> Result<Vec<RunRecord>, StoreError> {
     let mut cursor = std::io::Cursor::new(body);
@@ -455,14 +475,34 @@ impl Inner {
                 }
             }
         }
-        let (keep_from, last, fence) = {
-            let s = self.shared.lock();
+        // Runs lost to a fence: put where any coordinator finds them (a
+        // taker that fenced and then died, or a fence that nobody follows,
+        // would otherwise leave them in this journal only).
+        let (fence, orphaned) = {
+            let mut s = self.shared.lock();
+            (s.fence, std::mem::take(&mut s.orphaned))
+        };
+        let mut unsettled = Vec::new();
+        for record in orphaned {
+            if let Err(e) = self.restore(&self.id, (*record).clone()).await {
+                tracing::warn!(run_id = %record.run_id, error = %e, "cannot put a run lost to a fence in the runs bucket yet");
+                unsettled.push(record);
+            }
+        }
+        let (keep_from, last, settled) = {
+            let mut s = self.shared.lock();
+            let settled = unsettled.is_empty() && s.orphaned.is_empty();
+            if settled {
+                s.settled = s.settled.max(fence);
+            }
+            s.orphaned.extend(unsettled);
             let keep_from = s.pending.values().map(|e| e.seq).min().unwrap_or(s.last).min(s.last);
-            (keep_from, s.last, s.fence)
+            (keep_from, s.last, s.settled >= fence)
         };
         // What precedes a fence this coordinator obeyed is the taker's to
-        // read and purge: nothing is purged before the taker has.
-        if fence > 0 {
+        // read and purge: nothing is purged before the taker has, or before
+        // this coordinator has put those runs in the bucket itself.
+        if fence > 0 && !settled {
             match self.journal.get_first_raw_message_by_subject(&self.journal_subject, 0).await {
                 Ok(first) if first.sequence >= fence => {}
                 _ => return,
@@ -642,6 +682,12 @@ impl Inner {
         if let Some(a) = alive.get(owner) {
             return Ok(*a);
         }
+        // No heartbeat can have a name that is not a valid key (garbage on
+        // a journal subject, a corrupt record): never alive, never an error
+        // that stops the whole scan.
+        if !is_key(owner) {
+            return Ok(false);
+        }
         let a = self
             .coordinators
             .get(owner)
@@ -673,8 +719,16 @@ impl Inner {
         let mut taken = std::collections::HashSet::new();
         for (subject, count) in found {
             let Some(owner) = subject.strip_prefix(&prefix) else { continue };
-            if owner == self.id || self.alive(owner, alive).await? {
+            if owner == self.id {
                 continue;
+            }
+            match self.alive(owner, alive).await {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::warn!(owner, error = %e, "cannot tell whether a coordinator lives");
+                    continue;
+                }
             }
             // Taken already, and nothing appended since: only the fence.
             if count <= 1

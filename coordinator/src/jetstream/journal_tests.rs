@@ -279,3 +279,53 @@ async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
         "both coordinators took R (C's next append of R: {appended:?})"
     );
 }
+
+/// A fence that no taker follows (forged, or its taker died before copying
+/// anything): the fenced coordinator lets go of its runs, and puts the ones
+/// only its journal held into the runs bucket itself, where its own scan
+/// (or a taker's) finds and resumes them. None is lost, none runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_lost_to_a_fence_nobody_follows_are_resumed() {
+    let s = server(None);
+    let c = open(&s).await;
+    let (r1, r2, other) = (record(), record(), record());
+    c.inner.create_journaled(&r1).await.unwrap();
+    c.inner.create_journaled(&r2).await.unwrap();
+    let subject = subject("orchestrix", &c.inner.id);
+    let last = last_message(&c.inner.journal, &subject).await.unwrap().unwrap().sequence;
+    assert!(c.inner.fence(&subject, last).await.unwrap().is_some(), "a fence, and no taker");
+    c.inner.shared.lock().revisions.insert(other.run_id, 0);
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    c.inner.checkpoint().await;
+    for r in [&r1, &r2] {
+        assert!(c.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some(), "in the bucket");
+    }
+    let mut resumed: Vec<Uuid> =
+        c.claim_orphans(flows(&["f"])).await.unwrap().iter().map(|x| x.run_id).collect();
+    resumed.sort();
+    let mut expected = vec![r1.run_id, r2.run_id];
+    expected.sort();
+    assert_eq!(resumed, expected, "both resumed by their own coordinator");
+    assert!(c.claim_orphans(flows(&["f"])).await.unwrap().is_empty(), "and only once");
+    // Its journal is purged again from then on.
+    c.inner.append(&r1).await.unwrap();
+    c.inner.checkpoint().await;
+    let first = c.inner.journal.get_first_raw_message_by_subject(&subject, 0).await.unwrap();
+    assert!(first.sequence > last, "purged past the fence: {} <= {last}", first.sequence);
+}
+
+/// Garbage on a journal subject whose last token cannot name a coordinator
+/// (no heartbeat key can be spelled so) holds up no takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_strange_journal_subject_stops_no_takeover() {
+    let s = server(None);
+    let c = open(&s).await;
+    let t = open(&s).await;
+    let r = record();
+    c.inner.create_journaled(&r).await.unwrap();
+    let js = jetstream::new(async_nats::connect(&s.url).await.unwrap());
+    js.publish("orchestrix_journal.bad:key", "garbage".into()).await.unwrap().await.unwrap();
+    stop_heartbeat(&c).await;
+    let claimed = t.claim_orphans(flows(&["f"])).await.expect("the scan goes on");
+    assert_eq!(claimed.iter().map(|x| x.run_id).collect::<Vec<_>>(), vec![r.run_id]);
+}
