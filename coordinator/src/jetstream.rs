@@ -324,6 +324,7 @@ impl JetStreamStore {
             max_payload,
             appends,
         ));
+        no_older_coordinators(&coordinators).await?;
         // The first beat is written before the store is used, so no other
         // coordinator ever sees this one's runs as orphans.
         beat(&js, &coordinators_bucket, &id).await?;
@@ -527,8 +528,47 @@ async fn put_with_ttl(
 }
 
 async fn beat(js: &jetstream::Context, bucket: &str, id: &str) -> Result<(), StoreError> {
-    let now = time::unix_ms(SystemTime::now()).to_string();
+    let now = format!("{HEARTBEAT_FORMAT}{}", time::unix_ms(SystemTime::now()));
     put_with_ttl(js, bucket, id, Bytes::from(now), HEARTBEAT_TTL).await
+}
+
+/// What a heartbeat value starts with: coordinators with the run journal.
+/// Older ones wrote the bare time, and must not share a store with these
+/// (they claim runs without fencing journals, and cannot see runs that only
+/// a journal holds).
+const HEARTBEAT_FORMAT: &str = "journal ";
+
+/// Refuses to start beside a live coordinator that has no run journal
+/// (its heartbeat is a bare number); one that just stopped is given its
+/// heartbeat's lifetime to vanish.
+async fn no_older_coordinators(coordinators: &kv::Store) -> Result<(), StoreError> {
+    for round in 0..2 {
+        let mut older = None;
+        let mut keys =
+            coordinators.keys().await.map_err(|e| unavailable("cannot list coordinators", e))?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| unavailable("cannot list coordinators", e))?;
+            let value = coordinators
+                .get(&key)
+                .await
+                .map_err(|e| unavailable("cannot read a heartbeat", e))?;
+            if value
+                .is_some_and(|v| std::str::from_utf8(&v).is_ok_and(|v| v.parse::<u64>().is_ok()))
+            {
+                older = Some(key);
+            }
+        }
+        match older {
+            None => return Ok(()),
+            Some(_) if round == 0 => tokio::time::sleep(HEARTBEAT_TTL + HEARTBEAT_EVERY).await,
+            Some(id) => {
+                return Err(StoreError::Unsupported(format!(
+                    "coordinator {id} on this NATS is an older version, without the run journal: stop every older coordinator before starting this one (docs/durability.md, \"Upgrading\")"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Inner {

@@ -607,3 +607,39 @@ async fn any_coordinator_answers_the_status_of_a_run_just_started() {
     b.shutdown().await;
     w.shutdown().await;
 }
+
+/// A coordinator from before the run journal (its heartbeat is a bare
+/// time) must not share a store with journal coordinators: a new one
+/// refuses to start beside it, saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_refuses_to_start_beside_one_without_the_journal() {
+    let server = NatsServer::start();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    // The buckets exist (a first coordinator made them), then an older one beats.
+    drop(JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await.unwrap());
+    let js = async_nats::jetstream::new(conn.clone());
+    let beats = js.get_key_value("orchestrix_coordinators").await.unwrap();
+    let old = tokio::spawn(async move {
+        loop {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                .to_string();
+            beats.put("an-older-coordinator", now.into()).await.unwrap();
+            tokio::time::sleep(SECS / 2).await;
+        }
+    });
+    let refused = JetStreamStore::open(conn.clone(), JetStreamStoreOptions::default()).await;
+    let e = refused.expect_err("refused beside an older coordinator").to_string();
+    assert!(e.contains("older version") && e.contains("stop every older coordinator"), "{e}");
+    // Stopped, and its heartbeat gone: the new one starts.
+    old.abort();
+    js.get_key_value("orchestrix_coordinators")
+        .await
+        .unwrap()
+        .delete("an-older-coordinator")
+        .await
+        .unwrap();
+    JetStreamStore::open(conn, JetStreamStoreOptions::default()).await.expect("starts");
+}
