@@ -707,6 +707,19 @@ async fn ask(
 }
 
 /// Checks the answer is an `error` with `code`.
+/// An `expired` error must name the command it refuses, and its run.
+fn names_the_command(e: &WireError, cmd: &StepCommand) -> Result<(), String> {
+    check!(
+        e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
+        "the `expired` error names command {:?} of run {:?}, expected {} of {}",
+        e.command_id,
+        e.run_id,
+        cmd.command_id,
+        cmd.run_id
+    );
+    Ok(())
+}
+
 fn expect_error(answer: Answer, code: &str, what: &str) -> Result<WireError, String> {
     match answer {
         Answer::Error(e) if e.code == code => Ok(e),
@@ -738,14 +751,7 @@ async fn deadline_refusal(env: &Env) -> Outcome {
     let bytes = orchestrix_proto::encode(&cmd).map_err(|e| format!("cannot encode: {e}"))?;
     let answer = ask(env, &version, "record", StepCommand::KIND, bytes).await?;
     let e = expect_error(answer, WireError::CODE_EXPIRED, "a command 10 s past its deadline")?;
-    check!(
-        e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
-        "the `expired` error names command {:?} of run {:?}, expected {} of {}",
-        e.command_id,
-        e.run_id,
-        cmd.command_id,
-        cmd.run_id
-    );
+    names_the_command(&e, &cmd)?;
     nothing_ran(env, cmd.run_id, "a command past its deadline").await?;
 
     // Past its start-by time, its deadline a minute away: not started either
@@ -760,14 +766,7 @@ async fn deadline_refusal(env: &Env) -> Outcome {
         WireError::CODE_EXPIRED,
         "a command 10 s past its startByMs (deadline 60 s ahead)",
     )?;
-    check!(
-        e.command_id == Some(cmd.command_id) && e.run_id == Some(cmd.run_id),
-        "the `expired` error names command {:?} of run {:?}, expected {} of {}",
-        e.command_id,
-        e.run_id,
-        cmd.command_id,
-        cmd.run_id
-    );
+    names_the_command(&e, &cmd)?;
     nothing_ran(env, cmd.run_id, "a command past its startByMs").await
 }
 

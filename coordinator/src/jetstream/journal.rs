@@ -607,19 +607,24 @@ impl Inner {
         Ok(true)
     }
 
-    /// How many messages a journal subject holds.
-    async fn messages_on(&self, subject: &str) -> Result<usize, StoreError> {
+    /// The journal subjects matching `filter`, with how many messages each holds.
+    async fn journal_subjects(&self, filter: &str) -> Result<Vec<(String, usize)>, StoreError> {
         let mut subjects = self
             .journal
             .clone()
-            .info_with_subjects(subject)
+            .info_with_subjects(filter)
             .await
             .map_err(|e| unavailable("cannot list journals", e))?;
-        let mut count = 0;
+        let mut found = Vec::new();
         while let Some(s) = subjects.next().await {
-            count += s.map_err(|e| unavailable("cannot list journals", e))?.1;
+            found.push(s.map_err(|e| unavailable("cannot list journals", e))?);
         }
-        Ok(count)
+        Ok(found)
+    }
+
+    /// How many messages a journal subject holds.
+    async fn messages_on(&self, subject: &str) -> Result<usize, StoreError> {
+        Ok(self.journal_subjects(subject).await?.iter().map(|(_, n)| n).sum())
     }
 
     /// Appends a fence after `last`; `None` if something else was appended first.
@@ -705,17 +710,7 @@ impl Inner {
         alive: &mut HashMap<String, bool>,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let prefix = format!("{}.", stream_name(&self.options.prefix));
-        let mut subjects = self
-            .journal
-            .clone()
-            .info_with_subjects(format!("{prefix}*"))
-            .await
-            .map_err(|e| unavailable("cannot list journals", e))?;
-        let mut found = Vec::new();
-        while let Some(s) = subjects.next().await {
-            let (subject, count) = s.map_err(|e| unavailable("cannot list journals", e))?;
-            found.push((subject, count));
-        }
+        let found = self.journal_subjects(&format!("{prefix}*")).await?;
         let mut taken = std::collections::HashSet::new();
         for (subject, count) in found {
             let Some(owner) = subject.strip_prefix(&prefix) else { continue };
