@@ -56,10 +56,13 @@ const ECHO: &str = "bench.echo";
 const PREFIX: &str = "bench";
 
 /// A coordinator node serving the bench flow as `orchestrix serve` would,
-/// from its definition (no registry) and publishing no run events.
+/// from its definition (no registry), publishing no run events, and
+/// recording its run metrics (a no-op unless `--traced` set up a meter
+/// provider).
 async fn node(conn: async_nats::Client, store: NodeStore) -> Result<Node, String> {
     Node::builder()
         .subjects(Subjects::new(PREFIX).map_err(|e| e.to_string())?)
+        .hooks(orchestrix::coordinator::metrics::RunMetrics::global())
         .store(store)
         .flows(flowfile::parse(FLOW).map_err(|e| e.to_string())?)
         .registry(false)

@@ -16,7 +16,9 @@
 //! (0, 5, 10, 25, … 10000) are meant for milliseconds and would put every
 //! step in the first bucket.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -37,6 +39,88 @@ pub struct RunMetrics {
     step_duration: Histogram<f64>,
     paused: Counter<u64>,
     operator: Counter<u64>,
+    /// Attribute sets built once per flow and step, so that recording
+    /// allocates nothing: a run records about ten measurements.
+    attrs: RwLock<HashMap<Box<str>, Arc<FlowAttrs>>>,
+}
+
+/// At most this many flows get cached attribute sets; any further flow
+/// (names are bounded by what is registered, so only a misuse gets here)
+/// has its attributes built per measurement.
+const MAX_CACHED_FLOWS: usize = 1024;
+
+/// The attribute sets of one flow.
+struct FlowAttrs {
+    flow: [KeyValue; 1],
+    /// `flow` and `status`, one per run status name.
+    ended: RwLock<Vec<(&'static str, [KeyValue; 2])>>,
+    steps: RwLock<Vec<Arc<StepAttrs>>>,
+}
+
+/// The attribute sets of one step and kind.
+struct StepAttrs {
+    step: Box<str>,
+    kind: CommandKind,
+    /// `flow`, `step`, `kind`.
+    base: [KeyValue; 3],
+    /// `base` and `outcome`: completed, retried, failed.
+    outcomes: [[KeyValue; 4]; 3],
+}
+
+const OUTCOMES: [&str; 3] = ["completed", "retried", "failed"];
+const COMPLETED: usize = 0;
+const RETRIED: usize = 1;
+const FAILED: usize = 2;
+
+impl FlowAttrs {
+    fn new(flow: &str) -> Self {
+        FlowAttrs {
+            flow: [KeyValue::new("flow", Arc::<str>::from(flow))],
+            ended: RwLock::default(),
+            steps: RwLock::default(),
+        }
+    }
+
+    fn step(&self, step: &str, kind: CommandKind) -> Arc<StepAttrs> {
+        let find = |v: &Vec<Arc<StepAttrs>>| {
+            v.iter().find(|s| s.kind == kind && *s.step == *step).cloned()
+        };
+        if let Some(s) = find(&self.steps.read().unwrap_or_else(|p| p.into_inner())) {
+            return s;
+        }
+        let mut steps = self.steps.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = find(&steps) {
+            return s;
+        }
+        let [flow] = self.flow.clone();
+        let base = [
+            flow,
+            KeyValue::new("step", Arc::<str>::from(step)),
+            KeyValue::new("kind", kind.as_str()),
+        ];
+        let outcomes = OUTCOMES.map(|o| {
+            let [f, s, k] = base.clone();
+            [f, s, k, KeyValue::new("outcome", o)]
+        });
+        let attrs = Arc::new(StepAttrs { step: step.into(), kind, base, outcomes });
+        steps.push(attrs.clone());
+        attrs
+    }
+
+    /// Records `f` with the `flow` and `status` attributes.
+    fn with_ended(&self, status: &'static str, f: impl FnOnce(&[KeyValue])) {
+        let find = |v: &Vec<(&'static str, [KeyValue; 2])>| {
+            v.iter().find(|(s, _)| *s == status).map(|(_, a)| a.clone())
+        };
+        let cached = find(&self.ended.read().unwrap_or_else(|p| p.into_inner()));
+        let attrs = cached.unwrap_or_else(|| {
+            let [flow] = self.flow.clone();
+            let attrs = [flow, KeyValue::new("status", status)];
+            self.ended.write().unwrap_or_else(|p| p.into_inner()).push((status, attrs.clone()));
+            attrs
+        });
+        f(&attrs);
+    }
 }
 
 impl fmt::Debug for RunMetrics {
@@ -93,6 +177,7 @@ impl RunMetrics {
                 .u64_counter("orchestrix.operator.actions")
                 .with_description("Operators' actions on runs")
                 .build(),
+            attrs: RwLock::default(),
         }
     }
 
@@ -102,63 +187,65 @@ impl RunMetrics {
         Self::new(&opentelemetry::global::meter("orchestrix"))
     }
 
-    fn attempt(&self, e: &StepEvent<'_>, outcome: &'static str) {
-        let attrs = [
-            KeyValue::new("flow", e.flow.to_owned()),
-            KeyValue::new("step", e.step.to_owned()),
-            KeyValue::new("kind", e.kind.as_str()),
-            KeyValue::new("outcome", outcome),
-        ];
-        self.attempts.add(1, &attrs);
+    /// The attribute sets of `flow`, cached.
+    fn flow(&self, flow: &str) -> Arc<FlowAttrs> {
+        if let Some(f) = self.attrs.read().unwrap_or_else(|p| p.into_inner()).get(flow) {
+            return f.clone();
+        }
+        let mut attrs = self.attrs.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = attrs.get(flow) {
+            return f.clone();
+        }
+        let f = Arc::new(FlowAttrs::new(flow));
+        if attrs.len() < MAX_CACHED_FLOWS {
+            attrs.insert(flow.into(), f.clone());
+        }
+        f
     }
 
-    fn step_done(&self, e: &StepEvent<'_>, d: Duration) {
-        let attrs = [
-            KeyValue::new("flow", e.flow.to_owned()),
-            KeyValue::new("step", e.step.to_owned()),
-            KeyValue::new("kind", e.kind.as_str()),
-        ];
-        self.step_duration.record(d.as_secs_f64(), &attrs);
+    fn step(&self, e: &StepEvent<'_>) -> Arc<StepAttrs> {
+        self.flow(e.flow).step(e.step, e.kind)
+    }
+
+    fn attempt(&self, e: &StepEvent<'_>, outcome: usize) -> Arc<StepAttrs> {
+        let step = self.step(e);
+        self.attempts.add(1, &step.outcomes[outcome]);
+        step
     }
 }
 
 impl Hooks for RunMetrics {
     fn on_run_start(&self, _run_id: Uuid, flow: &str) {
-        let attrs = [KeyValue::new("flow", flow.to_owned())];
-        self.started.add(1, &attrs);
-        self.in_flight.add(1, &attrs);
+        let f = self.flow(flow);
+        self.started.add(1, &f.flow);
+        self.in_flight.add(1, &f.flow);
     }
 
     fn on_step_retry(&self, e: &StepEvent<'_>, _error: &str, _delay: Duration) {
-        self.attempt(e, "retried");
+        self.attempt(e, RETRIED);
     }
 
     fn on_step_success(&self, e: &StepEvent<'_>, d: Duration) {
-        self.attempt(e, "completed");
-        self.step_done(e, d);
+        let step = self.attempt(e, COMPLETED);
+        self.step_duration.record(d.as_secs_f64(), &step.base);
     }
 
     fn on_step_failure(&self, e: &StepEvent<'_>, _error: &str) {
-        self.attempt(e, "failed");
+        self.attempt(e, FAILED);
     }
 
     fn on_compensation_success(&self, e: &StepEvent<'_>, d: Duration) {
         debug_assert_eq!(e.kind, CommandKind::Compensate);
-        self.attempt(e, "completed");
-        self.step_done(e, d);
+        let step = self.attempt(e, COMPLETED);
+        self.step_duration.record(d.as_secs_f64(), &step.base);
     }
 
     fn on_compensation_failure(&self, e: &StepEvent<'_>, _error: &str) {
-        self.attempt(e, "failed");
+        self.attempt(e, FAILED);
     }
 
     fn on_run_paused(&self, e: &StepEvent<'_>, _error: &str) {
-        let attrs = [
-            KeyValue::new("flow", e.flow.to_owned()),
-            KeyValue::new("step", e.step.to_owned()),
-            KeyValue::new("kind", e.kind.as_str()),
-        ];
-        self.paused.add(1, &attrs);
+        self.paused.add(1, &self.step(e).base);
     }
 
     fn on_operator_action(
@@ -179,10 +266,11 @@ impl Hooks for RunMetrics {
     }
 
     fn on_run_end(&self, report: &RunReport) {
-        let flow = KeyValue::new("flow", report.flow.clone());
-        self.in_flight.add(-1, std::slice::from_ref(&flow));
-        let attrs = [flow, KeyValue::new("status", report.status.as_str())];
-        self.finished.add(1, &attrs);
-        self.run_duration.record(report.duration.as_secs_f64(), &attrs);
+        let f = self.flow(&report.flow);
+        self.in_flight.add(-1, &f.flow);
+        f.with_ended(report.status.as_str(), |attrs| {
+            self.finished.add(1, attrs);
+            self.run_duration.record(report.duration.as_secs_f64(), attrs);
+        });
     }
 }

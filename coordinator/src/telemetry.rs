@@ -38,7 +38,8 @@ pub(crate) struct RunSpans {
     attempts: Vec<(u32, Option<GroupKey>, Span)>,
     /// Group spans, by group and kind; each ends with its last attempt.
     groups: Vec<(GroupKey, Span)>,
-    run_id: Uuid,
+    /// The run's id, formatted once for all its spans.
+    run_id: String,
     flow: String,
 }
 
@@ -96,8 +97,9 @@ impl RunSpans {
         let span = cx.span();
         let sc = span.span_context();
         let sampled = !sc.is_valid() || sc.is_sampled();
+        let run_id = run_id.to_string();
         if sampled {
-            run.record("orchestrix.run_id", tracing::field::display(run_id));
+            run.record("orchestrix.run_id", run_id.as_str());
             run.record("orchestrix.flow", flow);
         }
         Some(Box::new(RunSpans {
@@ -135,31 +137,47 @@ impl RunSpans {
             Some(g) => self.group_span(g, kind).clone(),
             None => self.run.clone(),
         };
-        let span = info_span!(
-            parent: &parent,
-            "orchestrix.attempt",
-            otel.name = %attempt_name(step, kind, attempt),
-            otel.kind = if remote { "producer" } else { "internal" },
-            orchestrix.run_id = %self.run_id,
-            orchestrix.flow = %self.flow,
-            orchestrix.step = %step,
-            orchestrix.attempt = i64::from(attempt),
-            orchestrix.kind = kind.as_str(),
-            orchestrix.command_id = %command_id,
-            messaging.system = Empty,
-            messaging.operation.type = Empty,
-            messaging.operation.name = Empty,
-            messaging.destination.name = Empty,
-            messaging.message.id = Empty,
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-        );
-        if remote {
-            span.record("messaging.system", "nats");
-            span.record("messaging.operation.type", "send");
-            span.record("messaging.operation.name", "publish");
-            span.record("messaging.message.id", tracing::field::display(command_id));
-        }
+        let name = attempt_name(step, kind, attempt);
+        let mut id = Uuid::encode_buffer();
+        let command_id: &str = command_id.hyphenated().encode_lower(&mut id);
+        // Every field given at creation, as a string where it can be: a
+        // `record` after the fact and a `Display` value each cost a trip
+        // through the layers' formatting.
+        let span = if remote {
+            info_span!(
+                parent: &parent,
+                "orchestrix.attempt",
+                otel.name = name.as_str(),
+                otel.kind = "producer",
+                orchestrix.run_id = self.run_id.as_str(),
+                orchestrix.flow = self.flow.as_str(),
+                orchestrix.step = step,
+                orchestrix.attempt = i64::from(attempt),
+                orchestrix.kind = kind.as_str(),
+                orchestrix.command_id = command_id,
+                messaging.system = "nats",
+                messaging.operation.type = "send",
+                messaging.operation.name = "publish",
+                messaging.message.id = command_id,
+                otel.status_code = Empty,
+                otel.status_description = Empty,
+            )
+        } else {
+            info_span!(
+                parent: &parent,
+                "orchestrix.attempt",
+                otel.name = name.as_str(),
+                otel.kind = "internal",
+                orchestrix.run_id = self.run_id.as_str(),
+                orchestrix.flow = self.flow.as_str(),
+                orchestrix.step = step,
+                orchestrix.attempt = i64::from(attempt),
+                orchestrix.kind = kind.as_str(),
+                orchestrix.command_id = command_id,
+                otel.status_code = Empty,
+                otel.status_description = Empty,
+            )
+        };
         self.attempts.push((index, key, span));
     }
 
@@ -175,9 +193,9 @@ impl RunSpans {
                     "orchestrix.group",
                     otel.name = %format_args!("{group} {} group", kind.as_str()),
                     otel.kind = "internal",
-                    orchestrix.run_id = %self.run_id,
-                    orchestrix.flow = %self.flow,
-                    orchestrix.group = %group,
+                    orchestrix.run_id = self.run_id.as_str(),
+                    orchestrix.flow = self.flow.as_str(),
+                    orchestrix.group = group,
                     orchestrix.kind = kind.as_str(),
                 );
                 self.groups.push((key, span));

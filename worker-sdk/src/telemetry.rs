@@ -29,6 +29,7 @@
 use std::fmt;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Registry;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -176,15 +177,33 @@ impl Export {
     }
 }
 
-/// The stderr log layer every installer here uses: colours only for a
-/// person at a terminal, and never with `NO_COLOR` set.
-fn stderr_layer<S>() -> impl tracing_subscriber::Layer<S> + Send + Sync
+/// The stderr log layer every installer here uses, filtered by `RUST_LOG`
+/// (else `default_level`): colours only for a person at a terminal, and
+/// never with `NO_COLOR` set.
+///
+/// It leaves out the coordinator's run, attempt and group spans (target
+/// `orchestrix_coordinator::telemetry`): its log lines name their run in
+/// their own fields, a prefix would only repeat them, and formatting a dozen
+/// fields of every attempt's span, whether or not anything is ever logged
+/// in it, was a large part of what tracing cost. Left out by every layer
+/// (no OpenTelemetry export), those spans are not made at all. A handler's
+/// span (`orchestrix.handle`) stays: it gives a handler's own log lines their
+/// run and step.
+fn stderr_layer<S>(default_level: &str) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::FilterExt as _;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)
+    let not_run_spans = tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.target() == "orchestrix_coordinator::telemetry")
+    });
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_filter(filter(default_level).and(not_run_spans))
 }
 
 /// `RUST_LOG` if it is set and valid, else `default_level`.
@@ -194,7 +213,11 @@ fn filter(default_level: &str) -> EnvFilter {
 
 /// Like [`init`], exporting as `export` says (`None`: no export).
 pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
-    let registry = tracing_subscriber::registry().with(filter(default_level)).with(stderr_layer());
+    // Each layer filtered on its own (no global filter): a span that no
+    // layer wants is then not made at all.
+    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
+    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>> =
+        vec![Box::new(stderr_layer(default_level))];
     #[cfg(feature = "otlp")]
     {
         use opentelemetry::trace::TracerProvider as _;
@@ -209,8 +232,11 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
             // The coordinator's `RunMetrics::global()` records on it.
             opentelemetry::global::set_meter_provider(m.clone());
         }
-        let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
-        let _ = registry.with(otel).try_init();
+        if let Some(p) = &provider {
+            use tracing_subscriber::Layer as _;
+            layers.push(Box::new(layer(p.tracer("orchestrix")).with_filter(filter(default_level))));
+        }
+        let _ = tracing_subscriber::registry().with(layers).try_init();
         TelemetryGuard { provider, meters }
     }
     #[cfg(not(feature = "otlp"))]
@@ -219,7 +245,7 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
         if export.is_some_and(|e| e.traces || e.metrics) {
             eprintln!("warning: OTLP export disabled: built without the `otlp` feature");
         }
-        let _ = registry.try_init();
+        let _ = tracing_subscriber::registry().with(layers).try_init();
         TelemetryGuard {}
     }
 }
@@ -237,7 +263,7 @@ pub(crate) fn install_fallback() -> bool {
     {
         return false;
     }
-    let subscriber = tracing_subscriber::registry().with(filter("warn")).with(stderr_layer());
+    let subscriber = tracing_subscriber::registry().with(stderr_layer("warn"));
     // Another thread may have won the race: its subscriber stands.
     tracing::subscriber::set_global_default(subscriber).is_ok()
 }
@@ -313,5 +339,30 @@ mod otlp {
                 .with_resource(resource(service))
                 .build(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// With logs only (no export), the coordinator's run spans are made by
+    /// nobody, a handler's span still frames its log lines, and the level
+    /// still filters.
+    #[test]
+    fn with_logs_only_the_coordinators_spans_are_not_made() {
+        let layers: Vec<Box<dyn tracing_subscriber::Layer<super::Registry> + Send + Sync>> =
+            vec![Box::new(super::stderr_layer("info"))];
+        let subscriber = tracing_subscriber::registry().with(layers);
+        tracing::subscriber::with_default(subscriber, || {
+            let run =
+                tracing::info_span!(target: "orchestrix_coordinator::telemetry", "orchestrix.run");
+            assert!(run.is_disabled());
+            let handle =
+                tracing::info_span!(target: "orchestrix_worker::worker", "orchestrix.handle");
+            assert!(!handle.is_disabled());
+            let debug = tracing::debug_span!(target: "orchestrix_worker::worker", "detail");
+            assert!(debug.is_disabled());
+        });
     }
 }

@@ -1095,24 +1095,31 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         // the handler's own spans inherit "not sampled" from it.
         tracing::info_span!("orchestrix.handle")
     } else {
+        // Strings where they can be: a `Display` value costs a trip
+        // through the layers' formatting.
+        let name = format!("{} {}", cmd.step, cmd.kind.as_str());
+        let (mut run_buf, mut command_buf) =
+            (uuid::Uuid::encode_buffer(), uuid::Uuid::encode_buffer());
+        let run_id: &str = cmd.run_id.hyphenated().encode_lower(&mut run_buf);
+        let command_id: &str = cmd.command_id.hyphenated().encode_lower(&mut command_buf);
         tracing::info_span!(
-        "orchestrix.handle",
-        otel.name = %format_args!("{} {}", cmd.step, cmd.kind.as_str()),
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.operation.name = "process",
-        messaging.destination.name = %msg.subject,
-        messaging.message.id = %cmd.command_id,
-        orchestrix.run_id = %cmd.run_id,
-        orchestrix.flow = %cmd.flow,
-        orchestrix.step = %cmd.step,
-        orchestrix.attempt = i64::from(cmd.attempt),
-        orchestrix.kind = cmd.kind.as_str(),
-        orchestrix.command_id = %cmd.command_id,
-        orchestrix.worker = worker,
-        otel.status_code = Empty,
-        otel.status_description = Empty,
+            "orchestrix.handle",
+            otel.name = name.as_str(),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = msg.subject.as_str(),
+            messaging.message.id = command_id,
+            orchestrix.run_id = run_id,
+            orchestrix.flow = &*cmd.flow,
+            orchestrix.step = &*cmd.step,
+            orchestrix.attempt = i64::from(cmd.attempt),
+            orchestrix.kind = cmd.kind.as_str(),
+            orchestrix.command_id = command_id,
+            orchestrix.worker = worker,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
         )
     };
     if !span.is_disabled()
