@@ -180,6 +180,16 @@ impl Export {
 /// The stderr log layer every installer here uses, filtered by `RUST_LOG`
 /// (else `default_level`): colours only for a person at a terminal, and
 /// never with `NO_COLOR` set.
+fn stderr_layer<S>(default_level: &str) -> impl tracing_subscriber::Layer<S> + Send + Sync
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    log_layer(default_level, std::io::stderr, ansi)
+}
+
+/// The log layer, writing to `writer`.
 ///
 /// It leaves out the coordinator's run, attempt and group spans (target
 /// `orchestrix_coordinator::telemetry`): its log lines name their run in
@@ -187,23 +197,110 @@ impl Export {
 /// fields of every attempt's span, whether or not anything is ever logged
 /// in it, was a large part of what tracing cost. Left out by every layer
 /// (no OpenTelemetry export), those spans are not made at all. A handler's
-/// span (`orchestrix.handle`) stays: it gives a handler's own log lines their
-/// run and step.
-fn stderr_layer<S>(default_level: &str) -> impl tracing_subscriber::Layer<S> + Send + Sync
+/// span (`orchestrix.handle`) stays, to give a handler's own log lines their
+/// run, step and attempt, without the fields only a trace needs
+/// ([`LogFields`]).
+fn log_layer<S, W>(
+    default_level: &str,
+    writer: W,
+    ansi: bool,
+) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::filter::FilterExt as _;
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let not_run_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target() == "orchestrix_coordinator::telemetry")
     });
     tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .fmt_fields(LogFields)
+        .with_writer(writer)
         .with_ansi(ansi)
         .with_filter(filter(default_level).and(not_run_spans))
+}
+
+/// The default field format, without the fields that are there for a trace
+/// and say nothing in a log line: `otel.*` (span name, kind, status),
+/// `messaging.*` (what the span's own fields already say) and
+/// `orchestrix.worker` (the same on every line of a process). Fewer fields
+/// formatted per handler span, too.
+#[derive(Debug, Clone, Copy)]
+struct LogFields;
+
+impl<'a> tracing_subscriber::field::MakeVisitor<tracing_subscriber::fmt::format::Writer<'a>>
+    for LogFields
+{
+    type Visitor = LogVisitor<tracing_subscriber::fmt::format::DefaultVisitor<'a>>;
+
+    fn make_visitor(&self, target: tracing_subscriber::fmt::format::Writer<'a>) -> Self::Visitor {
+        LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(target, true))
+    }
+}
+
+/// Passes on the fields a log line shows (see [`LogFields`]).
+struct LogVisitor<V>(V);
+
+fn shown(field: &tracing::field::Field) -> bool {
+    let name = field.name();
+    !(name.starts_with("otel.") || name.starts_with("messaging.") || name == "orchestrix.worker")
+}
+
+impl<V: tracing::field::Visit> tracing::field::Visit for LogVisitor<V> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if shown(field) {
+            self.0.record_debug(field, value);
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if shown(field) {
+            self.0.record_str(field, value);
+        }
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        if shown(field) {
+            self.0.record_i64(field, value);
+        }
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if shown(field) {
+            self.0.record_u64(field, value);
+        }
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        if shown(field) {
+            self.0.record_bool(field, value);
+        }
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if shown(field) {
+            self.0.record_f64(field, value);
+        }
+    }
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        if shown(field) {
+            self.0.record_error(field, value);
+        }
+    }
+}
+
+impl<V: tracing_subscriber::field::VisitOutput<fmt::Result>>
+    tracing_subscriber::field::VisitOutput<fmt::Result> for LogVisitor<V>
+{
+    fn finish(self) -> fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl<V: tracing_subscriber::field::VisitFmt> tracing_subscriber::field::VisitFmt for LogVisitor<V> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        self.0.writer()
+    }
 }
 
 /// `RUST_LOG` if it is set and valid, else `default_level`.
@@ -345,6 +442,61 @@ mod otlp {
 #[cfg(test)]
 mod tests {
     use tracing_subscriber::layer::SubscriberExt;
+
+    /// A log line in a handler names its run, step and attempt, and none of
+    /// the fields that are there for the trace.
+    #[test]
+    fn a_handlers_log_lines_carry_its_run_not_the_traces_fields() {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Buffer::default();
+        let writer = {
+            let out = out.clone();
+            move || out.clone()
+        };
+        let subscriber =
+            tracing_subscriber::registry().with(super::log_layer("info", writer, false));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                target: "orchestrix_worker::worker",
+                "orchestrix.handle",
+                otel.name = "charge execute",
+                otel.kind = "consumer",
+                messaging.system = "nats",
+                orchestrix.run_id = "5f0c",
+                orchestrix.step = "charge",
+                orchestrix.attempt = 2i64,
+                orchestrix.worker = "host-1-a",
+                otel.status_code = tracing::field::Empty,
+            );
+            let _in = span.enter();
+            tracing::warn!(amount = 5, "card declined");
+            span.record("otel.status_code", "ERROR");
+            tracing::warn!("after the status");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default();
+        let first = text.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(
+                "orchestrix.handle{orchestrix.run_id=\"5f0c\" orchestrix.step=\"charge\" orchestrix.attempt=2}"
+            ),
+            "{text}"
+        );
+        assert!(first.contains("card declined amount=5"), "{text}");
+        for hidden in ["otel.", "messaging.", "host-1-a", "ERROR"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+    }
 
     /// With logs only (no export), the coordinator's run spans are made by
     /// nobody, a handler's span still frames its log lines, and the level
