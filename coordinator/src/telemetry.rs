@@ -91,12 +91,15 @@ impl RunSpans {
         }
         // The sampler decides once per run (the standard `OTEL_TRACES_SAMPLER`
         // variables configure it): an unsampled run costs this one span.
-        // (No OpenTelemetry layer, no context: spans are made for whatever
-        // other subscriber wants them.)
+        // No context at all means no OpenTelemetry layer: nothing would
+        // export the spans, so none are made (logs do not show them either).
         let cx = run.context();
         let span = cx.span();
         let sc = span.span_context();
-        let sampled = !sc.is_valid() || sc.is_sampled();
+        if !sc.is_valid() {
+            return None;
+        }
+        let sampled = sc.is_sampled();
         let run_id = run_id.to_string();
         if sampled {
             run.record("orchestrix.run_id", run_id.as_str());

@@ -91,6 +91,26 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
     }
 }
 
+/// Nothing to export them: a subscriber without an OpenTelemetry layer sees
+/// no attempt span, only each run's span, opened to ask for a sampler and
+/// dropped at once with nothing recorded on it.
+#[test]
+fn without_an_opentelemetry_layer_no_spans_are_made() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        paused(|| async {
+            let report = declined_flow().run(()).await.unwrap();
+            assert_eq!(report.status, RunStatus::Failed);
+        })
+    });
+    let open = capture.open.lock().unwrap();
+    let names: Vec<String> = open.values().map(|(f, _)| otel_name(f)).collect();
+    assert_eq!(names, vec!["payment-flow run".to_owned()], "one run, one span");
+    let (fields, _) = open.values().next().unwrap();
+    assert!(!fields.0.contains_key("orchestrix.run_id"), "nothing recorded on it");
+}
+
 /// The quick start's flow, its payment declined twice.
 fn declined_flow() -> orchestrix_coordinator::Flow<()> {
     create::<()>("payment-flow")
@@ -105,7 +125,10 @@ fn declined_flow() -> orchestrix_coordinator::Flow<()> {
 #[test]
 fn a_failed_run_reads_as_a_tree_of_attempts_and_compensations() {
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    let provider = SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(capture.clone())
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
             let report = declined_flow().run(()).await.unwrap();
@@ -159,7 +182,10 @@ fn a_failed_run_reads_as_a_tree_of_attempts_and_compensations() {
 #[test]
 fn a_parallel_groups_attempts_are_siblings_under_one_group_span() {
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    let provider = SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(capture.clone())
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
             let undo =
@@ -201,7 +227,10 @@ fn a_parallel_groups_attempts_are_siblings_under_one_group_span() {
 #[test]
 fn an_unknown_outcome_is_an_error_with_its_own_event() {
     let capture = Capture::default();
-    let subscriber = tracing_subscriber::registry().with(capture.clone());
+    let provider = SdkTracerProvider::builder().build();
+    let subscriber = tracing_subscriber::registry()
+        .with(capture.clone())
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
             let flow = create::<()>("payment-flow")

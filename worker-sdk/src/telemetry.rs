@@ -29,7 +29,6 @@
 use std::fmt;
 
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Registry;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -177,16 +176,15 @@ impl Export {
     }
 }
 
-/// The stderr log layer every installer here uses, filtered by `RUST_LOG`
-/// (else `default_level`): colours only for a person at a terminal, and
-/// never with `NO_COLOR` set.
-fn stderr_layer<S>(default_level: &str) -> impl tracing_subscriber::Layer<S> + Send + Sync
+/// The stderr log layer every installer here uses: colours only for a
+/// person at a terminal, and never with `NO_COLOR` set.
+fn stderr_layer<S>() -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    log_layer(default_level, std::io::stderr, ansi)
+    log_layer(std::io::stderr, ansi)
 }
 
 /// The log layer, writing to `writer`.
@@ -195,22 +193,18 @@ where
 /// `orchestrix_coordinator::telemetry`): its log lines name their run in
 /// their own fields, a prefix would only repeat them, and formatting a dozen
 /// fields of every attempt's span, whether or not anything is ever logged
-/// in it, was a large part of what tracing cost. Left out by every layer
-/// (no OpenTelemetry export), those spans are not made at all. A handler's
+/// in it, was a large part of what tracing cost. (Without an OpenTelemetry
+/// layer to export them, the run actor does not make them.) A handler's
 /// span (`orchestrix.handle`) stays, to give a handler's own log lines their
 /// run, step and attempt, without the fields only a trace needs
 /// ([`LogFields`]).
-fn log_layer<S, W>(
-    default_level: &str,
-    writer: W,
-    ansi: bool,
-) -> impl tracing_subscriber::Layer<S> + Send + Sync
+fn log_layer<S, W>(writer: W, ansi: bool) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     use tracing_subscriber::Layer as _;
-    use tracing_subscriber::filter::FilterExt as _;
+    // A filter decided once per call site (no cost per span).
     let not_run_spans = tracing_subscriber::filter::filter_fn(|meta| {
         !(meta.is_span() && meta.target() == "orchestrix_coordinator::telemetry")
     });
@@ -218,7 +212,7 @@ where
         .fmt_fields(LogFields)
         .with_writer(writer)
         .with_ansi(ansi)
-        .with_filter(filter(default_level).and(not_run_spans))
+        .with_filter(not_run_spans)
 }
 
 /// The default field format, without the fields that are there for a trace
@@ -310,11 +304,7 @@ fn filter(default_level: &str) -> EnvFilter {
 
 /// Like [`init`], exporting as `export` says (`None`: no export).
 pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
-    // Each layer filtered on its own (no global filter): a span that no
-    // layer wants is then not made at all.
-    #[cfg_attr(not(feature = "otlp"), allow(unused_mut))]
-    let mut layers: Vec<Box<dyn tracing_subscriber::Layer<Registry> + Send + Sync>> =
-        vec![Box::new(stderr_layer(default_level))];
+    let registry = tracing_subscriber::registry().with(filter(default_level)).with(stderr_layer());
     #[cfg(feature = "otlp")]
     {
         use opentelemetry::trace::TracerProvider as _;
@@ -329,11 +319,8 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
             // The coordinator's `RunMetrics::global()` records on it.
             opentelemetry::global::set_meter_provider(m.clone());
         }
-        if let Some(p) = &provider {
-            use tracing_subscriber::Layer as _;
-            layers.push(Box::new(layer(p.tracer("orchestrix")).with_filter(filter(default_level))));
-        }
-        let _ = tracing_subscriber::registry().with(layers).try_init();
+        let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
+        let _ = registry.with(otel).try_init();
         TelemetryGuard { provider, meters }
     }
     #[cfg(not(feature = "otlp"))]
@@ -342,7 +329,7 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
         if export.is_some_and(|e| e.traces || e.metrics) {
             eprintln!("warning: OTLP export disabled: built without the `otlp` feature");
         }
-        let _ = tracing_subscriber::registry().with(layers).try_init();
+        let _ = registry.try_init();
         TelemetryGuard {}
     }
 }
@@ -360,7 +347,7 @@ pub(crate) fn install_fallback() -> bool {
     {
         return false;
     }
-    let subscriber = tracing_subscriber::registry().with(stderr_layer("warn"));
+    let subscriber = tracing_subscriber::registry().with(filter("warn")).with(stderr_layer());
     // Another thread may have won the race: its subscriber stands.
     tracing::subscriber::set_global_default(subscriber).is_ok()
 }
@@ -463,8 +450,7 @@ mod tests {
             let out = out.clone();
             move || out.clone()
         };
-        let subscriber =
-            tracing_subscriber::registry().with(super::log_layer("info", writer, false));
+        let subscriber = tracing_subscriber::registry().with(super::log_layer(writer, false));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 target: "orchestrix_worker::worker",
@@ -496,25 +482,5 @@ mod tests {
         for hidden in ["otel.", "messaging.", "host-1-a", "ERROR"] {
             assert!(!text.contains(hidden), "{hidden} in {text}");
         }
-    }
-
-    /// With logs only (no export), the coordinator's run spans are made by
-    /// nobody, a handler's span still frames its log lines, and the level
-    /// still filters.
-    #[test]
-    fn with_logs_only_the_coordinators_spans_are_not_made() {
-        let layers: Vec<Box<dyn tracing_subscriber::Layer<super::Registry> + Send + Sync>> =
-            vec![Box::new(super::stderr_layer("info"))];
-        let subscriber = tracing_subscriber::registry().with(layers);
-        tracing::subscriber::with_default(subscriber, || {
-            let run =
-                tracing::info_span!(target: "orchestrix_coordinator::telemetry", "orchestrix.run");
-            assert!(run.is_disabled());
-            let handle =
-                tracing::info_span!(target: "orchestrix_worker::worker", "orchestrix.handle");
-            assert!(!handle.is_disabled());
-            let debug = tracing::debug_span!(target: "orchestrix_worker::worker", "detail");
-            assert!(debug.is_disabled());
-        });
     }
 }
