@@ -564,7 +564,8 @@ impl Actor for RunActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (run_id, flow) = (self.run_id(), self.machine.rec.flow.clone());
-        self.spans = RunSpans::start(run_id, &flow, self.machine.rec.traceparent.as_deref());
+        self.spans =
+            RunSpans::start(run_id, &flow, self.machine.rec.extras().traceparent.as_deref());
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }

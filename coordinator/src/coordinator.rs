@@ -473,9 +473,19 @@ impl Coordinator {
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.version = Some(plan.version.clone());
-        record.key = options.key;
-        record.ttl = options.ttl;
-        record.timeout = options.timeout;
+        let traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
+        // Most runs have none of these: then the record takes no room for them.
+        let rare = options.key.is_some()
+            || options.ttl.is_some()
+            || options.timeout.is_some()
+            || traceparent.is_some();
+        if rare {
+            let x = record.extras_mut();
+            x.key = options.key;
+            x.ttl = options.ttl;
+            x.timeout = options.timeout;
+            x.traceparent = traceparent;
+        }
         // A keyed run takes its place in the key's queue before the start is
         // answered, so runs started one after another queue in that order
         // (the record names the slot from the first write: whatever happens
@@ -485,11 +495,12 @@ impl Coordinator {
             (crate::slots::key_slot(&plan.def.name, k), limit)
         });
         if let Some((slot, _)) = &key_slot {
-            record.slots.push(slot.clone());
+            record.extras_mut().slots.push(slot.clone());
             record.status = orchestrix_proto::RunStatus::Queued;
         }
-        record.concurrency_key = options.concurrency_key;
-        record.traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
+        if options.concurrency_key.is_some() {
+            record.extras_mut().concurrency_key = options.concurrency_key;
+        }
         let record = Arc::new(record);
 
         match self.inner.store.create(&record).resolve().await? {

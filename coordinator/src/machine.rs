@@ -452,7 +452,7 @@ impl Machine {
             {
                 Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
             }
-            ControlAction::Cancel => match &self.rec.paused {
+            ControlAction::Cancel => match &self.rec.extras().paused {
                 Some(p) if p.kind == CommandKind::Compensate => Some(format!(
                     "run {} is already rolling back and paused at the compensation of `{}`: use resume or rollback",
                     self.rec.run_id,
@@ -462,7 +462,9 @@ impl Machine {
             },
             // A failed rollback is resumed by reopening the run (`Event::Reopen`).
             ControlAction::Resume if self.rec.status == RunStatus::CompensationFailed => None,
-            ControlAction::Resume | ControlAction::Rollback if self.rec.paused.is_none() => {
+            ControlAction::Resume | ControlAction::Rollback
+                if self.rec.extras().paused.is_none() =>
+            {
                 Some(format!("run {} is not paused (it is {})", self.rec.run_id, self.rec.status))
             }
             ControlAction::Resume | ControlAction::Rollback => None,
@@ -524,17 +526,19 @@ impl Machine {
                 }
                 // Attempts waiting for their step's slot, and a queued run, ask
                 // again (harmless: the store knows them).
-                for w in self.rec.slot_waits.clone() {
+                for w in self.rec.extras().slot_waits.clone() {
                     let limit = self.step_limit(w.step).unwrap_or(1);
                     out.effects.push(Effect::Acquire { slot: w.slot, limit });
                 }
                 if self.rec.status == RunStatus::Queued {
                     let (slot, limit) = self.key_slot().unwrap_or_default();
                     out.effects.push(Effect::Acquire { slot, limit });
-                } else if self.rec.current.is_empty() && self.rec.slot_waits.is_empty() {
+                } else if self.rec.current.is_empty() && self.rec.extras().slot_waits.is_empty() {
                     if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) {
                         self.first_stage(now, wall, out)
-                    } else if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
+                    } else if let Some(until) =
+                        self.rec.extras().paused.as_ref().and_then(|p| p.until)
+                    {
                         // Paused: wait on, and roll back when the pause times out.
                         let after = until.duration_since(wall).unwrap_or_default();
                         out.effects.push(Effect::PauseDeadline { after });
@@ -662,7 +666,7 @@ impl Machine {
                 // Still wanted (not cancelled or expired meanwhile): wait for it.
                 let queued = self.rec.status == RunStatus::Queued
                     && self.key_slot().is_some_and(|(k, _)| k == slot);
-                if queued || self.rec.slot_waits.iter().any(|w| w.slot == slot) {
+                if queued || self.rec.extras().slot_waits.iter().any(|w| w.slot == slot) {
                     decided("slot-wait");
                     out.effects.push(Effect::AwaitSlot { slot });
                 }
@@ -670,11 +674,17 @@ impl Machine {
             Event::Slot { slot, granted: true } => {
                 let queued = self.rec.status == RunStatus::Queued
                     && self.key_slot().is_some_and(|(k, _)| k == slot);
-                let waits: Vec<_> =
-                    self.rec.slot_waits.iter().filter(|w| w.slot == slot).cloned().collect();
+                let waits: Vec<_> = self
+                    .rec
+                    .extras()
+                    .slot_waits
+                    .iter()
+                    .filter(|w| w.slot == slot)
+                    .cloned()
+                    .collect();
                 if !queued && waits.is_empty() {
                     // Not wanted any more (cancelled meanwhile): let it go.
-                    if self.rec.slots.contains(&slot) {
+                    if self.rec.extras().slots.contains(&slot) {
                         out.effects.push(Effect::Release { slot });
                     }
                     return;
@@ -689,7 +699,7 @@ impl Machine {
                 }
             }
             Event::PauseExpired => {
-                let Some(p) = &self.rec.paused else { return };
+                let Some(p) = &self.rec.extras().paused else { return };
                 if p.until.is_none_or(|u| u > wall) {
                     return; // resumed meanwhile, or not due yet
                 }
@@ -706,7 +716,7 @@ impl Machine {
                 if self.rec.phase != Phase::Executing {
                     return; // compensation is never cut short
                 }
-                let timeout = self.rec.timeout.unwrap_or_default();
+                let timeout = self.rec.extras().timeout.unwrap_or_default();
                 if self.rec.status == RunStatus::Queued {
                     decided("deadline-waiting");
                     let error = format!(
@@ -716,7 +726,7 @@ impl Machine {
                     return self.finish(now, out);
                 }
                 if self.rec.current.is_empty()
-                    && let Some(w) = self.rec.slot_waits.first().cloned()
+                    && let Some(w) = self.rec.extras().slot_waits.first().cloned()
                 {
                     decided("deadline-waiting");
                     let error = format!(
@@ -734,9 +744,9 @@ impl Machine {
                     };
                     return self.step_failed(cur, error, false, now, wall, out);
                 }
-                if self.rec.paused.is_some() {
+                if self.rec.extras().paused.is_some() {
                     decided("deadline");
-                    let timeout = self.rec.timeout.unwrap_or_default();
+                    let timeout = self.rec.extras().timeout.unwrap_or_default();
                     let action = OperatorAction {
                         action: ControlAction::Rollback,
                         by: format!("run deadline of {timeout:?}"),
@@ -748,7 +758,7 @@ impl Machine {
                 // The first attempt of the stage fails; its siblings are stopped.
                 if let Some(cur) = self.rec.current.first().cloned() {
                     decided("deadline");
-                    let timeout = self.rec.timeout.unwrap_or_default();
+                    let timeout = self.rec.extras().timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
                     // An attempt in a worker's hands (or an in-process
                     // handler running) is stopped at the same deadline:
@@ -770,7 +780,7 @@ impl Machine {
     ) {
         match action.action {
             ControlAction::Cancel => {
-                if self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel) {
+                if self.rec.extras().actions.iter().any(|a| a.action == ControlAction::Cancel) {
                     decided("cancel-again");
                     return; // harmless
                 }
@@ -781,9 +791,9 @@ impl Machine {
                     return;
                 }
                 decided("cancel");
-                let paused = self.rec.paused.as_ref().map(|p| p.step);
+                let paused = self.rec.extras().paused.as_ref().map(|p| p.step);
                 let stage = (self.rec.current.first().map(|c| c.step))
-                    .or(self.rec.slot_waits.first().map(|w| w.step))
+                    .or(self.rec.extras().slot_waits.first().map(|w| w.step))
                     .or(paused)
                     .map(|step| self.plan.def.stage_of(step as usize));
                 self.push(Transition::Cancelled { action }, out);
@@ -796,7 +806,7 @@ impl Machine {
                 self.next_compensation(below, now, wall, out);
             }
             ControlAction::Resume => {
-                let Some(p) = self.rec.paused.clone() else { return };
+                let Some(p) = self.rec.extras().paused.clone() else { return };
                 decided("resume-paused");
                 self.push(Transition::Resumed { action }, out);
                 // A fresh budget: attempts and the retry window count from now.
@@ -810,7 +820,7 @@ impl Machine {
                 self.begin(p.step, p.kind, last + 1, now, wall, out);
             }
             ControlAction::Rollback => {
-                if self.rec.paused.is_none() {
+                if self.rec.extras().paused.is_none() {
                     return;
                 }
                 decided("rollback-paused");
@@ -867,7 +877,7 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
-        let Some(p) = self.rec.paused.clone() else { return };
+        let Some(p) = self.rec.extras().paused.clone() else { return };
         let error = format!("{} (rolled back by {})", p.error, action.by);
         self.push(Transition::RolledBack { action }, out);
         let cur = Current {
@@ -911,7 +921,7 @@ impl Machine {
     /// not answered may have happened (its ack can be on the way), and its
     /// workers are told to stop it; one between attempts surely did not.
     fn stop_all(&mut self, out: &mut Decision) {
-        for w in self.rec.slot_waits.clone() {
+        for w in self.rec.extras().slot_waits.clone() {
             self.push(Transition::Stopped { step: w.step, maybe_done: false }, out);
         }
         for c in self.rec.current.clone() {
@@ -956,7 +966,7 @@ impl Machine {
             && self.step_limit(step).is_some()
         {
             let slot = self.step_slot(step);
-            if self.rec.slots.contains(&slot) {
+            if self.rec.extras().slots.contains(&slot) {
                 fx.push(Effect::Release { slot });
             }
         }
@@ -1131,7 +1141,7 @@ impl Machine {
 
     /// When the run's own deadline is due, from its start.
     fn run_deadline(&self, now: Instant, out: &mut Decision) {
-        if let Some(timeout) = self.rec.timeout {
+        if let Some(timeout) = self.rec.extras().timeout {
             let after = timeout.saturating_sub(now.saturating_duration_since(self.run_started));
             out.effects.push(Effect::RunDeadline { after });
         }
@@ -1174,7 +1184,7 @@ impl Machine {
         let start_by_ms = ack_window.map(|a| ms(now + a));
         let step_end = timeout.map(|t| ms(now + ack_window.unwrap_or_default() + t));
         let run_end = match kind {
-            CommandKind::Execute => rec.timeout.map(|t| ms(rec.started_at + t)),
+            CommandKind::Execute => rec.extras().timeout.map(|t| ms(rec.started_at + t)),
             CommandKind::Compensate => None,
         };
         let deadline_ms = match (step_end, run_end) {
@@ -1218,8 +1228,8 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
-        let noted = self.rec.late.iter().any(|n| n.command_id == command_id);
-        if noted || self.rec.late.len() >= MAX_LATE_NOTES {
+        let noted = self.rec.extras().late.iter().any(|n| n.command_id == command_id);
+        if noted || self.rec.extras().late.len() >= MAX_LATE_NOTES {
             return;
         }
         decided("late");
@@ -1339,7 +1349,7 @@ impl Machine {
 
     /// The slot of the run's concurrency key and the flow's limit per key.
     fn key_slot(&self) -> Option<(String, u32)> {
-        let key = self.rec.concurrency_key.as_deref()?;
+        let key = self.rec.extras().concurrency_key.as_deref()?;
         let limit = self.plan.def.concurrency_per_key.unwrap_or(1);
         Some((crate::slots::key_slot(&self.plan.def.name, key), limit))
     }
@@ -1576,7 +1586,7 @@ impl Machine {
         // Cancelled before any step failed (a cancel during the rollback of a
         // failure changes nothing: that run failed).
         let cancelled = self.rec.failed_step.is_none()
-            && self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel);
+            && self.rec.extras().actions.iter().any(|a| a.action == ControlAction::Cancel);
         let status = if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
             RunStatus::CompensationFailed
         } else if cancelled {
@@ -1795,7 +1805,7 @@ mod tests {
         // Twice: harmless, nothing recorded again.
         assert!(t.ev(cancel("ops")).is_empty());
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
-        assert_eq!(t.m.rec.actions.len(), 1);
+        assert_eq!(t.m.rec.extras().actions.len(), 1);
     }
 
     #[test]
@@ -1877,7 +1887,7 @@ mod tests {
         // Resumed, it completes this time.
         t.ev(op(ControlAction::Resume));
         assert_eq!(names(&t.ok()), ["completed 1", "finished completed"]);
-        assert_eq!(t.m.rec.actions.len(), 2);
+        assert_eq!(t.m.rec.extras().actions.len(), 2);
     }
 
     #[test]
@@ -1913,7 +1923,7 @@ mod tests {
             names(&t.ev(Event::PauseExpired)),
             ["rolled back", "failed 1", "start 0 compensate #1"]
         );
-        assert_eq!(t.m.rec.actions[0].by, "pause timeout");
+        assert_eq!(t.m.rec.extras().actions[0].by, "pause timeout");
     }
 
     #[test]
@@ -2460,7 +2470,7 @@ mod tests {
         let mut def = other.m.plan.def.clone();
         def.steps[1].on_unknown = OnUnknown::Retry;
         other.m.plan = Arc::new(FlowPlan::new(def, Vec::new()));
-        Arc::make_mut(&mut other.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut other.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         go(other, Event::Start);
         let id = other.cur();
         go(other, Event::Acked { command_id: id, worker: "w".into() });
@@ -2502,7 +2512,7 @@ mod tests {
         go(&mut third, Event::Silent { command_id: id, reason: "gone".into() });
         go(&mut third, Event::Unanswered { command_id: id }); // unknown-maybe-done
         let mut fourth = T::with(plan(&[false], 0), Uuid::from_u128(4), 9);
-        Arc::make_mut(&mut fourth.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut fourth.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         go(&mut fourth, Event::Start);
         go(&mut fourth, Event::DeadlineExceeded); // deadline
         let mut fifth = T::with(plan(&[false], 0), Uuid::from_u128(5), 9);
@@ -2566,7 +2576,7 @@ mod tests {
         go(&mut twelfth, Event::Slot { slot: key, granted: true }); // slot-granted
         twelfth.ok(); // slot-ask (s1 has a limit)
         let mut thirteenth = keyed(&[None], "k");
-        Arc::make_mut(&mut thirteenth.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut thirteenth.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         thirteenth.ev(Event::Start);
         go(&mut thirteenth, Event::DeadlineExceeded); // deadline-waiting
         all
@@ -2580,7 +2590,7 @@ mod tests {
             s.max_in_flight = *l;
         }
         let mut t = T::with(Arc::new(FlowPlan::new(def, Vec::new())), Uuid::now_v7(), 3);
-        Arc::make_mut(&mut t.m.rec).concurrency_key = Some(key.into());
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = Some(key.into());
         t
     }
 
@@ -2602,7 +2612,7 @@ mod tests {
         assert_eq!(names(&d.transitions), [format!("taken {slot}"), "start 0 execute #1".into()]);
         assert_eq!(t.m.rec.status, RunStatus::Running);
         assert_eq!(names(&t.ok()), ["completed 0", "finished completed"]);
-        assert_eq!(t.m.rec.slots, [slot], "let go by the store when the run ends");
+        assert_eq!(t.m.rec.extras().slots, [slot], "let go by the store when the run ends");
     }
 
     #[test]
@@ -2615,10 +2625,10 @@ mod tests {
         // run's slots when it ended).
         let d = t.decide(Event::Slot { slot: slot.clone(), granted: true });
         assert!(d.transitions.is_empty() && d.effects.is_empty());
-        assert_eq!(t.m.rec.slots, [slot]);
+        assert_eq!(t.m.rec.extras().slots, [slot]);
 
         let mut t = keyed(&[None], "k");
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(5));
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(5));
         t.ev(Event::Start);
         assert_eq!(names(&t.ev(Event::DeadlineExceeded)), ["expired", "finished failed"]);
         assert!(t.m.rec.error.as_deref().unwrap().contains("while queued"));
@@ -2627,7 +2637,7 @@ mod tests {
     #[test]
     fn a_limited_step_waits_for_a_slot_and_lets_go_after_each_attempt() {
         let mut t = keyed(&[None, Some(2)], "k");
-        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = None;
         t.ev(Event::Start);
         let slot = "step.f.s1".to_owned();
         let d = t.decide(Event::Outcome {
@@ -2662,7 +2672,7 @@ mod tests {
         assert_eq!(t.m.rec.status, RunStatus::Completed);
         // Compensations never wait for a slot.
         let mut t = keyed(&[Some(1), None], "k");
-        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = None;
         t.ev(Event::Start);
         t.ev(Event::Slot { slot: "step.f.s0".into(), granted: true });
         t.ok();
@@ -2710,7 +2720,7 @@ mod tests {
     fn the_machine_decides_every_effect() {
         let mut t = T::new(&[true, false], 1);
         t.m.limits.liveness = remote();
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(30));
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(30));
         let d = t.decide(Event::Start);
         assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "send", "watch"]);
         let Some(Effect::Send(cmd)) = d.effects.get(2) else { panic!() };
@@ -2788,7 +2798,7 @@ mod tests {
         {
             let mut replay = T::with(plan(&shape, 5), id, seed);
             replay.m.plan = recorded.m.plan.clone();
-            Arc::make_mut(&mut replay.m.rec).timeout = recorded.m.rec.timeout;
+            Arc::make_mut(&mut replay.m.rec).extras_mut().timeout = recorded.m.rec.extras().timeout;
             let mut out = Vec::new();
             for e in recorded.log.clone() {
                 out.extend(replay.ev(e));
@@ -2847,7 +2857,7 @@ mod tests {
     #[test]
     fn the_deadline_fails_the_step_in_flight_but_never_a_compensation() {
         let mut t = T::new(&[true, false], 3);
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         t.ev(Event::Start);
         t.ok();
         t.fail(true); // waiting for a retry

@@ -204,7 +204,12 @@ pub struct PauseRecord {
 }
 
 /// The durable state of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The fields most runs leave empty (idempotency key, deadline, operator
+/// actions, pause, slots…) are kept apart, behind one pointer: see
+/// [`RunRecord::extras`]. The stored form does not show it: it is the same
+/// map of named fields as ever, in the same order.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
     /// The run's id.
     pub run_id: Uuid,
@@ -212,20 +217,10 @@ pub struct RunRecord {
     pub flow: Arc<str>,
     /// The version of the flow the run is pinned to (`None` in records
     /// written before versions existed: the flow's current definition).
-    #[serde(default)]
     pub version: Option<Arc<str>>,
     /// The run's input.
     pub input: Payload,
-    /// Idempotency key, if any.
-    pub key: Option<String>,
-    /// How long the key outlives the run.
-    #[serde(with = "opt_duration_ms")]
-    pub ttl: Option<Duration>,
-    /// Deadline of the run, from its start.
-    #[serde(with = "opt_duration_ms")]
-    pub timeout: Option<Duration>,
     /// When the run started.
-    #[serde(with = "unix_ms_serde")]
     pub started_at: SystemTime,
     /// Where the run stands.
     pub status: RunStatus,
@@ -236,38 +231,259 @@ pub struct RunRecord {
     /// The attempts in flight or waiting for their retry: one at most per
     /// step, several while a parallel group runs. (Records written before
     /// groups held one attempt or none: both read.)
-    #[serde(deserialize_with = "one_or_many", default)]
     pub current: Vec<Current>,
     /// Error of the step that failed for good.
     pub error: Option<String>,
     /// Index of the step that failed for good.
     pub failed_step: Option<u32>,
     /// Total duration, once finished.
-    #[serde(with = "opt_duration_ms")]
     pub duration: Option<Duration>,
+    /// The rest, when any of it is set.
+    extras: Extras,
+}
+
+/// The fields of a [`RunRecord`] that most runs leave empty, kept behind one
+/// pointer so that a run without them does not carry their room: read them
+/// with [`RunRecord::extras`], set them with [`RunRecord::extras_mut`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunExtras {
+    /// Idempotency key, if any.
+    pub key: Option<String>,
+    /// How long the key outlives the run.
+    pub ttl: Option<Duration>,
+    /// Deadline of the run, from its start.
+    pub timeout: Option<Duration>,
     /// Trace context of whoever started the run, for its span's parent.
-    #[serde(default)]
     pub traceparent: Option<String>,
     /// Answers that came after their attempt was given up on (at most
     /// [`MAX_LATE_NOTES`]).
-    #[serde(default)]
     pub late: Vec<LateNote>,
     /// What operators did to the run, in order.
-    #[serde(default)]
     pub actions: Vec<OperatorAction>,
     /// Set while the run waits for an operator.
-    #[serde(default)]
     pub paused: Option<PauseRecord>,
     /// The run's concurrency key, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_key: Option<String>,
     /// Every slot the run asked for (see [`crate::slots`]): what is left of
     /// them is let go when the run ends, whatever happened in between.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slots: Vec<String>,
     /// Attempts waiting for their step's slot (`max_in_flight`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slot_waits: Vec<SlotWait>,
+}
+
+/// What a record without extras reads as.
+static NO_EXTRAS: RunExtras = RunExtras {
+    key: None,
+    ttl: None,
+    timeout: None,
+    traceparent: None,
+    late: Vec::new(),
+    actions: Vec::new(),
+    paused: None,
+    concurrency_key: None,
+    slots: Vec::new(),
+    slot_waits: Vec::new(),
+};
+
+/// [`RunExtras`] when any is set: none and all empty are the same.
+#[derive(Clone, Default)]
+struct Extras(Option<Box<RunExtras>>);
+
+impl Extras {
+    fn get(&self) -> &RunExtras {
+        self.0.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+}
+
+impl PartialEq for Extras {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl std::fmt::Debug for Extras {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl RunRecord {
+    /// The fields most runs leave empty (all empty when none is set).
+    pub fn extras(&self) -> &RunExtras {
+        self.extras.get()
+    }
+
+    /// The fields most runs leave empty, to change (they take room from
+    /// here on).
+    pub fn extras_mut(&mut self) -> &mut RunExtras {
+        self.extras.0.get_or_insert_with(Box::default)
+    }
+}
+
+/// A record as written: the fields in their stored order, as they were
+/// declared before the rare ones moved behind a pointer. Encoding and
+/// decoding go through it (and only through it), so the stored form stays
+/// the same byte for byte.
+mod wire {
+    use super::*;
+
+    fn is_none<T>(v: &&Option<T>) -> bool {
+        v.is_none()
+    }
+
+    fn is_empty<T>(v: &&Vec<T>) -> bool {
+        v.is_empty()
+    }
+
+    /// Encodes a record without copying it.
+    #[derive(Serialize)]
+    #[serde(rename = "RunRecord")]
+    pub(super) struct Out<'a> {
+        run_id: &'a Uuid,
+        flow: &'a Arc<str>,
+        version: &'a Option<Arc<str>>,
+        input: &'a Payload,
+        key: &'a Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: &'a Vec<StepRecord>,
+        current: &'a Vec<Current>,
+        error: &'a Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        traceparent: &'a Option<String>,
+        late: &'a Vec<LateNote>,
+        actions: &'a Vec<OperatorAction>,
+        paused: &'a Option<PauseRecord>,
+        #[serde(skip_serializing_if = "is_none")]
+        concurrency_key: &'a Option<String>,
+        #[serde(skip_serializing_if = "is_empty")]
+        slots: &'a Vec<String>,
+        #[serde(skip_serializing_if = "is_empty")]
+        slot_waits: &'a Vec<SlotWait>,
+    }
+
+    impl<'a> From<&'a RunRecord> for Out<'a> {
+        fn from(r: &'a RunRecord) -> Self {
+            let x = r.extras();
+            Out {
+                run_id: &r.run_id,
+                flow: &r.flow,
+                version: &r.version,
+                input: &r.input,
+                key: &x.key,
+                ttl: x.ttl,
+                timeout: x.timeout,
+                started_at: r.started_at,
+                status: r.status,
+                phase: r.phase,
+                steps: &r.steps,
+                current: &r.current,
+                error: &r.error,
+                failed_step: r.failed_step,
+                duration: r.duration,
+                traceparent: &x.traceparent,
+                late: &x.late,
+                actions: &x.actions,
+                paused: &x.paused,
+                concurrency_key: &x.concurrency_key,
+                slots: &x.slots,
+                slot_waits: &x.slot_waits,
+            }
+        }
+    }
+
+    /// Decodes a record.
+    #[derive(Deserialize)]
+    #[serde(rename = "RunRecord")]
+    pub(super) struct In {
+        run_id: Uuid,
+        flow: Arc<str>,
+        #[serde(default)]
+        version: Option<Arc<str>>,
+        input: Payload,
+        key: Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: Vec<StepRecord>,
+        #[serde(deserialize_with = "one_or_many", default)]
+        current: Vec<Current>,
+        error: Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        #[serde(default)]
+        traceparent: Option<String>,
+        #[serde(default)]
+        late: Vec<LateNote>,
+        #[serde(default)]
+        actions: Vec<OperatorAction>,
+        #[serde(default)]
+        paused: Option<PauseRecord>,
+        #[serde(default)]
+        concurrency_key: Option<String>,
+        #[serde(default)]
+        slots: Vec<String>,
+        #[serde(default)]
+        slot_waits: Vec<SlotWait>,
+    }
+
+    impl From<In> for RunRecord {
+        fn from(w: In) -> Self {
+            let extras = RunExtras {
+                key: w.key,
+                ttl: w.ttl,
+                timeout: w.timeout,
+                traceparent: w.traceparent,
+                late: w.late,
+                actions: w.actions,
+                paused: w.paused,
+                concurrency_key: w.concurrency_key,
+                slots: w.slots,
+                slot_waits: w.slot_waits,
+            };
+            RunRecord {
+                run_id: w.run_id,
+                flow: w.flow,
+                version: w.version,
+                input: w.input,
+                started_at: w.started_at,
+                status: w.status,
+                phase: w.phase,
+                steps: w.steps,
+                current: w.current,
+                error: w.error,
+                failed_step: w.failed_step,
+                duration: w.duration,
+                extras: Extras((extras != NO_EXTRAS).then(|| Box::new(extras))),
+            }
+        }
+    }
+}
+
+impl Serialize for RunRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire::Out::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        wire::In::deserialize(d).map(RunRecord::from)
+    }
 }
 
 /// An attempt of a step with `max_in_flight` that waits for a slot.
@@ -449,9 +665,6 @@ impl RunRecord {
             flow: flow.name.clone(),
             version: None,
             input,
-            key: None,
-            ttl: None,
-            timeout: None,
             started_at,
             status: RunStatus::Running,
             phase: Phase::Executing,
@@ -478,13 +691,7 @@ impl RunRecord {
             error: None,
             failed_step: None,
             duration: None,
-            traceparent: None,
-            late: Vec::new(),
-            actions: Vec::new(),
-            paused: None,
-            concurrency_key: None,
-            slots: Vec::new(),
-            slot_waits: Vec::new(),
+            extras: Extras::default(),
         }
     }
 
@@ -549,8 +756,9 @@ impl RunRecord {
                 }
             }
             Transition::LateOutcome(note) => {
-                if self.late.len() < MAX_LATE_NOTES {
-                    self.late.push(note.clone());
+                let x = self.extras_mut();
+                if x.late.len() < MAX_LATE_NOTES {
+                    x.late.push(note.clone());
                 }
             }
             Transition::RetryScheduled { step, kind, error, retry, unknown } => {
@@ -582,7 +790,9 @@ impl RunRecord {
             }
             Transition::StepFailed { step, error, duration, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
-                self.slot_waits.retain(|w| w.step != *step);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.step != *step);
+                }
                 self.phase = Phase::Compensating;
                 self.error = Some(error.clone());
                 self.failed_step = Some(*step);
@@ -613,19 +823,23 @@ impl RunRecord {
                 }
             }
             Transition::Cancelled { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 if self.phase != Phase::Executing {
                     return; // a rollback under way goes on unchanged
                 }
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
-                self.paused = None;
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.paused = None;
+                }
                 let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
                 self.error = Some(format!("cancelled by {}{why}", action.by));
             }
             Transition::Stopped { step, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
-                self.slot_waits.retain(|w| w.step != *step);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.step != *step);
+                }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.maybe_done |= *maybe_done;
                     s.status =
@@ -647,12 +861,12 @@ impl RunRecord {
                         }
                     }
                 }
-                self.paused = Some(p.clone());
+                self.extras_mut().paused = Some(p.clone());
             }
             Transition::Resumed { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.status = RunStatus::Running;
-                if let Some(p) = self.paused.take()
+                if let Some(p) = self.extras.0.as_deref_mut().and_then(|x| x.paused.take())
                     && let Some(s) = self.steps.get_mut(p.step as usize)
                 {
                     match p.kind {
@@ -665,12 +879,14 @@ impl RunRecord {
                 }
             }
             Transition::RolledBack { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.status = RunStatus::Running;
-                self.paused = None;
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.paused = None;
+                }
             }
             Transition::Reopened { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
                 self.duration = None;
@@ -685,14 +901,15 @@ impl RunRecord {
                 }
             }
             Transition::SlotAsked { slot, step, attempt } => {
-                if !self.slots.contains(slot) {
-                    self.slots.push(slot.clone());
+                let x = self.extras_mut();
+                if !x.slots.contains(slot) {
+                    x.slots.push(slot.clone());
                 }
                 match step {
                     None => self.status = RunStatus::Queued,
                     Some(step) => {
-                        self.slot_waits.retain(|w| w.step != *step);
-                        self.slot_waits.push(SlotWait {
+                        x.slot_waits.retain(|w| w.step != *step);
+                        x.slot_waits.push(SlotWait {
                             slot: slot.clone(),
                             step: *step,
                             attempt: *attempt,
@@ -711,7 +928,9 @@ impl RunRecord {
                 if self.status == RunStatus::Queued {
                     self.status = RunStatus::Running;
                 }
-                self.slot_waits.retain(|w| w.slot != *slot);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.slot != *slot);
+                }
             }
             Transition::Expired { error } => {
                 self.phase = Phase::Compensating;
@@ -720,7 +939,9 @@ impl RunRecord {
             }
             Transition::Finished { status, duration } => {
                 self.current.clear();
-                self.slot_waits.clear();
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.clear();
+                }
                 self.phase = Phase::Finished;
                 self.status = *status;
                 self.duration = Some(*duration);
@@ -769,9 +990,9 @@ impl RunRecord {
                     group: s.group.as_deref().map(str::to_owned),
                 })
                 .collect(),
-            late: self.late.iter().map(LateNote::line).collect(),
-            actions: self.actions.clone(),
-            paused: self.paused.as_ref().map(|p| orchestrix_proto::PauseReport {
+            late: self.extras().late.iter().map(LateNote::line).collect(),
+            actions: self.extras().actions.clone(),
+            paused: self.extras().paused.as_ref().map(|p| orchestrix_proto::PauseReport {
                 step: self
                     .steps
                     .get(p.step as usize)
@@ -820,5 +1041,181 @@ mod tests {
         assert_eq!(read(&Before { current: None }), Vec::<Current>::new());
         let bytes = rmp_serde::to_vec_named(&serde_json::json!({})).unwrap();
         assert!(rmp_serde::from_slice::<Now>(&bytes).unwrap().current.is_empty());
+    }
+
+    /// The record as it was declared before its rare fields moved behind a
+    /// pointer: what is stored must not change, either way.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldRunRecord {
+        run_id: Uuid,
+        flow: Arc<str>,
+        #[serde(default)]
+        version: Option<Arc<str>>,
+        input: Payload,
+        key: Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: Vec<StepRecord>,
+        #[serde(deserialize_with = "one_or_many", default)]
+        current: Vec<Current>,
+        error: Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        #[serde(default)]
+        traceparent: Option<String>,
+        #[serde(default)]
+        late: Vec<LateNote>,
+        #[serde(default)]
+        actions: Vec<OperatorAction>,
+        #[serde(default)]
+        paused: Option<PauseRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        concurrency_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        slots: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        slot_waits: Vec<SlotWait>,
+    }
+
+    fn old_of(r: &RunRecord) -> OldRunRecord {
+        let x = r.extras().clone();
+        OldRunRecord {
+            run_id: r.run_id,
+            flow: r.flow.clone(),
+            version: r.version.clone(),
+            input: r.input.clone(),
+            key: x.key,
+            ttl: x.ttl,
+            timeout: x.timeout,
+            started_at: r.started_at,
+            status: r.status,
+            phase: r.phase,
+            steps: r.steps.clone(),
+            current: r.current.clone(),
+            error: r.error.clone(),
+            failed_step: r.failed_step,
+            duration: r.duration,
+            traceparent: x.traceparent,
+            late: x.late,
+            actions: x.actions,
+            paused: x.paused,
+            concurrency_key: x.concurrency_key,
+            slots: x.slots,
+            slot_waits: x.slot_waits,
+        }
+    }
+
+    /// Whole milliseconds, as stored: what a decoded record holds.
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn sample(full: bool) -> RunRecord {
+        let mut def = orchestrix_proto::FlowDef::new("f");
+        def.steps = vec![orchestrix_proto::StepDef::new("a"), orchestrix_proto::StepDef::new("b")];
+        let mut r = RunRecord::new(
+            Uuid::now_v7(),
+            &def,
+            Payload::encode(&42u32).unwrap(),
+            at(1_800_000_000_123),
+        );
+        r.version = Some("v1".into());
+        r.current.push(Current {
+            step: 1,
+            kind: CommandKind::Execute,
+            attempt: 2,
+            command_id: Uuid::now_v7(),
+            retry_at: Some(RetryAt {
+                at: at(1_800_000_001_000),
+                delay: Duration::from_millis(250),
+            }),
+            acked_by: Some("w1".into()),
+            sent_at: Some(at(1_800_000_000_500)),
+            redispatches: 1,
+        });
+        r.steps[0].status = StepStatus::Completed;
+        r.steps[0].attempts = 1;
+        r.steps[0].output = Some(Payload::encode(&"out").unwrap());
+        r.steps[0].started_at = Some(at(1_800_000_000_200));
+        r.steps[0].duration = Some(Duration::from_millis(7));
+        r.steps[1].error = Some("boom".into());
+        r.error = Some("e".into());
+        r.failed_step = Some(1);
+        r.duration = Some(Duration::from_millis(99));
+        if full {
+            let action = OperatorAction {
+                action: orchestrix_proto::ControlAction::Cancel,
+                by: "ops".into(),
+                reason: Some("why".into()),
+                at: at(1_800_000_002_000),
+            };
+            let x = r.extras_mut();
+            x.key = Some("order-1".into());
+            x.ttl = Some(Duration::from_secs(60));
+            x.timeout = Some(Duration::from_secs(30));
+            x.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+            x.late.push(LateNote {
+                command_id: Uuid::now_v7(),
+                attempt: 1,
+                kind: CommandKind::Execute,
+                outcome: "completed".into(),
+                at: at(1_800_000_003_000),
+            });
+            x.actions.push(action);
+            x.paused = Some(PauseRecord {
+                step: 1,
+                kind: CommandKind::Compensate,
+                error: "stuck".into(),
+                since: at(1_800_000_004_000),
+                until: Some(at(1_800_000_005_000)),
+            });
+            x.concurrency_key = Some("account:1".into());
+            x.slots.push("f/account:1".into());
+            x.slot_waits.push(SlotWait { slot: "f/b".into(), step: 1, attempt: 3 });
+        }
+        r
+    }
+
+    /// Boxing the rare fields changed nothing that is stored: the same bytes
+    /// (MessagePack with names and without, JSON), and each form reads the
+    /// other's.
+    #[test]
+    fn the_stored_form_of_a_record_is_unchanged() {
+        for full in [true, false] {
+            let new = sample(full);
+            let old = old_of(&new);
+            let named = rmp_serde::to_vec_named(&new).unwrap();
+            assert_eq!(named, rmp_serde::to_vec_named(&old).unwrap(), "full: {full}");
+            let compact = rmp_serde::to_vec(&new).unwrap();
+            assert_eq!(compact, rmp_serde::to_vec(&old).unwrap(), "full: {full}");
+            let json = serde_json::to_vec(&new).unwrap();
+            assert_eq!(json, serde_json::to_vec(&old).unwrap(), "full: {full}");
+            // Each reads what the other wrote.
+            assert_eq!(rmp_serde::from_slice::<RunRecord>(&named).unwrap(), new);
+            assert_eq!(rmp_serde::from_slice::<RunRecord>(&compact).unwrap(), new);
+            assert_eq!(serde_json::from_slice::<RunRecord>(&json).unwrap(), new);
+            assert_eq!(rmp_serde::from_slice::<OldRunRecord>(&named).unwrap(), old);
+            assert_eq!(serde_json::from_slice::<OldRunRecord>(&json).unwrap(), old);
+            // A record without extras keeps none after a round trip.
+            let back = rmp_serde::from_slice::<RunRecord>(&named).unwrap();
+            assert_eq!(back.extras.0.is_some(), full);
+        }
+        // Nothing set but an empty box reads as nothing set.
+        let mut empty = sample(false);
+        empty.extras_mut();
+        assert_eq!(empty, sample_like(&empty));
+    }
+
+    fn sample_like(r: &RunRecord) -> RunRecord {
+        let mut c = r.clone();
+        c.extras = Extras::default();
+        c
     }
 }
