@@ -367,7 +367,8 @@ pub(crate) struct Machine {
     /// Shared with the store that holds it; changed copy-on-write.
     pub(crate) rec: Arc<RunRecord>,
     pub(crate) run_started: Instant,
-    pub(crate) limits: Limits,
+    /// Shared by the runs of a coordinator (they are the bus's).
+    pub(crate) limits: Arc<Limits>,
     /// Monotonic start of each step's first action attempt and first compensation attempt.
     first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
     entropy: Entropy,
@@ -384,6 +385,7 @@ impl Machine {
     pub(crate) fn new(
         plan: Arc<FlowPlan>,
         rec: Arc<RunRecord>,
+        limits: Arc<Limits>,
         now: Instant,
         entropy: Entropy,
     ) -> Self {
@@ -392,7 +394,7 @@ impl Machine {
             plan,
             rec,
             run_started: now,
-            limits: Limits::default(),
+            limits,
             first_attempt: vec![(None, None); n],
             entropy,
             wall: SystemTime::UNIX_EPOCH,
@@ -405,6 +407,7 @@ impl Machine {
     pub(crate) fn resumed(
         plan: Arc<FlowPlan>,
         rec: Arc<RunRecord>,
+        limits: Arc<Limits>,
         now: Instant,
         wall: SystemTime,
         entropy: Entropy,
@@ -412,7 +415,7 @@ impl Machine {
         let ago = |t: SystemTime| {
             now.checked_sub(wall.duration_since(t).unwrap_or_default()).unwrap_or(now)
         };
-        let mut m = Machine::new(plan, rec, now, entropy);
+        let mut m = Machine::new(plan, rec, limits, now, entropy);
         m.run_started = ago(m.rec.started_at);
         for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
             slot.0 = step.started_at.map(ago);
@@ -1655,7 +1658,7 @@ mod tests {
             let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
             let rec = Arc::new(RunRecord::new(run_id, &plan.def, Payload::nil(), wall));
             let now = Instant::now();
-            let m = Machine::new(plan, rec, now, Entropy::seeded(seed));
+            let m = Machine::new(plan, rec, Arc::default(), now, Entropy::seeded(seed));
             T { m, now, wall, log: Vec::new() }
         }
         fn ev(&mut self, e: Event) -> Vec<Transition> {
@@ -1749,7 +1752,7 @@ mod tests {
     #[test]
     fn a_cancel_stops_the_attempt_in_hand_and_compensates_it_as_maybe_done() {
         let mut t = T::new(&[true, true, false], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ok();
         t.ack();
@@ -2149,11 +2152,11 @@ mod tests {
     #[test]
     fn a_takeover_resumes_every_member_in_flight() {
         let mut t = T::with(grouped(&[Some("g"), Some("g")]), Uuid::now_v7(), 1);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         let rec = t.m.rec.clone();
-        let mut back = Machine::resumed(t.m.plan.clone(), rec, t.now, t.wall, Entropy::seeded(2));
-        back.limits.liveness = remote();
+        let mut back = Machine::resumed(t.m.plan.clone(), rec, Arc::default(), t.now, t.wall, Entropy::seeded(2));
+        Arc::make_mut(&mut back.limits).liveness = remote();
         let mut d = Decision::default();
         back.handle(Event::Resume, t.now, t.wall, &mut d);
         assert_eq!(kinds(&d.effects).iter().filter(|k| **k == "inquire").count(), 2);
@@ -2255,7 +2258,7 @@ mod tests {
         let second = t.cur();
         assert_eq!(names(&t.ev(expired(second))), ["redispatched"]);
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
-        t.m.limits.liveness = remote_waiting(Duration::ZERO);
+        Arc::make_mut(&mut t.m.limits).liveness = remote_waiting(Duration::ZERO);
         let id = t.cur();
         assert_eq!(
             names(&t.ev(Event::NotTaken { command_id: id })),
@@ -2294,7 +2297,7 @@ mod tests {
     #[test]
     fn a_silent_worker_is_asked_first_and_its_late_answer_still_counts() {
         let mut t = T::new(&[true], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ack();
         let id = t.cur();
@@ -2308,7 +2311,7 @@ mod tests {
         assert_eq!(t.m.rec.steps[0].attempts, 1);
         // Asked again and still running: its ack says it is alive.
         let mut t = T::new(&[true], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ack();
         let id = t.cur();
@@ -2397,7 +2400,7 @@ mod tests {
         assert!(t.m.rec.steps[1].error.as_deref().unwrap().contains("not valid MessagePack"));
 
         let mut t = T::new(&[true], 0);
-        t.m.limits.max_payload_bytes = 100;
+        Arc::make_mut(&mut t.m.limits).max_payload_bytes = 100;
         t.ev(Event::Start);
         let id = t.cur();
         let big = Payload::encode(&vec![7u8; 200]).unwrap();
@@ -2516,7 +2519,7 @@ mod tests {
         go(&mut fourth, Event::Start);
         go(&mut fourth, Event::DeadlineExceeded); // deadline
         let mut fifth = T::with(plan(&[false], 0), Uuid::from_u128(5), 9);
-        fifth.m.limits.liveness = remote_waiting(Duration::ZERO);
+        Arc::make_mut(&mut fifth.m.limits).liveness = remote_waiting(Duration::ZERO);
         go(&mut fifth, Event::Start);
         let id = fifth.cur();
         go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
@@ -2719,7 +2722,7 @@ mod tests {
     #[test]
     fn the_machine_decides_every_effect() {
         let mut t = T::new(&[true, false], 1);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(30));
         let d = t.decide(Event::Start);
         assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "send", "watch"]);
