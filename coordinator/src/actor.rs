@@ -125,8 +125,7 @@ pub(crate) struct LiveRuns(
 impl LiveRuns {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>>
-    {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -315,8 +314,9 @@ impl RunActor {
                     let command_id = cmd.command_id;
                     let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
                     let reply = ReplyTo::new(ctx.address());
-                    let asked =
-                        crate::telemetry::sending(unsampled, || self.parts.bus.inquire(cmd, &reply));
+                    let asked = crate::telemetry::sending(unsampled, || {
+                        self.parts.bus.inquire(cmd, &reply)
+                    });
                     if asked.is_err() {
                         ctx.notify(Internal(Event::Unanswered { command_id }));
                     }
@@ -453,7 +453,8 @@ impl RunActor {
             self.spans.as_ref().and_then(|s| s.attempt(step)).map(|s| s.clone().entered());
         let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
         let reply = ReplyTo::new(ctx.address());
-        let dispatched = crate::telemetry::sending(unsampled, || self.parts.bus.dispatch(cmd, &reply));
+        let dispatched =
+            crate::telemetry::sending(unsampled, || self.parts.bus.dispatch(cmd, &reply));
         drop(entered);
         match dispatched {
             Ok(Dispatched::Sent) => {}

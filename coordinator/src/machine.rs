@@ -370,7 +370,7 @@ pub(crate) struct Machine {
     /// Shared by the runs of a coordinator (they are the bus's).
     pub(crate) limits: Arc<Limits>,
     /// Monotonic start of each step's first action attempt and first compensation attempt.
-    first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
+    first_attempt: Box<[(Option<Instant>, Option<Instant>)]>,
     entropy: Entropy,
     /// The wall clock of the event being handled.
     wall: SystemTime,
@@ -395,7 +395,7 @@ impl Machine {
             rec,
             run_started: now,
             limits,
-            first_attempt: vec![(None, None); n],
+            first_attempt: vec![(None, None); n].into_boxed_slice(),
             entropy,
             wall: SystemTime::UNIX_EPOCH,
             asked: Vec::new(),
@@ -865,8 +865,8 @@ impl Machine {
     /// Attempts of the current budget (they count from the last resume).
     fn budget_used(&self, step: u32, kind: CommandKind, attempt: u32) -> u32 {
         let base = self.rec.steps.get(step as usize).map_or(0, |s| match kind {
-            CommandKind::Execute => s.retry_base,
-            CommandKind::Compensate => s.compensation_retry_base,
+            CommandKind::Execute => s.extras().retry_base,
+            CommandKind::Compensate => s.extras().compensation_retry_base,
         });
         attempt.saturating_sub(base)
     }
@@ -2155,7 +2155,14 @@ mod tests {
         Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         let rec = t.m.rec.clone();
-        let mut back = Machine::resumed(t.m.plan.clone(), rec, Arc::default(), t.now, t.wall, Entropy::seeded(2));
+        let mut back = Machine::resumed(
+            t.m.plan.clone(),
+            rec,
+            Arc::default(),
+            t.now,
+            t.wall,
+            Entropy::seeded(2),
+        );
         Arc::make_mut(&mut back.limits).liveness = remote();
         let mut d = Decision::default();
         back.handle(Event::Resume, t.now, t.wall, &mut d);

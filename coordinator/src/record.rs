@@ -148,7 +148,11 @@ pub struct RetryAt {
 }
 
 /// One step of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// What few steps use (why the step waits, where retries count from after a
+/// resume) is kept apart, behind one pointer: see [`StepRecord::extras`].
+/// The stored form does not show it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
     /// Step name.
     pub name: Arc<str>,
@@ -161,29 +165,184 @@ pub struct StepRecord {
     /// Output once completed.
     pub output: Option<Payload>,
     /// Start of the first attempt.
-    #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
     pub started_at: Option<SystemTime>,
     /// First attempt to final outcome.
-    #[serde(with = "opt_duration_ms")]
     pub duration: Option<Duration>,
     /// The compensation, once started (boxed: most steps never have one).
     pub compensation: Option<Box<CompensationReport>>,
     /// Some attempt had an unknown outcome and the step did not complete
     /// afterwards: it may have had its effect, so rollback compensates it.
-    #[serde(default)]
     pub maybe_done: bool,
+    /// The parallel group the step belongs to, if any.
+    pub group: Option<Arc<str>>,
+    /// The rest, when any of it is set.
+    extras: Rare<StepExtras>,
+}
+
+/// The fields of a [`StepRecord`] that most steps leave empty: read them
+/// with [`StepRecord::extras`], set them with [`StepRecord::extras_mut`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepExtras {
     /// Why the step waits (while it does): for the report.
-    #[serde(default)]
     pub waiting: Option<String>,
     /// Attempts of the action before its last resume: retries count from here.
-    #[serde(default)]
     pub retry_base: u32,
     /// The same for the compensation.
-    #[serde(default)]
     pub compensation_retry_base: u32,
-    /// The parallel group the step belongs to, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<Arc<str>>,
+}
+
+/// What a step without extras reads as.
+static NO_STEP_EXTRAS: StepExtras =
+    StepExtras { waiting: None, retry_base: 0, compensation_retry_base: 0 };
+
+impl StepRecord {
+    /// A step of that name (in that group) that has not run yet.
+    pub fn new(name: Arc<str>, group: Option<Arc<str>>) -> Self {
+        StepRecord {
+            name,
+            status: StepStatus::NotRun,
+            attempts: 0,
+            error: None,
+            output: None,
+            started_at: None,
+            duration: None,
+            compensation: None,
+            maybe_done: false,
+            group,
+            extras: Rare::default(),
+        }
+    }
+
+    /// The fields most steps leave empty (all empty when none is set).
+    pub fn extras(&self) -> &StepExtras {
+        self.extras.get()
+    }
+
+    /// The fields most steps leave empty, to change (they take room from
+    /// here on).
+    pub fn extras_mut(&mut self) -> &mut StepExtras {
+        self.extras.get_mut()
+    }
+
+    /// Clears why the step waits, if it did.
+    fn not_waiting(&mut self) {
+        if let Some(x) = self.extras.0.as_deref_mut() {
+            x.waiting = None;
+        }
+    }
+}
+
+/// A step as written: its fields in their stored order (see [`wire`]).
+mod step_wire {
+    use super::*;
+
+    fn is_none<T>(v: &&Option<T>) -> bool {
+        v.is_none()
+    }
+
+    /// Encodes a step without copying it.
+    #[derive(Serialize)]
+    #[serde(rename = "StepRecord")]
+    pub(super) struct Out<'a> {
+        name: &'a Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: &'a Option<String>,
+        output: &'a Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: &'a Option<Box<CompensationReport>>,
+        maybe_done: bool,
+        waiting: &'a Option<String>,
+        retry_base: u32,
+        compensation_retry_base: u32,
+        #[serde(skip_serializing_if = "is_none")]
+        group: &'a Option<Arc<str>>,
+    }
+
+    impl<'a> From<&'a StepRecord> for Out<'a> {
+        fn from(s: &'a StepRecord) -> Self {
+            let x = s.extras();
+            Out {
+                name: &s.name,
+                status: s.status,
+                attempts: s.attempts,
+                error: &s.error,
+                output: &s.output,
+                started_at: s.started_at,
+                duration: s.duration,
+                compensation: &s.compensation,
+                maybe_done: s.maybe_done,
+                waiting: &x.waiting,
+                retry_base: x.retry_base,
+                compensation_retry_base: x.compensation_retry_base,
+                group: &s.group,
+            }
+        }
+    }
+
+    /// Decodes a step.
+    #[derive(Deserialize)]
+    #[serde(rename = "StepRecord")]
+    pub(super) struct In {
+        name: Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: Option<String>,
+        output: Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: Option<Box<CompensationReport>>,
+        #[serde(default)]
+        maybe_done: bool,
+        #[serde(default)]
+        waiting: Option<String>,
+        #[serde(default)]
+        retry_base: u32,
+        #[serde(default)]
+        compensation_retry_base: u32,
+        #[serde(default)]
+        group: Option<Arc<str>>,
+    }
+
+    impl From<In> for StepRecord {
+        fn from(w: In) -> Self {
+            let extras = StepExtras {
+                waiting: w.waiting,
+                retry_base: w.retry_base,
+                compensation_retry_base: w.compensation_retry_base,
+            };
+            StepRecord {
+                name: w.name,
+                status: w.status,
+                attempts: w.attempts,
+                error: w.error,
+                output: w.output,
+                started_at: w.started_at,
+                duration: w.duration,
+                compensation: w.compensation,
+                maybe_done: w.maybe_done,
+                group: w.group,
+                extras: Rare::of(extras),
+            }
+        }
+    }
+}
+
+impl Serialize for StepRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        step_wire::Out::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StepRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        step_wire::In::deserialize(d).map(StepRecord::from)
+    }
 }
 
 /// A run paused when a step's (or compensation's) retries ran out.
@@ -239,7 +398,7 @@ pub struct RunRecord {
     /// Total duration, once finished.
     pub duration: Option<Duration>,
     /// The rest, when any of it is set.
-    extras: Extras,
+    extras: Rare<RunExtras>,
 }
 
 /// The fields of a [`RunRecord`] that most runs leave empty, kept behind one
@@ -285,23 +444,57 @@ static NO_EXTRAS: RunExtras = RunExtras {
     slot_waits: Vec::new(),
 };
 
-/// [`RunExtras`] when any is set: none and all empty are the same.
-#[derive(Clone, Default)]
-struct Extras(Option<Box<RunExtras>>);
+/// Fields that are rarely set, boxed when any is: none and all empty
+/// are the same.
+#[derive(Clone)]
+struct Rare<T: Empty>(Option<Box<T>>);
 
-impl Extras {
-    fn get(&self) -> &RunExtras {
-        self.0.as_deref().unwrap_or(&NO_EXTRAS)
+/// Extras with a shared all-empty value.
+trait Empty: Default + PartialEq + 'static {
+    /// All empty.
+    fn empty() -> &'static Self;
+}
+
+impl Empty for RunExtras {
+    fn empty() -> &'static Self {
+        &NO_EXTRAS
     }
 }
 
-impl PartialEq for Extras {
+impl Empty for StepExtras {
+    fn empty() -> &'static Self {
+        &NO_STEP_EXTRAS
+    }
+}
+
+impl<T: Empty> Default for Rare<T> {
+    fn default() -> Self {
+        Rare(None)
+    }
+}
+
+impl<T: Empty> Rare<T> {
+    /// Boxed only if not empty.
+    fn of(value: T) -> Self {
+        Rare((value != *T::empty()).then(|| Box::new(value)))
+    }
+
+    fn get(&self) -> &T {
+        self.0.as_deref().unwrap_or(T::empty())
+    }
+
+    fn get_mut(&mut self) -> &mut T {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl<T: Empty> PartialEq for Rare<T> {
     fn eq(&self, other: &Self) -> bool {
         self.get() == other.get()
     }
 }
 
-impl std::fmt::Debug for Extras {
+impl<T: Empty + std::fmt::Debug> std::fmt::Debug for Rare<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.get().fmt(f)
     }
@@ -316,7 +509,7 @@ impl RunRecord {
     /// The fields most runs leave empty, to change (they take room from
     /// here on).
     pub fn extras_mut(&mut self) -> &mut RunExtras {
-        self.extras.0.get_or_insert_with(Box::default)
+        self.extras.get_mut()
     }
 }
 
@@ -468,7 +661,7 @@ mod wire {
                 error: w.error,
                 failed_step: w.failed_step,
                 duration: w.duration,
-                extras: Extras((extras != NO_EXTRAS).then(|| Box::new(extras))),
+                extras: Rare::of(extras),
             }
         }
     }
@@ -671,27 +864,13 @@ impl RunRecord {
             steps: flow
                 .steps
                 .iter()
-                .map(|s| StepRecord {
-                    name: s.name.clone(),
-                    status: StepStatus::NotRun,
-                    attempts: 0,
-                    error: None,
-                    output: None,
-                    started_at: None,
-                    duration: None,
-                    compensation: None,
-                    maybe_done: false,
-                    waiting: None,
-                    retry_base: 0,
-                    compensation_retry_base: 0,
-                    group: s.group.clone(),
-                })
+                .map(|s| StepRecord::new(s.name.clone(), s.group.clone()))
                 .collect(),
             current: Vec::new(),
             error: None,
             failed_step: None,
             duration: None,
-            extras: Extras::default(),
+            extras: Rare::default(),
         }
     }
 
@@ -740,7 +919,7 @@ impl RunRecord {
                         && s.status == StepStatus::Waiting
                     {
                         s.status = StepStatus::Running;
-                        s.waiting = None;
+                        s.not_waiting();
                     }
                 }
             }
@@ -752,7 +931,7 @@ impl RunRecord {
                 let (step, kind) = (c.step, c.kind);
                 if let (Some(s), CommandKind::Execute) = (self.steps.get_mut(step as usize), kind) {
                     s.status = StepStatus::Waiting;
-                    s.waiting = Some(note.clone());
+                    s.extras_mut().waiting = Some(note.clone());
                 }
             }
             Transition::LateOutcome(note) => {
@@ -844,7 +1023,7 @@ impl RunRecord {
                     s.maybe_done |= *maybe_done;
                     s.status =
                         if s.maybe_done { StepStatus::Unknown } else { StepStatus::Cancelled };
-                    s.waiting = None;
+                    s.not_waiting();
                 }
             }
             Transition::Paused(p) => {
@@ -870,9 +1049,9 @@ impl RunRecord {
                     && let Some(s) = self.steps.get_mut(p.step as usize)
                 {
                     match p.kind {
-                        CommandKind::Execute => s.retry_base = s.attempts,
+                        CommandKind::Execute => s.extras_mut().retry_base = s.attempts,
                         CommandKind::Compensate => {
-                            s.compensation_retry_base =
+                            s.extras_mut().compensation_retry_base =
                                 s.compensation.as_ref().map_or(0, |c| c.attempts)
                         }
                     }
@@ -895,8 +1074,10 @@ impl RunRecord {
                     if s.status == StepStatus::CompensationFailed {
                         // Its action's effect is in place: to be compensated again.
                         s.status = StepStatus::Completed;
-                        s.compensation_retry_base =
-                            s.compensation.as_ref().map_or(0, |c| c.attempts);
+                        let base = s.compensation.as_ref().map_or(0, |c| c.attempts);
+                        if base != s.extras().compensation_retry_base {
+                            s.extras_mut().compensation_retry_base = base;
+                        }
                     }
                 }
             }
@@ -916,7 +1097,7 @@ impl RunRecord {
                         });
                         if let Some(s) = self.steps.get_mut(*step as usize) {
                             s.status = StepStatus::Waiting;
-                            s.waiting = Some(
+                            s.extras_mut().waiting = Some(
                                 "waiting for a slot: the step's attempts in flight are at its limit (max_in_flight)"
                                     .to_owned(),
                             );
@@ -986,7 +1167,7 @@ impl RunRecord {
                     started_at: s.started_at,
                     duration: s.duration,
                     compensation: s.compensation.as_deref().cloned(),
-                    waiting: s.waiting.clone().filter(|_| s.status == StepStatus::Waiting),
+                    waiting: s.extras().waiting.clone().filter(|_| s.status == StepStatus::Waiting),
                     group: s.group.as_deref().map(str::to_owned),
                 })
                 .collect(),
@@ -1061,7 +1242,7 @@ mod tests {
         started_at: SystemTime,
         status: RunStatus,
         phase: Phase,
-        steps: Vec<StepRecord>,
+        steps: Vec<OldStepRecord>,
         #[serde(deserialize_with = "one_or_many", default)]
         current: Vec<Current>,
         error: Option<String>,
@@ -1084,6 +1265,50 @@ mod tests {
         slot_waits: Vec<SlotWait>,
     }
 
+    /// The step as it was declared before its rare fields moved behind a pointer.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldStepRecord {
+        name: Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: Option<String>,
+        output: Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: Option<Box<CompensationReport>>,
+        #[serde(default)]
+        maybe_done: bool,
+        #[serde(default)]
+        waiting: Option<String>,
+        #[serde(default)]
+        retry_base: u32,
+        #[serde(default)]
+        compensation_retry_base: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<Arc<str>>,
+    }
+
+    fn old_step(s: &StepRecord) -> OldStepRecord {
+        let x = s.extras().clone();
+        OldStepRecord {
+            name: s.name.clone(),
+            status: s.status,
+            attempts: s.attempts,
+            error: s.error.clone(),
+            output: s.output.clone(),
+            started_at: s.started_at,
+            duration: s.duration,
+            compensation: s.compensation.clone(),
+            maybe_done: s.maybe_done,
+            waiting: x.waiting,
+            retry_base: x.retry_base,
+            compensation_retry_base: x.compensation_retry_base,
+            group: s.group.clone(),
+        }
+    }
+
     fn old_of(r: &RunRecord) -> OldRunRecord {
         let x = r.extras().clone();
         OldRunRecord {
@@ -1097,7 +1322,7 @@ mod tests {
             started_at: r.started_at,
             status: r.status,
             phase: r.phase,
-            steps: r.steps.clone(),
+            steps: r.steps.iter().map(old_step).collect(),
             current: r.current.clone(),
             error: r.error.clone(),
             failed_step: r.failed_step,
@@ -1179,6 +1404,18 @@ mod tests {
             x.concurrency_key = Some("account:1".into());
             x.slots.push("f/account:1".into());
             x.slot_waits.push(SlotWait { slot: "f/b".into(), step: 1, attempt: 3 });
+            let s = &mut r.steps[1];
+            s.group = Some("g".into());
+            s.maybe_done = true;
+            s.compensation = Some(Box::new(CompensationReport {
+                attempts: 2,
+                error: Some("undo failed".into()),
+                duration: Some(Duration::from_millis(5)),
+            }));
+            let x = s.extras_mut();
+            x.waiting = Some("waiting for a slot".into());
+            x.retry_base = 2;
+            x.compensation_retry_base = 1;
         }
         r
     }
@@ -1206,16 +1443,22 @@ mod tests {
             // A record without extras keeps none after a round trip.
             let back = rmp_serde::from_slice::<RunRecord>(&named).unwrap();
             assert_eq!(back.extras.0.is_some(), full);
+            assert_eq!(back.steps[1].extras.0.is_some(), full);
+            assert!(back.steps[0].extras.0.is_none());
         }
         // Nothing set but an empty box reads as nothing set.
         let mut empty = sample(false);
         empty.extras_mut();
+        empty.steps[0].extras_mut();
         assert_eq!(empty, sample_like(&empty));
     }
 
     fn sample_like(r: &RunRecord) -> RunRecord {
         let mut c = r.clone();
-        c.extras = Extras::default();
+        c.extras = Rare::default();
+        for s in &mut c.steps {
+            s.extras = Rare::default();
+        }
         c
     }
 }
