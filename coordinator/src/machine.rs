@@ -369,8 +369,9 @@ pub(crate) struct Machine {
     pub(crate) run_started: Instant,
     /// Shared by the runs of a coordinator (they are the bus's).
     pub(crate) limits: Arc<Limits>,
-    /// Monotonic start of each step's first action attempt and first compensation attempt.
-    first_attempt: Box<[(Option<Instant>, Option<Instant>)]>,
+    /// Monotonic start of each step's first action attempt and first
+    /// compensation attempt, from `run_started`.
+    first_attempt: Box<[(Mark, Mark)]>,
     entropy: Entropy,
     /// The wall clock of the event being handled.
     wall: SystemTime,
@@ -379,6 +380,33 @@ pub(crate) struct Machine {
     /// connection for a moment lost its outcome with it, and answers again
     /// from its cache).
     asked: Vec<(Uuid, String)>,
+}
+
+/// An instant kept as signed nanoseconds from an origin (the run's start),
+/// or none: half the room of an `Option<Instant>` (a run keeps two per step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark(i64);
+
+impl Mark {
+    const NONE: Mark = Mark(i64::MIN);
+
+    fn of(t: Option<Instant>, origin: Instant) -> Mark {
+        let nanos = |d: Duration| d.as_nanos().min(i64::MAX as u128) as i64;
+        match t {
+            None => Mark::NONE,
+            Some(t) if t >= origin => Mark(nanos(t - origin)),
+            // Never `i64::MIN`: that is none.
+            Some(t) => Mark(-nanos(origin - t)),
+        }
+    }
+
+    fn get(self, origin: Instant) -> Option<Instant> {
+        match self.0 {
+            i64::MIN => None,
+            n if n >= 0 => Some(origin + Duration::from_nanos(n as u64)),
+            n => Some(origin.checked_sub(Duration::from_nanos(n.unsigned_abs())).unwrap_or(origin)),
+        }
+    }
 }
 
 impl Machine {
@@ -395,7 +423,7 @@ impl Machine {
             rec,
             run_started: now,
             limits,
-            first_attempt: vec![(None, None); n].into_boxed_slice(),
+            first_attempt: vec![(Mark::NONE, Mark::NONE); n].into_boxed_slice(),
             entropy,
             wall: SystemTime::UNIX_EPOCH,
             asked: Vec::new(),
@@ -417,10 +445,11 @@ impl Machine {
         };
         let mut m = Machine::new(plan, rec, limits, now, entropy);
         m.run_started = ago(m.rec.started_at);
+        let origin = m.run_started;
         for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
-            slot.0 = step.started_at.map(ago);
+            slot.0 = Mark::of(step.started_at.map(ago), origin);
             if step.compensation.is_some() {
-                slot.1 = Some(now);
+                slot.1 = Mark::of(Some(now), origin);
             }
         }
         m
@@ -813,10 +842,11 @@ impl Machine {
                 decided("resume-paused");
                 self.push(Transition::Resumed { action }, out);
                 // A fresh budget: attempts and the retry window count from now.
+                let origin = self.run_started;
                 if let Some(slot) = self.first_attempt.get_mut(p.step as usize) {
                     match p.kind {
-                        CommandKind::Execute => slot.0 = Some(now),
-                        CommandKind::Compensate => slot.1 = Some(now),
+                        CommandKind::Execute => slot.0 = Mark::of(Some(now), origin),
+                        CommandKind::Compensate => slot.1 = Mark::of(Some(now), origin),
                     }
                 }
                 let last = self.attempts_of(p.step, p.kind);
@@ -845,9 +875,10 @@ impl Machine {
         }
         decided("reopen-rollback");
         self.push(Transition::Reopened { action }, out);
+        let origin = self.run_started;
         for slot in &mut self.first_attempt {
-            if slot.1.is_some() {
-                slot.1 = Some(now);
+            if slot.1.get(origin).is_some() {
+                slot.1 = Mark::of(Some(now), origin);
             }
         }
         self.next_compensation(self.rec.steps.len(), now, wall, out);
@@ -1217,7 +1248,7 @@ impl Machine {
             CommandKind::Execute => exec,
             CommandKind::Compensate => comp,
         };
-        first.map(|t| now.saturating_duration_since(t)).unwrap_or_default()
+        first.get(self.run_started).map(|t| now.saturating_duration_since(t)).unwrap_or_default()
     }
 
     /// An answer for an attempt the run gave up on (or a duplicate): noted
@@ -1273,11 +1304,15 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
+        let origin = self.run_started;
         if let Some(slot) = self.first_attempt.get_mut(step as usize) {
-            match kind {
-                CommandKind::Execute => slot.0.get_or_insert(now),
-                CommandKind::Compensate => slot.1.get_or_insert(now),
+            let mark = match kind {
+                CommandKind::Execute => &mut slot.0,
+                CommandKind::Compensate => &mut slot.1,
             };
+            if mark.get(origin).is_none() {
+                *mark = Mark::of(Some(now), origin);
+            }
         }
         let command_id = self.entropy.command_id();
         self.push(Transition::AttemptStarted { step, kind, attempt, command_id, at: wall }, out);

@@ -40,9 +40,10 @@ pub struct Current {
     pub attempt: u32,
     /// Id of the command sent for this attempt.
     pub command_id: Uuid,
-    /// Set once the attempt failed and a retry is scheduled for this time.
+    /// Set once the attempt failed and a retry is scheduled for this time
+    /// (boxed: most attempts in flight wait for no retry; stored the same).
     #[serde(default)]
-    pub retry_at: Option<RetryAt>,
+    pub retry_at: Option<Box<RetryAt>>,
     /// The worker that acknowledged the command, i.e. started its handler.
     /// Until then nobody started it, and it may be sent again elsewhere.
     #[serde(default)]
@@ -942,7 +943,7 @@ impl RunRecord {
             }
             Transition::RetryScheduled { step, kind, error, retry, unknown } => {
                 if let Some(c) = self.current.iter_mut().find(|c| c.step == *step) {
-                    c.retry_at = Some(*retry);
+                    c.retry_at = Some(Box::new(*retry));
                 }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     match kind {
@@ -1357,10 +1358,10 @@ mod tests {
             kind: CommandKind::Execute,
             attempt: 2,
             command_id: Uuid::now_v7(),
-            retry_at: Some(RetryAt {
+            retry_at: Some(Box::new(RetryAt {
                 at: at(1_800_000_001_000),
                 delay: Duration::from_millis(250),
-            }),
+            })),
             acked_by: Some("w1".into()),
             sent_at: Some(at(1_800_000_000_500)),
             redispatches: 1,
