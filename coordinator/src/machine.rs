@@ -447,7 +447,7 @@ impl Machine {
         m.run_started = ago(m.rec.started_at);
         let origin = m.run_started;
         for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
-            slot.0 = Mark::of(step.started_at.map(ago), origin);
+            slot.0 = Mark::of(step.started_at().map(ago), origin);
             if step.compensation.is_some() {
                 slot.1 = Mark::of(Some(now), origin);
             }

@@ -165,10 +165,10 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// Output once completed.
     pub output: Option<Payload>,
-    /// Start of the first attempt.
-    pub started_at: Option<SystemTime>,
-    /// First attempt to final outcome.
-    pub duration: Option<Duration>,
+    /// Start of the first attempt: see [`StepRecord::started_at`].
+    started_at: Nanos,
+    /// First attempt to final outcome: see [`StepRecord::duration`].
+    duration: Nanos,
     /// The compensation, once started (boxed: most steps never have one).
     pub compensation: Option<Box<CompensationReport>>,
     /// Some attempt had an unknown outcome and the step did not complete
@@ -192,6 +192,32 @@ pub struct StepExtras {
     pub compensation_retry_base: u32,
 }
 
+/// A time (since the Unix epoch) or a duration in nanoseconds, `u64::MAX`
+/// for none: half the room of an `Option<SystemTime>` or `Option<Duration>`,
+/// to the same precision (times before 1970 read as 1970, as they are stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Nanos(u64);
+
+impl Nanos {
+    const NONE: Nanos = Nanos(u64::MAX);
+
+    fn of_duration(d: Option<Duration>) -> Nanos {
+        d.map_or(Nanos::NONE, |d| Nanos(d.as_nanos().min(u64::MAX as u128 - 1) as u64))
+    }
+
+    fn duration(self) -> Option<Duration> {
+        (self != Nanos::NONE).then(|| Duration::from_nanos(self.0))
+    }
+
+    fn of_time(t: Option<SystemTime>) -> Nanos {
+        Nanos::of_duration(t.map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()))
+    }
+
+    fn time(self) -> Option<SystemTime> {
+        self.duration().map(|d| SystemTime::UNIX_EPOCH + d)
+    }
+}
+
 /// What a step without extras reads as.
 static NO_STEP_EXTRAS: StepExtras =
     StepExtras { waiting: None, retry_base: 0, compensation_retry_base: 0 };
@@ -205,13 +231,33 @@ impl StepRecord {
             attempts: 0,
             error: None,
             output: None,
-            started_at: None,
-            duration: None,
+            started_at: Nanos::NONE,
+            duration: Nanos::NONE,
             compensation: None,
             maybe_done: false,
             group,
             extras: Rare::default(),
         }
+    }
+
+    /// Start of the first attempt.
+    pub fn started_at(&self) -> Option<SystemTime> {
+        self.started_at.time()
+    }
+
+    /// Sets the start of the first attempt.
+    pub fn set_started_at(&mut self, at: Option<SystemTime>) {
+        self.started_at = Nanos::of_time(at);
+    }
+
+    /// First attempt to final outcome.
+    pub fn duration(&self) -> Option<Duration> {
+        self.duration.duration()
+    }
+
+    /// Sets the time from first attempt to final outcome.
+    pub fn set_duration(&mut self, duration: Option<Duration>) {
+        self.duration = Nanos::of_duration(duration);
     }
 
     /// The fields most steps leave empty (all empty when none is set).
@@ -272,8 +318,8 @@ mod step_wire {
                 attempts: s.attempts,
                 error: &s.error,
                 output: &s.output,
-                started_at: s.started_at,
-                duration: s.duration,
+                started_at: s.started_at(),
+                duration: s.duration(),
                 compensation: &s.compensation,
                 maybe_done: s.maybe_done,
                 waiting: &x.waiting,
@@ -323,8 +369,8 @@ mod step_wire {
                 attempts: w.attempts,
                 error: w.error,
                 output: w.output,
-                started_at: w.started_at,
-                duration: w.duration,
+                started_at: Nanos::of_time(w.started_at),
+                duration: Nanos::of_duration(w.duration),
                 compensation: w.compensation,
                 maybe_done: w.maybe_done,
                 group: w.group,
@@ -895,7 +941,9 @@ impl RunRecord {
                         CommandKind::Execute => {
                             s.status = StepStatus::Running;
                             s.attempts = *attempt;
-                            s.started_at.get_or_insert(*at);
+                            if s.started_at().is_none() {
+                                s.set_started_at(Some(*at));
+                            }
                         }
                         CommandKind::Compensate => {
                             s.status = StepStatus::Compensating;
@@ -965,7 +1013,7 @@ impl RunRecord {
                     s.status = StepStatus::Completed;
                     s.maybe_done = false;
                     s.output = Some(output.clone());
-                    s.duration = Some(*duration);
+                    s.set_duration(Some(*duration));
                 }
             }
             Transition::StepFailed { step, error, duration, maybe_done } => {
@@ -980,7 +1028,7 @@ impl RunRecord {
                     s.maybe_done |= *maybe_done;
                     s.status = if s.maybe_done { StepStatus::Unknown } else { StepStatus::Failed };
                     s.error = Some(error.clone());
-                    s.duration = Some(*duration);
+                    s.set_duration(Some(*duration));
                 }
             }
             Transition::CompensationCompleted { step, duration } => {
@@ -1165,8 +1213,8 @@ impl RunRecord {
                     attempts: s.attempts,
                     error: s.error.clone(),
                     output: s.output.clone(),
-                    started_at: s.started_at,
-                    duration: s.duration,
+                    started_at: s.started_at(),
+                    duration: s.duration(),
                     compensation: s.compensation.as_deref().cloned(),
                     waiting: s.extras().waiting.clone().filter(|_| s.status == StepStatus::Waiting),
                     group: s.group.as_deref().map(str::to_owned),
@@ -1299,8 +1347,8 @@ mod tests {
             attempts: s.attempts,
             error: s.error.clone(),
             output: s.output.clone(),
-            started_at: s.started_at,
-            duration: s.duration,
+            started_at: s.started_at(),
+            duration: s.duration(),
             compensation: s.compensation.clone(),
             maybe_done: s.maybe_done,
             waiting: x.waiting,
@@ -1369,8 +1417,8 @@ mod tests {
         r.steps[0].status = StepStatus::Completed;
         r.steps[0].attempts = 1;
         r.steps[0].output = Some(Payload::encode(&"out").unwrap());
-        r.steps[0].started_at = Some(at(1_800_000_000_200));
-        r.steps[0].duration = Some(Duration::from_millis(7));
+        r.steps[0].set_started_at(Some(at(1_800_000_000_200)));
+        r.steps[0].set_duration(Some(Duration::from_millis(7)));
         r.steps[1].error = Some("boom".into());
         r.error = Some("e".into());
         r.failed_step = Some(1);
@@ -1461,5 +1509,21 @@ mod tests {
             s.extras = Rare::default();
         }
         c
+    }
+
+    /// A step's times keep their precision in memory, and none stays none.
+    #[test]
+    fn step_times_keep_their_precision() {
+        let mut s = StepRecord::new("a".into(), None);
+        assert_eq!((s.started_at(), s.duration()), (None, None));
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789);
+        let d = Duration::new(3, 7);
+        s.set_started_at(Some(t));
+        s.set_duration(Some(d));
+        assert_eq!((s.started_at(), s.duration()), (Some(t), Some(d)));
+        s.set_duration(Some(Duration::ZERO));
+        assert_eq!(s.duration(), Some(Duration::ZERO));
+        s.set_started_at(None);
+        assert_eq!(s.started_at(), None);
     }
 }
