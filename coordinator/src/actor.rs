@@ -115,23 +115,27 @@ impl<T> ByCommand<T> {
 #[rtype(result = "Result<(), String>")]
 pub(crate) struct Control(pub(crate) orchestrix_proto::OperatorAction);
 
-/// The runs live in this process, by id: where operators' actions go. Weak
-/// addresses: an address of its own (a sender) costs a run three allocations.
+/// The runs live in this process, by id: where operators' actions go.
+///
+/// Strong addresses: the entry is what keeps a run's actor alive while it
+/// waits with nothing of its own under way (a run paused for an operator:
+/// actix stops an actor nobody can reach). An `Addr` rather than a
+/// `Recipient`, which would box it once more.
 #[derive(Clone, Default)]
 pub(crate) struct LiveRuns(
-    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>>>,
+    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::Addr<RunActor>>>>,
 );
 
 impl LiveRuns {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::Addr<RunActor>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The run's actor, if the run is live here.
     pub(crate) fn get(&self, run_id: Uuid) -> Option<actix::Recipient<Control>> {
-        self.lock().get(&run_id).and_then(actix::WeakAddr::upgrade).map(|a| a.recipient())
+        self.lock().get(&run_id).map(|a| a.clone().recipient())
     }
 }
 
@@ -631,7 +635,7 @@ impl Actor for RunActor {
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }
-        self.parts.live.lock().insert(run_id, ctx.address().downgrade());
+        self.parts.live.lock().insert(run_id, ctx.address());
         let event = match self.reopen.as_mut().and_then(|r| r.action.take()) {
             Some(action) => Event::Reopen(action),
             None if self.resumed => Event::Resume,
