@@ -190,7 +190,7 @@ async fn a_rolling_upgrade_keeps_each_run_on_its_own_version() {
     loop {
         let now = c.status(stranded).await.unwrap();
         if now.steps[0].status == StepStatus::Waiting {
-            let note = now.steps[0].extras().waiting.clone().unwrap_or_default();
+            let note = now.steps[0].waiting.clone().unwrap_or_default();
             assert!(note.contains(&*v1_version), "the wait names the version: {note}");
             break;
         }
