@@ -115,27 +115,25 @@ impl<T> ByCommand<T> {
 #[rtype(result = "Result<(), String>")]
 pub(crate) struct Control(pub(crate) orchestrix_proto::OperatorAction);
 
-/// The runs live in this process, by id: where operators' actions go.
-///
-/// Strong addresses: the entry is what keeps a run's actor alive while it
-/// waits with nothing of its own under way (a run paused for an operator:
-/// actix stops an actor nobody can reach). An `Addr` rather than a
-/// `Recipient`, which would box it once more.
+/// The runs live in this process, by id: where operators' actions go. Weak
+/// addresses (a strong one costs a run two allocations): what keeps an actor
+/// alive while its run waits with nothing under way is its own keep-alive
+/// (see `started`).
 #[derive(Clone, Default)]
 pub(crate) struct LiveRuns(
-    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::Addr<RunActor>>>>,
+    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>>>,
 );
 
 impl LiveRuns {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::Addr<RunActor>>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The run's actor, if the run is live here.
     pub(crate) fn get(&self, run_id: Uuid) -> Option<actix::Recipient<Control>> {
-        self.lock().get(&run_id).map(|a| a.clone().recipient())
+        self.lock().get(&run_id).and_then(actix::WeakAddr::upgrade).map(|a| a.recipient())
     }
 }
 
@@ -635,7 +633,12 @@ impl Actor for RunActor {
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }
-        self.parts.live.lock().insert(run_id, ctx.address());
+        // Actix stops an actor nobody holds an address of once nothing of
+        // its own is under way, and a run may wait like that (paused for an
+        // operator): it lives until it ends (`ctx.stop()`). A future that
+        // never resolves holds no memory (a zero-sized box).
+        ctx.spawn(futures::future::pending::<()>().into_actor(self));
+        self.parts.live.lock().insert(run_id, ctx.address().downgrade());
         let event = match self.reopen.as_mut().and_then(|r| r.action.take()) {
             Some(action) => Event::Reopen(action),
             None if self.resumed => Event::Resume,
