@@ -719,3 +719,16 @@ impl Handler<Internal> for RunActor {
         self.handle_event(event, ctx);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The actor of a parked run, kept from growing back unnoticed: with
+    /// actix's context it makes the run's task, which mimalloc rounds up
+    /// to 640 B (see "Memory" in `docs/benchmarks.md`; 64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_actor_stays_small() {
+        let size = std::mem::size_of::<super::RunActor>();
+        assert!(size <= 200, "{size}");
+    }
+}

@@ -1526,4 +1526,14 @@ mod tests {
         s.set_started_at(None);
         assert_eq!(s.started_at(), None);
     }
+
+    /// What a parked run holds, kept from growing back unnoticed (see
+    /// "Memory" in `docs/benchmarks.md`; 64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_record_stays_small() {
+        assert!(std::mem::size_of::<RunRecord>() <= 208, "{}", std::mem::size_of::<RunRecord>());
+        assert!(std::mem::size_of::<StepRecord>() <= 128, "{}", std::mem::size_of::<StepRecord>());
+        assert!(std::mem::size_of::<Current>() <= 80, "{}", std::mem::size_of::<Current>());
+    }
 }
