@@ -182,14 +182,20 @@ fn noop_parallel_flow() -> orchestrix::Flow<u64> {
     })
 }
 
-async fn saga_inprocess(args: &Args) -> Vec<Figure> {
+async fn saga_inprocess(args: &Args, wanted: &impl Fn(&str) -> bool) -> Vec<Figure> {
     // Memory first, in a fresh process: pages left resident by the throughput
     // runs would otherwise be reused and hide what parked runs cost.
-    let mut out = vec![parked_memory(args.parked).await];
+    let mut out = Vec::new();
+    if wanted("saga-inprocess-parked") {
+        out.push(parked_memory(args.parked).await);
+    }
     for concurrency in [1, 1000] {
         let flows =
             [("saga-inprocess", noop_flow()), ("saga-inprocess-parallel", noop_parallel_flow())];
         for (scenario, flow) in flows {
+            if !wanted(scenario) {
+                continue;
+            }
             let name = flow.definition().name.clone();
             let coordinator = Coordinator::builder().flow(&flow).build().expect("flow");
             let figure = measure(scenario, concurrency, args.seconds, move || {
@@ -330,8 +336,9 @@ fn main() {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             println!("orchestrix-bench: {cores} cores, {} s per measurement", args.seconds);
         }
-        if wanted("saga-inprocess") {
-            for f in saga_inprocess(&args).await {
+        let inprocess = ["saga-inprocess", "saga-inprocess-parallel", "saga-inprocess-parked"];
+        if inprocess.iter().any(|n| wanted(n)) {
+            for f in saga_inprocess(&args, &wanted).await {
                 f.print(args.json, args.traced);
             }
         }

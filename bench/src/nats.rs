@@ -149,7 +149,9 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             node.shutdown().await;
         }
     }
-    if wanted("saga-nats-jetstream") || wanted("nats-floor-durable") || wanted("parked") {
+    let durable_wanted =
+        ["saga-nats-jetstream", "nats-floor-durable", "saga-nats-jetstream-parked"];
+    if durable_wanted.iter().any(|n| wanted(n)) {
         out.extend(durable(args, wanted, &url, &client).await?);
     }
     Ok(out)

@@ -18,34 +18,95 @@ use tracing::{error, warn};
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusReply, Dispatched, Liveness, ReplyTo};
-use crate::machine::{Decision, Effect, Event, Machine, Notice};
+use crate::machine::{Decision, Effect, Event, Limits, Machine, Notice};
 use crate::record::Transition;
 use crate::store::{Pending, Store, StoreError};
 use crate::telemetry::RunSpans;
 use crate::{Hooks, StepEvent};
 
+/// Kept small: a parked run is mostly its actor (see "Memory" in
+/// `docs/benchmarks.md`). What all runs share is behind one pointer, what
+/// few runs use is boxed, and the per-command lists are vectors (a run has
+/// one command in flight, or a few).
 pub(crate) struct RunActor {
     machine: Machine,
-    bus: Arc<dyn Bus>,
+    /// The bus, the store and the live-run index.
+    parts: Arc<RunParts>,
     /// Liveness timers of the attempts in flight, by command (remote buses only).
-    timers: std::collections::HashMap<Uuid, AttemptTimers>,
-    store: Arc<dyn Store>,
-    /// Boxed so the channel a parked run holds stays small.
+    timers: ByCommand<AttemptTimers>,
+    /// The in-process handlers running now, by command, to drop on a cancel.
+    local: ByCommand<SpawnHandle>,
+    /// Boxed so the channel a parked run holds stays small; dropped once
+    /// nobody waits on it.
     done: Option<oneshot::Sender<Box<RunReport>>>,
     /// Taken over from the store rather than started here.
     resumed: bool,
-    /// Open spans, when tracing is on.
-    spans: Option<Box<RunSpans>>,
     /// An ack is applied to the record but not yet written (see `ACK_WRITE_DELAY`).
     ack_unsaved: bool,
-    /// The in-process handlers running now, by command, to drop on a cancel.
-    local: std::collections::HashMap<Uuid, SpawnHandle>,
-    /// Where operators find this run while it is live here.
-    live: LiveRuns,
-    /// Started to resume a failed rollback (rather than to start or resume the run).
-    reopen: Option<orchestrix_proto::OperatorAction>,
-    /// Told once the reopened run's first transition is stored.
-    reopened: Option<oneshot::Sender<()>>,
+    /// Open spans, when tracing is on.
+    spans: Option<Box<RunSpans>>,
+    /// Started to resume a failed rollback (rather than to start or resume
+    /// the run): the operator's action, then who is told once the reopened
+    /// run's first transition is stored.
+    reopen: Option<Box<Reopen>>,
+}
+
+/// A failed rollback being resumed.
+struct Reopen {
+    action: Option<orchestrix_proto::OperatorAction>,
+    written: Option<oneshot::Sender<()>>,
+}
+
+/// What every run actor of a coordinator shares.
+pub(crate) struct RunParts {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) store: Arc<dyn Store>,
+    /// Where operators find the runs live here.
+    pub(crate) live: LiveRuns,
+    /// The bus's liveness and the payload limit.
+    pub(crate) limits: Arc<Limits>,
+}
+
+impl RunParts {
+    pub(crate) fn new(bus: Arc<dyn Bus>, store: Arc<dyn Store>, live: LiveRuns) -> Arc<Self> {
+        let limits = Arc::new(Limits { liveness: bus.liveness(), ..Limits::default() });
+        Arc::new(RunParts { bus, store, live, limits })
+    }
+}
+
+/// A small map by command: a run has one command in flight, or a few, so a
+/// vector (grown one at a time) is smaller than a hash map and as quick.
+struct ByCommand<T>(Vec<(Uuid, T)>);
+
+impl<T> Default for ByCommand<T> {
+    fn default() -> Self {
+        ByCommand(Vec::new())
+    }
+}
+
+impl<T> ByCommand<T> {
+    /// The entry of `id`, made with `make` if missing.
+    fn entry(&mut self, id: Uuid, make: impl FnOnce() -> T) -> &mut T {
+        let i = match self.0.iter().position(|(k, _)| *k == id) {
+            Some(i) => i,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((id, make()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Takes the entry of `id` out, if any.
+    fn remove(&mut self, id: Uuid) -> Option<T> {
+        let i = self.0.iter().position(|(k, _)| *k == id)?;
+        let (_, v) = self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(v)
+    }
 }
 
 /// An operator's action for a live run; answered once checked (the action
@@ -54,22 +115,25 @@ pub(crate) struct RunActor {
 #[rtype(result = "Result<(), String>")]
 pub(crate) struct Control(pub(crate) orchestrix_proto::OperatorAction);
 
-/// The runs live in this process, by id: where operators' actions go.
+/// The runs live in this process, by id: where operators' actions go. Weak
+/// addresses (a strong one costs a run two allocations): what keeps an actor
+/// alive while its run waits with nothing under way is its own keep-alive
+/// (see `started`).
 #[derive(Clone, Default)]
 pub(crate) struct LiveRuns(
-    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::Recipient<Control>>>>,
+    Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>>>,
 );
 
 impl LiveRuns {
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::Recipient<Control>>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The run's actor, if the run is live here.
     pub(crate) fn get(&self, run_id: Uuid) -> Option<actix::Recipient<Control>> {
-        self.lock().get(&run_id).cloned()
+        self.lock().get(&run_id).and_then(actix::WeakAddr::upgrade).map(|a| a.recipient())
     }
 }
 
@@ -88,27 +152,21 @@ struct Internal(Event);
 
 impl RunActor {
     pub(crate) fn new(
-        mut machine: Machine,
-        bus: Arc<dyn Bus>,
-        store: Arc<dyn Store>,
+        machine: Machine,
+        parts: Arc<RunParts>,
         done: oneshot::Sender<Box<RunReport>>,
         resumed: bool,
-        live: LiveRuns,
     ) -> Self {
-        machine.limits.liveness = bus.liveness();
         RunActor {
             machine,
-            bus,
-            timers: Default::default(),
-            store,
+            parts,
+            timers: ByCommand::default(),
+            local: ByCommand::default(),
             done: Some(done),
             resumed,
-            spans: None,
             ack_unsaved: false,
-            local: Default::default(),
-            live,
+            spans: None,
             reopen: None,
-            reopened: None,
         }
     }
 
@@ -118,14 +176,13 @@ impl RunActor {
         action: orchestrix_proto::OperatorAction,
         written: oneshot::Sender<()>,
     ) -> Self {
-        self.reopen = Some(action);
-        self.reopened = Some(written);
+        self.reopen = Some(Box::new(Reopen { action: Some(action), written: Some(written) }));
         self
     }
 
     /// A batch was stored.
     fn stored(&mut self, effects: Vec<Effect>, ctx: &mut Context<Self>) {
-        if let Some(tx) = self.reopened.take() {
+        if let Some(tx) = self.reopen.take().and_then(|r| r.written) {
             let _ = tx.send(());
         }
         self.carry_out(effects, ctx);
@@ -136,6 +193,11 @@ impl RunActor {
     }
 
     fn handle_event(&mut self, event: Event, ctx: &mut Context<Self>) {
+        // Nobody waits for the report any more (the caller let go of its
+        // handle): the channel need not be kept.
+        if self.done.as_ref().is_some_and(oneshot::Sender::is_closed) {
+            self.done = None;
+        }
         // Allocated per event rather than kept: a parked run holds no buffer.
         let mut decision = Decision::default();
         self.machine.handle(event, Instant::now(), SystemTime::now(), &mut decision);
@@ -174,7 +236,7 @@ impl RunActor {
     ) {
         // The whole record is written: any ack applied so far goes with it.
         self.ack_unsaved = false;
-        match self.store.apply(self.run_id(), &batch, &self.machine.rec) {
+        match self.parts.store.apply(self.run_id(), &batch, &self.machine.rec) {
             Pending::Ready(Ok(())) => self.stored(effects, ctx),
             Pending::Ready(Err(e)) => self.persist_failed(e, batch, effects, failures, ctx),
             Pending::Later(fut) => {
@@ -232,12 +294,12 @@ impl RunActor {
         let reason = format!("the run's state cannot be stored: {e}");
         error!(run_id = %self.run_id(), %reason, "quarantining the run");
         let report = self.machine.rec.quarantined_report(reason.clone());
-        let quarantine = self.store.quarantine(&self.machine.rec, reason);
+        let quarantine = self.parts.store.quarantine(&self.machine.rec, reason);
         ctx.wait(quarantine.into_actor(self).map(move |res, act, ctx| {
             if let Err(e) = res {
                 error!(run_id = %act.run_id(), error = %e, "cannot quarantine the run");
             }
-            act.bus.run_finished(act.run_id());
+            act.parts.bus.run_finished(act.run_id());
             if let Some(done) = act.done.take() {
                 let _ = done.send(Box::new(report));
             }
@@ -254,14 +316,15 @@ impl RunActor {
                     let command_id = cmd.command_id;
                     let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
                     let reply = ReplyTo::new(ctx.address());
-                    let asked =
-                        crate::telemetry::sending(unsampled, || self.bus.inquire(cmd, &reply));
+                    let asked = crate::telemetry::sending(unsampled, || {
+                        self.parts.bus.inquire(cmd, &reply)
+                    });
                     if asked.is_err() {
                         ctx.notify(Internal(Event::Unanswered { command_id }));
                     }
                 }
                 Effect::Watch { command_id, ack, inquiry, deadline } => {
-                    let timers = self.timers.entry(command_id).or_default();
+                    let timers = self.timers.entry(command_id, AttemptTimers::default);
                     timers.cancel(ctx);
                     let event = if inquiry {
                         Event::Unanswered { command_id }
@@ -276,7 +339,7 @@ impl RunActor {
                     }
                 }
                 Effect::Alive { command_id, within, reason } => {
-                    let timers = self.timers.entry(command_id).or_default();
+                    let timers = self.timers.entry(command_id, AttemptTimers::default);
                     for h in [timers.ack.take(), timers.silence.take()].into_iter().flatten() {
                         ctx.cancel_future(h);
                     }
@@ -284,7 +347,7 @@ impl RunActor {
                     timers.silence = Some(ctx.notify_later(Internal(event), within));
                 }
                 Effect::Unwatch { command_id } => {
-                    if let Some(mut timers) = self.timers.remove(&command_id) {
+                    if let Some(mut timers) = self.timers.remove(command_id) {
                         timers.cancel(ctx);
                     }
                 }
@@ -300,10 +363,10 @@ impl RunActor {
                 Effect::Cancel(cmd) => {
                     // In process: the handler's future is dropped. Remote:
                     // every worker of the step is told.
-                    if let Some(handle) = self.local.remove(&cmd.command_id) {
+                    if let Some(handle) = self.local.remove(cmd.command_id) {
                         ctx.cancel_future(handle);
                     }
-                    if let Err(e) = self.bus.cancel(&cmd) {
+                    if let Err(e) = self.parts.bus.cancel(&cmd) {
                         warn!(run_id = %self.run_id(), error = %e, "cannot tell the workers to stop a cancelled attempt");
                     }
                 }
@@ -312,7 +375,7 @@ impl RunActor {
                 Effect::AwaitSlot { slot } => self.await_slot(slot, ctx),
                 Effect::Release { slot } => {
                     let (run_id, release) =
-                        (self.run_id(), self.store.release(&slot, self.run_id()));
+                        (self.run_id(), self.parts.store.release(&slot, self.run_id()));
                     ctx.spawn(release.into_actor(self).map(move |res, _, _| {
                         // Whatever is not let go now is when the run ends.
                         if let Err(e) = res {
@@ -321,7 +384,7 @@ impl RunActor {
                     }));
                 }
                 Effect::Finish { duration } => {
-                    self.bus.run_finished(self.run_id());
+                    self.parts.bus.run_finished(self.run_id());
                     let report = self.machine.rec.to_report(duration);
                     if let Some(s) = self.spans.take() {
                         (*s).finished(&report);
@@ -341,7 +404,7 @@ impl RunActor {
     /// Asks the store for a slot; its answer becomes an event. Other events
     /// (a cancel) are handled meanwhile. An unavailable store is asked again.
     fn acquire(&mut self, slot: String, limit: u32, ctx: &mut Context<Self>) {
-        let ask = self.store.acquire(&slot, limit, self.run_id());
+        let ask = self.parts.store.acquire(&slot, limit, self.run_id());
         ctx.spawn(ask.into_actor(self).map(move |res, act, ctx| match res {
             Ok(grant) => {
                 let granted = grant == crate::slots::Grant::Granted;
@@ -357,7 +420,7 @@ impl RunActor {
 
     /// Waits for the store to say the slot is held.
     fn await_slot(&mut self, slot: String, ctx: &mut Context<Self>) {
-        let wait = self.store.granted(&slot, self.run_id());
+        let wait = self.parts.store.granted(&slot, self.run_id());
         ctx.spawn(wait.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => act.handle_event(Event::Slot { slot, granted: true }, ctx),
             // Neither holding nor waiting (the queue was reset): ask again.
@@ -392,16 +455,17 @@ impl RunActor {
             self.spans.as_ref().and_then(|s| s.attempt(step)).map(|s| s.clone().entered());
         let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
         let reply = ReplyTo::new(ctx.address());
-        let dispatched = crate::telemetry::sending(unsampled, || self.bus.dispatch(cmd, &reply));
+        let dispatched =
+            crate::telemetry::sending(unsampled, || self.parts.bus.dispatch(cmd, &reply));
         drop(entered);
         match dispatched {
             Ok(Dispatched::Sent) => {}
             Ok(Dispatched::Local(outcome)) => {
                 let handle = ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
-                    act.local.remove(&command_id);
+                    act.local.remove(command_id);
                     act.handle_event(Event::Outcome { command_id, attempt, kind, result }, ctx)
                 }));
-                self.local.insert(command_id, handle);
+                *self.local.entry(command_id, || handle) = handle;
             }
             Err(e) => {
                 let (retryable, message) = (e.is_retryable(), e.to_string());
@@ -564,12 +628,18 @@ impl Actor for RunActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let (run_id, flow) = (self.run_id(), self.machine.rec.flow.clone());
-        self.spans = RunSpans::start(run_id, &flow, self.machine.rec.traceparent.as_deref());
+        self.spans =
+            RunSpans::start(run_id, &flow, self.machine.rec.extras().traceparent.as_deref());
         for h in &self.machine.plan.hooks {
             guard(|| h.on_run_start(run_id, &flow));
         }
-        self.live.lock().insert(run_id, ctx.address().recipient());
-        let event = match self.reopen.take() {
+        // Actix stops an actor nobody holds an address of once nothing of
+        // its own is under way, and a run may wait like that (paused for an
+        // operator): it lives until it ends (`ctx.stop()`). A future that
+        // never resolves holds no memory (a zero-sized box).
+        ctx.spawn(futures::future::pending::<()>().into_actor(self));
+        self.parts.live.lock().insert(run_id, ctx.address().downgrade());
+        let event = match self.reopen.as_mut().and_then(|r| r.action.take()) {
             Some(action) => Event::Reopen(action),
             None if self.resumed => Event::Resume,
             None => Event::Start,
@@ -578,7 +648,7 @@ impl Actor for RunActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        self.live.lock().remove(&self.run_id());
+        self.parts.live.lock().remove(&self.run_id());
     }
 }
 
@@ -647,5 +717,18 @@ impl Handler<Internal> for RunActor {
 
     fn handle(&mut self, Internal(event): Internal, ctx: &mut Context<Self>) {
         self.handle_event(event, ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The actor of a parked run, kept from growing back unnoticed: with
+    /// actix's context it makes the run's task, which mimalloc rounds up
+    /// to 640 B (see "Memory" in `docs/benchmarks.md`; 64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_actor_stays_small() {
+        let size = std::mem::size_of::<super::RunActor>();
+        assert!(size <= 200, "{size}");
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::actor::{Control, LiveRuns, RunActor};
+use crate::actor::{Control, LiveRuns, RunActor, RunParts};
 use crate::bus::{Bus, MemoryBus};
 use crate::engine::{Engine, EngineError};
 use crate::flow::{Flow, FlowDef, FlowError};
@@ -132,7 +132,8 @@ struct Inner {
     registry: Option<Arc<RegistryView>>,
     /// Runs whose actor is live in this process.
     live: LiveRuns,
-    bus: Arc<dyn Bus>,
+    /// What every run's actor shares: the bus, and the store and index above.
+    parts: Arc<RunParts>,
     store: Arc<dyn Store>,
     engine: Option<Engine>,
 }
@@ -257,13 +258,15 @@ impl CoordinatorBuilder {
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::default()));
         let unrouted = std::sync::Mutex::new(bus.take_unrouted());
         let registry = self.registry.then(|| Arc::new(RegistryView::new(self.hooks.clone())));
+        let live = LiveRuns::default();
+        let parts = RunParts::new(bus.clone(), store.clone(), live.clone());
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 unrouted,
                 flows,
                 registry,
-                live: LiveRuns::default(),
-                bus,
+                live,
+                parts,
                 store,
                 engine: self.engine,
             }),
@@ -273,13 +276,15 @@ impl CoordinatorBuilder {
     /// Builds an in-process coordinator for flows already validated.
     pub(crate) fn build_embedded(self) -> Coordinator {
         let flows = self.flows.into_iter().map(|p| (p.def.name.clone(), Arc::new(p))).collect();
+        let (live, bus, store): (_, Arc<dyn Bus>, Arc<dyn Store>) =
+            (LiveRuns::default(), Arc::new(self.memory), Arc::new(MemoryStore::default()));
         let inner = Inner {
             unrouted: std::sync::Mutex::new(None),
             flows,
             registry: None,
-            live: LiveRuns::default(),
-            bus: Arc::new(self.memory),
-            store: Arc::new(MemoryStore::default()),
+            parts: RunParts::new(bus.clone(), store.clone(), live.clone()),
+            live,
+            store,
             engine: self.engine,
         };
         Coordinator { inner: Arc::new(inner) }
@@ -473,9 +478,19 @@ impl Coordinator {
         let run_id = Uuid::now_v7();
         let mut record = RunRecord::new(run_id, &plan.def, input, SystemTime::now());
         record.version = Some(plan.version.clone());
-        record.key = options.key;
-        record.ttl = options.ttl;
-        record.timeout = options.timeout;
+        let traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
+        // Most runs have none of these: then the record takes no room for them.
+        let rare = options.key.is_some()
+            || options.ttl.is_some()
+            || options.timeout.is_some()
+            || traceparent.is_some();
+        if rare {
+            let x = record.extras_mut();
+            x.key = options.key;
+            x.ttl = options.ttl;
+            x.timeout = options.timeout;
+            x.traceparent = traceparent;
+        }
         // A keyed run takes its place in the key's queue before the start is
         // answered, so runs started one after another queue in that order
         // (the record names the slot from the first write: whatever happens
@@ -485,11 +500,12 @@ impl Coordinator {
             (crate::slots::key_slot(&plan.def.name, k), limit)
         });
         if let Some((slot, _)) = &key_slot {
-            record.slots.push(slot.clone());
+            record.extras_mut().slots.push(slot.clone());
             record.status = orchestrix_proto::RunStatus::Queued;
         }
-        record.concurrency_key = options.concurrency_key;
-        record.traceparent = options.traceparent.or_else(orchestrix_worker::current_traceparent);
+        if options.concurrency_key.is_some() {
+            record.extras_mut().concurrency_key = options.concurrency_key;
+        }
         let record = Arc::new(record);
 
         match self.inner.store.create(&record).resolve().await? {
@@ -517,10 +533,12 @@ impl Coordinator {
                     self.queue(slot, *limit, run_id).await;
                 }
                 let (tx, rx) = oneshot::channel();
-                let (bus, store, live) = self.actor_parts();
+                let parts = self.actor_parts();
                 self.engine()?.spawn(move |_| {
-                    let machine = Machine::new(plan, record, Instant::now(), Entropy::random());
-                    RunActor::new(machine, bus, store, tx, false, live)
+                    let limits = parts.limits.clone();
+                    let machine =
+                        Machine::new(plan, record, limits, Instant::now(), Entropy::random());
+                    RunActor::new(machine, parts, tx, false)
                 });
                 let report = Box::pin(async move {
                     rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id.into()))
@@ -731,8 +749,8 @@ impl Coordinator {
     }
 
     /// What every run actor of this coordinator shares.
-    fn actor_parts(&self) -> (Arc<dyn Bus>, Arc<dyn Store>, LiveRuns) {
-        (self.inner.bus.clone(), self.inner.store.clone(), self.inner.live.clone())
+    fn actor_parts(&self) -> Arc<RunParts> {
+        self.inner.parts.clone()
     }
 
     /// Drives a run read back from the store here: taken over, or reopened
@@ -744,17 +762,18 @@ impl Coordinator {
         record: Arc<RunRecord>,
         reopen: Option<(orchestrix_proto::OperatorAction, oneshot::Sender<()>)>,
     ) {
-        let (bus, store, live) = self.actor_parts();
+        let parts = self.actor_parts();
         engine.spawn(move |_| {
             let machine = Machine::resumed(
                 plan,
                 record,
+                parts.limits.clone(),
                 Instant::now(),
                 SystemTime::now(),
                 Entropy::random(),
             );
             let (tx, _) = oneshot::channel();
-            let actor = RunActor::new(machine, bus, store, tx, true, live);
+            let actor = RunActor::new(machine, parts, tx, true);
             match reopen {
                 Some((action, written)) => actor.reopening(action, written),
                 None => actor,

@@ -881,15 +881,15 @@ impl Inner {
     /// the report, its slots are released, its record retired.
     async fn settled(&self, after: Arc<RunRecord>, duration: Duration) -> Result<(), StoreError> {
         let report = after.to_report(duration);
-        if let Some(key) = &after.key {
-            let ttl = after.ttl.unwrap_or(self.options.default_ttl);
+        if let Some(key) = &after.extras().key {
+            let ttl = after.extras().ttl.unwrap_or(self.options.default_ttl);
             let expires = time::unix_ms(SystemTime::now() + ttl);
             let value = encode(&KeyValue { run_id: after.run_id, done: Some((report, expires)) })?;
             put_with_ttl(&self.js, &self.keys_bucket, &key_name(key), value, ttl).await?;
         }
         // Its slots go before its record: a coordinator that dies in between
         // leaves a finished record, whose retirement (this, again) lets go.
-        for slot in &after.slots {
+        for slot in &after.extras().slots {
             self.release_slot(slot, after.run_id).await?;
         }
         self.retire(after.run_id).await
@@ -1041,7 +1041,7 @@ impl Store for JetStreamStore {
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
         let (inner, record) = (self.inner.clone(), record.clone());
         Pending::later(async move {
-            match &record.key {
+            match &record.extras().key {
                 Some(key) => inner.start_keyed(&record, key).await,
                 None => inner.create_journaled(&record).await,
             }
@@ -1210,10 +1210,10 @@ impl Store for JetStreamStore {
         Box::pin(async move {
             let report = record.quarantined_report(reason);
             // Set aside, it holds nothing: the runs behind it go on.
-            for slot in &record.slots {
+            for slot in &record.extras().slots {
                 inner.release_slot(slot, record.run_id).await?;
             }
-            inner.quarantine(record.run_id, None, report, record.key.as_deref()).await
+            inner.quarantine(record.run_id, None, report, record.extras().key.as_deref()).await
         })
     }
 

@@ -367,9 +367,11 @@ pub(crate) struct Machine {
     /// Shared with the store that holds it; changed copy-on-write.
     pub(crate) rec: Arc<RunRecord>,
     pub(crate) run_started: Instant,
-    pub(crate) limits: Limits,
-    /// Monotonic start of each step's first action attempt and first compensation attempt.
-    first_attempt: Vec<(Option<Instant>, Option<Instant>)>,
+    /// Shared by the runs of a coordinator (they are the bus's).
+    pub(crate) limits: Arc<Limits>,
+    /// Monotonic start of each step's first action attempt and first
+    /// compensation attempt, from `run_started`.
+    first_attempt: Box<[(Mark, Mark)]>,
     entropy: Entropy,
     /// The wall clock of the event being handled.
     wall: SystemTime,
@@ -380,10 +382,38 @@ pub(crate) struct Machine {
     asked: Vec<(Uuid, String)>,
 }
 
+/// An instant kept as signed nanoseconds from an origin (the run's start),
+/// or none: half the room of an `Option<Instant>` (a run keeps two per step).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark(i64);
+
+impl Mark {
+    const NONE: Mark = Mark(i64::MIN);
+
+    fn of(t: Option<Instant>, origin: Instant) -> Mark {
+        let nanos = |d: Duration| d.as_nanos().min(i64::MAX as u128) as i64;
+        match t {
+            None => Mark::NONE,
+            Some(t) if t >= origin => Mark(nanos(t - origin)),
+            // Never `i64::MIN`: that is none.
+            Some(t) => Mark(-nanos(origin - t)),
+        }
+    }
+
+    fn get(self, origin: Instant) -> Option<Instant> {
+        match self.0 {
+            i64::MIN => None,
+            n if n >= 0 => Some(origin + Duration::from_nanos(n as u64)),
+            n => Some(origin.checked_sub(Duration::from_nanos(n.unsigned_abs())).unwrap_or(origin)),
+        }
+    }
+}
+
 impl Machine {
     pub(crate) fn new(
         plan: Arc<FlowPlan>,
         rec: Arc<RunRecord>,
+        limits: Arc<Limits>,
         now: Instant,
         entropy: Entropy,
     ) -> Self {
@@ -392,8 +422,8 @@ impl Machine {
             plan,
             rec,
             run_started: now,
-            limits: Limits::default(),
-            first_attempt: vec![(None, None); n],
+            limits,
+            first_attempt: vec![(Mark::NONE, Mark::NONE); n].into_boxed_slice(),
             entropy,
             wall: SystemTime::UNIX_EPOCH,
             asked: Vec::new(),
@@ -405,6 +435,7 @@ impl Machine {
     pub(crate) fn resumed(
         plan: Arc<FlowPlan>,
         rec: Arc<RunRecord>,
+        limits: Arc<Limits>,
         now: Instant,
         wall: SystemTime,
         entropy: Entropy,
@@ -412,12 +443,13 @@ impl Machine {
         let ago = |t: SystemTime| {
             now.checked_sub(wall.duration_since(t).unwrap_or_default()).unwrap_or(now)
         };
-        let mut m = Machine::new(plan, rec, now, entropy);
+        let mut m = Machine::new(plan, rec, limits, now, entropy);
         m.run_started = ago(m.rec.started_at);
+        let origin = m.run_started;
         for (slot, step) in m.first_attempt.iter_mut().zip(&m.rec.steps) {
-            slot.0 = step.started_at.map(ago);
+            slot.0 = Mark::of(step.started_at().map(ago), origin);
             if step.compensation.is_some() {
-                slot.1 = Some(now);
+                slot.1 = Mark::of(Some(now), origin);
             }
         }
         m
@@ -452,7 +484,7 @@ impl Machine {
             {
                 Some(format!("run {} already finished: {}", self.rec.run_id, self.rec.status))
             }
-            ControlAction::Cancel => match &self.rec.paused {
+            ControlAction::Cancel => match &self.rec.extras().paused {
                 Some(p) if p.kind == CommandKind::Compensate => Some(format!(
                     "run {} is already rolling back and paused at the compensation of `{}`: use resume or rollback",
                     self.rec.run_id,
@@ -462,7 +494,9 @@ impl Machine {
             },
             // A failed rollback is resumed by reopening the run (`Event::Reopen`).
             ControlAction::Resume if self.rec.status == RunStatus::CompensationFailed => None,
-            ControlAction::Resume | ControlAction::Rollback if self.rec.paused.is_none() => {
+            ControlAction::Resume | ControlAction::Rollback
+                if self.rec.extras().paused.is_none() =>
+            {
                 Some(format!("run {} is not paused (it is {})", self.rec.run_id, self.rec.status))
             }
             ControlAction::Resume | ControlAction::Rollback => None,
@@ -524,17 +558,19 @@ impl Machine {
                 }
                 // Attempts waiting for their step's slot, and a queued run, ask
                 // again (harmless: the store knows them).
-                for w in self.rec.slot_waits.clone() {
+                for w in self.rec.extras().slot_waits.clone() {
                     let limit = self.step_limit(w.step).unwrap_or(1);
                     out.effects.push(Effect::Acquire { slot: w.slot, limit });
                 }
                 if self.rec.status == RunStatus::Queued {
                     let (slot, limit) = self.key_slot().unwrap_or_default();
                     out.effects.push(Effect::Acquire { slot, limit });
-                } else if self.rec.current.is_empty() && self.rec.slot_waits.is_empty() {
+                } else if self.rec.current.is_empty() && self.rec.extras().slot_waits.is_empty() {
                     if self.rec.steps.iter().all(|s| s.status == StepStatus::NotRun) {
                         self.first_stage(now, wall, out)
-                    } else if let Some(until) = self.rec.paused.as_ref().and_then(|p| p.until) {
+                    } else if let Some(until) =
+                        self.rec.extras().paused.as_ref().and_then(|p| p.until)
+                    {
                         // Paused: wait on, and roll back when the pause times out.
                         let after = until.duration_since(wall).unwrap_or_default();
                         out.effects.push(Effect::PauseDeadline { after });
@@ -662,7 +698,7 @@ impl Machine {
                 // Still wanted (not cancelled or expired meanwhile): wait for it.
                 let queued = self.rec.status == RunStatus::Queued
                     && self.key_slot().is_some_and(|(k, _)| k == slot);
-                if queued || self.rec.slot_waits.iter().any(|w| w.slot == slot) {
+                if queued || self.rec.extras().slot_waits.iter().any(|w| w.slot == slot) {
                     decided("slot-wait");
                     out.effects.push(Effect::AwaitSlot { slot });
                 }
@@ -670,11 +706,17 @@ impl Machine {
             Event::Slot { slot, granted: true } => {
                 let queued = self.rec.status == RunStatus::Queued
                     && self.key_slot().is_some_and(|(k, _)| k == slot);
-                let waits: Vec<_> =
-                    self.rec.slot_waits.iter().filter(|w| w.slot == slot).cloned().collect();
+                let waits: Vec<_> = self
+                    .rec
+                    .extras()
+                    .slot_waits
+                    .iter()
+                    .filter(|w| w.slot == slot)
+                    .cloned()
+                    .collect();
                 if !queued && waits.is_empty() {
                     // Not wanted any more (cancelled meanwhile): let it go.
-                    if self.rec.slots.contains(&slot) {
+                    if self.rec.extras().slots.contains(&slot) {
                         out.effects.push(Effect::Release { slot });
                     }
                     return;
@@ -689,7 +731,7 @@ impl Machine {
                 }
             }
             Event::PauseExpired => {
-                let Some(p) = &self.rec.paused else { return };
+                let Some(p) = &self.rec.extras().paused else { return };
                 if p.until.is_none_or(|u| u > wall) {
                     return; // resumed meanwhile, or not due yet
                 }
@@ -706,7 +748,7 @@ impl Machine {
                 if self.rec.phase != Phase::Executing {
                     return; // compensation is never cut short
                 }
-                let timeout = self.rec.timeout.unwrap_or_default();
+                let timeout = self.rec.extras().timeout.unwrap_or_default();
                 if self.rec.status == RunStatus::Queued {
                     decided("deadline-waiting");
                     let error = format!(
@@ -716,7 +758,7 @@ impl Machine {
                     return self.finish(now, out);
                 }
                 if self.rec.current.is_empty()
-                    && let Some(w) = self.rec.slot_waits.first().cloned()
+                    && let Some(w) = self.rec.extras().slot_waits.first().cloned()
                 {
                     decided("deadline-waiting");
                     let error = format!(
@@ -734,9 +776,9 @@ impl Machine {
                     };
                     return self.step_failed(cur, error, false, now, wall, out);
                 }
-                if self.rec.paused.is_some() {
+                if self.rec.extras().paused.is_some() {
                     decided("deadline");
-                    let timeout = self.rec.timeout.unwrap_or_default();
+                    let timeout = self.rec.extras().timeout.unwrap_or_default();
                     let action = OperatorAction {
                         action: ControlAction::Rollback,
                         by: format!("run deadline of {timeout:?}"),
@@ -748,7 +790,7 @@ impl Machine {
                 // The first attempt of the stage fails; its siblings are stopped.
                 if let Some(cur) = self.rec.current.first().cloned() {
                     decided("deadline");
-                    let timeout = self.rec.timeout.unwrap_or_default();
+                    let timeout = self.rec.extras().timeout.unwrap_or_default();
                     let error = format!("run deadline of {timeout:?} exceeded");
                     // An attempt in a worker's hands (or an in-process
                     // handler running) is stopped at the same deadline:
@@ -770,7 +812,7 @@ impl Machine {
     ) {
         match action.action {
             ControlAction::Cancel => {
-                if self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel) {
+                if self.rec.extras().actions.iter().any(|a| a.action == ControlAction::Cancel) {
                     decided("cancel-again");
                     return; // harmless
                 }
@@ -781,9 +823,9 @@ impl Machine {
                     return;
                 }
                 decided("cancel");
-                let paused = self.rec.paused.as_ref().map(|p| p.step);
+                let paused = self.rec.extras().paused.as_ref().map(|p| p.step);
                 let stage = (self.rec.current.first().map(|c| c.step))
-                    .or(self.rec.slot_waits.first().map(|w| w.step))
+                    .or(self.rec.extras().slot_waits.first().map(|w| w.step))
                     .or(paused)
                     .map(|step| self.plan.def.stage_of(step as usize));
                 self.push(Transition::Cancelled { action }, out);
@@ -796,21 +838,22 @@ impl Machine {
                 self.next_compensation(below, now, wall, out);
             }
             ControlAction::Resume => {
-                let Some(p) = self.rec.paused.clone() else { return };
+                let Some(p) = self.rec.extras().paused.clone() else { return };
                 decided("resume-paused");
                 self.push(Transition::Resumed { action }, out);
                 // A fresh budget: attempts and the retry window count from now.
+                let origin = self.run_started;
                 if let Some(slot) = self.first_attempt.get_mut(p.step as usize) {
                     match p.kind {
-                        CommandKind::Execute => slot.0 = Some(now),
-                        CommandKind::Compensate => slot.1 = Some(now),
+                        CommandKind::Execute => slot.0 = Mark::of(Some(now), origin),
+                        CommandKind::Compensate => slot.1 = Mark::of(Some(now), origin),
                     }
                 }
                 let last = self.attempts_of(p.step, p.kind);
                 self.begin(p.step, p.kind, last + 1, now, wall, out);
             }
             ControlAction::Rollback => {
-                if self.rec.paused.is_none() {
+                if self.rec.extras().paused.is_none() {
                     return;
                 }
                 decided("rollback-paused");
@@ -832,9 +875,10 @@ impl Machine {
         }
         decided("reopen-rollback");
         self.push(Transition::Reopened { action }, out);
+        let origin = self.run_started;
         for slot in &mut self.first_attempt {
-            if slot.1.is_some() {
-                slot.1 = Some(now);
+            if slot.1.get(origin).is_some() {
+                slot.1 = Mark::of(Some(now), origin);
             }
         }
         self.next_compensation(self.rec.steps.len(), now, wall, out);
@@ -852,8 +896,8 @@ impl Machine {
     /// Attempts of the current budget (they count from the last resume).
     fn budget_used(&self, step: u32, kind: CommandKind, attempt: u32) -> u32 {
         let base = self.rec.steps.get(step as usize).map_or(0, |s| match kind {
-            CommandKind::Execute => s.retry_base,
-            CommandKind::Compensate => s.compensation_retry_base,
+            CommandKind::Execute => s.extras().retry_base,
+            CommandKind::Compensate => s.extras().compensation_retry_base,
         });
         attempt.saturating_sub(base)
     }
@@ -867,7 +911,7 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
-        let Some(p) = self.rec.paused.clone() else { return };
+        let Some(p) = self.rec.extras().paused.clone() else { return };
         let error = format!("{} (rolled back by {})", p.error, action.by);
         self.push(Transition::RolledBack { action }, out);
         let cur = Current {
@@ -911,7 +955,7 @@ impl Machine {
     /// not answered may have happened (its ack can be on the way), and its
     /// workers are told to stop it; one between attempts surely did not.
     fn stop_all(&mut self, out: &mut Decision) {
-        for w in self.rec.slot_waits.clone() {
+        for w in self.rec.extras().slot_waits.clone() {
             self.push(Transition::Stopped { step: w.step, maybe_done: false }, out);
         }
         for c in self.rec.current.clone() {
@@ -956,7 +1000,7 @@ impl Machine {
             && self.step_limit(step).is_some()
         {
             let slot = self.step_slot(step);
-            if self.rec.slots.contains(&slot) {
+            if self.rec.extras().slots.contains(&slot) {
                 fx.push(Effect::Release { slot });
             }
         }
@@ -1131,7 +1175,7 @@ impl Machine {
 
     /// When the run's own deadline is due, from its start.
     fn run_deadline(&self, now: Instant, out: &mut Decision) {
-        if let Some(timeout) = self.rec.timeout {
+        if let Some(timeout) = self.rec.extras().timeout {
             let after = timeout.saturating_sub(now.saturating_duration_since(self.run_started));
             out.effects.push(Effect::RunDeadline { after });
         }
@@ -1174,7 +1218,7 @@ impl Machine {
         let start_by_ms = ack_window.map(|a| ms(now + a));
         let step_end = timeout.map(|t| ms(now + ack_window.unwrap_or_default() + t));
         let run_end = match kind {
-            CommandKind::Execute => rec.timeout.map(|t| ms(rec.started_at + t)),
+            CommandKind::Execute => rec.extras().timeout.map(|t| ms(rec.started_at + t)),
             CommandKind::Compensate => None,
         };
         let deadline_ms = match (step_end, run_end) {
@@ -1204,7 +1248,7 @@ impl Machine {
             CommandKind::Execute => exec,
             CommandKind::Compensate => comp,
         };
-        first.map(|t| now.saturating_duration_since(t)).unwrap_or_default()
+        first.get(self.run_started).map(|t| now.saturating_duration_since(t)).unwrap_or_default()
     }
 
     /// An answer for an attempt the run gave up on (or a duplicate): noted
@@ -1218,8 +1262,8 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
-        let noted = self.rec.late.iter().any(|n| n.command_id == command_id);
-        if noted || self.rec.late.len() >= MAX_LATE_NOTES {
+        let noted = self.rec.extras().late.iter().any(|n| n.command_id == command_id);
+        if noted || self.rec.extras().late.len() >= MAX_LATE_NOTES {
             return;
         }
         decided("late");
@@ -1260,11 +1304,15 @@ impl Machine {
         wall: SystemTime,
         out: &mut Decision,
     ) {
+        let origin = self.run_started;
         if let Some(slot) = self.first_attempt.get_mut(step as usize) {
-            match kind {
-                CommandKind::Execute => slot.0.get_or_insert(now),
-                CommandKind::Compensate => slot.1.get_or_insert(now),
+            let mark = match kind {
+                CommandKind::Execute => &mut slot.0,
+                CommandKind::Compensate => &mut slot.1,
             };
+            if mark.get(origin).is_none() {
+                *mark = Mark::of(Some(now), origin);
+            }
         }
         let command_id = self.entropy.command_id();
         self.push(Transition::AttemptStarted { step, kind, attempt, command_id, at: wall }, out);
@@ -1339,7 +1387,7 @@ impl Machine {
 
     /// The slot of the run's concurrency key and the flow's limit per key.
     fn key_slot(&self) -> Option<(String, u32)> {
-        let key = self.rec.concurrency_key.as_deref()?;
+        let key = self.rec.extras().concurrency_key.as_deref()?;
         let limit = self.plan.def.concurrency_per_key.unwrap_or(1);
         Some((crate::slots::key_slot(&self.plan.def.name, key), limit))
     }
@@ -1576,7 +1624,7 @@ impl Machine {
         // Cancelled before any step failed (a cancel during the rollback of a
         // failure changes nothing: that run failed).
         let cancelled = self.rec.failed_step.is_none()
-            && self.rec.actions.iter().any(|a| a.action == ControlAction::Cancel);
+            && self.rec.extras().actions.iter().any(|a| a.action == ControlAction::Cancel);
         let status = if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
             RunStatus::CompensationFailed
         } else if cancelled {
@@ -1645,7 +1693,7 @@ mod tests {
             let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
             let rec = Arc::new(RunRecord::new(run_id, &plan.def, Payload::nil(), wall));
             let now = Instant::now();
-            let m = Machine::new(plan, rec, now, Entropy::seeded(seed));
+            let m = Machine::new(plan, rec, Arc::default(), now, Entropy::seeded(seed));
             T { m, now, wall, log: Vec::new() }
         }
         fn ev(&mut self, e: Event) -> Vec<Transition> {
@@ -1739,7 +1787,7 @@ mod tests {
     #[test]
     fn a_cancel_stops_the_attempt_in_hand_and_compensates_it_as_maybe_done() {
         let mut t = T::new(&[true, true, false], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ok();
         t.ack();
@@ -1795,7 +1843,7 @@ mod tests {
         // Twice: harmless, nothing recorded again.
         assert!(t.ev(cancel("ops")).is_empty());
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
-        assert_eq!(t.m.rec.actions.len(), 1);
+        assert_eq!(t.m.rec.extras().actions.len(), 1);
     }
 
     #[test]
@@ -1877,7 +1925,7 @@ mod tests {
         // Resumed, it completes this time.
         t.ev(op(ControlAction::Resume));
         assert_eq!(names(&t.ok()), ["completed 1", "finished completed"]);
-        assert_eq!(t.m.rec.actions.len(), 2);
+        assert_eq!(t.m.rec.extras().actions.len(), 2);
     }
 
     #[test]
@@ -1913,7 +1961,7 @@ mod tests {
             names(&t.ev(Event::PauseExpired)),
             ["rolled back", "failed 1", "start 0 compensate #1"]
         );
-        assert_eq!(t.m.rec.actions[0].by, "pause timeout");
+        assert_eq!(t.m.rec.extras().actions[0].by, "pause timeout");
     }
 
     #[test]
@@ -2139,11 +2187,18 @@ mod tests {
     #[test]
     fn a_takeover_resumes_every_member_in_flight() {
         let mut t = T::with(grouped(&[Some("g"), Some("g")]), Uuid::now_v7(), 1);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         let rec = t.m.rec.clone();
-        let mut back = Machine::resumed(t.m.plan.clone(), rec, t.now, t.wall, Entropy::seeded(2));
-        back.limits.liveness = remote();
+        let mut back = Machine::resumed(
+            t.m.plan.clone(),
+            rec,
+            Arc::default(),
+            t.now,
+            t.wall,
+            Entropy::seeded(2),
+        );
+        Arc::make_mut(&mut back.limits).liveness = remote();
         let mut d = Decision::default();
         back.handle(Event::Resume, t.now, t.wall, &mut d);
         assert_eq!(kinds(&d.effects).iter().filter(|k| **k == "inquire").count(), 2);
@@ -2245,7 +2300,7 @@ mod tests {
         let second = t.cur();
         assert_eq!(names(&t.ev(expired(second))), ["redispatched"]);
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
-        t.m.limits.liveness = remote_waiting(Duration::ZERO);
+        Arc::make_mut(&mut t.m.limits).liveness = remote_waiting(Duration::ZERO);
         let id = t.cur();
         assert_eq!(
             names(&t.ev(Event::NotTaken { command_id: id })),
@@ -2284,7 +2339,7 @@ mod tests {
     #[test]
     fn a_silent_worker_is_asked_first_and_its_late_answer_still_counts() {
         let mut t = T::new(&[true], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ack();
         let id = t.cur();
@@ -2298,7 +2353,7 @@ mod tests {
         assert_eq!(t.m.rec.steps[0].attempts, 1);
         // Asked again and still running: its ack says it is alive.
         let mut t = T::new(&[true], 0);
-        t.m.limits.liveness = remote();
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
         t.ev(Event::Start);
         t.ack();
         let id = t.cur();
@@ -2387,7 +2442,7 @@ mod tests {
         assert!(t.m.rec.steps[1].error.as_deref().unwrap().contains("not valid MessagePack"));
 
         let mut t = T::new(&[true], 0);
-        t.m.limits.max_payload_bytes = 100;
+        Arc::make_mut(&mut t.m.limits).max_payload_bytes = 100;
         t.ev(Event::Start);
         let id = t.cur();
         let big = Payload::encode(&vec![7u8; 200]).unwrap();
@@ -2460,7 +2515,7 @@ mod tests {
         let mut def = other.m.plan.def.clone();
         def.steps[1].on_unknown = OnUnknown::Retry;
         other.m.plan = Arc::new(FlowPlan::new(def, Vec::new()));
-        Arc::make_mut(&mut other.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut other.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         go(other, Event::Start);
         let id = other.cur();
         go(other, Event::Acked { command_id: id, worker: "w".into() });
@@ -2502,11 +2557,11 @@ mod tests {
         go(&mut third, Event::Silent { command_id: id, reason: "gone".into() });
         go(&mut third, Event::Unanswered { command_id: id }); // unknown-maybe-done
         let mut fourth = T::with(plan(&[false], 0), Uuid::from_u128(4), 9);
-        Arc::make_mut(&mut fourth.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut fourth.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         go(&mut fourth, Event::Start);
         go(&mut fourth, Event::DeadlineExceeded); // deadline
         let mut fifth = T::with(plan(&[false], 0), Uuid::from_u128(5), 9);
-        fifth.m.limits.liveness = remote_waiting(Duration::ZERO);
+        Arc::make_mut(&mut fifth.m.limits).liveness = remote_waiting(Duration::ZERO);
         go(&mut fifth, Event::Start);
         let id = fifth.cur();
         go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
@@ -2566,7 +2621,7 @@ mod tests {
         go(&mut twelfth, Event::Slot { slot: key, granted: true }); // slot-granted
         twelfth.ok(); // slot-ask (s1 has a limit)
         let mut thirteenth = keyed(&[None], "k");
-        Arc::make_mut(&mut thirteenth.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut thirteenth.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         thirteenth.ev(Event::Start);
         go(&mut thirteenth, Event::DeadlineExceeded); // deadline-waiting
         all
@@ -2580,7 +2635,7 @@ mod tests {
             s.max_in_flight = *l;
         }
         let mut t = T::with(Arc::new(FlowPlan::new(def, Vec::new())), Uuid::now_v7(), 3);
-        Arc::make_mut(&mut t.m.rec).concurrency_key = Some(key.into());
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = Some(key.into());
         t
     }
 
@@ -2602,7 +2657,7 @@ mod tests {
         assert_eq!(names(&d.transitions), [format!("taken {slot}"), "start 0 execute #1".into()]);
         assert_eq!(t.m.rec.status, RunStatus::Running);
         assert_eq!(names(&t.ok()), ["completed 0", "finished completed"]);
-        assert_eq!(t.m.rec.slots, [slot], "let go by the store when the run ends");
+        assert_eq!(t.m.rec.extras().slots, [slot], "let go by the store when the run ends");
     }
 
     #[test]
@@ -2615,10 +2670,10 @@ mod tests {
         // run's slots when it ended).
         let d = t.decide(Event::Slot { slot: slot.clone(), granted: true });
         assert!(d.transitions.is_empty() && d.effects.is_empty());
-        assert_eq!(t.m.rec.slots, [slot]);
+        assert_eq!(t.m.rec.extras().slots, [slot]);
 
         let mut t = keyed(&[None], "k");
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(5));
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(5));
         t.ev(Event::Start);
         assert_eq!(names(&t.ev(Event::DeadlineExceeded)), ["expired", "finished failed"]);
         assert!(t.m.rec.error.as_deref().unwrap().contains("while queued"));
@@ -2627,7 +2682,7 @@ mod tests {
     #[test]
     fn a_limited_step_waits_for_a_slot_and_lets_go_after_each_attempt() {
         let mut t = keyed(&[None, Some(2)], "k");
-        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = None;
         t.ev(Event::Start);
         let slot = "step.f.s1".to_owned();
         let d = t.decide(Event::Outcome {
@@ -2662,7 +2717,7 @@ mod tests {
         assert_eq!(t.m.rec.status, RunStatus::Completed);
         // Compensations never wait for a slot.
         let mut t = keyed(&[Some(1), None], "k");
-        Arc::make_mut(&mut t.m.rec).concurrency_key = None;
+        Arc::make_mut(&mut t.m.rec).extras_mut().concurrency_key = None;
         t.ev(Event::Start);
         t.ev(Event::Slot { slot: "step.f.s0".into(), granted: true });
         t.ok();
@@ -2709,8 +2764,8 @@ mod tests {
     #[test]
     fn the_machine_decides_every_effect() {
         let mut t = T::new(&[true, false], 1);
-        t.m.limits.liveness = remote();
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(30));
+        Arc::make_mut(&mut t.m.limits).liveness = remote();
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(30));
         let d = t.decide(Event::Start);
         assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "send", "watch"]);
         let Some(Effect::Send(cmd)) = d.effects.get(2) else { panic!() };
@@ -2788,7 +2843,7 @@ mod tests {
         {
             let mut replay = T::with(plan(&shape, 5), id, seed);
             replay.m.plan = recorded.m.plan.clone();
-            Arc::make_mut(&mut replay.m.rec).timeout = recorded.m.rec.timeout;
+            Arc::make_mut(&mut replay.m.rec).extras_mut().timeout = recorded.m.rec.extras().timeout;
             let mut out = Vec::new();
             for e in recorded.log.clone() {
                 out.extend(replay.ev(e));
@@ -2847,7 +2902,7 @@ mod tests {
     #[test]
     fn the_deadline_fails_the_step_in_flight_but_never_a_compensation() {
         let mut t = T::new(&[true, false], 3);
-        Arc::make_mut(&mut t.m.rec).timeout = Some(Duration::from_secs(1));
+        Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
         t.ev(Event::Start);
         t.ok();
         t.fail(true); // waiting for a retry

@@ -40,9 +40,10 @@ pub struct Current {
     pub attempt: u32,
     /// Id of the command sent for this attempt.
     pub command_id: Uuid,
-    /// Set once the attempt failed and a retry is scheduled for this time.
+    /// Set once the attempt failed and a retry is scheduled for this time
+    /// (boxed: most attempts in flight wait for no retry; stored the same).
     #[serde(default)]
-    pub retry_at: Option<RetryAt>,
+    pub retry_at: Option<Box<RetryAt>>,
     /// The worker that acknowledged the command, i.e. started its handler.
     /// Until then nobody started it, and it may be sent again elsewhere.
     #[serde(default)]
@@ -148,7 +149,11 @@ pub struct RetryAt {
 }
 
 /// One step of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// What few steps use (why the step waits, where retries count from after a
+/// resume) is kept apart, behind one pointer: see [`StepRecord::extras`].
+/// The stored form does not show it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
     /// Step name.
     pub name: Arc<str>,
@@ -160,30 +165,231 @@ pub struct StepRecord {
     pub error: Option<String>,
     /// Output once completed.
     pub output: Option<Payload>,
-    /// Start of the first attempt.
-    #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
-    pub started_at: Option<SystemTime>,
-    /// First attempt to final outcome.
-    #[serde(with = "opt_duration_ms")]
-    pub duration: Option<Duration>,
+    /// Start of the first attempt: see [`StepRecord::started_at`].
+    started_at: Nanos,
+    /// First attempt to final outcome: see [`StepRecord::duration`].
+    duration: Nanos,
     /// The compensation, once started (boxed: most steps never have one).
     pub compensation: Option<Box<CompensationReport>>,
     /// Some attempt had an unknown outcome and the step did not complete
     /// afterwards: it may have had its effect, so rollback compensates it.
-    #[serde(default)]
     pub maybe_done: bool,
+    /// The parallel group the step belongs to, if any.
+    pub group: Option<Arc<str>>,
+    /// The rest, when any of it is set.
+    extras: Rare<StepExtras>,
+}
+
+/// The fields of a [`StepRecord`] that most steps leave empty: read them
+/// with [`StepRecord::extras`], set them with [`StepRecord::extras_mut`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepExtras {
     /// Why the step waits (while it does): for the report.
-    #[serde(default)]
     pub waiting: Option<String>,
     /// Attempts of the action before its last resume: retries count from here.
-    #[serde(default)]
     pub retry_base: u32,
     /// The same for the compensation.
-    #[serde(default)]
     pub compensation_retry_base: u32,
-    /// The parallel group the step belongs to, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<Arc<str>>,
+}
+
+/// A time (since the Unix epoch) or a duration in nanoseconds, `u64::MAX`
+/// for none: half the room of an `Option<SystemTime>` or `Option<Duration>`,
+/// to the same precision (times before 1970 read as 1970, as they are stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Nanos(u64);
+
+impl Nanos {
+    const NONE: Nanos = Nanos(u64::MAX);
+
+    fn of_duration(d: Option<Duration>) -> Nanos {
+        d.map_or(Nanos::NONE, |d| Nanos(d.as_nanos().min(u64::MAX as u128 - 1) as u64))
+    }
+
+    fn duration(self) -> Option<Duration> {
+        (self != Nanos::NONE).then(|| Duration::from_nanos(self.0))
+    }
+
+    fn of_time(t: Option<SystemTime>) -> Nanos {
+        Nanos::of_duration(t.map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()))
+    }
+
+    fn time(self) -> Option<SystemTime> {
+        self.duration().map(|d| SystemTime::UNIX_EPOCH + d)
+    }
+}
+
+/// What a step without extras reads as.
+static NO_STEP_EXTRAS: StepExtras =
+    StepExtras { waiting: None, retry_base: 0, compensation_retry_base: 0 };
+
+impl StepRecord {
+    /// A step of that name (in that group) that has not run yet.
+    pub fn new(name: Arc<str>, group: Option<Arc<str>>) -> Self {
+        StepRecord {
+            name,
+            status: StepStatus::NotRun,
+            attempts: 0,
+            error: None,
+            output: None,
+            started_at: Nanos::NONE,
+            duration: Nanos::NONE,
+            compensation: None,
+            maybe_done: false,
+            group,
+            extras: Rare::default(),
+        }
+    }
+
+    /// Start of the first attempt.
+    pub fn started_at(&self) -> Option<SystemTime> {
+        self.started_at.time()
+    }
+
+    /// Sets the start of the first attempt.
+    pub fn set_started_at(&mut self, at: Option<SystemTime>) {
+        self.started_at = Nanos::of_time(at);
+    }
+
+    /// First attempt to final outcome.
+    pub fn duration(&self) -> Option<Duration> {
+        self.duration.duration()
+    }
+
+    /// Sets the time from first attempt to final outcome.
+    pub fn set_duration(&mut self, duration: Option<Duration>) {
+        self.duration = Nanos::of_duration(duration);
+    }
+
+    /// The fields most steps leave empty (all empty when none is set).
+    pub fn extras(&self) -> &StepExtras {
+        self.extras.get()
+    }
+
+    /// The fields most steps leave empty, to change (they take room from
+    /// here on).
+    pub fn extras_mut(&mut self) -> &mut StepExtras {
+        self.extras.get_mut()
+    }
+
+    /// Clears why the step waits, if it did.
+    fn not_waiting(&mut self) {
+        if let Some(x) = self.extras.0.as_deref_mut() {
+            x.waiting = None;
+        }
+    }
+}
+
+/// A step as written: its fields in their stored order (see [`wire`]).
+mod step_wire {
+    use super::*;
+
+    fn is_none<T>(v: &&Option<T>) -> bool {
+        v.is_none()
+    }
+
+    /// Encodes a step without copying it.
+    #[derive(Serialize)]
+    #[serde(rename = "StepRecord")]
+    pub(super) struct Out<'a> {
+        name: &'a Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: &'a Option<String>,
+        output: &'a Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: &'a Option<Box<CompensationReport>>,
+        maybe_done: bool,
+        waiting: &'a Option<String>,
+        retry_base: u32,
+        compensation_retry_base: u32,
+        #[serde(skip_serializing_if = "is_none")]
+        group: &'a Option<Arc<str>>,
+    }
+
+    impl<'a> From<&'a StepRecord> for Out<'a> {
+        fn from(s: &'a StepRecord) -> Self {
+            let x = s.extras();
+            Out {
+                name: &s.name,
+                status: s.status,
+                attempts: s.attempts,
+                error: &s.error,
+                output: &s.output,
+                started_at: s.started_at(),
+                duration: s.duration(),
+                compensation: &s.compensation,
+                maybe_done: s.maybe_done,
+                waiting: &x.waiting,
+                retry_base: x.retry_base,
+                compensation_retry_base: x.compensation_retry_base,
+                group: &s.group,
+            }
+        }
+    }
+
+    /// Decodes a step.
+    #[derive(Deserialize)]
+    #[serde(rename = "StepRecord")]
+    pub(super) struct In {
+        name: Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: Option<String>,
+        output: Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: Option<Box<CompensationReport>>,
+        #[serde(default)]
+        maybe_done: bool,
+        #[serde(default)]
+        waiting: Option<String>,
+        #[serde(default)]
+        retry_base: u32,
+        #[serde(default)]
+        compensation_retry_base: u32,
+        #[serde(default)]
+        group: Option<Arc<str>>,
+    }
+
+    impl From<In> for StepRecord {
+        fn from(w: In) -> Self {
+            let extras = StepExtras {
+                waiting: w.waiting,
+                retry_base: w.retry_base,
+                compensation_retry_base: w.compensation_retry_base,
+            };
+            StepRecord {
+                name: w.name,
+                status: w.status,
+                attempts: w.attempts,
+                error: w.error,
+                output: w.output,
+                started_at: Nanos::of_time(w.started_at),
+                duration: Nanos::of_duration(w.duration),
+                compensation: w.compensation,
+                maybe_done: w.maybe_done,
+                group: w.group,
+                extras: Rare::of(extras),
+            }
+        }
+    }
+}
+
+impl Serialize for StepRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        step_wire::Out::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StepRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        step_wire::In::deserialize(d).map(StepRecord::from)
+    }
 }
 
 /// A run paused when a step's (or compensation's) retries ran out.
@@ -204,7 +410,12 @@ pub struct PauseRecord {
 }
 
 /// The durable state of one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The fields most runs leave empty (idempotency key, deadline, operator
+/// actions, pause, slots…) are kept apart, behind one pointer: see
+/// [`RunRecord::extras`]. The stored form does not show it: it is the same
+/// map of named fields as ever, in the same order.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunRecord {
     /// The run's id.
     pub run_id: Uuid,
@@ -212,20 +423,10 @@ pub struct RunRecord {
     pub flow: Arc<str>,
     /// The version of the flow the run is pinned to (`None` in records
     /// written before versions existed: the flow's current definition).
-    #[serde(default)]
     pub version: Option<Arc<str>>,
     /// The run's input.
     pub input: Payload,
-    /// Idempotency key, if any.
-    pub key: Option<String>,
-    /// How long the key outlives the run.
-    #[serde(with = "opt_duration_ms")]
-    pub ttl: Option<Duration>,
-    /// Deadline of the run, from its start.
-    #[serde(with = "opt_duration_ms")]
-    pub timeout: Option<Duration>,
     /// When the run started.
-    #[serde(with = "unix_ms_serde")]
     pub started_at: SystemTime,
     /// Where the run stands.
     pub status: RunStatus,
@@ -236,38 +437,293 @@ pub struct RunRecord {
     /// The attempts in flight or waiting for their retry: one at most per
     /// step, several while a parallel group runs. (Records written before
     /// groups held one attempt or none: both read.)
-    #[serde(deserialize_with = "one_or_many", default)]
     pub current: Vec<Current>,
     /// Error of the step that failed for good.
     pub error: Option<String>,
     /// Index of the step that failed for good.
     pub failed_step: Option<u32>,
     /// Total duration, once finished.
-    #[serde(with = "opt_duration_ms")]
     pub duration: Option<Duration>,
+    /// The rest, when any of it is set.
+    extras: Rare<RunExtras>,
+}
+
+/// The fields of a [`RunRecord`] that most runs leave empty, kept behind one
+/// pointer so that a run without them does not carry their room: read them
+/// with [`RunRecord::extras`], set them with [`RunRecord::extras_mut`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunExtras {
+    /// Idempotency key, if any.
+    pub key: Option<String>,
+    /// How long the key outlives the run.
+    pub ttl: Option<Duration>,
+    /// Deadline of the run, from its start.
+    pub timeout: Option<Duration>,
     /// Trace context of whoever started the run, for its span's parent.
-    #[serde(default)]
     pub traceparent: Option<String>,
     /// Answers that came after their attempt was given up on (at most
     /// [`MAX_LATE_NOTES`]).
-    #[serde(default)]
     pub late: Vec<LateNote>,
     /// What operators did to the run, in order.
-    #[serde(default)]
     pub actions: Vec<OperatorAction>,
     /// Set while the run waits for an operator.
-    #[serde(default)]
     pub paused: Option<PauseRecord>,
     /// The run's concurrency key, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_key: Option<String>,
     /// Every slot the run asked for (see [`crate::slots`]): what is left of
     /// them is let go when the run ends, whatever happened in between.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slots: Vec<String>,
     /// Attempts waiting for their step's slot (`max_in_flight`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub slot_waits: Vec<SlotWait>,
+}
+
+/// What a record without extras reads as.
+static NO_EXTRAS: RunExtras = RunExtras {
+    key: None,
+    ttl: None,
+    timeout: None,
+    traceparent: None,
+    late: Vec::new(),
+    actions: Vec::new(),
+    paused: None,
+    concurrency_key: None,
+    slots: Vec::new(),
+    slot_waits: Vec::new(),
+};
+
+/// Fields that are rarely set, boxed when any is: none and all empty
+/// are the same.
+#[derive(Clone)]
+struct Rare<T: Empty>(Option<Box<T>>);
+
+/// Extras with a shared all-empty value.
+trait Empty: Default + PartialEq + 'static {
+    /// All empty.
+    fn empty() -> &'static Self;
+}
+
+impl Empty for RunExtras {
+    fn empty() -> &'static Self {
+        &NO_EXTRAS
+    }
+}
+
+impl Empty for StepExtras {
+    fn empty() -> &'static Self {
+        &NO_STEP_EXTRAS
+    }
+}
+
+impl<T: Empty> Default for Rare<T> {
+    fn default() -> Self {
+        Rare(None)
+    }
+}
+
+impl<T: Empty> Rare<T> {
+    /// Boxed only if not empty.
+    fn of(value: T) -> Self {
+        Rare((value != *T::empty()).then(|| Box::new(value)))
+    }
+
+    fn get(&self) -> &T {
+        self.0.as_deref().unwrap_or(T::empty())
+    }
+
+    fn get_mut(&mut self) -> &mut T {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl<T: Empty> PartialEq for Rare<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl<T: Empty + std::fmt::Debug> std::fmt::Debug for Rare<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+impl RunRecord {
+    /// The fields most runs leave empty (all empty when none is set).
+    pub fn extras(&self) -> &RunExtras {
+        self.extras.get()
+    }
+
+    /// The fields most runs leave empty, to change (they take room from
+    /// here on).
+    pub fn extras_mut(&mut self) -> &mut RunExtras {
+        self.extras.get_mut()
+    }
+}
+
+/// A record as written: the fields in their stored order, as they were
+/// declared before the rare ones moved behind a pointer. Encoding and
+/// decoding go through it (and only through it), so the stored form stays
+/// the same byte for byte.
+mod wire {
+    use super::*;
+
+    fn is_none<T>(v: &&Option<T>) -> bool {
+        v.is_none()
+    }
+
+    fn is_empty<T>(v: &&Vec<T>) -> bool {
+        v.is_empty()
+    }
+
+    /// Encodes a record without copying it.
+    #[derive(Serialize)]
+    #[serde(rename = "RunRecord")]
+    pub(super) struct Out<'a> {
+        run_id: &'a Uuid,
+        flow: &'a Arc<str>,
+        version: &'a Option<Arc<str>>,
+        input: &'a Payload,
+        key: &'a Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: &'a Vec<StepRecord>,
+        current: &'a Vec<Current>,
+        error: &'a Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        traceparent: &'a Option<String>,
+        late: &'a Vec<LateNote>,
+        actions: &'a Vec<OperatorAction>,
+        paused: &'a Option<PauseRecord>,
+        #[serde(skip_serializing_if = "is_none")]
+        concurrency_key: &'a Option<String>,
+        #[serde(skip_serializing_if = "is_empty")]
+        slots: &'a Vec<String>,
+        #[serde(skip_serializing_if = "is_empty")]
+        slot_waits: &'a Vec<SlotWait>,
+    }
+
+    impl<'a> From<&'a RunRecord> for Out<'a> {
+        fn from(r: &'a RunRecord) -> Self {
+            let x = r.extras();
+            Out {
+                run_id: &r.run_id,
+                flow: &r.flow,
+                version: &r.version,
+                input: &r.input,
+                key: &x.key,
+                ttl: x.ttl,
+                timeout: x.timeout,
+                started_at: r.started_at,
+                status: r.status,
+                phase: r.phase,
+                steps: &r.steps,
+                current: &r.current,
+                error: &r.error,
+                failed_step: r.failed_step,
+                duration: r.duration,
+                traceparent: &x.traceparent,
+                late: &x.late,
+                actions: &x.actions,
+                paused: &x.paused,
+                concurrency_key: &x.concurrency_key,
+                slots: &x.slots,
+                slot_waits: &x.slot_waits,
+            }
+        }
+    }
+
+    /// Decodes a record.
+    #[derive(Deserialize)]
+    #[serde(rename = "RunRecord")]
+    pub(super) struct In {
+        run_id: Uuid,
+        flow: Arc<str>,
+        #[serde(default)]
+        version: Option<Arc<str>>,
+        input: Payload,
+        key: Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: Vec<StepRecord>,
+        #[serde(deserialize_with = "one_or_many", default)]
+        current: Vec<Current>,
+        error: Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        #[serde(default)]
+        traceparent: Option<String>,
+        #[serde(default)]
+        late: Vec<LateNote>,
+        #[serde(default)]
+        actions: Vec<OperatorAction>,
+        #[serde(default)]
+        paused: Option<PauseRecord>,
+        #[serde(default)]
+        concurrency_key: Option<String>,
+        #[serde(default)]
+        slots: Vec<String>,
+        #[serde(default)]
+        slot_waits: Vec<SlotWait>,
+    }
+
+    impl From<In> for RunRecord {
+        fn from(w: In) -> Self {
+            let extras = RunExtras {
+                key: w.key,
+                ttl: w.ttl,
+                timeout: w.timeout,
+                traceparent: w.traceparent,
+                late: w.late,
+                actions: w.actions,
+                paused: w.paused,
+                concurrency_key: w.concurrency_key,
+                slots: w.slots,
+                slot_waits: w.slot_waits,
+            };
+            RunRecord {
+                run_id: w.run_id,
+                flow: w.flow,
+                version: w.version,
+                input: w.input,
+                started_at: w.started_at,
+                status: w.status,
+                phase: w.phase,
+                steps: w.steps,
+                current: w.current,
+                error: w.error,
+                failed_step: w.failed_step,
+                duration: w.duration,
+                extras: Rare::of(extras),
+            }
+        }
+    }
+}
+
+impl Serialize for RunRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire::Out::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RunRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        wire::In::deserialize(d).map(RunRecord::from)
+    }
 }
 
 /// An attempt of a step with `max_in_flight` that waits for a slot.
@@ -449,42 +905,19 @@ impl RunRecord {
             flow: flow.name.clone(),
             version: None,
             input,
-            key: None,
-            ttl: None,
-            timeout: None,
             started_at,
             status: RunStatus::Running,
             phase: Phase::Executing,
             steps: flow
                 .steps
                 .iter()
-                .map(|s| StepRecord {
-                    name: s.name.clone(),
-                    status: StepStatus::NotRun,
-                    attempts: 0,
-                    error: None,
-                    output: None,
-                    started_at: None,
-                    duration: None,
-                    compensation: None,
-                    maybe_done: false,
-                    waiting: None,
-                    retry_base: 0,
-                    compensation_retry_base: 0,
-                    group: s.group.clone(),
-                })
+                .map(|s| StepRecord::new(s.name.clone(), s.group.clone()))
                 .collect(),
             current: Vec::new(),
             error: None,
             failed_step: None,
             duration: None,
-            traceparent: None,
-            late: Vec::new(),
-            actions: Vec::new(),
-            paused: None,
-            concurrency_key: None,
-            slots: Vec::new(),
-            slot_waits: Vec::new(),
+            extras: Rare::default(),
         }
     }
 
@@ -508,7 +941,9 @@ impl RunRecord {
                         CommandKind::Execute => {
                             s.status = StepStatus::Running;
                             s.attempts = *attempt;
-                            s.started_at.get_or_insert(*at);
+                            if s.started_at().is_none() {
+                                s.set_started_at(Some(*at));
+                            }
                         }
                         CommandKind::Compensate => {
                             s.status = StepStatus::Compensating;
@@ -533,7 +968,7 @@ impl RunRecord {
                         && s.status == StepStatus::Waiting
                     {
                         s.status = StepStatus::Running;
-                        s.waiting = None;
+                        s.not_waiting();
                     }
                 }
             }
@@ -545,17 +980,18 @@ impl RunRecord {
                 let (step, kind) = (c.step, c.kind);
                 if let (Some(s), CommandKind::Execute) = (self.steps.get_mut(step as usize), kind) {
                     s.status = StepStatus::Waiting;
-                    s.waiting = Some(note.clone());
+                    s.extras_mut().waiting = Some(note.clone());
                 }
             }
             Transition::LateOutcome(note) => {
-                if self.late.len() < MAX_LATE_NOTES {
-                    self.late.push(note.clone());
+                let x = self.extras_mut();
+                if x.late.len() < MAX_LATE_NOTES {
+                    x.late.push(note.clone());
                 }
             }
             Transition::RetryScheduled { step, kind, error, retry, unknown } => {
                 if let Some(c) = self.current.iter_mut().find(|c| c.step == *step) {
-                    c.retry_at = Some(*retry);
+                    c.retry_at = Some(Box::new(*retry));
                 }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     match kind {
@@ -577,12 +1013,14 @@ impl RunRecord {
                     s.status = StepStatus::Completed;
                     s.maybe_done = false;
                     s.output = Some(output.clone());
-                    s.duration = Some(*duration);
+                    s.set_duration(Some(*duration));
                 }
             }
             Transition::StepFailed { step, error, duration, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
-                self.slot_waits.retain(|w| w.step != *step);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.step != *step);
+                }
                 self.phase = Phase::Compensating;
                 self.error = Some(error.clone());
                 self.failed_step = Some(*step);
@@ -590,7 +1028,7 @@ impl RunRecord {
                     s.maybe_done |= *maybe_done;
                     s.status = if s.maybe_done { StepStatus::Unknown } else { StepStatus::Failed };
                     s.error = Some(error.clone());
-                    s.duration = Some(*duration);
+                    s.set_duration(Some(*duration));
                 }
             }
             Transition::CompensationCompleted { step, duration } => {
@@ -613,24 +1051,28 @@ impl RunRecord {
                 }
             }
             Transition::Cancelled { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 if self.phase != Phase::Executing {
                     return; // a rollback under way goes on unchanged
                 }
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
-                self.paused = None;
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.paused = None;
+                }
                 let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
                 self.error = Some(format!("cancelled by {}{why}", action.by));
             }
             Transition::Stopped { step, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
-                self.slot_waits.retain(|w| w.step != *step);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.step != *step);
+                }
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.maybe_done |= *maybe_done;
                     s.status =
                         if s.maybe_done { StepStatus::Unknown } else { StepStatus::Cancelled };
-                    s.waiting = None;
+                    s.not_waiting();
                 }
             }
             Transition::Paused(p) => {
@@ -647,30 +1089,32 @@ impl RunRecord {
                         }
                     }
                 }
-                self.paused = Some(p.clone());
+                self.extras_mut().paused = Some(p.clone());
             }
             Transition::Resumed { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.status = RunStatus::Running;
-                if let Some(p) = self.paused.take()
+                if let Some(p) = self.extras.0.as_deref_mut().and_then(|x| x.paused.take())
                     && let Some(s) = self.steps.get_mut(p.step as usize)
                 {
                     match p.kind {
-                        CommandKind::Execute => s.retry_base = s.attempts,
+                        CommandKind::Execute => s.extras_mut().retry_base = s.attempts,
                         CommandKind::Compensate => {
-                            s.compensation_retry_base =
+                            s.extras_mut().compensation_retry_base =
                                 s.compensation.as_ref().map_or(0, |c| c.attempts)
                         }
                     }
                 }
             }
             Transition::RolledBack { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.status = RunStatus::Running;
-                self.paused = None;
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.paused = None;
+                }
             }
             Transition::Reopened { action } => {
-                self.actions.push(action.clone());
+                self.extras_mut().actions.push(action.clone());
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
                 self.duration = None;
@@ -679,27 +1123,30 @@ impl RunRecord {
                     if s.status == StepStatus::CompensationFailed {
                         // Its action's effect is in place: to be compensated again.
                         s.status = StepStatus::Completed;
-                        s.compensation_retry_base =
-                            s.compensation.as_ref().map_or(0, |c| c.attempts);
+                        let base = s.compensation.as_ref().map_or(0, |c| c.attempts);
+                        if base != s.extras().compensation_retry_base {
+                            s.extras_mut().compensation_retry_base = base;
+                        }
                     }
                 }
             }
             Transition::SlotAsked { slot, step, attempt } => {
-                if !self.slots.contains(slot) {
-                    self.slots.push(slot.clone());
+                let x = self.extras_mut();
+                if !x.slots.contains(slot) {
+                    x.slots.push(slot.clone());
                 }
                 match step {
                     None => self.status = RunStatus::Queued,
                     Some(step) => {
-                        self.slot_waits.retain(|w| w.step != *step);
-                        self.slot_waits.push(SlotWait {
+                        x.slot_waits.retain(|w| w.step != *step);
+                        x.slot_waits.push(SlotWait {
                             slot: slot.clone(),
                             step: *step,
                             attempt: *attempt,
                         });
                         if let Some(s) = self.steps.get_mut(*step as usize) {
                             s.status = StepStatus::Waiting;
-                            s.waiting = Some(
+                            s.extras_mut().waiting = Some(
                                 "waiting for a slot: the step's attempts in flight are at its limit (max_in_flight)"
                                     .to_owned(),
                             );
@@ -711,7 +1158,9 @@ impl RunRecord {
                 if self.status == RunStatus::Queued {
                     self.status = RunStatus::Running;
                 }
-                self.slot_waits.retain(|w| w.slot != *slot);
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.retain(|w| w.slot != *slot);
+                }
             }
             Transition::Expired { error } => {
                 self.phase = Phase::Compensating;
@@ -720,7 +1169,9 @@ impl RunRecord {
             }
             Transition::Finished { status, duration } => {
                 self.current.clear();
-                self.slot_waits.clear();
+                if let Some(x) = self.extras.0.as_deref_mut() {
+                    x.slot_waits.clear();
+                }
                 self.phase = Phase::Finished;
                 self.status = *status;
                 self.duration = Some(*duration);
@@ -762,16 +1213,16 @@ impl RunRecord {
                     attempts: s.attempts,
                     error: s.error.clone(),
                     output: s.output.clone(),
-                    started_at: s.started_at,
-                    duration: s.duration,
+                    started_at: s.started_at(),
+                    duration: s.duration(),
                     compensation: s.compensation.as_deref().cloned(),
-                    waiting: s.waiting.clone().filter(|_| s.status == StepStatus::Waiting),
+                    waiting: s.extras().waiting.clone().filter(|_| s.status == StepStatus::Waiting),
                     group: s.group.as_deref().map(str::to_owned),
                 })
                 .collect(),
-            late: self.late.iter().map(LateNote::line).collect(),
-            actions: self.actions.clone(),
-            paused: self.paused.as_ref().map(|p| orchestrix_proto::PauseReport {
+            late: self.extras().late.iter().map(LateNote::line).collect(),
+            actions: self.extras().actions.clone(),
+            paused: self.extras().paused.as_ref().map(|p| orchestrix_proto::PauseReport {
                 step: self
                     .steps
                     .get(p.step as usize)
@@ -820,5 +1271,269 @@ mod tests {
         assert_eq!(read(&Before { current: None }), Vec::<Current>::new());
         let bytes = rmp_serde::to_vec_named(&serde_json::json!({})).unwrap();
         assert!(rmp_serde::from_slice::<Now>(&bytes).unwrap().current.is_empty());
+    }
+
+    /// The record as it was declared before its rare fields moved behind a
+    /// pointer: what is stored must not change, either way.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldRunRecord {
+        run_id: Uuid,
+        flow: Arc<str>,
+        #[serde(default)]
+        version: Option<Arc<str>>,
+        input: Payload,
+        key: Option<String>,
+        #[serde(with = "opt_duration_ms")]
+        ttl: Option<Duration>,
+        #[serde(with = "opt_duration_ms")]
+        timeout: Option<Duration>,
+        #[serde(with = "unix_ms_serde")]
+        started_at: SystemTime,
+        status: RunStatus,
+        phase: Phase,
+        steps: Vec<OldStepRecord>,
+        #[serde(deserialize_with = "one_or_many", default)]
+        current: Vec<Current>,
+        error: Option<String>,
+        failed_step: Option<u32>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        #[serde(default)]
+        traceparent: Option<String>,
+        #[serde(default)]
+        late: Vec<LateNote>,
+        #[serde(default)]
+        actions: Vec<OperatorAction>,
+        #[serde(default)]
+        paused: Option<PauseRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        concurrency_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        slots: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        slot_waits: Vec<SlotWait>,
+    }
+
+    /// The step as it was declared before its rare fields moved behind a pointer.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct OldStepRecord {
+        name: Arc<str>,
+        status: StepStatus,
+        attempts: u32,
+        error: Option<String>,
+        output: Option<Payload>,
+        #[serde(with = "orchestrix_proto::time::opt_unix_ms")]
+        started_at: Option<SystemTime>,
+        #[serde(with = "opt_duration_ms")]
+        duration: Option<Duration>,
+        compensation: Option<Box<CompensationReport>>,
+        #[serde(default)]
+        maybe_done: bool,
+        #[serde(default)]
+        waiting: Option<String>,
+        #[serde(default)]
+        retry_base: u32,
+        #[serde(default)]
+        compensation_retry_base: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<Arc<str>>,
+    }
+
+    fn old_step(s: &StepRecord) -> OldStepRecord {
+        let x = s.extras().clone();
+        OldStepRecord {
+            name: s.name.clone(),
+            status: s.status,
+            attempts: s.attempts,
+            error: s.error.clone(),
+            output: s.output.clone(),
+            started_at: s.started_at(),
+            duration: s.duration(),
+            compensation: s.compensation.clone(),
+            maybe_done: s.maybe_done,
+            waiting: x.waiting,
+            retry_base: x.retry_base,
+            compensation_retry_base: x.compensation_retry_base,
+            group: s.group.clone(),
+        }
+    }
+
+    fn old_of(r: &RunRecord) -> OldRunRecord {
+        let x = r.extras().clone();
+        OldRunRecord {
+            run_id: r.run_id,
+            flow: r.flow.clone(),
+            version: r.version.clone(),
+            input: r.input.clone(),
+            key: x.key,
+            ttl: x.ttl,
+            timeout: x.timeout,
+            started_at: r.started_at,
+            status: r.status,
+            phase: r.phase,
+            steps: r.steps.iter().map(old_step).collect(),
+            current: r.current.clone(),
+            error: r.error.clone(),
+            failed_step: r.failed_step,
+            duration: r.duration,
+            traceparent: x.traceparent,
+            late: x.late,
+            actions: x.actions,
+            paused: x.paused,
+            concurrency_key: x.concurrency_key,
+            slots: x.slots,
+            slot_waits: x.slot_waits,
+        }
+    }
+
+    /// Whole milliseconds, as stored: what a decoded record holds.
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn sample(full: bool) -> RunRecord {
+        let mut def = orchestrix_proto::FlowDef::new("f");
+        def.steps = vec![orchestrix_proto::StepDef::new("a"), orchestrix_proto::StepDef::new("b")];
+        let mut r = RunRecord::new(
+            Uuid::now_v7(),
+            &def,
+            Payload::encode(&42u32).unwrap(),
+            at(1_800_000_000_123),
+        );
+        r.version = Some("v1".into());
+        r.current.push(Current {
+            step: 1,
+            kind: CommandKind::Execute,
+            attempt: 2,
+            command_id: Uuid::now_v7(),
+            retry_at: Some(Box::new(RetryAt {
+                at: at(1_800_000_001_000),
+                delay: Duration::from_millis(250),
+            })),
+            acked_by: Some("w1".into()),
+            sent_at: Some(at(1_800_000_000_500)),
+            redispatches: 1,
+        });
+        r.steps[0].status = StepStatus::Completed;
+        r.steps[0].attempts = 1;
+        r.steps[0].output = Some(Payload::encode(&"out").unwrap());
+        r.steps[0].set_started_at(Some(at(1_800_000_000_200)));
+        r.steps[0].set_duration(Some(Duration::from_millis(7)));
+        r.steps[1].error = Some("boom".into());
+        r.error = Some("e".into());
+        r.failed_step = Some(1);
+        r.duration = Some(Duration::from_millis(99));
+        if full {
+            let action = OperatorAction {
+                action: orchestrix_proto::ControlAction::Cancel,
+                by: "ops".into(),
+                reason: Some("why".into()),
+                at: at(1_800_000_002_000),
+            };
+            let x = r.extras_mut();
+            x.key = Some("order-1".into());
+            x.ttl = Some(Duration::from_secs(60));
+            x.timeout = Some(Duration::from_secs(30));
+            x.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+            x.late.push(LateNote {
+                command_id: Uuid::now_v7(),
+                attempt: 1,
+                kind: CommandKind::Execute,
+                outcome: "completed".into(),
+                at: at(1_800_000_003_000),
+            });
+            x.actions.push(action);
+            x.paused = Some(PauseRecord {
+                step: 1,
+                kind: CommandKind::Compensate,
+                error: "stuck".into(),
+                since: at(1_800_000_004_000),
+                until: Some(at(1_800_000_005_000)),
+            });
+            x.concurrency_key = Some("account:1".into());
+            x.slots.push("f/account:1".into());
+            x.slot_waits.push(SlotWait { slot: "f/b".into(), step: 1, attempt: 3 });
+            let s = &mut r.steps[1];
+            s.group = Some("g".into());
+            s.maybe_done = true;
+            s.compensation = Some(Box::new(CompensationReport {
+                attempts: 2,
+                error: Some("undo failed".into()),
+                duration: Some(Duration::from_millis(5)),
+            }));
+            let x = s.extras_mut();
+            x.waiting = Some("waiting for a slot".into());
+            x.retry_base = 2;
+            x.compensation_retry_base = 1;
+        }
+        r
+    }
+
+    /// Boxing the rare fields changed nothing that is stored: the same bytes
+    /// (MessagePack with names and without, JSON), and each form reads the
+    /// other's.
+    #[test]
+    fn the_stored_form_of_a_record_is_unchanged() {
+        for full in [true, false] {
+            let new = sample(full);
+            let old = old_of(&new);
+            let named = rmp_serde::to_vec_named(&new).unwrap();
+            assert_eq!(named, rmp_serde::to_vec_named(&old).unwrap(), "full: {full}");
+            let compact = rmp_serde::to_vec(&new).unwrap();
+            assert_eq!(compact, rmp_serde::to_vec(&old).unwrap(), "full: {full}");
+            let json = serde_json::to_vec(&new).unwrap();
+            assert_eq!(json, serde_json::to_vec(&old).unwrap(), "full: {full}");
+            // Each reads what the other wrote.
+            assert_eq!(rmp_serde::from_slice::<RunRecord>(&named).unwrap(), new);
+            assert_eq!(rmp_serde::from_slice::<RunRecord>(&compact).unwrap(), new);
+            assert_eq!(serde_json::from_slice::<RunRecord>(&json).unwrap(), new);
+            assert_eq!(rmp_serde::from_slice::<OldRunRecord>(&named).unwrap(), old);
+            assert_eq!(serde_json::from_slice::<OldRunRecord>(&json).unwrap(), old);
+            // A record without extras keeps none after a round trip.
+            let back = rmp_serde::from_slice::<RunRecord>(&named).unwrap();
+            assert_eq!(back.extras.0.is_some(), full);
+            assert_eq!(back.steps[1].extras.0.is_some(), full);
+            assert!(back.steps[0].extras.0.is_none());
+        }
+        // Nothing set but an empty box reads as nothing set.
+        let mut empty = sample(false);
+        empty.extras_mut();
+        empty.steps[0].extras_mut();
+        assert_eq!(empty, sample_like(&empty));
+    }
+
+    fn sample_like(r: &RunRecord) -> RunRecord {
+        let mut c = r.clone();
+        c.extras = Rare::default();
+        for s in &mut c.steps {
+            s.extras = Rare::default();
+        }
+        c
+    }
+
+    /// A step's times keep their precision in memory, and none stays none.
+    #[test]
+    fn step_times_keep_their_precision() {
+        let mut s = StepRecord::new("a".into(), None);
+        assert_eq!((s.started_at(), s.duration()), (None, None));
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_800_000_000, 123_456_789);
+        let d = Duration::new(3, 7);
+        s.set_started_at(Some(t));
+        s.set_duration(Some(d));
+        assert_eq!((s.started_at(), s.duration()), (Some(t), Some(d)));
+        s.set_duration(Some(Duration::ZERO));
+        assert_eq!(s.duration(), Some(Duration::ZERO));
+        s.set_started_at(None);
+        assert_eq!(s.started_at(), None);
+    }
+
+    /// What a parked run holds, kept from growing back unnoticed (see
+    /// "Memory" in `docs/benchmarks.md`; 64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_record_stays_small() {
+        assert!(std::mem::size_of::<RunRecord>() <= 208, "{}", std::mem::size_of::<RunRecord>());
+        assert!(std::mem::size_of::<StepRecord>() <= 128, "{}", std::mem::size_of::<StepRecord>());
+        assert!(std::mem::size_of::<Current>() <= 80, "{}", std::mem::size_of::<Current>());
     }
 }

@@ -103,7 +103,7 @@ impl StoreError {
 /// Keeps runs. Every transition reaches the store before the command that
 /// follows from it is sent.
 pub trait Store: Send + Sync + 'static {
-    /// Records a new run, claiming its idempotency key (`record.key`) if any.
+    /// Records a new run, claiming its idempotency key (`record.extras().key`) if any.
     /// Claim and creation are one atomic step.
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>>;
 
@@ -321,7 +321,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>> {
-        let Some(key) = &record.key else {
+        let Some(key) = &record.extras().key else {
             self.insert(record);
             return Pending::Ready(Ok(Created::New));
         };
@@ -368,14 +368,14 @@ impl Store for MemoryStore {
             return Pending::Ready(Ok(()));
         };
         // Whatever the run still holds or waits for is let go with its end.
-        for slot in &after.slots {
+        for slot in &after.extras().slots {
             self.slots.release(slot, run_id);
         }
         let report = after.to_report(*duration);
         for w in shard.waiters.remove(&run_id).unwrap_or_default() {
             let _ = w.send(report.clone());
         }
-        let key = after.key.clone().map(|k| (k, after.ttl));
+        let key = after.extras().key.clone().map(|k| (k, after.extras().ttl));
         let now = Instant::now();
         shard.finished.push_back((now, run_id));
         let cutoff = now.checked_sub(self.options.retention);

@@ -579,7 +579,7 @@ async fn coordinators_serving_different_flows_share_one_nats() {
         Payload::encode(&7u32).unwrap(),
         std::time::SystemTime::now(),
     );
-    rec.key = None;
+    rec.extras_mut().key = None;
     kv(&server, "orchestrix_runs")
         .await
         .put(rec.run_id.to_string(), stored("dead", &rec))
@@ -608,7 +608,7 @@ async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
         Payload::encode(&1u32).unwrap(),
         std::time::SystemTime::now(),
     );
-    rec.key = Some("order-8".into());
+    rec.extras_mut().key = Some("order-8".into());
     rec.current.clear();
     for s in &mut rec.steps[..2] {
         s.status = StepStatus::Completed;
