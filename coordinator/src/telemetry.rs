@@ -100,7 +100,8 @@ impl RunSpans {
             return None;
         }
         let sampled = sc.is_sampled();
-        let run_id = run_id.to_string();
+        // Formatted once for all the run's spans; a run left out has none.
+        let run_id = if sampled { run_id.to_string() } else { String::new() };
         if sampled {
             run.record("orchestrix.run_id", run_id.as_str());
             run.record("orchestrix.flow", flow);
@@ -111,7 +112,7 @@ impl RunSpans {
             attempts: Vec::new(),
             groups: Vec::new(),
             run_id,
-            flow: flow.to_owned(),
+            flow: if sampled { flow.to_owned() } else { String::new() },
         }))
     }
 
