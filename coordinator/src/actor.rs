@@ -390,7 +390,7 @@ impl RunActor {
                         (*s).finished(&report);
                     }
                     for h in &self.machine.plan.hooks {
-                        guard(|| h.on_run_end(&report));
+                        guard(self.run_id(), || h.on_run_end(&report));
                     }
                     if let Some(done) = self.done.take() {
                         let _ = done.send(Box::new(report));
@@ -563,7 +563,7 @@ impl RunActor {
             Notice::Operator { action, by } => {
                 let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
                 for h in &self.machine.plan.hooks {
-                    guard(|| h.on_operator_action(run_id, &flow, *action, by));
+                    guard(run_id, || h.on_operator_action(run_id, &flow, *action, by));
                 }
             }
             Notice::Stopped { step, kind: _, maybe_done } => {
@@ -576,7 +576,7 @@ impl RunActor {
             Notice::Cancelled { by, reason } => {
                 let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
                 for h in &self.machine.plan.hooks {
-                    guard(|| h.on_run_cancelled(run_id, &flow, by, reason.as_deref()));
+                    guard(run_id, || h.on_run_cancelled(run_id, &flow, by, reason.as_deref()));
                 }
             }
             Notice::CompensationFailed { step, attempt, error } => {
@@ -611,15 +611,15 @@ impl RunActor {
             attempt,
         };
         for h in &plan.hooks {
-            guard(|| call(h.as_ref(), &event));
+            guard(self.run_id(), || call(h.as_ref(), &event));
         }
     }
 }
 
 /// Runs a hook; a panic in user code is logged, never allowed to stop the run.
-fn guard(f: impl FnOnce()) {
+fn guard(run_id: Uuid, f: impl FnOnce()) {
     if std::panic::catch_unwind(AssertUnwindSafe(f)).is_err() {
-        error!("a hook panicked; the run goes on");
+        error!(%run_id, "a hook panicked; the run goes on");
     }
 }
 
@@ -631,7 +631,7 @@ impl Actor for RunActor {
         self.spans =
             RunSpans::start(run_id, &flow, self.machine.rec.extras().traceparent.as_deref());
         for h in &self.machine.plan.hooks {
-            guard(|| h.on_run_start(run_id, &flow));
+            guard(run_id, || h.on_run_start(run_id, &flow));
         }
         // Actix stops an actor nobody holds an address of once nothing of
         // its own is under way, and a run may wait like that (paused for an
