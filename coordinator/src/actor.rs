@@ -21,7 +21,7 @@ use crate::bus::{Bus, BusReply, Dispatched, Liveness, ReplyTo};
 use crate::machine::{Decision, Effect, Event, Limits, Machine, Notice};
 use crate::record::Transition;
 use crate::store::{Pending, Store, StoreError};
-use crate::telemetry::RunSpans;
+use crate::telemetry::{self, RunSpans};
 use crate::{Hooks, StepEvent};
 
 /// Kept small: a parked run is mostly its actor (see "Memory" in
@@ -505,8 +505,9 @@ impl RunActor {
             }
             Notice::Redispatched { command_id, note } => {
                 let step = self.machine.rec.current.iter().find(|c| c.command_id == *command_id);
-                if let (Some(s), Some(c)) = (&self.spans, step) {
-                    s.redispatched(c.step, *command_id, note);
+                if let Some(c) = step {
+                    let spans = self.spans.as_deref();
+                    telemetry::command_resent(spans, self.run_id(), c.step, *command_id, note);
                 }
             }
             Notice::Late { command_id, outcome } => {
@@ -514,9 +515,13 @@ impl RunActor {
             }
             Notice::Retry { step, kind, attempt, error, delay, unknown } => {
                 let step_name = name(*step);
+                let (spans, run_id) = (self.spans.as_deref(), self.run_id());
+                let at = (&*step_name, *kind, *attempt);
+                telemetry::attempt_failed(spans, run_id, *step, at, error);
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                telemetry::retry_scheduled(spans, run_id, &step_name, *attempt, delay_ms);
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(*step, Some(error));
-                    s.retry(&step_name, *attempt, delay.as_millis() as u64);
                 }
                 if *unknown {
                     self.hook(*step, *kind, *attempt, |h, e| h.on_step_unknown(e, error));
@@ -532,6 +537,8 @@ impl RunActor {
                 });
             }
             Notice::StepFailed { step, attempt, error, maybe_done } => {
+                let at = (&*name(*step), CommandKind::Execute, *attempt);
+                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(*step, Some(error));
                 }
@@ -553,10 +560,12 @@ impl RunActor {
                 });
             }
             Notice::Paused { step, kind, error } => {
+                let attempt = self.machine.rec.steps.get(*step as usize).map_or(0, |s| s.attempts);
+                let at = (&*name(*step), *kind, attempt);
+                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(*step, Some(error));
                 }
-                let attempt = self.machine.rec.steps.get(*step as usize).map_or(0, |s| s.attempts);
                 warn!(run_id = %self.run_id(), step = %name(*step), %error, "run paused: retries ran out; waiting for an operator");
                 self.hook(*step, *kind, attempt, |h, e| h.on_run_paused(e, error));
             }
@@ -566,10 +575,14 @@ impl RunActor {
                     guard(run_id, || h.on_operator_action(run_id, &flow, *action, by));
                 }
             }
-            Notice::Stopped { step, kind: _, maybe_done } => {
+            Notice::Stopped { step, kind, maybe_done } => {
+                let why = if *maybe_done { "stopped (it may have happened)" } else { "stopped" };
+                let attempt = (self.machine.rec.current.iter().find(|c| c.step == *step))
+                    .map(|c| c.attempt)
+                    .or_else(|| self.machine.rec.steps.get(*step as usize).map(|s| s.attempts));
+                let at = (&*name(*step), *kind, attempt.unwrap_or(0));
+                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, why);
                 if let Some(s) = &mut self.spans {
-                    let why =
-                        if *maybe_done { "stopped (it may have happened)" } else { "stopped" };
                     s.attempt_ended(*step, Some(why));
                 }
             }
@@ -580,6 +593,8 @@ impl RunActor {
                 }
             }
             Notice::CompensationFailed { step, attempt, error } => {
+                let at = (&*name(*step), CommandKind::Compensate, *attempt);
+                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
                 if let Some(s) = &mut self.spans {
                     s.attempt_ended(*step, Some(error));
                 }

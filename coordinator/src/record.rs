@@ -195,6 +195,8 @@ pub struct StepExtras {
 /// A time (since the Unix epoch) or a duration in nanoseconds, `u64::MAX`
 /// for none: half the room of an `Option<SystemTime>` or `Option<Duration>`,
 /// to the same precision (times before 1970 read as 1970, as they are stored).
+/// It holds up to ≈ 584 years (year 2554 for a time): a stored value beyond
+/// that, which no clock or run produces, is kept as that bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Nanos(u64);
 

@@ -219,56 +219,20 @@ impl RunSpans {
         self.attempts.iter().find(|(i, _, _)| *i == index).map(|(_, _, s)| s)
     }
 
-    /// The attempt's command was sent again under a new id (no worker had
-    /// taken it): an event on the attempt's span.
-    pub(crate) fn redispatched(&self, index: u32, command_id: Uuid, note: &str) {
-        if let Some(span) = self.attempt(index) {
-            tracing::info!(
-                parent: span,
-                messaging.message.id = %command_id,
-                note,
-                "command sent again"
-            );
-        }
-    }
-
-    /// Ends the attempt's span, with an error status when it failed: the
-    /// error is the status message, and an event says `attempt failed` (or
-    /// `outcome unknown`, when nobody knows what the attempt did).
+    /// Ends the attempt's span, with an error status when it failed (the
+    /// error is the status message; [`attempt_failed`] is its event).
     pub(crate) fn attempt_ended(&mut self, index: u32, error: Option<&str>) {
         let Some(at) = self.attempts.iter().position(|(i, _, _)| *i == index) else { return };
         let (_, key, span) = self.attempts.swap_remove(at);
         if let Some(e) = error {
             span.record("otel.status_code", "ERROR");
             span.record("otel.status_description", e);
-            if e.starts_with(UNKNOWN_PREFIX) {
-                tracing::warn!(
-                    parent: &span,
-                    orchestrix.outcome = "unknown",
-                    error = e,
-                    "outcome unknown"
-                );
-            } else {
-                tracing::info!(parent: &span, error = e, "attempt failed");
-            }
         }
         stamp_end(&span);
         // A group's span ends with the last of its attempts (so far).
         if let Some((_, g)) = self.groups.iter().find(|(k, _)| Some(k) == key.as_ref()) {
             stamp_end(g);
         }
-    }
-
-    /// A retry, as an event on the run's span (`attempt` and `delay_ms` as
-    /// integers).
-    pub(crate) fn retry(&self, step: &str, attempt: u32, delay_ms: u64) {
-        tracing::info!(
-            parent: &self.run,
-            step,
-            attempt = i64::from(attempt),
-            delay_ms = int(delay_ms),
-            "retry scheduled"
-        );
     }
 
     pub(crate) fn finished(mut self, report: &RunReport) {
@@ -293,6 +257,77 @@ impl Drop for RunSpans {
             stamp_end(&span);
         }
     }
+}
+
+// The events of a run's attempts: log lines that name their run, step and
+// attempt, whether or not spans are made (no exporter, or a level that
+// leaves the spans out), and events on the attempt's (or the run's) span
+// when there is one.
+
+/// An attempt failed: `attempt failed`, or the warning `outcome unknown` when
+/// nobody knows what the attempt did.
+pub(crate) fn attempt_failed(
+    spans: Option<&RunSpans>,
+    run_id: Uuid,
+    index: u32,
+    (step, kind, attempt): (&str, CommandKind, u32),
+    error: &str,
+) {
+    let parent = spans.and_then(|s| s.attempt(index)).and_then(Span::id);
+    let (kind, attempt) = (kind.as_str(), i64::from(attempt));
+    if error.starts_with(UNKNOWN_PREFIX) {
+        tracing::warn!(
+            parent: parent,
+            %run_id,
+            step,
+            kind,
+            attempt,
+            orchestrix.outcome = "unknown",
+            error,
+            "outcome unknown"
+        );
+    } else {
+        tracing::info!(parent: parent, %run_id, step, kind, attempt, error, "attempt failed");
+    }
+}
+
+/// A retry, on the run's span (`attempt` and `delay_ms` as integers).
+pub(crate) fn retry_scheduled(
+    spans: Option<&RunSpans>,
+    run_id: Uuid,
+    step: &str,
+    attempt: u32,
+    delay_ms: u64,
+) {
+    let parent = spans.and_then(|s| s.run.id());
+    tracing::info!(
+        parent: parent,
+        %run_id,
+        step,
+        attempt = i64::from(attempt),
+        delay_ms = int(delay_ms),
+        "retry scheduled"
+    );
+}
+
+/// The attempt's command was sent again under a new id (no worker had
+/// taken it): `messaging.message.id` for the trace, `command_id` for logs.
+pub(crate) fn command_resent(
+    spans: Option<&RunSpans>,
+    run_id: Uuid,
+    index: u32,
+    command_id: Uuid,
+    note: &str,
+) {
+    let parent = spans.and_then(|s| s.attempt(index)).and_then(Span::id);
+    tracing::info!(
+        parent: parent,
+        %run_id,
+        %command_id,
+        messaging.message.id = %command_id,
+        note,
+        "command sent again"
+    );
 }
 
 thread_local! {

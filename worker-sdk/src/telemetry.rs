@@ -216,20 +216,37 @@ where
 }
 
 /// The default field format, without the fields that are there for a trace
-/// and say nothing in a log line: `otel.*` (span name, kind, status),
-/// `messaging.*` (what the span's own fields already say) and
-/// `orchestrix.worker` (the same on every line of a process). Fewer fields
+/// and say nothing in a log line: `otel.*` (span name, kind, status) and
+/// `messaging.*` (what the span's own fields already say). Fewer fields
 /// formatted per handler span, too.
 #[derive(Debug, Clone, Copy)]
 struct LogFields;
 
-impl<'a> tracing_subscriber::field::MakeVisitor<tracing_subscriber::fmt::format::Writer<'a>>
-    for LogFields
-{
-    type Visitor = LogVisitor<tracing_subscriber::fmt::format::DefaultVisitor<'a>>;
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor =
+            LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(writer, true));
+        fields.record(&mut visitor);
+        tracing_subscriber::field::VisitOutput::finish(visitor.0)
+    }
 
-    fn make_visitor(&self, target: tracing_subscriber::fmt::format::Writer<'a>) -> Self::Visitor {
-        LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(target, true))
+    /// Appends fields recorded later, separated only if one is shown (a
+    /// span's status, recorded when its handler fails, is not).
+    fn add_fields(
+        &self,
+        current: &'w mut tracing_subscriber::fmt::FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let empty = current.fields.is_empty();
+        let writer = current.as_writer();
+        let mut visitor =
+            LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(writer, empty));
+        fields.record(&mut visitor);
+        tracing_subscriber::field::VisitOutput::finish(visitor.0)
     }
 }
 
@@ -238,7 +255,7 @@ struct LogVisitor<V>(V);
 
 fn shown(field: &tracing::field::Field) -> bool {
     let name = field.name();
-    !(name.starts_with("otel.") || name.starts_with("messaging.") || name == "orchestrix.worker")
+    !(name.starts_with("otel.") || name.starts_with("messaging."))
 }
 
 impl<V: tracing::field::Visit> tracing::field::Visit for LogVisitor<V> {
@@ -280,20 +297,6 @@ impl<V: tracing::field::Visit> tracing::field::Visit for LogVisitor<V> {
         if shown(field) {
             self.0.record_error(field, value);
         }
-    }
-}
-
-impl<V: tracing_subscriber::field::VisitOutput<fmt::Result>>
-    tracing_subscriber::field::VisitOutput<fmt::Result> for LogVisitor<V>
-{
-    fn finish(self) -> fmt::Result {
-        self.0.finish()
-    }
-}
-
-impl<V: tracing_subscriber::field::VisitFmt> tracing_subscriber::field::VisitFmt for LogVisitor<V> {
-    fn writer(&mut self) -> &mut dyn fmt::Write {
-        self.0.writer()
     }
 }
 
@@ -474,13 +477,16 @@ mod tests {
         let first = text.lines().next().unwrap_or_default();
         assert!(
             first.contains(
-                "orchestrix.handle{orchestrix.run_id=\"5f0c\" orchestrix.step=\"charge\" orchestrix.attempt=2}"
+                "orchestrix.handle{orchestrix.run_id=\"5f0c\" orchestrix.step=\"charge\" orchestrix.attempt=2 orchestrix.worker=\"host-1-a\"}"
             ),
             "{text}"
         );
         assert!(first.contains("card declined amount=5"), "{text}");
-        for hidden in ["otel.", "messaging.", "host-1-a", "ERROR"] {
+        for hidden in ["otel.", "messaging.", "ERROR"] {
             assert!(!text.contains(hidden), "{hidden} in {text}");
         }
+        // A field hidden after the fact leaves no stray separator.
+        let second = text.lines().nth(1).unwrap_or_default();
+        assert!(second.contains("orchestrix.worker=\"host-1-a\"}"), "{text}");
     }
 }

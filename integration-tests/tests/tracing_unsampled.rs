@@ -1,0 +1,88 @@
+//! A run the sampler leaves out leaves nothing in the trace backend, across
+//! processes: not the coordinator's spans, not the worker's, and not the
+//! spans a handler makes itself (they inherit "not sampled" from the
+//! command). A sampled run beside it shows those spans are exported.
+//! Alone in its test binary: it installs the global subscriber.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
+use orchestrix_coordinator::flowfile;
+use orchestrix_coordinator::nats::{Node, NodeStore};
+use orchestrix_integration_tests::NatsServer;
+use orchestrix_worker::NatsOptions;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// A caller's trace that its own sampler left out (flags `00`).
+const UNSAMPLED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
+    let exporter = InMemorySpanExporter::default();
+    // The SDK's default sampler: parent-based, roots always sampled.
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    tracing_subscriber::registry()
+        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")))
+        .init();
+
+    let server = NatsServer::start();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let toml = "[[flow]]\nname = \"sampling\"\n[[flow.step]]\nname = \"charge\"\n";
+    let node = Node::builder()
+        .store(NodeStore::Memory)
+        .flows(flowfile::parse(toml).unwrap())
+        .registry(false)
+        .events(false)
+        .start(conn.clone())
+        .await
+        .unwrap();
+    let worker = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .steps::<()>("sampling", |f| {
+            f.step("charge", |_: StepContext<()>| async {
+                // A handler's own span, as a service would make one.
+                tracing::info_span!("call the bank").in_scope(|| ());
+                Ok(())
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let coordinator = node.coordinator();
+    let left_out =
+        RunOptions::new().traceparent(format!("00-{UNSAMPLED_TRACE}-00f067aa0ba902b7-00"));
+    let report = coordinator.run("sampling", &(), left_out).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed);
+    let report = coordinator.run("sampling", &(), RunOptions::new()).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed);
+    worker.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    provider.force_flush().unwrap();
+
+    let all = exporter.get_finished_spans().unwrap();
+    let names: Vec<&str> = all.iter().map(|s| s.name.as_ref()).collect();
+    let left_out: Vec<&str> = all
+        .iter()
+        .filter(|s| s.span_context.trace_id().to_string() == UNSAMPLED_TRACE)
+        .map(|s| s.name.as_ref())
+        .collect();
+    assert!(left_out.is_empty(), "spans of the unsampled run were exported: {left_out:?}");
+    // The sampled run: run, attempt, the worker's span and the handler's own.
+    let run = all.iter().find(|s| s.name == "sampling run").expect("the sampled run's span");
+    let in_trace: Vec<&str> = all
+        .iter()
+        .filter(|s| s.span_context.trace_id() == run.span_context.trace_id())
+        .map(|s| s.name.as_ref())
+        .collect();
+    for name in ["sampling run", "charge execute attempt 1", "charge execute", "call the bank"] {
+        assert!(in_trace.contains(&name), "{name} missing from {in_trace:?} (all: {names:?})");
+    }
+    assert_eq!(all.len(), in_trace.len(), "{names:?}");
+}
