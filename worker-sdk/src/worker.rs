@@ -988,79 +988,91 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     // The ack goes out before the handler can start: an attempt that was
     // never acked was never started, so the coordinator may send it elsewhere.
     shared.send(&reply, &ack).await;
-    let span = handler_span(&msg, &cmd, &shared.id);
+    let (span, parent) = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
-    tracker.spawn(tracing::Instrument::instrument(async move {
-        let (command_id, run_id, attempt, kind) =
-            (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
-        let deadline = cmd.deadline_ms;
-        let slots = shared.slots.clone();
-        let cancelled = stop.clone();
-        let work = async move {
-            let _slot = slots.acquire_owned().await;
-            if deadline.is_some_and(|d| now_ms() >= d) {
-                // Waited for a free slot past the deadline: not started at all.
-                let why = "the attempt's deadline passed while it waited for a free handler slot";
-                return OutcomeResult::Failed(StepFailure::new(why, true));
-            }
-            run_command_with(&handler, cmd, stop.clone()).await
-        };
-        tokio::pin!(work);
-        // The first beat one interval from now: awaiting an immediate first
-        // tick would cost a timer-wheel turn (up to 1 ms) on every command.
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + shared.heartbeat, shared.heartbeat);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            tokio::select! {
-                result = &mut work => break result,
-                // Cancelled: the handler's future is dropped here (its
-                // context's cancellation has fired). It may have acted.
-                () = cancelled.cancelled() => {
-                    let why = "cancelled: the run was cancelled while the handler ran";
-                    break OutcomeResult::Failed(StepFailure { message: why.into(), retryable: false, maybe_done: true });
+    let run = tracing::Instrument::instrument(
+        async move {
+            let (command_id, run_id, attempt, kind) =
+                (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+            let deadline = cmd.deadline_ms;
+            let slots = shared.slots.clone();
+            let cancelled = stop.clone();
+            let work = async move {
+                let _slot = slots.acquire_owned().await;
+                if deadline.is_some_and(|d| now_ms() >= d) {
+                    // Waited for a free slot past the deadline: not started at all.
+                    let why =
+                        "the attempt's deadline passed while it waited for a free handler slot";
+                    return OutcomeResult::Failed(StepFailure::new(why, true));
                 }
-                _ = tick.tick() => {
-                    let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
-                    shared.send(&target(&answer_to), &hb).await;
-                }
-            }
-        };
-        if let OutcomeResult::Failed(f) = &result {
-            let span = tracing::Span::current();
-            span.record("otel.status_code", "ERROR");
-            span.record("otel.status_description", f.message.as_str());
-        }
-        let limit = shared.client.max_payload().min(shared.max_message_bytes);
-        let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
-        let bytes = match encode(&outcome) {
-            Ok(bytes) if bytes.len() <= limit => bytes,
-            encoded => {
-                // The handler ran but its answer cannot travel: a permanent
-                // failure, maybe done, named as such (never a silent drop).
-                let why = match encoded {
-                    Ok(b) => format!(
-                        "the step's output makes an outcome of {} bytes, over the {limit}-byte message limit (keep large data in a store and return a reference)",
-                        b.len()
-                    ),
-                    Err(e) => format!("the step's outcome does not encode: {e}"),
-                };
-                warn!(command = %command_id, %why, "outcome replaced by a failure");
-                let failure = StepFailure { message: why, retryable: false, maybe_done: true };
-                let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
-                match encode(&outcome) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        warn!(error = %e, "cannot encode an outcome");
-                        return;
+                run_command_with(&handler, cmd, stop.clone()).await
+            };
+            tokio::pin!(work);
+            // The first beat one interval from now: awaiting an immediate first
+            // tick would cost a timer-wheel turn (up to 1 ms) on every command.
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + shared.heartbeat,
+                shared.heartbeat,
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let result = loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    // Cancelled: the handler's future is dropped here (its
+                    // context's cancellation has fired). It may have acted.
+                    () = cancelled.cancelled() => {
+                        let why = "cancelled: the run was cancelled while the handler ran";
+                        break OutcomeResult::Failed(StepFailure { message: why.into(), retryable: false, maybe_done: true });
+                    }
+                    _ = tick.tick() => {
+                        let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
+                        shared.send(&target(&answer_to), &hb).await;
                     }
                 }
+            };
+            if let OutcomeResult::Failed(f) = &result {
+                let span = tracing::Span::current();
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", f.message.as_str());
             }
-        };
-        let bytes = Bytes::from(bytes);
-        shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).finish(command_id, bytes.clone());
-        shared.send_raw(&target(&answer_to), bytes).await;
-    }, span));
+            let limit = shared.client.max_payload().min(shared.max_message_bytes);
+            let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
+            let bytes = match encode(&outcome) {
+                Ok(bytes) if bytes.len() <= limit => bytes,
+                encoded => {
+                    // The handler ran but its answer cannot travel: a permanent
+                    // failure, maybe done, named as such (never a silent drop).
+                    let why = match encoded {
+                        Ok(b) => format!(
+                            "the step's output makes an outcome of {} bytes, over the {limit}-byte message limit (keep large data in a store and return a reference)",
+                            b.len()
+                        ),
+                        Err(e) => format!("the step's outcome does not encode: {e}"),
+                    };
+                    warn!(command = %command_id, %why, "outcome replaced by a failure");
+                    let failure = StepFailure { message: why, retryable: false, maybe_done: true };
+                    let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
+                    match encode(&outcome) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            warn!(error = %e, "cannot encode an outcome");
+                            return;
+                        }
+                    }
+                }
+            };
+            let bytes = Bytes::from(bytes);
+            shared
+                .dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish(command_id, bytes.clone());
+            shared.send_raw(&target(&answer_to), bytes).await;
+        },
+        span,
+    );
+    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
@@ -1081,7 +1093,16 @@ fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
 /// CONSUMER span, child of the coordinator's attempt span (the PRODUCER,
 /// `{step} {kind} attempt {n}`) when the command carries its `traceparent`.
 /// Numbers are recorded as integers (a `u32` would be exported as a string).
-fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> tracing::Span {
+///
+/// A command whose run the sampler left out gets no span at all: its
+/// handler runs in the command's OpenTelemetry context instead (the second
+/// value), so that spans the handler makes inherit "not sampled" from it.
+fn handler_span(
+    msg: &async_nats::Message,
+    cmd: &StepCommand,
+    worker: &str,
+) -> (tracing::Span, opentelemetry::Context) {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let unsampled = msg
@@ -1089,12 +1110,21 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         .as_ref()
         .and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT))
         .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()))
-        .is_some_and(|tp| !tp.sampled);
-    let span = if unsampled {
-        // The run was left out by the sampler: a bare span, only so that
-        // the handler's own spans inherit "not sampled" from it.
-        tracing::info_span!("orchestrix.handle")
-    } else {
+        .filter(|tp| !tp.sampled);
+    if let Some(tp) = unsampled {
+        let remote = SpanContext::new(
+            TraceId::from_bytes(tp.trace_id),
+            SpanId::from_bytes(tp.span_id),
+            TraceFlags::default(),
+            true,
+            Default::default(),
+        );
+        return (
+            tracing::Span::none(),
+            opentelemetry::Context::new().with_remote_span_context(remote),
+        );
+    }
+    let span = {
         // Strings where they can be: a `Display` value costs a trip
         // through the layers' formatting.
         let name = format!("{} {}", cmd.step, cmd.kind.as_str());
@@ -1137,7 +1167,7 @@ fn handler_span(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> t
         let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)));
         let _ = span.set_parent(cx);
     }
-    span
+    (span, opentelemetry::Context::new())
 }
 
 #[cfg(test)]
