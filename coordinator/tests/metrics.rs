@@ -13,7 +13,10 @@ use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, SdkMeterProvider};
 use orchestrix_coordinator::metrics::RunMetrics;
 use orchestrix_coordinator::{Coordinator, RunOptions, create};
+use orchestrix_coordinator::{Hooks, StepEvent};
+use orchestrix_proto::CommandKind;
 use orchestrix_worker::StepError;
+use uuid::Uuid;
 
 /// Sums of counters (and histogram counts) by name and sorted attributes.
 fn read(exporter: &InMemoryMetricExporter) -> HashMap<(String, String), i64> {
@@ -161,4 +164,54 @@ fn duration_buckets_separate_milliseconds_from_seconds() {
     }
     let (run_bounds, _) = buckets_by_step(&exporter, "orchestrix.run.duration");
     assert_eq!(run_bounds, bounds);
+}
+
+/// 1500 flows (past the 1024 cached), the same step name in each, as
+/// action or compensation: every flow's counts are its own. (One attribute
+/// set per flow and instrument: the SDK's own cardinality limit is 2000.)
+#[test]
+fn many_flows_with_the_same_step_are_counted_apart() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder().with_periodic_exporter(exporter.clone()).build();
+    let meter = provider.meter("test");
+    let m = RunMetrics::new(&meter);
+    let names: Vec<String> = (0..1500).map(|i| format!("flow-{i}")).collect();
+    let kinds = |i: usize| {
+        if i % 2 == 0 {
+            (CommandKind::Execute, CommandKind::Compensate)
+        } else {
+            (CommandKind::Compensate, CommandKind::Execute)
+        }
+    };
+    // Twice over: the second pass reads the cache (or, past 1024, builds again).
+    for _ in 0..2 {
+        for (i, flow) in names.iter().enumerate() {
+            let ev = |kind| StepEvent {
+                run_id: Uuid::nil().into(),
+                flow,
+                step: "charge",
+                kind,
+                attempt: 1,
+                group: None,
+            };
+            let (retried, paused) = kinds(i);
+            for _ in 0..=(i % 3) {
+                m.on_run_start(Uuid::nil(), flow);
+                m.on_step_retry(&ev(retried), "x", Duration::ZERO);
+            }
+            m.on_run_paused(&ev(paused), "x");
+        }
+    }
+    provider.force_flush().unwrap();
+    let got = read(&exporter);
+    let get = |name: &str, attrs: String| got.get(&(name.to_owned(), attrs)).copied();
+    for (i, flow) in names.iter().enumerate() {
+        let n = 2 * ((i % 3) as i64 + 1);
+        let (retried, paused) = kinds(i);
+        assert_eq!(get("orchestrix.runs.started", format!("flow={flow}")), Some(n), "{flow}");
+        let attrs = format!("flow={flow},kind={},outcome=retried,step=charge", retried.as_str());
+        assert_eq!(get("orchestrix.step.attempts", attrs), Some(n), "{flow}");
+        let attrs = format!("flow={flow},kind={},step=charge", paused.as_str());
+        assert_eq!(get("orchestrix.runs.paused", attrs), Some(2), "{flow}");
+    }
 }
