@@ -177,7 +177,7 @@ fn many_flows_with_the_same_step_are_counted_apart() {
     let m = RunMetrics::new(&meter);
     let names: Vec<String> = (0..1500).map(|i| format!("flow-{i}")).collect();
     let kinds = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             (CommandKind::Execute, CommandKind::Compensate)
         } else {
             (CommandKind::Compensate, CommandKind::Execute)
