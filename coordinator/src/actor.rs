@@ -514,15 +514,10 @@ impl RunActor {
                 warn!(run_id = %self.run_id(), command = %command_id, %outcome, "late answer for an attempt already given up on: recorded, not applied");
             }
             Notice::Retry { step, kind, attempt, error, delay, unknown } => {
-                let step_name = name(*step);
-                let (spans, run_id) = (self.spans.as_deref(), self.run_id());
-                let at = (&*step_name, *kind, *attempt);
-                telemetry::attempt_failed(spans, run_id, *step, at, error);
                 let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                telemetry::retry_scheduled(spans, run_id, &step_name, *attempt, delay_ms);
-                if let Some(s) = &mut self.spans {
-                    s.attempt_ended(*step, Some(error));
-                }
+                let spans = self.spans.as_deref();
+                telemetry::retry_scheduled(spans, self.run_id(), &name(*step), *attempt, delay_ms);
+                self.attempt_failed(*step, *kind, *attempt, error);
                 if *unknown {
                     self.hook(*step, *kind, *attempt, |h, e| h.on_step_unknown(e, error));
                 }
@@ -537,11 +532,7 @@ impl RunActor {
                 });
             }
             Notice::StepFailed { step, attempt, error, maybe_done } => {
-                let at = (&*name(*step), CommandKind::Execute, *attempt);
-                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
-                if let Some(s) = &mut self.spans {
-                    s.attempt_ended(*step, Some(error));
-                }
+                self.attempt_failed(*step, CommandKind::Execute, *attempt, error);
                 if *maybe_done {
                     self.hook(*step, CommandKind::Execute, *attempt, |h, e| {
                         h.on_step_unknown(e, error)
@@ -561,12 +552,9 @@ impl RunActor {
             }
             Notice::Paused { step, kind, error } => {
                 let attempt = self.machine.rec.steps.get(*step as usize).map_or(0, |s| s.attempts);
-                let at = (&*name(*step), *kind, attempt);
-                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
-                if let Some(s) = &mut self.spans {
-                    s.attempt_ended(*step, Some(error));
-                }
-                warn!(run_id = %self.run_id(), step = %name(*step), %error, "run paused: retries ran out; waiting for an operator");
+                let step_name = name(*step);
+                self.attempt_failed(*step, *kind, attempt, error);
+                warn!(run_id = %self.run_id(), step = %step_name, %error, "run paused: retries ran out; waiting for an operator");
                 self.hook(*step, *kind, attempt, |h, e| h.on_run_paused(e, error));
             }
             Notice::Operator { action, by } => {
@@ -580,11 +568,7 @@ impl RunActor {
                 let attempt = (self.machine.rec.current.iter().find(|c| c.step == *step))
                     .map(|c| c.attempt)
                     .or_else(|| self.machine.rec.steps.get(*step as usize).map(|s| s.attempts));
-                let at = (&*name(*step), *kind, attempt.unwrap_or(0));
-                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, why);
-                if let Some(s) = &mut self.spans {
-                    s.attempt_ended(*step, Some(why));
-                }
+                self.attempt_failed(*step, *kind, attempt.unwrap_or(0), why);
             }
             Notice::Cancelled { by, reason } => {
                 let (run_id, flow) = (self.run_id(), self.machine.plan.def.name.clone());
@@ -593,15 +577,23 @@ impl RunActor {
                 }
             }
             Notice::CompensationFailed { step, attempt, error } => {
-                let at = (&*name(*step), CommandKind::Compensate, *attempt);
-                telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), *step, at, error);
-                if let Some(s) = &mut self.spans {
-                    s.attempt_ended(*step, Some(error));
-                }
+                self.attempt_failed(*step, CommandKind::Compensate, *attempt, error);
                 self.hook(*step, CommandKind::Compensate, *attempt, |h, e| {
                     h.on_compensation_failure(e, error)
                 });
             }
+        }
+    }
+
+    /// An attempt that failed: its log line (an event on its span, when
+    /// there is one), then the end of its span.
+    fn attempt_failed(&mut self, step: u32, kind: CommandKind, attempt: u32, error: &str) {
+        let def = self.machine.plan.def.steps.get(step as usize);
+        let name = def.map(|s| s.name.clone()).unwrap_or_default();
+        let at = (&*name, kind, attempt);
+        telemetry::attempt_failed(self.spans.as_deref(), self.run_id(), step, at, error);
+        if let Some(s) = &mut self.spans {
+            s.attempt_ended(step, Some(error));
         }
     }
 

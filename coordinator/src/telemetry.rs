@@ -146,42 +146,28 @@ impl RunSpans {
         let command_id: &str = command_id.hyphenated().encode_lower(&mut id);
         // Every field given at creation, as a string where it can be: a
         // `record` after the fact and a `Display` value each cost a trip
-        // through the layers' formatting.
-        let span = if remote {
-            info_span!(
-                parent: &parent,
-                "orchestrix.attempt",
-                otel.name = name.as_str(),
-                otel.kind = "producer",
-                orchestrix.run_id = self.run_id.as_str(),
-                orchestrix.flow = self.flow.as_str(),
-                orchestrix.step = step,
-                orchestrix.attempt = i64::from(attempt),
-                orchestrix.kind = kind.as_str(),
-                orchestrix.command_id = command_id,
-                messaging.system = "nats",
-                messaging.operation.type = "send",
-                messaging.operation.name = "publish",
-                messaging.message.id = command_id,
-                otel.status_code = Empty,
-                otel.status_description = Empty,
-            )
-        } else {
-            info_span!(
-                parent: &parent,
-                "orchestrix.attempt",
-                otel.name = name.as_str(),
-                otel.kind = "internal",
-                orchestrix.run_id = self.run_id.as_str(),
-                orchestrix.flow = self.flow.as_str(),
-                orchestrix.step = step,
-                orchestrix.attempt = i64::from(attempt),
-                orchestrix.kind = kind.as_str(),
-                orchestrix.command_id = command_id,
-                otel.status_code = Empty,
-                otel.status_description = Empty,
-            )
-        };
+        // through the layers' formatting. Sent over a bus, it is a messaging
+        // PRODUCER span, and only then has `messaging.*` fields (a `None`
+        // records nothing).
+        let via_nats = |v: &'static str| remote.then_some(v);
+        let span = info_span!(
+            parent: &parent,
+            "orchestrix.attempt",
+            otel.name = name.as_str(),
+            otel.kind = if remote { "producer" } else { "internal" },
+            orchestrix.run_id = self.run_id.as_str(),
+            orchestrix.flow = self.flow.as_str(),
+            orchestrix.step = step,
+            orchestrix.attempt = i64::from(attempt),
+            orchestrix.kind = kind.as_str(),
+            orchestrix.command_id = command_id,
+            messaging.system = via_nats("nats"),
+            messaging.operation.type = via_nats("send"),
+            messaging.operation.name = via_nats("publish"),
+            messaging.message.id = remote.then_some(command_id),
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
         self.attempts.push((index, key, span));
     }
 
