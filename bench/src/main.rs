@@ -19,6 +19,7 @@ use orchestrix::{Coordinator, RunOptions, RunStatus, create};
 use serde::Serialize;
 
 // The allocator the `orchestrix` binary ships with, so the figures are its own.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

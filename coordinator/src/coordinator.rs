@@ -534,12 +534,14 @@ impl Coordinator {
                 }
                 let (tx, rx) = oneshot::channel();
                 let parts = self.actor_parts();
-                self.engine()?.spawn(move |_| {
-                    let limits = parts.limits.clone();
-                    let machine =
-                        Machine::new(plan, record, limits, Instant::now(), Entropy::random());
-                    RunActor::new(machine, parts, tx, false)
-                });
+                self.engine()?
+                    .spawn_paced(move |_| {
+                        let limits = parts.limits.clone();
+                        let machine =
+                            Machine::new(plan, record, limits, Instant::now(), Entropy::random());
+                        RunActor::new(machine, parts, tx, false)
+                    })
+                    .await;
                 let report = Box::pin(async move {
                     rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id.into()))
                 });

@@ -31,25 +31,49 @@ type Job = Box<dyn FnOnce() + Send>;
 /// thread costs far more than starting an actor.
 struct Lane {
     arbiter: ArbiterHandle,
-    queue: Arc<Mutex<Vec<Job>>>,
+    queue: Arc<LaneQueue>,
 }
 
+#[derive(Default)]
+struct LaneQueue {
+    jobs: Mutex<Vec<Job>>,
+    /// Told each time the arbiter took the queued jobs.
+    taken: tokio::sync::Notify,
+}
+
+impl LaneQueue {
+    fn len(&self) -> usize {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Starts queued on one arbiter past which a caller of [`Engine::spawn_paced`]
+/// waits for the arbiter to take them. A flood of starts would otherwise
+/// queue without bound, and what all those runs hold at once before their
+/// first step (the queue, and then every run's first transition and command
+/// in flight together) stays resident long after.
+const LANE_BACKLOG: usize = 256;
+
 impl Lane {
-    fn push(&self, job: Job) {
-        let first = {
-            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+    /// Queues a job; returns how many are queued now.
+    fn push(&self, job: Job) -> usize {
+        let len = {
+            let mut q = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
             q.push(job);
-            q.len() == 1
+            q.len()
         };
-        if first {
+        if len == 1 {
             let queue = self.queue.clone();
             self.arbiter.spawn_fn(move || {
-                let jobs = std::mem::take(&mut *queue.lock().unwrap_or_else(|p| p.into_inner()));
+                let jobs =
+                    std::mem::take(&mut *queue.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+                queue.taken.notify_waiters();
                 for job in jobs {
                     job();
                 }
             });
         }
+        len
     }
 }
 
@@ -95,7 +119,7 @@ impl Engine {
         let (system, handles) = rx.recv().map_err(|e| EngineError(e.to_string()))?;
         let arbiters = handles
             .into_iter()
-            .map(|arbiter| Lane { arbiter, queue: Arc::new(Mutex::new(Vec::new())) })
+            .map(|arbiter| Lane { arbiter, queue: Arc::default() })
             .collect();
         Ok(Engine {
             inner: Arc::new(Inner { arbiters, next: AtomicUsize::new(0), system: Some(system) }),
@@ -114,14 +138,48 @@ impl Engine {
         A: Actor<Context = Context<A>>,
         F: FnOnce(&mut Context<A>) -> A + Send + 'static,
     {
-        if Arbiter::try_current().is_some() {
-            A::create(make);
+        let _ = self.queue(make);
+    }
+
+    /// [`Engine::spawn`] for a new run: when its arbiter already has
+    /// [`LANE_BACKLOG`] starts queued, waits until the arbiter takes them,
+    /// so a caller starting runs in a loop is paced by the engine.
+    pub(crate) async fn spawn_paced<A, F>(&self, make: F)
+    where
+        A: Actor<Context = Context<A>>,
+        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
+    {
+        let Some((lane, queued)) = self.queue(make) else { return };
+        if queued < LANE_BACKLOG {
             return;
         }
+        let taken = lane.taken.notified();
+        tokio::pin!(taken);
+        taken.as_mut().enable();
+        // Taken in between: the notice went before this waiter was there.
+        if lane.len() >= LANE_BACKLOG {
+            taken.await;
+        }
+    }
+
+    /// Creates the actor here, on an arbiter's thread, or queues it on a
+    /// lane of this engine: then it returns the lane and how many starts it
+    /// holds now.
+    fn queue<A, F>(&self, make: F) -> Option<(&LaneQueue, usize)>
+    where
+        A: Actor<Context = Context<A>>,
+        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
+    {
+        if Arbiter::try_current().is_some() {
+            A::create(make);
+            return None;
+        }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-        self.inner.arbiters[i].push(Box::new(move || {
+        let lane = &self.inner.arbiters[i];
+        let queued = lane.push(Box::new(move || {
             A::create(make);
         }));
+        Some((&lane.queue, queued))
     }
 }
 

@@ -17,11 +17,19 @@ pub struct Payload(Bytes);
 /// MessagePack's `nil`: the encoding of `()` and `None`.
 const NIL: &[u8] = &[0xc0];
 
+/// Bytes as a payload keeps them (a parked run keeps its input and outputs):
+/// `nil`, what a step that returns `()` gives, shared rather than allocated,
+/// the rest in one allocation of its size (from a `Vec` with room to spare,
+/// `Bytes` allocates a second block to track it).
+fn held(v: Vec<u8>) -> Bytes {
+    if v == NIL { Bytes::from_static(NIL) } else { Bytes::from(v.into_boxed_slice()) }
+}
+
 impl Payload {
     /// Encodes `value` as MessagePack with named struct fields.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
         rmp_serde::to_vec_named(value)
-            .map(|v| Payload(Bytes::from(v)))
+            .map(|v| Payload(held(v)))
             .map_err(|source| CodecError::Encode { kind: "payload", source })
     }
 
@@ -120,7 +128,7 @@ impl<'de> Deserialize<'de> for Payload {
             let mut buf = Vec::new();
             let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
             serde_transcode::transcode(deserializer, &mut ser).map_err(serde::de::Error::custom)?;
-            Ok(Payload(Bytes::from(buf)))
+            Ok(Payload(held(buf)))
         } else {
             // Only a byte string: a MessagePack `str` or array is refused rather
             // than read as bytes (which would turn `"ok"` into the number 111).
@@ -139,11 +147,11 @@ impl serde::de::Visitor<'_> for BinVisitor {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-        Ok(Bytes::copy_from_slice(v))
+        Ok(if v == NIL { Bytes::from_static(NIL) } else { Bytes::copy_from_slice(v) })
     }
 
     fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-        Ok(Bytes::from(v))
+        Ok(held(v))
     }
 }
 

@@ -20,7 +20,7 @@ pub struct StepContext<I> {
     pub(crate) attempt: u32,
     pub(crate) kind: CommandKind,
     pub(crate) outputs: Vec<StepOutput>,
-    pub(crate) cancel: CancellationToken,
+    pub(crate) cancel: crate::handler::Cancel,
 }
 
 impl<I> StepContext<I> {
@@ -86,7 +86,7 @@ impl<I> StepContext<I> {
     /// # }
     /// ```
     pub fn cancellation(&self) -> CancellationToken {
-        self.cancel.clone()
+        self.cancel.token()
     }
 
     /// True once the attempt has been cancelled (see [`StepContext::cancellation`]).

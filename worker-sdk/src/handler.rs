@@ -2,11 +2,11 @@ use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, CatchUnwind};
 use orchestrix_proto::{
     CommandKind, FlowDef, FlowError, OutcomeResult, Payload, StepCommand, StepFailure,
 };
@@ -18,7 +18,7 @@ use crate::{StepContext, StepError};
 /// What a type-erased handler returns: the encoded output, or the error.
 pub type HandlerFuture = BoxFuture<'static, Result<Payload, StepError>>;
 
-type ErasedFn = dyn Fn(StepCommand, CancellationToken) -> HandlerFuture + Send + Sync;
+type ErasedFn = dyn Fn(StepCommand, Cancel) -> HandlerFuture + Send + Sync;
 
 /// A step handler with its input and output types erased, so handlers of every
 /// type can sit in one registry. Made with [`handler`]; cheap to clone.
@@ -43,7 +43,7 @@ where
     F: Fn(StepContext<I>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<O, StepError>> + Send + 'static,
 {
-    BoxedHandler(Arc::new(move |cmd: StepCommand, cancel: CancellationToken| -> HandlerFuture {
+    BoxedHandler(Arc::new(move |cmd: StepCommand, cancel: Cancel| -> HandlerFuture {
         let input = match cmd.input.decode::<I>() {
             Ok(input) => input,
             Err(e) => {
@@ -154,7 +154,35 @@ impl StepHandlers {
 /// failure marked *maybe done*: the handler may have had its effect. Never
 /// panics itself.
 pub fn run_command(handler: &BoxedHandler, cmd: StepCommand) -> BoxFuture<'static, OutcomeResult> {
-    run_command_with(handler, cmd, CancellationToken::new())
+    // Nobody but the handler holds this attempt's cancellation, so it is
+    // made only if the handler asks for it; it fires when the attempt ends
+    // before the handler returned, its future dropped (the run was
+    // cancelled) or out of time.
+    let lazy = Arc::new(OnceLock::new());
+    let budget = budget(cmd.timeout, cmd.deadline_ms);
+    let fut = match start(handler, cmd, Cancel::Lazy(lazy.clone())) {
+        Ok(fut) => fut,
+        Err(done) => return done,
+    };
+    let guard = CancelOnDrop(Some(lazy));
+    match budget {
+        // No select and no timer: a parked in-process step holds little.
+        None => Box::pin(async move {
+            let result = fut.await;
+            guard.disarm();
+            outcome(result)
+        }),
+        Some((budget, why)) => Box::pin(async move {
+            match tokio::time::timeout(budget, fut).await {
+                Ok(result) => {
+                    guard.disarm();
+                    outcome(result)
+                }
+                // The guard fires on the way out.
+                Err(_) => OutcomeResult::Failed(StepFailure::maybe_done(why)),
+            }
+        }),
+    }
 }
 
 /// [`run_command`] with a cancellation token of the caller's: cancelling it
@@ -165,11 +193,9 @@ pub fn run_command_with(
     cancel: CancellationToken,
 ) -> BoxFuture<'static, OutcomeResult> {
     let budget = budget(cmd.timeout, cmd.deadline_ms);
-    // The synchronous part of a handler (before its first await) may panic too.
-    let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd, cancel.clone())))
-    {
-        Ok(fut) => AssertUnwindSafe(fut).catch_unwind(),
-        Err(panic) => return Box::pin(futures::future::ready(panicked(panic))),
+    let fut = match start(handler, cmd, Cancel::Token(cancel.clone())) {
+        Ok(fut) => fut,
+        Err(done) => return done,
     };
     // Two shapes, boxed apart: a step without a budget does not carry the
     // timer's state while it waits.
@@ -193,6 +219,64 @@ pub fn run_command_with(
             cancel.cancel();
             OutcomeResult::Failed(StepFailure::maybe_done(stopped))
         }),
+    }
+}
+
+/// The handler's future with its panics caught, or the outcome of a handler
+/// that panicked before it returned one.
+type Started = CatchUnwind<AssertUnwindSafe<HandlerFuture>>;
+
+fn start(
+    handler: &BoxedHandler,
+    cmd: StepCommand,
+    cancel: Cancel,
+) -> Result<Started, BoxFuture<'static, OutcomeResult>> {
+    // The synchronous part of a handler (before its first await) may panic too.
+    match std::panic::catch_unwind(AssertUnwindSafe(|| (handler.0)(cmd, cancel))) {
+        Ok(fut) => Ok(AssertUnwindSafe(fut).catch_unwind()),
+        Err(panic) => Err(Box::pin(futures::future::ready(panicked(panic)))),
+    }
+}
+
+/// An attempt's cancellation as its [`StepContext`] holds it: a token the
+/// caller cancels, or one made only when the handler asks for it.
+#[derive(Clone)]
+pub(crate) enum Cancel {
+    Token(CancellationToken),
+    Lazy(Arc<OnceLock<CancellationToken>>),
+}
+
+impl Cancel {
+    pub(crate) fn token(&self) -> CancellationToken {
+        match self {
+            Cancel::Token(t) => t.clone(),
+            Cancel::Lazy(cell) => cell.get_or_init(CancellationToken::new).clone(),
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        match self {
+            Cancel::Token(t) => t.is_cancelled(),
+            Cancel::Lazy(cell) => cell.get().is_some_and(CancellationToken::is_cancelled),
+        }
+    }
+}
+
+/// Cancels a lazily made token, if the handler made it, unless disarmed
+/// when the handler returned.
+struct CancelOnDrop(Option<Arc<OnceLock<CancellationToken>>>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.as_ref().and_then(|cell| cell.get()) {
+            token.cancel();
+        }
     }
 }
 
@@ -361,6 +445,50 @@ mod tests {
         assert!(matches!(out, OutcomeResult::Failed(f) if f.maybe_done));
         let at = seen.lock().unwrap().expect("cancellation fired");
         assert_eq!(at - started, Duration::from_millis(100));
+    }
+
+    /// A handler that hands its cancellation to a task of its own, and what
+    /// that task saw once the attempt is over.
+    fn watched(wait: Duration) -> (BoxedHandler, Arc<std::sync::atomic::AtomicBool>) {
+        let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fired.clone();
+        let h = handler(move |ctx: StepContext<()>| {
+            let (f, stop) = (f.clone(), ctx.cancellation());
+            assert!(!ctx.is_cancelled());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            async move {
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+        });
+        (h, fired)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_an_in_process_attempt_cancels_what_its_handler_holds() {
+        // The run's actor drops the future of a cancelled run's attempt.
+        let (h, fired) = watched(Duration::from_secs(3600));
+        let mut fut = run_command(&h, cmd(Payload::nil(), None));
+        assert!(futures::poll!(&mut fut).is_pending());
+        tokio::task::yield_now().await;
+        assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "not while it runs");
+        drop(fut);
+        tokio::task::yield_now().await;
+        assert!(fired.load(std::sync::atomic::Ordering::SeqCst), "the cleanup task was told");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_that_returned_is_not_cancelled_afterwards() {
+        for timeout in [None, Some(Duration::from_secs(5))] {
+            let (h, fired) = watched(Duration::from_millis(10));
+            let out = run_command(&h, cmd(Payload::nil(), timeout)).await;
+            assert!(matches!(out, OutcomeResult::Completed { .. }), "{out:?}");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "timeout {timeout:?}");
+        }
     }
 
     #[test]
