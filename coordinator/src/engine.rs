@@ -117,10 +117,8 @@ impl Engine {
             })
             .map_err(|e| EngineError(e.to_string()))?;
         let (system, handles) = rx.recv().map_err(|e| EngineError(e.to_string()))?;
-        let arbiters = handles
-            .into_iter()
-            .map(|arbiter| Lane { arbiter, queue: Arc::default() })
-            .collect();
+        let arbiters =
+            handles.into_iter().map(|arbiter| Lane { arbiter, queue: Arc::default() }).collect();
         Ok(Engine {
             inner: Arc::new(Inner { arbiters, next: AtomicUsize::new(0), system: Some(system) }),
         })

@@ -1623,13 +1623,13 @@ impl Machine {
     fn finish(&mut self, now: Instant, out: &mut Decision) {
         // Cancelled before any step failed (a cancel during the rollback of a
         // failure changes nothing: that run failed).
-        let cancelled = self.rec.failed_step.is_none()
+        let cancelled = self.rec.extras().failed_step.is_none()
             && self.rec.extras().actions.iter().any(|a| a.action == ControlAction::Cancel);
         let status = if self.rec.steps.iter().any(|s| s.status == StepStatus::CompensationFailed) {
             RunStatus::CompensationFailed
         } else if cancelled {
             RunStatus::Cancelled
-        } else if self.rec.failed_step.is_none() && self.rec.error.is_none() {
+        } else if self.rec.extras().failed_step.is_none() && self.rec.extras().error.is_none() {
             RunStatus::Completed
         } else {
             RunStatus::Failed
@@ -1940,7 +1940,7 @@ mod tests {
             ["rolled back", "failed 1", "start 0 compensate #1"],
             "the rolled-back step failed for good; only what completed is compensated"
         );
-        assert!(t.m.rec.error.as_deref().unwrap().ends_with("(rolled back by ops)"));
+        assert!(t.m.rec.extras().error.as_deref().unwrap().ends_with("(rolled back by ops)"));
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
 
         let mut t = pausing(Some(Duration::from_secs(60)));
@@ -2290,7 +2290,7 @@ mod tests {
         assert_ne!(t.cur(), first, "a new command id");
         assert_eq!(t.m.rec.steps[0].attempts, 1);
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Waiting);
-        assert_eq!(t.m.rec.steps[0].error, None, "waiting is not an error");
+        assert_eq!(t.m.rec.steps[0].extras().error, None, "waiting is not an error");
         // An expired command (arrived after its start-by time) is the same.
         let expired = |id| Event::Rejected {
             command_id: id,
@@ -2331,7 +2331,7 @@ mod tests {
         // Not retried (could charge twice); rolled back, its own compensation included.
         assert_eq!(names(&t.silent()), ["failed 1", "start 1 compensate #1"]);
         assert_eq!(t.m.rec.steps[1].status, StepStatus::Compensating);
-        assert!(t.m.rec.steps[1].error.as_deref().unwrap().starts_with("outcome unknown"));
+        assert!(t.m.rec.steps[1].extras().error.as_deref().unwrap().starts_with("outcome unknown"));
         assert_eq!(names(&t.ok()), ["compensated 1", "start 0 compensate #1"]);
         assert_eq!(names(&t.ok()), ["compensated 0", "finished failed"]);
     }
@@ -2368,7 +2368,7 @@ mod tests {
             names(&t.ev(Event::Unanswered { command_id: id })),
             ["failed 0", "start 0 compensate #1"]
         );
-        let error = t.m.rec.steps[0].error.clone().unwrap();
+        let error = t.m.rec.steps[0].extras().error.clone().unwrap();
         assert!(
             error.ends_with("worker w1 went silent, and no worker answered when asked"),
             "{error}"
@@ -2439,7 +2439,9 @@ mod tests {
         let id = t.cur();
         let bad = OutcomeResult::Completed { output: Payload::from_msgpack(vec![0xc1]) };
         assert_eq!(names(&t.out(id, bad)), ["failed 1", "start 1 compensate #1"]);
-        assert!(t.m.rec.steps[1].error.as_deref().unwrap().contains("not valid MessagePack"));
+        assert!(
+            t.m.rec.steps[1].extras().error.as_deref().unwrap().contains("not valid MessagePack")
+        );
 
         let mut t = T::new(&[true], 0);
         Arc::make_mut(&mut t.m.limits).max_payload_bytes = 100;
@@ -2448,7 +2450,14 @@ mod tests {
         let big = Payload::encode(&vec![7u8; 200]).unwrap();
         let out = t.out(id, OutcomeResult::Completed { output: big });
         assert_eq!(names(&out), ["failed 0", "start 0 compensate #1"]);
-        assert!(t.m.rec.steps[0].error.as_deref().unwrap().contains("over the limit of 100 bytes"));
+        assert!(
+            t.m.rec.steps[0]
+                .extras()
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("over the limit of 100 bytes")
+        );
     }
 
     /// Drives a run through every decision the machine can take, reacting to
@@ -2676,7 +2685,7 @@ mod tests {
         Arc::make_mut(&mut t.m.rec).extras_mut().timeout = Some(Duration::from_secs(5));
         t.ev(Event::Start);
         assert_eq!(names(&t.ev(Event::DeadlineExceeded)), ["expired", "finished failed"]);
-        assert!(t.m.rec.error.as_deref().unwrap().contains("while queued"));
+        assert!(t.m.rec.extras().error.as_deref().unwrap().contains("while queued"));
     }
 
     #[test]
@@ -2908,7 +2917,7 @@ mod tests {
         t.fail(true); // waiting for a retry
         assert_eq!(names(&t.ev(Event::DeadlineExceeded)), ["failed 1", "start 0 compensate #1"]);
         assert!(t.ev(Event::DeadlineExceeded).is_empty());
-        assert_eq!(t.m.rec.error.as_deref(), Some("run deadline of 1s exceeded"));
+        assert_eq!(t.m.rec.extras().error.as_deref(), Some("run deadline of 1s exceeded"));
     }
 
     #[test]

@@ -161,8 +161,6 @@ pub struct StepRecord {
     pub status: StepStatus,
     /// Attempts of the action.
     pub attempts: u32,
-    /// Error of the last failed attempt.
-    pub error: Option<String>,
     /// Output once completed.
     pub output: Option<Payload>,
     /// Start of the first attempt: see [`StepRecord::started_at`].
@@ -184,6 +182,8 @@ pub struct StepRecord {
 /// with [`StepRecord::extras`], set them with [`StepRecord::extras_mut`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepExtras {
+    /// Error of the last failed attempt.
+    pub error: Option<String>,
     /// Why the step waits (while it does): for the report.
     pub waiting: Option<String>,
     /// Attempts of the action before its last resume: retries count from here.
@@ -222,7 +222,7 @@ impl Nanos {
 
 /// What a step without extras reads as.
 static NO_STEP_EXTRAS: StepExtras =
-    StepExtras { waiting: None, retry_base: 0, compensation_retry_base: 0 };
+    StepExtras { error: None, waiting: None, retry_base: 0, compensation_retry_base: 0 };
 
 impl StepRecord {
     /// A step of that name (in that group) that has not run yet.
@@ -231,7 +231,6 @@ impl StepRecord {
             name,
             status: StepStatus::NotRun,
             attempts: 0,
-            error: None,
             output: None,
             started_at: Nanos::NONE,
             duration: Nanos::NONE,
@@ -318,7 +317,7 @@ mod step_wire {
                 name: &s.name,
                 status: s.status,
                 attempts: s.attempts,
-                error: &s.error,
+                error: &x.error,
                 output: &s.output,
                 started_at: s.started_at(),
                 duration: s.duration(),
@@ -361,6 +360,7 @@ mod step_wire {
     impl From<In> for StepRecord {
         fn from(w: In) -> Self {
             let extras = StepExtras {
+                error: w.error,
                 waiting: w.waiting,
                 retry_base: w.retry_base,
                 compensation_retry_base: w.compensation_retry_base,
@@ -369,7 +369,6 @@ mod step_wire {
                 name: w.name,
                 status: w.status,
                 attempts: w.attempts,
-                error: w.error,
                 output: w.output,
                 started_at: Nanos::of_time(w.started_at),
                 duration: Nanos::of_duration(w.duration),
@@ -440,10 +439,6 @@ pub struct RunRecord {
     /// step, several while a parallel group runs. (Records written before
     /// groups held one attempt or none: both read.)
     pub current: Vec<Current>,
-    /// Error of the step that failed for good.
-    pub error: Option<String>,
-    /// Index of the step that failed for good.
-    pub failed_step: Option<u32>,
     /// Total duration, once finished.
     pub duration: Option<Duration>,
     /// The rest, when any of it is set.
@@ -477,6 +472,11 @@ pub struct RunExtras {
     pub slots: Vec<String>,
     /// Attempts waiting for their step's slot (`max_in_flight`).
     pub slot_waits: Vec<SlotWait>,
+    /// Why the run failed (the error of the step that failed for good, or
+    /// why it was stopped).
+    pub error: Option<String>,
+    /// Index of the step that failed for good.
+    pub failed_step: Option<u32>,
 }
 
 /// What a record without extras reads as.
@@ -491,6 +491,8 @@ static NO_EXTRAS: RunExtras = RunExtras {
     concurrency_key: None,
     slots: Vec::new(),
     slot_waits: Vec::new(),
+    error: None,
+    failed_step: None,
 };
 
 /// Fields that are rarely set, boxed when any is: none and all empty
@@ -628,8 +630,8 @@ mod wire {
                 phase: r.phase,
                 steps: &r.steps,
                 current: &r.current,
-                error: &r.error,
-                failed_step: r.failed_step,
+                error: &x.error,
+                failed_step: x.failed_step,
                 duration: r.duration,
                 traceparent: &x.traceparent,
                 late: &x.late,
@@ -696,6 +698,8 @@ mod wire {
                 concurrency_key: w.concurrency_key,
                 slots: w.slots,
                 slot_waits: w.slot_waits,
+                error: w.error,
+                failed_step: w.failed_step,
             };
             RunRecord {
                 run_id: w.run_id,
@@ -707,8 +711,6 @@ mod wire {
                 phase: w.phase,
                 steps: w.steps,
                 current: w.current,
-                error: w.error,
-                failed_step: w.failed_step,
                 duration: w.duration,
                 extras: Rare::of(extras),
             }
@@ -916,8 +918,6 @@ impl RunRecord {
                 .map(|s| StepRecord::new(s.name.clone(), s.group.clone()))
                 .collect(),
             current: Vec::new(),
-            error: None,
-            failed_step: None,
             duration: None,
             extras: Rare::default(),
         }
@@ -998,7 +998,7 @@ impl RunRecord {
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     match kind {
                         CommandKind::Execute => {
-                            s.error = Some(error.clone());
+                            s.extras_mut().error = Some(error.clone());
                             s.maybe_done |= *unknown;
                         }
                         CommandKind::Compensate => {
@@ -1024,12 +1024,13 @@ impl RunRecord {
                     x.slot_waits.retain(|w| w.step != *step);
                 }
                 self.phase = Phase::Compensating;
-                self.error = Some(error.clone());
-                self.failed_step = Some(*step);
+                let x = self.extras_mut();
+                x.error = Some(error.clone());
+                x.failed_step = Some(*step);
                 if let Some(s) = self.steps.get_mut(*step as usize) {
                     s.maybe_done |= *maybe_done;
                     s.status = if s.maybe_done { StepStatus::Unknown } else { StepStatus::Failed };
-                    s.error = Some(error.clone());
+                    s.extras_mut().error = Some(error.clone());
                     s.set_duration(Some(*duration));
                 }
             }
@@ -1063,7 +1064,7 @@ impl RunRecord {
                     x.paused = None;
                 }
                 let why = action.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-                self.error = Some(format!("cancelled by {}{why}", action.by));
+                self.extras_mut().error = Some(format!("cancelled by {}{why}", action.by));
             }
             Transition::Stopped { step, maybe_done } => {
                 self.current.retain(|c| c.step != *step);
@@ -1083,7 +1084,7 @@ impl RunRecord {
                 if let Some(s) = self.steps.get_mut(p.step as usize) {
                     s.status = StepStatus::Paused;
                     match p.kind {
-                        CommandKind::Execute => s.error = Some(p.error.clone()),
+                        CommandKind::Execute => s.extras_mut().error = Some(p.error.clone()),
                         CommandKind::Compensate => {
                             if let Some(c) = &mut s.compensation {
                                 c.error = Some(p.error.clone());
@@ -1167,7 +1168,7 @@ impl RunRecord {
             Transition::Expired { error } => {
                 self.phase = Phase::Compensating;
                 self.status = RunStatus::Running;
-                self.error = Some(error.clone());
+                self.extras_mut().error = Some(error.clone());
             }
             Transition::Finished { status, duration } => {
                 self.current.clear();
@@ -1201,8 +1202,9 @@ impl RunRecord {
             status: self.status,
             duration: self.duration.unwrap_or(elapsed),
             started_at: Some(self.started_at),
-            error: self.error.clone(),
+            error: self.extras().error.clone(),
             failed_step: self
+                .extras()
                 .failed_step
                 .and_then(|i| self.steps.get(i as usize))
                 .map(|s| s.name.to_string()),
@@ -1213,7 +1215,7 @@ impl RunRecord {
                     name: s.name.to_string(),
                     status: s.status,
                     attempts: s.attempts,
-                    error: s.error.clone(),
+                    error: s.extras().error.clone(),
                     output: s.output.clone(),
                     started_at: s.started_at(),
                     duration: s.duration(),
@@ -1347,7 +1349,7 @@ mod tests {
             name: s.name.clone(),
             status: s.status,
             attempts: s.attempts,
-            error: s.error.clone(),
+            error: s.extras().error.clone(),
             output: s.output.clone(),
             started_at: s.started_at(),
             duration: s.duration(),
@@ -1375,8 +1377,8 @@ mod tests {
             phase: r.phase,
             steps: r.steps.iter().map(old_step).collect(),
             current: r.current.clone(),
-            error: r.error.clone(),
-            failed_step: r.failed_step,
+            error: x.error,
+            failed_step: x.failed_step,
             duration: r.duration,
             traceparent: x.traceparent,
             late: x.late,
@@ -1421,11 +1423,11 @@ mod tests {
         r.steps[0].output = Some(Payload::encode(&"out").unwrap());
         r.steps[0].set_started_at(Some(at(1_800_000_000_200)));
         r.steps[0].set_duration(Some(Duration::from_millis(7)));
-        r.steps[1].error = Some("boom".into());
-        r.error = Some("e".into());
-        r.failed_step = Some(1);
         r.duration = Some(Duration::from_millis(99));
         if full {
+            r.steps[1].extras_mut().error = Some("boom".into());
+            r.extras_mut().error = Some("e".into());
+            r.extras_mut().failed_step = Some(1);
             let action = OperatorAction {
                 action: orchestrix_proto::ControlAction::Cancel,
                 by: "ops".into(),
@@ -1534,8 +1536,8 @@ mod tests {
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn a_record_stays_small() {
-        assert!(std::mem::size_of::<RunRecord>() <= 208, "{}", std::mem::size_of::<RunRecord>());
-        assert!(std::mem::size_of::<StepRecord>() <= 128, "{}", std::mem::size_of::<StepRecord>());
+        assert!(std::mem::size_of::<RunRecord>() <= 176, "{}", std::mem::size_of::<RunRecord>());
+        assert!(std::mem::size_of::<StepRecord>() <= 104, "{}", std::mem::size_of::<StepRecord>());
         assert!(std::mem::size_of::<Current>() <= 80, "{}", std::mem::size_of::<Current>());
     }
 }
