@@ -63,17 +63,43 @@ impl Lane {
             q.len()
         };
         if len == 1 {
-            let queue = self.queue.clone();
-            self.arbiter.spawn_fn(move || {
-                let jobs =
-                    std::mem::take(&mut *queue.jobs.lock().unwrap_or_else(|p| p.into_inner()));
-                queue.taken.notify_waiters();
-                for job in jobs {
-                    job();
-                }
-            });
+            let take = Take { queue: self.queue.clone(), ran: false };
+            // An arbiter that is gone runs nothing: `Take` lets go of the
+            // jobs when it is dropped unrun, here or there.
+            let _ = self.arbiter.spawn_fn(move || take.run());
         }
         len
+    }
+}
+
+/// Takes a lane's queued jobs on its arbiter and runs them; dropped without
+/// running (the arbiter stopped), drops them, so that their runs report
+/// themselves lost and nobody waits for the arbiter to take them.
+struct Take {
+    queue: Arc<LaneQueue>,
+    ran: bool,
+}
+
+impl Take {
+    fn take(&self) -> Vec<Job> {
+        let jobs = std::mem::take(&mut *self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner()));
+        self.queue.taken.notify_waiters();
+        jobs
+    }
+
+    fn run(mut self) {
+        self.ran = true;
+        for job in self.take() {
+            job();
+        }
+    }
+}
+
+impl Drop for Take {
+    fn drop(&mut self) {
+        if !self.ran {
+            drop(self.take());
+        }
     }
 }
 
@@ -189,5 +215,90 @@ impl Drop for Inner {
         if let Some(s) = &self.system {
             s.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Nothing;
+
+    impl Actor for Nothing {
+        type Context = Context<Self>;
+
+        fn started(&mut self, ctx: &mut Context<Self>) {
+            use actix::ActorContext;
+            ctx.stop();
+        }
+    }
+
+    /// Counts the starts that were dropped unrun.
+    struct Counted(Arc<AtomicUsize>);
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_starts_waits_for_a_busy_arbiter() {
+        let engine = Engine::start(1).unwrap();
+        let lane = &engine.inner.arbiters[0];
+        // The arbiter is busy until told otherwise.
+        let (release, busy) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        lane.arbiter.spawn_fn(move || {
+            let _ = entered_tx.send(());
+            let _ = busy.recv();
+        });
+        entered.recv().unwrap();
+        for _ in 1..LANE_BACKLOG {
+            engine.spawn_paced(|_| Nothing).await;
+        }
+        // The start that fills the lane waits for the arbiter to take it.
+        let full = engine.spawn_paced(|_| Nothing);
+        tokio::pin!(full);
+        assert!(tokio::time::timeout(Duration::from_millis(200), full.as_mut()).await.is_err());
+        assert_eq!(lane.queue.len(), LANE_BACKLOG);
+        release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), full).await.expect("let through");
+        // Under the backlog, nobody waits.
+        tokio::time::timeout(Duration::from_secs(10), engine.spawn_paced(|_| Nothing))
+            .await
+            .expect("no wait");
+    }
+
+    #[tokio::test]
+    async fn starts_on_a_stopped_engine_are_dropped_not_waited_for() {
+        let engine = Engine::start(1).unwrap();
+        let lane = &engine.inner.arbiters[0];
+        assert!(lane.arbiter.stop());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let n = 3 * LANE_BACKLOG;
+        let all = async {
+            for _ in 0..n {
+                let c = Counted(dropped.clone());
+                engine
+                    .spawn_paced(move |_| {
+                        drop(c);
+                        Nothing
+                    })
+                    .await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all).await.expect("nobody waits");
+        // Each start was dropped (its run reports itself lost), or ran if
+        // the arbiter was still there for it: none is left queued.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dropped.load(Ordering::SeqCst) < n && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(dropped.load(Ordering::SeqCst), n);
+        assert_eq!(lane.queue.len(), 0);
     }
 }
