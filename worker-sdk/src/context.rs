@@ -71,9 +71,10 @@ impl<I> StepContext<I> {
     }
 
     /// Fires when the attempt is over before the handler returned: its
-    /// deadline passed (the handler's future is dropped right after) or the
-    /// run no longer wants it. A handler that must clean up (release a lock,
-    /// abort an upload) clones it into a task of its own:
+    /// deadline passed or the run no longer wants it (cancelled), and the
+    /// handler's future is dropped. It never fires once the handler has
+    /// returned. A handler that must clean up (release a lock, abort an
+    /// upload) clones it into a task of its own:
     ///
     /// ```
     /// # use orchestrix_worker::StepContext;
