@@ -535,7 +535,7 @@ impl Coordinator {
                 let (tx, rx) = oneshot::channel();
                 let parts = self.actor_parts();
                 self.engine()?
-                    .spawn_paced(move |_| {
+                    .spawn(move |_| {
                         let limits = parts.limits.clone();
                         let machine =
                             Machine::new(plan, record, limits, Instant::now(), Entropy::random());
@@ -621,7 +621,7 @@ impl Coordinator {
                 }
                 continue;
             }
-            self.resume_here(&engine, plan, record, None);
+            self.resume_here(&engine, plan, record, None).await;
             resumed += 1;
         }
         Ok(resumed)
@@ -735,7 +735,7 @@ impl Coordinator {
             )));
         };
         let (written, stored) = oneshot::channel();
-        self.resume_here(&self.engine()?, plan, record, Some((action, written)));
+        self.resume_here(&self.engine()?, plan, record, Some((action, written))).await;
         // Answered once the reopened run is stored as live again: a status
         // asked right after the answer never shows the old terminal one.
         let _ = tokio::time::timeout(Duration::from_secs(15), stored).await;
@@ -756,8 +756,9 @@ impl Coordinator {
     }
 
     /// Drives a run read back from the store here: taken over, or reopened
-    /// by an operator (`reopen`) to resume its failed rollback.
-    fn resume_here(
+    /// by an operator (`reopen`) to resume its failed rollback. Paced like a
+    /// start: a takeover of many runs does not queue them all at once.
+    async fn resume_here(
         &self,
         engine: &Engine,
         plan: Arc<FlowPlan>,
@@ -765,7 +766,7 @@ impl Coordinator {
         reopen: Option<(orchestrix_proto::OperatorAction, oneshot::Sender<()>)>,
     ) {
         let parts = self.actor_parts();
-        engine.spawn(move |_| {
+        let make = move |_: &mut actix::Context<RunActor>| {
             let machine = Machine::resumed(
                 plan,
                 record,
@@ -780,7 +781,8 @@ impl Coordinator {
                 Some((action, written)) => actor.reopening(action, written),
                 None => actor,
             }
-        });
+        };
+        engine.spawn(make).await;
     }
 
     /// Resumes a paused run: its paused step (or compensation) is tried again

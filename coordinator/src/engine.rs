@@ -47,7 +47,7 @@ impl LaneQueue {
     }
 }
 
-/// Starts queued on one arbiter past which a caller of [`Engine::spawn_paced`]
+/// Starts queued on one arbiter past which a caller of [`Engine::spawn`]
 /// waits for the arbiter to take them. A flood of starts would otherwise
 /// queue without bound, and what all those runs hold at once before their
 /// first step (the queue, and then every run's first transition and command
@@ -156,19 +156,10 @@ impl Engine {
     }
 
     /// Starts an actor: on the calling arbiter if there is one, else on the
-    /// next arbiter of this engine in turn.
-    pub(crate) fn spawn<A, F>(&self, make: F)
-    where
-        A: Actor<Context = Context<A>>,
-        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
-    {
-        let _ = self.queue(make);
-    }
-
-    /// [`Engine::spawn`] for a new run: when its arbiter already has
-    /// [`LANE_BACKLOG`] starts queued, waits until the arbiter takes them,
-    /// so a caller starting runs in a loop is paced by the engine.
-    pub(crate) async fn spawn_paced<A, F>(&self, make: F)
+    /// next arbiter of this engine in turn. When that arbiter already has
+    /// [`LANE_BACKLOG`] starts queued, waits until it takes them, so that a
+    /// caller starting runs in a loop is paced by the engine.
+    pub(crate) async fn spawn<A, F>(&self, make: F)
     where
         A: Actor<Context = Context<A>>,
         F: FnOnce(&mut Context<A>) -> A + Send + 'static,
@@ -258,17 +249,17 @@ mod tests {
         });
         entered.recv().unwrap();
         for _ in 1..LANE_BACKLOG {
-            engine.spawn_paced(|_| Nothing).await;
+            engine.spawn(|_| Nothing).await;
         }
         // The start that fills the lane waits for the arbiter to take it.
-        let full = engine.spawn_paced(|_| Nothing);
+        let full = engine.spawn(|_| Nothing);
         tokio::pin!(full);
         assert!(tokio::time::timeout(Duration::from_millis(200), full.as_mut()).await.is_err());
         assert_eq!(lane.queue.len(), LANE_BACKLOG);
         release.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), full).await.expect("let through");
         // Under the backlog, nobody waits.
-        tokio::time::timeout(Duration::from_secs(10), engine.spawn_paced(|_| Nothing))
+        tokio::time::timeout(Duration::from_secs(10), engine.spawn(|_| Nothing))
             .await
             .expect("no wait");
     }
@@ -284,7 +275,7 @@ mod tests {
             for _ in 0..n {
                 let c = Counted(dropped.clone());
                 engine
-                    .spawn_paced(move |_| {
+                    .spawn(move |_| {
                         drop(c);
                         Nothing
                     })
