@@ -164,25 +164,63 @@ pub fn run_command(handler: &BoxedHandler, cmd: StepCommand) -> BoxFuture<'stati
         Ok(fut) => fut,
         Err(done) => return done,
     };
-    let guard = CancelOnDrop(Some(lazy));
+    let guard = CancelOnDrop(Some(lazy.clone()));
+    let fut = unless_cancelled(fut, lazy);
     match budget {
         // No select and no timer: a parked in-process step holds little.
-        None => Box::pin(async move {
-            let result = fut.await;
-            guard.disarm();
-            outcome(result)
-        }),
+        None => Box::pin(async move { ended(fut.await, guard) }),
         Some((budget, why)) => Box::pin(async move {
             match tokio::time::timeout(budget, fut).await {
-                Ok(result) => {
-                    guard.disarm();
-                    outcome(result)
-                }
+                Ok(result) => ended(result, guard),
                 // The guard fires on the way out.
                 Err(_) => OutcomeResult::Failed(StepFailure::maybe_done(why)),
             }
         }),
     }
+}
+
+/// The outcome of an in-process attempt whose handler returned, panicked,
+/// or was stopped by its own token (`None`). Only a handler that returned
+/// lets its token be: after a panic, the tasks it gave the token to are told.
+fn ended(result: Option<<Started as Future>::Output>, guard: CancelOnDrop) -> OutcomeResult {
+    match result {
+        Some(Ok(returned)) => {
+            guard.disarm();
+            outcome(Ok(returned))
+        }
+        Some(panicked) => outcome(panicked),
+        None => OutcomeResult::Failed(StepFailure::maybe_done(
+            "the attempt was cancelled while its handler ran",
+        )),
+    }
+}
+
+/// The handler's future, ended (`None`) once its lazily made token is
+/// cancelled (by the handler itself), as the select on a token did; the
+/// wait for the token is allocated only once the handler made one.
+fn unless_cancelled(
+    mut fut: Started,
+    lazy: Arc<OnceLock<CancellationToken>>,
+) -> impl Future<Output = Option<<Started as Future>::Output>> {
+    let mut stop: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>> =
+        None;
+    std::future::poll_fn(move |cx| {
+        use std::task::Poll;
+        if let Poll::Ready(r) = fut.poll_unpin(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if stop.is_none()
+            && let Some(t) = lazy.get()
+        {
+            stop = Some(Box::pin(t.clone().cancelled_owned()));
+        }
+        if let Some(s) = stop.as_mut()
+            && s.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
 }
 
 /// [`run_command`] with a cancellation token of the caller's: cancelling it
@@ -274,8 +312,11 @@ impl CancelOnDrop {
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(token) = self.0.as_ref().and_then(|cell| cell.get()) {
-            token.cancel();
+        // Made here if the handler has not asked yet: a context kept past
+        // the attempt (in a task of the handler's) must read cancelled, and
+        // a token asked for later must be the cancelled one.
+        if let Some(cell) = self.0.as_ref() {
+            cell.get_or_init(CancellationToken::new).cancel();
         }
     }
 }
@@ -331,7 +372,7 @@ mod tests {
 
     use super::*;
 
-    fn cmd(input: Payload, timeout: Option<Duration>) -> StepCommand {
+    pub(super) fn cmd(input: Payload, timeout: Option<Duration>) -> StepCommand {
         StepCommand {
             command_id: Uuid::new_v4(),
             run_id: Uuid::new_v4(),
@@ -505,5 +546,134 @@ mod tests {
         assert!(b <= Duration::from_secs(2));
         assert_eq!(why, "step timed out after 2s");
         assert_eq!(budget(None, Some(now.saturating_sub(5))).unwrap().0, Duration::ZERO);
+    }
+}
+
+/// How an attempt's cancellation behaves where a handler can see it, in
+/// process (`run_command`) and on a worker (`run_command_with`).
+#[cfg(test)]
+mod cancellation_tests {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    use super::*;
+
+    fn cmd(timeout: Option<Duration>) -> StepCommand {
+        super::tests::cmd(Payload::nil(), timeout)
+    }
+
+    /// A handler that hands its whole context to a task of its own, which
+    /// looks at it only after the attempt is over (`late` = ask for the
+    /// token only then; else only poll `is_cancelled`).
+    fn keeps_ctx(late_token: bool) -> (BoxedHandler, Arc<AtomicBool>) {
+        let seen = Arc::new(AtomicBool::new(false));
+        let s = seen.clone();
+        let h = handler(move |ctx: StepContext<()>| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await; // after the attempt ended
+                let cancelled = if late_token {
+                    tokio::time::timeout(Duration::from_secs(5), ctx.cancellation().cancelled())
+                        .await
+                        .is_ok()
+                } else {
+                    ctx.is_cancelled()
+                };
+                s.store(cancelled, SeqCst);
+            });
+            async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        });
+        (h, seen)
+    }
+
+    /// The NATS path (a caller's token) as the reference.
+    #[tokio::test(start_paused = true)]
+    async fn on_a_worker_a_context_kept_past_the_attempt_reads_cancelled() {
+        for late in [true, false] {
+            let (h, seen) = keeps_ctx(late);
+            let stop = CancellationToken::new();
+            let mut fut = run_command_with(&h, cmd(None), stop.clone());
+            assert!(futures::poll!(&mut fut).is_pending());
+            stop.cancel();
+            drop(fut);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(seen.load(SeqCst), "late={late}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_in_process_attempt_leaves_its_kept_context_cancelled() {
+        for late in [true, false] {
+            let (h, seen) = keeps_ctx(late);
+            let mut fut = run_command(&h, cmd(None));
+            assert!(futures::poll!(&mut fut).is_pending());
+            drop(fut); // the run was cancelled
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(
+                seen.load(SeqCst),
+                "late={late}: the attempt was dropped, but the context says not cancelled"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_in_process_attempt_leaves_its_kept_context_cancelled() {
+        for late in [true, false] {
+            let (h, seen) = keeps_ctx(late);
+            let out = run_command(&h, cmd(Some(Duration::from_secs(1)))).await;
+            assert!(matches!(out, OutcomeResult::Failed(_)), "{out:?}");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(
+                seen.load(SeqCst),
+                "late={late}: the attempt timed out, but the context says not cancelled"
+            );
+        }
+    }
+
+    /// A handler that cancels its own token (to stop helpers) and then
+    /// finishes: the attempt ends there, as a maybe-done failure, wherever
+    /// the step runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_that_cancels_its_own_token_ends_its_attempt_on_both_paths() {
+        let h = handler(|ctx: StepContext<()>| async move {
+            ctx.cancellation().cancel();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(())
+        });
+        for timeout in [None, Some(Duration::from_secs(5))] {
+            let local = run_command(&h, cmd(timeout)).await;
+            let remote = run_command_with(&h, cmd(timeout), CancellationToken::new()).await;
+            for out in [local, remote] {
+                let OutcomeResult::Failed(f) = out else { panic!("timeout {timeout:?}: {out:?}") };
+                assert!(f.maybe_done && f.message.contains("cancelled"), "{f:?}");
+            }
+        }
+    }
+
+    /// A handler that panics after handing its cancellation to a helper.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_handler_tells_its_helpers() {
+        let seen = Arc::new(AtomicBool::new(false));
+        let s = seen.clone();
+        let h = handler(move |ctx: StepContext<()>| {
+            let (s, stop) = (s.clone(), ctx.cancellation());
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                s.store(true, SeqCst);
+            });
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if true {
+                    panic!("boom");
+                }
+                Ok(())
+            }
+        });
+        let out = run_command(&h, cmd(None)).await;
+        assert!(matches!(out, OutcomeResult::Failed(_)), "{out:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(seen.load(SeqCst), "the helper of a panicked attempt was never told");
     }
 }
