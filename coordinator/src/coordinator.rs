@@ -508,6 +508,9 @@ impl Coordinator {
         }
         let record = Arc::new(record);
 
+        // Room on the engine first: a start that waits for it (the engine
+        // is busy with a flood of starts) has created nothing yet.
+        let room = self.engine()?.reserve().await;
         match self.inner.store.create(&record).resolve().await? {
             Created::Existing { run_id, report: Some(report) } => {
                 let report = Box::pin(futures::future::ready(Ok(*report)));
@@ -534,14 +537,12 @@ impl Coordinator {
                 }
                 let (tx, rx) = oneshot::channel();
                 let parts = self.actor_parts();
-                self.engine()?
-                    .spawn(move |_| {
-                        let limits = parts.limits.clone();
-                        let machine =
-                            Machine::new(plan, record, limits, Instant::now(), Entropy::random());
-                        RunActor::new(machine, parts, tx, false)
-                    })
-                    .await;
+                room.spawn(move |_| {
+                    let limits = parts.limits.clone();
+                    let machine =
+                        Machine::new(plan, record, limits, Instant::now(), Entropy::random());
+                    RunActor::new(machine, parts, tx, false)
+                });
                 let report = Box::pin(async move {
                     rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id.into()))
                 });
@@ -621,7 +622,7 @@ impl Coordinator {
                 }
                 continue;
             }
-            self.resume_here(&engine, plan, record, None).await;
+            self.resume_here(&engine, plan, record, None);
             resumed += 1;
         }
         Ok(resumed)
@@ -735,7 +736,7 @@ impl Coordinator {
             )));
         };
         let (written, stored) = oneshot::channel();
-        self.resume_here(&self.engine()?, plan, record, Some((action, written))).await;
+        self.resume_here(&self.engine()?, plan, record, Some((action, written)));
         // Answered once the reopened run is stored as live again: a status
         // asked right after the answer never shows the old terminal one.
         let _ = tokio::time::timeout(Duration::from_secs(15), stored).await;
@@ -756,9 +757,11 @@ impl Coordinator {
     }
 
     /// Drives a run read back from the store here: taken over, or reopened
-    /// by an operator (`reopen`) to resume its failed rollback. Paced like a
-    /// start: a takeover of many runs does not queue them all at once.
-    async fn resume_here(
+    /// by an operator (`reopen`) to resume its failed rollback. Not paced
+    /// like a start: a run claimed from the store must be queued at once,
+    /// whatever becomes of the caller (a claimed run nothing drives would
+    /// stay this coordinator's).
+    fn resume_here(
         &self,
         engine: &Engine,
         plan: Arc<FlowPlan>,
@@ -782,7 +785,7 @@ impl Coordinator {
                 None => actor,
             }
         };
-        engine.spawn(make).await;
+        engine.spawn(make);
     }
 
     /// Resumes a paused run: its paused step (or compensation) is tried again

@@ -34,47 +34,60 @@ struct Lane {
     queue: Arc<LaneQueue>,
 }
 
-#[derive(Default)]
 struct LaneQueue {
-    jobs: Mutex<Vec<Job>>,
-    /// Told each time the arbiter took the queued jobs.
-    taken: tokio::sync::Notify,
+    queued: Mutex<Queued>,
+    /// Room for starts: one permit per start queued and not yet taken by
+    /// the arbiter, [`LANE_BACKLOG`] in all.
+    room: tokio::sync::Semaphore,
 }
 
-impl LaneQueue {
-    fn len(&self) -> usize {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).len()
+#[derive(Default)]
+struct Queued {
+    jobs: Vec<Job>,
+    /// How many of the jobs hold a permit of `room`.
+    held: usize,
+}
+
+impl Default for LaneQueue {
+    fn default() -> Self {
+        LaneQueue { queued: Mutex::default(), room: tokio::sync::Semaphore::new(LANE_BACKLOG) }
     }
 }
 
-/// Starts queued on one arbiter past which a caller of [`Engine::spawn`]
-/// waits for the arbiter to take them. A flood of starts would otherwise
-/// queue without bound, and what all those runs hold at once before their
-/// first step (the queue, and then every run's first transition and command
-/// in flight together) stays resident long after.
+impl LaneQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Starts queued on one arbiter and not yet taken by it, past which
+/// [`Engine::reserve`] waits. A flood of starts would otherwise queue without
+/// bound, and what all those runs hold at once before their first step (the
+/// queue, and then every run's first transition and command in flight
+/// together) stays resident long after.
 const LANE_BACKLOG: usize = 256;
 
 impl Lane {
-    /// Queues a job; returns how many are queued now.
-    fn push(&self, job: Job) -> usize {
-        let len = {
-            let mut q = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            q.push(job);
-            q.len()
+    /// Queues a job, holding one of the lane's permits or not.
+    fn push(&self, job: Job, holds_permit: bool) {
+        let first = {
+            let mut q = self.queue.lock();
+            q.jobs.push(job);
+            q.held += usize::from(holds_permit);
+            q.jobs.len() == 1
         };
-        if len == 1 {
+        if first {
             let take = Take { queue: self.queue.clone(), ran: false };
             // An arbiter that is gone runs nothing: `Take` lets go of the
             // jobs when it is dropped unrun, here or there.
             let _ = self.arbiter.spawn_fn(move || take.run());
         }
-        len
     }
 }
 
 /// Takes a lane's queued jobs on its arbiter and runs them; dropped without
 /// running (the arbiter stopped), drops them, so that their runs report
-/// themselves lost and nobody waits for the arbiter to take them.
+/// themselves lost. Either way their permits go back.
 struct Take {
     queue: Arc<LaneQueue>,
     ran: bool,
@@ -82,8 +95,8 @@ struct Take {
 
 impl Take {
     fn take(&self) -> Vec<Job> {
-        let jobs = std::mem::take(&mut *self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner()));
-        self.queue.taken.notify_waiters();
+        let Queued { jobs, held } = std::mem::take(&mut *self.queue.lock());
+        self.queue.room.add_permits(held);
         jobs
     }
 
@@ -99,6 +112,39 @@ impl Drop for Take {
     fn drop(&mut self) {
         if !self.ran {
             drop(self.take());
+        }
+    }
+}
+
+/// Room for one actor on a lane of the engine, reserved with
+/// [`Engine::reserve`]; given back if it is dropped unused.
+pub(crate) struct Reserved {
+    engine: Engine,
+    /// The lane whose permit this holds; none on an arbiter's thread.
+    lane: Option<usize>,
+}
+
+impl Reserved {
+    /// Starts the actor in the room reserved: right here on an arbiter's
+    /// thread, else queued on the lane.
+    pub(crate) fn spawn<A, F>(mut self, make: F)
+    where
+        A: Actor<Context = Context<A>>,
+        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
+    {
+        match self.lane.take() {
+            Some(i) => {
+                self.engine.inner.arbiters[i].push(Box::new(move || drop(A::create(make))), true)
+            }
+            None => self.engine.spawn(make),
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(i) = self.lane {
+            self.engine.inner.arbiters[i].queue.room.add_permits(1);
         }
     }
 }
@@ -155,46 +201,42 @@ impl Engine {
         self.inner.arbiters.len()
     }
 
-    /// Starts an actor: on the calling arbiter if there is one, else on the
-    /// next arbiter of this engine in turn. When that arbiter already has
-    /// [`LANE_BACKLOG`] starts queued, waits until it takes them, so that a
-    /// caller starting runs in a loop is paced by the engine.
-    pub(crate) async fn spawn<A, F>(&self, make: F)
-    where
-        A: Actor<Context = Context<A>>,
-        F: FnOnce(&mut Context<A>) -> A + Send + 'static,
-    {
-        let Some((lane, queued)) = self.queue(make) else { return };
-        if queued < LANE_BACKLOG {
-            return;
-        }
-        let taken = lane.taken.notified();
-        tokio::pin!(taken);
-        taken.as_mut().enable();
-        // Taken in between: the notice went before this waiter was there.
-        if lane.len() >= LANE_BACKLOG {
-            taken.await;
-        }
-    }
-
-    /// Creates the actor here, on an arbiter's thread, or queues it on a
-    /// lane of this engine: then it returns the lane and how many starts it
-    /// holds now.
-    fn queue<A, F>(&self, make: F) -> Option<(&LaneQueue, usize)>
+    /// Starts an actor: on the calling arbiter if there is one, else queued
+    /// on the next arbiter of this engine in turn, at once (see
+    /// [`Engine::reserve`] for starts that wait for room).
+    pub(crate) fn spawn<A, F>(&self, make: F)
     where
         A: Actor<Context = Context<A>>,
         F: FnOnce(&mut Context<A>) -> A + Send + 'static,
     {
         if Arbiter::try_current().is_some() {
             A::create(make);
-            return None;
+            return;
         }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
-        let lane = &self.inner.arbiters[i];
-        let queued = lane.push(Box::new(move || {
-            A::create(make);
-        }));
-        Some((&lane.queue, queued))
+        self.inner.arbiters[i].push(Box::new(move || drop(A::create(make))), false);
+    }
+
+    /// Reserves room for a new run's actor on the next arbiter in turn,
+    /// waiting while [`LANE_BACKLOG`] starts are queued there: concurrent
+    /// starters and a caller starting runs in a loop are paced alike.
+    /// Reserved before the run is created, so that a caller that gives up
+    /// while it waits leaves nothing behind. On an arbiter's thread (a step
+    /// starting a run), nothing waits: the actor is created right there.
+    pub(crate) async fn reserve(&self) -> Reserved {
+        if Arbiter::try_current().is_some() {
+            return Reserved { engine: self.clone(), lane: None };
+        }
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
+        let lane = match self.inner.arbiters[i].queue.room.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                Some(i)
+            }
+            // Never closed; were it, the start would go unpaced.
+            Err(_) => None,
+        };
+        Reserved { engine: self.clone(), lane }
     }
 }
 
@@ -236,50 +278,105 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_flood_of_starts_waits_for_a_busy_arbiter() {
-        let engine = Engine::start(1).unwrap();
-        let lane = &engine.inner.arbiters[0];
-        // The arbiter is busy until told otherwise.
+    /// Keeps the engine's one arbiter busy until the sender is dropped or sent to.
+    fn busy(engine: &Engine) -> std::sync::mpsc::Sender<()> {
         let (release, busy) = std::sync::mpsc::channel::<()>();
         let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-        lane.arbiter.spawn_fn(move || {
+        engine.inner.arbiters[0].arbiter.spawn_fn(move || {
             let _ = entered_tx.send(());
             let _ = busy.recv();
         });
         entered.recv().unwrap();
-        for _ in 1..LANE_BACKLOG {
-            engine.spawn(|_| Nothing).await;
+        release
+    }
+
+    fn queued(engine: &Engine) -> usize {
+        engine.inner.arbiters[0].queue.lock().jobs.len()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_starts_waits_for_a_busy_arbiter() {
+        let engine = Engine::start(1).unwrap();
+        let release = busy(&engine);
+        for _ in 0..LANE_BACKLOG {
+            engine.reserve().await.spawn(|_| Nothing);
         }
-        // The start that fills the lane waits for the arbiter to take it.
-        let full = engine.spawn(|_| Nothing);
-        tokio::pin!(full);
-        assert!(tokio::time::timeout(Duration::from_millis(200), full.as_mut()).await.is_err());
-        assert_eq!(lane.queue.len(), LANE_BACKLOG);
+        // The next start waits for the arbiter to take the ones queued.
+        let next = engine.reserve();
+        tokio::pin!(next);
+        assert!(tokio::time::timeout(Duration::from_millis(200), next.as_mut()).await.is_err());
+        assert_eq!(queued(&engine), LANE_BACKLOG);
         release.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), full).await.expect("let through");
-        // Under the backlog, nobody waits.
-        tokio::time::timeout(Duration::from_secs(10), engine.spawn(|_| Nothing))
-            .await
-            .expect("no wait");
+        let room = tokio::time::timeout(Duration::from_secs(10), next).await.expect("room");
+        room.spawn(|_| Nothing);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_starters_are_held_back_too_and_none_is_lost_or_doubled() {
+        let engine = Engine::start(1).unwrap();
+        let release = busy(&engine);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let starters: Vec<_> = (0..2_000)
+            .map(|_| {
+                let (engine, ran) = (engine.clone(), ran.clone());
+                tokio::spawn(async move {
+                    engine.reserve().await.spawn(move |_| {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        Nothing
+                    });
+                })
+            })
+            .collect();
+        // Every starter has had its chance to queue: no more than the backlog did.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while queued(&engine) < LANE_BACKLOG && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(queued(&engine), LANE_BACKLOG);
+        release.send(()).unwrap();
+        for s in starters {
+            tokio::time::timeout(Duration::from_secs(30), s)
+                .await
+                .expect("no starter hangs")
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ran.load(Ordering::SeqCst) < 2_000 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ran.load(Ordering::SeqCst), 2_000);
+    }
+
+    #[tokio::test]
+    async fn a_start_given_up_while_it_waits_gives_its_room_back() {
+        let engine = Engine::start(1).unwrap();
+        let release = busy(&engine);
+        let rooms: Vec<Reserved> =
+            futures::future::join_all((0..LANE_BACKLOG).map(|_| engine.reserve())).await;
+        // Full: a start gives up waiting, another one gives its room back unused.
+        assert!(tokio::time::timeout(Duration::from_millis(100), engine.reserve()).await.is_err());
+        drop(rooms);
+        let room =
+            tokio::time::timeout(Duration::from_secs(10), engine.reserve()).await.expect("room");
+        room.spawn(|_| Nothing);
+        drop(release);
     }
 
     #[tokio::test]
     async fn starts_on_a_stopped_engine_are_dropped_not_waited_for() {
         let engine = Engine::start(1).unwrap();
-        let lane = &engine.inner.arbiters[0];
-        assert!(lane.arbiter.stop());
+        assert!(engine.inner.arbiters[0].arbiter.stop());
         let dropped = Arc::new(AtomicUsize::new(0));
         let n = 3 * LANE_BACKLOG;
         let all = async {
             for _ in 0..n {
                 let c = Counted(dropped.clone());
-                engine
-                    .spawn(move |_| {
-                        drop(c);
-                        Nothing
-                    })
-                    .await;
+                engine.reserve().await.spawn(move |_| {
+                    drop(c);
+                    Nothing
+                });
             }
         };
         tokio::time::timeout(Duration::from_secs(10), all).await.expect("nobody waits");
@@ -290,6 +387,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(dropped.load(Ordering::SeqCst), n);
-        assert_eq!(lane.queue.len(), 0);
+        assert_eq!(queued(&engine), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_let_go_when_the_busy_arbiter_stops() {
+        let engine = Engine::start(1).unwrap();
+        let release = busy(&engine);
+        for _ in 0..LANE_BACKLOG {
+            engine.reserve().await.spawn(|_| Nothing);
+        }
+        let next = engine.reserve();
+        tokio::pin!(next);
+        assert!(tokio::time::timeout(Duration::from_millis(100), next.as_mut()).await.is_err());
+        assert!(engine.inner.arbiters[0].arbiter.stop());
+        release.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), next).await.expect("let go");
+        assert_eq!(queued(&engine), 0);
     }
 }

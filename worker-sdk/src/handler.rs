@@ -2,7 +2,9 @@ use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -11,7 +13,7 @@ use orchestrix_proto::{
     CommandKind, FlowDef, FlowError, OutcomeResult, Payload, StepCommand, StepFailure,
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::{StepContext, StepError};
 
@@ -155,72 +157,78 @@ impl StepHandlers {
 /// panics itself.
 pub fn run_command(handler: &BoxedHandler, cmd: StepCommand) -> BoxFuture<'static, OutcomeResult> {
     // Nobody but the handler holds this attempt's cancellation, so it is
-    // made only if the handler asks for it; it fires when the attempt ends
-    // before the handler returned, its future dropped (the run was
-    // cancelled) or out of time.
+    // made only if the handler asks for it, or when the attempt ends early.
     let lazy = Arc::new(OnceLock::new());
     let budget = budget(cmd.timeout, cmd.deadline_ms);
-    let fut = match start(handler, cmd, Cancel::Lazy(lazy.clone())) {
-        Ok(fut) => fut,
-        Err(done) => return done,
-    };
-    let guard = CancelOnDrop(Some(lazy.clone()));
-    let fut = unless_cancelled(fut, lazy);
-    match budget {
-        // No select and no timer: a parked in-process step holds little.
-        None => Box::pin(async move { ended(fut.await, guard) }),
-        Some((budget, why)) => Box::pin(async move {
-            match tokio::time::timeout(budget, fut).await {
-                Ok(result) => ended(result, guard),
-                // The guard fires on the way out.
-                Err(_) => OutcomeResult::Failed(StepFailure::maybe_done(why)),
-            }
+    match start(handler, cmd, Cancel::Lazy(lazy.clone())) {
+        Ok(fut) => Box::pin(InProcess {
+            fut,
+            lazy,
+            stop: None,
+            budget: budget.map(|(b, why)| Box::new((Box::pin(tokio::time::sleep(b)), why))),
+            armed: true,
         }),
+        Err(done) => done,
     }
 }
 
-/// The outcome of an in-process attempt whose handler returned, panicked,
-/// or was stopped by its own token (`None`). Only a handler that returned
-/// lets its token be: after a panic, the tasks it gave the token to are told.
-fn ended(result: Option<<Started as Future>::Output>, guard: CancelOnDrop) -> OutcomeResult {
-    match result {
-        Some(Ok(returned)) => {
-            guard.disarm();
-            outcome(Ok(returned))
-        }
-        Some(panicked) => outcome(panicked),
-        None => OutcomeResult::Failed(StepFailure::maybe_done(
-            "the attempt was cancelled while its handler ran",
-        )),
-    }
-}
-
-/// The handler's future, ended (`None`) once its lazily made token is
-/// cancelled (by the handler itself), as the select on a token did; the
-/// wait for the token is allocated only once the handler made one.
-fn unless_cancelled(
-    mut fut: Started,
+/// An in-process attempt: the handler's future, ended by its budget or by
+/// its own token. The token is cancelled (made then, if the handler never
+/// asked for it) when the attempt ends any other way than by the handler
+/// returning: out of time, dropped (its run was cancelled), or a panic.
+/// A small struct rather than an `async` block: a parked run holds it.
+struct InProcess {
+    fut: Started,
     lazy: Arc<OnceLock<CancellationToken>>,
-) -> impl Future<Output = Option<<Started as Future>::Output>> {
-    let mut stop: Option<std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>> =
-        None;
-    std::future::poll_fn(move |cx| {
-        use std::task::Poll;
-        if let Poll::Ready(r) = fut.poll_unpin(cx) {
-            return Poll::Ready(Some(r));
+    /// Waits on the token once the handler has made one.
+    stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The attempt's time, and what ends it (boxed: a step without a
+    /// budget does not carry its room).
+    budget: Option<Box<(Pin<Box<tokio::time::Sleep>>, String)>>,
+    /// The token is cancelled when this ends, unless the handler returned.
+    armed: bool,
+}
+
+impl Future for InProcess {
+    type Output = OutcomeResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OutcomeResult> {
+        let this = &mut *self;
+        if let Poll::Ready(result) = this.fut.poll_unpin(cx) {
+            // Only a handler that returned lets its token be: after a panic,
+            // the tasks it gave the token to are told.
+            this.armed = result.is_err();
+            return Poll::Ready(outcome(result));
         }
-        if stop.is_none()
-            && let Some(t) = lazy.get()
+        if this.stop.is_none()
+            && let Some(token) = this.lazy.get()
         {
-            stop = Some(Box::pin(t.clone().cancelled_owned()));
+            this.stop = Some(Box::pin(token.clone().cancelled_owned()));
         }
-        if let Some(s) = stop.as_mut()
-            && s.as_mut().poll(cx).is_ready()
+        if let Some(stop) = &mut this.stop
+            && stop.as_mut().poll(cx).is_ready()
         {
-            return Poll::Ready(None);
+            let why = "the attempt was cancelled while its handler ran";
+            return Poll::Ready(OutcomeResult::Failed(StepFailure::maybe_done(why)));
+        }
+        if let Some(budget) = &mut this.budget
+            && budget.0.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(OutcomeResult::Failed(StepFailure::maybe_done(budget.1.clone())));
         }
         Poll::Pending
-    })
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // Made here if the handler has not asked yet: a context kept past
+        // the attempt (in a task of the handler's) must read cancelled, and
+        // a token asked for later must be the cancelled one.
+        if self.armed {
+            self.lazy.get_or_init(CancellationToken::new).cancel();
+        }
+    }
 }
 
 /// [`run_command`] with a cancellation token of the caller's: cancelling it
@@ -296,27 +304,6 @@ impl Cancel {
         match self {
             Cancel::Token(t) => t.is_cancelled(),
             Cancel::Lazy(cell) => cell.get().is_some_and(CancellationToken::is_cancelled),
-        }
-    }
-}
-
-/// Cancels a lazily made token, if the handler made it, unless disarmed
-/// when the handler returned.
-struct CancelOnDrop(Option<Arc<OnceLock<CancellationToken>>>);
-
-impl CancelOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        // Made here if the handler has not asked yet: a context kept past
-        // the attempt (in a task of the handler's) must read cancelled, and
-        // a token asked for later must be the cancelled one.
-        if let Some(cell) = self.0.as_ref() {
-            cell.get_or_init(CancellationToken::new).cancel();
         }
     }
 }
@@ -530,6 +517,17 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             assert!(!fired.load(std::sync::atomic::Ordering::SeqCst), "timeout {timeout:?}");
         }
+    }
+
+    /// What a parked in-process attempt holds besides the handler's own
+    /// future, kept from growing back unnoticed (see "Memory" in
+    /// `docs/benchmarks.md`; 64-bit targets).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_in_process_attempt_stays_small() {
+        let h = handler(|_: StepContext<()>| async { Ok(()) });
+        let fut = run_command(&h, cmd(Payload::nil(), None));
+        assert!(std::mem::size_of_val(&*fut) <= 48, "{}", std::mem::size_of_val(&*fut));
     }
 
     #[test]
