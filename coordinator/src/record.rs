@@ -1531,6 +1531,35 @@ mod tests {
         assert_eq!(s.started_at(), None);
     }
 
+    /// Errors alone (the only rare fields of a run that failed) keep their
+    /// stored form, read back, and reach the report.
+    #[test]
+    fn errors_alone_are_stored_as_before_and_reported() {
+        let mut r = sample(false);
+        r.steps[1].extras_mut().error = Some("boom".into());
+        r.extras_mut().error = Some("e".into());
+        r.extras_mut().failed_step = Some(1);
+        let old = old_of(&r);
+        let named = rmp_serde::to_vec_named(&r).unwrap();
+        assert_eq!(named, rmp_serde::to_vec_named(&old).unwrap());
+        assert_eq!(rmp_serde::to_vec(&r).unwrap(), rmp_serde::to_vec(&old).unwrap());
+        assert_eq!(serde_json::to_vec(&r).unwrap(), serde_json::to_vec(&old).unwrap());
+        let back = rmp_serde::from_slice::<RunRecord>(&named).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.extras().error.as_deref(), Some("e"));
+        assert_eq!(back.extras().failed_step, Some(1));
+        assert_eq!(back.steps[1].extras().error.as_deref(), Some("boom"));
+        let rep = back.to_report(Duration::ZERO);
+        assert_eq!(rep.error.as_deref(), Some("e"));
+        assert_eq!(rep.failed_step.as_deref(), Some(&*r.steps[1].name));
+        assert_eq!(rep.steps[1].error.as_deref(), Some("boom"));
+        // Only the failed step.
+        let mut r = sample(false);
+        r.extras_mut().failed_step = Some(0);
+        let back = rmp_serde::from_slice::<RunRecord>(&rmp_serde::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back.extras().failed_step, Some(0));
+    }
+
     /// What a parked run holds, kept from growing back unnoticed (see
     /// "Memory" in `docs/benchmarks.md`; 64-bit targets).
     #[test]
