@@ -24,6 +24,10 @@ use crate::store::{Pending, Store, StoreError};
 use crate::telemetry::{self, RunSpans};
 use crate::{Hooks, StepEvent};
 
+/// How long a caller's handle follows a run that another coordinator took
+/// over (through the store) before it reports the run lost.
+const FOLLOW_TAKEOVER: Duration = Duration::from_secs(600);
+
 /// Kept small: a parked run is mostly its actor (see "Memory" in
 /// `docs/benchmarks.md`). What all runs share is behind one pointer, what
 /// few runs use is boxed, and the per-command lists are vectors (a run has
@@ -270,6 +274,27 @@ impl RunActor {
             // Another coordinator took the run over while this one was cut
             // off: it is theirs now; stop without acting on anything.
             warn!(run_id = %self.run_id(), "run taken over by another coordinator; letting go");
+            // Whoever waits for the run's report here gets it from the store
+            // once the taker ends the run: the run is not lost, only moved.
+            // The store may be failing over too: asked again for a while.
+            if let Some(done) = self.done.take() {
+                let (store, run_id) = (self.parts.store.clone(), self.run_id());
+                actix::spawn(async move {
+                    let give_up = Instant::now() + FOLLOW_TAKEOVER;
+                    let mut pause = Duration::from_millis(100);
+                    while !done.is_closed() {
+                        match store.wait(run_id).await {
+                            Ok(report) => {
+                                let _ = done.send(Box::new(report));
+                                return;
+                            }
+                            Err(e) if e.is_permanent() || Instant::now() > give_up => return,
+                            Err(_) => tokio::time::sleep(pause).await,
+                        }
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                });
+            }
             ctx.stop();
             return;
         }

@@ -329,3 +329,50 @@ async fn garbage_on_a_strange_journal_subject_stops_no_takeover() {
     let claimed = t.claim_orphans(flows(&["f"])).await.expect("the scan goes on");
     assert_eq!(claimed.iter().map(|x| x.run_id).collect::<Vec<_>>(), vec![r.run_id]);
 }
+
+/// A coordinator that looked dead (a stall) while its run waited on a step
+/// finds, at the step's outcome, that another took the run over: its actor
+/// lets go, and the caller's handle follows the run to its end through the
+/// store instead of reporting it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_handle_follows_its_run_to_the_coordinator_that_took_it_over() {
+    use crate::{Coordinator, OnUnknown, RunOptions, RunStatus, create};
+    let s = server(None);
+    let (c, t) = (open(&s).await, open(&s).await);
+    let (entered, release) =
+        (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    let (e, r) = (entered.clone(), release.clone());
+    // Here the step waits until told; at the taker it completes at once.
+    let held = create::<u32>("f").step_with(
+        "s",
+        move |_| {
+            let (e, r) = (e.clone(), r.clone());
+            async move {
+                e.notify_one();
+                r.notified().await;
+                Ok(())
+            }
+        },
+        |o| o.on_unknown(OnUnknown::Retry),
+    );
+    let quick =
+        create::<u32>("f").step_with("s", |_| async { Ok(()) }, |o| o.on_unknown(OnUnknown::Retry));
+    let here = Coordinator::builder().flow(&held).store(c.clone()).build().unwrap();
+    let handle = here.start("f", &7u32, RunOptions::new()).await.unwrap();
+    entered.notified().await;
+    // It looks dead; the other coordinator takes its run over and ends it.
+    stop_heartbeat(&c).await;
+    let taker = Coordinator::builder().flow(&quick).store(t.clone()).build().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while taker.recover().await.unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the taker never claimed the run");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The stalled coordinator's step answers now: its actor is fenced.
+    release.notify_one();
+    let report = tokio::time::timeout(Duration::from_secs(60), handle.report())
+        .await
+        .expect("the handle answers")
+        .expect("the run is not lost: it moved");
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+}
