@@ -294,18 +294,23 @@ mod tests {
         engine.inner.arbiters[0].queue.lock().jobs.len()
     }
 
+    /// Fills the lane of a busy engine; returns the next start, shown to wait.
+    async fn filled(engine: &Engine) -> std::pin::Pin<Box<impl Future<Output = Reserved> + '_>> {
+        for _ in 0..LANE_BACKLOG {
+            engine.reserve().await.spawn(|_| Nothing);
+        }
+        let mut next = Box::pin(engine.reserve());
+        assert!(tokio::time::timeout(Duration::from_millis(200), next.as_mut()).await.is_err());
+        assert_eq!(queued(engine), LANE_BACKLOG);
+        next
+    }
+
     #[tokio::test]
     async fn a_flood_of_starts_waits_for_a_busy_arbiter() {
         let engine = Engine::start(1).unwrap();
         let release = busy(&engine);
-        for _ in 0..LANE_BACKLOG {
-            engine.reserve().await.spawn(|_| Nothing);
-        }
         // The next start waits for the arbiter to take the ones queued.
-        let next = engine.reserve();
-        tokio::pin!(next);
-        assert!(tokio::time::timeout(Duration::from_millis(200), next.as_mut()).await.is_err());
-        assert_eq!(queued(&engine), LANE_BACKLOG);
+        let next = filled(&engine).await;
         release.send(()).unwrap();
         let room = tokio::time::timeout(Duration::from_secs(10), next).await.expect("room");
         room.spawn(|_| Nothing);
@@ -394,12 +399,7 @@ mod tests {
     async fn a_waiter_is_let_go_when_the_busy_arbiter_stops() {
         let engine = Engine::start(1).unwrap();
         let release = busy(&engine);
-        for _ in 0..LANE_BACKLOG {
-            engine.reserve().await.spawn(|_| Nothing);
-        }
-        let next = engine.reserve();
-        tokio::pin!(next);
-        assert!(tokio::time::timeout(Duration::from_millis(100), next.as_mut()).await.is_err());
+        let next = filled(&engine).await;
         assert!(engine.inner.arbiters[0].arbiter.stop());
         release.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), next).await.expect("let go");
