@@ -45,16 +45,7 @@ async fn scenario() {
     assert_eq!(report.status, RunStatus::Failed);
     eprintln!("SEEN declined run_id={}", report.run_id);
 
-    let unknown = create::<()>("slow-flow")
-        .step_with("reserve-stock", |_| async { Ok(()) }, |o| o.compensate(|_| async { Ok(()) }))
-        .step_with(
-            "process-payment",
-            |_| async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok(())
-            },
-            |o| o.timeout(Duration::from_millis(200)),
-        );
+    let unknown = common::payment_that_times_out("slow-flow");
     let report = unknown.run(()).await.unwrap();
     assert_eq!(report.status, RunStatus::Failed);
     eprintln!("SEEN unknown run_id={}", report.run_id);

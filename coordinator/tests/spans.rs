@@ -233,20 +233,7 @@ fn an_unknown_outcome_is_an_error_with_its_own_event() {
         .with(orchestrix_worker::telemetry::layer(provider.tracer("test")));
     tracing::subscriber::with_default(subscriber, || {
         paused(|| async {
-            let flow = create::<()>("payment-flow")
-                .step_with(
-                    "reserve-stock",
-                    |_| async { Ok(()) },
-                    |o| o.compensate(|_| async { Ok(()) }),
-                )
-                .step_with(
-                    "process-payment",
-                    |_| async {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        Ok(())
-                    },
-                    |o| o.timeout(Duration::from_millis(200)),
-                );
+            let flow = common::payment_that_times_out("payment-flow");
             let report = flow.run(()).await.unwrap();
             assert_eq!(report.status, RunStatus::Failed);
         })

@@ -4,43 +4,27 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
 use opentelemetry::Value;
-use opentelemetry::trace::{SpanId, SpanKind, Status, TracerProvider as _};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+use opentelemetry::trace::{SpanId, SpanKind, Status};
 use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepError, Worker};
-use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{Node, NodeStore};
 use orchestrix_integration_tests::NatsServer;
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
 use tracing::Instrument;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saga_is_one_trace_across_processes() {
-    let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    tracing_subscriber::registry()
-        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")))
-        .init();
+    let (provider, exporter) = support::capture_spans();
 
     let server = NatsServer::start();
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml = "[[flow]]\nname = \"traced\"\n[[flow.step]]\nname = \"reserve\"\ncompensable = true\n[[flow.step]]\nname = \"charge\"\nretries = 1\nretry_delay_ms = 10\n";
     // In memory, no run events and no registry: the spans are the run's alone.
-    let node = Node::builder()
-        .store(NodeStore::Memory)
-        .flows(flowfile::parse(toml).unwrap())
-        .registry(false)
-        .events(false)
-        .start(conn.clone())
-        .await
-        .unwrap();
+    let node = support::memory_node(conn.clone(), toml).await;
     let coordinator = node.coordinator();
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))

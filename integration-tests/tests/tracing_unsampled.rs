@@ -6,43 +6,25 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
-use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{Node, NodeStore};
 use orchestrix_integration_tests::NatsServer;
 use orchestrix_worker::NatsOptions;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 /// A caller's trace that its own sampler left out (flags `00`).
 const UNSAMPLED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
-    let exporter = InMemorySpanExporter::default();
-    // The SDK's default sampler: parent-based, roots always sampled.
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    tracing_subscriber::registry()
-        .with(orchestrix_worker::telemetry::layer(provider.tracer("test")))
-        .init();
+    let (provider, exporter) = support::capture_spans();
 
     let server = NatsServer::start();
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml = "[[flow]]\nname = \"sampling\"\n[[flow.step]]\nname = \"charge\"\n";
-    let node = Node::builder()
-        .store(NodeStore::Memory)
-        .flows(flowfile::parse(toml).unwrap())
-        .registry(false)
-        .events(false)
-        .start(conn.clone())
-        .await
-        .unwrap();
+    let node = support::memory_node(conn.clone(), toml).await;
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))
         .steps::<()>("sampling", |f| {

@@ -63,3 +63,18 @@ pub fn assert_ms(actual: Duration, expected: Duration) {
         "{actual:?} is not {expected:?} (to the millisecond)"
     );
 }
+
+/// `reserve-stock` (compensable), then `process-payment`, whose attempt
+/// outlives its 200 ms timeout: the run fails on an unknown outcome.
+pub fn payment_that_times_out(name: &str) -> orchestrix_coordinator::Flow<()> {
+    orchestrix_coordinator::create::<()>(name)
+        .step_with("reserve-stock", |_| async { Ok(()) }, |o| o.compensate(|_| async { Ok(()) }))
+        .step_with(
+            "process-payment",
+            |_| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            },
+            |o| o.timeout(Duration::from_millis(200)),
+        )
+}
