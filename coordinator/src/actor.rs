@@ -339,11 +339,10 @@ impl RunActor {
                 Effect::Send(cmd) => self.send(cmd, ctx),
                 Effect::Inquire(cmd) => {
                     let command_id = cmd.command_id;
-                    let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
+                    let trace = self.spans.as_ref().map(|s| s.propagated(cmd.step_index));
                     let reply = ReplyTo::new(ctx.address());
-                    let asked = crate::telemetry::sending(unsampled, || {
-                        self.parts.bus.inquire(cmd, &reply)
-                    });
+                    let asked =
+                        crate::telemetry::sending(trace, || self.parts.bus.inquire(cmd, &reply));
                     if asked.is_err() {
                         ctx.notify(Internal(Event::Unanswered { command_id }));
                     }
@@ -474,18 +473,22 @@ impl RunActor {
     /// Sends an attempt's command (its watch is a separate effect).
     fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
         let (command_id, attempt, kind) = (cmd.command_id, cmd.attempt, cmd.kind);
-        // Inside the attempt's span, so the bus can carry its context along.
+        // The bus carries the attempt's trace context along.
         let step = cmd.step_index;
-        let entered =
-            self.spans.as_ref().and_then(|s| s.attempt(step)).map(|s| s.clone().entered());
-        let unsampled = self.spans.as_ref().is_some_and(|s| !s.sampled());
+        let trace = self.spans.as_ref().map(|s| s.propagated(step));
         let reply = ReplyTo::new(ctx.address());
-        let dispatched =
-            crate::telemetry::sending(unsampled, || self.parts.bus.dispatch(cmd, &reply));
-        drop(entered);
+        let dispatched = crate::telemetry::sending(trace, || self.parts.bus.dispatch(cmd, &reply));
         match dispatched {
             Ok(Dispatched::Sent) => {}
             Ok(Dispatched::Local(outcome)) => {
+                // In process, the handler's own spans are children of its attempt's.
+                let outcome = match self.spans.as_ref().and_then(|s| s.attempt(step)) {
+                    Some(cx) => Box::pin(opentelemetry::context::FutureExt::with_context(
+                        outcome,
+                        cx.clone(),
+                    )),
+                    None => outcome,
+                };
                 let handle = ctx.spawn(outcome.into_actor(self).map(move |result, act, ctx| {
                     act.local.remove(command_id);
                     act.handle_event(Event::Outcome { command_id, attempt, kind, result }, ctx)
@@ -510,7 +513,7 @@ impl RunActor {
             Notice::AttemptStarted { step, kind, attempt, command_id } => {
                 let (step_name, group) = (name(*step), group(*step));
                 if let Some(s) = &mut self.spans {
-                    let g = group.as_deref();
+                    let g = group.as_ref();
                     s.attempt_started(*step, &step_name, g, *kind, *attempt, *command_id, remote);
                 }
                 self.hook(*step, *kind, *attempt, |h, e| match kind {
@@ -524,7 +527,7 @@ impl RunActor {
                 // covers the rest of the attempt (no hook: it did not start now).
                 let (step_name, group) = (name(*step), group(*step));
                 if let Some(s) = &mut self.spans {
-                    let g = group.as_deref();
+                    let g = group.as_ref();
                     s.attempt_started(*step, &step_name, g, *kind, *attempt, *command_id, remote);
                 }
             }

@@ -322,6 +322,11 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
             // The coordinator's `RunMetrics::global()` records on it.
             opentelemetry::global::set_meter_provider(m.clone());
         }
+        if let Some(p) = &provider {
+            // The coordinator's run and attempt spans are made on the global
+            // provider (the OpenTelemetry API, not `tracing`).
+            opentelemetry::global::set_tracer_provider(p.clone());
+        }
         let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
         let _ = registry.with(otel).try_init();
         TelemetryGuard { provider, meters }

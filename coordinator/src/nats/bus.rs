@@ -179,16 +179,12 @@ impl NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
-        // The attempt's span (entered by the run actor) names where it went.
-        tracing::Span::current().record("messaging.destination.name", subject.as_str());
+        // The run's trace context (its attempt's span), else one that still
+        // correlates the run's commands: trace id = run id.
+        let tp = crate::telemetry::sending_traceparent()
+            .unwrap_or_else(|| TraceParent::for_run(cmd.run_id, fastrand::u64(..)));
         let mut h = async_nats::HeaderMap::new();
-        if !inject_current_span(&mut h) {
-            // No tracer, or a run the sampler left out: still correlate the
-            // run's commands (trace id = run id), flagged as the sampler said.
-            let mut tp = TraceParent::for_run(cmd.run_id, fastrand::u64(..));
-            tp.sampled = !crate::telemetry::sending_unsampled();
-            h.insert(headers::TRACEPARENT, tp.to_header());
-        }
+        h.insert(headers::TRACEPARENT, tp.to_header());
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let out = Outgoing {
@@ -271,25 +267,6 @@ async fn publish(
             });
         }
     }
-}
-
-/// Puts the current span's trace context (the attempt's, entered by the run
-/// actor) into the headers; false when there is none (no tracer installed).
-fn inject_current_span(h: &mut async_nats::HeaderMap) -> bool {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = tracing::Span::current().context();
-    if !cx.span().span_context().is_valid() {
-        return false;
-    }
-    struct Injector<'a>(&'a mut async_nats::HeaderMap);
-    impl opentelemetry::propagation::Injector for Injector<'_> {
-        fn set(&mut self, key: &str, value: String) {
-            self.0.insert(key, value.as_str());
-        }
-    }
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut Injector(h)));
-    true
 }
 
 /// Decodes each reply and hands it to its run. Bad replies are logged and dropped.

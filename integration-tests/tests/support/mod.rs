@@ -11,14 +11,15 @@ use orchestrix_coordinator::nats::{Node, NodeStore};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber with an OpenTelemetry layer (the SDK's
-/// default sampler: parent-based, roots always sampled) exporting to the
-/// returned exporter, and W3C trace context propagation; the provider is
+/// Installs the global subscriber with an OpenTelemetry layer and the global
+/// tracer provider (the SDK's default sampler: parent-based, roots always
+/// sampled), both exporting to the returned exporter, and W3C trace context propagation; the provider is
 /// returned to be flushed.
 pub fn capture_spans() -> (SdkTracerProvider, InMemorySpanExporter) {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    opentelemetry::global::set_tracer_provider(provider.clone());
     tracing_subscriber::registry()
         .with(orchestrix_worker::telemetry::layer(provider.tracer("test")))
         .init();
