@@ -1105,24 +1105,24 @@ fn handler_span(
     use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let unsampled = msg
+    let parent = msg
         .headers
         .as_ref()
         .and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT))
-        .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()))
-        .filter(|tp| !tp.sampled);
-    if let Some(tp) = unsampled {
-        let remote = SpanContext::new(
+        .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()));
+    let remote = |tp: orchestrix_proto::TraceParent| {
+        let flags = if tp.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        let sc = SpanContext::new(
             TraceId::from_bytes(tp.trace_id),
             SpanId::from_bytes(tp.span_id),
-            TraceFlags::default(),
+            flags,
             true,
             Default::default(),
         );
-        return (
-            tracing::Span::none(),
-            opentelemetry::Context::new().with_remote_span_context(remote),
-        );
+        opentelemetry::Context::new().with_remote_span_context(sc)
+    };
+    if let Some(tp) = parent.filter(|tp| !tp.sampled) {
+        return (tracing::Span::none(), remote(tp));
     }
     let span = {
         // Strings where they can be: a `Display` value costs a trip
@@ -1153,19 +1153,9 @@ fn handler_span(
         )
     };
     if !span.is_disabled()
-        && let Some(headers) = &msg.headers
+        && let Some(tp) = parent
     {
-        struct Extractor<'a>(&'a async_nats::HeaderMap);
-        impl opentelemetry::propagation::Extractor for Extractor<'_> {
-            fn get(&self, key: &str) -> Option<&str> {
-                self.0.get(key).map(|v| v.as_str())
-            }
-            fn keys(&self) -> Vec<&str> {
-                self.0.iter().map(|(k, _)| k.as_ref()).collect()
-            }
-        }
-        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Extractor(headers)));
-        let _ = span.set_parent(cx);
+        let _ = span.set_parent(remote(tp));
     }
     (span, opentelemetry::Context::new())
 }
