@@ -339,7 +339,7 @@ impl RunActor {
                 Effect::Send(cmd) => self.send(cmd, ctx),
                 Effect::Inquire(cmd) => {
                     let command_id = cmd.command_id;
-                    let trace = self.spans.as_ref().map(|s| s.propagated(cmd.step_index));
+                    let trace = self.spans.as_ref().map(|s| s.context(cmd.step_index));
                     let reply = ReplyTo::new(ctx.address());
                     let asked =
                         crate::telemetry::sending(trace, || self.parts.bus.inquire(cmd, &reply));
@@ -475,14 +475,15 @@ impl RunActor {
         let (command_id, attempt, kind) = (cmd.command_id, cmd.attempt, cmd.kind);
         // The bus carries the attempt's trace context along.
         let step = cmd.step_index;
-        let trace = self.spans.as_ref().map(|s| s.propagated(step));
+        let trace = self.spans.as_ref().map(|s| s.context(step));
         let reply = ReplyTo::new(ctx.address());
         let dispatched = crate::telemetry::sending(trace, || self.parts.bus.dispatch(cmd, &reply));
         match dispatched {
             Ok(Dispatched::Sent) => {}
             Ok(Dispatched::Local(outcome)) => {
-                // In process, the handler's own spans are children of its attempt's.
-                let outcome = match self.spans.as_ref().and_then(|s| s.attempt(step)) {
+                // In process, the handler's own spans are made under its
+                // attempt's (or, in a run left out, under "not sampled").
+                let outcome = match self.spans.as_ref().map(|s| s.context(step)) {
                     Some(cx) => Box::pin(opentelemetry::context::FutureExt::with_context(
                         outcome,
                         cx.clone(),

@@ -129,7 +129,10 @@ impl fmt::Debug for Dispatched {
 /// ([`MemoryBus`]) and over NATS.
 pub trait Bus: Send + Sync + 'static {
     /// Sends `cmd`; every answer about it goes to `reply`, unless the command
-    /// runs locally ([`Dispatched::Local`]).
+    /// runs locally ([`Dispatched::Local`]). When the run is traced, the
+    /// attempt's OpenTelemetry context is current during the call
+    /// (`opentelemetry::Context::current()`): a bus carries it along with the
+    /// command.
     fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError>;
 
     /// Asks every worker of `cmd`'s step whether one holds it (after a

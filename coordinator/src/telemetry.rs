@@ -107,14 +107,16 @@ impl RunSpans {
             .span_builder(format!("{flow} run"))
             .with_kind(SpanKind::Internal)
             .start_with_context(&tracer, &parent);
-        // No valid context: no provider installed (and no caller's context
-        // to pass on). Nothing would export the spans: none are made.
+        // No valid context: no provider installed and no caller's context.
+        // Nothing would export the spans: none are made.
         if !span.span_context().is_valid() {
             return None;
         }
-        if !span.is_recording() {
-            // Left out by the sampler: no span at all; its commands carry
-            // its context, flagged not sampled, so workers skip theirs too.
+        if !(span.is_recording() && span.span_context().is_sampled()) {
+            // Left out by the sampler (or recorded only, never exported): no
+            // span at all; its commands carry its context, flagged not
+            // sampled, so workers skip theirs too. With no provider but a
+            // caller's context, that context is passed on as it came.
             let sc = span.span_context().clone();
             return Some(Box::new(RunSpans {
                 run: Context::new().with_remote_span_context(sc),
@@ -219,11 +221,11 @@ impl RunSpans {
         self.sampled.is_some()
     }
 
-    /// The context step `index`'s command carries: its attempt's span, else
-    /// the run's (a run left out: flagged not sampled).
-    pub(crate) fn propagated(&self, index: u32) -> SpanContext {
-        let cx = self.attempt(index).unwrap_or(&self.run);
-        cx.span().span_context().clone()
+    /// The context step `index`'s command is sent and its in-process
+    /// handler runs in: its attempt's span, else the run's (a run left out:
+    /// flagged not sampled, so that spans made under it are left out too).
+    pub(crate) fn context(&self, index: u32) -> &Context {
+        self.attempt(index).unwrap_or(&self.run)
     }
 
     /// The context of step `index`'s attempt in flight (a sampled run only).
@@ -250,25 +252,13 @@ impl RunSpans {
         }
     }
 
-    pub(crate) fn finished(mut self, report: &RunReport) {
-        let open: Vec<u32> =
-            self.sampled.iter().flat_map(|s| s.attempts.iter().map(|a| a.0)).collect();
-        for index in open {
-            self.attempt_ended(index, None);
-        }
-        if self.sampled.is_none() {
-            return;
-        }
-        let span = self.run.span();
-        if report.status != RunStatus::Completed {
+    /// Ends the run's spans, the run's with its status; open attempts and
+    /// groups end as they do on drop.
+    pub(crate) fn finished(self, report: &RunReport) {
+        if self.sampled.is_some() && report.status != RunStatus::Completed {
             let why = report.error.as_deref().unwrap_or(report.status.as_str());
-            span.set_status(Status::error(why.to_owned()));
+            self.run.span().set_status(Status::error(why.to_owned()));
         }
-        // Groups end before the run, at their last attempt's end (`Drop`).
-        if let Some(s) = self.sampled.take() {
-            s.end_groups();
-        }
-        span.end();
     }
 }
 
@@ -284,10 +274,13 @@ impl Drop for RunSpans {
     /// A run actor that stops without finishing (handed over, quarantined,
     /// shut down) ends its spans where it stopped.
     fn drop(&mut self) {
-        if let Some(mut s) = self.sampled.take() {
-            for (_, _, cx) in s.attempts.drain(..) {
-                cx.span().end();
-            }
+        // Open attempts end now, and their groups with them.
+        let open: Vec<u32> =
+            self.sampled.iter().flat_map(|s| s.attempts.iter().map(|a| a.0)).collect();
+        for index in open {
+            self.attempt_ended(index, None);
+        }
+        if let Some(s) = self.sampled.take() {
             s.end_groups();
             self.run.span().end();
         }
@@ -390,35 +383,24 @@ pub(crate) fn command_resent(
     tracing::info!(%run_id, %command_id, note, "command sent again");
 }
 
-thread_local! {
-    /// The trace context of the command being sent, when its run has one.
-    static SENDING: std::cell::RefCell<Option<SpanContext>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `send` with `context` as the trace context of the command it sends:
-/// the bus puts it in the command's `traceparent`.
-pub(crate) fn sending<R>(context: Option<SpanContext>, send: impl FnOnce() -> R) -> R {
-    /// Clears the context however `send` ends.
-    struct Clear;
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            SENDING.set(None);
-        }
-    }
-    SENDING.set(context);
-    let _clear = Clear;
+/// Runs `send` with `context` (see [`RunSpans::context`]) as the current
+/// OpenTelemetry context: a bus reads it to put the command's
+/// `traceparent`, and an in-process handler called in `send` makes its
+/// spans under it.
+pub(crate) fn sending<R>(context: Option<&Context>, send: impl FnOnce() -> R) -> R {
+    let _current = context.map(|cx| cx.clone().attach());
     send()
 }
 
 /// The `traceparent` of the command being sent, if its run has a trace
 /// context (`None`: no tracer, or nothing around the send).
 pub(crate) fn sending_traceparent() -> Option<TraceParent> {
-    SENDING.with_borrow(|sc| {
-        sc.as_ref().map(|sc| TraceParent {
-            trace_id: sc.trace_id().to_bytes(),
-            span_id: sc.span_id().to_bytes(),
-            sampled: sc.is_sampled(),
-        })
+    let cx = Context::current();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| TraceParent {
+        trace_id: sc.trace_id().to_bytes(),
+        span_id: sc.span_id().to_bytes(),
+        sampled: sc.is_sampled(),
     })
 }
 
@@ -436,7 +418,7 @@ mod tests {
         let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let spans = RunSpans::start(Uuid::new_v4(), &flow, Some(caller)).unwrap();
         assert!(!spans.sampled(), "nothing records its spans");
-        let sent = sending(Some(spans.propagated(0)), sending_traceparent).unwrap();
+        let sent = sending(Some(spans.context(0)), sending_traceparent).unwrap();
         assert_eq!(sent.to_header(), caller);
         assert!(sending_traceparent().is_none(), "cleared after the send");
     }

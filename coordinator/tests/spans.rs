@@ -343,7 +343,13 @@ fn a_run_the_sampler_leaves_out_makes_no_attempt_spans() {
     let runs = 40;
     actix_rt::System::new().block_on(async {
         let flow = create::<()>(HALF)
-            .step("half-one", |_| async { Ok(()) })
+            .step("half-one", |_| async {
+                // A handler's own span: left out with its run.
+                use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+                let tracer = opentelemetry::global::tracer_provider().tracer("handler");
+                tracer.in_span("half-inner", |_| ());
+                Ok(())
+            })
             .step("half-two", |_| async { Ok(()) });
         for _ in 0..runs {
             assert_eq!(flow.run(()).await.unwrap().status, RunStatus::Completed);
@@ -358,6 +364,8 @@ fn a_run_the_sampler_leaves_out_makes_no_attempt_spans() {
         .count();
     assert!(0 < exported_runs && exported_runs < runs, "about half: {exported_runs} of {runs}");
     assert_eq!(exported_attempts, 2 * exported_runs, "whole runs or nothing");
+    let inner = spans.iter().filter(|s| s.name == "half-inner").count();
+    assert_eq!(inner, exported_runs, "a handler's spans are left out with its run");
     // Made at all (exported or not): attempts of sampled runs only.
     let made = c.attempts_asked.load(Ordering::SeqCst);
     assert_eq!(made, exported_attempts, "no attempt span for a run left out");

@@ -1152,10 +1152,9 @@ fn handler_span(
             otel.status_description = Empty,
         )
     };
-    if !span.is_disabled()
-        && let Some(tp) = parent
-    {
-        let _ = span.set_parent(remote(tp));
+    if !span.is_disabled() {
+        // No `traceparent`: a root, whatever the receiving task has current.
+        let _ = span.set_parent(parent.map(remote).unwrap_or_default());
     }
     (span, opentelemetry::Context::new())
 }
