@@ -364,7 +364,10 @@ pub(crate) fn install_fallback() -> bool {
 /// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
 /// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes
 /// that say nothing about a run and crowd out the ones that do.
-/// A service with its own OpenTelemetry setup can use it too.
+/// A service with its own OpenTelemetry setup can use it too; it must also
+/// set the global tracer provider
+/// (`opentelemetry::global::set_tracer_provider`), on which the coordinator
+/// makes its run and attempt spans ([`init_with`] sets both).
 pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
