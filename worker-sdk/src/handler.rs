@@ -353,13 +353,13 @@ fn panicked(panic: Box<dyn Any + Send>) -> OutcomeResult {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use orchestrix_proto::StepOutput;
     use uuid::Uuid;
 
     use super::*;
 
-    pub(crate) fn cmd(input: Payload, timeout: Option<Duration>) -> StepCommand {
+    pub(super) fn cmd(input: Payload, timeout: Option<Duration>) -> StepCommand {
         StepCommand {
             command_id: Uuid::new_v4(),
             run_id: Uuid::new_v4(),

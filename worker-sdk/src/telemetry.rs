@@ -198,10 +198,7 @@ where
 /// span (`orchestrix.handle`) stays, to give a handler's own log lines their
 /// run, step and attempt, without the fields only a trace needs
 /// ([`LogFields`]).
-pub(crate) fn log_layer<S, W>(
-    writer: W,
-    ansi: bool,
-) -> impl tracing_subscriber::Layer<S> + Send + Sync
+fn log_layer<S, W>(writer: W, ansi: bool) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,

@@ -1125,26 +1125,6 @@ impl CommandTrace {
     }
 }
 
-/// What frames a handler's log lines, as the fields of that many `tracing`
-/// fields would read: `orchestrix.run_id="…" orchestrix.flow="…"
-/// orchestrix.step="…" orchestrix.attempt=2 orchestrix.worker="…"`.
-struct CommandLabels<'a> {
-    run_id: &'a str,
-    cmd: &'a StepCommand,
-    worker: &'a str,
-}
-
-impl fmt::Display for CommandLabels<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let CommandLabels { run_id, cmd, worker } = self;
-        write!(
-            f,
-            "orchestrix.run_id={run_id:?} orchestrix.flow={:?} orchestrix.step={:?} orchestrix.attempt={} orchestrix.worker={worker:?}",
-            &*cmd.flow, &*cmd.step, cmd.attempt
-        )
-    }
-}
-
 /// The trace of one command: its span `{step} {kind}`, a messaging
 /// CONSUMER span, child of the coordinator's attempt span (the PRODUCER,
 /// `{step} {kind} attempt {n}`) named by the command's `traceparent`; made
@@ -1182,15 +1162,15 @@ fn command_trace(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> 
     // No `traceparent`: a root, whatever the receiving task has current.
     let parent = parent.map(remote).unwrap_or_default();
     let (run_id, command_id) = (cmd.run_id.to_string(), cmd.command_id.to_string());
-    // One field, written by one `Display`: the log layer formats a span's
-    // fields when the span is made, whether or not anything is logged in
-    // it, and five fields cost five trips through its visitor. As the
-    // `message` field, the log line shows it without a name.
     let log = tracing::info_span!(
         target: HANDLER_LOGS,
         parent: None,
         "orchestrix.handle",
-        message = %CommandLabels { run_id: &run_id, cmd, worker },
+        orchestrix.run_id = run_id.as_str(),
+        orchestrix.flow = &*cmd.flow,
+        orchestrix.step = &*cmd.step,
+        orchestrix.attempt = i64::from(cmd.attempt),
+        orchestrix.worker = worker,
     );
     let tracer = opentelemetry::global::tracer(crate::telemetry::SCOPE);
     let command_id = StringValue::from(Arc::<str>::from(command_id));
@@ -1258,53 +1238,6 @@ mod tests {
         assert!(!d.cancel(unseen), "not held here");
         assert!(matches!(d.redelivered(unseen, &reply), Some(Seen::Cancelled)));
         assert!(!d.begin(unseen, &reply, &CancellationToken::new()), "never started");
-    }
-
-    /// A handler's log line, as a worker frames it: its run, flow, step,
-    /// attempt and worker, the way separate fields would read.
-    #[test]
-    fn a_handlers_log_lines_are_framed_by_its_command() {
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Buffer::default();
-        let writer = {
-            let out = out.clone();
-            move || out.clone()
-        };
-        let cmd = crate::handler::tests::cmd(orchestrix_proto::Payload::encode(&()).unwrap(), None);
-        let msg = async_nats::Message {
-            subject: "orchestrix.step.f.v1.s".into(),
-            reply: None,
-            payload: Bytes::new(),
-            headers: None,
-            status: None,
-            description: None,
-            length: 0,
-        };
-        let subscriber =
-            tracing_subscriber::registry().with(crate::telemetry::log_layer(writer, false));
-        tracing::subscriber::with_default(subscriber, || {
-            let trace = command_trace(&msg, &cmd, "host-1-a");
-            trace.log.in_scope(|| tracing::warn!(amount = 5, "card declined"));
-        });
-        let text = String::from_utf8(out.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .unwrap_or_default();
-        let want = format!(
-            "orchestrix.handle{{orchestrix.run_id=\"{}\" orchestrix.flow=\"f\" orchestrix.step=\"s\" orchestrix.attempt=2 orchestrix.worker=\"host-1-a\"}}: ",
-            cmd.run_id
-        );
-        assert!(text.contains(&want), "{text}");
-        assert!(text.contains("card declined amount=5"), "{text}");
     }
 
     #[test]
