@@ -37,7 +37,7 @@ use uuid::Uuid;
 const UNKNOWN_PREFIX: &str = "outcome unknown:";
 
 /// The instrumentation scope of every span Orchestrix makes.
-pub(crate) use orchestrix_worker::telemetry::SCOPE;
+pub(crate) const SCOPE: &str = "orchestrix";
 
 /// The open spans of one run, each held in the context it makes (its
 /// children's parent). Boxed, and only when a tracer provider answers with

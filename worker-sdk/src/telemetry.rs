@@ -360,116 +360,26 @@ pub(crate) fn install_fallback() -> bool {
     tracing::subscriber::set_global_default(subscriber).is_ok()
 }
 
-/// The instrumentation scope of the spans Orchestrix makes with the
-/// OpenTelemetry API (the coordinator's, and a worker's command spans).
-pub const SCOPE: &str = "orchestrix";
-
 /// The `tracing` → OpenTelemetry layer as Orchestrix's spans want it: no
 /// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
 /// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes
-/// that say nothing about a run and crowd out the ones that do. It leaves
-/// out the `tracing` span that frames a handler's log lines (the command's
-/// span is made with the OpenTelemetry API), and puts the log events a
-/// handler writes outside spans of its own onto the command's span.
-///
+/// that say nothing about a run and crowd out the ones that do.
 /// A service with its own OpenTelemetry setup can use it too; it must also
 /// set the global tracer provider
-/// (`opentelemetry::global::set_tracer_provider`), on which Orchestrix makes
-/// its run, attempt and command spans ([`init_with`] sets both).
-pub fn layer<S, T>(tracer: T) -> impl tracing_subscriber::Layer<S> + Send + Sync
+/// (`opentelemetry::global::set_tracer_provider`), on which the coordinator
+/// makes its run and attempt spans ([`init_with`] sets both).
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
 where
-    S: tracing::Subscriber
-        + Send
-        + Sync
-        + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + 'static,
     T::Span: Send + Sync,
 {
-    use tracing_subscriber::Layer as _;
-    // Decided once per call site: no cost per span.
-    let not_handler_logs = tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.is_span() && meta.target() == crate::worker::HANDLER_LOGS)
-    });
     tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_location(false)
         .with_threads(false)
         .with_target(false)
         .with_tracked_inactivity(false)
-        .with_filter(not_handler_logs)
-        .and_then(HandlerEvents)
-}
-
-/// Puts an event written right in a handler's log span (which the
-/// OpenTelemetry layer does not see) onto the span of the OpenTelemetry
-/// context current then: the command's, or one the handler made with the
-/// OpenTelemetry API. `level` and `target` as `tracing-opentelemetry` puts
-/// them; the `message` names the event.
-struct HandlerEvents;
-
-impl<S> tracing_subscriber::Layer<S> for HandlerEvents
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-{
-    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
-        use opentelemetry::trace::TraceContextExt;
-        let Some(span) = ctx.event_span(event) else { return };
-        if span.metadata().target() != crate::worker::HANDLER_LOGS {
-            return;
-        }
-        let cx = opentelemetry::Context::current();
-        let otel = cx.span();
-        if !otel.is_recording() {
-            return;
-        }
-        let meta = event.metadata();
-        let mut fields = EventFields {
-            name: None,
-            attributes: vec![
-                opentelemetry::KeyValue::new("level", meta.level().as_str()),
-                opentelemetry::KeyValue::new("target", meta.target()),
-            ],
-        };
-        event.record(&mut fields);
-        let name = fields.name.map_or(std::borrow::Cow::Borrowed(meta.name()), Into::into);
-        otel.add_event(name, fields.attributes);
-    }
-}
-
-/// An event's fields as OpenTelemetry attributes, its `message` apart.
-struct EventFields {
-    name: Option<String>,
-    attributes: Vec<opentelemetry::KeyValue>,
-}
-
-impl tracing::field::Visit for EventFields {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            self.name = Some(format!("{value:?}"));
-        } else {
-            self.attributes.push(opentelemetry::KeyValue::new(field.name(), format!("{value:?}")));
-        }
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "message" {
-            self.name = Some(value.to_owned());
-        } else {
-            self.attributes.push(opentelemetry::KeyValue::new(field.name(), value.to_owned()));
-        }
-    }
-    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.attributes.push(opentelemetry::KeyValue::new(field.name(), value));
-    }
-    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        let value = i64::try_from(value).unwrap_or(i64::MAX);
-        self.attributes.push(opentelemetry::KeyValue::new(field.name(), value));
-    }
-    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.attributes.push(opentelemetry::KeyValue::new(field.name(), value));
-    }
-    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-        self.attributes.push(opentelemetry::KeyValue::new(field.name(), value));
-    }
 }
 
 #[cfg(feature = "otlp")]

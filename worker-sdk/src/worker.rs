@@ -988,11 +988,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     // The ack goes out before the handler can start: an attempt that was
     // never acked was never started, so the coordinator may send it elsewhere.
     shared.send(&reply, &ack).await;
-    let trace = command_trace(&msg, &cmd, &shared.id);
-    let (log, cx) = (trace.log.clone(), trace.cx.clone());
+    let (span, parent) = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
-    let run = opentelemetry::context::FutureExt::with_context(
+    let run = tracing::Instrument::instrument(
         async move {
             let (command_id, run_id, attempt, kind) =
                 (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
@@ -1033,7 +1032,9 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                 }
             };
             if let OutcomeResult::Failed(f) = &result {
-                trace.failed(&f.message);
+                let span = tracing::Span::current();
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", f.message.as_str());
             }
             let limit = shared.client.max_payload().min(shared.max_message_bytes);
             let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
@@ -1068,13 +1069,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                 .unwrap_or_else(|p| p.into_inner())
                 .finish(command_id, bytes.clone());
             shared.send_raw(&target(&answer_to), bytes).await;
-            trace.end();
         },
-        cx,
+        span,
     );
-    // The log span outside the context: entering it must not replace the
-    // command's OpenTelemetry context, which the handler's spans hang under.
-    tracker.spawn(tracing::Instrument::instrument(run, log));
+    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
@@ -1091,55 +1089,22 @@ fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
     }
 }
 
-/// The target of a handler's log span (see [`CommandTrace::log`]), which
-/// [`crate::telemetry::layer`] keeps away from the OpenTelemetry layer.
-pub(crate) const HANDLER_LOGS: &str = "orchestrix_worker::handler";
-
-/// The trace of one command in this worker.
-struct CommandTrace {
-    /// Frames the handler's log lines with its run, flow, step, attempt
-    /// and worker: a `tracing` span that is never exported (its log events
-    /// go onto the OpenTelemetry span, see `telemetry::HandlerEvents`).
-    log: tracing::Span,
-    /// The OpenTelemetry context the handler runs in: the command's span
-    /// when it is traced, else the command's own context.
-    cx: opentelemetry::Context,
-    /// Whether `cx` holds a span of this worker's, to end.
-    recording: bool,
-}
-
-impl CommandTrace {
-    fn failed(&self, message: &str) {
-        use opentelemetry::trace::{Status, TraceContextExt};
-        if self.recording {
-            self.cx.span().set_status(Status::error(message.to_owned()));
-        }
-    }
-
-    /// Ends the span once the outcome is published.
-    fn end(&self) {
-        use opentelemetry::trace::TraceContextExt;
-        if self.recording {
-            self.cx.span().end();
-        }
-    }
-}
-
-/// The trace of one command: its span `{step} {kind}`, a messaging
+/// The span of one command in this worker, `{step} {kind}`: a messaging
 /// CONSUMER span, child of the coordinator's attempt span (the PRODUCER,
-/// `{step} {kind} attempt {n}`) named by the command's `traceparent`; made
-/// with the OpenTelemetry API on the global tracer provider, as the
-/// coordinator's spans are (no `tracing` layer's work per span). Numbers
-/// are integer attributes.
+/// `{step} {kind} attempt {n}`) when the command carries its `traceparent`.
+/// Numbers are recorded as integers (a `u32` would be exported as a string).
 ///
-/// A command whose run the sampler left out gets no span at all (and no
-/// log span): its handler runs in the command's context, so that spans
-/// the handler makes inherit "not sampled" from it.
-fn command_trace(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> CommandTrace {
-    use opentelemetry::trace::{
-        Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer as _,
-    };
-    use opentelemetry::{KeyValue, StringValue};
+/// A command whose run the sampler left out gets no span at all: its
+/// handler runs in the command's OpenTelemetry context instead (the second
+/// value), so that spans the handler makes inherit "not sampled" from it.
+fn handler_span(
+    msg: &async_nats::Message,
+    cmd: &StepCommand,
+    worker: &str,
+) -> (tracing::Span, opentelemetry::Context) {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     let parent = msg
         .headers
         .as_ref()
@@ -1157,49 +1122,41 @@ fn command_trace(msg: &async_nats::Message, cmd: &StepCommand, worker: &str) -> 
         opentelemetry::Context::new().with_remote_span_context(sc)
     };
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {
-        return CommandTrace { log: tracing::Span::none(), cx: remote(tp), recording: false };
+        return (tracing::Span::none(), remote(tp));
     }
-    // No `traceparent`: a root, whatever the receiving task has current.
-    let parent = parent.map(remote).unwrap_or_default();
-    let (run_id, command_id) = (cmd.run_id.to_string(), cmd.command_id.to_string());
-    let log = tracing::info_span!(
-        target: HANDLER_LOGS,
-        parent: None,
-        "orchestrix.handle",
-        orchestrix.run_id = run_id.as_str(),
-        orchestrix.flow = &*cmd.flow,
-        orchestrix.step = &*cmd.step,
-        orchestrix.attempt = i64::from(cmd.attempt),
-        orchestrix.worker = worker,
-    );
-    let tracer = opentelemetry::global::tracer(crate::telemetry::SCOPE);
-    let command_id = StringValue::from(Arc::<str>::from(command_id));
-    let kv = |k: &'static str, v: opentelemetry::Value| KeyValue::new(k, v);
-    let attributes = vec![
-        kv("messaging.system", "nats".into()),
-        kv("messaging.operation.type", "process".into()),
-        kv("messaging.operation.name", "process".into()),
-        kv("messaging.destination.name", msg.subject.to_string().into()),
-        kv("messaging.message.id", command_id.clone().into()),
-        kv("orchestrix.run_id", run_id.into()),
-        kv("orchestrix.flow", StringValue::from(cmd.flow.clone()).into()),
-        kv("orchestrix.step", StringValue::from(cmd.step.clone()).into()),
-        kv("orchestrix.attempt", i64::from(cmd.attempt).into()),
-        kv("orchestrix.kind", cmd.kind.as_str().into()),
-        kv("orchestrix.command_id", command_id.into()),
-        kv("orchestrix.worker", worker.to_owned().into()),
-    ];
-    let span = tracer
-        .span_builder(format!("{} {}", cmd.step, cmd.kind.as_str()))
-        .with_kind(SpanKind::Consumer)
-        .with_attributes(attributes)
-        .start_with_context(&tracer, &parent);
-    if !span.is_recording() {
-        // No tracer provider: nothing to end; the handler runs in the
-        // command's context all the same.
-        return CommandTrace { log, cx: parent, recording: false };
+    let span = {
+        // Strings where they can be: a `Display` value costs a trip
+        // through the layers' formatting.
+        let name = format!("{} {}", cmd.step, cmd.kind.as_str());
+        let (mut run_buf, mut command_buf) =
+            (uuid::Uuid::encode_buffer(), uuid::Uuid::encode_buffer());
+        let run_id: &str = cmd.run_id.hyphenated().encode_lower(&mut run_buf);
+        let command_id: &str = cmd.command_id.hyphenated().encode_lower(&mut command_buf);
+        tracing::info_span!(
+            "orchestrix.handle",
+            otel.name = name.as_str(),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = msg.subject.as_str(),
+            messaging.message.id = command_id,
+            orchestrix.run_id = run_id,
+            orchestrix.flow = &*cmd.flow,
+            orchestrix.step = &*cmd.step,
+            orchestrix.attempt = i64::from(cmd.attempt),
+            orchestrix.kind = cmd.kind.as_str(),
+            orchestrix.command_id = command_id,
+            orchestrix.worker = worker,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        )
+    };
+    if !span.is_disabled() {
+        // No `traceparent`: a root, whatever the receiving task has current.
+        let _ = span.set_parent(parent.map(remote).unwrap_or_default());
     }
-    CommandTrace { log, cx: parent.with_span(span), recording: true }
+    (span, opentelemetry::Context::new())
 }
 
 #[cfg(test)]
