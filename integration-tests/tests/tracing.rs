@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opentelemetry::Value;
@@ -26,12 +27,30 @@ async fn a_saga_is_one_trace_across_processes() {
     // In memory, no run events and no registry: the spans are the run's alone.
     let node = support::memory_node(conn.clone(), toml).await;
     let coordinator = node.coordinator();
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let seen_by_handler = seen.clone();
     let worker = Worker::builder()
         .nats(NatsOptions::new(server.url()))
         .steps::<()>("traced", |f| {
             f.step("reserve", |_: StepContext<()>| async { Ok(()) })
                 .compensate("reserve", |_| async { Ok(()) })
-                .step("charge", |_| async { Err::<(), _>(StepError::retryable("declined")) })
+                .step("charge", move |_| {
+                    let seen = seen_by_handler.clone();
+                    async move {
+                        // The handler's own span, a log line outside it, the
+                        // context it would pass on, and work it hands to a task.
+                        tracing::info_span!("call the bank").in_scope(|| ());
+                        tracing::warn!(code = 51, "the bank declined");
+                        seen.lock().unwrap().push(orchestrix_worker::current_traceparent());
+                        tokio::spawn(
+                            async { tracing::info_span!("audit").in_scope(|| ()) }
+                                .in_current_span(),
+                        )
+                        .await
+                        .unwrap();
+                        Err::<(), _>(StepError::retryable("declined"))
+                    }
+                })
         })
         .start()
         .await
@@ -119,6 +138,30 @@ async fn a_saga_is_one_trace_across_processes() {
                 assert!(attr(s, noise).is_none(), "{}: {noise}", s.name);
             }
         }
+    }
+    // In the worker: the handler's own spans (also in a task it spawned)
+    // hang under the command's span, its log line is an event on it, and
+    // `current_traceparent()` names it (what a child run started from the
+    // handler joins).
+    let charge = |n: u32| {
+        let a = by_name(&format!("charge execute attempt {n}")).span_context.span_id();
+        spans.iter().find(|s| s.name == "charge execute" && s.parent_span_id == a).unwrap()
+    };
+    let passed_on = seen.lock().unwrap().clone();
+    for n in [1, 2] {
+        let h = charge(n);
+        for own in ["call the bank", "audit"] {
+            let under = spans
+                .iter()
+                .filter(|s| s.name == own && s.parent_span_id == h.span_context.span_id())
+                .count();
+            assert_eq!(under, 1, "{own}: the handler's span under attempt {n}'s");
+        }
+        let said = h.events.iter().find(|e| e.name == "the bank declined").expect("the log line");
+        let get = |k: &str| said.attributes.iter().find(|kv| kv.key.as_str() == k);
+        assert_eq!(get("code").map(|kv| &kv.value), Some(&Value::I64(51)));
+        let tp = format!("00-{}-{}-01", h.span_context.trace_id(), h.span_context.span_id());
+        assert!(passed_on.contains(&Some(tp.clone())), "{tp} not in {passed_on:?}");
     }
     let attempt_attrs = &by_name("charge execute attempt 2").attributes;
     let get = |k: &str| attempt_attrs.iter().find(|kv| kv.key.as_str() == k).map(|kv| &kv.value);

@@ -1051,6 +1051,9 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                         Err(e) => format!("the step's outcome does not encode: {e}"),
                     };
                     warn!(command = %command_id, %why, "outcome replaced by a failure");
+                    let span = tracing::Span::current();
+                    span.record("otel.status_code", "ERROR");
+                    span.record("otel.status_description", why.as_str());
                     let failure = StepFailure { message: why, retryable: false, maybe_done: true };
                     let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
                     match encode(&outcome) {
