@@ -25,12 +25,10 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
-    TraceState, Tracer as _,
-};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
 use orchestrix_proto::{CommandKind, RunReport, RunStatus, TraceParent};
+use orchestrix_worker::telemetry::remote_context;
 use uuid::Uuid;
 
 /// How an unknown outcome's error starts (see `machine::unknown`).
@@ -79,19 +77,6 @@ fn kv(key: &'static str, value: impl Into<Value>) -> KeyValue {
     KeyValue::new(key, value)
 }
 
-/// The context of a caller's `traceparent`, as a remote parent.
-fn remote(tp: &TraceParent) -> Context {
-    let flags = if tp.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-    let sc = SpanContext::new(
-        TraceId::from_bytes(tp.trace_id),
-        SpanId::from_bytes(tp.span_id),
-        flags,
-        true,
-        TraceState::default(),
-    );
-    Context::new().with_remote_span_context(sc)
-}
-
 impl RunSpans {
     pub(crate) fn start(
         run_id: Uuid,
@@ -99,7 +84,7 @@ impl RunSpans {
         traceparent: Option<&str>,
     ) -> Option<Box<RunSpans>> {
         let tracer = opentelemetry::global::tracer(SCOPE);
-        let parent = traceparent.and_then(TraceParent::parse).map(|tp| remote(&tp));
+        let parent = traceparent.and_then(TraceParent::parse).map(|tp| remote_context(&tp));
         let parent = parent.unwrap_or_default();
         // The sampler (the standard `OTEL_TRACES_SAMPLER` variables configure
         // the SDK's) decides once per run, here.

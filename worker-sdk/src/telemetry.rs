@@ -360,6 +360,22 @@ pub(crate) fn install_fallback() -> bool {
     tracing::subscriber::set_global_default(subscriber).is_ok()
 }
 
+/// The OpenTelemetry context a `traceparent` names, as a remote parent:
+/// what a step command carries from the coordinator's attempt span (or a
+/// run's start request from its caller's span).
+pub fn remote_context(tp: &orchestrix_proto::TraceParent) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
+    let flags = if tp.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let sc = SpanContext::new(
+        TraceId::from_bytes(tp.trace_id),
+        SpanId::from_bytes(tp.span_id),
+        flags,
+        true,
+        Default::default(),
+    );
+    opentelemetry::Context::new().with_remote_span_context(sc)
+}
+
 /// The `tracing` → OpenTelemetry layer as Orchestrix's spans want it: no
 /// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
 /// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes

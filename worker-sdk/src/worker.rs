@@ -1105,7 +1105,6 @@ fn handler_span(
     cmd: &StepCommand,
     worker: &str,
 ) -> (tracing::Span, opentelemetry::Context) {
-    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let parent = msg
@@ -1113,17 +1112,7 @@ fn handler_span(
         .as_ref()
         .and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT))
         .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()));
-    let remote = |tp: orchestrix_proto::TraceParent| {
-        let flags = if tp.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
-        let sc = SpanContext::new(
-            TraceId::from_bytes(tp.trace_id),
-            SpanId::from_bytes(tp.span_id),
-            flags,
-            true,
-            Default::default(),
-        );
-        opentelemetry::Context::new().with_remote_span_context(sc)
-    };
+    let remote = |tp| crate::telemetry::remote_context(&tp);
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {
         return (tracing::Span::none(), remote(tp));
     }
