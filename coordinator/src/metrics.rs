@@ -11,6 +11,9 @@
 //! | `orchestrix.runs.paused` | counter | `flow`, `step`, `kind`: runs that paused for an operator |
 //! | `orchestrix.operator.actions` | counter | `flow`, `action` (`cancel`, `resume`, `rollback`) |
 //!
+//! Past 10,000 flows (a misuse: flows are what is registered), counts go to
+//! one series with the attribute `otel.metric.overflow=true`.
+//!
 //! The duration histograms are in seconds with the buckets of
 //! [`DURATION_BUCKETS`] (1 ms to 10 min): the SDK's default boundaries
 //! (0, 5, 10, 25, … 10000) are meant for milliseconds and would put every
@@ -18,11 +21,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, ObservableCounter, ObservableUpDownCounter,
+};
 use orchestrix_proto::{CommandKind, RunReport};
 use uuid::Uuid;
 
@@ -30,34 +36,63 @@ use crate::{Hooks, StepEvent};
 
 /// Hooks that record the [module's](self) instruments on a meter. Register on
 /// a coordinator: `Coordinator::builder().hooks(RunMetrics::new(&meter))`.
+///
+/// The counters are counted in atomics of our own and read by observable
+/// instruments when the meter collects: a run's seven counts then cost seven
+/// atomic additions, where the SDK's synchronous counters hash each
+/// measurement's attribute set to find its series. Only the two duration
+/// histograms (which have no observable form) and the rare operator actions
+/// record through the SDK on the hot path.
 pub struct RunMetrics {
-    started: Counter<u64>,
-    finished: Counter<u64>,
-    in_flight: UpDownCounter<i64>,
     run_duration: Histogram<f64>,
-    attempts: Counter<u64>,
     step_duration: Histogram<f64>,
-    paused: Counter<u64>,
     operator: Counter<u64>,
-    /// Attribute sets built once per flow and step, so that recording
-    /// allocates nothing: a run records about ten measurements.
-    attrs: RwLock<HashMap<Box<str>, Arc<FlowAttrs>>>,
+    flows: Arc<Flows>,
+    /// Kept with the hooks: their callbacks read `flows`.
+    _observed: ([ObservableCounter<u64>; 4], ObservableUpDownCounter<i64>),
 }
 
-/// At most this many flows get cached attribute sets; any further flow
-/// (names are bounded by what is registered, so only a misuse gets here)
-/// has its attributes built per measurement.
-const MAX_CACHED_FLOWS: usize = 1024;
+/// At most this many flows get series of their own; the counts of any
+/// further flow (names are bounded by what is registered, so only a misuse
+/// gets here) go to one overflow series, `otel.metric.overflow=true`, as
+/// the SDK does past its own cardinality limit.
+const MAX_FLOWS: usize = 10_000;
 
-/// The attribute sets of one flow.
+/// Every flow's counts, and the overflow's.
+struct Flows {
+    by_name: RwLock<HashMap<Box<str>, Arc<FlowAttrs>>>,
+    overflow: Arc<FlowAttrs>,
+}
+
+impl Flows {
+    /// Calls `f` on every flow that has counted something.
+    fn each(&self, mut f: impl FnMut(&FlowAttrs)) {
+        for flow in self.by_name.read().unwrap_or_else(|p| p.into_inner()).values() {
+            f(flow);
+        }
+        f(&self.overflow);
+    }
+}
+
+/// The attribute sets and counts of one flow.
 struct FlowAttrs {
     flow: [KeyValue; 1],
-    /// `flow` and `status`, one per run status name.
-    ended: RwLock<Vec<(&'static str, [KeyValue; 2])>>,
+    started: AtomicU64,
+    in_flight: AtomicI64,
+    /// One per run status seen.
+    ended: RwLock<Vec<Arc<Ended>>>,
     steps: RwLock<Vec<Arc<StepAttrs>>>,
 }
 
-/// The attribute sets of one step and kind.
+/// Runs of one flow ended with one status.
+struct Ended {
+    status: &'static str,
+    /// `flow` and `status`.
+    attrs: [KeyValue; 2],
+    count: AtomicU64,
+}
+
+/// The attribute sets and counts of one step and kind.
 struct StepAttrs {
     step: Box<str>,
     kind: CommandKind,
@@ -65,6 +100,9 @@ struct StepAttrs {
     base: [KeyValue; 3],
     /// `base` and `outcome`: completed, retried, failed.
     outcomes: [[KeyValue; 4]; 3],
+    /// Attempts by outcome, in the order of `outcomes`.
+    attempts: [AtomicU64; 3],
+    paused: AtomicU64,
 }
 
 const OUTCOMES: [&str; 3] = ["completed", "retried", "failed"];
@@ -73,9 +111,11 @@ const RETRIED: usize = 1;
 const FAILED: usize = 2;
 
 impl FlowAttrs {
-    fn new(flow: &str) -> Self {
+    fn new(flow: KeyValue) -> Self {
         FlowAttrs {
-            flow: [KeyValue::new("flow", Arc::<str>::from(flow))],
+            flow: [flow],
+            started: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
             ended: RwLock::default(),
             steps: RwLock::default(),
         }
@@ -102,24 +142,36 @@ impl FlowAttrs {
             let [f, s, k] = base.clone();
             [f, s, k, KeyValue::new("outcome", o)]
         });
-        let attrs = Arc::new(StepAttrs { step: step.into(), kind, base, outcomes });
+        let attrs = Arc::new(StepAttrs {
+            step: step.into(),
+            kind,
+            base,
+            outcomes,
+            attempts: Default::default(),
+            paused: AtomicU64::new(0),
+        });
         steps.push(attrs.clone());
         attrs
     }
 
-    /// Records `f` with the `flow` and `status` attributes.
-    fn with_ended(&self, status: &'static str, f: impl FnOnce(&[KeyValue])) {
-        let find = |v: &Vec<(&'static str, [KeyValue; 2])>| {
-            v.iter().find(|(s, _)| *s == status).map(|(_, a)| a.clone())
-        };
-        let cached = find(&self.ended.read().unwrap_or_else(|p| p.into_inner()));
-        let attrs = cached.unwrap_or_else(|| {
-            let [flow] = self.flow.clone();
-            let attrs = [flow, KeyValue::new("status", status)];
-            self.ended.write().unwrap_or_else(|p| p.into_inner()).push((status, attrs.clone()));
-            attrs
+    /// The runs of this flow that ended with `status`.
+    fn ended(&self, status: &'static str) -> Arc<Ended> {
+        let find = |v: &Vec<Arc<Ended>>| v.iter().find(|e| e.status == status).cloned();
+        if let Some(e) = find(&self.ended.read().unwrap_or_else(|p| p.into_inner())) {
+            return e;
+        }
+        let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = find(&ended) {
+            return e;
+        }
+        let [flow] = self.flow.clone();
+        let e = Arc::new(Ended {
+            status,
+            attrs: [flow, KeyValue::new("status", status)],
+            count: AtomicU64::new(0),
         });
-        f(&attrs);
+        ended.push(e.clone());
+        e
     }
 }
 
@@ -140,28 +192,81 @@ pub const DURATION_BUCKETS: [f64; 18] = [
 impl RunMetrics {
     /// Instruments on `meter`.
     pub fn new(meter: &Meter) -> Self {
-        RunMetrics {
-            started: meter
-                .u64_counter("orchestrix.runs.started")
-                .with_description("Runs started")
-                .build(),
-            finished: meter
-                .u64_counter("orchestrix.runs.finished")
-                .with_description("Runs ended, by status")
-                .build(),
-            in_flight: meter
-                .i64_up_down_counter("orchestrix.runs.in_flight")
+        let flows = Arc::new(Flows {
+            by_name: RwLock::default(),
+            overflow: Arc::new(FlowAttrs::new(KeyValue::new("otel.metric.overflow", true))),
+        });
+        let observe = |name: &'static str,
+                       description: &'static str,
+                       read: fn(&Flows, &mut dyn FnMut(u64, &[KeyValue]))| {
+            let flows = flows.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |o| read(&flows, &mut |n, attrs| o.observe(n, attrs)))
+                .build()
+        };
+        let started = observe("orchestrix.runs.started", "Runs started", |flows, put| {
+            flows.each(|f| match f.started.load(Relaxed) {
+                0 => {}
+                n => put(n, &f.flow),
+            });
+        });
+        let finished =
+            observe("orchestrix.runs.finished", "Runs ended, by status", |flows, put| {
+                flows.each(|f| {
+                    for e in f.ended.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                        put(e.count.load(Relaxed), &e.attrs);
+                    }
+                });
+            });
+        let attempts =
+            observe("orchestrix.step.attempts", "Step attempts, by outcome", |flows, put| {
+                flows.each(|f| {
+                    for s in f.steps.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                        for (n, attrs) in s.attempts.iter().zip(&s.outcomes) {
+                            match n.load(Relaxed) {
+                                0 => {}
+                                n => put(n, attrs),
+                            }
+                        }
+                    }
+                });
+            });
+        let paused = observe(
+            "orchestrix.runs.paused",
+            "Runs paused for an operator when a step's retries ran out",
+            |flows, put| {
+                flows.each(|f| {
+                    for s in f.steps.read().unwrap_or_else(|p| p.into_inner()).iter() {
+                        match s.paused.load(Relaxed) {
+                            0 => {}
+                            n => put(n, &s.base),
+                        }
+                    }
+                });
+            },
+        );
+        let in_flight = {
+            let flows = flows.clone();
+            meter
+                .i64_observable_up_down_counter("orchestrix.runs.in_flight")
                 .with_description("Runs live")
-                .build(),
+                .with_callback(move |o| {
+                    flows.each(|f| {
+                        if f.started.load(Relaxed) > 0 {
+                            o.observe(f.in_flight.load(Relaxed), &f.flow);
+                        }
+                    });
+                })
+                .build()
+        };
+        RunMetrics {
             run_duration: meter
                 .f64_histogram("orchestrix.run.duration")
                 .with_unit("s")
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .with_description("Run start to end")
-                .build(),
-            attempts: meter
-                .u64_counter("orchestrix.step.attempts")
-                .with_description("Step attempts, by outcome")
                 .build(),
             step_duration: meter
                 .f64_histogram("orchestrix.step.duration")
@@ -169,15 +274,12 @@ impl RunMetrics {
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .with_description("First attempt to final outcome of a step or compensation")
                 .build(),
-            paused: meter
-                .u64_counter("orchestrix.runs.paused")
-                .with_description("Runs paused for an operator when a step's retries ran out")
-                .build(),
             operator: meter
                 .u64_counter("orchestrix.operator.actions")
                 .with_description("Operators' actions on runs")
                 .build(),
-            attrs: RwLock::default(),
+            flows,
+            _observed: ([started, finished, attempts, paused], in_flight),
         }
     }
 
@@ -187,19 +289,21 @@ impl RunMetrics {
         Self::new(&opentelemetry::global::meter("orchestrix"))
     }
 
-    /// The attribute sets of `flow`, cached.
+    /// The attribute sets and counts of `flow`.
     fn flow(&self, flow: &str) -> Arc<FlowAttrs> {
-        if let Some(f) = self.attrs.read().unwrap_or_else(|p| p.into_inner()).get(flow) {
+        let by_name = &self.flows.by_name;
+        if let Some(f) = by_name.read().unwrap_or_else(|p| p.into_inner()).get(flow) {
             return f.clone();
         }
-        let mut attrs = self.attrs.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = attrs.get(flow) {
+        let mut by_name = by_name.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = by_name.get(flow) {
             return f.clone();
         }
-        let f = Arc::new(FlowAttrs::new(flow));
-        if attrs.len() < MAX_CACHED_FLOWS {
-            attrs.insert(flow.into(), f.clone());
+        if by_name.len() >= MAX_FLOWS {
+            return self.flows.overflow.clone();
         }
+        let f = Arc::new(FlowAttrs::new(KeyValue::new("flow", Arc::<str>::from(flow))));
+        by_name.insert(flow.into(), f.clone());
         f
     }
 
@@ -209,7 +313,7 @@ impl RunMetrics {
 
     fn attempt(&self, e: &StepEvent<'_>, outcome: usize) -> Arc<StepAttrs> {
         let step = self.step(e);
-        self.attempts.add(1, &step.outcomes[outcome]);
+        step.attempts[outcome].fetch_add(1, Relaxed);
         step
     }
 }
@@ -217,8 +321,8 @@ impl RunMetrics {
 impl Hooks for RunMetrics {
     fn on_run_start(&self, _run_id: Uuid, flow: &str) {
         let f = self.flow(flow);
-        self.started.add(1, &f.flow);
-        self.in_flight.add(1, &f.flow);
+        f.started.fetch_add(1, Relaxed);
+        f.in_flight.fetch_add(1, Relaxed);
     }
 
     fn on_step_retry(&self, e: &StepEvent<'_>, _error: &str, _delay: Duration) {
@@ -245,7 +349,7 @@ impl Hooks for RunMetrics {
     }
 
     fn on_run_paused(&self, e: &StepEvent<'_>, _error: &str) {
-        self.paused.add(1, &self.step(e).base);
+        self.step(e).paused.fetch_add(1, Relaxed);
     }
 
     fn on_operator_action(
@@ -267,10 +371,30 @@ impl Hooks for RunMetrics {
 
     fn on_run_end(&self, report: &RunReport) {
         let f = self.flow(&report.flow);
-        self.in_flight.add(-1, &f.flow);
-        f.with_ended(report.status.as_str(), |attrs| {
-            self.finished.add(1, attrs);
-            self.run_duration.record(report.duration.as_secs_f64(), attrs);
-        });
+        f.in_flight.fetch_sub(1, Relaxed);
+        let ended = f.ended(report.status.as_str());
+        ended.count.fetch_add(1, Relaxed);
+        self.run_duration.record(report.duration.as_secs_f64(), &ended.attrs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flows past the cap share one overflow series; the ones before keep
+    /// their own.
+    #[test]
+    fn flows_past_the_cap_count_in_the_overflow_series() {
+        let m = RunMetrics::new(&opentelemetry::global::meter("test"));
+        for i in 0..MAX_FLOWS {
+            m.on_run_start(Uuid::nil(), &format!("flow-{i}"));
+        }
+        m.on_run_start(Uuid::nil(), "one-too-many");
+        m.on_run_start(Uuid::nil(), "flow-7");
+        assert!(Arc::ptr_eq(&m.flow("one-too-many"), &m.flows.overflow));
+        assert_eq!(m.flows.overflow.started.load(Relaxed), 1);
+        assert_eq!(m.flow("flow-7").started.load(Relaxed), 2);
+        assert_eq!(m.flows.overflow.flow[0].key.as_str(), "otel.metric.overflow");
     }
 }

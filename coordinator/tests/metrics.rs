@@ -166,7 +166,7 @@ fn duration_buckets_separate_milliseconds_from_seconds() {
     assert_eq!(run_bounds, bounds);
 }
 
-/// 1500 flows (past the 1024 cached), the same step name in each, as
+/// 1500 flows, the same step name in each, as
 /// action or compensation: every flow's counts are its own. (One attribute
 /// set per flow and instrument: the SDK's own cardinality limit is 2000.)
 #[test]
@@ -183,7 +183,7 @@ fn many_flows_with_the_same_step_are_counted_apart() {
             (CommandKind::Compensate, CommandKind::Execute)
         }
     };
-    // Twice over: the second pass reads the cache (or, past 1024, builds again).
+    // Twice over: the second pass finds each flow's counts again.
     for _ in 0..2 {
         for (i, flow) in names.iter().enumerate() {
             let ev = |kind| StepEvent {
