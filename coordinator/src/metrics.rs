@@ -58,6 +58,9 @@ pub struct RunMetrics {
 /// the SDK does past its own cardinality limit.
 const MAX_FLOWS: usize = 10_000;
 
+/// Where a callback puts one observation: a count and its attributes.
+type Put<'a> = &'a mut dyn FnMut(u64, &[KeyValue]);
+
 /// Every flow's counts, and the overflow's.
 struct Flows {
     by_name: RwLock<HashMap<Box<str>, Arc<FlowAttrs>>>,
@@ -196,9 +199,7 @@ impl RunMetrics {
             by_name: RwLock::default(),
             overflow: Arc::new(FlowAttrs::new(KeyValue::new("otel.metric.overflow", true))),
         });
-        let observe = |name: &'static str,
-                       description: &'static str,
-                       read: fn(&Flows, &mut dyn FnMut(u64, &[KeyValue]))| {
+        let observe = |name: &'static str, description: &'static str, read: fn(&Flows, Put<'_>)| {
             let flows = flows.clone();
             meter
                 .u64_observable_counter(name)
