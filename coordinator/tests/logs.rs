@@ -88,7 +88,8 @@ fn without_export_the_logs_show_retries_failures_and_unknown_outcomes() {
     named(&child("scenario_child", "logs"));
 }
 
-/// With export, where the log layer leaves the run's spans out of its lines.
+/// With export, where the run's spans are made (with the OpenTelemetry API)
+/// and never prefix a log line.
 #[test]
 fn with_export_the_logs_name_the_run_of_each_line() {
     let err = child("scenario_child", "otel");

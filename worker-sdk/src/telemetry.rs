@@ -189,30 +189,19 @@ where
 
 /// The log layer, writing to `writer`.
 ///
-/// It leaves out the coordinator's run, attempt and group spans (target
-/// `orchestrix_coordinator::telemetry`): its log lines name their run in
-/// their own fields, a prefix would only repeat them, and formatting a dozen
-/// fields of every attempt's span, whether or not anything is ever logged
-/// in it, was a large part of what tracing cost. (Without an OpenTelemetry
-/// layer to export them, the run actor does not make them.) A handler's
-/// span (`orchestrix.handle`) stays, to give a handler's own log lines their
-/// run, step and attempt, without the fields only a trace needs
-/// ([`LogFields`]).
+/// The coordinator's run, attempt and group spans are not `tracing` spans
+/// (they are made with the OpenTelemetry API), so they never prefix a log
+/// line: the coordinator's lines name their run in their own fields. A
+/// handler's span (`orchestrix.handle`) does, to give a handler's own log
+/// lines their run, step and attempt, without the fields only a trace needs
+/// ([`LogFields`]). No per-layer filter: with one, every call site's
+/// interest becomes "sometimes", and each event asks the filter again.
 fn log_layer<S, W>(writer: W, ansi: bool) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    use tracing_subscriber::Layer as _;
-    // A filter decided once per call site (no cost per span).
-    let not_run_spans = tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.is_span() && meta.target() == "orchestrix_coordinator::telemetry")
-    });
-    tracing_subscriber::fmt::layer()
-        .fmt_fields(LogFields)
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_filter(not_run_spans)
+    tracing_subscriber::fmt::layer().fmt_fields(LogFields).with_writer(writer).with_ansi(ansi)
 }
 
 /// The default field format, without the fields that are there for a trace
