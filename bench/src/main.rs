@@ -71,6 +71,12 @@ struct Figure {
     p99_us: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_per_run: Option<f64>,
+    /// CPU time per run of this process and the ones it started (the NATS
+    /// server, the worker process), over the measured interval: steadier
+    /// than runs/s on a shared machine, where other tenants take turns on
+    /// the cores (Linux only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_run: Option<f64>,
 }
 
 impl Figure {
@@ -85,6 +91,7 @@ impl Figure {
             p50_us: None,
             p99_us: None,
             bytes_per_run: Some(held / n as f64),
+            cpu_us_per_run: None,
         }
     }
 
@@ -109,12 +116,40 @@ impl Figure {
                 (Some(p50), Some(p99)) => format!("  p50 {p50:>8.1} µs  p99 {p99:>8.1} µs"),
                 _ => String::new(),
             };
+            let cpu =
+                self.cpu_us_per_run.map(|c| format!("  cpu {c:>7.1} µs/run")).unwrap_or_default();
+            let latency = latency + &cpu;
             println!(
                 "{:<22} c={:<5} {:>10.0} runs/s{latency}{mem}",
                 self.scenario, self.concurrency, self.runs_per_s
             );
         }
     }
+}
+
+/// The processes this one started, whose CPU counts in `cpu_us_per_run`.
+static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Counts the CPU of process `pid` in the figures from now on.
+pub(crate) fn count_cpu_of(pid: u32) {
+    STARTED.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+}
+
+/// CPU seconds (user and system, every thread) used so far by this process
+/// and the ones it started, from `/proc`; `None` where there is no `/proc`.
+fn cpu_seconds() -> Option<f64> {
+    fn ticks(pid: &str) -> Option<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    }
+    let mut total = ticks("self")?;
+    for pid in STARTED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        total += ticks(&pid.to_string()).unwrap_or(0);
+    }
+    // Clock ticks of 1/100 s (`USER_HZ`, 100 on every Linux platform we run on).
+    Some(total as f64 / 100.0)
 }
 
 /// Runs `one` from `concurrency` loops for `seconds` and measures each call.
@@ -126,9 +161,10 @@ where
     let one = Arc::new(one);
     // Warm-up: threads started, caches and allocator pools filled.
     drive(concurrency, Duration::from_secs_f64(seconds / 5.0), one.clone()).await;
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), cpu_seconds());
     let hist = drive(concurrency, Duration::from_secs_f64(seconds), one).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_before.zip(cpu_seconds()).map(|(a, b)| b - a);
     Figure {
         scenario,
         concurrency,
@@ -137,6 +173,7 @@ where
         p50_us: Some(hist.value_at_quantile(0.50) as f64 / 1000.0),
         p99_us: Some(hist.value_at_quantile(0.99) as f64 / 1000.0),
         bytes_per_run: None,
+        cpu_us_per_run: cpu.filter(|_| !hist.is_empty()).map(|c| c * 1e6 / hist.len() as f64),
     }
 }
 
