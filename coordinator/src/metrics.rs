@@ -125,57 +125,65 @@ impl FlowAttrs {
     }
 
     fn step(&self, step: &str, kind: CommandKind) -> Arc<StepAttrs> {
-        let find = |v: &Vec<Arc<StepAttrs>>| {
-            v.iter().find(|s| s.kind == kind && *s.step == *step).cloned()
-        };
-        if let Some(s) = find(&self.steps.read().unwrap_or_else(|p| p.into_inner())) {
-            return s;
-        }
-        let mut steps = self.steps.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = find(&steps) {
-            return s;
-        }
-        let [flow] = self.flow.clone();
-        let base = [
-            flow,
-            KeyValue::new("step", Arc::<str>::from(step)),
-            KeyValue::new("kind", kind.as_str()),
-        ];
-        let outcomes = OUTCOMES.map(|o| {
-            let [f, s, k] = base.clone();
-            [f, s, k, KeyValue::new("outcome", o)]
-        });
-        let attrs = Arc::new(StepAttrs {
-            step: step.into(),
-            kind,
-            base,
-            outcomes,
-            attempts: Default::default(),
-            paused: AtomicU64::new(0),
-        });
-        steps.push(attrs.clone());
-        attrs
+        found_or_added(
+            &self.steps,
+            |s| s.kind == kind && *s.step == *step,
+            || {
+                let [flow] = self.flow.clone();
+                let base = [
+                    flow,
+                    KeyValue::new("step", Arc::<str>::from(step)),
+                    KeyValue::new("kind", kind.as_str()),
+                ];
+                let outcomes = OUTCOMES.map(|o| {
+                    let [f, s, k] = base.clone();
+                    [f, s, k, KeyValue::new("outcome", o)]
+                });
+                StepAttrs {
+                    step: step.into(),
+                    kind,
+                    base,
+                    outcomes,
+                    attempts: Default::default(),
+                    paused: AtomicU64::new(0),
+                }
+            },
+        )
     }
 
     /// The runs of this flow that ended with `status`.
     fn ended(&self, status: &'static str) -> Arc<Ended> {
-        let find = |v: &Vec<Arc<Ended>>| v.iter().find(|e| e.status == status).cloned();
-        if let Some(e) = find(&self.ended.read().unwrap_or_else(|p| p.into_inner())) {
-            return e;
-        }
-        let mut ended = self.ended.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = find(&ended) {
-            return e;
-        }
-        let [flow] = self.flow.clone();
-        let e = Arc::new(Ended {
-            status,
-            attrs: [flow, KeyValue::new("status", status)],
-            count: AtomicU64::new(0),
-        });
-        ended.push(e.clone());
-        e
+        found_or_added(
+            &self.ended,
+            |e| e.status == status,
+            || {
+                let [flow] = self.flow.clone();
+                let attrs = [flow, KeyValue::new("status", status)];
+                Ended { status, attrs, count: AtomicU64::new(0) }
+            },
+        )
     }
+}
+
+/// The entry of `list` that `is` picks, added (made by `make`) if there is
+/// none: found under the read lock, as it nearly always is; the write lock
+/// only to add one.
+fn found_or_added<T>(
+    list: &RwLock<Vec<Arc<T>>>,
+    is: impl Fn(&T) -> bool,
+    make: impl FnOnce() -> T,
+) -> Arc<T> {
+    let find = |v: &Vec<Arc<T>>| v.iter().find(|e| is(e)).cloned();
+    if let Some(e) = find(&list.read().unwrap_or_else(|p| p.into_inner())) {
+        return e;
+    }
+    let mut list = list.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = find(&list) {
+        return e;
+    }
+    let e = Arc::new(make());
+    list.push(e.clone());
+    e
 }
 
 impl fmt::Debug for RunMetrics {
