@@ -483,7 +483,7 @@ impl RunActor {
             Ok(Dispatched::Local(outcome)) => {
                 // In process, the handler's own spans are made under its
                 // attempt's (or, in a run left out, under "not sampled").
-                let outcome = match self.spans.as_ref().map(|s| s.context(step)) {
+                let outcome = match trace {
                     Some(cx) => Box::pin(opentelemetry::context::FutureExt::with_context(
                         outcome,
                         cx.clone(),
