@@ -77,6 +77,10 @@ struct Figure {
     /// the cores (Linux only).
     #[serde(skip_serializing_if = "Option::is_none")]
     cpu_us_per_run: Option<f64>,
+    /// The same, process by process: `bench` (this one: the coordinator in
+    /// saga scenarios, the client in floors), `nats_server`, `worker`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_run_by: Option<std::collections::BTreeMap<&'static str, f64>>,
 }
 
 impl Figure {
@@ -92,6 +96,7 @@ impl Figure {
             p99_us: None,
             bytes_per_run: Some(held / n as f64),
             cpu_us_per_run: None,
+            cpu_us_per_run_by: None,
         }
     }
 
@@ -118,7 +123,14 @@ impl Figure {
             };
             let cpu =
                 self.cpu_us_per_run.map(|c| format!("  cpu {c:>7.1} µs/run")).unwrap_or_default();
-            let latency = latency + &cpu;
+            let parts = match &self.cpu_us_per_run_by {
+                Some(by) if by.len() > 1 => {
+                    let by: Vec<String> = by.iter().map(|(p, c)| format!("{p} {c:.0}")).collect();
+                    format!(" ({})", by.join(", "))
+                }
+                _ => String::new(),
+            };
+            let latency = latency + &cpu + &parts;
             println!(
                 "{:<22} c={:<5} {:>10.0} runs/s{latency}{mem}",
                 self.scenario, self.concurrency, self.runs_per_s
@@ -127,29 +139,48 @@ impl Figure {
     }
 }
 
-/// The processes this one started, whose CPU counts in `cpu_us_per_run`.
-static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// The processes this one started, whose CPU counts in `cpu_us_per_run`,
+/// each with its part's name.
+static STARTED: std::sync::Mutex<Vec<(u32, &'static str)>> = std::sync::Mutex::new(Vec::new());
 
-/// Counts the CPU of process `pid` in the figures from now on.
-pub(crate) fn count_cpu_of(pid: u32) {
-    STARTED.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+/// Counts a started process's CPU in the figures, under `part`.
+pub(crate) fn count_cpu_of(pid: u32, part: &'static str) {
+    STARTED.lock().unwrap_or_else(|p| p.into_inner()).push((pid, part));
 }
 
 /// CPU seconds (user and system, every thread) used so far by this process
-/// and the ones it started, from `/proc`; `None` where there is no `/proc`.
-fn cpu_seconds() -> Option<f64> {
+/// (`bench`) and the ones it started, part by part, from `/proc`; `None`
+/// where there is no `/proc`.
+fn cpu_seconds() -> Option<Vec<(&'static str, f64)>> {
     fn ticks(pid: &str) -> Option<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // Fields after the command name, which is in parentheses and may hold spaces.
         let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
         Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
     }
-    let mut total = ticks("self")?;
-    for pid in STARTED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        total += ticks(&pid.to_string()).unwrap_or(0);
-    }
     // Clock ticks of 1/100 s (`USER_HZ`, 100 on every Linux platform we run on).
-    Some(total as f64 / 100.0)
+    let mut parts = vec![("bench", ticks("self")? as f64 / 100.0)];
+    for (pid, part) in STARTED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        parts.push((part, ticks(&pid.to_string()).unwrap_or(0) as f64 / 100.0));
+    }
+    Some(parts)
+}
+
+/// CPU µs per run, in all and part by part, between two readings.
+fn cpu_per_run(
+    before: Option<Vec<(&'static str, f64)>>,
+    after: Option<Vec<(&'static str, f64)>>,
+    runs: u64,
+) -> (Option<f64>, Option<std::collections::BTreeMap<&'static str, f64>>) {
+    let (Some(before), Some(after)) = (before, after) else { return (None, None) };
+    if runs == 0 {
+        return (None, None);
+    }
+    let mut by = std::collections::BTreeMap::new();
+    for ((part, a), (_, b)) in before.iter().zip(&after) {
+        *by.entry(*part).or_insert(0.0) += (b - a) * 1e6 / runs as f64;
+    }
+    (Some(by.values().sum()), Some(by))
 }
 
 /// Runs `one` from `concurrency` loops for `seconds` and measures each call.
@@ -164,7 +195,7 @@ where
     let (started, cpu_before) = (Instant::now(), cpu_seconds());
     let hist = drive(concurrency, Duration::from_secs_f64(seconds), one).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_before.zip(cpu_seconds()).map(|(a, b)| b - a);
+    let (cpu_us_per_run, cpu_us_per_run_by) = cpu_per_run(cpu_before, cpu_seconds(), hist.len());
     Figure {
         scenario,
         concurrency,
@@ -173,7 +204,8 @@ where
         p50_us: Some(hist.value_at_quantile(0.50) as f64 / 1000.0),
         p99_us: Some(hist.value_at_quantile(0.99) as f64 / 1000.0),
         bytes_per_run: None,
-        cpu_us_per_run: cpu.filter(|_| !hist.is_empty()).map(|c| c * 1e6 / hist.len() as f64),
+        cpu_us_per_run,
+        cpu_us_per_run_by,
     }
 }
 

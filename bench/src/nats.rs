@@ -91,7 +91,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
         Some(u) => u.clone(),
         None => {
             let (child, url, dir) = start_server(args.sync_always)?;
-            crate::count_cpu_of(child.id());
+            crate::count_cpu_of(child.id(), "nats_server");
             children.0.push(child);
             children.1 = Some(dir);
             url
@@ -109,7 +109,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the worker process: {e}"))?;
-    crate::count_cpu_of(worker.id());
+    crate::count_cpu_of(worker.id(), "worker");
     children.0.push(worker);
     let client = NatsOptions::new(url.clone()).connect().await.map_err(|e| e.to_string())?;
     wait_for_worker(&client).await?;

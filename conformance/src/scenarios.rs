@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use orchestrix::{ClientError, Rejection, RunId, RunOptions, RunReport, RunStatus, StepStatus};
 use orchestrix_proto::{
-    Ack, CommandKind, Heartbeat, Message, PROTOCOL_VERSION, Payload, StepCommand, StepOutcome,
-    StepReport, WireError,
+    Ack, Acks, CommandKind, Heartbeat, Message, PROTOCOL_VERSION, Payload, StepCommand,
+    StepOutcome, StepReport, WireError,
 };
 use uuid::Uuid;
 
@@ -288,6 +288,9 @@ impl Watch {
     }
 }
 
+/// A command id a message is about and, for the command itself, its run and step.
+type About = (Uuid, Option<(Uuid, String)>);
+
 /// Watches `subject`: the commands, acks, heartbeats and outcomes on it,
 /// each with the time it arrived; anything else is left out.
 async fn watch(env: &Env, subject: String) -> Result<Watch, String> {
@@ -301,28 +304,55 @@ async fn watch(env: &Env, subject: String) -> Result<Watch, String> {
             let (at, at_ms) =
                 (Instant::now(), orchestrix_proto::time::unix_ms(std::time::SystemTime::now()));
             let Ok((_, kind)) = orchestrix_proto::peek_kind(&msg.payload) else { continue };
-            let ids = match kind.as_str() {
-                StepCommand::KIND => orchestrix_proto::decode::<StepCommand>(&msg.payload)
-                    .ok()
-                    .map(|c| (c.command_id, Some((c.run_id, c.step.to_string())))),
-                Ack::KIND => {
-                    orchestrix_proto::decode::<Ack>(&msg.payload).ok().map(|a| (a.command_id, None))
-                }
-                Heartbeat::KIND => orchestrix_proto::decode::<Heartbeat>(&msg.payload)
-                    .ok()
-                    .map(|h| (h.command_id, None)),
-                StepOutcome::KIND => orchestrix_proto::decode::<StepOutcome>(&msg.payload)
-                    .ok()
-                    .map(|o| (o.command_id, None)),
-                _ => None,
+            // A `step.acks` counts as a `step.ack` for each of its commands.
+            let (kind, ids): (String, Vec<About>) = match kind.as_str() {
+                StepCommand::KIND => (
+                    kind,
+                    orchestrix_proto::decode::<StepCommand>(&msg.payload)
+                        .ok()
+                        .map(|c| (c.command_id, Some((c.run_id, c.step.to_string()))))
+                        .into_iter()
+                        .collect(),
+                ),
+                Ack::KIND => (
+                    kind,
+                    orchestrix_proto::decode::<Ack>(&msg.payload)
+                        .ok()
+                        .map(|a| (a.command_id, None))
+                        .into_iter()
+                        .collect(),
+                ),
+                Acks::KIND => (
+                    Ack::KIND.to_owned(),
+                    orchestrix_proto::decode::<Acks>(&msg.payload)
+                        .map(|a| a.commands.iter().map(|c| (c.command_id, None)).collect())
+                        .unwrap_or_default(),
+                ),
+                Heartbeat::KIND => (
+                    kind,
+                    orchestrix_proto::decode::<Heartbeat>(&msg.payload)
+                        .ok()
+                        .map(|h| (h.command_id, None))
+                        .into_iter()
+                        .collect(),
+                ),
+                StepOutcome::KIND => (
+                    kind,
+                    orchestrix_proto::decode::<StepOutcome>(&msg.payload)
+                        .ok()
+                        .map(|o| (o.command_id, None))
+                        .into_iter()
+                        .collect(),
+                ),
+                _ => (kind, Vec::new()),
             };
             let mut g = into.lock().unwrap_or_else(|p| p.into_inner());
             g.1 = at;
-            if let Some((command_id, command)) = ids {
+            for (command_id, command) in ids {
                 g.0.push(Seen {
                     subject: msg.subject.to_string(),
-                    reply: msg.reply.map(|r| r.to_string()),
-                    kind,
+                    reply: msg.reply.as_ref().map(|r| r.to_string()),
+                    kind: kind.clone(),
                     command_id,
                     command,
                     at,

@@ -41,9 +41,9 @@ pub use codec::{
 pub use flow::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
 pub use ids::{CommandId, IdError, RunId, uuid_text};
 pub use messages::{
-    Ack, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat, ListRequest,
-    OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest, StepCancel,
-    StepCommand, StepFailure, StepOutcome, StepOutput, WireError, WorkerPresence,
+    Ack, Acked, Acks, CommandKind, ControlRequest, EventKind, FlowRegistration, Heartbeat,
+    ListRequest, OutcomeResult, RunEvent, RunReply, RunRequest, ServedFlow, StatusRequest,
+    StepCancel, StepCommand, StepFailure, StepOutcome, StepOutput, WireError, WorkerPresence,
 };
 pub use options::{ListFilter, RunOptions};
 pub use payload::Payload;
@@ -65,4 +65,10 @@ pub mod headers {
     pub const PROTOCOL_VERSION: &str = "Orchestrix-Version";
     /// The message kind of the body (see [`crate::Message::KIND`]).
     pub const MESSAGE_KIND: &str = "Orchestrix-Kind";
+    /// On a step command: the sender reads [`crate::Acks`], so a worker may
+    /// acknowledge it together with others received at the same time.
+    /// Value [`ACKS_BATCH`].
+    pub const ACKS: &str = "Orchestrix-Acks";
+    /// The value of [`ACKS`].
+    pub const ACKS_BATCH: &str = "batch";
 }

@@ -103,6 +103,51 @@ impl Message for Ack {
     const KIND: &'static str = "step.ack";
 }
 
+/// Worker → coordinator: several commands, received together, will each be
+/// run: one message where as many [`Ack`]s would be. A worker sends it only
+/// in answer to commands that carried the header
+/// [`headers::ACKS`](crate::headers::ACKS) (the coordinator reads it), and
+/// only for commands that share a reply subject; it goes out, like an
+/// [`Ack`], before any of their handlers starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Acks {
+    /// Identity of the worker process, for logs.
+    pub worker: String,
+    /// The commands acknowledged, in the order they arrived.
+    pub commands: Vec<Acked>,
+}
+
+/// One command of an [`Acks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Acked {
+    /// The command being acknowledged.
+    #[serde(with = "crate::uuid_text")]
+    pub command_id: Uuid,
+    /// Its run.
+    #[serde(with = "crate::uuid_text")]
+    pub run_id: Uuid,
+    /// Its attempt number.
+    pub attempt: u32,
+}
+
+impl Acks {
+    /// The acks this message stands for, one per command.
+    pub fn acks(&self) -> impl Iterator<Item = Ack> + '_ {
+        self.commands.iter().map(|c| Ack {
+            command_id: c.command_id,
+            run_id: c.run_id,
+            attempt: c.attempt,
+            worker: self.worker.clone(),
+        })
+    }
+}
+
+impl Message for Acks {
+    const KIND: &'static str = "step.acks";
+}
+
 /// Worker → coordinator: a long-running command is still being worked on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

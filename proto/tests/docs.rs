@@ -2,8 +2,8 @@
 //! code uses: a kind or subject added without documenting it fails here.
 
 use orchestrix_proto::{
-    Ack, ControlRequest, FlowRegistration, Heartbeat, ListRequest, Message, RunEvent, RunReply,
-    RunRequest, StatusRequest, StepCancel, StepCommand, StepOutcome, Subjects, WireError,
+    Ack, Acks, ControlRequest, FlowRegistration, Heartbeat, ListRequest, Message, RunEvent,
+    RunReply, RunRequest, StatusRequest, StepCancel, StepCommand, StepOutcome, Subjects, WireError,
     WorkerPresence,
 };
 
@@ -14,6 +14,7 @@ fn every_message_kind_is_documented() {
     let kinds = [
         StepCommand::KIND,
         Ack::KIND,
+        Acks::KIND,
         Heartbeat::KIND,
         StepOutcome::KIND,
         StepCancel::KIND,

@@ -292,6 +292,21 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
     vector(m, "step.ack", ack.clone());
     vector(
         m,
+        "step.acks",
+        Acks {
+            worker: ack.worker.clone(),
+            commands: vec![
+                Acked { command_id: CMD, run_id: RUN, attempt: 2 },
+                Acked {
+                    command_id: Uuid::from_u128(0x0190_a5e4_7b1d_7000_8000_0000_0000_0002),
+                    run_id: Uuid::from_u128(0x0190_a5e4_7b1c_7d2e_8f00_1a2b_3c4d_5e70),
+                    attempt: 1,
+                },
+            ],
+        },
+    );
+    vector(
+        m,
         "step.heartbeat",
         Heartbeat { command_id: CMD, run_id: RUN, attempt: 2, worker: ack.worker.clone() },
     );

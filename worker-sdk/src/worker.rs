@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
-    Ack, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError, OutcomeResult,
-    StepCancel, StepCommand, StepFailure, StepOutcome, Subjects, WireError, WorkerPresence,
-    decode_with_limit, encode, validate_name,
+    Ack, Acked, Acks, CommandKind, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, NameError,
+    OutcomeResult, StepCancel, StepCommand, StepFailure, StepOutcome, Subjects, WireError,
+    WorkerPresence, decode_with_limit, encode, validate_name,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Semaphore, watch};
@@ -850,7 +850,33 @@ async fn serve(
     loop {
         tokio::select! {
             msg = sub.next() => match msg {
-                Some(msg) => handle(msg, &reg, &shared, via).await,
+                Some(msg) => {
+                    // The commands already read with it are taken too, so that
+                    // one message acknowledges them all (`step.acks`).
+                    let mut burst = vec![msg];
+                    let mut ended = false;
+                    while burst.len() < MAX_BURST {
+                        match futures::FutureExt::now_or_never(sub.next()) {
+                            Some(Some(msg)) => burst.push(msg),
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let mut admitted = Vec::with_capacity(burst.len());
+                    for msg in burst {
+                        admitted.extend(admit(msg, &reg, &shared, via).await);
+                    }
+                    acknowledge(&admitted, &shared).await;
+                    for a in admitted {
+                        launch(a, &shared);
+                    }
+                    if ended {
+                        break;
+                    }
+                }
                 None => break,
             },
             _ = stop.changed() => {
@@ -880,22 +906,78 @@ fn expired(cmd: &StepCommand, now: u64) -> Option<String> {
     None
 }
 
-async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<Shared>, via: Via) {
+/// Commands taken from a subscription at once, at most: what one `step.acks`
+/// may carry, and how long other work waits behind a burst.
+const MAX_BURST: usize = 64;
+
+/// A command that passed every check and is this worker's to run: it is
+/// acknowledged, then launched.
+struct Admitted {
+    msg: async_nats::Message,
+    reply: async_nats::Subject,
+    cmd: StepCommand,
+    handler: BoxedHandler,
+    stop: CancellationToken,
+    answer_to: ReplyTarget,
+    /// The coordinator reads `step.acks`.
+    batch: bool,
+}
+
+/// Acknowledges admitted commands before any of them starts: one `step.acks`
+/// per reply subject where the coordinator reads them and there are several,
+/// else a `step.ack` each.
+async fn acknowledge(admitted: &[Admitted], shared: &Shared) {
+    let mut groups: Vec<(&async_nats::Subject, Vec<Acked>)> = Vec::new();
+    for a in admitted {
+        let acked =
+            Acked { command_id: a.cmd.command_id, run_id: a.cmd.run_id, attempt: a.cmd.attempt };
+        match groups.iter_mut().find(|(to, _)| a.batch && **to == a.reply) {
+            Some((_, commands)) => commands.push(acked),
+            None if a.batch => groups.push((&a.reply, vec![acked])),
+            None => shared.send(&a.reply, &single(acked, &shared.id)).await,
+        }
+    }
+    for (to, commands) in groups {
+        match commands[..] {
+            [one] => shared.send(to, &single(one, &shared.id)).await,
+            _ => shared.send(to, &Acks { worker: shared.id.clone(), commands }).await,
+        }
+    }
+}
+
+fn single(c: Acked, worker: &str) -> Ack {
+    Ack {
+        command_id: c.command_id,
+        run_id: c.run_id,
+        attempt: c.attempt,
+        worker: worker.to_owned(),
+    }
+}
+
+/// Decodes and checks a command; answers it here if this worker will not
+/// run it, else hands it back to be acknowledged and launched.
+async fn admit(
+    msg: async_nats::Message,
+    reg: &Arc<Registration>,
+    shared: &Arc<Shared>,
+    via: Via,
+) -> Option<Admitted> {
     if via == Via::Inquiry
         && orchestrix_proto::peek_kind(&msg.payload).is_ok_and(|(_, k)| k == StepCancel::KIND)
     {
-        return cancel(&msg, shared);
+        cancel(&msg, shared);
+        return None;
     }
     let Some(reply) = msg.reply.clone() else {
         warn!(subject = %msg.subject, "step command without a reply subject dropped");
-        return;
+        return None;
     };
     let cmd = match decode_with_limit::<StepCommand>(&msg.payload, shared.max_message_bytes) {
         Ok(cmd) => cmd,
         Err(e) if via == Via::Inquiry => {
             // Every replica hears an inquiry: answering it would be noise.
             warn!(subject = %msg.subject, error = %e, "bad inquiry ignored");
-            return;
+            return None;
         }
         Err(e) => {
             warn!(subject = %msg.subject, error = %e, "bad step command rejected");
@@ -909,7 +991,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
                 err.run_id = Some(ids.run_id);
             }
             shared.send(&reply, &err).await;
-            return;
+            return None;
         }
     };
     if *cmd.flow != *reg.flow || *cmd.step != *reg.step {
@@ -920,10 +1002,10 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         warn!(%why, "misrouted step command");
         // Nothing ran: an error, not an outcome of an attempt.
         shared.send(&reply, &WireError::about(&cmd, WireError::CODE_NO_HANDLER, why)).await;
-        return;
+        return None;
     }
     let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));
-    let ack = Ack {
+    let ack = || Ack {
         command_id: cmd.command_id,
         run_id: cmd.run_id,
         attempt: cmd.attempt,
@@ -939,26 +1021,26 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         Some(Seen::Done(outcome)) => {
             debug!(command = %cmd.command_id, "redelivered command answered from the cache");
             shared.send_raw(&reply, outcome).await;
-            return;
+            return None;
         }
         Some(Seen::Cancelled) => {
             let why = "the run was cancelled: not started".to_owned();
             shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
-            return;
+            return None;
         }
         Some(Seen::Running(..)) => {
             // Still at work: ack to whoever asks now; heartbeats and the
             // outcome follow it there.
-            shared.send(&reply, &ack).await;
-            return;
+            shared.send(&reply, &ack()).await;
+            return None;
         }
-        None if via == Via::Inquiry => return, // not ours: another replica may hold it
+        None if via == Via::Inquiry => return None, // not ours: another replica may hold it
         None => {}
     }
     if let Some(why) = expired(&cmd, now_ms()) {
         debug!(command = %cmd.command_id, %why, "stale command not started");
         shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
-        return;
+        return None;
     }
     let Some(handler) = reg.get(cmd.kind).cloned() else {
         // An `error` with code `no_handler` (nothing ran): the coordinator
@@ -972,7 +1054,7 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
         );
         warn!(command = %cmd.command_id, %why, "command without a handler refused");
         shared.send(&reply, &WireError::about(&cmd, WireError::CODE_NO_HANDLER, why)).await;
-        return;
+        return None;
     };
     let stop = CancellationToken::new();
     let began = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(
@@ -982,12 +1064,22 @@ async fn handle(msg: async_nats::Message, reg: &Arc<Registration>, shared: &Arc<
     );
     if !began {
         // Raced with a redelivery of the same command: that one runs it.
-        shared.send(&reply, &ack).await;
-        return;
+        shared.send(&reply, &ack()).await;
+        return None;
     }
-    // The ack goes out before the handler can start: an attempt that was
-    // never acked was never started, so the coordinator may send it elsewhere.
-    shared.send(&reply, &ack).await;
+    let batch = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(orchestrix_proto::headers::ACKS))
+        .is_some_and(|v| v.as_str() == orchestrix_proto::headers::ACKS_BATCH);
+    Some(Admitted { msg, reply, cmd, handler, stop, answer_to, batch })
+}
+
+/// Starts an admitted command's handler in a task of its own. Its ack went
+/// out before this: an attempt that was never acked was never started, so
+/// the coordinator may send it elsewhere.
+fn launch(a: Admitted, shared: &Arc<Shared>) {
+    let Admitted { msg, cmd, handler, stop, answer_to, .. } = a;
     let (span, parent) = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();

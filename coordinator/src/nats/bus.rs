@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
-    Ack, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand, StepFailure,
-    StepOutcome, Subjects, TraceParent, WireError, decode_ids, decode_with_limit, encode, headers,
-    peek_kind,
+    Ack, Acks, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand,
+    StepFailure, StepOutcome, Subjects, TraceParent, WireError, decode_ids, decode_with_limit,
+    encode, headers, peek_kind,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -185,6 +185,8 @@ impl NatsBus {
             .unwrap_or_else(|| TraceParent::for_run(cmd.run_id, fastrand::u64(..)));
         let mut h = async_nats::HeaderMap::new();
         h.insert(headers::TRACEPARENT, tp.to_header());
+        // Workers may acknowledge the commands they read together in one message.
+        h.insert(headers::ACKS, headers::ACKS_BATCH);
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let out = Outgoing {
@@ -287,6 +289,23 @@ async fn route(
                 }
             },
         };
+        if kind == Acks::KIND {
+            match decode_with_limit::<Acks>(&msg.payload, max) {
+                Ok(acks) => {
+                    let routes = routes.lock().unwrap_or_else(|p| p.into_inner());
+                    for ack in acks.acks() {
+                        match routes.get(&ack.run_id) {
+                            Some(to) => to.deliver(BusReply::Ack(ack)),
+                            None => {
+                                debug!(run_id = %ack.run_id, "ack for a run that is not live here")
+                            }
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "bad reply dropped"),
+            }
+            continue;
+        }
         let reply = match kind.as_str() {
             Ack::KIND => {
                 decode_with_limit::<Ack>(&msg.payload, max).map(|a| (a.run_id, BusReply::Ack(a)))

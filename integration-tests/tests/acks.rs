@@ -1,0 +1,278 @@
+//! Acks for commands read together (`step.acks`): a real worker sends one
+//! message for a burst when the coordinator says it reads them, a `step.ack`
+//! each when it does not, and always before the handlers start; the
+//! coordinator honours a `step.acks` as it does a `step.ack`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
+use orchestrix_coordinator::nats::{NatsBusOptions, Node};
+use orchestrix_coordinator::{FlowDef, StepDef};
+use orchestrix_integration_tests::{Ledger, NatsServer};
+use orchestrix_proto::{
+    Ack, Acked, Acks, CommandKind, Message, OutcomeResult, Payload, StepCommand, StepOutcome,
+    Subjects, decode, encode, headers, peek_kind,
+};
+use orchestrix_worker::NatsOptions;
+use uuid::Uuid;
+
+const SECS: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+const BURST: usize = 20;
+
+fn command(run_id: Uuid) -> StepCommand {
+    StepCommand {
+        command_id: Uuid::now_v7(),
+        run_id,
+        flow: "burst".into(),
+        version: "v1".into(),
+        step: "s0".into(),
+        step_index: 0,
+        kind: CommandKind::Execute,
+        attempt: 1,
+        input: Payload::encode(&1u32).unwrap(),
+        outputs: Vec::new(),
+        timeout: None,
+        start_by_ms: None,
+        deadline_ms: None,
+    }
+}
+
+/// What came back on the reply subject, in order: the kind and the command
+/// ids it is about (several for a `step.acks`), and who sent the acks.
+type Replies = Vec<(String, Vec<Uuid>, Option<String>)>;
+
+/// Publishes a burst of commands from a thread and runtime of its own while
+/// the worker's runtime (this test's, one thread) is held up, so that they
+/// all wait in the worker's socket and are read together; then collects
+/// the replies until every command has its outcome.
+async fn burst(server: &NatsServer, batch_header: bool) -> (Vec<Uuid>, Replies) {
+    let url = server.url();
+    let (published_tx, published_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let nats = NatsOptions::new(url).connect().await.unwrap();
+            let inbox = nats.new_inbox();
+            let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
+            nats.flush().await.unwrap();
+            let subject = Subjects::default().step("burst", "v1", "s0");
+            let mut ids = Vec::new();
+            for _ in 0..BURST {
+                let cmd = command(Uuid::now_v7());
+                ids.push(cmd.command_id);
+                let mut h = async_nats::HeaderMap::new();
+                if batch_header {
+                    h.insert(headers::ACKS, headers::ACKS_BATCH);
+                }
+                let body = Bytes::from(encode(&cmd).unwrap());
+                nats.publish_with_reply_and_headers(subject.clone(), inbox.clone(), h, body)
+                    .await
+                    .unwrap();
+            }
+            nats.flush().await.unwrap();
+            published_tx.send(()).unwrap();
+            let mut seen: Replies = Vec::new();
+            let mut outcomes = 0;
+            let deadline = tokio::time::Instant::now() + 20 * SECS;
+            while outcomes < BURST {
+                let msg = tokio::time::timeout_at(deadline, replies.next())
+                    .await
+                    .expect("every command answered within 20 s")
+                    .unwrap();
+                let (_, kind) = peek_kind(&msg.payload).unwrap();
+                let entry = match kind.as_str() {
+                    Ack::KIND => {
+                        let a: Ack = decode(&msg.payload).unwrap();
+                        (kind, vec![a.command_id], Some(a.worker))
+                    }
+                    Acks::KIND => {
+                        let a: Acks = decode(&msg.payload).unwrap();
+                        let ids = a.commands.iter().map(|c| c.command_id).collect();
+                        (kind, ids, Some(a.worker))
+                    }
+                    StepOutcome::KIND => {
+                        let o: StepOutcome = decode(&msg.payload).unwrap();
+                        assert!(
+                            matches!(o.result, OutcomeResult::Completed { .. }),
+                            "{:?}",
+                            o.result
+                        );
+                        outcomes += 1;
+                        (kind, vec![o.command_id], None)
+                    }
+                    other => panic!("unexpected reply `{other}`"),
+                };
+                seen.push(entry);
+            }
+            let _ = done_tx.send((ids, seen));
+        });
+    });
+    // Hold the worker's only thread while the burst lands in its socket.
+    published_rx.recv_timeout(20 * SECS).expect("the burst was published");
+    std::thread::sleep(SECS);
+    done_rx.await.unwrap()
+}
+
+async fn worker(server: &NatsServer, ledger: &Ledger) -> Worker {
+    let ledger = ledger.clone();
+    Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .steps::<u32>("burst", move |f| {
+            f.step("s0", move |ctx: StepContext<u32>| {
+                ledger.log(ctx.command_id().to_string());
+                async { Ok(()) }
+            })
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Every command acked exactly once, before its outcome; each handler ran once.
+fn check_acked_first(ids: &[Uuid], replies: &Replies, ledger: &Ledger) {
+    let mut acked: HashMap<Uuid, usize> = HashMap::new();
+    let mut answered: HashMap<Uuid, usize> = HashMap::new();
+    for (i, (kind, about, _)) in replies.iter().enumerate() {
+        for id in about {
+            if kind == StepOutcome::KIND {
+                answered.insert(*id, i);
+            } else {
+                *acked.entry(*id).or_default() += 1;
+                answered.entry(*id).and_modify(|_| panic!("{id} acked after its outcome"));
+            }
+        }
+    }
+    for id in ids {
+        assert_eq!(acked.get(id), Some(&1), "{id} acked once: {replies:?}");
+        assert!(answered.contains_key(id), "{id} answered");
+    }
+    let ran = ledger.lines();
+    assert_eq!(ran.len(), BURST, "each handler ran once: {ran:?}");
+    for id in ids {
+        assert_eq!(ran.iter().filter(|r| **r == id.to_string()).count(), 1, "{id} ran once");
+    }
+}
+
+// A burst to a coordinator that reads `step.acks` is acknowledged in fewer
+// messages than it has commands, every one before its outcome.
+#[tokio::test]
+async fn a_burst_of_commands_is_acknowledged_together() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let w = worker(&server, &ledger).await;
+    let (ids, replies) = burst(&server, true).await;
+    check_acked_first(&ids, &replies, &ledger);
+    let ack_messages: Vec<_> = replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
+    assert!(
+        ack_messages.len() < BURST && ack_messages.iter().any(|(k, ..)| k == Acks::KIND),
+        "{BURST} commands read together, acknowledged in {} messages: {ack_messages:?}",
+        ack_messages.len()
+    );
+    for (_, _, worker) in &ack_messages {
+        assert_eq!(worker.as_deref(), Some(w.id()), "acks name their worker");
+    }
+    w.shutdown().await;
+}
+
+// Without the header (a coordinator of an older build) every command gets a
+// `step.ack` of its own.
+#[tokio::test]
+async fn commands_without_the_header_are_acknowledged_one_by_one() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let w = worker(&server, &ledger).await;
+    let (ids, replies) = burst(&server, false).await;
+    check_acked_first(&ids, &replies, &ledger);
+    let kinds: Vec<_> = replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
+    assert_eq!(kinds.len(), BURST, "{kinds:?}");
+    assert!(kinds.iter().all(|(k, ..)| k == Ack::KIND), "{kinds:?}");
+    w.shutdown().await;
+}
+
+// The coordinator takes a `step.acks` as the ack of each command in it: a
+// worker that answers after the ack window, having acked that way, is not
+// sent the command again, and its run completes in one attempt a step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_honours_a_step_acks() {
+    let server = NatsServer::start();
+    let mut def = FlowDef::new("acked");
+    for s in ["a", "b"] {
+        def.steps.push(StepDef::new(s));
+    }
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let node = Node::builder()
+        .bus_options(
+            NatsBusOptions::default()
+                .ack_timeout(300 * MS)
+                .clock_skew(100 * MS)
+                .heartbeat_timeout(5 * SECS),
+        )
+        .flows(vec![def])
+        .start(conn)
+        .await
+        .unwrap();
+    // A worker of another make: `step.acks` only, and no heartbeat.
+    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
+    let subjects = Subjects::default();
+    let mut sub = nats.subscribe(subjects.step_any_version("acked", "*")).await.unwrap();
+    orchestrix_worker::sync(&nats).await;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fake = {
+        let nats = nats.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let cmd: StepCommand = decode(&msg.payload).unwrap();
+                let batch = msg.headers.as_ref().and_then(|h| h.get(headers::ACKS)).cloned();
+                seen_tx.send((cmd.step.to_string(), batch.map(|v| v.to_string()))).unwrap();
+                let reply = msg.reply.unwrap();
+                let acks = Acks {
+                    worker: "fake".into(),
+                    commands: vec![Acked {
+                        command_id: cmd.command_id,
+                        run_id: cmd.run_id,
+                        attempt: cmd.attempt,
+                    }],
+                };
+                nats.publish(reply.clone(), Bytes::from(encode(&acks).unwrap())).await.unwrap();
+                // Past the ack window (300 + 100 ms): unacked, it would go again.
+                tokio::time::sleep(900 * MS).await;
+                let done = StepOutcome {
+                    command_id: cmd.command_id,
+                    run_id: cmd.run_id,
+                    attempt: cmd.attempt,
+                    kind: cmd.kind,
+                    result: OutcomeResult::Completed { output: Payload::nil() },
+                };
+                nats.publish(reply, Bytes::from(encode(&done).unwrap())).await.unwrap();
+            }
+        })
+    };
+    let report =
+        tokio::time::timeout(20 * SECS, node.coordinator().run("acked", &1u32, RunOptions::new()))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    for s in &report.steps {
+        assert_eq!(s.attempts, 1, "{report}");
+    }
+    fake.abort();
+    let mut seen = Vec::new();
+    while let Ok(s) = seen_rx.try_recv() {
+        seen.push(s);
+    }
+    let batch = Some(headers::ACKS_BATCH.to_owned());
+    assert_eq!(
+        seen,
+        vec![("a".to_owned(), batch.clone()), ("b".to_owned(), batch)],
+        "each step's command sent once, with the header"
+    );
+    node.shutdown().await;
+}
