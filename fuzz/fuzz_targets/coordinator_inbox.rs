@@ -3,12 +3,15 @@
 
 use libfuzzer_sys::fuzz_target;
 use orchestrix_proto::{
-    Ack, Heartbeat, RunRequest, StatusRequest, StepOutcome, WireError, decode, peek_kind,
+    Ack, Acks, Heartbeat, RunRequest, StatusRequest, StepOutcome, WireError, decode, peek_kind,
 };
 
 fuzz_target!(|data: &[u8]| {
     let _ = peek_kind(data);
     let _ = decode::<Ack>(data);
+    if let Ok(acks) = decode::<Acks>(data) {
+        let _ = acks.acks().count();
+    }
     let _ = decode::<Heartbeat>(data);
     let _ = decode::<StepOutcome>(data);
     let _ = decode::<WireError>(data);

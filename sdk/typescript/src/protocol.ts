@@ -72,6 +72,23 @@ export interface Ack {
 }
 export type Heartbeat = Ack;
 
+/** One command of a `step.acks`. */
+export interface AckedCommand {
+  commandId: string;
+  runId: string;
+  attempt: number;
+}
+
+/**
+ * Several commands acknowledged in one message (protocol 5.1, step 5): sent
+ * only for commands that carried the header `Orchestrix-Acks: batch`. This
+ * SDK's worker sends a `step.ack` per command, which conforms.
+ */
+export interface Acks {
+  worker: string;
+  commands: AckedCommand[];
+}
+
 export type OutcomeResult =
   | { type: "completed"; output: Uint8Array }
   | { type: "failed"; message: string; retryable: boolean; maybeDone?: boolean };
@@ -213,6 +230,7 @@ export interface FlowRegistrationWire {
 export interface Messages {
   "step.command": StepCommand;
   "step.ack": Ack;
+  "step.acks": Acks;
   "step.heartbeat": Heartbeat;
   "step.outcome": StepOutcome;
   error: WireError;
@@ -408,6 +426,16 @@ function readAck(f: Fields): Ack {
   return { commandId: f.uuid("commandId"), runId: f.uuid("runId"), attempt: f.u32("attempt"), worker: f.str("worker") };
 }
 
+function readAcks(f: Fields): Acks {
+  return {
+    worker: f.str("worker"),
+    commands: f.array("commands", (x, p) => {
+      const c = Fields.of(x, p);
+      return { commandId: c.uuid("commandId"), runId: c.uuid("runId"), attempt: c.u32("attempt") };
+    }),
+  };
+}
+
 function readOutcome(f: Fields): StepOutcome {
   const r = f.map("result");
   const type = r.oneOf("type", ["completed", "failed"] as const);
@@ -557,6 +585,7 @@ function readPresence(f: Fields): WorkerPresence {
 const READERS: { [K in Kind]: (f: Fields) => Messages[K] } = {
   "step.command": readStepCommand,
   "step.ack": readAck,
+  "step.acks": readAcks,
   "step.heartbeat": readAck,
   "step.outcome": readOutcome,
   error: readWireError,
@@ -713,6 +742,13 @@ function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
     case "step.heartbeat": {
       const a = m as Ack;
       return { commandId: a.commandId, runId: a.runId, attempt: a.attempt, worker: a.worker };
+    }
+    case "step.acks": {
+      const a = m as Acks;
+      return {
+        worker: a.worker,
+        commands: a.commands.map((c) => ({ commandId: c.commandId, runId: c.runId, attempt: c.attempt })),
+      };
     }
     case "step.outcome": {
       const o = m as StepOutcome;
