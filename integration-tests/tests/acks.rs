@@ -124,6 +124,8 @@ async fn worker(server: &NatsServer, ledger: &Ledger) -> Worker {
     let ledger = ledger.clone();
     Worker::builder()
         .nats(NatsOptions::new(server.url()))
+        // No heartbeat in the middle of the burst's replies.
+        .heartbeat_interval(30 * SECS)
         .steps::<u32>("burst", move |f| {
             f.step("s0", move |ctx: StepContext<u32>| {
                 ledger.log(ctx.command_id().to_string());
@@ -181,6 +183,23 @@ async fn a_burst_of_commands_is_acknowledged_together() {
     w.shutdown().await;
 }
 
+// With a small `max_payload` a burst's acks are split over several
+// `step.acks`, each within the limit: every command is still acked once,
+// before it runs.
+#[tokio::test]
+async fn a_burst_over_a_small_max_payload_is_acknowledged_in_several_messages() {
+    let server = NatsServer::start_with_config("max_payload: 1024");
+    let ledger = Ledger::default();
+    let w = worker(&server, &ledger).await;
+    let (ids, replies) = burst(&server, true).await;
+    check_acked_first(&ids, &replies, &ledger);
+    let batches: Vec<usize> =
+        replies.iter().filter(|(k, ..)| k == Acks::KIND).map(|(_, about, _)| about.len()).collect();
+    assert!(batches.len() >= 2, "{batches:?}");
+    assert!(batches.iter().all(|n| *n <= 1024 / 256), "at most 4 commands an ack: {batches:?}");
+    w.shutdown().await;
+}
+
 // Without the header (a coordinator of an older build) every command gets a
 // `step.ack` of its own.
 #[tokio::test]
@@ -210,8 +229,8 @@ async fn the_coordinator_honours_a_step_acks() {
     let node = Node::builder()
         .bus_options(
             NatsBusOptions::default()
-                .ack_timeout(300 * MS)
-                .clock_skew(100 * MS)
+                .ack_timeout(SECS)
+                .clock_skew(200 * MS)
                 .heartbeat_timeout(5 * SECS),
         )
         .flows(vec![def])
@@ -241,8 +260,8 @@ async fn the_coordinator_honours_a_step_acks() {
                     }],
                 };
                 nats.publish(reply.clone(), Bytes::from(encode(&acks).unwrap())).await.unwrap();
-                // Past the ack window (300 + 100 ms): unacked, it would go again.
-                tokio::time::sleep(900 * MS).await;
+                // Past the ack window (1 s + 200 ms): unacked, it would go again.
+                tokio::time::sleep(2 * SECS).await;
                 let done = StepOutcome {
                     command_id: cmd.command_id,
                     run_id: cmd.run_id,

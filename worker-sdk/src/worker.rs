@@ -737,9 +737,41 @@ struct Shared {
 
 impl Shared {
     async fn send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) {
+        self.try_send(reply, msg).await;
+    }
+
+    fn forget(&self, command_id: Uuid) {
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner()).forget(command_id);
+    }
+
+    /// Sends a reply; false if it could not be handed to the client
+    /// (logged): it does not encode, is over the message limit, or the
+    /// client refused it.
+    async fn try_send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) -> bool {
+        let limit = self.client.max_payload().min(self.max_message_bytes);
         match encode(msg) {
-            Ok(bytes) => self.send_raw(reply, Bytes::from(bytes)).await,
-            Err(e) => warn!(error = %e, "cannot encode a reply"),
+            Ok(bytes) if bytes.len() <= limit => {
+                match self.client.publish(reply.clone(), Bytes::from(bytes)).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, %reply, "cannot send a reply");
+                        false
+                    }
+                }
+            }
+            Ok(bytes) => {
+                warn!(
+                    kind = M::KIND,
+                    size = bytes.len(),
+                    limit,
+                    "a reply over the message limit not sent"
+                );
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot encode a reply");
+                false
+            }
         }
     }
 
@@ -825,6 +857,14 @@ impl Dedup {
         }
     }
 
+    /// Lets go of a command that was admitted but not started, so that a
+    /// re-delivery of it may run.
+    fn forget(&mut self, id: Uuid) {
+        if matches!(self.map.get(&id), Some(Seen::Running(..))) {
+            self.map.remove(&id);
+        }
+    }
+
     fn finish(&mut self, id: Uuid, outcome: Bytes) {
         if let Some(seen) = self.map.get_mut(&id) {
             *seen = Seen::Done(outcome);
@@ -849,6 +889,13 @@ async fn serve(
 ) {
     loop {
         tokio::select! {
+            // A stop is seen before another burst is taken.
+            biased;
+            _ = stop.changed() => {
+                // Stop taking commands; those in hand finish in their tasks.
+                let _ = sub.unsubscribe().await;
+                break;
+            }
             msg = sub.next() => match msg {
                 Some(msg) => {
                     // The commands already read with it are taken too, so that
@@ -869,8 +916,7 @@ async fn serve(
                     for msg in burst {
                         admitted.extend(admit(msg, &reg, &shared, via).await);
                     }
-                    acknowledge(&admitted, &shared).await;
-                    for a in admitted {
+                    for a in acknowledge(admitted, &shared).await {
                         launch(a, &shared);
                     }
                     if ended {
@@ -879,11 +925,6 @@ async fn serve(
                 }
                 None => break,
             },
-            _ = stop.changed() => {
-                // Stop taking commands; those in hand finish in their tasks.
-                let _ = sub.unsubscribe().await;
-                break;
-            }
         }
     }
 }
@@ -924,25 +965,65 @@ struct Admitted {
 }
 
 /// Acknowledges admitted commands before any of them starts: one `step.acks`
-/// per reply subject where the coordinator reads them and there are several,
-/// else a `step.ack` each.
-async fn acknowledge(admitted: &[Admitted], shared: &Shared) {
-    let mut groups: Vec<(&async_nats::Subject, Vec<Acked>)> = Vec::new();
+/// per reply subject (one per coordinator) where the coordinator reads them
+/// and there are several, else a `step.ack` each. Returns those whose ack
+/// was handed to the client. The others are not started and are forgotten,
+/// so that a re-delivery may run them: a command whose start-by time or
+/// deadline passed while its burst was admitted (answered `expired`), and
+/// one whose ack could not be sent.
+async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> {
+    let now = now_ms();
+    let mut ready = Vec::with_capacity(admitted.len());
     for a in admitted {
-        let acked =
-            Acked { command_id: a.cmd.command_id, run_id: a.cmd.run_id, attempt: a.cmd.attempt };
-        match groups.iter_mut().find(|(to, _)| a.batch && **to == a.reply) {
-            Some((_, commands)) => commands.push(acked),
-            None if a.batch => groups.push((&a.reply, vec![acked])),
-            None => shared.send(&a.reply, &single(acked, &shared.id)).await,
+        match expired(&a.cmd, now) {
+            Some(why) => {
+                shared.forget(a.cmd.command_id);
+                let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
+                shared.send(&a.reply, &refusal).await;
+            }
+            None => ready.push(a),
         }
     }
-    for (to, commands) in groups {
-        match commands[..] {
-            [one] => shared.send(to, &single(one, &shared.id)).await,
-            _ => shared.send(to, &Acks { worker: shared.id.clone(), commands }).await,
+    // (reply subject, batched, positions in `ready`)
+    let mut groups: Vec<(&async_nats::Subject, bool, Vec<usize>)> = Vec::new();
+    for (i, a) in ready.iter().enumerate() {
+        match groups.iter_mut().find(|(to, batch, _)| a.batch && *batch && **to == a.reply) {
+            Some((_, _, members)) => members.push(i),
+            None => groups.push((&a.reply, a.batch, vec![i])),
         }
     }
+    // About 100 bytes a command: a `step.acks` stays far under the limit.
+    let limit = shared.client.max_payload().min(shared.max_message_bytes);
+    let per_message = (limit / 256).max(1);
+    let mut sent = vec![false; ready.len()];
+    for (to, _, members) in groups {
+        for chunk in members.chunks(per_message) {
+            let acked = |i: &usize| {
+                let c = &ready[*i].cmd;
+                Acked { command_id: c.command_id, run_id: c.run_id, attempt: c.attempt }
+            };
+            let ok = match chunk {
+                [one] => shared.try_send(to, &single(acked(one), &shared.id)).await,
+                _ => {
+                    let commands = chunk.iter().map(acked).collect();
+                    shared.try_send(to, &Acks { worker: shared.id.clone(), commands }).await
+                }
+            };
+            for i in chunk {
+                sent[*i] = ok;
+            }
+        }
+    }
+    let mut started = Vec::with_capacity(ready.len());
+    for (a, ok) in ready.into_iter().zip(sent) {
+        if ok {
+            started.push(a);
+        } else {
+            warn!(command = %a.cmd.command_id, "command not started: its ack could not be sent");
+            shared.forget(a.cmd.command_id);
+        }
+    }
+    started
 }
 
 fn single(c: Acked, worker: &str) -> Ack {

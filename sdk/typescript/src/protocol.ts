@@ -15,6 +15,8 @@ export const PROTOCOL_VERSION = 2;
 export const DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024;
 /** The header naming the kind of every message. */
 export const KIND_HEADER = "Orchestrix-Kind";
+/** On a step command: its sender reads `step.acks` (value `batch`). */
+export const ACKS_HEADER = "Orchestrix-Acks";
 /** `bin` of the single byte `0xc0`: no value. */
 export const NIL_VALUE: Uint8Array = Uint8Array.of(0xc0);
 
@@ -81,8 +83,8 @@ export interface AckedCommand {
 
 /**
  * Several commands acknowledged in one message (protocol 5.1, step 5): sent
- * only for commands that carried the header `Orchestrix-Acks: batch`. This
- * SDK's worker sends a `step.ack` per command, which conforms.
+ * only for commands that carried the header `Orchestrix-Acks: batch`, and
+ * sent by this SDK's worker for the commands one socket read delivers.
  */
 export interface Acks {
   worker: string;

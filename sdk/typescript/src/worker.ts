@@ -16,6 +16,7 @@ import { Kvm, type KV } from "@nats-io/kv";
 import { canonicalFlowDef, flowDefFromWire, flowDefWire } from "./flowdef.js";
 import type { Flow, StepContext } from "./flow.js";
 import {
+  ACKS_HEADER,
   DEFAULT_MAX_MESSAGE_BYTES,
   KIND_HEADER,
   ProtocolError,
@@ -24,6 +25,7 @@ import {
   encodeMessage,
   encodeValue,
   peekKind,
+  type AckedCommand,
   type Kind,
   type Messages,
   type OutcomeResult,
@@ -80,6 +82,10 @@ export class Dedup {
       if (oldest.done) break;
       this.map.delete(oldest.value);
     }
+  }
+  /** Lets go of a command admitted but not started, so that a re-delivery may run it. */
+  forget(id: string): void {
+    if (this.map.get(id)?.state === "running") this.map.delete(id);
   }
   finish(id: string, outcome: Uint8Array): void {
     if (this.map.has(id)) this.map.set(id, { state: "done", outcome });
@@ -333,17 +339,71 @@ export class Worker {
     return this.inFlight.size;
   }
 
-  private send<K extends Kind>(subject: string, kind: K, body: Messages[K]): void {
-    this.sendRaw(subject, kind, encodeMessage(kind, body));
+  /** Sends a reply; false if the client refused it (logged). */
+  private send<K extends Kind>(subject: string, kind: K, body: Messages[K]): boolean {
+    return this.sendRaw(subject, kind, encodeMessage(kind, body));
   }
 
-  private sendRaw(subject: string, kind: Kind, bytes: Uint8Array): void {
+  private sendRaw(subject: string, kind: Kind, bytes: Uint8Array): boolean {
     try {
       const h = natsHeaders();
       h.set(KIND_HEADER, kind);
       this.nc.publish(subject, bytes, { headers: h });
+      return true;
     } catch (e) {
       this.log(`cannot send a reply to ${subject}: ${errorMessage(e)}`);
+      return false;
+    }
+  }
+
+  /**
+   * Commands admitted and not yet acknowledged: the client delivers every
+   * message of one socket read before a microtask runs, so those read
+   * together are acknowledged together (one `step.acks` per coordinator
+   * that reads them, protocol 5.1 step 5), and only then started.
+   */
+  private admitted: { reply: string; batch: boolean; acked: AckedCommand; start: () => void }[] = [];
+
+  private admit(reply: string, batch: boolean, acked: AckedCommand, start: () => void): void {
+    this.admitted.push({ reply, batch, acked, start });
+    if (this.admitted.length === 1) queueMicrotask(() => this.acknowledge());
+  }
+
+  private acknowledge(): void {
+    const admitted = this.admitted;
+    this.admitted = [];
+    const sent = new Set<string>();
+    const groups = new Map<string, AckedCommand[]>();
+    for (const a of admitted) {
+      if (!a.batch) {
+        if (this.send(a.reply, "step.ack", { ...a.acked, worker: this.id })) sent.add(a.acked.commandId);
+        continue;
+      }
+      const group = groups.get(a.reply);
+      if (group) group.push(a.acked);
+      else groups.set(a.reply, [a.acked]);
+    }
+    for (const [reply, all] of groups) {
+      // About 100 bytes a command: each message stays far under the limit.
+      const per = Math.max(1, Math.floor(this.maxMessageBytes / 256));
+      for (let i = 0; i < all.length; i += per) {
+        const commands = all.slice(i, i + per);
+        const ok =
+          commands.length === 1
+            ? this.send(reply, "step.ack", { ...commands[0]!, worker: this.id })
+            : this.send(reply, "step.acks", { worker: this.id, commands });
+        if (ok) for (const c of commands) sent.add(c.commandId);
+      }
+    }
+    // The acks went out before any handler can start: an attempt never acked
+    // was never started. One whose ack could not go is not started at all.
+    for (const a of admitted) {
+      if (sent.has(a.acked.commandId)) {
+        a.start();
+      } else {
+        this.log(`command ${a.acked.commandId} not started: its ack could not be sent`);
+        this.dedup.forget(a.acked.commandId);
+      }
     }
   }
 
@@ -442,11 +502,12 @@ export class Worker {
     const target = { subject: reply };
     const abort = new AbortController();
     this.dedup.remember(cmd.commandId, { state: "running", reply: target, abort });
-    // The ack goes out before the handler can start: an attempt never acked was never started.
-    this.send(reply, "step.ack", ack);
-    const task = this.execute(cmd, reg, handler, target, abort).catch((e: unknown) => this.log(`attempt failed to finish: ${errorMessage(e)}`));
-    this.inFlight.add(task);
-    void task.finally(() => this.inFlight.delete(task));
+    const batch = msg.headers?.get(ACKS_HEADER) === "batch";
+    this.admit(reply, batch, { commandId: cmd.commandId, runId: cmd.runId, attempt: cmd.attempt }, () => {
+      const task = this.execute(cmd, reg, handler, target, abort).catch((e: unknown) => this.log(`attempt failed to finish: ${errorMessage(e)}`));
+      this.inFlight.add(task);
+      void task.finally(() => this.inFlight.delete(task));
+    });
   }
 
   private async execute(

@@ -4,7 +4,7 @@
  */
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { connect as natsConnect, createInbox, type Msg, type NatsConnection } from "@nats-io/transport-node";
+import { connect as natsConnect, createInbox, headers as natsHeaders, type Msg, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { create, PermanentError, Worker, type Flow } from "../index.js";
@@ -106,6 +106,47 @@ describe("the worker, command by command", { skip }, () => {
     const cached = await c.next("step.outcome");
     assert.deepEqual(Buffer.from(cached.data), Buffer.from(b.msgs.find((m) => peekKind(m.data).kind === "step.outcome")!.data));
     assert.equal(runs, 1);
+  });
+
+  test("commands read together are acknowledged in one step.acks when the coordinator reads it, before any starts", async () => {
+    const ran: string[] = [];
+    const flow = create("w-burst").step("a", async (ctx) => {
+      ran.push(ctx.commandId);
+      return "done";
+    });
+    await serve(flow);
+    const burst = async (batch: boolean) => {
+      const reply = new Inbox(nc);
+      const cmds = Array.from({ length: 5 }, () => command(flow, "a"));
+      for (const cmd of cmds) {
+        const h = natsHeaders();
+        if (batch) h.set("Orchestrix-Acks", "batch");
+        nc.publish(`${P}.step.${flow.name}.${flow.version}.a`, encodeMessage("step.command", cmd), { reply: reply.subject, headers: h });
+      }
+      await nc.flush();
+      // Hold the event loop while the server delivers the burst, so that it
+      // is read from the socket at once.
+      const until = Date.now() + 500;
+      while (Date.now() < until) {
+        /* busy */
+      }
+      await waitFor("every outcome", () => reply.kinds().filter((k) => k === "step.outcome").length === 5 || undefined);
+      // Each command acked once, before its outcome.
+      const acked = new Map<string, number>();
+      for (const m of reply.msgs) {
+        const kind = peekKind(m.data).kind;
+        if (kind === "step.ack") acked.set(decodeMessage(m.data, "step.ack").commandId, acked.size);
+        if (kind === "step.acks") for (const c of decodeMessage(m.data, "step.acks").commands) acked.set(c.commandId, acked.size);
+        if (kind === "step.outcome") assert.ok(acked.has(decodeMessage(m.data, "step.outcome").commandId), "acked before its outcome");
+      }
+      for (const cmd of cmds) {
+        assert.ok(acked.has(cmd.commandId));
+        assert.equal(ran.filter((id) => id === cmd.commandId).length, 1, "ran once");
+      }
+      return reply.kinds().filter((k) => k !== "step.outcome");
+    };
+    assert.deepEqual(await burst(true), ["step.acks"]);
+    assert.deepEqual(await burst(false), Array(5).fill("step.ack"));
   });
 
   test("the inquiry subject: silence about a command not held, the answer about one held", async () => {
