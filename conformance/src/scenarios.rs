@@ -291,6 +291,11 @@ impl Watch {
 /// A command id a message is about and, for the command itself, its run and step.
 type About = (Uuid, Option<(Uuid, String)>);
 
+/// What a message of kind `M` is about, or nothing if it does not decode.
+fn about<M: Message>(payload: &[u8], f: impl FnOnce(M) -> Vec<About>) -> Vec<About> {
+    orchestrix_proto::decode::<M>(payload).map(f).unwrap_or_default()
+}
+
 /// Watches `subject`: the commands, acks, heartbeats and outcomes on it,
 /// each with the time it arrived; anything else is left out.
 async fn watch(env: &Env, subject: String) -> Result<Watch, String> {
@@ -305,45 +310,21 @@ async fn watch(env: &Env, subject: String) -> Result<Watch, String> {
                 (Instant::now(), orchestrix_proto::time::unix_ms(std::time::SystemTime::now()));
             let Ok((_, kind)) = orchestrix_proto::peek_kind(&msg.payload) else { continue };
             // A `step.acks` counts as a `step.ack` for each of its commands.
+            let p = &msg.payload;
             let (kind, ids): (String, Vec<About>) = match kind.as_str() {
                 StepCommand::KIND => (
                     kind,
-                    orchestrix_proto::decode::<StepCommand>(&msg.payload)
-                        .ok()
-                        .map(|c| (c.command_id, Some((c.run_id, c.step.to_string()))))
-                        .into_iter()
-                        .collect(),
+                    about(p, |c: StepCommand| {
+                        vec![(c.command_id, Some((c.run_id, c.step.to_string())))]
+                    }),
                 ),
-                Ack::KIND => (
-                    kind,
-                    orchestrix_proto::decode::<Ack>(&msg.payload)
-                        .ok()
-                        .map(|a| (a.command_id, None))
-                        .into_iter()
-                        .collect(),
-                ),
+                Ack::KIND => (kind, about(p, |a: Ack| vec![(a.command_id, None)])),
                 Acks::KIND => (
                     Ack::KIND.to_owned(),
-                    orchestrix_proto::decode::<Acks>(&msg.payload)
-                        .map(|a| a.commands.iter().map(|c| (c.command_id, None)).collect())
-                        .unwrap_or_default(),
+                    about(p, |a: Acks| a.commands.iter().map(|c| (c.command_id, None)).collect()),
                 ),
-                Heartbeat::KIND => (
-                    kind,
-                    orchestrix_proto::decode::<Heartbeat>(&msg.payload)
-                        .ok()
-                        .map(|h| (h.command_id, None))
-                        .into_iter()
-                        .collect(),
-                ),
-                StepOutcome::KIND => (
-                    kind,
-                    orchestrix_proto::decode::<StepOutcome>(&msg.payload)
-                        .ok()
-                        .map(|o| (o.command_id, None))
-                        .into_iter()
-                        .collect(),
-                ),
+                Heartbeat::KIND => (kind, about(p, |h: Heartbeat| vec![(h.command_id, None)])),
+                StepOutcome::KIND => (kind, about(p, |o: StepOutcome| vec![(o.command_id, None)])),
                 _ => (kind, Vec::new()),
             };
             let mut g = into.lock().unwrap_or_else(|p| p.into_inner());
