@@ -794,6 +794,9 @@ fn target(t: &ReplyTarget) -> async_nats::Subject {
 
 #[derive(Clone)]
 enum Seen {
+    /// Admitted with its burst, not acknowledged yet: its ack (or its
+    /// refusal) goes out with the burst's, to where it answers by then.
+    Admitted(ReplyTarget, CancellationToken),
     /// In hand: where to answer, and how to stop it (a cancel).
     Running(ReplyTarget, CancellationToken),
     Done(Bytes),
@@ -817,25 +820,34 @@ impl Dedup {
     /// answers to `reply` (a coordinator that took its run over).
     fn redelivered(&mut self, id: Uuid, reply: &ReplyTarget) -> Option<Seen> {
         let seen = self.map.get(&id)?;
-        if let Seen::Running(t, _) = seen {
+        if let Seen::Admitted(t, _) | Seen::Running(t, _) = seen {
             *t.lock().unwrap_or_else(|p| p.into_inner()) = target(reply);
         }
         Some(seen.clone())
     }
 
-    /// Marks `id` running, answering to `reply`; false if it was seen already.
+    /// An admitted command's ack went out: it runs.
+    fn started(&mut self, id: Uuid) {
+        if let Some(seen) = self.map.get_mut(&id)
+            && let Seen::Admitted(t, stop) = seen
+        {
+            *seen = Seen::Running(t.clone(), stop.clone());
+        }
+    }
+
+    /// Marks `id` admitted, answering to `reply`; false if it was seen already.
     fn begin(&mut self, id: Uuid, reply: &ReplyTarget, stop: &CancellationToken) -> bool {
         if self.map.contains_key(&id) {
             return false;
         }
-        self.remember(id, Seen::Running(reply.clone(), stop.clone()));
+        self.remember(id, Seen::Admitted(reply.clone(), stop.clone()));
         true
     }
 
     /// A cancel for `id`: stops it if in hand; otherwise it is never started.
     fn cancel(&mut self, id: Uuid) -> bool {
         match self.map.get(&id) {
-            Some(Seen::Running(_, stop)) => {
+            Some(Seen::Admitted(_, stop) | Seen::Running(_, stop)) => {
                 stop.cancel();
                 true
             }
@@ -860,7 +872,7 @@ impl Dedup {
     /// Lets go of a command that was admitted but not started, so that a
     /// re-delivery of it may run.
     fn forget(&mut self, id: Uuid) {
-        if matches!(self.map.get(&id), Some(Seen::Running(..))) {
+        if matches!(self.map.get(&id), Some(Seen::Admitted(..))) {
             self.map.remove(&id);
         }
     }
@@ -964,6 +976,15 @@ struct Admitted {
     batch: bool,
 }
 
+impl Admitted {
+    /// Where this command's ack or refusal goes: its reply subject, and the
+    /// one a later copy moved its answers to, if another.
+    fn answers(&self) -> Vec<async_nats::Subject> {
+        let now = target(&self.answer_to);
+        if now == self.reply { vec![now] } else { vec![self.reply.clone(), now] }
+    }
+}
+
 /// Acknowledges admitted commands before any of them starts: one `step.acks`
 /// per reply subject (one per coordinator) where the coordinator reads them
 /// and there are several, else a `step.ack` each. Returns those whose ack
@@ -977,9 +998,12 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     for a in admitted {
         match expired(&a.cmd, now) {
             Some(why) => {
+                debug!(command = %a.cmd.command_id, %why, "stale command not started");
                 shared.forget(a.cmd.command_id);
                 let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
-                shared.send(&a.reply, &refusal).await;
+                for to in a.answers() {
+                    shared.send(&to, &refusal).await;
+                }
             }
             None => ready.push(a),
         }
@@ -1017,6 +1041,16 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     let mut started = Vec::with_capacity(ready.len());
     for (a, ok) in ready.into_iter().zip(sent) {
         if ok {
+            shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).started(a.cmd.command_id);
+            // A copy that arrived meanwhile moved its answers elsewhere: it
+            // is owed the ack too.
+            let now = target(&a.answer_to);
+            if now != a.reply {
+                let c = &a.cmd;
+                let acked =
+                    Acked { command_id: c.command_id, run_id: c.run_id, attempt: c.attempt };
+                shared.send(&now, &single(acked, &shared.id)).await;
+            }
             started.push(a);
         } else {
             warn!(command = %a.cmd.command_id, "command not started: its ack could not be sent");
@@ -1086,12 +1120,6 @@ async fn admit(
         return None;
     }
     let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));
-    let ack = || Ack {
-        command_id: cmd.command_id,
-        run_id: cmd.run_id,
-        attempt: cmd.attempt,
-        worker: shared.id.clone(),
-    };
     // Seen before (on any subject): answer from what this worker holds, never run again.
     let seen = shared
         .dedup
@@ -1099,20 +1127,8 @@ async fn admit(
         .unwrap_or_else(|p| p.into_inner())
         .redelivered(cmd.command_id, &answer_to);
     match seen {
-        Some(Seen::Done(outcome)) => {
-            debug!(command = %cmd.command_id, "redelivered command answered from the cache");
-            shared.send_raw(&reply, outcome).await;
-            return None;
-        }
-        Some(Seen::Cancelled) => {
-            let why = "the run was cancelled: not started".to_owned();
-            shared.send(&reply, &WireError::about(&cmd, WireError::CODE_EXPIRED, why)).await;
-            return None;
-        }
-        Some(Seen::Running(..)) => {
-            // Still at work: ack to whoever asks now; heartbeats and the
-            // outcome follow it there.
-            shared.send(&reply, &ack()).await;
+        Some(seen) => {
+            answer_copy(seen, &cmd, &reply, shared).await;
             return None;
         }
         None if via == Via::Inquiry => return None, // not ours: another replica may hold it
@@ -1144,8 +1160,15 @@ async fn admit(
         &stop,
     );
     if !began {
-        // Raced with a redelivery of the same command: that one runs it.
-        shared.send(&reply, &ack()).await;
+        // Raced with another copy of the command: that one runs it.
+        let seen = shared
+            .dedup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .redelivered(cmd.command_id, &answer_to);
+        if let Some(seen) = seen {
+            answer_copy(seen, &cmd, &reply, shared).await;
+        }
         return None;
     }
     let batch = msg
@@ -1154,6 +1177,33 @@ async fn admit(
         .and_then(|h| h.get(orchestrix_proto::headers::ACKS))
         .is_some_and(|v| v.as_str() == orchestrix_proto::headers::ACKS_BATCH);
     Some(Admitted { msg, reply, cmd, handler, stop, answer_to, batch })
+}
+
+/// Answers another copy of a command this worker holds or held, never
+/// running it again: the outcome it remembers, a refusal if it was
+/// cancelled, an ack if it runs. A copy of one still being admitted gets
+/// nothing here: its burst's ack (or refusal) goes to where the command
+/// answers by then, this copy's reply subject.
+async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject, shared: &Shared) {
+    match seen {
+        Seen::Done(outcome) => {
+            debug!(command = %cmd.command_id, "redelivered command answered from the cache");
+            shared.send_raw(reply, outcome).await;
+        }
+        Seen::Cancelled => {
+            let why = "the run was cancelled: not started".to_owned();
+            shared.send(reply, &WireError::about(cmd, WireError::CODE_EXPIRED, why)).await;
+        }
+        // Still at work: ack to whoever asks now; heartbeats and the
+        // outcome follow it there.
+        Seen::Running(..) => {
+            let c = Acked { command_id: cmd.command_id, run_id: cmd.run_id, attempt: cmd.attempt };
+            shared.send(reply, &single(c, &shared.id)).await;
+        }
+        Seen::Admitted(..) => {
+            debug!(command = %cmd.command_id, "a copy of a command being admitted: answered with its burst");
+        }
+    }
 }
 
 /// Starts an admitted command's handler in a task of its own. Its ack went
@@ -1338,6 +1388,11 @@ mod tests {
         assert!(d.redelivered(a, &first).is_none());
         assert!(d.begin(a, &first, &stop));
         assert!(!d.begin(a, &first, &stop));
+        // A copy while it is admitted moves the answers, and waits for its ack.
+        let third: ReplyTarget = Arc::new(Mutex::new("third.coordinator".into()));
+        assert!(matches!(d.redelivered(a, &third), Some(Seen::Admitted(..))));
+        assert_eq!(target(&first).as_str(), "third.coordinator");
+        d.started(a);
         // A redelivery while running moves the answers to the new asker.
         assert!(matches!(d.redelivered(a, &second), Some(Seen::Running(..))));
         assert_eq!(target(&first).as_str(), "new.coordinator");
@@ -1346,6 +1401,22 @@ mod tests {
         d.begin(b, &first, &stop);
         d.begin(c, &first, &stop); // a falls out
         assert!(d.redelivered(a, &first).is_none());
+    }
+
+    #[test]
+    fn an_admitted_command_that_is_not_started_is_forgotten_and_may_run_again() {
+        let mut d = Dedup::new(10);
+        let reply: ReplyTarget = Arc::new(Mutex::new("c".into()));
+        let (refused, running) = (Uuid::new_v4(), Uuid::new_v4());
+        let stop = CancellationToken::new();
+        assert!(d.begin(refused, &reply, &stop));
+        d.forget(refused);
+        assert!(d.redelivered(refused, &reply).is_none(), "forgotten");
+        assert!(d.begin(refused, &reply, &stop), "a re-delivery may run it");
+        assert!(d.begin(running, &reply, &stop));
+        d.started(running);
+        d.forget(running);
+        assert!(matches!(d.redelivered(running, &reply), Some(Seen::Running(..))), "started: kept");
     }
 
     #[test]

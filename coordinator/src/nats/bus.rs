@@ -279,6 +279,13 @@ async fn route(
     late: mpsc::Sender<StepOutcome>,
 ) {
     while let Some(msg) = sub.next().await {
+        if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            // The server's word that no worker serves a command's subject
+            // right now: the command waits for one (the ack window and the
+            // worker wait decide), nothing to decode.
+            debug!(subject = %msg.subject, "a step command found no worker subscribed");
+            continue;
+        }
         let kind = match msg.headers.as_ref().and_then(|h| h.get(headers::MESSAGE_KIND)) {
             Some(k) => k.as_str().to_owned(),
             None => match peek_kind(&msg.payload) {
