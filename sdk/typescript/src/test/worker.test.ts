@@ -2,9 +2,10 @@
  * The worker against a real nats-server, driven by hand-made commands: the
  * rules the Rust worker follows (worker-sdk/src/worker.rs), one by one.
  */
+import { execFileSync } from "node:child_process";
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { connect as natsConnect, createInbox, headers as natsHeaders, type Msg, type NatsConnection } from "@nats-io/transport-node";
+import { connect as natsConnect, createInbox, type Msg, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { create, PermanentError, Worker, type Flow } from "../index.js";
@@ -42,6 +43,7 @@ function untilAborted(signal: AbortSignal): Promise<void> {
 
 describe("the worker, command by command", { skip }, () => {
   let nats: Proc;
+  let url: string;
   let nc: NatsConnection;
   const workers: Worker[] = [];
 
@@ -71,7 +73,8 @@ describe("the worker, command by command", { skip }, () => {
   before(async () => {
     const started = await startNats();
     nats = started.nats;
-    nc = await natsConnect({ servers: started.url });
+    url = started.url;
+    nc = await natsConnect({ servers: url });
   });
   after(async () => {
     for (const w of workers) await w.close();
@@ -117,16 +120,26 @@ describe("the worker, command by command", { skip }, () => {
     await serve(flow);
     const burst = async (batch: boolean) => {
       const reply = new Inbox(nc);
-      const cmds = Array.from({ length: 5 }, () => command(flow, "a"));
-      for (const cmd of cmds) {
-        const h = natsHeaders();
-        if (batch) h.set("Orchestrix-Acks", "batch");
-        nc.publish(`${P}.step.${flow.name}.${flow.version}.a`, encodeMessage("step.command", cmd), { reply: reply.subject, headers: h });
-      }
       await nc.flush();
-      // Hold the event loop while the server delivers the burst, so that it
-      // is read from the socket at once.
-      const until = Date.now() + 500;
+      const cmds = Array.from({ length: 5 }, () => command(flow, "a"));
+      // Published by another process while this one's event loop is held
+      // (execFileSync), and held a little longer: the burst waits in the
+      // socket and is read at once.
+      const publisher = `
+        import { connect, headers } from ${JSON.stringify(import.meta.resolve("@nats-io/transport-node"))};
+        const [url, subject, reply, batch, ...bodies] = process.argv.slice(1);
+        const nc = await connect({ servers: url });
+        for (const body of bodies) {
+          const h = headers();
+          if (batch === "1") h.set("Orchestrix-Acks", "batch");
+          nc.publish(subject, Buffer.from(body, "hex"), { reply, headers: h });
+        }
+        await nc.flush();
+        await nc.close();`;
+      const bodies = cmds.map((c) => Buffer.from(encodeMessage("step.command", c)).toString("hex"));
+      const subject = `${P}.step.${flow.name}.${flow.version}.a`;
+      execFileSync(process.execPath, ["--input-type=module", "-e", publisher, url, subject, reply.subject, batch ? "1" : "0", ...bodies]);
+      const until = Date.now() + 300;
       while (Date.now() < until) {
         /* busy */
       }
