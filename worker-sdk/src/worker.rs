@@ -750,15 +750,7 @@ impl Shared {
     async fn try_send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) -> bool {
         let limit = self.client.max_payload().min(self.max_message_bytes);
         match encode(msg) {
-            Ok(bytes) if bytes.len() <= limit => {
-                match self.client.publish(reply.clone(), Bytes::from(bytes)).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        warn!(error = %e, %reply, "cannot send a reply");
-                        false
-                    }
-                }
-            }
+            Ok(bytes) if bytes.len() <= limit => self.send_raw(reply, Bytes::from(bytes)).await,
             Ok(bytes) => {
                 warn!(
                     kind = M::KIND,
@@ -777,9 +769,14 @@ impl Shared {
 
     /// Replies carry no headers: the envelope names their kind, and the
     /// coordinator reads it without decoding the body (`peek_kind`).
-    async fn send_raw(&self, reply: &async_nats::Subject, bytes: Bytes) {
-        if let Err(e) = self.client.publish(reply.clone(), bytes).await {
-            warn!(error = %e, %reply, "cannot send a reply");
+    /// Hands encoded bytes to the client; false if it refused them (logged).
+    async fn send_raw(&self, reply: &async_nats::Subject, bytes: Bytes) -> bool {
+        match self.client.publish(reply.clone(), bytes).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, %reply, "cannot send a reply");
+                false
+            }
         }
     }
 }
@@ -1022,14 +1019,10 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     let mut sent = vec![false; ready.len()];
     for (to, _, members) in groups {
         for chunk in members.chunks(per_message) {
-            let acked = |i: &usize| {
-                let c = &ready[*i].cmd;
-                Acked { command_id: c.command_id, run_id: c.run_id, attempt: c.attempt }
-            };
             let ok = match chunk {
-                [one] => shared.try_send(to, &single(acked(one), &shared.id)).await,
+                [one] => shared.try_send(to, &ack(&ready[*one].cmd, &shared.id)).await,
                 _ => {
-                    let commands = chunk.iter().map(acked).collect();
+                    let commands = chunk.iter().map(|i| acked(&ready[*i].cmd)).collect();
                     shared.try_send(to, &Acks { worker: shared.id.clone(), commands }).await
                 }
             };
@@ -1044,12 +1037,8 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
             shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).started(a.cmd.command_id);
             // A copy that arrived meanwhile moved its answers elsewhere: it
             // is owed the ack too.
-            let now = target(&a.answer_to);
-            if now != a.reply {
-                let c = &a.cmd;
-                let acked =
-                    Acked { command_id: c.command_id, run_id: c.run_id, attempt: c.attempt };
-                shared.send(&now, &single(acked, &shared.id)).await;
+            for to in a.answers().iter().skip(1) {
+                shared.send(to, &ack(&a.cmd, &shared.id)).await;
             }
             started.push(a);
         } else {
@@ -1060,11 +1049,17 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     started
 }
 
-fn single(c: Acked, worker: &str) -> Ack {
+/// A command's entry in a `step.acks`.
+fn acked(cmd: &StepCommand) -> Acked {
+    Acked { command_id: cmd.command_id, run_id: cmd.run_id, attempt: cmd.attempt }
+}
+
+/// A command's `step.ack` from this worker.
+fn ack(cmd: &StepCommand, worker: &str) -> Ack {
     Ack {
-        command_id: c.command_id,
-        run_id: c.run_id,
-        attempt: c.attempt,
+        command_id: cmd.command_id,
+        run_id: cmd.run_id,
+        attempt: cmd.attempt,
         worker: worker.to_owned(),
     }
 }
@@ -1197,8 +1192,7 @@ async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject,
         // Still at work: ack to whoever asks now; heartbeats and the
         // outcome follow it there.
         Seen::Running(..) => {
-            let c = Acked { command_id: cmd.command_id, run_id: cmd.run_id, attempt: cmd.attempt };
-            shared.send(reply, &single(c, &shared.id)).await;
+            shared.send(reply, &ack(cmd, &shared.id)).await;
         }
         Seen::Admitted(..) => {
             debug!(command = %cmd.command_id, "a copy of a command being admitted: answered with its burst");
