@@ -15,8 +15,8 @@ use orchestrix_coordinator::nats::{NatsBusOptions, Node};
 use orchestrix_coordinator::{FlowDef, StepDef};
 use orchestrix_integration_tests::{Ledger, NatsServer};
 use orchestrix_proto::{
-    Ack, Acked, Acks, CommandKind, Message, OutcomeResult, Payload, StepCommand, StepOutcome,
-    Subjects, decode, encode, headers, peek_kind,
+    Ack, Acked, Acks, CommandKind, Heartbeat, Message, OutcomeResult, Payload, StepCommand,
+    StepOutcome, Subjects, decode, encode, headers, peek_kind,
 };
 use orchestrix_worker::NatsOptions;
 use uuid::Uuid;
@@ -111,6 +111,10 @@ async fn burst(server: &NatsServer, batch_header: bool, copies: usize) -> (Vec<U
                         let ids = a.commands.iter().map(|c| c.command_id).collect();
                         (kind, ids, Some(a.worker))
                     }
+                    Heartbeat::KIND => {
+                        let h: Heartbeat = decode(&msg.payload).unwrap();
+                        (kind, vec![h.command_id], Some(h.worker))
+                    }
                     StepOutcome::KIND => {
                         let o: StepOutcome = decode(&msg.payload).unwrap();
                         assert!(
@@ -159,7 +163,7 @@ fn check_acked_first(ids: &[Uuid], replies: &Replies, ledger: &Ledger) {
         for id in about {
             if kind == StepOutcome::KIND {
                 answered.insert(*id, i);
-            } else {
+            } else if kind != Heartbeat::KIND {
                 *acked.entry(*id).or_default() += 1;
                 answered.entry(*id).and_modify(|_| panic!("{id} acked after its outcome"));
             }
@@ -186,6 +190,7 @@ async fn a_burst_of_commands_is_acknowledged_together() {
     let (ids, replies) = burst(&server, true, 1).await;
     check_acked_first(&ids, &replies, &ledger);
     let ack_messages: Vec<_> = replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
+    assert!(!replies.iter().any(|(k, ..)| k == Heartbeat::KIND), "no heartbeat: {replies:?}");
     assert!(
         ack_messages.len() < BURST && ack_messages.iter().any(|(k, ..)| k == Acks::KIND),
         "{BURST} commands read together, acknowledged in {} messages: {ack_messages:?}",
@@ -193,6 +198,61 @@ async fn a_burst_of_commands_is_acknowledged_together() {
     );
     for (_, _, worker) in &ack_messages {
         assert_eq!(worker.as_deref(), Some(w.id()), "acks name their worker");
+    }
+    w.shutdown().await;
+}
+
+// A burst whose handlers do not all finish at once: a third are done at
+// once (answered from the loop that read them), a third yield once (woken
+// at once, so they finish in a task of their own), a third wait 300 ms
+// with a heartbeat every 50 ms. Each is acked once, before it runs; the
+// waiting ones beat while they wait, between their ack and their outcome.
+#[tokio::test]
+async fn a_burst_of_handlers_that_wait_is_acked_first_and_heartbeats() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let turn = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = {
+        let (ledger, turn) = (ledger.clone(), turn.clone());
+        Worker::builder()
+            .nats(NatsOptions::new(server.url()))
+            .heartbeat_interval(50 * MS)
+            .steps::<u32>("burst", move |f| {
+                f.step("s0", move |ctx: StepContext<u32>| {
+                    ledger.log(ctx.command_id().to_string());
+                    let turn = turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        match turn % 3 {
+                            0 => {}
+                            1 => tokio::task::yield_now().await,
+                            _ => tokio::time::sleep(300 * MS).await,
+                        }
+                        Ok(())
+                    }
+                })
+            })
+            .start()
+            .await
+            .unwrap()
+    };
+    let (ids, replies) = burst(&server, true, 1).await;
+    check_acked_first(&ids, &replies, &ledger);
+    let beating: std::collections::HashSet<Uuid> = replies
+        .iter()
+        .filter(|(k, ..)| k == Heartbeat::KIND)
+        .flat_map(|(_, about, _)| about.iter().copied())
+        .collect();
+    assert!(
+        beating.len() >= BURST / 3,
+        "the {} handlers that wait 300 ms heartbeat: {beating:?}",
+        BURST / 3
+    );
+    for id in &beating {
+        let first = |kind: &str| replies.iter().position(|(k, a, _)| k == kind && a.contains(id));
+        let (Some(beat), Some(outcome)) = (first(Heartbeat::KIND), first(StepOutcome::KIND)) else {
+            panic!("{id} beat and was answered: {replies:?}");
+        };
+        assert!(beat < outcome, "{id} beat before its outcome");
     }
     w.shutdown().await;
 }

@@ -1200,8 +1200,8 @@ async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject,
     }
 }
 
-/// Starts an admitted command's handler in a task of its own. Its ack went
-/// out before this: an attempt that was never acked was never started, so
+/// Starts an admitted command's handler: at once, and in a task of its own
+/// if it does not finish on its first poll. Its ack went out before this: an attempt that was never acked was never started, so
 /// the coordinator may send it elsewhere.
 fn launch(a: Admitted, shared: &Arc<Shared>) {
     let Admitted { msg, cmd, handler, stop, answer_to, .. } = a;
@@ -1235,6 +1235,9 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let result = loop {
                 tokio::select! {
+                    // The handler first: one that is done at once never
+                    // arms the heartbeat timer or the cancellation waiter.
+                    biased;
                     result = &mut work => break result,
                     // Cancelled: the handler's future is dropped here (its
                     // context's cancellation has fired). It may have acted.
@@ -1292,7 +1295,16 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
         },
         span,
     );
-    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
+    let mut run = Box::pin(opentelemetry::context::FutureExt::with_context(run, parent));
+    // Polled once here, in the loop that read the command: a handler that is
+    // done at once (no I/O, or what it needed was ready) costs no task, and
+    // its outcome is queued with the rest of its burst's, so that the client
+    // writes them together instead of one write (a system call) each. A
+    // handler still running moves to a task of its own, which polls it again
+    // with its own waker.
+    if futures::FutureExt::now_or_never(&mut run).is_none() {
+        tracker.spawn(run);
+    }
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
