@@ -287,14 +287,42 @@ retry_delay_ms = 50
 "#;
 
 async fn spawn_test_worker(server: &NatsServer, delay_ms: u64) -> ChildProcess {
+    spawn_test_worker_with(server, delay_ms, &[]).await
+}
+
+async fn spawn_test_worker_with(server: &NatsServer, delay_ms: u64, more: &[&str]) -> ChildProcess {
     let url = server.url();
     let delay = delay_ms.to_string();
-    let w = ChildProcess::spawn(
-        &built("test_worker"),
-        &["--nats", &url, "--delay-ms", &delay, "--heartbeat-ms", "100"],
-    );
+    let mut args = vec!["--nats", &url, "--delay-ms", &delay, "--heartbeat-ms", "100"];
+    args.extend_from_slice(more);
+    let w = ChildProcess::spawn(&built("test_worker"), &args);
     w.wait_for_line("ready", 10 * SECS).await;
     w
+}
+
+// 3a. A worker process that dies inside a handler, as the handler starts
+//     (before its first await), had already written that command's ack:
+//     the coordinator knows the attempt was taken, so the step is not run
+//     again by another replica; its outcome is unknown, and it is
+//     compensated with the completed steps by the replica that is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_as_its_handler_starts_has_acked_and_the_step_does_not_run_twice() {
+    let server = NatsServer::start();
+    let node = node(&server, flows(CRASH_FLOW)).await;
+    let dying = spawn_test_worker_with(&server, 0, &["--exit-in-b"]).await;
+    let run = node.coordinator().start("crash", &5u32, RunOptions::new()).await.unwrap();
+    dying.wait_for_line("b-start", 10 * SECS).await;
+    let healthy = spawn_test_worker(&server, 0).await;
+    let report = tokio::time::timeout(30 * SECS, run.report()).await.unwrap().unwrap();
+    assert!(healthy.lines_starting("b-start").is_empty(), "b ran a second time: {report}");
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let b = report.step("b").unwrap();
+    assert_eq!(b.attempts, 1, "{report}");
+    assert_eq!(b.status, StepStatus::Compensated, "maybe done, so compensated: {report}");
+    assert!(b.error.as_deref().unwrap().starts_with("outcome unknown: worker "), "{report}");
+    let undo: Vec<String> = healthy.lines_starting("undo-");
+    assert_eq!(undo.len(), 2, "{undo:?}");
+    assert!(undo[0].starts_with("undo-b ") && undo[1].starts_with("undo-a "), "{undo:?}");
 }
 
 // 3. A worker frozen after it acked has an unknown outcome: not retried by

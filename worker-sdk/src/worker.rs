@@ -925,7 +925,11 @@ async fn serve(
                     for msg in burst {
                         admitted.extend(admit(msg, &reg, &shared, via).await);
                     }
-                    for a in acknowledge(admitted, &shared).await {
+                    let ready = acknowledge(admitted, &shared).await;
+                    if !ready.is_empty() {
+                        flush_acks(&shared).await;
+                    }
+                    for a in ready {
                         launch(a, &shared);
                     }
                     if ended {
@@ -934,6 +938,26 @@ async fn serve(
                 }
                 None => break,
             },
+        }
+    }
+}
+
+/// How long a burst's handlers wait for its acks to be written out.
+const ACK_FLUSH_WAIT: Duration = Duration::from_millis(200);
+
+/// Waits until the acks handed to the client are written to its socket, so
+/// that they leave before any handler starts: a worker process that dies in
+/// a handler (before the client would have written them otherwise) has
+/// still told its coordinator that it took the command, which is then an
+/// unknown outcome rather than sent to another replica and run twice.
+/// Bounded: with NATS unreachable the acks wait in the client for the
+/// reconnection, as they always could, and the handlers start.
+async fn flush_acks(shared: &Shared) {
+    match tokio::time::timeout(ACK_FLUSH_WAIT, shared.client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "acks not written out before their handlers start"),
+        Err(_) => {
+            debug!(wait = ?ACK_FLUSH_WAIT, "acks not written out before their handlers start")
         }
     }
 }

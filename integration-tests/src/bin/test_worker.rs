@@ -1,6 +1,7 @@
 //! A worker process for fault tests: serves flow `crash` (steps `a` and `b`,
 //! both with a compensation; `b` takes `--delay-ms`), printing one line per
 //! handler call to stdout so the test can count executions across processes.
+//! `--exit-in-b` makes it exit inside `b`'s handler, as it starts.
 //!
 //! Installs no log subscriber of its own unless `--own-subscriber` (which
 //! logs to stdout): the worker's fallback logging is under test, and
@@ -26,6 +27,11 @@ struct Args {
     /// Install a subscriber of the service's own first: logs to stdout.
     #[arg(long)]
     own_subscriber: bool,
+    /// The process exits inside `b`'s handler, right after it printed
+    /// `b-start`, before the handler first awaits: a crash as a side
+    /// effect begins.
+    #[arg(long)]
+    exit_in_b: bool,
 }
 
 fn say(line: String) {
@@ -38,6 +44,7 @@ fn say(line: String) {
 async fn main() {
     let args = Args::parse();
     let delay = Duration::from_millis(args.delay_ms);
+    let exit_in_b = args.exit_in_b;
     if args.own_subscriber {
         tracing_subscriber::fmt().with_writer(std::io::stdout).with_ansi(false).init();
     }
@@ -60,6 +67,9 @@ async fn main() {
             })
             .step("b", move |ctx| async move {
                 say(format!("b-start {} {}", ctx.run_id(), ctx.attempt()));
+                if exit_in_b {
+                    std::process::exit(70);
+                }
                 tokio::time::sleep(delay).await;
                 say(format!("b-done {} {}", ctx.run_id(), ctx.attempt()));
                 Ok(ctx.input)

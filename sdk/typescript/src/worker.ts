@@ -395,16 +395,22 @@ export class Worker {
         if (ok) for (const c of commands) sent.add(c.commandId);
       }
     }
-    // The acks went out before any handler can start: an attempt never acked
+    // The acks go out before any handler can start: an attempt never acked
     // was never started. One whose ack could not go is not started at all.
+    const starts: (() => void)[] = [];
     for (const a of admitted) {
       if (sent.has(a.acked.commandId)) {
-        a.start();
+        starts.push(a.start);
       } else {
         this.log(`command ${a.acked.commandId} not started: its ack could not be sent`);
         this.dedup.forget(a.acked.commandId);
       }
     }
+    // The client writes what it was handed in a microtask queued by the
+    // first message; the handlers start in one queued after it, so the acks
+    // are written to the socket first: a worker process that dies as a
+    // handler starts has still told its coordinator it took the command.
+    if (starts.length > 0) queueMicrotask(() => starts.forEach((start) => start()));
   }
 
   private onMessage(msg: Msg, reg: StepReg, via: "queue" | "inquiry"): void {

@@ -2,7 +2,7 @@
  * The worker against a real nats-server, driven by hand-made commands: the
  * rules the Rust worker follows (worker-sdk/src/worker.rs), one by one.
  */
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { connect as natsConnect, createInbox, type Msg, type NatsConnection } from "@nats-io/transport-node";
@@ -160,6 +160,30 @@ describe("the worker, command by command", { skip }, () => {
     };
     assert.deepEqual(await burst(true), ["step.acks"]);
     assert.deepEqual(await burst(false), Array(5).fill("step.ack"));
+  });
+
+  test("a worker process that exits as its handler starts has written its ack first", async () => {
+    const flow = create("w-exit").step("a", () => "never");
+    // The worker in a process of its own, whose handler ends the process at
+    // once, before anything it was handed later could be written.
+    const child = `
+      import { create, Worker } from ${JSON.stringify(new URL("../index.js", import.meta.url).href)};
+      import { connect } from ${JSON.stringify(import.meta.resolve("@nats-io/transport-node"))};
+      const [url, prefix] = process.argv.slice(1);
+      const nc = await connect({ servers: url });
+      const flow = create("w-exit").step("a", () => process.exit(70));
+      await Worker.start({ flows: [flow], connection: nc, prefix, log: () => {} });
+      console.log("ready");`;
+    const proc = spawn(process.execPath, ["--input-type=module", "-e", child, url, P], { stdio: ["ignore", "pipe", "inherit"] });
+    const exited = new Promise<number | null>((r) => proc.on("exit", (code) => r(code)));
+    let out = "";
+    proc.stdout.on("data", (d) => (out += d));
+    await waitFor("the worker process to serve", () => out.includes("ready"));
+    const box = new Inbox(nc);
+    await nc.flush();
+    send(flow, command(flow, "a"), box);
+    assert.equal(await exited, 70, "the handler ended the process");
+    await box.next("step.ack");
   });
 
   test("the inquiry subject: silence about a command not held, the answer about one held", async () => {
