@@ -209,8 +209,13 @@ impl Engine {
         A: Actor<Context = Context<A>>,
         F: FnOnce(&mut Context<A>) -> A + Send + 'static,
     {
-        if Arbiter::try_current().is_some() {
-            A::create(make);
+        if let Some(here) = Arbiter::try_current() {
+            // Through the arbiter's own queue rather than created right here:
+            // the caller may be a tokio task on the arbiter's thread but
+            // outside its actor context (the tasks of a node started on an
+            // actix system), where creating an actor panics. An arbiter that
+            // is stopping drops the start: its run reports itself lost.
+            let _ = here.spawn_fn(move || drop(A::create(make)));
             return;
         }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len();
