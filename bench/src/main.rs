@@ -218,7 +218,7 @@ where
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let one = one.clone();
-            tokio::spawn(async move {
+            let driver = async move {
                 let mut h = Histogram::<u64>::new(3).expect("histogram");
                 while Instant::now() < deadline {
                     let t = Instant::now();
@@ -226,7 +226,15 @@ where
                     let _ = h.record(t.elapsed().as_nanos() as u64);
                 }
                 h
-            })
+            };
+            // On a node's actix system (the `-1t` scenarios) the drivers
+            // stay on its thread, as the handlers of a service embedding
+            // the node would.
+            if actix_rt::Arbiter::try_current().is_some() {
+                actix_rt::spawn(driver)
+            } else {
+                tokio::spawn(driver)
+            }
         })
         .collect();
     let mut all = Histogram::<u64>::new(3).expect("histogram");

@@ -150,6 +150,13 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             );
             node.shutdown().await;
         }
+        if wanted("saga-nats-memory-1t") {
+            let figure =
+                on_one_thread(&url, "saga-nats-memory-1t", concurrency, args.seconds, || {
+                    NodeStore::Memory
+                });
+            out.push(figure.await?);
+        }
     }
     let durable_wanted =
         ["saga-nats-jetstream", "nats-floor-durable", "saga-nats-jetstream-parked"];
@@ -157,6 +164,46 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
         out.extend(durable(args, wanted, &url, &client).await?);
     }
     Ok(out)
+}
+
+/// Measures the sequential flow with the coordinator node on an actix
+/// system of its own, one thread: the node's NATS connection, its tasks,
+/// every run's actor and the loops that start the runs all live there (a
+/// service that embeds the node in an actix-web app and starts runs from its
+/// handlers), where the other scenarios leave the node's tasks on the tokio
+/// runtime and its runs on the engine's arbiters, one per core, which hand
+/// every reply and command across threads.
+async fn on_one_thread(
+    url: &str,
+    scenario: &'static str,
+    concurrency: usize,
+    seconds: f64,
+    store: impl FnOnce() -> NodeStore + Send + 'static,
+) -> Result<Figure, String> {
+    let url = url.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench-node".into())
+        .spawn(move || {
+            let figure = actix_rt::System::new().block_on(async move {
+                let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;
+                let node = node(conn, store()).await?;
+                let coordinator = node.coordinator().clone();
+                let figure = measure(scenario, concurrency, seconds, move || {
+                    let c = coordinator.clone();
+                    async move {
+                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
+                        assert_eq!(r.status, RunStatus::Completed, "{r}");
+                    }
+                })
+                .await;
+                node.shutdown().await;
+                Ok::<_, String>(figure)
+            });
+            let _ = tx.send(figure);
+        })
+        .map_err(|e| format!("cannot start the node's thread: {e}"))?;
+    rx.await.map_err(|_| "the node's thread ended without a figure".to_owned())?
 }
 
 /// The same flow with its runs in JetStream KV, beside a floor doing the same
@@ -236,6 +283,12 @@ async fn durable(
             for n in nodes {
                 n.shutdown().await;
             }
+            settle(&js).await;
+        }
+        if wanted("saga-nats-jetstream-1c-1t") {
+            let name: &'static str = Box::leak(format!("{saga_name}-1c-1t").into_boxed_str());
+            let store = || NodeStore::JetStream(JetStreamStoreOptions::default().prefix(PREFIX));
+            out.push(on_one_thread(url, name, concurrency, args.seconds, store).await?);
             settle(&js).await;
         }
     }

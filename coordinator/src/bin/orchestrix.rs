@@ -719,8 +719,72 @@ async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
 
 /// Everything `serve` keeps alive.
 struct Running {
-    _node: Node,
+    _node: NodeThread,
     _ui: Option<orchestrix_coordinator::ui::UiServer>,
+}
+
+/// The node on an actix system of its own: one thread for its NATS
+/// connection, its tasks and every run's actor, so that a reply reaches its
+/// run and a command leaves without a hand-off between threads (a third
+/// less CPU a run than the node's tasks on the runtime and its runs on one
+/// arbiter per core: docs/benchmarks.md). More cores are used by more
+/// coordinators, which share the runs.
+struct NodeThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NodeThread {
+    /// Connects and starts the node on its thread; returns it with its
+    /// connection, the number of runs it resumed and of flows it serves.
+    async fn start(
+        builder: orchestrix_coordinator::nats::NodeBuilder,
+        connect: NatsOptions,
+    ) -> anyhow::Result<(NodeThread, async_nats::Client, usize, usize)> {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread =
+            std::thread::Builder::new().name("orchestrix-node".into()).spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    let started = async {
+                        let conn = connect.connect().await?;
+                        let node = builder.start(conn.clone()).await?;
+                        anyhow::Ok((node, conn))
+                    };
+                    match started.await {
+                        Ok((node, conn)) => {
+                            let serving = node.coordinator().flows().len();
+                            let _ = ready_tx.send(Ok((conn, node.resumed(), serving)));
+                            let _ = stopped.await;
+                            drop(node);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let mut node = NodeThread { stop: Some(stop), thread: Some(thread) };
+        match ready_rx.await {
+            Ok(Ok((conn, resumed, serving))) => Ok((node, conn, resumed, serving)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                node.stop.take();
+                Err(anyhow::anyhow!("the coordinator's thread ended before it was ready"))
+            }
+        }
+    }
+}
+
+impl Drop for NodeThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
@@ -732,7 +796,6 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         None => Vec::new(),
     };
     let subjects = nats.subjects()?;
-    let conn = nats.options().name("orchestrix coordinator").connect().await?;
     let bus_options = NatsBusOptions::default()
         .ack_timeout(args.ack_timeout)
         .heartbeat_timeout(args.heartbeat_timeout)
@@ -746,18 +809,17 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         NodeStore::Memory
     };
     let names: Vec<String> = flows.iter().map(|f| f.name.to_string()).collect();
-    let node = Node::builder()
+    let builder = Node::builder()
         .subjects(subjects.clone())
         .bus_options(bus_options)
         .store(store)
         .flows(flows)
         .registry(!args.no_registry)
-        .hooks(orchestrix_coordinator::metrics::RunMetrics::global())
-        .start(conn.clone())
-        .await?;
-    let node_conn = conn;
-    let registered = node.coordinator().flows().len() - names.len();
-    info!(nats = %orchestrix_worker::redact_url(&nats.nats), prefix = %subjects.prefix(), store = %args.store, resumed = node.resumed(), flows = ?names, registered, "coordinator ready");
+        .hooks(orchestrix_coordinator::metrics::RunMetrics::global());
+    let connect = nats.options().name("orchestrix coordinator");
+    let (node, node_conn, resumed, serving) = NodeThread::start(builder, connect).await?;
+    let registered = serving - names.len();
+    info!(nats = %orchestrix_worker::redact_url(&nats.nats), prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, registered, "coordinator ready");
     let ui = match args.http {
         Some(listen) => {
             let ui_args = UiArgs {
