@@ -394,3 +394,61 @@ async fn the_coordinator_honours_a_step_acks() {
     );
     node.shutdown().await;
 }
+
+// A handler that blocks its thread before its first await (3 s of
+// synchronous work) holds up only itself: the other commands of its burst,
+// and those sent after it, are answered while it blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_holds_up_only_itself() {
+    let server = NatsServer::start();
+    let w = Worker::builder()
+        .nats(NatsOptions::new(server.url()))
+        .steps::<u32>("burst", |f| {
+            f.step("s0", |ctx: StepContext<u32>| {
+                if ctx.input == 0 {
+                    std::thread::sleep(3 * SECS);
+                }
+                async { Ok(()) }
+            })
+        })
+        .start()
+        .await
+        .unwrap();
+    let nats = NatsOptions::new(server.url()).connect().await.unwrap();
+    let inbox = nats.new_inbox();
+    let mut replies = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.flush().await.unwrap();
+    let subject = Subjects::default().step("burst", "v1", "s0");
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::ACKS, headers::ACKS_BATCH);
+    let send = |input: u32| {
+        let mut cmd = command(Uuid::now_v7());
+        cmd.input = Payload::encode(&input).unwrap();
+        let body = Bytes::from(encode(&cmd).unwrap());
+        let (nats, subject, inbox, h) = (nats.clone(), subject.clone(), inbox.clone(), h.clone());
+        async move {
+            nats.publish_with_reply_and_headers(subject, inbox, h, body).await.unwrap();
+            nats.flush().await.unwrap();
+            cmd.command_id
+        }
+    };
+    let blocker = send(0).await;
+    let mut quick = Vec::new();
+    for _ in 0..3 {
+        quick.push(send(1).await);
+    }
+    tokio::time::sleep(200 * MS).await;
+    for _ in 0..3 {
+        quick.push(send(1).await);
+    }
+    let mut answered = Vec::new();
+    while answered.len() < quick.len() + 1 {
+        let msg = tokio::time::timeout(20 * SECS, replies.next()).await.unwrap().unwrap();
+        let (_, kind) = peek_kind(&msg.payload).unwrap();
+        if kind == StepOutcome::KIND {
+            answered.push(decode::<StepOutcome>(&msg.payload).unwrap().command_id);
+        }
+    }
+    assert_eq!(answered.last(), Some(&blocker), "the blocked handler answers last: {answered:?}");
+    w.shutdown().await;
+}

@@ -495,6 +495,7 @@ impl WorkerBuilder {
             None
         };
         let shared = Arc::new(Shared {
+            outbox: Mutex::default(),
             client: client.clone(),
             id: id.clone(),
             dedup: Mutex::new(Dedup::new(self.dedup_window)),
@@ -727,6 +728,8 @@ fn worker_id() -> String {
 
 struct Shared {
     client: async_nats::Client,
+    /// Outcomes waiting for the outbox task (see [`Shared::post`]).
+    outbox: Mutex<Vec<(async_nats::Subject, Bytes)>>,
     id: String,
     dedup: Mutex<Dedup>,
     slots: Arc<Semaphore>,
@@ -738,6 +741,31 @@ struct Shared {
 impl Shared {
     async fn send<M: Message>(&self, reply: &async_nats::Subject, msg: &M) {
         self.try_send(reply, msg).await;
+    }
+
+    /// Queues an outcome for the worker's outbox task, which hands every
+    /// outcome queued by then to the client at once: the handlers of a burst
+    /// that finish together answer in one write to the socket rather than
+    /// one write (a system call, which on loopback also pays for the
+    /// receiving side) each. The task first yields, so that the other tasks
+    /// ready to run (handlers finishing) queue theirs before it takes them.
+    fn post(self: &Arc<Self>, reply: async_nats::Subject, outcome: Bytes) {
+        let first = {
+            let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+            outbox.push((reply, outcome));
+            outbox.len() == 1
+        };
+        if first {
+            let shared = self.clone();
+            self.tracker.spawn(async move {
+                tokio::task::yield_now().await;
+                let outcomes =
+                    std::mem::take(&mut *shared.outbox.lock().unwrap_or_else(|p| p.into_inner()));
+                for (reply, outcome) in outcomes {
+                    shared.send_raw(&reply, outcome).await;
+                }
+            });
+        }
     }
 
     fn forget(&self, command_id: Uuid) {
@@ -874,6 +902,14 @@ impl Dedup {
         }
     }
 
+    /// A command in hand that will never start (cancelled, or too late):
+    /// a copy of it is refused, never run.
+    fn finish_unstarted(&mut self, id: Uuid) {
+        if let Some(seen) = self.map.get_mut(&id) {
+            *seen = Seen::Cancelled;
+        }
+    }
+
     fn finish(&mut self, id: Uuid, outcome: Bytes) {
         if let Some(seen) = self.map.get_mut(&id) {
             *seen = Seen::Done(outcome);
@@ -925,9 +961,9 @@ async fn serve(
                     for msg in burst {
                         admitted.extend(admit(msg, &reg, &shared, via).await);
                     }
-                    let ready = acknowledge(admitted, &shared).await;
-                    if !ready.is_empty() {
-                        flush_acks(&shared).await;
+                    let mut ready = acknowledge(admitted, &shared).await;
+                    if !ready.is_empty() && !flush_acks(&shared).await {
+                        ready = unflushed(ready, &shared);
                     }
                     for a in ready {
                         launch(a, &shared);
@@ -951,15 +987,39 @@ const ACK_FLUSH_WAIT: Duration = Duration::from_millis(200);
 /// still told its coordinator that it took the command, which is then an
 /// unknown outcome rather than sent to another replica and run twice.
 /// Bounded: with NATS unreachable the acks wait in the client for the
-/// reconnection, as they always could, and the handlers start.
-async fn flush_acks(shared: &Shared) {
+/// reconnection (false).
+async fn flush_acks(shared: &Shared) -> bool {
     match tokio::time::timeout(ACK_FLUSH_WAIT, shared.client.flush()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "acks not written out before their handlers start"),
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn!(error = %e, "acks not written out before their handlers start");
+            false
+        }
         Err(_) => {
-            debug!(wait = ?ACK_FLUSH_WAIT, "acks not written out before their handlers start")
+            warn!(wait = ?ACK_FLUSH_WAIT, "acks not written out before their handlers start");
+            false
         }
     }
+}
+
+/// Commands whose acks could not be written out: those whose start-by time
+/// passed meanwhile are not started (the coordinator, which may never have
+/// had their ack, sends them again elsewhere; if the ack reaches it after
+/// all, it sees an attempt that went silent, an unknown outcome, not a step
+/// run twice). The others start, their acks queued for the reconnection.
+fn unflushed(ready: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> {
+    let now = now_ms();
+    ready
+        .into_iter()
+        .filter(|a| match a.cmd.start_by_ms {
+            Some(by) if now > by => {
+                warn!(command = %a.cmd.command_id, "command not started: its start-by time passed before its ack could be written");
+                shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).finish_unstarted(a.cmd.command_id);
+                false
+            }
+            _ => true,
+        })
+        .collect()
 }
 
 fn now_ms() -> u64 {
@@ -1017,6 +1077,21 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     let now = now_ms();
     let mut ready = Vec::with_capacity(admitted.len());
     for a in admitted {
+        if a.stop.is_cancelled() {
+            // Cancelled while its burst was admitted: never started.
+            debug!(command = %a.cmd.command_id, "cancelled command not started");
+            shared
+                .dedup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish_unstarted(a.cmd.command_id);
+            let why = "the run was cancelled: not started".to_owned();
+            let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
+            for to in a.answers() {
+                shared.send(&to, &refusal).await;
+            }
+            continue;
+        }
         match expired(&a.cmd, now) {
             Some(why) => {
                 debug!(command = %a.cmd.command_id, %why, "stale command not started");
@@ -1224,8 +1299,8 @@ async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject,
     }
 }
 
-/// Starts an admitted command's handler: at once, and in a task of its own
-/// if it does not finish on its first poll. Its ack went out before this: an attempt that was never acked was never started, so
+/// Starts an admitted command's handler in a task of its own. Its ack went
+/// out before this: an attempt that was never acked was never started, so
 /// the coordinator may send it elsewhere.
 fn launch(a: Admitted, shared: &Arc<Shared>) {
     let Admitted { msg, cmd, handler, stop, answer_to, .. } = a;
@@ -1247,6 +1322,11 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
                         "the attempt's deadline passed while it waited for a free handler slot";
                     return OutcomeResult::Failed(StepFailure::new(why, true));
                 }
+                if stop.is_cancelled() {
+                    // Cancelled after its ack, before it started: dropped.
+                    let why = "cancelled: the run was cancelled before the handler started";
+                    return OutcomeResult::Failed(StepFailure::new(why, false));
+                }
                 run_command_with(&handler, cmd, stop.clone()).await
             };
             tokio::pin!(work);
@@ -1259,8 +1339,9 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let result = loop {
                 tokio::select! {
-                    // The handler first: one that is done at once never
-                    // arms the heartbeat timer or the cancellation waiter.
+                    // The handler first: one that is done on its first poll
+                    // never arms the heartbeat timer or the cancellation
+                    // waiter.
                     biased;
                     result = &mut work => break result,
                     // Cancelled: the handler's future is dropped here (its
@@ -1315,20 +1396,11 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .finish(command_id, bytes.clone());
-            shared.send_raw(&target(&answer_to), bytes).await;
+            shared.post(target(&answer_to), bytes);
         },
         span,
     );
-    let mut run = Box::pin(opentelemetry::context::FutureExt::with_context(run, parent));
-    // Polled once here, in the loop that read the command: a handler that is
-    // done at once (no I/O, or what it needed was ready) costs no task, and
-    // its outcome is queued with the rest of its burst's, so that the client
-    // writes them together instead of one write (a system call) each. A
-    // handler still running moves to a task of its own, which polls it again
-    // with its own waker.
-    if futures::FutureExt::now_or_never(&mut run).is_none() {
-        tracker.spawn(run);
-    }
+    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
