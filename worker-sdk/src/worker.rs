@@ -623,7 +623,8 @@ impl Worker {
         &self.id
     }
 
-    /// Commands in hand (running or waiting for a slot).
+    /// Commands in hand: running, waiting for a slot, or with their outcome
+    /// not yet handed to the client (a batch of them counts once).
     pub fn in_flight(&self) -> usize {
         self.tracker.len()
     }
