@@ -125,6 +125,10 @@ pub struct Started {
     pub duplicate: bool,
 }
 
+/// How often [`Client::wait`] asks whether the run it waits for ended
+/// elsewhere (its coordinator died and another finished the run).
+pub const WAIT_LOOK_EVERY: Duration = Duration::from_secs(2);
+
 /// Starts runs and follows them over NATS, from any service (see the crate docs).
 #[derive(Clone)]
 pub struct Client {
@@ -293,15 +297,37 @@ impl Client {
     }
 
     /// Waits for the final report of a run started earlier. If the
-    /// coordinator answering dies meanwhile, the wait goes on with another.
+    /// coordinator answering dies meanwhile, the wait goes on with another:
+    /// every [`WAIT_LOOK_EVERY`] the client also asks whether the run ended,
+    /// so that it learns of an end elsewhere within that time, not when its
+    /// wait (30 s) runs out.
     pub async fn wait(&self, run_id: RunId) -> Result<RunReport, ClientError> {
         let run_id = run_id.as_uuid();
         loop {
             let req = StatusRequest { run_id, wait: true };
-            match self
-                .ask(self.subjects.status_requests(), &req, Some(Duration::from_secs(30)))
-                .await
-            {
+            let waiting =
+                self.ask(self.subjects.status_requests(), &req, Some(Duration::from_secs(30)));
+            tokio::pin!(waiting);
+            let mut look = tokio::time::interval_at(
+                tokio::time::Instant::now() + WAIT_LOOK_EVERY,
+                WAIT_LOOK_EVERY,
+            );
+            let answer = loop {
+                tokio::select! {
+                    answer = &mut waiting => break answer,
+                    _ = look.tick() => {
+                        let now = StatusRequest { run_id, wait: false };
+                        let status = self.subjects.status_requests();
+                        if let Ok(RunReply::Report(report)) =
+                            self.ask(status, &now, Some(self.request_timeout)).await
+                            && report.status.is_terminal()
+                        {
+                            return Ok(*report);
+                        }
+                    }
+                }
+            };
+            match answer {
                 Ok(RunReply::Report(report)) => return Ok(*report),
                 Ok(other) => return Err(unexpected(other)),
                 // Nobody answered in time: a long run, or a coordinator restarting.

@@ -254,9 +254,23 @@ async fn a_takeover_with_three_worker_replicas_runs_each_step_once() {
         all_started.iter().all(|id| l.count(&format!("charge {id}")) == 1)
     })
     .await;
+    // A client already waiting on the first coordinator, whose answer dies
+    // with it, learns of the end soon after, not when its wait (30 s) runs out.
+    let waiting = {
+        let (c, id) = (c.clone(), ids[0]);
+        tokio::spawn(async move {
+            let since = tokio::time::Instant::now();
+            let report = c.wait(id).await;
+            (since.elapsed(), report)
+        })
+    };
+    tokio::time::sleep(300 * MS).await;
     first.signal("KILL");
     drop(first);
     let _second = spawn_serve(&server, flows.path());
+    let (took, report) = waiting.await.unwrap();
+    assert_eq!(report.unwrap().status, RunStatus::Completed);
+    assert!(took < 20 * SECS, "the waiting client had its report after {took:?}");
     for id in &ids {
         let r = tokio::time::timeout(60 * SECS, c.wait(*id)).await.unwrap().unwrap();
         assert_eq!(r.status, RunStatus::Completed, "{r}");
