@@ -143,10 +143,10 @@ enum Command {
         #[arg(long)]
         key: Option<String>,
         /// How long the key outlives its run (e.g. 1h, 30m).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         ttl: Option<Duration>,
         /// Deadline of the whole run (e.g. 30s).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = duration)]
         timeout: Option<Duration>,
         /// Concurrency key (e.g. account:42): runs of the flow with the same
         /// key take turns, up to the flow's limit per key at once.
@@ -213,8 +213,8 @@ enum Command {
         /// Only runs of this flow.
         #[arg(long)]
         flow: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 20)]
+        /// At most this many (1 to 500).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: u32,
         /// Print JSON.
         #[arg(long)]
@@ -376,23 +376,23 @@ struct ServeArgs {
     #[arg(long)]
     no_registry: bool,
     /// Time for a worker to acknowledge a command.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = duration)]
     ack_timeout: Duration,
     /// Longest silence of a worker holding a command.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration)]
     heartbeat_timeout: Duration,
     /// How long a step may wait for some worker to take it before it fails.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = duration)]
     worker_wait: Duration,
     /// How far apart the hosts' clocks may be.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = duration)]
     clock_skew: Duration,
     /// Where runs are kept: `jetstream` (durable: a restarted coordinator
     /// resumes its runs) or `memory` (lost with the process).
     #[arg(long, default_value = "jetstream", value_parser = ["jetstream", "memory"])]
     store: String,
     /// How long finished runs stay queryable (jetstream store).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = duration)]
     retention: Duration,
     /// Replicas of the KV buckets (3 on a 3-node cluster).
     #[arg(long, default_value_t = 1)]
@@ -652,7 +652,7 @@ fn read_input(arg: &str) -> anyhow::Result<Payload> {
         _ => match arg.strip_prefix('@') {
             Some(path) => (
                 std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read --input file {path}"))?,
+                    .map_err(|e| anyhow::anyhow!("cannot read --input file {path}: {e}"))?,
                 path.to_owned(),
             ),
             None => (arg.to_owned(), "--input".to_owned()),
@@ -710,6 +710,12 @@ fn operator() -> String {
         "" => user,
         host => format!("{user}@{host}"),
     }
+}
+
+/// A duration flag: `500ms`, `30s`, `5m`, `24h`, `1h 30m`.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 500ms, 30s, 5m or 24h"))
 }
 
 async fn client(nats: &NatsArgs) -> anyhow::Result<Client> {
