@@ -420,4 +420,15 @@ async fn the_binary_serves_it_and_refuses_an_open_address_without_a_token() {
     let stderr = String::from_utf8_lossy(&open.stderr);
     assert_eq!(open.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
+    // `serve --http` refuses it before it connects (no NATS at this address)
+    // and before its coordinator could take runs over.
+    let refused = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", "nats://127.0.0.1:1", "serve", "--http", "0.0.0.0:0"])
+        .env_remove("ORCHESTRIX_UI_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
 }

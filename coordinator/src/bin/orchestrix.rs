@@ -814,6 +814,16 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     } else {
         NodeStore::Memory
     };
+    let ui_args = args.http.map(|listen| UiArgs {
+        listen,
+        token: args.http_token.clone(),
+        allow_actions: args.http_allow_actions,
+        trace_url: None,
+    });
+    if let Some(ui) = &ui_args {
+        // Refused before the coordinator starts (and takes runs over).
+        ui.options().check()?;
+    }
     let names: Vec<String> = flows.iter().map(|f| f.name.to_string()).collect();
     let builder = Node::builder()
         .subjects(subjects.clone())
@@ -826,16 +836,8 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
     let (node, node_conn, resumed, serving) = NodeThread::start(builder, connect).await?;
     let registered = serving - names.len();
     info!(nats = %orchestrix_worker::redact_url(&nats.nats), prefix = %subjects.prefix(), store = %args.store, resumed, flows = ?names, registered, "coordinator ready");
-    let ui = match args.http {
-        Some(listen) => {
-            let ui_args = UiArgs {
-                listen,
-                token: args.http_token.clone(),
-                allow_actions: args.http_allow_actions,
-                trace_url: None,
-            };
-            Some(start_ui(node_conn, &subjects, &ui_args).await?)
-        }
+    let ui = match &ui_args {
+        Some(ui_args) => Some(start_ui(node_conn, &subjects, ui_args).await?),
         None => None,
     };
     Ok(Running { _node: node, _ui: ui })

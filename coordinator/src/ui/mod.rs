@@ -79,6 +79,19 @@ impl UiOptions {
         self
     }
 
+    /// The checks [`serve`] makes before it listens: a token long enough,
+    /// and one at all for an address beyond loopback. For a caller that
+    /// wants to refuse bad options before it starts anything else.
+    pub fn check(&self) -> Result<(), UiError> {
+        if self.token.as_deref().is_some_and(|t| t.trim().len() < MIN_TOKEN_LEN) {
+            return Err(UiError::WeakToken);
+        }
+        if !self.listen.ip().is_loopback() && self.token.is_none() {
+            return Err(UiError::TokenRequired(self.listen));
+        }
+        Ok(())
+    }
+
     /// Require this bearer token.
     #[must_use]
     pub fn token(mut self, token: impl Into<String>) -> Self {
@@ -198,12 +211,7 @@ pub async fn serve(
     registry: Option<Registry>,
     options: UiOptions,
 ) -> Result<UiServer, UiError> {
-    if options.token.as_deref().is_some_and(|t| t.trim().len() < MIN_TOKEN_LEN) {
-        return Err(UiError::WeakToken);
-    }
-    if !options.listen.ip().is_loopback() && options.token.is_none() {
-        return Err(UiError::TokenRequired(options.listen));
-    }
+    options.check()?;
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| UiError::Listen { addr: options.listen, source })?;
