@@ -431,4 +431,15 @@ async fn the_binary_serves_it_and_refuses_an_open_address_without_a_token() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
+    // And an address already taken, the same way.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let refused = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", "nats://127.0.0.1:1", "serve", "--http", &addr])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
 }

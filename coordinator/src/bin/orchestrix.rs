@@ -821,8 +821,11 @@ async fn serve(nats: &NatsArgs, args: &ServeArgs) -> anyhow::Result<Running> {
         trace_url: None,
     });
     if let Some(ui) = &ui_args {
-        // Refused before the coordinator starts (and takes runs over).
+        // Refused before the coordinator starts (and takes runs over): bad
+        // options, or an address taken (tried, then let go for the page).
         ui.options().check()?;
+        std::net::TcpListener::bind(ui.listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", ui.listen))?;
     }
     let names: Vec<String> = flows.iter().map(|f| f.name.to_string()).collect();
     let builder = Node::builder()
