@@ -72,6 +72,12 @@ async fn node(conn: async_nats::Client, store: NodeStore) -> Result<Node, String
         .map_err(|e| e.to_string())
 }
 
+/// One run of `flow` to its end, which must be a success.
+async fn one_run(coordinator: orchestrix::Coordinator, flow: &'static str) {
+    let r = coordinator.run(flow, &1u64, RunOptions::new()).await.expect("run");
+    assert_eq!(r.status, RunStatus::Completed, "{r}");
+}
+
 /// Kills the child processes (server, worker) when the scenarios end; then
 /// the server's store dir goes.
 struct Children(Vec<Child>, Option<tempfile::TempDir>);
@@ -140,11 +146,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             let coordinator = node.coordinator().clone();
             out.push(
                 measure(scenario, concurrency, args.seconds, move || {
-                    let c = coordinator.clone();
-                    async move {
-                        let r = c.run(flow, &1u64, RunOptions::new()).await.expect("run");
-                        assert_eq!(r.status, RunStatus::Completed, "{r}");
-                    }
+                    one_run(coordinator.clone(), flow)
                 })
                 .await,
             );
@@ -190,11 +192,7 @@ async fn on_one_thread(
                 let node = node(conn, store()).await?;
                 let coordinator = node.coordinator().clone();
                 let figure = measure(scenario, concurrency, seconds, move || {
-                    let c = coordinator.clone();
-                    async move {
-                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
-                        assert_eq!(r.status, RunStatus::Completed, "{r}");
-                    }
+                    one_run(coordinator.clone(), "bench")
                 })
                 .await;
                 node.shutdown().await;
@@ -272,11 +270,7 @@ async fn durable(
             out.push(
                 measure(name, concurrency, args.seconds, move || {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % cs.len();
-                    let c = cs[i].clone();
-                    async move {
-                        let r = c.run("bench", &1u64, RunOptions::new()).await.expect("run");
-                        assert_eq!(r.status, RunStatus::Completed, "{r}");
-                    }
+                    one_run(cs[i].clone(), "bench")
                 })
                 .await,
             );

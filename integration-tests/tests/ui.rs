@@ -422,24 +422,25 @@ async fn the_binary_serves_it_and_refuses_an_open_address_without_a_token() {
     assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
     // `serve --http` refuses it before it connects (no NATS at this address)
     // and before its coordinator could take runs over.
-    let refused = tokio::process::Command::new(built("orchestrix"))
-        .args(["--nats", "nats://127.0.0.1:1", "serve", "--http", "0.0.0.0:0"])
-        .env_remove("ORCHESTRIX_UI_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    let stderr = serve_http_refused("0.0.0.0:0").await;
     assert!(stderr.contains("is not a loopback address: give the browser a token"), "{stderr}");
     // And an address already taken, the same way.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let refused = tokio::process::Command::new(built("orchestrix"))
-        .args(["--nats", "nats://127.0.0.1:1", "serve", "--http", &addr])
+    let stderr = serve_http_refused(&addr).await;
+    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+}
+
+/// `orchestrix serve --http listen` with no NATS to reach: it must stop
+/// with a usage error (exit 2) before it tries; returns what it said.
+async fn serve_http_refused(listen: &str) -> String {
+    let refused = tokio::process::Command::new(orchestrix_integration_tests::built("orchestrix"))
+        .args(["--nats", "nats://127.0.0.1:1", "serve", "--http", listen])
+        .env_remove("ORCHESTRIX_UI_TOKEN")
         .output()
         .await
         .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    stderr
 }

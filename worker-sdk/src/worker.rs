@@ -769,8 +769,13 @@ impl Shared {
         }
     }
 
+    /// The de-duplication cache (a panic elsewhere leaves it usable).
+    fn dedup(&self) -> std::sync::MutexGuard<'_, Dedup> {
+        self.dedup.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn forget(&self, command_id: Uuid) {
-        self.dedup.lock().unwrap_or_else(|p| p.into_inner()).forget(command_id);
+        self.dedup().forget(command_id);
     }
 
     /// Sends a reply; false if it could not be handed to the client
@@ -1015,7 +1020,7 @@ fn unflushed(ready: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> {
         .filter(|a| match a.cmd.start_by_ms {
             Some(by) if now > by => {
                 warn!(command = %a.cmd.command_id, "command not started: its start-by time passed before its ack could be written");
-                shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).finish_unstarted(a.cmd.command_id);
+                shared.dedup().finish_unstarted(a.cmd.command_id);
                 false
             }
             _ => true,
@@ -1081,26 +1086,15 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
         if a.stop.is_cancelled() {
             // Cancelled while its burst was admitted: never started.
             debug!(command = %a.cmd.command_id, "cancelled command not started");
-            shared
-                .dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .finish_unstarted(a.cmd.command_id);
-            let why = "the run was cancelled: not started".to_owned();
-            let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
-            for to in a.answers() {
-                shared.send(&to, &refusal).await;
-            }
+            shared.dedup().finish_unstarted(a.cmd.command_id);
+            refuse(&a, CANCELLED_NOT_STARTED.to_owned(), shared).await;
             continue;
         }
         match expired(&a.cmd, now) {
             Some(why) => {
                 debug!(command = %a.cmd.command_id, %why, "stale command not started");
                 shared.forget(a.cmd.command_id);
-                let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
-                for to in a.answers() {
-                    shared.send(&to, &refusal).await;
-                }
+                refuse(&a, why, shared).await;
             }
             None => ready.push(a),
         }
@@ -1134,7 +1128,7 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
     let mut started = Vec::with_capacity(ready.len());
     for (a, ok) in ready.into_iter().zip(sent) {
         if ok {
-            shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).started(a.cmd.command_id);
+            shared.dedup().started(a.cmd.command_id);
             // A copy that arrived meanwhile moved its answers elsewhere: it
             // is owed the ack too.
             for to in a.answers().iter().skip(1) {
@@ -1147,6 +1141,18 @@ async fn acknowledge(admitted: Vec<Admitted>, shared: &Shared) -> Vec<Admitted> 
         }
     }
     started
+}
+
+/// Why a command of a cancelled run is not started.
+const CANCELLED_NOT_STARTED: &str = "the run was cancelled: not started";
+
+/// Tells whoever the admitted command answers to that it will not start
+/// (`expired`: the coordinator sends it again, or has given up on it).
+async fn refuse(a: &Admitted, why: String, shared: &Shared) {
+    let refusal = WireError::about(&a.cmd, WireError::CODE_EXPIRED, why);
+    for to in a.answers() {
+        shared.send(&to, &refusal).await;
+    }
 }
 
 /// A command's entry in a `step.acks`.
@@ -1216,11 +1222,7 @@ async fn admit(
     }
     let answer_to: ReplyTarget = Arc::new(Mutex::new(reply.clone()));
     // Seen before (on any subject): answer from what this worker holds, never run again.
-    let seen = shared
-        .dedup
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .redelivered(cmd.command_id, &answer_to);
+    let seen = shared.dedup().redelivered(cmd.command_id, &answer_to);
     match seen {
         Some(seen) => {
             answer_copy(seen, &cmd, &reply, shared).await;
@@ -1249,18 +1251,10 @@ async fn admit(
         return None;
     };
     let stop = CancellationToken::new();
-    let began = shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).begin(
-        cmd.command_id,
-        &answer_to,
-        &stop,
-    );
+    let began = shared.dedup().begin(cmd.command_id, &answer_to, &stop);
     if !began {
         // Raced with another copy of the command: that one runs it.
-        let seen = shared
-            .dedup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .redelivered(cmd.command_id, &answer_to);
+        let seen = shared.dedup().redelivered(cmd.command_id, &answer_to);
         if let Some(seen) = seen {
             answer_copy(seen, &cmd, &reply, shared).await;
         }
@@ -1286,7 +1280,7 @@ async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject,
             shared.send_raw(reply, outcome).await;
         }
         Seen::Cancelled => {
-            let why = "the run was cancelled: not started".to_owned();
+            let why = CANCELLED_NOT_STARTED.to_owned();
             shared.send(reply, &WireError::about(cmd, WireError::CODE_EXPIRED, why)).await;
         }
         // Still at work: ack to whoever asks now; heartbeats and the
@@ -1392,11 +1386,7 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
                 }
             };
             let bytes = Bytes::from(bytes);
-            shared
-                .dedup
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .finish(command_id, bytes.clone());
+            shared.dedup().finish(command_id, bytes.clone());
             shared.post(target(&answer_to), bytes);
         },
         span,
@@ -1408,8 +1398,7 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
 fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
     match decode_with_limit::<StepCancel>(&msg.payload, shared.max_message_bytes) {
         Ok(c) => {
-            let stopped =
-                shared.dedup.lock().unwrap_or_else(|p| p.into_inner()).cancel(c.command_id);
+            let stopped = shared.dedup().cancel(c.command_id);
             if stopped {
                 info!(command = %c.command_id, run_id = %c.run_id, "command cancelled: handler stopped");
             }
