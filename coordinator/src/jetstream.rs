@@ -931,14 +931,13 @@ impl Inner {
             return Ok(Some(local_report(&record)));
         }
         let id = run_id.to_string();
-        if let Some(b) =
-            self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?
-        {
-            return Ok(Some(live_report(run_id, &b)));
-        }
+        // Read in the order the runs are written the other way round: a
+        // run's history entry is written before its live record is deleted,
+        // so a history entry found after a live record is the newer of them.
+        let live = self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?;
         match self.history.get(&id).await.map_err(|e| unavailable("cannot read the history", e))? {
             Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(None),
+            None => Ok(live.map(|b| live_report(run_id, &b))),
         }
     }
 }
@@ -1140,6 +1139,11 @@ impl Store for JetStreamStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut out = Vec::new();
+            // A run just ended may be in both buckets for a moment (its
+            // history entry is written before its live record goes): the
+            // history entry is the newer, and the run is listed once.
+            let mut live_runs: std::collections::HashMap<Uuid, RunReport> =
+                std::collections::HashMap::new();
             for (bucket, live) in [(&inner.runs, true), (&inner.history, false)] {
                 let mut keys =
                     bucket.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
@@ -1163,11 +1167,17 @@ impl Store for JetStreamStore {
                             }
                         }
                     };
+                    if live {
+                        live_runs.insert(report.run_id.into(), report);
+                        continue;
+                    }
+                    live_runs.remove(&report.run_id.into());
                     if filter.keeps(&report) {
                         out.push(report);
                     }
                 }
             }
+            out.extend(live_runs.into_values().filter(|r| filter.keeps(r)));
             // Runs of this coordinator that only the journal has yet; for
             // the others, their journal record is newer than their KV one.
             let local = inner.shared.all_pending();

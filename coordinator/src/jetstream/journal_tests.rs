@@ -211,6 +211,7 @@ async fn a_takeover_works_with_the_coordinator_roles_permissions() {
 async fn a_run_whose_retirement_failed_is_not_resumed() {
     let s = server(None);
     let c = open(&s).await;
+    let t = open(&s).await;
     let r = record();
     c.inner.create_journaled(&r).await.unwrap();
     // It lives long enough to be checkpointed.
@@ -242,6 +243,20 @@ async fn a_run_whose_retirement_failed_is_not_resumed() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(c.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some(), "delete refused");
+    // Its coordinator keeps the finished record until the copy is gone:
+    // a status asked of it is answered from memory.
+    let kept = c.inner.shared.pending(r.run_id);
+    assert!(kept.is_some_and(|k| k.phase == Phase::Finished), "finished record let go");
+    // Meanwhile its status is its end, here and on another coordinator
+    // (whose read finds the older live copy too), and it is listed once.
+    for (who, store) in [("its coordinator", &c), ("another coordinator", &t)] {
+        let report = store.report(r.run_id).resolve().await.unwrap().unwrap();
+        assert_eq!(report.status, orchestrix_proto::RunStatus::Completed, "{who}: {report}");
+        let listed = store.list(crate::ListFilter::new(None, None, 100)).await.unwrap();
+        let ours: Vec<_> = listed.iter().filter(|x| x.run_id.as_uuid() == r.run_id).collect();
+        assert_eq!(ours.len(), 1, "{who}: listed {} times", ours.len());
+        assert_eq!(ours[0].status, orchestrix_proto::RunStatus::Completed, "{who}");
+    }
     let resumed = c.claim_orphans(flows(&["f"])).await.unwrap();
     assert!(
         !resumed.iter().any(|x| x.run_id == r.run_id),
