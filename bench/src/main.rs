@@ -49,12 +49,36 @@ struct Args {
     /// the coordinator and the worker: scenario names get `-traced`.
     #[arg(long)]
     traced: bool,
+    /// Which concurrency to measure: `low` (1), `high` (64 over NATS, 1,000
+    /// in process) or both. One alone suits a profiler, whose per-run
+    /// figures would otherwise mix the two.
+    #[arg(long, value_enum, default_value_t = Load::Both)]
+    concurrency: Load,
     /// Internal: OTLP/HTTP base URL the worker process exports to.
     #[arg(long, hide = true)]
     trace_to: Option<String>,
     /// Internal: serve the benchmark's steps and echo subject as a worker process.
     #[arg(long, hide = true)]
     worker: Option<String>,
+}
+
+/// Which of a scenario's concurrencies are measured.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    Low,
+    High,
+    Both,
+}
+
+impl Args {
+    /// The concurrencies to measure, of 1 and `high`.
+    fn concurrencies(&self, high: usize) -> Vec<usize> {
+        match self.concurrency {
+            Load::Low => vec![1],
+            Load::High => vec![high],
+            Load::Both => vec![1, high],
+        }
+    }
 }
 
 /// One line of output.
@@ -267,7 +291,7 @@ async fn saga_inprocess(args: &Args, wanted: &impl Fn(&str) -> bool) -> Vec<Figu
     if wanted("saga-inprocess-parked") {
         out.push(parked_memory(args.parked).await);
     }
-    for concurrency in [1, 1000] {
+    for concurrency in args.concurrencies(1000) {
         let flows =
             [("saga-inprocess", noop_flow()), ("saga-inprocess-parallel", noop_parallel_flow())];
         for (scenario, flow) in flows {
@@ -423,9 +447,12 @@ fn main() {
         let nats_scenarios = [
             "nats-floor-chain3",
             "saga-nats-memory",
+            "saga-nats-memory-1t",
             "saga-nats-parallel",
             "nats-floor-durable",
-            "saga-nats-jetstream",
+            "saga-nats-jetstream-1c",
+            "saga-nats-jetstream-2c",
+            "saga-nats-jetstream-1c-1t",
             "saga-nats-jetstream-parked",
         ];
         if nats_scenarios.iter().any(|n| wanted(n)) {

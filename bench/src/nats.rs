@@ -84,7 +84,17 @@ struct Children(Vec<Child>, Option<tempfile::TempDir>);
 
 impl Drop for Children {
     fn drop(&mut self) {
-        for c in &mut self.0 {
+        // The worker process ends when its stdin closes: given a moment to,
+        // so that a profiler it runs under (valgrind's callgrind, say) can
+        // write out its figures; the server is only killed, last (the
+        // worker's shutdown needs it).
+        for c in self.0.iter_mut().rev() {
+            if c.stdin.take().is_some() {
+                let give_up = std::time::Instant::now() + Duration::from_secs(10);
+                while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < give_up {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -121,7 +131,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
     wait_for_worker(&client).await?;
 
     let mut out = Vec::new();
-    for concurrency in [1, 64] {
+    for concurrency in args.concurrencies(64) {
         if wanted("nats-floor-chain3") {
             let c = client.clone();
             out.push(
@@ -160,8 +170,13 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             out.push(figure.await?);
         }
     }
-    let durable_wanted =
-        ["saga-nats-jetstream", "nats-floor-durable", "saga-nats-jetstream-parked"];
+    let durable_wanted = [
+        "saga-nats-jetstream-1c",
+        "saga-nats-jetstream-2c",
+        "saga-nats-jetstream-1c-1t",
+        "nats-floor-durable",
+        "saga-nats-jetstream-parked",
+    ];
     if durable_wanted.iter().any(|n| wanted(n)) {
         out.extend(durable(args, wanted, &url, &client).await?);
     }
@@ -219,7 +234,7 @@ async fn durable(
     let sync = if args.sync_always { "-sync-always" } else { "" };
     let floor_name: &'static str = Box::leak(format!("nats-floor-durable{sync}").into_boxed_str());
     let saga_name: &'static str = Box::leak(format!("saga-nats-jetstream{sync}").into_boxed_str());
-    for concurrency in [1, 64] {
+    for concurrency in args.concurrencies(64) {
         if wanted("nats-floor-durable") {
             let floor_kv = js
                 .create_or_update_key_value(async_nats::jetstream::kv::Config {
@@ -250,13 +265,13 @@ async fn durable(
             );
             settle(&js).await;
         }
-        if !wanted("saga-nats-jetstream") {
-            continue;
-        }
         // Two coordinators sharing the runs only at c = 64: at c = 1 the
         // second has nothing to do.
         let fleet: &[usize] = if concurrency == 1 { &[1] } else { &[1, 2] };
         for &coordinators in fleet {
+            if !wanted(&format!("saga-nats-jetstream-{coordinators}c")) {
+                continue;
+            }
             let mut nodes = Vec::new();
             for _ in 0..coordinators {
                 let conn = NatsOptions::new(url).connect().await.map_err(|e| e.to_string())?;

@@ -29,26 +29,22 @@ impl TraceParent {
 
     /// Parses a `traceparent` header value; `None` if it is not valid version-00 syntax.
     pub fn parse(value: &str) -> Option<Self> {
-        let mut parts = value.trim().split('-');
-        let (version, trace, span, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some()
-            || version != "00"
-            || trace.len() != 32
-            || span.len() != 16
-            || flags.len() != 2
-        {
+        // Version 00 has one layout, `00-{32 hex}-{16 hex}-{2 hex}`: read by
+        // position (this runs for every command a worker takes).
+        let b = value.trim().as_bytes();
+        if b.len() != 55 || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
         let mut trace_id = [0u8; 16];
         let mut span_id = [0u8; 8];
-        hex_into(trace, &mut trace_id)?;
-        hex_into(span, &mut span_id)?;
-        let flags = u8::from_str_radix(flags, 16).ok()?;
+        let mut flags = [0u8; 1];
+        hex_into(&b[3..35], &mut trace_id)?;
+        hex_into(&b[36..52], &mut span_id)?;
+        hex_into(&b[53..55], &mut flags)?;
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
-        Some(TraceParent { trace_id, span_id, sampled: flags & 1 == 1 })
+        Some(TraceParent { trace_id, span_id, sampled: flags[0] & 1 == 1 })
     }
 }
 
@@ -79,12 +75,17 @@ impl std::fmt::Display for TraceParent {
     }
 }
 
-fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
-    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return None;
+/// Lowercase hex digits into bytes (`hex` is twice as long as `out`).
+fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
     }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *byte = (digit(pair[0])? << 4) | digit(pair[1])?;
     }
     Some(())
 }
@@ -100,6 +101,9 @@ mod tests {
         let s = tp.to_string();
         assert_eq!(s.len(), 55);
         assert_eq!(TraceParent::parse(&s), Some(tp));
+        let unsampled = TraceParent { sampled: false, ..tp };
+        assert_eq!(TraceParent::parse(&unsampled.to_header()), Some(unsampled));
+        assert_eq!(TraceParent::parse(&format!(" {s} ")), Some(tp), "surrounding blanks");
         assert!(s.starts_with(&format!("00-{}", run.simple())));
         for bad in [
             "",
@@ -110,6 +114,9 @@ mod tests {
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
             "00-0af7651916cd43dd8448eb211c8031é-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0g",
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331--1",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }

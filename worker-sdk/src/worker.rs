@@ -837,14 +837,14 @@ enum Seen {
 
 /// Command ids seen recently, oldest first out.
 struct Dedup {
-    map: HashMap<Uuid, Seen>,
+    map: HashMap<Uuid, Seen, foldhash::fast::RandomState>,
     order: VecDeque<Uuid>,
     cap: usize,
 }
 
 impl Dedup {
     fn new(cap: usize) -> Self {
-        Dedup { map: HashMap::new(), order: VecDeque::new(), cap }
+        Dedup { map: HashMap::default(), order: VecDeque::new(), cap }
     }
 
     /// What was seen of `id` before, if anything. A command seen running now
@@ -1260,11 +1260,8 @@ async fn admit(
         }
         return None;
     }
-    let batch = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(orchestrix_proto::headers::ACKS))
-        .is_some_and(|v| v.as_str() == orchestrix_proto::headers::ACKS_BATCH);
+    let batch = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::ACKS)
+        == Some(orchestrix_proto::headers::ACKS_BATCH);
     Some(Admitted { msg, reply, cmd, handler, stop, answer_to, batch })
 }
 
@@ -1391,7 +1388,9 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
         },
         span,
     );
-    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
+    // Boxed: the task then moves a pointer, not the whole future (a few
+    // hundred bytes, copied on spawn and again as the task's stage changes).
+    tracker.spawn(Box::pin(opentelemetry::context::FutureExt::with_context(run, parent)));
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
@@ -1422,14 +1421,16 @@ fn handler_span(
 ) -> (tracing::Span, opentelemetry::Context) {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let parent = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT))
-        .and_then(|v| orchestrix_proto::TraceParent::parse(v.as_str()));
+    let parent = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
+        .and_then(orchestrix_proto::TraceParent::parse);
     let remote = |tp| crate::telemetry::remote_context(&tp);
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {
         return (tracing::Span::none(), remote(tp));
+    }
+    if !tracing::dispatcher::has_been_set() {
+        // No subscriber: every span is disabled, and what follows would
+        // format its fields (a name, two ids) for nothing.
+        return (tracing::Span::none(), opentelemetry::Context::new());
     }
     let span = {
         // Strings where they can be: a `Display` value costs a trip

@@ -93,7 +93,7 @@ impl NatsBusOptions {
     }
 }
 
-type Routes = Arc<Mutex<HashMap<Uuid, ReplyTo>>>;
+type Routes = Arc<Mutex<HashMap<Uuid, ReplyTo, foldhash::fast::RandomState>>>;
 
 /// Step commands over NATS: published on each step's subject, where workers
 /// share them in a queue group; acks, heartbeats and outcomes come back on this
@@ -183,10 +183,15 @@ impl NatsBus {
         // correlates the run's commands: trace id = run id.
         let tp = crate::telemetry::sending_traceparent()
             .unwrap_or_else(|| TraceParent::for_run(cmd.run_id, fastrand::u64(..)));
+        // Names made once: from a `&str`, each insert validates and
+        // allocates the name again.
+        static TRACEPARENT: async_nats::HeaderName =
+            async_nats::HeaderName::from_static(headers::TRACEPARENT);
+        static ACKS: async_nats::HeaderName = async_nats::HeaderName::from_static(headers::ACKS);
         let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::TRACEPARENT, tp.to_header());
+        h.insert(TRACEPARENT.clone(), tp.to_header());
         // Workers may acknowledge the commands they read together in one message.
-        h.insert(headers::ACKS, headers::ACKS_BATCH);
+        h.insert(ACKS.clone(), headers::ACKS_BATCH);
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let out = Outgoing {
