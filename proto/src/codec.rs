@@ -15,6 +15,14 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub trait Message: Serialize + DeserializeOwned {
     /// Short stable name of the message kind, e.g. `"step.command"`.
     const KIND: &'static str;
+
+    /// Reads the whole envelope in the layout [`encode`] writes, faster than
+    /// serde, for the messages of every step; `None` (the default) when it
+    /// cannot be sure, and [`decode_with_limit`] then uses serde.
+    #[doc(hidden)]
+    fn decode_fast(_bytes: &[u8]) -> Option<Self> {
+        None
+    }
 }
 
 /// Errors from encoding or decoding wire messages.
@@ -146,6 +154,14 @@ pub fn decode_with_limit<M: Message>(bytes: &[u8], limit: usize) -> Result<M, Co
     if bytes.len() > limit {
         return Err(CodecError::TooLarge { size: bytes.len(), limit });
     }
+    if let Some(msg) = M::decode_fast(bytes) {
+        return Ok(msg);
+    }
+    decode_serde(bytes)
+}
+
+/// [`decode_with_limit`] through serde alone.
+pub(crate) fn decode_serde<M: Message>(bytes: &[u8]) -> Result<M, CodecError> {
     match rmp_serde::from_slice::<EnvelopeIn<'_, M>>(bytes) {
         Ok(env) => check_header(env.v, &env.kind, M::KIND).map(|()| env.body),
         Err(source) => {

@@ -22,6 +22,7 @@
 //! ```
 
 mod codec;
+mod fast;
 mod flow;
 mod ids;
 mod messages;

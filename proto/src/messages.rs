@@ -81,6 +81,10 @@ pub struct StepCommand {
 
 impl Message for StepCommand {
     const KIND: &'static str = "step.command";
+
+    fn decode_fast(bytes: &[u8]) -> Option<Self> {
+        crate::fast::step_command(bytes)
+    }
 }
 
 /// Worker → coordinator: a command was received and will be run.
@@ -101,6 +105,10 @@ pub struct Ack {
 
 impl Message for Ack {
     const KIND: &'static str = "step.ack";
+
+    fn decode_fast(bytes: &[u8]) -> Option<Self> {
+        crate::fast::ack(bytes)
+    }
 }
 
 /// Worker → coordinator: several commands, received together, will each be
@@ -146,6 +154,10 @@ impl Acks {
 
 impl Message for Acks {
     const KIND: &'static str = "step.acks";
+
+    fn decode_fast(bytes: &[u8]) -> Option<Self> {
+        crate::fast::acks(bytes)
+    }
 }
 
 /// Worker → coordinator: a long-running command is still being worked on.
@@ -227,6 +239,10 @@ pub struct StepOutcome {
 
 impl Message for StepOutcome {
     const KIND: &'static str = "step.outcome";
+
+    fn decode_fast(bytes: &[u8]) -> Option<Self> {
+        crate::fast::step_outcome(bytes)
+    }
 }
 
 /// Caller → coordinator: start a run.

@@ -39,6 +39,12 @@ impl Payload {
             .map_err(|source| CodecError::Malformed { expected: "payload", source })
     }
 
+    /// The payload held in a MessagePack `bin` as read off the wire (as
+    /// serde reads it: `nil` shared, the rest copied).
+    pub(crate) fn from_bin(bytes: &[u8]) -> Self {
+        Payload(if bytes == NIL { Bytes::from_static(NIL) } else { Bytes::copy_from_slice(bytes) })
+    }
+
     /// The payload of `()`: MessagePack `nil`.
     pub fn nil() -> Self {
         Payload(Bytes::from_static(NIL))
@@ -147,7 +153,7 @@ impl serde::de::Visitor<'_> for BinVisitor {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-        Ok(if v == NIL { Bytes::from_static(NIL) } else { Bytes::copy_from_slice(v) })
+        Ok(Payload::from_bin(v).0)
     }
 
     fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {

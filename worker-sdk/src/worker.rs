@@ -1427,9 +1427,10 @@ fn handler_span(
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {
         return (tracing::Span::none(), remote(tp));
     }
-    if !tracing::dispatcher::has_been_set() {
-        // No subscriber: every span is disabled, and what follows would
-        // format its fields (a name, two ids) for nothing.
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        // No subscriber takes info spans (the fallback logger takes warnings
+        // only): the span is disabled, and what follows would format its
+        // fields (a name, two ids) for nothing.
         return (tracing::Span::none(), opentelemetry::Context::new());
     }
     let span = {
