@@ -676,6 +676,7 @@ fn raw_command(
         timeout: None,
         start_by_ms: None,
         deadline_ms: None,
+        acks: false,
     })
 }
 

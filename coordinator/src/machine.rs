@@ -1239,6 +1239,7 @@ impl Machine {
             timeout,
             start_by_ms,
             deadline_ms,
+            acks: false,
         }
     }
 

@@ -40,6 +40,7 @@ fn command(run_id: Uuid) -> StepCommand {
         timeout: None,
         start_by_ms: None,
         deadline_ms: None,
+        acks: false,
     }
 }
 
@@ -51,7 +52,18 @@ type Replies = Vec<(String, Vec<Uuid>, Option<String>)>;
 /// the worker's runtime (this test's, one thread) is held up, so that they
 /// all wait in the worker's socket and are read together; then collects
 /// the replies until every command has its outcome.
-async fn burst(server: &NatsServer, batch_header: bool, copies: usize) -> (Vec<Uuid>, Replies) {
+/// How a burst's commands say that their sender reads `step.acks`.
+#[derive(Clone, Copy, Debug)]
+enum Batch {
+    /// The command's `acks` field (coordinators of this build).
+    Field,
+    /// The header `Orchestrix-Acks: batch` (older coordinators).
+    Header,
+    /// Not at all.
+    No,
+}
+
+async fn burst(server: &NatsServer, batch: Batch, copies: usize) -> (Vec<Uuid>, Replies) {
     let url = server.url();
     let (published_tx, published_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -65,11 +77,13 @@ async fn burst(server: &NatsServer, batch_header: bool, copies: usize) -> (Vec<U
             let subject = Subjects::default().step("burst", "v1", "s0");
             let mut ids = Vec::new();
             for _ in 0..BURST {
-                let cmd = command(Uuid::now_v7());
+                let mut cmd = command(Uuid::now_v7());
                 ids.push(cmd.command_id);
                 let mut h = async_nats::HeaderMap::new();
-                if batch_header {
-                    h.insert(headers::ACKS, headers::ACKS_BATCH);
+                match batch {
+                    Batch::Field => cmd.acks = true,
+                    Batch::Header => h.insert(headers::ACKS, headers::ACKS_BATCH),
+                    Batch::No => {}
                 }
                 let body = Bytes::from(encode(&cmd).unwrap());
                 for _ in 0..copies {
@@ -185,21 +199,25 @@ fn check_acked_first(ids: &[Uuid], replies: &Replies, ledger: &Ledger) {
 #[tokio::test]
 async fn a_burst_of_commands_is_acknowledged_together() {
     let server = NatsServer::start();
-    let ledger = Ledger::default();
-    let w = worker(&server, &ledger).await;
-    let (ids, replies) = burst(&server, true, 1).await;
-    check_acked_first(&ids, &replies, &ledger);
-    let ack_messages: Vec<_> = replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
-    assert!(!replies.iter().any(|(k, ..)| k == Heartbeat::KIND), "no heartbeat: {replies:?}");
-    assert!(
-        ack_messages.len() < BURST && ack_messages.iter().any(|(k, ..)| k == Acks::KIND),
-        "{BURST} commands read together, acknowledged in {} messages: {ack_messages:?}",
-        ack_messages.len()
-    );
-    for (_, _, worker) in &ack_messages {
-        assert_eq!(worker.as_deref(), Some(w.id()), "acks name their worker");
+    // Said in the command, or in the header of an older coordinator.
+    for batch in [Batch::Field, Batch::Header] {
+        let ledger = Ledger::default();
+        let w = worker(&server, &ledger).await;
+        let (ids, replies) = burst(&server, batch, 1).await;
+        check_acked_first(&ids, &replies, &ledger);
+        let ack_messages: Vec<_> =
+            replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
+        assert!(!replies.iter().any(|(k, ..)| k == Heartbeat::KIND), "no heartbeat: {replies:?}");
+        assert!(
+            ack_messages.len() < BURST && ack_messages.iter().any(|(k, ..)| k == Acks::KIND),
+            "{batch:?}: {BURST} commands read together, acknowledged in {} messages: {ack_messages:?}",
+            ack_messages.len()
+        );
+        for (_, _, worker) in &ack_messages {
+            assert_eq!(worker.as_deref(), Some(w.id()), "acks name their worker");
+        }
+        w.shutdown().await;
     }
-    w.shutdown().await;
 }
 
 // A burst whose handlers do not all finish at once: a third are done at
@@ -235,7 +253,7 @@ async fn a_burst_of_handlers_that_wait_is_acked_first_and_heartbeats() {
             .await
             .unwrap()
     };
-    let (ids, replies) = burst(&server, true, 1).await;
+    let (ids, replies) = burst(&server, Batch::Field, 1).await;
     check_acked_first(&ids, &replies, &ledger);
     let beating: std::collections::HashSet<Uuid> = replies
         .iter()
@@ -265,7 +283,7 @@ async fn a_burst_over_a_small_max_payload_is_acknowledged_in_several_messages() 
     let server = NatsServer::start_with_config("max_payload: 1024");
     let ledger = Ledger::default();
     let w = worker(&server, &ledger).await;
-    let (ids, replies) = burst(&server, true, 1).await;
+    let (ids, replies) = burst(&server, Batch::Field, 1).await;
     check_acked_first(&ids, &replies, &ledger);
     let batches: Vec<usize> =
         replies.iter().filter(|(k, ..)| k == Acks::KIND).map(|(_, about, _)| about.len()).collect();
@@ -281,7 +299,7 @@ async fn copies_of_commands_inside_a_burst_run_once() {
     let server = NatsServer::start();
     let ledger = Ledger::default();
     let w = worker(&server, &ledger).await;
-    let (ids, replies) = burst(&server, true, 2).await;
+    let (ids, replies) = burst(&server, Batch::Field, 2).await;
     let ran = ledger.lines();
     for id in &ids {
         assert_eq!(ran.iter().filter(|r| **r == id.to_string()).count(), 1, "{id} ran once");
@@ -299,14 +317,14 @@ async fn copies_of_commands_inside_a_burst_run_once() {
     w.shutdown().await;
 }
 
-// Without the header (a coordinator of an older build) every command gets a
-// `step.ack` of its own.
+// Without the field or the header (a coordinator of an older build) every
+// command gets a `step.ack` of its own.
 #[tokio::test]
-async fn commands_without_the_header_are_acknowledged_one_by_one() {
+async fn commands_that_do_not_ask_for_batches_are_acknowledged_one_by_one() {
     let server = NatsServer::start();
     let ledger = Ledger::default();
     let w = worker(&server, &ledger).await;
-    let (ids, replies) = burst(&server, false, 1).await;
+    let (ids, replies) = burst(&server, Batch::No, 1).await;
     check_acked_first(&ids, &replies, &ledger);
     let kinds: Vec<_> = replies.iter().filter(|(k, ..)| k != StepOutcome::KIND).collect();
     assert_eq!(kinds.len(), BURST, "{kinds:?}");
@@ -347,8 +365,8 @@ async fn the_coordinator_honours_a_step_acks() {
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let cmd: StepCommand = decode(&msg.payload).unwrap();
-                let batch = msg.headers.as_ref().and_then(|h| h.get(headers::ACKS)).cloned();
-                seen_tx.send((cmd.step.to_string(), batch.map(|v| v.to_string()))).unwrap();
+                // Untraced: no header at all, the field says it.
+                seen_tx.send((cmd.step.to_string(), cmd.acks, msg.headers.is_some())).unwrap();
                 let reply = msg.reply.unwrap();
                 let acks = Acks {
                     worker: "fake".into(),
@@ -386,11 +404,10 @@ async fn the_coordinator_honours_a_step_acks() {
     while let Ok(s) = seen_rx.try_recv() {
         seen.push(s);
     }
-    let batch = Some(headers::ACKS_BATCH.to_owned());
     assert_eq!(
         seen,
-        vec![("a".to_owned(), batch.clone()), ("b".to_owned(), batch)],
-        "each step's command sent once, with the header"
+        vec![("a".to_owned(), true, false), ("b".to_owned(), true, false)],
+        "each step's command sent once, saying `acks`, with no header"
     );
     node.shutdown().await;
 }

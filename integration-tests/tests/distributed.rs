@@ -308,6 +308,7 @@ async fn a_duplicate_command_runs_the_handler_once() {
         timeout: None,
         start_by_ms: None,
         deadline_ms: None,
+        acks: false,
     };
     let inbox = nats.new_inbox();
     let mut replies = nats.subscribe(inbox.clone()).await.unwrap();

@@ -156,7 +156,7 @@ fn done<T>(rd: &Rd<'_>, value: T) -> Option<T> {
 
 pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
     let mut rd = body(bytes, <StepCommand as crate::Message>::KIND)?;
-    const KEYS: [&str; 13] = [
+    const KEYS: [&str; 14] = [
         "commandId",
         "runId",
         "flow",
@@ -170,12 +170,13 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         "timeoutMs",
         "startByMs",
         "deadlineMs",
+        "acks",
     ];
     let (mut command_id, mut run_id, mut flow, mut step) = (None, None, None, None);
     let (mut step_index, mut kind, mut attempt, mut input, mut outputs) =
         (None, None, None, None, None);
     let mut version: Arc<str> = Arc::from("");
-    let (mut timeout, mut start_by_ms, mut deadline_ms) = (None, None, None);
+    let (mut timeout, mut start_by_ms, mut deadline_ms, mut acks) = (None, None, None, false);
     rd.fields(&KEYS, |rd, i| {
         match i {
             0 => command_id = Some(rd.uuid()?),
@@ -205,7 +206,8 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
             }
             10 => timeout = rd.opt_u64()?.map(Duration::from_millis),
             11 => start_by_ms = rd.opt_u64()?,
-            _ => deadline_ms = rd.opt_u64()?,
+            12 => deadline_ms = rd.opt_u64()?,
+            _ => acks = rd.bool()?,
         }
         Some(())
     })?;
@@ -223,6 +225,7 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         timeout,
         start_by_ms,
         deadline_ms,
+        acks,
     };
     done(&rd, cmd)
 }
@@ -353,6 +356,7 @@ mod tests {
             timeout: timeouts.then(|| Duration::from_millis(1500)),
             start_by_ms: timeouts.then_some(1_790_000_000_000),
             deadline_ms: timeouts.then_some(1_790_000_001_500),
+            acks: timeouts,
         }
     }
 

@@ -77,6 +77,12 @@ pub struct StepCommand {
     /// starts it after that nor lets its handler run past it. `nil`: none.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// The sender reads [`Acks`]: commands received together may be
+    /// acknowledged by one `step.acks`. Written only when true; coordinators
+    /// older than this field said so with the header
+    /// [`headers::ACKS`](crate::headers::ACKS) instead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acks: bool,
 }
 
 impl Message for StepCommand {

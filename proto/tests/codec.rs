@@ -24,6 +24,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
         timeout: Some(Duration::from_millis(1500)),
         start_by_ms: Some(1_800_000_000_000),
         deadline_ms: None,
+        acks: false,
     }
 }
 

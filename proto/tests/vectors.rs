@@ -266,6 +266,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             timeout: Some(Duration::from_millis(5000)),
             start_by_ms: Some(T0 + 2500),
             deadline_ms: Some(T0 + 5000),
+            acks: true,
         },
     );
     vector(
@@ -285,6 +286,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             timeout: None,
             start_by_ms: None,
             deadline_ms: None,
+            acks: false,
         },
     );
     let ack =

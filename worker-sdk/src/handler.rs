@@ -377,6 +377,7 @@ mod tests {
             timeout,
             start_by_ms: None,
             deadline_ms: None,
+            acks: false,
         }
     }
 

@@ -1260,8 +1260,11 @@ async fn admit(
         }
         return None;
     }
-    let batch = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::ACKS)
-        == Some(orchestrix_proto::headers::ACKS_BATCH);
+    // Said in the command; coordinators older than its `acks` field said
+    // it in a header.
+    let batch = cmd.acks
+        || crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::ACKS)
+            == Some(orchestrix_proto::headers::ACKS_BATCH);
     Some(Admitted { msg, reply, cmd, handler, stop, answer_to, batch })
 }
 
@@ -1421,8 +1424,16 @@ fn handler_span(
 ) -> (tracing::Span, opentelemetry::Context) {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    // A coordinator that traces sends its context; one that does not sends
+    // none, and the run's spans share a trace named after the run (its id
+    // is the trace id), under a parent named after the command.
     let parent = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
-        .and_then(orchestrix_proto::TraceParent::parse);
+        .and_then(orchestrix_proto::TraceParent::parse)
+        .or_else(|| {
+            let [.., a, b, c, d, e, f, g, h] = *cmd.command_id.as_bytes();
+            let span = u64::from_be_bytes([a, b, c, d, e, f, g, h]);
+            Some(orchestrix_proto::TraceParent::for_run(cmd.run_id, span))
+        });
     let remote = |tp| crate::telemetry::remote_context(&tp);
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {
         return (tracing::Span::none(), remote(tp));

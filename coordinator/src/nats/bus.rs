@@ -7,8 +7,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use orchestrix_proto::{
     Ack, Acks, DEFAULT_MAX_MESSAGE_BYTES, Heartbeat, Message, OutcomeResult, StepCommand,
-    StepFailure, StepOutcome, Subjects, TraceParent, WireError, decode_ids, decode_with_limit,
-    encode, headers, peek_kind,
+    StepFailure, StepOutcome, Subjects, WireError, decode_ids, decode_with_limit, encode, headers,
+    peek_kind,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -111,7 +111,7 @@ pub struct NatsBus {
 /// A command on its way to NATS, and where to report a failed publish.
 struct Outgoing {
     subject: String,
-    headers: async_nats::HeaderMap,
+    headers: Option<async_nats::HeaderMap>,
     bytes: Bytes,
     reply: ReplyTo,
     command_id: Uuid,
@@ -179,24 +179,24 @@ impl NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
-        // The run's trace context (its attempt's span), else one that still
-        // correlates the run's commands: trace id = run id.
-        let tp = crate::telemetry::sending_traceparent()
-            .unwrap_or_else(|| TraceParent::for_run(cmd.run_id, fastrand::u64(..)));
-        // Names made once: from a `&str`, each insert validates and
-        // allocates the name again.
-        static TRACEPARENT: async_nats::HeaderName =
-            async_nats::HeaderName::from_static(headers::TRACEPARENT);
-        static ACKS: async_nats::HeaderName = async_nats::HeaderName::from_static(headers::ACKS);
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(TRACEPARENT.clone(), tp.to_header());
-        // Workers may acknowledge the commands they read together in one message.
-        h.insert(ACKS.clone(), headers::ACKS_BATCH);
+        // The run's trace context (its attempt's span), when a tracer runs
+        // here. Otherwise no header at all: a client parses every header of
+        // every message it receives (a few thousand instructions for two),
+        // and a worker correlates the run's spans by its id itself.
+        let headers = crate::telemetry::sending_traceparent().map(|tp| {
+            // A name made once: from a `&str`, an insert validates and
+            // allocates it again.
+            static TRACEPARENT: async_nats::HeaderName =
+                async_nats::HeaderName::from_static(headers::TRACEPARENT);
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(TRACEPARENT.clone(), tp.to_header());
+            h
+        });
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let out = Outgoing {
             subject,
-            headers: h,
+            headers,
             bytes: Bytes::from(bytes),
             reply: reply.clone(),
             command_id: cmd.command_id,
@@ -206,12 +206,15 @@ impl NatsBus {
 }
 
 impl Bus for NatsBus {
-    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
+    fn dispatch(&self, mut cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
+        // This coordinator reads `step.acks`.
+        cmd.acks = true;
         let subject = self.options.subjects.step(&cmd.flow, &cmd.version, &cmd.step);
         self.send(subject, &cmd, reply).map(|()| Dispatched::Sent)
     }
 
-    fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+    fn inquire(&self, mut cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+        cmd.acks = true;
         let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
         self.send(subject, &cmd, reply)
     }
@@ -259,14 +262,13 @@ async fn publish(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     while let Some(out) = rx.recv().await {
-        let sent = client
-            .publish_with_reply_and_headers(
-                out.subject,
-                reply_subject.clone(),
-                out.headers,
-                out.bytes,
-            )
-            .await;
+        let reply = reply_subject.clone();
+        let sent = match out.headers {
+            Some(h) => {
+                client.publish_with_reply_and_headers(out.subject, reply, h, out.bytes).await
+            }
+            None => client.publish_with_reply(out.subject, reply, out.bytes).await,
+        };
         if let Err(e) = sent {
             out.reply.deliver(BusReply::DispatchFailed {
                 command_id: out.command_id,

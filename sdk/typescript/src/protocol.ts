@@ -64,6 +64,8 @@ export interface StepCommand {
   timeoutMs?: number;
   startByMs?: number;
   deadlineMs?: number;
+  /** The sender reads `step.acks` (older coordinators said it with the header `Orchestrix-Acks: batch`). Present only when true. */
+  acks?: boolean;
 }
 
 export interface Ack {
@@ -421,6 +423,7 @@ function readStepCommand(f: Fields): StepCommand {
     timeoutMs: f.optUint("timeoutMs"),
     startByMs: f.optUint("startByMs"),
     deadlineMs: f.optUint("deadlineMs"),
+    ...(f.bool("acks", false) ? { acks: true } : {}),
   };
 }
 
@@ -738,6 +741,7 @@ function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
         timeoutMs: nil(c.timeoutMs),
         startByMs: nil(c.startByMs),
         deadlineMs: nil(c.deadlineMs),
+        ...(c.acks ? { acks: true } : {}),
       };
     }
     case "step.ack":

@@ -508,7 +508,8 @@ export class Worker {
     const target = { subject: reply };
     const abort = new AbortController();
     this.dedup.remember(cmd.commandId, { state: "running", reply: target, abort });
-    const batch = msg.headers?.get(ACKS_HEADER) === "batch";
+    // Said in the command; coordinators older than its `acks` field said it in a header.
+    const batch = cmd.acks === true || msg.headers?.get(ACKS_HEADER) === "batch";
     this.admit(reply, batch, { commandId: cmd.commandId, runId: cmd.runId, attempt: cmd.attempt }, () => {
       const task = this.execute(cmd, reg, handler, target, abort).catch((e: unknown) => this.log(`attempt failed to finish: ${errorMessage(e)}`));
       this.inFlight.add(task);

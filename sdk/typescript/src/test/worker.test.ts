@@ -118,10 +118,11 @@ describe("the worker, command by command", { skip }, () => {
       return "done";
     });
     await serve(flow);
-    const burst = async (batch: boolean) => {
+    // "field": the command's `acks`; "header": an older coordinator's header.
+    const burst = async (batch: "field" | "header" | "no") => {
       const reply = new Inbox(nc);
       await nc.flush();
-      const cmds = Array.from({ length: 5 }, () => command(flow, "a"));
+      const cmds = Array.from({ length: 5 }, () => ({ ...command(flow, "a"), ...(batch === "field" ? { acks: true } : {}) }));
       // Published by another process while this one's event loop is held
       // (execFileSync), and held a little longer: the burst waits in the
       // socket and is read at once.
@@ -138,7 +139,7 @@ describe("the worker, command by command", { skip }, () => {
         await nc.close();`;
       const bodies = cmds.map((c) => Buffer.from(encodeMessage("step.command", c)).toString("hex"));
       const subject = `${P}.step.${flow.name}.${flow.version}.a`;
-      execFileSync(process.execPath, ["--input-type=module", "-e", publisher, url, subject, reply.subject, batch ? "1" : "0", ...bodies]);
+      execFileSync(process.execPath, ["--input-type=module", "-e", publisher, url, subject, reply.subject, batch === "header" ? "1" : "0", ...bodies]);
       const until = Date.now() + 300;
       while (Date.now() < until) {
         /* busy */
@@ -158,8 +159,9 @@ describe("the worker, command by command", { skip }, () => {
       }
       return reply.kinds().filter((k) => k !== "step.outcome");
     };
-    assert.deepEqual(await burst(true), ["step.acks"]);
-    assert.deepEqual(await burst(false), Array(5).fill("step.ack"));
+    assert.deepEqual(await burst("field"), ["step.acks"]);
+    assert.deepEqual(await burst("header"), ["step.acks"]);
+    assert.deepEqual(await burst("no"), Array(5).fill("step.ack"));
   });
 
   test("a worker process that exits as its handler starts has written its ack first", async () => {
