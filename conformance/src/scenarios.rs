@@ -677,6 +677,7 @@ fn raw_command(
         start_by_ms: None,
         deadline_ms: None,
         acks: false,
+        sampled: None,
     })
 }
 

@@ -1240,6 +1240,7 @@ impl Machine {
             start_by_ms,
             deadline_ms,
             acks: false,
+            sampled: None,
         }
     }
 

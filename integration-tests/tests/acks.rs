@@ -41,6 +41,7 @@ fn command(run_id: Uuid) -> StepCommand {
         start_by_ms: None,
         deadline_ms: None,
         acks: false,
+        sampled: None,
     }
 }
 

@@ -309,6 +309,7 @@ async fn a_duplicate_command_runs_the_handler_once() {
         start_by_ms: None,
         deadline_ms: None,
         acks: false,
+        sampled: None,
     };
     let inbox = nats.new_inbox();
     let mut replies = nats.subscribe(inbox.clone()).await.unwrap();

@@ -37,6 +37,12 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
         .start()
         .await
         .unwrap();
+    // A plain subscriber beside the worker's queue group sees each command.
+    let mut commands = conn
+        .subscribe(orchestrix_proto::Subjects::default().step_any_version("sampling", "*"))
+        .await
+        .unwrap();
+    conn.flush().await.unwrap();
     let coordinator = node.coordinator();
     let left_out =
         RunOptions::new().traceparent(format!("00-{UNSAMPLED_TRACE}-00f067aa0ba902b7-00"));
@@ -44,6 +50,19 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
     assert_eq!(report.status, RunStatus::Completed);
     let report = coordinator.run("sampling", &(), RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Completed);
+    // The left-out run's command says so in its body, with no header to
+    // parse; the sampled run's carries its context in `traceparent`.
+    for (sampled, header) in [(Some(false), false), (None, true)] {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut commands))
+                .await
+                .unwrap()
+                .unwrap();
+        let cmd: orchestrix_proto::StepCommand = orchestrix_proto::decode(&msg.payload).unwrap();
+        assert_eq!(cmd.sampled, sampled);
+        let tp = msg.headers.as_ref().and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT));
+        assert_eq!(tp.is_some(), header, "{:?}", msg.headers);
+    }
     worker.shutdown().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     provider.force_flush().unwrap();

@@ -156,7 +156,7 @@ fn done<T>(rd: &Rd<'_>, value: T) -> Option<T> {
 
 pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
     let mut rd = body(bytes, <StepCommand as crate::Message>::KIND)?;
-    const KEYS: [&str; 14] = [
+    const KEYS: [&str; 15] = [
         "commandId",
         "runId",
         "flow",
@@ -171,12 +171,14 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         "startByMs",
         "deadlineMs",
         "acks",
+        "sampled",
     ];
     let (mut command_id, mut run_id, mut flow, mut step) = (None, None, None, None);
     let (mut step_index, mut kind, mut attempt, mut input, mut outputs) =
         (None, None, None, None, None);
     let mut version: Arc<str> = Arc::from("");
     let (mut timeout, mut start_by_ms, mut deadline_ms, mut acks) = (None, None, None, false);
+    let mut sampled = None;
     rd.fields(&KEYS, |rd, i| {
         match i {
             0 => command_id = Some(rd.uuid()?),
@@ -207,7 +209,8 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
             10 => timeout = rd.opt_u64()?.map(Duration::from_millis),
             11 => start_by_ms = rd.opt_u64()?,
             12 => deadline_ms = rd.opt_u64()?,
-            _ => acks = rd.bool()?,
+            13 => acks = rd.bool()?,
+            _ => sampled = if rd.nil() { None } else { Some(rd.bool()?) },
         }
         Some(())
     })?;
@@ -226,6 +229,7 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         start_by_ms,
         deadline_ms,
         acks,
+        sampled,
     };
     done(&rd, cmd)
 }
@@ -357,6 +361,7 @@ mod tests {
             start_by_ms: timeouts.then_some(1_790_000_000_000),
             deadline_ms: timeouts.then_some(1_790_000_001_500),
             acks: timeouts,
+            sampled: (!timeouts).then_some(false),
         }
     }
 

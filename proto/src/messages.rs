@@ -83,6 +83,13 @@ pub struct StepCommand {
     /// [`headers::ACKS`](crate::headers::ACKS) instead.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub acks: bool,
+    /// `false`: the run was left out by the trace sampler, so the worker
+    /// makes no spans for it (said here rather than with a `traceparent`
+    /// header flagged not sampled, which would cost every such command a
+    /// header to parse). `nil` or absent: as the `traceparent` header says,
+    /// or, with none, the worker's own tracing decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled: Option<bool>,
 }
 
 impl Message for StepCommand {

@@ -25,6 +25,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
         start_by_ms: Some(1_800_000_000_000),
         deadline_ms: None,
         acks: false,
+        sampled: None,
     }
 }
 

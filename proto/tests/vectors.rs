@@ -267,6 +267,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             start_by_ms: Some(T0 + 2500),
             deadline_ms: Some(T0 + 5000),
             acks: true,
+            sampled: None,
         },
     );
     vector(
@@ -287,6 +288,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             start_by_ms: None,
             deadline_ms: None,
             acks: false,
+            sampled: Some(false),
         },
     );
     let ack =

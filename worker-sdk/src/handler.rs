@@ -378,6 +378,7 @@ mod tests {
             start_by_ms: None,
             deadline_ms: None,
             acks: false,
+            sampled: None,
         }
     }
 

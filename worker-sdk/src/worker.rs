@@ -1424,15 +1424,17 @@ fn handler_span(
 ) -> (tracing::Span, opentelemetry::Context) {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    // A coordinator that traces sends its context; one that does not sends
-    // none, and the run's spans share a trace named after the run (its id
-    // is the trace id), under a parent named after the command.
+    // A coordinator that traces a run sends its context (a run its sampler
+    // left out only says `sampled: false`); one that does not sends none,
+    // and the run's spans share a trace named after the run (its id is the
+    // trace id), under a parent named after the command.
     let parent = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
         .and_then(orchestrix_proto::TraceParent::parse)
         .or_else(|| {
             let [.., a, b, c, d, e, f, g, h] = *cmd.command_id.as_bytes();
             let span = u64::from_be_bytes([a, b, c, d, e, f, g, h]);
-            Some(orchestrix_proto::TraceParent::for_run(cmd.run_id, span))
+            let tp = orchestrix_proto::TraceParent::for_run(cmd.run_id, span);
+            Some(orchestrix_proto::TraceParent { sampled: cmd.sampled != Some(false), ..tp })
         });
     let remote = |tp| crate::telemetry::remote_context(&tp);
     if let Some(tp) = parent.filter(|tp| !tp.sampled) {

@@ -169,7 +169,20 @@ impl NatsBus {
 }
 
 impl NatsBus {
-    fn send(&self, subject: String, cmd: &StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+    fn send(&self, subject: String, mut cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+        // This coordinator reads `step.acks`.
+        cmd.acks = true;
+        // The run's trace context (its attempt's span), when a tracer runs
+        // here: in a header if the run is sampled; a run the sampler left
+        // out only says so in the command. Otherwise nothing: a client
+        // parses every header of every message it receives (a few thousand
+        // instructions for two), and a worker correlates a run's spans by
+        // its id itself.
+        let traceparent = crate::telemetry::sending_traceparent();
+        if traceparent.is_some_and(|tp| !tp.sampled) {
+            cmd.sampled = Some(false);
+        }
+        let cmd = &cmd;
         let bytes = encode(cmd).map_err(|e| BusError::Rejected(e.to_string()))?;
         let max = self.client.max_payload().min(self.options.max_message_bytes);
         if bytes.len() > max {
@@ -179,11 +192,7 @@ impl NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
-        // The run's trace context (its attempt's span), when a tracer runs
-        // here. Otherwise no header at all: a client parses every header of
-        // every message it receives (a few thousand instructions for two),
-        // and a worker correlates the run's spans by its id itself.
-        let headers = crate::telemetry::sending_traceparent().map(|tp| {
+        let headers = traceparent.filter(|tp| tp.sampled).map(|tp| {
             // A name made once: from a `&str`, an insert validates and
             // allocates it again.
             static TRACEPARENT: async_nats::HeaderName =
@@ -206,17 +215,14 @@ impl NatsBus {
 }
 
 impl Bus for NatsBus {
-    fn dispatch(&self, mut cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
-        // This coordinator reads `step.acks`.
-        cmd.acks = true;
+    fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
         let subject = self.options.subjects.step(&cmd.flow, &cmd.version, &cmd.step);
-        self.send(subject, &cmd, reply).map(|()| Dispatched::Sent)
+        self.send(subject, cmd, reply).map(|()| Dispatched::Sent)
     }
 
-    fn inquire(&self, mut cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
-        cmd.acks = true;
+    fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
         let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
-        self.send(subject, &cmd, reply)
+        self.send(subject, cmd, reply)
     }
 
     fn cancel(&self, cmd: &StepCommand) -> Result<(), BusError> {

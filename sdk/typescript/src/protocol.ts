@@ -66,6 +66,8 @@ export interface StepCommand {
   deadlineMs?: number;
   /** The sender reads `step.acks` (older coordinators said it with the header `Orchestrix-Acks: batch`). Present only when true. */
   acks?: boolean;
+  /** `false`: the run was left out by the coordinator's trace sampler (make no spans for it). Absent: see the `traceparent` header. */
+  sampled?: boolean;
 }
 
 export interface Ack {
@@ -348,6 +350,9 @@ class Fields {
     if (typeof v !== "boolean") throw new FieldError(`${this.at(k)} must be a boolean, found ${describe(v)}`);
     return v;
   }
+  optBool(k: string): boolean | undefined {
+    return this.present(k) ? this.bool(k) : undefined;
+  }
   bin(k: string): Uint8Array {
     const v = this.required(k);
     if (!(v instanceof Uint8Array)) {
@@ -424,6 +429,7 @@ function readStepCommand(f: Fields): StepCommand {
     startByMs: f.optUint("startByMs"),
     deadlineMs: f.optUint("deadlineMs"),
     ...(f.bool("acks", false) ? { acks: true } : {}),
+    ...(f.optBool("sampled") !== undefined ? { sampled: f.optBool("sampled") } : {}),
   };
 }
 
@@ -742,6 +748,7 @@ function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
         startByMs: nil(c.startByMs),
         deadlineMs: nil(c.deadlineMs),
         ...(c.acks ? { acks: true } : {}),
+        ...(c.sampled !== undefined ? { sampled: c.sampled } : {}),
       };
     }
     case "step.ack":
