@@ -215,7 +215,11 @@ fn unavailable(what: &str, e: impl fmt::Display) -> StoreError {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Bytes, StoreError> {
-    rmp_serde::to_vec_named(v).map(Bytes::from).map_err(|e| unavailable("cannot encode", e))
+    // A run's record is most of a kilobyte: grown from empty, its buffer
+    // was reallocated and copied seven times a write.
+    let mut buf = Vec::with_capacity(1024);
+    rmp_serde::encode::write_named(&mut buf, v).map_err(|e| unavailable("cannot encode", e))?;
+    Ok(Bytes::from(buf))
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {

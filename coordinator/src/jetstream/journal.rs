@@ -385,9 +385,7 @@ impl Inner {
     /// Appends the run's newest record to the journal; resolves once it is
     /// durable (or the run turned out not to be this coordinator's).
     pub(super) async fn append(&self, record: &Arc<RunRecord>) -> Result<(), StoreError> {
-        let bytes = rmp_serde::to_vec_named(&**record)
-            .map(Bytes::from)
-            .map_err(|e| unavailable("cannot encode", e))?;
+        let bytes = super::encode(&**record)?;
         self.fits(&bytes)?;
         let (done, rx) = oneshot::channel();
         self.appender
