@@ -362,12 +362,12 @@ impl RunActor {
                         timers.deadline = Some(ctx.notify_later(Internal(event), after));
                     }
                 }
-                Effect::Alive { command_id, within, reason } => {
+                Effect::Alive { command_id, within } => {
                     let timers = self.timers.entry(command_id, AttemptTimers::default);
                     for h in [timers.ack.take(), timers.silence.take()].into_iter().flatten() {
                         ctx.cancel_future(h);
                     }
-                    let event = Event::Silent { command_id, reason };
+                    let event = Event::Silent { command_id };
                     timers.silence = Some(ctx.notify_later(Internal(event), within));
                 }
                 Effect::Unwatch { command_id } => {

@@ -176,7 +176,7 @@ pub(crate) enum Event {
     /// command in flight.
     Unanswered { command_id: Uuid },
     /// The worker that acked the command stopped heartbeating.
-    Silent { command_id: Uuid, reason: String },
+    Silent { command_id: Uuid },
     /// The attempt's deadline (plus grace) passed without an outcome.
     TimedOut { command_id: Uuid, reason: String },
     /// A worker refused the command without running it.
@@ -252,8 +252,8 @@ pub(crate) enum Effect {
     /// `deadline`, `TimedOut`.
     Watch { command_id: Uuid, ack: Duration, inquiry: bool, deadline: Option<Duration> },
     /// The attempt's worker is alive: without a heartbeat within `within`,
-    /// `Silent` follows (with `reason`).
-    Alive { command_id: Uuid, within: Duration, reason: String },
+    /// `Silent` follows.
+    Alive { command_id: Uuid, within: Duration },
     /// The attempt is over or replaced: drop its timers.
     Unwatch { command_id: Uuid },
     /// `RetryDue` after `delay`.
@@ -636,8 +636,9 @@ impl Machine {
                     }
                 }
             }
-            Event::Silent { command_id, reason } => {
+            Event::Silent { command_id } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_some()) {
+                    let reason = self.silence(cur.acked_by.as_deref());
                     // Not concluded yet: heartbeats and the outcome travel at
                     // most once, and a worker whose connection moved to another
                     // node may have lost them. Whoever holds the command
@@ -1166,11 +1167,19 @@ impl Machine {
 
     fn alive_effect(&self, command_id: Uuid, fx: &mut Vec<Effect>) {
         let Liveness::Remote { heartbeat_timeout, .. } = self.limits.liveness else { return };
-        let worker = (self.rec.current.iter().find(|c| c.command_id == command_id))
-            .and_then(|c| c.acked_by.clone())
-            .unwrap_or_default();
-        let reason = format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}");
-        fx.push(Effect::Alive { command_id, within: heartbeat_timeout, reason });
+        fx.push(Effect::Alive { command_id, within: heartbeat_timeout });
+    }
+
+    /// Why an attempt's worker is taken for silent (said only when it is:
+    /// formatting it for every heartbeat showed in the profiles).
+    fn silence(&self, worker: Option<&str>) -> String {
+        let worker = worker.unwrap_or_default();
+        match self.limits.liveness {
+            Liveness::Remote { heartbeat_timeout, .. } => {
+                format!("worker {worker} went silent: no heartbeat for {heartbeat_timeout:?}")
+            }
+            Liveness::Local => format!("worker {worker} went silent"),
+        }
     }
 
     /// When the run's own deadline is due, from its start.
@@ -1738,8 +1747,7 @@ mod tests {
         /// The worker goes silent, and nobody answers the inquiry that follows.
         fn silent(&mut self) -> Vec<Transition> {
             let id = self.cur();
-            let asked =
-                self.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+            let asked = self.ev(Event::Silent { command_id: id });
             assert!(asked.is_empty(), "silence alone concludes nothing: {asked:?}");
             self.ev(Event::Unanswered { command_id: id })
         }
@@ -2276,7 +2284,7 @@ mod tests {
         assert!(t.out(stale, ok).is_empty());
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Running);
         assert!(t.ev(Event::RetryDue { command_id: stale }).is_empty());
-        assert!(t.ev(Event::Silent { command_id: stale, reason: "x".into() }).is_empty());
+        assert!(t.ev(Event::Silent { command_id: stale }).is_empty());
         assert!(t.ev(Event::NotTaken { command_id: stale }).is_empty());
         // A retry timer for the attempt in flight (not waiting) is ignored too.
         let id = t.cur();
@@ -2346,7 +2354,7 @@ mod tests {
         t.ack();
         let id = t.cur();
         // Silence concludes nothing yet: every replica is asked.
-        let d = t.decide(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        let d = t.decide(Event::Silent { command_id: id });
         assert!(d.transitions.is_empty());
         assert_eq!(kinds(&d.effects), ["inquire", "watch-inquiry"]);
         // The worker had lost its outcome with its connection; asked, it
@@ -2359,20 +2367,22 @@ mod tests {
         t.ev(Event::Start);
         t.ack();
         let id = t.cur();
-        t.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        t.ev(Event::Silent { command_id: id });
         assert_eq!(
             kinds(&t.decide(Event::Acked { command_id: id, worker: "w1".into() }).effects),
             ["alive"]
         );
         // Nobody answering makes it unknown, and says both why and what was tried.
-        t.ev(Event::Silent { command_id: id, reason: "worker w1 went silent".into() });
+        t.ev(Event::Silent { command_id: id });
         assert_eq!(
             names(&t.ev(Event::Unanswered { command_id: id })),
             ["failed 0", "start 0 compensate #1"]
         );
         let error = t.m.rec.steps[0].extras().error.clone().unwrap();
         assert!(
-            error.ends_with("worker w1 went silent, and no worker answered when asked"),
+            error.ends_with(
+                "worker w1 went silent: no heartbeat for 5s, and no worker answered when asked"
+            ),
             "{error}"
         );
     }
@@ -2533,7 +2543,7 @@ mod tests {
         go(other, ok(id));
         let id = other.cur();
         go(other, Event::Acked { command_id: id, worker: "w".into() });
-        go(other, Event::Silent { command_id: id, reason: "gone".into() }); // silent: ask
+        go(other, Event::Silent { command_id: id }); // silent: ask
         go(other, Event::Unanswered { command_id: id }); // unanswered-acked, unknown-retry
         go(other, Event::RetryDue { command_id: id });
         let id = other.cur();
@@ -2565,7 +2575,7 @@ mod tests {
         go(&mut third, Event::Start);
         let id = third.cur();
         go(&mut third, Event::Acked { command_id: id, worker: "w".into() });
-        go(&mut third, Event::Silent { command_id: id, reason: "gone".into() });
+        go(&mut third, Event::Silent { command_id: id });
         go(&mut third, Event::Unanswered { command_id: id }); // unknown-maybe-done
         let mut fourth = T::with(plan(&[false], 0), Uuid::from_u128(4), 9);
         Arc::make_mut(&mut fourth.m.rec).extras_mut().timeout = Some(Duration::from_secs(1));
@@ -2930,7 +2940,7 @@ mod tests {
         t.ok();
         assert!(t.ev(Event::Start).is_empty());
         assert!(t.ev(Event::DeadlineExceeded).is_empty());
-        assert!(t.ev(Event::Silent { command_id: id, reason: "x".into() }).is_empty());
+        assert!(t.ev(Event::Silent { command_id: id }).is_empty());
     }
 
     #[test]

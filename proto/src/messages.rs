@@ -98,6 +98,10 @@ impl Message for StepCommand {
     fn decode_fast(bytes: &[u8]) -> Option<Self> {
         crate::fast::step_command(bytes)
     }
+
+    fn encode_fast(&self, buf: &mut Vec<u8>) -> Option<()> {
+        crate::fast::write_step_command(self, buf)
+    }
 }
 
 /// Worker → coordinator: a command was received and will be run.
@@ -121,6 +125,10 @@ impl Message for Ack {
 
     fn decode_fast(bytes: &[u8]) -> Option<Self> {
         crate::fast::ack(bytes)
+    }
+
+    fn encode_fast(&self, buf: &mut Vec<u8>) -> Option<()> {
+        crate::fast::write_ack(self, buf)
     }
 }
 
@@ -170,6 +178,10 @@ impl Message for Acks {
 
     fn decode_fast(bytes: &[u8]) -> Option<Self> {
         crate::fast::acks(bytes)
+    }
+
+    fn encode_fast(&self, buf: &mut Vec<u8>) -> Option<()> {
+        crate::fast::write_acks(self, buf)
     }
 }
 
@@ -255,6 +267,10 @@ impl Message for StepOutcome {
 
     fn decode_fast(bytes: &[u8]) -> Option<Self> {
         crate::fast::step_outcome(bytes)
+    }
+
+    fn encode_fast(&self, buf: &mut Vec<u8>) -> Option<()> {
+        crate::fast::write_step_outcome(self, buf)
     }
 }
 
