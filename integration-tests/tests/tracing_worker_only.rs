@@ -6,14 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use orchestrix::{RunOptions, RunStatus, StepContext, Worker};
-use orchestrix_coordinator::flowfile;
-use orchestrix_coordinator::nats::{Node, NodeStore};
 use orchestrix_integration_tests::NatsServer;
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
@@ -32,14 +32,7 @@ async fn an_untraced_coordinators_runs_are_one_trace_each_in_the_worker() {
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let toml =
         "[[flow]]\nname = \"plain\"\n[[flow.step]]\nname = \"a\"\n[[flow.step]]\nname = \"b\"\n";
-    let node = Node::builder()
-        .store(NodeStore::Memory)
-        .flows(flowfile::parse(toml).unwrap())
-        .registry(false)
-        .events(false)
-        .start(conn.clone())
-        .await
-        .unwrap();
+    let node = support::memory_node(conn.clone(), toml).await;
     // A plain subscriber beside the workers' queue group sees every command.
     let mut commands =
         conn.subscribe(Subjects::default().step_any_version("plain", "*")).await.unwrap();
