@@ -416,12 +416,16 @@ fn main() {
         worker_process(url, args.trace_to.as_deref());
         return;
     }
+    if let Some(why) = bad_arguments(&args) {
+        eprintln!("error: {why}");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let sink = args.traced.then(otlp_sink);
         let _telemetry = sink.as_ref().map(|url| {
             orchestrix::telemetry::init_with(
@@ -438,32 +442,57 @@ fn main() {
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             println!("orchestrix-bench: {cores} cores, {} s per measurement", args.seconds);
         }
-        let inprocess = ["saga-inprocess", "saga-inprocess-parallel", "saga-inprocess-parked"];
-        if inprocess.iter().any(|n| wanted(n)) {
+        if INPROCESS_SCENARIOS.iter().any(|n| wanted(n)) {
             for f in saga_inprocess(&args, &wanted).await {
                 f.print(args.json, args.traced);
             }
         }
-        let nats_scenarios = [
-            "nats-floor-chain3",
-            "saga-nats-memory",
-            "saga-nats-memory-1t",
-            "saga-nats-parallel",
-            "nats-floor-durable",
-            "saga-nats-jetstream-1c",
-            "saga-nats-jetstream-2c",
-            "saga-nats-jetstream-1c-1t",
-            "saga-nats-jetstream-parked",
-        ];
-        if nats_scenarios.iter().any(|n| wanted(n)) {
+        if NATS_SCENARIOS.iter().any(|n| wanted(n)) {
             match nats::run(&args, &wanted).await {
                 Ok(figures) => {
                     for f in figures {
                         f.print(args.json, args.traced);
                     }
                 }
-                Err(e) => eprintln!("NATS scenarios skipped: {e}"),
+                Err(e) => {
+                    // Said, and in the exit code: a script must not take
+                    // a run that measured nothing for a result.
+                    eprintln!("error: NATS scenarios skipped: {e}");
+                    return 1;
+                }
             }
         }
+        0
     });
+    std::process::exit(code);
+}
+
+const INPROCESS_SCENARIOS: [&str; 3] =
+    ["saga-inprocess", "saga-inprocess-parallel", "saga-inprocess-parked"];
+
+const NATS_SCENARIOS: [&str; 9] = [
+    "nats-floor-chain3",
+    "saga-nats-memory",
+    "saga-nats-memory-1t",
+    "saga-nats-parallel",
+    "nats-floor-durable",
+    "saga-nats-jetstream-1c",
+    "saga-nats-jetstream-2c",
+    "saga-nats-jetstream-1c-1t",
+    "saga-nats-jetstream-parked",
+];
+
+/// What makes the arguments meaningless, if anything: no time to measure
+/// in, or an `--only` that names no scenario.
+fn bad_arguments(args: &Args) -> Option<String> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        return Some(format!("--seconds must be a positive number, not {}", args.seconds));
+    }
+    let only = args.only.as_deref()?;
+    let all = INPROCESS_SCENARIOS.iter().chain(&NATS_SCENARIOS);
+    if all.clone().any(|n| only.split(',').any(|o| n.contains(o))) {
+        return None;
+    }
+    let names: Vec<&str> = all.copied().collect();
+    Some(format!("--only {only} names no scenario (they are: {})", names.join(", ")))
 }
