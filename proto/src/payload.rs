@@ -35,8 +35,10 @@ impl Payload {
 
     /// Decodes the payload into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
-        rmp_serde::from_slice(&self.0)
-            .map_err(|source| CodecError::Malformed { expected: "payload", source })
+        rmp_serde::from_slice(&self.0).map_err(|source| CodecError::Malformed {
+            expected: "payload",
+            source: readable(source),
+        })
     }
 
     /// The payload held in a MessagePack `bin` as read off the wire (as
@@ -161,6 +163,28 @@ impl serde::de::Visitor<'_> for BinVisitor {
     }
 }
 
+/// A value of the wrong kind said in the words of the JSON a caller typed
+/// (rmp says `wrong msgpack marker FixStr(4)`).
+fn readable(e: rmp_serde::decode::Error) -> rmp_serde::decode::Error {
+    use rmp::Marker as M;
+    let rmp_serde::decode::Error::TypeMismatch(marker) = e else { return e };
+    let found = match marker {
+        M::FixStr(_) | M::Str8 | M::Str16 | M::Str32 => "a string",
+        M::FixPos(_) | M::FixNeg(_) | M::U8 | M::U16 | M::U32 | M::U64 => "an integer",
+        M::I8 | M::I16 | M::I32 | M::I64 => "an integer",
+        M::F32 | M::F64 => "a number with a fraction",
+        M::True | M::False => "a boolean",
+        M::Null => "null",
+        M::FixArray(_) | M::Array16 | M::Array32 => "an array",
+        M::FixMap(_) | M::Map16 | M::Map32 => "an object",
+        M::Bin8 | M::Bin16 | M::Bin32 => "bytes",
+        _ => return rmp_serde::decode::Error::TypeMismatch(marker),
+    };
+    rmp_serde::decode::Error::Syntax(format!(
+        "found {found} where the type wants another kind of value"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +193,15 @@ mod tests {
     struct Order {
         order_id: String,
         amount: u64,
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_is_named_in_plain_words() {
+        let p = Payload::encode(&serde_json::json!({"order_id": "o", "amount": "five"})).unwrap();
+        let e = p.decode::<Order>().unwrap_err().to_string();
+        assert!(e.contains("found a string where the type wants another kind of value"), "{e}");
+        let e = Payload::encode(&[1, 2]).unwrap().decode::<u32>().unwrap_err().to_string();
+        assert!(e.contains("found an array"), "{e}");
     }
 
     #[test]
