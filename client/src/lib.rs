@@ -261,7 +261,7 @@ impl Client {
                     return Err(ClientError::Rejected {
                         kind: Rejection::UnknownFlow,
                         message: format!(
-                            "no coordinator serves flow `{flow}` (no worker registered it, or no coordinator is running)"
+                            "no coordinator serves flow `{flow}` (no worker registered it, no coordinator is running, or they use another subject prefix; `orchestrix flows list` shows the flows served)"
                         ),
                     });
                 }
