@@ -1,8 +1,9 @@
 //! W3C trace context (`traceparent`) carried in NATS headers.
 //!
-//! Orchestrix derives a run's trace id from its run id, so a run's commands can
-//! be correlated across processes even with no tracing backend; when a tracer is
-//! installed, its own context is carried instead.
+//! A coordinator that traces a run carries its context on the run's
+//! commands; one that does not sends none, and a worker that traces then
+//! derives the run's trace id from its run id ([`TraceParent::for_run`]), so
+//! that a run's spans still share one trace.
 
 use uuid::Uuid;
 
