@@ -937,12 +937,26 @@ impl Inner {
         let id = run_id.to_string();
         // Read in the order the runs are written the other way round: a
         // run's history entry is written before its live record is deleted,
-        // so a history entry found after a live record is the newer of them.
+        // so a history entry found after a live record is the newer of them,
+        // unless the run was reopened since (see `newer`).
         let live = self.runs.get(&id).await.map_err(|e| unavailable("cannot read the run", e))?;
+        let live = live.map(|b| live_report(run_id, &b));
         match self.history.get(&id).await.map_err(|e| unavailable("cannot read the history", e))? {
-            Some(b) => Ok(Some(decode(&b)?)),
-            None => Ok(live.map(|b| live_report(run_id, &b))),
+            Some(b) => Ok(Some(newer(live, decode(&b)?))),
+            None => Ok(live),
         }
+    }
+}
+
+/// Of a run found both live and in the history, the newer. A run that
+/// just ended has an older live copy until it is deleted: the history
+/// entry. A run an operator reopened has its old history entry until it
+/// ends again, and its live record carries the operator's action beside
+/// those of the entry: the live one.
+fn newer(live: Option<RunReport>, history: RunReport) -> RunReport {
+    match live {
+        Some(live) if live.actions.len() > history.actions.len() => live,
+        _ => history,
     }
 }
 
@@ -1143,9 +1157,9 @@ impl Store for JetStreamStore {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut out = Vec::new();
-            // A run just ended may be in both buckets for a moment (its
-            // history entry is written before its live record goes): the
-            // history entry is the newer, and the run is listed once.
+            // A run may be in both buckets (just ended: its history entry
+            // is written before its live record goes; or reopened): it is
+            // listed once, as the newer of the two says.
             let mut live_runs: std::collections::HashMap<Uuid, RunReport> =
                 std::collections::HashMap::new();
             for (bucket, live) in [(&inner.runs, true), (&inner.history, false)] {
@@ -1175,7 +1189,7 @@ impl Store for JetStreamStore {
                         live_runs.insert(report.run_id.into(), report);
                         continue;
                     }
-                    live_runs.remove(&report.run_id.into());
+                    let report = newer(live_runs.remove(&report.run_id.into()), report);
                     if filter.keeps(&report) {
                         out.push(report);
                     }

@@ -210,7 +210,7 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
             10 => timeout = rd.opt_u64()?.map(Duration::from_millis),
             11 => start_by_ms = rd.opt_u64()?,
             12 => deadline_ms = rd.opt_u64()?,
-            13 => acks = rd.bool()?,
+            13 => acks = !rd.nil() && rd.bool()?,
             _ => sampled = if rd.nil() { None } else { Some(rd.bool()?) },
         }
         Some(())
@@ -614,6 +614,19 @@ mod tests {
                 StepFailure { message: "card declined".into(), retryable: true, maybe_done };
             agrees(&outcome(OutcomeResult::Failed(failure)));
         }
+    }
+
+    #[test]
+    fn acks_nil_reads_as_false_both_ways() {
+        let mut cmd = command(CommandKind::Execute, 0, true);
+        cmd.sampled = None;
+        let mut bytes = encode(&cmd).unwrap();
+        // `acks` is last, written `true` (0xc3): make it nil.
+        assert_eq!(bytes.pop(), Some(0xc3));
+        bytes.push(0xc0);
+        cmd.acks = false;
+        assert_eq!(StepCommand::decode_fast(&bytes).as_ref(), Some(&cmd));
+        assert_eq!(decode_serde::<StepCommand>(&bytes).ok().as_ref(), Some(&cmd));
     }
 
     #[test]

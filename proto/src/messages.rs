@@ -81,7 +81,11 @@ pub struct StepCommand {
     /// acknowledged by one `step.acks`. Written only when true; coordinators
     /// older than this field said so with the header
     /// [`headers::ACKS`](crate::headers::ACKS) instead.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        skip_serializing_if = "std::ops::Not::not",
+        deserialize_with = "nil_is_false"
+    )]
     pub acks: bool,
     /// `false`: the run was left out by the trace sampler, so the worker
     /// makes no spans for it (said here rather than with a `traceparent`
@@ -90,6 +94,12 @@ pub struct StepCommand {
     /// or, with none, the worker's own tracing decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled: Option<bool>,
+}
+
+/// A flag that may be written `nil` (as absent: false), as a JavaScript
+/// sender's `null` is.
+fn nil_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 impl Message for StepCommand {

@@ -399,10 +399,20 @@ impl Inner {
     pub(super) async fn retire(&self, run_id: Uuid) -> Result<(), StoreError> {
         let revision = {
             let mut s = self.shared.lock();
-            if let Some(e) = s.pending.get_mut(&run_id).filter(|e| e.writing) {
-                // The checkpoint in flight deletes its copy when done.
-                e.retired = true;
-                return Ok(());
+            match s.pending.get_mut(&run_id) {
+                Some(e) if e.writing => {
+                    // The checkpoint in flight deletes its copy when done.
+                    e.retired = true;
+                    return Ok(());
+                }
+                // Let go of now, whatever the delete below does: not every
+                // caller retries a failed one, and a finished run kept here
+                // would hold the journal's purge back for good. A status
+                // meanwhile finds its history entry.
+                Some(_) => {
+                    s.pending.remove(&run_id);
+                }
+                None => {}
             }
             s.revisions.get(&run_id).copied()
         };
@@ -412,13 +422,9 @@ impl Inner {
                 .await
                 .map_err(|e| unavailable("cannot retire the run", e))?;
         }
-        // Only now: until the bucket's copy (an older, live record) is gone,
-        // the finished record kept here is what a status asked of this
-        // coordinator answers with; and were the delete refused, the run
-        // must stay this coordinator's, or its own scan would resume it.
-        let mut s = self.shared.lock();
-        s.pending.remove(&run_id);
-        s.revisions.remove(&run_id);
+        // Only now: were the delete refused, the run must stay this
+        // coordinator's, or its own scan would resume the checkpoint.
+        self.shared.lock().revisions.remove(&run_id);
         Ok(())
     }
 
