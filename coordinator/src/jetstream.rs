@@ -134,8 +134,6 @@ struct Inner {
     done_journals: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Hands finished runs to the ender task.
     ender: tokio::sync::mpsc::UnboundedSender<Ending>,
-    /// The history stream takes atomic batches (nats-server ≥ 2.12).
-    atomic_history: bool,
     heartbeat: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
     options: JetStreamStoreOptions,
@@ -288,11 +286,6 @@ impl JetStreamStore {
         };
         let runs = open(bucket(format!("{p}_runs"), Duration::ZERO, false)).await?;
         let history = open(bucket(format!("{p}_history"), options.retention, false)).await?;
-        // History entries are written in atomic batches: one stored batch
-        // (and with `sync_interval: always`, one fsync) for many runs.
-        let atomic_history = orchestrix_worker::registry::server_supports_atomic_batches(
-            &client.server_info().version,
-        ) && allow_atomic(&js, &format!("KV_{p}_history")).await;
         let keys_bucket = format!("{p}_keys");
         let keys = open(bucket(keys_bucket.clone(), Duration::ZERO, true)).await?;
         let coordinators_bucket = format!("{p}_coordinators");
@@ -362,7 +355,6 @@ impl JetStreamStore {
             purged: Default::default(),
             done_journals: Default::default(),
             ender,
-            atomic_history,
             heartbeat,
             writer,
             options,
@@ -389,23 +381,11 @@ impl JetStreamStore {
     }
 }
 
-/// Lets a stream take atomic batches; false if the server refuses.
-async fn allow_atomic(js: &jetstream::Context, stream: &str) -> bool {
-    let Ok(mut s) = js.get_stream(stream).await else { return false };
-    let Ok(info) = s.info().await else { return false };
-    if info.config.allow_atomic_publish {
-        return true;
-    }
-    let mut config = info.config.clone();
-    config.allow_atomic_publish = true;
-    js.update_stream(config).await.is_ok()
-}
-
 /// Most finished runs one history batch carries (the server takes 1,000).
 const HISTORY_BATCH: usize = 256;
 
-/// The ender task: writes finished runs' history entries, many per atomic
-/// batch, then settles each run (key, slots, record). A run whose settling
+/// The ender task: writes the history entries of the runs that finished
+/// meanwhile, all at once, then settles each run (key, slots, record). A run whose settling
 /// fails is retried every second: its final record is in the journal, so
 /// until then it is still this coordinator's to finish.
 async fn end_runs(
@@ -421,20 +401,14 @@ async fn end_runs(
             }
         }
         let Some(inner) = inner.upgrade() else { return };
-        // A few entries are written at once, each on its own; many as one
-        // atomic batch (one stored batch, and one fsync under
-        // `sync_interval: always`, where each put would cost its own).
-        let written = inner.atomic_history
-            && batch.len() >= ATOMIC_FROM
-            && inner.history_batch(&batch).await.is_ok();
+        // Each entry a put of its own, all in flight together. Atomic
+        // batches (nats-server 2.12) were measured slower, with
+        // `sync_interval: always` too: a header set per message, and the
+        // server's filestore already syncs concurrent puts together.
         let done = futures::future::join_all(batch.into_iter().map(|e| {
             let inner = &inner;
             async move {
-                let r = if written {
-                    inner.settled(e.after.clone(), e.duration).await
-                } else {
-                    inner.settle(e.after.clone(), e.duration).await
-                };
+                let r = inner.settle(e.after.clone(), e.duration).await;
                 (e, r)
             }
         }))
@@ -475,46 +449,6 @@ impl Inner {
         if let Err(e) = self.retire(after.run_id).await {
             tracing::warn!(run_id = %after.run_id, error = %e, "cannot retire a finished run's record");
         }
-    }
-}
-
-/// Smallest batch of history entries written as one atomic batch.
-const ATOMIC_FROM: usize = 32;
-
-impl Inner {
-    /// Writes the batch's history entries as one atomic batch.
-    async fn history_batch(&self, batch: &[Ending]) -> Result<(), StoreError> {
-        let client = self.js.client();
-        let id = Uuid::new_v4().simple().to_string();
-        let last = batch.len();
-        for (i, e) in batch.iter().enumerate() {
-            let subject = format!("$KV.{}_history.{}", self.options.prefix, e.after.run_id);
-            let value = Self::history_entry(&e.after, e.duration)?;
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Batch-Id", id.as_str());
-            h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-            if i + 1 < last {
-                client
-                    .publish_with_headers(subject, h, value)
-                    .await
-                    .map_err(|e| unavailable("cannot write the history", e))?;
-                continue;
-            }
-            h.insert("Nats-Batch-Commit", "1");
-            let reply = tokio::time::timeout(
-                Duration::from_secs(5),
-                client.request_with_headers(subject, h, value),
-            )
-            .await
-            .map_err(|_| StoreError::Unavailable("history batch: no answer".into()))?
-            .map_err(|e| unavailable("cannot write the history", e))?;
-            let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
-                .map_err(|e| unavailable("history batch: bad answer", e))?;
-            if answer.get("error").is_some() || answer.get("seq").is_none() {
-                return Err(StoreError::Unavailable(format!("history batch refused: {answer}")));
-            }
-        }
-        Ok(())
     }
 }
 

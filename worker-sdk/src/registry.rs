@@ -108,15 +108,6 @@ pub fn server_supports_ttl(version: &str) -> bool {
     }
 }
 
-/// Whether a server of this version takes atomic batch publishes (2.12+).
-pub fn server_supports_atomic_batches(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u32>());
-    match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 12),
-        _ => false,
-    }
-}
-
 /// Publishes `value` to a KV key with a per-message TTL (a plain KV put
 /// cannot carry one). The bucket needs `limit_markers` so that watchers see
 /// the expiry.
