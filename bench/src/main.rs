@@ -447,7 +447,7 @@ fn main() {
                 f.print(args.json, args.traced);
             }
         }
-        if NATS_SCENARIOS.iter().any(|n| wanted(n)) {
+        if nats::SCENARIOS.iter().chain(&nats::DURABLE_SCENARIOS).any(|n| wanted(n)) {
             match nats::run(&args, &wanted).await {
                 Ok(figures) => {
                     for f in figures {
@@ -470,18 +470,6 @@ fn main() {
 const INPROCESS_SCENARIOS: [&str; 3] =
     ["saga-inprocess", "saga-inprocess-parallel", "saga-inprocess-parked"];
 
-const NATS_SCENARIOS: [&str; 9] = [
-    "nats-floor-chain3",
-    "saga-nats-memory",
-    "saga-nats-memory-1t",
-    "saga-nats-parallel",
-    "nats-floor-durable",
-    "saga-nats-jetstream-1c",
-    "saga-nats-jetstream-2c",
-    "saga-nats-jetstream-1c-1t",
-    "saga-nats-jetstream-parked",
-];
-
 /// What makes the arguments meaningless, if anything: no time to measure
 /// in, or an `--only` that names no scenario.
 fn bad_arguments(args: &Args) -> Option<String> {
@@ -489,7 +477,7 @@ fn bad_arguments(args: &Args) -> Option<String> {
         return Some(format!("--seconds must be a positive number, not {}", args.seconds));
     }
     let only = args.only.as_deref()?;
-    let all = INPROCESS_SCENARIOS.iter().chain(&NATS_SCENARIOS);
+    let all = INPROCESS_SCENARIOS.iter().chain(&nats::SCENARIOS).chain(&nats::DURABLE_SCENARIOS);
     if all.clone().any(|n| only.split(',').any(|o| n.contains(o))) {
         return None;
     }

@@ -72,6 +72,19 @@ async fn node(conn: async_nats::Client, store: NodeStore) -> Result<Node, String
         .map_err(|e| e.to_string())
 }
 
+/// The scenarios over NATS with runs in memory.
+pub(crate) const SCENARIOS: [&str; 4] =
+    ["nats-floor-chain3", "saga-nats-memory", "saga-nats-memory-1t", "saga-nats-parallel"];
+
+/// The durable ones (`durable`).
+pub(crate) const DURABLE_SCENARIOS: [&str; 5] = [
+    "nats-floor-durable",
+    "saga-nats-jetstream-1c",
+    "saga-nats-jetstream-2c",
+    "saga-nats-jetstream-1c-1t",
+    "saga-nats-jetstream-parked",
+];
+
 /// One run of `flow` to its end, which must be a success.
 async fn one_run(coordinator: orchestrix::Coordinator, flow: &'static str) {
     let r = coordinator.run(flow, &1u64, RunOptions::new()).await.expect("run");
@@ -170,14 +183,7 @@ pub(crate) async fn run(args: &Args, wanted: &dyn Fn(&str) -> bool) -> Result<Ve
             out.push(figure.await?);
         }
     }
-    let durable_wanted = [
-        "saga-nats-jetstream-1c",
-        "saga-nats-jetstream-2c",
-        "saga-nats-jetstream-1c-1t",
-        "nats-floor-durable",
-        "saga-nats-jetstream-parked",
-    ];
-    if durable_wanted.iter().any(|n| wanted(n)) {
+    if DURABLE_SCENARIOS.iter().any(|n| wanted(n)) {
         out.extend(durable(args, wanted, &url, &client).await?);
     }
     Ok(out)

@@ -70,21 +70,16 @@ async fn a_node_started_on_an_actix_system_serves_runs_on_that_thread() {
         .await
         .unwrap();
     let client = Client::new(nats.clone(), Subjects::default());
-    let over_nats = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.run("on-actix", &7u32, RunOptions::new()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(over_nats.status, RunStatus::Completed, "{over_nats}");
-    let refused = tokio::time::timeout(
-        Duration::from_secs(20),
-        client.run("on-actix", &0u32, RunOptions::new()),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let over_nats = |input: u32| {
+        let client = client.clone();
+        async move {
+            let run = client.run("on-actix", &input, RunOptions::new());
+            tokio::time::timeout(Duration::from_secs(20), run).await.unwrap().unwrap()
+        }
+    };
+    let completed = over_nats(7).await;
+    assert_eq!(completed.status, RunStatus::Completed, "{completed}");
+    let refused = over_nats(0).await;
     assert_eq!(refused.status, RunStatus::Failed, "{refused}");
     assert_eq!(refused.step("a").unwrap().status, orchestrix::StepStatus::Compensated);
     let in_process = node.coordinator().run("on-actix", &3u32, RunOptions::new()).await.unwrap();
