@@ -49,16 +49,22 @@ pub(crate) struct RunActor {
     ack_unsaved: bool,
     /// Open spans, when tracing is on.
     spans: Option<Box<RunSpans>>,
-    /// Started to resume a failed rollback (rather than to start or resume
-    /// the run): the operator's action, then who is told once the reopened
-    /// run's first transition is stored.
-    reopen: Option<Box<Reopen>>,
+    /// How the actor starts, when it neither takes the run's first decision
+    /// itself nor resumes the run: boxed, and dropped once carried out.
+    opening: Option<Box<Opening>>,
 }
 
-/// A failed rollback being resumed.
-struct Reopen {
-    action: Option<orchestrix_proto::OperatorAction>,
-    written: Option<oneshot::Sender<()>>,
+enum Opening {
+    /// The first decision of a new run, taken before the run was written
+    /// and stored with it (see [`Machine::start_decision`]): carried out
+    /// when the actor starts.
+    Begun(Decision),
+    /// Started to resume a failed rollback: the operator's action, then
+    /// who is told once the reopened run's first transition is stored.
+    Reopen {
+        action: Option<orchestrix_proto::OperatorAction>,
+        written: Option<oneshot::Sender<()>>,
+    },
 }
 
 /// What every run actor of a coordinator shares.
@@ -170,7 +176,7 @@ impl RunActor {
             resumed,
             ack_unsaved: false,
             spans: None,
-            reopen: None,
+            opening: None,
         }
     }
 
@@ -180,14 +186,25 @@ impl RunActor {
         action: orchestrix_proto::OperatorAction,
         written: oneshot::Sender<()>,
     ) -> Self {
-        self.reopen = Some(Box::new(Reopen { action: Some(action), written: Some(written) }));
+        self.opening =
+            Some(Box::new(Opening::Reopen { action: Some(action), written: Some(written) }));
+        self
+    }
+
+    /// The run's first decision was taken before the run was created, and
+    /// the record created holds it (see [`Machine::start_decision`]).
+    pub(crate) fn begun(mut self, decision: Decision) -> Self {
+        self.opening = Some(Box::new(Opening::Begun(decision)));
         self
     }
 
     /// A batch was stored.
     fn stored(&mut self, effects: Vec<Effect>, ctx: &mut Context<Self>) {
-        if let Some(tx) = self.reopen.take().and_then(|r| r.written) {
+        if let Some(Opening::Reopen { written, .. }) = self.opening.as_deref_mut()
+            && let Some(tx) = written.take()
+        {
             let _ = tx.send(());
+            self.opening = None;
         }
         self.carry_out(effects, ctx);
     }
@@ -675,7 +692,24 @@ impl Actor for RunActor {
         // never resolves holds no memory (a zero-sized box).
         ctx.spawn(futures::future::pending::<()>().into_actor(self));
         self.parts.live.lock().insert(run_id, ctx.address().downgrade());
-        let event = match self.reopen.as_mut().and_then(|r| r.action.take()) {
+        if matches!(self.opening.as_deref(), Some(Opening::Begun(_)))
+            && let Some(Opening::Begun(decision)) = self.opening.take().map(|o| *o)
+        {
+            let Decision { transitions, effects } = decision;
+            // A run that ends in its first decision (nothing to run) ends
+            // through the store, like any other.
+            if transitions.iter().any(|t| matches!(t, Transition::Finished { .. })) {
+                self.persist(transitions, effects, 0, ctx);
+            } else {
+                self.carry_out(effects, ctx);
+            }
+            return;
+        }
+        let action = match self.opening.as_deref_mut() {
+            Some(Opening::Reopen { action, .. }) => action.take(),
+            _ => None,
+        };
+        let event = match action {
             Some(action) => Event::Reopen(action),
             None if self.resumed => Event::Resume,
             None => Event::Start,

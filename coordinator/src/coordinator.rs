@@ -511,6 +511,25 @@ impl Coordinator {
         // Room on the engine first: a start that waits for it (the engine
         // is busy with a flood of starts) has created nothing yet.
         let room = self.engine()?.reserve().await;
+        // A plain run takes its first decision before it is written, and is
+        // written with it: its first step's command goes out once that one
+        // write is stored, rather than after a write of the bare run and
+        // another of its first transitions (one write a run less, and one
+        // round trip less before the first step). A keyed or queued run is
+        // written bare: its key or its place in a queue decides first.
+        let mut begun = None;
+        let plain = key_slot.is_none() && record.extras().key.is_none();
+        let record = if plain {
+            let limits = self.inner.parts.limits.clone();
+            let mut machine =
+                Machine::new(plan.clone(), record, limits, Instant::now(), Entropy::random());
+            let decision = machine.start_decision();
+            let record = machine.rec.clone();
+            begun = Some((machine, decision));
+            record
+        } else {
+            record
+        };
         match self.inner.store.create(&record).resolve().await? {
             Created::Existing { run_id, report: Some(report) } => {
                 let report = Box::pin(futures::future::ready(Ok(*report)));
@@ -537,11 +556,16 @@ impl Coordinator {
                 }
                 let (tx, rx) = oneshot::channel();
                 let parts = self.actor_parts();
-                room.spawn(move |_| {
-                    let limits = parts.limits.clone();
-                    let machine =
-                        Machine::new(plan, record, limits, Instant::now(), Entropy::random());
-                    RunActor::new(machine, parts, tx, false)
+                room.spawn(move |_| match begun {
+                    Some((machine, decision)) if run_id == machine.rec.run_id => {
+                        RunActor::new(machine, parts, tx, false).begun(decision)
+                    }
+                    _ => {
+                        let limits = parts.limits.clone();
+                        let machine =
+                            Machine::new(plan, record, limits, Instant::now(), Entropy::random());
+                        RunActor::new(machine, parts, tx, false)
+                    }
                 });
                 let report = Box::pin(async move {
                     rx.await.map(|r| *r).map_err(|_| RunError::Lost(run_id.into()))

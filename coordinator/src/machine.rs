@@ -504,6 +504,15 @@ impl Machine {
     }
 
     /// Decides what `event` means and appends the resulting transitions to `out`.
+    /// A new run's first decision, taken before the run is first written
+    /// (the record then written holds its transitions): the actor carries
+    /// it out as if it had just been stored.
+    pub(crate) fn start_decision(&mut self) -> Decision {
+        let mut decision = Decision::default();
+        self.handle(Event::Start, Instant::now(), SystemTime::now(), &mut decision);
+        decision
+    }
+
     pub(crate) fn handle(
         &mut self,
         event: Event,
