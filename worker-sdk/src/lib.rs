@@ -27,6 +27,8 @@ mod context;
 mod error;
 mod handler;
 mod nats;
+#[cfg(feature = "otlp")]
+mod otlp;
 pub mod registry;
 pub mod telemetry;
 mod worker;

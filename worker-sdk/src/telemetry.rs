@@ -29,6 +29,7 @@
 use std::fmt;
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -214,13 +215,12 @@ struct LogFields;
 impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
     fn format_fields<R: tracing_subscriber::field::RecordFields>(
         &self,
-        writer: tracing_subscriber::fmt::format::Writer<'w>,
+        writer: Writer<'w>,
         fields: R,
     ) -> fmt::Result {
-        let mut visitor =
-            LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(writer, true));
+        let mut visitor = LogVisitor { writer, is_empty: true, result: Ok(()) };
         fields.record(&mut visitor);
-        tracing_subscriber::field::VisitOutput::finish(visitor.0)
+        visitor.result
     }
 
     /// Appends fields recorded later, separated only if one is shown (a
@@ -230,27 +230,64 @@ impl<'w> tracing_subscriber::fmt::FormatFields<'w> for LogFields {
         current: &'w mut tracing_subscriber::fmt::FormattedFields<Self>,
         fields: &tracing::span::Record<'_>,
     ) -> fmt::Result {
-        let empty = current.fields.is_empty();
-        let writer = current.as_writer();
-        let mut visitor =
-            LogVisitor(tracing_subscriber::fmt::format::DefaultVisitor::new(writer, empty));
+        let is_empty = current.fields.is_empty();
+        let mut visitor = LogVisitor { writer: current.as_writer(), is_empty, result: Ok(()) };
         fields.record(&mut visitor);
-        tracing_subscriber::field::VisitOutput::finish(visitor.0)
+        visitor.result
     }
 }
 
-/// Passes on the fields a log line shows (see [`LogFields`]).
-struct LogVisitor<V>(V);
+/// Writes the fields a log line shows (see [`LogFields`]) as
+/// tracing-subscriber's default format does. Plain strings and numbers
+/// are written directly when there are no colours: through the default
+/// visitor, each field costs a `write!` of three formatted parts (the
+/// name and `=` painted, even in no colour) and a string's `Debug`, which
+/// escapes it character by character — most of what a handler's span cost
+/// the log layer. Anything else goes through the default visitor.
+struct LogVisitor<'w> {
+    writer: Writer<'w>,
+    /// Nothing written yet: no space before the next field.
+    is_empty: bool,
+    result: fmt::Result,
+}
+
+impl LogVisitor<'_> {
+    /// Whether `field` may be written here rather than by the default
+    /// visitor (which writes `message` and `r#` names its own way).
+    fn direct(&self, field: &tracing::field::Field) -> bool {
+        let name = field.name();
+        self.result.is_ok()
+            && !self.writer.has_ansi_escapes()
+            && name != "message"
+            && !name.starts_with("r#")
+    }
+
+    fn write(&mut self, field: &tracing::field::Field, value: impl fmt::Display) {
+        let space = if self.is_empty { "" } else { " " };
+        self.is_empty = false;
+        self.result = write!(self.writer, "{space}{}={value}", field.name());
+    }
+
+    fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if self.result.is_err() {
+            return;
+        }
+        let mut visitor = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut visitor);
+        self.result = tracing_subscriber::field::VisitOutput::finish(visitor);
+        self.is_empty = false;
+    }
+}
 
 /// Whether `Debug` writes the string unchanged between its quotes.
 fn plain(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
-/// A [`plain`] string, written as its `Debug` would.
+/// A [`plain`] string, as its `Debug` writes it.
 struct Quoted<'a>(&'a str);
 
-impl fmt::Debug for Quoted<'_> {
+impl fmt::Display for Quoted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"")?;
         f.write_str(self.0)?;
@@ -258,48 +295,63 @@ impl fmt::Debug for Quoted<'_> {
     }
 }
 
+/// Fields a log line leaves out: those only a trace reads, and the `log`
+/// crate's metadata (which the default format prints elsewhere, and its
+/// visitor skips).
 fn shown(field: &tracing::field::Field) -> bool {
     let name = field.name();
-    !(name.starts_with("otel.") || name.starts_with("messaging."))
+    !(name.starts_with("otel.") || name.starts_with("messaging.") || name.starts_with("log."))
 }
 
-impl<V: tracing::field::Visit> tracing::field::Visit for LogVisitor<V> {
+impl tracing::field::Visit for LogVisitor<'_> {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
         if shown(field) {
-            self.0.record_debug(field, value);
+            self.delegate(|v| v.record_debug(field, value));
         }
     }
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if !shown(field) {
             return;
         }
-        // A string's `Debug` escapes it character by character: for the
-        // plain ones (ids, names) the same text is written whole, which is
-        // most of what a handler's span costs the log layer.
-        if field.name() != "message" && plain(value) {
-            self.0.record_debug(field, &Quoted(value));
+        if self.direct(field) && plain(value) {
+            self.write(field, Quoted(value));
         } else {
-            self.0.record_str(field, value);
+            self.delegate(|v| v.record_str(field, value));
         }
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        if shown(field) {
-            self.0.record_i64(field, value);
+        if !shown(field) {
+            return;
+        }
+        if self.direct(field) {
+            self.write(field, value);
+        } else {
+            self.delegate(|v| v.record_i64(field, value));
         }
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        if shown(field) {
-            self.0.record_u64(field, value);
+        if !shown(field) {
+            return;
+        }
+        if self.direct(field) {
+            self.write(field, value);
+        } else {
+            self.delegate(|v| v.record_u64(field, value));
         }
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        if shown(field) {
-            self.0.record_bool(field, value);
+        if !shown(field) {
+            return;
+        }
+        if self.direct(field) {
+            self.write(field, value);
+        } else {
+            self.delegate(|v| v.record_bool(field, value));
         }
     }
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
         if shown(field) {
-            self.0.record_f64(field, value);
+            self.delegate(|v| v.record_f64(field, value));
         }
     }
     fn record_error(
@@ -308,7 +360,7 @@ impl<V: tracing::field::Visit> tracing::field::Visit for LogVisitor<V> {
         value: &(dyn std::error::Error + 'static),
     ) {
         if shown(field) {
-            self.0.record_error(field, value);
+            self.delegate(|v| v.record_error(field, value));
         }
     }
 }
@@ -446,6 +498,29 @@ mod otlp {
     }
 
     pub(super) fn provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
+        // Plain OTLP/HTTP goes through Orchestrix's exporter (the same bytes
+        // for a fraction of the work, see `otlp.rs`); anything else through
+        // the SDK's.
+        let endpoint = export.endpoint.as_ref().map(|base| format!("{base}/v1/traces"));
+        let plain = match (export.http, endpoint) {
+            (true, Some(e)) => crate::otlp::Plain::from_env(Some(&e)),
+            (true, None) => crate::otlp::Plain::from_env(None),
+            (false, _) => None,
+        };
+        if let Some(plain) = plain {
+            match crate::otlp::HttpExporter::new(plain) {
+                Ok(exporter) => {
+                    return Some(
+                        SdkTracerProvider::builder()
+                            .with_batch_exporter(exporter)
+                            .with_resource(resource(service))
+                            .build(),
+                    );
+                }
+                Err(e) => eprintln!("warning: OTLP export disabled: {e}"),
+            }
+            return None;
+        }
         let builder = opentelemetry_otlp::SpanExporter::builder();
         let exporter = match (&export.endpoint, export.http) {
             (Some(base), true) => {
@@ -548,7 +623,17 @@ mod tests {
             let capture = Capture::default();
             let subscriber = tracing_subscriber::registry().with(capture.clone());
             tracing::subscriber::with_default(subscriber, || {
-                let _span = tracing::info_span!("s", orchestrix.step = value, n = 2i64);
+                let _span = tracing::info_span!(
+                    "s",
+                    orchestrix.step = value,
+                    n = -2i64,
+                    big = u64::MAX,
+                    yes = true,
+                    f = 0.5f64,
+                    r#type = value,
+                    d = ?value,
+                );
+                tracing::info!(orchestrix.run_id = value, n = 3i64, "{value}");
             });
             let (ours, theirs) = capture.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
             assert_eq!(ours, theirs, "{value:?}");
@@ -568,12 +653,84 @@ mod tests {
             _id: &tracing::span::Id,
             _ctx: tracing_subscriber::layer::Context<'_, S>,
         ) {
+            self.both(attrs);
+        }
+
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            self.both(event);
+        }
+    }
+
+    impl Capture {
+        /// Both formats of `fields`.
+        fn both<R: tracing_subscriber::field::RecordFields + Copy>(&self, fields: R) {
             use tracing_subscriber::fmt::FormatFields as _;
             use tracing_subscriber::fmt::format::{DefaultFields, Writer};
             let mut both = self.0.lock().unwrap_or_else(|p| p.into_inner());
             let (ours, theirs) = &mut *both;
-            assert!(super::LogFields.format_fields(Writer::new(ours), attrs).is_ok());
-            assert!(DefaultFields::new().format_fields(Writer::new(theirs), attrs).is_ok());
+            assert!(super::LogFields.format_fields(Writer::new(ours), fields).is_ok());
+            assert!(DefaultFields::new().format_fields(Writer::new(theirs), fields).is_ok());
+            ours.push('|');
+            theirs.push('|');
+        }
+    }
+
+    /// Whole log lines, in colour and without, read the same through the
+    /// log layer's field format as through the default one.
+    #[test]
+    fn log_lines_read_as_the_default_format_writes_them() {
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl Buffer {
+            fn text(&self) -> String {
+                String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
+            }
+        }
+        for ansi in [false, true] {
+            let (ours, theirs) = (Buffer::default(), Buffer::default());
+            let (o, t) = (ours.clone(), theirs.clone());
+            let subscriber = tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .fmt_fields(super::LogFields)
+                        .with_ansi(ansi)
+                        .without_time()
+                        .with_writer(move || o.clone()),
+                )
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .without_time()
+                        .with_writer(move || t.clone()),
+                );
+            tracing::subscriber::with_default(subscriber, || {
+                let span = tracing::info_span!(
+                    "orchestrix.handle",
+                    orchestrix.run_id = "5f0c-11ef",
+                    orchestrix.attempt = 2i64,
+                    note = "say \"hi\"\n",
+                    late = tracing::field::Empty,
+                );
+                let _in = span.enter();
+                tracing::warn!(amount = 5u64, ok = false, "card declined");
+                span.record("late", "now");
+                tracing::error!(why = "a\u{1b}[31mred", "after");
+            });
+            assert_eq!(ours.text(), theirs.text(), "ansi: {ansi}");
+            assert!(ours.text().contains("card declined"), "{}", ours.text());
         }
     }
 }
