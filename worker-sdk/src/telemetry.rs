@@ -262,10 +262,27 @@ impl LogVisitor<'_> {
             && !name.starts_with("r#")
     }
 
+    /// `name=` and the value: in pieces rather than through `write!`, whose
+    /// machinery costs more than the copying.
     fn write(&mut self, field: &tracing::field::Field, value: impl fmt::Display) {
         let space = if self.is_empty { "" } else { " " };
         self.is_empty = false;
-        self.result = write!(self.writer, "{space}{}={value}", field.name());
+        let w = &mut self.writer;
+        self.result = w
+            .write_str(space)
+            .and_then(|()| w.write_str(field.name()))
+            .and_then(|()| w.write_char('='))
+            .and_then(|()| write!(w, "{value}"));
+    }
+
+    /// A [`plain`] string field, as `Debug` quotes it.
+    fn write_plain(&mut self, field: &tracing::field::Field, value: &str) {
+        let space = if self.is_empty { "" } else { " " };
+        self.is_empty = false;
+        let w = &mut self.writer;
+        self.result = [space, field.name(), "=\"", value, "\""]
+            .into_iter()
+            .try_for_each(|part| w.write_str(part));
     }
 
     fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
@@ -282,17 +299,6 @@ impl LogVisitor<'_> {
 /// Whether `Debug` writes the string unchanged between its quotes.
 fn plain(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-}
-
-/// A [`plain`] string, as its `Debug` writes it.
-struct Quoted<'a>(&'a str);
-
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"")?;
-        f.write_str(self.0)?;
-        f.write_str("\"")
-    }
 }
 
 /// Fields a log line leaves out: those only a trace reads, and the `log`
@@ -314,7 +320,7 @@ impl tracing::field::Visit for LogVisitor<'_> {
             return;
         }
         if self.direct(field) && plain(value) {
-            self.write(field, Quoted(value));
+            self.write_plain(field, value);
         } else {
             self.delegate(|v| v.record_str(field, value));
         }
