@@ -551,21 +551,30 @@ mod otlp {
 mod tests {
     use tracing_subscriber::layer::SubscriberExt;
 
+    /// Where a test's log layer writes.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buffer {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
+        }
+    }
+
     /// A log line in a handler names its run, step and attempt, and none of
     /// the fields that are there for the trace.
     #[test]
     fn a_handlers_log_lines_carry_its_run_not_the_traces_fields() {
-        #[derive(Clone, Default)]
-        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let out = Buffer::default();
         let writer = {
             let out = out.clone();
@@ -590,8 +599,7 @@ mod tests {
             span.record("otel.status_code", "ERROR");
             tracing::warn!("after the status");
         });
-        let text = String::from_utf8(out.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .unwrap_or_default();
+        let text = out.text();
         let first = text.lines().next().unwrap_or_default();
         assert!(
             first.contains(
@@ -689,22 +697,6 @@ mod tests {
     /// log layer's field format as through the default one.
     #[test]
     fn log_lines_read_as_the_default_format_writes_them() {
-        #[derive(Clone, Default)]
-        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        impl Buffer {
-            fn text(&self) -> String {
-                String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into()
-            }
-        }
         for ansi in [false, true] {
             let (ours, theirs) = (Buffer::default(), Buffer::default());
             let (o, t) = (ours.clone(), theirs.clone());
