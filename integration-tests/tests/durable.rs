@@ -643,3 +643,44 @@ async fn a_coordinator_refuses_to_start_beside_one_without_the_journal() {
         .unwrap();
     JetStreamStore::open(conn, JetStreamStoreOptions::default()).await.expect("starts");
 }
+
+/// A start is answered once the run, written with its first step's
+/// attempt, is stored: while the journal refuses writes the start fails
+/// and step `a` never runs; once it takes them again, a start runs through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_journal_refuses_sends_nothing() {
+    let server = NatsServer::start();
+    let j = Journal::default();
+    let w = worker(&server, &j).await;
+    let node = coordinator_on(&server).await;
+    let c = node.coordinator();
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let js = async_nats::jetstream::new(conn);
+    let mut stream = js.get_stream("orchestrix_journal").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let limit = config.max_message_size;
+    config.max_message_size = 16;
+    js.update_stream(config.clone()).await.unwrap();
+
+    let started = c.start("durable", &Input { fail: false }, RunOptions::new());
+    let err =
+        tokio::time::timeout(30 * SECS, started).await.unwrap().err().expect("a refused start");
+    assert!(err.to_string().contains("journal"), "{err}");
+    tokio::time::sleep(2 * SECS).await;
+    assert_eq!(count(&j, "a"), 0, "step a ran for a run never stored ({err})");
+    assert!(c.list(Default::default()).await.unwrap().is_empty());
+
+    config.max_message_size = limit;
+    js.update_stream(config).await.unwrap();
+    let report = tokio::time::timeout(
+        60 * SECS,
+        c.run("durable", &Input { fail: false }, RunOptions::new()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(count(&j, "a"), 1);
+    node.shutdown().await;
+    w.shutdown().await;
+}
