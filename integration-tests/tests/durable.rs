@@ -663,8 +663,7 @@ async fn a_start_the_journal_refuses_sends_nothing() {
     js.update_stream(config.clone()).await.unwrap();
 
     let started = c.start("durable", &Input { fail: false }, RunOptions::new());
-    let err =
-        tokio::time::timeout(30 * SECS, started).await.unwrap().err().expect("a refused start");
+    let err = tokio::time::timeout(30 * SECS, started).await.unwrap().expect_err("a refused start");
     assert!(err.to_string().contains("journal"), "{err}");
     tokio::time::sleep(2 * SECS).await;
     assert_eq!(count(&j, "a"), 0, "step a ran for a run never stored ({err})");
