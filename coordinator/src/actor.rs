@@ -695,7 +695,9 @@ impl Actor for RunActor {
         if matches!(self.opening.as_deref(), Some(Opening::Begun(_)))
             && let Some(Opening::Begun(decision)) = self.opening.take().map(|o| *o)
         {
-            let Decision { transitions, effects } = decision;
+            let Decision { transitions, mut effects } = decision;
+            // Its commands count their windows from now, when they leave.
+            self.machine.restamp(&mut effects, SystemTime::now());
             // A run that ends in its first decision (nothing to run) ends
             // through the store, like any other.
             if transitions.iter().any(|t| matches!(t, Transition::Finished { .. })) {

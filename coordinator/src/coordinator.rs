@@ -523,7 +523,7 @@ impl Coordinator {
             let limits = self.inner.parts.limits.clone();
             let mut machine =
                 Machine::new(plan.clone(), record, limits, Instant::now(), Entropy::random());
-            let decision = machine.start_decision();
+            let decision = machine.start_decision(Instant::now(), SystemTime::now());
             let record = machine.rec.clone();
             begun = Some((machine, decision));
             record
@@ -544,6 +544,7 @@ impl Coordinator {
                 Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
             }
             created @ (Created::New | Created::Adopted(_)) => {
+                let created_new = created == Created::New;
                 let (record, run_id) = match created {
                     Created::Adopted(r) => {
                         let id = r.run_id;
@@ -556,8 +557,11 @@ impl Coordinator {
                 }
                 let (tx, rx) = oneshot::channel();
                 let parts = self.actor_parts();
+                // Only a run this start created: a record a store adopted
+                // is started from what the store holds.
+                let begun = begun.filter(|_| created_new);
                 room.spawn(move |_| match begun {
-                    Some((machine, decision)) if run_id == machine.rec.run_id => {
+                    Some((machine, decision)) => {
                         RunActor::new(machine, parts, tx, false).begun(decision)
                     }
                     _ => {

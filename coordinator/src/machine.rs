@@ -503,16 +503,29 @@ impl Machine {
         }
     }
 
-    /// Decides what `event` means and appends the resulting transitions to `out`.
     /// A new run's first decision, taken before the run is first written
     /// (the record then written holds its transitions): the actor carries
-    /// it out as if it had just been stored.
-    pub(crate) fn start_decision(&mut self) -> Decision {
+    /// it out as if it had just been stored, after [`Machine::restamp`].
+    pub(crate) fn start_decision(&mut self, now: Instant, wall: SystemTime) -> Decision {
         let mut decision = Decision::default();
-        self.handle(Event::Start, Instant::now(), SystemTime::now(), &mut decision);
+        self.handle(Event::Start, now, wall, &mut decision);
         decision
     }
 
+    /// Builds the commands of `effects` again as of `wall`: a decision
+    /// carried out a while after it was taken (the run's creation came in
+    /// between) still gives a worker its whole ack window and the step its
+    /// whole time, counted from the send.
+    pub(crate) fn restamp(&mut self, effects: &mut [Effect], wall: SystemTime) {
+        self.wall = wall;
+        for effect in effects {
+            if let Effect::Send(cmd) = effect {
+                *cmd = self.command(cmd.step_index, cmd.kind, cmd.attempt, cmd.command_id);
+            }
+        }
+    }
+
+    /// Decides what `event` means and appends the resulting transitions to `out`.
     pub(crate) fn handle(
         &mut self,
         event: Event,

@@ -105,6 +105,12 @@ impl StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Records a new run, claiming its idempotency key (`record.extras().key`) if any.
     /// Claim and creation are one atomic step.
+    ///
+    /// A run without an idempotency or concurrency key arrives here with
+    /// its first decision already applied (step 1's attempt started, say):
+    /// those transitions are in `record` and are never passed to
+    /// [`Store::apply`]. A store that keeps deltas takes `record` as its
+    /// first snapshot. Nothing follows from them until this resolves `Ok`.
     fn create(&self, record: &Arc<RunRecord>) -> Pending<Result<Created, StoreError>>;
 
     /// Records transitions of a run, in order. `after` is the record with the

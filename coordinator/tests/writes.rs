@@ -8,23 +8,28 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use common::paused;
 use futures::future::BoxFuture;
 use orchestrix_coordinator::record::{RunRecord, Transition};
 use orchestrix_coordinator::slots::Grant;
 use orchestrix_coordinator::{
-    Coordinator, Created, ListFilter, MemoryStore, Pending, RunOptions, RunReport, RunStatus,
-    StepStatus, Store, StoreError, create,
+    Bus, BusError, Coordinator, Created, Dispatched, FlowDef, ListFilter, Liveness, MemoryStore,
+    Pending, ReplyTo, RunOptions, RunReport, RunStatus, StepDef, StepStatus, Store, StoreError,
+    create,
 };
+use orchestrix_proto::{OutcomeResult, Payload, StepCommand};
 use uuid::Uuid;
 
-/// A memory store that notes every write, and can refuse creations.
+/// A memory store that notes every write, and can refuse or slow down
+/// creations.
 #[derive(Default)]
 struct Noting {
     inner: MemoryStore,
     writes: Mutex<Vec<String>>,
     refuse_creates: AtomicBool,
+    slow_creates: Option<Duration>,
 }
 
 impl Noting {
@@ -49,6 +54,13 @@ impl Store for Noting {
         self.writes.lock().unwrap().push(format!("create {}", steps(record)));
         if self.refuse_creates.load(Ordering::SeqCst) {
             return Pending::Ready(Err(StoreError::Unavailable("refused by the test".into())));
+        }
+        if let Some(pause) = self.slow_creates {
+            let created = self.inner.create(record);
+            return Pending::later(async move {
+                tokio::time::sleep(pause).await;
+                created.resolve().await
+            });
         }
         self.inner.create(record)
     }
@@ -184,4 +196,68 @@ fn a_start_whose_write_fails_runs_nothing() {
         assert!(ran.lock().unwrap().is_empty(), "a step ran for a run never written");
         assert!(c.list(Default::default()).await.unwrap().is_empty());
     });
+}
+
+#[test]
+fn a_queued_run_is_created_bare() {
+    paused(|| async {
+        let store = Arc::new(Noting::default());
+        let ran = Arc::default();
+        let c = Coordinator::builder().flow(&flow(&ran)).store(store.clone()).build().unwrap();
+        let options = RunOptions::new().concurrency_key("customer-7");
+        let report = c.run("three", &1u32, options).await.unwrap();
+        assert_eq!(report.status, RunStatus::Completed, "{report}");
+        assert_eq!(store.writes()[0], "create a:not_run b:not_run c:not_run");
+    });
+}
+
+/// A bus whose workers answer at once, noting how much of each command's
+/// ack window (its start-by time) was left when it was sent.
+struct Stamped(Arc<Mutex<Vec<i64>>>);
+
+const ACK_WINDOW: Duration = Duration::from_secs(2);
+
+impl Bus for Stamped {
+    fn dispatch(&self, cmd: StepCommand, _reply: &ReplyTo) -> Result<Dispatched, BusError> {
+        let now = orchestrix_proto::time::unix_ms(SystemTime::now());
+        let left = cmd.start_by_ms.map_or(i64::MAX, |by| by as i64 - now as i64);
+        self.0.lock().unwrap().push(left);
+        Ok(Dispatched::Local(Box::pin(async {
+            OutcomeResult::Completed { output: Payload::nil() }
+        })))
+    }
+
+    fn liveness(&self) -> Liveness {
+        Liveness::Remote {
+            ack_timeout: ACK_WINDOW,
+            heartbeat_timeout: Duration::from_secs(10),
+            timeout_grace: Duration::from_secs(1),
+            clock_skew: Duration::from_millis(500),
+            worker_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The first decision is taken before the run is created, but its command
+/// is stamped when it is sent: a slow creation does not eat the worker's
+/// ack window (a worker would refuse a command past its start-by time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_creation_leaves_step_one_its_whole_ack_window() {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let mut def = FlowDef::new("two");
+    def.steps.push(StepDef::new("a"));
+    def.steps.push(StepDef::new("b"));
+    let store = Noting { slow_creates: Some(Duration::from_millis(2500)), ..Noting::default() };
+    let c = Coordinator::builder()
+        .bus(Stamped(sent.clone()))
+        .flow_def(def)
+        .store(store)
+        .build()
+        .unwrap();
+    let report = c.run("two", &1u32, RunOptions::new()).await.unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    let window = ACK_WINDOW.as_millis() as i64;
+    assert!(sent.iter().all(|left| *left > window - 500), "ms of the window left: {sent:?}");
 }

@@ -17,13 +17,14 @@
 //! everything there.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceState};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 
 /// Default endpoint of OTLP/HTTP traces.
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318/v1/traces";
@@ -34,37 +35,46 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRIES: u32 = 3;
 
 /// Who sends the spans (the OTLP exporter specification asks for one).
-const USER_AGENT: &str = concat!("orchestrix-otlp/", env!("CARGO_PKG_VERSION"));
+const AGENT: &str = concat!("orchestrix-otlp/", env!("CARGO_PKG_VERSION"));
+
+/// Longest wait a collector's `Retry-After` may ask for (what
+/// `opentelemetry-otlp` allows too); the export's timeout bounds it anyway.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// Where and how the spans go.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Plain {
     pub(crate) endpoint: String,
-    pub(crate) headers: Vec<(String, String)>,
+    /// Valid headers only, each name once (the last value given wins).
+    pub(crate) headers: HeaderMap,
     pub(crate) timeout: Duration,
-}
-
-fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
-}
-
-/// The signal's variable, else the generic one.
-fn traces_var(suffix: &str) -> Option<String> {
-    var(&format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}"))
-        .or_else(|| var(&format!("OTEL_EXPORTER_OTLP_{suffix}")))
 }
 
 impl Plain {
     /// The export the `OTEL_EXPORTER_OTLP_*` variables describe (`endpoint`:
     /// the full traces URL given in code, which wins), when it is one this
-    /// exporter sends: HTTP with protobuf bodies, uncompressed, no TLS.
-    /// `None`: the SDK's exporter is used.
+    /// exporter sends. `None`: the SDK's exporter is used.
     pub(crate) fn from_env(endpoint: Option<&str>) -> Option<Plain> {
+        Plain::from_vars(endpoint, |name| std::env::var(name).ok())
+    }
+
+    /// The same, from `var` rather than the process's environment: HTTP
+    /// with protobuf bodies, uncompressed, no TLS, unless
+    /// `ORCHESTRIX_OTLP_EXPORTER=sdk`.
+    pub(crate) fn from_vars(
+        endpoint: Option<&str>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Option<Plain> {
+        let var = |name: &str| var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        // The signal's variable, else the generic one.
+        let traces_var = |suffix: &str| {
+            var(&format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}"))
+                .or_else(|| var(&format!("OTEL_EXPORTER_OTLP_{suffix}")))
+        };
         if var("ORCHESTRIX_OTLP_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("sdk")) {
             return None;
         }
-        let protocol = traces_var("PROTOCOL").unwrap_or_default();
-        if endpoint.is_none() && protocol != "http/protobuf" {
+        if endpoint.is_none() && traces_var("PROTOCOL").as_deref() != Some("http/protobuf") {
             return None;
         }
         let elsewhere = ["COMPRESSION", "CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"];
@@ -86,23 +96,32 @@ impl Plain {
             return None;
         }
         let headers = traces_var("HEADERS").map(|h| headers(&h)).unwrap_or_default();
-        let timeout = traces_var("TIMEOUT")
-            .and_then(|t| t.parse::<u64>().ok())
+        // A per-signal timeout that does not parse falls back to the
+        // generic one, then to the default.
+        let millis = |name: &str| var(name).and_then(|t| t.parse::<u64>().ok());
+        let timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+            .or_else(|| millis("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
         Some(Plain { endpoint, headers, timeout })
     }
 }
 
-/// `key=value,key2=value2`, values percent-decoded; malformed pairs are
-/// skipped.
-fn headers(text: &str) -> Vec<(String, String)> {
-    text.split(',')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            let (k, v) = (k.trim(), percent_decode(v.trim()));
-            (!k.is_empty()).then(|| (k.to_owned(), v))
-        })
-        .collect()
+/// `key=value,key2=value2`, values percent-decoded. Pairs that are not
+/// valid headers, or have no value, are left out (as `opentelemetry-otlp`
+/// leaves them out): one bad pair must not fail every export.
+fn headers(text: &str) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for pair in text.split(',') {
+        let Some((k, v)) = pair.split_once('=') else { continue };
+        let value = percent_decode(v.trim());
+        if value.is_empty() {
+            continue;
+        }
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.trim()), HeaderValue::try_from(value)) {
+            map.insert(k, v);
+        }
+    }
+    map
 }
 
 fn percent_decode(s: &str) -> String {
@@ -153,22 +172,34 @@ impl HttpExporter {
         Ok(exporter)
     }
 
-    /// Posts one request body, trying again (with backoff, within the
-    /// timeout) when the collector says it is busy or cannot be reached.
+    /// Posts one request body, trying again (with backoff) when the
+    /// collector says it is busy or cannot be reached. The whole export,
+    /// tries and waits, ends within the timeout.
     fn post(&self, body: Vec<u8>) -> OTelSdkResult {
-        let give_up = std::time::Instant::now() + self.plain.timeout;
+        let give_up = Instant::now() + self.plain.timeout;
         let mut pause = Duration::from_millis(100);
+        let mut headers = self.plain.headers.clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+        headers.entry(USER_AGENT).or_insert(HeaderValue::from_static(AGENT));
+        let gave_up = || {
+            OTelSdkError::InternalFailure(format!(
+                "no collector at {} took the spans within {:?}",
+                self.plain.endpoint, self.plain.timeout
+            ))
+        };
         for attempt in 0..=RETRIES {
-            let mut request = self
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(gave_up());
+            }
+            let sent = self
                 .client
                 .post(&self.plain.endpoint)
-                .header("content-type", "application/x-protobuf")
-                .header("user-agent", USER_AGENT)
-                .body(body.clone());
-            for (k, v) in &self.plain.headers {
-                request = request.header(k, v);
-            }
-            let retry_after = match request.send() {
+                .headers(headers.clone())
+                .timeout(left)
+                .body(body.clone())
+                .send();
+            let asked_wait = match sent {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 Ok(r) if matches!(r.status().as_u16(), 429 | 502 | 503 | 504) => {
                     if attempt == RETRIES {
@@ -180,7 +211,7 @@ impl HttpExporter {
                     r.headers()
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs)
+                        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
                 }
                 Ok(r) => {
                     return Err(OTelSdkError::InternalFailure(format!(
@@ -196,9 +227,9 @@ impl HttpExporter {
                 }
                 Err(_) => None,
             };
-            let wait = retry_after.unwrap_or(pause);
-            if std::time::Instant::now() + wait > give_up {
-                return Err(OTelSdkError::Timeout(self.plain.timeout));
+            let wait = asked_wait.unwrap_or(pause);
+            if wait >= give_up.saturating_duration_since(Instant::now()) {
+                return Err(gave_up());
             }
             std::thread::sleep(wait);
             pause *= 2;
@@ -579,6 +610,8 @@ mod tests {
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
     use prost::Message as _;
 
+    use reqwest::header::HeaderMap;
+
     use super::{HttpExporter, Plain, request};
 
     fn context(trace: u128, span: u64, sampled: bool, state: &str, remote: bool) -> SpanContext {
@@ -677,7 +710,7 @@ mod tests {
     fn exporter(resource: &Resource) -> HttpExporter {
         let plain = Plain {
             endpoint: "http://127.0.0.1:9/v1/traces".into(),
-            headers: vec![],
+            headers: HeaderMap::new(),
             timeout: Duration::from_secs(1),
         };
         let mut e = HttpExporter::new(plain).unwrap();
@@ -730,22 +763,27 @@ mod tests {
         assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
     }
 
-    /// A collector that answers each request with the next status of
-    /// `answers`, and keeps what it was sent.
-    fn collector(answers: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    /// A collector that answers each request with the next of `answers`
+    /// (status, extra header line, delay before answering), and keeps what
+    /// it was sent.
+    fn collector(
+        answers: &'static [(u16, &'static str, u64)],
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
         use std::io::{BufRead as _, BufReader, Read as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
         let serve = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            for status in answers {
-                let (stream, _) = listener.accept().unwrap();
+            for (status, header, delay) in answers {
+                let Ok((stream, _)) = listener.accept() else { break };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut head = String::new();
                 let mut length = 0;
                 loop {
                     let mut line = String::new();
-                    reader.read_line(&mut line).unwrap();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
                     if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                         length = v.trim().parse().unwrap();
                     }
@@ -755,27 +793,32 @@ mod tests {
                     head.push_str(&line);
                 }
                 let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap();
+                let _ = reader.read_exact(&mut body);
                 let decoded = ExportTraceServiceRequest::decode(body.as_slice()).is_ok();
                 seen.push(format!("{head}decodes: {decoded}"));
+                std::thread::sleep(Duration::from_millis(*delay));
                 let answer = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    "HTTP/1.1 {status} X\r\n{header}content-length: 0\r\nconnection: close\r\n\r\n"
                 );
-                (&stream).write_all(answer.as_bytes()).unwrap();
+                let _ = (&stream).write_all(answer.as_bytes());
             }
             seen
         });
         (url, serve)
     }
 
+    fn exporter_to(endpoint: String, headers: HeaderMap, timeout: Duration) -> HttpExporter {
+        HttpExporter::new(Plain { endpoint, headers, timeout }).unwrap()
+    }
+
     /// A collector that is busy gets the same request again; one that
     /// refuses it is not asked twice.
     #[test]
     fn a_busy_collector_is_asked_again_and_a_refusal_is_final() {
-        let (endpoint, serve) = collector(&[503, 200]);
+        let (endpoint, serve) = collector(&[(503, "", 0), (200, "", 0)]);
         let plain = Plain {
             endpoint,
-            headers: vec![("api-key".into(), "s=cret".into())],
+            headers: super::headers("api-key=s%3Dcret"),
             timeout: Duration::from_secs(5),
         };
         let e = HttpExporter::new(plain).unwrap();
@@ -791,28 +834,135 @@ mod tests {
             assert!(r.ends_with("decodes: true"), "{request}");
         }
 
-        let (endpoint, serve) = collector(&[400]);
-        let plain = Plain { endpoint, headers: vec![], timeout: Duration::from_secs(5) };
+        let (endpoint, serve) = collector(&[(400, "", 0)]);
+        let plain = Plain { endpoint, headers: HeaderMap::new(), timeout: Duration::from_secs(5) };
         let e = HttpExporter::new(plain).unwrap();
         let err = futures::executor::block_on(e.export(batch())).unwrap_err();
         assert!(err.to_string().contains("400"), "{err}");
         assert_eq!(serve.join().unwrap().len(), 1);
     }
 
+    /// A collector's `Retry-After` is waited out; one asking for longer
+    /// than the export's timeout ends the export at once (not a panic, not
+    /// a thread asleep for hours).
+    #[test]
+    fn retry_after_is_honoured_within_the_timeout() {
+        let (endpoint, serve) = collector(&[(429, "retry-after: 1\r\n", 0), (200, "", 0)]);
+        let e = exporter_to(endpoint, HeaderMap::new(), Duration::from_secs(5));
+        let begun = std::time::Instant::now();
+        futures::executor::block_on(e.export(batch())).unwrap();
+        assert!(begun.elapsed() >= Duration::from_secs(1), "{:?}", begun.elapsed());
+        assert_eq!(serve.join().unwrap().len(), 2);
+
+        let (endpoint, serve) = collector(&[(429, "retry-after: 18446744073709551615\r\n", 0)]);
+        let e = exporter_to(endpoint, HeaderMap::new(), Duration::from_secs(5));
+        let begun = std::time::Instant::now();
+        let err = futures::executor::block_on(e.export(batch())).unwrap_err();
+        assert!(begun.elapsed() < Duration::from_secs(2), "{:?}", begun.elapsed());
+        assert!(err.to_string().contains("within"), "{err}");
+        assert_eq!(serve.join().unwrap().len(), 1);
+    }
+
+    /// Tries, waits and a slow collector together end within the timeout.
+    #[test]
+    fn an_export_ends_within_its_timeout() {
+        // Before the bound: 1.5 s, then a second try with the whole 2 s.
+        let (endpoint, serve) = collector(&[(503, "", 1500), (200, "", 5000)]);
+        let e = exporter_to(endpoint, HeaderMap::new(), Duration::from_secs(2));
+        let begun = std::time::Instant::now();
+        assert!(futures::executor::block_on(e.export(batch())).is_err());
+        assert!(begun.elapsed() < Duration::from_secs(3), "{:?}", begun.elapsed());
+        drop(serve);
+    }
+
+    /// A header that cannot be sent is left out; the others go, and the
+    /// export succeeds.
+    #[test]
+    fn a_bad_header_is_left_out() {
+        let headers = super::headers("x-ok=1,x bad=2,x-newline=a%0Ab,x-empty=,=v,x-ok=3");
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers.get("x-ok").unwrap(), "3");
+        let (endpoint, serve) = collector(&[(200, "", 0)]);
+        let e = exporter_to(endpoint, headers, Duration::from_secs(5));
+        futures::executor::block_on(e.export(batch())).unwrap();
+        let seen = serve.join().unwrap();
+        assert!(seen[0].to_ascii_lowercase().contains("x-ok: 3"), "{seen:?}");
+    }
+
+    type Vars = &'static [(&'static str, &'static str)];
+
+    fn from(pairs: Vars) -> Option<Plain> {
+        Plain::from_vars(None, |name| {
+            pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    /// Which exporter the variables choose, and where it sends.
+    #[test]
+    fn the_variables_choose_the_exporter_and_its_endpoint() {
+        let http: Vars = &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")];
+        assert_eq!(from(http).unwrap().endpoint, "http://localhost:4318/v1/traces");
+        assert_eq!(from(http).unwrap().timeout, Duration::from_secs(10));
+        let p = from(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "soon"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+        ])
+        .unwrap();
+        assert_eq!(p.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(p.timeout, Duration::from_millis(2500));
+        assert!(p.headers.get("a").is_none(), "the signal's headers replace the generic ones");
+        assert_eq!(p.headers.get("b").unwrap(), "2");
+        let p = from(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://ignored:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:9999/custom"),
+        ])
+        .unwrap();
+        assert_eq!(p.endpoint, "http://traces:9999/custom", "a signal's endpoint is used as is");
+        let elsewhere: [Vars; 7] = [
+            &[],
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")],
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("ORCHESTRIX_OTLP_EXPORTER", "sdk"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/ca.pem"),
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+            ],
+        ];
+        for pairs in elsewhere {
+            assert!(from(pairs).is_none(), "{pairs:?} belongs to the SDK's exporter");
+        }
+        // An endpoint given in code: HTTP whatever the protocol variable says.
+        let given = Plain::from_vars(Some("http://c:4318/v1/traces"), |_| None).unwrap();
+        assert_eq!(given.endpoint, "http://c:4318/v1/traces");
+    }
+
     #[test]
     fn headers_and_endpoints_read_as_the_variables_say() {
-        assert_eq!(
-            super::headers("api-key=s%3Dcret, x-tenant = acme ,broken,=novalue"),
-            [
-                ("api-key".to_owned(), "s=cret".to_owned()),
-                ("x-tenant".to_owned(), "acme".to_owned())
-            ]
-        );
+        let h = super::headers("api-key=s%3Dcret, x-tenant = acme ,broken,=novalue");
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.get("api-key").unwrap(), "s=cret");
+        assert_eq!(h.get("x-tenant").unwrap(), "acme");
         assert_eq!(super::percent_decode("100%25%2"), "100%%2");
-        let given = Plain::from_env(Some("http://collector:4318/v1/traces")).unwrap();
-        assert_eq!(given.endpoint, "http://collector:4318/v1/traces");
+        let none = |_: &str| None;
         assert!(
-            Plain::from_env(Some("https://collector:4318/v1/traces")).is_none(),
+            Plain::from_vars(Some("https://collector:4318/v1/traces"), none).is_none(),
             "TLS stays with the SDK"
         );
     }
