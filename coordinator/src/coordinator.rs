@@ -466,6 +466,14 @@ impl Coordinator {
                 "a run timeout of 0 is no time at all; leave it out for none".into(),
             ));
         }
+        let max = orchestrix_proto::time::MAX_DURATION;
+        for (what, d) in [("run timeout", options.timeout), ("key ttl", options.ttl)] {
+            if let Some(d) = d.filter(|d| *d > max) {
+                return Err(RunError::BadOption(format!(
+                    "a {what} of {d:?} is over the longest allowed, 100 years"
+                )));
+            }
+        }
         let plan = self.plan_for_start(flow, options.version.as_deref())?;
         let limit = crate::DEFAULT_MAX_RUN_PAYLOAD;
         if input.len() > limit {

@@ -221,7 +221,7 @@ fn encode<T: Serialize>(v: &T) -> Result<Bytes, StoreError> {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StoreError> {
-    rmp_serde::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+    orchestrix_proto::from_msgpack(b).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// What is known of a run whose stored record cannot be used.

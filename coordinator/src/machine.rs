@@ -57,7 +57,8 @@ impl FlowPlan {
         let value: serde_json::Value = if input.is_empty() {
             serde_json::Value::Null
         } else {
-            rmp_serde::from_slice(input).map_err(|e| format!("the input does not decode: {e}"))?
+            orchestrix_proto::from_msgpack(input)
+                .map_err(|e| format!("the input does not decode: {e}"))?
         };
         let problems: Vec<String> = check
             .iter_errors(&value)

@@ -37,4 +37,22 @@ async fn degenerate_policies_and_empty_flows_are_refused_with_the_reason() {
     let zero = RunOptions::new().timeout(Duration::ZERO);
     let err = fine.run_with(1, zero).await.unwrap_err();
     assert!(matches!(err, RunError::BadOption(_)), "{err}");
+
+    // Durations as long as the wire can say (2^64 ms): added to a time they
+    // once wrapped around to a deadline in the past, and the run resent its
+    // first command forever.
+    let forever = Duration::from_millis(u64::MAX);
+    let eternal =
+        create::<u32>("eternal").step_with("x", |_ctx| async { Ok(()) }, |o| o.timeout(forever));
+    let err = eternal.run(1).await.unwrap_err().to_string();
+    assert!(err.contains("over the longest allowed, 100 years"), "{err}");
+    for options in [RunOptions::new().timeout(forever), RunOptions::new().key("k").ttl(forever)] {
+        let err = fine.run_with(1, options).await.unwrap_err();
+        assert!(matches!(err, RunError::BadOption(_)), "{err}");
+        assert!(err.to_string().contains("100 years"), "{err}");
+    }
+    let century = RunOptions::new().timeout(orchestrix_proto::time::MAX_DURATION);
+    assert!(fine.run_with(1, century).await.is_ok(), "a hundred years is allowed");
+    let past_the_end = std::time::UNIX_EPOCH + forever + Duration::from_secs(1);
+    assert_eq!(orchestrix_proto::time::unix_ms(past_the_end), u64::MAX, "saturates, not wraps");
 }

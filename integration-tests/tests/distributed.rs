@@ -421,6 +421,37 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
             }
         }
     }
+    // Values nested far past the codec's limit (a debug build's stack once
+    // ran out before the limit was reached): refused on every subject.
+    // (The worker here takes messages of 4 KiB at most.)
+    for (subject, kind, levels) in [
+        (subjects.step("g", "v1", "s"), "step.command", 1_300),
+        (subjects.run_requests("g"), "run.request", 5_000),
+        (subjects.status_requests(), "run.status", 5_000),
+    ] {
+        let deep = Bytes::from(deeply_nested(kind, levels));
+        let answer = s.nats.request(subject, deep).await.unwrap();
+        let text = match decode::<orchestrix_proto::RunReply>(&answer.payload) {
+            Ok(orchestrix_proto::RunReply::Rejected { error, .. }) => error,
+            _ => decode::<WireError>(&answer.payload).unwrap().message,
+        };
+        assert!(text.contains("depth limit exceeded"), "{kind}: {text}");
+    }
+    // A timeout the wire can say but no clock can (2^64 ms) is refused: it
+    // once wrapped around to a deadline in the past.
+    let forever = encode(&orchestrix_proto::RunRequest {
+        timeout: Some(Duration::from_millis(u64::MAX)),
+        wait: true,
+        ..orchestrix_proto::RunRequest::new("g", Payload::nil())
+    })
+    .unwrap();
+    let answer = s.nats.request(subjects.run_requests("g"), Bytes::from(forever)).await.unwrap();
+    let orchestrix_proto::RunReply::Rejected { error, code, .. } = decode(&answer.payload).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(code, "bad_request", "{error}");
+    assert!(error.contains("over the longest allowed, 100 years"), "{error}");
     // A message of the wrong kind on the run subject is named as such.
     let wrong =
         encode(&orchestrix_proto::StatusRequest { run_id: Uuid::nil(), wait: false }).unwrap();
@@ -458,6 +489,22 @@ async fn garbage_on_every_subject_is_answered_and_serving_goes_on() {
     let report = s.client.run("g", &1u32, RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Completed);
     w.shutdown().await;
+}
+
+/// An envelope of `kind` whose body holds, in a field nobody knows, maps
+/// nested `levels` deep.
+fn deeply_nested(kind: &str, levels: usize) -> Vec<u8> {
+    let mut msg = vec![0x83, 0xa1, b'v', orchestrix_proto::PROTOCOL_VERSION as u8, 0xa4];
+    msg.extend_from_slice(b"kind");
+    msg.push(0xa0 | kind.len() as u8);
+    msg.extend_from_slice(kind.as_bytes());
+    msg.extend_from_slice(&[0xa4, b'b', b'o', b'd', b'y', 0x81, 0xa5]);
+    msg.extend_from_slice(b"extra");
+    for _ in 0..levels {
+        msg.extend_from_slice(&[0x81, 0xa1, b'a']);
+    }
+    msg.push(0xc0);
+    msg
 }
 
 fn rmp_like<T: serde::Serialize>(v: &T) -> Vec<u8> {

@@ -141,7 +141,7 @@ pub fn decode_ids(bytes: &[u8], kind: &'static str, limit: usize) -> Option<Mess
     if bytes.len() > limit {
         return None;
     }
-    let env = rmp_serde::from_slice::<EnvelopeIn<'_, MessageIds>>(bytes).ok()?;
+    let env = from_slice::<EnvelopeIn<'_, MessageIds>>(bytes).ok()?;
     (env.kind == kind).then_some(env.body)
 }
 
@@ -177,13 +177,27 @@ pub fn decode_with_limit<M: Message>(bytes: &[u8], limit: usize) -> Result<M, Co
     decode_serde(bytes)
 }
 
+/// Deepest nesting of arrays and maps a message or payload may have (as
+/// `serde_json`'s default). MessagePack's decoder allows 1,024 levels, and
+/// each costs stack frames: in a debug build a few hundred levels of
+/// `[[[[…` overflowed a thread's stack before the decoder's own limit
+/// refused them. Orchestrix's own messages nest a few levels deep.
+pub const MAX_DEPTH: usize = 128;
+
+/// `rmp_serde::from_slice`, refusing values nested over [`MAX_DEPTH`].
+pub fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
+}
+
 /// [`decode_with_limit`] through serde alone.
 pub(crate) fn decode_serde<M: Message>(bytes: &[u8]) -> Result<M, CodecError> {
-    match rmp_serde::from_slice::<EnvelopeIn<'_, M>>(bytes) {
+    match from_slice::<EnvelopeIn<'_, M>>(bytes) {
         Ok(env) => check_header(env.v, &env.kind, M::KIND).map(|()| env.body),
         Err(source) => {
             // Tell a version or kind mismatch apart from plain garbage.
-            if let Ok(h) = rmp_serde::from_slice::<Header<'_>>(bytes) {
+            if let Ok(h) = from_slice::<Header<'_>>(bytes) {
                 check_header(h.v, &h.kind, M::KIND)?;
             }
             Err(CodecError::Malformed { expected: M::KIND, source })
@@ -198,7 +212,7 @@ pub fn peek_kind(bytes: &[u8]) -> Result<(u16, String), CodecError> {
         return Ok((v, kind.to_owned()));
     }
     // Another encoder may order the fields differently: read the header properly.
-    rmp_serde::from_slice::<Header<'_>>(bytes)
+    from_slice::<Header<'_>>(bytes)
         .map(|h| (h.v, h.kind.into_owned()))
         .map_err(|source| CodecError::Malformed { expected: "envelope", source })
 }

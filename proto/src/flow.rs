@@ -387,15 +387,24 @@ impl FlowDef {
                     });
                 }
             }
-            let zero = [
+            let durations = [
                 ("timeout", step.timeout),
                 ("compensation timeout", step.compensation_timeout),
                 ("pause timeout", step.pause_timeout),
                 ("max duration", step.retry.max_duration),
                 ("compensation max duration", step.compensation_retry.max_duration),
-            ]
-            .into_iter()
-            .find(|(_, d)| *d == Some(Duration::ZERO));
+            ];
+            let zero = durations.into_iter().find(|(_, d)| *d == Some(Duration::ZERO));
+            let delays = [
+                ("retry delay", Some(step.retry.retry_delay)),
+                ("max delay", Some(step.retry.max_delay)),
+                ("compensation retry delay", Some(step.compensation_retry.retry_delay)),
+                ("compensation max delay", Some(step.compensation_retry.max_delay)),
+            ];
+            let too_long = durations
+                .into_iter()
+                .chain(delays)
+                .find(|(_, d)| d.is_some_and(|d| d > crate::time::MAX_DURATION));
             let too_many =
                 [("retries", &step.retry), ("compensation retries", &step.compensation_retry)]
                     .into_iter()
@@ -405,6 +414,11 @@ impl FlowDef {
                 .find(|(_, p)| p.retry_delay > p.max_delay);
             let bad = if let Some((what, _)) = zero {
                 Some(format!("a {what} of 0 is no time at all; leave it out for none"))
+            } else if let Some((what, d)) = too_long {
+                Some(format!(
+                    "a {what} of {:?} is over the longest allowed, 100 years",
+                    d.unwrap_or_default()
+                ))
             } else if let Some((what, _)) = too_many {
                 Some(format!("{what} are at most {}", RetryPolicy::MAX_RETRIES))
             } else {

@@ -36,8 +36,8 @@ pub mod time;
 mod trace;
 
 pub use codec::{
-    CodecError, DEFAULT_MAX_MESSAGE_BYTES, Message, MessageIds, PROTOCOL_VERSION, decode,
-    decode_ids, decode_with_limit, encode, peek_kind,
+    CodecError, DEFAULT_MAX_MESSAGE_BYTES, MAX_DEPTH, Message, MessageIds, PROTOCOL_VERSION,
+    decode, decode_ids, decode_with_limit, encode, from_slice as from_msgpack, peek_kind,
 };
 pub use flow::{FlowDef, FlowError, OnExhausted, OnUnknown, StepDef};
 pub use ids::{CommandId, IdError, RunId, uuid_text};

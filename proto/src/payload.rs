@@ -35,7 +35,7 @@ impl Payload {
 
     /// Decodes the payload into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
-        rmp_serde::from_slice(&self.0).map_err(|source| CodecError::Malformed {
+        crate::codec::from_slice(&self.0).map_err(|source| CodecError::Malformed {
             expected: "payload",
             source: readable(source),
         })
@@ -68,6 +68,7 @@ impl Payload {
     pub fn validate(&self) -> Result<(), CodecError> {
         let mut rest: &[u8] = &self.0;
         let mut de = rmp_serde::Deserializer::new(&mut rest);
+        de.set_max_depth(crate::codec::MAX_DEPTH);
         serde::de::IgnoredAny::deserialize(&mut de)
             .map_err(|source| CodecError::Malformed { expected: "payload", source })?;
         if !rest.is_empty() {

@@ -6,9 +6,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serializer};
 
-/// Milliseconds since the Unix epoch of `t` (0 before the epoch).
+/// Longest timeout, ttl or delay anything takes: a hundred years. Longer
+/// ones are refused where they come in (a run's options, a flow's
+/// definition): added to a time, a duration read off the wire (up to
+/// 2^64 ms) would land past what a time in milliseconds can say.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Milliseconds since the Unix epoch of `t` (0 before the epoch, and
+/// `u64::MAX` past what that can say, rather than wrapping around).
 pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// The instant `ms` milliseconds after the Unix epoch.

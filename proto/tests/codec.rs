@@ -273,3 +273,40 @@ fn the_ids_of_an_outcome_in_another_version_still_read() {
     assert_eq!((ids.command_id, ids.run_id, ids.attempt), (cmd, run, 3));
     assert!(decode_ids(&v1, Ack::KIND, 1 << 20).is_none(), "another kind's ids are not read");
 }
+
+/// `levels` maps nested one in another: `{"a": {"a": … nil}}`.
+fn nested(levels: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(levels * 3 + 1);
+    for _ in 0..levels {
+        bytes.extend_from_slice(&[0x81, 0xa1, b'a']);
+    }
+    bytes.push(0xc0);
+    bytes
+}
+
+/// A message or payload nested deeper than `MAX_DEPTH` is refused as
+/// malformed, on whatever thread decodes it. Before the limit was lowered
+/// from MessagePack's 1,024, a few thousand levels overflowed the stack of
+/// a debug build's thread (a crash, not an error); this test ran into it.
+#[test]
+fn values_nested_past_the_limit_are_malformed_not_a_crash() {
+    let deep = nested(5_000);
+    let payload = Payload::from_msgpack(deep.clone());
+    let err = payload.validate().unwrap_err();
+    assert!(err.to_string().contains("depth"), "{err}");
+    assert!(payload.decode::<serde::de::IgnoredAny>().is_err());
+    assert!(Payload::from_msgpack(nested(MAX_DEPTH - 2)).validate().is_ok());
+
+    // A whole message: a run request whose body carries the deep value in
+    // a field nobody knows (skipped, but still walked), and in its input.
+    let mut msg = vec![0x83];
+    msg.extend_from_slice(&[0xa1, b'v', PROTOCOL_VERSION as u8]);
+    msg.extend_from_slice(&[0xa4, b'k', b'i', b'n', b'd', 0xab]);
+    msg.extend_from_slice(b"run.request");
+    msg.extend_from_slice(&[0xa4, b'b', b'o', b'd', b'y', 0x81, 0xa5]);
+    msg.extend_from_slice(b"extra");
+    msg.extend_from_slice(&deep);
+    let err = decode::<RunRequest>(&msg).unwrap_err();
+    assert!(matches!(err, CodecError::Malformed { .. }), "{err}");
+    assert!(peek_kind(&msg).is_ok(), "the header still reads");
+}

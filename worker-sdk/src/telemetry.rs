@@ -507,6 +507,13 @@ mod otlp {
         // Plain OTLP/HTTP goes through Orchestrix's exporter (the same bytes
         // for a fraction of the work, see `otlp.rs`); anything else through
         // the SDK's.
+        if let Ok(v) = std::env::var("ORCHESTRIX_OTLP_EXPORTER")
+            && !["", "sdk", "orchestrix"].contains(&v.trim().to_ascii_lowercase().as_str())
+        {
+            eprintln!(
+                "warning: ORCHESTRIX_OTLP_EXPORTER={v:?} means nothing (`sdk` or `orchestrix`); using the default"
+            );
+        }
         let endpoint = export.endpoint.as_ref().map(|base| format!("{base}/v1/traces"));
         let plain = match (export.http, endpoint) {
             (true, Some(e)) => crate::otlp::Plain::from_env(Some(&e)),

@@ -376,6 +376,7 @@ pub(super) fn records(body: &[u8]) -> Result<Vec<RunRecord>, StoreError> {
     let mut out = Vec::new();
     while (cursor.position() as usize) < body.len() {
         let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        de.set_max_depth(orchestrix_proto::MAX_DEPTH);
         out.push(RunRecord::deserialize(&mut de).map_err(|e| StoreError::Corrupt(e.to_string()))?);
     }
     Ok(out)
