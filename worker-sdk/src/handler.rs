@@ -49,7 +49,18 @@ where
         let input = match cmd.input.decode::<I>() {
             Ok(input) => input,
             Err(e) => {
-                let err = StepError::permanent(format!("run input does not decode: {e}"));
+                // The decoder's own words ("invalid type: …, expected …"),
+                // without the codec's wrapper, and a hint for the usual cause.
+                let why = match &e {
+                    orchestrix_proto::CodecError::Malformed { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
+                let hint = if cmd.input.is_nil() {
+                    " (the run's input is null: was it started without one?)"
+                } else {
+                    ""
+                };
+                let err = StepError::permanent(format!("run input does not decode: {why}{hint}"));
                 return Box::pin(futures::future::ready(Err(err)));
             }
         };
@@ -400,6 +411,10 @@ mod tests {
         let OutcomeResult::Failed(f) = out else { panic!() };
         assert!(!f.retryable);
         assert!(f.message.starts_with("run input does not decode"), "{}", f.message);
+        assert!(!f.message.contains("payload"), "{}", f.message);
+        let out = run_command(&h, cmd(Payload::nil(), None)).await;
+        let OutcomeResult::Failed(f) = out else { panic!() };
+        assert!(f.message.ends_with("(the run's input is null: was it started without one?)"));
     }
 
     #[tokio::test]
