@@ -816,12 +816,8 @@ mod tests {
     #[test]
     fn a_busy_collector_is_asked_again_and_a_refusal_is_final() {
         let (endpoint, serve) = collector(&[(503, "", 0), (200, "", 0)]);
-        let plain = Plain {
-            endpoint,
-            headers: super::headers("api-key=s%3Dcret"),
-            timeout: Duration::from_secs(5),
-        };
-        let e = HttpExporter::new(plain).unwrap();
+        let headers = super::headers("api-key=s%3Dcret");
+        let e = exporter_to(endpoint, headers, Duration::from_secs(5));
         futures::executor::block_on(e.export(batch())).unwrap();
         let seen = serve.join().unwrap();
         assert_eq!(seen.len(), 2);
@@ -835,8 +831,7 @@ mod tests {
         }
 
         let (endpoint, serve) = collector(&[(400, "", 0)]);
-        let plain = Plain { endpoint, headers: HeaderMap::new(), timeout: Duration::from_secs(5) };
-        let e = HttpExporter::new(plain).unwrap();
+        let e = exporter_to(endpoint, HeaderMap::new(), Duration::from_secs(5));
         let err = futures::executor::block_on(e.export(batch())).unwrap_err();
         assert!(err.to_string().contains("400"), "{err}");
         assert_eq!(serve.join().unwrap().len(), 1);

@@ -285,6 +285,24 @@ impl LogVisitor<'_> {
             .try_for_each(|part| w.write_str(part));
     }
 
+    /// A number or a bool: written here when it may be, else by the
+    /// default visitor (`record`).
+    fn scalar(
+        &mut self,
+        field: &tracing::field::Field,
+        value: impl fmt::Display,
+        record: impl FnOnce(&mut DefaultVisitor<'_>),
+    ) {
+        if !shown(field) {
+            return;
+        }
+        if self.direct(field) {
+            self.write(field, value);
+        } else {
+            self.delegate(record);
+        }
+    }
+
     fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         if self.result.is_err() {
             return;
@@ -326,34 +344,13 @@ impl tracing::field::Visit for LogVisitor<'_> {
         }
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        if !shown(field) {
-            return;
-        }
-        if self.direct(field) {
-            self.write(field, value);
-        } else {
-            self.delegate(|v| v.record_i64(field, value));
-        }
+        self.scalar(field, value, |v| v.record_i64(field, value));
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        if !shown(field) {
-            return;
-        }
-        if self.direct(field) {
-            self.write(field, value);
-        } else {
-            self.delegate(|v| v.record_u64(field, value));
-        }
+        self.scalar(field, value, |v| v.record_u64(field, value));
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        if !shown(field) {
-            return;
-        }
-        if self.direct(field) {
-            self.write(field, value);
-        } else {
-            self.delegate(|v| v.record_bool(field, value));
-        }
+        self.scalar(field, value, |v| v.record_bool(field, value));
     }
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
         if shown(field) {
