@@ -238,6 +238,15 @@ async fn a_conflicting_registration_is_refused() {
     let conn = NatsOptions::new(server.url()).connect().await.unwrap();
     let registry = Registry::open(conn.clone(), "orchestrix", 1).await.unwrap();
     assert_eq!(registry.registrations().await.unwrap().len(), 1);
+    // A definition too large for one message is refused with its size,
+    // before anything is sent.
+    let mut huge = orchestrix::FlowDef::new("huge");
+    huge.steps = (0..20_000).map(|i| orchestrix::StepDef::new(&format!("step-{i}"))).collect();
+    let err = registry.check(&huge).await.unwrap_err();
+    assert!(matches!(err, RegistryError::TooLarge { .. }), "{err}");
+    assert!(err.to_string().contains("split it into smaller flows"), "{err}");
+    assert!(registry.register(&huge, "test").await.is_err());
+    assert_eq!(registry.registrations().await.unwrap().len(), 1);
     // Garbage in the registry (written by something else) is skipped, not fatal:
     // a coordinator starts and serves the good entries.
     let js = async_nats::jetstream::new(conn);

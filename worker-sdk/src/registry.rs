@@ -55,6 +55,18 @@ pub enum RegistryError {
     /// The definition is not valid.
     #[error(transparent)]
     Invalid(#[from] FlowError),
+    /// The definition does not fit in one NATS message.
+    #[error(
+        "flow `{flow}` is {size} bytes encoded, more than the {limit} bytes a registration may take (the server's max_payload, less room for headers): split it into smaller flows"
+    )]
+    TooLarge {
+        /// The flow.
+        flow: String,
+        /// Its encoded size.
+        size: usize,
+        /// The most a registration may take.
+        limit: usize,
+    },
     /// A version label that looks like a definition hash.
     #[error(
         "version label `{0}` looks like a definition hash (16 hex digits), which only a definition itself may have; choose another label"
@@ -91,6 +103,8 @@ pub struct Registry {
     flows: kv::Store,
     workers: kv::Store,
     workers_bucket: String,
+    /// Largest message the server takes: a registration must fit in one.
+    max_payload: usize,
 }
 
 impl fmt::Debug for Registry {
@@ -204,7 +218,8 @@ impl Registry {
         let flows = open(format!("{p}_flows"), 1, false).await?;
         let workers_bucket = format!("{p}_workers");
         let workers = open(workers_bucket.clone(), 1, true).await?;
-        Ok(Registry { js, flows, workers, workers_bucket })
+        let max_payload = client.server_info().max_payload;
+        Ok(Registry { js, flows, workers, workers_bucket, max_payload })
     }
 
     /// Turns off rollups on the flows bucket (KV buckets allow them): one
@@ -251,13 +266,15 @@ impl Registry {
         let flows = get(format!("{p}_flows")).await?;
         let workers_bucket = format!("{p}_workers");
         let workers = get(workers_bucket.clone()).await?;
-        Ok(Registry { js, flows, workers, workers_bucket })
+        let max_payload = client.server_info().max_payload;
+        Ok(Registry { js, flows, workers, workers_bucket, max_payload })
     }
 
     /// Checks that `def` can be registered: valid, and not contradicting a
     /// registration under the same version. Writes nothing.
     pub async fn check(&self, def: &FlowDef) -> Result<(), RegistryError> {
         validate_label(def)?;
+        self.encode(&Self::registration_of(def, ""))?;
         let key = format!("{}.{}", def.name, def.version());
         match self.registration(&key).await? {
             Some(existing) if existing.flow != *def => Err(RegistryError::Conflict {
@@ -278,15 +295,10 @@ impl Registry {
         by: &str,
     ) -> Result<FlowRegistration, RegistryError> {
         validate_label(def)?;
-        let version = def.version();
-        let reg = FlowRegistration {
-            flow: def.clone(),
-            version: version.clone(),
-            registered_at_ms: time::unix_ms(SystemTime::now()),
-            registered_by: by.to_owned(),
-        };
+        let reg = Self::registration_of(def, by);
+        let version = reg.version.clone();
         let key = format!("{}.{}", def.name, version);
-        let bytes = encode(&reg).map_err(|e| unavailable("cannot encode", e))?;
+        let bytes = self.encode(&reg)?;
         match self.flows.create(&key, Bytes::from(bytes)).await {
             Ok(_) => Ok(reg),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -304,6 +316,30 @@ impl Registry {
             }
             Err(e) => Err(unavailable(&format!("cannot register {key}"), e)),
         }
+    }
+
+    fn registration_of(def: &FlowDef, by: &str) -> FlowRegistration {
+        FlowRegistration {
+            flow: def.clone(),
+            version: def.version(),
+            registered_at_ms: time::unix_ms(SystemTime::now()),
+            registered_by: by.to_owned(),
+        }
+    }
+
+    /// The registration's bytes, if they fit in one message (with room for
+    /// the subject and headers a KV put adds).
+    fn encode(&self, reg: &FlowRegistration) -> Result<Vec<u8>, RegistryError> {
+        let bytes = encode(reg).map_err(|e| unavailable("cannot encode", e))?;
+        let limit = self.max_payload.saturating_sub(1024);
+        if bytes.len() > limit {
+            return Err(RegistryError::TooLarge {
+                flow: reg.flow.name.to_string(),
+                size: bytes.len(),
+                limit,
+            });
+        }
+        Ok(bytes)
     }
 
     async fn registration(&self, key: &str) -> Result<Option<FlowRegistration>, RegistryError> {
