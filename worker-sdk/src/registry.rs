@@ -103,8 +103,6 @@ pub struct Registry {
     flows: kv::Store,
     workers: kv::Store,
     workers_bucket: String,
-    /// Largest message the server takes: a registration must fit in one.
-    max_payload: usize,
 }
 
 impl fmt::Debug for Registry {
@@ -218,8 +216,7 @@ impl Registry {
         let flows = open(format!("{p}_flows"), 1, false).await?;
         let workers_bucket = format!("{p}_workers");
         let workers = open(workers_bucket.clone(), 1, true).await?;
-        let max_payload = client.server_info().max_payload;
-        Ok(Registry { js, flows, workers, workers_bucket, max_payload })
+        Ok(Registry { js, flows, workers, workers_bucket })
     }
 
     /// Turns off rollups on the flows bucket (KV buckets allow them): one
@@ -266,8 +263,7 @@ impl Registry {
         let flows = get(format!("{p}_flows")).await?;
         let workers_bucket = format!("{p}_workers");
         let workers = get(workers_bucket.clone()).await?;
-        let max_payload = client.server_info().max_payload;
-        Ok(Registry { js, flows, workers, workers_bucket, max_payload })
+        Ok(Registry { js, flows, workers, workers_bucket })
     }
 
     /// Checks that `def` can be registered: valid, and not contradicting a
@@ -331,7 +327,8 @@ impl Registry {
     /// the subject and headers a KV put adds).
     fn encode(&self, reg: &FlowRegistration) -> Result<Vec<u8>, RegistryError> {
         let bytes = encode(reg).map_err(|e| unavailable("cannot encode", e))?;
-        let limit = self.max_payload.saturating_sub(1024);
+        // The server's (the client's default until its first INFO).
+        let limit = self.js.client().max_payload().saturating_sub(1024);
         if bytes.len() > limit {
             return Err(RegistryError::TooLarge {
                 flow: reg.flow.name.to_string(),
