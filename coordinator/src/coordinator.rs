@@ -552,7 +552,7 @@ impl Coordinator {
                 Ok(RunHandle { run_id, duplicate: true, coordinator: self.clone(), report })
             }
             created @ (Created::New | Created::Adopted(_)) => {
-                let created_new = created == Created::New;
+                let created_new = matches!(created, Created::New);
                 let (record, run_id) = match created {
                     Created::Adopted(r) => {
                         let id = r.run_id;

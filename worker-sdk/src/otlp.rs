@@ -176,6 +176,8 @@ impl HttpExporter {
     /// collector says it is busy or cannot be reached. The whole export,
     /// tries and waits, ends within the timeout.
     fn post(&self, body: Vec<u8>) -> OTelSdkResult {
+        // Shared by the tries rather than copied for each.
+        let body = bytes::Bytes::from(body);
         let give_up = Instant::now() + self.plain.timeout;
         let mut pause = Duration::from_millis(100);
         let mut headers = self.plain.headers.clone();

@@ -512,11 +512,8 @@ mod otlp {
             );
         }
         let endpoint = export.endpoint.as_ref().map(|base| format!("{base}/v1/traces"));
-        let plain = match (export.http, endpoint) {
-            (true, Some(e)) => crate::otlp::Plain::from_env(Some(&e)),
-            (true, None) => crate::otlp::Plain::from_env(None),
-            (false, _) => None,
-        };
+        let plain =
+            export.http.then(|| crate::otlp::Plain::from_env(endpoint.as_deref())).flatten();
         if let Some(plain) = plain {
             match crate::otlp::HttpExporter::new(plain) {
                 Ok(exporter) => {
