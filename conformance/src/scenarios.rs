@@ -678,6 +678,7 @@ fn raw_command(
         deadline_ms: None,
         acks: false,
         sampled: None,
+        traceparent: None,
     })
 }
 

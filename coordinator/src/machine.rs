@@ -1273,6 +1273,7 @@ impl Machine {
             deadline_ms,
             acks: false,
             sampled: None,
+            traceparent: None,
         }
     }
 

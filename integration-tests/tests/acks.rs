@@ -42,6 +42,7 @@ fn command(run_id: Uuid) -> StepCommand {
         deadline_ms: None,
         acks: false,
         sampled: None,
+        traceparent: None,
     }
 }
 

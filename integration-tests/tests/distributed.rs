@@ -310,6 +310,7 @@ async fn a_duplicate_command_runs_the_handler_once() {
         deadline_ms: None,
         acks: false,
         sampled: None,
+        traceparent: None,
     };
     let inbox = nats.new_inbox();
     let mut replies = nats.subscribe(inbox.clone()).await.unwrap();

@@ -16,6 +16,9 @@ use orchestrix_worker::NatsOptions;
 
 /// A caller's trace that its own sampler left out (flags `00`).
 const UNSAMPLED_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+/// The trace of a command sent as coordinators older than the command's
+/// `traceparent` field sent it: in a header.
+const HEADER_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
@@ -50,9 +53,10 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
     assert_eq!(report.status, RunStatus::Completed);
     let report = coordinator.run("sampling", &(), RunOptions::new()).await.unwrap();
     assert_eq!(report.status, RunStatus::Completed);
-    // The left-out run's command says so in its body, with no header to
-    // parse; the sampled run's carries its context in `traceparent`.
-    for (sampled, header) in [(Some(false), false), (None, true)] {
+    // Neither command has a header to parse: the left-out run's says so in
+    // its body, the sampled run's carries its context there.
+    let (mut sent, mut last) = (Vec::new(), None);
+    for sampled in [Some(false), None] {
         let msg =
             tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut commands))
                 .await
@@ -60,14 +64,45 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
                 .unwrap();
         let cmd: orchestrix_proto::StepCommand = orchestrix_proto::decode(&msg.payload).unwrap();
         assert_eq!(cmd.sampled, sampled);
-        let tp = msg.headers.as_ref().and_then(|h| h.get(orchestrix_proto::headers::TRACEPARENT));
-        assert_eq!(tp.is_some(), header, "{:?}", msg.headers);
+        assert!(msg.headers.is_none(), "{:?}", msg.headers);
+        sent.push(cmd.traceparent.clone());
+        last = Some((msg.subject, cmd));
+    }
+    assert_eq!(sent[0], None, "the left-out run's command names no context");
+    // A command as an older coordinator sends it: its context in a header.
+    let (subject, mut cmd) = last.unwrap();
+    (cmd.command_id, cmd.traceparent, cmd.acks) = (uuid::Uuid::new_v4(), None, false);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        orchestrix_proto::headers::TRACEPARENT,
+        format!("00-{HEADER_TRACE}-00f067aa0ba902b7-01").as_str(),
+    );
+    let inbox = conn.new_inbox();
+    let mut replies = conn.subscribe(inbox.clone()).await.unwrap();
+    let bytes = orchestrix_proto::encode(&cmd).unwrap().into();
+    conn.publish_with_reply_and_headers(subject, inbox, headers, bytes).await.unwrap();
+    loop {
+        let msg =
+            tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut replies))
+                .await
+                .unwrap()
+                .unwrap();
+        if orchestrix_proto::decode::<orchestrix_proto::StepOutcome>(&msg.payload).is_ok() {
+            break;
+        }
     }
     worker.shutdown().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     provider.force_flush().unwrap();
 
-    let all = exporter.get_finished_spans().unwrap();
+    let mut all = exporter.get_finished_spans().unwrap();
+    // The worker's span of the command with a header is under that context.
+    let (by_header, rest): (Vec<_>, Vec<_>) =
+        all.into_iter().partition(|s| s.span_context.trace_id().to_string() == HEADER_TRACE);
+    all = rest;
+    let names: Vec<&str> = by_header.iter().map(|s| s.name.as_ref()).collect();
+    assert_eq!(names, ["call the bank", "charge execute"], "{names:?}");
+    assert_eq!(by_header[1].parent_span_id.to_string(), "00f067aa0ba902b7");
     let names: Vec<&str> = all.iter().map(|s| s.name.as_ref()).collect();
     let left_out: Vec<&str> = all
         .iter()
@@ -85,5 +120,11 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
     for name in ["sampling run", "charge execute attempt 1", "charge execute", "call the bank"] {
         assert!(in_trace.contains(&name), "{name} missing from {in_trace:?} (all: {names:?})");
     }
+    // The sampled command named its attempt's span, which the worker's is under.
+    let attempt = all.iter().find(|s| s.name == "charge execute attempt 1").unwrap();
+    let sc = &attempt.span_context;
+    assert_eq!(sent[1], Some(format!("00-{}-{}-01", sc.trace_id(), sc.span_id())));
+    let handled = all.iter().find(|s| s.name == "charge execute").unwrap();
+    assert_eq!(handled.parent_span_id, sc.span_id());
     assert_eq!(all.len(), in_trace.len(), "{names:?}");
 }

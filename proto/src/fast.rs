@@ -157,7 +157,7 @@ fn done<T>(rd: &Rd<'_>, value: T) -> Option<T> {
 
 pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
     let mut rd = body(bytes, <StepCommand as crate::Message>::KIND)?;
-    const KEYS: [&str; 15] = [
+    const KEYS: [&str; 16] = [
         "commandId",
         "runId",
         "flow",
@@ -173,13 +173,14 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         "deadlineMs",
         "acks",
         "sampled",
+        "traceparent",
     ];
     let (mut command_id, mut run_id, mut flow, mut step) = (None, None, None, None);
     let (mut step_index, mut kind, mut attempt, mut input, mut outputs) =
         (None, None, None, None, None);
     let mut version: Arc<str> = Arc::from("");
     let (mut timeout, mut start_by_ms, mut deadline_ms, mut acks) = (None, None, None, false);
-    let mut sampled = None;
+    let (mut sampled, mut traceparent) = (None, None);
     rd.fields(&KEYS, |rd, i| {
         match i {
             0 => command_id = Some(rd.uuid()?),
@@ -211,7 +212,8 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
             11 => start_by_ms = rd.opt_u64()?,
             12 => deadline_ms = rd.opt_u64()?,
             13 => acks = !rd.nil() && rd.bool()?,
-            _ => sampled = if rd.nil() { None } else { Some(rd.bool()?) },
+            14 => sampled = if rd.nil() { None } else { Some(rd.bool()?) },
+            _ => traceparent = if rd.nil() { None } else { Some(rd.str()?.to_owned()) },
         }
         Some(())
     })?;
@@ -231,6 +233,7 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
         deadline_ms,
         acks,
         sampled,
+        traceparent,
     };
     done(&rd, cmd)
 }
@@ -405,7 +408,11 @@ pub(crate) fn write_step_command(c: &StepCommand, buf: &mut Vec<u8>) -> Option<(
     let outputs = len(c.outputs.len())?;
     let mut w = Wr(buf);
     w.envelope(<StepCommand as crate::Message>::KIND);
-    w.map(13 + u32::from(c.acks) + u32::from(c.sampled.is_some()));
+    w.map(
+        13 + u32::from(c.acks)
+            + u32::from(c.sampled.is_some())
+            + u32::from(c.traceparent.is_some()),
+    );
     w.str("commandId");
     w.uuid(&c.command_id);
     w.str("runId");
@@ -446,6 +453,10 @@ pub(crate) fn write_step_command(c: &StepCommand, buf: &mut Vec<u8>) -> Option<(
     if let Some(sampled) = c.sampled {
         w.str("sampled");
         w.bool(sampled);
+    }
+    if let Some(tp) = &c.traceparent {
+        w.str("traceparent");
+        w.str(tp);
     }
     Some(())
 }
@@ -539,6 +550,8 @@ mod tests {
             deadline_ms: timeouts.then_some(1_790_000_001_500),
             acks: timeouts,
             sampled: (!timeouts).then_some(false),
+            traceparent: timeouts
+                .then(|| "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         }
     }
 
@@ -619,7 +632,7 @@ mod tests {
     #[test]
     fn acks_nil_reads_as_false_both_ways() {
         let mut cmd = command(CommandKind::Execute, 0, true);
-        cmd.sampled = None;
+        (cmd.sampled, cmd.traceparent) = (None, None);
         let mut bytes = encode(&cmd).unwrap();
         // `acks` is last, written `true` (0xc3): make it nil.
         assert_eq!(bytes.pop(), Some(0xc3));

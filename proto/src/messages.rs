@@ -94,6 +94,16 @@ pub struct StepCommand {
     /// or, with none, the worker's own tracing decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled: Option<bool>,
+    /// The run's W3C trace context for this command (the coordinator's
+    /// attempt span), when the run is sampled: the `traceparent` a worker
+    /// makes its span's parent. In the body rather than a NATS header,
+    /// which every client that receives the command would parse into a map
+    /// (and the server handle as a message with headers). Coordinators
+    /// older than this field sent it as the header
+    /// [`headers::TRACEPARENT`](crate::headers::TRACEPARENT), which workers
+    /// still read when the field is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A flag that may be written `nil` (as absent: false), as a JavaScript

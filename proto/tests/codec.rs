@@ -26,6 +26,7 @@ fn command(attempt: u32, input: Vec<u8>) -> StepCommand {
         deadline_ms: None,
         acks: false,
         sampled: None,
+        traceparent: None,
     }
 }
 

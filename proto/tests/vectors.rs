@@ -268,6 +268,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             deadline_ms: Some(T0 + 5000),
             acks: true,
             sampled: None,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         },
     );
     vector(
@@ -289,6 +290,7 @@ fn messages() -> BTreeMap<String, (Vec<u8>, Check)> {
             deadline_ms: None,
             acks: false,
             sampled: Some(false),
+            traceparent: None,
         },
     );
     let ack =

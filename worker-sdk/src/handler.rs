@@ -390,6 +390,7 @@ mod tests {
             deadline_ms: None,
             acks: false,
             sampled: None,
+            traceparent: None,
         }
     }
 

@@ -1424,11 +1424,17 @@ fn handler_span(
 ) -> (tracing::Span, opentelemetry::Context) {
     use tracing::field::Empty;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    // A coordinator that traces a run sends its context (a run its sampler
-    // left out only says `sampled: false`); one that does not sends none,
+    // A coordinator that traces a run sends its context in the command (a
+    // run its sampler left out only says `sampled: false`; coordinators
+    // older than the field sent a header); one that does not sends none,
     // and the run's spans share a trace named after the run (its id is the
     // trace id), under a parent named after the command.
-    let parent = crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
+    let parent = cmd
+        .traceparent
+        .as_deref()
+        .or_else(|| {
+            crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
+        })
         .and_then(orchestrix_proto::TraceParent::parse)
         .or_else(|| {
             let [.., a, b, c, d, e, f, g, h] = *cmd.command_id.as_bytes();

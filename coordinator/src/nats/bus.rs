@@ -111,7 +111,6 @@ pub struct NatsBus {
 /// A command on its way to NATS, and where to report a failed publish.
 struct Outgoing {
     subject: String,
-    headers: Option<async_nats::HeaderMap>,
     bytes: Bytes,
     reply: ReplyTo,
     command_id: Uuid,
@@ -173,14 +172,15 @@ impl NatsBus {
         // This coordinator reads `step.acks`.
         cmd.acks = true;
         // The run's trace context (its attempt's span), when a tracer runs
-        // here: in a header if the run is sampled; a run the sampler left
-        // out only says so in the command. Otherwise nothing: a client
-        // parses every header of every message it receives (a few thousand
-        // instructions for two), and a worker correlates a run's spans by
-        // its id itself.
-        let traceparent = crate::telemetry::sending_traceparent();
-        if traceparent.is_some_and(|tp| !tp.sampled) {
-            cmd.sampled = Some(false);
+        // here, in the command's body: a header would cost every client that
+        // receives it a parse into a map (a few thousand instructions), and
+        // the server its slower path for messages with headers. A run the
+        // sampler left out only says so; with no tracer, nothing: a worker
+        // correlates a run's spans by its id itself.
+        match crate::telemetry::sending_traceparent() {
+            Some(tp) if tp.sampled => cmd.traceparent = Some(tp.to_header()),
+            Some(_) => cmd.sampled = Some(false),
+            None => {}
         }
         let cmd = &cmd;
         let bytes = encode(cmd).map_err(|e| BusError::Rejected(e.to_string()))?;
@@ -192,20 +192,10 @@ impl NatsBus {
             )));
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(cmd.run_id, reply.clone());
-        let headers = traceparent.filter(|tp| tp.sampled).map(|tp| {
-            // A name made once: from a `&str`, an insert validates and
-            // allocates it again.
-            static TRACEPARENT: async_nats::HeaderName =
-                async_nats::HeaderName::from_static(headers::TRACEPARENT);
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(TRACEPARENT.clone(), tp.to_header());
-            h
-        });
         // One publisher task drains the outbox: no task per command, and the
         // actor never waits on the client's channel.
         let out = Outgoing {
             subject,
-            headers,
             bytes: Bytes::from(bytes),
             reply: reply.clone(),
             command_id: cmd.command_id,
@@ -269,12 +259,7 @@ async fn publish(
 ) {
     while let Some(out) = rx.recv().await {
         let reply = reply_subject.clone();
-        let sent = match out.headers {
-            Some(h) => {
-                client.publish_with_reply_and_headers(out.subject, reply, h, out.bytes).await
-            }
-            None => client.publish_with_reply(out.subject, reply, out.bytes).await,
-        };
+        let sent = client.publish_with_reply(out.subject, reply, out.bytes).await;
         if let Err(e) = sent {
             out.reply.deliver(BusReply::DispatchFailed {
                 command_id: out.command_id,

@@ -66,8 +66,10 @@ export interface StepCommand {
   deadlineMs?: number;
   /** The sender reads `step.acks` (older coordinators said it with the header `Orchestrix-Acks: batch`). Present only when true. */
   acks?: boolean;
-  /** `false`: the run was left out by the coordinator's trace sampler (make no spans for it). Absent: see the `traceparent` header. */
+  /** `false`: the run was left out by the coordinator's trace sampler (make no spans for it). Absent: see `traceparent`. */
   sampled?: boolean;
+  /** The run's W3C trace context for this command (the coordinator's attempt span), when the run is sampled; older coordinators sent it as a `traceparent` header. */
+  traceparent?: string;
 }
 
 export interface Ack {
@@ -430,6 +432,7 @@ function readStepCommand(f: Fields): StepCommand {
     deadlineMs: f.optUint("deadlineMs"),
     ...(f.bool("acks", false) ? { acks: true } : {}),
     ...(f.optBool("sampled") !== undefined ? { sampled: f.optBool("sampled") } : {}),
+    ...(f.optStr("traceparent") !== undefined ? { traceparent: f.optStr("traceparent") } : {}),
   };
 }
 
@@ -749,6 +752,7 @@ function bodyOf<K extends Kind>(kind: K, body: Messages[K]): Encodable {
         deadlineMs: nil(c.deadlineMs),
         ...(c.acks ? { acks: true } : {}),
         ...(c.sampled !== undefined ? { sampled: c.sampled } : {}),
+        ...(c.traceparent !== undefined ? { traceparent: c.traceparent } : {}),
       };
     }
     case "step.ack":
