@@ -428,11 +428,7 @@ fn main() {
     let code = runtime.block_on(async {
         let sink = args.traced.then(otlp_sink);
         let _telemetry = sink.as_ref().map(|url| {
-            orchestrix::telemetry::init_with(
-                "orchestrix-bench",
-                "warn,orchestrix_coordinator=info,orchestrix_worker=info",
-                Some(export(url)),
-            )
+            orchestrix::telemetry::init_with("orchestrix-bench", "warn", Some(export(url)))
         });
         let args = Args { trace_to: sink, ..args };
         let wanted = |name: &str| {

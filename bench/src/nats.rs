@@ -439,7 +439,7 @@ pub(crate) fn worker_process(url: &str, trace_to: Option<&str>) {
         let _telemetry = trace_to.map(|sink| {
             orchestrix::telemetry::init_with(
                 "orchestrix-bench-worker",
-                "warn,orchestrix_coordinator=info,orchestrix_worker=info",
+                "warn",
                 Some(crate::export(sink)),
             )
         });

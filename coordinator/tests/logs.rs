@@ -95,3 +95,81 @@ fn with_export_the_logs_name_the_run_of_each_line() {
     let err = child("scenario_child", "otel");
     named(&err);
 }
+
+/// A collector on a loopback port that keeps the body of every OTLP/HTTP
+/// request it gets.
+fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let (mut len, mut line) = (0, String::new());
+                    while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        line.clear();
+                    }
+                    if line != "\r\n" {
+                        return;
+                    }
+                    let mut body = vec![0; len];
+                    reader.read_exact(&mut body).unwrap();
+                    kept.lock().unwrap().extend_from_slice(&body);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    reader.get_mut().write_all(ok).unwrap();
+                }
+            });
+        }
+    });
+    (url, bodies)
+}
+
+#[test]
+fn export_child() {
+    let Some(url) = std::env::var_os("EXPORT_CHILD") else { return };
+    let export =
+        orchestrix_worker::telemetry::Export::http(url.to_str().unwrap()).without_metrics();
+    let guard = orchestrix_worker::telemetry::init_with("export-test", "warn", Some(export));
+    paused(|| async {
+        let flow = create::<()>("export-flow").step("charge", |_| async {
+            // A handler's own info span and event, under a `warn` log level.
+            tracing::info_span!("call the bank").in_scope(|| tracing::info!("the bank answered"));
+            Ok(())
+        });
+        assert_eq!(flow.run(()).await.unwrap().status, RunStatus::Completed);
+    });
+    drop(guard);
+}
+
+/// The log level decides what is logged, not what is exported: under
+/// `RUST_LOG=warn` a handler's own info span is exported (with its event),
+/// and nothing of it is logged.
+#[test]
+fn spans_are_exported_whatever_the_log_level() {
+    let (url, bodies) = collector();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["export_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env("EXPORT_CHILD", &url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{err}");
+    assert!(!err.contains("the bank answered"), "an info line was logged at warn:\n{err}");
+    let bodies = bodies.lock().unwrap();
+    let has = |what: &str| bodies.windows(what.len()).any(|w| w == what.as_bytes());
+    for what in
+        ["export-flow run", "charge execute attempt 1", "call the bank", "the bank answered"]
+    {
+        assert!(has(what), "{what:?} was not exported ({} bytes)", bodies.len());
+    }
+}

@@ -115,6 +115,11 @@ fn http_for(signal_var: &str) -> bool {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, unless `OTEL_METRICS_EXPORTER=none`
 /// (a traces-only backend such as Jaeger: otherwise every export interval
 /// logs an error).
+///
+/// The log level decides what is logged, not what is exported: with spans
+/// exported, the log layer and the OpenTelemetry layer are filtered each on
+/// its own, and spans and events at `info` and above are exported whatever
+/// `RUST_LOG` says (plus anything more verbose it lets into the logs).
 pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     let export = Export::from_env();
     let export = (export.traces || export.metrics).then_some(export);
@@ -195,8 +200,9 @@ where
 /// line: the coordinator's lines name their run in their own fields. A
 /// handler's span (`orchestrix.handle`) does, to give a handler's own log
 /// lines their run, step and attempt, without the fields only a trace needs
-/// ([`LogFields`]). No per-layer filter: with one, every call site's
-/// interest becomes "sometimes", and each event asks the filter again.
+/// ([`LogFields`]). Filtered per layer only beside an export (see
+/// [`init_with`]): a per-layer filter makes a call site that one layer takes
+/// and the other does not ask its filters again each time.
 fn log_layer<S, W>(writer: W, ansi: bool) -> impl tracing_subscriber::Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
@@ -375,10 +381,11 @@ fn filter(default_level: &str) -> EnvFilter {
 
 /// Like [`init`], exporting as `export` says (`None`: no export).
 pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
-    let registry = tracing_subscriber::registry().with(filter(default_level)).with(stderr_layer());
     #[cfg(feature = "otlp")]
     {
         use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::filter::{FilterExt as _, LevelFilter};
         // Trace context travels in `traceparent` headers, W3C style.
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -395,13 +402,27 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
             // provider (the OpenTelemetry API, not `tracing`).
             opentelemetry::global::set_tracer_provider(p.clone());
         }
-        let otel = provider.as_ref().map(|p| layer(p.tracer("orchestrix")));
-        let _ = registry.with(otel).try_init();
+        let Some(p) = &provider else {
+            let registry = tracing_subscriber::registry().with(filter(default_level));
+            let _ = registry.with(stderr_layer()).try_init();
+            return TelemetryGuard { provider, meters };
+        };
+        // Each layer filtered on its own: the log level does not decide which
+        // spans are exported. Info spans (a worker's handler span, a
+        // handler's own) are exported whatever `RUST_LOG` says, and so is
+        // anything more verbose that it lets through to the logs; a log line
+        // is formatted only when it is written.
+        let logs = stderr_layer().with_filter(filter(default_level));
+        let spans = LevelFilter::INFO.or(filter(default_level));
+        let otel = layer(p.tracer("orchestrix")).with_filter(spans);
+        let _ = tracing_subscriber::registry().with(logs).with(otel).try_init();
         TelemetryGuard { provider, meters }
     }
     #[cfg(not(feature = "otlp"))]
     {
         let _ = service;
+        let registry =
+            tracing_subscriber::registry().with(filter(default_level)).with(stderr_layer());
         if export.is_some_and(|e| e.traces || e.metrics) {
             eprintln!("warning: OTLP export disabled: built without the `otlp` feature");
         }
