@@ -458,6 +458,7 @@ fn span_len(s: &SpanData) -> usize {
 struct Writer(Vec<u8>);
 
 impl Writer {
+    #[inline]
     fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.0.push(v as u8 | 0x80);
@@ -466,16 +467,24 @@ impl Writer {
         self.0.push(v as u8);
     }
 
+    #[inline]
     fn tag(&mut self, field: u32, wire: u8) {
         self.varint(u64::from(field) << 3 | u64::from(wire));
     }
 
     /// The header of a length-delimited field of `len` bytes.
+    #[inline]
     fn message(&mut self, field: u32, len: usize) {
-        self.tag(field, 2);
-        self.varint(len as u64);
+        if field < 16 && len < 0x80 {
+            // The usual case, in one copy: a one-byte tag and length.
+            self.0.extend_from_slice(&[(field << 3 | 2) as u8, len as u8]);
+        } else {
+            self.tag(field, 2);
+            self.varint(len as u64);
+        }
     }
 
+    #[inline]
     fn bytes(&mut self, field: u32, b: &[u8]) {
         self.message(field, b.len());
         self.0.extend_from_slice(b);
@@ -546,9 +555,11 @@ impl Writer {
 
     fn attributes<'a>(&mut self, field: u32, kvs: impl IntoIterator<Item = &'a KeyValue>) {
         for kv in kvs {
-            self.message(field, kv_len(kv));
-            self.string(1, kv.key.as_str());
-            self.message(2, any_len(&kv.value));
+            // Each size once: a span's attributes are most of its bytes.
+            let (key, value) = (kv.key.as_str(), any_len(&kv.value));
+            self.message(field, string_len(1, key) + delimited(2, value));
+            self.string(1, key);
+            self.message(2, value);
             self.any(&kv.value);
         }
     }
