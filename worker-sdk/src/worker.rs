@@ -1455,7 +1455,11 @@ fn handler_span(
     let span = {
         // Strings where they can be: a `Display` value costs a trip
         // through the layers' formatting.
-        let name = format!("{} {}", cmd.step, cmd.kind.as_str());
+        let kind = cmd.kind.as_str();
+        let mut name = String::with_capacity(cmd.step.len() + 1 + kind.len());
+        for piece in [&*cmd.step, " ", kind] {
+            name.push_str(piece);
+        }
         let (mut run_buf, mut command_buf) =
             (uuid::Uuid::encode_buffer(), uuid::Uuid::encode_buffer());
         let run_id: &str = cmd.run_id.hyphenated().encode_lower(&mut run_buf);
