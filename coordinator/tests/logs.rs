@@ -143,6 +143,8 @@ fn export_child() {
         let flow = create::<()>("export-flow").step("charge", |_| async {
             // A handler's own info span and event, under a `warn` log level.
             tracing::info_span!("call the bank").in_scope(|| tracing::info!("the bank answered"));
+            // A target the log's directives silence: out of the export too.
+            tracing::info_span!(target: "chatty", "chatter").in_scope(|| ());
             Ok(())
         });
         assert_eq!(flow.run(()).await.unwrap().status, RunStatus::Completed);
@@ -152,14 +154,15 @@ fn export_child() {
 
 /// The log level decides what is logged, not what is exported: under
 /// `RUST_LOG=warn` a handler's own info span is exported (with its event),
-/// and nothing of it is logged.
+/// and nothing of it is logged. A target the directives turn off stays out
+/// of both.
 #[test]
 fn spans_are_exported_whatever_the_log_level() {
     let (url, bodies) = collector();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["export_child", "--exact", "--nocapture", "--test-threads=1"])
         .env("EXPORT_CHILD", &url)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,chatty=off")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -172,4 +175,5 @@ fn spans_are_exported_whatever_the_log_level() {
     {
         assert!(has(what), "{what:?} was not exported ({} bytes)", bodies.len());
     }
+    assert!(!has("chatter"), "a span of a target turned off was exported");
 }

@@ -69,9 +69,12 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
         last = Some((msg.subject, cmd));
     }
     assert_eq!(sent[0], None, "the left-out run's command names no context");
-    // A command as an older coordinator sends it: its context in a header.
+    // A command as an older coordinator sends it, its context in a header,
+    // here beside a body value that does not parse (ignored: the header
+    // decides).
     let (subject, mut cmd) = last.unwrap();
-    (cmd.command_id, cmd.traceparent, cmd.acks) = (uuid::Uuid::new_v4(), None, false);
+    (cmd.command_id, cmd.traceparent, cmd.acks) =
+        (uuid::Uuid::new_v4(), Some("00-garbage".into()), false);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
         orchestrix_proto::headers::TRACEPARENT,

@@ -213,6 +213,7 @@ pub(crate) fn step_command(bytes: &[u8]) -> Option<StepCommand> {
             12 => deadline_ms = rd.opt_u64()?,
             13 => acks = !rd.nil() && rd.bool()?,
             14 => sampled = if rd.nil() { None } else { Some(rd.bool()?) },
+            // Anything but a string or nil: the serde reader, which takes it as absent.
             _ => traceparent = if rd.nil() { None } else { Some(rd.str()?.to_owned()) },
         }
         Some(())

@@ -101,9 +101,25 @@ pub struct StepCommand {
     /// (and the server handle as a message with headers). Coordinators
     /// older than this field sent it as the header
     /// [`headers::TRACEPARENT`](crate::headers::TRACEPARENT), which workers
-    /// still read when the field is absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// still read when the field is absent. Advisory, as W3C trace context
+    /// is: a value that is not a string reads as absent, and one that does
+    /// not parse is ignored; neither costs the command.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "text_or_none")]
     pub traceparent: Option<String>,
+}
+
+/// A string, or `None` for anything else (nil included).
+fn text_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Text(String),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::Text(s) => Some(s),
+        Text::Other(_) => None,
+    })
 }
 
 /// A flag that may be written `nil` (as absent: false), as a JavaScript

@@ -311,3 +311,37 @@ fn values_nested_past_the_limit_are_malformed_not_a_crash() {
     assert!(matches!(err, CodecError::Malformed { .. }), "{err}");
     assert!(peek_kind(&msg).is_ok(), "the header still reads");
 }
+
+/// Trace context is advisory: a `traceparent` that is not a string reads as
+/// absent, and the command reads all the same.
+#[test]
+fn a_traceparent_that_is_not_a_string_reads_as_absent() {
+    let marker = "@@@@@@@@@@@";
+    let mut cmd = command(2, vec![1, 2, 3]);
+    cmd.traceparent = Some(marker.into());
+    let bytes = encode(&cmd).unwrap();
+    let mut value = vec![0xa0 | marker.len() as u8];
+    value.extend_from_slice(marker.as_bytes());
+    let at = bytes.windows(value.len()).position(|w| w == value).unwrap();
+    let with = |replacement: &[u8]| {
+        let mut b = bytes[..at].to_vec();
+        b.extend_from_slice(replacement);
+        b.extend_from_slice(&bytes[at + value.len()..]);
+        b
+    };
+    assert_eq!(decode::<StepCommand>(&with(&value)).unwrap(), cmd);
+    cmd.traceparent = None;
+    // An integer, an array, a map, bytes and a string that are not UTF-8, nil.
+    let odd: [&[u8]; 6] = [
+        &[0x2a],
+        &[0x92, 0x01, 0x02],
+        &[0x81, 0xa1, b'a', 0x01],
+        &[0xc4, 0x01, 0xff],
+        &[0xc0],
+        &[0xa2, 0xff, 0xfe],
+    ];
+    for replacement in odd {
+        let read = decode::<StepCommand>(&with(replacement));
+        assert_eq!(read.as_ref().ok(), Some(&cmd), "{replacement:x?}: {read:?}");
+    }
+}

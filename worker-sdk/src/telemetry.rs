@@ -118,8 +118,10 @@ fn http_for(signal_var: &str) -> bool {
 ///
 /// The log level decides what is logged, not what is exported: with spans
 /// exported, the log layer and the OpenTelemetry layer are filtered each on
-/// its own, and spans and events at `info` and above are exported whatever
-/// `RUST_LOG` says (plus anything more verbose it lets into the logs).
+/// its own. The export takes the log's directives with the default level
+/// raised to `info` at least: spans and events at `info` and above are
+/// exported whatever the log level, and a directive for a target
+/// (`chatty=off`) still holds for both.
 pub fn init(service: &str, default_level: &str) -> TelemetryGuard {
     let export = Export::from_env();
     let export = (export.traces || export.metrics).then_some(export);
@@ -379,13 +381,40 @@ fn filter(default_level: &str) -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level))
 }
 
+/// The directives [`filter`] uses.
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+fn log_directives(default_level: &str) -> String {
+    std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| default_level.to_owned())
+}
+
+/// The export's directives: the log's, with its default level raised to
+/// `info` at least. A quiet log level then does not keep spans out of a
+/// trace, while a directive for a target still does (`chatty=off` keeps
+/// `chatty`'s spans and events out of both).
+#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+fn export_directives(log: &str) -> String {
+    use tracing_subscriber::filter::LevelFilter;
+    let mut level = LevelFilter::INFO;
+    let mut targeted = Vec::new();
+    for d in log.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match d.parse::<LevelFilter>() {
+            Ok(l) => level = level.max(l),
+            Err(_) => targeted.push(d),
+        }
+    }
+    let level = level.to_string().to_ascii_lowercase();
+    std::iter::once(level.as_str()).chain(targeted).collect::<Vec<_>>().join(",")
+}
+
 /// Like [`init`], exporting as `export` says (`None`: no export).
 pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> TelemetryGuard {
     #[cfg(feature = "otlp")]
     {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::Layer as _;
-        use tracing_subscriber::filter::{FilterExt as _, LevelFilter};
         // Trace context travels in `traceparent` headers, W3C style.
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -413,7 +442,8 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
         // anything more verbose that it lets through to the logs; a log line
         // is formatted only when it is written.
         let logs = stderr_layer().with_filter(filter(default_level));
-        let spans = LevelFilter::INFO.or(filter(default_level));
+        let spans = EnvFilter::try_new(export_directives(&log_directives(default_level)))
+            .unwrap_or_else(|_| EnvFilter::new("info"));
         let otel = layer(p.tracer("orchestrix")).with_filter(spans);
         let _ = tracing_subscriber::registry().with(logs).with(otel).try_init();
         TelemetryGuard { provider, meters }
@@ -572,6 +602,26 @@ mod otlp {
 #[cfg(test)]
 mod tests {
     use tracing_subscriber::layer::SubscriberExt;
+
+    /// The export takes the log's directives with the default level raised
+    /// to info: a quiet log does not silence a trace, a target's directive does.
+    #[test]
+    fn the_export_filters_as_the_log_does_but_at_info_at_least() {
+        for (log, export) in [
+            ("warn", "info"),
+            ("off", "info"),
+            ("", "info"),
+            ("debug", "debug"),
+            ("TRACE", "trace"),
+            ("info,chatty=off", "info,chatty=off"),
+            ("chatty=off", "info,chatty=off"),
+            ("warn, my_crate::db=debug ,chatty=error", "info,my_crate::db=debug,chatty=error"),
+            ("warn,[handle{step=charge}]=debug", "info,[handle{step=charge}]=debug"),
+        ] {
+            assert_eq!(super::export_directives(log), export, "{log:?}");
+            tracing_subscriber::EnvFilter::try_new(export).unwrap();
+        }
+    }
 
     /// Where a test's log layer writes.
     #[derive(Clone, Default)]

@@ -1429,13 +1429,16 @@ fn handler_span(
     // older than the field sent a header); one that does not sends none,
     // and the run's spans share a trace named after the run (its id is the
     // trace id), under a parent named after the command.
+    // A value that does not parse is ignored, as W3C trace context asks.
+    let parse = orchestrix_proto::TraceParent::parse;
     let parent = cmd
         .traceparent
         .as_deref()
+        .and_then(parse)
         .or_else(|| {
             crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
+                .and_then(parse)
         })
-        .and_then(orchestrix_proto::TraceParent::parse)
         .or_else(|| {
             let [.., a, b, c, d, e, f, g, h] = *cmd.command_id.as_bytes();
             let span = u64::from_be_bytes([a, b, c, d, e, f, g, h]);

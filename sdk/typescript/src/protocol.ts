@@ -432,7 +432,8 @@ function readStepCommand(f: Fields): StepCommand {
     deadlineMs: f.optUint("deadlineMs"),
     ...(f.bool("acks", false) ? { acks: true } : {}),
     ...(f.optBool("sampled") !== undefined ? { sampled: f.optBool("sampled") } : {}),
-    ...(f.optStr("traceparent") !== undefined ? { traceparent: f.optStr("traceparent") } : {}),
+    // Advisory, as W3C trace context is: anything but a string reads as absent.
+    ...(typeof f.obj.traceparent === "string" ? { traceparent: f.obj.traceparent } : {}),
   };
 }
 

@@ -89,6 +89,18 @@ test("uppercase ids are accepted and read lowercase; unknown keys and nil option
   assert.equal(back.timeoutMs, undefined);
 });
 
+test("a step command's traceparent is advisory: anything but a string reads as absent", () => {
+  const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const read = (traceparent: unknown) =>
+    decodeMessage(envelope(2, "step.command", { ...CMD, traceparent }), "step.command").traceparent;
+  assert.equal(read(tp), tp);
+  for (const odd of [42, [1, 2], { a: 1 }, new Uint8Array([0xff]), null, true]) {
+    assert.equal(read(odd), undefined, String(odd));
+  }
+  const back = decodeMessage(encodeMessage("step.command", { ...CMD, traceparent: tp }), "step.command");
+  assert.equal(back.traceparent, tp);
+});
+
 test("bad messages are clear errors, never crashes", () => {
   rejects(() => decodeMessage(Uint8Array.of(0xc1), "step.command"), "malformed", "not one MessagePack value");
   rejects(() => decodeMessage(Buffer.from("hello"), "step.command"), "malformed", "step.command");
