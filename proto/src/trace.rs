@@ -1,4 +1,5 @@
-//! W3C trace context (`traceparent`) carried in NATS headers.
+//! W3C trace context (`traceparent`), carried in step commands (and, from
+//! older coordinators and on start requests, in NATS headers).
 //!
 //! A coordinator that traces a run carries its context on the run's
 //! commands; one that does not sends none, and a worker that traces then
