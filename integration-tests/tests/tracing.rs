@@ -85,6 +85,11 @@ async fn a_saga_is_one_trace_across_processes() {
         .trace_id();
     let spans: Vec<_> =
         all.iter().filter(|s| s.span_context.trace_id() == first_trace).cloned().collect();
+    // Each command has one span in the worker: the `tracing` span its
+    // handler runs in carries that span, and is not exported beside it.
+    assert!(all.iter().all(|s| s.name != "orchestrix.handle"), "a handler span was exported");
+    let handled = spans.iter().filter(|s| s.name.ends_with(" execute")).count();
+    assert_eq!(handled, 3, "reserve, and charge twice");
     let by_name =
         |n: &str| spans.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("no span {n}"));
     let run = by_name("traced run");

@@ -300,20 +300,25 @@ pub(crate) fn request(spans: &[SpanData], resource: &[u8], resource_schema: &str
 
 // Sizes, in bytes, of what the writer below writes.
 
+#[inline(always)]
 fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+    // Tags and most lengths take one byte; no arithmetic for those.
+    if v < 0x80 { 1 } else { (64 - (v | 1).leading_zeros() as usize).div_ceil(7) }
 }
 
+#[inline(always)]
 fn tag_len(field: u32) -> usize {
     varint_len(u64::from(field) << 3)
 }
 
 /// A length-delimited field of `len` bytes.
+#[inline(always)]
 fn delimited(field: u32, len: usize) -> usize {
     tag_len(field) + varint_len(len as u64) + len
 }
 
 /// A string field (proto3: left out when empty).
+#[inline(always)]
 fn string_len(field: u32, s: &str) -> usize {
     if s.is_empty() { 0 } else { delimited(field, s.len()) }
 }
@@ -330,16 +335,23 @@ fn fixed32_len(field: u32, v: u32) -> usize {
     if v == 0 { 0 } else { tag_len(field) + 4 }
 }
 
-/// An `AnyValue` (a oneof: written whatever its value).
+/// An `AnyValue` (a oneof: written whatever its value). Inlined, arrays
+/// aside: it runs for every attribute of every span, twice.
+#[inline(always)]
 fn any_len(v: &Value) -> usize {
     match v {
         Value::Bool(_) => 2,
         Value::I64(i) => 1 + varint_len(*i as u64),
         Value::F64(_) => 9,
         Value::String(s) => delimited(1, s.as_str().len()),
-        Value::Array(a) => delimited(5, array_len(a)),
+        Value::Array(a) => array_any_len(a),
         _ => 0,
     }
+}
+
+#[cold]
+fn array_any_len(a: &Array) -> usize {
+    delimited(5, array_len(a))
 }
 
 /// An `ArrayValue`.
@@ -356,8 +368,19 @@ fn array_len(a: &Array) -> usize {
     }
 }
 
+#[inline(always)]
 fn kv_len(kv: &KeyValue) -> usize {
-    string_len(1, kv.key.as_str()) + delimited(2, any_len(&kv.value))
+    let key = kv.key.as_str();
+    if let Value::String(v) = &kv.value
+        && !key.is_empty()
+    {
+        // The usual attribute, as `Writer::attributes` writes it.
+        let len = 6 + key.len() + v.as_str().len();
+        if len < 0x80 {
+            return len;
+        }
+    }
+    string_len(1, key) + delimited(2, any_len(&kv.value))
 }
 
 fn attributes_len<'a>(field: u32, kvs: impl IntoIterator<Item = &'a KeyValue>) -> usize {
@@ -458,7 +481,7 @@ fn span_len(s: &SpanData) -> usize {
 struct Writer(Vec<u8>);
 
 impl Writer {
-    #[inline]
+    #[inline(always)]
     fn varint(&mut self, mut v: u64) {
         while v >= 0x80 {
             self.0.push(v as u8 | 0x80);
@@ -467,13 +490,13 @@ impl Writer {
         self.0.push(v as u8);
     }
 
-    #[inline]
+    #[inline(always)]
     fn tag(&mut self, field: u32, wire: u8) {
         self.varint(u64::from(field) << 3 | u64::from(wire));
     }
 
     /// The header of a length-delimited field of `len` bytes.
-    #[inline]
+    #[inline(always)]
     fn message(&mut self, field: u32, len: usize) {
         if field < 16 && len < 0x80 {
             // The usual case, in one copy: a one-byte tag and length.
@@ -484,12 +507,13 @@ impl Writer {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn bytes(&mut self, field: u32, b: &[u8]) {
         self.message(field, b.len());
         self.0.extend_from_slice(b);
     }
 
+    #[inline(always)]
     fn string(&mut self, field: u32, s: &str) {
         if !s.is_empty() {
             self.bytes(field, s.as_bytes());
@@ -517,6 +541,7 @@ impl Writer {
         }
     }
 
+    #[inline(always)]
     fn any(&mut self, v: &Value) {
         match v {
             Value::Bool(b) => {
@@ -532,31 +557,54 @@ impl Writer {
                 self.0.extend_from_slice(&f.to_bits().to_le_bytes());
             }
             Value::String(s) => self.bytes(1, s.as_str().as_bytes()),
-            Value::Array(a) => {
-                self.message(5, array_len(a));
-                fn each<T: Clone + Into<Value>>(w: &mut Writer, items: &[T]) {
-                    for i in items {
-                        let v = i.clone().into();
-                        w.message(1, any_len(&v));
-                        w.any(&v);
-                    }
-                }
-                match a {
-                    Array::Bool(v) => each(self, v),
-                    Array::I64(v) => each(self, v),
-                    Array::F64(v) => each(self, v),
-                    Array::String(v) => each(self, v),
-                    _ => {}
-                }
+            Value::Array(a) => self.array(a),
+            _ => {}
+        }
+    }
+
+    #[cold]
+    fn array(&mut self, a: &Array) {
+        self.message(5, array_len(a));
+        fn each<T: Clone + Into<Value>>(w: &mut Writer, items: &[T]) {
+            for i in items {
+                let v = i.clone().into();
+                w.message(1, any_len(&v));
+                w.any(&v);
             }
+        }
+        match a {
+            Array::Bool(v) => each(self, v),
+            Array::I64(v) => each(self, v),
+            Array::F64(v) => each(self, v),
+            Array::String(v) => each(self, v),
             _ => {}
         }
     }
 
     fn attributes<'a>(&mut self, field: u32, kvs: impl IntoIterator<Item = &'a KeyValue>) {
         for kv in kvs {
+            let key = kv.key.as_str();
+            if let Value::String(v) = &kv.value {
+                // The usual attribute, a short string under a short key:
+                // every tag and length fits a byte, written four at a time.
+                let (k, v) = (key.as_bytes(), v.as_str().as_bytes());
+                let any = 2 + v.len();
+                let len = 2 + k.len() + 2 + any;
+                if field < 16 && len < 0x80 && !k.is_empty() {
+                    self.0.extend_from_slice(&[
+                        (field << 3 | 2) as u8,
+                        len as u8,
+                        0x0a,
+                        k.len() as u8,
+                    ]);
+                    self.0.extend_from_slice(k);
+                    self.0.extend_from_slice(&[0x12, any as u8, 0x0a, v.len() as u8]);
+                    self.0.extend_from_slice(v);
+                    continue;
+                }
+            }
             // Each size once: a span's attributes are most of its bytes.
-            let (key, value) = (kv.key.as_str(), any_len(&kv.value));
+            let value = any_len(&kv.value);
             self.message(field, string_len(1, key) + delimited(2, value));
             self.string(1, key);
             self.message(2, value);
