@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1303,100 +1304,116 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
     let command_cx = context.clone();
-    let run = tracing::Instrument::instrument(
-        async move {
-            use opentelemetry::trace::TraceContextExt as _;
-            let failed = |why: &str| {
-                command_cx.span().set_status(opentelemetry::trace::Status::error(why.to_owned()));
-            };
-            let (command_id, run_id, attempt, kind) =
-                (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
-            let deadline = cmd.deadline_ms;
-            let slots = shared.slots.clone();
-            let cancelled = stop.clone();
-            let work = async move {
-                let _slot = slots.acquire_owned().await;
-                if deadline.is_some_and(|d| now_ms() >= d) {
-                    // Waited for a free slot past the deadline: not started at all.
-                    let why =
-                        "the attempt's deadline passed while it waited for a free handler slot";
-                    return OutcomeResult::Failed(StepFailure::new(why, true));
-                }
-                if stop.is_cancelled() {
-                    // Cancelled after its ack, before it started: dropped.
-                    let why = "cancelled: the run was cancelled before the handler started";
-                    return OutcomeResult::Failed(StepFailure::new(why, false));
-                }
-                run_command_with(&handler, cmd, stop.clone()).await
-            };
-            tokio::pin!(work);
-            // The first beat one interval from now: awaiting an immediate first
-            // tick would cost a timer-wheel turn (up to 1 ms) on every command.
-            let mut tick = tokio::time::interval_at(
-                tokio::time::Instant::now() + shared.heartbeat,
-                shared.heartbeat,
-            );
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let result = loop {
-                tokio::select! {
-                    // The handler first: one that is done on its first poll
-                    // never arms the heartbeat timer or the cancellation
-                    // waiter.
-                    biased;
-                    result = &mut work => break result,
-                    // Cancelled: the handler's future is dropped here (its
-                    // context's cancellation has fired). It may have acted.
-                    () = cancelled.cancelled() => {
-                        let why = "cancelled: the run was cancelled while the handler ran";
-                        break OutcomeResult::Failed(StepFailure { message: why.into(), retryable: false, maybe_done: true });
-                    }
-                    _ = tick.tick() => {
-                        let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
-                        shared.send(&target(&answer_to), &hb).await;
-                    }
-                }
-            };
-            if let OutcomeResult::Failed(f) = &result {
-                failed(&f.message);
+    let run = Box::pin(async move {
+        use opentelemetry::trace::TraceContextExt as _;
+        let failed = |why: &str| {
+            command_cx.span().set_status(opentelemetry::trace::Status::error(why.to_owned()));
+        };
+        let (command_id, run_id, attempt, kind) =
+            (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
+        let deadline = cmd.deadline_ms;
+        let slots = shared.slots.clone();
+        let cancelled = stop.clone();
+        let work = async move {
+            let _slot = slots.acquire_owned().await;
+            if deadline.is_some_and(|d| now_ms() >= d) {
+                // Waited for a free slot past the deadline: not started at all.
+                let why = "the attempt's deadline passed while it waited for a free handler slot";
+                return OutcomeResult::Failed(StepFailure::new(why, true));
             }
-            let limit = shared.client.max_payload().min(shared.max_message_bytes);
-            let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
-            let bytes = match encode(&outcome) {
-                Ok(bytes) if bytes.len() <= limit => bytes,
-                encoded => {
-                    // The handler ran but its answer cannot travel: a permanent
-                    // failure, maybe done, named as such (never a silent drop).
-                    let why = match encoded {
-                        Ok(b) => format!(
-                            "the step's output makes an outcome of {} bytes, over the {limit}-byte message limit (keep large data in a store and return a reference)",
-                            b.len()
-                        ),
-                        Err(e) => format!("the step's outcome does not encode: {e}"),
-                    };
-                    warn!(command = %command_id, %why, "outcome replaced by a failure");
-                    failed(&why);
-                    let failure = StepFailure { message: why, retryable: false, maybe_done: true };
-                    let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
-                    match encode(&outcome) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            warn!(error = %e, "cannot encode an outcome");
-                            return;
-                        }
+            if stop.is_cancelled() {
+                // Cancelled after its ack, before it started: dropped.
+                let why = "cancelled: the run was cancelled before the handler started";
+                return OutcomeResult::Failed(StepFailure::new(why, false));
+            }
+            run_command_with(&handler, cmd, stop.clone()).await
+        };
+        tokio::pin!(work);
+        // The first beat one interval from now: awaiting an immediate first
+        // tick would cost a timer-wheel turn (up to 1 ms) on every command.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + shared.heartbeat,
+            shared.heartbeat,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                // The handler first: one that is done on its first poll
+                // never arms the heartbeat timer or the cancellation
+                // waiter.
+                biased;
+                result = &mut work => break result,
+                // Cancelled: the handler's future is dropped here (its
+                // context's cancellation has fired). It may have acted.
+                () = cancelled.cancelled() => {
+                    let why = "cancelled: the run was cancelled while the handler ran";
+                    break OutcomeResult::Failed(StepFailure { message: why.into(), retryable: false, maybe_done: true });
+                }
+                _ = tick.tick() => {
+                    let hb = Heartbeat { command_id, run_id, attempt, worker: shared.id.clone() };
+                    shared.send(&target(&answer_to), &hb).await;
+                }
+            }
+        };
+        if let OutcomeResult::Failed(f) = &result {
+            failed(&f.message);
+        }
+        let limit = shared.client.max_payload().min(shared.max_message_bytes);
+        let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
+        let bytes = match encode(&outcome) {
+            Ok(bytes) if bytes.len() <= limit => bytes,
+            encoded => {
+                // The handler ran but its answer cannot travel: a permanent
+                // failure, maybe done, named as such (never a silent drop).
+                let why = match encoded {
+                    Ok(b) => format!(
+                        "the step's output makes an outcome of {} bytes, over the {limit}-byte message limit (keep large data in a store and return a reference)",
+                        b.len()
+                    ),
+                    Err(e) => format!("the step's outcome does not encode: {e}"),
+                };
+                warn!(command = %command_id, %why, "outcome replaced by a failure");
+                failed(&why);
+                let failure = StepFailure { message: why, retryable: false, maybe_done: true };
+                let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
+                match encode(&outcome) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(error = %e, "cannot encode an outcome");
+                        return;
                     }
                 }
-            };
-            let bytes = Bytes::from(bytes);
-            shared.dedup().finish(command_id, bytes.clone());
-            shared.post(target(&answer_to), bytes);
-            // The command's span ends with its answer sent.
-            command_cx.span().end();
-        },
-        span,
-    );
+            }
+        };
+        let bytes = Bytes::from(bytes);
+        shared.dedup().finish(command_id, bytes.clone());
+        shared.post(target(&answer_to), bytes);
+        // The command's span ends with its answer sent.
+        command_cx.span().end();
+    });
     // Boxed: the task then moves a pointer, not the whole future (a few
     // hundred bytes, copied on spawn and again as the task's stage changes).
-    tracker.spawn(Box::pin(opentelemetry::context::FutureExt::with_context(run, context)));
+    let run = InSpan { span, run };
+    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, context));
+}
+
+/// A command's future, polled in its handler's span. Unlike
+/// `tracing::Instrumented`, it does not enter the span again to drop the
+/// future: once the command has answered there is nothing left to log, and
+/// an enter and exit cost every layer a lookup.
+struct InSpan<F> {
+    span: tracing::Span,
+    run: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        this.run.as_mut().poll(cx)
+    }
 }
 
 /// A cancel from the coordinator: stop the command if this worker holds it.
