@@ -41,6 +41,12 @@ async fn a_saga_is_one_trace_across_processes() {
                         // context it would pass on, and work it hands to a task.
                         tracing::info_span!("call the bank").in_scope(|| ());
                         tracing::warn!(code = 51, "the bank declined");
+                        // What a handler adds to its command's span, the
+                        // usual `tracing-opentelemetry` way.
+                        let current = tracing::Span::current();
+                        tracing_opentelemetry::OpenTelemetrySpanExt::set_attribute(
+                            &current, "order.id", "o-1",
+                        );
                         seen.lock().unwrap().push(orchestrix_worker::current_traceparent());
                         tokio::spawn(
                             async { tracing::info_span!("audit").in_scope(|| ()) }
@@ -162,6 +168,8 @@ async fn a_saga_is_one_trace_across_processes() {
                 .count();
             assert_eq!(under, 1, "{own}: the handler's span under attempt {n}'s");
         }
+        let order = h.attributes.iter().find(|kv| kv.key.as_str() == "order.id");
+        assert_eq!(order.map(|kv| kv.value.to_string()).as_deref(), Some("o-1"), "{order:?}");
         let said = h.events.iter().find(|e| e.name == "the bank declined").expect("the log line");
         let get = |k: &str| said.attributes.iter().find(|kv| kv.key.as_str() == k);
         assert_eq!(get("code").map(|kv| &kv.value), Some(&Value::I64(51)));

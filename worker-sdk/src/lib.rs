@@ -23,7 +23,6 @@
 //! [`telemetry`] installs a service's logs (stderr, `RUST_LOG`) and, with the
 //! `otlp` feature, exports its spans and metrics over OTLP.
 
-mod command_span;
 mod context;
 mod error;
 mod handler;
@@ -53,18 +52,15 @@ pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder, WorkerError, WorkerFlow, wait_for_signal};
 
 /// The current span's context as a `traceparent` value, when a tracer is
-/// installed and a span is current: the current `tracing` span's, else the
-/// current OpenTelemetry context's (a handler's command span, whether or
-/// not a `tracing` span is made around the handler).
+/// installed and a span is current.
 pub fn current_traceparent() -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let span = tracing::Span::current();
-    let cx = Some(span)
-        .filter(|s| !s.is_disabled())
-        .map(|s| s.context())
-        .filter(|cx| cx.span().span_context().is_valid())
-        .unwrap_or_else(opentelemetry::Context::current);
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
     if !cx.span().span_context().is_valid() {
         return None;
     }

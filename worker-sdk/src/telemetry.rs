@@ -415,7 +415,6 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
     {
         use opentelemetry::trace::TracerProvider as _;
         use tracing_subscriber::Layer as _;
-        use tracing_subscriber::filter::{FilterExt as _, filter_fn};
         // Trace context travels in `traceparent` headers, W3C style.
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -443,21 +442,10 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
         // anything more verbose that it lets through to the logs; a log line
         // is formatted only when it is written.
         let logs = stderr_layer().with_filter(filter(default_level));
-        let exported = || {
-            EnvFilter::try_new(export_directives(&log_directives(default_level)))
-                .unwrap_or_else(|_| EnvFilter::new("info"))
-        };
-        let tracer = p.tracer("orchestrix");
-        let commands = crate::command_span::CommandContext::new(
-            opentelemetry::global::BoxedTracer::new(Box::new(tracer.clone())),
-        );
-        let handle = crate::command_span::is_handle_span;
-        // The handler's `tracing` span: for the logs and to carry its
-        // command's span, never exported itself (see `layer`).
-        let otel = otel_layer(tracer).with_filter(filter_fn(move |m| !handle(m)).and(exported()));
-        let commands =
-            commands.with_filter(filter_fn(move |m| m.is_event() || handle(m)).and(exported()));
-        let _ = tracing_subscriber::registry().with(logs).with(otel).with(commands).try_init();
+        let spans = EnvFilter::try_new(export_directives(&log_directives(default_level)))
+            .unwrap_or_else(|_| EnvFilter::new("info"));
+        let otel = layer(p.tracer("orchestrix")).with_filter(spans);
+        let _ = tracing_subscriber::registry().with(logs).with(otel).try_init();
         TelemetryGuard { provider, meters }
     }
     #[cfg(not(feature = "otlp"))]
@@ -511,40 +499,11 @@ pub fn remote_context(tp: &orchestrix_proto::TraceParent) -> opentelemetry::Cont
 /// source locations (`code.*`), thread ids and names (`thread.*`), `target`,
 /// or busy/idle timings (`busy_ns`, `idle_ns`) on every span — attributes
 /// that say nothing about a run and crowd out the ones that do.
-///
-/// With it comes what a worker needs for its command spans, which it makes
-/// with the OpenTelemetry API on `tracer` (a `tracing` span per command
-/// would cost several times as much): the handler's `tracing` span carries
-/// the command's context, so that the handler's own spans (in tasks it
-/// hands work to with `.in_current_span()` too) nest under the command's
-/// span and its log lines become events on it; the OpenTelemetry layer
-/// leaves that `tracing` span out, so it is not exported twice. A service
-/// with its own OpenTelemetry setup should use this rather than a plain
-/// `tracing_opentelemetry::layer()` (which would export the handler's span
-/// beside the command's); it must also set the global tracer provider
+/// A service with its own OpenTelemetry setup can use it too; it must also
+/// set the global tracer provider
 /// (`opentelemetry::global::set_tracer_provider`), on which the coordinator
 /// makes its run and attempt spans ([`init_with`] sets both).
-pub fn layer<S, T>(tracer: T) -> impl tracing_subscriber::Layer<S> + Send + Sync
-where
-    S: tracing::Subscriber
-        + for<'span> tracing_subscriber::registry::LookupSpan<'span>
-        + Send
-        + Sync,
-    T: opentelemetry::trace::Tracer + Clone + Send + Sync + 'static,
-    T::Span: Send + Sync + 'static,
-{
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::filter::filter_fn;
-    let commands = crate::command_span::CommandContext::new(
-        opentelemetry::global::BoxedTracer::new(Box::new(tracer.clone())),
-    );
-    otel_layer(tracer).with_filter(filter_fn(|m| !crate::command_span::is_handle_span(m))).and_then(
-        commands.with_filter(filter_fn(|m| m.is_event() || crate::command_span::is_handle_span(m))),
-    )
-}
-
-/// The `tracing-opentelemetry` layer, configured as [`layer`] says.
-fn otel_layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     T: opentelemetry::trace::Tracer + 'static,

@@ -1300,15 +1300,10 @@ async fn answer_copy(seen: Seen, cmd: &StepCommand, reply: &async_nats::Subject,
 /// the coordinator may send it elsewhere.
 fn launch(a: Admitted, shared: &Arc<Shared>) {
     let Admitted { msg, cmd, handler, stop, answer_to, .. } = a;
-    let (span, context) = handler_span(&msg, &cmd, &shared.id);
+    let (span, parent) = handler_span(&msg, &cmd, &shared.id);
     let shared = shared.clone();
     let tracker = shared.tracker.clone();
-    let command_cx = context.clone();
     let run = Box::pin(async move {
-        use opentelemetry::trace::TraceContextExt as _;
-        let failed = |why: &str| {
-            command_cx.span().set_status(opentelemetry::trace::Status::error(why.to_owned()));
-        };
         let (command_id, run_id, attempt, kind) =
             (cmd.command_id, cmd.run_id, cmd.attempt, cmd.kind);
         let deadline = cmd.deadline_ms;
@@ -1356,7 +1351,9 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
             }
         };
         if let OutcomeResult::Failed(f) = &result {
-            failed(&f.message);
+            let span = tracing::Span::current();
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", f.message.as_str());
         }
         let limit = shared.client.max_payload().min(shared.max_message_bytes);
         let outcome = StepOutcome { command_id, run_id, attempt, kind, result };
@@ -1373,7 +1370,9 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
                     Err(e) => format!("the step's outcome does not encode: {e}"),
                 };
                 warn!(command = %command_id, %why, "outcome replaced by a failure");
-                failed(&why);
+                let span = tracing::Span::current();
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", why.as_str());
                 let failure = StepFailure { message: why, retryable: false, maybe_done: true };
                 let outcome = StepOutcome { result: OutcomeResult::Failed(failure), ..outcome };
                 match encode(&outcome) {
@@ -1388,22 +1387,22 @@ fn launch(a: Admitted, shared: &Arc<Shared>) {
         let bytes = Bytes::from(bytes);
         shared.dedup().finish(command_id, bytes.clone());
         shared.post(target(&answer_to), bytes);
-        // The command's span ends with its answer sent.
-        command_cx.span().end();
     });
     // Boxed: the task then moves a pointer, not the whole future (a few
     // hundred bytes, copied on spawn and again as the task's stage changes).
-    let run = InSpan { span, run };
-    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, context));
+    let run = InSpan { span, run: Some(run) };
+    tracker.spawn(opentelemetry::context::FutureExt::with_context(run, parent));
 }
 
 /// A command's future, polled in its handler's span. Unlike
 /// `tracing::Instrumented`, it does not enter the span again to drop the
-/// future: once the command has answered there is nothing left to log, and
-/// an enter and exit cost every layer a lookup.
+/// future: a finished future is dropped in the poll that finished it, which
+/// is in the span already (an enter and an exit cost every layer a lookup).
+/// One dropped unfinished (a runtime shutting down) is dropped in the span,
+/// so that what it logs then keeps its fields.
 struct InSpan<F> {
     span: tracing::Span,
-    run: Pin<Box<F>>,
+    run: Option<Pin<Box<F>>>,
 }
 
 impl<F: Future> Future for InSpan<F> {
@@ -1412,7 +1411,22 @@ impl<F: Future> Future for InSpan<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let this = self.get_mut();
         let _entered = this.span.enter();
-        this.run.as_mut().poll(cx)
+        // Never polled again once finished (a task is not).
+        let Some(run) = this.run.as_mut() else { return std::task::Poll::Pending };
+        let done = run.as_mut().poll(cx);
+        if done.is_ready() {
+            this.run = None;
+        }
+        done
+    }
+}
+
+impl<F> Drop for InSpan<F> {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            let _entered = self.span.enter();
+            drop(run);
+        }
     }
 }
 
@@ -1432,20 +1446,18 @@ fn cancel(msg: &async_nats::Message, shared: &Arc<Shared>) {
 /// The span of one command in this worker, `{step} {kind}`: a messaging
 /// CONSUMER span, child of the coordinator's attempt span (the PRODUCER,
 /// `{step} {kind} attempt {n}`) when the command carries its `traceparent`.
-/// It is made with the OpenTelemetry API (see [`crate::command_span`]);
-/// the handler runs in its context (the second value) and in a `tracing`
-/// span (the first) that names the run and step in the handler's log lines
-/// and carries that context to what the handler hands on.
+/// Numbers are recorded as integers (a `u32` would be exported as a string).
 ///
 /// A command whose run the sampler left out gets no span at all: its
-/// handler runs in the command's OpenTelemetry context instead, so that
-/// spans the handler makes inherit "not sampled" from it.
+/// handler runs in the command's OpenTelemetry context instead (the second
+/// value), so that spans the handler makes inherit "not sampled" from it.
 fn handler_span(
     msg: &async_nats::Message,
     cmd: &StepCommand,
     worker: &str,
 ) -> (tracing::Span, opentelemetry::Context) {
-    use opentelemetry::{KeyValue, StringValue};
+    use tracing::field::Empty;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     // A coordinator that traces a run sends its context in the command (a
     // run its sampler left out only says `sampled: false`; coordinators
     // older than the field sent a header); one that does not sends none,
@@ -1461,70 +1473,59 @@ fn handler_span(
             crate::nats::header(msg.headers.as_ref(), orchestrix_proto::headers::TRACEPARENT)
                 .and_then(parse)
         })
-        .unwrap_or_else(|| {
+        .or_else(|| {
             let [.., a, b, c, d, e, f, g, h] = *cmd.command_id.as_bytes();
             let span = u64::from_be_bytes([a, b, c, d, e, f, g, h]);
             let tp = orchestrix_proto::TraceParent::for_run(cmd.run_id, span);
-            orchestrix_proto::TraceParent { sampled: cmd.sampled != Some(false), ..tp }
+            Some(orchestrix_proto::TraceParent { sampled: cmd.sampled != Some(false), ..tp })
         });
-    if !parent.sampled {
-        return (tracing::Span::none(), crate::telemetry::remote_context(&parent));
+    let remote = |tp| crate::telemetry::remote_context(&tp);
+    if let Some(tp) = parent.filter(|tp| !tp.sampled) {
+        return (tracing::Span::none(), remote(tp));
     }
-    let tracer = crate::command_span::tracer();
-    if tracer.is_none() && !tracing::level_enabled!(tracing::Level::INFO) {
-        // Nothing takes spans here: a command costs none of what follows.
+    if !tracing::level_enabled!(tracing::Level::INFO) {
+        // No subscriber takes info spans (the fallback logger takes warnings
+        // only): the span is disabled, and what follows would format its
+        // fields (a name, two ids) for nothing.
         return (tracing::Span::none(), opentelemetry::Context::new());
     }
-    let parent_cx = crate::telemetry::remote_context(&parent);
-    let kind = cmd.kind.as_str();
-    let (mut run_buf, mut command_buf) = (uuid::Uuid::encode_buffer(), uuid::Uuid::encode_buffer());
-    let started = tracer.and_then(|t| {
+    let span = {
+        // Strings where they can be: a `Display` value costs a trip
+        // through the layers' formatting.
+        let kind = cmd.kind.as_str();
         let mut name = String::with_capacity(cmd.step.len() + 1 + kind.len());
         for piece in [&*cmd.step, " ", kind] {
             name.push_str(piece);
         }
-        let text = |s: &str| StringValue::from(std::sync::Arc::<str>::from(s));
-        let run_id = text(cmd.run_id.hyphenated().encode_lower(&mut run_buf));
-        let command_id = text(cmd.command_id.hyphenated().encode_lower(&mut command_buf));
-        let attributes = vec![
-            KeyValue::new("messaging.system", "nats"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.operation.name", "process"),
-            KeyValue::new("messaging.destination.name", text(msg.subject.as_str())),
-            KeyValue::new("messaging.message.id", command_id.clone()),
-            KeyValue::new("orchestrix.run_id", run_id),
-            KeyValue::new("orchestrix.flow", StringValue::from(cmd.flow.clone())),
-            KeyValue::new("orchestrix.step", StringValue::from(cmd.step.clone())),
-            KeyValue::new("orchestrix.attempt", i64::from(cmd.attempt)),
-            KeyValue::new("orchestrix.kind", kind),
-            KeyValue::new("orchestrix.command_id", command_id),
-            KeyValue::new("orchestrix.worker", text(worker)),
-        ];
-        let consumer = opentelemetry::trace::SpanKind::Consumer;
-        crate::command_span::start(&t, name, consumer, attributes, &parent_cx)
-    });
-    let cx = started.unwrap_or(parent_cx);
-    // The `tracing` span, made in that context so that it carries it. When
-    // no subscriber takes info spans it is disabled, and its fields are
-    // never written. Named and kinded for a plain `tracing-opentelemetry`
-    // layer, which exports it (under the command's context) where no
-    // `telemetry::layer` makes the command's span.
-    let span = {
-        let _current = cx.clone().attach();
+        let (mut run_buf, mut command_buf) =
+            (uuid::Uuid::encode_buffer(), uuid::Uuid::encode_buffer());
+        let run_id: &str = cmd.run_id.hyphenated().encode_lower(&mut run_buf);
+        let command_id: &str = cmd.command_id.hyphenated().encode_lower(&mut command_buf);
         tracing::info_span!(
             "orchestrix.handle",
-            otel.name = %format_args!("{} {kind}", cmd.step),
+            otel.name = name.as_str(),
             otel.kind = "consumer",
-            orchestrix.run_id = &*cmd.run_id.hyphenated().encode_lower(&mut run_buf),
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = msg.subject.as_str(),
+            messaging.message.id = command_id,
+            orchestrix.run_id = run_id,
             orchestrix.flow = &*cmd.flow,
             orchestrix.step = &*cmd.step,
             orchestrix.attempt = i64::from(cmd.attempt),
-            orchestrix.kind = kind,
-            orchestrix.command_id = &*cmd.command_id.hyphenated().encode_lower(&mut command_buf),
+            orchestrix.kind = cmd.kind.as_str(),
+            orchestrix.command_id = command_id,
             orchestrix.worker = worker,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
         )
     };
-    (span, cx)
+    if !span.is_disabled() {
+        // No `traceparent`: a root, whatever the receiving task has current.
+        let _ = span.set_parent(parent.map(remote).unwrap_or_default());
+    }
+    (span, opentelemetry::Context::new())
 }
 
 #[cfg(test)]
