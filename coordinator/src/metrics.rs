@@ -93,6 +93,8 @@ struct Ended {
     /// `flow` and `status`.
     attrs: [KeyValue; 2],
     count: AtomicU64,
+    /// `orchestrix.run.duration` with `attrs`.
+    duration: Bound,
 }
 
 /// The attribute sets and counts of one step and kind.
@@ -106,6 +108,37 @@ struct StepAttrs {
     /// Attempts by outcome, in the order of `outcomes`.
     attempts: [AtomicU64; 3],
     paused: AtomicU64,
+    /// `orchestrix.step.duration` with `base`.
+    duration: Bound,
+}
+
+/// A duration histogram with one attribute set. With the SDK built in
+/// (`otlp`), bound to it once: a record then costs no lookup of the set
+/// (hashing its attributes, several hundred instructions a record) — the
+/// SDK's bound instruments, experimental in 0.33.
+#[cfg(feature = "otlp")]
+struct Bound(opentelemetry::metrics::BoundHistogram<f64>);
+
+#[cfg(not(feature = "otlp"))]
+struct Bound(Histogram<f64>, Vec<KeyValue>);
+
+impl Bound {
+    #[cfg(feature = "otlp")]
+    fn new(histogram: &Histogram<f64>, attrs: &[KeyValue]) -> Self {
+        Bound(histogram.bind(attrs))
+    }
+
+    #[cfg(not(feature = "otlp"))]
+    fn new(histogram: &Histogram<f64>, attrs: &[KeyValue]) -> Self {
+        Bound(histogram.clone(), attrs.to_vec())
+    }
+
+    fn record(&self, d: Duration) {
+        #[cfg(feature = "otlp")]
+        self.0.record(d.as_secs_f64());
+        #[cfg(not(feature = "otlp"))]
+        self.0.record(d.as_secs_f64(), &self.1);
+    }
 }
 
 const OUTCOMES: [&str; 3] = ["completed", "retried", "failed"];
@@ -124,7 +157,7 @@ impl FlowAttrs {
         }
     }
 
-    fn step(&self, step: &str, kind: CommandKind) -> Arc<StepAttrs> {
+    fn step(&self, step: &str, kind: CommandKind, duration: &Histogram<f64>) -> Arc<StepAttrs> {
         found_or_added(
             &self.steps,
             |s| s.kind == kind && *s.step == *step,
@@ -142,6 +175,7 @@ impl FlowAttrs {
                 StepAttrs {
                     step: step.into(),
                     kind,
+                    duration: Bound::new(duration, &base),
                     base,
                     outcomes,
                     attempts: Default::default(),
@@ -152,14 +186,15 @@ impl FlowAttrs {
     }
 
     /// The runs of this flow that ended with `status`.
-    fn ended(&self, status: &'static str) -> Arc<Ended> {
+    fn ended(&self, status: &'static str, duration: &Histogram<f64>) -> Arc<Ended> {
         found_or_added(
             &self.ended,
             |e| e.status == status,
             || {
                 let [flow] = self.flow.clone();
                 let attrs = [flow, KeyValue::new("status", status)];
-                Ended { status, attrs, count: AtomicU64::new(0) }
+                let duration = Bound::new(duration, &attrs);
+                Ended { status, attrs, count: AtomicU64::new(0), duration }
             },
         )
     }
@@ -317,7 +352,7 @@ impl RunMetrics {
     }
 
     fn step(&self, e: &StepEvent<'_>) -> Arc<StepAttrs> {
-        self.flow(e.flow).step(e.step, e.kind)
+        self.flow(e.flow).step(e.step, e.kind, &self.step_duration)
     }
 
     fn attempt(&self, e: &StepEvent<'_>, outcome: usize) -> Arc<StepAttrs> {
@@ -340,7 +375,7 @@ impl Hooks for RunMetrics {
 
     fn on_step_success(&self, e: &StepEvent<'_>, d: Duration) {
         let step = self.attempt(e, COMPLETED);
-        self.step_duration.record(d.as_secs_f64(), &step.base);
+        step.duration.record(d);
     }
 
     fn on_step_failure(&self, e: &StepEvent<'_>, _error: &str) {
@@ -350,7 +385,7 @@ impl Hooks for RunMetrics {
     fn on_compensation_success(&self, e: &StepEvent<'_>, d: Duration) {
         debug_assert_eq!(e.kind, CommandKind::Compensate);
         let step = self.attempt(e, COMPLETED);
-        self.step_duration.record(d.as_secs_f64(), &step.base);
+        step.duration.record(d);
     }
 
     fn on_compensation_failure(&self, e: &StepEvent<'_>, _error: &str) {
@@ -381,9 +416,9 @@ impl Hooks for RunMetrics {
     fn on_run_end(&self, report: &RunReport) {
         let f = self.flow(&report.flow);
         f.in_flight.fetch_sub(1, Relaxed);
-        let ended = f.ended(report.status.as_str());
+        let ended = f.ended(report.status.as_str(), &self.run_duration);
         ended.count.fetch_add(1, Relaxed);
-        self.run_duration.record(report.duration.as_secs_f64(), &ended.attrs);
+        ended.duration.record(report.duration);
     }
 }
 
