@@ -32,8 +32,13 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
         .nats(NatsOptions::new(server.url()))
         .steps::<()>("sampling", |f| {
             f.step("charge", |_: StepContext<()>| async {
-                // A handler's own span, as a service would make one.
+                // A handler's own span, as a service would make one, and
+                // work it hands to a task with its OpenTelemetry context.
                 tracing::info_span!("call the bank").in_scope(|| ());
+                let task = async { tracing::info_span!("handed on").in_scope(|| ()) };
+                tokio::spawn(opentelemetry::context::FutureExt::with_current_context(task))
+                    .await
+                    .unwrap();
                 Ok(())
             })
         })
@@ -104,8 +109,8 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
         all.into_iter().partition(|s| s.span_context.trace_id().to_string() == HEADER_TRACE);
     all = rest;
     let names: Vec<&str> = by_header.iter().map(|s| s.name.as_ref()).collect();
-    assert_eq!(names, ["call the bank", "charge execute"], "{names:?}");
-    assert_eq!(by_header[1].parent_span_id.to_string(), "00f067aa0ba902b7");
+    assert_eq!(names, ["call the bank", "handed on", "charge execute"], "{names:?}");
+    assert_eq!(by_header[2].parent_span_id.to_string(), "00f067aa0ba902b7");
     let names: Vec<&str> = all.iter().map(|s| s.name.as_ref()).collect();
     let left_out: Vec<&str> = all
         .iter()
@@ -120,7 +125,9 @@ async fn a_run_left_out_by_the_sampler_exports_no_span_anywhere() {
         .filter(|s| s.span_context.trace_id() == run.span_context.trace_id())
         .map(|s| s.name.as_ref())
         .collect();
-    for name in ["sampling run", "charge execute attempt 1", "charge execute", "call the bank"] {
+    for name in
+        ["sampling run", "charge execute attempt 1", "charge execute", "call the bank", "handed on"]
+    {
         assert!(in_trace.contains(&name), "{name} missing from {in_trace:?} (all: {names:?})");
     }
     // The sampled command named its attempt's span, which the worker's is under.
