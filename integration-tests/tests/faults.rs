@@ -88,6 +88,9 @@ async fn a_worker_killed_mid_step_is_replaced_by_another_replica() {
     // Step a ran once (in the doomed worker); b finished in the survivor.
     assert_eq!(doomed.lines_starting("a ").len(), 1);
     assert!(survivor.lines_starting("a ").is_empty());
+    // The outcome can reach the coordinator before the line reaches us
+    // through the pipe: wait for it, then count.
+    survivor.wait_for_line("b-done", 5 * SECS).await;
     assert_eq!(survivor.lines_starting("b-done").len(), 1);
     assert!(doomed.lines_starting("b-done").is_empty());
 }
@@ -111,6 +114,7 @@ async fn a_worker_that_went_quiet_is_asked_before_its_step_is_given_up() {
     let b = report.step("b").unwrap();
     assert_eq!((b.attempts, b.error.as_deref()), (1, None), "{report}");
     assert_eq!(quiet.lines_starting("b-start").len(), 1);
+    quiet.wait_for_line("b-done", 5 * SECS).await;
     assert_eq!(quiet.lines_starting("b-done").len(), 1);
 }
 
@@ -154,6 +158,7 @@ async fn a_frozen_worker_is_given_up_after_its_heartbeats_stop() {
         "{seen:?}"
     );
     assert_eq!(report.step("b").unwrap().attempts as usize, seen.len() + 1);
+    healthy.wait_for_line("b-done", 5 * SECS).await;
     assert_eq!(healthy.lines_starting("b-done").len(), 1);
     assert_eq!(frozen.lines_starting("b-start").len(), 1, "the frozen worker took nothing more");
     // Thawed, the old worker is gone from NATS; the run's report stands.
