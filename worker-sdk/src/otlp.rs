@@ -368,19 +368,22 @@ fn array_len(a: &Array) -> usize {
     }
 }
 
+/// The usual attribute, a string under a key, when its whole `KeyValue` is
+/// under 128 bytes: every tag and length in it then takes one byte, and it
+/// takes `6 + key + value` (see `Writer::attributes`).
+#[inline(always)]
+fn short_string(kv: &KeyValue) -> Option<(&[u8], &[u8])> {
+    let (k, Value::String(v)) = (kv.key.as_str(), &kv.value) else { return None };
+    let v = v.as_str();
+    (!k.is_empty() && 6 + k.len() + v.len() < 0x80).then_some((k.as_bytes(), v.as_bytes()))
+}
+
 #[inline(always)]
 fn kv_len(kv: &KeyValue) -> usize {
-    let key = kv.key.as_str();
-    if let Value::String(v) = &kv.value
-        && !key.is_empty()
-    {
-        // The usual attribute, as `Writer::attributes` writes it.
-        let len = 6 + key.len() + v.as_str().len();
-        if len < 0x80 {
-            return len;
-        }
+    match short_string(kv) {
+        Some((k, v)) => 6 + k.len() + v.len(),
+        None => string_len(1, kv.key.as_str()) + delimited(2, any_len(&kv.value)),
     }
-    string_len(1, key) + delimited(2, any_len(&kv.value))
 }
 
 fn attributes_len<'a>(field: u32, kvs: impl IntoIterator<Item = &'a KeyValue>) -> usize {
@@ -583,28 +586,19 @@ impl Writer {
 
     fn attributes<'a>(&mut self, field: u32, kvs: impl IntoIterator<Item = &'a KeyValue>) {
         for kv in kvs {
-            let key = kv.key.as_str();
-            if let Value::String(v) = &kv.value {
-                // The usual attribute, a short string under a short key:
-                // every tag and length fits a byte, written four at a time.
-                let (k, v) = (key.as_bytes(), v.as_str().as_bytes());
-                let any = 2 + v.len();
-                let len = 2 + k.len() + 2 + any;
-                if field < 16 && len < 0x80 && !k.is_empty() {
-                    self.0.extend_from_slice(&[
-                        (field << 3 | 2) as u8,
-                        len as u8,
-                        0x0a,
-                        k.len() as u8,
-                    ]);
-                    self.0.extend_from_slice(k);
-                    self.0.extend_from_slice(&[0x12, any as u8, 0x0a, v.len() as u8]);
-                    self.0.extend_from_slice(v);
-                    continue;
-                }
+            if field < 16
+                && let Some((k, v)) = short_string(kv)
+            {
+                // Four bytes of tags and lengths, the key, four more, the value.
+                let len = 6 + k.len() + v.len();
+                self.0.extend_from_slice(&[(field << 3 | 2) as u8, len as u8, 0x0a, k.len() as u8]);
+                self.0.extend_from_slice(k);
+                self.0.extend_from_slice(&[0x12, (2 + v.len()) as u8, 0x0a, v.len() as u8]);
+                self.0.extend_from_slice(v);
+                continue;
             }
             // Each size once: a span's attributes are most of its bytes.
-            let value = any_len(&kv.value);
+            let (key, value) = (kv.key.as_str(), any_len(&kv.value));
             self.message(field, string_len(1, key) + delimited(2, value));
             self.string(1, key);
             self.message(2, value);

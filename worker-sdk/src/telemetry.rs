@@ -376,13 +376,12 @@ impl tracing::field::Visit for LogVisitor<'_> {
     }
 }
 
-/// `RUST_LOG` if it is set and valid, else `default_level`.
+/// The log's filter: [`log_directives`].
 fn filter(default_level: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level))
+    EnvFilter::new(log_directives(default_level))
 }
 
-/// The directives [`filter`] uses.
-#[cfg_attr(not(feature = "otlp"), allow(dead_code))]
+/// `RUST_LOG` if it is set and valid, else `default_level`.
 fn log_directives(default_level: &str) -> String {
     std::env::var(EnvFilter::DEFAULT_ENV)
         .ok()
