@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 mod nats;
+mod spans;
 use hdrhistogram::Histogram;
 use nats::worker_process;
 use orchestrix::{Coordinator, RunOptions, RunStatus, create};
@@ -427,8 +428,12 @@ fn main() {
         .expect("tokio runtime");
     let code = runtime.block_on(async {
         let sink = args.traced.then(otlp_sink);
-        let _telemetry = sink.as_ref().map(|url| {
-            orchestrix::telemetry::init_with("orchestrix-bench", "warn", Some(export(url)))
+        let telemetry = sink.as_ref().map(|url| {
+            Arc::new(orchestrix::telemetry::init_with(
+                "orchestrix-bench",
+                "warn",
+                Some(export(url)),
+            ))
         });
         let args = Args { trace_to: sink, ..args };
         let wanted = |name: &str| {
@@ -441,6 +446,12 @@ fn main() {
         if INPROCESS_SCENARIOS.iter().any(|n| wanted(n)) {
             for f in saga_inprocess(&args, &wanted).await {
                 f.print(args.json, args.traced);
+            }
+        }
+        // Only traced: they measure the installed telemetry.
+        if let Some(guard) = &telemetry {
+            for f in spans::floors(args.seconds, guard, &wanted).await {
+                f.print(args.json, false);
             }
         }
         if nats::SCENARIOS.iter().chain(&nats::DURABLE_SCENARIOS).any(|n| wanted(n)) {
@@ -473,7 +484,11 @@ fn bad_arguments(args: &Args) -> Option<String> {
         return Some(format!("--seconds must be a positive number, not {}", args.seconds));
     }
     let only = args.only.as_deref()?;
-    let all = INPROCESS_SCENARIOS.iter().chain(&nats::SCENARIOS).chain(&nats::DURABLE_SCENARIOS);
+    let all = INPROCESS_SCENARIOS
+        .iter()
+        .chain(&spans::SCENARIOS)
+        .chain(&nats::SCENARIOS)
+        .chain(&nats::DURABLE_SCENARIOS);
     if all.clone().any(|n| only.split(',').any(|o| n.contains(o))) {
         return None;
     }

@@ -97,8 +97,9 @@ impl Plain {
         }
         let headers = traces_var("HEADERS").map(|h| headers(&h)).unwrap_or_default();
         // A per-signal timeout that does not parse falls back to the
-        // generic one, then to the default.
-        let millis = |name: &str| var(name).and_then(|t| t.parse::<u64>().ok());
+        // generic one, then to the default; so does 0, which would fail
+        // every export before it was sent.
+        let millis = |name: &str| var(name).and_then(|t| t.parse::<u64>().ok()).filter(|&t| t > 0);
         let timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
             .or_else(|| millis("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
@@ -964,6 +965,15 @@ mod tests {
         .unwrap();
         assert_eq!(p.endpoint, "http://collector:4318/v1/traces");
         assert_eq!(p.timeout, Duration::from_millis(2500));
+        let zero: Vars = &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"),
+        ];
+        assert_eq!(
+            from(zero).unwrap().timeout,
+            Duration::from_secs(10),
+            "0 would fail every export"
+        );
         assert!(p.headers.get("a").is_none(), "the signal's headers replace the generic ones");
         assert_eq!(p.headers.get("b").unwrap(), "2");
         let p = from(&[

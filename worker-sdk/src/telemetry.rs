@@ -44,6 +44,22 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
+    /// Exports every span ended so far, and the metrics, now rather than
+    /// at the next batch, and waits for it: before a checkpoint, a test's
+    /// assertions, or a measurement's end. Call it off async worker threads
+    /// (`spawn_blocking`): a gRPC exporter must not be flushed from one.
+    pub fn flush(&self) {
+        #[cfg(feature = "otlp")]
+        {
+            if let Some(p) = &self.provider {
+                let _ = p.force_flush();
+            }
+            if let Some(m) = &self.meters {
+                let _ = m.force_flush();
+            }
+        }
+    }
+
     fn exporting(&self) -> bool {
         #[cfg(feature = "otlp")]
         return self.provider.is_some() || self.meters.is_some();
