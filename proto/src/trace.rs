@@ -79,17 +79,31 @@ impl std::fmt::Display for TraceParent {
 
 /// Lowercase hex digits into bytes (`hex` is twice as long as `out`).
 fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
-    fn digit(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
+    /// Each byte's value as a lowercase hex digit, 0xff if it is not one:
+    /// a lookup a digit, and one test for the whole field at the end
+    /// (this runs for every command a worker takes).
+    const DIGITS: [u8; 256] = {
+        let mut t = [0xffu8; 256];
+        let mut i = 0;
+        while i < 10 {
+            t[b'0' as usize + i] = i as u8;
+            i += 1;
         }
-    }
+        let mut i = 0;
+        while i < 6 {
+            t[b'a' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        t
+    };
+    let mut bad = 0u8;
     for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = (digit(pair[0])? << 4) | digit(pair[1])?;
+        let (hi, lo) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
+        bad |= hi | lo;
+        *byte = hi << 4 | lo;
     }
-    Some(())
+    // A valid digit is below 16; 0xff sets the high bits.
+    (bad < 16).then_some(())
 }
 
 #[cfg(test)]
@@ -121,6 +135,24 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331--1",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    /// Every position of every id takes exactly the 16 lowercase hex
+    /// digits: any other ASCII byte there is refused.
+    #[test]
+    fn each_id_digit_is_checked() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let hex = (3..35).chain(36..52).chain(53..55);
+        for at in hex {
+            for c in 1u8..128 {
+                let mut b = good.as_bytes().to_vec();
+                b[at] = c;
+                let Ok(text) = String::from_utf8(b) else { continue };
+                let is_digit = c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+                // An all-zero id is invalid: only a zero in a zero-free id is here.
+                assert_eq!(TraceParent::parse(&text).is_some(), is_digit, "{text:?}");
+            }
         }
     }
 }
