@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -177,19 +177,39 @@ pub(crate) fn count_cpu_of(pid: u32, part: &'static str) {
 /// (`bench`) and the ones it started, part by part, from `/proc`; `None`
 /// where there is no `/proc`.
 fn cpu_seconds() -> Option<Vec<(&'static str, f64)>> {
-    fn ticks(pid: &str) -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-    }
     // Clock ticks of 1/100 s (`USER_HZ`, 100 on every Linux platform we run on).
-    let mut parts = vec![("bench", ticks("self")? as f64 / 100.0)];
+    let sink = SINK.ticks.load(Ordering::Relaxed);
+    let mut parts = vec![("bench", ticks("self")?.saturating_sub(sink) as f64 / 100.0)];
+    if SINK.started.load(Ordering::Relaxed) {
+        parts.push(("otlp_sink", sink as f64 / 100.0));
+    }
     for (pid, part) in STARTED.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         parts.push((part, ticks(&pid.to_string()).unwrap_or(0) as f64 / 100.0));
     }
     Some(parts)
 }
+
+/// User and system CPU ticks of `/proc/{task}/stat` (`self`, `thread-self`,
+/// a pid).
+fn ticks(task: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{task}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// What the in-process OTLP sink has taken: bodies' bytes, and the CPU
+/// ticks of its threads (each adds its own as it goes), which the figures
+/// count apart from the bench's: a collector's work is not the cost of
+/// tracing, though it runs on the same cores.
+struct Sink {
+    started: AtomicBool,
+    bytes: AtomicU64,
+    ticks: AtomicU64,
+}
+
+static SINK: Sink =
+    Sink { started: AtomicBool::new(false), bytes: AtomicU64::new(0), ticks: AtomicU64::new(0) };
 
 /// CPU µs per run, in all and part by part, between two readings.
 fn cpu_per_run(
@@ -351,44 +371,59 @@ async fn parked_memory(n: usize) -> Figure {
 }
 
 /// A local OTLP/HTTP endpoint that accepts and discards everything, so the
-/// traced scenarios pay for producing and sending spans, not for a collector.
+/// traced scenarios pay for producing and sending spans, not for a
+/// collector; its CPU is counted apart ([`Sink`]).
 fn otlp_sink() -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::BufReader;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("sink port");
     let url = format!("http://{}", listener.local_addr().expect("sink address"));
+    SINK.started.store(true, Ordering::Relaxed);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             std::thread::spawn(move || {
+                let mut seen = ticks("thread-self").unwrap_or(0);
+                let mut count = || {
+                    let now = ticks("thread-self").unwrap_or(seen);
+                    SINK.ticks.fetch_add(now.saturating_sub(seen), Ordering::Relaxed);
+                    seen = now;
+                };
                 let mut reader = BufReader::new(stream);
-                loop {
-                    let (mut len, mut line) = (0usize, String::new());
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    // Read through and dropped, never held: a collector's
-                    // work is not the traced scenarios' cost.
-                    let mut body = (&mut reader).take(len as u64);
-                    if std::io::copy(&mut body, &mut std::io::sink()).ok() != Some(len as u64) {
-                        return;
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if reader.get_mut().write_all(ok).is_err() {
-                        return;
-                    }
+                while take_request(&mut reader) {
+                    count();
                 }
+                count();
             });
         }
     });
     url
+}
+
+/// Reads one request on a sink's connection, counts its body's bytes and
+/// answers 200; `false` when the connection ends.
+fn take_request(reader: &mut std::io::BufReader<std::net::TcpStream>) -> bool {
+    use std::io::{BufRead, Read, Write};
+    let (mut len, mut line) = (0usize, String::new());
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    // Read through and dropped, never held.
+    let mut body = reader.by_ref().take(len as u64);
+    if std::io::copy(&mut body, &mut std::io::sink()).ok() != Some(len as u64) {
+        return false;
+    }
+    SINK.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    let ok =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+    reader.get_mut().write_all(ok).is_ok()
 }
 
 /// Spans and metrics to the sink at `url`; spans only when
@@ -452,8 +487,12 @@ fn main() {
         }
         // Only traced: they measure the installed telemetry.
         if let Some(guard) = &telemetry {
-            for f in spans::floors(args.seconds, guard, &wanted).await {
-                f.print(args.json, false);
+            match spans::floors(args.seconds, guard, &wanted).await {
+                Ok(figures) => figures.into_iter().for_each(|f| f.print(args.json, false)),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return 1;
+                }
             }
         }
         if nats::SCENARIOS.iter().chain(&nats::DURABLE_SCENARIOS).any(|n| wanted(n)) {
@@ -486,6 +525,15 @@ fn bad_arguments(args: &Args) -> Option<String> {
         return Some(format!("--seconds must be a positive number, not {}", args.seconds));
     }
     let only = args.only.as_deref()?;
+    let names = |list: &[&str]| list.iter().any(|n| only.split(',').any(|o| n.contains(o)));
+    if !args.traced
+        && names(&spans::SCENARIOS)
+        && !names(&INPROCESS_SCENARIOS)
+        && !names(&nats::SCENARIOS)
+        && !names(&nats::DURABLE_SCENARIOS)
+    {
+        return Some(format!("--only {only} names only span floors, which measure --traced"));
+    }
     let all = INPROCESS_SCENARIOS
         .iter()
         .chain(&spans::SCENARIOS)

@@ -63,9 +63,10 @@ type Put<'a> = &'a mut dyn FnMut(u64, &[KeyValue]);
 
 /// Every flow's counts, and the overflow's.
 struct Flows {
-    /// Looked up on every hook call: hashed with foldhash, several times
-    /// cheaper than the standard SipHash on short names (which are
-    /// registered, not chosen by a caller, so need no HashDoS defence).
+    /// Looked up on every hook call: hashed with foldhash, which is cheaper
+    /// than the standard SipHash on short keys (SipHash was most of the
+    /// lookup in profiles). Names are registered flows, bounded by
+    /// `MAX_FLOWS`, and the hasher is seeded at random.
     by_name: RwLock<HashMap<Box<str>, Arc<FlowAttrs>, foldhash::fast::RandomState>>,
     overflow: Arc<FlowAttrs>,
 }

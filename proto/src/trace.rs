@@ -100,7 +100,7 @@ fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
     for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
         let (hi, lo) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
         bad |= hi | lo;
-        *byte = hi << 4 | lo;
+        *byte = (hi << 4) | lo;
     }
     // A valid digit is below 16; 0xff sets the high bits.
     (bad < 16).then_some(())
@@ -138,21 +138,30 @@ mod tests {
         }
     }
 
-    /// Every position of every id takes exactly the 16 lowercase hex
-    /// digits: any other ASCII byte there is refused.
+    /// A digit pair decodes to its byte when both are lowercase hex
+    /// digits, and is refused for any other byte, in either place: all 256
+    /// byte values (non-ASCII and NUL included), beside every digit.
     #[test]
-    fn each_id_digit_is_checked() {
-        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let hex = (3..35).chain(36..52).chain(53..55);
-        for at in hex {
-            for c in 1u8..128 {
-                let mut b = good.as_bytes().to_vec();
-                b[at] = c;
-                let Ok(text) = String::from_utf8(b) else { continue };
-                let is_digit = c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
-                // An all-zero id is invalid: only a zero in a zero-free id is here.
-                assert_eq!(TraceParent::parse(&text).is_some(), is_digit, "{text:?}");
+    fn each_hex_digit_is_checked() {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for c in 0..=255u8 {
+            let value = HEX.iter().position(|&d| d == c);
+            for (i, &d) in HEX.iter().enumerate() {
+                for (pair, byte) in
+                    [([c, d], value.map(|v| v * 16 + i)), ([d, c], value.map(|v| i * 16 + v))]
+                {
+                    let mut out = [0u8; 1];
+                    let got = hex_into(&pair, &mut out).map(|()| usize::from(out[0]));
+                    assert_eq!(got, byte, "{pair:?}");
+                }
             }
+        }
+        // And through `parse`: a wrong byte anywhere in the ids or the flags.
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for at in (3..35).chain(36..52).chain(53..55) {
+            let mut b = good.as_bytes().to_vec();
+            b[at] = b'g';
+            assert_eq!(TraceParent::parse(&String::from_utf8_lossy(&b)), None, "at {at}");
         }
     }
 }

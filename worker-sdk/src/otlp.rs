@@ -96,15 +96,21 @@ impl Plain {
             return None;
         }
         let headers = traces_var("HEADERS").map(|h| headers(&h)).unwrap_or_default();
-        // A per-signal timeout that does not parse falls back to the
-        // generic one, then to the default; so does 0, which would fail
-        // every export before it was sent.
-        let millis = |name: &str| var(name).and_then(|t| t.parse::<u64>().ok()).filter(|&t| t > 0);
-        let timeout = millis("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
-            .or_else(|| millis("OTEL_EXPORTER_OTLP_TIMEOUT"))
-            .map_or(DEFAULT_TIMEOUT, Duration::from_millis);
-        Some(Plain { endpoint, headers, timeout })
+        Some(Plain { endpoint, headers, timeout: timeout("TRACES", var) })
     }
+}
+
+/// The export timeout of `signal` (`TRACES`, `METRICS`) the variables give:
+/// `OTEL_EXPORTER_OTLP_{signal}_TIMEOUT`, else `OTEL_EXPORTER_OTLP_TIMEOUT`,
+/// else 10 s, as `opentelemetry-otlp` reads them, except that 0 counts as
+/// unset (as does a value that does not parse): taken literally it fails
+/// every export before it is sent. Given to the SDK's exporters too, so
+/// that every export reads the variables alike.
+pub(crate) fn timeout(signal: &str, var: impl Fn(&str) -> Option<String>) -> Duration {
+    let millis = |name: &str| var(name)?.trim().parse::<u64>().ok().filter(|&t| t > 0);
+    millis(&format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"))
+        .or_else(|| millis("OTEL_EXPORTER_OTLP_TIMEOUT"))
+        .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
 }
 
 /// `key=value,key2=value2`, values percent-decoded. Pairs that are not
@@ -948,6 +954,34 @@ mod tests {
         })
     }
 
+    /// The signal's timeout, else the generic one, else 10 s; 0 and
+    /// nonsense count as unset.
+    #[test]
+    fn the_timeout_reads_the_signal_then_the_generic_variable() {
+        let t = |pairs: Vars| {
+            super::timeout("TRACES", |name| {
+                pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+            })
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(t(&[]), ms(10_000));
+        assert_eq!(t(&[("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "250")]), ms(250));
+        assert_eq!(t(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]), ms(2500));
+        let both: Vars =
+            &[("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "250"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")];
+        assert_eq!(t(both), ms(250));
+        let zero: Vars =
+            &[("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")];
+        assert_eq!(t(zero), ms(2500), "0 would fail every export");
+        assert_eq!(t(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "0")]), ms(10_000));
+        assert_eq!(t(&[("OTEL_EXPORTER_OTLP_TIMEOUT", " 300 ")]), ms(300));
+        assert_eq!(
+            t(&[("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "250")]),
+            ms(10_000),
+            "another signal's"
+        );
+    }
+
     /// Which exporter the variables choose, and where it sends.
     #[test]
     fn the_variables_choose_the_exporter_and_its_endpoint() {
@@ -965,15 +999,6 @@ mod tests {
         .unwrap();
         assert_eq!(p.endpoint, "http://collector:4318/v1/traces");
         assert_eq!(p.timeout, Duration::from_millis(2500));
-        let zero: Vars = &[
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0"),
-        ];
-        assert_eq!(
-            from(zero).unwrap().timeout,
-            Duration::from_secs(10),
-            "0 would fail every export"
-        );
         assert!(p.headers.get("a").is_none(), "the signal's headers replace the generic ones");
         assert_eq!(p.headers.get("b").unwrap(), "2");
         let p = from(&[

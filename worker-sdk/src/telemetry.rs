@@ -33,6 +33,13 @@ use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Why [`TelemetryGuard::flush_spans`] did not export everything: the
+/// exporter's or the SDK's error, as text (a timeout, a collector that
+/// refused or could not be reached).
+#[derive(Debug, thiserror::Error)]
+#[error("the spans were not all exported: {0}")]
+pub struct FlushError(String);
+
 /// Flushes and shuts the exporters down when dropped (on a thread of its
 /// own: a gRPC exporter must not be flushed from an async worker thread).
 #[must_use = "spans are flushed when the guard is dropped"]
@@ -44,20 +51,24 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    /// Exports every span ended so far, and the metrics, now rather than
-    /// at the next batch, and waits for it: before a checkpoint, a test's
-    /// assertions, or a measurement's end. Call it off async worker threads
-    /// (`spawn_blocking`): a gRPC exporter must not be flushed from one.
-    pub fn flush(&self) {
+    /// Exports the spans ended so far now rather than with their batch,
+    /// and waits for the export: before a checkpoint, or before a test or a
+    /// measurement reads what was exported. Metrics keep their own
+    /// schedule. Without the `otlp` feature, or with no span export, it
+    /// does nothing and returns `Ok`.
+    ///
+    /// # Blocking
+    ///
+    /// It blocks the calling thread for the export (at most the SDK's
+    /// flush timeout, 5 s): call it from a blocking thread
+    /// (`tokio::task::spawn_blocking`), never on an async worker thread, where
+    /// a gRPC exporter would wait for the very runtime it blocks.
+    pub fn flush_spans(&self) -> Result<(), FlushError> {
         #[cfg(feature = "otlp")]
-        {
-            if let Some(p) = &self.provider {
-                let _ = p.force_flush();
-            }
-            if let Some(m) = &self.meters {
-                let _ = m.force_flush();
-            }
+        if let Some(p) = &self.provider {
+            return p.force_flush().map_err(|e| FlushError(e.to_string()));
         }
+        Ok(())
     }
 
     fn exporting(&self) -> bool {
@@ -548,13 +559,18 @@ mod otlp {
 
     pub(super) fn meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
         let builder = opentelemetry_otlp::MetricExporter::builder();
+        let timeout = crate::otlp::timeout("METRICS", |name| std::env::var(name).ok());
         let exporter = match (&export.endpoint, export.metrics_http) {
-            (Some(base), true) => {
-                builder.with_http().with_endpoint(format!("{base}/v1/metrics")).build()
+            (Some(base), true) => builder
+                .with_http()
+                .with_endpoint(format!("{base}/v1/metrics"))
+                .with_timeout(timeout)
+                .build(),
+            (None, true) => builder.with_http().with_timeout(timeout).build(),
+            (Some(base), false) => {
+                builder.with_tonic().with_endpoint(base).with_timeout(timeout).build()
             }
-            (None, true) => builder.with_http().build(),
-            (Some(base), false) => builder.with_tonic().with_endpoint(base).build(),
-            (None, false) => builder.with_tonic().build(),
+            (None, false) => builder.with_tonic().with_timeout(timeout).build(),
         };
         let exporter =
             exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
@@ -595,13 +611,18 @@ mod otlp {
             return None;
         }
         let builder = opentelemetry_otlp::SpanExporter::builder();
+        let timeout = crate::otlp::timeout("TRACES", |name| std::env::var(name).ok());
         let exporter = match (&export.endpoint, export.http) {
-            (Some(base), true) => {
-                builder.with_http().with_endpoint(format!("{base}/v1/traces")).build()
+            (Some(base), true) => builder
+                .with_http()
+                .with_endpoint(format!("{base}/v1/traces"))
+                .with_timeout(timeout)
+                .build(),
+            (None, true) => builder.with_http().with_timeout(timeout).build(),
+            (Some(base), false) => {
+                builder.with_tonic().with_endpoint(base).with_timeout(timeout).build()
             }
-            (None, true) => builder.with_http().build(),
-            (Some(base), false) => builder.with_tonic().with_endpoint(base).build(),
-            (None, false) => builder.with_tonic().build(),
+            (None, false) => builder.with_tonic().with_timeout(timeout).build(),
         };
         let exporter =
             exporter.map_err(|e| eprintln!("warning: OTLP export disabled: {e}")).ok()?;
