@@ -177,3 +177,58 @@ fn spans_are_exported_whatever_the_log_level() {
     }
     assert!(!has("chatter"), "a span of a target turned off was exported");
 }
+
+/// An idle child with its exports' delays set to 0: how many CPU ticks
+/// (1/100 s) it spends in 3 s of doing nothing.
+#[test]
+fn idle_child() {
+    let Some(url) = std::env::var_os("IDLE_CHILD") else { return };
+    let export = orchestrix_worker::telemetry::Export::http(url.to_str().unwrap());
+    let guard = orchestrix_worker::telemetry::init_with("idle-test", "warn", Some(export));
+    let ticks = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    eprintln!("IDLE TICKS {}", ticks() - before);
+    drop(guard);
+}
+
+/// A schedule delay or an export interval of 0 (both read from the
+/// standard variables) does not make an idle process spin: 0 reads as the
+/// default. Taken literally, the export loops never wait, and an idle
+/// process used most of a core.
+#[test]
+#[cfg(target_os = "linux")]
+fn zero_export_delays_do_not_spin_an_idle_process() {
+    let (url, _) = collector();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["idle_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env("IDLE_CHILD", &url)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "0")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{err}");
+    let ticks: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("IDLE TICKS "))
+        .unwrap_or_else(|| panic!("no tick count:\n{err}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // Idle is a tick or two; spinning was hundreds (dozens on a loaded machine).
+    assert!(ticks < 30, "an idle process spent {ticks} ticks in 3 s");
+}

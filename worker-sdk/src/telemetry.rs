@@ -547,8 +547,12 @@ where
 mod otlp {
     use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::Resource;
-    use opentelemetry_sdk::metrics::SdkMeterProvider;
-    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use std::time::Duration;
+
+    use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+    use opentelemetry_sdk::trace::{
+        BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanExporter,
+    };
 
     use super::Export;
 
@@ -574,12 +578,34 @@ mod otlp {
         };
         let exporter =
             exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
+        // The variable's interval, but 0 (an export loop that never waits,
+        // a core spun while the process idles) reads as the default.
+        let interval =
+            positive_ms("OTEL_METRIC_EXPORT_INTERVAL").unwrap_or(Duration::from_secs(60));
+        let reader = PeriodicReader::builder(exporter).with_interval(interval).build();
         Some(
             SdkMeterProvider::builder()
-                .with_periodic_exporter(exporter)
+                .with_reader(reader)
                 .with_resource(resource(service))
                 .build(),
         )
+    }
+
+    /// `var`, in milliseconds, when it is a positive number.
+    fn positive_ms(var: &str) -> Option<Duration> {
+        let ms = std::env::var(var).ok()?.trim().parse::<u64>().ok()?;
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// The SDK's batch processor as the `OTEL_BSP_*` variables configure it,
+    /// but a schedule delay of 0 (its export loop would never wait, and spin
+    /// a core while the process idles) reads as the default, 5 s.
+    fn batched(exporter: impl SpanExporter + 'static) -> BatchSpanProcessor {
+        let mut config = BatchConfigBuilder::default();
+        if std::env::var("OTEL_BSP_SCHEDULE_DELAY").is_ok_and(|v| v.trim().parse() == Ok(0u64)) {
+            config = config.with_scheduled_delay(Duration::from_secs(5));
+        }
+        BatchSpanProcessor::builder(exporter).with_batch_config(config.build()).build()
     }
 
     pub(super) fn provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
@@ -601,7 +627,7 @@ mod otlp {
                 Ok(exporter) => {
                     return Some(
                         SdkTracerProvider::builder()
-                            .with_batch_exporter(exporter)
+                            .with_span_processor(batched(exporter))
                             .with_resource(resource(service))
                             .build(),
                     );
@@ -628,7 +654,7 @@ mod otlp {
             exporter.map_err(|e| eprintln!("warning: OTLP export disabled: {e}")).ok()?;
         Some(
             SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
+                .with_span_processor(batched(exporter))
                 .with_resource(resource(service))
                 .build(),
         )
