@@ -17,7 +17,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use orchestrix_proto::{
@@ -128,6 +128,14 @@ pub struct Started {
 /// How often [`Client::wait`] asks whether the run it waits for ended
 /// elsewhere (its coordinator died and another finished the run).
 pub const WAIT_LOOK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long a run may be unknown to every coordinator while it is taken
+/// over: one younger than its first checkpoint (about a second) lives only
+/// in the journal of the coordinator that drives it, until another takes
+/// that coordinator's runs over, within about 4 s of its death
+/// (docs/durability.md). [`Client::wait`] asks again for this long before
+/// it takes `unknown_run` for an answer; so does the CLI's `status`.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(8);
 
 /// Starts runs and follows them over NATS, from any service (see the crate docs).
 #[derive(Clone)]
@@ -301,8 +309,13 @@ impl Client {
     /// every [`WAIT_LOOK_EVERY`] the client also asks whether the run ended,
     /// so that it learns of an end elsewhere within that time, not when its
     /// wait (30 s) runs out.
+    ///
+    /// A run no coordinator knows is waited for [`TAKEOVER_GRACE`] before
+    /// the wait ends with [`Rejection::UnknownRun`]: its coordinator may
+    /// have died before its first checkpoint, and another be taking it over.
     pub async fn wait(&self, run_id: RunId) -> Result<RunReport, ClientError> {
         let run_id = run_id.as_uuid();
+        let mut unknown_since = None;
         loop {
             let req = StatusRequest { run_id, wait: true };
             let waiting =
@@ -333,6 +346,13 @@ impl Client {
                 // Nobody answered in time: a long run, or a coordinator restarting.
                 Err(ClientError::NoCoordinator { .. }) => {
                     tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e)
+                    if e.rejection() == Some(Rejection::UnknownRun)
+                        && unknown_since.get_or_insert_with(Instant::now).elapsed()
+                            < TAKEOVER_GRACE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await
                 }
                 Err(e) => return Err(e),
             }

@@ -287,6 +287,43 @@ async fn a_takeover_with_three_worker_replicas_runs_each_step_once() {
     }
 }
 
+// A run whose coordinator dies before its first checkpoint is known to
+// no coordinator until another takes it over (its journal only): a client
+// waiting on it, and `orchestrix status`, ride that out rather than answer
+// `unknown_run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_taken_over_before_its_first_checkpoint_is_waited_for_not_unknown() {
+    let server = NatsServer::start();
+    let flows = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(flows.path(), TAKEOVER_FLOW).unwrap();
+    let ledger = Ledger::default();
+    let workers = replicas(&server, &ledger, 1_000).await;
+    let c = client(&server).await;
+    let first = spawn_serve(&server, flows.path());
+    ready(&c).await;
+    let id = c.start("pay", &7, RunOptions::new()).await.unwrap();
+    // At once: its first checkpoint is about a second away.
+    first.signal("KILL");
+    drop(first);
+    let _second = spawn_serve(&server, flows.path());
+    ready(&c).await;
+    let url = server.url();
+    let cli = tokio::process::Command::new(built("orchestrix"))
+        .args(["--nats", &url, "status", &id.to_string()])
+        .output();
+    let (cli, report) = tokio::join!(cli, tokio::time::timeout(60 * SECS, c.wait(id)));
+    let cli = cli.unwrap();
+    let (out, err) = (String::from_utf8_lossy(&cli.stdout), String::from_utf8_lossy(&cli.stderr));
+    assert!(!err.contains("unknown run"), "status gave up:\n{out}\n{err}");
+    assert!(out.contains(&id.to_string()), "no report:\n{out}\n{err}");
+    let report = report.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    assert_eq!(ledger.count(&format!("charge {id}")), 1, "charged once: {report}");
+    for w in workers {
+        w.shutdown().await;
+    }
+}
+
 const CRASH_FLOW: &str = r#"
 [[flow]]
 name = "crash"

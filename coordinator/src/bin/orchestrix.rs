@@ -520,7 +520,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { run_id, json } => {
             let client = client(&cli.nats).await?;
-            let report = client.status(run_id).await?;
+            let report = status_of(&client, run_id).await?;
             print_report(&report, json, false)?;
             Ok(exit_for(&report))
         }
@@ -528,7 +528,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             use futures::StreamExt;
             let client = client(&cli.nats).await?;
             let mut events = Box::pin(client.watch(run_id).await?);
-            let now = client.status(run_id).await?;
+            let now = status_of(&client, run_id).await?;
             if !now.status.is_terminal() {
                 // What happened before this watch began, from the run's report.
                 if json {
@@ -664,6 +664,36 @@ fn read_input(arg: &str) -> anyhow::Result<Payload> {
             e.to_string().trim_start_matches("cannot encode payload: ")
         )
     })
+}
+
+/// A run's report, asked again for `TAKEOVER_GRACE` while no coordinator
+/// knows the run (its coordinator may have died before its first
+/// checkpoint, and another be taking it over), saying so on stderr.
+async fn status_of(
+    client: &Client,
+    run_id: RunId,
+) -> Result<RunReport, orchestrix_coordinator::nats::ClientError> {
+    use orchestrix_client::TAKEOVER_GRACE;
+    let give_up = std::time::Instant::now() + TAKEOVER_GRACE;
+    let mut said = false;
+    loop {
+        match client.status(run_id).await {
+            Err(e)
+                if e.rejection() == Some(orchestrix_coordinator::nats::Rejection::UnknownRun)
+                    && std::time::Instant::now() < give_up =>
+            {
+                if !said {
+                    eprintln!(
+                        "no coordinator knows run {run_id} yet: asking again for {} s, in case one is taking it over",
+                        TAKEOVER_GRACE.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Waits for a run's report, saying on stderr when it pauses (it then
