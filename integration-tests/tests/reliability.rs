@@ -673,6 +673,73 @@ async fn coordinators_serving_different_flows_share_one_nats() {
     wb.shutdown().await;
 }
 
+// A dead coordinator whose heartbeat the server kept past its TTL (a
+// nats-server that crashed was seen to bring such keys back) does not keep
+// its runs from being taken over: a heartbeat much older than the live
+// coordinator's own counts as dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_kept_past_its_ttl_does_not_keep_a_dead_coordinators_runs() {
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let node = quiet_node(&server, vec![def("fa", &["x"])]).await;
+    let w = simple_worker(&server, "fa", &["x"], &ledger).await;
+    let c = client(&server).await;
+    // A heartbeat with no TTL, as one brought back would be.
+    kv(&server, "orchestrix_coordinators").await.put("ghost", "journal 0".into()).await.unwrap();
+    let mut rec = RunRecord::new(
+        Uuid::now_v7(),
+        &def("fa", &["x"]),
+        Payload::encode(&7u32).unwrap(),
+        std::time::SystemTime::now(),
+    );
+    rec.extras_mut().key = None;
+    kv(&server, "orchestrix_runs")
+        .await
+        .put(rec.run_id.to_string(), stored("ghost", &rec))
+        .await
+        .unwrap();
+    // Fresh: the ghost counts as alive, and its run is not taken.
+    assert_eq!(node.coordinator().recover().await.unwrap(), 0, "taken from a live owner");
+    // Past its TTL (3 s) and the slack (2 s), by the server's clock.
+    tokio::time::sleep(6 * SECS).await;
+    assert_eq!(node.coordinator().recover().await.unwrap(), 1, "a dead owner's run was not taken");
+    let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id.into())).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Completed, "{r}");
+    assert_eq!(ledger.count(&format!("x {}", rec.run_id)), 1);
+    w.shutdown().await;
+}
+
+/// A worker's presence kept past its TTL is not listed as live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_kept_past_its_ttl_is_not_a_live_worker() {
+    use orchestrix_proto::WorkerPresence;
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    let w = simple_worker(&server, "fa", &["x"], &ledger).await;
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    let registry =
+        orchestrix_worker::registry::Registry::open(conn, "orchestrix", 1).await.unwrap();
+    let live = registry.presences().await.unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    let ghost = WorkerPresence { worker: "ghost".into(), ..live[0].clone() };
+    kv(&server, "orchestrix_workers")
+        .await
+        .put(orchestrix_worker::registry::worker_key("ghost"), encode(&ghost).unwrap().into())
+        .await
+        .unwrap();
+    let names = |ps: Vec<WorkerPresence>| {
+        let mut n: Vec<String> = ps.into_iter().map(|p| p.worker).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(registry.presences().await.unwrap()).len(), 2, "a fresh entry is live");
+    // The ghost's entry ages past its TTL (6 s) and the slack (2 s) beyond
+    // the live worker's newest renewal (every 2 s).
+    tokio::time::sleep(11 * SECS).await;
+    assert_eq!(names(registry.presences().await.unwrap()), vec![live[0].worker.clone()]);
+    w.shutdown().await;
+}
+
 // 8. A run whose flow changed under it (steps removed) is moved aside with the
 //    reason, never indexed past the flow's end; whoever waits on its key gets
 //    that answer.

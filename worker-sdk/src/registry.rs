@@ -25,6 +25,29 @@ use orchestrix_proto::{
 
 /// How long a worker's presence lasts without renewal.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(6);
+
+/// This host's clock, in nanoseconds since the Unix epoch.
+pub fn unix_nanos_now() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
+/// Whether a liveness entry (a worker's presence, a coordinator's
+/// heartbeat) written at `written` (the server's timestamp, ns since the
+/// epoch) has outlived its `ttl`, whatever the server says: it is older, by
+/// more than `ttl` and two seconds, than `newest`, a renewal the same
+/// server stamped lately (the newest entry of its bucket, or the reader's
+/// own heartbeat). A live process renews well within its ttl, so only a
+/// dead one's entry can be that old; a nats-server that crashed was seen
+/// to bring such entries back (its per-key TTL state, rebuilt on restart,
+/// missed some), and a dead coordinator that looks alive keeps its runs
+/// from being taken over. Both times are the server's: clocks elsewhere do
+/// not matter.
+pub fn outlived(written: i128, newest: i128, ttl: Duration) -> bool {
+    let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);
+    written < newest.saturating_sub(nanos(ttl + Duration::from_secs(2)))
+}
 /// How often a worker renews its presence.
 pub const PRESENCE_EVERY: Duration = Duration::from_secs(2);
 
@@ -384,19 +407,34 @@ impl Registry {
             .map_err(|e| unavailable("cannot withdraw the worker", e))
     }
 
-    /// The live workers.
+    /// The live workers: those whose presence is in the bucket and not
+    /// [`outlived`] (the server may keep a dead worker's entry past its TTL
+    /// after a crash).
     pub async fn presences(&self) -> Result<Vec<WorkerPresence>, RegistryError> {
         let mut keys =
             self.workers.keys().await.map_err(|e| unavailable("cannot list workers", e))?;
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| unavailable("cannot list workers", e))?;
-            let bytes = self.workers.get(&key).await.map_err(|e| unavailable("cannot read", e))?;
-            if let Some(p) = bytes.and_then(|b| decode::<WorkerPresence>(&b).ok()) {
-                out.push(p);
+            let entry =
+                self.workers.entry(&key).await.map_err(|e| unavailable("cannot read", e))?;
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                continue;
+            };
+            if let Ok(p) = decode::<WorkerPresence>(&entry.value) {
+                found.push((entry.created.unix_timestamp_nanos(), p));
             }
         }
-        Ok(out)
+        // The newest entry stands for the server's clock; when every entry
+        // is stale (no worker lives), this host's clock, five minutes back
+        // for skew, stands in.
+        let newest = found.iter().map(|(at, _)| *at).max().unwrap_or_default();
+        let newest = newest.max(unix_nanos_now().saturating_sub(300_000_000_000));
+        Ok(found
+            .into_iter()
+            .filter(|(at, _)| !outlived(*at, newest, PRESENCE_TTL))
+            .map(|(_, p)| p)
+            .collect())
     }
 
     /// Every registration, then each new one as it is written.
@@ -492,6 +530,21 @@ pub(crate) fn served(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    /// Stale past the ttl and 2 s behind the newest renewal; live otherwise.
+    #[test]
+    fn an_entry_outlives_its_ttl_against_the_newest() {
+        use super::outlived;
+        let s = |secs: i128| secs * 1_000_000_000;
+        let ttl = Duration::from_secs(6);
+        let newest = s(1_000_000);
+        assert!(!outlived(newest, newest, ttl));
+        assert!(!outlived(newest - s(8), newest, ttl), "within ttl + 2 s of the newest");
+        assert!(outlived(newest - s(9), newest, ttl), "past ttl + 2 s of the newest");
+        assert!(!outlived(newest + s(60), newest, ttl), "newer than the reference");
+    }
+
     #[test]
     fn server_versions() {
         use super::server_supports_ttl as ok;

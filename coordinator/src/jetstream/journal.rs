@@ -696,12 +696,31 @@ impl Inner {
         if !is_key(owner) {
             return Ok(false);
         }
-        let a = self
-            .coordinators
-            .get(owner)
-            .await
-            .map_err(|e| unavailable("cannot read heartbeats", e))?
-            .is_some();
+        let read = |id: &str| {
+            let id = id.to_owned();
+            async move {
+                let entry = self
+                    .coordinators
+                    .entry(&id)
+                    .await
+                    .map_err(|e| unavailable("cannot read heartbeats", e))?;
+                Ok::<_, StoreError>(
+                    entry
+                        .filter(|e| e.operation == kv::Operation::Put)
+                        .map(|e| e.created.unix_timestamp_nanos()),
+                )
+            }
+        };
+        // A heartbeat is alive while its key is there, unless it is much
+        // older than this coordinator's own (renewed every second, stamped
+        // by the same server): see `outlived`.
+        let a = match read(owner).await? {
+            None => false,
+            Some(beat) => {
+                let newest = read(&self.id).await?.unwrap_or(beat);
+                !orchestrix_worker::registry::outlived(beat, newest, super::HEARTBEAT_TTL)
+            }
+        };
         alive.insert(owner.to_owned(), a);
         Ok(a)
     }
