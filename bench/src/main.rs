@@ -34,9 +34,9 @@ struct Args {
     #[arg(long)]
     only: Option<String>,
     /// Seconds each measurement runs (after a warm-up of a fifth of it).
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     seconds: f64,
-    /// Runs parked at once for the memory measurement.
+    /// Runs parked at once for the memory measurement (1 to 10,000,000).
     #[arg(long, default_value_t = 100_000)]
     parked: usize,
     /// NATS server for the NATS scenarios (default: start one, from
@@ -141,13 +141,17 @@ impl Figure {
         if json {
             println!("{}", serde_json::to_string(&self).unwrap_or_default());
         } else {
+            // A span floor counts spans, the rest runs.
+            let unit = if self.scenario.starts_with("span-floor") { "span" } else { "run" };
             let mem = self.bytes_per_run.map(|b| format!("  {b:>8.0} B/run")).unwrap_or_default();
             let latency = match (self.p50_us, self.p99_us) {
                 (Some(p50), Some(p99)) => format!("  p50 {p50:>8.1} µs  p99 {p99:>8.1} µs"),
                 _ => String::new(),
             };
-            let cpu =
-                self.cpu_us_per_run.map(|c| format!("  cpu {c:>7.1} µs/run")).unwrap_or_default();
+            let cpu = self
+                .cpu_us_per_run
+                .map(|c| format!("  cpu {c:>7.1} µs/{unit}"))
+                .unwrap_or_default();
             let parts = match &self.cpu_us_per_run_by {
                 Some(by) if by.len() > 1 => {
                     let by: Vec<String> = by.iter().map(|(p, c)| format!("{p} {c:.0}")).collect();
@@ -157,7 +161,7 @@ impl Figure {
             };
             let latency = latency + &cpu + &parts;
             println!(
-                "{:<22} c={:<5} {:>10.0} runs/s{latency}{mem}",
+                "{:<22} c={:<5} {:>10.0} {unit}s/s{latency}{mem}",
                 self.scenario, self.concurrency, self.runs_per_s
             );
         }
@@ -523,6 +527,11 @@ const INPROCESS_SCENARIOS: [&str; 3] =
 fn bad_arguments(args: &Args) -> Option<String> {
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         return Some(format!("--seconds must be a positive number, not {}", args.seconds));
+    }
+    // Each parked run holds about 2 KiB: past ten million, the machine's
+    // memory runs out before the figure is made.
+    if !(1..=10_000_000).contains(&args.parked) {
+        return Some(format!("--parked must be 1 to 10,000,000 runs, not {}", args.parked));
     }
     let only = args.only.as_deref()?;
     let names = |list: &[&str]| list.iter().any(|n| only.split(',').any(|o| n.contains(o)));
