@@ -27,7 +27,7 @@ use orchestrix_proto::{
 pub const PRESENCE_TTL: Duration = Duration::from_secs(6);
 
 /// This host's clock, in nanoseconds since the Unix epoch.
-pub fn unix_nanos_now() -> i128 {
+fn unix_nanos_now() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
@@ -48,6 +48,7 @@ pub fn outlived(written: i128, newest: i128, ttl: Duration) -> bool {
     let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);
     written < newest.saturating_sub(nanos(ttl + Duration::from_secs(2)))
 }
+
 /// How often a worker renews its presence.
 pub const PRESENCE_EVERY: Duration = Duration::from_secs(2);
 

@@ -545,10 +545,10 @@ where
 
 #[cfg(feature = "otlp")]
 mod otlp {
-    use opentelemetry_otlp::WithExportConfig;
-    use opentelemetry_sdk::Resource;
     use std::time::Duration;
 
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::Resource;
     use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
     use opentelemetry_sdk::trace::{
         BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanExporter,
