@@ -700,8 +700,12 @@ async fn a_heartbeat_kept_past_its_ttl_does_not_keep_a_dead_coordinators_runs() 
         .unwrap();
     // Fresh: the ghost counts as alive, and its run is not taken.
     assert_eq!(node.coordinator().recover().await.unwrap(), 0, "taken from a live owner");
-    // Past its TTL (3 s) and the slack (2 s), by the server's clock.
-    tokio::time::sleep(6 * SECS).await;
+    // Still within its TTL (3 s) and the margin (30 s), by the server's
+    // clock: a pause of that length must not read as a death.
+    tokio::time::sleep(10 * SECS).await;
+    assert_eq!(node.coordinator().recover().await.unwrap(), 0, "taken within the margin");
+    // Past them.
+    tokio::time::sleep(25 * SECS).await;
     assert_eq!(node.coordinator().recover().await.unwrap(), 1, "a dead owner's run was not taken");
     let r = tokio::time::timeout(30 * SECS, c.wait(rec.run_id.into())).await.unwrap().unwrap();
     assert_eq!(r.status, RunStatus::Completed, "{r}");

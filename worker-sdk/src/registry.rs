@@ -35,18 +35,18 @@ fn unix_nanos_now() -> i128 {
 
 /// Whether a liveness entry (a worker's presence, a coordinator's
 /// heartbeat) written at `written` (the server's timestamp, ns since the
-/// epoch) has outlived its `ttl`, whatever the server says: it is older, by
-/// more than `ttl` and two seconds, than `newest`, a renewal the same
-/// server stamped lately (the newest entry of its bucket, or the reader's
-/// own heartbeat). A live process renews well within its ttl, so only a
-/// dead one's entry can be that old; a nats-server that crashed was seen
-/// to bring such entries back (its per-key TTL state, rebuilt on restart,
-/// missed some), and a dead coordinator that looks alive keeps its runs
-/// from being taken over. Both times are the server's: clocks elsewhere do
-/// not matter.
-pub fn outlived(written: i128, newest: i128, ttl: Duration) -> bool {
-    let nanos = |d: Duration| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX);
-    written < newest.saturating_sub(nanos(ttl + Duration::from_secs(2)))
+/// epoch) is dead whatever the server says: it is older, by more than
+/// `after` (its TTL and a margin), than `newest`, a renewal the same server
+/// stamped lately (the newest entry of its bucket, or the reader's own
+/// heartbeat). A live process renews well within its TTL, so only a dead
+/// one's entry can be that old; a nats-server that crashed was seen to bring
+/// such entries back (its per-key TTL state, rebuilt on restart, missed
+/// some), and a dead coordinator that looks alive keeps its runs from being
+/// taken over. Both times are the server's: clocks elsewhere do not matter.
+/// The margin must outlast a pause of the server or of the readers (no one
+/// renews meanwhile): a pause must not read as a death.
+pub fn outlived(written: i128, newest: i128, after: Duration) -> bool {
+    written < newest.saturating_sub(i128::try_from(after.as_nanos()).unwrap_or(i128::MAX))
 }
 
 /// How often a worker renews its presence.
@@ -433,7 +433,7 @@ impl Registry {
         let newest = newest.max(unix_nanos_now().saturating_sub(300_000_000_000));
         Ok(found
             .into_iter()
-            .filter(|(at, _)| !outlived(*at, newest, PRESENCE_TTL))
+            .filter(|(at, _)| !outlived(*at, newest, PRESENCE_TTL + Duration::from_secs(2)))
             .map(|(_, p)| p)
             .collect())
     }
@@ -533,17 +533,17 @@ pub(crate) fn served(
 mod tests {
     use std::time::Duration;
 
-    /// Stale past the ttl and 2 s behind the newest renewal; live otherwise.
+    /// Dead once more than `after` behind the newest renewal; live otherwise.
     #[test]
-    fn an_entry_outlives_its_ttl_against_the_newest() {
+    fn an_entry_is_dead_once_that_far_behind_the_newest() {
         use super::outlived;
         let s = |secs: i128| secs * 1_000_000_000;
-        let ttl = Duration::from_secs(6);
+        let after = Duration::from_secs(8);
         let newest = s(1_000_000);
-        assert!(!outlived(newest, newest, ttl));
-        assert!(!outlived(newest - s(8), newest, ttl), "within ttl + 2 s of the newest");
-        assert!(outlived(newest - s(9), newest, ttl), "past ttl + 2 s of the newest");
-        assert!(!outlived(newest + s(60), newest, ttl), "newer than the reference");
+        assert!(!outlived(newest, newest, after));
+        assert!(!outlived(newest - s(8), newest, after), "within the margin");
+        assert!(outlived(newest - s(9), newest, after), "past it");
+        assert!(!outlived(newest + s(60), newest, after), "newer than the reference");
     }
 
     #[test]

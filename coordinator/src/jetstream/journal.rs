@@ -713,12 +713,16 @@ impl Inner {
         };
         // A heartbeat is alive while its key is there, unless it is much
         // older than this coordinator's own (renewed every second, stamped
-        // by the same server): see `outlived`.
+        // by the same server): see `outlived`. Much: its TTL and 30 s, so
+        // that a pause of the server or of every coordinator (no one
+        // renews meanwhile) never reads as a death by this rule, only a key
+        // kept far past its TTL.
         let a = match read(owner).await? {
             None => false,
             Some(beat) => {
                 let newest = read(&self.id).await?.unwrap_or(beat);
-                !orchestrix_worker::registry::outlived(beat, newest, super::HEARTBEAT_TTL)
+                let after = super::HEARTBEAT_TTL + Duration::from_secs(30);
+                !orchestrix_worker::registry::outlived(beat, newest, after)
             }
         };
         alive.insert(owner.to_owned(), a);

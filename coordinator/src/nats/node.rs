@@ -185,7 +185,27 @@ impl NodeBuilder {
         if let NodeStore::JetStream(options) = self.store {
             let options = options.prefix(self.subjects.prefix());
             replicas = options.replicas;
-            builder = builder.store(JetStreamStore::open(conn.clone(), options).await?);
+            // A cluster that is still electing its leaders (every node
+            // started at once, say) times requests out for a few seconds:
+            // tried again for up to 30 s rather than given up at once.
+            // Only timeouts: a server without JetStream, or a user without
+            // the rights, answers at once and is said at once.
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            let electing = |e: &StoreError| {
+                let text = e.to_string();
+                matches!(e, StoreError::Unavailable(_))
+                    && (text.contains("timed out") || text.contains("temporarily unavailable"))
+            };
+            let store = loop {
+                match JetStreamStore::open(conn.clone(), options.clone()).await {
+                    Err(e) if electing(&e) && std::time::Instant::now() < give_up => {
+                        tracing::warn!(error = %e, "cannot open the run store yet; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    opened => break opened?,
+                }
+            };
+            builder = builder.store(store);
         }
         for def in self.flows {
             builder = builder.flow_def(def);
