@@ -564,17 +564,12 @@ mod otlp {
     pub(super) fn meters(service: &str, export: &Export) -> Option<SdkMeterProvider> {
         let builder = opentelemetry_otlp::MetricExporter::builder();
         let timeout = crate::otlp::timeout("METRICS", |name| std::env::var(name).ok());
-        let exporter = match (&export.endpoint, export.metrics_http) {
-            (Some(base), true) => builder
-                .with_http()
-                .with_endpoint(format!("{base}/v1/metrics"))
-                .with_timeout(timeout)
-                .build(),
-            (None, true) => builder.with_http().with_timeout(timeout).build(),
-            (Some(base), false) => {
-                builder.with_tonic().with_endpoint(base).with_timeout(timeout).build()
-            }
-            (None, false) => builder.with_tonic().with_timeout(timeout).build(),
+        let base = export.endpoint.as_deref();
+        let exporter = if export.metrics_http {
+            let endpoint = base.map(|b| format!("{b}/v1/metrics"));
+            configured(builder.with_http(), endpoint, timeout).build()
+        } else {
+            configured(builder.with_tonic(), base.map(str::to_owned), timeout).build()
         };
         let exporter =
             exporter.map_err(|e| eprintln!("warning: OTLP metrics disabled: {e}")).ok()?;
@@ -589,6 +584,21 @@ mod otlp {
                 .with_resource(resource(service))
                 .build(),
         )
+    }
+
+    /// An SDK exporter's builder with the resolved timeout (see
+    /// `otlp::timeout`) and, when given, the endpoint (which wins over the
+    /// variables).
+    fn configured<B: WithExportConfig>(
+        builder: B,
+        endpoint: Option<String>,
+        timeout: Duration,
+    ) -> B {
+        let builder = builder.with_timeout(timeout);
+        match endpoint {
+            Some(e) => builder.with_endpoint(e),
+            None => builder,
+        }
     }
 
     /// `var`, in milliseconds, when it is a positive number.
@@ -638,17 +648,12 @@ mod otlp {
         }
         let builder = opentelemetry_otlp::SpanExporter::builder();
         let timeout = crate::otlp::timeout("TRACES", |name| std::env::var(name).ok());
-        let exporter = match (&export.endpoint, export.http) {
-            (Some(base), true) => builder
-                .with_http()
-                .with_endpoint(format!("{base}/v1/traces"))
-                .with_timeout(timeout)
-                .build(),
-            (None, true) => builder.with_http().with_timeout(timeout).build(),
-            (Some(base), false) => {
-                builder.with_tonic().with_endpoint(base).with_timeout(timeout).build()
-            }
-            (None, false) => builder.with_tonic().with_timeout(timeout).build(),
+        let base = export.endpoint.as_deref();
+        let exporter = if export.http {
+            let endpoint = base.map(|b| format!("{b}/v1/traces"));
+            configured(builder.with_http(), endpoint, timeout).build()
+        } else {
+            configured(builder.with_tonic(), base.map(str::to_owned), timeout).build()
         };
         let exporter =
             exporter.map_err(|e| eprintln!("warning: OTLP export disabled: {e}")).ok()?;
