@@ -68,20 +68,12 @@ pub(crate) fn attempt_name(step: &str, kind: CommandKind, attempt: u32) -> Strin
     // Pieces rather than `format!`: made for every sampled attempt, and the
     // formatting machinery costs several times the copying.
     let kind = kind.as_str();
-    let mut name = String::with_capacity(step.len() + kind.len() + 19);
-    for piece in [step, " ", kind, " attempt "] {
+    let mut digits = itoa::Buffer::new();
+    let number = digits.format(attempt);
+    let mut name = String::with_capacity(step.len() + kind.len() + 9 + number.len());
+    for piece in [step, " ", kind, " attempt ", number] {
         name.push_str(piece);
     }
-    let (mut digits, mut at, mut n) = ([0u8; 10], 10, attempt);
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    name.extend(digits[at..].iter().map(|&d| char::from(d)));
     name
 }
 

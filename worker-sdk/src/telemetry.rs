@@ -467,9 +467,10 @@ pub fn init_with(service: &str, default_level: &str, export: Option<Export>) -> 
         // handler's own) are exported whatever `RUST_LOG` says, and so is
         // anything more verbose that it lets through to the logs; a log line
         // is formatted only when it is written.
-        let logs = stderr_layer().with_filter(filter(default_level));
-        let spans = EnvFilter::try_new(export_directives(&log_directives(default_level)))
-            .unwrap_or_else(|_| EnvFilter::new("info"));
+        let log = log_directives(default_level);
+        let spans =
+            EnvFilter::try_new(export_directives(&log)).unwrap_or_else(|_| EnvFilter::new("info"));
+        let logs = stderr_layer().with_filter(EnvFilter::new(log));
         let otel = layer(p.tracer("orchestrix")).with_filter(spans);
         let _ = tracing_subscriber::registry().with(logs).with(otel).try_init();
         TelemetryGuard { provider, meters }
@@ -611,11 +612,9 @@ mod otlp {
     /// but a schedule delay of 0 (its export loop would never wait, and spin
     /// a core while the process idles) reads as the default, 5 s.
     fn batched(exporter: impl SpanExporter + 'static) -> BatchSpanProcessor {
-        let mut config = BatchConfigBuilder::default();
-        if std::env::var("OTEL_BSP_SCHEDULE_DELAY").is_ok_and(|v| v.trim().parse() == Ok(0u64)) {
-            config = config.with_scheduled_delay(Duration::from_secs(5));
-        }
-        BatchSpanProcessor::builder(exporter).with_batch_config(config.build()).build()
+        let delay = positive_ms("OTEL_BSP_SCHEDULE_DELAY").unwrap_or(Duration::from_secs(5));
+        let config = BatchConfigBuilder::default().with_scheduled_delay(delay).build();
+        BatchSpanProcessor::builder(exporter).with_batch_config(config).build()
     }
 
     pub(super) fn provider(service: &str, export: &Export) -> Option<SdkTracerProvider> {
