@@ -134,6 +134,24 @@ pub(crate) struct LiveRuns(
     Arc<std::sync::Mutex<std::collections::HashMap<Uuid, actix::WeakAddr<RunActor>>>>,
 );
 
+/// The store no longer holds the run for this actor (see
+/// [`crate::store::ActorsHere::let_go`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct LetGo;
+
+impl crate::store::ActorsHere for LiveRuns {
+    fn is_live(&self, run_id: Uuid) -> bool {
+        self.lock().get(&run_id).is_some_and(|a| a.upgrade().is_some())
+    }
+
+    fn let_go(&self, run_id: Uuid) {
+        if let Some(actor) = self.lock().get(&run_id).and_then(actix::WeakAddr::upgrade) {
+            actor.do_send(LetGo);
+        }
+    }
+}
+
 impl LiveRuns {
     fn lock(
         &self,
@@ -291,28 +309,7 @@ impl RunActor {
             // Another coordinator took the run over while this one was cut
             // off: it is theirs now; stop without acting on anything.
             warn!(run_id = %self.run_id(), "run taken over by another coordinator; letting go");
-            // Whoever waits for the run's report here gets it from the store
-            // once the taker ends the run: the run is not lost, only moved.
-            // The store may be failing over too: asked again for a while.
-            if let Some(done) = self.done.take() {
-                let (store, run_id) = (self.parts.store.clone(), self.run_id());
-                actix::spawn(async move {
-                    let give_up = Instant::now() + FOLLOW_TAKEOVER;
-                    let mut pause = Duration::from_millis(100);
-                    while !done.is_closed() {
-                        match store.wait(run_id).await {
-                            Ok(report) => {
-                                let _ = done.send(Box::new(report));
-                                return;
-                            }
-                            Err(e) if e.is_permanent() || Instant::now() > give_up => return,
-                            Err(_) => tokio::time::sleep(pause).await,
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(2));
-                    }
-                });
-            }
-            ctx.stop();
+            self.let_go(ctx);
             return;
         }
         if e.is_permanent() {
@@ -327,6 +324,33 @@ impl RunActor {
                 .into_actor(self)
                 .map(move |(), act, ctx| act.persist(batch, effects, failures + 1, ctx)),
         );
+    }
+
+    /// Stops without acting on anything more: the run is not this actor's
+    /// any more (taken over, or to be resumed afresh by this coordinator).
+    fn let_go(&mut self, ctx: &mut Context<Self>) {
+        // Whoever waits for the run's report here gets it from the store
+        // once whoever drives the run now ends it: the run is not lost, only
+        // moved. The store may be failing over too: asked again for a while.
+        if let Some(done) = self.done.take() {
+            let (store, run_id) = (self.parts.store.clone(), self.run_id());
+            actix::spawn(async move {
+                let give_up = Instant::now() + FOLLOW_TAKEOVER;
+                let mut pause = Duration::from_millis(100);
+                while !done.is_closed() {
+                    match store.wait(run_id).await {
+                        Ok(report) => {
+                            let _ = done.send(Box::new(report));
+                            return;
+                        }
+                        Err(e) if e.is_permanent() || Instant::now() > give_up => return,
+                        Err(_) => tokio::time::sleep(pause).await,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            });
+        }
+        ctx.stop();
     }
 
     /// The store refused the run's state for good (too large, say): retrying
@@ -721,6 +745,15 @@ impl Actor for RunActor {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.parts.live.lock().remove(&self.run_id());
+    }
+}
+
+impl Handler<LetGo> for RunActor {
+    type Result = ();
+
+    fn handle(&mut self, _: LetGo, ctx: &mut Context<Self>) {
+        warn!(run_id = %self.run_id(), "run lost to a fence while its actor waited; letting go, to be resumed afresh");
+        self.let_go(ctx);
     }
 }
 

@@ -635,7 +635,8 @@ impl Coordinator {
         // The engine first: a run claimed and then not resumed would stay
         // this coordinator's, driven by nothing.
         let engine = self.engine()?;
-        let records = self.inner.store.claim_orphans(flows).await?;
+        let here: Arc<dyn crate::store::ActorsHere> = Arc::new(self.inner.live.clone());
+        let records = self.inner.store.claim_orphans(flows, here).await?;
         let mut resumed = 0;
         for record in records {
             let Some(plan) = self.plan_for_record(&record) else {

@@ -52,7 +52,7 @@ use uuid::Uuid;
 use crate::ListFilter;
 use crate::record::{Phase, RunRecord, Transition};
 use crate::slots::{Grant, SlotState};
-use crate::store::{Created, Pending, Store, StoreError};
+use crate::store::{ActorsHere, Created, Pending, Store, StoreError};
 
 mod journal;
 
@@ -595,12 +595,20 @@ impl Inner {
     /// journal (run ids are fresh, so no other start can hold this one).
     async fn create_journaled(&self, record: &Arc<RunRecord>) -> Result<Created, StoreError> {
         let id = record.run_id;
-        self.shared.lock().revisions.insert(id, 0);
-        match self.append(record).await {
-            Ok(()) => Ok(Created::New),
-            Err(e) => {
-                self.set_revision(id, None);
-                Err(e)
+        let mut fenced = false;
+        loop {
+            self.shared.lock().revisions.insert(id, 0);
+            match self.append(record).await {
+                Ok(()) => return Ok(Created::New),
+                // Its append met a fence (this coordinator was presumed dead
+                // while cut off): the runs it had are lost, but a new one is
+                // nobody else's. Once the fence is obeyed, appends go after
+                // it: write it again, once.
+                Err(StoreError::Fenced(_)) if !fenced => fenced = true,
+                Err(e) => {
+                    self.set_revision(id, None);
+                    return Err(e);
+                }
             }
         }
     }
@@ -1213,6 +1221,7 @@ impl Store for JetStreamStore {
     fn claim_orphans(
         &self,
         flows: Arc<[Arc<str>]>,
+        here: Arc<dyn ActorsHere>,
     ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
@@ -1220,7 +1229,7 @@ impl Store for JetStreamStore {
             // later in the scan, it is handed back, never dropped (a claimed
             // run left behind would be skipped by every later scan as "ours").
             let mut out = Vec::new();
-            match inner.scan_orphans(&flows, &mut out).await {
+            match inner.scan_orphans(&flows, &*here, &mut out).await {
                 Ok(()) => Ok(out),
                 Err(e) if out.is_empty() => Err(e),
                 Err(e) => {
@@ -1241,6 +1250,7 @@ impl Inner {
     async fn scan_orphans(
         &self,
         flows: &[Arc<str>],
+        here: &dyn ActorsHere,
         out: &mut Vec<Arc<RunRecord>>,
     ) -> Result<(), StoreError> {
         let mut alive: std::collections::HashMap<String, bool> = Default::default();
@@ -1281,11 +1291,25 @@ impl Inner {
                 continue; // a coordinator that serves this flow takes it
             }
             let run_id = stored.record.run_id;
+            if here.is_live(run_id) {
+                // Its actor still lives here. If the run is no longer held
+                // for it, this coordinator was fenced while that actor waited
+                // (on a long step, say), and a second actor would drive the
+                // run beside it, both acting on the same answers. Until it
+                // has stopped, the run stays unheld (nothing it writes is
+                // taken); a later scan resumes the run, once.
+                if self.revision(run_id).is_none() {
+                    tracing::warn!(%run_id, "a run lost to a fence still has its actor here: letting go first");
+                    here.let_go(run_id);
+                }
+                continue;
+            }
             let revision = if stored.owner == self.id {
                 // Ours, but nothing here drives it: a start whose write
-                // landed although it reported an error, or a run let go
-                // after a write that could not be told apart from a
-                // takeover. Resume it.
+                // landed although it reported an error, a run let go after
+                // a write that could not be told apart from a takeover, or
+                // one lost to a fence while this coordinator was cut off.
+                // Resume it.
                 if self.revision(run_id).is_some() {
                     continue;
                 }

@@ -73,4 +73,6 @@ pub use registry::{FlowVersion, RegistryView};
 /// [`orchestrix_worker::telemetry`] under its former name, kept for existing
 /// callers.
 pub use orchestrix_worker::telemetry as observability;
-pub use store::{Created, MemoryStore, MemoryStoreOptions, Pending, Store, StoreError};
+pub use store::{
+    ActorsHere, Created, MemoryStore, MemoryStoreOptions, NoActors, Pending, Store, StoreError,
+};

@@ -136,11 +136,18 @@ pub trait Store: Send + Sync + 'static {
     /// one gets each run). The coordinator resumes them. Runs of other flows
     /// are left to the coordinators that serve them. A store that dies with
     /// its process has none to offer.
+    ///
+    /// A run whose actor still lives in this process (`here`) is never
+    /// claimed, even when the store no longer holds it for that actor (its
+    /// coordinator was fenced while cut off): two actors would then drive
+    /// one run. Such an actor is told to let go instead
+    /// ([`ActorsHere::let_go`]), and a later scan claims the run.
     fn claim_orphans(
         &self,
         flows: Arc<[Arc<str>]>,
+        here: Arc<dyn ActorsHere>,
     ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
-        let _ = flows;
+        let _ = (flows, here);
         Box::pin(futures::future::ready(Ok(Vec::new())))
     }
 
@@ -215,6 +222,27 @@ pub trait Store: Send + Sync + 'static {
         let _ = (slot, holder);
         Box::pin(futures::future::ready(Err(no_slots())))
     }
+}
+
+/// The run actors living in the process that scans for orphaned runs
+/// (see [`Store::claim_orphans`]).
+pub trait ActorsHere: Send + Sync {
+    /// Whether an actor of `run_id` lives in this process (stopping included).
+    fn is_live(&self, run_id: Uuid) -> bool;
+    /// The store no longer holds `run_id` for its actor here: the actor stops
+    /// without acting on anything more. Nothing if there is none.
+    fn let_go(&self, run_id: Uuid);
+}
+
+/// No run actor lives here: a scan made outside a coordinator (tools, tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoActors;
+
+impl ActorsHere for NoActors {
+    fn is_live(&self, _: Uuid) -> bool {
+        false
+    }
+    fn let_go(&self, _: Uuid) {}
 }
 
 fn no_slots() -> StoreError {
@@ -546,8 +574,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     fn claim_orphans(
         &self,
         flows: Arc<[Arc<str>]>,
+        here: Arc<dyn ActorsHere>,
     ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
-        (**self).claim_orphans(flows)
+        (**self).claim_orphans(flows, here)
     }
     fn quarantine(
         &self,

@@ -15,9 +15,9 @@ use futures::future::BoxFuture;
 use orchestrix_coordinator::record::{RunRecord, Transition};
 use orchestrix_coordinator::slots::Grant;
 use orchestrix_coordinator::{
-    Bus, BusError, Coordinator, Created, Dispatched, FlowDef, ListFilter, Liveness, MemoryStore,
-    Pending, ReplyTo, RunOptions, RunReport, RunStatus, StepDef, StepStatus, Store, StoreError,
-    create,
+    ActorsHere, Bus, BusError, Coordinator, Created, Dispatched, FlowDef, ListFilter, Liveness,
+    MemoryStore, Pending, ReplyTo, RunOptions, RunReport, RunStatus, StepDef, StepStatus, Store,
+    StoreError, create,
 };
 use orchestrix_proto::{OutcomeResult, Payload, StepCommand};
 use uuid::Uuid;
@@ -86,8 +86,9 @@ impl Store for Noting {
     fn claim_orphans(
         &self,
         flows: Arc<[Arc<str>]>,
+        here: Arc<dyn ActorsHere>,
     ) -> BoxFuture<'static, Result<Vec<Arc<RunRecord>>, StoreError>> {
-        self.inner.claim_orphans(flows)
+        self.inner.claim_orphans(flows, here)
     }
     fn reopen(
         &self,

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrix::{Client, RunOptions, RunStatus, StepContext, StepError, StepStatus, Worker};
-use orchestrix_coordinator::flowfile;
 use orchestrix_coordinator::jetstream::{JetStreamStore, JetStreamStoreOptions};
 use orchestrix_coordinator::nats::{Node, NodeStore};
+use orchestrix_coordinator::{NoActors, flowfile};
 use orchestrix_integration_tests::{ChildProcess, NatsServer, built, eventually};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
@@ -430,11 +430,14 @@ async fn a_scan_that_fails_after_a_claim_still_hands_the_run_over() {
     js.delete_key_value("orchestrix_quarantine").await.unwrap();
 
     let flows: Arc<[Arc<str>]> = vec![Arc::from("durable")].into();
-    let claimed = store.claim_orphans(flows.clone()).await.expect("the claimed run is handed over");
+    let claimed = store
+        .claim_orphans(flows.clone(), Arc::new(NoActors))
+        .await
+        .expect("the claimed run is handed over");
     assert_eq!(claimed.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![run_id]);
     // Claimed once: the next scan neither hands it out again nor succeeds
     // (the poison is still there), and the run names this coordinator.
-    assert!(store.claim_orphans(flows).await.is_err());
+    assert!(store.claim_orphans(flows, Arc::new(NoActors)).await.is_err());
 }
 
 /// The run journal, at the store: a dead coordinator's journal is fenced
@@ -489,7 +492,7 @@ async fn a_dead_coordinators_journal_is_fenced_and_its_newest_records_resumed() 
         js.publish("orchestrix_journal.gone", newest.into()).await.unwrap().await.unwrap().sequence;
 
     let flows: Arc<[Arc<str>]> = vec![Arc::from("durable")].into();
-    let claimed = store.claim_orphans(flows.clone()).await.unwrap();
+    let claimed = store.claim_orphans(flows.clone(), Arc::new(NoActors)).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].current.len(), 1, "the journal's record, not the bucket's");
     assert_eq!(claimed[0].current[0].command_id, Uuid::from_u128(8));
@@ -503,7 +506,10 @@ async fn a_dead_coordinators_journal_is_fenced_and_its_newest_records_resumed() 
     let last = stream.get_last_raw_message_by_subject("orchestrix_journal.gone").await.unwrap();
     assert!(last.headers.get("Orchestrix-Fence").is_some());
     assert!(stream.get_raw_message(seq).await.is_err(), "the dead journal is purged");
-    assert!(store.claim_orphans(flows).await.unwrap().is_empty(), "claimed once");
+    assert!(
+        store.claim_orphans(flows, Arc::new(NoActors)).await.unwrap().is_empty(),
+        "claimed once"
+    );
 }
 
 /// Runs that end quickly never touch the runs bucket (their records live in

@@ -167,6 +167,16 @@ name = "notify"
 
 /// Three replicas of a worker for flow `pay`: `charge` takes `charge_ms`.
 async fn replicas(server: &NatsServer, ledger: &Ledger, charge_ms: u64) -> Vec<Worker> {
+    replicas_timed(server, ledger, charge_ms, 0).await
+}
+
+/// [`replicas`] whose `notify` takes `notify_ms`.
+async fn replicas_timed(
+    server: &NatsServer,
+    ledger: &Ledger,
+    charge_ms: u64,
+    notify_ms: u64,
+) -> Vec<Worker> {
     let mut out = Vec::new();
     for i in 0..3 {
         let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
@@ -189,7 +199,10 @@ async fn replicas(server: &NatsServer, ledger: &Ledger, charge_ms: u64) -> Vec<W
                 })
                 .step("notify", move |ctx| {
                     l3.log(format!("notify {}", ctx.run_id()));
-                    async { Ok(()) }
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(notify_ms)).await;
+                        Ok(())
+                    }
                 })
             })
             .start()
@@ -784,4 +797,82 @@ async fn a_run_whose_flow_changed_is_quarantined_and_its_key_answered() {
     assert_eq!(id, rec.run_id);
     let r = tokio::time::timeout(10 * SECS, c.wait(id)).await.unwrap().unwrap();
     assert_eq!(r.status, RunStatus::Quarantined);
+}
+
+// A coordinator fenced while cut off (a NATS pause made it look dead) loses
+// every run it holds, but the actors of runs that wait on a long step live
+// on until their next write. When its own takeover scan then finds such a
+// run unheld, it must not start a second actor beside the first: the two
+// would both act on the step's answers and start the steps after it twice.
+// Here the fence is appended by hand (what a taker does), and the next
+// start's write makes the coordinator notice it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_lost_to_a_fence_while_its_step_runs_is_resumed_by_one_actor_only() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let server = NatsServer::start();
+    let ledger = Ledger::default();
+    // The step after the long one takes a while too, so that the run is
+    // still live when a second actor would act on the charge's answer.
+    let workers = replicas_timed(&server, &ledger, 4_000, 1_500).await;
+    let node = node(&server, flows(TAKEOVER_FLOW)).await;
+    let c = client(&server).await;
+    let id = c.start("pay", &1, RunOptions::new()).await.unwrap();
+    let l = ledger.clone();
+    eventually(10 * SECS, "the charge started", || l.count(&format!("charge {id}")) == 1).await;
+    // Its ack written (50 ms later): the actor has nothing more to write
+    // until the charge answers.
+    tokio::time::sleep(SECS).await;
+
+    let conn = NatsOptions::new(server.url()).connect().await.unwrap();
+    // A resume asks the workers who holds the charge in flight.
+    let mut inquiries =
+        conn.subscribe(Subjects::default().inquiries("pay", "charge")).await.unwrap();
+    let js = jetstream::new(conn);
+    let mut stream = js.get_stream("orchestrix_journal").await.unwrap();
+    let subjects: Vec<String> = stream
+        .info_with_subjects("orchestrix_journal.*")
+        .await
+        .unwrap()
+        .map(|s| s.unwrap().0)
+        .collect()
+        .await;
+    assert_eq!(subjects.len(), 1, "one coordinator, one journal: {subjects:?}");
+    let last = stream.get_last_raw_message_by_subject(&subjects[0]).await.unwrap();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Expected-Last-Subject-Sequence", last.sequence.to_string().as_str());
+    h.insert("Orchestrix-Fence", "a-taker");
+    js.publish_with_headers(subjects[0].clone(), h, Bytes::new()).await.unwrap().await.unwrap();
+
+    // Its write meets the fence: every run of the coordinator is lost, and
+    // its own scans find them unheld.
+    let other = c.start("pay", &2, RunOptions::new()).await.unwrap();
+    for run in [id, other] {
+        let r = tokio::time::timeout(60 * SECS, c.wait(run)).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Completed, "{r}");
+        assert_eq!(r.step("charge").unwrap().attempts, 1, "{r}");
+    }
+    // Late duplicates would come within a few more scans.
+    tokio::time::sleep(3 * SECS).await;
+    for run in [id, other] {
+        assert_eq!(
+            ledger.count(&format!("charge {run}")),
+            1,
+            "charged once: {:?}",
+            ledger.about(run)
+        );
+        assert_eq!(
+            ledger.count(&format!("notify {run}")),
+            1,
+            "notified once: {:?}",
+            ledger.about(run)
+        );
+    }
+    let asked =
+        tokio::time::timeout(SECS, inquiries.next()).await.expect("the lost run was resumed");
+    let cmd: StepCommand = decode(&asked.unwrap().payload).unwrap();
+    assert_eq!(cmd.run_id, id.as_uuid());
+    drop(node);
+    for w in workers {
+        w.shutdown().await;
+    }
 }

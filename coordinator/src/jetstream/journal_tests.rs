@@ -58,6 +58,10 @@ fn flows(names: &[&str]) -> Arc<[Arc<str>]> {
     names.iter().map(|n| Arc::from(*n)).collect::<Vec<_>>().into()
 }
 
+fn none_here() -> Arc<dyn ActorsHere> {
+    Arc::new(crate::store::NoActors)
+}
+
 /// A server, a coordinator C holding two runs (R, other) in its journal,
 /// and a second coordinator T.
 async fn two_runs_two_coordinators()
@@ -99,7 +103,7 @@ async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
     // C's checkpoint round goes on with R.
     let written = c.inner.write(&r, false).await;
     // T's next scan claims R (C's heartbeat is still gone).
-    let claimed = t.claim_orphans(flows(&["f"])).await.unwrap();
+    let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     assert!(claimed.iter().any(|x| x.run_id == r.run_id), "T claims R");
     // C must not be able to move R on any more.
     let again = c.inner.append(&r).await;
@@ -133,7 +137,7 @@ async fn a_fenced_coordinator_does_not_purge_what_its_taker_has_not_read() {
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
     c.inner.checkpoint().await;
     // T's next scan finishes the takeover.
-    let claimed = t.claim_orphans(flows(&["f"])).await.unwrap();
+    let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     let ids: Vec<Uuid> = claimed.iter().map(|x| x.run_id).collect();
     let in_kv = t.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some();
     assert!(
@@ -158,10 +162,10 @@ async fn a_run_fenced_by_a_coordinator_of_another_flow_is_taken_over() {
     c.create(&r).resolve().await.unwrap();
     drop(c);
     tokio::time::sleep(HEARTBEAT_TTL + Duration::from_secs(1)).await;
-    assert!(t.claim_orphans(flows(&["g"])).await.unwrap().is_empty());
+    assert!(t.claim_orphans(flows(&["g"]), none_here()).await.unwrap().is_empty());
     let mut claimed = Vec::new();
     for _ in 0..5 {
-        claimed = f.claim_orphans(flows(&["f"])).await.unwrap();
+        claimed = f.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
         if !claimed.is_empty() {
             break;
         }
@@ -196,10 +200,11 @@ async fn a_takeover_works_with_the_coordinator_roles_permissions() {
     c.create(&r2).resolve().await.unwrap();
     drop(c);
     tokio::time::sleep(HEARTBEAT_TTL + Duration::from_secs(1)).await;
-    let claimed = tokio::time::timeout(Duration::from_secs(60), t.claim_orphans(flows(&["f"])))
-        .await
-        .expect("the scan answers")
-        .expect("the scan succeeds");
+    let claimed =
+        tokio::time::timeout(Duration::from_secs(60), t.claim_orphans(flows(&["f"]), none_here()))
+            .await
+            .expect("the scan answers")
+            .expect("the scan succeeds");
     assert_eq!(claimed.len(), 2, "both runs of the dead coordinator are claimed");
 }
 
@@ -256,7 +261,7 @@ async fn a_run_whose_retirement_failed_is_not_resumed() {
         assert_eq!(ours.len(), 1, "{who}: listed {} times", ours.len());
         assert_eq!(ours[0].status, orchestrix_proto::RunStatus::Completed, "{who}");
     }
-    let resumed = c.claim_orphans(flows(&["f"])).await.unwrap();
+    let resumed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     assert!(
         !resumed.iter().any(|x| x.run_id == r.run_id),
         "a run that ended is resumed from its checkpoint"
@@ -264,7 +269,7 @@ async fn a_run_whose_retirement_failed_is_not_resumed() {
     // Should it ever be let go (its ender gave up, say), the scan retires
     // it rather than resuming it: its end is in the history.
     c.inner.shared.lock().revisions.remove(&r.run_id);
-    let resumed = c.claim_orphans(flows(&["f"])).await;
+    let resumed = c.claim_orphans(flows(&["f"]), none_here()).await;
     assert!(
         !resumed.iter().flatten().any(|x| x.run_id == r.run_id),
         "a run that ended is resumed from its checkpoint"
@@ -283,8 +288,8 @@ async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
     let mut alive = HashMap::new();
     assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
-    let by_c = c.claim_orphans(flows(&["f"])).await.unwrap();
-    let by_t = t.claim_orphans(flows(&["f"])).await.unwrap();
+    let by_c = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    let by_t = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     let appended = c.inner.append(&r).await;
     let c_has = by_c.iter().any(|x| x.run_id == r.run_id);
     let t_has = by_t.iter().any(|x| x.run_id == r.run_id);
@@ -314,13 +319,18 @@ async fn runs_lost_to_a_fence_nobody_follows_are_resumed() {
     for r in [&r1, &r2] {
         assert!(c.inner.runs.get(r.run_id.to_string()).await.unwrap().is_some(), "in the bucket");
     }
-    let mut resumed: Vec<Uuid> =
-        c.claim_orphans(flows(&["f"])).await.unwrap().iter().map(|x| x.run_id).collect();
+    let mut resumed: Vec<Uuid> = c
+        .claim_orphans(flows(&["f"]), none_here())
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.run_id)
+        .collect();
     resumed.sort();
     let mut expected = vec![r1.run_id, r2.run_id];
     expected.sort();
     assert_eq!(resumed, expected, "both resumed by their own coordinator");
-    assert!(c.claim_orphans(flows(&["f"])).await.unwrap().is_empty(), "and only once");
+    assert!(c.claim_orphans(flows(&["f"]), none_here()).await.unwrap().is_empty(), "and only once");
     // Its journal is purged again from then on.
     c.inner.append(&r1).await.unwrap();
     c.inner.checkpoint().await;
@@ -340,7 +350,7 @@ async fn garbage_on_a_strange_journal_subject_stops_no_takeover() {
     let js = jetstream::new(async_nats::connect(&s.url).await.unwrap());
     js.publish("orchestrix_journal.bad:key", "garbage".into()).await.unwrap().await.unwrap();
     stop_heartbeat(&c).await;
-    let claimed = t.claim_orphans(flows(&["f"])).await.expect("the scan goes on");
+    let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.expect("the scan goes on");
     assert_eq!(claimed.iter().map(|x| x.run_id).collect::<Vec<_>>(), vec![r.run_id]);
 }
 
