@@ -828,7 +828,7 @@ async fn a_run_lost_to_a_fence_while_its_step_runs_is_resumed_by_one_actor_only(
     let mut inquiries =
         conn.subscribe(Subjects::default().inquiries("pay", "charge")).await.unwrap();
     let js = jetstream::new(conn);
-    let mut stream = js.get_stream("orchestrix_journal").await.unwrap();
+    let stream = js.get_stream("orchestrix_journal").await.unwrap();
     let subjects: Vec<String> = stream
         .info_with_subjects("orchestrix_journal.*")
         .await
