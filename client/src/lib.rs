@@ -137,6 +137,11 @@ pub const WAIT_LOOK_EVERY: Duration = Duration::from_secs(2);
 /// it takes `unknown_run` for an answer; so does the CLI's `status`.
 pub const TAKEOVER_GRACE: Duration = Duration::from_secs(8);
 
+/// How long [`Client::wait`] rides out a store that cannot answer (its
+/// answers say "retryable") before it gives that answer up to its caller:
+/// a JetStream stream electing a new leader takes seconds, not minutes.
+pub const UNAVAILABLE_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Starts runs and follows them over NATS, from any service (see the crate docs).
 #[derive(Clone)]
 pub struct Client {
@@ -313,9 +318,13 @@ impl Client {
     /// A run no coordinator knows is waited for [`TAKEOVER_GRACE`] before
     /// the wait ends with [`Rejection::UnknownRun`]: its coordinator may
     /// have died before its first checkpoint, and another be taking it over.
+    /// A store that cannot answer ([`ClientError::Unavailable`]: a NATS
+    /// node failing over, say) is asked again for up to
+    /// [`UNAVAILABLE_PATIENCE`] before the wait ends with that error.
     pub async fn wait(&self, run_id: RunId) -> Result<RunReport, ClientError> {
         let run_id = run_id.as_uuid();
         let mut unknown_since = None;
+        let mut unavailable_since = None;
         loop {
             let req = StatusRequest { run_id, wait: true };
             let waiting =
@@ -351,6 +360,12 @@ impl Client {
                     if e.rejection() == Some(Rejection::UnknownRun)
                         && unknown_since.get_or_insert_with(Instant::now).elapsed()
                             < TAKEOVER_GRACE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(ClientError::Unavailable(_))
+                    if unavailable_since.get_or_insert_with(Instant::now).elapsed()
+                        < UNAVAILABLE_PATIENCE =>
                 {
                     tokio::time::sleep(Duration::from_millis(250)).await
                 }

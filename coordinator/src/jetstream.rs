@@ -1258,6 +1258,10 @@ impl Inner {
         // runs bucket, and the fence keeps them from writing again.
         let mut taken = self.take_dead_journals(&mut alive).await?;
         let mut keys = self.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
+        // The listing may name a key again once it changed (this scan's own
+        // claim changes it): a run is looked at once per scan, or a fence
+        // obeyed meanwhile could get it claimed, and resumed, twice.
+        let mut seen = std::collections::HashSet::new();
         loop {
             let next =
                 tokio::time::timeout(SCAN_STEP_TIMEOUT, keys.next()).await.map_err(|_| {
@@ -1267,6 +1271,9 @@ impl Inner {
                 })?;
             let Some(key) = next else { return Ok(()) };
             let key = key.map_err(|e| unavailable("cannot list runs", e))?;
+            if !seen.insert(key.clone()) {
+                continue;
+            }
             let Some(entry) =
                 self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?
             else {
@@ -1275,7 +1282,7 @@ impl Inner {
             if entry.operation != kv::Operation::Put {
                 continue;
             }
-            let stored: Stored = match decode(&entry.value) {
+            let mut stored: Stored = match decode(&entry.value) {
                 Ok(s) => s,
                 Err(e) => {
                     // Poison: move it aside (once: the delete is the claim).
@@ -1311,6 +1318,11 @@ impl Inner {
                 // one lost to a fence while this coordinator was cut off.
                 // Resume it.
                 if self.revision(run_id).is_some() {
+                    continue;
+                }
+                // Lost to a fence with a newer record than this one, not yet
+                // put back in the bucket: resumed once it is.
+                if self.shared.orphaned(run_id) {
                     continue;
                 }
                 // Ended, but its record was not retired (the delete failed):
@@ -1352,20 +1364,37 @@ impl Inner {
                     }
                     taken.insert(stored.owner.clone());
                 }
-                // Fence the owner again, after this record was read: a run it
-                // resumed since its last fence (its heartbeat lost, not its
-                // journal) it lets go at its next append.
-                let subject = journal::subject(&self.options.prefix, &stored.owner);
-                let last = journal::last_message(&self.journal, &subject).await?;
-                if self.fence(&subject, last.map_or(0, |m| m.sequence)).await?.is_none() {
-                    continue;
+                // Fence the owner again if it appended since its last fence:
+                // it may have resumed this run meanwhile (its heartbeat lost,
+                // not its journal), and then its progress, commands sent
+                // included, is in its journal only. Claiming the record read
+                // above would go back on steps it started: what it appended
+                // is restored first, and the record read again.
+                match self.fence_again(&stored.owner, &mut alive).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(owner = %stored.owner, error = %e, "cannot take a dead coordinator's journal yet");
+                        continue;
+                    }
                 }
+                let Some(entry) =
+                    self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?
+                else {
+                    continue;
+                };
+                // Gone, or claimed meanwhile; poison waits for the next scan.
+                let newest = match decode::<Stored>(&entry.value) {
+                    Ok(n) if entry.operation == kv::Operation::Put && n.owner == stored.owner => n,
+                    _ => continue,
+                };
                 // Claim it: one compare-and-set, one winner. A claim whose
                 // answer is lost but that landed makes the run ours: the
                 // next scan finds it in the branch above.
                 let claimed =
-                    self.runs.update(&key, self.stored(&stored.record)?, entry.revision).await;
+                    self.runs.update(&key, self.stored(&newest.record)?, entry.revision).await;
                 let Ok(revision) = claimed else { continue };
+                stored = newest;
                 revision
             };
             self.set_revision(run_id, Some(revision));

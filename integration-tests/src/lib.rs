@@ -312,26 +312,59 @@ impl ChildProcess {
 pub struct NatsCluster {
     /// The nodes, in order.
     pub nodes: Vec<NatsServer>,
+    /// Each node's HTTP monitoring port (see [`NatsCluster::start_monitored`]).
+    monitors: Vec<u16>,
 }
 
 impl NatsCluster {
     /// Starts `n` clustered nodes and waits until each accepts connections.
     /// JetStream elects its leader a moment later: retry the first KV calls.
     pub fn start(n: usize) -> NatsCluster {
+        Self::start_with(n, false)
+    }
+
+    /// [`NatsCluster::start`], each node also serving its monitoring
+    /// endpoints on a loopback port (what [`NatsCluster::meta_leader`] reads).
+    pub fn start_monitored(n: usize) -> NatsCluster {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, monitored: bool) -> NatsCluster {
         let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let monitors: Vec<u16> =
+            if monitored { (0..n).map(|_| free_port()).collect() } else { Vec::new() };
         let routes: Vec<String> =
             cluster_ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
         let nodes = (0..n)
             .map(|i| {
-                let config = format!(
+                let mut config = format!(
                     "server_name: n{i}\ncluster {{\n  name: orchestrix-test\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
                     cluster_ports[i],
                     routes.join(", ")
                 );
+                if let Some(port) = monitors.get(i) {
+                    config.push_str(&format!("http: \"127.0.0.1:{port}\"\n"));
+                }
                 NatsServer::start_with_config(&config)
             })
             .collect();
-        NatsCluster { nodes }
+        NatsCluster { nodes, monitors }
+    }
+
+    /// The name (`n0`, …) of the node leading JetStream's meta group, as
+    /// node `via` sees it (`/jsz`); `None` while there is none, or when the
+    /// cluster was not started monitored.
+    pub async fn meta_leader(&self, via: usize) -> Option<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let port = *self.monitors.get(via)?;
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        conn.write_all(b"GET /jsz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.ok()?;
+        let answer = String::from_utf8_lossy(&answer);
+        let (_, body) = answer.split_once("\r\n\r\n")?;
+        let jsz: serde_json::Value = serde_json::from_str(body).ok()?;
+        jsz["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned)
     }
 
     /// Every node's URL, comma-separated (what `NatsOptions` takes).

@@ -111,6 +111,12 @@ impl Shared {
         self.lock().pending.values().map(|e| e.record.clone()).collect()
     }
 
+    /// Whether the run was lost to a fence with a record that is not in the
+    /// runs bucket yet.
+    pub(super) fn orphaned(&self, run_id: Uuid) -> bool {
+        self.lock().orphaned.iter().any(|r| r.run_id == run_id)
+    }
+
     /// This coordinator was fenced: none of its runs is its own any more.
     fn lose_everything(&self) {
         let mut s = self.lock();
@@ -608,6 +614,21 @@ impl Inner {
                 .map_err(|e| unavailable("cannot purge a journal", e))?;
         }
         Ok(true)
+    }
+
+    /// Before a claim of one of `owner`'s runs: fences its journal again,
+    /// and puts what it holds in the runs bucket, unless its last message
+    /// is this coordinator's fence already (nothing appended since).
+    pub(super) async fn fence_again(
+        &self,
+        owner: &str,
+        alive: &mut HashMap<String, bool>,
+    ) -> Result<bool, StoreError> {
+        let subject = subject(&self.options.prefix, owner);
+        match last_message(&self.journal, &subject).await? {
+            Some(m) if fenced_by(&m).as_deref() == Some(self.id.as_str()) => Ok(true),
+            _ => self.take_journal(owner, usize::MAX, alive).await,
+        }
     }
 
     /// The journal subjects matching `filter`, with how many messages each holds.

@@ -186,11 +186,15 @@ impl NodeBuilder {
             let options = options.prefix(self.subjects.prefix());
             replicas = options.replicas;
             // A cluster that is still electing its leaders (every node
-            // started at once, say) times requests out for a few seconds:
-            // tried again for up to 30 s rather than given up at once.
-            // Only timeouts: a server without JetStream, or a user without
-            // the rights, answers at once and is said at once.
-            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            // started at once, say) times requests out for a while: tried
+            // again for up to 2 min rather than given up at once. Each try
+            // gets further (its timed-out buckets were made all the same),
+            // but on a busy 3-node cluster with several coordinators
+            // starting together each of the 7 buckets took one 5 s timeout,
+            // which 30 s did not cover. Only timeouts: a server without
+            // JetStream, or a user without the rights, answers at once and
+            // is said at once.
+            let give_up = std::time::Instant::now() + Duration::from_secs(120);
             let electing = |e: &StoreError| {
                 let text = e.to_string();
                 matches!(e, StoreError::Unavailable(_))
