@@ -400,3 +400,44 @@ async fn a_callers_handle_follows_its_run_to_the_coordinator_that_took_it_over()
         .expect("the run is not lost: it moved");
     assert_eq!(report.status, RunStatus::Completed, "{report}");
 }
+
+/// A coordinator presumed dead but only cut off obeys a fence, resumes one
+/// of its runs and moves it on (a command sent): that progress is in its
+/// journal only. A taker that then claims the run must claim that newest
+/// record, not the older one in the runs bucket, or it would start the
+/// command's step again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
+    let (_server, c, t, r, other) = two_runs_two_coordinators().await;
+    stop_heartbeat(&c).await;
+    let mut alive = HashMap::new();
+    assert!(t.inner.take_journal(&c.inner.id, 3, &mut alive).await.unwrap());
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    // C puts what it lost back in the bucket, then resumes R itself.
+    c.inner.checkpoint().await;
+    let resumed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    assert!(resumed.iter().any(|x| x.run_id == r.run_id), "C resumes R: {resumed:?}");
+    // ... and moves it on: its step's command goes out.
+    let mut moved = (*r).clone();
+    let sent = Uuid::now_v7();
+    moved.apply(&crate::record::Transition::AttemptStarted {
+        step: 0,
+        kind: orchestrix_proto::CommandKind::Execute,
+        attempt: 1,
+        command_id: sent,
+        at: SystemTime::now(),
+    });
+    c.inner.append(&Arc::new(moved)).await.unwrap();
+    // T, to which C still looks dead, claims R.
+    let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    let Some(got) = claimed.iter().find(|x| x.run_id == r.run_id) else {
+        panic!("T claims R: {claimed:?}")
+    };
+    assert_eq!(
+        got.current.iter().map(|c| c.command_id).collect::<Vec<_>>(),
+        [sent],
+        "T resumes R where C left it (the command in flight), not from the older record"
+    );
+    // And C can move R on no more.
+    assert!(matches!(c.inner.append(got).await, Err(StoreError::Fenced(_))));
+}
