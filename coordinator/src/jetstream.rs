@@ -1306,7 +1306,9 @@ impl Inner {
                 // has stopped, the run stays unheld (nothing it writes is
                 // taken); a later scan resumes the run, once.
                 if self.revision(run_id).is_none() {
-                    tracing::warn!(%run_id, "a run lost to a fence still has its actor here: letting go first");
+                    // Said once by the actor when it lets go; a busy actor
+                    // may take a few scans to get to it.
+                    tracing::debug!(%run_id, "a run lost to a fence still has its actor here: letting go first");
                     here.let_go(run_id);
                 }
                 continue;
@@ -1394,6 +1396,7 @@ impl Inner {
                 let claimed =
                     self.runs.update(&key, self.stored(&newest.record)?, entry.revision).await;
                 let Ok(revision) = claimed else { continue };
+                tracing::info!(%run_id, owner = %stored.owner, "claimed a run of a coordinator presumed dead");
                 stored = newest;
                 revision
             };
