@@ -530,7 +530,13 @@ impl Inner {
             // Two starts in this process never both take the same run id.
             let r = &mut self.shared.lock().revisions;
             if r.contains_key(&id) {
-                return Ok(false);
+                // Another start here is writing it (a start sent again
+                // whose key names it): whether that write lands is not
+                // known yet, and answering "that run" would name a run
+                // that may never exist. Asked again, the key decides.
+                return Err(StoreError::Unavailable(format!(
+                    "run {id} is being written by another start; start again with the same key"
+                )));
             }
             r.insert(id, 0);
         }
@@ -562,7 +568,16 @@ impl Inner {
                             self.set_revision(id, Some(entry.revision));
                             return Ok(true);
                         }
-                        _ => return Ok(false),
+                        // Another start's record: that run it is.
+                        Ok(Some(_)) => return Ok(false),
+                        // Refused as existing, yet nothing there to read (a
+                        // store failing over): not "another start got there
+                        // first", or the start would be answered with a run
+                        // that does not exist. An error the caller retries:
+                        // with the key, the next start writes this very run.
+                        Ok(None) | Err(_) => {
+                            tracing::warn!(run_id = %id, error = %e, "a new run's record was refused as existing, and cannot be read back");
+                        }
                     }
                 }
                 Err(e)
@@ -664,6 +679,19 @@ impl Inner {
                     }
                     // Cannot tell now (no leader, say): write again later.
                     Err(e) => return Err(unavailable("cannot read the run back", e)),
+                    // Still in this coordinator's name, with other bytes: an
+                    // older write of its own whose answer was lost, or a
+                    // taker's restore of its journal (a fence this
+                    // coordinator has not met yet; its next append meets
+                    // it). Not a takeover: the record it writes is the
+                    // newer, and dropping it as lost would resume the run
+                    // from the older one, deciding its last steps again.
+                    Ok(Some(entry))
+                        if entry.operation == kv::Operation::Put
+                            && decode::<Stored>(&entry.value).is_ok_and(|s| s.owner == self.id) =>
+                    {
+                        expected = Some(entry.revision);
+                    }
                     // Someone else owns it now: this coordinator was presumed dead.
                     _ => return Err(self.fenced(id)),
                 },
@@ -1380,6 +1408,10 @@ impl Inner {
                         continue;
                     }
                 }
+                // What the owner appended up to here is in the bucket.
+                let subject = journal::subject(&self.options.prefix, &stored.owner);
+                let since = journal::last_message(&self.journal, &subject).await?;
+                let since = since.map_or(0, |m| m.sequence);
                 let Some(entry) =
                     self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?
                 else {
@@ -1397,7 +1429,24 @@ impl Inner {
                     self.runs.update(&key, self.stored(&newest.record)?, entry.revision).await;
                 let Ok(revision) = claimed else { continue };
                 tracing::info!(%run_id, owner = %stored.owner, "claimed a run of a coordinator presumed dead");
-                stored = newest;
+                // The owner, cut off but alive, may have won this run back
+                // by a claim of its own after obeying an earlier fence, and
+                // may append (and send what follows) until it meets a new
+                // one: fence it now that the claim is made, and take what
+                // it appended for this run since the record was read.
+                match self.progress_since(&subject, since, run_id).await {
+                    Ok(None) => stored = newest,
+                    Ok(Some(record)) => {
+                        tracing::warn!(%run_id, owner = %stored.owner, "the presumed-dead owner moved the run on meanwhile: resumed from there");
+                        stored = Stored { owner: self.id.clone(), record };
+                    }
+                    Err(e) => {
+                        // Not resumed from a record that may be behind: the
+                        // next scan finds it ours and undriven.
+                        tracing::warn!(%run_id, error = %e, "cannot fence the run's previous owner yet");
+                        continue;
+                    }
+                }
                 revision
             };
             self.set_revision(run_id, Some(revision));

@@ -631,6 +631,61 @@ impl Inner {
         }
     }
 
+    /// Fences `subject` after its last message, then returns the newest
+    /// record of `run_id` appended after sequence `since` and before that
+    /// fence, if any: what a presumed-dead owner did with the run after
+    /// its record was read.
+    pub(super) async fn progress_since(
+        &self,
+        subject: &str,
+        since: u64,
+        run_id: Uuid,
+    ) -> Result<Option<RunRecord>, StoreError> {
+        let fence = loop {
+            let last = last_message(&self.journal, subject).await?;
+            let last = last.map_or(0, |m| m.sequence);
+            if let Some(seq) = self.fence(subject, last).await? {
+                break seq;
+            }
+        };
+        if fence <= since + 1 {
+            return Ok(None);
+        }
+        let consumer = self
+            .journal
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: since + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("cannot read a journal", e))?;
+        let mut messages =
+            consumer.messages().await.map_err(|e| unavailable("cannot read a journal", e))?;
+        let mut newest = None;
+        loop {
+            let next = tokio::time::timeout(SCAN_STEP_TIMEOUT, messages.next())
+                .await
+                .map_err(|_| StoreError::Unavailable("a journal did not answer".into()))?;
+            let Some(m) = next else { break };
+            let m = m.map_err(|e| unavailable("cannot read a journal", e))?;
+            let seq =
+                m.info().map_err(|e| unavailable("cannot read a journal", e))?.stream_sequence;
+            if seq >= fence {
+                break;
+            }
+            if m.headers.as_ref().is_some_and(|h| h.get(FENCE).is_some()) {
+                continue;
+            }
+            if let Ok(rs) = records(&m.payload) {
+                newest = rs.into_iter().rfind(|r| r.run_id == run_id).or(newest);
+            }
+        }
+        Ok(newest)
+    }
+
     /// The journal subjects matching `filter`, with how many messages each holds.
     async fn journal_subjects(&self, filter: &str) -> Result<Vec<(String, usize)>, StoreError> {
         let mut subjects = self
