@@ -122,12 +122,10 @@ impl Shared {
         let mut s = self.lock();
         let lost = s.revisions.len();
         s.revisions.clear();
-        let orphaned: Vec<_> = s
-            .pending
-            .drain()
-            .map(|(_, e)| e.record)
-            .filter(|r| r.phase != Phase::Finished)
-            .collect();
+        // Finished ones too: their history entry may not be written yet
+        // (it is, after the final append), and until it is, the bucket's
+        // older record would read as a run to resume.
+        let orphaned: Vec<_> = s.pending.drain().map(|(_, e)| e.record).collect();
         s.orphaned.extend(orphaned);
         tracing::warn!(
             lost,
