@@ -563,32 +563,8 @@ impl Inner {
         };
         let mut latest: HashMap<Uuid, RunRecord> = HashMap::new();
         if replay {
-            let consumer = self
-                .journal
-                .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subject: subject.clone(),
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| unavailable("cannot read a journal", e))?;
-            let mut messages =
-                consumer.messages().await.map_err(|e| unavailable("cannot read a journal", e))?;
-            loop {
-                let next = tokio::time::timeout(SCAN_STEP_TIMEOUT, messages.next())
-                    .await
-                    .map_err(|_| StoreError::Unavailable("a journal did not answer".into()))?;
-                let Some(m) = next else { break };
-                let m = m.map_err(|e| unavailable("cannot read a journal", e))?;
-                let seq =
-                    m.info().map_err(|e| unavailable("cannot read a journal", e))?.stream_sequence;
-                if seq >= fence {
-                    break;
-                }
-                if m.headers.as_ref().is_some_and(|h| h.get(FENCE).is_some()) {
-                    continue;
-                }
-                match records(&m.payload) {
+            for (seq, read) in self.read_before(&subject, 1, fence).await? {
+                match read {
                     Ok(rs) => {
                         for r in rs {
                             latest.insert(r.run_id, r);
@@ -649,12 +625,29 @@ impl Inner {
         if fence <= since + 1 {
             return Ok(None);
         }
+        let mut newest = None;
+        for (_, read) in self.read_before(subject, since + 1, fence).await? {
+            if let Ok(rs) = read {
+                newest = rs.into_iter().rfind(|r| r.run_id == run_id).or(newest);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// The records of each message of `subject` from sequence `from` up to
+    /// `fence` (not included), fences left out, with each message's sequence.
+    async fn read_before(
+        &self,
+        subject: &str,
+        from: u64,
+        fence: u64,
+    ) -> Result<Vec<(u64, Result<Vec<RunRecord>, StoreError>)>, StoreError> {
         let consumer = self
             .journal
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject.to_owned(),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: since + 1,
+                    start_sequence: from.max(1),
                 },
                 ..Default::default()
             })
@@ -662,7 +655,7 @@ impl Inner {
             .map_err(|e| unavailable("cannot read a journal", e))?;
         let mut messages =
             consumer.messages().await.map_err(|e| unavailable("cannot read a journal", e))?;
-        let mut newest = None;
+        let mut out = Vec::new();
         loop {
             let next = tokio::time::timeout(SCAN_STEP_TIMEOUT, messages.next())
                 .await
@@ -677,11 +670,9 @@ impl Inner {
             if m.headers.as_ref().is_some_and(|h| h.get(FENCE).is_some()) {
                 continue;
             }
-            if let Ok(rs) = records(&m.payload) {
-                newest = rs.into_iter().rfind(|r| r.run_id == run_id).or(newest);
-            }
+            out.push((seq, records(&m.payload)));
         }
-        Ok(newest)
+        Ok(out)
     }
 
     /// The journal subjects matching `filter`, with how many messages each holds.
