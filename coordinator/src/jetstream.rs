@@ -1381,6 +1381,22 @@ impl Inner {
                 if self.alive(&stored.owner, &mut alive).await? {
                     continue;
                 }
+                // Ended, its record not retired (its owner's delete failed, a
+                // store failing over): retired here, never run again, as the
+                // owner's own scan does.
+                if self
+                    .history
+                    .get(&key)
+                    .await
+                    .map_err(|e| unavailable("cannot read the history", e))?
+                    .is_some()
+                {
+                    self.runs
+                        .delete_expect_revision(&key, Some(entry.revision))
+                        .await
+                        .map_err(|e| unavailable("cannot retire the run", e))?;
+                    continue;
+                }
                 // Never claimed before its owner's journal is fenced: a
                 // coordinator presumed dead must not write the run again.
                 if !taken.contains(&stored.owner) {
