@@ -1274,6 +1274,24 @@ impl Store for JetStreamStore {
 const SCAN_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Inner {
+    /// A live record of a run the history says ended (its owner's delete
+    /// failed): deleted, and true, so that it is never run again.
+    async fn retired_if_ended(&self, key: &str, revision: u64) -> Result<bool, StoreError> {
+        let ended = self
+            .history
+            .get(key)
+            .await
+            .map_err(|e| unavailable("cannot read the history", e))?
+            .is_some();
+        if ended {
+            self.runs
+                .delete_expect_revision(key, Some(revision))
+                .await
+                .map_err(|e| unavailable("cannot retire the run", e))?;
+        }
+        Ok(ended)
+    }
+
     /// Claims the live runs no live coordinator drives, into `out`.
     async fn scan_orphans(
         &self,
@@ -1357,17 +1375,7 @@ impl Inner {
                 }
                 // Ended, but its record was not retired (the delete failed):
                 // retire it, never run it again.
-                if self
-                    .history
-                    .get(&key)
-                    .await
-                    .map_err(|e| unavailable("cannot read the history", e))?
-                    .is_some()
-                {
-                    self.runs
-                        .delete_expect_revision(&key, Some(entry.revision))
-                        .await
-                        .map_err(|e| unavailable("cannot retire the run", e))?;
+                if self.retired_if_ended(&key, entry.revision).await? {
                     continue;
                 }
                 tracing::warn!(%run_id, "resuming a run of this coordinator that nothing drives");
@@ -1384,17 +1392,7 @@ impl Inner {
                 // Ended, its record not retired (its owner's delete failed, a
                 // store failing over): retired here, never run again, as the
                 // owner's own scan does.
-                if self
-                    .history
-                    .get(&key)
-                    .await
-                    .map_err(|e| unavailable("cannot read the history", e))?
-                    .is_some()
-                {
-                    self.runs
-                        .delete_expect_revision(&key, Some(entry.revision))
-                        .await
-                        .map_err(|e| unavailable("cannot retire the run", e))?;
+                if self.retired_if_ended(&key, entry.revision).await? {
                     continue;
                 }
                 // Never claimed before its owner's journal is fenced: a
