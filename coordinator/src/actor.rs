@@ -237,6 +237,9 @@ impl RunActor {
         if self.done.as_ref().is_some_and(oneshot::Sender::is_closed) {
             self.done = None;
         }
+        if !matches!(event, Event::Heartbeat { .. }) {
+            tracing::trace!(run_id = %self.run_id(), ?event, "event");
+        }
         // Allocated per event rather than kept: a parked run holds no buffer.
         let mut decision = Decision::default();
         self.machine.handle(event, Instant::now(), SystemTime::now(), &mut decision);
@@ -514,6 +517,7 @@ impl RunActor {
     /// Sends an attempt's command (its watch is a separate effect).
     fn send(&mut self, cmd: StepCommand, ctx: &mut Context<Self>) {
         let (command_id, attempt, kind) = (cmd.command_id, cmd.attempt, cmd.kind);
+        tracing::trace!(run_id = %self.run_id(), %command_id, step = cmd.step_index, attempt, ?kind, "sending");
         // The bus carries the attempt's trace context along.
         let step = cmd.step_index;
         let trace = self.spans.as_ref().map(|s| s.context(step));

@@ -686,9 +686,15 @@ impl Inner {
                     // it). Not a takeover: the record it writes is the
                     // newer, and dropping it as lost would resume the run
                     // from the older one, deciding its last steps again.
+                    // Unless that record is the newer one: this
+                    // coordinator won the run back (a claim of its own after
+                    // a fence) and moved it on, while this copy is from
+                    // before.
                     Ok(Some(entry))
                         if entry.operation == kv::Operation::Put
-                            && decode::<Stored>(&entry.value).is_ok_and(|s| s.owner == self.id) =>
+                            && decode::<Stored>(&entry.value).is_ok_and(|s| {
+                                s.owner == self.id && !journal::newer_than(&s.record, record)
+                            }) =>
                     {
                         expected = Some(entry.revision);
                     }
@@ -1449,6 +1455,9 @@ impl Inner {
                 // one: fence it now that the claim is made, and take what
                 // it appended for this run since the record was read.
                 match self.progress_since(&subject, since, run_id).await {
+                    // The bucket's is as new (the owner's appends were of a
+                    // copy from before a later claim).
+                    Ok(Some(record)) if journal::newer(&newest.record, &record) => stored = newest,
                     Ok(None) => stored = newest,
                     Ok(Some(record)) => {
                         tracing::warn!(%run_id, owner = %stored.owner, "the presumed-dead owner moved the run on meanwhile: resumed from there");

@@ -443,6 +443,8 @@ pub struct RunRecord {
     pub duration: Option<Duration>,
     /// The rest, when any of it is set.
     extras: Rare<RunExtras>,
+    /// Transitions applied since the run began (see [`RunRecord::seq`]).
+    seq: u32,
 }
 
 /// The fields of a [`RunRecord`] that most runs leave empty, kept behind one
@@ -562,6 +564,17 @@ impl RunRecord {
     pub fn extras_mut(&mut self) -> &mut RunExtras {
         self.extras.get_mut()
     }
+
+    /// How many transitions the record has been through: of two copies of
+    /// one run's record, the one with more is the newer. Every copy of a run
+    /// descends from its one start, and only the run's owner applies
+    /// transitions, so a copy held by a coordinator presumed dead, or left
+    /// in its journal, never counts more than the record a taker moved on
+    /// from it. The store uses it never to put an older copy over a newer one
+    /// (0: a record written before it was counted, which proves nothing).
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
 }
 
 /// A record as written: the fields in their stored order, as they were
@@ -577,6 +590,10 @@ mod wire {
 
     fn is_empty<T>(v: &&Vec<T>) -> bool {
         v.is_empty()
+    }
+
+    fn is_zero(v: &u32) -> bool {
+        *v == 0
     }
 
     /// Encodes a record without copying it.
@@ -612,6 +629,8 @@ mod wire {
         slots: &'a Vec<String>,
         #[serde(skip_serializing_if = "is_empty")]
         slot_waits: &'a Vec<SlotWait>,
+        #[serde(skip_serializing_if = "is_zero")]
+        seq: u32,
     }
 
     impl<'a> From<&'a RunRecord> for Out<'a> {
@@ -640,6 +659,7 @@ mod wire {
                 concurrency_key: &x.concurrency_key,
                 slots: &x.slots,
                 slot_waits: &x.slot_waits,
+                seq: r.seq,
             }
         }
     }
@@ -683,6 +703,8 @@ mod wire {
         slots: Vec<String>,
         #[serde(default)]
         slot_waits: Vec<SlotWait>,
+        #[serde(default)]
+        seq: u32,
     }
 
     impl From<In> for RunRecord {
@@ -713,6 +735,7 @@ mod wire {
                 current: w.current,
                 duration: w.duration,
                 extras: Rare::of(extras),
+                seq: w.seq,
             }
         }
     }
@@ -920,11 +943,14 @@ impl RunRecord {
             current: Vec::new(),
             duration: None,
             extras: Rare::default(),
+            seq: 0,
         }
     }
 
     /// Applies one transition. The only way a record changes.
     pub fn apply(&mut self, t: &Transition) {
+        // Saturating: 4 billion transitions are out of reach of one run.
+        self.seq = self.seq.saturating_add(1);
         match t {
             Transition::AttemptStarted { step, kind, attempt, command_id, at } => {
                 self.current.retain(|c| c.step != *step);

@@ -33,6 +33,18 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
+/// Whether `a` is at least as new as `b`, two copies of one run's record
+/// (see [`RunRecord::seq`]; an uncounted `b` is taken for the newer, as
+/// before records were counted).
+pub(super) fn newer(a: &RunRecord, b: &RunRecord) -> bool {
+    b.seq() > 0 && a.seq() >= b.seq()
+}
+
+/// Whether `a` is strictly newer than `b` (both counted).
+pub(super) fn newer_than(a: &RunRecord, b: &RunRecord) -> bool {
+    b.seq() > 0 && a.seq() > b.seq()
+}
+
 /// Header of a fence message; its value is the fencing coordinator's id.
 pub(super) const FENCE: &str = "Orchestrix-Fence";
 /// Fences of coordinators that never come back expire (the subject with them).
@@ -567,7 +579,12 @@ impl Inner {
                 match read {
                     Ok(rs) => {
                         for r in rs {
-                            latest.insert(r.run_id, r);
+                            match latest.get(&r.run_id) {
+                                Some(had) if newer(had, &r) => {}
+                                _ => {
+                                    latest.insert(r.run_id, r);
+                                }
+                            }
                         }
                     }
                     Err(e) => {
@@ -715,7 +732,10 @@ impl Inner {
 
     /// Puts a dead coordinator's newest record of a run into the runs
     /// bucket, under that coordinator's name, unless the run has moved on
-    /// (another owner there, or ended: in the history).
+    /// (another owner there, a newer record in its name, or ended: in the
+    /// history). A newer record in its name is what a claim of its own
+    /// left there (it won the run back from a taker, and was fenced again
+    /// before appending anything): its journal's record is from before.
     async fn restore(&self, owner: &str, record: RunRecord) -> Result<(), StoreError> {
         let key = record.run_id.to_string();
         let value = encode(&StoredRef { owner, record: &record })?;
@@ -724,7 +744,7 @@ impl Inner {
                 self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?;
             let revision = match entry {
                 Some(e) if e.operation == kv::Operation::Put => match decode::<Stored>(&e.value) {
-                    Ok(s) if s.owner != owner => return Ok(()),
+                    Ok(s) if s.owner != owner || newer(&s.record, &record) => return Ok(()),
                     _ => e.revision,
                 },
                 other => {

@@ -441,3 +441,57 @@ async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
     // And C can move R on no more.
     assert!(matches!(c.inner.append(got).await, Err(StoreError::Fenced(_))));
 }
+
+fn started(r: &RunRecord) -> (Arc<RunRecord>, Uuid) {
+    let mut moved = r.clone();
+    let sent = Uuid::now_v7();
+    moved.apply(&crate::record::Transition::AttemptStarted {
+        step: 0,
+        kind: orchestrix_proto::CommandKind::Execute,
+        attempt: 1,
+        command_id: sent,
+        at: SystemTime::now(),
+    });
+    (Arc::new(moved), sent)
+}
+
+/// Found by the soak harness (`freeze`): a coordinator fenced while a run's
+/// newest record was in its journal only keeps that record to put back in
+/// the bucket under its own name. If meanwhile it won the run back (claimed
+/// it from a taker that moved it on, then was presumed dead in turn), that
+/// put must not replace the newer record its claim left: the run would be
+/// resumed from before the taker's steps, and run them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_lost_to_a_fence_is_not_put_back_over_a_newer_one() {
+    let (_server, c, t, r, other) = two_runs_two_coordinators().await;
+    // C sends R's first command: in its journal only.
+    let (first, _) = started(&r);
+    c.inner.append(&first).await.unwrap();
+    // C stalls; T takes R over and moves it on (a second command).
+    stop_heartbeat(&c).await;
+    let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    let Some(taken) = claimed.iter().find(|x| x.run_id == r.run_id) else {
+        panic!("T claims R: {claimed:?}")
+    };
+    let (second, sent) = started(taken);
+    t.inner.append(&second).await.unwrap();
+    // C meets the fence: R's first record is kept to put back.
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    assert!(c.inner.shared.orphaned(r.run_id));
+    // T stalls in turn; C claims R from it, where T left it.
+    stop_heartbeat(&t).await;
+    let claimed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    let Some(back) = claimed.iter().find(|x| x.run_id == r.run_id) else {
+        panic!("C claims R back: {claimed:?}")
+    };
+    assert_eq!(back.current.iter().map(|x| x.command_id).collect::<Vec<_>>(), [sent]);
+    // C's checkpoint round puts what it lost back: not over R's newer record.
+    c.inner.checkpoint().await;
+    let entry = c.inner.runs.entry(r.run_id.to_string()).await.unwrap().unwrap();
+    let stored: Stored = decode(&entry.value).unwrap();
+    assert_eq!(
+        stored.record.current.iter().map(|x| x.command_id).collect::<Vec<_>>(),
+        [sent],
+        "the bucket holds R as T left it, not C's older copy"
+    );
+}

@@ -87,7 +87,7 @@ async fn trial(on_frozen_node: u32) {
                 .steps::<u32>("pay", move |f| {
                     f.step("charge", move |ctx: StepContext<u32>| {
                         l1.log(format!("charge {}", ctx.run_id()));
-                        l1.log(format!("charge on {i} {}", ctx.run_id()));
+                        l1.log(format!("charge on {i} {} {}", ctx.run_id(), ctx.command_id()));
                         async {
                             tokio::time::sleep(Duration::from_millis(1_500)).await;
                             Ok(())
@@ -99,7 +99,7 @@ async fn trial(on_frozen_node: u32) {
                     })
                     .step("notify", move |ctx| {
                         l3.log(format!("notify {}", ctx.run_id()));
-                        l3.log(format!("notify on {i} {}", ctx.run_id()));
+                        l3.log(format!("notify on {i} {} {}", ctx.run_id(), ctx.command_id()));
                         async {
                             tokio::time::sleep(Duration::from_millis(1_000)).await;
                             Ok(())
@@ -146,7 +146,12 @@ async fn trial(on_frozen_node: u32) {
             "--heartbeat-timeout",
             "2s",
         ];
-        ChildProcess::spawn_capturing_stderr(&built("orchestrix"), &args, &[], &[])
+        ChildProcess::spawn_capturing_stderr(
+            &built("orchestrix"),
+            &args,
+            &[("RUST_LOG", "info,orchestrix_coordinator::actor=trace")],
+            &[],
+        )
     };
     let elsewhere = cluster.nodes[a].url();
     let conn = NatsOptions::new(others.clone()).connect().await.unwrap();
