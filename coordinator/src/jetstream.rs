@@ -1447,7 +1447,7 @@ impl Inner {
                 // next scan finds it in the branch above.
                 let claimed =
                     self.runs.update(&key, self.stored(&newest.record)?, entry.revision).await;
-                let Ok(revision) = claimed else { continue };
+                let Ok(mut revision) = claimed else { continue };
                 tracing::info!(%run_id, owner = %stored.owner, "claimed a run of a coordinator presumed dead");
                 // The owner, cut off but alive, may have won this run back
                 // by a claim of its own after obeying an earlier fence, and
@@ -1461,6 +1461,23 @@ impl Inner {
                     Ok(None) => stored = newest,
                     Ok(Some(record)) => {
                         tracing::warn!(%run_id, owner = %stored.owner, "the presumed-dead owner moved the run on meanwhile: resumed from there");
+                        // In the bucket before anything is decided from it:
+                        // the owner's journal is fenced now, so this copy is
+                        // the only one, and a fence of this coordinator
+                        // before its next append would lose it (its next
+                        // owner would resume the older one and send its
+                        // steps again).
+                        let value = self.stored(&record)?;
+                        match self.runs.update(&key, value, revision).await {
+                            Ok(moved) => revision = moved,
+                            Err(e) => {
+                                tracing::warn!(%run_id, error = %e, "cannot put the run's newest record in the bucket yet");
+                                // Put there by the next checkpoint round; the
+                                // run is resumed once it is.
+                                self.shared.keep_to_put_back(record);
+                                continue;
+                            }
+                        }
                         stored = Stored { owner: self.id.clone(), record };
                     }
                     Err(e) => {

@@ -129,6 +129,12 @@ impl Shared {
         self.lock().orphaned.iter().any(|r| r.run_id == run_id)
     }
 
+    /// A record of a run this coordinator claimed that must be in the runs
+    /// bucket before the run is resumed (see [`State::orphaned`]).
+    pub(super) fn keep_to_put_back(&self, record: RunRecord) {
+        self.lock().orphaned.push(Arc::new(record));
+    }
+
     /// This coordinator was fenced: none of its runs is its own any more.
     fn lose_everything(&self) {
         let mut s = self.lock();

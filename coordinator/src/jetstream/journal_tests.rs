@@ -438,6 +438,15 @@ async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
         [sent],
         "T resumes R where C left it (the command in flight), not from the older record"
     );
+    // That record is in the bucket before T decides anything from it: C's
+    // journal is fenced, and T, fenced in turn before its first append,
+    // would leave the older record to its own taker. (Here the fence put it
+    // there; when C appends between T's fence and its claim, the claim
+    // does: the `freeze` harness found that case, too narrow to stage here.)
+    let entry = t.inner.runs.entry(r.run_id.to_string()).await.unwrap().unwrap();
+    let stored: Stored = decode(&entry.value).unwrap();
+    assert_eq!(stored.owner, t.inner.id);
+    assert_eq!(stored.record.current.iter().map(|c| c.command_id).collect::<Vec<_>>(), [sent]);
     // And C can move R on no more.
     assert!(matches!(c.inner.append(got).await, Err(StoreError::Fenced(_))));
 }
