@@ -108,6 +108,11 @@ impl<T> ByCommand<T> {
         &mut self.0[i].1
     }
 
+    /// The entry of `id`, if any.
+    fn get_mut(&mut self, id: Uuid) -> Option<&mut T> {
+        self.0.iter_mut().find(|(k, _)| *k == id).map(|(_, v)| v)
+    }
+
     /// Takes the entry of `id` out, if any.
     fn remove(&mut self, id: Uuid) -> Option<T> {
         let i = self.0.iter().position(|(k, _)| *k == id)?;
@@ -392,14 +397,21 @@ impl RunActor {
                     }
                 }
                 Effect::Watch { command_id, ack, inquiry, deadline } => {
+                    let confirms = self.parts.bus.confirms_inquiries();
                     let timers = self.timers.entry(command_id, AttemptTimers::default);
                     timers.cancel(ctx);
-                    let event = if inquiry {
-                        Event::Unanswered { command_id }
+                    if inquiry && confirms {
+                        // Opened once the inquiry has reached the server
+                        // (`BusReply::Reached`).
+                        timers.answers_within = Some(ack);
                     } else {
-                        Event::NotTaken { command_id }
-                    };
-                    timers.ack = Some(ctx.notify_later(Internal(event), ack));
+                        let event = if inquiry {
+                            Event::Unanswered { command_id }
+                        } else {
+                            Event::NotTaken { command_id }
+                        };
+                        timers.ack = Some(ctx.notify_later(Internal(event), ack));
+                    }
                     if let Some(after) = deadline {
                         let reason = "no outcome by the attempt's deadline".to_owned();
                         let event = Event::TimedOut { command_id, reason };
@@ -408,6 +420,7 @@ impl RunActor {
                 }
                 Effect::Alive { command_id, within } => {
                     let timers = self.timers.entry(command_id, AttemptTimers::default);
+                    timers.answers_within = None;
                     for h in [timers.ack.take(), timers.silence.take()].into_iter().flatten() {
                         ctx.cancel_future(h);
                     }
@@ -799,6 +812,17 @@ impl Handler<BusReply> for RunActor {
             BusReply::DispatchFailed { command_id, message } => {
                 Event::DispatchFailed { command_id, retryable: true, message }
             }
+            BusReply::Reached { command_id } => {
+                // The window for answers to the inquiry opens, unless one
+                // came already (or the attempt is over).
+                if let Some(timers) = self.timers.get_mut(command_id)
+                    && let Some(within) = timers.answers_within.take()
+                {
+                    let event = Internal(Event::Unanswered { command_id });
+                    timers.ack = Some(ctx.notify_later(event, within));
+                }
+                return;
+            }
         };
         self.handle_event(event, ctx);
     }
@@ -810,10 +834,13 @@ struct AttemptTimers {
     ack: Option<SpawnHandle>,
     silence: Option<SpawnHandle>,
     deadline: Option<SpawnHandle>,
+    /// An inquiry's window for answers, to open once it reached the server.
+    answers_within: Option<Duration>,
 }
 
 impl AttemptTimers {
     fn cancel(&mut self, ctx: &mut Context<RunActor>) {
+        self.answers_within = None;
         for h in [self.ack.take(), self.silence.take(), self.deadline.take()].into_iter().flatten()
         {
             ctx.cancel_future(h);

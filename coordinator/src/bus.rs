@@ -31,6 +31,12 @@ pub enum BusReply {
         /// Why.
         message: String,
     },
+    /// An inquiry about the command has reached the server (see
+    /// [`Bus::confirms_inquiries`]): the window for answers opens now.
+    Reached {
+        /// The command asked about.
+        command_id: uuid::Uuid,
+    },
 }
 
 /// Where a bus delivers the answers about one command: the run's actor (any
@@ -47,6 +53,11 @@ impl ReplyTo {
     /// Hands `reply` to the run. A run that already ended drops it.
     pub fn deliver(&self, reply: BusReply) {
         self.0.do_send(reply);
+    }
+
+    /// Whether the run is still there to be told anything.
+    pub fn is_connected(&self) -> bool {
+        self.0.connected()
     }
 }
 
@@ -141,6 +152,16 @@ pub trait Bus: Send + Sync + 'static {
     fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
         let _ = (cmd, reply);
         Err(BusError::Unavailable("this bus cannot ask workers about a command".into()))
+    }
+
+    /// Whether this bus delivers [`BusReply::Reached`] once each inquiry has
+    /// reached its server. Silence is taken for "nobody holds it" only
+    /// within a window opened then: a coordinator cut off from its server
+    /// (its node frozen) would otherwise conclude from the silence of a
+    /// connection that carried nothing, and send again a command a worker
+    /// runs.
+    fn confirms_inquiries(&self) -> bool {
+        false
     }
 
     /// Tells whoever holds `cmd` to stop it, and everyone not to start it

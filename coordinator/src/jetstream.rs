@@ -327,12 +327,26 @@ impl JetStreamStore {
         beat(&js, &coordinators_bucket, &id).await?;
         let heartbeat = tokio::spawn({
             let (js, bucket, id) = (js.clone(), coordinators_bucket, id.clone());
+            let shared = shared.clone();
             async move {
                 let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tick.tick().await;
-                    if let Err(e) = beat(&js, &bucket, &id).await {
-                        tracing::warn!(error = %e, "cannot renew the coordinator heartbeat");
+                    match beat(&js, &bucket, &id).await {
+                        Ok(()) => {
+                            if renewed.elapsed() > HEARTBEAT_TTL {
+                                tracing::warn!(
+                                    gap = ?renewed.elapsed(),
+                                    "the coordinator heartbeat lapsed: no run is taken over for a moment"
+                                );
+                                shared.was_cut_off();
+                            }
+                            renewed = tokio::time::Instant::now();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot renew the coordinator heartbeat")
+                        }
                     }
                 }
             }
@@ -1306,9 +1320,15 @@ impl Inner {
         out: &mut Vec<Arc<RunRecord>>,
     ) -> Result<(), StoreError> {
         let mut alive: std::collections::HashMap<String, bool> = Default::default();
+        // Cut off a moment ago: only this coordinator's own runs.
+        let taking_over = self.shared.may_take_over();
         // Dead coordinators' journals first: their newest records go to the
         // runs bucket, and the fence keeps them from writing again.
-        let mut taken = self.take_dead_journals(&mut alive).await?;
+        let mut taken = if taking_over {
+            self.take_dead_journals(&mut alive).await?
+        } else {
+            Default::default()
+        };
         let mut keys = self.runs.keys().await.map_err(|e| unavailable("cannot list runs", e))?;
         // The listing may name a key again once it changed (this scan's own
         // claim changes it): a run is looked at once per scan, or a fence
@@ -1392,7 +1412,7 @@ impl Inner {
                     Err(_) => continue,
                 }
             } else {
-                if self.alive(&stored.owner, &mut alive).await? {
+                if !taking_over || self.alive(&stored.owner, &mut alive).await? {
                     continue;
                 }
                 // Ended, its record not retired (its owner's delete failed, a

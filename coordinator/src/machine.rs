@@ -376,10 +376,10 @@ pub(crate) struct Machine {
     entropy: Entropy,
     /// The wall clock of the event being handled.
     wall: SystemTime,
-    /// Attempts whose worker went silent and about which every replica was
-    /// asked, with why: the answer may still come (a worker that lost its
-    /// connection for a moment lost its outcome with it, and answers again
-    /// from its cache).
+    /// Attempts about which every replica was asked because their worker
+    /// went silent, or no ack came, with why: the answer may still come (a
+    /// worker that lost its connection for a moment lost its outcome with
+    /// it, and answers again from its cache).
     asked: Vec<(Uuid, String)>,
 }
 
@@ -631,9 +631,17 @@ impl Machine {
             },
             Event::NotTaken { command_id } => {
                 if let Some(cur) = self.in_flight(command_id).filter(|c| c.acked_by.is_none()) {
+                    // No ack is not proof that nobody started it: an ack
+                    // travels at most once, and one held up in a frozen
+                    // node, or lost with a route, arrives late or never.
+                    // The command's start-by time has passed, so whoever
+                    // holds it now is all there will be: ask them first,
+                    // and send it again only if nobody answers.
                     decided("not-taken");
+                    self.inquire(&cur, out);
                     let why = "no worker took the command in time".to_owned();
-                    self.redispatch_or_fail(cur, why, now, wall, out);
+                    self.asked.retain(|(id, _)| *id != command_id);
+                    self.asked.push((command_id, why));
                 }
             }
             Event::Unanswered { command_id } => {
@@ -654,7 +662,8 @@ impl Machine {
                     // Nobody ever started it, and no live worker holds it: send it again.
                     None => {
                         decided("unanswered-never-acked");
-                        let why = "sent again after a takeover".to_owned();
+                        let why =
+                            silent.unwrap_or_else(|| "sent again after a takeover".to_owned());
                         self.redispatch_or_fail(cur, why, now, wall, out)
                     }
                 }
@@ -2320,7 +2329,13 @@ mod tests {
         let mut t = T::new(&[false], 0);
         t.ev(Event::Start);
         let first = t.cur();
-        assert_eq!(names(&t.ev(Event::NotTaken { command_id: first })), ["redispatched"]);
+        // No ack proves nothing (it may be held up, or lost): every replica
+        // is asked first, and the command is sent again only if none holds it.
+        let mut d = Decision::default();
+        t.m.handle(Event::NotTaken { command_id: first }, t.now, t.wall, &mut d);
+        assert!(d.transitions.is_empty());
+        assert_eq!(kinds(&d.effects), ["inquire"]);
+        assert_eq!(names(&t.ev(Event::Unanswered { command_id: first })), ["redispatched"]);
         assert_ne!(t.cur(), first, "a new command id");
         assert_eq!(t.m.rec.steps[0].attempts, 1);
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Waiting);
@@ -2336,11 +2351,22 @@ mod tests {
         // Past the wait for a worker, the step fails (nothing ran: not maybe done).
         Arc::make_mut(&mut t.m.limits).liveness = remote_waiting(Duration::ZERO);
         let id = t.cur();
+        assert!(t.ev(Event::NotTaken { command_id: id }).is_empty());
         assert_eq!(
-            names(&t.ev(Event::NotTaken { command_id: id })),
+            names(&t.ev(Event::Unanswered { command_id: id })),
             ["failed 0", "finished failed"]
         );
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Failed);
+
+        // The ack was only late: it answers the inquiry, and the command
+        // is not sent again.
+        let mut t = T::new(&[false], 0);
+        t.ev(Event::Start);
+        let late = t.cur();
+        t.ev(Event::NotTaken { command_id: late });
+        assert_eq!(names(&t.ack()), ["acked"]);
+        assert_eq!(t.cur(), late);
+        assert_eq!(t.m.rec.steps[0].status, StepStatus::Running);
 
         // A worker takes a redispatched command: running again, and an acked
         // attempt is never sent again.
@@ -2348,6 +2374,7 @@ mod tests {
         t.ev(Event::Start);
         let id = t.cur();
         t.ev(Event::NotTaken { command_id: id });
+        t.ev(Event::Unanswered { command_id: id });
         assert_eq!(names(&t.ack()), ["acked"]);
         assert_eq!(t.m.rec.steps[0].status, StepStatus::Running);
         let id = t.cur();
@@ -2508,7 +2535,8 @@ mod tests {
         // t: four steps, all compensable, one retry each (see `plan`).
         go(t, Event::Start); // start
         let id = t.cur();
-        go(t, Event::NotTaken { command_id: id }); // not-taken, redispatch
+        go(t, Event::NotTaken { command_id: id }); // not-taken: asked first
+        go(t, Event::Unanswered { command_id: id }); // unanswered-never-acked, redispatch
         let id = t.cur();
         let expired = Event::Rejected {
             command_id: id,
@@ -2609,7 +2637,8 @@ mod tests {
         Arc::make_mut(&mut fifth.m.limits).liveness = remote_waiting(Duration::ZERO);
         go(&mut fifth, Event::Start);
         let id = fifth.cur();
-        go(&mut fifth, Event::NotTaken { command_id: id }); // no-worker
+        go(&mut fifth, Event::NotTaken { command_id: id });
+        go(&mut fifth, Event::Unanswered { command_id: id }); // no-worker
         let mut sixth = T::with(plan(&[false], 0), Uuid::from_u128(6), 9);
         go(&mut sixth, Event::Start);
         go(&mut sixth, Event::Resume); // resume

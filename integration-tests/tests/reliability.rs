@@ -433,6 +433,36 @@ async fn a_frozen_worker_is_an_unknown_outcome_compensated_and_its_late_answer_r
     assert!(frozen.lines_starting("undo-").is_empty(), "no stale command ran after SIGCONT");
 }
 
+// 3a'. The coordinator's own NATS server frozen for seconds while a step
+//      runs: the worker's heartbeats stop reaching it, it asks every
+//      replica, and no answer can come while the server is frozen. That
+//      silence is its own connection's, not the workers': the window for
+//      answers opens once the inquiry has reached the server, the worker
+//      answers it, and the step completes as if nothing happened (before,
+//      it became an unknown outcome and the run was rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_is_not_taken_for_a_silent_worker() {
+    let server = NatsServer::start();
+    let node = node(&server, flows(CRASH_FLOW)).await;
+    let worker = spawn_test_worker(&server, 4_000).await;
+    let run = node.coordinator().start("crash", &5u32, RunOptions::new()).await.unwrap();
+    worker.wait_for_line("b-start", 10 * SECS).await;
+    tokio::time::sleep(300 * MS).await;
+    let pid = server.pid().unwrap().to_string();
+    let stop = std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert!(stop.success());
+    // Five heartbeat timeouts and more: silence, inquiry and its window
+    // would all have passed in the dark.
+    tokio::time::sleep(3 * SECS).await;
+    let cont = std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    assert!(cont.success());
+    let report = tokio::time::timeout(30 * SECS, run.report()).await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Completed, "{report}");
+    let b = report.step("b").unwrap();
+    assert_eq!((b.attempts, b.error.as_deref()), (1, None), "{report}");
+    assert_eq!(worker.lines_starting("b-start").len(), 1);
+}
+
 // 3b. No worker took the command: nobody started it. It waits for a worker
 //     and is sent again, without spending an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

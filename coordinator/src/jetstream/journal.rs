@@ -49,6 +49,10 @@ pub(super) fn newer_than(a: &RunRecord, b: &RunRecord) -> bool {
 pub(super) const FENCE: &str = "Orchestrix-Fence";
 /// Fences of coordinators that never come back expire (the subject with them).
 const FENCE_TTL: &str = "24h";
+/// How long a coordinator cut off from the store waits before it takes
+/// runs over: the others cut off with it renew their heartbeats meanwhile
+/// (every second), and one that does not is dead.
+pub(super) const CUT_OFF_GRACE: Duration = Duration::from_secs(4);
 /// How often live runs are copied to the runs bucket, and how long a run
 /// must have been in the journal before it is.
 pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -87,6 +91,9 @@ pub(super) struct State {
     orphaned: Vec<Arc<RunRecord>>,
     /// The fence whose orphaned runs are in the runs bucket.
     settled: u64,
+    /// Until when this coordinator, cut off from the store a moment ago,
+    /// takes no run over (see [`Shared::may_take_over`]).
+    quiet_until: Option<std::time::Instant>,
 }
 
 struct Entry {
@@ -135,8 +142,34 @@ impl Shared {
         self.lock().orphaned.push(Arc::new(record));
     }
 
+    /// This coordinator was cut off from the store (its heartbeat lapsed,
+    /// or it was fenced): what it saw of the others' heartbeats is stale.
+    pub(super) fn was_cut_off(&self) {
+        let until = std::time::Instant::now() + CUT_OFF_GRACE;
+        let mut s = self.lock();
+        s.quiet_until = Some(s.quiet_until.map_or(until, |u| u.max(until)));
+    }
+
+    /// Whether this coordinator may take runs of others over now. Not for a
+    /// moment after it was cut off: a fault that cut it off (its NATS node
+    /// frozen, say) has likely cut off the coordinators beside it too, whose
+    /// heartbeats lapsed just like its own and come back as theirs does.
+    /// Taking their runs at once would fence live coordinators, which then
+    /// take theirs back: each takeover is a window for a step to be sent
+    /// twice, and every run in flight an unknown outcome.
+    pub(super) fn may_take_over(&self) -> bool {
+        self.lock().quiet_until.is_none_or(|u| std::time::Instant::now() >= u)
+    }
+
+    /// Tests stage takeovers back and forth without waiting.
+    #[cfg(test)]
+    pub(super) fn forget_cut_off(&self) {
+        self.lock().quiet_until = None;
+    }
+
     /// This coordinator was fenced: none of its runs is its own any more.
     fn lose_everything(&self) {
+        self.was_cut_off();
         let mut s = self.lock();
         let lost = s.revisions.len();
         s.revisions.clear();

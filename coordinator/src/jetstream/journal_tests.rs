@@ -489,6 +489,7 @@ async fn a_record_lost_to_a_fence_is_not_put_back_over_a_newer_one() {
     assert!(c.inner.shared.orphaned(r.run_id));
     // T stalls in turn; C claims R from it, where T left it.
     stop_heartbeat(&t).await;
+    c.inner.shared.forget_cut_off();
     let claimed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     let Some(back) = claimed.iter().find(|x| x.run_id == r.run_id) else {
         panic!("C claims R back: {claimed:?}")
@@ -503,4 +504,28 @@ async fn a_record_lost_to_a_fence_is_not_put_back_over_a_newer_one() {
         [sent],
         "the bucket holds R as T left it, not C's older copy"
     );
+}
+
+/// A coordinator that was cut off (here: it met a fence) takes nobody's
+/// runs for a moment: the coordinators cut off with it are coming back
+/// too, and taking their runs at once would fence them in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_cut_off_a_moment_ago_takes_no_run_over() {
+    let (_server, c, t, _r, other) = two_runs_two_coordinators().await;
+    stop_heartbeat(&c).await;
+    assert!(t.inner.take_journal(&c.inner.id, 3, &mut HashMap::new()).await.unwrap());
+    assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
+    // T holds a run, and looks dead to C.
+    let theirs = record();
+    t.inner.create_journaled(&theirs).await.unwrap();
+    t.inner.checkpoint().await;
+    t.inner.checkpoint().await;
+    t.inner.checkpoint().await;
+    stop_heartbeat(&t).await;
+    let claimed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    assert!(!claimed.iter().any(|x| x.run_id == theirs.run_id), "C waits: {claimed:?}");
+    // Past the grace, a coordinator still silent is dead: its run is taken.
+    c.inner.shared.forget_cut_off();
+    let claimed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
+    assert!(claimed.iter().any(|x| x.run_id == theirs.run_id), "C takes it: {claimed:?}");
 }

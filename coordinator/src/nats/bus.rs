@@ -114,6 +114,8 @@ struct Outgoing {
     bytes: Bytes,
     reply: ReplyTo,
     command_id: Uuid,
+    /// Told once the message is in the client's hands.
+    handed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl fmt::Debug for NatsBus {
@@ -168,7 +170,13 @@ impl NatsBus {
 }
 
 impl NatsBus {
-    fn send(&self, subject: String, mut cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
+    fn send(
+        &self,
+        subject: String,
+        mut cmd: StepCommand,
+        reply: &ReplyTo,
+        handed: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), BusError> {
         // This coordinator reads `step.acks`.
         cmd.acks = true;
         // The run's trace context (its attempt's span), when a tracer runs
@@ -199,6 +207,7 @@ impl NatsBus {
             bytes: Bytes::from(bytes),
             reply: reply.clone(),
             command_id: cmd.command_id,
+            handed,
         };
         self.outbox.send(out).map_err(|_| BusError::Unavailable("the NATS bus has stopped".into()))
     }
@@ -207,12 +216,46 @@ impl NatsBus {
 impl Bus for NatsBus {
     fn dispatch(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<Dispatched, BusError> {
         let subject = self.options.subjects.step(&cmd.flow, &cmd.version, &cmd.step);
-        self.send(subject, cmd, reply).map(|()| Dispatched::Sent)
+        self.send(subject, cmd, reply, None).map(|()| Dispatched::Sent)
     }
 
     fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
         let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
-        self.send(subject, cmd, reply)
+        // One token past what workers subscribe to: nobody answers it.
+        let probe = format!("{subject}.probe");
+        let command_id = cmd.command_id;
+        let (handed, ordered) = tokio::sync::oneshot::channel();
+        self.send(subject, cmd, reply, Some(handed))?;
+        // A request nobody answers, after the inquiry on the same
+        // connection: the server's "no responders" comes back once it has
+        // handled both (it handles a connection's messages in order). With
+        // the server unreachable it is asked again until it answers, for as
+        // long as the run waits.
+        let (client, reply) = (self.client.clone(), reply.clone());
+        tokio::spawn(async move {
+            // Once the inquiry is in the client's hands: the request goes
+            // after it on the connection.
+            if ordered.await.is_err() {
+                return;
+            }
+            while reply.is_connected() {
+                match client.request(probe.clone(), Bytes::new()).await {
+                    Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                        warn!(%command_id, subject = %probe, "the NATS server did not answer: the inquiry's window opens once it does");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    // "No responders" (or, oddly, an answer); a client
+                    // that closed ends the run anyway.
+                    _ => break,
+                }
+            }
+            reply.deliver(BusReply::Reached { command_id });
+        });
+        Ok(())
+    }
+
+    fn confirms_inquiries(&self) -> bool {
+        true
     }
 
     fn cancel(&self, cmd: &StepCommand) -> Result<(), BusError> {
@@ -265,6 +308,9 @@ async fn publish(
                 command_id: out.command_id,
                 message: format!("cannot publish the step command: {e}"),
             });
+        }
+        if let Some(handed) = out.handed {
+            let _ = handed.send(());
         }
     }
 }
