@@ -192,13 +192,15 @@ impl NodeBuilder {
             // but on a busy 3-node cluster with several coordinators
             // starting together each of the 7 buckets took one 5 s timeout,
             // which 30 s did not cover. Only timeouts: a server without
-            // JetStream, or a user without the rights, answers at once and
-            // is said at once.
+            // JetStream answers at once and is said at once; a user without
+            // the rights times out too (the server drops what it refuses),
+            // but its refusals reach this connection: said as soon as one has.
             let give_up = std::time::Instant::now() + Duration::from_secs(120);
             let electing = |e: &StoreError| {
                 let text = e.to_string();
                 matches!(e, StoreError::Unavailable(_))
                     && (text.contains("timed out") || text.contains("temporarily unavailable"))
+                    && orchestrix_worker::permission_violations(&conn).is_empty()
             };
             let store = loop {
                 match JetStreamStore::open(conn.clone(), options.clone()).await {
