@@ -694,30 +694,41 @@ impl Inner {
                     // Cannot tell now (no leader, say): write again later.
                     Err(e) => return Err(unavailable("cannot read the run back", e)),
                     // Still in this coordinator's name, with other bytes: an
-                    // older write of its own whose answer was lost, or a
-                    // taker's restore of its journal (a fence this
-                    // coordinator has not met yet; its next append meets
-                    // it). Not a takeover: the record it writes is the
-                    // newer, and dropping it as lost would resume the run
-                    // from the older one, deciding its last steps again.
-                    // Unless that record is the newer one: this
-                    // coordinator won the run back (a claim of its own after
-                    // a fence) and moved it on, while this copy is from
-                    // before.
-                    Ok(Some(entry))
-                        if entry.operation == kv::Operation::Put
-                            && decode::<Stored>(&entry.value).is_ok_and(|s| {
-                                s.owner == self.id && !journal::newer_than(&s.record, record)
-                            }) =>
-                    {
-                        expected = Some(entry.revision);
+                    // older write of its own whose answer was lost (or that
+                    // reached the server late, from a connection that was
+                    // frozen), or a taker's restore of its journal (a fence
+                    // this coordinator has not met yet; its next append meets
+                    // it). Not a takeover: dropping the run as lost would
+                    // leave its newer record in the journal only, and the run
+                    // would be resumed from the older one, deciding its last
+                    // steps again (found by the `freeze` harness). The older
+                    // of the two gives way.
+                    Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                        match decode::<Stored>(&entry.value) {
+                            Ok(s) if s.owner == self.id => {
+                                if !journal::newer_than(&s.record, record) {
+                                    expected = Some(entry.revision);
+                                    continue;
+                                }
+                                // The bucket is ahead of this copy already.
+                                let mut s = self.shared.lock();
+                                if !claim && !s.revisions.contains_key(&id) {
+                                    return Err(StoreError::Fenced(id));
+                                }
+                                s.revisions.insert(id, entry.revision);
+                                return Ok(());
+                            }
+                            // Someone else owns it now: this coordinator was presumed dead.
+                            _ => return Err(self.fenced(id)),
+                        }
                     }
-                    // Someone else owns it now: this coordinator was presumed dead.
                     _ => return Err(self.fenced(id)),
                 },
             }
         }
-        Err(self.fenced(id))
+        // Other writes in this coordinator's name kept landing in between:
+        // written again later, still this coordinator's.
+        Err(StoreError::Unavailable(format!("run {id}: its record kept changing under a write")))
     }
 
     /// The run is not this coordinator's any more: forget it, so that if it

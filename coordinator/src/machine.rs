@@ -569,7 +569,31 @@ impl Machine {
                                 command_id: c.command_id,
                             };
                             out.effects.push(Effect::Notify(notice));
-                            self.inquire(&c, out);
+                            match self.limits.liveness {
+                                // Never acked: the previous owner may still
+                                // send the command (it learns of the takeover
+                                // only at its next write), and an inquiry that
+                                // crosses it on its way finds nobody holding it
+                                // while a worker is about to. Its start-by time
+                                // is at most an ack window from now, so asked
+                                // once that has passed (`NotTaken` asks), a
+                                // worker holds it or none ever will.
+                                Liveness::Remote { ack_timeout, clock_skew, .. }
+                                    if c.acked_by.is_none() =>
+                                {
+                                    let cmd = self.command(c.step, c.kind, c.attempt, c.command_id);
+                                    out.effects.push(Effect::Watch {
+                                        command_id: c.command_id,
+                                        ack: ack_timeout + clock_skew,
+                                        inquiry: false,
+                                        deadline: self.deadline_in(&cmd),
+                                    });
+                                    self.asked.retain(|(id, _)| *id != c.command_id);
+                                    let why = "sent again after a takeover".to_owned();
+                                    self.asked.push((c.command_id, why));
+                                }
+                                _ => self.inquire(&c, out),
+                            }
                         }
                         // A scheduled retry waits out what is left of its delay.
                         Some(r) => {
@@ -639,9 +663,11 @@ impl Machine {
                     // and send it again only if nobody answers.
                     decided("not-taken");
                     self.inquire(&cur, out);
-                    let why = "no worker took the command in time".to_owned();
-                    self.asked.retain(|(id, _)| *id != command_id);
-                    self.asked.push((command_id, why));
+                    // (A resumed attempt keeps its reason.)
+                    if !self.asked.iter().any(|(id, _)| *id == command_id) {
+                        let why = "no worker took the command in time".to_owned();
+                        self.asked.push((command_id, why));
+                    }
                 }
             }
             Event::Unanswered { command_id } => {
@@ -2244,7 +2270,16 @@ mod tests {
         Arc::make_mut(&mut back.limits).liveness = remote();
         let mut d = Decision::default();
         back.handle(Event::Resume, t.now, t.wall, &mut d);
-        assert_eq!(kinds(&d.effects).iter().filter(|k| **k == "inquire").count(), 2);
+        // Neither was acked: each is asked about once its start-by time has
+        // passed (an inquiry crossing a command still on its way finds
+        // nobody holding it), never sent again at once.
+        assert_eq!(kinds(&d.effects).iter().filter(|k| **k == "watch").count(), 2);
+        let ids: Vec<Uuid> = back.rec.current.iter().map(|c| c.command_id).collect();
+        for id in ids {
+            let mut d = Decision::default();
+            back.handle(Event::NotTaken { command_id: id }, t.now, t.wall, &mut d);
+            assert_eq!(kinds(&d.effects), ["inquire", "watch-inquiry"]);
+        }
     }
 
     #[test]
@@ -2869,7 +2904,12 @@ mod tests {
         assert_eq!(kinds(&d.effects), ["run-deadline", "retry-after"]);
         let id = t.cur();
         t.ev(Event::RetryDue { command_id: id });
-        // Resumed with an attempt in flight: ask who holds it, never resend.
+        // Resumed with an attempt in flight: ask who holds it (once its
+        // start-by time has passed, if it was never acked), never resend.
+        let d = t.decide(Event::Resume);
+        assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "watch"]);
+        let id = t.cur();
+        t.ev(Event::Acked { command_id: id, worker: "w".into() });
         let d = t.decide(Event::Resume);
         assert_eq!(kinds(&d.effects), ["run-deadline", "notify", "inquire", "watch-inquiry"]);
         // In process: no timers at all.

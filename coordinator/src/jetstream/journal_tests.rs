@@ -529,3 +529,32 @@ async fn a_coordinator_cut_off_a_moment_ago_takes_no_run_over() {
     let claimed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     assert!(claimed.iter().any(|x| x.run_id == theirs.run_id), "C takes it: {claimed:?}");
 }
+
+/// A checkpoint that finds the run's record in its own coordinator's name,
+/// newer than the copy it writes (a write of its own from a moment ago that
+/// the server took late, or a taker's restore of its journal), does not
+/// take that for a takeover: dropping the run then left its newest record
+/// in the journal only, and this coordinator's own scan later resumed the
+/// run from the bucket's older one (found by `freeze`: notify ran twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_behind_its_own_newer_record_keeps_the_run() {
+    let (_server, c, _t, r, _other) = two_runs_two_coordinators().await;
+    let (first, _) = started(&r);
+    c.inner.append(&first).await.unwrap();
+    // The bucket gets a newer copy in C's name behind C's back.
+    let (newer, sent) = started(&first);
+    let key = r.run_id.to_string();
+    let value = c.inner.stored(&newer).unwrap();
+    c.inner.runs.put(&key, value).await.unwrap();
+    // C's checkpoint rounds copy `first` (the journal's): the bucket is ahead.
+    for _ in 0..3 {
+        c.inner.checkpoint().await;
+    }
+    assert!(c.inner.revision(r.run_id).is_some(), "the run is still C's");
+    let entry = c.inner.runs.entry(&key).await.unwrap().unwrap();
+    let stored: Stored = decode(&entry.value).unwrap();
+    assert_eq!(stored.record.current.iter().map(|x| x.command_id).collect::<Vec<_>>(), [sent]);
+    // And C goes on writing it.
+    let (next, _) = started(&newer);
+    c.inner.append(&next).await.unwrap();
+}
