@@ -17,8 +17,8 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use orchestrix::{Client, RunOptions, RunStatus, StepContext, Worker};
+use futures::{FutureExt as _, StreamExt};
+use orchestrix::{Client, RunOptions, RunStatus, StepContext, Worker, WorkerError};
 use orchestrix_proto::Subjects;
 use orchestrix_worker::NatsOptions;
 
@@ -51,41 +51,15 @@ pub async fn trial(on_frozen_node: u32) {
     let ledger = Ledger::default();
     let mut workers = Vec::new();
     for i in 0..3 {
-        let (l1, l2, l3, l4) = (ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone());
         let deadline = tokio::time::Instant::now() + 60 * SECS;
         let worker = loop {
-            let (l1, l2, l3, l4) = (l1.clone(), l2.clone(), l3.clone(), l4.clone());
-            let started = Worker::builder()
-                .nats(NatsOptions::new(others.clone()))
-                .heartbeat_interval(Duration::from_millis(200))
-                .steps::<u32>("pay", move |f| {
-                    f.step("charge", move |ctx: StepContext<u32>| {
-                        l1.log(format!("charge {}", ctx.run_id()));
-                        l1.log(format!("charge on {i} {} {}", ctx.run_id(), ctx.command_id()));
-                        async {
-                            tokio::time::sleep(Duration::from_millis(1_500)).await;
-                            Ok(())
-                        }
-                    })
-                    .compensate("charge", move |ctx| {
-                        l2.log(format!("refund {}", ctx.run_id()));
-                        async { Ok(()) }
-                    })
-                    .step("notify", move |ctx| {
-                        l3.log(format!("notify {}", ctx.run_id()));
-                        l3.log(format!("notify on {i} {} {}", ctx.run_id(), ctx.command_id()));
-                        async {
-                            tokio::time::sleep(Duration::from_millis(1_000)).await;
-                            Ok(())
-                        }
-                    })
-                    .compensate("notify", move |ctx| {
-                        l4.log(format!("unnotify {}", ctx.run_id()));
-                        async { Ok(()) }
-                    })
-                })
-                .start()
-                .await;
+            let shape = PayReplica {
+                charge: Duration::from_millis(1_500),
+                notify: SECS,
+                heartbeat: Duration::from_millis(200),
+                undo_notify: true,
+            };
+            let started = shape.start(NatsOptions::new(others.clone()), &ledger, i).await;
             match started {
                 Ok(w) => break w,
                 // The registry's bucket needs JetStream's meta leader.
@@ -329,5 +303,64 @@ fn finding(story: String) -> ! {
     match kept {
         Ok(()) => panic!("{story}\n(kept in {})", path.display()),
         Err(_) => panic!("{story}"),
+    }
+}
+
+/// A replica of a worker for flow `pay` (steps `charge`, `notify`, each
+/// compensable), logging each call in a [`Ledger`]: `charge {run}`,
+/// `charge on {replica} {run} {command}`, `refund {run}`, and the same for
+/// `notify` / `unnotify`.
+#[derive(Debug, Clone, Copy)]
+pub struct PayReplica {
+    /// How long `charge` takes.
+    pub charge: Duration,
+    /// How long `notify` takes.
+    pub notify: Duration,
+    /// The worker's heartbeat interval.
+    pub heartbeat: Duration,
+    /// Whether `notify` has a compensation (the flow's shape must agree).
+    pub undo_notify: bool,
+}
+
+impl PayReplica {
+    /// Starts replica number `i`.
+    pub async fn start(
+        self,
+        nats: NatsOptions,
+        ledger: &Ledger,
+        i: usize,
+    ) -> Result<Worker, WorkerError> {
+        let (l1, l2, l3, l4) = (ledger.clone(), ledger.clone(), ledger.clone(), ledger.clone());
+        let PayReplica { charge, notify, heartbeat, undo_notify } = self;
+        Worker::builder()
+            .nats(nats)
+            .heartbeat_interval(heartbeat)
+            .steps::<u32>("pay", move |f| {
+                let f = f
+                    .step("charge", move |ctx: StepContext<u32>| {
+                        l1.log(format!("charge {}", ctx.run_id()));
+                        l1.log(format!("charge on {i} {} {}", ctx.run_id(), ctx.command_id()));
+                        tokio::time::sleep(charge).map(Ok)
+                    })
+                    .compensate("charge", move |ctx| {
+                        l2.log(format!("refund {}", ctx.run_id()));
+                        async { Ok(()) }
+                    })
+                    .step("notify", move |ctx| {
+                        l3.log(format!("notify {}", ctx.run_id()));
+                        l3.log(format!("notify on {i} {} {}", ctx.run_id(), ctx.command_id()));
+                        tokio::time::sleep(notify).map(Ok)
+                    });
+                if undo_notify {
+                    f.compensate("notify", move |ctx| {
+                        l4.log(format!("unnotify {}", ctx.run_id()));
+                        async { Ok(()) }
+                    })
+                } else {
+                    f
+                }
+            })
+            .start()
+            .await
     }
 }

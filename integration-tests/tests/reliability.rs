@@ -14,6 +14,7 @@ use orchestrix::{Client, ListFilter, RunOptions, RunStatus, StepContext, StepSta
 use orchestrix_coordinator::nats::{NatsBusOptions, Node};
 use orchestrix_coordinator::record::RunRecord;
 use orchestrix_coordinator::{FlowDef, StepDef, flowfile};
+use orchestrix_integration_tests::frozen::PayReplica;
 use orchestrix_integration_tests::{ChildProcess, Ledger, NatsServer, built, eventually};
 use orchestrix_proto::{Ack, Payload, StepCommand, Subjects, decode, encode};
 use orchestrix_worker::NatsOptions;
@@ -177,38 +178,15 @@ async fn replicas_timed(
     charge_ms: u64,
     notify_ms: u64,
 ) -> Vec<Worker> {
+    let shape = PayReplica {
+        charge: Duration::from_millis(charge_ms),
+        notify: Duration::from_millis(notify_ms),
+        heartbeat: 100 * MS,
+        undo_notify: false,
+    };
     let mut out = Vec::new();
     for i in 0..3 {
-        let (l1, l2, l3) = (ledger.clone(), ledger.clone(), ledger.clone());
-        let w = Worker::builder()
-            .nats(NatsOptions::new(server.url()))
-            .heartbeat_interval(100 * MS)
-            .steps::<u32>("pay", move |f| {
-                f.step("charge", move |ctx: StepContext<u32>| {
-                    let l1 = l1.clone();
-                    async move {
-                        l1.log(format!("charge {}", ctx.run_id()));
-                        l1.log(format!("charge on {i} {}", ctx.run_id()));
-                        tokio::time::sleep(Duration::from_millis(charge_ms)).await;
-                        Ok(())
-                    }
-                })
-                .compensate("charge", move |ctx| {
-                    l2.log(format!("refund {}", ctx.run_id()));
-                    async { Ok(()) }
-                })
-                .step("notify", move |ctx| {
-                    l3.log(format!("notify {}", ctx.run_id()));
-                    async move {
-                        tokio::time::sleep(Duration::from_millis(notify_ms)).await;
-                        Ok(())
-                    }
-                })
-            })
-            .start()
-            .await
-            .unwrap();
-        out.push(w);
+        out.push(shape.start(NatsOptions::new(server.url()), ledger, i).await.unwrap());
     }
     out
 }

@@ -62,6 +62,20 @@ fn none_here() -> Arc<dyn ActorsHere> {
     Arc::new(crate::store::NoActors)
 }
 
+/// `r` moved on: its step's command sent (a new command id each time).
+fn started(r: &RunRecord) -> (Arc<RunRecord>, Uuid) {
+    let mut moved = r.clone();
+    let sent = Uuid::now_v7();
+    moved.apply(&crate::record::Transition::AttemptStarted {
+        step: 0,
+        kind: orchestrix_proto::CommandKind::Execute,
+        attempt: 1,
+        command_id: sent,
+        at: SystemTime::now(),
+    });
+    (Arc::new(moved), sent)
+}
+
 /// A server, a coordinator C holding two runs (R, other) in its journal,
 /// and a second coordinator T.
 async fn two_runs_two_coordinators()
@@ -418,16 +432,8 @@ async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
     let resumed = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     assert!(resumed.iter().any(|x| x.run_id == r.run_id), "C resumes R: {resumed:?}");
     // ... and moves it on: its step's command goes out.
-    let mut moved = (*r).clone();
-    let sent = Uuid::now_v7();
-    moved.apply(&crate::record::Transition::AttemptStarted {
-        step: 0,
-        kind: orchestrix_proto::CommandKind::Execute,
-        attempt: 1,
-        command_id: sent,
-        at: SystemTime::now(),
-    });
-    c.inner.append(&Arc::new(moved)).await.unwrap();
+    let (moved, sent) = started(&r);
+    c.inner.append(&moved).await.unwrap();
     // T, to which C still looks dead, claims R.
     let claimed = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     let Some(got) = claimed.iter().find(|x| x.run_id == r.run_id) else {
@@ -449,19 +455,6 @@ async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
     assert_eq!(stored.record.current.iter().map(|c| c.command_id).collect::<Vec<_>>(), [sent]);
     // And C can move R on no more.
     assert!(matches!(c.inner.append(got).await, Err(StoreError::Fenced(_))));
-}
-
-fn started(r: &RunRecord) -> (Arc<RunRecord>, Uuid) {
-    let mut moved = r.clone();
-    let sent = Uuid::now_v7();
-    moved.apply(&crate::record::Transition::AttemptStarted {
-        step: 0,
-        kind: orchestrix_proto::CommandKind::Execute,
-        attempt: 1,
-        command_id: sent,
-        at: SystemTime::now(),
-    });
-    (Arc::new(moved), sent)
 }
 
 /// Found by the soak harness (`freeze`): a coordinator fenced while a run's
