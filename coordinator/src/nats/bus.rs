@@ -221,15 +221,17 @@ impl Bus for NatsBus {
 
     fn inquire(&self, cmd: StepCommand, reply: &ReplyTo) -> Result<(), BusError> {
         let subject = self.options.subjects.inquiries(&cmd.flow, &cmd.step);
-        // One token past what workers subscribe to: nobody answers it.
-        let probe = format!("{subject}.probe");
+        // Answered by the server itself (JetStream's account info, or "no
+        // responders" where JetStream is off), which no subscriber can
+        // swallow, and which every coordinator may ask.
+        let probe = "$JS.API.INFO";
         let command_id = cmd.command_id;
         let (handed, ordered) = tokio::sync::oneshot::channel();
         self.send(subject, cmd, reply, Some(handed))?;
-        // A request nobody answers, after the inquiry on the same
-        // connection: the server's "no responders" comes back once it has
-        // handled both (it handles a connection's messages in order). With
-        // the server unreachable it is asked again until it answers, for as
+        // A request the server answers, after the inquiry on the same
+        // connection: its answer comes back once the server has handled
+        // both (it handles a connection's messages in order). With the
+        // server unreachable it is asked again until it answers, for as
         // long as the run waits.
         let (client, reply) = (self.client.clone(), reply.clone());
         tokio::spawn(async move {
@@ -239,13 +241,13 @@ impl Bus for NatsBus {
                 return;
             }
             while reply.is_connected() {
-                match client.request(probe.clone(), Bytes::new()).await {
+                match client.request(probe, Bytes::new()).await {
                     Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
                         warn!(%command_id, subject = %probe, "the NATS server did not answer: the inquiry's window opens once it does");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    // "No responders" (or, oddly, an answer); a client
-                    // that closed ends the run anyway.
+                    // An answer, or "no responders"; a client that closed
+                    // ends the run anyway.
                     _ => break,
                 }
             }
