@@ -8,8 +8,9 @@
 //! end, and no step's action may run twice; a finding panics with the run's
 //! story (ledger, coordinator logs).
 //!
-//! One trial is a test (`tests/frozen.rs`); the `freeze` binary runs many
-//! (`target/debug/freeze --trials 30 [--coordinators 2]`).
+//! The `freeze` binary runs it (`target/debug/freeze --trials 30
+//! [--coordinators 2]`). It is not in the test suite yet: it still finds a
+//! step started twice in about one trial of forty (docs/reliability.md).
 
 // A harness whose findings are panics (with the run's story): unwrapping
 // what the harness itself set up is the same kind of failure, said at once.

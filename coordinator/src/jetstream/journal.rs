@@ -536,24 +536,30 @@ impl Inner {
         // Runs lost to a fence: put where any coordinator finds them (a
         // taker that fenced and then died, or a fence that nobody follows,
         // would otherwise leave them in this journal only).
+        // They stay listed until they are there: while listed, the
+        // takeover scan leaves them alone, and it must not resume one from
+        // the bucket's older record while its restore is on the way (found
+        // by a fault-testing helper: whole runs ran twice).
         let (fence, orphaned) = {
-            let mut s = self.shared.lock();
-            (s.fence, std::mem::take(&mut s.orphaned))
+            let s = self.shared.lock();
+            (s.fence, s.orphaned.clone())
         };
-        let mut unsettled = Vec::new();
+        let mut restored = Vec::new();
         for record in orphaned {
-            if let Err(e) = self.restore(&self.id, (*record).clone()).await {
-                tracing::warn!(run_id = %record.run_id, error = %e, "cannot put a run lost to a fence in the runs bucket yet");
-                unsettled.push(record);
+            match self.restore(&self.id, (*record).clone()).await {
+                Ok(()) => restored.push(record),
+                Err(e) => {
+                    tracing::warn!(run_id = %record.run_id, error = %e, "cannot put a run lost to a fence in the runs bucket yet")
+                }
             }
         }
         let (keep_from, last, settled) = {
             let mut s = self.shared.lock();
-            let settled = unsettled.is_empty() && s.orphaned.is_empty();
+            s.orphaned.retain(|r| !restored.iter().any(|done| Arc::ptr_eq(r, done)));
+            let settled = s.orphaned.is_empty();
             if settled {
                 s.settled = s.settled.max(fence);
             }
-            s.orphaned.extend(unsettled);
             let keep_from = s.pending.values().map(|e| e.seq).min().unwrap_or(s.last).min(s.last);
             (keep_from, s.last, s.settled >= fence)
         };

@@ -165,7 +165,14 @@ impl NodeBuilder {
         let started = self.start_on(conn.clone()).await;
         // A refusal shows as a timeout or a missing subscription: name the
         // permission instead, whatever failed.
-        if let Err(refused) = orchestrix_worker::check_permissions(&conn).await {
+        if let Err(mut refused) = orchestrix_worker::check_permissions(&conn).await {
+            // The most common slip: a user whose replies live under its own
+            // prefix, started without it.
+            if refused.contains("\"_INBOX.") {
+                refused.push_str(
+                    "; this user's replies may need their own prefix: --inbox-prefix (or NATS_INBOX_PREFIX), e.g. _INBOX_{user}",
+                );
+            }
             return Err(NodeError::Permission(refused));
         }
         started

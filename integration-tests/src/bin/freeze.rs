@@ -1,5 +1,5 @@
 //! Many trials of the frozen-node scenario (`orchestrix_integration_tests::
-//! frozen`; one trial is `tests/frozen.rs`): `--coordinators N` of flow
+//! frozen`): `--coordinators N` of flow
 //! `pay` on the node to freeze (default 2). A finding panics with the run's
 //! story and the process exits non-zero.
 //!
