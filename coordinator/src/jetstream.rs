@@ -1436,8 +1436,8 @@ impl Inner {
                 // coordinator presumed dead must not write the run again.
                 if !taken.contains(&stored.owner) {
                     match self.take_journal(&stored.owner, usize::MAX, &mut alive).await {
-                        Ok(true) => {}
-                        Ok(false) => continue,
+                        Ok(Some(_)) => {}
+                        Ok(None) => continue,
                         Err(e) => {
                             tracing::warn!(owner = %stored.owner, error = %e, "cannot take a dead coordinator's journal yet");
                             continue;
@@ -1451,18 +1451,16 @@ impl Inner {
                 // included, is in its journal only. Claiming the record read
                 // above would go back on steps it started: what it appended
                 // is restored first, and the record read again.
-                match self.fence_again(&stored.owner, &mut alive).await {
-                    Ok(true) => {}
-                    Ok(false) => continue,
+                // What the owner appended up to `since` is in the bucket.
+                let since = match self.fence_again(&stored.owner, &mut alive).await {
+                    Ok(Some(since)) => since,
+                    Ok(None) => continue,
                     Err(e) => {
                         tracing::warn!(owner = %stored.owner, error = %e, "cannot take a dead coordinator's journal yet");
                         continue;
                     }
-                }
-                // What the owner appended up to here is in the bucket.
+                };
                 let subject = journal::subject(&self.options.prefix, &stored.owner);
-                let since = journal::last_message(&self.journal, &subject).await?;
-                let since = since.map_or(0, |m| m.sequence);
                 let Some(entry) =
                     self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?
                 else {

@@ -583,14 +583,15 @@ impl Inner {
     }
 
     /// Makes a dead coordinator's journal safe to take over: fences it, then
-    /// copies the newest record of each run in it to the runs bucket. False
-    /// when another live coordinator is doing that right now.
+    /// copies the newest record of each run in it to the runs bucket. The
+    /// fence's sequence (all before it is in the bucket); `None` when
+    /// another live coordinator is doing that right now.
     pub(super) async fn take_journal(
         &self,
         owner: &str,
         messages: usize,
         alive: &mut HashMap<String, bool>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let subject = subject(&self.options.prefix, owner);
         // A fresh fence may follow anything, even what was appended since
         // the subject was listed: read it all back.
@@ -600,7 +601,7 @@ impl Inner {
                 Some(by) if by != self.id && self.alive(&by, alive).await? => {
                     // A live taker blocks others only while it has records
                     // before its fence left to copy.
-                    return Ok(self.messages_on(&subject).await? <= 1);
+                    return Ok((self.messages_on(&subject).await? <= 1).then_some(m.sequence));
                 }
                 Some(_) => {
                     // Fenced already; anything before the fence is left
@@ -610,12 +611,12 @@ impl Inner {
                 }
                 None => match self.fence(&subject, m.sequence).await? {
                     Some(seq) => seq,
-                    None => return Ok(false),
+                    None => return Ok(None),
                 },
             },
             None => match self.fence(&subject, 0).await? {
                 Some(seq) => seq,
-                None => return Ok(false),
+                None => return Ok(None),
             },
         };
         let mut latest: HashMap<Uuid, RunRecord> = HashMap::new();
@@ -649,20 +650,23 @@ impl Inner {
                 .await
                 .map_err(|e| unavailable("cannot purge a journal", e))?;
         }
-        Ok(true)
+        Ok(Some(fence))
     }
 
     /// Before a claim of one of `owner`'s runs: fences its journal again,
     /// and puts what it holds in the runs bucket, unless its last message
-    /// is this coordinator's fence already (nothing appended since).
+    /// is this coordinator's fence already (nothing appended since). The
+    /// sequence up to which its journal is in the bucket, to read what it
+    /// appends after it from (not a later read of its last message: what it
+    /// appended in between would be in neither).
     pub(super) async fn fence_again(
         &self,
         owner: &str,
         alive: &mut HashMap<String, bool>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let subject = subject(&self.options.prefix, owner);
         match last_message(&self.journal, &subject).await? {
-            Some(m) if fenced_by(&m).as_deref() == Some(self.id.as_str()) => Ok(true),
+            Some(m) if fenced_by(&m).as_deref() == Some(self.id.as_str()) => Ok(Some(m.sequence)),
             _ => self.take_journal(owner, usize::MAX, alive).await,
         }
     }
@@ -890,14 +894,14 @@ impl Inner {
             }
             // One journal that cannot be read now holds up only its owner's runs.
             match self.take_journal(owner, count, alive).await {
-                Ok(true) => {
+                Ok(Some(_)) => {
                     self.done_journals
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(owner.to_owned());
                     taken.insert(owner.to_owned());
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(owner, error = %e, "cannot take a dead coordinator's journal yet");
                 }

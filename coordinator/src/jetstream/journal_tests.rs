@@ -109,7 +109,7 @@ async fn a_fenced_coordinator_does_not_win_a_run_back_through_its_checkpoint() {
     // T takes C's journal over: fence, then R restored into the runs
     // bucket (under C's name).
     let mut alive = HashMap::new();
-    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
+    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap().is_some());
     // C's writer appends for another run, finds the fence, lets go of
     // every run.
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
@@ -300,7 +300,7 @@ async fn a_run_is_not_resumed_by_its_fenced_owner_and_claimed_by_the_taker() {
     let (_server, c, t, r, other) = two_runs_two_coordinators().await;
     stop_heartbeat(&c).await;
     let mut alive = HashMap::new();
-    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap());
+    assert!(t.inner.take_journal(&c.inner.id, 2, &mut alive).await.unwrap().is_some());
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
     let by_c = c.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
     let by_t = t.claim_orphans(flows(&["f"]), none_here()).await.unwrap();
@@ -425,7 +425,7 @@ async fn a_claim_after_the_owner_moved_a_run_on_claims_its_newest_record() {
     let (_server, c, t, r, other) = two_runs_two_coordinators().await;
     stop_heartbeat(&c).await;
     let mut alive = HashMap::new();
-    assert!(t.inner.take_journal(&c.inner.id, 3, &mut alive).await.unwrap());
+    assert!(t.inner.take_journal(&c.inner.id, 3, &mut alive).await.unwrap().is_some());
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
     // C puts what it lost back in the bucket, then resumes R itself.
     c.inner.checkpoint().await;
@@ -506,7 +506,7 @@ async fn a_record_lost_to_a_fence_is_not_put_back_over_a_newer_one() {
 async fn a_coordinator_cut_off_a_moment_ago_takes_no_run_over() {
     let (_server, c, t, _r, other) = two_runs_two_coordinators().await;
     stop_heartbeat(&c).await;
-    assert!(t.inner.take_journal(&c.inner.id, 3, &mut HashMap::new()).await.unwrap());
+    assert!(t.inner.take_journal(&c.inner.id, 3, &mut HashMap::new()).await.unwrap().is_some());
     assert!(matches!(c.inner.append(&other).await, Err(StoreError::Fenced(_))));
     // T holds a run, and looks dead to C.
     let theirs = record();
