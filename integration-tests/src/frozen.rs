@@ -10,7 +10,7 @@
 //!
 //! The `freeze` binary runs it (`target/debug/freeze --trials 30
 //! [--coordinators 2]`). It is not in the test suite yet: it still finds a
-//! step started twice in about one trial of forty (docs/reliability.md).
+//! step started twice in about one trial of twenty (docs/reliability.md).
 
 // A harness whose findings are panics (with the run's story): unwrapping
 // what the harness itself set up is the same kind of failure, said at once.
