@@ -734,6 +734,10 @@ impl Inner {
     /// The run is not this coordinator's any more: forget it, so that if it
     /// ever comes back to this coordinator it is resumed, not skipped.
     fn fenced(&self, id: Uuid) -> StoreError {
+        // Said, with the run's id: a run let go here that nobody took is
+        // resumed from the bucket's record, and the soak harness's stories
+        // need to show where that began.
+        tracing::info!(run_id = %id, "the run's record is no longer this coordinator's: letting it go");
         self.set_revision(id, None);
         StoreError::Fenced(id)
     }
