@@ -1490,7 +1490,9 @@ impl Inner {
                 match self.progress_since(&subject, since, run_id).await {
                     // The bucket's is as new (the owner's appends were of a
                     // copy from before a later claim).
-                    Ok(Some(record)) if journal::newer(&newest.record, &record) => stored = newest,
+                    Ok(Some(record)) if journal::at_least_as_new(&newest.record, &record) => {
+                        stored = newest
+                    }
                     Ok(None) => stored = newest,
                     Ok(Some(record)) => {
                         tracing::warn!(%run_id, owner = %stored.owner, "the presumed-dead owner moved the run on meanwhile: resumed from there");

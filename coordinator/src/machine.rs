@@ -588,9 +588,7 @@ impl Machine {
                                         inquiry: false,
                                         deadline: self.deadline_in(&cmd),
                                     });
-                                    self.asked.retain(|(id, _)| *id != c.command_id);
-                                    let why = "sent again after a takeover".to_owned();
-                                    self.asked.push((c.command_id, why));
+                                    self.asking(c.command_id, "sent again after a takeover".into());
                                 }
                                 _ => self.inquire(&c, out),
                             }
@@ -704,8 +702,7 @@ impl Machine {
                     // if still running); nobody answering makes it unknown.
                     decided("silent");
                     self.inquire(&cur, out);
-                    self.asked.retain(|(id, _)| *id != command_id);
-                    self.asked.push((command_id, reason));
+                    self.asking(command_id, reason);
                 }
             }
             Event::TimedOut { command_id, reason } => {
@@ -1215,6 +1212,13 @@ impl Machine {
                 deadline,
             });
         }
+    }
+
+    /// Notes why every replica is asked about `command_id` (the reason the
+    /// attempt is given up with if nobody answers), over any earlier one.
+    fn asking(&mut self, command_id: Uuid, why: String) {
+        self.asked.retain(|(id, _)| *id != command_id);
+        self.asked.push((command_id, why));
     }
 
     fn alive(&self, command_id: Uuid, out: &mut Decision) {

@@ -36,7 +36,7 @@ use super::*;
 /// Whether `a` is at least as new as `b`, two copies of one run's record
 /// (see [`RunRecord::seq`]; an uncounted `b` is taken for the newer, as
 /// before records were counted).
-pub(super) fn newer(a: &RunRecord, b: &RunRecord) -> bool {
+pub(super) fn at_least_as_new(a: &RunRecord, b: &RunRecord) -> bool {
     b.seq() > 0 && a.seq() >= b.seq()
 }
 
@@ -626,7 +626,7 @@ impl Inner {
                     Ok(rs) => {
                         for r in rs {
                             match latest.get(&r.run_id) {
-                                Some(had) if newer(had, &r) => {}
+                                Some(had) if at_least_as_new(had, &r) => {}
                                 _ => {
                                     latest.insert(r.run_id, r);
                                 }
@@ -793,7 +793,9 @@ impl Inner {
                 self.runs.entry(&key).await.map_err(|e| unavailable("cannot read a run", e))?;
             let revision = match entry {
                 Some(e) if e.operation == kv::Operation::Put => match decode::<Stored>(&e.value) {
-                    Ok(s) if s.owner != owner || newer(&s.record, &record) => return Ok(()),
+                    Ok(s) if s.owner != owner || at_least_as_new(&s.record, &record) => {
+                        return Ok(());
+                    }
                     _ => e.revision,
                 },
                 other => {
